@@ -1,0 +1,115 @@
+"""The image config a sandbox honours, and the store's own settings."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """What exec needs from an image: env, working dir, user, entrypoint and cmd."""
+
+    env: dict[str, str] = field(default_factory=lambda: {"PATH": DEFAULT_PATH})
+    working_dir: str = "/"
+    user: str = "root"
+    entrypoint: list[str] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_oci(cls, cfg: dict[str, Any]) -> ImageConfig:
+        """Build from the `config` object of an OCI/Docker image config blob."""
+        env: dict[str, str] = {}
+        for item in cfg.get("Env") or []:
+            if isinstance(item, str) and "=" in item:
+                k, v = item.split("=", 1)
+                env[k] = v
+        env.setdefault("PATH", DEFAULT_PATH)
+        return cls(
+            env=env,
+            working_dir=str(cfg.get("WorkingDir") or "/"),
+            user=str(cfg.get("User") or "root"),
+            entrypoint=[str(x) for x in cfg.get("Entrypoint") or []],
+            cmd=[str(x) for x in cfg.get("Cmd") or []],
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "env": dict(self.env),
+            "working_dir": self.working_dir,
+            "user": self.user,
+            "entrypoint": list(self.entrypoint),
+            "cmd": list(self.cmd),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ImageConfig:
+        return cls(
+            env=dict(d["env"]),
+            working_dir=d["working_dir"],
+            user=d["user"],
+            entrypoint=list(d["entrypoint"]),
+            cmd=list(d["cmd"]),
+        )
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Per-call registry credentials (username + password or token)."""
+
+    username: str
+    password: str
+
+    def __repr__(self) -> str:
+        return f"Credentials(username={self.username!r}, password='***')"
+
+
+def _default_auth_file() -> Path | None:
+    env = os.environ.get("REGISTRY_AUTH_FILE")
+    if env:
+        return Path(env)
+    docker = Path(os.environ.get("DOCKER_CONFIG", Path.home() / ".docker")) / "config.json"
+    return docker if docker.exists() else None
+
+
+def _loopback(host: str) -> bool:
+    h = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    return h in ("localhost", "[::1]", "::1") or h.startswith("127.")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Settings of an `ImageStore`.
+
+    auth_file: docker `config.json`-format credentials (default: $REGISTRY_AUTH_FILE, else
+      ~/.docker/config.json when present).
+    max_image_bytes: refuse images whose layers or unpacked tree exceed this.
+    insecure_registries: hosts reached over plain HTTP / unverified TLS; loopback registries
+      are always allowed, as Docker does.
+    """
+
+    auth_file: Path | None = field(default_factory=_default_auth_file)
+    max_image_bytes: int = 20 * GiB
+    insecure_registries: frozenset[str] = frozenset()
+    platform_os: str = "linux"
+    platform_arch: str = "amd64"
+    pull_timeout_s: float = 1800.0
+    template_dirs: tuple[Path, ...] = ()
+    debian_mirror: str = field(
+        default_factory=lambda: os.environ.get(
+            "ISORUN_DEBIAN_MIRROR", "http://deb.debian.org/debian"
+        )
+    )
+    debian_security_mirror: str = field(
+        default_factory=lambda: os.environ.get(
+            "ISORUN_DEBIAN_SECURITY_MIRROR", "http://deb.debian.org/debian-security"
+        )
+    )
+
+    def is_insecure(self, registry: str) -> bool:
+        return registry in self.insecure_registries or _loopback(registry)

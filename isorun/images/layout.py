@@ -1,0 +1,134 @@
+"""Read (and, for zstd layers, rewrite) the private OCI layout a pull produced.
+
+umoci 0.4.7 (Debian bookworm) rejects `tar+zstd` layers. skopeo has already verified each
+blob's digest, so we decompress zstd layers to plain tar with the `zstandard` package,
+check the result against the config's diff_id, and point the manifest at the plain layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from isorun.images.config import ImageConfig
+from isorun.images.errors import ImageCorruptError, StoreFullError, UnsupportedImageError
+
+TAG = "img"
+MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+NONDIST = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+SUPPORTED = (LAYER_TAR, LAYER_GZIP, LAYER_ZSTD, NONDIST, NONDIST + "+gzip")
+MAX_JSON = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LayoutImage:
+    manifest: dict[str, Any]
+    config_blob: dict[str, Any]
+    config: ImageConfig
+
+
+class Layout:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def blob_path(self, digest: str) -> Path:
+        algo, _, hexd = digest.partition(":")
+        if algo != "sha256" or len(hexd) != 64 or not all(c in "0123456789abcdef" for c in hexd):
+            raise ImageCorruptError(f"unsupported or malformed digest {digest!r} in image")
+        return self.path / "blobs" / "sha256" / hexd
+
+    def _json(self, path: Path) -> dict[str, Any]:
+        with path.open("rb") as f:
+            raw = f.read(MAX_JSON + 1)
+        if len(raw) > MAX_JSON:
+            raise ImageCorruptError(f"{path.name}: JSON document larger than {MAX_JSON} bytes")
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ImageCorruptError(f"{path.name}: expected a JSON object")
+        return doc
+
+    def _index_entry(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        index = self._json(self.path / "index.json")
+        for m in index.get("manifests", []):
+            if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == TAG:
+                return index, m
+        raise ImageCorruptError("pulled layout has no image tagged 'img'")
+
+    def read(self) -> LayoutImage:
+        _, entry = self._index_entry()
+        manifest = self._json(self.blob_path(entry["digest"]))
+        cfg = self._json(self.blob_path(manifest["config"]["digest"]))
+        for layer in manifest.get("layers", []):
+            if layer.get("mediaType") not in SUPPORTED:
+                raise UnsupportedImageError(
+                    f"layer {layer.get('digest')} has media type {layer.get('mediaType')!r}; "
+                    f"supported: {', '.join(SUPPORTED)}")
+        os_ = cfg.get("os", "linux")
+        if os_ != "linux":
+            raise UnsupportedImageError(f"image is built for os {os_!r}; only linux images run")
+        inner = cfg.get("config") or {}
+        if not isinstance(inner, dict):
+            raise ImageCorruptError("image config 'config' field is not an object")
+        return LayoutImage(manifest, cfg, ImageConfig.from_oci(inner))
+
+    async def decompress_zstd_layers(self) -> int:
+        """Replace zstd layers by plain tar ones; returns how many were converted."""
+        index, entry = self._index_entry()
+        manifest = self._json(self.blob_path(entry["digest"]))
+        cfg = self._json(self.blob_path(manifest["config"]["digest"]))
+        diff_ids: list[str] = list(cfg.get("rootfs", {}).get("diff_ids", []))
+        converted = 0
+        for i, layer in enumerate(manifest.get("layers", [])):
+            if layer.get("mediaType") != LAYER_ZSTD:
+                continue
+            src = self.blob_path(layer["digest"])
+            digest, size = await asyncio.to_thread(self._decompress, src)
+            if i < len(diff_ids) and diff_ids[i] != digest:
+                raise ImageCorruptError(f"zstd layer {layer['digest']} decompresses to {digest}, "
+                                        f"but the image config says {diff_ids[i]}")
+            layer["mediaType"] = LAYER_TAR
+            layer["digest"] = digest
+            layer["size"] = size
+            src.unlink()
+            converted += 1
+        if converted:
+            raw = json.dumps(manifest).encode()
+            mdigest = "sha256:" + hashlib.sha256(raw).hexdigest()
+            self.blob_path(mdigest).write_bytes(raw)
+            entry.update({"digest": mdigest, "size": len(raw), "mediaType": MT_MANIFEST})
+            (self.path / "index.json").write_text(json.dumps(index))
+        return converted
+
+    def _decompress(self, src: Path) -> tuple[str, int]:
+        tmp = src.with_name(src.name + ".tar.tmp")
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with src.open("rb") as fin, tmp.open("wb") as fout:
+                reader = zstandard.ZstdDecompressor().stream_reader(fin, read_across_frames=True)
+                while chunk := reader.read(1 << 20):
+                    h.update(chunk)
+                    fout.write(chunk)
+                    size += len(chunk)
+        except zstandard.ZstdError as exc:
+            tmp.unlink(missing_ok=True)
+            raise ImageCorruptError(f"zstd layer {src.name} is corrupt: {exc}") from exc
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno == 28:
+                raise StoreFullError("disk full while decompressing a zstd layer: free space "
+                                     "in the image store and retry") from exc
+            raise
+        digest = "sha256:" + h.hexdigest()
+        os.replace(tmp, self.blob_path(digest))
+        return digest, size

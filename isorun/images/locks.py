@@ -1,0 +1,40 @@
+"""Cross-process, cancel-safe file locks (flock) for asyncio code."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+
+def try_lock(path: Path) -> int | None:
+    """Take an exclusive flock without waiting; returns the fd or None when held elsewhere."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def unlock(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def file_lock(path: Path, poll_s: float = 0.05) -> AsyncIterator[None]:
+    """Hold an exclusive lock on `path`. flock conflicts between fds even in one process,
+    so this also serializes tasks of one event loop; polling keeps it cancellable."""
+    while (fd := try_lock(path)) is None:
+        await asyncio.sleep(poll_s)
+    try:
+        yield
+    finally:
+        unlock(fd)

@@ -1,0 +1,227 @@
+"""Registry access through skopeo.
+
+Why skopeo (containers/image) rather than our own registry client: it already speaks the
+Docker v2 and OCI distribution protocols, token auth, docker `config.json` credentials,
+manifest lists, schema1/schema2/OCI conversion, gzip and zstd, and it verifies every blob's
+digest while copying. It is packaged by Debian and maintained by the Podman team. We keep
+the policy (which platform, which digest, size limits, error mapping) in Python.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from isorun.images import proc
+from isorun.images.config import Credentials, StoreConfig
+from isorun.images.errors import (
+    ImageCorruptError,
+    ImageError,
+    ImageNotFoundError,
+    ImageToolError,
+    RegistryAuthError,
+    RegistryUnreachableError,
+    StoreFullError,
+    UnsupportedImageError,
+)
+from isorun.images.reference import ImageRef
+
+INDEX_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+MAX_MANIFEST = 4 * 1024 * 1024
+POLICY = {"default": [{"type": "insecureAcceptAnything"}]}
+
+
+def classify(stderr: str, what: str) -> ImageError:
+    """Map skopeo's stderr to our error hierarchy; the message names what to do."""
+    low = stderr.lower()
+    detail = proc.tail(stderr, 3)
+    if "no space left on device" in low or "disk quota exceeded" in low:
+        return StoreFullError(f"disk full while fetching {what}: free space in the image store "
+                              f"(e.g. `store.gc()`) and retry. ({detail})")
+    if "digest did not match" in low or "does not match" in low or "digest mismatch" in low:
+        return ImageCorruptError(f"a blob of {what} does not match its digest: the registry "
+                                 f"holds corrupt data; re-push the image. ({detail})")
+    if ("unexpected eof" in low or "invalid header" in low or "archive/tar" in low
+            or "invalid checksum" in low or ("zstd" in low and "invalid" in low)):
+        return ImageCorruptError(f"a layer of {what} is truncated or not a valid archive; "
+                                 f"re-push or re-export the image. ({detail})")
+    if ("unauthorized" in low or "authentication required" in low or "denied" in low
+            or "invalid username/password" in low or "status 401" in low):
+        return RegistryAuthError(f"the registry refused access to {what}: check the username/"
+                                 f"password or token (auth file or per-call credentials). "
+                                 f"({detail})")
+    if ("manifest unknown" in low or "name unknown" in low or "not found" in low
+            or "no descriptor found" in low or "no such file or directory" in low
+            or "does not exist" in low):
+        return ImageNotFoundError(f"image {what} not found: check the name and tag, or that "
+                                  f"the file exists. ({detail})")
+    if ("connection refused" in low or "no such host" in low or "i/o timeout" in low
+            or "network is unreachable" in low or "connection reset" in low or "x509" in low
+            or "tls:" in low or "http response to https client" in low
+            or "pinging container registry" in low or "dial tcp" in low):
+        return RegistryUnreachableError(f"cannot reach the registry for {what}: check the host "
+                                        f"and port, network, and TLS settings (plain-HTTP "
+                                        f"registries must be in insecure_registries). ({detail})")
+    return ImageToolError(f"skopeo failed on {what}: {detail}")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A source image pinned to one platform manifest."""
+
+    digest: str                   # manifest digest for our platform
+    index_digest: str | None      # digest of the manifest list, when the ref named one
+    manifest: dict[str, Any]
+    layers_bytes: int             # sum of (compressed) layer sizes
+
+
+class Skopeo:
+    def __init__(self, cfg: StoreConfig, workdir: Path) -> None:
+        self.cfg = cfg
+        self.workdir = workdir
+        self.policy = workdir / "policy.json"
+
+    def _common(self, ref: ImageRef, creds_file: Path | None) -> list[str]:
+        args: list[str] = []
+        authfile = creds_file or self.cfg.auth_file
+        if ref.transport == "registry" and authfile is not None:
+            args.append(f"--authfile={authfile}")
+        return args
+
+    def _write_creds(self, ref: ImageRef, creds: Credentials | None, tmp: Path) -> Path | None:
+        if creds is None or ref.transport != "registry":
+            return None
+        token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+        path = tmp / "auth.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"auths": {ref.registry: {"auth": token}}}, f)
+        return path
+
+    def _tls(self, ref: ImageRef, flag: str) -> list[str]:
+        if ref.transport == "registry" and self.cfg.is_insecure(ref.registry):
+            return [f"{flag}=false"]
+        return []
+
+    def _env(self, tmp: Path) -> dict[str, str]:
+        return {"TMPDIR": str(tmp)}
+
+    async def _raw(self, ref: ImageRef, creds_file: Path | None, tmp: Path) -> bytes:
+        self._ensure_policy()
+        argv = ["skopeo", "inspect", "--raw", f"--policy={self.policy}",
+                *self._common(ref, creds_file), *self._tls(ref, "--tls-verify"), ref.skopeo()]
+        res = await proc.run(argv, timeout=min(self.cfg.pull_timeout_s, 120),
+                             env=self._env(tmp), stdout_limit=MAX_MANIFEST)
+        if res.returncode != 0:
+            raise classify(res.stderr, ref.name())
+        return res.stdout
+
+    def _ensure_policy(self) -> None:
+        if not self.policy.exists():
+            self.policy.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.policy.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(POLICY))
+            tmp.replace(self.policy)
+
+    async def resolve(self, ref: ImageRef, creds: Credentials | None, tmp: Path) -> Resolved:
+        """Fetch the manifest (resolving a list to our platform) without pulling layers."""
+        creds_file = self._write_creds(ref, creds, tmp)
+        raw = await self._raw(ref, creds_file, tmp)
+        doc = _parse_manifest(raw, ref.name())
+        index_digest: str | None = None
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        if _media_type(doc) in INDEX_TYPES or "manifests" in doc:
+            index_digest = digest
+            digest = self._pick_platform(doc, ref.name())
+            if ref.transport == "registry":
+                raw = await self._raw(ref.with_digest(digest), creds_file, tmp)
+            else:
+                raw = await self._raw_platform(ref, digest)
+            if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
+                raise ImageCorruptError(f"manifest {digest} of {ref.name()} does not match its "
+                                        "digest: the source holds corrupt data")
+            doc = _parse_manifest(raw, ref.name())
+        mt = _media_type(doc)
+        if mt not in MANIFEST_TYPES and mt != "":
+            raise UnsupportedImageError(f"{ref.name()} has manifest type {mt!r}; supported are "
+                                        "OCI and Docker schema2 images")
+        layers = doc.get("layers")
+        if not isinstance(layers, list):
+            raise UnsupportedImageError(f"{ref.name()}: manifest has no layer list (Docker "
+                                        "schema1 images are not supported; re-push with a "
+                                        "current Docker or skopeo)")
+        size = sum(int(layer.get("size", 0)) for layer in layers if isinstance(layer, dict))
+        return Resolved(digest, index_digest, doc, size)
+
+    async def _raw_platform(self, ref: ImageRef, digest: str) -> bytes:
+        """Read a platform manifest out of a local OCI layout (skopeo --raw gives the index)."""
+        if ref.path is None or ref.transport != "oci-layout":
+            raise UnsupportedImageError(f"{ref.name()}: a manifest list is only supported from "
+                                        "a registry or an OCI layout")
+        blob = ref.path / "blobs" / "sha256" / digest.split(":", 1)[1]
+        try:
+            raw = blob.read_bytes()[: MAX_MANIFEST + 1]
+        except OSError as exc:
+            raise ImageCorruptError(f"{ref.name()}: manifest blob {digest} is missing from the "
+                                    f"layout ({exc.strerror})") from exc
+        if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
+            raise ImageCorruptError(f"{ref.name()}: manifest blob {digest} does not match its "
+                                    "digest; the layout is corrupt")
+        return raw
+
+    def _pick_platform(self, index: dict[str, Any], what: str) -> str:
+        found: list[str] = []
+        for m in index.get("manifests") or []:
+            plat = m.get("platform") or {}
+            os_, arch = plat.get("os", ""), plat.get("architecture", "")
+            found.append(f"{os_}/{arch}")
+            if os_ == self.cfg.platform_os and arch == self.cfg.platform_arch:
+                digest = str(m.get("digest", ""))
+                if not digest.startswith("sha256:"):
+                    break
+                return digest
+        want = f"{self.cfg.platform_os}/{self.cfg.platform_arch}"
+        raise UnsupportedImageError(f"{what} has no {want} variant (it has: "
+                                    f"{', '.join(found) or 'none'}); pick an image built for "
+                                    f"{want}")
+
+    async def copy(self, ref: ImageRef, digest: str, creds: Credentials | None,
+                   tmp: Path, layout: Path) -> None:
+        """Copy the pinned image into an OCI layout at `layout` (tag `img`), verifying blobs."""
+        self._ensure_policy()
+        creds_file = self._write_creds(ref, creds, tmp)
+        src = ref.with_digest(digest) if ref.transport == "registry" else ref
+        argv = ["skopeo", f"--override-os={self.cfg.platform_os}",
+                f"--override-arch={self.cfg.platform_arch}", "copy", "--quiet",
+                f"--policy={self.policy}", "--retry-times=2",
+                *[a.replace("--authfile", "--src-authfile") for a in self._common(ref, creds_file)],
+                *self._tls(ref, "--src-tls-verify"), src.skopeo(), f"oci:{layout}:img"]
+        res = await proc.run(argv, timeout=self.cfg.pull_timeout_s, env=self._env(tmp))
+        if res.returncode != 0:
+            raise classify(res.stderr, ref.name())
+
+
+def _media_type(doc: dict[str, Any]) -> str:
+    return str(doc.get("mediaType", ""))
+
+
+def _parse_manifest(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise ImageCorruptError(f"manifest of {what} is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ImageCorruptError(f"manifest of {what} is not a JSON object")
+    return doc

@@ -1,0 +1,370 @@
+"""The image store: references in, read-only ext4 root filesystems out, cached by digest.
+
+Layout under `root`:
+  images/<hex>/rootfs.ext4, image.json   finished images (only ever created by rename)
+  tmp/build-<hex>-<rand>/                 work dirs; a crash leaves them, gc() removes them
+  locks/<hex>.lock                        one converter per digest, across processes
+  holders/<hex>/<holder-id>               who uses an image (remove is refused while any)
+  refs.json                               names (tags, template names) → digests
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from isorun.images import ext4, unpack
+from isorun.images.config import Credentials, ImageConfig, StoreConfig
+from isorun.images.errors import (
+    ImageError,
+    ImageInUseError,
+    ImageNotFoundError,
+    ImageTooLargeError,
+    InvalidReferenceError,
+    StoreFullError,
+)
+from isorun.images.holders import Holders
+from isorun.images.layout import TAG, Layout
+from isorun.images.locks import file_lock, try_lock, unlock
+from isorun.images.reference import ImageRef, parse_reference
+from isorun.images.refs import Refs
+from isorun.images.skopeo import Skopeo
+from isorun.images.templates import Template, TemplateSet, build_rootfs
+
+PullPolicy = Literal["missing", "always"]
+_META = "image.json"
+_ROOTFS = "rootfs.ext4"
+
+
+@dataclass(frozen=True)
+class Image:
+    """A converted image. `rootfs` is shared read-only by every sandbox of this digest."""
+
+    digest: str
+    rootfs: Path
+    config: ImageConfig
+    size_bytes: int          # size of the ext4 disk the guest sees
+    disk_bytes: int          # bytes it occupies on the host (the file is sparse)
+    content_bytes: int       # bytes of the unpacked tree
+    source: str              # the reference it was first made from
+    created: float
+    names: tuple[str, ...] = ()
+    layers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    images: int
+    image_bytes: int         # allocated bytes of finished images
+    tmp_bytes: int           # allocated bytes of work dirs (in-progress or crashed builds)
+    per_image: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GcReport:
+    removed: builtins.list[str]
+    freed_bytes: int
+
+
+@dataclass
+class StoreStats:
+    conversions: int = 0
+    cache_hits: int = 0
+
+
+def _hex(digest: str) -> str:
+    algo, _, hexd = digest.partition(":")
+    if algo != "sha256" or len(hexd) != 64 or not all(c in "0123456789abcdef" for c in hexd):
+        raise InvalidReferenceError(f"invalid digest {digest!r}: expected sha256:<64 hex>")
+    return hexd
+
+
+def _allocated(path: Path) -> int:
+    total = 0
+    if path.is_file():
+        return path.stat().st_blocks * 512
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+    return total
+
+
+class ImageStore:
+    """Async image cache. Safe to share between tasks and between processes on one root."""
+
+    def __init__(self, root: Path, config: StoreConfig | None = None) -> None:
+        self.root = Path(root)
+        self.cfg = config or StoreConfig()
+        self.templates = TemplateSet(self.cfg.template_dirs)
+        self.stats = StoreStats()
+        for sub in ("images", "tmp", "locks", "holders"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._refs = Refs(self.root / "refs.json")
+        self._holders = Holders(self.root / "holders")
+        self._skopeo = Skopeo(self.cfg, self.root)
+
+    # ---- paths -------------------------------------------------------------------------
+
+    def _image_dir(self, digest: str) -> Path:
+        return self.root / "images" / _hex(digest)
+
+    def _lock_path(self, digest: str) -> Path:
+        return self.root / "locks" / f"{_hex(digest)}.lock"
+
+    def _load(self, digest: str) -> Image | None:
+        d = self._image_dir(digest)
+        try:
+            meta: dict[str, Any] = json.loads((d / _META).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        rootfs = d / _ROOTFS
+        if not rootfs.is_file():
+            return None
+        return Image(
+            digest=meta["digest"], rootfs=rootfs, config=ImageConfig.from_json(meta["config"]),
+            size_bytes=rootfs.stat().st_size, disk_bytes=_allocated(rootfs),
+            content_bytes=int(meta.get("content_bytes", 0)), source=meta.get("source", ""),
+            created=float(meta.get("created", 0)), names=tuple(self._refs.names_of(digest)),
+            layers=tuple(meta.get("layers", [])))
+
+    # ---- ensure ------------------------------------------------------------------------
+
+    def parse(self, ref: str) -> ImageRef:
+        return parse_reference(ref, self.templates.names())
+
+    async def ensure(self, ref: str, *, credentials: Credentials | None = None,
+                     pull: PullPolicy = "missing") -> Image:
+        """Return the converted image for `ref`, pulling/building it if needed.
+
+        pull="missing" (default) uses a cached tag without asking the registry, as
+        `docker run` does; pull="always" re-resolves tags (conversion still happens only
+        when the digest changed).
+        """
+        r = self.parse(ref)
+        if r.transport == "template":
+            t = self.templates.get(r.repository)
+            return await self._ensure_digest(
+                t.digest, r.name(), lambda tmp: self._build_template(t, tmp))
+        if r.transport == "registry" and pull == "missing":
+            known = r.digest or self._refs.read().get(r.name())
+            if known and (img := self._load(known)) is not None:
+                self.stats.cache_hits += 1
+                await self._refs.set(r.name(), known)
+                return img
+        with self._workdir("resolve") as tmp:
+            resolved = await self._skopeo.resolve(r, credentials, tmp)
+        if r.digest and r.digest not in (resolved.digest, resolved.index_digest):
+            raise ImageError(f"{r.name()}: registry returned manifest {resolved.digest}")
+        if resolved.layers_bytes > self.cfg.max_image_bytes:
+            raise ImageTooLargeError(
+                f"{r.name()} has {resolved.layers_bytes} bytes of compressed layers, over the "
+                f"store limit of {self.cfg.max_image_bytes}; raise max_image_bytes or use a "
+                "smaller image")
+        if (img := self._load(resolved.digest)) is not None:
+            self.stats.cache_hits += 1
+            await self._refs.set(r.name(), resolved.digest)
+            if resolved.index_digest and r.transport == "registry":
+                await self._refs.set(r.with_digest(resolved.index_digest).name(), img.digest)
+            return img
+        img = await self._ensure_digest(
+            resolved.digest, r.name(),
+            lambda tmp: self._build_pulled(r, resolved.digest, credentials, tmp))
+        if resolved.index_digest and r.transport == "registry":
+            await self._refs.set(r.with_digest(resolved.index_digest).name(), img.digest)
+        return img
+
+    async def _ensure_digest(self, digest: str, name: str,
+                             build: Callable[[Path], Awaitable[dict[str, Any]]]) -> Image:
+        if (img := self._load(digest)) is None:
+            async with file_lock(self._lock_path(digest)):
+                img = self._load(digest)
+                if img is None:
+                    await self._convert(digest, name, build)
+                    img = self._load(digest)
+                    if img is None:  # pragma: no cover - rename succeeded, so it exists
+                        raise ImageError(f"image {digest} vanished right after conversion")
+                else:
+                    self.stats.cache_hits += 1
+        else:
+            self.stats.cache_hits += 1
+        await self._refs.set(name, digest)
+        return self._load(digest) or img
+
+    @contextlib.contextmanager
+    def _workdir(self, label: str) -> Any:
+        tmp = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=self.root / "tmp"))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    async def _convert(self, digest: str, name: str,
+                       build: Callable[[Path], Awaitable[dict[str, Any]]]) -> None:
+        """Build into tmp/, then rename into images/: all or nothing."""
+        with self._workdir(f"build-{_hex(digest)}") as tmp:
+            try:
+                meta = await build(tmp)
+                meta.update({"digest": digest, "source": name, "created": time.time()})
+                out = tmp / "out"
+                (out / _META).write_text(json.dumps(meta, indent=1))
+                with (out / _META).open("rb+") as f:
+                    os.fsync(f.fileno())
+                os.rename(out, self._image_dir(digest))
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StoreFullError(f"disk full while converting {name}: free space in "
+                                         f"{self.root} (e.g. store.gc()) and retry") from exc
+                raise
+            self.stats.conversions += 1
+
+    async def _build_pulled(self, r: ImageRef, digest: str, creds: Credentials | None,
+                            tmp: Path) -> dict[str, Any]:
+        layout_dir = tmp / "layout"
+        await self._skopeo.copy(r, digest, creds, tmp, layout_dir)
+        layout = Layout(layout_dir)
+        await layout.decompress_zstd_layers()
+        li = layout.read()
+        tree = tmp / "rootfs"
+        await unpack.unpack(layout_dir, TAG, tree, timeout=self.cfg.pull_timeout_s)
+        shutil.rmtree(layout_dir, ignore_errors=True)
+        meta = await self._finish_tree(r.name(), tree, tmp)
+        meta["config"] = li.config.to_json()
+        meta["layers"] = [str(x.get("digest")) for x in li.manifest.get("layers", [])]
+        return meta
+
+    async def _build_template(self, t: Template, tmp: Path) -> dict[str, Any]:
+        tree = tmp / "rootfs"
+        await build_rootfs(t, tree, self.cfg, tmp)
+        meta = await self._finish_tree(f"template:{t.name}", tree, tmp)
+        meta["config"] = t.config.to_json()
+        meta["template"] = t.model_dump(mode="json")
+        return meta
+
+    async def _finish_tree(self, name: str, tree: Path, tmp: Path) -> dict[str, Any]:
+        size = await asyncio.to_thread(ext4.measure, tree)
+        if size.data_bytes > self.cfg.max_image_bytes:
+            raise ImageTooLargeError(
+                f"{name} unpacks to {size.data_bytes} bytes, over the store limit of "
+                f"{self.cfg.max_image_bytes}; raise max_image_bytes or use a smaller image")
+        out = tmp / "out"
+        out.mkdir()
+        await ext4.make_ext4(tree, out / _ROOTFS, size, timeout=self.cfg.pull_timeout_s)
+        await asyncio.to_thread(shutil.rmtree, tree, True)
+        return {"content_bytes": size.data_bytes, "inodes": size.inodes}
+
+    # ---- management --------------------------------------------------------------------
+
+    def list(self) -> list[Image]:
+        out = []
+        for d in sorted((self.root / "images").iterdir()):
+            img = self._load("sha256:" + d.name)
+            if img is not None:
+                out.append(img)
+        return out
+
+    def _resolve_local(self, ref: str) -> str:
+        """A local name or digest → digest, without network."""
+        if ref.startswith("sha256:"):
+            _hex(ref)
+            return ref
+        r = self.parse(ref)
+        if r.transport == "template":
+            return self.templates.get(r.repository).digest
+        if r.digest:
+            return r.digest
+        digest = self._refs.read().get(r.name())
+        if digest is None:
+            raise ImageNotFoundError(f"no local image named {r.name()}; see store.list()")
+        return digest
+
+    def inspect(self, ref: str) -> Image:
+        digest = self._resolve_local(ref)
+        img = self._load(digest)
+        if img is None:
+            raise ImageNotFoundError(f"image {ref} ({digest}) is not in the store; "
+                                     "store.ensure() it first")
+        return img
+
+    async def remove(self, ref: str) -> Image:
+        """Remove an image and its names; refused while any holder uses it."""
+        digest = self._resolve_local(ref)
+        async with file_lock(self._lock_path(digest)):
+            img = self._load(digest)
+            if img is None:
+                raise ImageNotFoundError(f"image {ref} is not in the store")
+            holders = self._holders.list(_hex(digest))
+            if holders:
+                raise ImageInUseError(
+                    f"image {ref} is in use by {', '.join(holders)}; destroy those sandboxes/"
+                    "snapshots (or release them) first", holders)
+            await self._refs.drop_digest(digest)
+            trash = Path(tempfile.mkdtemp(prefix="rm-", dir=self.root / "tmp"))
+            os.rename(self._image_dir(digest), trash / "img")
+            await asyncio.to_thread(shutil.rmtree, trash, True)
+            self._holders.clear(_hex(digest))
+        return img
+
+    async def acquire(self, digest: str, holder_id: str) -> Image:
+        """Record that `holder_id` (a sandbox or snapshot) uses this image."""
+        async with file_lock(self._lock_path(digest)):
+            img = self._load(digest)
+            if img is None:
+                raise ImageNotFoundError(f"image {digest} is not in the store; ensure() it "
+                                         "before acquiring")
+            self._holders.add(_hex(digest), holder_id)
+            return img
+
+    async def release(self, digest: str, holder_id: str) -> bool:
+        """Drop a holder; returns False when it was not registered. Never raises for that."""
+        async with file_lock(self._lock_path(digest)):
+            return self._holders.remove(_hex(digest), holder_id)
+
+    def holders(self, digest: str) -> builtins.list[str]:
+        return self._holders.list(_hex(digest))
+
+    async def gc(self, *, all_unused: bool = False) -> GcReport:
+        """Delete unheld images without a name (or all unheld ones with all_unused=True),
+        and work dirs left by crashed conversions."""
+        removed: builtins.list[str] = []
+        freed = 0
+        for img in self.list():
+            if self.holders(img.digest) or (img.names and not all_unused):
+                continue
+            try:
+                await self.remove(img.digest)
+            except ImageInUseError:
+                continue
+            removed.append(img.digest)
+            freed += img.disk_bytes
+        for d in (self.root / "tmp").iterdir():
+            if d.name.startswith("build-"):
+                hexd = d.name.split("-")[1]
+                fd = try_lock(self.root / "locks" / f"{hexd}.lock")
+                if fd is None:
+                    continue  # a conversion is running right now
+                try:
+                    freed += _allocated(d)
+                    shutil.rmtree(d, ignore_errors=True)
+                finally:
+                    unlock(fd)
+            elif d.name.startswith("rm-"):
+                freed += _allocated(d)
+                shutil.rmtree(d, ignore_errors=True)
+        return GcReport(removed, freed)
+
+    def disk_usage(self) -> DiskUsage:
+        per = {img.digest: img.disk_bytes for img in self.list()}
+        return DiskUsage(images=len(per), image_bytes=sum(per.values()),
+                         tmp_bytes=_allocated(self.root / "tmp"), per_image=per)
