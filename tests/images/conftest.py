@@ -3,6 +3,7 @@ and helpers that read ext4 images with debugfs (no mount needed)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -22,9 +23,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from isorun.images import ImageStore, StoreConfig  # noqa: E402
+from isorun.images import Image, ImageStore, StoreConfig
 
 REQUIRED = ["skopeo", "umoci", "mkfs.ext4", "debugfs", "docker-registry", "zstd"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "no_tools: pure-Python test, runs without host tools")
+    config.addinivalue_line("markers", "slow: builds large templates (minutes); still runs in CI")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -130,6 +136,25 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry
     yield reg
     reg.proc.terminate()
     reg.proc.wait(10)
+
+
+TEMPLATE_CACHE = Path(os.environ.get("ISORUN_TEST_TEMPLATE_CACHE", "/var/cache/isorun/test-images"))
+
+
+@pytest.fixture(scope="session")
+def template_store() -> ImageStore:
+    """Templates are content-addressed by definition hash, so this cache survives runs."""
+    return ImageStore(TEMPLATE_CACHE, StoreConfig(auth_file=None))
+
+
+@pytest.fixture(scope="session")
+def base_image(template_store: ImageStore) -> Image:
+    t0 = time.monotonic()
+    img = asyncio.run(template_store.ensure("base"))
+    took = time.monotonic() - t0
+    print(f"\n[images] template base ready in {took:.1f}s "
+          f"({'built' if template_store.stats.conversions else 'cached'})")
+    return img
 
 
 @pytest.fixture

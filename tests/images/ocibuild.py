@@ -142,13 +142,17 @@ class Layout:
         config: dict[str, Any] | None = None,
         arch: str = "amd64",
         compression: Compression = "gzip",
+        precompressed: bool = False,
     ) -> dict[str, Any]:
-        """Write layers+config+manifest blobs; return the manifest descriptor."""
+        """Write layers+config+manifest blobs; return the manifest descriptor.
+
+        Layers given as bytes are tar archives, or with precompressed=True the exact blob
+        bytes (to craft truncated or corrupt layers)."""
         layer_descs = []
         diff_ids = []
         for layer in layers:
             raw = layer if isinstance(layer, bytes) else make_tar(layer)
-            comp = compress(raw, compression)
+            comp = raw if precompressed else compress(raw, compression)
             diff_ids.append(sha(raw))
             layer_descs.append(
                 {"mediaType": MT_LAYER[compression], "digest": self.blob(comp), "size": len(comp)}

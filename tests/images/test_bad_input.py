@@ -1,0 +1,227 @@
+"""Every bad input gets a clear error naming the problem, and the cache stays intact."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import ocibuild as ob
+import pytest
+from conftest import Registry, assert_store_intact, ext4_cat, ext4_ls, free_port
+
+from isorun.images import (
+    Credentials,
+    ImageCorruptError,
+    ImageNotFoundError,
+    ImageStore,
+    ImageTooLargeError,
+    RegistryAuthError,
+    RegistryUnreachableError,
+    StoreConfig,
+    StoreFullError,
+    UnsafeLayerError,
+)
+
+MiB = 1 << 20
+
+
+def _layout(tmp: Path, name: str, layers: list[list[ob.Entry]] | list[bytes],
+            **kw: object) -> Path:
+    lay = ob.Layout(tmp / name)
+    lay.tag(lay.manifest(layers, **kw), "t")  # type: ignore[arg-type]
+    return lay.path
+
+
+@pytest.fixture
+async def seeded(store: ImageStore, registry: Registry, tmp_path: Path) -> ImageStore:
+    """A store that already holds one good image, to check that failures don't harm it."""
+    registry.push(f"oci:{_layout(tmp_path, 'good', [ob.busybox_tree()])}:t", "good:1")
+    await store.ensure(f"{registry.host}/good:1")
+    return store
+
+
+def _intact(store: ImageStore, registry: Registry) -> None:
+    assert_store_intact(store)
+    img = store.inspect(f"{registry.host}/good:1")
+    assert "isorun-busybox" in ext4_cat(img.rootfs, "/etc/os-release")
+    assert len(store.list()) == 1
+
+
+async def test_unknown_repository(seeded: ImageStore, registry: Registry) -> None:
+    with pytest.raises(ImageNotFoundError, match="not found"):
+        await seeded.ensure(f"{registry.host}/no-such-repo:1")
+    _intact(seeded, registry)
+
+
+async def test_unknown_tag(seeded: ImageStore, registry: Registry) -> None:
+    with pytest.raises(ImageNotFoundError, match="good:nope"):
+        await seeded.ensure(f"{registry.host}/good:nope")
+    _intact(seeded, registry)
+
+
+async def test_unknown_digest(seeded: ImageStore, registry: Registry) -> None:
+    with pytest.raises(ImageNotFoundError):
+        await seeded.ensure(f"{registry.host}/good@sha256:{'0' * 64}")
+    _intact(seeded, registry)
+
+
+async def test_registry_unreachable(seeded: ImageStore, registry: Registry) -> None:
+    with pytest.raises(RegistryUnreachableError, match="cannot reach the registry"):
+        await seeded.ensure(f"127.0.0.1:{free_port()}/x:1")
+    _intact(seeded, registry)
+
+
+async def test_auth_registry(seeded: ImageStore, registry: Registry, auth_registry: Registry,
+                             tmp_path: Path) -> None:
+    digest = auth_registry.push(f"oci:{_layout(tmp_path, 'priv', [ob.busybox_tree()])}:t",
+                                "private/app:1")
+    ref = f"{auth_registry.host}/private/app:1"
+    with pytest.raises(RegistryAuthError, match="refused access"):
+        await seeded.ensure(ref)
+    with pytest.raises(RegistryAuthError, match="check the username"):
+        await seeded.ensure(ref, credentials=Credentials("agent", "wrong-password"))
+    _intact(seeded, registry)
+    img = await seeded.ensure(ref, credentials=Credentials("agent", "s3cret-pw"))
+    assert img.digest == digest
+    # The same through a docker config.json-format auth file.
+    import base64
+    import json
+    auth = tmp_path / "config.json"
+    token = base64.b64encode(b"agent:s3cret-pw").decode()
+    auth.write_text(json.dumps({"auths": {auth_registry.host: {"auth": token}}}))
+    other = ImageStore(tmp_path / "store2", StoreConfig(auth_file=auth))
+    assert (await other.ensure(ref)).digest == digest
+    assert "s3cret" not in repr(Credentials("agent", "s3cret-pw"))
+
+
+async def test_blob_digest_mismatch(seeded: ImageStore, registry: Registry,
+                                    tmp_path: Path) -> None:
+    lay = _layout(tmp_path, "corrupt", [ob.busybox_tree([ob.file("x", os.urandom(4096))])])
+    registry.push(f"oci:{lay}:t", "corrupt:1")
+    man = ob.Layout(lay)
+    import json
+    mdesc = man.index["manifests"][0]
+    manifest = json.loads((lay / "blobs/sha256" / mdesc["digest"].split(":")[1]).read_bytes())
+    blob = registry.blob_path(manifest["layers"][0]["digest"])
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
+    blob.write_bytes(bytes(data))
+    with pytest.raises(ImageCorruptError, match="does not match its digest"):
+        await seeded.ensure(f"{registry.host}/corrupt:1")
+    _intact(seeded, registry)
+
+
+async def test_truncated_layer(seeded: ImageStore, registry: Registry, tmp_path: Path) -> None:
+    full = gzip.compress(ob.make_tar(ob.busybox_tree()))
+    lay = _layout(tmp_path, "trunc", [full[: len(full) // 2]], precompressed=True)
+    registry.push(f"oci:{lay}:t", "trunc:1")
+    with pytest.raises(ImageCorruptError, match="truncated or"):
+        await seeded.ensure(f"{registry.host}/trunc:1")
+    _intact(seeded, registry)
+
+
+async def test_garbage_layer(seeded: ImageStore, registry: Registry, tmp_path: Path) -> None:
+    lay = _layout(tmp_path, "garbage", [os.urandom(8192)], precompressed=True)
+    registry.push(f"oci:{lay}:t", "garbage:1")
+    with pytest.raises(ImageCorruptError):
+        await seeded.ensure(f"{registry.host}/garbage:1")
+    _intact(seeded, registry)
+
+
+async def test_path_traversal_and_absolute_symlinks_stay_inside(
+        seeded: ImageStore, registry: Registry, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("untouched")
+    rel = "../" * 12 + str(outside).lstrip("/")
+    lay = _layout(tmp_path, "hostile", [
+        ob.busybox_tree([
+            ob.file(f"{rel}/dotdot", "x"),
+            ob.file(f"/{outside}/absolute-name", "x"),
+            ob.symlink("abs", str(outside)),
+            ob.symlink("up", rel),
+        ]),
+        [ob.file("abs/via-abs-symlink", "x"), ob.file("up/via-rel-symlink", "x"),
+         ob.file("abs/victim", "overwritten"), ob.whiteout("up/victim")],
+    ])
+    img = await seeded.ensure(f"oci-layout:{lay}:t")
+    assert sorted(os.listdir(outside)) == ["victim"]
+    assert (outside / "victim").read_text() == "untouched"
+    # The writes landed inside the image, under the path the symlinks resolve to there.
+    inner = ext4_ls(img.rootfs, str(outside))
+    assert {"dotdot", "absolute-name", "via-abs-symlink", "via-rel-symlink"} <= set(inner)
+    assert_store_intact(seeded)
+
+
+async def test_hard_link_outside_root_is_refused(seeded: ImageStore, registry: Registry,
+                                                 tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("host secret")
+    lay = _layout(tmp_path, "hl", [ob.busybox_tree([
+        ob.hardlink("stolen", "../" * 12 + str(secret).lstrip("/"))])])
+    with pytest.raises(UnsafeLayerError, match="hard link"):
+        await seeded.ensure(f"oci-layout:{lay}:t")
+    assert secret.read_text() == "host secret" and os.stat(secret).st_nlink == 1
+    _intact(seeded, registry)
+
+
+async def test_compressed_size_over_limit(registry: Registry, tmp_path: Path) -> None:
+    registry.push(f"oci:{_layout(tmp_path, 'big', [ob.busybox_tree()])}:t", "big:1")
+    small = ImageStore(tmp_path / "s", StoreConfig(auth_file=None, max_image_bytes=100_000))
+    with pytest.raises(ImageTooLargeError, match="raise max_image_bytes"):
+        await small.ensure(f"{registry.host}/big:1")
+    assert small.stats.conversions == 0 and small.list() == []
+    assert_store_intact(small)
+
+
+async def test_unpacked_size_over_limit(registry: Registry, tmp_path: Path) -> None:
+    bomb = _layout(tmp_path, "bomb", [[ob.file("zeros", bytes(20 * MiB))]])
+    registry.push(f"oci:{bomb}:t", "bomb:1")
+    small = ImageStore(tmp_path / "s", StoreConfig(auth_file=None, max_image_bytes=5 * MiB))
+    with pytest.raises(ImageTooLargeError, match="unpacks to"):
+        await small.ensure(f"{registry.host}/bomb:1")
+    assert small.list() == []
+    assert_store_intact(small)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "tinyfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_disk_full_during_conversion(registry: Registry, tmp_path: Path,
+                                           tiny_fs: Path) -> None:
+    registry.push(f"oci:{_layout(tmp_path, 'small', [ob.busybox_tree()])}:t", "small:1")
+    big = _layout(tmp_path, "huge", [ob.busybox_tree([ob.file("noise", os.urandom(16 * MiB))])])
+    registry.push(f"oci:{big}:t", "huge:1")
+    store = ImageStore(tiny_fs / "store", StoreConfig(auth_file=None))
+    good = await store.ensure(f"{registry.host}/small:1")
+    with pytest.raises(StoreFullError, match="disk full"):
+        await store.ensure(f"{registry.host}/huge:1")
+    assert [i.digest for i in store.list()] == [good.digest]
+    assert_store_intact(store)
+    subprocess.run(["mount", "-o", "remount,size=128m", str(tiny_fs)], check=True)
+    img = await store.ensure(f"{registry.host}/huge:1")
+    assert ext4_ls(img.rootfs, "/") and len(store.list()) == 2
+    assert_store_intact(store)
+
+
+async def test_missing_offline_sources(seeded: ImageStore, registry: Registry,
+                                       tmp_path: Path) -> None:
+    with pytest.raises(ImageNotFoundError):
+        await seeded.ensure(f"oci-layout:{tmp_path}/nope:t")
+    with pytest.raises(ImageNotFoundError):
+        await seeded.ensure(f"docker-archive:{tmp_path}/nope.tar")
+    lay = _layout(tmp_path, "has-t", [ob.busybox_tree()])
+    with pytest.raises(ImageNotFoundError):
+        await seeded.ensure(f"oci-layout:{lay}:other-tag")
+    _intact(seeded, registry)

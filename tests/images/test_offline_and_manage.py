@@ -1,0 +1,85 @@
+"""Offline import (OCI layout, docker save tarball) and image management."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import ocibuild as ob
+import pytest
+from conftest import Registry, assert_store_intact, ext4_cat
+
+from isorun.images import ImageInUseError, ImageNotFoundError, ImageStore
+
+
+def _layout(tmp: Path, name: str, marker: str) -> Path:
+    lay = ob.Layout(tmp / name)
+    lay.tag(lay.manifest([ob.busybox_tree([ob.file("MARK", marker)])],
+                         config={"Env": ["X=1"], "WorkingDir": "/tmp"}), "t")
+    return lay.path
+
+
+async def test_import_oci_layout(store: ImageStore, tmp_path: Path) -> None:
+    lay = _layout(tmp_path, "lay", "oci")
+    img = await store.ensure(f"oci-layout:{lay}:t")
+    assert ext4_cat(img.rootfs, "/MARK") == "oci"
+    assert img.config.env["X"] == "1" and img.config.working_dir == "/tmp"
+    assert img.digest == ob.Layout(lay).index["manifests"][0]["digest"]
+    again = await store.ensure(f"oci-layout:{lay}:t")
+    assert again.digest == img.digest and store.stats.conversions == 1
+
+
+async def test_import_docker_archive(store: ImageStore, tmp_path: Path) -> None:
+    lay = _layout(tmp_path, "lay", "docker-save")
+    tar = tmp_path / "saved.tar"
+    subprocess.run(["skopeo", "copy", "--quiet", f"oci:{lay}:t",
+                    f"docker-archive:{tar}:acme/app:1"], check=True, capture_output=True)
+    img = await store.ensure(f"docker-archive:{tar}")
+    assert ext4_cat(img.rootfs, "/MARK") == "docker-save"
+    assert img.config.env["X"] == "1"
+    again = await store.ensure(f"docker-archive:{tar}")
+    assert again.digest == img.digest and store.stats.conversions == 1
+
+
+async def test_list_inspect_remove_gc_usage(store: ImageStore, registry: Registry,
+                                            tmp_path: Path) -> None:
+    registry.push(f"oci:{_layout(tmp_path, 'a', 'a')}:t", "mgmt-a:1")
+    a = await store.ensure(f"{registry.host}/mgmt-a:1")
+    b = await store.ensure(f"oci-layout:{_layout(tmp_path, 'b', 'b')}:t")
+    assert {i.digest for i in store.list()} == {a.digest, b.digest}
+    assert store.inspect(a.digest).rootfs == a.rootfs
+    assert store.inspect(f"{registry.host}/mgmt-a:1").digest == a.digest
+    usage = store.disk_usage()
+    assert usage.images == 2 and usage.image_bytes == a.disk_bytes + b.disk_bytes
+    assert usage.tmp_bytes == 0
+    assert a.disk_bytes < a.size_bytes  # sparse file: only written blocks count
+
+    await store.acquire(a.digest, "sandbox-1")
+    await store.acquire(a.digest, "snapshot:s1")
+    with pytest.raises(ImageInUseError, match="sandbox-1") as exc:
+        await store.remove(f"{registry.host}/mgmt-a:1")
+    assert exc.value.holders == ["sandbox-1", "snapshot:s1"]
+    assert store.inspect(a.digest).rootfs.is_file()
+    assert (await store.gc(all_unused=True)).removed == [b.digest]
+    assert await store.release(a.digest, "sandbox-1")
+    assert not await store.release(a.digest, "sandbox-1")
+    with pytest.raises(ImageInUseError):
+        await store.remove(a.digest)
+    await store.release(a.digest, "snapshot:s1")
+    # Named images survive a plain gc; an unnamed one (names dropped) does not.
+    assert (await store.gc()).removed == []
+    removed = await store.remove(f"{registry.host}/mgmt-a:1")
+    assert removed.digest == a.digest and store.list() == []
+    with pytest.raises(ImageNotFoundError):
+        store.inspect(a.digest)
+    with pytest.raises(ImageNotFoundError):
+        await store.acquire(a.digest, "sandbox-2")
+    assert_store_intact(store)
+
+
+async def test_gc_cleans_crashed_builds(store: ImageStore) -> None:
+    crashed = store.root / "tmp" / f"build-{'a' * 64}-xyz"
+    (crashed / "rootfs").mkdir(parents=True)
+    (crashed / "rootfs" / "junk").write_bytes(b"x" * 10000)
+    report = await store.gc()
+    assert not crashed.exists() and report.freed_bytes >= 10000
