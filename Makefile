@@ -1,0 +1,44 @@
+# isorun: two commands on a fresh Debian 12 machine, as root.
+#   make demo   installs what is needed, builds the guest, runs the example
+#   make test   the same setup, then every test suite (what CI runs)
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := /usr/local/go/bin:$(PATH)
+
+.PHONY: demo test deps venv guest lint test-go test-py bench clean
+
+demo: deps venv guest
+	$(PY) examples/demo.py
+
+test: deps venv guest lint test-go test-py
+
+deps:
+	scripts/install-deps.sh
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+guest:
+	scripts/build-guest.sh
+
+lint: venv
+	$(VENV)/bin/ruff check isorun tests bench
+	$(VENV)/bin/mypy isorun
+
+test-go:
+	cd guest/agent && go vet ./... && go test -count=1 ./...
+
+test-py: venv
+	$(VENV)/bin/pytest -ra
+
+bench: venv guest
+	$(PY) bench/bench_boot.py
+	$(PY) bench/bench_agent.py
+
+clean:
+	rm -rf $(VENV) build

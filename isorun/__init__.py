@@ -1,0 +1,1 @@
+"""isorun: hardware-isolated microVM sandboxes for AI agents."""

@@ -1,0 +1,424 @@
+"""Typed operations of the guest agent (docs/protocol.md) over an AgentConnection.
+
+Every answer from the guest is checked field by field before use: the guest is hostile.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from isorun.agent.frames import Kind
+from isorun.agent.mux import IO_CHUNK, AgentConnection, Channel
+from isorun.agent.validate import (
+    FileEntry,
+    ProcInfo,
+    as_bool,
+    as_float,
+    as_int,
+    as_opt_int,
+    as_str,
+    parse_entry,
+    parse_proc,
+)
+from isorun.errors import FileNotFoundInGuest, GuestError, ProtocolError
+
+OutputCallback = Callable[[bytes], object]
+StdinSource = bytes | AsyncIterable[bytes]
+
+
+@dataclass(slots=True)
+class ExecResult:
+    proc_id: str
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    duration_ms: int
+    run_us: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass(slots=True)
+class Attachment:
+    """Where a replay started and how many bytes the ring had already dropped."""
+
+    offset: int
+    lost: int = 0
+    gaps: list[int] = field(default_factory=list)
+
+
+def _raise_for(resp: dict[str, Any]) -> dict[str, Any]:
+    ok = resp.get("ok")
+    if ok is True:
+        return resp
+    if ok is not False:
+        raise ProtocolError(f"guest answer has no boolean 'ok': {str(resp)[:200]}")
+    code = as_str(resp, "code", default="internal")
+    message = as_str(resp, "error", default="guest agent error")[:4096]
+    if code == "not_found":
+        raise FileNotFoundInGuest(message, code)
+    raise GuestError(message, code)
+
+
+class AgentClient:
+    """Asyncio client of one guest agent."""
+
+    def __init__(self, conn: AgentConnection) -> None:
+        self.conn = conn
+
+    # --- plumbing -------------------------------------------------------------------
+
+    async def _open(self, req: dict[str, Any]) -> Channel:
+        ch = self.conn.open_channel()
+        await self.conn.request(ch, req)
+        return ch
+
+    async def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        """A request whose whole answer is one RESP."""
+        ch = await self._open({"op": op, **fields})
+        while True:
+            frame = await ch.next()
+            if frame.kind is Kind.RESP:
+                return _raise_for(frame.json())
+            if frame.kind is not Kind.EVENT:
+                raise ProtocolError(f"guest sent {frame.kind.name} to a '{op}' request")
+
+    # --- processes ------------------------------------------------------------------
+
+    async def exec(
+        self,
+        cmd: str | None = None,
+        *,
+        argv: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: StdinSource | None = None,
+        pty: tuple[int, int] | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        on_start: Callable[[str, int], object] | None = None,
+        capture: bool = True,
+        tag: str | None = None,
+    ) -> ExecResult:
+        """Run a command to completion, streaming its output as it is written."""
+        req = _exec_request(cmd, argv, env, cwd, user, timeout, pty, tag)
+        req["stdin"] = stdin is not None
+        ch = await self._open(req)
+        feeder = None
+        try:
+            if stdin is not None:
+                import asyncio
+
+                feeder = asyncio.create_task(_feed_stdin(ch, stdin))
+            return await _collect_process(ch, on_stdout, on_stderr, on_start, capture, None)
+        except BaseException:
+            await ch.cancel()
+            raise
+        finally:
+            if feeder is not None and not feeder.done():
+                feeder.cancel()
+
+    async def spawn(
+        self,
+        cmd: str | None = None,
+        *,
+        argv: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        pty: tuple[int, int] | None = None,
+        tag: str | None = None,
+        ring_bytes: int | None = None,
+    ) -> tuple[str, int]:
+        """Start a background process; returns (proc_id, pid)."""
+        req = _exec_request(cmd, argv, env, cwd, user, timeout, pty, tag)
+        req["background"] = True
+        if ring_bytes is not None:
+            req["ring_bytes"] = ring_bytes
+        resp = await self._call_req(req)
+        return as_str(resp, "proc_id"), as_int(resp, "pid")
+
+    async def _call_req(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.pop("op")
+        return await self.call(op, **req)
+
+    async def attach(
+        self,
+        proc_id: str,
+        *,
+        offset: int = 0,
+        output: bool = True,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        capture: bool = True,
+        attachment: Attachment | None = None,
+    ) -> ExecResult:
+        """Replay a process's buffered output from `offset`, follow it live, wait for exit."""
+        ch = await self._open(
+            {"op": "attach", "proc_id": proc_id, "offset": offset, "output": output}
+        )
+        try:
+            return await _collect_process(ch, on_stdout, on_stderr, None, capture, attachment)
+        except BaseException:
+            await ch.cancel()
+            raise
+
+    async def list_procs(self) -> list[ProcInfo]:
+        resp = await self.call("list_procs")
+        procs = resp.get("procs")
+        if not isinstance(procs, list):
+            raise ProtocolError("list_procs answer has no 'procs' list")
+        return [parse_proc(p) for p in procs[:4096]]
+
+    async def signal(self, proc_id: str, signal: int) -> None:
+        await self.call("signal", proc_id=proc_id, signal=signal)
+
+    async def kill(self, proc_id: str, grace: float = 2.0) -> tuple[int | None, int | None]:
+        resp = await self.call("kill", proc_id=proc_id, grace_ms=int(grace * 1000))
+        return as_opt_int(resp, "exit_code"), as_opt_int(resp, "signal")
+
+    async def resize(self, proc_id: str, rows: int, cols: int) -> None:
+        await self.call("resize", proc_id=proc_id, rows=rows, cols=cols)
+
+    async def close_stdin(self, proc_id: str) -> None:
+        await self.call("close_stdin", proc_id=proc_id)
+
+    async def set_defaults(
+        self,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+    ) -> None:
+        fields: dict[str, Any] = {}
+        if env is not None:
+            fields["env"] = dict(env)
+        if cwd:
+            fields["cwd"] = cwd
+        if user:
+            fields["user"] = user
+        await self.call("set_defaults", **fields)
+
+    # --- files ----------------------------------------------------------------------
+
+    async def read_file(self, path: str, offset: int = 0, length: int = -1) -> AsyncIterator[bytes]:
+        """Stream a file's bytes out of the guest."""
+        ch = await self._open({"op": "read_file", "path": path, "offset": offset, "length": length})
+        try:
+            while True:
+                frame = await ch.next()
+                if frame.kind is Kind.OUT:
+                    yield frame.payload
+                elif frame.kind is Kind.RESP:
+                    _raise_for(frame.json())
+                    return
+                elif frame.kind is not Kind.EVENT:
+                    raise ProtocolError(f"guest sent {frame.kind.name} while reading a file")
+        finally:
+            if not ch.closed:
+                await ch.cancel()
+
+    async def read_bytes(self, path: str, limit: int = 1 << 30) -> bytes:
+        parts: list[bytes] = []
+        total = 0
+        async for chunk in self.read_file(path):
+            total += len(chunk)
+            if total > limit:
+                raise GuestError(f"{path} is larger than the {limit}-byte read limit", "invalid")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def write_file(
+        self, path: str, data: StdinSource, *, mode: int = 0o644, append: bool = False
+    ) -> int:
+        """Stream bytes into a guest file (atomically replaced unless appending)."""
+        ch = await self._open(
+            {"op": "write_file", "path": path, "mode": mode, "append": append, "mkdirs": True}
+        )
+        try:
+            await _feed_stdin(ch, data)
+            while True:
+                frame = await ch.next()
+                if frame.kind is Kind.RESP:
+                    return as_int(_raise_for(frame.json()), "bytes")
+                if frame.kind is not Kind.EVENT:
+                    raise ProtocolError(f"guest sent {frame.kind.name} while writing a file")
+        except BaseException:
+            await ch.cancel()
+            raise
+
+    async def list(self, path: str, depth: int = 1) -> list[FileEntry]:
+        ch = await self._open({"op": "list", "path": path, "depth": depth})
+        entries: list[FileEntry] = []
+        while True:
+            frame = await ch.next()
+            if frame.kind is Kind.RESP:
+                _raise_for(frame.json())
+                return entries
+            if frame.kind is not Kind.EVENT:
+                raise ProtocolError(f"guest sent {frame.kind.name} to a list request")
+            batch = frame.json().get("entries")
+            if not isinstance(batch, list):
+                raise ProtocolError("list event without an 'entries' list")
+            entries.extend(parse_entry(e) for e in batch)
+            if len(entries) > 1_000_000:
+                await ch.cancel()
+                raise GuestError(f"{path} lists more than 1,000,000 entries", "invalid")
+
+    async def stat(self, path: str) -> FileEntry:
+        resp = await self.call("stat", path=path)
+        return parse_entry(resp.get("entry"))
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.stat(path)
+        except FileNotFoundInGuest:
+            return False
+        return True
+
+    async def mkdir(self, path: str, parents: bool = True, mode: int = 0o755) -> None:
+        await self.call("mkdir", path=path, parents=parents, mode=mode)
+
+    async def remove(self, path: str, recursive: bool = False) -> None:
+        await self.call("remove", path=path, recursive=recursive)
+
+    async def rename(self, src: str, dst: str) -> None:
+        await self.call("rename", src=src, dst=dst)
+
+    async def watch(self, path: str, recursive: bool = False) -> AsyncIterator[tuple[str, str]]:
+        """Yield (op, path) for changes under `path` until the iterator is closed."""
+        ch = await self._open({"op": "watch", "path": path, "recursive": recursive})
+        try:
+            while True:
+                frame = await ch.next()
+                if frame.kind is Kind.RESP:
+                    _raise_for(frame.json())
+                    return
+                if frame.kind is not Kind.EVENT:
+                    raise ProtocolError(f"guest sent {frame.kind.name} to a watch")
+                ev = frame.json()
+                if ev.get("event") == "fs":
+                    yield as_str(ev, "op"), as_str(ev, "path")
+        finally:
+            if not ch.closed:
+                await ch.cancel()
+
+    # --- system ---------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        return await self.call("health")
+
+    async def metrics(self) -> dict[str, float]:
+        resp = await self.call("metrics")
+        keys = ("mem_total_bytes", "mem_available_bytes", "load1", "load5", "load15")
+        return {k: as_float(resp, k) for k in keys}
+
+    async def set_clock(self, unix_ns: int) -> None:
+        await self.call("set_clock", unix_ns=unix_ns)
+
+    async def reseed(self, entropy: bytes) -> None:
+        await self.call("reseed", entropy_b64=base64.b64encode(entropy).decode())
+
+    async def shutdown(self, mode: str = "poweroff") -> None:
+        await self.call("shutdown", mode=mode)
+
+
+def _exec_request(
+    cmd: str | None,
+    argv: Sequence[str] | None,
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+    user: str | None,
+    timeout: float | None,
+    pty: tuple[int, int] | None,
+    tag: str | None,
+) -> dict[str, Any]:
+    if (cmd is None) == (argv is None):
+        raise ValueError("pass exactly one of cmd (a shell string) or argv (a list)")
+    req: dict[str, Any] = {"op": "exec"}
+    if cmd is not None:
+        req["cmd"] = cmd
+    else:
+        req["argv"] = list(argv or [])
+        if not req["argv"]:
+            raise ValueError("argv must name a program")
+    if env:
+        req["env"] = dict(env)
+    if cwd:
+        req["cwd"] = cwd
+    if user:
+        req["user"] = user
+    if timeout:
+        req["timeout_ms"] = max(1, int(timeout * 1000))
+    if pty is not None:
+        req["pty"] = {"rows": pty[0], "cols": pty[1]}
+    if tag:
+        req["tag"] = tag
+    return req
+
+
+async def _feed_stdin(ch: Channel, source: StdinSource) -> None:
+    if isinstance(source, bytes | bytearray | memoryview):
+        await ch.send_data(bytes(source))
+    else:
+        async for chunk in source:
+            for i in range(0, len(chunk), IO_CHUNK * 8):
+                await ch.send_data(bytes(chunk[i : i + IO_CHUNK * 8]))
+    await ch.send_eof()
+
+
+async def _collect_process(
+    ch: Channel,
+    on_stdout: OutputCallback | None,
+    on_stderr: OutputCallback | None,
+    on_start: Callable[[str, int], object] | None,
+    capture: bool,
+    attachment: Attachment | None,
+) -> ExecResult:
+    out: list[bytes] = []
+    err: list[bytes] = []
+    while True:
+        frame = await ch.next()
+        if frame.kind is Kind.OUT:
+            if capture:
+                out.append(frame.payload)
+            if on_stdout is not None:
+                on_stdout(frame.payload)
+        elif frame.kind is Kind.ERR:
+            if capture:
+                err.append(frame.payload)
+            if on_stderr is not None:
+                on_stderr(frame.payload)
+        elif frame.kind is Kind.EVENT:
+            ev = frame.json()
+            kind = ev.get("event")
+            if kind == "started" and on_start is not None:
+                on_start(as_str(ev, "proc_id"), as_int(ev, "pid"))
+            elif kind == "attached" and attachment is not None:
+                attachment.offset = as_int(ev, "offset")
+                attachment.lost = as_int(ev, "lost", default=0)
+            elif kind == "gap" and attachment is not None:
+                attachment.gaps.append(as_int(ev, "lost"))
+        elif frame.kind is Kind.RESP:
+            resp = _raise_for(frame.json())
+            return ExecResult(
+                proc_id=as_str(resp, "proc_id", default=""),
+                exit_code=as_opt_int(resp, "exit_code"),
+                signal=as_opt_int(resp, "signal"),
+                timed_out=as_bool(resp, "timed_out", default=False),
+                duration_ms=as_int(resp, "duration_ms", default=0),
+                run_us=as_int(resp, "run_us", default=0),
+                stdout=b"".join(out),
+                stderr=b"".join(err),
+            )
+        else:
+            raise ProtocolError(f"guest sent {frame.kind.name} to a process stream")

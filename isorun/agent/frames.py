@@ -1,0 +1,135 @@
+"""Sans-IO codec for the agent wire format (docs/protocol.md, "Frame").
+
+The guest is hostile: the decoder never buffers more than one maximal frame and
+rejects anything outside the contract instead of guessing.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from isorun.errors import ProtocolError
+
+HEADER = struct.Struct(">IIB")
+HEADER_SIZE = HEADER.size
+MAX_PAYLOAD = 65536
+MAX_JSON = MAX_PAYLOAD
+HELLO_CHAN = 0
+
+
+class Kind(enum.IntEnum):
+    REQ = 1
+    RESP = 2
+    EVENT = 3
+    OUT = 4
+    ERR = 5
+    IN = 6
+    EOF = 7
+    CREDIT = 8
+    CANCEL = 9
+
+
+# What each side may legitimately receive; anything else from the guest is a violation.
+FROM_GUEST = frozenset({Kind.RESP, Kind.EVENT, Kind.OUT, Kind.ERR, Kind.CREDIT})
+DATA_KINDS = frozenset({Kind.OUT, Kind.ERR, Kind.IN})
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    chan: int
+    kind: Kind
+    payload: bytes
+
+    def json(self) -> dict[str, Any]:
+        """Decode a JSON control payload; must be an object."""
+        return decode_json(self.payload)
+
+    def credit(self) -> int:
+        if len(self.payload) != 4:
+            raise ProtocolError(
+                f"CREDIT frame on channel {self.chan} has {len(self.payload)} bytes, want 4"
+            )
+        return int(struct.unpack(">I", self.payload)[0])
+
+
+def encode(chan: int, kind: Kind, payload: bytes = b"") -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(len(payload), chan, kind) + payload
+
+
+def encode_json(chan: int, kind: Kind, obj: dict[str, Any]) -> bytes:
+    return encode(chan, kind, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def encode_credit(chan: int, n: int) -> bytes:
+    return encode(chan, Kind.CREDIT, struct.pack(">I", n))
+
+
+def decode_json(payload: bytes) -> dict[str, Any]:
+    if len(payload) > MAX_JSON:
+        raise ProtocolError(f"JSON payload of {len(payload)} bytes exceeds {MAX_JSON}")
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"guest sent invalid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"guest sent JSON {type(obj).__name__}, want an object")
+    return obj
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes, get whole frames. Raises ProtocolError on violations."""
+
+    def __init__(self, allowed: frozenset[Kind] = FROM_GUEST) -> None:
+        self._buf = bytearray()
+        self._allowed = allowed
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        frames: list[Frame] = []
+        while len(self._buf) >= HEADER_SIZE:
+            length, chan, kind = HEADER.unpack_from(self._buf)
+            if length > MAX_PAYLOAD:
+                raise ProtocolError(f"frame length {length} exceeds the {MAX_PAYLOAD}-byte limit")
+            if kind not in self._allowed:
+                raise ProtocolError(f"frame kind {kind} is not allowed from this peer")
+            end = HEADER_SIZE + length
+            if len(self._buf) < end:
+                break
+            frames.append(Frame(chan, Kind(kind), bytes(self._buf[HEADER_SIZE:end])))
+            del self._buf[:end]
+        return frames
+
+
+def find_hello(buf: bytes, nonce: str) -> tuple[dict[str, Any], int] | None:
+    """The hello RESP carrying `nonce` and the offset just past it, or None.
+
+    After a reconnect the stream may start mid-frame (bytes of an earlier connection);
+    scanning for the hello answer is how the host resynchronises.
+    """
+    want = HEADER.pack(0, HELLO_CHAN, Kind.RESP)[4:]
+    start = 0
+    while True:
+        i = buf.find(want, start + 4)
+        if i < 0:
+            return None
+        hdr = i - 4
+        (length,) = struct.unpack_from(">I", buf, hdr)
+        if length <= MAX_JSON and i + 5 + length <= len(buf):
+            payload = buf[i + 5 : i + 5 + length]
+            try:
+                obj = json.loads(payload)
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict) and obj.get("nonce") == nonce:
+                return obj, i + 5 + length
+        start = i - 3

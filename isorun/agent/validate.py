@@ -1,0 +1,124 @@
+"""Strict field extraction from guest JSON: wrong types or absurd values are violations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from isorun.errors import ProtocolError
+
+_MISSING: Any = object()
+_MAX_STR = 65536
+_INT_LIMIT = 1 << 63
+
+
+def _get(obj: dict[str, Any], key: str, default: Any) -> Any:
+    if key in obj:
+        return obj[key]
+    if default is _MISSING:
+        raise ProtocolError(f"guest answer lacks field '{key}'")
+    return default
+
+
+def as_str(obj: dict[str, Any], key: str, default: Any = _MISSING) -> str:
+    v = _get(obj, key, default)
+    if not isinstance(v, str) or len(v) > _MAX_STR:
+        raise ProtocolError(f"guest field '{key}' is not a string of at most {_MAX_STR} chars")
+    return v
+
+
+def as_int(obj: dict[str, Any], key: str, default: Any = _MISSING) -> int:
+    v = _get(obj, key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or not -_INT_LIMIT <= v < _INT_LIMIT:
+        raise ProtocolError(f"guest field '{key}' is not a 64-bit integer")
+    return v
+
+
+def as_opt_int(obj: dict[str, Any], key: str) -> int | None:
+    if obj.get(key) is None:
+        return None
+    return as_int(obj, key)
+
+
+def as_bool(obj: dict[str, Any], key: str, default: Any = _MISSING) -> bool:
+    v = _get(obj, key, default)
+    if not isinstance(v, bool):
+        raise ProtocolError(f"guest field '{key}' is not a boolean")
+    return v
+
+
+def as_float(obj: dict[str, Any], key: str, default: Any = _MISSING) -> float:
+    v = _get(obj, key, default)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ProtocolError(f"guest field '{key}' is not a number")
+    return float(v)
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    name: str
+    path: str
+    type: str  # file | dir | symlink | other
+    size: int
+    mode: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    link: str | None = None
+
+
+_TYPES = frozenset({"file", "dir", "symlink", "other"})
+
+
+def parse_entry(raw: object) -> FileEntry:
+    if not isinstance(raw, dict):
+        raise ProtocolError("file entry from guest is not an object")
+    kind = as_str(raw, "type")
+    if kind not in _TYPES:
+        raise ProtocolError(f"file entry type '{kind[:40]}' is not one of {sorted(_TYPES)}")
+    link = raw.get("link")
+    return FileEntry(
+        name=as_str(raw, "name"),
+        path=as_str(raw, "path"),
+        type=kind,
+        size=as_int(raw, "size"),
+        mode=as_int(raw, "mode"),
+        mtime_ns=as_int(raw, "mtime_ns", default=0),
+        uid=as_int(raw, "uid", default=0),
+        gid=as_int(raw, "gid", default=0),
+        link=as_str(raw, "link") if link is not None else None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ProcInfo:
+    proc_id: str
+    pid: int
+    argv: list[str]
+    tag: str
+    pty: bool
+    running: bool
+    exit_code: int | None
+    signal: int | None
+    started_unix_ms: int
+    output_bytes: int
+
+
+def parse_proc(raw: object) -> ProcInfo:
+    if not isinstance(raw, dict):
+        raise ProtocolError("process entry from guest is not an object")
+    argv = raw.get("argv") or []
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise ProtocolError("process argv from guest is not a list of strings")
+    return ProcInfo(
+        proc_id=as_str(raw, "proc_id"),
+        pid=as_int(raw, "pid"),
+        argv=[a[:_MAX_STR] for a in argv[:1024]],
+        tag=as_str(raw, "tag", default=""),
+        pty=as_bool(raw, "pty", default=False),
+        running=as_bool(raw, "running"),
+        exit_code=as_opt_int(raw, "exit_code"),
+        signal=as_opt_int(raw, "signal"),
+        started_unix_ms=as_int(raw, "started_unix_ms", default=0),
+        output_bytes=as_int(raw, "output_bytes", default=0),
+    )

@@ -1,0 +1,7 @@
+"""The VMM driver: QEMU microVMs with a guest agent, jailed, limited and supervised."""
+
+from isorun.vmm.accel import AccelChoice, detect
+from isorun.vmm.machine import MicroVM, VMUsage
+from isorun.vmm.spec import VMSpec
+
+__all__ = ["AccelChoice", "MicroVM", "VMSpec", "VMUsage", "detect"]

@@ -1,0 +1,56 @@
+"""Choose KVM only when it can really run a standard guest; TCG otherwise.
+
+`/dev/kvm` alone lies: PVM hosts expose it without VT-x/AMD-V, and a stock guest kernel
+hangs there. So KVM needs the device usable *and* the vmx/svm CPU flag, unless the user
+forces it (ISORUN_ACCEL=kvm, e.g. with their own PVM guest kernel).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from isorun.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class AccelChoice:
+    name: str  # "kvm" or "tcg"
+    reason: str
+
+
+def _cpu_has_virt(cpuinfo: str) -> bool:
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return bool(flags & {"vmx", "svm"})
+    return False
+
+
+def detect(
+    requested: str | None = None,
+    kvm_dev: Path = Path("/dev/kvm"),
+    cpuinfo_path: Path = Path("/proc/cpuinfo"),
+) -> AccelChoice:
+    want = (requested or os.environ.get("ISORUN_ACCEL") or "auto").lower()
+    if want not in ("auto", "kvm", "tcg"):
+        raise ConfigError(f"accel '{want}' is not one of auto, kvm, tcg (ISORUN_ACCEL)")
+    if want == "tcg":
+        return AccelChoice("tcg", "requested")
+    usable = kvm_dev.exists() and os.access(kvm_dev, os.R_OK | os.W_OK)
+    if want == "kvm":
+        if not usable:
+            raise ConfigError(f"accel kvm requested but {kvm_dev} is missing or not accessible")
+        return AccelChoice("kvm", "requested")
+    if not usable:
+        return AccelChoice("tcg", f"{kvm_dev} is missing or not accessible")
+    try:
+        cpuinfo = cpuinfo_path.read_text()
+    except OSError:
+        cpuinfo = ""
+    if not _cpu_has_virt(cpuinfo):
+        return AccelChoice(
+            "tcg", f"{kvm_dev} exists but the CPU has no vmx/svm flag (PVM or nested-less host)"
+        )
+    return AccelChoice("kvm", "vmx/svm present and /dev/kvm usable")

@@ -1,0 +1,117 @@
+"""Per-VM cgroup: memory and CPU limits for the QEMU process, and host-side metering.
+
+Works on cgroup v2 (unified) and v1 (separate memory/cpu/cpuacct/pids hierarchies; these
+machines have v1). QEMU is placed in the group before it executes, so every thread and
+child counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+GROUP = "isorun"
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    cpu_ns: int
+    mem_peak_bytes: int
+
+
+def _is_v2(root: Path) -> bool:
+    return (root / "cgroup.controllers").exists()
+
+
+def _write(path: Path, value: str) -> None:
+    path.write_text(value)
+
+
+class VMCgroup:
+    """Create with `create()`, put a pid in with `procs_files()`, remove with `remove()`."""
+
+    def __init__(self, name: str, root: Path = ROOT) -> None:
+        self.name = name
+        self.root = root
+        self.v2 = _is_v2(root)
+
+    def _dirs(self) -> dict[str, Path]:
+        if self.v2:
+            return {"unified": self.root / GROUP / self.name}
+        return {
+            c: self.root / c / GROUP / self.name for c in V1_CONTROLLERS if (self.root / c).is_dir()
+        }
+
+    def create(self, memory_bytes: int, vcpus: int, max_pids: int = 4096) -> None:
+        if self.v2:
+            parent = self.root / GROUP
+            parent.mkdir(exist_ok=True)
+            with contextlib.suppress(OSError):
+                _write(self.root / "cgroup.subtree_control", "+memory +cpu +pids")
+            with contextlib.suppress(OSError):
+                _write(parent / "cgroup.subtree_control", "+memory +cpu +pids")
+        for d in self._dirs().values():
+            d.mkdir(parents=True, exist_ok=True)
+        dirs = self._dirs()
+        period = 100_000
+        if self.v2:
+            d = dirs["unified"]
+            _write(d / "memory.max", str(memory_bytes))
+            with contextlib.suppress(OSError):
+                _write(d / "memory.swap.max", "0")
+            _write(d / "cpu.max", f"{vcpus * period} {period}")
+            _write(d / "pids.max", str(max_pids))
+            return
+        if "memory" in dirs:
+            _write(dirs["memory"] / "memory.limit_in_bytes", str(memory_bytes))
+        if "cpu" in dirs:
+            _write(dirs["cpu"] / "cpu.cfs_period_us", str(period))
+            _write(dirs["cpu"] / "cpu.cfs_quota_us", str(vcpus * period))
+        if "pids" in dirs:
+            _write(dirs["pids"] / "pids.max", str(max_pids))
+
+    def procs_files(self) -> list[Path]:
+        return [d / "cgroup.procs" for d in self._dirs().values()]
+
+    def usage(self) -> Usage:
+        dirs = self._dirs()
+        cpu_ns = 0
+        peak = 0
+        try:
+            if self.v2:
+                d = dirs["unified"]
+                for line in (d / "cpu.stat").read_text().splitlines():
+                    if line.startswith("usage_usec"):
+                        cpu_ns = int(line.split()[1]) * 1000
+                peak_file = d / "memory.peak"
+                if peak_file.exists():
+                    peak = int(peak_file.read_text())
+                else:
+                    peak = int((d / "memory.current").read_text())
+            else:
+                if "cpuacct" in dirs:
+                    cpu_ns = int((dirs["cpuacct"] / "cpuacct.usage").read_text())
+                if "memory" in dirs:
+                    peak = int((dirs["memory"] / "memory.max_usage_in_bytes").read_text())
+        except (OSError, ValueError):
+            pass
+        return Usage(cpu_ns=cpu_ns, mem_peak_bytes=peak)
+
+    def remove(self, timeout: float = 2.0) -> None:
+        """rmdir each group; retries briefly because the kernel frees dying tasks lazily."""
+        deadline = time.monotonic() + timeout
+        for d in self._dirs().values():
+            while d.exists():
+                try:
+                    os.rmdir(d)
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.02)

@@ -1,0 +1,67 @@
+"""The guest's serial console: kept as a bounded tail in memory and a capped log file.
+
+The guest is hostile and may print without end; neither the memory nor the file grows
+past its cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+TAIL_BYTES = 64 * 1024
+FILE_CAP = 1024 * 1024
+
+
+# Printed at KERN_EMERG, so visible under `quiet`. Without ACPI a microvm guest cannot
+# power itself off: the kernel halts and QEMU would idle forever, so the host acts on it.
+HALT_MARKERS = (b"reboot: System halted", b"reboot: Power down")
+PANIC_MARKER = b"Kernel panic"
+
+
+class ConsoleLog:
+    def __init__(self, path: Path, on_halt: Callable[[], object] | None = None) -> None:
+        self.path = path
+        self.on_halt = on_halt
+        self.halted = False
+        self._tail = bytearray()
+        self._written = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, reader: asyncio.StreamReader) -> None:
+        self._task = asyncio.create_task(self._pump(reader), name=f"console:{self.path}")
+
+    async def _pump(self, reader: asyncio.StreamReader) -> None:
+        with open(self.path, "ab") as f:
+            while True:
+                try:
+                    data = await reader.read(65536)
+                except (ConnectionError, OSError):
+                    return
+                if not data:
+                    return
+                self._tail += data
+                if not self.halted:
+                    recent = bytes(self._tail[-(len(data) + 32) :])
+                    if any(m in recent for m in HALT_MARKERS):
+                        self.halted = True
+                        if self.on_halt is not None:
+                            self.on_halt()
+                if len(self._tail) > TAIL_BYTES:
+                    del self._tail[: len(self._tail) - TAIL_BYTES]
+                room = FILE_CAP - self._written
+                if room > 0:
+                    f.write(data[:room])
+                    f.flush()
+                    self._written += min(room, len(data))
+
+    def tail(self, max_bytes: int = 4096) -> str:
+        return bytes(self._tail[-max_bytes:]).decode("utf-8", "replace")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task

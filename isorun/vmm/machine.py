@@ -1,0 +1,327 @@
+"""One microVM: launch QEMU jailed, connect QMP and the agent, supervise, clean up.
+
+Boot: the host creates the listening unix sockets itself and hands their fds to QEMU, so
+it can connect at once (the kernel queues the connection) instead of polling for files.
+Agent-ready is the moment the agent answers `hello`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from isorun.agent import AgentClient, AgentConnection
+from isorun.errors import BootTimeout, ChannelClosedError, ConfigError, IsorunError, VMError
+from isorun.vmm import accel as accel_mod
+from isorun.vmm import artifacts, jail, qemu_cmd, scratch
+from isorun.vmm.cgroup import VMCgroup
+from isorun.vmm.console import ConsoleLog
+from isorun.vmm.qmp import QMPMonitor
+from isorun.vmm.spec import VMSpec
+
+# QEMU itself (device emulation, TCG translation cache) needs memory beyond guest RAM.
+QEMU_OVERHEAD_MIB = qemu_cmd.TCG_TB_MIB + 192
+
+
+def state_root() -> Path:
+    return Path(os.environ.get("ISORUN_STATE_DIR", "/var/lib/isorun"))
+
+
+@dataclass(frozen=True, slots=True)
+class VMUsage:
+    cpu_ms: int
+    mem_peak_bytes: int
+    uptime_ms: int
+
+
+class MicroVM:
+    """A running guest. Create with `await MicroVM.boot(spec)`; end with `shutdown()`/`kill()`."""
+
+    def __init__(self, vm_id: str, spec: VMSpec, accel: accel_mod.AccelChoice):
+        self.id = vm_id
+        self.spec = spec
+        self.run_dir = state_root() / "vms" / vm_id
+        self.accel = accel
+        self.boot_ms: float = 0.0
+        self.started_at = time.monotonic()
+        self.agent: AgentClient
+        self.console = ConsoleLog(self.run_dir / "console.log", on_halt=self._on_guest_halt)
+        self.cgroup = VMCgroup(f"vm-{vm_id}")
+        self._proc: asyncio.subprocess.Process | None = None
+        self._qmp = QMPMonitor()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._exited = asyncio.Event()
+        self.death_reason: str | None = None
+        self._final_usage: VMUsage | None = None
+        self._cleaned = False
+
+    # --- boot -----------------------------------------------------------------------
+
+    @classmethod
+    async def boot(cls, spec: VMSpec) -> MicroVM:
+        spec.validate()
+        kernel = artifacts.kernel_path(spec.kernel)
+        initramfs = artifacts.initramfs_path(spec.initramfs)
+        qemu = artifacts.qemu_binary()
+        choice = accel_mod.detect(spec.accel)
+        last: IsorunError | None = None
+        # A boot that hangs is retried with a fresh VM (DESIGN.md §4: ~1 PVH boot in 13).
+        for _ in range(spec.boot_attempts):
+            vm = cls(uuid.uuid4().hex[:12], spec, choice)
+            try:
+                await vm._launch(qemu, kernel, initramfs)
+                return vm
+            except BootTimeout as exc:
+                last = exc
+                await vm.kill()
+            except BaseException:
+                await vm.kill()
+                raise
+        assert last is not None
+        raise last
+
+    async def _launch(self, qemu: str, kernel: Path, initramfs: Path) -> None:
+        t0 = time.monotonic()
+        self.started_at = t0
+        self.run_dir.mkdir(parents=True, exist_ok=False)
+        scratch_path = self.run_dir / "scratch.ext4"
+        if self.spec.rootfs is not None:
+            await scratch.make_scratch(scratch_path, self.spec.scratch_mib)
+        listeners = {
+            name: _listen(self.run_dir / f"{name}.sock") for name in ("agent", "qmp", "console")
+        }
+        files = qemu_cmd.LaunchFiles(
+            kernel=kernel,
+            initramfs=initramfs,
+            rootfs=self.spec.rootfs,
+            scratch=scratch_path,
+            agent_fd=listeners["agent"].fileno(),
+            qmp_fd=listeners["qmp"].fileno(),
+            console_fd=listeners["console"].fileno(),
+        )
+        jailed = self.spec.jail and os.geteuid() == 0
+        run_as = jail.qemu_user() if jailed else None
+        chroot = jail.empty_root(self.run_dir) if jailed else None
+        argv = qemu_cmd.build(
+            qemu,
+            self.accel.name,
+            self.spec.vcpus,
+            self.spec.memory_mib,
+            files,
+            self.spec.extra_cmdline,
+            run_as=run_as,
+            chroot=chroot,
+        )
+        if jailed:
+            argv = jail.namespaced(argv)
+        mem_limit = (self.spec.memory_mib + QEMU_OVERHEAD_MIB) * 1024 * 1024
+        procs_files: list[Path] = []
+        if os.geteuid() == 0:
+            try:
+                self.cgroup.create(mem_limit, self.spec.vcpus)
+                procs_files = self.cgroup.procs_files()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot create the VM's cgroup under /sys/fs/cgroup: {exc}"
+                ) from exc
+        (self.run_dir / "argv.json").write_text(json.dumps(argv))
+        stderr = open(self.run_dir / "qemu.stderr", "wb")  # noqa: SIM115 - handed to the child
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                pass_fds=[s.fileno() for s in listeners.values()],
+                preexec_fn=_enter_cgroup(procs_files),
+                start_new_session=True,
+            )
+        finally:
+            stderr.close()
+            for s in listeners.values():
+                s.close()
+        self._write_state()
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"vm:{self.id}")
+        try:
+            await self._connect(t0)
+        except (TimeoutError, BootTimeout) as exc:
+            raise BootTimeout(
+                f"guest did not become ready within {self.spec.boot_timeout:.0f}s "
+                f"(accel {self.accel.name}); console tail:\n{self.console.tail(2000)}",
+                "boot-timeout",
+            ) from exc
+
+    async def _connect(self, t0: float) -> None:
+        deadline = t0 + self.spec.boot_timeout
+        console_r, _ = await asyncio.open_unix_connection(str(self.run_dir / "console.sock"))
+        self.console.start(console_r)
+        qmp_task = asyncio.create_task(self._qmp.connect(self.run_dir / "qmp.sock"))
+
+        async def hello() -> AgentConnection:
+            return await AgentConnection.open_unix(
+                str(self.run_dir / "agent.sock"), timeout=max(0.1, deadline - time.monotonic())
+            )
+
+        hello_task = asyncio.create_task(hello())
+        exited = asyncio.create_task(self._exited.wait())
+        done, _ = await asyncio.wait({hello_task, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if hello_task not in done:
+            hello_task.cancel()
+            qmp_task.cancel()
+            raise VMError(
+                f"QEMU exited during boot ({self.death_reason}): {self._stderr_tail()}"
+                f"\nconsole tail:\n{self.console.tail(2000)}",
+                self.death_reason or "qemu-failed",
+            )
+        exited.cancel()
+        conn = hello_task.result()
+        conn.on_close = self._on_agent_closed
+        self.agent = AgentClient(conn)
+        self.boot_ms = (time.monotonic() - t0) * 1000
+        try:
+            await asyncio.wait_for(qmp_task, max(0.1, deadline - time.monotonic()))
+        except (TimeoutError, OSError, IsorunError) as exc:
+            raise VMError(f"QMP monitor did not answer: {exc}", "qmp") from exc
+
+    def _on_guest_halt(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+
+    def _on_agent_closed(self, exc: BaseException) -> None:
+        del exc  # the supervisor reports the VM's death; a closed channel alone is not one
+
+    # --- supervision ---------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        assert self._proc is not None
+        code = await self._proc.wait()
+        reason = self._qmp.shutdown_reason
+        if self.console.halted or reason == "guest-shutdown":
+            self.death_reason = "poweroff"
+        elif reason == "guest-reset":
+            panicked = "Kernel panic" in self.console.tail(65536)
+            self.death_reason = "panic" if panicked else "reboot"
+        elif reason == "guest-panic":
+            self.death_reason = "panic"
+        elif reason in ("host-qmp-quit", "host-signal"):
+            self.death_reason = "stopped"
+        elif code < 0:
+            self.death_reason = f"killed by signal {-code}"
+        else:
+            self.death_reason = f"qemu exited with status {code}"
+        self._final_usage = self._usage_now()
+        self._exited.set()
+        conn = getattr(self, "agent", None)
+        if conn is not None:
+            conn.conn._fail(
+                ChannelClosedError(f"sandbox VM {self.id} is dead: {self.death_reason}")
+            )
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and not self._exited.is_set()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def wait(self) -> str:
+        """Wait until QEMU has exited; returns why."""
+        await self._exited.wait()
+        return self.death_reason or "unknown"
+
+    # --- ending ---------------------------------------------------------------------
+
+    async def shutdown(self, timeout: float = 10.0) -> VMUsage:
+        """Clean poweroff through the agent; escalate to QMP quit, then SIGKILL."""
+        if self.alive:
+            with contextlib.suppress(IsorunError, TimeoutError, OSError):
+                await asyncio.wait_for(self.agent.shutdown(), timeout / 2)
+            try:
+                await asyncio.wait_for(self._exited.wait(), timeout / 2)
+            except TimeoutError:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._qmp.execute("quit"), 2)
+        return await self.kill()
+
+    async def kill(self) -> VMUsage:
+        """Stop QEMU now (SIGKILL to its session) and remove every file and group it had."""
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+        if self._supervisor is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        return await self._cleanup()
+
+    async def _cleanup(self) -> VMUsage:
+        usage = self._final_usage or self._usage_now()
+        if self._cleaned:
+            return usage
+        self._cleaned = True
+        conn = getattr(self, "agent", None)
+        if conn is not None:
+            await conn.conn.close()
+        await self._qmp.close()
+        await self.console.stop()
+        self.cgroup.remove()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        return usage
+
+    def _usage_now(self) -> VMUsage:
+        u = self.cgroup.usage()
+        return VMUsage(
+            cpu_ms=u.cpu_ns // 1_000_000,
+            mem_peak_bytes=u.mem_peak_bytes,
+            uptime_ms=int((time.monotonic() - self.started_at) * 1000),
+        )
+
+    def usage(self) -> VMUsage:
+        return self._final_usage or self._usage_now()
+
+    # --- bookkeeping ------------------------------------------------------------------
+
+    def _write_state(self) -> None:
+        state: dict[str, Any] = {
+            "id": self.id,
+            "pid": self.pid,
+            "accel": self.accel.name,
+            "vcpus": self.spec.vcpus,
+            "memory_mib": self.spec.memory_mib,
+            "rootfs": str(self.spec.rootfs) if self.spec.rootfs else None,
+        }
+        (self.run_dir / "vm.json").write_text(json.dumps(state))
+
+    def _stderr_tail(self) -> str:
+        try:
+            return (self.run_dir / "qemu.stderr").read_bytes()[-2000:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+def _listen(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.listen(4)
+    return s
+
+
+def _enter_cgroup(procs_files: list[Path]) -> Any:
+    def enter() -> None:
+        pid = str(os.getpid())
+        for f in procs_files:
+            with open(f, "w") as fh:
+                fh.write(pid)
+
+    return enter if procs_files else None

@@ -1,0 +1,62 @@
+"""QMP monitor of one QEMU: commands, and the SHUTDOWN event that tells how a guest ended.
+
+Built on qemu.qmp, the QEMU project's own asyncio QMP library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, QMPClient
+from qemu.qmp.error import QMPError
+
+from isorun.errors import VMError
+
+
+class QMPMonitor:
+    def __init__(self) -> None:
+        self._client = QMPClient("isorun")
+        self._events: EventListener | None = None
+        self._event_task: asyncio.Task[None] | None = None
+        self.shutdown_reason: str | None = None
+        self.panicked = False
+
+    async def connect(self, path: Path) -> None:
+        try:
+            await self._client.connect(str(path))
+        except (QMPError, OSError) as exc:
+            raise VMError(f"cannot connect to QEMU's QMP socket {path}: {exc}", "qmp") from exc
+        self._events = EventListener(("SHUTDOWN", "GUEST_PANICKED"))
+        self._client.register_listener(self._events)
+        self._event_task = asyncio.create_task(self._watch(), name="qmp-events")
+
+    async def _watch(self) -> None:
+        assert self._events is not None
+        async for event in self._events:
+            data = event.get("data") or {}
+            if event["event"] == "GUEST_PANICKED":
+                self.panicked = True
+                self.shutdown_reason = "guest-panic"
+            elif event["event"] == "SHUTDOWN" and not self.panicked:
+                reason = data.get("reason")
+                self.shutdown_reason = reason if isinstance(reason, str) else "unknown"
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        try:
+            return await self._client.execute(cmd, args)
+        except (QMPError, OSError) as exc:
+            raise VMError(f"QMP command '{cmd}' failed: {exc}", "qmp") from exc
+
+    async def close(self) -> None:
+        if self._event_task is not None:
+            self._event_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._event_task
+        if self._events is not None:
+            with contextlib.suppress(Exception):
+                self._client.remove_listener(self._events)
+        with contextlib.suppress(Exception):
+            await self._client.disconnect()

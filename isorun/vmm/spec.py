@@ -1,0 +1,44 @@
+"""What a microVM is made of: the user's request, validated before anything starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from isorun.errors import ConfigError
+
+MAX_VCPUS = 64
+MIN_MEMORY_MIB = 64
+MAX_MEMORY_MIB = 256 * 1024
+
+
+@dataclass(slots=True)
+class VMSpec:
+    rootfs: Path | None = None  # read-only ext4 image disk; None runs from the initramfs
+    vcpus: int = 1
+    memory_mib: int = 512
+    scratch_mib: int = 2048  # writable copy-on-write layer (sparse: costs only what is written)
+    kernel: Path | None = None
+    initramfs: Path | None = None
+    accel: str | None = None  # auto | kvm | tcg
+    boot_timeout: float = 15.0
+    boot_attempts: int = 2
+    extra_cmdline: str = ""
+    jail: bool = True
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ConfigError(f"vcpus={self.vcpus} must be between 1 and {MAX_VCPUS}")
+        if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
+            raise ConfigError(
+                f"memory_mib={self.memory_mib} must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"
+            )
+        if not 16 <= self.scratch_mib <= 2 * 1024 * 1024:
+            raise ConfigError(f"scratch_mib={self.scratch_mib} must be between 16 and 2097152")
+        if self.rootfs is not None and not Path(self.rootfs).is_file():
+            raise ConfigError(f"root filesystem image {self.rootfs} does not exist")
+        if self.boot_timeout <= 0 or self.boot_attempts < 1:
+            raise ConfigError("boot_timeout must be > 0 and boot_attempts >= 1")
+        if any(c in self.extra_cmdline for c in "\n\x00"):
+            raise ConfigError("extra_cmdline must be one line")

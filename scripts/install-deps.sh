@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# System packages isorun needs on Debian 12 (bookworm), from Debian's registries only.
+# Idempotent; safe to run on a fresh machine or again.
+set -euo pipefail
+[ "$(id -u)" = 0 ] || { echo "install-deps: run as root" >&2; exit 1; }
+export DEBIAN_FRONTEND=noninteractive
+src=/etc/apt/sources.list.d/isorun-backports.sources
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  cat > "$src" <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+apt-get update -q
+# QEMU 10 (bookworm's own is 7.2; DESIGN.md §4 measures 10).
+apt-get install -y -q -t bookworm-backports qemu-system-x86 qemu-utils
+apt-get install -y -q \
+  linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev \
+  cpio busybox-static e2fsprogs util-linux passwd python3-venv
+command -v go >/dev/null || apt-get install -y -q golang-go
+if [ -x "$(dirname "$0")/install-deps-images.sh" ]; then "$(dirname "$0")/install-deps-images.sh"; fi

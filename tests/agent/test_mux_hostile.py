@@ -1,0 +1,148 @@
+"""A hostile guest on the other end of a socketpair: each violation closes that
+connection with a clear error and leaves other connections working."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from isorun.agent import AgentClient, AgentConnection, frames
+from isorun.agent.frames import Kind
+from isorun.errors import ChannelClosedError, ProtocolError
+
+Guest = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _read_frame(r: asyncio.StreamReader) -> frames.Frame:
+    hdr = await r.readexactly(frames.HEADER_SIZE)
+    length, chan, kind = frames.HEADER.unpack(hdr)
+    return frames.Frame(chan, Kind(kind), await r.readexactly(length))
+
+
+async def _answer_hello(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    f = await _read_frame(r)
+    assert f.kind is Kind.REQ and f.json()["op"] == "hello"
+    w.write(frames.encode_json(0, Kind.RESP, {"ok": True, "nonce": f.json()["nonce"]}))
+    await w.drain()
+
+
+async def _connect(guest: Guest) -> tuple[AgentClient, asyncio.Task[None]]:
+    host_sock, guest_sock = socket.socketpair()
+    gr, gw = await asyncio.open_connection(sock=guest_sock)
+
+    async def run_guest() -> None:
+        await _answer_hello(gr, gw)
+        await guest(gr, gw)
+
+    task = asyncio.create_task(run_guest())
+    hr, hw = await asyncio.open_connection(sock=host_sock)
+    conn = AgentConnection(hr, hw)
+    await conn.handshake(5)
+    return AgentClient(conn), task
+
+
+async def _health_guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    while True:
+        f = await _read_frame(r)
+        w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "version": "fake"}))
+        await w.drain()
+
+
+@pytest.fixture
+async def bystander() -> AsyncIterator[AgentClient]:
+    client, task = await _connect(_health_guest)
+    yield client
+    task.cancel()
+    await client.conn.close()
+
+
+def _after_request(payload: bytes) -> Guest:
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_frame(r)
+        w.write(payload)
+        await w.drain()
+        await asyncio.sleep(30)
+
+    return guest
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"\xde\xad\xbe\xef" * 8, "exceeds|not allowed"),
+        (struct.pack(">IIB", 0xFFFFFFFF, 1, Kind.OUT), "exceeds"),
+        (frames.encode(1, Kind.REQ, b"{}"), "not allowed"),
+        (frames.encode(99, Kind.OUT, b"x"), "never opened"),
+        (frames.encode(1, Kind.RESP, b"not json"), "invalid JSON"),
+        (frames.encode(1, Kind.RESP, b"[]"), "want an object"),
+        (frames.encode(1, Kind.CREDIT, b"\x01"), "CREDIT frame"),
+    ],
+    ids=["garbage", "4GiB-length", "host-kind", "unknown-chan", "bad-json", "json-array", "bad-credit"],
+)
+async def test_violation_kills_only_that_connection(
+    payload: bytes, message: str, bystander: AgentClient
+) -> None:
+    client, task = await _connect(_after_request(payload))
+    with pytest.raises(ProtocolError, match=message):
+        await asyncio.wait_for(client.health(), 5)
+    assert client.conn.is_closed
+    with pytest.raises(ProtocolError):
+        await client.health()  # the connection stays dead with the same reason
+    assert (await bystander.health())["version"] == "fake"
+    task.cancel()
+
+
+async def test_close_mid_frame_fails_pending_requests(bystander: AgentClient) -> None:
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_frame(r)
+        w.write(frames.encode_json(1, Kind.RESP, {"ok": True})[:7])
+        await w.drain()
+        w.close()
+
+    client, task = await _connect(guest)
+    with pytest.raises(ChannelClosedError, match="closed"):
+        await asyncio.wait_for(client.health(), 5)
+    assert (await bystander.health())["ok"] is True
+    task.cancel()
+
+
+async def test_guest_overrunning_its_credit_window_is_cut_off() -> None:
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        chunk = frames.encode(f.chan, Kind.OUT, b"x" * 32768)
+        for _ in range(9):  # 9 × 32 KiB > the 256 KiB window, with no credit returned
+            w.write(chunk)
+        await w.drain()
+        await asyncio.sleep(30)
+
+    client, task = await _connect(guest)
+    # A consumer that never reads leaves the window closed: the overrun must still be seen.
+    ch = client.conn.open_channel()
+    await client.conn.request(ch, {"op": "exec", "cmd": "yes"})
+    await asyncio.wait_for(client.conn.wait_closed(), 5)
+    assert isinstance(client.conn.closed_error(), ProtocolError)
+    assert "window" in str(client.conn.closed_error())
+    task.cancel()
+
+
+async def test_guest_error_answer_becomes_guest_error() -> None:
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        w.write(
+            frames.encode_json(
+                f.chan, Kind.RESP, {"ok": False, "code": "not_found", "error": "/x: no such file"}
+            )
+        )
+        await w.drain()
+        await asyncio.sleep(30)
+
+    from isorun.errors import FileNotFoundInGuest
+
+    client, task = await _connect(guest)
+    with pytest.raises(FileNotFoundInGuest, match="no such file"):
+        await client.stat("/x")
+    task.cancel()
