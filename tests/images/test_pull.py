@@ -27,7 +27,8 @@ def busybox_layout(tmp: Path, tag: str = "v1", compression: ob.Compression = "gz
     return lay.path
 
 
-async def test_pull_by_tag_and_digest(store: ImageStore, registry: Registry, tmp_path: Path) -> None:
+async def test_pull_by_tag_and_digest(store: ImageStore, registry: Registry,
+                                      tmp_path: Path) -> None:
     digest = registry.push(f"oci:{busybox_layout(tmp_path)}:v1", "busybox:v1")
     img = await store.ensure(f"{registry.host}/busybox:v1")
     assert img.digest == digest
@@ -82,7 +83,8 @@ async def test_layers_whiteouts_links_devices_xattrs(store: ImageStore, registry
     orig, hl = ext4_stat(r, "/data/orig"), ext4_stat(r, "/data/hl")
     assert orig and hl and orig.inode == hl.inode and orig.links == 2
     cdev = ext4_stat(r, "/dev/mynull")
-    assert cdev and cdev.kind == "character special" and "Device major/minor number: 01:03" in cdev.raw
+    assert cdev and cdev.kind == "character special"
+    assert "Device major/minor number: 01:03" in cdev.raw
     bdev = ext4_stat(r, "/dev/myblk")
     assert bdev and bdev.kind == "block special"
     fifo = ext4_stat(r, "/dev/fifo")
