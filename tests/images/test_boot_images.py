@@ -31,7 +31,9 @@ def _guest_ready() -> None:
 
 async def _run(img: Image, cmd: str) -> tuple[int | None, str, str]:
     _guest_ready()
-    vm = await vmm.MicroVM.boot(vmm.VMSpec(rootfs=img.rootfs, memory_mib=512))
+    # jail=False: these tests check images, not the jail. With the jail on (as root) QEMU's
+    # QMP socket closed before negotiation when this was written (reported to the vmm owner).
+    vm = await vmm.MicroVM.boot(vmm.VMSpec(rootfs=img.rootfs, memory_mib=512, jail=False))
     try:
         await vm.agent.set_defaults(env=img.config.env, cwd=img.config.working_dir,
                                     user=img.config.user)
