@@ -10,7 +10,7 @@ from pathlib import Path
 
 import ocibuild as ob
 import pytest
-from conftest import Registry, assert_store_intact, ext4_cat, ext4_ls, free_port
+from imghelpers import Registry, assert_store_intact, ext4_cat, ext4_ls, free_port
 
 from isorun.images import (
     Credentials,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import ocibuild as ob
 import pytest
-from conftest import Registry
+from imghelpers import Registry
 
 from isorun.errors import ConfigError
 from isorun.images import Image, ImageStore

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import ocibuild as ob
 import pytest
-from conftest import Registry, assert_store_intact, ext4_cat
+from imghelpers import Registry, assert_store_intact, ext4_cat
 
 from isorun.images import ImageInUseError, ImageNotFoundError, ImageStore
 

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 import ocibuild as ob
-from conftest import Registry, assert_store_intact, ext4_cat, ext4_ls, ext4_stat
+from imghelpers import Registry, assert_store_intact, ext4_cat, ext4_ls, ext4_stat
 
 from isorun.images import ImageStore, StoreConfig, UnsupportedImageError
 

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_store_intact, ext4_cat, ext4_ls, ext4_stat
+from imghelpers import assert_store_intact, ext4_cat, ext4_ls, ext4_stat
 
 from isorun.images import Image, ImageStore, StoreConfig, TemplateError
 from isorun.images.templates import TemplateSet

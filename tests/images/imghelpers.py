@@ -1,0 +1,214 @@
+"""Helpers and fixtures for image tests (re-exported by conftest.py): real loopback
+registries (plain and htpasswd), and helpers that read ext4 images with debugfs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from isorun.images import Image, ImageStore, StoreConfig
+
+REQUIRED = ["skopeo", "umoci", "mkfs.ext4", "debugfs", "docker-registry", "zstd"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "no_tools: pure-Python test, runs without host tools")
+    config.addinivalue_line("markers", "slow: builds large templates (minutes); still runs in CI")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    missing = [t for t in REQUIRED if not shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin")]
+    if missing or os.geteuid() != 0:
+        why = f"needs root and {', '.join(missing)} (scripts/install-deps-images.sh)"
+        for item in items:
+            if "tests/images" in str(item.fspath) and "no_tools" not in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Registry:
+    host: str            # "127.0.0.1:PORT"
+    storage: Path
+    proc: subprocess.Popen[bytes]
+    user: str | None = None
+    password: str | None = None
+
+    def push(self, src: str, repo_tag: str, *, all_: bool = False,
+             fmt: str | None = None) -> str:
+        """skopeo copy `src` (e.g. oci:/dir:tag) to this registry; returns the manifest digest."""
+        argv = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false"]
+        if self.user:
+            argv.append(f"--dest-creds={self.user}:{self.password}")
+        if all_:
+            argv.append("--all")
+        if fmt:
+            argv.append(f"--format={fmt}")
+        subprocess.run([*argv, src, f"docker://{self.host}/{repo_tag}"], check=True,
+                       capture_output=True)
+        return self.digest(repo_tag)
+
+    def digest(self, repo_tag: str) -> str:
+        argv = ["skopeo", "inspect", "--raw", "--tls-verify=false"]
+        if self.user:
+            argv.append(f"--creds={self.user}:{self.password}")
+        raw = subprocess.run([*argv, f"docker://{self.host}/{repo_tag}"], check=True,
+                             capture_output=True).stdout
+        return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+    def blob_path(self, digest: str) -> Path:
+        h = digest.split(":")[1]
+        return self.storage / "docker/registry/v2/blobs/sha256" / h[:2] / h / "data"
+
+
+def _start_registry(tmp: Path, htpasswd: Path | None) -> Registry:
+    port = free_port()
+    storage = tmp / "storage"
+    storage.mkdir(parents=True)
+    cfg = {
+        "version": 0.1,
+        "log": {"level": "error", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True},
+                    "cache": {"blobdescriptor": ""}},
+        "http": {"addr": f"127.0.0.1:{port}"},
+    }
+    if htpasswd:
+        cfg["auth"] = {"htpasswd": {"realm": "isorun-test", "path": str(htpasswd)}}
+    (tmp / "config.yml").write_text(json.dumps(cfg))  # JSON is valid YAML
+    log = (tmp / "registry.log").open("wb")
+    proc = subprocess.Popen(["docker-registry", "serve", str(tmp / "config.yml")],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
+            break
+        except urllib.error.HTTPError:
+            break  # 401: up, wants auth
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError((tmp / "registry.log").read_text()) from None
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        raise RuntimeError("docker-registry did not start within 15 s")
+    return Registry(f"127.0.0.1:{port}", storage, proc)
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    reg = _start_registry(tmp_path_factory.mktemp("registry"), None)
+    yield reg
+    reg.proc.terminate()
+    reg.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    tmp = tmp_path_factory.mktemp("auth-registry")
+    ht = tmp / "htpasswd"
+    subprocess.run(["htpasswd", "-Bbc", str(ht), "agent", "s3cret-pw"], check=True,
+                   capture_output=True)
+    reg = _start_registry(tmp, ht)
+    reg.user, reg.password = "agent", "s3cret-pw"
+    yield reg
+    reg.proc.terminate()
+    reg.proc.wait(10)
+
+
+TEMPLATE_CACHE = Path(os.environ.get("ISORUN_TEST_TEMPLATE_CACHE", "/var/cache/isorun/test-images"))
+
+
+@pytest.fixture(scope="session")
+def template_store() -> ImageStore:
+    """Templates are content-addressed by definition hash, so this cache survives runs."""
+    return ImageStore(TEMPLATE_CACHE, StoreConfig(auth_file=None))
+
+
+@pytest.fixture(scope="session")
+def base_image(template_store: ImageStore) -> Image:
+    t0 = time.monotonic()
+    img = asyncio.run(template_store.ensure("base"))
+    took = time.monotonic() - t0
+    print(f"\n[images] template base ready in {took:.1f}s "
+          f"({'built' if template_store.stats.conversions else 'cached'})")
+    return img
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ImageStore:
+    return ImageStore(tmp_path / "store", StoreConfig(auth_file=None))
+
+
+# ---- reading ext4 images without mounting ------------------------------------------------
+
+def debugfs(image: Path, request: str) -> str:
+    out = subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True,
+                         text=True, errors="replace")
+    return out.stdout
+
+
+def ext4_cat(image: Path, path: str) -> str:
+    return debugfs(image, f"cat {path}")
+
+
+@dataclass
+class Ext4Stat:
+    kind: str
+    mode: int
+    uid: int
+    gid: int
+    links: int
+    inode: int
+    raw: str
+
+
+def ext4_stat(image: Path, path: str) -> Ext4Stat | None:
+    raw = debugfs(image, f"stat {path}")
+    m = re.search(r"Inode: (\d+)\s+Type: (.+?)\s+Mode:\s+(\d+)", raw)
+    if not m:
+        return None
+    u = re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", raw)
+    ln = re.search(r"Links: (\d+)", raw)
+    assert u and ln
+    return Ext4Stat(m.group(2), int(m.group(3), 8), int(u.group(1)), int(u.group(2)),
+                    int(ln.group(1)), int(m.group(1)), raw)
+
+
+def ext4_ls(image: Path, path: str) -> list[str]:
+    raw = debugfs(image, f"ls -p {path}")
+    names = []
+    for line in raw.splitlines():
+        parts = line.strip("/").split("/")
+        if len(parts) >= 5 and parts[4] not in (".", ".."):
+            names.append(parts[4])
+    return sorted(names)
+
+
+def assert_store_intact(store: ImageStore) -> None:
+    """No half image anywhere: every images/ entry loads, and no build dir is left over."""
+    for d in (store.root / "images").iterdir():
+        assert (d / "image.json").is_file() and (d / "rootfs.ext4").is_file(), d
+    leftovers = [p.name for p in (store.root / "tmp").iterdir()]
+    assert leftovers == [], leftovers
+    for img in store.list():
+        assert ext4_stat(img.rootfs, "/") is not None
