@@ -1,0 +1,151 @@
+package agent
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+)
+
+// errConnClosed is returned by sends once the connection is gone.
+var errConnClosed = errors.New("connection closed")
+
+// errAborted is returned when a wait is abandoned (CANCEL or connection loss).
+var errAborted = errors.New("aborted")
+
+// framePool recycles guest->host frame buffers (one max-size write each).
+var framePool = sync.Pool{New: func() any { b := make([]byte, maxWrite); return &b }}
+
+type outFrame struct {
+	buf    []byte
+	pooled *[]byte
+	sent   chan struct{} // closed once written (or dropped); may be nil
+}
+
+// Conn is one host connection: a frame reader, a single writer goroutine and
+// the channels opened on it. Dropping it never touches processes.
+type Conn struct {
+	srv   *Server
+	w     io.Writer
+	out   chan outFrame
+	done  chan struct{}
+	once  sync.Once
+	wdone chan struct{}
+
+	mu    sync.Mutex
+	chans map[uint32]*Channel
+}
+
+// ServeConn runs the protocol on rw until the stream ends (EOF: no host) or
+// a protocol violation. All channels of the connection are dropped on return;
+// processes keep running. It is the whole agent minus PID 1 duties, so tests
+// drive it over a net.Pipe or socketpair.
+func (s *Server) ServeConn(rw io.ReadWriter) error {
+	c := &Conn{srv: s, w: rw, out: make(chan outFrame, 64), done: make(chan struct{}),
+		wdone: make(chan struct{}), chans: map[uint32]*Channel{}}
+	go c.writeLoop()
+	err := c.readLoop(bufio.NewReaderSize(rw, 2*MaxPayload))
+	c.close()
+	<-c.wdone // no frame of this connection may follow into the next one
+	return err
+}
+
+func (c *Conn) close() { c.once.Do(func() { close(c.done) }) }
+
+func (c *Conn) writeLoop() {
+	defer close(c.wdone)
+	for {
+		select {
+		case <-c.done:
+			return
+		default:
+		}
+		select {
+		case <-c.done:
+			return
+		case f := <-c.out:
+			_, err := c.w.Write(f.buf)
+			if f.pooled != nil {
+				framePool.Put(f.pooled)
+			}
+			if f.sent != nil {
+				close(f.sent)
+			}
+			if err != nil {
+				c.srv.logf("write: %v", err)
+				c.close()
+				return
+			}
+		}
+	}
+}
+
+func (c *Conn) enqueue(f outFrame) error {
+	select {
+	case c.out <- f:
+		return nil
+	case <-c.done:
+		if f.pooled != nil {
+			framePool.Put(f.pooled)
+		}
+		return errConnClosed
+	}
+}
+
+func (c *Conn) readLoop(br *bufio.Reader) error {
+	fr := NewFrameReader(br)
+	for {
+		f, err := fr.Read()
+		if err != nil {
+			return err
+		}
+		if err := c.dispatch(f); err != nil {
+			return err
+		}
+	}
+}
+
+func (c *Conn) channel(id uint32) *Channel {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.chans[id]
+}
+
+func (c *Conn) dispatch(f Frame) error {
+	switch f.Kind {
+	case KindReq:
+		c.mu.Lock()
+		if _, dup := c.chans[f.Chan]; dup {
+			c.mu.Unlock()
+			return nil // host bug; the open channel keeps going
+		}
+		ch := newChannel(c, f.Chan)
+		c.chans[f.Chan] = ch
+		c.mu.Unlock()
+		go c.srv.handle(ch, f.Payload)
+	case KindIn:
+		if ch := c.channel(f.Chan); ch != nil {
+			return ch.pushIn(f.Payload)
+		}
+	case KindEOF:
+		if ch := c.channel(f.Chan); ch != nil {
+			ch.pushEOF()
+		}
+	case KindCredit:
+		if len(f.Payload) != 4 {
+			return fmt.Errorf("%w: credit payload of %d bytes", ErrViolation, len(f.Payload))
+		}
+		if ch := c.channel(f.Chan); ch != nil {
+			ch.addCredit(int64(binary.BigEndian.Uint32(f.Payload)))
+		}
+	case KindCancel:
+		if ch := c.channel(f.Chan); ch != nil {
+			ch.cancelOnce.Do(func() { close(ch.cancel) })
+		}
+	default:
+		// guest->host kinds coming back: meaningless, ignored
+	}
+	return nil
+}

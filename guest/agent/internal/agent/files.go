@@ -1,0 +1,416 @@
+package agent
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"io"
+	"os"
+	"path/filepath"
+	"syscall"
+)
+
+type fileReq struct {
+	Op        string `json:"op"`
+	Path      string `json:"path"`
+	Offset    int64  `json:"offset"`
+	Length    *int64 `json:"length"`
+	Mode      *int64 `json:"mode"`
+	Append    bool   `json:"append"`
+	Mkdirs    *bool  `json:"mkdirs"`
+	Depth     *int   `json:"depth"`
+	Parents   *bool  `json:"parents"`
+	Recursive bool   `json:"recursive"`
+}
+
+func fileMode(m *int64, def os.FileMode) (os.FileMode, error) {
+	if m == nil {
+		return def, nil
+	}
+	if *m < 0 || *m > 0o7777 {
+		return 0, errf("invalid", "mode must be 0..0o7777")
+	}
+	fm := os.FileMode(*m & 0o777)
+	if *m&0o4000 != 0 {
+		fm |= os.ModeSetuid
+	}
+	if *m&0o2000 != 0 {
+		fm |= os.ModeSetgid
+	}
+	if *m&0o1000 != 0 {
+		fm |= os.ModeSticky
+	}
+	return fm, nil
+}
+
+func opReadFile(s *Server, ch *Channel, raw []byte) (any, error) {
+	var r fileReq
+	if err := decode(raw, &r); err != nil {
+		return nil, err
+	}
+	path, err := absPath("path", r.Path)
+	if err != nil {
+		return nil, err
+	}
+	length := int64(-1)
+	if r.Length != nil {
+		length = *r.Length
+	}
+	if r.Offset < 0 || length < -1 {
+		return nil, errf("invalid", "offset must be >= 0 and length >= -1")
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var st syscall.Stat_t
+	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
+		return nil, err
+	}
+	if st.Mode&syscall.S_IFMT == syscall.S_IFDIR {
+		return nil, errf("is_dir", "%s is a directory", path)
+	}
+	if err := ch.Event(map[string]any{"event": "file", "size": st.Size, "mode": st.Mode & 0o7777}); err != nil {
+		return nil, nil
+	}
+	ch.closeIn()
+	var sent int64
+	off := r.Offset
+	for length < 0 || sent < length {
+		want := MaxOutPayload
+		if length >= 0 {
+			want = int(min(int64(want), length-sent))
+		}
+		k, err := ch.acquire(want, ch.cancel)
+		if err == errAborted {
+			return nil, errf("io", "cancelled")
+		} else if err != nil {
+			return nil, nil
+		}
+		pb, buf := newDataFrame(k)
+		n, rerr := f.ReadAt(buf[headerSize:], off)
+		ch.addCredit(int64(k - n))
+		if n > 0 {
+			if ch.sendData(KindOut, pb, buf[:headerSize+n]) != nil {
+				return nil, nil
+			}
+			off += int64(n)
+			sent += int64(n)
+		} else {
+			framePool.Put(pb)
+		}
+		if rerr == io.EOF {
+			break
+		} else if rerr != nil {
+			return nil, rerr
+		}
+	}
+	return ok("bytes", sent), nil
+}
+
+func opWriteFile(s *Server, ch *Channel, raw []byte) (any, error) {
+	var r fileReq
+	if err := decode(raw, &r); err != nil {
+		ch.closeIn()
+		return nil, err
+	}
+	resp, err := writeFile(ch, &r)
+	ch.closeIn()
+	return resp, err
+}
+
+func writeFile(ch *Channel, r *fileReq) (any, error) {
+	path, err := absPath("path", r.Path)
+	if err != nil {
+		return nil, err
+	}
+	mode, err := fileMode(r.Mode, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	if r.Mkdirs == nil || *r.Mkdirs {
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			return nil, err
+		}
+	}
+	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
+		return nil, errf("is_dir", "%s is a directory", path)
+	}
+	var f *os.File
+	tmp := ""
+	if r.Append {
+		f, err = os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, mode)
+	} else {
+		// write beside the target and rename, so a failed write leaves the
+		// old file intact
+		var rnd [6]byte
+		_, _ = rand.Read(rnd[:])
+		tmp = filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".isorun-"+hex.EncodeToString(rnd[:]))
+		f, err = os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
+	}
+	if err != nil {
+		return nil, err
+	}
+	fail := func(err error) (any, error) {
+		f.Close()
+		if tmp != "" {
+			os.Remove(tmp)
+		}
+		return nil, err
+	}
+	var n int64
+	for {
+		b, eof, err := ch.readIn(ch.cancel)
+		if err == errAborted {
+			return fail(errf("io", "cancelled"))
+		} else if err != nil {
+			_, _ = fail(err)
+			return nil, nil
+		}
+		if eof {
+			break
+		}
+		if _, err := f.Write(b); err != nil {
+			return fail(err)
+		}
+		n += int64(len(b))
+		ch.creditIn(len(b))
+	}
+	if tmp != "" {
+		// explicit chmod: the umask must not change the requested mode
+		if err := f.Chmod(mode); err != nil {
+			return fail(err)
+		}
+	}
+	if err := f.Close(); err != nil {
+		return fail(err)
+	}
+	if tmp != "" {
+		if err := os.Rename(tmp, path); err != nil {
+			os.Remove(tmp)
+			return nil, err
+		}
+	}
+	return ok("bytes", n), nil
+}
+
+// entry is the JSON form of a directory entry (stat, list).
+func entry(path string, fi os.FileInfo) map[string]any {
+	st, _ := fi.Sys().(*syscall.Stat_t)
+	t := "other"
+	switch {
+	case fi.Mode().IsRegular():
+		t = "file"
+	case fi.IsDir():
+		t = "dir"
+	case fi.Mode()&os.ModeSymlink != 0:
+		t = "symlink"
+	}
+	e := map[string]any{"name": fi.Name(), "path": path, "type": t, "size": fi.Size(),
+		"mtime_ns": fi.ModTime().UnixNano()}
+	if st != nil {
+		e["mode"], e["uid"], e["gid"] = st.Mode&0o7777, st.Uid, st.Gid
+	}
+	if t == "symlink" {
+		if l, err := os.Readlink(path); err == nil {
+			e["link"] = l
+		}
+	}
+	return e
+}
+
+func opStat(s *Server, ch *Channel, raw []byte) (any, error) {
+	var r fileReq
+	if err := decode(raw, &r); err != nil {
+		return nil, err
+	}
+	path, err := absPath("path", r.Path)
+	if err != nil {
+		return nil, err
+	}
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return nil, err
+	}
+	e := entry(path, fi)
+	if path == "/" {
+		e["name"] = "/"
+	}
+	return ok("entry", e), nil
+}
+
+func opList(s *Server, ch *Channel, raw []byte) (any, error) {
+	var r fileReq
+	if err := decode(raw, &r); err != nil {
+		return nil, err
+	}
+	path, err := absPath("path", r.Path)
+	if err != nil {
+		return nil, err
+	}
+	depth := 1
+	if r.Depth != nil {
+		depth = *r.Depth
+	}
+	if depth < 1 || depth > 64 {
+		return nil, errf("invalid", "depth must be 1..64")
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, err
+	}
+	if !fi.IsDir() {
+		return nil, errf("not_dir", "%s is not a directory", path)
+	}
+	l := &lister{ch: ch}
+	if err := l.walk(path, depth); err != nil {
+		if err == errConnClosed {
+			return nil, nil
+		}
+		return nil, err
+	}
+	if err := l.flush(); err != nil {
+		return nil, nil
+	}
+	return ok("count", l.count), nil
+}
+
+// lister batches entries into EVENTs that each fit one frame.
+type lister struct {
+	ch    *Channel
+	batch []json.RawMessage
+	size  int
+	count int
+}
+
+const batchLimit = MaxOutPayload - 256
+
+func (l *lister) add(e map[string]any) error {
+	b, err := json.Marshal(e)
+	if err != nil || len(b) > batchLimit {
+		return nil // unrepresentable in one frame: skipped
+	}
+	if l.size+len(b)+1 > batchLimit {
+		if err := l.flush(); err != nil {
+			return err
+		}
+	}
+	l.batch = append(l.batch, b)
+	l.size += len(b) + 1
+	l.count++
+	return nil
+}
+
+func (l *lister) flush() error {
+	if len(l.batch) == 0 {
+		return nil
+	}
+	err := l.ch.Event(map[string]any{"event": "entries", "entries": l.batch})
+	l.batch, l.size = nil, 0
+	return err
+}
+
+func (l *lister) walk(dir string, depth int) error {
+	select {
+	case <-l.ch.cancel:
+		return errf("io", "cancelled")
+	default:
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, de := range ents {
+		p := filepath.Join(dir, de.Name())
+		fi, err := de.Info()
+		if err != nil {
+			continue // vanished meanwhile
+		}
+		if err := l.add(entry(p, fi)); err != nil {
+			return err
+		}
+		if depth > 1 && fi.IsDir() {
+			if err := l.walk(p, depth-1); err != nil && err == errConnClosed {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func opMkdir(s *Server, ch *Channel, raw []byte) (any, error) {
+	var r fileReq
+	if err := decode(raw, &r); err != nil {
+		return nil, err
+	}
+	path, err := absPath("path", r.Path)
+	if err != nil {
+		return nil, err
+	}
+	mode, err := fileMode(r.Mode, 0o755)
+	if err != nil {
+		return nil, err
+	}
+	if r.Parents == nil || *r.Parents {
+		if fi, err := os.Stat(path); err == nil && !fi.IsDir() {
+			return nil, errf("exists", "%s exists and is not a directory", path)
+		}
+		err = os.MkdirAll(path, mode)
+	} else {
+		err = os.Mkdir(path, mode)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return ok(), nil
+}
+
+func opRemove(s *Server, ch *Channel, raw []byte) (any, error) {
+	var r fileReq
+	if err := decode(raw, &r); err != nil {
+		return nil, err
+	}
+	path, err := absPath("path", r.Path)
+	if err != nil {
+		return nil, err
+	}
+	if path == "/" {
+		return nil, errf("invalid", "refusing to remove /")
+	}
+	if _, err := os.Lstat(path); err != nil {
+		return nil, err
+	}
+	if r.Recursive {
+		err = os.RemoveAll(path)
+	} else {
+		err = os.Remove(path)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return ok(), nil
+}
+
+func opRename(s *Server, ch *Channel, raw []byte) (any, error) {
+	var r struct {
+		Op  string `json:"op"`
+		Src string `json:"src"`
+		Dst string `json:"dst"`
+	}
+	if err := decode(raw, &r); err != nil {
+		return nil, err
+	}
+	src, err := absPath("src", r.Src)
+	if err != nil {
+		return nil, err
+	}
+	dst, err := absPath("dst", r.Dst)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Rename(src, dst); err != nil {
+		return nil, err
+	}
+	return ok(), nil
+}

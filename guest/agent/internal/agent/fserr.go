@@ -1,0 +1,43 @@
+package agent
+
+import (
+	"errors"
+	"path/filepath"
+	"strings"
+	"syscall"
+)
+
+// fsCode maps an OS error to a protocol error code.
+func fsCode(err error) string {
+	var errno syscall.Errno
+	if !errors.As(err, &errno) {
+		return "io"
+	}
+	switch errno {
+	case syscall.ENOENT:
+		return "not_found"
+	case syscall.EEXIST:
+		return "exists"
+	case syscall.EACCES, syscall.EPERM, syscall.EROFS:
+		return "permission"
+	case syscall.ENOTDIR:
+		return "not_dir"
+	case syscall.EISDIR:
+		return "is_dir"
+	case syscall.ENOTEMPTY:
+		return "not_empty"
+	case syscall.EINVAL, syscall.ENAMETOOLONG:
+		return "invalid"
+	case syscall.EBUSY:
+		return "busy"
+	}
+	return "io"
+}
+
+// absPath validates a request path: absolute, no NUL, cleaned.
+func absPath(field, p string) (string, error) {
+	if p == "" || !filepath.IsAbs(p) || strings.IndexByte(p, 0) >= 0 {
+		return "", errf("invalid", "%s must be an absolute path", field)
+	}
+	return filepath.Clean(p), nil
+}

@@ -1,0 +1,132 @@
+package agent
+
+import (
+	"os"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// reserveStdFds makes sure fds 0-2 are open before anything else opens a
+// file: without /dev/console in the initramfs the kernel starts init with
+// them closed, and a later open (even the runtime's epoll fd) would land
+// on 0-2 and be clobbered when the console is attached.
+func reserveStdFds() {
+	for fd := 0; fd < 3; fd++ {
+		if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == unix.EBADF {
+			_, _ = unix.Open("/", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		}
+	}
+}
+
+type mountSpec struct {
+	src, dst, fstype string
+	flags            uintptr
+	data             string
+	mode             os.FileMode
+}
+
+// baseMounts are the kernel filesystems every guest needs.
+var baseMounts = []mountSpec{
+	{"devtmpfs", "/dev", "devtmpfs", unix.MS_NOSUID, "mode=0755", 0o755},
+	{"proc", "/proc", "proc", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, "", 0o555},
+	{"sysfs", "/sys", "sysfs", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, "", 0o555},
+	{"devpts", "/dev/pts", "devpts", unix.MS_NOSUID | unix.MS_NOEXEC, "ptmxmode=0666,mode=0620,gid=5", 0o755},
+	{"shm", "/dev/shm", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777", 0o1777},
+	{"run", "/run", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=0755", 0o755},
+	{"tmp", "/tmp", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777", 0o1777},
+}
+
+// initSystem performs PID-1 setup and returns the console for log output.
+func initSystem() *os.File {
+	var failed []string
+	for _, m := range baseMounts {
+		_ = os.MkdirAll(m.dst, m.mode)
+		if err := unix.Mount(m.src, m.dst, m.fstype, m.flags, m.data); err != nil && err != unix.EBUSY {
+			failed = append(failed, m.dst+": "+err.Error())
+		}
+	}
+	console, err := os.OpenFile("/dev/console", os.O_RDWR|unix.O_NOCTTY, 0)
+	if err == nil {
+		if null, err := os.OpenFile("/dev/null", os.O_RDWR, 0); err == nil {
+			_ = unix.Dup3(int(null.Fd()), 0, 0)
+			null.Close()
+		}
+		_ = unix.Dup3(int(console.Fd()), 1, 0)
+		_ = unix.Dup3(int(console.Fd()), 2, 0)
+	}
+	if _, err := os.Lstat("/dev/ptmx"); err != nil {
+		_ = os.Symlink("pts/ptmx", "/dev/ptmx")
+	}
+	_ = unix.Sethostname([]byte("isorun"))
+	for _, f := range failed {
+		os.Stderr.WriteString("isorun-agent: mount " + f + "\n")
+	}
+	return console
+}
+
+// loopbackUp sets IFF_UP on lo with ioctls (no external tools in images).
+func loopbackUp() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq("lo")
+	if err != nil {
+		return err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return err
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP | unix.IFF_RUNNING)
+	return unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr)
+}
+
+// powerOff ends the VM: TERM everyone, short grace, KILL, sync, unmount,
+// reboot(2). PID 1 must never exit, so this never returns.
+func powerOff(mode string) {
+	_ = syscall.Kill(-1, syscall.SIGTERM)
+	deadline := time.Now().Add(500 * time.Millisecond)
+	for time.Now().Before(deadline) && syscall.Kill(-1, 0) == nil {
+		time.Sleep(10 * time.Millisecond)
+	}
+	_ = syscall.Kill(-1, syscall.SIGKILL)
+	syscall.Sync()
+	unmountAll()
+	syscall.Sync()
+	cmd := unix.LINUX_REBOOT_CMD_POWER_OFF
+	// Without ACPI (microvm, acpi=off) power-off only halts the CPU and QEMU
+	// keeps running; a restart under QEMU's -no-reboot ends it instead.
+	if _, err := os.Stat("/sys/firmware/acpi"); err != nil || mode == "reboot" {
+		cmd = unix.LINUX_REBOOT_CMD_RESTART
+	}
+	for {
+		err := unix.Reboot(cmd)
+		os.Stderr.WriteString("isorun-agent: reboot: " + err.Error() + "\n")
+		time.Sleep(time.Second)
+	}
+}
+
+// unmountAll detaches every mount but / (newest first) and makes / read-only.
+func unmountAll() {
+	b, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		return
+	}
+	var targets []string
+	for _, line := range splitLines(string(b)) {
+		var f []string
+		for _, w := range splitFields(line) {
+			f = append(f, w)
+		}
+		if len(f) >= 2 && f[1] != "/" {
+			targets = append(targets, unescapeMount(f[1]))
+		}
+	}
+	for i := len(targets) - 1; i >= 0; i-- {
+		_ = unix.Unmount(targets[i], unix.MNT_DETACH)
+	}
+	_ = unix.Mount("", "/", "", unix.MS_REMOUNT|unix.MS_RDONLY, "")
+}

@@ -1,0 +1,239 @@
+package agent
+
+import (
+	"encoding/json"
+	"sort"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/creack/pty"
+)
+
+type procReq struct {
+	Op      string `json:"op"`
+	ProcID  string `json:"proc_id"`
+	Offset  int64  `json:"offset"`
+	Output  *bool  `json:"output"`
+	Stdin   bool   `json:"stdin"`
+	Signal  int    `json:"signal"`
+	GraceMs *int64 `json:"grace_ms"`
+	Rows    int    `json:"rows"`
+	Cols    int    `json:"cols"`
+}
+
+func (s *Server) proc(raw []byte, r *procReq) (*Proc, error) {
+	if err := decode(raw, r); err != nil {
+		return nil, err
+	}
+	p := s.Procs.Get(r.ProcID)
+	if p == nil {
+		return nil, errf("not_found", "no process %q", r.ProcID)
+	}
+	return p, nil
+}
+
+func opAttach(s *Server, ch *Channel, raw []byte) (any, error) {
+	var r procReq
+	p, err := s.proc(raw, &r)
+	if err != nil {
+		return nil, err
+	}
+	if r.Offset < 0 {
+		return nil, errf("invalid", "offset must be >= 0")
+	}
+	start, _ := p.ring.Bounds()
+	ev := map[string]any{"event": "attached", "offset": max(r.Offset, start)}
+	if r.Offset < start {
+		ev["lost"] = start - r.Offset
+	}
+	if err := ch.Event(ev); err != nil {
+		return nil, nil
+	}
+	if r.Stdin {
+		go pumpStdin(ch, p, p.exited)
+	} else {
+		ch.closeIn()
+	}
+	if r.Output == nil || *r.Output {
+		cur := p.ring.Cursor(max(r.Offset, start), false)
+		stop := make(chan struct{})
+		defer close(stop)
+		go func() {
+			select {
+			case <-ch.cancel:
+			case <-ch.Done():
+			case <-stop:
+			}
+			p.ring.Detach(cur)
+		}()
+		if err := streamOutput(ch, p, cur, ch.cancel); err != nil {
+			return detached(ch, p)
+		}
+	}
+	select {
+	case <-p.exited:
+	case <-ch.cancel:
+		return detached(ch, p)
+	case <-ch.Done():
+		return nil, nil
+	}
+	return p.result(), nil
+}
+
+// detached answers an attach the host cancelled; the process goes on.
+func detached(ch *Channel, p *Proc) (any, error) {
+	select {
+	case <-ch.Done():
+		return nil, nil
+	default:
+	}
+	return ok("proc_id", p.ID, "detached", true), nil
+}
+
+func opSignal(s *Server, ch *Channel, raw []byte) (any, error) {
+	var r procReq
+	p, err := s.proc(raw, &r)
+	if err != nil {
+		return nil, err
+	}
+	if r.Signal < 1 || r.Signal > 64 {
+		return nil, errf("invalid", "signal must be 1..64")
+	}
+	if err := p.Signal(syscall.Signal(r.Signal)); err != nil {
+		return nil, err
+	}
+	return ok(), nil
+}
+
+func opKill(s *Server, ch *Channel, raw []byte) (any, error) {
+	var r procReq
+	p, err := s.proc(raw, &r)
+	if err != nil {
+		return nil, err
+	}
+	grace := int64(2000)
+	if r.GraceMs != nil {
+		grace = *r.GraceMs
+	}
+	if grace < 0 || grace > 3600_000 {
+		return nil, errf("invalid", "grace_ms out of range")
+	}
+	p.killOnce.Do(func() { p.Terminate(time.Duration(grace) * time.Millisecond) })
+	select {
+	case <-p.exited:
+	case <-ch.cancel:
+		return nil, errf("io", "cancelled")
+	case <-ch.Done():
+		return nil, nil
+	}
+	code, sig := p.exitStatus()
+	return ok("exit_code", code, "signal", sig), nil
+}
+
+func opResize(s *Server, ch *Channel, raw []byte) (any, error) {
+	var r procReq
+	p, err := s.proc(raw, &r)
+	if err != nil {
+		return nil, err
+	}
+	if !p.PTY {
+		return nil, errf("invalid", "process %s has no PTY", p.ID)
+	}
+	ws, err := winsize(&ptyReq{Rows: r.Rows, Cols: r.Cols})
+	if err != nil {
+		return nil, err
+	}
+	p.stdinMu.Lock()
+	defer p.stdinMu.Unlock()
+	if p.pty != nil && !p.Exited() {
+		if err := pty.Setsize(p.pty, ws); err != nil {
+			return nil, err
+		}
+	}
+	return ok(), nil
+}
+
+func opCloseStdin(s *Server, ch *Channel, raw []byte) (any, error) {
+	var r procReq
+	p, err := s.proc(raw, &r)
+	if err != nil {
+		return nil, err
+	}
+	p.CloseStdin()
+	return ok(), nil
+}
+
+func opListProcs(s *Server, ch *Channel, raw []byte) (any, error) {
+	var r struct {
+		Op string `json:"op"`
+	}
+	if err := decode(raw, &r); err != nil {
+		return nil, err
+	}
+	ps := s.Procs.All()
+	sort.Slice(ps, func(i, j int) bool {
+		a, _ := strconv.Atoi(ps[i].ID[1:])
+		b, _ := strconv.Atoi(ps[j].ID[1:])
+		return a < b
+	})
+	// One JSON payload must fit one frame: long listings go out as
+	// EVENT {"event":"procs","procs":[...]} batches before the RESP.
+	var batch []json.RawMessage
+	size := 0
+	for _, p := range ps {
+		code, sig := p.exitStatus()
+		b, _ := json.Marshal(map[string]any{"proc_id": p.ID, "pid": p.Pid, "argv": p.Argv,
+			"tag": p.Tag, "pty": p.PTY, "running": !p.Exited(), "exit_code": code,
+			"signal": sig, "started_unix_ms": p.StartedAt.UnixMilli(),
+			"output_bytes": func() int64 { _, e := p.ring.Bounds(); return e }()})
+		if len(b) > MaxOutPayload-64 {
+			continue
+		}
+		if size+len(b)+1 > MaxOutPayload-64 {
+			if err := ch.Event(map[string]any{"event": "procs", "procs": batch}); err != nil {
+				return nil, nil
+			}
+			batch, size = nil, 0
+		}
+		batch = append(batch, b)
+		size += len(b) + 1
+	}
+	if batch == nil {
+		batch = []json.RawMessage{}
+	}
+	return ok("procs", batch), nil
+}
+
+type defaultsReq struct {
+	Op   string            `json:"op"`
+	Env  map[string]string `json:"env"`
+	Cwd  *string           `json:"cwd"`
+	User json.RawMessage   `json:"user"`
+}
+
+func opSetDefaults(s *Server, ch *Channel, raw []byte) (any, error) {
+	var r defaultsReq
+	if err := decode(raw, &r); err != nil {
+		return nil, err
+	}
+	if err := validEnv(r.Env); err != nil {
+		return nil, err
+	}
+	user, err := userString(r.User)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if r.Env != nil {
+		s.defEnv = r.Env
+	}
+	if r.Cwd != nil {
+		s.defCwd = *r.Cwd
+	}
+	if r.User != nil {
+		s.defUser = user
+	}
+	return ok(), nil
+}

@@ -1,0 +1,308 @@
+package agent
+
+import (
+	"fmt"
+	"os"
+	"os/signal"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/creack/pty"
+)
+
+// ProcTable owns the processes started for one Server.
+type ProcTable struct {
+	mu    sync.Mutex
+	byID  map[string]*Proc
+	order []*Proc // exited, oldest first (retention)
+	next  int
+	live  int
+}
+
+// NewProcTable returns an empty table.
+func NewProcTable() *ProcTable {
+	return &ProcTable{byID: map[string]*Proc{}}
+}
+
+// The reaper is process-wide (wait4(-1) sees every child). forkMu is held
+// across fork and by the reaper, so a pid is always registered before it
+// can be reaped. Lock order: forkMu, then a table's mu.
+var (
+	forkMu     sync.Mutex
+	byPid      = map[int]*Proc{}
+	reaperOnce sync.Once
+)
+
+// spawnSpec is a validated exec request.
+type spawnSpec struct {
+	path     string // resolved program; "" when failCode is set
+	argv     []string
+	env      []string
+	dir      string
+	cred     *syscall.Credential
+	pty      *pty.Winsize
+	stdin    bool
+	ring     int64
+	tag      string
+	timeout  time.Duration
+	failCode int // 126/127: report as a process that could not start
+	failMsg  string
+}
+
+var errBusy = fmt.Errorf("too many live processes (max %d)", maxLive)
+
+// StartReaper reaps children on SIGCHLD (and on a slow tick, in case a
+// signal was coalesced away), dispatching statuses by pid and silently
+// reaping orphans (we are PID 1).
+func (t *ProcTable) StartReaper() { startReaper() }
+
+func startReaper() {
+	reaperOnce.Do(func() {
+		sig := make(chan os.Signal, 1)
+		signal.Notify(sig, syscall.SIGCHLD)
+		go func() {
+			tick := time.NewTicker(time.Second)
+			for {
+				select {
+				case <-sig:
+				case <-tick.C:
+				}
+				reap()
+			}
+		}()
+	})
+}
+
+func reap() {
+	forkMu.Lock()
+	defer forkMu.Unlock()
+	for {
+		var ws syscall.WaitStatus
+		pid, err := syscall.Wait4(-1, &ws, syscall.WNOHANG, nil)
+		if err == syscall.EINTR {
+			continue
+		}
+		if err != nil || pid <= 0 {
+			return
+		}
+		if p := byPid[pid]; p != nil {
+			delete(byPid, pid)
+			p.finish(ws, time.Now())
+			p.table.exited(p)
+		}
+	}
+}
+
+func (t *ProcTable) exited(p *Proc) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.live--
+	t.retire(p)
+}
+
+// retire keeps the most recent exited processes; called with t.mu held.
+func (t *ProcTable) retire(p *Proc) {
+	t.order = append(t.order, p)
+	for len(t.order) > keepExited {
+		delete(t.byID, t.order[0].ID)
+		t.order[0] = nil
+		t.order = t.order[1:]
+	}
+}
+
+// Get returns a process by id.
+func (t *ProcTable) Get(id string) *Proc {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.byID[id]
+}
+
+// Live returns the number of running processes.
+func (t *ProcTable) Live() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.live
+}
+
+// All returns every process, oldest first.
+func (t *ProcTable) All() []*Proc {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	ps := make([]*Proc, 0, len(t.byID))
+	for _, p := range t.byID {
+		ps = append(ps, p)
+	}
+	return ps
+}
+
+// Start spawns spec. With lossless, it also returns a cursor at offset 0
+// that the output producer will wait for (foreground exec).
+func (t *ProcTable) Start(s *spawnSpec, lossless bool) (*Proc, *Cursor, error) {
+	t.StartReaper()
+	p := &Proc{table: t, Argv: s.argv, Tag: s.tag, PTY: s.pty != nil, ring: NewRing(s.ring),
+		exited: make(chan struct{}), StartedAt: time.Now()}
+	var cur *Cursor
+	if lossless {
+		cur = p.ring.Cursor(0, true)
+	}
+	t.mu.Lock()
+	if t.live >= maxLive {
+		t.mu.Unlock()
+		return nil, nil, errBusy
+	}
+	t.next++
+	p.ID = "p" + strconv.Itoa(t.next)
+	t.mu.Unlock()
+
+	if s.failCode == 0 {
+		if err := t.fork(p, s); err == errBusy {
+			return nil, nil, err
+		} else if err != nil {
+			s.failCode, s.failMsg = startFailure(s.argv[0], err)
+		}
+	}
+	if s.failCode != 0 {
+		p.failCode = s.failCode
+		p.ring.Write(streamErr, []byte("isorun-agent: "+s.failMsg+"\n"))
+		p.ring.Close()
+		t.mu.Lock()
+		t.byID[p.ID] = p
+		p.endAt = time.Now()
+		close(p.exited)
+		t.retire(p)
+		t.mu.Unlock()
+		return p, cur, nil
+	}
+	if s.timeout > 0 {
+		time.AfterFunc(s.timeout, func() {
+			if !p.Exited() {
+				p.timedOut.Store(true)
+				p.Terminate(killGraceSecs)
+			}
+		})
+	}
+	return p, cur, nil
+}
+
+func startFailure(prog string, err error) (int, string) {
+	code := 127
+	if err == syscall.EACCES || err == syscall.ENOEXEC || err == syscall.EPERM || err == syscall.EISDIR {
+		code = 126
+	}
+	return code, prog + ": " + err.Error()
+}
+
+// fork sets up stdio, forks under the table lock and starts output pumps.
+func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
+	var childFiles []*os.File // closed in the parent after fork
+	defer func() {
+		for _, f := range childFiles {
+			f.Close()
+		}
+	}()
+	var parentFiles []*os.File // closed on failure
+	fail := func(err error) error {
+		for _, f := range parentFiles {
+			f.Close()
+		}
+		return err
+	}
+	sys := &syscall.SysProcAttr{Credential: s.cred}
+	var files []uintptr
+	var outs []*os.File
+	var streams []uint8
+	if s.pty != nil {
+		master, slave, err := pty.Open()
+		if err != nil {
+			return err
+		}
+		parentFiles = append(parentFiles, master)
+		childFiles = append(childFiles, slave)
+		_ = pty.Setsize(master, s.pty)
+		files = []uintptr{slave.Fd(), slave.Fd(), slave.Fd()}
+		sys.Setsid, sys.Setctty, sys.Ctty = true, true, 0
+		p.pty, p.stdin = master, master
+		outs, streams = []*os.File{master}, []uint8{streamOut}
+	} else {
+		sys.Setpgid = true
+		var in *os.File
+		if s.stdin {
+			r, w, err := os.Pipe()
+			if err != nil {
+				return err
+			}
+			in, p.stdin = r, w
+			parentFiles = append(parentFiles, w)
+		} else if f, err := os.Open(os.DevNull); err == nil {
+			in = f
+		} else if r, w, err := os.Pipe(); err == nil { // no /dev/null: an empty pipe
+			w.Close()
+			in = r
+		} else {
+			return err
+		}
+		childFiles = append(childFiles, in)
+		files = append(files, in.Fd())
+		for _, st := range []uint8{streamOut, streamErr} {
+			r, w, err := os.Pipe()
+			if err != nil {
+				return fail(err)
+			}
+			parentFiles = append(parentFiles, r)
+			childFiles = append(childFiles, w)
+			files = append(files, w.Fd())
+			outs, streams = append(outs, r), append(streams, st)
+		}
+	}
+	attr := &syscall.ProcAttr{Dir: s.dir, Env: s.env, Files: files, Sys: sys}
+	forkMu.Lock()
+	t.mu.Lock()
+	busy := t.live >= maxLive
+	t.mu.Unlock()
+	if busy {
+		forkMu.Unlock()
+		return fail(errBusy)
+	}
+	p.forkAt = time.Now()
+	pid, err := syscall.ForkExec(s.path, s.argv, attr)
+	if err != nil {
+		forkMu.Unlock()
+		return fail(err)
+	}
+	p.Pid = pid
+	p.readers = outs
+	byPid[pid] = p
+	t.mu.Lock()
+	t.byID[p.ID] = p
+	t.live++
+	t.mu.Unlock()
+	forkMu.Unlock()
+
+	var wg sync.WaitGroup
+	wg.Add(len(outs))
+	for i, f := range outs {
+		go p.pump(f, streams[i], &wg)
+	}
+	go func() {
+		wg.Wait()
+		p.ring.Close()
+		p.stdinMu.Lock()
+		for _, f := range outs {
+			f.Close()
+		}
+		if p.pty != nil {
+			p.stdin = nil
+		}
+		p.stdinMu.Unlock()
+		<-p.exited
+		p.stdinMu.Lock()
+		if p.stdin != nil {
+			p.stdin.Close()
+			p.stdin = nil
+		}
+		p.stdinMu.Unlock()
+	}()
+	return nil
+}

@@ -1,0 +1,150 @@
+package agent
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+const (
+	isorunDir  = "/.isorun"
+	imageDir   = isorunDir + "/image"
+	scratchDir = isorunDir + "/scratch"
+	newRoot    = isorunDir + "/root"
+	devWait    = 2 * time.Second
+)
+
+func splitLines(s string) []string  { return strings.Split(strings.TrimSpace(s), "\n") }
+func splitFields(s string) []string { return strings.Fields(s) }
+
+// unescapeMount decodes the octal escapes of /proc/mounts (\040 etc.).
+func unescapeMount(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// cmdlineParam returns key=value from the kernel command line.
+func cmdlineParam(cmdline, key string) string {
+	for _, f := range strings.Fields(cmdline) {
+		if v, ok := strings.CutPrefix(f, key+"="); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+// waitFor polls until path exists (devtmpfs creates nodes as devices probe).
+func waitFor(path string, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for {
+		if _, err := os.Stat(path); err == nil {
+			return nil
+		} else if time.Now().After(deadline) {
+			return fmt.Errorf("%s did not appear within %v", path, d)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// setupRoot follows the guest boot contract: image read-only, scratch (ext4
+// or tmpfs), overlayfs as the new root, move the kernel filesystems there
+// and switch_root. On error everything is undone and the agent keeps
+// serving from the initramfs.
+func setupRoot(cmdline string) (err error) {
+	root := cmdlineParam(cmdline, "isorun.root")
+	if root == "" {
+		return nil
+	}
+	scratch := cmdlineParam(cmdline, "isorun.scratch")
+	var undo []func()
+	defer func() {
+		if err != nil {
+			for i := len(undo) - 1; i >= 0; i-- {
+				undo[i]()
+			}
+		}
+	}()
+	mount := func(src, dst, fstype string, flags uintptr, data string) error {
+		if err := os.MkdirAll(dst, 0o755); err != nil {
+			return err
+		}
+		if err := unix.Mount(src, dst, fstype, flags, data); err != nil {
+			return fmt.Errorf("mount %s on %s (%s): %w", src, dst, fstype, err)
+		}
+		undo = append(undo, func() { _ = unix.Unmount(dst, unix.MNT_DETACH) })
+		return nil
+	}
+	if err := waitFor(root, devWait); err != nil {
+		return err
+	}
+	if err := mount(root, imageDir, "ext4", unix.MS_RDONLY, ""); err != nil {
+		return err
+	}
+	if scratch != "" {
+		if err := waitFor(scratch, devWait); err != nil {
+			return err
+		}
+		if err := mount(scratch, scratchDir, "ext4", unix.MS_NOATIME, ""); err != nil {
+			return err
+		}
+	} else if err := mount("scratch", scratchDir, "tmpfs", 0, "mode=0755"); err != nil {
+		return err
+	}
+	upper, work := scratchDir+"/upper", scratchDir+"/work"
+	for _, d := range []string{upper, work} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return err
+		}
+	}
+	opts := "lowerdir=" + imageDir + ",upperdir=" + upper + ",workdir=" + work
+	if err := mount("overlay", newRoot, "overlay", 0, opts); err != nil {
+		return err
+	}
+	// move the kernel filesystems (and the scratch disk) into the new root
+	for _, d := range []string{"/dev", "/proc", "/sys", "/run", scratchDir} {
+		dst := newRoot + d
+		if err := os.MkdirAll(dst, 0o755); err != nil {
+			return fmt.Errorf("mkdir %s in the image: %w", d, err)
+		}
+		if err := unix.Mount(d, dst, "", unix.MS_MOVE, ""); err != nil {
+			return fmt.Errorf("move %s: %w", d, err)
+		}
+		undo = append(undo, func() { _ = unix.Mount(dst, d, "", unix.MS_MOVE, "") })
+	}
+	if _, err := os.Lstat(newRoot + "/tmp"); os.IsNotExist(err) {
+		if os.Mkdir(newRoot+"/tmp", 0o1777) == nil {
+			_ = os.Chmod(newRoot+"/tmp", 0o1777)
+		}
+	}
+	if err := os.Chdir(newRoot); err != nil {
+		return err
+	}
+	if err := unix.Mount(".", "/", "", unix.MS_MOVE, ""); err != nil {
+		_ = os.Chdir("/")
+		return fmt.Errorf("switch_root: move %s to /: %w", newRoot, err)
+	}
+	if err := unix.Chroot("."); err != nil {
+		// cannot be undone cleanly any more; report and stay where we are
+		undo = nil
+		return fmt.Errorf("switch_root: chroot: %w", err)
+	}
+	_ = os.Chdir("/")
+	return nil
+}

@@ -1,0 +1,124 @@
+package agent
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// account is a resolved exec user (from the image's /etc/passwd, /etc/group).
+type account struct {
+	uid, gid uint32
+	name     string
+	home     string
+	groups   []uint32
+}
+
+const maxAccountFile = 4 << 20
+
+// scanColon calls fn with the colon-separated fields of each line of path.
+// A missing file is not an error (distroless images).
+func scanColon(path string, fn func(f []string) bool) error {
+	f, err := os.Open(path)
+	if err != nil {
+		if os.IsNotExist(err) {
+			return nil
+		}
+		return err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(io.LimitReader(f, maxAccountFile))
+	sc.Buffer(make([]byte, 4096), 64<<10)
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" || line[0] == '#' {
+			continue
+		}
+		if !fn(strings.Split(line, ":")) {
+			break
+		}
+	}
+	return sc.Err()
+}
+
+func parseID(s string) (uint32, bool) {
+	n, err := strconv.ParseUint(s, 10, 32)
+	return uint32(n), err == nil
+}
+
+// lookupAccount resolves "user", "uid", "user:group" or "uid:gid".
+func lookupAccount(spec string) (*account, error) {
+	userPart, groupPart, hasGroup := strings.Cut(spec, ":")
+	if userPart == "" {
+		return nil, fmt.Errorf("empty user")
+	}
+	a := &account{home: "/"}
+	uid, numeric := parseID(userPart)
+	found := false
+	err := scanColon("/etc/passwd", func(f []string) bool {
+		if len(f) < 7 {
+			return true
+		}
+		id, ok := parseID(f[2])
+		if !ok || (f[0] != userPart && !(numeric && id == uid)) {
+			return true
+		}
+		gid, _ := parseID(f[3])
+		a.uid, a.gid, a.name, a.home, found = id, gid, f[0], f[5], true
+		return false
+	})
+	if err != nil {
+		return nil, err
+	}
+	if !found {
+		if !numeric {
+			return nil, fmt.Errorf("unknown user %q", userPart)
+		}
+		a.uid, a.gid = uid, 0
+	}
+	if hasGroup {
+		gid, ok := parseID(groupPart)
+		if !ok {
+			gfound := false
+			if err := scanColon("/etc/group", func(f []string) bool {
+				if len(f) >= 3 && f[0] == groupPart {
+					gid, gfound = 0, true
+					if n, ok := parseID(f[2]); ok {
+						gid = n
+					}
+					return false
+				}
+				return true
+			}); err != nil {
+				return nil, err
+			}
+			if !gfound {
+				return nil, fmt.Errorf("unknown group %q", groupPart)
+			}
+		}
+		a.gid = gid
+	}
+	a.groups = []uint32{a.gid}
+	if a.name != "" {
+		err = scanColon("/etc/group", func(f []string) bool {
+			if len(f) < 4 {
+				return true
+			}
+			gid, ok := parseID(f[2])
+			if !ok || gid == a.gid {
+				return true
+			}
+			for _, m := range strings.Split(f[3], ",") {
+				if m == a.name {
+					a.groups = append(a.groups, gid)
+					break
+				}
+			}
+			return true
+		})
+	}
+	return a, err
+}
