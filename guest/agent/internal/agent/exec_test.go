@@ -2,7 +2,9 @@ package agent
 
 import (
 	"bytes"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -35,24 +37,12 @@ func TestExecOrderedOutput(t *testing.T) {
 	r := c.call(1, map[string]any{"op": "exec", "argv": []string{"seq", "1", "200000"}})
 	var want bytes.Buffer
 	for i := 1; i <= 200000; i++ {
-		want.WriteString(strings.TrimSpace(strings.Repeat(" ", 0)))
-		want.WriteString(itoa(i))
+		want.WriteString(strconv.Itoa(i))
 		want.WriteByte('\n')
 	}
 	if !bytes.Equal(r.out, want.Bytes()) {
 		t.Fatalf("output differs: %d vs %d bytes", len(r.out), want.Len())
 	}
-}
-
-func itoa(i int) string {
-	return strings.TrimSpace(strings.Join([]string{string(rune('0' + 0))}, "")[:0] + func() string {
-		b := []byte{}
-		for i > 0 {
-			b = append([]byte{byte('0' + i%10)}, b...)
-			i /= 10
-		}
-		return string(b)
-	}())
 }
 
 func TestExecMissingProgram(t *testing.T) {
@@ -69,5 +59,89 @@ func TestExecMissingProgram(t *testing.T) {
 	if num(r.resp["exit_code"]) != 127 {
 		t.Fatalf("bad cwd: %v %q", r.resp, r.err)
 	}
-	_ = time.Second
+}
+
+func TestExecStdin(t *testing.T) {
+	c := newClient(t, nil)
+	c.req(1, map[string]any{"op": "exec", "argv": []string{"cat"}, "stdin": true})
+	c.send(1, KindIn, []byte("hello "))
+	c.send(1, KindIn, []byte("world"))
+	c.send(1, KindEOF, nil)
+	r := c.wait(1, 10*time.Second)
+	if string(r.out) != "hello world" || num(r.resp["exit_code"]) != 0 {
+		t.Fatalf("out=%q resp=%v", r.out, r.resp)
+	}
+	// the agent credits the IN bytes it handed on
+	credited := 0
+	for _, k := range r.order {
+		if k == KindCredit {
+			credited++
+		}
+	}
+	if credited == 0 {
+		t.Fatalf("no CREDIT for stdin: %v", r.order)
+	}
+}
+
+func TestExecTimeoutAndSignal(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "argv": []string{"sleep", "30"}, "timeout_ms": 100})
+	if r.resp["timed_out"] != true || num(r.resp["signal"]) != int64(syscall.SIGTERM) || r.resp["exit_code"] != nil {
+		t.Fatalf("resp %v", r.resp)
+	}
+	if num(r.resp["run_us"]) <= 0 {
+		t.Fatalf("run_us %v", r.resp)
+	}
+}
+
+func TestExecCancel(t *testing.T) {
+	c := newClient(t, nil)
+	c.req(1, map[string]any{"op": "exec", "cmd": "echo start; sleep 30"})
+	for f := c.next(1, 5*time.Second); f.Kind != KindOut; f = c.next(1, 5*time.Second) {
+	}
+	c.send(1, KindCancel, nil)
+	r := c.wait(1, 10*time.Second)
+	if r.resp["signal"] == nil {
+		t.Fatalf("out=%q resp=%v", r.out, r.resp)
+	}
+}
+
+func TestExecPTY(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "test -t 0 && stty size && echo $TERM",
+		"pty": map[string]any{"rows": 33, "cols": 77}})
+	if !strings.Contains(string(r.out), "33 77") || !strings.Contains(string(r.out), "xterm") {
+		t.Fatalf("out=%q resp=%v", r.out, r.resp)
+	}
+}
+
+func TestExecEnvCwdDefaults(t *testing.T) {
+	c := newClient(t, nil)
+	c.call(1, map[string]any{"op": "set_defaults", "env": map[string]string{"A": "1", "B": "2"}, "cwd": "/tmp"})
+	r := c.call(2, map[string]any{"op": "exec", "cmd": "echo $A$B $PATH; pwd", "env": map[string]string{"B": "3"}})
+	want := "13 " + defaultPath + "\n/tmp\n"
+	if string(r.out) != want {
+		t.Fatalf("out=%q", r.out)
+	}
+}
+
+func TestExecInvalid(t *testing.T) {
+	c := newClient(t, nil)
+	for i, req := range []map[string]any{
+		{"op": "exec"},
+		{"op": "exec", "cmd": "true", "argv": []string{"true"}},
+		{"op": "exec", "cmd": "true", "bogus": 1},
+		{"op": "exec", "cmd": 5},
+		{"op": "exec", "cmd": "true", "timeout_ms": -1},
+		{"op": "nope"},
+	} {
+		r := c.call(uint32(i+1), req)
+		if r.resp["ok"] != false || r.resp["code"] != "invalid" {
+			t.Fatalf("%v: %v", req, r.resp)
+		}
+	}
+	c.send(99, KindReq, []byte("not json"))
+	if r := c.wait(99, 5*time.Second); r.resp["code"] != "invalid" {
+		t.Fatalf("%v", r.resp)
+	}
 }

@@ -44,17 +44,18 @@ func (s stdio) Write(p []byte) (int, error) { return s.w.Write(p) }
 
 func runPID1(start time.Time) {
 	console := initSystem()
-	t := func(what string) {
-		if os.Getenv("ISORUN_AGENT_TRACE") != "" || true {
-			fmt.Fprintf(console, "T %s %v\n", what, time.Since(start))
+	cmdline, _ := os.ReadFile("/proc/cmdline")
+	if cmdlineParam(string(cmdline), "isorun.trace") != "" {
+		trace = func(f string, a ...any) {
+			fmt.Fprintf(console, "isorun-agent: +%v "+f+"\n", append([]any{time.Since(start)}, a...)...)
 		}
 	}
+	t := func(what string) { trace("%s", what) }
 	t("init")
 	s := NewServer(start)
 	s.Log = console
 	s.Shutdown = powerOff
 	s.Procs.StartReaper()
-	cmdline, _ := os.ReadFile("/proc/cmdline")
 	if err := setupRoot(string(cmdline)); err != nil {
 		s.RootError = err.Error()
 		s.logf("root filesystem: %v (serving from the initramfs)", err)

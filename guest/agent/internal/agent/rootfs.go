@@ -18,6 +18,9 @@ const (
 	devWait    = 2 * time.Second
 )
 
+// trace prints boot timing when isorun.trace is on the kernel command line.
+var trace = func(string, ...any) {}
+
 func splitLines(s string) []string  { return strings.Split(strings.TrimSpace(s), "\n") }
 func splitFields(s string) []string { return strings.Fields(s) }
 
@@ -85,6 +88,8 @@ func setupRoot(cmdline string) (err error) {
 		if err := os.MkdirAll(dst, 0o755); err != nil {
 			return err
 		}
+		t0 := time.Now()
+		defer func() { trace("mount %s %v", dst, time.Since(t0)) }()
 		if err := unix.Mount(src, dst, fstype, flags, data); err != nil {
 			return fmt.Errorf("mount %s on %s (%s): %w", src, dst, fstype, err)
 		}

@@ -1,0 +1,132 @@
+package agent
+
+import (
+	"encoding/binary"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestFiles(t *testing.T) {
+	c := newClient(t, nil)
+	dir := t.TempDir()
+	p := filepath.Join(dir, "a", "b.txt")
+	big := strings.Repeat("0123456789abcdef", 40000) // 640000 bytes: > one window
+	c.req(1, map[string]any{"op": "write_file", "path": p, "mode": 0o600})
+	owed := 0 // honour the agent's IN window
+	for i := 0; i < len(big); i += 60000 {
+		chunk := big[i:min(i+60000, len(big))]
+		for owed+len(chunk) > initialWindow {
+			if f := c.next(1, 5*time.Second); f.Kind == KindCredit {
+				owed -= int(binary.BigEndian.Uint32(f.Payload))
+			}
+		}
+		c.send(1, KindIn, []byte(chunk))
+		owed += len(chunk)
+	}
+	c.send(1, KindEOF, nil)
+	r := c.wait(1, 10*time.Second)
+	if r.resp["ok"] != true || num(r.resp["bytes"]) != int64(len(big)) {
+		t.Fatalf("write: %v", r.resp)
+	}
+	if fi, err := os.Stat(p); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("stat: %v %v", fi, err)
+	}
+	r = c.call(2, map[string]any{"op": "read_file", "path": p})
+	if string(r.out) != big || num(r.resp["bytes"]) != int64(len(big)) || num(r.events[0]["size"]) != int64(len(big)) || num(r.events[0]["mode"]) != 0o600 {
+		t.Fatalf("read: %d bytes, %v %v", len(r.out), r.resp, r.events)
+	}
+	r = c.call(3, map[string]any{"op": "read_file", "path": p, "offset": 10, "length": 6})
+	if string(r.out) != "abcdef" {
+		t.Fatalf("ranged read %q", r.out)
+	}
+	c.req(4, map[string]any{"op": "write_file", "path": p, "append": true})
+	c.send(4, KindIn, []byte("END"))
+	c.send(4, KindEOF, nil)
+	if r = c.wait(4, 5*time.Second); num(r.resp["bytes"]) != 3 {
+		t.Fatalf("append %v", r.resp)
+	}
+	r = c.call(5, map[string]any{"op": "stat", "path": p})
+	e := r.resp["entry"].(map[string]any)
+	if e["type"] != "file" || num(e["size"]) != int64(len(big)+3) || e["name"] != "b.txt" {
+		t.Fatalf("stat %v", r.resp)
+	}
+	if r = c.call(6, map[string]any{"op": "mkdir", "path": dir + "/x/y"}); r.resp["ok"] != true {
+		t.Fatalf("mkdir %v", r.resp)
+	}
+	if r = c.call(7, map[string]any{"op": "mkdir", "path": dir + "/x", "parents": false}); r.resp["code"] != "exists" {
+		t.Fatalf("mkdir exists %v", r.resp)
+	}
+	os.Symlink("a", dir+"/link")
+	r = c.call(8, map[string]any{"op": "list", "path": dir, "depth": 3})
+	names := map[string]string{}
+	for _, ev := range r.events {
+		for _, it := range ev["entries"].([]any) {
+			m := it.(map[string]any)
+			names[strings.TrimPrefix(m["path"].(string), dir)] = m["type"].(string)
+		}
+	}
+	if num(r.resp["count"]) != 5 || names["/a/b.txt"] != "file" || names["/link"] != "symlink" || names["/x/y"] != "dir" {
+		t.Fatalf("list %v %v", r.resp, names)
+	}
+	if r = c.call(9, map[string]any{"op": "rename", "src": p, "dst": dir + "/c.txt"}); r.resp["ok"] != true {
+		t.Fatalf("rename %v", r.resp)
+	}
+	if r = c.call(10, map[string]any{"op": "remove", "path": dir + "/x"}); r.resp["code"] != "not_empty" {
+		t.Fatalf("remove non-empty %v", r.resp)
+	}
+	if r = c.call(11, map[string]any{"op": "remove", "path": dir + "/x", "recursive": true}); r.resp["ok"] != true {
+		t.Fatalf("remove %v", r.resp)
+	}
+	for i, req := range []map[string]any{
+		{"op": "read_file", "path": dir + "/nope"},
+		{"op": "stat", "path": dir + "/nope"},
+		{"op": "remove", "path": dir + "/nope"},
+	} {
+		if r = c.call(uint32(20+i), req); r.resp["code"] != "not_found" {
+			t.Fatalf("%v: %v", req, r.resp)
+		}
+	}
+	if r = c.call(30, map[string]any{"op": "read_file", "path": dir}); r.resp["code"] != "is_dir" {
+		t.Fatalf("%v", r.resp)
+	}
+	if r = c.call(31, map[string]any{"op": "stat", "path": "relative"}); r.resp["code"] != "invalid" {
+		t.Fatalf("%v", r.resp)
+	}
+}
+
+// A cancelled write leaves the old file intact and no temporary behind.
+func TestWriteFileCancel(t *testing.T) {
+	c := newClient(t, nil)
+	dir := t.TempDir()
+	p := dir + "/f"
+	os.WriteFile(p, []byte("old"), 0o644)
+	c.req(1, map[string]any{"op": "write_file", "path": p})
+	c.send(1, KindIn, []byte("new data"))
+	time.Sleep(50 * time.Millisecond)
+	c.send(1, KindCancel, nil)
+	r := c.wait(1, 5*time.Second)
+	b, _ := os.ReadFile(p)
+	ents, _ := os.ReadDir(dir)
+	if r.resp["ok"] != false || string(b) != "old" || len(ents) != 1 {
+		t.Fatalf("resp %v, content %q, %d entries", r.resp, b, len(ents))
+	}
+}
+
+func TestWatch(t *testing.T) {
+	c := newClient(t, nil)
+	dir := t.TempDir()
+	c.req(1, map[string]any{"op": "watch", "path": dir, "recursive": true})
+	time.Sleep(100 * time.Millisecond)
+	os.WriteFile(dir+"/new", []byte("x"), 0o644)
+	f := c.next(1, 5*time.Second)
+	if f.Kind != KindEvent || !strings.Contains(string(f.Payload), `"op":"create"`) {
+		t.Fatalf("frame %d %s", f.Kind, f.Payload)
+	}
+	c.send(1, KindCancel, nil)
+	if r := c.wait(1, 5*time.Second); r.resp["ok"] != true {
+		t.Fatalf("%v", r.resp)
+	}
+}

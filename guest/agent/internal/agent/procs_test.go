@@ -1,0 +1,191 @@
+package agent
+
+import (
+	"bytes"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func TestBackgroundAttachReplay(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "echo out; sleep 0.2; echo err >&2", "background": true, "tag": "bg"})
+	id, _ := r.resp["proc_id"].(string)
+	if id == "" || num(r.resp["pid"]) <= 0 {
+		t.Fatalf("resp %v", r.resp)
+	}
+	r = c.call(2, map[string]any{"op": "attach", "proc_id": id})
+	if string(r.out) != "out\n" || string(r.err) != "err\n" || num(r.resp["exit_code"]) != 0 {
+		t.Fatalf("out=%q err=%q resp=%v", r.out, r.err, r.resp)
+	}
+	if r.events[0]["event"] != "attached" || num(r.events[0]["offset"]) != 0 {
+		t.Fatalf("events %v", r.events)
+	}
+	// replay from an offset
+	r = c.call(3, map[string]any{"op": "attach", "proc_id": id, "offset": 2})
+	if string(r.out)+string(r.err) != "t\nerr\n" {
+		t.Fatalf("out=%q err=%q", r.out, r.err)
+	}
+	r = c.call(4, map[string]any{"op": "list_procs"})
+	procs, _ := r.resp["procs"].([]any)
+	if len(procs) != 1 || procs[0].(map[string]any)["tag"] != "bg" || num(procs[0].(map[string]any)["output_bytes"]) != 8 {
+		t.Fatalf("procs %v", r.resp)
+	}
+	r = c.call(5, map[string]any{"op": "attach", "proc_id": "p999"})
+	if r.resp["code"] != "not_found" {
+		t.Fatalf("%v", r.resp)
+	}
+}
+
+func TestAttachLostOffset(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "head -c 200000 /dev/zero", "background": true, "ring_bytes": 65536})
+	id := r.resp["proc_id"].(string)
+	c.call(9, map[string]any{"op": "attach", "proc_id": id, "output": false})
+	r = c.call(2, map[string]any{"op": "attach", "proc_id": id})
+	ev := r.events[0]
+	if num(ev["offset"]) != 200000-65536 || num(ev["lost"]) != 200000-65536 || len(r.out) != 65536 {
+		t.Fatalf("event %v, %d bytes", ev, len(r.out))
+	}
+}
+
+// A background process never waits for a slow attachment: the attachment
+// gets a gap event and continues from the ring's start.
+func TestAttachGap(t *testing.T) {
+	c := newClient(t, nil)
+	c.credit = false
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "for i in $(seq 40); do head -c 32768 /dev/zero; sleep 0.02; done",
+		"background": true, "ring_bytes": 65536})
+	id := r.resp["proc_id"].(string)
+	c.req(2, map[string]any{"op": "attach", "proc_id": id})
+	got := 0
+	deadline := time.Now().Add(10 * time.Second)
+	for got < initialWindow && time.Now().Before(deadline) {
+		f := c.next(2, 5*time.Second)
+		if f.Kind == KindOut {
+			got += len(f.Payload)
+		}
+	}
+	if got != initialWindow {
+		t.Fatalf("sent %d bytes without credit", got)
+	}
+	time.Sleep(2 * time.Second) // the process finishes meanwhile
+	c.credit = true
+	c.send(2, KindCredit, be32(1<<30))
+	r = c.wait(2, 10*time.Second)
+	gap := false
+	for _, e := range r.events {
+		if e["event"] == "gap" && num(e["lost"]) > 0 {
+			gap = true
+		}
+	}
+	if !gap || num(r.resp["exit_code"]) != 0 {
+		t.Fatalf("events %v resp %v", r.events, r.resp)
+	}
+}
+
+// A foreground exec stops at the credit window and loses nothing.
+func TestExecCreditBackpressure(t *testing.T) {
+	c := newClient(t, nil)
+	c.credit = false
+	c.req(1, map[string]any{"op": "exec", "cmd": "head -c 3000000 /dev/urandom | od -An -tx1 -v"})
+	var out bytes.Buffer
+	for out.Len() < initialWindow {
+		if f := c.next(1, 5*time.Second); f.Kind == KindOut {
+			out.Write(f.Payload)
+		}
+	}
+	select {
+	case f := <-c.q(1):
+		t.Fatalf("frame kind %d beyond the window", f.Kind)
+	case <-time.After(300 * time.Millisecond):
+	}
+	c.credit = true
+	c.send(1, KindCredit, be32(uint32(out.Len())))
+	r := c.wait(1, 30*time.Second)
+	total := out.Len() + len(r.out)
+	if want := 3000000 / 16 * 49; total != want || num(r.resp["exit_code"]) != 0 {
+		t.Fatalf("got %d bytes, want %d; resp %v", total, want, r.resp)
+	}
+}
+
+func TestKillEscalation(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "trap '' TERM; echo ready; while :; do sleep 0.05; done", "background": true})
+	id := r.resp["proc_id"].(string)
+	time.Sleep(200 * time.Millisecond)
+	start := time.Now()
+	r = c.call(2, map[string]any{"op": "kill", "proc_id": id, "grace_ms": 300})
+	if num(r.resp["signal"]) != int64(syscall.SIGKILL) || time.Since(start) < 250*time.Millisecond {
+		t.Fatalf("resp %v after %v", r.resp, time.Since(start))
+	}
+	r = c.call(3, map[string]any{"op": "exec", "argv": []string{"sleep", "30"}, "background": true})
+	id = r.resp["proc_id"].(string)
+	r = c.call(4, map[string]any{"op": "signal", "proc_id": id, "signal": int(syscall.SIGINT)})
+	r = c.call(5, map[string]any{"op": "attach", "proc_id": id, "output": false})
+	if num(r.resp["signal"]) != int64(syscall.SIGINT) {
+		t.Fatalf("resp %v", r.resp)
+	}
+}
+
+func TestAttachStdinAndCloseStdin(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "argv": []string{"cat"}, "background": true, "stdin": true})
+	id := r.resp["proc_id"].(string)
+	c.req(2, map[string]any{"op": "attach", "proc_id": id, "stdin": true})
+	c.send(2, KindIn, []byte("via attach\n"))
+	time.Sleep(100 * time.Millisecond)
+	c.call(3, map[string]any{"op": "close_stdin", "proc_id": id})
+	r = c.wait(2, 10*time.Second)
+	if string(r.out) != "via attach\n" || num(r.resp["exit_code"]) != 0 {
+		t.Fatalf("out=%q resp=%v", r.out, r.resp)
+	}
+}
+
+// Dropping the connection keeps a foreground process running; its output
+// goes to the ring and a new connection can attach.
+func TestConnectionDropKeepsProcess(t *testing.T) {
+	srv := NewServer(time.Now())
+	c := newClient(t, srv)
+	c.req(1, map[string]any{"op": "exec", "cmd": "echo one; sleep 0.3; echo two"})
+	f := c.next(1, 5*time.Second)
+	if f.Kind != KindEvent || !strings.Contains(string(f.Payload), `"proc_id":"p1"`) {
+		t.Fatalf("frame %d %s", f.Kind, f.Payload)
+	}
+	c.conn.Close()
+	select {
+	case <-c.done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("ServeConn did not return")
+	}
+	c2 := newClient(t, srv)
+	r := c2.call(1, map[string]any{"op": "attach", "proc_id": "p1"})
+	if string(r.out) != "one\ntwo\n" || num(r.resp["exit_code"]) != 0 {
+		t.Fatalf("out=%q resp=%v", r.out, r.resp)
+	}
+}
+
+func TestHelloHealth(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(0, map[string]any{"op": "hello", "nonce": "abc"})
+	if r.resp["nonce"] != "abc" || num(r.resp["protocol"]) != 1 || r.resp["version"] != Version {
+		t.Fatalf("%v", r.resp)
+	}
+	r = c.call(1, map[string]any{"op": "health"})
+	if r.resp["ok"] != true || r.resp["root_error"] != nil {
+		t.Fatalf("%v", r.resp)
+	}
+	r = c.call(2, map[string]any{"op": "metrics"})
+	if num(r.resp["mem_total_bytes"]) <= 0 {
+		t.Fatalf("%v", r.resp)
+	}
+	r = c.call(3, map[string]any{"op": "shutdown"})
+	if r.resp["code"] != "unsupported" {
+		t.Fatalf("shutdown outside PID 1: %v", r.resp)
+	}
+	r = c.call(4, map[string]any{"op": "reseed", "entropy_b64": "AAAA"})
+	if r.resp["code"] != "invalid" {
+		t.Fatalf("%v", r.resp)
+	}
+}
