@@ -134,6 +134,7 @@ func TestExecInvalid(t *testing.T) {
 		{"op": "exec", "cmd": 5},
 		{"op": "exec", "cmd": "true", "timeout_ms": -1},
 		{"op": "nope"},
+		{"op": "attach", "proc_id": "p1", "signal": 1},
 	} {
 		r := c.call(uint32(i+1), req)
 		if r.resp["ok"] != false || r.resp["code"] != "invalid" {

@@ -10,31 +10,52 @@ import (
 	"github.com/creack/pty"
 )
 
+// Each op has its own struct so unknown fields are rejected per op.
 type procReq struct {
-	Op      string `json:"op"`
-	ProcID  string `json:"proc_id"`
-	Offset  int64  `json:"offset"`
-	Output  *bool  `json:"output"`
-	Stdin   bool   `json:"stdin"`
-	Signal  int    `json:"signal"`
-	GraceMs *int64 `json:"grace_ms"`
-	Rows    int    `json:"rows"`
-	Cols    int    `json:"cols"`
+	Op     string `json:"op"`
+	ProcID string `json:"proc_id"`
 }
 
-func (s *Server) proc(raw []byte, r *procReq) (*Proc, error) {
+type attachReq struct {
+	procReq
+	Offset int64 `json:"offset"`
+	Output *bool `json:"output"`
+	Stdin  bool  `json:"stdin"`
+}
+
+type signalReq struct {
+	procReq
+	Signal int `json:"signal"`
+}
+
+type killReq struct {
+	procReq
+	GraceMs *int64 `json:"grace_ms"`
+}
+
+type resizeReq struct {
+	procReq
+	Rows int `json:"rows"`
+	Cols int `json:"cols"`
+}
+
+type hasProcID interface{ procID() string }
+
+func (r *procReq) procID() string { return r.ProcID }
+
+func (s *Server) proc(raw []byte, r hasProcID) (*Proc, error) {
 	if err := decode(raw, r); err != nil {
 		return nil, err
 	}
-	p := s.Procs.Get(r.ProcID)
+	p := s.Procs.Get(r.procID())
 	if p == nil {
-		return nil, errf("not_found", "no process %q", r.ProcID)
+		return nil, errf("not_found", "no process %q", r.procID())
 	}
 	return p, nil
 }
 
 func opAttach(s *Server, ch *Channel, raw []byte) (any, error) {
-	var r procReq
+	var r attachReq
 	p, err := s.proc(raw, &r)
 	if err != nil {
 		return nil, err
@@ -92,7 +113,7 @@ func detached(ch *Channel, p *Proc) (any, error) {
 }
 
 func opSignal(s *Server, ch *Channel, raw []byte) (any, error) {
-	var r procReq
+	var r signalReq
 	p, err := s.proc(raw, &r)
 	if err != nil {
 		return nil, err
@@ -107,7 +128,7 @@ func opSignal(s *Server, ch *Channel, raw []byte) (any, error) {
 }
 
 func opKill(s *Server, ch *Channel, raw []byte) (any, error) {
-	var r procReq
+	var r killReq
 	p, err := s.proc(raw, &r)
 	if err != nil {
 		return nil, err
@@ -132,7 +153,7 @@ func opKill(s *Server, ch *Channel, raw []byte) (any, error) {
 }
 
 func opResize(s *Server, ch *Channel, raw []byte) (any, error) {
-	var r procReq
+	var r resizeReq
 	p, err := s.proc(raw, &r)
 	if err != nil {
 		return nil, err
