@@ -174,11 +174,22 @@ class AgentClient:
             raise
 
     async def list_procs(self) -> list[ProcInfo]:
-        resp = await self.call("list_procs")
-        procs = resp.get("procs")
-        if not isinstance(procs, list):
-            raise ProtocolError("list_procs answer has no 'procs' list")
-        return [parse_proc(p) for p in procs[:4096]]
+        # Long lists come as EVENT {"procs": [...]} batches before the RESP's own batch.
+        ch = await self._open({"op": "list_procs"})
+        found: list[ProcInfo] = []
+        while True:
+            frame = await ch.next()
+            if frame.kind not in (Kind.EVENT, Kind.RESP):
+                raise ProtocolError(f"guest sent {frame.kind.name} to list_procs")
+            body = frame.json()
+            if frame.kind is Kind.RESP:
+                _raise_for(body)
+            procs = body.get("procs", [])
+            if not isinstance(procs, list) or len(found) + len(procs) > 8192:
+                raise ProtocolError("list_procs answer is not a list of at most 8192 processes")
+            found.extend(parse_proc(p) for p in procs)
+            if frame.kind is Kind.RESP:
+                return found
 
     async def signal(self, proc_id: str, signal: int) -> None:
         await self.call("signal", proc_id=proc_id, signal=signal)

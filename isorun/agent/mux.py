@@ -228,6 +228,13 @@ class AgentConnection:
         if self._closed.is_set():
             raise self.closed_error()
 
+    def explain_close(self, exc: BaseException) -> None:
+        """Close with `exc`, or replace a vaguer reason once the real cause is known."""
+        if self._closed.is_set():
+            self._close_error = exc
+        else:
+            self._fail(exc)
+
     async def wait_closed(self) -> None:
         await self._closed.wait()
 

@@ -29,8 +29,11 @@ class ConsoleLog:
         self._tail = bytearray()
         self._written = 0
         self._task: asyncio.Task[None] | None = None
+        self._writer: asyncio.StreamWriter | None = None
 
-    def start(self, reader: asyncio.StreamReader) -> None:
+    def start(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Keep the writer referenced: a collected StreamWriter closes the socket.
+        self._writer = writer
         self._task = asyncio.create_task(self._pump(reader), name=f"console:{self.path}")
 
     async def _pump(self, reader: asyncio.StreamReader) -> None:
@@ -60,7 +63,15 @@ class ConsoleLog:
     def tail(self, max_bytes: int = 4096) -> str:
         return bytes(self._tail[-max_bytes:]).decode("utf-8", "replace")
 
+    async def drain(self, timeout: float = 1.0) -> None:
+        """Wait (briefly) until QEMU's side closed and everything it printed was read."""
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+
     async def stop(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -19,18 +19,21 @@ QEMU_USER = "isorun-qemu"
 
 
 def qemu_user() -> str:
+    """The unprivileged account QEMU drops to; created on first use."""
     try:
         pwd.getpwnam(QEMU_USER)
+        return QEMU_USER
     except KeyError:
-        useradd = tool("useradd", "passwd")
-        result = subprocess.run(
-            [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", QEMU_USER],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode not in (0, 9):  # 9: created concurrently
-            raise ConfigError(f"cannot create the {QEMU_USER} user: {result.stderr.strip()}")
+        pass
+    useradd = tool("useradd", "passwd")
+    result = subprocess.run(
+        [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", QEMU_USER],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode not in (0, 9):  # 9: created concurrently
+        raise ConfigError(f"cannot create the {QEMU_USER} user: {result.stderr.strip()}")
     return QEMU_USER
 
 

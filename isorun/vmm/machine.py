@@ -64,6 +64,7 @@ class MicroVM:
         self.death_reason: str | None = None
         self._final_usage: VMUsage | None = None
         self._cleaned = False
+        self._shutdown_requested = False
 
     # --- boot -----------------------------------------------------------------------
 
@@ -163,8 +164,10 @@ class MicroVM:
 
     async def _connect(self, t0: float) -> None:
         deadline = t0 + self.spec.boot_timeout
-        console_r, _ = await asyncio.open_unix_connection(str(self.run_dir / "console.sock"))
-        self.console.start(console_r)
+        console_r, console_w = await asyncio.open_unix_connection(
+            str(self.run_dir / "console.sock")
+        )
+        self.console.start(console_r, console_w)
         qmp_task = asyncio.create_task(self._qmp.connect(self.run_dir / "qmp.sock"))
 
         async def hello() -> AgentConnection:
@@ -206,8 +209,11 @@ class MicroVM:
     async def _supervise(self) -> None:
         assert self._proc is not None
         code = await self._proc.wait()
+        await self.console.drain()  # the last lines (a panic message) may still be in flight
         reason = self._qmp.shutdown_reason
-        if self.console.halted or reason == "guest-shutdown":
+        if self._shutdown_requested:
+            self.death_reason = "shutdown"
+        elif self.console.halted or reason == "guest-shutdown":
             self.death_reason = "poweroff"
         elif reason == "guest-reset":
             panicked = "Kernel panic" in self.console.tail(65536)
@@ -224,7 +230,7 @@ class MicroVM:
         self._exited.set()
         conn = getattr(self, "agent", None)
         if conn is not None:
-            conn.conn._fail(
+            conn.conn.explain_close(
                 ChannelClosedError(f"sandbox VM {self.id} is dead: {self.death_reason}")
             )
 
@@ -246,6 +252,7 @@ class MicroVM:
     async def shutdown(self, timeout: float = 10.0) -> VMUsage:
         """Clean poweroff through the agent; escalate to QMP quit, then SIGKILL."""
         if self.alive:
+            self._shutdown_requested = True
             with contextlib.suppress(IsorunError, TimeoutError, OSError):
                 await asyncio.wait_for(self.agent.shutdown(), timeout / 2)
             try:

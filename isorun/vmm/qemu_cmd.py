@@ -12,6 +12,10 @@ from pathlib import Path
 
 AGENT_PORT_NAME = "isorun.agent"
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# `-run-with user=` drops root with setgid/setuid *after* the seccomp filter is installed,
+# so set*id must stay allowed then; once QEMU is non-root without capabilities the kernel
+# itself refuses any return to root, which is what elevateprivileges=deny guards against.
+SECCOMP_DROPPING = SECCOMP.replace("elevateprivileges=deny", "elevateprivileges=allow")
 TCG_TB_MIB = 128  # bound the translation cache (QEMU's default may grow to 1 GiB)
 
 
@@ -101,7 +105,7 @@ def build(
         argv += _disk("root", files.rootfs, readonly=True)
         argv += _disk("scratch", files.scratch, readonly=False)
     if sandbox:
-        argv += ["-sandbox", SECCOMP]
+        argv += ["-sandbox", SECCOMP_DROPPING if run_as else SECCOMP]
     run_with = []
     if run_as:
         run_with.append(f"user={run_as}")

@@ -36,7 +36,8 @@ class QMPMonitor:
     async def _watch(self) -> None:
         assert self._events is not None
         async for event in self._events:
-            data = event.get("data") or {}
+            raw = event.get("data")
+            data: dict[str, Any] = raw if isinstance(raw, dict) else {}
             if event["event"] == "GUEST_PANICKED":
                 self.panicked = True
                 self.shutdown_reason = "guest-panic"

@@ -32,7 +32,8 @@ class VMSpec:
             raise ConfigError(f"vcpus={self.vcpus} must be between 1 and {MAX_VCPUS}")
         if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
             raise ConfigError(
-                f"memory_mib={self.memory_mib} must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"
+                f"memory_mib={self.memory_mib} must be between "
+                f"{MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"
             )
         if not 16 <= self.scratch_mib <= 2 * 1024 * 1024:
             raise ConfigError(f"scratch_mib={self.scratch_mib} must be between 16 and 2097152")

@@ -17,7 +17,9 @@ frame_st = st.tuples(st.integers(0, 2**32 - 1), guest_kinds, st.binary(max_size=
 
 
 @given(st.lists(frame_st, max_size=20), st.lists(st.integers(1, 4096), min_size=1))
-def test_round_trip_survives_any_chunking(items: list[tuple[int, Kind, bytes]], cuts: list[int]) -> None:
+def test_round_trip_survives_any_chunking(
+    items: list[tuple[int, Kind, bytes]], cuts: list[int]
+) -> None:
     stream = b"".join(frames.encode(c, k, p) for c, k, p in items)
     dec = FrameDecoder()
     got = []

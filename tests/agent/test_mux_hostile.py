@@ -81,7 +81,15 @@ def _after_request(payload: bytes) -> Guest:
         (frames.encode(1, Kind.RESP, b"[]"), "want an object"),
         (frames.encode(1, Kind.CREDIT, b"\x01"), "CREDIT frame"),
     ],
-    ids=["garbage", "4GiB-length", "host-kind", "unknown-chan", "bad-json", "json-array", "bad-credit"],
+    ids=[
+        "garbage",
+        "4GiB-length",
+        "host-kind",
+        "unknown-chan",
+        "bad-json",
+        "json-array",
+        "bad-credit",
+    ],
 )
 async def test_violation_kills_only_that_connection(
     payload: bytes, message: str, bystander: AgentClient
@@ -114,7 +122,7 @@ async def test_guest_overrunning_its_credit_window_is_cut_off() -> None:
     async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         f = await _read_frame(r)
         chunk = frames.encode(f.chan, Kind.OUT, b"x" * 32768)
-        for _ in range(9):  # 9 × 32 KiB > the 256 KiB window, with no credit returned
+        for _ in range(9):  # 9 x 32 KiB > the 256 KiB window, with no credit returned
             w.write(chunk)
         await w.drain()
         await asyncio.sleep(30)

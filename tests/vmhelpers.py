@@ -1,0 +1,69 @@
+"""Helpers for tests that boot real guests: a busybox root filesystem built from Debian's
+busybox-static, VM specs sized for tests, and the leak check every VM test ends with."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from isorun.vmm import MicroVM, VMSpec, artifacts
+
+BUSYBOX = Path("/bin/busybox")
+PASSWD = "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n"
+GROUP = "root:x:0:\nuser:x:1000:\n"
+
+
+def build_busybox_rootfs() -> Path:
+    """A tiny ext4 image: busybox and its applet links, /etc/passwd with a non-root user."""
+    if not BUSYBOX.is_file():
+        raise RuntimeError("/bin/busybox missing: apt-get install busybox-static")
+    digest = hashlib.sha256(BUSYBOX.read_bytes() + PASSWD.encode() + b"v2").hexdigest()[:16]
+    out = artifacts.cache_root() / "test-rootfs" / f"busybox-{digest}.ext4"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "root"
+        for d in ("bin", "etc", "root", "home/user", "tmp", "proc", "sys", "dev", "run"):
+            (root / d).mkdir(parents=True)
+        shutil.copy2(BUSYBOX, root / "bin/busybox")
+        applets = subprocess.run(
+            [str(BUSYBOX), "--list"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        for name in applets:
+            if name != "busybox":
+                (root / "bin" / name).symlink_to("busybox")
+        (root / "etc/passwd").write_text(PASSWD)
+        (root / "etc/group").write_text(GROUP)
+        os.chown(root / "home/user", 1000, 1000)
+        (root / "tmp").chmod(0o1777)
+        tmp_img = out.with_suffix(".tmp")
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(root), str(tmp_img), "64M"], check=True)
+        tmp_img.replace(out)
+    return out
+
+
+def vm_spec(rootfs: Path | None, **kw: object) -> VMSpec:
+    spec = VMSpec(rootfs=rootfs, memory_mib=256, scratch_mib=256)
+    for k, v in kw.items():
+        setattr(spec, k, v)
+    return spec
+
+
+def assert_vm_gone(vm: MicroVM) -> None:
+    assert not vm.run_dir.exists(), f"{vm.run_dir} left behind"
+    for f in vm.cgroup.procs_files():
+        assert not f.parent.exists(), f"cgroup {f.parent} left behind"
+    if vm.pid is not None:
+        assert not Path(f"/proc/{vm.pid}").exists() or _is_zombie(vm.pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return " Z " in Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True

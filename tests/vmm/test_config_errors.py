@@ -1,0 +1,69 @@
+"""Missing pieces and bad specs get errors that say what to install or change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from isorun.errors import ConfigError
+from isorun.vmm import MicroVM, VMSpec, accel, artifacts
+
+
+async def test_missing_kernel_says_how_to_build_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"make guest.*ISORUN_KERNEL"):
+        await MicroVM.boot(VMSpec(kernel=tmp_path / "nope"))
+
+
+async def test_missing_qemu_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ISORUN_QEMU", "")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ConfigError, match="apt-get install -t bookworm-backports qemu-system-x86"):
+        artifacts.qemu_binary()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("vcpus", 0, "vcpus=0"), ("memory_mib", 10**9, "memory_mib"), ("scratch_mib", 1, "scratch")],
+)
+def test_bad_spec_names_the_field(field: str, value: int, message: str) -> None:
+    spec = VMSpec()
+    setattr(spec, field, value)
+    with pytest.raises(ConfigError, match=message):
+        spec.validate()
+
+
+def test_missing_rootfs_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        VMSpec(rootfs=tmp_path / "missing.ext4").validate()
+
+
+def test_pvm_like_host_gets_tcg(tmp_path: Path) -> None:
+    dev = tmp_path / "kvm"
+    dev.write_text("")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu sse2 hypervisor\n")
+    choice = accel.detect("auto", kvm_dev=dev, cpuinfo_path=cpuinfo)
+    assert choice.name == "tcg"
+    assert "vmx/svm" in choice.reason
+
+
+def test_real_vt_host_gets_kvm(tmp_path: Path) -> None:
+    dev = tmp_path / "kvm"
+    dev.write_text("")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu vmx sse2\n")
+    assert accel.detect("auto", kvm_dev=dev, cpuinfo_path=cpuinfo).name == "kvm"
+
+
+def test_no_device_gets_tcg_and_forced_kvm_without_device_is_an_error(tmp_path: Path) -> None:
+    assert accel.detect("auto", kvm_dev=tmp_path / "none").name == "tcg"
+    with pytest.raises(ConfigError, match="kvm requested"):
+        accel.detect("kvm", kvm_dev=tmp_path / "none")
+    with pytest.raises(ConfigError, match="not one of"):
+        accel.detect("hvf")
+
+
+def test_this_machine_reports_its_choice() -> None:
+    choice = accel.detect()
+    assert choice.name in ("kvm", "tcg") and choice.reason

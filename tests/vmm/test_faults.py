@@ -1,0 +1,112 @@
+"""Faults: floods, guest death (poweroff, reboot, panic), hostile guests, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import resource
+import subprocess
+from pathlib import Path
+
+import pytest
+from vmhelpers import assert_vm_gone, vm_spec
+
+from isorun.errors import ChannelClosedError
+from isorun.vmm import MicroVM
+
+pytestmark = pytest.mark.vm
+
+FLOOD_LINES = 24_000_000  # `seq` output of ~200 MB
+
+
+async def test_200mb_of_stdout_arrives_in_order_with_bounded_memory(vm: MicroVM) -> None:
+    expected = hashlib.sha256()
+    seq = subprocess.Popen(["seq", "1", str(FLOOD_LINES)], stdout=subprocess.PIPE)
+    assert seq.stdout is not None
+    for chunk in iter(lambda: seq.stdout.read(1 << 20), b""):  # type: ignore[union-attr]
+        expected.update(chunk)
+    seq.wait()
+    got = hashlib.sha256()
+    total = 0
+
+    def on_out(b: bytes) -> None:
+        nonlocal total
+        total += len(b)
+        got.update(b)
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r = await vm.agent.exec(f"seq 1 {FLOOD_LINES}", on_stdout=on_out, capture=False)
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert r.exit_code == 0
+    assert total > 190_000_000
+    assert got.hexdigest() == expected.hexdigest()  # every byte, in order
+    assert (rss_after - rss_before) * 1024 < 64 * 2**20  # host side stayed bounded
+    status = (await vm.agent.exec("grep VmHWM /proc/1/status")).stdout.split()
+    assert int(status[1]) * 1024 < 96 * 2**20  # so did the agent (peak RSS)
+
+
+async def test_poweroff_from_inside_is_reported(vm: MicroVM) -> None:
+    with pytest.raises(ChannelClosedError):
+        await vm.agent.exec("poweroff -f")
+    reason = await asyncio.wait_for(vm.wait(), 20)
+    assert reason == "poweroff"
+    with pytest.raises(ChannelClosedError, match="dead: poweroff"):
+        await vm.agent.health()
+
+
+async def test_reboot_from_inside_is_reported(vm: MicroVM) -> None:
+    with pytest.raises(ChannelClosedError):
+        await vm.agent.exec("reboot -f")
+    assert await asyncio.wait_for(vm.wait(), 20) == "reboot"
+
+
+async def test_kernel_panic_is_reported(vm: MicroVM) -> None:
+    if not (await vm.agent.exec("test -w /proc/sysrq-trigger")).ok:
+        pytest.fail("guest kernel lacks CONFIG_MAGIC_SYSRQ: rebuild with `make guest`")
+    with pytest.raises(ChannelClosedError):
+        await vm.agent.exec("echo c > /proc/sysrq-trigger")
+    assert await asyncio.wait_for(vm.wait(), 20) == "panic"
+
+
+async def test_one_vm_dying_leaves_another_working(busybox_rootfs: Path) -> None:
+    a, b = await asyncio.gather(
+        MicroVM.boot(vm_spec(busybox_rootfs)), MicroVM.boot(vm_spec(busybox_rootfs))
+    )
+    try:
+        await a.kill()
+        assert a.death_reason is not None and "signal" in a.death_reason
+        r = await b.agent.exec("echo still here")
+        assert r.stdout == b"still here\n"
+    finally:
+        await a.kill()
+        await b.kill()
+    assert_vm_gone(a)
+    assert_vm_gone(b)
+
+
+async def test_clean_shutdown_reports_usage_and_leaves_nothing(busybox_rootfs: Path) -> None:
+    vm = await MicroVM.boot(vm_spec(busybox_rootfs))
+    pid = vm.pid
+    await vm.agent.exec("i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done")
+    usage = await vm.shutdown()
+    assert vm.death_reason == "shutdown"
+    assert usage.cpu_ms > 0
+    assert usage.mem_peak_bytes > 16 * 2**20
+    assert usage.uptime_ms > 0
+    assert_vm_gone(vm)
+    assert pid is not None
+    # No QEMU of ours is left running.
+    out = subprocess.run(["pgrep", "-f", vm.id], capture_output=True, text=True).stdout
+    assert out.strip() == ""
+
+
+async def test_qemu_runs_jailed(vm: MicroVM) -> None:
+    assert vm.pid is not None
+    children = Path(f"/proc/{vm.pid}/task/{vm.pid}/children").read_text().split()
+    qemu_pid = int(children[0])
+    status = Path(f"/proc/{qemu_pid}/status").read_text()
+    uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+    assert uid_line.split()[1] != "0", "QEMU must not run as root"
+    assert "Seccomp:\t2" in status, "QEMU must run under its seccomp filter"
+    assert Path(f"/proc/{qemu_pid}/ns/net").resolve() != Path("/proc/self/ns/net").resolve()
+    assert Path(f"/proc/{qemu_pid}/root").resolve() != Path("/")

@@ -1,0 +1,170 @@
+"""Real QEMU guests (TCG here): exec, streaming, processes, files, system ops."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from isorun.agent import Attachment
+from isorun.errors import FileNotFoundInGuest, GuestError
+from isorun.vmm import MicroVM
+
+pytestmark = pytest.mark.vm
+
+
+async def test_output_streams_line_by_line_while_the_command_runs(vm: MicroVM) -> None:
+    arrivals: list[tuple[float, bytes]] = []
+    t0 = time.monotonic()
+    r = await vm.agent.exec(
+        "for i in 1 2 3; do echo $i; sleep 1; done",
+        on_stdout=lambda b: arrivals.append((time.monotonic() - t0, b)),
+    )
+    assert r.exit_code == 0
+    assert r.stdout == b"1\n2\n3\n"
+    assert [b for _, b in arrivals] == [b"1\n", b"2\n", b"3\n"]
+    # Each line arrived about a second after the previous one, not all at the end.
+    assert arrivals[1][0] - arrivals[0][0] > 0.6
+    assert arrivals[2][0] - arrivals[1][0] > 0.6
+
+
+async def test_stdout_and_stderr_stay_separate_with_exit_code(vm: MicroVM) -> None:
+    r = await vm.agent.exec("echo out; echo err >&2; exit 3")
+    assert (r.stdout, r.stderr, r.exit_code) == (b"out\n", b"err\n", 3)
+    assert vm.accel.name in ("tcg", "kvm")
+
+
+async def test_command_not_found_is_a_127_result_not_an_exception(vm: MicroVM) -> None:
+    r = await vm.agent.exec("no-such-program --flag")
+    assert r.exit_code == 127
+    assert b"not found" in r.stderr
+    r = await vm.agent.exec(argv=["/no/such/binary"])
+    assert r.exit_code == 127
+    assert b"/no/such/binary" in r.stderr
+
+
+async def test_env_cwd_user_and_argv(vm: MicroVM) -> None:
+    r = await vm.agent.exec(
+        argv=["sh", "-c", 'echo "$GREETING $(pwd) $(id -u)"'],
+        env={"GREETING": "hi there"},
+        cwd="/tmp",
+        user="user",
+    )
+    assert r.stdout == b"hi there /tmp 1000\n"
+    await vm.agent.set_defaults(env={"FROM_IMAGE": "yes"}, cwd="/home/user")
+    r = await vm.agent.exec('echo "$FROM_IMAGE $(pwd)"')
+    assert r.stdout == b"yes /home/user\n"
+
+
+async def test_stdin_is_binary_safe(vm: MicroVM) -> None:
+    data = bytes(range(256)) * 4096 + os.urandom(100_000)
+    r = await vm.agent.exec("cat", stdin=data)
+    assert r.exit_code == 0
+    assert r.stdout == data
+
+
+async def test_timeout_kills_the_command(vm: MicroVM) -> None:
+    r = await vm.agent.exec("sleep 100", timeout=1)
+    assert r.timed_out
+    assert r.exit_code is None or r.exit_code != 0
+
+
+async def test_process_ignoring_sigterm_is_killed_by_escalation(vm: MicroVM) -> None:
+    proc_id, _ = await vm.agent.spawn("trap '' TERM; echo armed; while :; do sleep 1; done")
+    await asyncio.sleep(0.5)
+    t0 = time.monotonic()
+    _, sig = await vm.agent.kill(proc_id, grace=1.0)
+    assert sig == 9
+    assert time.monotonic() - t0 >= 0.9
+    procs = {p.proc_id: p for p in await vm.agent.list_procs()}
+    assert not procs[proc_id].running
+
+
+async def test_background_output_replays_from_any_offset(vm: MicroVM) -> None:
+    proc_id, pid = await vm.agent.spawn("for i in 1 2 3 4 5; do echo line$i; done; sleep 0.3")
+    assert pid > 1
+    r = await vm.agent.attach(proc_id, offset=0)
+    assert r.stdout == b"line1\nline2\nline3\nline4\nline5\n"
+    assert r.exit_code == 0
+    at = Attachment(offset=0)
+    r2 = await vm.agent.attach(proc_id, offset=6, attachment=at)
+    assert at.offset == 6
+    assert r2.stdout == b"line2\nline3\nline4\nline5\n"
+
+
+async def test_ring_buffer_reports_lost_bytes(vm: MicroVM) -> None:
+    proc_id, _ = await vm.agent.spawn("head -c 200000 /dev/zero", ring_bytes=65536)
+    await asyncio.sleep(1.5)
+    at = Attachment(offset=0)
+    r = await vm.agent.attach(proc_id, offset=0, attachment=at)
+    assert at.lost == 200000 - 65536
+    assert len(r.stdout) == 65536
+
+
+async def test_pty_session_with_resize(vm: MicroVM) -> None:
+    r = await vm.agent.exec("tty; stty size", pty=(24, 80))
+    assert b"/dev/pts/" in r.stdout
+    assert b"24 80" in r.stdout
+    proc_id, _ = await vm.agent.spawn("sleep 0.5; stty size", pty=(24, 80))
+    await vm.agent.resize(proc_id, 40, 120)
+    r = await vm.agent.attach(proc_id)
+    assert b"40 120" in r.stdout
+
+
+async def test_files_round_trip(vm: MicroVM) -> None:
+    blob = os.urandom(3 * 1024 * 1024 + 17)
+    assert await vm.agent.write_file("/work/data/blob.bin", blob) == len(blob)
+    assert await vm.agent.read_bytes("/work/data/blob.bin") == blob
+    st = await vm.agent.stat("/work/data/blob.bin")
+    assert (st.type, st.size) == ("file", len(blob))
+    await vm.agent.mkdir("/work/a/b/c")
+    await vm.agent.write_file("/work/a/b/c/x.txt", b"x")
+    names = {e.path for e in await vm.agent.list("/work", depth=4)}
+    assert {"/work/data", "/work/data/blob.bin", "/work/a/b/c/x.txt"} <= names
+    await vm.agent.rename("/work/a/b/c/x.txt", "/work/y.txt")
+    assert await vm.agent.exists("/work/y.txt")
+    assert not await vm.agent.exists("/work/a/b/c/x.txt")
+    with pytest.raises(GuestError):
+        await vm.agent.remove("/work/a")  # not empty, not recursive
+    await vm.agent.remove("/work/a", recursive=True)
+    with pytest.raises(FileNotFoundInGuest):
+        await vm.agent.stat("/work/a")
+    # The file the command sees is the one we wrote.
+    r = await vm.agent.exec("md5sum /work/data/blob.bin")
+    import hashlib
+
+    assert r.stdout.split()[0].decode() == hashlib.md5(blob).hexdigest()
+
+
+async def test_watch_reports_changes(vm: MicroVM) -> None:
+    await vm.agent.mkdir("/watched")
+    seen: list[tuple[str, str]] = []
+
+    async def collect() -> None:
+        async for ev in vm.agent.watch("/watched"):
+            seen.append(ev)
+            if any(op == "remove" for op, _ in seen):
+                return
+
+    task = asyncio.create_task(collect())
+    await asyncio.sleep(0.5)
+    await vm.agent.exec("echo hi > /watched/f; rm /watched/f")
+    await asyncio.wait_for(task, 10)
+    ops = [op for op, path in seen if path == "/watched/f"]
+    assert "create" in ops and "remove" in ops
+
+
+async def test_system_ops(vm: MicroVM) -> None:
+    m = await vm.agent.metrics()
+    assert 100 * 2**20 < m["mem_total_bytes"] <= 256 * 2**20
+    target = 2_000_000_000 * 10**9  # 2033-05-18
+    await vm.agent.set_clock(target)
+    r = await vm.agent.exec("date +%s")
+    assert abs(int(r.stdout) - 2_000_000_000) < 10
+    await vm.agent.reseed(os.urandom(64))
+    with pytest.raises(GuestError):
+        await vm.agent.reseed(b"short")
+    h = await vm.agent.health()
+    assert h["ok"] is True
