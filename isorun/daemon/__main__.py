@@ -1,0 +1,3 @@
+from isorun.daemon.main import main
+
+main()

@@ -1,0 +1,532 @@
+"""HTTP routes (Starlette). JSON in and out; exec and process output stream as NDJSON.
+
+Auth: callers on the unix socket (restricted to root by its file mode) are the local
+tenant unless they present a key; TCP callers must present `Authorization: Bearer <key>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import dataclasses
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from isorun import __version__
+from isorun.agent import Attachment, ExecResult
+from isorun.daemon import auth
+from isorun.daemon.config import DaemonConfig
+from isorun.daemon.errors import ApiError, Forbidden, NotFound, Unauthorized
+from isorun.daemon.models import (
+    CreateKey,
+    CreateSandbox,
+    ExecRequest,
+    KillProcess,
+    MkdirOp,
+    RemoveOp,
+    RenameOp,
+    SetTimeout,
+    SignalProcess,
+)
+from isorun.daemon.sandboxes import Live, SandboxManager
+from isorun.daemon.store import LOCAL_TENANT, StateError, StateFullError, Store
+from isorun.errors import (
+    ChannelClosedError,
+    ConfigError,
+    FileNotFoundInGuest,
+    GuestError,
+    IsorunError,
+)
+
+log = logging.getLogger("isorund.api")
+M = TypeVar("M", bound=BaseModel)
+MAX_JSON_BODY = 96 << 20
+NDJSON = "application/x-ndjson"
+
+_GUEST_STATUS = {"not_found": 404, "invalid": 400, "exists": 409, "permission": 403,
+                 "not_dir": 400, "is_dir": 400, "not_empty": 409, "busy": 409,
+                 "unsupported": 400}
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def map_error(exc: BaseException) -> JSONResponse:
+    if isinstance(exc, ApiError):
+        return error_response(exc.status, exc.code, str(exc))
+    if isinstance(exc, FileNotFoundInGuest):
+        return error_response(404, "not_found", str(exc))
+    if isinstance(exc, GuestError):
+        return error_response(_GUEST_STATUS.get(exc.code, 500), f"guest_{exc.code}", str(exc))
+    if isinstance(exc, StateFullError):
+        return error_response(507, "state_disk_full", str(exc))
+    if isinstance(exc, StateError):
+        return error_response(500, "state_error", str(exc))
+    if isinstance(exc, ChannelClosedError):
+        return error_response(410, "sandbox_ended", f"the sandbox VM went away: {exc}")
+    if isinstance(exc, ConfigError):
+        return error_response(400, "invalid", str(exc))
+    if isinstance(exc, IsorunError):
+        return error_response(500, "internal", str(exc))
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal", f"internal error: {type(exc).__name__}: {exc}")
+
+
+async def parse(request: Request, model: type[M]) -> M:
+    raw = await request.body()
+    if len(raw) > MAX_JSON_BODY:
+        raise ApiError(f"request body is {len(raw)} bytes; the limit is {MAX_JSON_BODY}",
+                       status=413, code="too_large")
+    if not raw.strip():
+        raw = b"{}"
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(f"request body is not valid JSON: {exc}", code="malformed_json") from exc
+    if not isinstance(data, dict):
+        raise ApiError("request body must be a JSON object", code="invalid")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        parts = []
+        for e in exc.errors()[:10]:
+            loc = ".".join(str(x) for x in e["loc"]) or "body"
+            parts.append(f"{loc}: {e['msg']}")
+        raise ApiError("invalid request: " + "; ".join(parts), status=422,
+                       code="invalid") from exc
+
+
+def _query_int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ApiError(f"query parameter {name}={raw!r} is not an integer", code="invalid") from None
+    if not lo <= v <= hi:
+        raise ApiError(f"query parameter {name}={v} must be between {lo} and {hi}", code="invalid")
+    return v
+
+
+def _query_path(request: Request) -> str:
+    p = request.query_params.get("path")
+    if not p or "\x00" in p or len(p) > 4096:
+        raise ApiError("query parameter 'path' is required: an absolute path in the sandbox",
+                       code="invalid")
+    return p
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+Emit = Callable[[str, bytes], None]
+Push = Callable[[dict[str, Any]], None]
+
+
+def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Starlette:
+    def tenant_of(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        local = request.scope.get("client") is None or request.scope["client"][0] in ("", None)
+        if header:
+            scheme, _, key = header.partition(" ")
+            if scheme.lower() != "bearer" or not key.strip():
+                raise Unauthorized("Authorization header must be 'Bearer <api key>'")
+            tenant = auth.tenant_for(store, key.strip())
+            if tenant is None:
+                raise Unauthorized("invalid or revoked API key")
+            return tenant
+        if local:
+            return LOCAL_TENANT
+        raise Unauthorized("an API key is required over TCP: send 'Authorization: Bearer <key>'"
+                           " (create one with `isorun keys create`)")
+
+    def endpoint(fn: Callable[[Request, str], Awaitable[Any]], *, status: int = 200,
+                 public: bool = False) -> Handler:
+        async def handler(request: Request) -> Response:
+            try:
+                tenant = "" if public else tenant_of(request)
+                result = await fn(request, tenant)
+            except Exception as exc:  # noqa: BLE001 - mapped to an HTTP error
+                return map_error(exc)
+            if isinstance(result, Response):
+                return result
+            return JSONResponse(result, status_code=status)
+        return handler
+
+    def admin(tenant: str) -> None:
+        if tenant != LOCAL_TENANT:
+            raise Forbidden("managing API keys is for the local administrator (unix socket)")
+
+    # --- system ------------------------------------------------------------------------
+
+    async def health(request: Request, tenant: str) -> Any:
+        return {"ok": True, "version": __version__}
+
+    async def openapi(request: Request, tenant: str) -> Any:
+        from isorun.daemon.openapi import build_spec
+        return build_spec()
+
+    async def info(request: Request, tenant: str) -> Any:
+        return {
+            "version": __version__, "tenant": tenant,
+            "capacity": {
+                "host_cpus": cfg.host_cpus, "host_mem_mib": cfg.host_mem_mib,
+                "cpu_overcommit": cfg.cpu_overcommit, "mem_overcommit": cfg.mem_overcommit,
+                "vcpus_allocated": sum(lv.row.vcpus for lv in manager.live.values()),
+                "memory_mib_allocated": sum(lv.row.memory_mib for lv in manager.live.values()),
+            },
+            "price_per_vcpu_hour": cfg.price_per_vcpu_hour,
+        }
+
+    # --- sandboxes ---------------------------------------------------------------------
+
+    async def create_sandbox(request: Request, tenant: str) -> Any:
+        req = await parse(request, CreateSandbox)
+        return (await manager.create(tenant, req)).public()
+
+    async def list_sandboxes(request: Request, tenant: str) -> Any:
+        meta: dict[str, str] = {}
+        for k, v in request.query_params.multi_items():
+            if k.startswith("metadata."):
+                meta[k[len("metadata."):]] = v
+            elif k == "metadata":
+                key, sep, val = v.partition("=")
+                if not sep:
+                    raise ApiError("metadata filter must be 'key=value'", code="invalid")
+                meta[key] = val
+            elif k != "all":
+                raise ApiError(f"unknown query parameter {k!r}; use metadata.KEY=VALUE or all=1",
+                               code="invalid")
+        include_ended = request.query_params.get("all") in ("1", "true")
+        rows = manager.list(tenant, meta, include_ended)
+        return {"sandboxes": [r.public() for r in rows]}
+
+    async def get_sandbox(request: Request, tenant: str) -> Any:
+        return manager.row(tenant, request.path_params["sid"]).public()
+
+    async def kill_sandbox(request: Request, tenant: str) -> Any:
+        return await manager.kill(tenant, request.path_params["sid"])
+
+    async def set_timeout(request: Request, tenant: str) -> Any:
+        req = await parse(request, SetTimeout)
+        return manager.set_timeout(tenant, request.path_params["sid"], req.sandbox_timeout).public()
+
+    async def logs(request: Request, tenant: str) -> Any:
+        sid = request.path_params["sid"]
+        manager.row(tenant, sid)
+        live = manager.live.get(sid)
+        text = live.vm.console.tail(65536) if live is not None else ""
+        return Response(text, media_type="text/plain; charset=utf-8")
+
+    async def metrics(request: Request, tenant: str) -> Any:
+        live = manager.get_live(tenant, request.path_params["sid"])
+        u = live.vm.usage()
+        guest = await live.vm.agent.metrics()
+        return {"cpu_ms": u.cpu_ms, "mem_peak_bytes": u.mem_peak_bytes,
+                "uptime_ms": u.uptime_ms, "guest": guest}
+
+    # --- processes ---------------------------------------------------------------------
+
+    def _stream(live: Live, run: Callable[[Emit, Push], Awaitable[dict[str, Any]]],
+                cancel_on_disconnect: bool) -> StreamingResponse:
+        q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        detached = False
+
+        def push(rec: dict[str, Any]) -> None:
+            if not detached:
+                q.put_nowait(rec)
+
+        def emit(kind: str, data: bytes) -> None:
+            if not detached:
+                q.put_nowait({"type": kind, "data": base64.b64encode(data).decode()})
+
+        async def runner() -> None:
+            try:
+                final = await run(emit, push)
+                if not detached:
+                    q.put_nowait(final)
+            except asyncio.CancelledError:
+                if not detached:
+                    q.put_nowait({"type": "error", "code": "sandbox_ended",
+                                  "message": "the sandbox was destroyed"})
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported in-stream
+                body = json.loads(map_error(exc).body)
+                q.put_nowait({"type": "error", **body["error"]})
+            finally:
+                q.put_nowait(None)
+
+        task = live.spawn(runner())
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal detached
+            try:
+                while True:
+                    item = await q.get()
+                    if item is None:
+                        return
+                    yield (json.dumps(item, separators=(",", ":")) + "\n").encode()
+            finally:
+                detached = True
+                if cancel_on_disconnect and not task.done():
+                    task.cancel()
+
+        return StreamingResponse(body(), media_type=NDJSON)
+
+    def _exit_record(r: ExecResult) -> dict[str, Any]:
+        return {"type": "exit", "proc_id": r.proc_id, "exit_code": r.exit_code,
+                "signal": r.signal, "timed_out": r.timed_out, "duration_ms": r.duration_ms}
+
+    async def exec_(request: Request, tenant: str) -> Any:
+        req = await parse(request, ExecRequest)
+        live = manager.get_live(tenant, request.path_params["sid"])
+        pty = (req.pty.rows, req.pty.cols) if req.pty else None
+        if req.background:
+            proc_id, pid = await live.vm.agent.spawn(
+                req.cmd, argv=req.argv, env=req.env or None, cwd=req.cwd, user=req.user,
+                timeout=req.timeout, pty=pty, tag=req.tag)
+            return {"proc_id": proc_id, "pid": pid}
+        stdin: bytes | None = None
+        if req.stdin is not None:
+            try:
+                stdin = base64.b64decode(req.stdin, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ApiError(f"stdin must be base64: {exc}", status=422, code="invalid") from exc
+        async def run(emit: Emit, push: Push) -> dict[str, Any]:
+            def started(proc_id: str, pid: int) -> None:
+                push({"type": "start", "proc_id": proc_id, "pid": pid})
+
+            r = await live.vm.agent.exec(
+                req.cmd, argv=req.argv, env=req.env or None, cwd=req.cwd, user=req.user,
+                timeout=req.timeout, stdin=stdin, pty=pty,
+                on_stdout=lambda b: emit("stdout", b), on_stderr=lambda b: emit("stderr", b),
+                on_start=started, capture=False, tag=req.tag)
+            return _exit_record(r)
+
+        # A client that goes away does not stop the command: it runs on, its output stays
+        # in the guest's ring, and GET .../processes/{proc_id}/stream replays it.
+        return _stream(live, run, cancel_on_disconnect=False)
+
+    async def list_procs(request: Request, tenant: str) -> Any:
+        live = manager.get_live(tenant, request.path_params["sid"])
+        return {"processes": [dataclasses.asdict(p) for p in await live.vm.agent.list_procs()]}
+
+    async def connect_proc(request: Request, tenant: str) -> Any:
+        live = manager.get_live(tenant, request.path_params["sid"])
+        proc_id = request.path_params["pid"]
+        offset = _query_int(request, "offset", 0, 0, 1 << 62)
+        att = Attachment(offset=offset)
+        await _known_proc(live, proc_id)
+
+        async def run(emit: Emit, push: Push) -> dict[str, Any]:
+            first = True
+
+            def out(kind: str) -> Callable[[bytes], None]:
+                def cb(b: bytes) -> None:
+                    nonlocal first
+                    if first:
+                        first = False
+                        push({"type": "attached", "offset": att.offset, "lost": att.lost})
+                    emit(kind, b)
+                return cb
+            r = await live.vm.agent.attach(proc_id, offset=offset, on_stdout=out("stdout"),
+                                           on_stderr=out("stderr"), capture=False,
+                                           attachment=att)
+            return {**_exit_record(r), "attached_offset": att.offset, "lost": att.lost,
+                    "gaps": att.gaps}
+
+        return _stream(live, run, cancel_on_disconnect=True)
+
+    async def _known_proc(live: Live, proc_id: str) -> None:
+        if len(proc_id) > 64 or not any(p.proc_id == proc_id
+                                        for p in await live.vm.agent.list_procs()):
+            raise NotFound(f"process {proc_id!r} not found in sandbox {live.row.id}")
+
+    async def kill_proc(request: Request, tenant: str) -> Any:
+        req = await parse(request, KillProcess)
+        live = manager.get_live(tenant, request.path_params["sid"])
+        await _known_proc(live, request.path_params["pid"])
+        code, sig = await live.vm.agent.kill(request.path_params["pid"], req.grace)
+        return {"exit_code": code, "signal": sig}
+
+    async def signal_proc(request: Request, tenant: str) -> Any:
+        req = await parse(request, SignalProcess)
+        live = manager.get_live(tenant, request.path_params["sid"])
+        await _known_proc(live, request.path_params["pid"])
+        await live.vm.agent.signal(request.path_params["pid"], req.signal)
+        return {"ok": True}
+
+    # --- files -------------------------------------------------------------------------
+
+    async def read_file(request: Request, tenant: str) -> Any:
+        live = manager.get_live(tenant, request.path_params["sid"])
+        path = _query_path(request)
+        it = live.vm.agent.read_file(path)
+        # Pull the first chunk now so a missing file is a 404, not a broken stream.
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            first = b""
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                if first:
+                    yield first
+                async for chunk in it:
+                    yield chunk
+            finally:
+                await it.aclose()
+        return StreamingResponse(body(), media_type="application/octet-stream")
+
+    async def write_file(request: Request, tenant: str) -> Any:
+        live = manager.get_live(tenant, request.path_params["sid"])
+        path = _query_path(request)
+        mode = _query_int(request, "mode", 0o644, 0, 0o7777)
+        append = request.query_params.get("append") in ("1", "true")
+        n = await live.vm.agent.write_file(path, _chunks(request), mode=mode, append=append)
+        return {"path": path, "bytes": n}
+
+    async def list_files(request: Request, tenant: str) -> Any:
+        live = manager.get_live(tenant, request.path_params["sid"])
+        depth = _query_int(request, "depth", 1, 1, 64)
+        entries = await live.vm.agent.list(_query_path(request), depth)
+        return {"entries": [dataclasses.asdict(e) for e in entries]}
+
+    async def stat_file(request: Request, tenant: str) -> Any:
+        live = manager.get_live(tenant, request.path_params["sid"])
+        return dataclasses.asdict(await live.vm.agent.stat(_query_path(request)))
+
+    async def mkdir(request: Request, tenant: str) -> Any:
+        req = await parse(request, MkdirOp)
+        live = manager.get_live(tenant, request.path_params["sid"])
+        await live.vm.agent.mkdir(req.path, req.parents, req.mode)
+        return {"ok": True}
+
+    async def remove(request: Request, tenant: str) -> Any:
+        req = await parse(request, RemoveOp)
+        live = manager.get_live(tenant, request.path_params["sid"])
+        await live.vm.agent.remove(req.path, req.recursive)
+        return {"ok": True}
+
+    async def rename(request: Request, tenant: str) -> Any:
+        req = await parse(request, RenameOp)
+        live = manager.get_live(tenant, request.path_params["sid"])
+        await live.vm.agent.rename(req.src, req.dst)
+        return {"ok": True}
+
+    async def watch(request: Request, tenant: str) -> Any:
+        live = manager.get_live(tenant, request.path_params["sid"])
+        path = _query_path(request)
+        recursive = request.query_params.get("recursive") in ("1", "true")
+        it = live.vm.agent.watch(path, recursive)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for op, p in it:
+                    yield (json.dumps({"type": "fs", "op": op, "path": p}) + "\n").encode()
+            except IsorunError as exc:
+                yield (json.dumps({"type": "error", "message": str(exc)}) + "\n").encode()
+            finally:
+                await it.aclose()
+        return StreamingResponse(body(), media_type=NDJSON)
+
+    # --- usage, images, keys ---------------------------------------------------------------
+
+    async def usage(request: Request, tenant: str) -> Any:
+        def f(name: str) -> float | None:
+            raw = request.query_params.get(name)
+            if raw is None:
+                return None
+            try:
+                return float(raw)
+            except ValueError:
+                raise ApiError(f"{name}={raw!r} must be a unix timestamp", code="invalid") from None
+        return {"price_per_vcpu_hour": cfg.price_per_vcpu_hour,
+                **store.usage(tenant, f("since"), f("until"))}
+
+    async def images(request: Request, tenant: str) -> Any:
+        return {"images": [
+            {"digest": i.digest, "names": list(i.names), "size_bytes": i.size_bytes,
+             "disk_bytes": i.disk_bytes, "source": i.source, "created": i.created}
+            for i in manager.images.list()]}
+
+    async def create_key(request: Request, tenant: str) -> Any:
+        admin(tenant)
+        req = await parse(request, CreateKey)
+        return auth.create_key(store, req.tenant_id, req.name)
+
+    async def list_keys(request: Request, tenant: str) -> Any:
+        admin(tenant)
+        return {"keys": store.list_keys()}
+
+    async def revoke_key(request: Request, tenant: str) -> Any:
+        admin(tenant)
+        if not store.revoke_key(request.path_params["kid"]):
+            raise NotFound(f"API key {request.path_params['kid']!r} not found")
+        return {"ok": True}
+
+    S = "/v1/sandboxes/{sid}"
+    routes = [
+        Route("/v1/health", endpoint(health, public=True)),
+        Route("/openapi.json", endpoint(openapi, public=True)),
+        Route("/v1/info", endpoint(info)),
+        Route("/v1/sandboxes", endpoint(create_sandbox, status=201), methods=["POST"]),
+        Route("/v1/sandboxes", endpoint(list_sandboxes), methods=["GET"]),
+        Route(S, endpoint(get_sandbox), methods=["GET"]),
+        Route(S, endpoint(kill_sandbox), methods=["DELETE"]),
+        Route(S + "/timeout", endpoint(set_timeout), methods=["POST"]),
+        Route(S + "/logs", endpoint(logs), methods=["GET"]),
+        Route(S + "/metrics", endpoint(metrics), methods=["GET"]),
+        Route(S + "/exec", endpoint(exec_), methods=["POST"]),
+        Route(S + "/processes", endpoint(list_procs), methods=["GET"]),
+        Route(S + "/processes/{pid}/stream", endpoint(connect_proc), methods=["GET"]),
+        Route(S + "/processes/{pid}/kill", endpoint(kill_proc), methods=["POST"]),
+        Route(S + "/processes/{pid}/signal", endpoint(signal_proc), methods=["POST"]),
+        Route(S + "/files", endpoint(read_file), methods=["GET"]),
+        Route(S + "/files", endpoint(write_file), methods=["PUT"]),
+        Route(S + "/files/list", endpoint(list_files), methods=["GET"]),
+        Route(S + "/files/stat", endpoint(stat_file), methods=["GET"]),
+        Route(S + "/files/watch", endpoint(watch), methods=["GET"]),
+        Route(S + "/files/mkdir", endpoint(mkdir), methods=["POST"]),
+        Route(S + "/files/remove", endpoint(remove), methods=["POST"]),
+        Route(S + "/files/rename", endpoint(rename), methods=["POST"]),
+        Route("/v1/usage", endpoint(usage), methods=["GET"]),
+        Route("/v1/images", endpoint(images), methods=["GET"]),
+        Route("/v1/keys", endpoint(create_key, status=201), methods=["POST"]),
+        Route("/v1/keys", endpoint(list_keys), methods=["GET"]),
+        Route("/v1/keys/{kid}", endpoint(revoke_key), methods=["DELETE"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await manager.start()
+        try:
+            yield
+        finally:
+            await manager.stop()
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error_response(404, "not_found", f"no route {request.method} {request.url.path}")
+
+    async def bad_method(request: Request, exc: Exception) -> Response:
+        return error_response(405, "method_not_allowed",
+                              f"{request.method} is not allowed on {request.url.path}")
+
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={404: not_found, 405: bad_method})
+
+
+async def _chunks(request: Request) -> AsyncIterator[bytes]:
+    async for chunk in request.stream():
+        if chunk:
+            yield chunk

@@ -1,0 +1,81 @@
+"""Daemon settings: defaults, then environment (ISORUN_*), then command-line flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from isorun.vmm import artifacts
+
+DEFAULT_SOCKET = Path("/run/isorun/isorund.sock")
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw else default
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw else default
+
+
+def default_socket() -> Path:
+    return Path(os.environ.get("ISORUN_SOCKET", str(DEFAULT_SOCKET)))
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("ISORUN_STATE_DIR", "/var/lib/isorun"))
+
+
+@dataclass
+class DaemonConfig:
+    state_dir: Path = field(default_factory=default_state_dir)
+    socket_path: Path = field(default_factory=default_socket)
+    tcp: str | None = field(default_factory=lambda: os.environ.get("ISORUN_TCP") or None)
+    image_dir: Path = field(
+        default_factory=lambda: Path(
+            os.environ.get("ISORUN_IMAGE_DIR", str(artifacts.cache_root() / "images"))
+        )
+    )
+    # Oversubscription: the sum over live sandboxes may reach host capacity x ratio.
+    cpu_overcommit: float = field(default_factory=lambda: _env_float("ISORUN_CPU_OVERCOMMIT", 4.0))
+    mem_overcommit: float = field(default_factory=lambda: _env_float("ISORUN_MEM_OVERCOMMIT", 1.5))
+    price_per_vcpu_hour: float = field(
+        default_factory=lambda: _env_float("ISORUN_PRICE_PER_VCPU_HOUR", 0.041)
+    )
+    default_vcpus: int = 1
+    default_memory_mib: int = field(default_factory=lambda: _env_int("ISORUN_DEFAULT_MEMORY_MIB", 1024))
+    default_disk_mib: int = 2048
+    default_timeout_s: int = field(default_factory=lambda: _env_int("ISORUN_DEFAULT_TIMEOUT", 300))
+    max_timeout_s: int = 30 * 86400
+    reaper_interval_s: float = 1.0
+    jail: bool = field(default_factory=lambda: os.environ.get("ISORUN_JAIL", "1") != "0")
+    # `rootfs:/path.ext4` images: a host path as a VM disk. Local (unix socket) callers only,
+    # and only when switched on (tests, custom guest images).
+    allow_raw_rootfs: bool = field(
+        default_factory=lambda: os.environ.get("ISORUN_ALLOW_RAW_ROOTFS") == "1"
+    )
+    # What a graceful stop does with running sandboxes: keep them (re-adopted on restart).
+    kill_on_exit: bool = False
+    host_cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+    host_mem_mib: int = field(default_factory=lambda: _mem_total_mib())
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "isorund.db"
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.state_dir / "vms"
+
+
+def _mem_total_mib() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1024

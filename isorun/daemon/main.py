@@ -1,0 +1,108 @@
+"""`isorund`: serve the API on a unix socket (mode 0600) and, optionally, TCP (API keys)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+import uvicorn
+
+from isorun.daemon.app import create_app
+from isorun.daemon.config import DaemonConfig
+from isorun.daemon.sandboxes import SandboxManager
+from isorun.daemon.store import Store
+
+
+def _unix_listener(path: Path) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # stale socket of a dead daemon
+    else:
+        raise SystemExit(f"isorund: another daemon is already serving {path}")
+    finally:
+        probe.close()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        s.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    s.listen(256)
+    s.setblocking(False)
+    return s
+
+
+def _tcp_listener(spec: str) -> socket.socket:
+    host, _, port = spec.rpartition(":")
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host.strip("[]") or "127.0.0.1", int(port)))
+    s.listen(256)
+    s.setblocking(False)
+    return s
+
+
+async def serve(cfg: DaemonConfig) -> None:
+    # MicroVM puts run dirs under $ISORUN_STATE_DIR/vms; keep it in step with our state dir.
+    os.environ["ISORUN_STATE_DIR"] = str(cfg.state_dir)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(cfg.db_path)
+    manager = SandboxManager(cfg, store)
+    app = create_app(cfg, store, manager)
+    socks = [_unix_listener(cfg.socket_path)]
+    if cfg.tcp:
+        socks.append(_tcp_listener(cfg.tcp))
+    config = uvicorn.Config(app, log_level=os.environ.get("ISORUN_LOG_LEVEL", "warning").lower(),
+                            access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    try:
+        await server.serve(sockets=socks)
+    finally:
+        with contextlib.suppress(OSError):
+            if cfg.socket_path.is_socket():
+                cfg.socket_path.unlink()
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="isorund", description="isorun sandbox daemon")
+    p.add_argument("--socket", type=Path, help="unix socket (default $ISORUN_SOCKET or "
+                   "/run/isorun/isorund.sock)")
+    p.add_argument("--tcp", help="also listen on HOST:PORT (API keys required)")
+    p.add_argument("--state-dir", type=Path, help="SQLite state and VM run dirs")
+    p.add_argument("--image-dir", type=Path)
+    p.add_argument("--cpu-overcommit", type=float)
+    p.add_argument("--mem-overcommit", type=float)
+    p.add_argument("--price-per-vcpu-hour", type=float)
+    p.add_argument("--kill-on-exit", action="store_true",
+                   help="kill sandboxes on a clean stop (default: keep them for re-adoption)")
+    a = p.parse_args(argv)
+    cfg = DaemonConfig()
+    for name in ("socket", "tcp", "state_dir", "image_dir", "cpu_overcommit",
+                 "mem_overcommit", "price_per_vcpu_hour"):
+        v = getattr(a, name)
+        if v is not None:
+            setattr(cfg, "socket_path" if name == "socket" else name, v)
+    cfg.kill_on_exit = a.kill_on_exit
+    logging.basicConfig(level=os.environ.get("ISORUN_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(cfg))
+
+
+if __name__ == "__main__":
+    main()

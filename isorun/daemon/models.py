@@ -1,0 +1,102 @@
+"""Request bodies. Strict: unknown fields, wrong types and out-of-range sizes are refused."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+MAX_TIMEOUT_S = 30 * 86400
+Key = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00=]+$")]
+Val = Annotated[str, StringConstraints(max_length=65536, pattern=r"^[^\x00]*$")]
+MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00]+$")]
+MetaVal = Annotated[str, StringConstraints(max_length=1024, pattern=r"^[^\x00]*$")]
+Path_ = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class CreateSandbox(Strict):
+    image: Annotated[str, StringConstraints(min_length=1, max_length=1024)] = Field(
+        "base", description="template name (base, python, node) or OCI image reference"
+    )
+    vcpus: int | None = Field(None, ge=1, le=64)
+    memory_mib: int | None = Field(None, ge=128, le=256 * 1024)
+    disk_mib: int | None = Field(None, ge=64, le=1024 * 1024, description="writable layer size")
+    env: dict[Key, Val] = Field(default_factory=dict, max_length=1024)
+    metadata: dict[MetaKey, MetaVal] = Field(default_factory=dict, max_length=64)
+    sandbox_timeout: int | None = Field(
+        None, ge=1, le=MAX_TIMEOUT_S, description="seconds until the sandbox is killed"
+    )
+
+
+class SetTimeout(Strict):
+    sandbox_timeout: int = Field(..., ge=1, le=MAX_TIMEOUT_S)
+
+
+class ExecRequest(Strict):
+    cmd: Annotated[str, StringConstraints(min_length=1, max_length=1 << 20)] | None = None
+    argv: Annotated[list[Annotated[str, StringConstraints(max_length=1 << 20)]],
+                    Field(min_length=1, max_length=4096)] | None = None
+    env: dict[Key, Val] = Field(default_factory=dict, max_length=1024)
+    cwd: Path_ | None = None
+    user: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+    timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S, description="seconds")
+    stdin: Annotated[str, StringConstraints(max_length=64 << 20)] | None = Field(
+        None, description="base64 bytes fed to stdin, then EOF"
+    )
+    background: bool = False
+    pty: PtySize | None = None
+    tag: Annotated[str, StringConstraints(max_length=256)] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ExecRequest:
+        if (self.cmd is None) == (self.argv is None):
+            raise ValueError("pass exactly one of 'cmd' (a shell string) or 'argv' (a list)")
+        if self.background and self.stdin is not None:
+            raise ValueError("'stdin' is only for foreground exec; background processes get none")
+        return self
+
+
+class PtySize(Strict):
+    rows: int = Field(24, ge=1, le=1000)
+    cols: int = Field(80, ge=1, le=1000)
+
+
+class KillProcess(Strict):
+    grace: float = Field(2.0, ge=0, le=300)
+
+
+class SignalProcess(Strict):
+    signal: int = Field(..., ge=1, le=64)
+
+
+class PathOp(Strict):
+    path: Path_
+
+
+class MkdirOp(Strict):
+    path: Path_
+    parents: bool = True
+    mode: int = Field(0o755, ge=0, le=0o7777)
+
+
+class RemoveOp(Strict):
+    path: Path_
+    recursive: bool = False
+
+
+class RenameOp(Strict):
+    src: Path_
+    dst: Path_
+
+
+class CreateKey(Strict):
+    name: Annotated[str, StringConstraints(max_length=128)] = ""
+    tenant_id: Annotated[str, StringConstraints(min_length=1, max_length=64,
+                                                pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
+
+
+ExecRequest.model_rebuild()

@@ -1,0 +1,354 @@
+"""Sandbox lifecycle: create (capacity check, image, boot), get/list, timeouts and the reaper,
+kill with host-measured usage, and re-adoption of running VMs after a daemon restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from isorun.daemon.config import DaemonConfig
+from isorun.daemon.errors import ApiError, CapacityError, Conflict, Forbidden, Gone, NotFound
+from isorun.daemon.models import CreateSandbox
+from isorun.daemon.store import LOCAL_TENANT, SandboxRow, Store
+from isorun.daemon.vmhandle import AdoptedVM, detach, kill_orphan
+from isorun.errors import IsorunError, VMError
+from isorun.images import (
+    ImageConfig,
+    ImageError,
+    ImageNotFoundError,
+    ImageStore,
+    InvalidReferenceError,
+    RegistryUnreachableError,
+    TemplateError,
+)
+from isorun.vmm import MicroVM, VMSpec
+from isorun.vmm.cgroup import VMCgroup
+
+log = logging.getLogger("isorund.sandboxes")
+TAG = "isorun.sandbox="
+
+
+@dataclass
+class Live:
+    row: SandboxRow
+    vm: MicroVM
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    watcher: asyncio.Task[None] | None = None
+    ending: asyncio.Future[dict[str, Any]] | None = None
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """A task that belongs to this sandbox (e.g. an exec whose client went away)."""
+        t = asyncio.create_task(coro)
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+        return t
+
+
+class SandboxManager:
+    def __init__(self, cfg: DaemonConfig, store: Store) -> None:
+        self.cfg = cfg
+        self.store = store
+        self._images: ImageStore | None = None
+        self.live: dict[str, Live] = {}
+        self.reserved: dict[str, tuple[int, int]] = {}  # creating: (vcpus, memory_mib)
+        self._reaper: asyncio.Task[None] | None = None
+
+    @property
+    def images(self) -> ImageStore:
+        if self._images is None:
+            self._images = ImageStore(self.cfg.image_dir)
+        return self._images
+
+    # --- start / stop ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._readopt()
+        self._reaper = asyncio.create_task(self._reap_forever(), name="reaper")
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for live in list(self.live.values()):
+            if self.cfg.kill_on_exit:
+                await self._end(live, "daemon-stopped")
+                continue
+            # Leave the VM running; the next daemon re-adopts it.
+            for t in list(live.tasks):
+                t.cancel()
+            if live.watcher is not None:
+                live.watcher.cancel()
+            detach(live.vm)
+            sup = getattr(live.vm, "_supervisor", None)
+            if sup is not None:
+                sup.cancel()
+            with contextlib.suppress(Exception):
+                await live.vm.agent.conn.close()
+            with contextlib.suppress(Exception):
+                await live.vm._qmp.close()
+            with contextlib.suppress(Exception):
+                await live.vm.console.stop()
+        self.live.clear()
+
+    async def _readopt(self) -> None:
+        adopted: set[str] = set()
+        for row in self.store.list_sandboxes(states=("creating", "running")):
+            if row.state == "running" and row.run_dir:
+                try:
+                    vm = await AdoptedVM.adopt(Path(row.run_dir), row.started or row.created)
+                except (IsorunError, OSError, ValueError, KeyError, TimeoutError) as exc:
+                    log.warning("sandbox %s could not be re-adopted: %s", row.id, exc)
+                    await asyncio.to_thread(kill_orphan, Path(row.run_dir))
+                    self._remove_run_dir(Path(row.run_dir))
+                    self.store.end_sandbox(
+                        row, "lost", (row.cpu_ms or 0, row.mem_peak_bytes or 0,
+                                      int((time.time() - (row.started or row.created)) * 1000)),
+                        self.cfg.price_per_vcpu_hour,
+                        error=f"VM could not be re-adopted after a daemon restart: {exc}",
+                    )
+                    await self._release_image(row)
+                    continue
+                live = Live(row, vm)
+                self.live[row.id] = live
+                live.watcher = asyncio.create_task(self._watch(live))
+                adopted.add(vm.id)
+                log.info("re-adopted sandbox %s (vm %s)", row.id, vm.id)
+            else:
+                self.store.end_sandbox(row, "error", (0, 0, 0), self.cfg.price_per_vcpu_hour,
+                                       error="the daemon stopped while this sandbox was starting")
+                await self._release_image(row)
+        # VMs this daemon started but never recorded (crash during create): kill them.
+        vms = self.cfg.vms_dir
+        if vms.is_dir():
+            for d in vms.iterdir():
+                if d.name in adopted or not d.is_dir():
+                    continue
+                sandbox_id = _sandbox_of(d)
+                if sandbox_id is None:
+                    continue  # not ours (another VMM user sharing the state dir)
+                row = self.store.get_sandbox(sandbox_id)
+                if row is not None and row.id in self.live:
+                    continue
+                log.warning("removing orphan VM %s of sandbox %s", d.name, sandbox_id)
+                await asyncio.to_thread(kill_orphan, d)
+                self._remove_run_dir(d)
+
+    @staticmethod
+    def _remove_run_dir(d: Path) -> None:
+        VMCgroup(f"vm-{d.name}").remove()
+        shutil.rmtree(d, ignore_errors=True)
+
+    # --- lookups ---------------------------------------------------------------------
+
+    def row(self, tenant: str, sandbox_id: str) -> SandboxRow:
+        row = self.store.get_sandbox(sandbox_id) if len(sandbox_id) <= 64 else None
+        if row is None or row.tenant_id != tenant:
+            raise NotFound(f"sandbox {sandbox_id!r} not found")
+        return row
+
+    def get_live(self, tenant: str, sandbox_id: str) -> Live:
+        row = self.row(tenant, sandbox_id)
+        live = self.live.get(sandbox_id)
+        if row.state == "creating":
+            raise Conflict(f"sandbox {sandbox_id} is still starting; retry when it runs")
+        if live is None or live.ending is not None:
+            why = row.end_reason or "ended"
+            raise Gone(f"sandbox {sandbox_id} has ended ({why}); create a new sandbox")
+        return live
+
+    def list(self, tenant: str, metadata: dict[str, str], include_ended: bool) -> list[SandboxRow]:
+        states = None if include_ended else ("creating", "running")
+        rows = self.store.list_sandboxes(tenant, states)
+        return [r for r in rows if all(r.metadata.get(k) == v for k, v in metadata.items())]
+
+    # --- create ----------------------------------------------------------------------
+
+    def _check_capacity(self, vcpus: int, memory_mib: int) -> None:
+        used_cpu = sum(lv.row.vcpus for lv in self.live.values()) + sum(
+            c for c, _ in self.reserved.values())
+        used_mem = sum(lv.row.memory_mib for lv in self.live.values()) + sum(
+            m for _, m in self.reserved.values())
+        cpu_cap = int(self.cfg.host_cpus * self.cfg.cpu_overcommit)
+        mem_cap = int(self.cfg.host_mem_mib * self.cfg.mem_overcommit)
+        if used_cpu + vcpus > cpu_cap:
+            raise CapacityError(
+                f"host is full: {used_cpu} of {cpu_cap} vCPUs are allocated "
+                f"({self.cfg.host_cpus} CPUs x overcommit {self.cfg.cpu_overcommit}); "
+                f"asked for {vcpus}. Destroy sandboxes or ask for fewer vcpus")
+        if used_mem + memory_mib > mem_cap:
+            raise CapacityError(
+                f"host is full: {used_mem} of {mem_cap} MiB of guest memory are allocated "
+                f"({self.cfg.host_mem_mib} MiB x overcommit {self.cfg.mem_overcommit}); "
+                f"asked for {memory_mib} MiB. Destroy sandboxes or ask for less memory_mib")
+
+    async def _resolve_image(
+        self, tenant: str, ref: str, holder: str
+    ) -> tuple[Path, str | None, ImageConfig]:
+        if ref.startswith("rootfs:"):
+            if not (self.cfg.allow_raw_rootfs and tenant == LOCAL_TENANT):
+                raise Forbidden("'rootfs:' images are for local callers of a daemon started "
+                                "with ISORUN_ALLOW_RAW_ROOTFS=1; use a template or OCI image")
+            p = Path(ref[len("rootfs:"):])
+            if not p.is_absolute() or not p.is_file():
+                raise NotFound(f"image {ref!r} not found: no such ext4 file on the host")
+            return p, None, ImageConfig()
+        try:
+            img = await self.images.ensure(ref)
+            img = await self.images.acquire(img.digest, holder)
+        except ImageNotFoundError as exc:
+            raise NotFound(f"image {ref!r} not found: {exc}") from exc
+        except (InvalidReferenceError, TemplateError) as exc:
+            raise ApiError(f"invalid image {ref!r}: {exc}", code="invalid_image") from exc
+        except RegistryUnreachableError as exc:
+            raise ApiError(str(exc), status=502, code="registry_unreachable") from exc
+        except ImageError as exc:
+            raise ApiError(f"image {ref!r}: {exc}", status=422, code="image_error") from exc
+        return img.rootfs, img.digest, img.config
+
+    async def _release_image(self, row: SandboxRow) -> None:
+        if row.image_digest:
+            with contextlib.suppress(Exception):
+                await self.images.release(row.image_digest, row.id)
+
+    async def create(self, tenant: str, req: CreateSandbox) -> SandboxRow:
+        cfg = self.cfg
+        vcpus = req.vcpus or cfg.default_vcpus
+        memory = req.memory_mib or cfg.default_memory_mib
+        disk = req.disk_mib or cfg.default_disk_mib
+        timeout = req.sandbox_timeout or cfg.default_timeout_s
+        if timeout > cfg.max_timeout_s:
+            raise ApiError(f"sandbox_timeout={timeout} is over this daemon's maximum of "
+                           f"{cfg.max_timeout_s} seconds", code="invalid")
+        self._check_capacity(vcpus, memory)
+        now = time.time()
+        row = SandboxRow(
+            id=f"sb-{uuid.uuid4().hex[:16]}", tenant_id=tenant, image=req.image, vcpus=vcpus,
+            memory_mib=memory, disk_mib=disk, env=dict(req.env), metadata=dict(req.metadata),
+            state="creating", created=now, timeout_s=timeout, expires=now + timeout + 3600,
+        )
+        self.reserved[row.id] = (vcpus, memory)
+        vm: MicroVM | None = None
+        try:
+            self.store.insert_sandbox(row)
+            rootfs, digest, icfg = await self._resolve_image(tenant, req.image, row.id)
+            row.image_digest = digest
+            spec = VMSpec(rootfs=rootfs, vcpus=vcpus, memory_mib=memory, scratch_mib=disk,
+                          jail=cfg.jail, extra_cmdline=f"{TAG}{row.id}")
+            vm = await MicroVM.boot(spec)
+            await vm.agent.set_defaults(env={**icfg.env, **req.env}, cwd=icfg.working_dir,
+                                        user=icfg.user)
+            started = time.time()
+            row.state, row.started, row.expires = "running", started, started + timeout
+            row.vm_id, row.run_dir, row.pid = vm.id, str(vm.run_dir), vm.pid
+            self.store.update_sandbox(
+                row.id, state="running", started=started, expires=row.expires, vm_id=vm.id,
+                run_dir=row.run_dir, pid=vm.pid, image_digest=digest)
+        except BaseException as exc:
+            usage = (0, 0, 0)
+            if vm is not None:
+                u = await vm.kill()
+                usage = (u.cpu_ms, u.mem_peak_bytes, u.uptime_ms)
+            msg = str(exc) or type(exc).__name__
+            with contextlib.suppress(Exception):
+                if self.store.get_sandbox(row.id) is not None:
+                    self.store.end_sandbox(row, "error", usage, cfg.price_per_vcpu_hour,
+                                           error=msg[:4000])
+            await self._release_image(row)
+            if isinstance(exc, VMError):
+                raise ApiError(f"sandbox VM failed to start: {exc}", status=500,
+                               code="boot_failed") from exc
+            raise
+        finally:
+            self.reserved.pop(row.id, None)
+        live = Live(row, vm)
+        self.live[row.id] = live
+        live.watcher = asyncio.create_task(self._watch(live))
+        return row
+
+    # --- ending ----------------------------------------------------------------------
+
+    async def kill(self, tenant: str, sandbox_id: str) -> dict[str, Any]:
+        row = self.row(tenant, sandbox_id)
+        live = self.live.get(sandbox_id)
+        if live is None:
+            if row.state == "creating":
+                raise Conflict(f"sandbox {sandbox_id} is still starting; kill it once it runs")
+            raise Gone(f"sandbox {sandbox_id} has already ended ({row.end_reason})")
+        return await self._end(live, "killed")
+
+    def set_timeout(self, tenant: str, sandbox_id: str, seconds: int) -> SandboxRow:
+        live = self.get_live(tenant, sandbox_id)
+        if seconds > self.cfg.max_timeout_s:
+            raise ApiError(f"sandbox_timeout={seconds} is over this daemon's maximum of "
+                           f"{self.cfg.max_timeout_s} seconds", code="invalid")
+        expires = time.time() + seconds
+        self.store.update_sandbox(sandbox_id, expires=expires, timeout_s=seconds)
+        live.row.expires, live.row.timeout_s = expires, seconds
+        return live.row
+
+    async def _end(self, live: Live, reason: str) -> dict[str, Any]:
+        if live.ending is not None:
+            return await asyncio.shield(live.ending)
+        live.ending = asyncio.get_running_loop().create_future()
+        try:
+            for t in list(live.tasks):
+                t.cancel()
+            if live.watcher is not None and live.watcher is not asyncio.current_task():
+                live.watcher.cancel()
+            u = await live.vm.kill()
+            usage = {"cpu_ms": u.cpu_ms, "mem_peak_bytes": u.mem_peak_bytes,
+                     "uptime_ms": u.uptime_ms}
+            bill = self.store.end_sandbox(
+                live.row, reason, (u.cpu_ms, u.mem_peak_bytes, u.uptime_ms),
+                self.cfg.price_per_vcpu_hour)
+            await self._release_image(live.row)
+            result = {**usage, **bill}
+            live.ending.set_result(result)
+            return result
+        except BaseException as exc:
+            live.ending.set_exception(exc)
+            raise
+        finally:
+            self.live.pop(live.row.id, None)
+
+    async def _watch(self, live: Live) -> None:
+        reason = await live.vm.wait()
+        if live.ending is None:
+            log.info("sandbox %s VM exited: %s", live.row.id, reason)
+            with contextlib.suppress(Exception):
+                await self._end(live, f"vm-exited: {reason}")
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.reaper_interval_s)
+            now = time.time()
+            for live in list(self.live.values()):
+                if live.ending is None and live.row.expires <= now:
+                    log.info("sandbox %s reached its timeout", live.row.id)
+                    try:
+                        await self._end(live, "timeout")
+                    except Exception:
+                        log.exception("reaping %s failed", live.row.id)
+
+
+def _sandbox_of(run_dir: Path) -> str | None:
+    """The sandbox id a run dir's QEMU was started for (tagged on its kernel command line)."""
+    try:
+        argv = json.loads((run_dir / "argv.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for a in argv if isinstance(argv, list) else []:
+        if isinstance(a, str) and TAG in a:
+            tail = a.split(TAG, 1)[1]
+            return tail.split()[0] if tail else None
+    return None

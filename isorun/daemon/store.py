@@ -1,0 +1,295 @@
+"""Daemon state in SQLite (WAL): tenants and their API keys, sandboxes, usage records.
+
+Every write is one transaction, so a crash or a full disk leaves the last committed state
+intact. `StateFullError` names the disk-full case so the API can answer 507.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from isorun.errors import IsorunError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tenants (
+  id TEXT PRIMARY KEY, name TEXT NOT NULL, created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+  id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL REFERENCES tenants(id),
+  hash TEXT NOT NULL, name TEXT NOT NULL, created REAL NOT NULL, revoked REAL
+);
+CREATE TABLE IF NOT EXISTS sandboxes (
+  id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, image TEXT NOT NULL, image_digest TEXT,
+  vcpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL, disk_mib INTEGER NOT NULL,
+  env TEXT NOT NULL, metadata TEXT NOT NULL, state TEXT NOT NULL,
+  created REAL NOT NULL, started REAL, timeout_s INTEGER NOT NULL, expires REAL NOT NULL,
+  ended REAL, end_reason TEXT, error TEXT,
+  vm_id TEXT, run_dir TEXT, pid INTEGER,
+  cpu_ms INTEGER, mem_peak_bytes INTEGER, uptime_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS sandboxes_tenant ON sandboxes(tenant_id, state);
+CREATE TABLE IF NOT EXISTS usage (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, tenant_id TEXT NOT NULL, sandbox_id TEXT NOT NULL,
+  vcpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL, started REAL NOT NULL,
+  ended REAL NOT NULL, cpu_ms INTEGER NOT NULL, mem_peak_bytes INTEGER NOT NULL,
+  uptime_ms INTEGER NOT NULL, billed_seconds INTEGER NOT NULL, cost_usd REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_tenant ON usage(tenant_id, ended);
+"""
+
+LIVE_STATES = ("creating", "running")
+LOCAL_TENANT = "local"
+
+
+class StateError(IsorunError):
+    """The daemon's state database could not be read or written."""
+
+
+class StateFullError(StateError):
+    """The disk holding the state database is full; nothing stored was lost."""
+
+
+@dataclass
+class SandboxRow:
+    id: str
+    tenant_id: str
+    image: str
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    env: dict[str, str]
+    metadata: dict[str, str]
+    state: str
+    created: float
+    timeout_s: int
+    expires: float
+    image_digest: str | None = None
+    started: float | None = None
+    ended: float | None = None
+    end_reason: str | None = None
+    error: str | None = None
+    vm_id: str | None = None
+    run_dir: str | None = None
+    pid: int | None = None
+    cpu_ms: int | None = None
+    mem_peak_bytes: int | None = None
+    uptime_ms: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_db(cls, r: sqlite3.Row) -> SandboxRow:
+        d = dict(r)
+        d["env"] = json.loads(d["env"])
+        d["metadata"] = json.loads(d["metadata"])
+        return cls(**d)
+
+    def public(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "image": self.image,
+            "image_digest": self.image_digest,
+            "state": self.state,
+            "vcpus": self.vcpus,
+            "memory_mib": self.memory_mib,
+            "disk_mib": self.disk_mib,
+            "metadata": self.metadata,
+            "created_at": self.created,
+            "started_at": self.started,
+            "sandbox_timeout": self.timeout_s,
+            "expires_at": self.expires,
+            "ended_at": self.ended,
+            "end_reason": self.end_reason,
+            "error": self.error,
+        }
+        if self.state == "ended":
+            out["usage"] = {
+                "cpu_ms": self.cpu_ms or 0,
+                "mem_peak_bytes": self.mem_peak_bytes or 0,
+                "uptime_ms": self.uptime_ms or 0,
+            }
+        return out
+
+
+_COLUMNS = (
+    "id tenant_id image image_digest vcpus memory_mib disk_mib env metadata state created "
+    "started timeout_s expires ended end_reason error vm_id run_dir pid cpu_ms "
+    "mem_peak_bytes uptime_ms"
+).split()
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA busy_timeout=5000")
+            self.db.executescript(SCHEMA)
+            self.db.execute(
+                "INSERT OR IGNORE INTO tenants(id, name, created) VALUES (?, ?, ?)",
+                (LOCAL_TENANT, "local unix-socket user", time.time()),
+            )
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot open the state database {path}: {exc}") from exc
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc).lower():
+                raise StateFullError(
+                    f"the disk holding {self.path} is full: free space there; "
+                    "nothing already stored was lost"
+                ) from exc
+            raise StateError(f"state database error: {exc}") from exc
+
+    # --- tenants and keys ----------------------------------------------------------
+
+    def add_tenant(self, tenant_id: str, name: str) -> None:
+        with self.tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO tenants(id, name, created) VALUES (?, ?, ?)",
+                (tenant_id, name, time.time()),
+            )
+
+    def add_key(self, key_id: str, tenant_id: str, key_hash: str, name: str) -> None:
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO api_keys(id, tenant_id, hash, name, created) VALUES (?,?,?,?,?)",
+                (key_id, tenant_id, key_hash, name, time.time()),
+            )
+
+    def get_key(self, key_id: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self.db.execute(
+            "SELECT * FROM api_keys WHERE id = ? AND revoked IS NULL", (key_id,)
+        ).fetchone()
+        return row
+
+    def list_keys(self, tenant_id: str | None = None) -> list[dict[str, Any]]:
+        q = "SELECT id, tenant_id, name, created, revoked FROM api_keys"
+        args: tuple[Any, ...] = ()
+        if tenant_id is not None:
+            q += " WHERE tenant_id = ?"
+            args = (tenant_id,)
+        return [dict(r) for r in self.db.execute(q + " ORDER BY created", args)]
+
+    def revoke_key(self, key_id: str) -> bool:
+        with self.tx() as db:
+            cur = db.execute(
+                "UPDATE api_keys SET revoked = ? WHERE id = ? AND revoked IS NULL",
+                (time.time(), key_id),
+            )
+            return cur.rowcount > 0
+
+    # --- sandboxes -------------------------------------------------------------------
+
+    def insert_sandbox(self, row: SandboxRow) -> None:
+        values = []
+        for c in _COLUMNS:
+            v = getattr(row, c)
+            values.append(json.dumps(v) if c in ("env", "metadata") else v)
+        with self.tx() as db:
+            db.execute(
+                f"INSERT INTO sandboxes({', '.join(_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(_COLUMNS))})",
+                values,
+            )
+
+    def update_sandbox(self, sandbox_id: str, **fields: Any) -> None:
+        if not fields:
+            return
+        bad = set(fields) - set(_COLUMNS)
+        if bad:
+            raise ValueError(f"unknown sandbox columns {bad}")
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        vals = [json.dumps(v) if k in ("env", "metadata") else v for k, v in fields.items()]
+        with self.tx() as db:
+            db.execute(f"UPDATE sandboxes SET {sets} WHERE id = ?", [*vals, sandbox_id])
+
+    def get_sandbox(self, sandbox_id: str) -> SandboxRow | None:
+        r = self.db.execute("SELECT * FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
+        return SandboxRow.from_db(r) if r is not None else None
+
+    def list_sandboxes(
+        self, tenant_id: str | None = None, states: tuple[str, ...] | None = None
+    ) -> list[SandboxRow]:
+        q = "SELECT * FROM sandboxes WHERE 1=1"
+        args: list[Any] = []
+        if tenant_id is not None:
+            q += " AND tenant_id = ?"
+            args.append(tenant_id)
+        if states:
+            q += f" AND state IN ({', '.join('?' * len(states))})"
+            args.extend(states)
+        return [SandboxRow.from_db(r) for r in self.db.execute(q + " ORDER BY created", args)]
+
+    def end_sandbox(
+        self, row: SandboxRow, reason: str, usage: tuple[int, int, int], price_per_vcpu_hour: float,
+        error: str | None = None,
+    ) -> dict[str, Any]:
+        """Mark ended and write the usage record, in one transaction."""
+        cpu_ms, mem_peak, uptime_ms = usage
+        now = time.time()
+        billed = -(-uptime_ms // 1000)  # per second, rounded up
+        cost = round(billed * row.vcpus * price_per_vcpu_hour / 3600.0, 9)
+        with self.tx() as db:
+            db.execute(
+                "UPDATE sandboxes SET state='ended', ended=?, end_reason=?, error=COALESCE(?, error),"
+                " cpu_ms=?, mem_peak_bytes=?, uptime_ms=? WHERE id=?",
+                (now, reason, error, cpu_ms, mem_peak, uptime_ms, row.id),
+            )
+            db.execute(
+                "INSERT INTO usage(tenant_id, sandbox_id, vcpus, memory_mib, started, ended,"
+                " cpu_ms, mem_peak_bytes, uptime_ms, billed_seconds, cost_usd)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (row.tenant_id, row.id, row.vcpus, row.memory_mib, row.started or row.created,
+                 now, cpu_ms, mem_peak, uptime_ms, billed, cost),
+            )
+        row.state, row.ended, row.end_reason = "ended", now, reason
+        row.cpu_ms, row.mem_peak_bytes, row.uptime_ms = cpu_ms, mem_peak, uptime_ms
+        return {"billed_seconds": billed, "cost_usd": cost}
+
+    # --- usage -----------------------------------------------------------------------
+
+    def usage(self, tenant_id: str, since: float | None, until: float | None) -> dict[str, Any]:
+        q = "SELECT * FROM usage WHERE tenant_id = ?"
+        args: list[Any] = [tenant_id]
+        if since is not None:
+            q += " AND ended >= ?"
+            args.append(since)
+        if until is not None:
+            q += " AND ended < ?"
+            args.append(until)
+        records = [dict(r) for r in self.db.execute(q + " ORDER BY ended", args)]
+        for r in records:
+            r.pop("tenant_id", None)
+        return {
+            "records": records,
+            "total": {
+                "sandboxes": len(records),
+                "cpu_ms": sum(r["cpu_ms"] for r in records),
+                "billed_seconds": sum(r["billed_seconds"] for r in records),
+                "vcpu_seconds": sum(r["billed_seconds"] * r["vcpus"] for r in records),
+                "cost_usd": round(sum(r["cost_usd"] for r in records), 9),
+            },
+        }
