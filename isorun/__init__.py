@@ -1,3 +1,27 @@
 """isorun: hardware-isolated microVM sandboxes for AI agents."""
 
 __version__ = "0.1.0"
+
+from isorun.errors import IsorunError  # noqa: E402
+from isorun.sdk import (  # noqa: E402
+    ApiError,
+    AsyncProcess,
+    AsyncSandbox,
+    AuthError,
+    CapacityError,
+    CommandFailed,
+    DaemonUnavailable,
+    ExecResult,
+    FileInfo,
+    NotFoundError,
+    Process,
+    ProcessInfo,
+    Sandbox,
+    SandboxEndedError,
+)
+
+__all__ = [
+    "ApiError", "AsyncProcess", "AsyncSandbox", "AuthError", "CapacityError", "CommandFailed",
+    "DaemonUnavailable", "ExecResult", "FileInfo", "IsorunError", "NotFoundError", "Process",
+    "ProcessInfo", "Sandbox", "SandboxEndedError", "__version__",
+]

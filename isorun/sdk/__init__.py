@@ -1,0 +1,20 @@
+"""The Python SDK: `Sandbox` (sync) and `AsyncSandbox` over one shared core (`_core`)."""
+
+from isorun.sdk._core import ExecResult, FileInfo, ProcessInfo
+from isorun.sdk.errors import (
+    ApiError,
+    AuthError,
+    CapacityError,
+    CommandFailed,
+    DaemonUnavailable,
+    NotFoundError,
+    SandboxEndedError,
+)
+from isorun.sdk.sandbox_async import AsyncProcess, AsyncSandbox
+from isorun.sdk.sandbox_sync import Process, Sandbox
+
+__all__ = [
+    "ApiError", "AsyncProcess", "AsyncSandbox", "AuthError", "CapacityError", "CommandFailed",
+    "DaemonUnavailable", "ExecResult", "FileInfo", "NotFoundError", "Process", "ProcessInfo",
+    "Sandbox", "SandboxEndedError",
+]

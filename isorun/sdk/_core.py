@@ -1,0 +1,243 @@
+"""What the sync and async faces share: configuration, the daemon auto-start, request
+building, response and NDJSON stream decoding. No I/O style is assumed here."""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from isorun.sdk.errors import DaemonUnavailable, error_for
+
+__all__ = ["error_for"]
+
+DEFAULT_SOCKET = "/run/isorun/isorund.sock"
+CREATE_TIMEOUT = 1800.0  # a first `Sandbox("python")` may build the image (~100 s)
+OutputCallback = Callable[[str], object]
+
+
+@dataclass
+class Settings:
+    base_url: str
+    uds: str | None
+    api_key: str | None
+    autostart: bool
+
+    def headers(self) -> dict[str, str]:
+        h = {"user-agent": "isorun-python/0.1"}
+        if self.api_key:
+            h["authorization"] = f"Bearer {self.api_key}"
+        return h
+
+
+def resolve(api_url: str | None, api_key: str | None, autostart: bool | None) -> Settings:
+    """Arguments, then ISORUN_API_URL / ISORUN_API_KEY, then the local unix-socket daemon."""
+    url = api_url or os.environ.get("ISORUN_API_URL")
+    key = api_key or os.environ.get("ISORUN_API_KEY") or None
+    if autostart is None:
+        autostart = os.environ.get("ISORUN_AUTOSTART", "1") not in ("0", "false", "no")
+    if url is None or url.startswith("unix:"):
+        sock = url[len("unix:"):].lstrip() if url else os.environ.get(
+            "ISORUN_SOCKET", DEFAULT_SOCKET)
+        if sock.startswith("//"):
+            sock = sock[2:]
+        # Only the embedded default is started automatically, never a remote daemon.
+        return Settings("http://isorund", sock, key, autostart)
+    return Settings(url.rstrip("/"), None, key, False)
+
+
+def ensure_daemon(s: Settings, timeout: float = 30.0) -> None:
+    """Start `isorund` on the unix socket when nothing answers there (set
+    ISORUN_AUTOSTART=0 or pass autostart=False to switch this off)."""
+    if s.uds is None or _answers(s.uds):
+        return
+    if not s.autostart:
+        raise DaemonUnavailable(
+            f"no isorun daemon answers on {s.uds}: start one with `isorund` (or `isorun "
+            "daemon`), or enable auto-start (ISORUN_AUTOSTART=1)")
+    state = Path(os.environ.get("ISORUN_STATE_DIR", "/var/lib/isorun"))
+    state.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, ISORUN_SOCKET=s.uds)
+    with open(state / "isorund.log", "ab") as log:
+        subprocess.Popen(
+            [sys.executable, "-m", "isorun.daemon"], stdin=subprocess.DEVNULL, stdout=log,
+            stderr=log, env=env, start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _answers(s.uds):
+            return
+        time.sleep(0.05)
+    raise DaemonUnavailable(
+        f"started isorund but it did not answer on {s.uds} within {timeout:.0f}s; "
+        f"see {state / 'isorund.log'}")
+
+
+def _answers(uds: str) -> bool:
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=uds), timeout=2.0) as c:
+            return c.get("http://isorund/v1/health").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def check(resp: httpx.Response) -> Any:
+    if resp.status_code >= 400:
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        raise error_for(resp.status_code, body)
+    ctype = resp.headers.get("content-type", "")
+    if ctype.startswith("application/json"):
+        return resp.json()
+    return resp.content
+
+
+def create_body(image: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
+                env: dict[str, str] | None, metadata: dict[str, str] | None,
+                sandbox_timeout: int | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"image": image}
+    for k, v in (("vcpus", vcpus), ("memory_mib", memory_mib), ("disk_mib", disk_mib),
+                 ("env", env), ("metadata", metadata), ("sandbox_timeout", sandbox_timeout)):
+        if v is not None:
+            body[k] = v
+    return body
+
+
+def exec_body(cmd: str | list[str], env: dict[str, str] | None, cwd: str | None,
+              user: str | None, timeout: float | None, stdin: str | bytes | None,
+              background: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"argv": list(cmd)} if isinstance(cmd, list | tuple) else {"cmd": cmd}
+    if env:
+        body["env"] = env
+    if cwd:
+        body["cwd"] = cwd
+    if user:
+        body["user"] = user
+    if timeout:
+        body["timeout"] = timeout
+    if stdin is not None:
+        raw = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
+        body["stdin"] = base64.b64encode(raw).decode()
+    if background:
+        body["background"] = True
+    return body
+
+
+@dataclass
+class ExecResult:
+    stdout: str
+    stderr: str
+    exit_code: int | None
+    duration_ms: int
+    signal: int | None = None
+    timed_out: bool = False
+    proc_id: str = ""
+    stdout_bytes: bytes = b""
+    stderr_bytes: bytes = b""
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass
+class FileInfo:
+    name: str
+    path: str
+    type: str
+    size: int
+    mode: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    link: str | None = None
+
+
+@dataclass
+class ProcessInfo:
+    proc_id: str
+    pid: int
+    argv: list[str]
+    tag: str
+    pty: bool
+    running: bool
+    exit_code: int | None
+    signal: int | None
+    started_unix_ms: int
+    output_bytes: int
+
+
+@dataclass
+class StreamDecoder:
+    """Feeds NDJSON exec/attach lines to callbacks (as text, decoded incrementally so a
+    multibyte character split across chunks is not mangled) and builds the result."""
+
+    on_stdout: OutputCallback | None = None
+    on_stderr: OutputCallback | None = None
+    capture: bool = True
+    proc_id: str = ""
+    pid: int = 0
+    offset: int = 0
+    out: list[bytes] = field(default_factory=list)
+    err: list[bytes] = field(default_factory=list)
+    exit: dict[str, Any] | None = None
+    _dec_out: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    _dec_err: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+
+    def feed(self, line: str | bytes) -> tuple[str, bytes] | None:
+        if not line.strip():
+            return None
+        ev = json.loads(line)
+        t = ev.get("type")
+        if t in ("stdout", "stderr"):
+            data = base64.b64decode(ev["data"])
+            self.offset += len(data)
+            if t == "stdout":
+                if self.capture:
+                    self.out.append(data)
+                if self.on_stdout is not None:
+                    self.on_stdout(self._dec_out.decode(data))
+            else:
+                if self.capture:
+                    self.err.append(data)
+                if self.on_stderr is not None:
+                    self.on_stderr(self._dec_err.decode(data))
+            return t, data
+        if t == "start":
+            self.proc_id, self.pid = ev["proc_id"], ev["pid"]
+        elif t == "attached":
+            self.offset = int(ev.get("offset", 0))
+        elif t == "exit":
+            self.exit = ev
+        elif t == "error":
+            raise error_for(410 if ev.get("code") == "sandbox_ended" else 500,
+                            {"error": {"code": ev.get("code"), "message": ev.get("message")}})
+        return None
+
+    def result(self) -> ExecResult:
+        if self.exit is None:
+            raise error_for(502, {"error": {"code": "stream_cut", "message":
+                "the output stream ended before the process did; reconnect with "
+                f"sandbox.processes.connect({self.proc_id!r})"}})
+        out, err = b"".join(self.out), b"".join(self.err)
+        return ExecResult(
+            stdout=out.decode("utf-8", "replace"), stderr=err.decode("utf-8", "replace"),
+            exit_code=self.exit.get("exit_code"), duration_ms=int(self.exit.get("duration_ms", 0)),
+            signal=self.exit.get("signal"), timed_out=bool(self.exit.get("timed_out")),
+            proc_id=str(self.exit.get("proc_id") or self.proc_id),
+            stdout_bytes=out, stderr_bytes=err)
+
+
+def to_bytes(data: str | bytes) -> bytes:
+    return data.encode() if isinstance(data, str) else data

@@ -1,0 +1,65 @@
+"""SDK errors, rooted at `isorun.errors.IsorunError`; HTTP errors are mapped by status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from isorun.errors import IsorunError
+
+
+class ApiError(IsorunError):
+    """The daemon refused a request; `status` and `code` say why, the message what to change."""
+
+    def __init__(self, message: str, status: int = 0, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class AuthError(ApiError):
+    """Missing, invalid or revoked API key."""
+
+
+class NotFoundError(ApiError):
+    """No such sandbox, process, file or image (or it belongs to another API key)."""
+
+
+class SandboxEndedError(ApiError):
+    """The sandbox has ended (killed, timed out, or its VM died)."""
+
+
+class CapacityError(ApiError):
+    """The host has no room for the sandbox; destroy some or ask for less."""
+
+
+class DaemonUnavailable(IsorunError):
+    """No daemon answers at the API URL (and none could be started)."""
+
+
+class CommandFailed(IsorunError):
+    """`exec(..., check=True)` and the command exited non-zero; `.result` holds its output."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__(
+            f"command exited with {result.exit_code}"
+            + (f" (signal {result.signal})" if result.signal else "")
+            + (": " + result.stderr.strip()[-500:] if result.stderr else "")
+        )
+        self.result = result
+
+
+def error_for(status: int, body: Any) -> ApiError:
+    code, message = "", f"HTTP {status}"
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        code = str(body["error"].get("code", ""))
+        message = str(body["error"].get("message", message))
+    cls: type[ApiError] = ApiError
+    if status == 401:
+        cls = AuthError
+    elif status == 404:
+        cls = NotFoundError
+    elif status == 410:
+        cls = SandboxEndedError
+    elif status == 503 and code == "capacity":
+        cls = CapacityError
+    return cls(message, status, code)

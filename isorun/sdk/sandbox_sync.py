@@ -1,0 +1,302 @@
+"""`Sandbox`: the synchronous face."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+from typing import IO, Any
+
+import httpx
+
+from isorun.sdk import _core
+from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
+from isorun.sdk.errors import CommandFailed, SandboxEndedError
+
+STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
+
+
+def _client(s: Settings) -> httpx.Client:
+    transport = httpx.HTTPTransport(uds=s.uds) if s.uds else None
+    return httpx.Client(base_url=s.base_url, transport=transport, headers=s.headers(),
+                        timeout=httpx.Timeout(60.0))
+
+
+class Sandbox:
+    """A microVM sandbox. `with Sandbox("python") as sb: sb.exec("...")`; exit destroys it."""
+
+    def __init__(
+        self,
+        image: str = "base",
+        *,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        disk_mib: int | None = None,
+        env: dict[str, str] | None = None,
+        metadata: dict[str, str] | None = None,
+        sandbox_timeout: int | None = None,
+        api_url: str | None = None,
+        api_key: str | None = None,
+        autostart: bool | None = None,
+        _info: dict[str, Any] | None = None,
+    ) -> None:
+        self._settings = _core.resolve(api_url, api_key, autostart)
+        if _info is None:
+            _core.ensure_daemon(self._settings)
+        self._http = _client(self._settings)
+        try:
+            if _info is None:
+                body = _core.create_body(image, vcpus, memory_mib, disk_mib, env, metadata,
+                                         sandbox_timeout)
+                _info = _core.check(self._http.post("/v1/sandboxes", json=body,
+                                                    timeout=_core.CREATE_TIMEOUT))
+        except BaseException:
+            self._http.close()
+            raise
+        assert _info is not None
+        self._info: dict[str, Any] = _info
+        self.id: str = _info["id"]
+        self._usage: dict[str, int] | None = None
+        self.files = Files(self)
+        self.processes = Processes(self)
+
+    # --- class-level ---------------------------------------------------------------
+
+    @classmethod
+    def connect(cls, sandbox_id: str, *, api_url: str | None = None, api_key: str | None = None,
+                autostart: bool | None = None) -> Sandbox:
+        """Reattach to a running sandbox by id (it outlives any client)."""
+        s = _core.resolve(api_url, api_key, autostart)
+        _core.ensure_daemon(s)
+        with _client(s) as c:
+            info = _core.check(c.get(f"/v1/sandboxes/{sandbox_id}"))
+        if info["state"] == "ended":
+            raise SandboxEndedError(f"sandbox {sandbox_id} has ended ({info['end_reason']})",
+                                    410, "sandbox_ended")
+        return cls(api_url=api_url, api_key=api_key, autostart=autostart, _info=info)
+
+    @classmethod
+    def list(cls, *, metadata: dict[str, str] | None = None, include_ended: bool = False,
+             api_url: str | None = None, api_key: str | None = None,
+             autostart: bool | None = None) -> builtins.list[dict[str, Any]]:
+        s = _core.resolve(api_url, api_key, autostart)
+        _core.ensure_daemon(s)
+        params = {f"metadata.{k}": v for k, v in (metadata or {}).items()}
+        if include_ended:
+            params["all"] = "1"
+        with _client(s) as c:
+            return list(_core.check(c.get("/v1/sandboxes", params=params))["sandboxes"])
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        self._info = _core.check(self._http.get(f"/v1/sandboxes/{self.id}"))
+        return self._info
+
+    def set_timeout(self, seconds: int) -> None:
+        self._info = _core.check(self._http.post(f"/v1/sandboxes/{self.id}/timeout",
+                                                 json={"sandbox_timeout": seconds}))
+
+    def destroy(self) -> dict[str, int]:
+        """Kill the sandbox; returns what it cost, measured on the host:
+        {"cpu_ms", "mem_peak_bytes", "uptime_ms"}. Safe to call twice."""
+        if self._usage is None:
+            try:
+                r = _core.check(self._http.delete(f"/v1/sandboxes/{self.id}"))
+            except SandboxEndedError:
+                r = self.info().get("usage") or {}
+            self._usage = {k: int(r.get(k, 0)) for k in ("cpu_ms", "mem_peak_bytes", "uptime_ms")}
+        return dict(self._usage)
+
+    kill = destroy
+
+    def logs(self) -> str:
+        """The guest console (boot messages; useful when a sandbox fails to start)."""
+        return self._http.get(f"/v1/sandboxes/{self.id}/logs").text
+
+    def close(self) -> None:
+        """Close the HTTP client; the sandbox keeps running (see `connect`)."""
+        self._http.close()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            self.destroy()
+        finally:
+            self.close()
+
+    # --- exec ------------------------------------------------------------------------
+
+    def exec(
+        self,
+        cmd: str | builtins.list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: str | bytes | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        background: bool = False,
+        check: bool = False,
+    ) -> Any:
+        """Run `cmd` (a shell string, or an argv list). Callbacks get output as it is written.
+        `background=True` returns a `Process` at once instead of an `ExecResult`."""
+        body = _core.exec_body(cmd, env, cwd, user, timeout, stdin, background)
+        path = f"/v1/sandboxes/{self.id}/exec"
+        if background:
+            r = _core.check(self._http.post(path, json=body))
+            return Process(self, r["proc_id"], r["pid"])
+        dec = _core.StreamDecoder(on_stdout, on_stderr)
+        self._stream("POST", path, dec, json=body)
+        result = dec.result()
+        if check and result.exit_code != 0:
+            raise CommandFailed(result)
+        return result
+
+    def _stream(self, method: str, path: str, dec: _core.StreamDecoder, **kw: Any) -> None:
+        with self._http.stream(method, path, timeout=STREAM_TIMEOUT, **kw) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                _core.check(resp)
+            for line in resp.iter_lines():
+                dec.feed(line)
+
+
+class Process:
+    """A background process: `wait()`, `kill()`, `signal()`, iterate its output."""
+
+    def __init__(self, sb: Sandbox, proc_id: str, pid: int) -> None:
+        self.sandbox = sb
+        self.id = proc_id
+        self.pid = pid
+
+    def _path(self, tail: str) -> str:
+        return f"/v1/sandboxes/{self.sandbox.id}/processes/{self.id}/{tail}"
+
+    def wait(self, *, offset: int = 0, on_stdout: OutputCallback | None = None,
+             on_stderr: OutputCallback | None = None) -> ExecResult:
+        """Replay output from `offset` (bytes of stdout+stderr), follow it, return at exit."""
+        dec = _core.StreamDecoder(on_stdout, on_stderr)
+        self.sandbox._stream("GET", self._path("stream"), dec, params={"offset": offset})
+        return dec.result()
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        """Yield ("stdout"|"stderr", text) chunks from the start until the process exits."""
+        dec = _core.StreamDecoder(capture=False)
+        with self.sandbox._http.stream("GET", self._path("stream"), params={"offset": 0},
+                                       timeout=STREAM_TIMEOUT) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                _core.check(resp)
+            for line in resp.iter_lines():
+                got = dec.feed(line)
+                if got is not None:
+                    yield got[0], got[1].decode("utf-8", "replace")
+
+    def kill(self, grace: float = 2.0) -> dict[str, Any]:
+        return dict(_core.check(self.sandbox._http.post(self._path("kill"), json={"grace": grace})))
+
+    def signal(self, signum: int) -> None:
+        _core.check(self.sandbox._http.post(self._path("signal"), json={"signal": signum}))
+
+
+class Processes:
+    def __init__(self, sb: Sandbox) -> None:
+        self._sb = sb
+
+    def list(self) -> list[ProcessInfo]:
+        r = _core.check(self._sb._http.get(f"/v1/sandboxes/{self._sb.id}/processes"))
+        return [ProcessInfo(**p) for p in r["processes"]]
+
+    def connect(self, proc_id: str) -> Process:
+        for p in self.list():
+            if p.proc_id == proc_id:
+                return Process(self._sb, proc_id, p.pid)
+        raise _core.error_for(404, {"error": {"code": "not_found",
+                                              "message": f"process {proc_id!r} not found"}})
+
+
+class Files:
+    def __init__(self, sb: Sandbox) -> None:
+        self._sb = sb
+        self._base = f"/v1/sandboxes/{sb.id}/files"
+
+    def read(self, path: str, *, format: str = "text") -> Any:
+        """format: "text" (str), "bytes", or "stream" (an iterator of byte chunks)."""
+        if format == "stream":
+            return self._iter(path)
+        data = _core.check(self._sb._http.get(self._base, params={"path": path}))
+        return data if format == "bytes" else bytes(data).decode("utf-8", "replace")
+
+    def _iter(self, path: str) -> Iterator[bytes]:
+        with self._sb._http.stream("GET", self._base, params={"path": path},
+                                   timeout=STREAM_TIMEOUT) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                _core.check(resp)
+            yield from resp.iter_bytes()
+
+    def write(self, path: str, data: str | bytes | IO[bytes] | Iterable[bytes], *,
+              mode: int = 0o644, append: bool = False) -> int:
+        """Write str, bytes, a binary file object or an iterable of chunks (streamed)."""
+        content: Any
+        if isinstance(data, str | bytes):
+            content = _core.to_bytes(data)
+        elif hasattr(data, "read"):
+            f = data
+            content = iter(lambda: f.read(1 << 20), b"")  # type: ignore[union-attr]
+        else:
+            content = data
+        params = {"path": path, "mode": str(mode)}
+        if append:
+            params["append"] = "1"
+        r = _core.check(self._sb._http.put(self._base, params=params, content=content,
+                                           timeout=STREAM_TIMEOUT))
+        return int(r["bytes"])
+
+    def list(self, path: str, depth: int = 1) -> builtins.list[FileInfo]:
+        r = _core.check(self._sb._http.get(self._base + "/list",
+                                           params={"path": path, "depth": depth}))
+        return [FileInfo(**e) for e in r["entries"]]
+
+    def stat(self, path: str) -> FileInfo:
+        return FileInfo(**_core.check(self._sb._http.get(self._base + "/stat",
+                                                         params={"path": path})))
+
+    def exists(self, path: str) -> bool:
+        from isorun.sdk.errors import NotFoundError
+        try:
+            self.stat(path)
+        except NotFoundError:
+            return False
+        return True
+
+    def mkdir(self, path: str, parents: bool = True) -> None:
+        _core.check(self._sb._http.post(self._base + "/mkdir",
+                                        json={"path": path, "parents": parents}))
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        _core.check(self._sb._http.post(self._base + "/remove",
+                                        json={"path": path, "recursive": recursive}))
+
+    def rename(self, src: str, dst: str) -> None:
+        _core.check(self._sb._http.post(self._base + "/rename", json={"src": src, "dst": dst}))
+
+    def watch(self, path: str, recursive: bool = False) -> Iterator[tuple[str, str]]:
+        """Yield (op, path) events until the iterator is closed."""
+        import json
+        with self._sb._http.stream("GET", self._base + "/watch", timeout=STREAM_TIMEOUT,
+                                   params={"path": path, "recursive": int(recursive)}) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                _core.check(resp)
+            for line in resp.iter_lines():
+                if line.strip():
+                    ev = json.loads(line)
+                    if ev.get("type") == "fs":
+                        yield ev["op"], ev["path"]
