@@ -58,6 +58,7 @@ async def serve(cfg: DaemonConfig) -> None:
     os.environ["ISORUN_STATE_DIR"] = str(cfg.state_dir)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     store = Store(cfg.db_path)
+    (cfg.state_dir / "isorund.pid").write_text(f"{os.getpid()}\n")
     manager = SandboxManager(cfg, store)
     app = create_app(cfg, store, manager)
     socks = [_unix_listener(cfg.socket_path)]

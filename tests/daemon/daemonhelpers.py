@@ -1,0 +1,104 @@
+"""A real isorund in a subprocess on a temp unix socket, temp state dir and a TCP port,
+plus the leak check (no VM process or run dir left)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Daemon:
+    def __init__(self, root: Path, **env: str) -> None:
+        self.root = root
+        self.state = root / "state"
+        self.sock = root / "isorund.sock"
+        self.port = free_port()
+        self.env = dict(
+            os.environ, ISORUN_STATE_DIR=str(self.state), ISORUN_SOCKET=str(self.sock),
+            ISORUN_TCP=f"127.0.0.1:{self.port}", ISORUN_ALLOW_RAW_ROOTFS="1",
+            ISORUN_AUTOSTART="0", ISORUN_API_URL=f"unix:{self.sock}", **env)
+        self.env.pop("ISORUN_API_KEY", None)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> Daemon:
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "isorund.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "isorun.daemon"], env=self.env,
+                                     stdout=log, stderr=log, cwd=REPO)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.client().get("/v1/health").status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"isorund did not start: {self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return (self.root / "isorund.log").read_text(errors="replace")
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url="http://isorund", headers=headers, timeout=120,
+                            transport=httpx.HTTPTransport(uds=str(self.sock)))
+
+    def tcp(self, key: str | None = None) -> httpx.Client:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.port}", headers=headers,
+                            timeout=120)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+        self.proc = None
+
+    def vm_dirs(self) -> list[Path]:
+        d = self.state / "vms"
+        return sorted(d.iterdir()) if d.is_dir() else []
+
+
+def qemu_pids_for(state: Path) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(state).encode() in cmd and b"qemu" in cmd:
+            pids.append(int(p.name))
+    return pids
+
+
+def assert_no_leaks(d: Daemon) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (qemu_pids_for(d.state) or d.vm_dirs()):
+        time.sleep(0.1)
+    assert qemu_pids_for(d.state) == [], "QEMU processes left behind"
+    assert d.vm_dirs() == [], f"VM run dirs left behind: {d.vm_dirs()}"
+
+
+def ndjson(resp: httpx.Response) -> list[dict[str, Any]]:
+    import json
+    return [json.loads(line) for line in resp.text.splitlines() if line.strip()]

@@ -1,0 +1,224 @@
+"""The HTTP API against a real daemon and a real guest (one shared sandbox)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from daemonhelpers import Daemon, ndjson
+
+from isorun.daemon.openapi import render
+
+pytestmark = pytest.mark.vm
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_committed_openapi_matches_the_app(daemon: Daemon) -> None:
+    committed = (REPO / "openapi.json").read_text()
+    assert committed == render(), "regenerate: python -m isorun.daemon.openapi > openapi.json"
+    with daemon.client() as c:
+        assert c.get("/openapi.json").json() == json.loads(committed)
+
+
+def test_socket_is_private(daemon: Daemon) -> None:
+    assert daemon.sock.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "JSON object"),
+        (b'{"image": "base", "colour": "red"}', 422, "colour"),
+        (b'{"vcpus": "two"}', 422, "vcpus"),
+        (b'{"memory_mib": -5}', 422, "memory_mib"),
+        (b'{"memory_mib": 99999999999}', 422, "memory_mib"),
+        (b'{"disk_mib": 0}', 422, "disk_mib"),
+        (b'{"sandbox_timeout": -1}', 422, "sandbox_timeout"),
+        (b'{"sandbox_timeout": 1e9}', 422, "sandbox_timeout"),
+        (b'{"metadata": {"k": 5}}', 422, "metadata"),
+        (b'{"image": "rootfs:/no/such.ext4"}', 404, "not found"),
+        (b'{"image": "Not A Valid Ref!!"}', 400, "invalid image"),
+        (b'{"vcpus": 64}', 503, "host is full"),
+    ],
+)
+def test_bad_create_requests_get_clear_4xx(daemon: Daemon, body: bytes, status: int,
+                                           needle: str) -> None:
+    with daemon.client() as c:
+        r = c.post("/v1/sandboxes", content=body)
+        assert r.status_code == status, r.text
+        assert needle in r.json()["error"]["message"]
+        assert c.get("/v1/sandboxes").json()["sandboxes"] == [] or all(
+            s["state"] == "running" for s in c.get("/v1/sandboxes").json()["sandboxes"])
+
+
+def test_unknown_sandbox_and_route(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        assert c.get("/v1/sandboxes/sb-nope").status_code == 404
+        assert c.delete("/v1/sandboxes/sb-nope").status_code == 404
+        assert c.post("/v1/sandboxes/sb-nope/exec", json={"cmd": "true"}).status_code == 404
+        assert c.get("/v1/nothing").status_code == 404
+        assert c.patch("/v1/sandboxes").status_code == 405
+
+
+def test_tcp_needs_a_valid_key_and_tenants_are_isolated(daemon: Daemon, sandbox: str) -> None:
+    with daemon.tcp() as t:
+        assert t.get("/v1/health").status_code == 200
+        r = t.get("/v1/sandboxes")
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    with daemon.tcp("isr_abc_wrong") as t:
+        assert t.get("/v1/sandboxes").status_code == 401
+    with daemon.client() as c:
+        key = c.post("/v1/keys", json={"name": "tenant-a"}).json()
+        assert key["key"].startswith("isr_")
+        # Hashed at rest: the secret is nowhere in the database.
+        db = (daemon.state / "isorund.db").read_bytes()
+        assert key["key"].split("_", 2)[2].encode() not in db
+    with daemon.tcp(key["key"]) as t:
+        assert t.get("/v1/sandboxes").json()["sandboxes"] == []
+        # Another tenant's sandbox is 404, not 403, for every verb.
+        assert t.get(f"/v1/sandboxes/{sandbox}").status_code == 404
+        assert t.delete(f"/v1/sandboxes/{sandbox}").status_code == 404
+        assert t.post(f"/v1/sandboxes/{sandbox}/exec", json={"cmd": "id"}).status_code == 404
+        assert t.get(f"/v1/sandboxes/{sandbox}/files", params={"path": "/etc/passwd"}
+                     ).status_code == 404
+        # Raw host paths as images are for local callers only.
+        r = t.post("/v1/sandboxes", json={"image": "rootfs:/etc/shadow"})
+        assert r.status_code == 403
+        assert t.post("/v1/keys", json={}).status_code == 403
+    with daemon.client() as c:
+        assert c.delete(f"/v1/keys/{key['id']}").status_code == 200
+    with daemon.tcp(key["key"]) as t:
+        assert t.get("/v1/sandboxes").status_code == 401
+
+
+def test_exec_streams_ndjson_in_order_with_exit_record(daemon: Daemon, sandbox: str) -> None:
+    arrivals: list[tuple[float, dict[str, object]]] = []
+    t0 = time.monotonic()
+    with daemon.client() as c, c.stream(
+        "POST", f"/v1/sandboxes/{sandbox}/exec",
+        json={"cmd": "echo one; sleep 1; echo two >&2; sleep 1; echo three; exit 7"},
+    ) as r:
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        for line in r.iter_lines():
+            arrivals.append((time.monotonic() - t0, json.loads(line)))
+    kinds = [e["type"] for _, e in arrivals]
+    assert kinds == ["start", "stdout", "stderr", "stdout", "exit"]
+    data = [base64.b64decode(str(e["data"])) for _, e in arrivals if "data" in e]
+    assert data == [b"one\n", b"two\n", b"three\n"]
+    assert arrivals[2][0] - arrivals[1][0] > 0.6  # streamed, not buffered to the end
+    assert arrivals[-1][1]["exit_code"] == 7
+
+
+def test_exec_stdin_argv_env_cwd_user_timeout(daemon: Daemon, sandbox: str) -> None:
+    with daemon.client() as c:
+        p = f"/v1/sandboxes/{sandbox}/exec"
+        ev = ndjson(c.post(p, json={"argv": ["cat"], "stdin": base64.b64encode(b"\x00\xffhi").decode()}))
+        assert base64.b64decode(ev[1]["data"]) == b"\x00\xffhi"
+        ev = ndjson(c.post(p, json={"cmd": 'echo "$A $(pwd) $(id -u)"', "env": {"A": "x"},
+                                    "cwd": "/tmp", "user": "user"}))
+        assert base64.b64decode(ev[1]["data"]) == b"x /tmp 1000\n"
+        ev = ndjson(c.post(p, json={"cmd": "sleep 30", "timeout": 1}))
+        assert ev[-1]["timed_out"] is True
+        for bad in ({}, {"cmd": "a", "argv": ["b"]}, {"cmd": ""}, {"cmd": "x", "stdin": "@@@"},
+                    {"cmd": "x", "timeout": -1}, {"cmd": "x", "env": {"A": 1}}):
+            r = c.post(p, json=bad)
+            assert r.status_code == 422, (bad, r.text)
+
+
+def test_client_drop_mid_exec_loses_nothing(daemon: Daemon, sandbox: str) -> None:
+    with daemon.client() as c:
+        with c.stream("POST", f"/v1/sandboxes/{sandbox}/exec",
+                      json={"cmd": "for i in 1 2 3 4; do echo $i; sleep 0.4; done"}) as r:
+            first = json.loads(next(r.iter_lines()))
+            assert first["type"] == "start"
+        # The stream is gone; the command runs on. Reattach and replay from offset 0.
+        r = c.get(f"/v1/sandboxes/{sandbox}/processes/{first['proc_id']}/stream")
+        ev = ndjson(r)
+        out = b"".join(base64.b64decode(e["data"]) for e in ev if e["type"] == "stdout")
+        assert out == b"1\n2\n3\n4\n"
+        assert ev[-1]["type"] == "exit" and ev[-1]["exit_code"] == 0
+        # From an offset: only what follows it.
+        ev = ndjson(c.get(f"/v1/sandboxes/{sandbox}/processes/{first['proc_id']}/stream",
+                          params={"offset": 4}))
+        assert b"".join(base64.b64decode(e["data"]) for e in ev if e["type"] == "stdout") == b"3\n4\n"
+
+
+def test_background_process_list_signal_kill(daemon: Daemon, sandbox: str) -> None:
+    with daemon.client() as c:
+        base = f"/v1/sandboxes/{sandbox}"
+        r = c.post(base + "/exec", json={"cmd": "echo up; sleep 1000", "background": True})
+        assert r.status_code == 200
+        proc = r.json()["proc_id"]
+        procs = {p["proc_id"]: p for p in c.get(base + "/processes").json()["processes"]}
+        assert procs[proc]["running"] is True
+        assert c.post(base + f"/processes/{proc}/kill", json={"grace": 0.5}).json()["signal"]
+        assert c.post(base + "/processes/p999/kill", json={}).status_code == 404
+        assert c.get(base + "/processes/p999/stream").status_code == 404
+        assert c.get(base + f"/processes/{proc}/stream", params={"offset": -1}).status_code == 400
+
+
+def test_files_roundtrip_and_errors(daemon: Daemon, sandbox: str) -> None:
+    with daemon.client() as c:
+        f = f"/v1/sandboxes/{sandbox}/files"
+        blob = bytes(range(256)) * 8192  # 2 MiB, streamed both ways
+        r = c.put(f, params={"path": "/tmp/d/blob.bin"}, content=iter([blob[:1 << 20], blob[1 << 20:]]))
+        assert r.json()["bytes"] == len(blob)
+        assert c.get(f, params={"path": "/tmp/d/blob.bin"}).content == blob
+        assert c.get(f + "/stat", params={"path": "/tmp/d/blob.bin"}).json()["size"] == len(blob)
+        assert c.post(f + "/mkdir", json={"path": "/tmp/d/sub"}).status_code == 200
+        assert c.post(f + "/rename", json={"src": "/tmp/d/blob.bin", "dst": "/tmp/d/sub/b"}
+                      ).status_code == 200
+        names = {e["name"] for e in c.get(f + "/list", params={"path": "/tmp/d", "depth": 2}
+                                          ).json()["entries"]}
+        assert {"sub", "b"} <= names
+        assert c.post(f + "/remove", json={"path": "/tmp/d", "recursive": True}).status_code == 200
+        r = c.get(f, params={"path": "/tmp/d/sub/b"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        assert c.get(f).status_code == 400  # no path
+        assert c.get(f + "/list", params={"path": "/", "depth": 1000}).status_code == 400
+        assert c.post(f + "/mkdir", json={"path": "/x", "extra": 1}).status_code == 422
+
+
+def test_list_filters_by_metadata(daemon: Daemon, sandbox: str) -> None:
+    with daemon.client() as c:
+        ids = [s["id"] for s in c.get("/v1/sandboxes", params={"metadata.suite": "daemon"}
+                                      ).json()["sandboxes"]]
+        assert ids == [sandbox]
+        assert c.get("/v1/sandboxes", params={"metadata.suite": "other"}).json()["sandboxes"] == []
+        assert c.get("/v1/sandboxes", params={"bogus": "1"}).status_code == 400
+
+
+def test_timeout_reaps_and_kill_reports_usage(daemon: Daemon, image: str) -> None:
+    with daemon.client() as c:
+        a = c.post("/v1/sandboxes", json={"image": image, "sandbox_timeout": 600}).json()["id"]
+        b = c.post("/v1/sandboxes", json={"image": image, "sandbox_timeout": 600}).json()["id"]
+        assert c.post(f"/v1/sandboxes/{a}/timeout", json={"sandbox_timeout": 1}).status_code == 200
+        assert c.post(f"/v1/sandboxes/{a}/timeout", json={"sandbox_timeout": 0}).status_code == 422
+        deadline = time.monotonic() + 15
+        while c.get(f"/v1/sandboxes/{a}").json()["state"] != "ended":
+            assert time.monotonic() < deadline, "reaper did not end the sandbox"
+            time.sleep(0.2)
+        info = c.get(f"/v1/sandboxes/{a}").json()
+        assert info["end_reason"] == "timeout"
+        r = c.post(f"/v1/sandboxes/{a}/exec", json={"cmd": "true"})
+        assert r.status_code == 410 and "timeout" in r.json()["error"]["message"]
+        ndjson(c.post(f"/v1/sandboxes/{b}/exec", json={"cmd": "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done"}))
+        usage = c.delete(f"/v1/sandboxes/{b}").json()
+        assert usage["cpu_ms"] > 0 and usage["mem_peak_bytes"] > 1 << 20
+        assert usage["uptime_ms"] > 0
+        assert usage["billed_seconds"] == -(-usage["uptime_ms"] // 1000)
+        assert c.delete(f"/v1/sandboxes/{b}").status_code == 410
+        rec = {r["sandbox_id"]: r for r in c.get("/v1/usage").json()["records"]}
+        assert rec[b]["cpu_ms"] == usage["cpu_ms"]
+        assert rec[a]["uptime_ms"] > 0
+        assert abs(rec[b]["cost_usd"] - rec[b]["billed_seconds"] * 0.041 / 3600) < 1e-9
+
+
+def test_malformed_query_values(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        assert c.get("/v1/usage", params={"since": "yesterday"}).status_code == 400
