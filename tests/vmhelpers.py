@@ -21,7 +21,7 @@ def build_busybox_rootfs() -> Path:
     """A tiny ext4 image: busybox and its applet links, /etc/passwd with a non-root user."""
     if not BUSYBOX.is_file():
         raise RuntimeError("/bin/busybox missing: apt-get install busybox-static")
-    digest = hashlib.sha256(BUSYBOX.read_bytes() + PASSWD.encode() + b"v2").hexdigest()[:16]
+    digest = hashlib.sha256(BUSYBOX.read_bytes() + PASSWD.encode() + b"v3").hexdigest()[:16]
     out = artifacts.cache_root() / "test-rootfs" / f"busybox-{digest}.ext4"
     if out.exists():
         return out
@@ -42,7 +42,10 @@ def build_busybox_rootfs() -> Path:
         os.chown(root / "home/user", 1000, 1000)
         (root / "tmp").chmod(0o1777)
         tmp_img = out.with_suffix(".tmp")
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(root), str(tmp_img), "64M"], check=True)
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-d", str(root), str(tmp_img), "64M"],
+            check=True,
+        )
         tmp_img.replace(out)
     return out
 

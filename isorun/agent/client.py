@@ -6,7 +6,7 @@ Every answer from the guest is checked field by field before use: the guest is h
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,7 +221,9 @@ class AgentClient:
 
     # --- files ----------------------------------------------------------------------
 
-    async def read_file(self, path: str, offset: int = 0, length: int = -1) -> AsyncIterator[bytes]:
+    async def read_file(
+        self, path: str, offset: int = 0, length: int = -1
+    ) -> AsyncGenerator[bytes, None]:
         """Stream a file's bytes out of the guest."""
         ch = await self._open({"op": "read_file", "path": path, "offset": offset, "length": length})
         try:
@@ -305,7 +307,9 @@ class AgentClient:
     async def rename(self, src: str, dst: str) -> None:
         await self.call("rename", src=src, dst=dst)
 
-    async def watch(self, path: str, recursive: bool = False) -> AsyncIterator[tuple[str, str]]:
+    async def watch(
+        self, path: str, recursive: bool = False
+    ) -> AsyncGenerator[tuple[str, str], None]:
         """Yield (op, path) for changes under `path` until the iterator is closed."""
         ch = await self._open({"op": "watch", "path": path, "recursive": recursive})
         try:

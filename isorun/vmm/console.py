@@ -31,7 +31,9 @@ class ConsoleLog:
         self._task: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
 
-    def start(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def start(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter | None = None
+    ) -> None:
         # Keep the writer referenced: a collected StreamWriter closes the socket.
         self._writer = writer
         self._task = asyncio.create_task(self._pump(reader), name=f"console:{self.path}")

@@ -24,7 +24,7 @@ async def _run(*argv: str) -> None:
 
 
 async def template(size_mib: int) -> Path:
-    path = cache_root() / "scratch" / f"empty-{size_mib}M.ext4"
+    path = cache_root() / "scratch" / f"empty-{size_mib}M-v2.ext4"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
