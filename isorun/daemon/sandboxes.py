@@ -106,7 +106,7 @@ class SandboxManager:
             if row.state == "running" and row.run_dir:
                 try:
                     vm = await AdoptedVM.adopt(Path(row.run_dir), row.started or row.created)
-                except (IsorunError, OSError, ValueError, KeyError, TimeoutError) as exc:
+                except Exception as exc:  # noqa: BLE001 - any failure: the VM is lost
                     log.warning("sandbox %s could not be re-adopted: %s", row.id, exc)
                     await asyncio.to_thread(kill_orphan, Path(row.run_dir))
                     self._remove_run_dir(Path(row.run_dir))

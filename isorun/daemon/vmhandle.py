@@ -97,8 +97,9 @@ class AdoptedVM(MicroVM):
         vm._pid = pid
         vm.started_at = time.monotonic() - max(0.0, time.time() - started_wall)
         with contextlib.suppress(OSError):
-            console_r, _ = await asyncio.open_unix_connection(str(run_dir / "console.sock"))
-            vm.console.start(console_r)
+            console_r, console_w = await asyncio.open_unix_connection(
+                str(run_dir / "console.sock"))
+            vm.console.start(console_r, console_w)
         await vm._qmp.connect(run_dir / "qmp.sock")
         conn = await AgentConnection.open_unix(str(run_dir / "agent.sock"), timeout=timeout)
         conn.on_close = vm._on_agent_closed

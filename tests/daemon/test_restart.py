@@ -1,0 +1,77 @@
+"""Daemon crash and restart: running VMs survive and are re-adopted; nothing leaks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from daemonhelpers import Daemon, assert_no_leaks, ndjson, qemu_pids_for
+
+pytestmark = pytest.mark.vm
+
+
+def test_sigkill_mid_stream_then_restart_readopts(tmp_path: Path, busybox_rootfs: Path) -> None:
+    d = Daemon(tmp_path / "d", ISORUN_DEFAULT_MEMORY_MIB="256").start()
+    try:
+        with d.client() as c:
+            sid = c.post("/v1/sandboxes", json={"image": f"rootfs:{busybox_rootfs}"}).json()["id"]
+            ev = ndjson(c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "echo kept > /tmp/state"}))
+            assert ev[-1]["exit_code"] == 0
+            bg = c.post(f"/v1/sandboxes/{sid}/exec", json={
+                "cmd": "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.3; done",
+                "background": True}).json()["proc_id"]
+            # An exec stream is open when the daemon is SIGKILLed.
+            with c.stream("POST", f"/v1/sandboxes/{sid}/exec",
+                          json={"cmd": "sleep 3; echo finished"}) as r:
+                fg = json.loads(next(r.iter_lines()))["proc_id"]
+                d.stop(signal.SIGKILL)
+        vm_pids = qemu_pids_for(d.state)
+        assert vm_pids, "the VM must outlive the daemon"
+        d.start()
+        with d.client() as c:
+            info = c.get(f"/v1/sandboxes/{sid}").json()
+            assert info["state"] == "running"
+            ev = ndjson(c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "cat /tmp/state"}))
+            assert base64.b64decode(ev[1]["data"]) == b"kept\n"
+            procs = {p["proc_id"]: p for p in c.get(f"/v1/sandboxes/{sid}/processes").json()["processes"]}
+            assert procs[bg]["running"] is True
+            # The command whose stream was cut finished; its output is in the ring.
+            ev = ndjson(c.get(f"/v1/sandboxes/{sid}/processes/{fg}/stream"))
+            assert ev[-1]["type"] == "exit" and ev[-1]["exit_code"] == 0
+            assert b"finished" in b"".join(base64.b64decode(e["data"]) for e in ev if "data" in e)
+            # A clean stop (SIGTERM) also keeps it running for the next daemon.
+        d.stop(signal.SIGTERM)
+        assert qemu_pids_for(d.state) == vm_pids
+        d.start()
+        with d.client() as c:
+            assert c.get(f"/v1/sandboxes/{sid}").json()["state"] == "running"
+            usage = c.delete(f"/v1/sandboxes/{sid}").json()
+            # Uptime spans both daemon restarts (measured from the VM's start).
+            assert usage["uptime_ms"] > 3000 and usage["cpu_ms"] > 0
+    finally:
+        d.stop()
+    assert_no_leaks(d)
+
+
+def test_vm_killed_while_daemon_down_is_marked_lost(tmp_path: Path, busybox_rootfs: Path) -> None:
+    d = Daemon(tmp_path / "d", ISORUN_DEFAULT_MEMORY_MIB="256").start()
+    try:
+        with d.client() as c:
+            sid = c.post("/v1/sandboxes", json={"image": f"rootfs:{busybox_rootfs}"}).json()["id"]
+        d.stop(signal.SIGKILL)
+        for pid in qemu_pids_for(d.state):
+            subprocess.run(["kill", "-9", str(pid)], check=False)
+        time.sleep(0.3)
+        d.start()
+        with d.client() as c:
+            info = c.get(f"/v1/sandboxes/{sid}").json()
+            assert info["state"] == "ended" and info["end_reason"] == "lost"
+            assert sid in {r["sandbox_id"] for r in c.get("/v1/usage").json()["records"]}
+    finally:
+        d.stop()
+    assert_no_leaks(d)
