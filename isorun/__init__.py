@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from isorun.errors import IsorunError  # noqa: E402
-from isorun.sdk import (  # noqa: E402
+from isorun.errors import IsorunError
+from isorun.sdk import (
     ApiError,
     AsyncProcess,
     AsyncSandbox,

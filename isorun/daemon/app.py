@@ -53,9 +53,17 @@ M = TypeVar("M", bound=BaseModel)
 MAX_JSON_BODY = 96 << 20
 NDJSON = "application/x-ndjson"
 
-_GUEST_STATUS = {"not_found": 404, "invalid": 400, "exists": 409, "permission": 403,
-                 "not_dir": 400, "is_dir": 400, "not_empty": 409, "busy": 409,
-                 "unsupported": 400}
+_GUEST_STATUS = {
+    "not_found": 404,
+    "invalid": 400,
+    "exists": 409,
+    "permission": 403,
+    "not_dir": 400,
+    "is_dir": 400,
+    "not_empty": 409,
+    "busy": 409,
+    "unsupported": 400,
+}
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
@@ -86,8 +94,11 @@ def map_error(exc: BaseException) -> JSONResponse:
 async def parse(request: Request, model: type[M]) -> M:
     raw = await request.body()
     if len(raw) > MAX_JSON_BODY:
-        raise ApiError(f"request body is {len(raw)} bytes; the limit is {MAX_JSON_BODY}",
-                       status=413, code="too_large")
+        raise ApiError(
+            f"request body is {len(raw)} bytes; the limit is {MAX_JSON_BODY}",
+            status=413,
+            code="too_large",
+        )
     if not raw.strip():
         raw = b"{}"
     try:
@@ -103,8 +114,7 @@ async def parse(request: Request, model: type[M]) -> M:
         for e in exc.errors()[:10]:
             loc = ".".join(str(x) for x in e["loc"]) or "body"
             parts.append(f"{loc}: {e['msg']}")
-        raise ApiError("invalid request: " + "; ".join(parts), status=422,
-                       code="invalid") from exc
+        raise ApiError("invalid request: " + "; ".join(parts), status=422, code="invalid") from exc
 
 
 def _query_int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -114,7 +124,9 @@ def _query_int(request: Request, name: str, default: int, lo: int, hi: int) -> i
     try:
         v = int(raw)
     except ValueError:
-        raise ApiError(f"query parameter {name}={raw!r} is not an integer", code="invalid") from None
+        raise ApiError(
+            f"query parameter {name}={raw!r} is not an integer", code="invalid"
+        ) from None
     if not lo <= v <= hi:
         raise ApiError(f"query parameter {name}={v} must be between {lo} and {hi}", code="invalid")
     return v
@@ -123,8 +135,9 @@ def _query_int(request: Request, name: str, default: int, lo: int, hi: int) -> i
 def _query_path(request: Request) -> str:
     p = request.query_params.get("path")
     if not p or "\x00" in p or len(p) > 4096:
-        raise ApiError("query parameter 'path' is required: an absolute path in the sandbox",
-                       code="invalid")
+        raise ApiError(
+            "query parameter 'path' is required: an absolute path in the sandbox", code="invalid"
+        )
     return p
 
 
@@ -147,20 +160,24 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
             return tenant
         if local:
             return LOCAL_TENANT
-        raise Unauthorized("an API key is required over TCP: send 'Authorization: Bearer <key>'"
-                           " (create one with `isorun keys create`)")
+        raise Unauthorized(
+            "an API key is required over TCP: send 'Authorization: Bearer <key>'"
+            " (create one with `isorun keys create`)"
+        )
 
-    def endpoint(fn: Callable[[Request, str], Awaitable[Any]], *, status: int = 200,
-                 public: bool = False) -> Handler:
+    def endpoint(
+        fn: Callable[[Request, str], Awaitable[Any]], *, status: int = 200, public: bool = False
+    ) -> Handler:
         async def handler(request: Request) -> Response:
             try:
                 tenant = "" if public else tenant_of(request)
                 result = await fn(request, tenant)
-            except Exception as exc:  # noqa: BLE001 - mapped to an HTTP error
+            except Exception as exc:
                 return map_error(exc)
             if isinstance(result, Response):
                 return result
             return JSONResponse(result, status_code=status)
+
         return handler
 
     def admin(tenant: str) -> None:
@@ -174,14 +191,18 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
 
     async def openapi(request: Request, tenant: str) -> Any:
         from isorun.daemon.openapi import build_spec
+
         return build_spec()
 
     async def info(request: Request, tenant: str) -> Any:
         return {
-            "version": __version__, "tenant": tenant,
+            "version": __version__,
+            "tenant": tenant,
             "capacity": {
-                "host_cpus": cfg.host_cpus, "host_mem_mib": cfg.host_mem_mib,
-                "cpu_overcommit": cfg.cpu_overcommit, "mem_overcommit": cfg.mem_overcommit,
+                "host_cpus": cfg.host_cpus,
+                "host_mem_mib": cfg.host_mem_mib,
+                "cpu_overcommit": cfg.cpu_overcommit,
+                "mem_overcommit": cfg.mem_overcommit,
                 "vcpus_allocated": sum(lv.row.vcpus for lv in manager.live.values()),
                 "memory_mib_allocated": sum(lv.row.memory_mib for lv in manager.live.values()),
             },
@@ -198,15 +219,17 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         meta: dict[str, str] = {}
         for k, v in request.query_params.multi_items():
             if k.startswith("metadata."):
-                meta[k[len("metadata."):]] = v
+                meta[k[len("metadata.") :]] = v
             elif k == "metadata":
                 key, sep, val = v.partition("=")
                 if not sep:
                     raise ApiError("metadata filter must be 'key=value'", code="invalid")
                 meta[key] = val
             elif k != "all":
-                raise ApiError(f"unknown query parameter {k!r}; use metadata.KEY=VALUE or all=1",
-                               code="invalid")
+                raise ApiError(
+                    f"unknown query parameter {k!r}; use metadata.KEY=VALUE or all=1",
+                    code="invalid",
+                )
         include_ended = request.query_params.get("all") in ("1", "true")
         rows = manager.list(tenant, meta, include_ended)
         return {"sandboxes": [r.public() for r in rows]}
@@ -232,13 +255,20 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         live = manager.get_live(tenant, request.path_params["sid"])
         u = live.vm.usage()
         guest = await live.vm.agent.metrics()
-        return {"cpu_ms": u.cpu_ms, "mem_peak_bytes": u.mem_peak_bytes,
-                "uptime_ms": u.uptime_ms, "guest": guest}
+        return {
+            "cpu_ms": u.cpu_ms,
+            "mem_peak_bytes": u.mem_peak_bytes,
+            "uptime_ms": u.uptime_ms,
+            "guest": guest,
+        }
 
     # --- processes ---------------------------------------------------------------------
 
-    def _stream(live: Live, run: Callable[[Emit, Push], Awaitable[dict[str, Any]]],
-                cancel_on_disconnect: bool) -> StreamingResponse:
+    def _stream(
+        live: Live,
+        run: Callable[[Emit, Push], Awaitable[dict[str, Any]]],
+        cancel_on_disconnect: bool,
+    ) -> StreamingResponse:
         q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         detached = False
 
@@ -257,11 +287,16 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                     q.put_nowait(final)
             except asyncio.CancelledError:
                 if not detached:
-                    q.put_nowait({"type": "error", "code": "sandbox_ended",
-                                  "message": "the sandbox was destroyed"})
+                    q.put_nowait(
+                        {
+                            "type": "error",
+                            "code": "sandbox_ended",
+                            "message": "the sandbox was destroyed",
+                        }
+                    )
                 raise
-            except Exception as exc:  # noqa: BLE001 - reported in-stream
-                body = json.loads(map_error(exc).body)
+            except Exception as exc:
+                body = json.loads(bytes(map_error(exc).body))
                 q.put_nowait({"type": "error", **body["error"]})
             finally:
                 q.put_nowait(None)
@@ -284,8 +319,14 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         return StreamingResponse(body(), media_type=NDJSON)
 
     def _exit_record(r: ExecResult) -> dict[str, Any]:
-        return {"type": "exit", "proc_id": r.proc_id, "exit_code": r.exit_code,
-                "signal": r.signal, "timed_out": r.timed_out, "duration_ms": r.duration_ms}
+        return {
+            "type": "exit",
+            "proc_id": r.proc_id,
+            "exit_code": r.exit_code,
+            "signal": r.signal,
+            "timed_out": r.timed_out,
+            "duration_ms": r.duration_ms,
+        }
 
     async def exec_(request: Request, tenant: str) -> Any:
         req = await parse(request, ExecRequest)
@@ -293,8 +334,15 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         pty = (req.pty.rows, req.pty.cols) if req.pty else None
         if req.background:
             proc_id, pid = await live.vm.agent.spawn(
-                req.cmd, argv=req.argv, env=req.env or None, cwd=req.cwd, user=req.user,
-                timeout=req.timeout, pty=pty, tag=req.tag)
+                req.cmd,
+                argv=req.argv,
+                env=req.env or None,
+                cwd=req.cwd,
+                user=req.user,
+                timeout=req.timeout,
+                pty=pty,
+                tag=req.tag,
+            )
             return {"proc_id": proc_id, "pid": pid}
         stdin: bytes | None = None
         if req.stdin is not None:
@@ -302,15 +350,26 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                 stdin = base64.b64decode(req.stdin, validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise ApiError(f"stdin must be base64: {exc}", status=422, code="invalid") from exc
+
         async def run(emit: Emit, push: Push) -> dict[str, Any]:
             def started(proc_id: str, pid: int) -> None:
                 push({"type": "start", "proc_id": proc_id, "pid": pid})
 
             r = await live.vm.agent.exec(
-                req.cmd, argv=req.argv, env=req.env or None, cwd=req.cwd, user=req.user,
-                timeout=req.timeout, stdin=stdin, pty=pty,
-                on_stdout=lambda b: emit("stdout", b), on_stderr=lambda b: emit("stderr", b),
-                on_start=started, capture=False, tag=req.tag)
+                req.cmd,
+                argv=req.argv,
+                env=req.env or None,
+                cwd=req.cwd,
+                user=req.user,
+                timeout=req.timeout,
+                stdin=stdin,
+                pty=pty,
+                on_stdout=lambda b: emit("stdout", b),
+                on_stderr=lambda b: emit("stderr", b),
+                on_start=started,
+                capture=False,
+                tag=req.tag,
+            )
             return _exit_record(r)
 
         # A client that goes away does not stop the command: it runs on, its output stays
@@ -338,18 +397,30 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                         first = False
                         push({"type": "attached", "offset": att.offset, "lost": att.lost})
                     emit(kind, b)
+
                 return cb
-            r = await live.vm.agent.attach(proc_id, offset=offset, on_stdout=out("stdout"),
-                                           on_stderr=out("stderr"), capture=False,
-                                           attachment=att)
-            return {**_exit_record(r), "attached_offset": att.offset, "lost": att.lost,
-                    "gaps": att.gaps}
+
+            r = await live.vm.agent.attach(
+                proc_id,
+                offset=offset,
+                on_stdout=out("stdout"),
+                on_stderr=out("stderr"),
+                capture=False,
+                attachment=att,
+            )
+            return {
+                **_exit_record(r),
+                "attached_offset": att.offset,
+                "lost": att.lost,
+                "gaps": att.gaps,
+            }
 
         return _stream(live, run, cancel_on_disconnect=True)
 
     async def _known_proc(live: Live, proc_id: str) -> None:
-        if len(proc_id) > 64 or not any(p.proc_id == proc_id
-                                        for p in await live.vm.agent.list_procs()):
+        if len(proc_id) > 64 or not any(
+            p.proc_id == proc_id for p in await live.vm.agent.list_procs()
+        ):
             raise NotFound(f"process {proc_id!r} not found in sandbox {live.row.id}")
 
     async def kill_proc(request: Request, tenant: str) -> Any:
@@ -386,6 +457,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                     yield chunk
             finally:
                 await it.aclose()
+
         return StreamingResponse(body(), media_type="application/octet-stream")
 
     async def write_file(request: Request, tenant: str) -> Any:
@@ -438,6 +510,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                 yield (json.dumps({"type": "error", "message": str(exc)}) + "\n").encode()
             finally:
                 await it.aclose()
+
         return StreamingResponse(body(), media_type=NDJSON)
 
     # --- usage, images, keys ---------------------------------------------------------------
@@ -451,14 +524,26 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                 return float(raw)
             except ValueError:
                 raise ApiError(f"{name}={raw!r} must be a unix timestamp", code="invalid") from None
-        return {"price_per_vcpu_hour": cfg.price_per_vcpu_hour,
-                **store.usage(tenant, f("since"), f("until"))}
+
+        return {
+            "price_per_vcpu_hour": cfg.price_per_vcpu_hour,
+            **store.usage(tenant, f("since"), f("until")),
+        }
 
     async def images(request: Request, tenant: str) -> Any:
-        return {"images": [
-            {"digest": i.digest, "names": list(i.names), "size_bytes": i.size_bytes,
-             "disk_bytes": i.disk_bytes, "source": i.source, "created": i.created}
-            for i in manager.images.list()]}
+        return {
+            "images": [
+                {
+                    "digest": i.digest,
+                    "names": list(i.names),
+                    "size_bytes": i.size_bytes,
+                    "disk_bytes": i.disk_bytes,
+                    "source": i.source,
+                    "created": i.created,
+                }
+                for i in manager.images.list()
+            ]
+        }
 
     async def create_key(request: Request, tenant: str) -> Any:
         admin(tenant)
@@ -519,11 +604,13 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         return error_response(404, "not_found", f"no route {request.method} {request.url.path}")
 
     async def bad_method(request: Request, exc: Exception) -> Response:
-        return error_response(405, "method_not_allowed",
-                              f"{request.method} is not allowed on {request.url.path}")
+        return error_response(
+            405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}"
+        )
 
-    return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={404: not_found, 405: bad_method})
+    return Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: bad_method}
+    )
 
 
 async def _chunks(request: Request) -> AsyncIterator[bytes]:

@@ -24,15 +24,19 @@ def create_key(store: Store, tenant_id: str | None = None, name: str = "") -> di
     key_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     store.add_key(key_id, tenant, _hash(secret), name or tenant)
-    return {"id": key_id, "tenant_id": tenant, "name": name or tenant,
-            "key": f"{PREFIX}{key_id}_{secret}"}
+    return {
+        "id": key_id,
+        "tenant_id": tenant,
+        "name": name or tenant,
+        "key": f"{PREFIX}{key_id}_{secret}",
+    }
 
 
 def tenant_for(store: Store, key: str) -> str | None:
     """The tenant a presented key belongs to, or None for any invalid or revoked key."""
     if not key.startswith(PREFIX):
         return None
-    key_id, sep, secret = key[len(PREFIX):].partition("_")
+    key_id, sep, secret = key[len(PREFIX) :].partition("_")
     if not sep or not key_id or not secret or len(key) > 200:
         return None
     row = store.get_key(key_id)

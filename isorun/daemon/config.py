@@ -46,7 +46,9 @@ class DaemonConfig:
         default_factory=lambda: _env_float("ISORUN_PRICE_PER_VCPU_HOUR", 0.041)
     )
     default_vcpus: int = 1
-    default_memory_mib: int = field(default_factory=lambda: _env_int("ISORUN_DEFAULT_MEMORY_MIB", 1024))
+    default_memory_mib: int = field(
+        default_factory=lambda: _env_int("ISORUN_DEFAULT_MEMORY_MIB", 1024)
+    )
     default_disk_mib: int = 2048
     default_timeout_s: int = field(default_factory=lambda: _env_int("ISORUN_DEFAULT_TIMEOUT", 300))
     max_timeout_s: int = 30 * 86400

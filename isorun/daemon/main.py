@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 from pathlib import Path
 
@@ -64,13 +63,15 @@ async def serve(cfg: DaemonConfig) -> None:
     socks = [_unix_listener(cfg.socket_path)]
     if cfg.tcp:
         socks.append(_tcp_listener(cfg.tcp))
-    config = uvicorn.Config(app, log_level=os.environ.get("ISORUN_LOG_LEVEL", "warning").lower(),
-                            access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app,
+        log_level=os.environ.get("ISORUN_LOG_LEVEL", "warning").lower(),
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
     server = uvicorn.Server(config)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    # uvicorn handles SIGTERM/SIGINT: graceful stop, VMs are kept (see SandboxManager.stop).
     try:
         await server.serve(sockets=socks)
     finally:
@@ -82,26 +83,41 @@ async def serve(cfg: DaemonConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="isorund", description="isorun sandbox daemon")
-    p.add_argument("--socket", type=Path, help="unix socket (default $ISORUN_SOCKET or "
-                   "/run/isorun/isorund.sock)")
+    p.add_argument(
+        "--socket",
+        type=Path,
+        help="unix socket (default $ISORUN_SOCKET or /run/isorun/isorund.sock)",
+    )
     p.add_argument("--tcp", help="also listen on HOST:PORT (API keys required)")
     p.add_argument("--state-dir", type=Path, help="SQLite state and VM run dirs")
     p.add_argument("--image-dir", type=Path)
     p.add_argument("--cpu-overcommit", type=float)
     p.add_argument("--mem-overcommit", type=float)
     p.add_argument("--price-per-vcpu-hour", type=float)
-    p.add_argument("--kill-on-exit", action="store_true",
-                   help="kill sandboxes on a clean stop (default: keep them for re-adoption)")
+    p.add_argument(
+        "--kill-on-exit",
+        action="store_true",
+        help="kill sandboxes on a clean stop (default: keep them for re-adoption)",
+    )
     a = p.parse_args(argv)
     cfg = DaemonConfig()
-    for name in ("socket", "tcp", "state_dir", "image_dir", "cpu_overcommit",
-                 "mem_overcommit", "price_per_vcpu_hour"):
+    for name in (
+        "socket",
+        "tcp",
+        "state_dir",
+        "image_dir",
+        "cpu_overcommit",
+        "mem_overcommit",
+        "price_per_vcpu_hour",
+    ):
         v = getattr(a, name)
         if v is not None:
             setattr(cfg, "socket_path" if name == "socket" else name, v)
     cfg.kill_on_exit = a.kill_on_exit
-    logging.basicConfig(level=os.environ.get("ISORUN_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("ISORUN_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     asyncio.run(serve(cfg))
 
 

@@ -38,8 +38,13 @@ class SetTimeout(Strict):
 
 class ExecRequest(Strict):
     cmd: Annotated[str, StringConstraints(min_length=1, max_length=1 << 20)] | None = None
-    argv: Annotated[list[Annotated[str, StringConstraints(max_length=1 << 20)]],
-                    Field(min_length=1, max_length=4096)] | None = None
+    argv: (
+        Annotated[
+            list[Annotated[str, StringConstraints(max_length=1 << 20)]],
+            Field(min_length=1, max_length=4096),
+        ]
+        | None
+    ) = None
     env: dict[Key, Val] = Field(default_factory=dict, max_length=1024)
     cwd: Path_ | None = None
     user: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
@@ -95,8 +100,10 @@ class RenameOp(Strict):
 
 class CreateKey(Strict):
     name: Annotated[str, StringConstraints(max_length=128)] = ""
-    tenant_id: Annotated[str, StringConstraints(min_length=1, max_length=64,
-                                                pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
+    tenant_id: (
+        Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+        | None
+    ) = None
 
 
 ExecRequest.model_rebuild()

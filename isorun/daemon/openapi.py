@@ -12,16 +12,22 @@ from pydantic import BaseModel
 from isorun import __version__
 from isorun.daemon import models
 
-_ERR = {"description": "error", "content": {"application/json": {"schema": {
-    "$ref": "#/components/schemas/Error"}}}}
+_ERR = {
+    "description": "error",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
 _JSON = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
-_NDJSON = {"description": "NDJSON stream, one event per line: "
-           "{type:start,proc_id,pid} | {type:attached,offset,lost} | "
-           "{type:stdout|stderr,data:<base64>} | "
-           "{type:exit,proc_id,exit_code,signal,timed_out,duration_ms} | {type:error,code,message}",
-           "content": {"application/x-ndjson": {"schema": {"type": "string"}}}}
-_BYTES = {"description": "file bytes", "content": {"application/octet-stream": {
-    "schema": {"type": "string", "format": "binary"}}}}
+_NDJSON = {
+    "description": "NDJSON stream, one event per line: "
+    "{type:start,proc_id,pid} | {type:attached,offset,lost} | "
+    "{type:stdout|stderr,data:<base64>} | "
+    "{type:exit,proc_id,exit_code,signal,timed_out,duration_ms} | {type:error,code,message}",
+    "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+}
+_BYTES = {
+    "description": "file bytes",
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+}
 
 SID = {"name": "sid", "in": "path", "required": True, "schema": {"type": "string"}}
 PID = {"name": "pid", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -34,96 +40,267 @@ def _q(name: str, typ: str = "integer") -> dict[str, Any]:
 
 
 # (method, path, operationId, summary, request model, params, success response)
-OPS: list[tuple[str, str, str, str, type[BaseModel] | str | None, list[dict[str, Any]],
-                dict[str, Any]]] = [
+OPS: list[
+    tuple[str, str, str, str, type[BaseModel] | str | None, list[dict[str, Any]], dict[str, Any]]
+] = [
     ("get", "/v1/health", "health", "Liveness (no auth)", None, [], _JSON),
     ("get", "/v1/info", "info", "Daemon version, tenant, capacity, price", None, [], _JSON),
-    ("post", "/v1/sandboxes", "createSandbox", "Create and boot a sandbox",
-     models.CreateSandbox, [], _JSON),
-    ("get", "/v1/sandboxes", "listSandboxes",
-     "List sandboxes; filter with metadata.KEY=VALUE, all=1 includes ended ones", None,
-     [_q("all", "string")], _JSON),
+    (
+        "post",
+        "/v1/sandboxes",
+        "createSandbox",
+        "Create and boot a sandbox",
+        models.CreateSandbox,
+        [],
+        _JSON,
+    ),
+    (
+        "get",
+        "/v1/sandboxes",
+        "listSandboxes",
+        "List sandboxes; filter with metadata.KEY=VALUE, all=1 includes ended ones",
+        None,
+        [_q("all", "string")],
+        _JSON,
+    ),
     ("get", "/v1/sandboxes/{sid}", "getSandbox", "Get one sandbox", None, [SID], _JSON),
-    ("delete", "/v1/sandboxes/{sid}", "killSandbox",
-     "Kill a sandbox; returns {cpu_ms, mem_peak_bytes, uptime_ms, billed_seconds, cost_usd}",
-     None, [SID], _JSON),
-    ("post", "/v1/sandboxes/{sid}/timeout", "setTimeout",
-     "Set the sandbox timeout (seconds from now)", models.SetTimeout, [SID], _JSON),
-    ("get", "/v1/sandboxes/{sid}/logs", "getLogs", "Guest console tail (text)", None, [SID],
-     {"description": "text", "content": {"text/plain": {"schema": {"type": "string"}}}}),
-    ("get", "/v1/sandboxes/{sid}/metrics", "getMetrics", "Host-measured usage so far",
-     None, [SID], _JSON),
-    ("post", "/v1/sandboxes/{sid}/exec", "exec",
-     "Run a command: NDJSON stream; with background=true, JSON {proc_id, pid}",
-     models.ExecRequest, [SID], _NDJSON),
-    ("get", "/v1/sandboxes/{sid}/processes", "listProcesses", "Processes of the sandbox",
-     None, [SID], _JSON),
-    ("get", "/v1/sandboxes/{sid}/processes/{pid}/stream", "connectProcess",
-     "Replay a process's output from offset and follow it to its exit (NDJSON)", None,
-     [SID, PID, _q("offset")], _NDJSON),
-    ("post", "/v1/sandboxes/{sid}/processes/{pid}/kill", "killProcess",
-     "SIGTERM, SIGKILL after grace", models.KillProcess, [SID, PID], _JSON),
-    ("post", "/v1/sandboxes/{sid}/processes/{pid}/signal", "signalProcess",
-     "Send a signal to the process group", models.SignalProcess, [SID, PID], _JSON),
-    ("get", "/v1/sandboxes/{sid}/files", "readFile", "Read a file (streamed)", None,
-     [SID, PATHQ], _BYTES),
-    ("put", "/v1/sandboxes/{sid}/files", "writeFile",
-     "Write a file from the raw request body (streamed; atomic unless append=1)", "binary",
-     [SID, PATHQ, _q("mode"), _q("append", "string")], _JSON),
-    ("get", "/v1/sandboxes/{sid}/files/list", "listFiles", "List a directory", None,
-     [SID, PATHQ, _q("depth")], _JSON),
-    ("get", "/v1/sandboxes/{sid}/files/stat", "statFile", "Stat a path", None,
-     [SID, PATHQ], _JSON),
-    ("get", "/v1/sandboxes/{sid}/files/watch", "watchFiles",
-     "Filesystem events as NDJSON {type:fs, op, path}", None,
-     [SID, PATHQ, _q("recursive", "string")], _NDJSON),
-    ("post", "/v1/sandboxes/{sid}/files/mkdir", "mkdir", "Create a directory",
-     models.MkdirOp, [SID], _JSON),
-    ("post", "/v1/sandboxes/{sid}/files/remove", "remove", "Remove a path",
-     models.RemoveOp, [SID], _JSON),
-    ("post", "/v1/sandboxes/{sid}/files/rename", "rename", "Rename a path",
-     models.RenameOp, [SID], _JSON),
-    ("get", "/v1/usage", "usage", "Usage records and totals of the caller's key", None,
-     [_q("since", "number"), _q("until", "number")], _JSON),
+    (
+        "delete",
+        "/v1/sandboxes/{sid}",
+        "killSandbox",
+        "Kill a sandbox; returns {cpu_ms, mem_peak_bytes, uptime_ms, billed_seconds, cost_usd}",
+        None,
+        [SID],
+        _JSON,
+    ),
+    (
+        "post",
+        "/v1/sandboxes/{sid}/timeout",
+        "setTimeout",
+        "Set the sandbox timeout (seconds from now)",
+        models.SetTimeout,
+        [SID],
+        _JSON,
+    ),
+    (
+        "get",
+        "/v1/sandboxes/{sid}/logs",
+        "getLogs",
+        "Guest console tail (text)",
+        None,
+        [SID],
+        {"description": "text", "content": {"text/plain": {"schema": {"type": "string"}}}},
+    ),
+    (
+        "get",
+        "/v1/sandboxes/{sid}/metrics",
+        "getMetrics",
+        "Host-measured usage so far",
+        None,
+        [SID],
+        _JSON,
+    ),
+    (
+        "post",
+        "/v1/sandboxes/{sid}/exec",
+        "exec",
+        "Run a command: NDJSON stream; with background=true, JSON {proc_id, pid}",
+        models.ExecRequest,
+        [SID],
+        _NDJSON,
+    ),
+    (
+        "get",
+        "/v1/sandboxes/{sid}/processes",
+        "listProcesses",
+        "Processes of the sandbox",
+        None,
+        [SID],
+        _JSON,
+    ),
+    (
+        "get",
+        "/v1/sandboxes/{sid}/processes/{pid}/stream",
+        "connectProcess",
+        "Replay a process's output from offset and follow it to its exit (NDJSON)",
+        None,
+        [SID, PID, _q("offset")],
+        _NDJSON,
+    ),
+    (
+        "post",
+        "/v1/sandboxes/{sid}/processes/{pid}/kill",
+        "killProcess",
+        "SIGTERM, SIGKILL after grace",
+        models.KillProcess,
+        [SID, PID],
+        _JSON,
+    ),
+    (
+        "post",
+        "/v1/sandboxes/{sid}/processes/{pid}/signal",
+        "signalProcess",
+        "Send a signal to the process group",
+        models.SignalProcess,
+        [SID, PID],
+        _JSON,
+    ),
+    (
+        "get",
+        "/v1/sandboxes/{sid}/files",
+        "readFile",
+        "Read a file (streamed)",
+        None,
+        [SID, PATHQ],
+        _BYTES,
+    ),
+    (
+        "put",
+        "/v1/sandboxes/{sid}/files",
+        "writeFile",
+        "Write a file from the raw request body (streamed; atomic unless append=1)",
+        "binary",
+        [SID, PATHQ, _q("mode"), _q("append", "string")],
+        _JSON,
+    ),
+    (
+        "get",
+        "/v1/sandboxes/{sid}/files/list",
+        "listFiles",
+        "List a directory",
+        None,
+        [SID, PATHQ, _q("depth")],
+        _JSON,
+    ),
+    ("get", "/v1/sandboxes/{sid}/files/stat", "statFile", "Stat a path", None, [SID, PATHQ], _JSON),
+    (
+        "get",
+        "/v1/sandboxes/{sid}/files/watch",
+        "watchFiles",
+        "Filesystem events as NDJSON {type:fs, op, path}",
+        None,
+        [SID, PATHQ, _q("recursive", "string")],
+        _NDJSON,
+    ),
+    (
+        "post",
+        "/v1/sandboxes/{sid}/files/mkdir",
+        "mkdir",
+        "Create a directory",
+        models.MkdirOp,
+        [SID],
+        _JSON,
+    ),
+    (
+        "post",
+        "/v1/sandboxes/{sid}/files/remove",
+        "remove",
+        "Remove a path",
+        models.RemoveOp,
+        [SID],
+        _JSON,
+    ),
+    (
+        "post",
+        "/v1/sandboxes/{sid}/files/rename",
+        "rename",
+        "Rename a path",
+        models.RenameOp,
+        [SID],
+        _JSON,
+    ),
+    (
+        "get",
+        "/v1/usage",
+        "usage",
+        "Usage records and totals of the caller's key",
+        None,
+        [_q("since", "number"), _q("until", "number")],
+        _JSON,
+    ),
     ("get", "/v1/images", "listImages", "Images in the daemon's store", None, [], _JSON),
-    ("post", "/v1/keys", "createKey", "Create an API key (local admin only)",
-     models.CreateKey, [], _JSON),
+    (
+        "post",
+        "/v1/keys",
+        "createKey",
+        "Create an API key (local admin only)",
+        models.CreateKey,
+        [],
+        _JSON,
+    ),
     ("get", "/v1/keys", "listKeys", "List API keys (local admin only)", None, [], _JSON),
-    ("delete", "/v1/keys/{kid}", "revokeKey", "Revoke an API key (local admin only)",
-     None, [KID], _JSON),
+    (
+        "delete",
+        "/v1/keys/{kid}",
+        "revokeKey",
+        "Revoke an API key (local admin only)",
+        None,
+        [KID],
+        _JSON,
+    ),
 ]
 
 
 def build_spec() -> dict[str, Any]:
     paths: dict[str, Any] = {}
-    schemas: dict[str, Any] = {"Error": {"type": "object", "required": ["error"], "properties": {
-        "error": {"type": "object", "required": ["code", "message"], "properties": {
-            "code": {"type": "string"}, "message": {"type": "string"}}}}}}
+    schemas: dict[str, Any] = {
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["code", "message"],
+                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+                }
+            },
+        }
+    }
     for method, path, op_id, summary, body, params, ok in OPS:
-        op: dict[str, Any] = {"operationId": op_id, "summary": summary,
-                              "responses": {"200" if op_id not in ("createSandbox", "createKey")
-                                            else "201": ok, "default": _ERR}}
+        op: dict[str, Any] = {
+            "operationId": op_id,
+            "summary": summary,
+            "responses": {
+                "200" if op_id not in ("createSandbox", "createKey") else "201": ok,
+                "default": _ERR,
+            },
+        }
         if params:
             op["parameters"] = params
         if body == "binary":
-            op["requestBody"] = {"required": True, "content": {"application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"}}}}
+            op["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+            }
         elif body is not None:
             assert not isinstance(body, str)
             schema = body.model_json_schema(ref_template="#/components/schemas/{model}")
             for name, sub in schema.pop("$defs", {}).items():
                 schemas[name] = sub
             schemas[body.__name__] = schema
-            op["requestBody"] = {"required": True, "content": {"application/json": {
-                "schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}
+            op["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"$ref": f"#/components/schemas/{body.__name__}"}
+                    }
+                },
+            }
         paths.setdefault(path, {})[method] = op
     return {
         "openapi": "3.1.0",
-        "info": {"title": "isorun API", "version": __version__,
-                 "description": "Sandboxes (microVMs) for AI agents. Auth: Bearer API key "
-                                "over TCP; the local unix socket needs none."},
-        "components": {"schemas": schemas, "securitySchemes": {
-            "apiKey": {"type": "http", "scheme": "bearer"}}},
+        "info": {
+            "title": "isorun API",
+            "version": __version__,
+            "description": "Sandboxes (microVMs) for AI agents. Auth: Bearer API key "
+            "over TCP; the local unix socket needs none.",
+        },
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
+        },
         "security": [{"apiKey": []}, {}],
         "paths": paths,
     }

@@ -20,7 +20,7 @@ from isorun.daemon.errors import ApiError, CapacityError, Conflict, Forbidden, G
 from isorun.daemon.models import CreateSandbox
 from isorun.daemon.store import LOCAL_TENANT, SandboxRow, Store
 from isorun.daemon.vmhandle import AdoptedVM, detach, kill_orphan
-from isorun.errors import IsorunError, VMError
+from isorun.errors import VMError
 from isorun.images import (
     ImageConfig,
     ImageError,
@@ -106,13 +106,18 @@ class SandboxManager:
             if row.state == "running" and row.run_dir:
                 try:
                     vm = await AdoptedVM.adopt(Path(row.run_dir), row.started or row.created)
-                except Exception as exc:  # noqa: BLE001 - any failure: the VM is lost
+                except Exception as exc:
                     log.warning("sandbox %s could not be re-adopted: %s", row.id, exc)
                     await asyncio.to_thread(kill_orphan, Path(row.run_dir))
                     self._remove_run_dir(Path(row.run_dir))
                     self.store.end_sandbox(
-                        row, "lost", (row.cpu_ms or 0, row.mem_peak_bytes or 0,
-                                      int((time.time() - (row.started or row.created)) * 1000)),
+                        row,
+                        "lost",
+                        (
+                            row.cpu_ms or 0,
+                            row.mem_peak_bytes or 0,
+                            int((time.time() - (row.started or row.created)) * 1000),
+                        ),
                         self.cfg.price_per_vcpu_hour,
                         error=f"VM could not be re-adopted after a daemon restart: {exc}",
                     )
@@ -124,8 +129,13 @@ class SandboxManager:
                 adopted.add(vm.id)
                 log.info("re-adopted sandbox %s (vm %s)", row.id, vm.id)
             else:
-                self.store.end_sandbox(row, "error", (0, 0, 0), self.cfg.price_per_vcpu_hour,
-                                       error="the daemon stopped while this sandbox was starting")
+                self.store.end_sandbox(
+                    row,
+                    "error",
+                    (0, 0, 0),
+                    self.cfg.price_per_vcpu_hour,
+                    error="the daemon stopped while this sandbox was starting",
+                )
                 await self._release_image(row)
         # VMs this daemon started but never recorded (crash during create): kill them.
         vms = self.cfg.vms_dir
@@ -136,8 +146,8 @@ class SandboxManager:
                 sandbox_id = _sandbox_of(d)
                 if sandbox_id is None:
                     continue  # not ours (another VMM user sharing the state dir)
-                row = self.store.get_sandbox(sandbox_id)
-                if row is not None and row.id in self.live:
+                owner = self.store.get_sandbox(sandbox_id)
+                if owner is not None and owner.id in self.live:
                     continue
                 log.warning("removing orphan VM %s of sandbox %s", d.name, sandbox_id)
                 await asyncio.to_thread(kill_orphan, d)
@@ -175,30 +185,36 @@ class SandboxManager:
 
     def _check_capacity(self, vcpus: int, memory_mib: int) -> None:
         used_cpu = sum(lv.row.vcpus for lv in self.live.values()) + sum(
-            c for c, _ in self.reserved.values())
+            c for c, _ in self.reserved.values()
+        )
         used_mem = sum(lv.row.memory_mib for lv in self.live.values()) + sum(
-            m for _, m in self.reserved.values())
+            m for _, m in self.reserved.values()
+        )
         cpu_cap = int(self.cfg.host_cpus * self.cfg.cpu_overcommit)
         mem_cap = int(self.cfg.host_mem_mib * self.cfg.mem_overcommit)
         if used_cpu + vcpus > cpu_cap:
             raise CapacityError(
                 f"host is full: {used_cpu} of {cpu_cap} vCPUs are allocated "
                 f"({self.cfg.host_cpus} CPUs x overcommit {self.cfg.cpu_overcommit}); "
-                f"asked for {vcpus}. Destroy sandboxes or ask for fewer vcpus")
+                f"asked for {vcpus}. Destroy sandboxes or ask for fewer vcpus"
+            )
         if used_mem + memory_mib > mem_cap:
             raise CapacityError(
                 f"host is full: {used_mem} of {mem_cap} MiB of guest memory are allocated "
                 f"({self.cfg.host_mem_mib} MiB x overcommit {self.cfg.mem_overcommit}); "
-                f"asked for {memory_mib} MiB. Destroy sandboxes or ask for less memory_mib")
+                f"asked for {memory_mib} MiB. Destroy sandboxes or ask for less memory_mib"
+            )
 
     async def _resolve_image(
         self, tenant: str, ref: str, holder: str
     ) -> tuple[Path, str | None, ImageConfig]:
         if ref.startswith("rootfs:"):
             if not (self.cfg.allow_raw_rootfs and tenant == LOCAL_TENANT):
-                raise Forbidden("'rootfs:' images are for local callers of a daemon started "
-                                "with ISORUN_ALLOW_RAW_ROOTFS=1; use a template or OCI image")
-            p = Path(ref[len("rootfs:"):])
+                raise Forbidden(
+                    "'rootfs:' images are for local callers of a daemon started "
+                    "with ISORUN_ALLOW_RAW_ROOTFS=1; use a template or OCI image"
+                )
+            p = Path(ref[len("rootfs:") :])
             if not p.is_absolute() or not p.is_file():
                 raise NotFound(f"image {ref!r} not found: no such ext4 file on the host")
             return p, None, ImageConfig()
@@ -227,14 +243,26 @@ class SandboxManager:
         disk = req.disk_mib or cfg.default_disk_mib
         timeout = req.sandbox_timeout or cfg.default_timeout_s
         if timeout > cfg.max_timeout_s:
-            raise ApiError(f"sandbox_timeout={timeout} is over this daemon's maximum of "
-                           f"{cfg.max_timeout_s} seconds", code="invalid")
+            raise ApiError(
+                f"sandbox_timeout={timeout} is over this daemon's maximum of "
+                f"{cfg.max_timeout_s} seconds",
+                code="invalid",
+            )
         self._check_capacity(vcpus, memory)
         now = time.time()
         row = SandboxRow(
-            id=f"sb-{uuid.uuid4().hex[:16]}", tenant_id=tenant, image=req.image, vcpus=vcpus,
-            memory_mib=memory, disk_mib=disk, env=dict(req.env), metadata=dict(req.metadata),
-            state="creating", created=now, timeout_s=timeout, expires=now + timeout + 3600,
+            id=f"sb-{uuid.uuid4().hex[:16]}",
+            tenant_id=tenant,
+            image=req.image,
+            vcpus=vcpus,
+            memory_mib=memory,
+            disk_mib=disk,
+            env=dict(req.env),
+            metadata=dict(req.metadata),
+            state="creating",
+            created=now,
+            timeout_s=timeout,
+            expires=now + timeout + 3600,
         )
         self.reserved[row.id] = (vcpus, memory)
         vm: MicroVM | None = None
@@ -242,17 +270,31 @@ class SandboxManager:
             self.store.insert_sandbox(row)
             rootfs, digest, icfg = await self._resolve_image(tenant, req.image, row.id)
             row.image_digest = digest
-            spec = VMSpec(rootfs=rootfs, vcpus=vcpus, memory_mib=memory, scratch_mib=disk,
-                          jail=cfg.jail, extra_cmdline=f"{TAG}{row.id}")
+            spec = VMSpec(
+                rootfs=rootfs,
+                vcpus=vcpus,
+                memory_mib=memory,
+                scratch_mib=disk,
+                jail=cfg.jail,
+                extra_cmdline=f"{TAG}{row.id}",
+            )
             vm = await MicroVM.boot(spec)
-            await vm.agent.set_defaults(env={**icfg.env, **req.env}, cwd=icfg.working_dir,
-                                        user=icfg.user)
+            await vm.agent.set_defaults(
+                env={**icfg.env, **req.env}, cwd=icfg.working_dir, user=icfg.user
+            )
             started = time.time()
             row.state, row.started, row.expires = "running", started, started + timeout
             row.vm_id, row.run_dir, row.pid = vm.id, str(vm.run_dir), vm.pid
             self.store.update_sandbox(
-                row.id, state="running", started=started, expires=row.expires, vm_id=vm.id,
-                run_dir=row.run_dir, pid=vm.pid, image_digest=digest)
+                row.id,
+                state="running",
+                started=started,
+                expires=row.expires,
+                vm_id=vm.id,
+                run_dir=row.run_dir,
+                pid=vm.pid,
+                image_digest=digest,
+            )
         except BaseException as exc:
             usage = (0, 0, 0)
             if vm is not None:
@@ -261,12 +303,14 @@ class SandboxManager:
             msg = str(exc) or type(exc).__name__
             with contextlib.suppress(Exception):
                 if self.store.get_sandbox(row.id) is not None:
-                    self.store.end_sandbox(row, "error", usage, cfg.price_per_vcpu_hour,
-                                           error=msg[:4000])
+                    self.store.end_sandbox(
+                        row, "error", usage, cfg.price_per_vcpu_hour, error=msg[:4000]
+                    )
             await self._release_image(row)
             if isinstance(exc, VMError):
-                raise ApiError(f"sandbox VM failed to start: {exc}", status=500,
-                               code="boot_failed") from exc
+                raise ApiError(
+                    f"sandbox VM failed to start: {exc}", status=500, code="boot_failed"
+                ) from exc
             raise
         finally:
             self.reserved.pop(row.id, None)
@@ -289,8 +333,11 @@ class SandboxManager:
     def set_timeout(self, tenant: str, sandbox_id: str, seconds: int) -> SandboxRow:
         live = self.get_live(tenant, sandbox_id)
         if seconds > self.cfg.max_timeout_s:
-            raise ApiError(f"sandbox_timeout={seconds} is over this daemon's maximum of "
-                           f"{self.cfg.max_timeout_s} seconds", code="invalid")
+            raise ApiError(
+                f"sandbox_timeout={seconds} is over this daemon's maximum of "
+                f"{self.cfg.max_timeout_s} seconds",
+                code="invalid",
+            )
         expires = time.time() + seconds
         self.store.update_sandbox(sandbox_id, expires=expires, timeout_s=seconds)
         live.row.expires, live.row.timeout_s = expires, seconds
@@ -306,11 +353,17 @@ class SandboxManager:
             if live.watcher is not None and live.watcher is not asyncio.current_task():
                 live.watcher.cancel()
             u = await live.vm.kill()
-            usage = {"cpu_ms": u.cpu_ms, "mem_peak_bytes": u.mem_peak_bytes,
-                     "uptime_ms": u.uptime_ms}
+            usage = {
+                "cpu_ms": u.cpu_ms,
+                "mem_peak_bytes": u.mem_peak_bytes,
+                "uptime_ms": u.uptime_ms,
+            }
             bill = self.store.end_sandbox(
-                live.row, reason, (u.cpu_ms, u.mem_peak_bytes, u.uptime_ms),
-                self.cfg.price_per_vcpu_hour)
+                live.row,
+                reason,
+                (u.cpu_ms, u.mem_peak_bytes, u.uptime_ms),
+                self.cfg.price_per_vcpu_hour,
+            )
             await self._release_image(live.row)
             result = {**usage, **bill}
             live.ending.set_result(result)

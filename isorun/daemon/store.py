@@ -117,11 +117,31 @@ class SandboxRow:
         return out
 
 
-_COLUMNS = (
-    "id tenant_id image image_digest vcpus memory_mib disk_mib env metadata state created "
-    "started timeout_s expires ended end_reason error vm_id run_dir pid cpu_ms "
-    "mem_peak_bytes uptime_ms"
-).split()
+_COLUMNS = [
+    "id",
+    "tenant_id",
+    "image",
+    "image_digest",
+    "vcpus",
+    "memory_mib",
+    "disk_mib",
+    "env",
+    "metadata",
+    "state",
+    "created",
+    "started",
+    "timeout_s",
+    "expires",
+    "ended",
+    "end_reason",
+    "error",
+    "vm_id",
+    "run_dir",
+    "pid",
+    "cpu_ms",
+    "mem_peak_bytes",
+    "uptime_ms",
+]
 
 
 class Store:
@@ -244,7 +264,11 @@ class Store:
         return [SandboxRow.from_db(r) for r in self.db.execute(q + " ORDER BY created", args)]
 
     def end_sandbox(
-        self, row: SandboxRow, reason: str, usage: tuple[int, int, int], price_per_vcpu_hour: float,
+        self,
+        row: SandboxRow,
+        reason: str,
+        usage: tuple[int, int, int],
+        price_per_vcpu_hour: float,
         error: str | None = None,
     ) -> dict[str, Any]:
         """Mark ended and write the usage record, in one transaction."""
@@ -254,7 +278,8 @@ class Store:
         cost = round(billed * row.vcpus * price_per_vcpu_hour / 3600.0, 9)
         with self.tx() as db:
             db.execute(
-                "UPDATE sandboxes SET state='ended', ended=?, end_reason=?, error=COALESCE(?, error),"
+                "UPDATE sandboxes SET state='ended', ended=?, end_reason=?,"
+                " error=COALESCE(?, error),"
                 " cpu_ms=?, mem_peak_bytes=?, uptime_ms=? WHERE id=?",
                 (now, reason, error, cpu_ms, mem_peak, uptime_ms, row.id),
             )
@@ -262,8 +287,19 @@ class Store:
                 "INSERT INTO usage(tenant_id, sandbox_id, vcpus, memory_mib, started, ended,"
                 " cpu_ms, mem_peak_bytes, uptime_ms, billed_seconds, cost_usd)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (row.tenant_id, row.id, row.vcpus, row.memory_mib, row.started or row.created,
-                 now, cpu_ms, mem_peak, uptime_ms, billed, cost),
+                (
+                    row.tenant_id,
+                    row.id,
+                    row.vcpus,
+                    row.memory_mib,
+                    row.started or row.created,
+                    now,
+                    cpu_ms,
+                    mem_peak,
+                    uptime_ms,
+                    billed,
+                    cost,
+                ),
             )
         row.state, row.ended, row.end_reason = "ended", now, reason
         row.cpu_ms, row.mem_peak_bytes, row.uptime_ms = cpu_ms, mem_peak, uptime_ms

@@ -28,7 +28,12 @@ from isorun.vmm.accel import AccelChoice
 
 def _cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+        return (
+            Path(f"/proc/{pid}/cmdline")
+            .read_bytes()
+            .replace(b"\0", b" ")
+            .decode("utf-8", "replace")
+        )
     except OSError:
         return ""
 
@@ -97,8 +102,7 @@ class AdoptedVM(MicroVM):
         vm._pid = pid
         vm.started_at = time.monotonic() - max(0.0, time.time() - started_wall)
         with contextlib.suppress(OSError):
-            console_r, console_w = await asyncio.open_unix_connection(
-                str(run_dir / "console.sock"))
+            console_r, console_w = await asyncio.open_unix_connection(str(run_dir / "console.sock"))
             vm.console.start(console_r, console_w)
         await vm._qmp.connect(run_dir / "qmp.sock")
         conn = await AgentConnection.open_unix(str(run_dir / "agent.sock"), timeout=timeout)
@@ -121,13 +125,18 @@ class AdoptedVM(MicroVM):
             finally:
                 loop.remove_reader(fd)
                 os.close(fd)
-        self.death_reason = "shutdown" if self._shutdown_requested else (
-            "poweroff" if self.console.halted else "stopped")
+        self.death_reason = (
+            "shutdown"
+            if self._shutdown_requested
+            else ("poweroff" if self.console.halted else "stopped")
+        )
         self._final_usage = self._usage_now()
         self._exited.set()
         conn = getattr(self, "agent", None)
         if conn is not None:
-            conn.conn._fail(ChannelClosedError(f"sandbox VM {self.id} is dead: {self.death_reason}"))
+            conn.conn._fail(
+                ChannelClosedError(f"sandbox VM {self.id} is dead: {self.death_reason}")
+            )
 
     @property
     def alive(self) -> bool:

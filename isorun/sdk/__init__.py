@@ -14,7 +14,18 @@ from isorun.sdk.sandbox_async import AsyncProcess, AsyncSandbox
 from isorun.sdk.sandbox_sync import Process, Sandbox
 
 __all__ = [
-    "ApiError", "AsyncProcess", "AsyncSandbox", "AuthError", "CapacityError", "CommandFailed",
-    "DaemonUnavailable", "ExecResult", "FileInfo", "NotFoundError", "Process", "ProcessInfo",
-    "Sandbox", "SandboxEndedError",
+    "ApiError",
+    "AsyncProcess",
+    "AsyncSandbox",
+    "AuthError",
+    "CapacityError",
+    "CommandFailed",
+    "DaemonUnavailable",
+    "ExecResult",
+    "FileInfo",
+    "NotFoundError",
+    "Process",
+    "ProcessInfo",
+    "Sandbox",
+    "SandboxEndedError",
 ]

@@ -47,8 +47,9 @@ def resolve(api_url: str | None, api_key: str | None, autostart: bool | None) ->
     if autostart is None:
         autostart = os.environ.get("ISORUN_AUTOSTART", "1") not in ("0", "false", "no")
     if url is None or url.startswith("unix:"):
-        sock = url[len("unix:"):].lstrip() if url else os.environ.get(
-            "ISORUN_SOCKET", DEFAULT_SOCKET)
+        sock = (
+            url[len("unix:") :].lstrip() if url else os.environ.get("ISORUN_SOCKET", DEFAULT_SOCKET)
+        )
         if sock.startswith("//"):
             sock = sock[2:]
         # Only the embedded default is started automatically, never a remote daemon.
@@ -64,14 +65,21 @@ def ensure_daemon(s: Settings, timeout: float = 30.0) -> None:
     if not s.autostart:
         raise DaemonUnavailable(
             f"no isorun daemon answers on {s.uds}: start one with `isorund` (or `isorun "
-            "daemon`), or enable auto-start (ISORUN_AUTOSTART=1)")
+            "daemon`), or enable auto-start (ISORUN_AUTOSTART=1)"
+        )
     state = Path(os.environ.get("ISORUN_STATE_DIR", "/var/lib/isorun"))
     state.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, ISORUN_SOCKET=s.uds)
     with open(state / "isorund.log", "ab") as log:
         subprocess.Popen(
-            [sys.executable, "-m", "isorun.daemon"], stdin=subprocess.DEVNULL, stdout=log,
-            stderr=log, env=env, start_new_session=True, close_fds=True)
+            [sys.executable, "-m", "isorun.daemon"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _answers(s.uds):
@@ -79,7 +87,8 @@ def ensure_daemon(s: Settings, timeout: float = 30.0) -> None:
         time.sleep(0.05)
     raise DaemonUnavailable(
         f"started isorund but it did not answer on {s.uds} within {timeout:.0f}s; "
-        f"see {state / 'isorund.log'}")
+        f"see {state / 'isorund.log'}"
+    )
 
 
 def _answers(uds: str) -> bool:
@@ -103,20 +112,38 @@ def check(resp: httpx.Response) -> Any:
     return resp.content
 
 
-def create_body(image: str, vcpus: int | None, memory_mib: int | None, disk_mib: int | None,
-                env: dict[str, str] | None, metadata: dict[str, str] | None,
-                sandbox_timeout: int | None) -> dict[str, Any]:
+def create_body(
+    image: str,
+    vcpus: int | None,
+    memory_mib: int | None,
+    disk_mib: int | None,
+    env: dict[str, str] | None,
+    metadata: dict[str, str] | None,
+    sandbox_timeout: int | None,
+) -> dict[str, Any]:
     body: dict[str, Any] = {"image": image}
-    for k, v in (("vcpus", vcpus), ("memory_mib", memory_mib), ("disk_mib", disk_mib),
-                 ("env", env), ("metadata", metadata), ("sandbox_timeout", sandbox_timeout)):
+    for k, v in (
+        ("vcpus", vcpus),
+        ("memory_mib", memory_mib),
+        ("disk_mib", disk_mib),
+        ("env", env),
+        ("metadata", metadata),
+        ("sandbox_timeout", sandbox_timeout),
+    ):
         if v is not None:
             body[k] = v
     return body
 
 
-def exec_body(cmd: str | list[str], env: dict[str, str] | None, cwd: str | None,
-              user: str | None, timeout: float | None, stdin: str | bytes | None,
-              background: bool) -> dict[str, Any]:
+def exec_body(
+    cmd: str | list[str],
+    env: dict[str, str] | None,
+    cwd: str | None,
+    user: str | None,
+    timeout: float | None,
+    stdin: str | bytes | None,
+    background: bool,
+) -> dict[str, Any]:
     body: dict[str, Any] = {"argv": list(cmd)} if isinstance(cmd, list | tuple) else {"cmd": cmd}
     if env:
         body["env"] = env
@@ -221,22 +248,36 @@ class StreamDecoder:
         elif t == "exit":
             self.exit = ev
         elif t == "error":
-            raise error_for(410 if ev.get("code") == "sandbox_ended" else 500,
-                            {"error": {"code": ev.get("code"), "message": ev.get("message")}})
+            raise error_for(
+                410 if ev.get("code") == "sandbox_ended" else 500,
+                {"error": {"code": ev.get("code"), "message": ev.get("message")}},
+            )
         return None
 
     def result(self) -> ExecResult:
         if self.exit is None:
-            raise error_for(502, {"error": {"code": "stream_cut", "message":
-                "the output stream ended before the process did; reconnect with "
-                f"sandbox.processes.connect({self.proc_id!r})"}})
+            raise error_for(
+                502,
+                {
+                    "error": {
+                        "code": "stream_cut",
+                        "message": "the output stream ended before the process did; reconnect with "
+                        f"sandbox.processes.connect({self.proc_id!r})",
+                    }
+                },
+            )
         out, err = b"".join(self.out), b"".join(self.err)
         return ExecResult(
-            stdout=out.decode("utf-8", "replace"), stderr=err.decode("utf-8", "replace"),
-            exit_code=self.exit.get("exit_code"), duration_ms=int(self.exit.get("duration_ms", 0)),
-            signal=self.exit.get("signal"), timed_out=bool(self.exit.get("timed_out")),
+            stdout=out.decode("utf-8", "replace"),
+            stderr=err.decode("utf-8", "replace"),
+            exit_code=self.exit.get("exit_code"),
+            duration_ms=int(self.exit.get("duration_ms", 0)),
+            signal=self.exit.get("signal"),
+            timed_out=bool(self.exit.get("timed_out")),
             proc_id=str(self.exit.get("proc_id") or self.proc_id),
-            stdout_bytes=out, stderr_bytes=err)
+            stdout_bytes=out,
+            stderr_bytes=err,
+        )
 
 
 def to_bytes(data: str | bytes) -> bytes:

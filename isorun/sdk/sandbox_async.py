@@ -20,21 +20,32 @@ STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
 
 def _client(s: Settings) -> httpx.AsyncClient:
     transport = httpx.AsyncHTTPTransport(uds=s.uds) if s.uds else None
-    return httpx.AsyncClient(base_url=s.base_url, transport=transport, headers=s.headers(),
-                             timeout=httpx.Timeout(60.0))
+    return httpx.AsyncClient(
+        base_url=s.base_url, transport=transport, headers=s.headers(), timeout=httpx.Timeout(60.0)
+    )
 
 
 class AsyncSandbox:
     """`async with AsyncSandbox("python") as sb:` or `sb = await AsyncSandbox.create(...)`."""
 
-    def __init__(self, image: str = "base", *, vcpus: int | None = None,
-                 memory_mib: int | None = None, disk_mib: int | None = None,
-                 env: dict[str, str] | None = None, metadata: dict[str, str] | None = None,
-                 sandbox_timeout: int | None = None, api_url: str | None = None,
-                 api_key: str | None = None, autostart: bool | None = None) -> None:
+    def __init__(
+        self,
+        image: str = "base",
+        *,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        disk_mib: int | None = None,
+        env: dict[str, str] | None = None,
+        metadata: dict[str, str] | None = None,
+        sandbox_timeout: int | None = None,
+        api_url: str | None = None,
+        api_key: str | None = None,
+        autostart: bool | None = None,
+    ) -> None:
         self._settings = _core.resolve(api_url, api_key, autostart)
-        self._body = _core.create_body(image, vcpus, memory_mib, disk_mib, env, metadata,
-                                       sandbox_timeout)
+        self._body = _core.create_body(
+            image, vcpus, memory_mib, disk_mib, env, metadata, sandbox_timeout
+        )
         self._http = _client(self._settings)
         self._info: dict[str, Any] = {}
         self.id = ""
@@ -46,8 +57,11 @@ class AsyncSandbox:
         if info is None:
             await anyio.to_thread.run_sync(_core.ensure_daemon, self._settings)
             try:
-                info = _core.check(await self._http.post("/v1/sandboxes", json=self._body,
-                                                         timeout=_core.CREATE_TIMEOUT))
+                info = _core.check(
+                    await self._http.post(
+                        "/v1/sandboxes", json=self._body, timeout=_core.CREATE_TIMEOUT
+                    )
+                )
             except BaseException:
                 await self._http.aclose()
                 raise
@@ -61,37 +75,54 @@ class AsyncSandbox:
         return await cls(image, **kw)._start()
 
     @classmethod
-    async def connect(cls, sandbox_id: str, *, api_url: str | None = None,
-                      api_key: str | None = None, autostart: bool | None = None) -> AsyncSandbox:
+    async def connect(
+        cls,
+        sandbox_id: str,
+        *,
+        api_url: str | None = None,
+        api_key: str | None = None,
+        autostart: bool | None = None,
+    ) -> AsyncSandbox:
         sb = cls(api_url=api_url, api_key=api_key, autostart=autostart)
         await anyio.to_thread.run_sync(_core.ensure_daemon, sb._settings)
         info = _core.check(await sb._http.get(f"/v1/sandboxes/{sandbox_id}"))
         if info["state"] == "ended":
             await sb._http.aclose()
-            raise SandboxEndedError(f"sandbox {sandbox_id} has ended ({info['end_reason']})",
-                                    410, "sandbox_ended")
+            raise SandboxEndedError(
+                f"sandbox {sandbox_id} has ended ({info['end_reason']})", 410, "sandbox_ended"
+            )
         return await sb._start(info)
 
     @classmethod
-    async def list(cls, *, metadata: dict[str, str] | None = None, include_ended: bool = False,
-                   api_url: str | None = None, api_key: str | None = None,
-                   autostart: bool | None = None) -> builtins.list[dict[str, Any]]:
+    async def list(
+        cls,
+        *,
+        metadata: dict[str, str] | None = None,
+        include_ended: bool = False,
+        api_url: str | None = None,
+        api_key: str | None = None,
+        autostart: bool | None = None,
+    ) -> builtins.list[dict[str, Any]]:
         s = _core.resolve(api_url, api_key, autostart)
         await anyio.to_thread.run_sync(_core.ensure_daemon, s)
         params = {f"metadata.{k}": v for k, v in (metadata or {}).items()}
         if include_ended:
             params["all"] = "1"
         async with _client(s) as c:
-            return builtins.list(_core.check(await c.get("/v1/sandboxes", params=params))
-                                 ["sandboxes"])
+            return builtins.list(
+                _core.check(await c.get("/v1/sandboxes", params=params))["sandboxes"]
+            )
 
     async def info(self) -> dict[str, Any]:
         self._info = _core.check(await self._http.get(f"/v1/sandboxes/{self.id}"))
         return self._info
 
     async def set_timeout(self, seconds: int) -> None:
-        self._info = _core.check(await self._http.post(
-            f"/v1/sandboxes/{self.id}/timeout", json={"sandbox_timeout": seconds}))
+        self._info = _core.check(
+            await self._http.post(
+                f"/v1/sandboxes/{self.id}/timeout", json={"sandbox_timeout": seconds}
+            )
+        )
 
     async def destroy(self) -> dict[str, int]:
         if self._usage is None:
@@ -115,19 +146,28 @@ class AsyncSandbox:
             await self._start()
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             await self.destroy()
         finally:
             await self.close()
 
-    async def exec(self, cmd: str | builtins.list[str], *, env: dict[str, str] | None = None,
-                   cwd: str | None = None, user: str | None = None,
-                   timeout: float | None = None, stdin: str | bytes | None = None,
-                   on_stdout: OutputCallback | None = None,
-                   on_stderr: OutputCallback | None = None, background: bool = False,
-                   check: bool = False) -> Any:
+    async def exec(
+        self,
+        cmd: str | builtins.list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: str | bytes | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        background: bool = False,
+        check: bool = False,
+    ) -> Any:
         body = _core.exec_body(cmd, env, cwd, user, timeout, stdin, background)
         path = f"/v1/sandboxes/{self.id}/exec"
         if background:
@@ -156,17 +196,22 @@ class AsyncProcess:
     def _path(self, tail: str) -> str:
         return f"/v1/sandboxes/{self.sandbox.id}/processes/{self.id}/{tail}"
 
-    async def wait(self, *, offset: int = 0, on_stdout: OutputCallback | None = None,
-                   on_stderr: OutputCallback | None = None) -> ExecResult:
+    async def wait(
+        self,
+        *,
+        offset: int = 0,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
         dec = _core.StreamDecoder(on_stdout, on_stderr)
         await self.sandbox._stream("GET", self._path("stream"), dec, params={"offset": offset})
         return dec.result()
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, str]]:
         dec = _core.StreamDecoder(capture=False)
-        async with self.sandbox._http.stream("GET", self._path("stream"),
-                                             params={"offset": 0},
-                                             timeout=STREAM_TIMEOUT) as resp:
+        async with self.sandbox._http.stream(
+            "GET", self._path("stream"), params={"offset": 0}, timeout=STREAM_TIMEOUT
+        ) as resp:
             if resp.status_code >= 400:
                 await resp.aread()
                 _core.check(resp)
@@ -176,8 +221,9 @@ class AsyncProcess:
                     yield got[0], got[1].decode("utf-8", "replace")
 
     async def kill(self, grace: float = 2.0) -> dict[str, Any]:
-        return dict(_core.check(await self.sandbox._http.post(self._path("kill"),
-                                                              json={"grace": grace})))
+        return dict(
+            _core.check(await self.sandbox._http.post(self._path("kill"), json={"grace": grace}))
+        )
 
     async def signal(self, signum: int) -> None:
         _core.check(await self.sandbox._http.post(self._path("signal"), json={"signal": signum}))
@@ -207,24 +253,35 @@ class AsyncFiles:
         data = _core.check(await self._sb._http.get(self._base, params={"path": path}))
         return data if format == "bytes" else bytes(data).decode("utf-8", "replace")
 
-    async def write(self, path: str, data: str | bytes | AsyncIterable[bytes], *,
-                    mode: int = 0o644, append: bool = False) -> int:
+    async def write(
+        self,
+        path: str,
+        data: str | bytes | AsyncIterable[bytes],
+        *,
+        mode: int = 0o644,
+        append: bool = False,
+    ) -> int:
         content: Any = _core.to_bytes(data) if isinstance(data, str | bytes) else data
         params = {"path": path, "mode": str(mode)}
         if append:
             params["append"] = "1"
-        r = _core.check(await self._sb._http.put(self._base, params=params, content=content,
-                                                 timeout=STREAM_TIMEOUT))
+        r = _core.check(
+            await self._sb._http.put(
+                self._base, params=params, content=content, timeout=STREAM_TIMEOUT
+            )
+        )
         return int(r["bytes"])
 
     async def list(self, path: str, depth: int = 1) -> builtins.list[FileInfo]:
-        r = _core.check(await self._sb._http.get(self._base + "/list",
-                                                 params={"path": path, "depth": depth}))
+        r = _core.check(
+            await self._sb._http.get(self._base + "/list", params={"path": path, "depth": depth})
+        )
         return [FileInfo(**e) for e in r["entries"]]
 
     async def stat(self, path: str) -> FileInfo:
-        return FileInfo(**_core.check(await self._sb._http.get(self._base + "/stat",
-                                                               params={"path": path})))
+        return FileInfo(
+            **_core.check(await self._sb._http.get(self._base + "/stat", params={"path": path}))
+        )
 
     async def exists(self, path: str) -> bool:
         try:
@@ -234,21 +291,31 @@ class AsyncFiles:
         return True
 
     async def mkdir(self, path: str, parents: bool = True) -> None:
-        _core.check(await self._sb._http.post(self._base + "/mkdir",
-                                              json={"path": path, "parents": parents}))
+        _core.check(
+            await self._sb._http.post(
+                self._base + "/mkdir", json={"path": path, "parents": parents}
+            )
+        )
 
     async def remove(self, path: str, recursive: bool = False) -> None:
-        _core.check(await self._sb._http.post(self._base + "/remove",
-                                              json={"path": path, "recursive": recursive}))
+        _core.check(
+            await self._sb._http.post(
+                self._base + "/remove", json={"path": path, "recursive": recursive}
+            )
+        )
 
     async def rename(self, src: str, dst: str) -> None:
-        _core.check(await self._sb._http.post(self._base + "/rename",
-                                              json={"src": src, "dst": dst}))
+        _core.check(
+            await self._sb._http.post(self._base + "/rename", json={"src": src, "dst": dst})
+        )
 
     async def watch(self, path: str, recursive: bool = False) -> AsyncIterator[tuple[str, str]]:
-        async with self._sb._http.stream("GET", self._base + "/watch", timeout=STREAM_TIMEOUT,
-                                         params={"path": path,
-                                                 "recursive": int(recursive)}) as resp:
+        async with self._sb._http.stream(
+            "GET",
+            self._base + "/watch",
+            timeout=STREAM_TIMEOUT,
+            params={"path": path, "recursive": int(recursive)},
+        ) as resp:
             if resp.status_code >= 400:
                 await resp.aread()
                 _core.check(resp)

@@ -18,8 +18,9 @@ STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
 
 def _client(s: Settings) -> httpx.Client:
     transport = httpx.HTTPTransport(uds=s.uds) if s.uds else None
-    return httpx.Client(base_url=s.base_url, transport=transport, headers=s.headers(),
-                        timeout=httpx.Timeout(60.0))
+    return httpx.Client(
+        base_url=s.base_url, transport=transport, headers=s.headers(), timeout=httpx.Timeout(60.0)
+    )
 
 
 class Sandbox:
@@ -46,10 +47,12 @@ class Sandbox:
         self._http = _client(self._settings)
         try:
             if _info is None:
-                body = _core.create_body(image, vcpus, memory_mib, disk_mib, env, metadata,
-                                         sandbox_timeout)
-                _info = _core.check(self._http.post("/v1/sandboxes", json=body,
-                                                    timeout=_core.CREATE_TIMEOUT))
+                body = _core.create_body(
+                    image, vcpus, memory_mib, disk_mib, env, metadata, sandbox_timeout
+                )
+                _info = _core.check(
+                    self._http.post("/v1/sandboxes", json=body, timeout=_core.CREATE_TIMEOUT)
+                )
         except BaseException:
             self._http.close()
             raise
@@ -63,22 +66,35 @@ class Sandbox:
     # --- class-level ---------------------------------------------------------------
 
     @classmethod
-    def connect(cls, sandbox_id: str, *, api_url: str | None = None, api_key: str | None = None,
-                autostart: bool | None = None) -> Sandbox:
+    def connect(
+        cls,
+        sandbox_id: str,
+        *,
+        api_url: str | None = None,
+        api_key: str | None = None,
+        autostart: bool | None = None,
+    ) -> Sandbox:
         """Reattach to a running sandbox by id (it outlives any client)."""
         s = _core.resolve(api_url, api_key, autostart)
         _core.ensure_daemon(s)
         with _client(s) as c:
             info = _core.check(c.get(f"/v1/sandboxes/{sandbox_id}"))
         if info["state"] == "ended":
-            raise SandboxEndedError(f"sandbox {sandbox_id} has ended ({info['end_reason']})",
-                                    410, "sandbox_ended")
+            raise SandboxEndedError(
+                f"sandbox {sandbox_id} has ended ({info['end_reason']})", 410, "sandbox_ended"
+            )
         return cls(api_url=api_url, api_key=api_key, autostart=autostart, _info=info)
 
     @classmethod
-    def list(cls, *, metadata: dict[str, str] | None = None, include_ended: bool = False,
-             api_url: str | None = None, api_key: str | None = None,
-             autostart: bool | None = None) -> builtins.list[dict[str, Any]]:
+    def list(
+        cls,
+        *,
+        metadata: dict[str, str] | None = None,
+        include_ended: bool = False,
+        api_url: str | None = None,
+        api_key: str | None = None,
+        autostart: bool | None = None,
+    ) -> builtins.list[dict[str, Any]]:
         s = _core.resolve(api_url, api_key, autostart)
         _core.ensure_daemon(s)
         params = {f"metadata.{k}": v for k, v in (metadata or {}).items()}
@@ -94,8 +110,9 @@ class Sandbox:
         return self._info
 
     def set_timeout(self, seconds: int) -> None:
-        self._info = _core.check(self._http.post(f"/v1/sandboxes/{self.id}/timeout",
-                                                 json={"sandbox_timeout": seconds}))
+        self._info = _core.check(
+            self._http.post(f"/v1/sandboxes/{self.id}/timeout", json={"sandbox_timeout": seconds})
+        )
 
     def destroy(self) -> dict[str, int]:
         """Kill the sandbox; returns what it cost, measured on the host:
@@ -121,8 +138,9 @@ class Sandbox:
     def __enter__(self) -> Sandbox:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             self.destroy()
         finally:
@@ -178,8 +196,13 @@ class Process:
     def _path(self, tail: str) -> str:
         return f"/v1/sandboxes/{self.sandbox.id}/processes/{self.id}/{tail}"
 
-    def wait(self, *, offset: int = 0, on_stdout: OutputCallback | None = None,
-             on_stderr: OutputCallback | None = None) -> ExecResult:
+    def wait(
+        self,
+        *,
+        offset: int = 0,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
         """Replay output from `offset` (bytes of stdout+stderr), follow it, return at exit."""
         dec = _core.StreamDecoder(on_stdout, on_stderr)
         self.sandbox._stream("GET", self._path("stream"), dec, params={"offset": offset})
@@ -188,8 +211,9 @@ class Process:
     def __iter__(self) -> Iterator[tuple[str, str]]:
         """Yield ("stdout"|"stderr", text) chunks from the start until the process exits."""
         dec = _core.StreamDecoder(capture=False)
-        with self.sandbox._http.stream("GET", self._path("stream"), params={"offset": 0},
-                                       timeout=STREAM_TIMEOUT) as resp:
+        with self.sandbox._http.stream(
+            "GET", self._path("stream"), params={"offset": 0}, timeout=STREAM_TIMEOUT
+        ) as resp:
             if resp.status_code >= 400:
                 resp.read()
                 _core.check(resp)
@@ -217,8 +241,9 @@ class Processes:
         for p in self.list():
             if p.proc_id == proc_id:
                 return Process(self._sb, proc_id, p.pid)
-        raise _core.error_for(404, {"error": {"code": "not_found",
-                                              "message": f"process {proc_id!r} not found"}})
+        raise _core.error_for(
+            404, {"error": {"code": "not_found", "message": f"process {proc_id!r} not found"}}
+        )
 
 
 class Files:
@@ -234,42 +259,53 @@ class Files:
         return data if format == "bytes" else bytes(data).decode("utf-8", "replace")
 
     def _iter(self, path: str) -> Iterator[bytes]:
-        with self._sb._http.stream("GET", self._base, params={"path": path},
-                                   timeout=STREAM_TIMEOUT) as resp:
+        with self._sb._http.stream(
+            "GET", self._base, params={"path": path}, timeout=STREAM_TIMEOUT
+        ) as resp:
             if resp.status_code >= 400:
                 resp.read()
                 _core.check(resp)
             yield from resp.iter_bytes()
 
-    def write(self, path: str, data: str | bytes | IO[bytes] | Iterable[bytes], *,
-              mode: int = 0o644, append: bool = False) -> int:
+    def write(
+        self,
+        path: str,
+        data: str | bytes | IO[bytes] | Iterable[bytes],
+        *,
+        mode: int = 0o644,
+        append: bool = False,
+    ) -> int:
         """Write str, bytes, a binary file object or an iterable of chunks (streamed)."""
         content: Any
         if isinstance(data, str | bytes):
             content = _core.to_bytes(data)
         elif hasattr(data, "read"):
             f = data
-            content = iter(lambda: f.read(1 << 20), b"")  # type: ignore[union-attr]
+            content = iter(lambda: f.read(1 << 20), b"")
         else:
             content = data
         params = {"path": path, "mode": str(mode)}
         if append:
             params["append"] = "1"
-        r = _core.check(self._sb._http.put(self._base, params=params, content=content,
-                                           timeout=STREAM_TIMEOUT))
+        r = _core.check(
+            self._sb._http.put(self._base, params=params, content=content, timeout=STREAM_TIMEOUT)
+        )
         return int(r["bytes"])
 
     def list(self, path: str, depth: int = 1) -> builtins.list[FileInfo]:
-        r = _core.check(self._sb._http.get(self._base + "/list",
-                                           params={"path": path, "depth": depth}))
+        r = _core.check(
+            self._sb._http.get(self._base + "/list", params={"path": path, "depth": depth})
+        )
         return [FileInfo(**e) for e in r["entries"]]
 
     def stat(self, path: str) -> FileInfo:
-        return FileInfo(**_core.check(self._sb._http.get(self._base + "/stat",
-                                                         params={"path": path})))
+        return FileInfo(
+            **_core.check(self._sb._http.get(self._base + "/stat", params={"path": path}))
+        )
 
     def exists(self, path: str) -> bool:
         from isorun.sdk.errors import NotFoundError
+
         try:
             self.stat(path)
         except NotFoundError:
@@ -277,12 +313,14 @@ class Files:
         return True
 
     def mkdir(self, path: str, parents: bool = True) -> None:
-        _core.check(self._sb._http.post(self._base + "/mkdir",
-                                        json={"path": path, "parents": parents}))
+        _core.check(
+            self._sb._http.post(self._base + "/mkdir", json={"path": path, "parents": parents})
+        )
 
     def remove(self, path: str, recursive: bool = False) -> None:
-        _core.check(self._sb._http.post(self._base + "/remove",
-                                        json={"path": path, "recursive": recursive}))
+        _core.check(
+            self._sb._http.post(self._base + "/remove", json={"path": path, "recursive": recursive})
+        )
 
     def rename(self, src: str, dst: str) -> None:
         _core.check(self._sb._http.post(self._base + "/rename", json={"src": src, "dst": dst}))
@@ -290,8 +328,13 @@ class Files:
     def watch(self, path: str, recursive: bool = False) -> Iterator[tuple[str, str]]:
         """Yield (op, path) events until the iterator is closed."""
         import json
-        with self._sb._http.stream("GET", self._base + "/watch", timeout=STREAM_TIMEOUT,
-                                   params={"path": path, "recursive": int(recursive)}) as resp:
+
+        with self._sb._http.stream(
+            "GET",
+            self._base + "/watch",
+            timeout=STREAM_TIMEOUT,
+            params={"path": path, "recursive": int(recursive)},
+        ) as resp:
             if resp.status_code >= 400:
                 resp.read()
                 _core.check(resp)

@@ -30,17 +30,24 @@ class Daemon:
         self.sock = root / "isorund.sock"
         self.port = free_port()
         self.env = dict(
-            os.environ, ISORUN_STATE_DIR=str(self.state), ISORUN_SOCKET=str(self.sock),
-            ISORUN_TCP=f"127.0.0.1:{self.port}", ISORUN_ALLOW_RAW_ROOTFS="1",
-            ISORUN_AUTOSTART="0", ISORUN_API_URL=f"unix:{self.sock}", **env)
+            os.environ,
+            ISORUN_STATE_DIR=str(self.state),
+            ISORUN_SOCKET=str(self.sock),
+            ISORUN_TCP=f"127.0.0.1:{self.port}",
+            ISORUN_ALLOW_RAW_ROOTFS="1",
+            ISORUN_AUTOSTART="0",
+            ISORUN_API_URL=f"unix:{self.sock}",
+            **env,
+        )
         self.env.pop("ISORUN_API_KEY", None)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> Daemon:
         self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.root / "isorund.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "isorun.daemon"], env=self.env,
-                                     stdout=log, stderr=log, cwd=REPO)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "isorun.daemon"], env=self.env, stdout=log, stderr=log, cwd=REPO
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -58,13 +65,16 @@ class Daemon:
 
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url="http://isorund", headers=headers, timeout=120,
-                            transport=httpx.HTTPTransport(uds=str(self.sock)))
+        return httpx.Client(
+            base_url="http://isorund",
+            headers=headers,
+            timeout=120,
+            transport=httpx.HTTPTransport(uds=str(self.sock)),
+        )
 
     def tcp(self, key: str | None = None) -> httpx.Client:
         headers = {"authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=f"http://127.0.0.1:{self.port}", headers=headers,
-                            timeout=120)
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.port}", headers=headers, timeout=120)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -101,4 +111,5 @@ def assert_no_leaks(d: Daemon) -> None:
 
 def ndjson(resp: httpx.Response) -> list[dict[str, Any]]:
     import json
+
     return [json.loads(line) for line in resp.text.splitlines() if line.strip()]

@@ -7,7 +7,6 @@ import json
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from daemonhelpers import Daemon, ndjson
 
@@ -46,14 +45,16 @@ def test_socket_is_private(daemon: Daemon) -> None:
         (b'{"vcpus": 64}', 503, "host is full"),
     ],
 )
-def test_bad_create_requests_get_clear_4xx(daemon: Daemon, body: bytes, status: int,
-                                           needle: str) -> None:
+def test_bad_create_requests_get_clear_4xx(
+    daemon: Daemon, body: bytes, status: int, needle: str
+) -> None:
     with daemon.client() as c:
         r = c.post("/v1/sandboxes", content=body)
         assert r.status_code == status, r.text
         assert needle in r.json()["error"]["message"]
         assert c.get("/v1/sandboxes").json()["sandboxes"] == [] or all(
-            s["state"] == "running" for s in c.get("/v1/sandboxes").json()["sandboxes"])
+            s["state"] == "running" for s in c.get("/v1/sandboxes").json()["sandboxes"]
+        )
 
 
 def test_unknown_sandbox_and_route(daemon: Daemon) -> None:
@@ -84,8 +85,10 @@ def test_tcp_needs_a_valid_key_and_tenants_are_isolated(daemon: Daemon, sandbox:
         assert t.get(f"/v1/sandboxes/{sandbox}").status_code == 404
         assert t.delete(f"/v1/sandboxes/{sandbox}").status_code == 404
         assert t.post(f"/v1/sandboxes/{sandbox}/exec", json={"cmd": "id"}).status_code == 404
-        assert t.get(f"/v1/sandboxes/{sandbox}/files", params={"path": "/etc/passwd"}
-                     ).status_code == 404
+        assert (
+            t.get(f"/v1/sandboxes/{sandbox}/files", params={"path": "/etc/passwd"}).status_code
+            == 404
+        )
         # Raw host paths as images are for local callers only.
         r = t.post("/v1/sandboxes", json={"image": "rootfs:/etc/shadow"})
         assert r.status_code == 403
@@ -99,10 +102,14 @@ def test_tcp_needs_a_valid_key_and_tenants_are_isolated(daemon: Daemon, sandbox:
 def test_exec_streams_ndjson_in_order_with_exit_record(daemon: Daemon, sandbox: str) -> None:
     arrivals: list[tuple[float, dict[str, object]]] = []
     t0 = time.monotonic()
-    with daemon.client() as c, c.stream(
-        "POST", f"/v1/sandboxes/{sandbox}/exec",
-        json={"cmd": "echo one; sleep 1; echo two >&2; sleep 1; echo three; exit 7"},
-    ) as r:
+    with (
+        daemon.client() as c,
+        c.stream(
+            "POST",
+            f"/v1/sandboxes/{sandbox}/exec",
+            json={"cmd": "echo one; sleep 1; echo two >&2; sleep 1; echo three; exit 7"},
+        ) as r,
+    ):
         assert r.headers["content-type"].startswith("application/x-ndjson")
         for line in r.iter_lines():
             arrivals.append((time.monotonic() - t0, json.loads(line)))
@@ -117,23 +124,43 @@ def test_exec_streams_ndjson_in_order_with_exit_record(daemon: Daemon, sandbox: 
 def test_exec_stdin_argv_env_cwd_user_timeout(daemon: Daemon, sandbox: str) -> None:
     with daemon.client() as c:
         p = f"/v1/sandboxes/{sandbox}/exec"
-        ev = ndjson(c.post(p, json={"argv": ["cat"], "stdin": base64.b64encode(b"\x00\xffhi").decode()}))
+        ev = ndjson(
+            c.post(p, json={"argv": ["cat"], "stdin": base64.b64encode(b"\x00\xffhi").decode()})
+        )
         assert base64.b64decode(ev[1]["data"]) == b"\x00\xffhi"
-        ev = ndjson(c.post(p, json={"cmd": 'echo "$A $(pwd) $(id -u)"', "env": {"A": "x"},
-                                    "cwd": "/tmp", "user": "user"}))
+        ev = ndjson(
+            c.post(
+                p,
+                json={
+                    "cmd": 'echo "$A $(pwd) $(id -u)"',
+                    "env": {"A": "x"},
+                    "cwd": "/tmp",
+                    "user": "user",
+                },
+            )
+        )
         assert base64.b64decode(ev[1]["data"]) == b"x /tmp 1000\n"
         ev = ndjson(c.post(p, json={"cmd": "sleep 30", "timeout": 1}))
         assert ev[-1]["timed_out"] is True
-        for bad in ({}, {"cmd": "a", "argv": ["b"]}, {"cmd": ""}, {"cmd": "x", "stdin": "@@@"},
-                    {"cmd": "x", "timeout": -1}, {"cmd": "x", "env": {"A": 1}}):
+        for bad in (
+            {},
+            {"cmd": "a", "argv": ["b"]},
+            {"cmd": ""},
+            {"cmd": "x", "stdin": "@@@"},
+            {"cmd": "x", "timeout": -1},
+            {"cmd": "x", "env": {"A": 1}},
+        ):
             r = c.post(p, json=bad)
             assert r.status_code == 422, (bad, r.text)
 
 
 def test_client_drop_mid_exec_loses_nothing(daemon: Daemon, sandbox: str) -> None:
     with daemon.client() as c:
-        with c.stream("POST", f"/v1/sandboxes/{sandbox}/exec",
-                      json={"cmd": "for i in 1 2 3 4; do echo $i; sleep 0.4; done"}) as r:
+        with c.stream(
+            "POST",
+            f"/v1/sandboxes/{sandbox}/exec",
+            json={"cmd": "for i in 1 2 3 4; do echo $i; sleep 0.4; done"},
+        ) as r:
             first = json.loads(next(r.iter_lines()))
             assert first["type"] == "start"
         # The stream is gone; the command runs on. Reattach and replay from offset 0.
@@ -143,9 +170,14 @@ def test_client_drop_mid_exec_loses_nothing(daemon: Daemon, sandbox: str) -> Non
         assert out == b"1\n2\n3\n4\n"
         assert ev[-1]["type"] == "exit" and ev[-1]["exit_code"] == 0
         # From an offset: only what follows it.
-        ev = ndjson(c.get(f"/v1/sandboxes/{sandbox}/processes/{first['proc_id']}/stream",
-                          params={"offset": 4}))
-        assert b"".join(base64.b64decode(e["data"]) for e in ev if e["type"] == "stdout") == b"3\n4\n"
+        ev = ndjson(
+            c.get(
+                f"/v1/sandboxes/{sandbox}/processes/{first['proc_id']}/stream", params={"offset": 4}
+            )
+        )
+        assert (
+            b"".join(base64.b64decode(e["data"]) for e in ev if e["type"] == "stdout") == b"3\n4\n"
+        )
 
 
 def test_background_process_list_signal_kill(daemon: Daemon, sandbox: str) -> None:
@@ -166,15 +198,23 @@ def test_files_roundtrip_and_errors(daemon: Daemon, sandbox: str) -> None:
     with daemon.client() as c:
         f = f"/v1/sandboxes/{sandbox}/files"
         blob = bytes(range(256)) * 8192  # 2 MiB, streamed both ways
-        r = c.put(f, params={"path": "/tmp/d/blob.bin"}, content=iter([blob[:1 << 20], blob[1 << 20:]]))
+        r = c.put(
+            f, params={"path": "/tmp/d/blob.bin"}, content=iter([blob[: 1 << 20], blob[1 << 20 :]])
+        )
         assert r.json()["bytes"] == len(blob)
         assert c.get(f, params={"path": "/tmp/d/blob.bin"}).content == blob
         assert c.get(f + "/stat", params={"path": "/tmp/d/blob.bin"}).json()["size"] == len(blob)
         assert c.post(f + "/mkdir", json={"path": "/tmp/d/sub"}).status_code == 200
-        assert c.post(f + "/rename", json={"src": "/tmp/d/blob.bin", "dst": "/tmp/d/sub/b"}
-                      ).status_code == 200
-        names = {e["name"] for e in c.get(f + "/list", params={"path": "/tmp/d", "depth": 2}
-                                          ).json()["entries"]}
+        assert (
+            c.post(
+                f + "/rename", json={"src": "/tmp/d/blob.bin", "dst": "/tmp/d/sub/b"}
+            ).status_code
+            == 200
+        )
+        names = {
+            e["name"]
+            for e in c.get(f + "/list", params={"path": "/tmp/d", "depth": 2}).json()["entries"]
+        }
         assert {"sub", "b"} <= names
         assert c.post(f + "/remove", json={"path": "/tmp/d", "recursive": True}).status_code == 200
         r = c.get(f, params={"path": "/tmp/d/sub/b"})
@@ -186,8 +226,10 @@ def test_files_roundtrip_and_errors(daemon: Daemon, sandbox: str) -> None:
 
 def test_list_filters_by_metadata(daemon: Daemon, sandbox: str) -> None:
     with daemon.client() as c:
-        ids = [s["id"] for s in c.get("/v1/sandboxes", params={"metadata.suite": "daemon"}
-                                      ).json()["sandboxes"]]
+        ids = [
+            s["id"]
+            for s in c.get("/v1/sandboxes", params={"metadata.suite": "daemon"}).json()["sandboxes"]
+        ]
         assert ids == [sandbox]
         assert c.get("/v1/sandboxes", params={"metadata.suite": "other"}).json()["sandboxes"] == []
         assert c.get("/v1/sandboxes", params={"bogus": "1"}).status_code == 400
@@ -207,7 +249,12 @@ def test_timeout_reaps_and_kill_reports_usage(daemon: Daemon, image: str) -> Non
         assert info["end_reason"] == "timeout"
         r = c.post(f"/v1/sandboxes/{a}/exec", json={"cmd": "true"})
         assert r.status_code == 410 and "timeout" in r.json()["error"]["message"]
-        ndjson(c.post(f"/v1/sandboxes/{b}/exec", json={"cmd": "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done"}))
+        ndjson(
+            c.post(
+                f"/v1/sandboxes/{b}/exec",
+                json={"cmd": "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done"},
+            )
+        )
         usage = c.delete(f"/v1/sandboxes/{b}").json()
         assert usage["cpu_ms"] > 0 and usage["mem_peak_bytes"] > 1 << 20
         assert usage["uptime_ms"] > 0

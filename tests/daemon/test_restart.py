@@ -22,12 +22,17 @@ def test_sigkill_mid_stream_then_restart_readopts(tmp_path: Path, busybox_rootfs
             sid = c.post("/v1/sandboxes", json={"image": f"rootfs:{busybox_rootfs}"}).json()["id"]
             ev = ndjson(c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "echo kept > /tmp/state"}))
             assert ev[-1]["exit_code"] == 0
-            bg = c.post(f"/v1/sandboxes/{sid}/exec", json={
-                "cmd": "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.3; done",
-                "background": True}).json()["proc_id"]
+            bg = c.post(
+                f"/v1/sandboxes/{sid}/exec",
+                json={
+                    "cmd": "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.3; done",
+                    "background": True,
+                },
+            ).json()["proc_id"]
             # An exec stream is open when the daemon is SIGKILLed.
-            with c.stream("POST", f"/v1/sandboxes/{sid}/exec",
-                          json={"cmd": "sleep 3; echo finished"}) as r:
+            with c.stream(
+                "POST", f"/v1/sandboxes/{sid}/exec", json={"cmd": "sleep 3; echo finished"}
+            ) as r:
                 fg = json.loads(next(r.iter_lines()))["proc_id"]
                 d.stop(signal.SIGKILL)
         vm_pids = qemu_pids_for(d.state)
@@ -38,7 +43,9 @@ def test_sigkill_mid_stream_then_restart_readopts(tmp_path: Path, busybox_rootfs
             assert info["state"] == "running"
             ev = ndjson(c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "cat /tmp/state"}))
             assert base64.b64decode(ev[1]["data"]) == b"kept\n"
-            procs = {p["proc_id"]: p for p in c.get(f"/v1/sandboxes/{sid}/processes").json()["processes"]}
+            procs = {
+                p["proc_id"]: p for p in c.get(f"/v1/sandboxes/{sid}/processes").json()["processes"]
+            }
             assert procs[bg]["running"] is True
             # The command whose stream was cut finished; its output is in the ring.
             ev = ndjson(c.get(f"/v1/sandboxes/{sid}/processes/{fg}/stream"))

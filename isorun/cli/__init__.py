@@ -1,0 +1,1 @@
+"""The `isorun` command line."""

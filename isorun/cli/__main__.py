@@ -1,0 +1,3 @@
+from isorun.cli.main import main
+
+main()

@@ -1,0 +1,238 @@
+"""`isorun`: run, ls, exec, kill, logs, images, keys, usage, daemon. `--json` for scripts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import httpx
+
+from isorun.errors import IsorunError
+from isorun.sdk import _core
+from isorun.sdk.sandbox_sync import Sandbox, _client
+
+
+def _out(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+def _http(args: argparse.Namespace) -> httpx.Client:
+    s = _core.resolve(args.api_url, args.api_key, None)
+    _core.ensure_daemon(s)
+    return _client(s)
+
+
+def _write(stream: Any) -> Any:
+    def w(text: str) -> None:
+        stream.write(text)
+        stream.flush()
+
+    return w
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if not args.cmd:
+        raise SystemExit(
+            "isorun run: give a command after --, e.g. isorun run python -- python3 -V"
+        )
+    env = dict(e.split("=", 1) for e in args.env)
+    sb = Sandbox(
+        args.image,
+        vcpus=args.vcpus,
+        memory_mib=args.memory_mib,
+        env=env or None,
+        sandbox_timeout=args.timeout,
+        api_url=args.api_url,
+        api_key=args.api_key,
+    )
+    try:
+        r = sb.exec(
+            args.cmd if len(args.cmd) > 1 else args.cmd[0],
+            on_stdout=None if args.json else _write(sys.stdout),
+            on_stderr=None if args.json else _write(sys.stderr),
+        )
+    finally:
+        usage = sb.destroy() if not args.keep else None
+        sb.close()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "sandbox": sb.id,
+                    "exit_code": r.exit_code,
+                    "stdout": r.stdout,
+                    "stderr": r.stderr,
+                    "duration_ms": r.duration_ms,
+                    "usage": usage,
+                }
+            )
+        )
+    elif args.keep:
+        print(f"sandbox {sb.id} kept running", file=sys.stderr)
+    return r.exit_code if r.exit_code is not None else 128 + (r.signal or 0)
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    sb = Sandbox.connect(args.id, api_url=args.api_url, api_key=args.api_key)
+    try:
+        r = sb.exec(
+            args.cmd if len(args.cmd) > 1 else args.cmd[0],
+            on_stdout=None if args.json else _write(sys.stdout),
+            on_stderr=None if args.json else _write(sys.stderr),
+        )
+    finally:
+        sb.close()
+    if args.json:
+        print(json.dumps({"exit_code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr}))
+    return r.exit_code if r.exit_code is not None else 128 + (r.signal or 0)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    meta = dict(m.split("=", 1) for m in args.metadata)
+    rows = Sandbox.list(
+        metadata=meta, include_ended=args.all, api_url=args.api_url, api_key=args.api_key
+    )
+    lines = [f"{'ID':22} {'STATE':8} {'IMAGE':24} VCPU  MEM_MIB"] + [
+        f"{r['id']:22} {r['state']:8} {r['image'][-24:]:24} {r['vcpus']:4} {r['memory_mib']:8}"
+        for r in rows
+    ]
+    _out(args, rows, "\n".join(lines))
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    with _http(args) as c:
+        usage = _core.check(c.delete(f"/v1/sandboxes/{args.id}"))
+    _out(
+        args,
+        usage,
+        f"killed {args.id}: cpu {usage['cpu_ms']} ms, peak memory "
+        f"{usage['mem_peak_bytes']} B, uptime {usage['uptime_ms']} ms",
+    )
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    with _http(args) as c:
+        r = c.get(f"/v1/sandboxes/{args.id}/logs")
+        if r.status_code >= 400:
+            _core.check(r)
+    _out(args, {"console": r.text}, r.text)
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    with _http(args) as c:
+        imgs = _core.check(c.get("/v1/images"))["images"]
+    _out(
+        args,
+        imgs,
+        "\n".join(
+            f"{i['digest'][:19]}  {','.join(i['names']):30} {i['size_bytes'] // (1 << 20)} MiB"
+            for i in imgs
+        ),
+    )
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    with _http(args) as c:
+        if args.action == "create":
+            k = _core.check(c.post("/v1/keys", json={"name": args.name or ""}))
+            _out(args, k, f"{k['key']}\n(tenant {k['tenant_id']}; shown once, store it now)")
+        elif args.action == "ls":
+            keys = _core.check(c.get("/v1/keys"))["keys"]
+            _out(
+                args,
+                keys,
+                "\n".join(
+                    f"{k['id']}  {k['tenant_id']:16} {k['name']:20} "
+                    f"{'revoked' if k['revoked'] else 'active'}"
+                    for k in keys
+                ),
+            )
+        else:
+            _out(args, _core.check(c.delete(f"/v1/keys/{args.name}")), f"revoked {args.name}")
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    with _http(args) as c:
+        u = _core.check(c.get("/v1/usage"))
+    t = u["total"]
+    _out(
+        args,
+        u,
+        f"{t['sandboxes']} sandboxes, {t['vcpu_seconds']} vCPU-seconds billed, "
+        f"cpu {t['cpu_ms']} ms, cost ${t['cost_usd']:.6f} at ${u['price_per_vcpu_hour']}/vCPU-h",
+    )
+    return 0
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from isorun.daemon.main import main as daemon_main
+
+    daemon_main(args.rest)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="isorun", description="isorun sandboxes")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--api-url", help="default $ISORUN_API_URL, else the local unix socket")
+    p.add_argument("--api-key", help="default $ISORUN_API_KEY")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="create a sandbox, run a command, destroy it")
+    r.add_argument("image")
+    r.add_argument("cmd", nargs=argparse.REMAINDER)
+    r.add_argument("--vcpus", type=int)
+    r.add_argument("--memory-mib", type=int)
+    r.add_argument("--timeout", type=int, help="sandbox_timeout in seconds")
+    r.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    r.add_argument("--keep", action="store_true", help="do not destroy the sandbox")
+    r.set_defaults(fn=cmd_run)
+    e = sub.add_parser("exec", help="run a command in a running sandbox")
+    e.add_argument("id")
+    e.add_argument("cmd", nargs=argparse.REMAINDER)
+    e.set_defaults(fn=cmd_exec)
+    ls = sub.add_parser("ls", help="list sandboxes")
+    ls.add_argument("-a", "--all", action="store_true", help="include ended sandboxes")
+    ls.add_argument("-m", "--metadata", action="append", default=[], metavar="K=V")
+    ls.set_defaults(fn=cmd_ls)
+    for name, fn, hlp in (
+        ("kill", cmd_kill, "kill a sandbox (prints its usage)"),
+        ("logs", cmd_logs, "guest console of a sandbox"),
+    ):
+        s = sub.add_parser(name, help=hlp)
+        s.add_argument("id")
+        s.set_defaults(fn=fn)
+    sub.add_parser("images", help="images in the daemon's store").set_defaults(fn=cmd_images)
+    k = sub.add_parser("keys", help="API keys (local admin)")
+    k.add_argument("action", choices=["create", "ls", "revoke"])
+    k.add_argument("name", nargs="?", help="key name (create) or key id (revoke)")
+    k.set_defaults(fn=cmd_keys)
+    sub.add_parser("usage", help="usage and cost of your API key").set_defaults(fn=cmd_usage)
+    d = sub.add_parser("daemon", help="run isorund in the foreground")
+    d.add_argument("rest", nargs=argparse.REMAINDER)
+    d.set_defaults(fn=cmd_daemon)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if getattr(args, "cmd", None) and args.cmd[:1] == ["--"]:
+        args.cmd = args.cmd[1:]
+    if args.command in ("run", "exec") and not args.cmd:
+        raise SystemExit(f"isorun {args.command}: give a command after --")
+    try:
+        code = args.fn(args)
+    except IsorunError as exc:
+        print(f"isorun: {exc}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The `isorun` CLI against a real daemon: exit codes, streams, --json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from daemonhelpers import Daemon
+
+pytestmark = pytest.mark.vm
+
+
+def test_cli_run_ls_kill(daemon: Daemon, image: str) -> None:
+    env = dict(daemon.env)
+    cli = [sys.executable, "-m", "isorun.cli"]
+    r = subprocess.run(
+        [*cli, "run", image, "--", "sh", "-c", "echo hi; echo no >&2; exit 4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (4, "hi\n", "no\n")
+    r = subprocess.run(
+        [*cli, "run", "--keep", image, "--", "true"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    sid = r.stderr.split()[1]
+    rows = json.loads(
+        subprocess.run(
+            [*cli, "--json", "ls"], env=env, capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+    )
+    assert [x["id"] for x in rows] == [sid]
+    r = subprocess.run(
+        [*cli, "exec", sid, "--", "echo", "in", "there"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.stdout == "in there\n"
+    assert (
+        "agent"
+        in subprocess.run(
+            [*cli, "logs", sid], env=env, capture_output=True, text=True, timeout=60
+        ).stdout
+    )
+    usage = json.loads(
+        subprocess.run(
+            [*cli, "--json", "kill", sid],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    )
+    assert usage["uptime_ms"] > 0
+    r = subprocess.run([*cli, "kill", sid], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "ended" in r.stderr
+    u = json.loads(
+        subprocess.run(
+            [*cli, "--json", "usage"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    )
+    assert u["total"]["sandboxes"] >= 2

@@ -1,0 +1,130 @@
+"""The SDK against a real daemon and guest: sync and async faces, errors, auto-start."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from isorun import (
+    AsyncSandbox,
+    CommandFailed,
+    DaemonUnavailable,
+    IsorunError,
+    NotFoundError,
+    Sandbox,
+    SandboxEndedError,
+)
+
+pytestmark = pytest.mark.vm
+
+
+def test_sync_surface(api: str, image: str) -> None:
+    chunks: list[tuple[float, str]] = []
+    t0 = time.monotonic()
+    with Sandbox(image, api_url=api, metadata={"who": "sdk"}, sandbox_timeout=120) as sb:
+        r = sb.exec(
+            "echo a; sleep 1; echo b; echo err >&2",
+            on_stdout=lambda s: chunks.append((time.monotonic() - t0, s)),
+        )
+        assert (r.stdout, r.stderr, r.exit_code) == ("a\nb\n", "err\n", 0)
+        assert [c for _, c in chunks] == ["a\n", "b\n"] and chunks[1][0] - chunks[0][0] > 0.6
+        assert r.duration_ms >= 900
+        assert (
+            sb.exec(["sh", "-c", "cat; echo $X"], stdin="in\n", env={"X": "y"}).stdout == "in\ny\n"
+        )
+        with pytest.raises(CommandFailed, match="exited with 3"):
+            sb.exec("exit 3", check=True)
+        # files
+        assert sb.files.write("/tmp/f/a.txt", "héllo") == 6
+        assert sb.files.read("/tmp/f/a.txt") == "héllo"
+        sb.files.write("/tmp/f/b.bin", io.BytesIO(b"\x00" * 300_000))
+        assert sb.files.read("/tmp/f/b.bin", format="bytes") == b"\x00" * 300_000
+        assert b"".join(sb.files.read("/tmp/f/b.bin", format="stream")) == b"\x00" * 300_000
+        assert sb.files.stat("/tmp/f/b.bin").size == 300_000
+        sb.files.rename("/tmp/f/a.txt", "/tmp/f/c.txt")
+        assert sorted(f.name for f in sb.files.list("/tmp/f")) == ["b.bin", "c.txt"]
+        sb.files.remove("/tmp/f", recursive=True)
+        assert not sb.files.exists("/tmp/f")
+        with pytest.raises(NotFoundError):
+            sb.files.read("/tmp/f/c.txt")
+        # background processes
+        p = sb.exec("for i in 1 2 3; do echo $i; sleep 0.2; done", background=True)
+        assert [t for _, t in p] == ["1\n", "2\n", "3\n"]
+        assert p.wait(offset=2).stdout == "2\n3\n"
+        assert p.id in {q.proc_id for q in sb.processes.list()}
+        loop = sb.exec("sleep 1000", background=True)
+        assert sb.processes.connect(loop.id).kill(grace=0.2)["signal"] in (9, 15)
+        # connect / list / set_timeout
+        assert [s["id"] for s in Sandbox.list(metadata={"who": "sdk"}, api_url=api)] == [sb.id]
+        again = Sandbox.connect(sb.id, api_url=api)
+        assert again.exec("echo same").stdout == "same\n"
+        again.close()
+        sb.set_timeout(3600)
+        assert sb.info()["sandbox_timeout"] == 3600
+        sid = sb.id
+    usage = sb.destroy()  # second call: same figures, no error
+    assert set(usage) == {"cpu_ms", "mem_peak_bytes", "uptime_ms"}
+    assert usage["cpu_ms"] > 0 and usage["mem_peak_bytes"] > 0 and usage["uptime_ms"] > 0
+    with pytest.raises(SandboxEndedError):
+        Sandbox.connect(sid, api_url=api)
+    with pytest.raises(NotFoundError):
+        Sandbox.connect("sb-doesnotexist", api_url=api)
+
+
+async def test_async_surface(api: str, image: str) -> None:
+    seen: list[str] = []
+    async with AsyncSandbox(image, api_url=api) as sb:
+        r = await sb.exec("echo x; exit 5", on_stdout=seen.append)
+        assert (r.stdout, r.exit_code, seen) == ("x\n", 5, ["x\n"])
+        await sb.files.write("/tmp/q", b"qq")
+        assert await sb.files.read("/tmp/q") == "qq"
+        p = await sb.exec("echo bg", background=True)
+        assert (await p.wait()).stdout == "bg\n"
+        other = await AsyncSandbox.connect(sb.id, api_url=api)
+        assert (await other.exec("echo o")).stdout == "o\n"
+        await other.close()
+    usage = await sb.destroy()
+    assert usage["uptime_ms"] > 0
+
+
+def test_errors_name_what_to_change(api: str) -> None:
+    with pytest.raises(IsorunError, match="memory_mib"):
+        Sandbox("base", memory_mib=-1, api_url=api)
+    with pytest.raises(NotFoundError, match="not found"):
+        Sandbox("rootfs:/no/such/file.ext4", api_url=api)
+
+
+def test_autostart_and_switching_it_off(tmp_path: Path) -> None:
+    sock = tmp_path / "auto.sock"
+    env = dict(os.environ, ISORUN_SOCKET=str(sock), ISORUN_STATE_DIR=str(tmp_path / "state"))
+    env.pop("ISORUN_API_URL", None)
+    code = "from isorun import Sandbox; print(len(Sandbox.list()))"
+    off = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "ISORUN_AUTOSTART": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert off.returncode != 0 and "DaemonUnavailable" in off.stderr and "isorund" in off.stderr
+    on = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    try:
+        assert on.returncode == 0, on.stderr
+        assert on.stdout.strip() == "0"
+        assert sock.stat().st_mode & 0o777 == 0o600
+    finally:
+        pid = int((tmp_path / "state" / "isorund.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert DaemonUnavailable.__mro__[1] is IsorunError
