@@ -1,0 +1,123 @@
+"""API benchmarks against a real isorund (temp socket and state dir) and busybox guests.
+
+Prints one JSON object. Each figure sits beside its floor:
+- api_get_sandbox_*: GET /v1/sandboxes/{id} vs GET /v1/health on the same server (ratio);
+- create_first_exec_s: POST /v1/sandboxes -> first exec result, vs the VM boot alone (boot_ms);
+- stream_10: 10 sandboxes each streaming 4 MiB concurrently: bytes lost and total MiB/s;
+- idle_sandbox_rss_mib: host memory (QEMU RSS) per idle sandbox.
+
+Run: python bench/bench_api.py [--n 300] [--streams 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "daemon"))
+
+from daemonhelpers import Daemon, qemu_pids_for  # noqa: E402
+from vmhelpers import build_busybox_rootfs  # noqa: E402
+
+from isorun import Sandbox  # noqa: E402
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))]
+
+
+def timed(fn: object, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()  # type: ignore[operator]
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def rss_mib(pid: int) -> float:
+    total = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            total = int(line.split()[1])
+    return total / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--streams", type=int, default=10)
+    a = ap.parse_args()
+    image = f"rootfs:{build_busybox_rootfs()}"
+    res: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Daemon(Path(tmp), ISORUN_DEFAULT_MEMORY_MIB="256", ISORUN_CPU_OVERCOMMIT="16").start()
+        api = f"unix:{d.sock}"
+        try:
+            t0 = time.perf_counter()
+            sb = Sandbox(image, api_url=api)
+            t1 = time.perf_counter()
+            sb.exec("true")
+            t2 = time.perf_counter()
+            res["create_s"] = round(t1 - t0, 3)
+            res["create_first_exec_s"] = round(t2 - t0, 3)
+            res["first_exec_ms"] = round((t2 - t1) * 1000, 1)
+            with d.client() as c:
+                c.get("/v1/health")
+                health = timed(lambda: c.get("/v1/health"), a.n)
+                get = timed(lambda: c.get(f"/v1/sandboxes/{sb.id}"), a.n)
+            for name, xs in (("api_health", health), ("api_get_sandbox", get)):
+                res[f"{name}_p50_ms"] = round(statistics.median(xs), 3)
+                res[f"{name}_p99_ms"] = round(pct(xs, 0.99), 3)
+            res["api_get_vs_health_p50_ratio"] = round(
+                statistics.median(get) / statistics.median(health), 2)
+            ex = timed(lambda: sb.exec("true"), 30)
+            res["exec_roundtrip_p50_ms"] = round(statistics.median(ex), 1)
+            sb.destroy()
+            sb.close()
+
+            # N concurrent sandboxes, each streaming output.
+            n, size = a.streams, 4 << 20
+            boxes = [Sandbox(image, api_url=api) for _ in range(n)]
+            time.sleep(1)
+            pids = qemu_pids_for(d.state)
+            res["idle_sandbox_rss_mib"] = round(sum(rss_mib(p) for p in pids) / max(1, n), 1)
+            got = [0] * n
+            errs: list[str] = []
+
+            def run(i: int) -> None:
+                try:
+                    r = boxes[i].exec(f"head -c {size} /dev/zero | tr '\\0' x")
+                    got[i] = len(r.stdout_bytes)
+                except Exception as exc:  # noqa: BLE001
+                    errs.append(repr(exc))
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+            t = time.perf_counter()
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            el = time.perf_counter() - t
+            res["stream_sandboxes"] = n
+            res["stream_bytes_lost"] = n * size - sum(got)
+            res["stream_errors"] = errs
+            res["stream_total_mib_s"] = round(sum(got) / el / (1 << 20), 2)
+            for b in boxes:
+                b.destroy()
+                b.close()
+        finally:
+            d.stop()
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
