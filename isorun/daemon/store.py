@@ -6,6 +6,7 @@ intact. `StateFullError` names the disk-full case so the API can answer 507.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -172,7 +173,8 @@ class Store:
             try:
                 yield self.db
             except BaseException:
-                self.db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
         except sqlite3.OperationalError as exc:
