@@ -23,10 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "daemon"))
 
-from daemonhelpers import Daemon, qemu_pids_for  # noqa: E402
-from vmhelpers import build_busybox_rootfs  # noqa: E402
+from daemonhelpers import Daemon, qemu_pids_for
+from vmhelpers import build_busybox_rootfs
 
-from isorun import Sandbox  # noqa: E402
+from isorun import Sandbox
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -78,7 +78,8 @@ def main() -> None:
                 res[f"{name}_p50_ms"] = round(statistics.median(xs), 3)
                 res[f"{name}_p99_ms"] = round(pct(xs, 0.99), 3)
             res["api_get_vs_health_p50_ratio"] = round(
-                statistics.median(get) / statistics.median(health), 2)
+                statistics.median(get) / statistics.median(health), 2
+            )
             ex = timed(lambda: sb.exec("true"), 30)
             res["exec_roundtrip_p50_ms"] = round(statistics.median(ex), 1)
             sb.destroy()
@@ -97,7 +98,7 @@ def main() -> None:
                 try:
                     r = boxes[i].exec(f"head -c {size} /dev/zero | tr '\\0' x")
                     got[i] = len(r.stdout_bytes)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     errs.append(repr(exc))
 
             threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]

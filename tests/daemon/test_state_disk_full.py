@@ -18,8 +18,9 @@ def test_state_disk_full_is_507_and_keeps_what_was_stored(tmp_path: Path) -> Non
         with d.client() as c:
             first = c.post("/v1/keys", json={"name": "before"}).json()
             filler = root / "filler"
-            subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"],
-                           capture_output=True, check=False)
+            subprocess.run(
+                ["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True, check=False
+            )
             r = None
             for i in range(200):  # the WAL may absorb a few writes before the disk says no
                 r = c.post("/v1/keys", json={"name": f"k{i}" * 20})
@@ -30,7 +31,8 @@ def test_state_disk_full_is_507_and_keeps_what_was_stored(tmp_path: Path) -> Non
             filler.unlink()
             names = [k["name"] for k in c.get("/v1/keys").json()["keys"]]
             assert names[0] == "before" and first["id"] in {
-                k["id"] for k in c.get("/v1/keys").json()["keys"]}
+                k["id"] for k in c.get("/v1/keys").json()["keys"]
+            }
             assert c.post("/v1/keys", json={"name": "after"}).status_code == 201
     finally:
         d.stop()
