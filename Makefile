@@ -39,6 +39,8 @@ test-py: venv
 bench: venv guest
 	$(PY) bench/bench_boot.py
 	$(PY) bench/bench_agent.py
+	$(PY) bench/bench_images.py
+	$(PY) bench/bench_api.py
 
 clean:
 	rm -rf $(VENV) build

@@ -46,12 +46,18 @@ def start_registry(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = {"version": 0.1, "log": {"level": "error", "accesslog": {"disabled": True}},
-           "storage": {"filesystem": {"rootdirectory": str(tmp / "storage")}},
-           "http": {"addr": f"127.0.0.1:{port}"}}
+    cfg = {
+        "version": 0.1,
+        "log": {"level": "error", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(tmp / "storage")}},
+        "http": {"addr": f"127.0.0.1:{port}"},
+    }
     (tmp / "config.yml").write_text(json.dumps(cfg))
-    proc = subprocess.Popen(["docker-registry", "serve", str(tmp / "config.yml")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["docker-registry", "serve", str(tmp / "config.yml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(300):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
@@ -74,7 +80,7 @@ def make_image(tmp: Path, mib: int) -> Path:
         while size < per_layer:
             flen = rng.choice([4096, 16384, 65536, 262144])
             if i % 2:
-                data = rng.randbytes(flen)          # incompressible (binaries, media)
+                data = rng.randbytes(flen)  # incompressible (binaries, media)
             else:
                 data = b" ".join(rng.choice(words) for _ in range(flen // 9))[:flen]
             entries.append(ob.file(f"data{n}/f{i:05d}", data))
@@ -101,8 +107,17 @@ async def main() -> None:
     try:
         layout = make_image(tmp, args.mib)
         ref = f"{host}/bench/img:1"
-        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
-                        f"oci:{layout}:bench", f"docker://{ref}"], check=True)
+        subprocess.run(
+            [
+                "skopeo",
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                f"oci:{layout}:bench",
+                f"docker://{ref}",
+            ],
+            check=True,
+        )
         blobs = sum(p.stat().st_size for p in (layout / "blobs/sha256").iterdir())
         emit(bench="image", compressed_bytes=blobs)
 
@@ -111,8 +126,17 @@ async def main() -> None:
         for run in range(args.runs):
             dest = tmp / f"floor{run}"
             t0 = time.perf_counter()
-            subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false",
-                            f"docker://{ref}", f"oci:{dest}:img"], check=True)
+            subprocess.run(
+                [
+                    "skopeo",
+                    "copy",
+                    "--quiet",
+                    "--src-tls-verify=false",
+                    f"docker://{ref}",
+                    f"oci:{dest}:img",
+                ],
+                check=True,
+            )
             floors.append(time.perf_counter() - t0)
             shutil.rmtree(dest)
             store = ImageStore(tmp / f"store{run}", StoreConfig(auth_file=None))
@@ -128,10 +152,18 @@ async def main() -> None:
             if run < args.runs - 1:
                 shutil.rmtree(store.root)
         f, e = statistics.median(floors), statistics.median(ensures)
-        emit(bench="pull_convert", skopeo_copy_s=round(f, 3), ensure_s=round(e, 3),
-             ratio=round(e / f, 2), runs=args.runs)
-        emit(bench="cache_hit", ensure_hit_s=round(statistics.median(hits), 5),
-             ensure_pull_always_s=round(statistics.median(always), 3))
+        emit(
+            bench="pull_convert",
+            skopeo_copy_s=round(f, 3),
+            ensure_s=round(e, 3),
+            ratio=round(e / f, 2),
+            runs=args.runs,
+        )
+        emit(
+            bench="cache_hit",
+            ensure_hit_s=round(statistics.median(hits), 5),
+            ensure_pull_always_s=round(statistics.median(always), 3),
+        )
         assert img is not None
         # Disk: each sandbox = shared read-only rootfs + its own sparse scratch disk (the
         # writable CoW layer the VMM formats), vs giving each sandbox a private copy.
@@ -140,15 +172,23 @@ async def main() -> None:
         scratch_total = 0
         for i in range(args.sandboxes):
             s = scratch_dir / f"sb{i}.ext4"
-            subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", str(s), "2G"],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["mkfs.ext4", "-q", "-F", "-O", "^has_journal", str(s), "2G"],
+                check=True,
+                capture_output=True,
+            )
             scratch_total += allocated(s)
         one = allocated(img.rootfs)
         shared = one + scratch_total
-        emit(bench="disk", sandboxes=args.sandboxes, rootfs_bytes=one,
-             scratch_bytes_each=scratch_total // args.sandboxes, shared_total_bytes=shared,
-             private_copies_bytes=args.sandboxes * one + scratch_total,
-             shared_vs_one=round(shared / one, 2))
+        emit(
+            bench="disk",
+            sandboxes=args.sandboxes,
+            rootfs_bytes=one,
+            scratch_bytes_each=scratch_total // args.sandboxes,
+            shared_total_bytes=shared,
+            private_copies_bytes=args.sandboxes * one + scratch_total,
+            shared_vs_one=round(shared / one, 2),
+        )
     finally:
         reg.terminate()
         reg.wait(10)
