@@ -6,6 +6,7 @@ Every answer from the guest is checked field by field before use: the guest is h
 from __future__ import annotations
 
 import base64
+import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ from isorun.agent.validate import (
 )
 from isorun.errors import FileNotFoundInGuest, GuestError, ProtocolError
 
+# A callback may return an awaitable: it is awaited before more output is read, so a slow
+# consumer holds back the guest through the channel's credits instead of buffering.
 OutputCallback = Callable[[bytes], object]
 StdinSource = bytes | AsyncIterable[bytes]
 
@@ -391,6 +394,11 @@ async def _feed_stdin(ch: Channel, source: StdinSource) -> None:
     await ch.send_eof()
 
 
+async def _maybe_await(result: object) -> None:
+    if inspect.isawaitable(result):
+        await result
+
+
 async def _collect_process(
     ch: Channel,
     on_stdout: OutputCallback | None,
@@ -407,12 +415,12 @@ async def _collect_process(
             if capture:
                 out.append(frame.payload)
             if on_stdout is not None:
-                on_stdout(frame.payload)
+                await _maybe_await(on_stdout(frame.payload))
         elif frame.kind is Kind.ERR:
             if capture:
                 err.append(frame.payload)
             if on_stderr is not None:
-                on_stderr(frame.payload)
+                await _maybe_await(on_stderr(frame.payload))
         elif frame.kind is Kind.EVENT:
             ev = frame.json()
             kind = ev.get("event")

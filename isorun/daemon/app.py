@@ -142,7 +142,10 @@ def _query_path(request: Request) -> str:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
-Emit = Callable[[str, bytes], None]
+Emit = Callable[[str, bytes], Awaitable[None]]
+# Output records a stream may hold for a slow HTTP reader; past that the exec waits, which
+# stops returning credit to the guest, which blocks the guest process: memory stays bounded.
+STREAM_BACKLOG = 64
 Push = Callable[[dict[str, Any]], None]
 
 
@@ -276,7 +279,12 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
             if not detached:
                 q.put_nowait(rec)
 
-        def emit(kind: str, data: bytes) -> None:
+        room = asyncio.Event()
+
+        async def emit(kind: str, data: bytes) -> None:
+            while not detached and q.qsize() >= STREAM_BACKLOG:
+                room.clear()
+                await room.wait()
             if not detached:
                 q.put_nowait({"type": kind, "data": base64.b64encode(data).decode()})
 
@@ -308,11 +316,13 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
             try:
                 while True:
                     item = await q.get()
+                    room.set()
                     if item is None:
                         return
                     yield (json.dumps(item, separators=(",", ":")) + "\n").encode()
             finally:
                 detached = True
+                room.set()
                 if cancel_on_disconnect and not task.done():
                     task.cancel()
 
@@ -390,13 +400,13 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         async def run(emit: Emit, push: Push) -> dict[str, Any]:
             first = True
 
-            def out(kind: str) -> Callable[[bytes], None]:
-                def cb(b: bytes) -> None:
+            def out(kind: str) -> Callable[[bytes], Awaitable[None]]:
+                async def cb(b: bytes) -> None:
                     nonlocal first
                     if first:
                         first = False
                         push({"type": "attached", "offset": att.offset, "lost": att.lost})
-                    emit(kind, b)
+                    await emit(kind, b)
 
                 return cb
 

@@ -269,3 +269,39 @@ def test_timeout_reaps_and_kill_reports_usage(daemon: Daemon, image: str) -> Non
 def test_malformed_query_values(daemon: Daemon) -> None:
     with daemon.client() as c:
         assert c.get("/v1/usage", params={"since": "yesterday"}).status_code == 400
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_slow_reader_holds_back_the_guest_instead_of_filling_daemon_memory(
+    daemon: Daemon, sandbox: str
+) -> None:
+    assert daemon.proc is not None
+    total = 40 * 2**20
+    with (
+        daemon.client() as c,
+        c.stream(
+            "POST",
+            f"/v1/sandboxes/{sandbox}/exec",
+            json={"cmd": f"dd if=/dev/zero bs=65536 count={total // 65536} 2>/dev/null"},
+        ) as r,
+    ):
+        lines = r.iter_lines()
+        assert json.loads(next(lines))["type"] == "start"
+        before = _rss_bytes(daemon.proc.pid)
+        time.sleep(4)  # a reader that stalls while the guest could produce ~80 MB
+        grown = _rss_bytes(daemon.proc.pid) - before
+        got = 0
+        last: dict[str, object] = {}
+        for line in lines:
+            last = json.loads(line)
+            if last["type"] == "stdout":
+                got += len(base64.b64decode(str(last["data"])))
+    assert last["type"] == "exit" and last["exit_code"] == 0
+    assert got == total  # nothing dropped
+    assert grown < 24 * 2**20, f"daemon grew {grown} bytes while the reader stalled"
