@@ -19,7 +19,6 @@ from isorun.daemon.config import DaemonConfig
 from isorun.daemon.errors import ApiError, CapacityError, Conflict, Forbidden, Gone, NotFound
 from isorun.daemon.models import CreateSandbox
 from isorun.daemon.store import LOCAL_TENANT, SandboxRow, Store
-from isorun.daemon.vmhandle import AdoptedVM, detach, kill_orphan
 from isorun.errors import VMError
 from isorun.images import (
     ImageConfig,
@@ -30,7 +29,7 @@ from isorun.images import (
     RegistryUnreachableError,
     TemplateError,
 )
-from isorun.vmm import MicroVM, VMSpec
+from isorun.vmm import MicroVM, VMSpec, kill_orphan
 from isorun.vmm.cgroup import VMCgroup
 
 log = logging.getLogger("isorund.sandboxes")
@@ -88,16 +87,8 @@ class SandboxManager:
                 t.cancel()
             if live.watcher is not None:
                 live.watcher.cancel()
-            detach(live.vm)
-            sup = getattr(live.vm, "_supervisor", None)
-            if sup is not None:
-                sup.cancel()
             with contextlib.suppress(Exception):
-                await live.vm.agent.conn.close()
-            with contextlib.suppress(Exception):
-                await live.vm._qmp.close()
-            with contextlib.suppress(Exception):
-                await live.vm.console.stop()
+                await live.vm.detach()
         self.live.clear()
 
     async def _readopt(self) -> None:
@@ -105,7 +96,7 @@ class SandboxManager:
         for row in self.store.list_sandboxes(states=("creating", "running")):
             if row.state == "running" and row.run_dir:
                 try:
-                    vm = await AdoptedVM.adopt(Path(row.run_dir), row.started or row.created)
+                    vm = await MicroVM.adopt(Path(row.run_dir))
                 except Exception as exc:
                     log.warning("sandbox %s could not be re-adopted: %s", row.id, exc)
                     await asyncio.to_thread(kill_orphan, Path(row.run_dir))

@@ -1,7 +1,15 @@
 """The VMM driver: QEMU microVMs with a guest agent, jailed, limited and supervised."""
 
 from isorun.vmm.accel import AccelChoice, detect
-from isorun.vmm.machine import MicroVM, VMUsage
+from isorun.vmm.machine import MicroVM, VMUsage, kill_orphan, running_pid
 from isorun.vmm.spec import VMSpec
 
-__all__ = ["AccelChoice", "MicroVM", "VMSpec", "VMUsage", "detect"]
+__all__ = [
+    "AccelChoice",
+    "MicroVM",
+    "VMSpec",
+    "VMUsage",
+    "detect",
+    "kill_orphan",
+    "running_pid",
+]

@@ -26,6 +26,7 @@ from isorun.vmm import accel as accel_mod
 from isorun.vmm import artifacts, jail, qemu_cmd, scratch
 from isorun.vmm.cgroup import VMCgroup
 from isorun.vmm.console import ConsoleLog
+from isorun.vmm.process import VMProcess, alive, cmdline
 from isorun.vmm.qmp import QMPMonitor
 from isorun.vmm.spec import VMSpec
 
@@ -57,7 +58,8 @@ class MicroVM:
         self.agent: AgentClient
         self.console = ConsoleLog(self.run_dir / "console.log", on_halt=self._on_guest_halt)
         self.cgroup = VMCgroup(f"vm-{vm_id}")
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: VMProcess | None = None
+        self.started_unix = time.time()
         self._qmp = QMPMonitor()
         self._supervisor: asyncio.Task[None] | None = None
         self._exited = asyncio.Event()
@@ -65,6 +67,7 @@ class MicroVM:
         self._final_usage: VMUsage | None = None
         self._cleaned = False
         self._shutdown_requested = False
+        self._detached = False
 
     # --- boot -----------------------------------------------------------------------
 
@@ -90,6 +93,62 @@ class MicroVM:
                 raise
         assert last is not None
         raise last
+
+    @classmethod
+    async def adopt(cls, run_dir: Path, timeout: float = 10.0) -> MicroVM:
+        """Take over a VM that an earlier host process started (e.g. before a daemon
+        restart): reconnect its console, QMP and agent; supervise its pid."""
+        try:
+            state = json.loads((run_dir / "vm.json").read_text())
+            vm_id = str(state["id"])
+            spec = VMSpec(
+                rootfs=Path(state["rootfs"]) if state.get("rootfs") else None,
+                vcpus=int(state["vcpus"]),
+                memory_mib=int(state["memory_mib"]),
+                scratch_mib=int(state.get("scratch_mib", 2048)),
+                labels=dict(state.get("labels") or {}),
+            )
+            accel = accel_mod.AccelChoice(str(state["accel"]), "adopted")
+            started_unix = float(state.get("started_unix", time.time()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise VMError(f"cannot adopt {run_dir}: unreadable vm.json ({exc})", "gone") from exc
+        pid = running_pid(run_dir)
+        if pid is None:
+            raise VMError(f"VM {vm_id} is no longer running", "gone")
+        vm = cls(vm_id, spec, accel)
+        vm.run_dir = run_dir
+        vm.console = ConsoleLog(run_dir / "console.log", on_halt=vm._on_guest_halt)
+        vm.cgroup = VMCgroup(f"vm-{vm_id}")
+        vm.started_unix = started_unix
+        vm.started_at = time.monotonic() - max(0.0, time.time() - started_unix)
+        vm._proc = VMProcess(pid)
+        vm._supervisor = asyncio.create_task(vm._supervise(), name=f"vm:{vm.id}")
+        try:
+            console_r, console_w = await asyncio.open_unix_connection(str(run_dir / "console.sock"))
+            vm.console.start(console_r, console_w)
+            await vm._qmp.connect(run_dir / "qmp.sock")
+            conn = await AgentConnection.open_unix(str(run_dir / "agent.sock"), timeout=timeout)
+        except BaseException:
+            vm._supervisor.cancel()
+            await vm._qmp.close()
+            await vm.console.stop()
+            raise
+        conn.on_close = vm._on_agent_closed
+        vm.agent = AgentClient(conn)
+        return vm
+
+    async def detach(self) -> None:
+        """Let go of the VM without stopping it: it keeps running for a later `adopt`."""
+        self._detached = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        conn = getattr(self, "agent", None)
+        if conn is not None:
+            await conn.conn.close()
+        await self._qmp.close()
+        await self.console.stop()
 
     async def _launch(self, qemu: str, kernel: Path, initramfs: Path) -> None:
         t0 = time.monotonic()
@@ -136,19 +195,14 @@ class MicroVM:
                     f"cannot create the VM's cgroup under /sys/fs/cgroup: {exc}"
                 ) from exc
         (self.run_dir / "argv.json").write_text(json.dumps(argv))
-        stderr = open(self.run_dir / "qemu.stderr", "wb")  # noqa: SIM115 - handed to the child
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=stderr,
-                stderr=stderr,
-                pass_fds=[s.fileno() for s in listeners.values()],
-                preexec_fn=_enter_cgroup(procs_files),
-                start_new_session=True,
+            self._proc = VMProcess.spawn(
+                argv,
+                self.run_dir / "qemu.stderr",
+                [s.fileno() for s in listeners.values()],
+                _enter_cgroup(procs_files),
             )
         finally:
-            stderr.close()
             for s in listeners.values():
                 s.close()
         self._write_state()
@@ -197,9 +251,8 @@ class MicroVM:
             raise VMError(f"QMP monitor did not answer: {exc}", "qmp") from exc
 
     def _on_guest_halt(self) -> None:
-        if self._proc is not None and self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
+        if self._proc is not None:
+            self._proc.kill()
 
     def _on_agent_closed(self, exc: BaseException) -> None:
         del exc  # the supervisor reports the VM's death; a closed channel alone is not one
@@ -222,6 +275,8 @@ class MicroVM:
             self.death_reason = "panic"
         elif reason in ("host-qmp-quit", "host-signal"):
             self.death_reason = "stopped"
+        elif code is None:
+            self.death_reason = "stopped"  # adopted: not our child, no status to read
         elif code < 0:
             self.death_reason = f"killed by signal {-code}"
         else:
@@ -264,9 +319,10 @@ class MicroVM:
 
     async def kill(self) -> VMUsage:
         """Stop QEMU now (SIGKILL to its session) and remove every file and group it had."""
-        if self._proc is not None and self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
+        if self._detached:
+            raise VMError(f"VM {self.id} was detached from this host process", "detached")
+        if self._proc is not None:
+            self._proc.kill()
         if self._supervisor is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
@@ -307,6 +363,9 @@ class MicroVM:
             "vcpus": self.spec.vcpus,
             "memory_mib": self.spec.memory_mib,
             "rootfs": str(self.spec.rootfs) if self.spec.rootfs else None,
+            "scratch_mib": self.spec.scratch_mib,
+            "started_unix": self.started_unix,
+            "labels": self.spec.labels,
         }
         (self.run_dir / "vm.json").write_text(json.dumps(state))
 
@@ -315,6 +374,29 @@ class MicroVM:
             return (self.run_dir / "qemu.stderr").read_bytes()[-2000:].decode("utf-8", "replace")
         except OSError:
             return ""
+
+
+def running_pid(run_dir: Path) -> int | None:
+    """The pid of the VM process of `run_dir` if it still runs (and is still that VM)."""
+    try:
+        pid = int(json.loads((run_dir / "vm.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if pid <= 1 or not alive(pid) or str(run_dir) not in cmdline(pid):
+        return None  # gone, or the pid was reused by another process
+    return pid
+
+
+def kill_orphan(run_dir: Path, timeout: float = 5.0) -> None:
+    """SIGKILL the VM of a run dir that cannot be adopted and wait for it to go."""
+    pid = running_pid(run_dir)
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _listen(path: Path) -> socket.socket:

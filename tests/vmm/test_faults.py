@@ -110,3 +110,22 @@ async def test_qemu_runs_jailed(vm: MicroVM) -> None:
     assert "Seccomp:\t2" in status, "QEMU must run under its seccomp filter"
     assert Path(f"/proc/{qemu_pid}/ns/net").resolve() != Path("/proc/self/ns/net").resolve()
     assert Path(f"/proc/{qemu_pid}/root").resolve() != Path("/")
+
+
+async def test_detached_vm_keeps_running_and_can_be_adopted(busybox_rootfs: Path) -> None:
+    vm = await MicroVM.boot(vm_spec(busybox_rootfs))
+    proc_id, _ = await vm.agent.spawn("echo before; sleep 1000")
+    await vm.detach()
+    assert vm.pid is not None and Path(f"/proc/{vm.pid}").exists()  # still running
+    again = await MicroVM.adopt(vm.run_dir)
+    try:
+        assert again.id == vm.id and again.pid == vm.pid
+        r = await again.agent.exec("echo after")
+        assert r.stdout == b"after\n"
+        procs = {p.proc_id for p in await again.agent.list_procs()}
+        assert proc_id in procs  # the guest state survived the host letting go
+    finally:
+        usage = await again.kill()
+    assert again.death_reason is not None
+    assert usage.uptime_ms > 0
+    assert_vm_gone(again)

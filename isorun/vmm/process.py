@@ -1,0 +1,87 @@
+"""The QEMU process of one VM, watched through a pidfd.
+
+A pidfd works the same for a child we spawned and for a QEMU an earlier daemon spawned
+(it runs in its own session and outlives the daemon), so supervision has one code path and
+closing the host side never kills the VM (asyncio's subprocess transports would).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+class VMProcess:
+    def __init__(self, pid: int, child: subprocess.Popen[bytes] | None = None) -> None:
+        self.pid = pid
+        self._child = child
+        self.returncode: int | None = None
+        self.exited = False
+
+    @classmethod
+    def spawn(
+        cls,
+        argv: Sequence[str],
+        log: Path,
+        pass_fds: Sequence[int],
+        preexec: Callable[[], None] | None,
+    ) -> VMProcess:
+        with open(log, "wb") as out:
+            child = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                pass_fds=list(pass_fds),
+                preexec_fn=preexec,
+                start_new_session=True,  # its own process group: killpg reaches the whole jail
+            )
+        return cls(child.pid, child)
+
+    async def wait(self) -> int | None:
+        """Wait for exit; the exit status when it was our child (negative: signal)."""
+        if self.exited:
+            return self.returncode
+        loop = asyncio.get_running_loop()
+        gone = asyncio.Event()
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            fd = -1
+        if fd >= 0:
+            loop.add_reader(fd, gone.set)
+            try:
+                await gone.wait()
+            finally:
+                loop.remove_reader(fd)
+                os.close(fd)
+        if self._child is not None:
+            self.returncode = self._child.wait()
+        self.exited = True
+        return self.returncode
+
+    def kill(self) -> None:
+        if not self.exited:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode("utf-8", "replace")
