@@ -165,16 +165,27 @@ class AgentClient:
         on_stderr: OutputCallback | None = None,
         capture: bool = True,
         attachment: Attachment | None = None,
+        stdin: StdinSource | None = None,
     ) -> ExecResult:
-        """Replay a process's buffered output from `offset`, follow it live, wait for exit."""
-        ch = await self._open(
-            {"op": "attach", "proc_id": proc_id, "offset": offset, "output": output}
-        )
+        """Replay a process's buffered output from `offset`, follow it live, wait for exit.
+        With `stdin`, its bytes go to the process's stdin (then EOF, as for exec)."""
+        req = {"op": "attach", "proc_id": proc_id, "offset": offset, "output": output}
+        if stdin is not None:
+            req["stdin"] = True
+        ch = await self._open(req)
+        feeder = None
         try:
+            if stdin is not None:
+                import asyncio
+
+                feeder = asyncio.create_task(_feed_stdin(ch, stdin))
             return await _collect_process(ch, on_stdout, on_stderr, None, capture, attachment)
         except BaseException:
             await ch.cancel()
             raise
+        finally:
+            if feeder is not None and not feeder.done():
+                feeder.cancel()
 
     async def list_procs(self) -> list[ProcInfo]:
         # Long lists come as EVENT {"procs": [...]} batches before the RESP's own batch.

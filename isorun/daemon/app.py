@@ -23,22 +23,25 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from isorun import __version__
-from isorun.agent import Attachment, ExecResult
+from isorun.agent import Attachment, ExecResult, ProcInfo
 from isorun.daemon import auth
 from isorun.daemon.config import DaemonConfig
-from isorun.daemon.errors import ApiError, Forbidden, NotFound, Unauthorized
+from isorun.daemon.errors import ApiError, Conflict, Forbidden, NotFound, Unauthorized
 from isorun.daemon.models import (
     CreateKey,
     CreateSandbox,
     ExecRequest,
     KillProcess,
     MkdirOp,
+    PtyRequest,
     RemoveOp,
     RenameOp,
+    Resize,
     SetTimeout,
     SignalProcess,
 )
 from isorun.daemon.sandboxes import Live, SandboxManager
+from isorun.daemon.stdin import MAX_CHUNK, StdinPipes
 from isorun.daemon.store import LOCAL_TENANT, StateError, StateFullError, Store
 from isorun.errors import (
     ChannelClosedError,
@@ -149,7 +152,13 @@ STREAM_BACKLOG = 64
 Push = Callable[[dict[str, Any]], None]
 
 
+# The shell of `POST .../pty` without a command: bash when the image has it, else sh.
+DEFAULT_SHELL = "if command -v bash >/dev/null 2>&1; then exec bash -l; else exec sh -l; fi"
+
+
 def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Starlette:
+    pipes = StdinPipes()
+
     def tenant_of(request: Request) -> str:
         header = request.headers.get("authorization", "")
         local = request.scope.get("client") is None or request.scope["client"][0] in ("", None)
@@ -343,15 +352,16 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         live = manager.get_live(tenant, request.path_params["sid"])
         pty = (req.pty.rows, req.pty.cols) if req.pty else None
         if req.background:
-            proc_id, pid = await live.vm.agent.spawn(
-                req.cmd,
-                argv=req.argv,
-                env=req.env or None,
+            proc_id, pid = await _spawn(
+                live,
+                {"cmd": req.cmd} if req.cmd is not None else {"argv": req.argv},
+                env=req.env,
                 cwd=req.cwd,
                 user=req.user,
                 timeout=req.timeout,
                 pty=pty,
                 tag=req.tag,
+                stdin=req.open_stdin,
             )
             return {"proc_id": proc_id, "pid": pid}
         stdin: bytes | None = None
@@ -427,11 +437,111 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
 
         return _stream(live, run, cancel_on_disconnect=True)
 
-    async def _known_proc(live: Live, proc_id: str) -> None:
-        if len(proc_id) > 64 or not any(
-            p.proc_id == proc_id for p in await live.vm.agent.list_procs()
-        ):
-            raise NotFound(f"process {proc_id!r} not found in sandbox {live.row.id}")
+    async def _known_proc(live: Live, proc_id: str) -> ProcInfo:
+        if len(proc_id) <= 64:
+            for p in await live.vm.agent.list_procs():
+                if p.proc_id == proc_id:
+                    return p
+        raise NotFound(f"process {proc_id!r} not found in sandbox {live.row.id}")
+
+    async def _spawn(
+        live: Live,
+        what: dict[str, Any],
+        *,
+        env: dict[str, str],
+        cwd: str | None,
+        user: str | None,
+        timeout: float | None,
+        pty: tuple[int, int] | None,
+        tag: str | None,
+        stdin: bool,
+    ) -> tuple[str, int]:
+        """Start a background process (with a stdin pipe when asked: docs/protocol.md exec)."""
+        fields: dict[str, Any] = {**what, "background": True, "stdin": stdin}
+        for k, v in (("env", env), ("cwd", cwd), ("user", user), ("tag", tag)):
+            if v:
+                fields[k] = v
+        if timeout:
+            fields["timeout_ms"] = max(1, int(timeout * 1000))
+        if pty is not None:
+            fields["pty"] = {"rows": pty[0], "cols": pty[1]}
+        resp = await live.vm.agent.call("exec", **fields)
+        proc_id, pid = resp.get("proc_id"), resp.get("pid")
+        if not isinstance(proc_id, str) or not isinstance(pid, int) or len(proc_id) > 64:
+            raise ApiError("the guest agent answered exec without a valid proc_id", status=502)
+        if stdin:
+            pipes.prune(manager.live.keys())
+            pipes.started_with_stdin(live.row.id, proc_id)
+        return proc_id, pid
+
+    async def _running_proc(live: Live, proc_id: str) -> ProcInfo:
+        p = await _known_proc(live, proc_id)
+        if not p.running:
+            raise Conflict(f"process {proc_id} has exited (exit code {p.exit_code})")
+        return p
+
+    async def send_stdin(request: Request, tenant: str) -> Any:
+        live = manager.get_live(tenant, request.path_params["sid"])
+        proc_id = request.path_params["pid"]
+        data = await _raw_body(request, MAX_CHUNK)
+        p = await _running_proc(live, proc_id)
+        if not p.pty and not pipes.has_stdin(live.row.id, proc_id):
+            raise Conflict(
+                f"process {proc_id} has no open stdin: start it with 'open_stdin': true"
+                " (background exec) or on a PTY; a closed stdin cannot be reopened"
+            )
+        pipe = pipes.get(live.row.id, proc_id) or pipes.open(
+            live.row.id, proc_id, live.vm.agent, live.spawn
+        )
+        if not await pipe.write(data):
+            raise Conflict(f"process {proc_id} has exited")
+        return {"bytes": len(data)}
+
+    async def close_stdin(request: Request, tenant: str) -> Any:
+        live = manager.get_live(tenant, request.path_params["sid"])
+        proc_id = request.path_params["pid"]
+        p = await _running_proc(live, proc_id)
+        pipe = pipes.get(live.row.id, proc_id)
+        if pipe is not None:
+            await pipe.close()  # EOF after the bytes already queued
+        else:
+            await live.vm.agent.close_stdin(proc_id)
+        if not p.pty:
+            pipes.stdin_closed(live.row.id, proc_id)
+        return {"ok": True}
+
+    async def resize(request: Request, tenant: str) -> Any:
+        req = await parse(request, Resize)
+        live = manager.get_live(tenant, request.path_params["sid"])
+        proc_id = request.path_params["pid"]
+        p = await _running_proc(live, proc_id)
+        if not p.pty:
+            raise Conflict(
+                f"process {proc_id} has no terminal to resize: start it with a 'pty'"
+                " (POST .../pty or exec with 'pty')"
+            )
+        await live.vm.agent.resize(proc_id, req.rows, req.cols)
+        return {"ok": True}
+
+    async def open_pty(request: Request, tenant: str) -> Any:
+        req = await parse(request, PtyRequest)
+        live = manager.get_live(tenant, request.path_params["sid"])
+        if req.argv is not None:
+            what: dict[str, Any] = {"argv": req.argv}
+        else:
+            what = {"cmd": req.cmd or DEFAULT_SHELL}
+        proc_id, pid = await _spawn(
+            live,
+            what,
+            env={"TERM": "xterm-256color", **req.env},
+            cwd=req.cwd,
+            user=req.user,
+            timeout=req.timeout,
+            pty=(req.rows, req.cols),
+            tag="pty",
+            stdin=False,
+        )
+        return {"proc_id": proc_id, "pid": pid}
 
     async def kill_proc(request: Request, tenant: str) -> Any:
         req = await parse(request, KillProcess)
@@ -571,6 +681,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         return {"ok": True}
 
     S = "/v1/sandboxes/{sid}"
+    P = S + "/processes/{pid}"
     routes = [
         Route("/v1/health", endpoint(health, public=True)),
         Route("/openapi.json", endpoint(openapi, public=True)),
@@ -587,6 +698,10 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         Route(S + "/processes/{pid}/stream", endpoint(connect_proc), methods=["GET"]),
         Route(S + "/processes/{pid}/kill", endpoint(kill_proc), methods=["POST"]),
         Route(S + "/processes/{pid}/signal", endpoint(signal_proc), methods=["POST"]),
+        Route(P + "/stdin", endpoint(send_stdin), methods=["POST"]),
+        Route(P + "/stdin/close", endpoint(close_stdin), methods=["POST"]),
+        Route(P + "/resize", endpoint(resize), methods=["POST"]),
+        Route(S + "/pty", endpoint(open_pty, status=201), methods=["POST"]),
         Route(S + "/files", endpoint(read_file), methods=["GET"]),
         Route(S + "/files", endpoint(write_file), methods=["PUT"]),
         Route(S + "/files/list", endpoint(list_files), methods=["GET"]),
@@ -621,6 +736,21 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
     return Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: bad_method}
     )
+
+
+async def _raw_body(request: Request, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(
+                f"request body is over {limit} bytes; send stdin in pieces of at most {limit}",
+                status=413,
+                code="too_large",
+            )
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 async def _chunks(request: Request) -> AsyncIterator[bytes]:

@@ -53,6 +53,11 @@ class ExecRequest(Strict):
         None, description="base64 bytes fed to stdin, then EOF"
     )
     background: bool = False
+    open_stdin: bool = Field(
+        False,
+        description="background only: keep stdin open for POST .../processes/{pid}/stdin"
+        " (closed by .../stdin/close); otherwise a background process reads /dev/null",
+    )
     pty: PtySize | None = None
     tag: Annotated[str, StringConstraints(max_length=256)] | None = None
 
@@ -61,8 +66,43 @@ class ExecRequest(Strict):
         if (self.cmd is None) == (self.argv is None):
             raise ValueError("pass exactly one of 'cmd' (a shell string) or 'argv' (a list)")
         if self.background and self.stdin is not None:
-            raise ValueError("'stdin' is only for foreground exec; background processes get none")
+            raise ValueError(
+                "'stdin' is only for foreground exec; for a background process pass"
+                " 'open_stdin': true and POST .../processes/{proc_id}/stdin"
+            )
+        if self.open_stdin and not self.background:
+            raise ValueError("'open_stdin' is for background processes; use 'stdin' (base64)")
         return self
+
+
+class PtyRequest(Strict):
+    """An interactive terminal: a background process on a PTY (default: a login shell)."""
+
+    cmd: Annotated[str, StringConstraints(min_length=1, max_length=1 << 20)] | None = None
+    argv: (
+        Annotated[
+            list[Annotated[str, StringConstraints(max_length=1 << 20)]],
+            Field(min_length=1, max_length=4096),
+        ]
+        | None
+    ) = None
+    rows: int = Field(24, ge=1, le=1000)
+    cols: int = Field(80, ge=1, le=1000)
+    env: dict[Key, Val] = Field(default_factory=dict, max_length=1024)
+    cwd: Path_ | None = None
+    user: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+    timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S, description="seconds")
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> PtyRequest:
+        if self.cmd is not None and self.argv is not None:
+            raise ValueError("pass at most one of 'cmd' (a shell string) or 'argv' (a list)")
+        return self
+
+
+class Resize(Strict):
+    rows: int = Field(..., ge=1, le=1000)
+    cols: int = Field(..., ge=1, le=1000)
 
 
 class PtySize(Strict):

@@ -146,6 +146,45 @@ OPS: list[
         _JSON,
     ),
     (
+        "post",
+        "/v1/sandboxes/{sid}/processes/{pid}/stdin",
+        "sendStdin",
+        "Write the raw request body (at most 1 MiB) to the stdin of a running process started"
+        " with open_stdin=true or on a PTY (keystrokes); 409 if it has exited or has no stdin",
+        "binary",
+        [SID, PID],
+        _JSON,
+    ),
+    (
+        "post",
+        "/v1/sandboxes/{sid}/processes/{pid}/stdin/close",
+        "closeStdin",
+        "EOF on the process's stdin after the bytes already sent (^D on a PTY)",
+        None,
+        [SID, PID],
+        _JSON,
+    ),
+    (
+        "post",
+        "/v1/sandboxes/{sid}/processes/{pid}/resize",
+        "resizePty",
+        "Set the terminal size of a PTY process (409 if it has no PTY)",
+        models.Resize,
+        [SID, PID],
+        _JSON,
+    ),
+    (
+        "post",
+        "/v1/sandboxes/{sid}/pty",
+        "openPty",
+        "Start an interactive terminal (default: a login shell, TERM=xterm-256color) as a"
+        " background PTY process; returns {proc_id, pid}. Output: GET"
+        " .../processes/{pid}/stream; keystrokes: POST .../stdin; size: POST .../resize",
+        models.PtyRequest,
+        [SID],
+        _JSON,
+    ),
+    (
         "get",
         "/v1/sandboxes/{sid}/files",
         "readFile",
@@ -261,7 +300,7 @@ def build_spec() -> dict[str, Any]:
             "operationId": op_id,
             "summary": summary,
             "responses": {
-                "200" if op_id not in ("createSandbox", "createKey") else "201": ok,
+                "200" if op_id not in ("createSandbox", "createKey", "openPty") else "201": ok,
                 "default": _ERR,
             },
         }
