@@ -6,6 +6,7 @@ from isorun.errors import IsorunError
 from isorun.sdk import (
     ApiError,
     AsyncProcess,
+    AsyncPty,
     AsyncSandbox,
     AuthError,
     CapacityError,
@@ -16,12 +17,14 @@ from isorun.sdk import (
     NotFoundError,
     Process,
     ProcessInfo,
+    Pty,
     Sandbox,
     SandboxEndedError,
 )
 
 __all__ = [
-    "ApiError", "AsyncProcess", "AsyncSandbox", "AuthError", "CapacityError", "CommandFailed",
-    "DaemonUnavailable", "ExecResult", "FileInfo", "IsorunError", "NotFoundError", "Process",
-    "ProcessInfo", "Sandbox", "SandboxEndedError", "__version__",
+    "ApiError", "AsyncProcess", "AsyncPty", "AsyncSandbox", "AuthError", "CapacityError",
+    "CommandFailed", "DaemonUnavailable", "ExecResult", "FileInfo", "IsorunError",
+    "NotFoundError", "Process", "ProcessInfo", "Pty", "Sandbox", "SandboxEndedError",
+    "__version__",
 ]

@@ -10,12 +10,13 @@ from isorun.sdk.errors import (
     NotFoundError,
     SandboxEndedError,
 )
-from isorun.sdk.sandbox_async import AsyncProcess, AsyncSandbox
-from isorun.sdk.sandbox_sync import Process, Sandbox
+from isorun.sdk.sandbox_async import AsyncProcess, AsyncPty, AsyncSandbox
+from isorun.sdk.sandbox_sync import Process, Pty, Sandbox
 
 __all__ = [
     "ApiError",
     "AsyncProcess",
+    "AsyncPty",
     "AsyncSandbox",
     "AuthError",
     "CapacityError",
@@ -26,6 +27,7 @@ __all__ = [
     "NotFoundError",
     "Process",
     "ProcessInfo",
+    "Pty",
     "Sandbox",
     "SandboxEndedError",
 ]

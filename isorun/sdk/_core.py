@@ -141,9 +141,11 @@ def exec_body(
     cwd: str | None,
     user: str | None,
     timeout: float | None,
-    stdin: str | bytes | None,
+    stdin: str | bytes | bool | None,
     background: bool,
 ) -> dict[str, Any]:
+    """Foreground: `stdin` bytes are fed, then EOF. Background: `stdin=True` (or bytes, sent
+    right after the start by the caller) keeps stdin open for `send_stdin`/`close_stdin`."""
     body: dict[str, Any] = {"argv": list(cmd)} if isinstance(cmd, list | tuple) else {"cmd": cmd}
     if env:
         body["env"] = env
@@ -153,12 +155,48 @@ def exec_body(
         body["user"] = user
     if timeout:
         body["timeout"] = timeout
-    if stdin is not None:
-        raw = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
-        body["stdin"] = base64.b64encode(raw).decode()
     if background:
         body["background"] = True
+        if stdin is not None and stdin is not False:
+            body["open_stdin"] = True
+    elif stdin is True or stdin is False:
+        raise ValueError("stdin=True is for background=True; pass str or bytes to feed a command")
+    elif stdin is not None:
+        raw = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
+        body["stdin"] = base64.b64encode(raw).decode()
     return body
+
+
+# The daemon takes at most this many stdin bytes per request; larger sends are split.
+STDIN_CHUNK = 1 << 20
+
+
+def stdin_chunks(data: str | bytes) -> list[bytes]:
+    raw = to_bytes(data)
+    return [raw[i : i + STDIN_CHUNK] for i in range(0, len(raw), STDIN_CHUNK)] or [b""]
+
+
+def pty_body(
+    rows: int,
+    cols: int,
+    cmd: str | list[str] | None,
+    env: dict[str, str] | None,
+    cwd: str | None,
+    user: str | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"rows": rows, "cols": cols}
+    if isinstance(cmd, list | tuple):
+        body["argv"] = list(cmd)
+    elif cmd is not None:
+        body["cmd"] = cmd
+    for k, v in (("env", env), ("cwd", cwd), ("user", user)):
+        if v:
+            body[k] = v
+    return body
+
+
+def proc_path(sandbox_id: str, proc_id: str, tail: str) -> str:
+    return f"/v1/sandboxes/{sandbox_id}/processes/{proc_id}/{tail}"
 
 
 @dataclass

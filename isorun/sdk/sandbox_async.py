@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import builtins
+import inspect
 import json
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
@@ -162,7 +163,7 @@ class AsyncSandbox:
         cwd: str | None = None,
         user: str | None = None,
         timeout: float | None = None,
-        stdin: str | bytes | None = None,
+        stdin: str | bytes | bool | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         background: bool = False,
@@ -172,13 +173,32 @@ class AsyncSandbox:
         path = f"/v1/sandboxes/{self.id}/exec"
         if background:
             r = _core.check(await self._http.post(path, json=body))
-            return AsyncProcess(self, r["proc_id"], r["pid"])
+            proc = AsyncProcess(self, r["proc_id"], r["pid"])
+            if isinstance(stdin, str | bytes) and stdin:
+                await proc.send_stdin(stdin)
+            return proc
         dec = _core.StreamDecoder(on_stdout, on_stderr)
         await self._stream("POST", path, dec, json=body)
         result = dec.result()
         if check and result.exit_code != 0:
             raise CommandFailed(result)
         return result
+
+    async def pty(
+        self,
+        rows: int = 24,
+        cols: int = 80,
+        cmd: str | builtins.list[str] | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        on_data: Callable[[bytes], object] | None = None,
+    ) -> AsyncPty:
+        """An interactive terminal (default: a login shell); see `Sandbox.pty`."""
+        body = _core.pty_body(rows, cols, cmd, env, cwd, user)
+        r = _core.check(await self._http.post(f"/v1/sandboxes/{self.id}/pty", json=body))
+        return AsyncPty(self, r["proc_id"], r["pid"], on_data)
 
     async def _stream(self, method: str, path: str, dec: _core.StreamDecoder, **kw: Any) -> None:
         async with self._http.stream(method, path, timeout=STREAM_TIMEOUT, **kw) as resp:
@@ -194,7 +214,22 @@ class AsyncProcess:
         self.sandbox, self.id, self.pid = sb, proc_id, pid
 
     def _path(self, tail: str) -> str:
-        return f"/v1/sandboxes/{self.sandbox.id}/processes/{self.id}/{tail}"
+        return _core.proc_path(self.sandbox.id, self.id, tail)
+
+    async def send_stdin(self, data: str | bytes) -> None:
+        """Write to the process's stdin (started with `stdin=True`, or a PTY)."""
+        for chunk in _core.stdin_chunks(data):
+            _core.check(await self.sandbox._http.post(self._path("stdin"), content=chunk))
+
+    async def close_stdin(self) -> None:
+        """EOF after what was sent (^D on a PTY)."""
+        _core.check(await self.sandbox._http.post(self._path("stdin/close")))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the terminal size (PTY processes only)."""
+        _core.check(
+            await self.sandbox._http.post(self._path("resize"), json={"rows": rows, "cols": cols})
+        )
 
     async def wait(
         self,
@@ -227,6 +262,59 @@ class AsyncProcess:
 
     async def signal(self, signum: int) -> None:
         _core.check(await self.sandbox._http.post(self._path("signal"), json={"signal": signum}))
+
+
+class AsyncPty:
+    """An interactive terminal in the sandbox (see `AsyncSandbox.pty`). `on_data` may
+    return an awaitable: it is awaited before more output is read."""
+
+    def __init__(
+        self,
+        sb: AsyncSandbox,
+        proc_id: str,
+        pid: int,
+        on_data: Callable[[bytes], object] | None,
+    ) -> None:
+        self.process = AsyncProcess(sb, proc_id, pid)
+        self.id, self.pid, self.on_data = proc_id, pid, on_data
+        self.offset = 0
+        self.result: ExecResult | None = None
+
+    async def send(self, data: str | bytes) -> None:
+        await self.process.send_stdin(data)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self.process.resize(rows, cols)
+
+    async def kill(self, grace: float = 2.0) -> dict[str, Any]:
+        return await self.process.kill(grace)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        dec = _core.StreamDecoder(capture=False)
+        async with self.process.sandbox._http.stream(
+            "GET",
+            self.process._path("stream"),
+            params={"offset": self.offset},
+            timeout=STREAM_TIMEOUT,
+        ) as resp:
+            if resp.status_code >= 400:
+                await resp.aread()
+                _core.check(resp)
+            async for line in resp.aiter_lines():
+                got = dec.feed(line)
+                if got is not None:
+                    self.offset = dec.offset
+                    yield got[1]
+        self.result = dec.result()
+
+    async def wait(self) -> ExecResult:
+        async for chunk in self:
+            if self.on_data is not None:
+                r = self.on_data(chunk)
+                if inspect.isawaitable(r):
+                    await r
+        assert self.result is not None
+        return self.result
 
 
 class AsyncProcesses:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import IO, Any
 
@@ -156,25 +156,46 @@ class Sandbox:
         cwd: str | None = None,
         user: str | None = None,
         timeout: float | None = None,
-        stdin: str | bytes | None = None,
+        stdin: str | bytes | bool | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         background: bool = False,
         check: bool = False,
     ) -> Any:
         """Run `cmd` (a shell string, or an argv list). Callbacks get output as it is written.
-        `background=True` returns a `Process` at once instead of an `ExecResult`."""
+        `background=True` returns a `Process` at once instead of an `ExecResult`; with
+        `stdin=True` (or initial bytes) its stdin stays open for `send_stdin`/`close_stdin`."""
         body = _core.exec_body(cmd, env, cwd, user, timeout, stdin, background)
         path = f"/v1/sandboxes/{self.id}/exec"
         if background:
             r = _core.check(self._http.post(path, json=body))
-            return Process(self, r["proc_id"], r["pid"])
+            proc = Process(self, r["proc_id"], r["pid"])
+            if isinstance(stdin, str | bytes) and stdin:
+                proc.send_stdin(stdin)
+            return proc
         dec = _core.StreamDecoder(on_stdout, on_stderr)
         self._stream("POST", path, dec, json=body)
         result = dec.result()
         if check and result.exit_code != 0:
             raise CommandFailed(result)
         return result
+
+    def pty(
+        self,
+        rows: int = 24,
+        cols: int = 80,
+        cmd: str | builtins.list[str] | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        on_data: Callable[[bytes], object] | None = None,
+    ) -> Pty:
+        """An interactive terminal (default: a login shell). `send()` keystrokes, `resize()`,
+        iterate the output bytes or pass `on_data` and `wait()`; `kill()` ends it."""
+        body = _core.pty_body(rows, cols, cmd, env, cwd, user)
+        r = _core.check(self._http.post(f"/v1/sandboxes/{self.id}/pty", json=body))
+        return Pty(self, r["proc_id"], r["pid"], on_data)
 
     def _stream(self, method: str, path: str, dec: _core.StreamDecoder, **kw: Any) -> None:
         with self._http.stream(method, path, timeout=STREAM_TIMEOUT, **kw) as resp:
@@ -194,7 +215,22 @@ class Process:
         self.pid = pid
 
     def _path(self, tail: str) -> str:
-        return f"/v1/sandboxes/{self.sandbox.id}/processes/{self.id}/{tail}"
+        return _core.proc_path(self.sandbox.id, self.id, tail)
+
+    def send_stdin(self, data: str | bytes) -> None:
+        """Write to the process's stdin (started with `stdin=True`, or a PTY)."""
+        for chunk in _core.stdin_chunks(data):
+            _core.check(self.sandbox._http.post(self._path("stdin"), content=chunk))
+
+    def close_stdin(self) -> None:
+        """EOF after what was sent (^D on a PTY)."""
+        _core.check(self.sandbox._http.post(self._path("stdin/close")))
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set the terminal size (PTY processes only)."""
+        _core.check(
+            self.sandbox._http.post(self._path("resize"), json={"rows": rows, "cols": cols})
+        )
 
     def wait(
         self,
@@ -227,6 +263,56 @@ class Process:
 
     def signal(self, signum: int) -> None:
         _core.check(self.sandbox._http.post(self._path("signal"), json={"signal": signum}))
+
+
+class Pty:
+    """An interactive terminal in the sandbox (see `Sandbox.pty`)."""
+
+    def __init__(
+        self, sb: Sandbox, proc_id: str, pid: int, on_data: Callable[[bytes], object] | None
+    ) -> None:
+        self.process = Process(sb, proc_id, pid)
+        self.id, self.pid, self.on_data = proc_id, pid, on_data
+        self.offset = 0  # output bytes already delivered
+        self.result: ExecResult | None = None
+
+    def send(self, data: str | bytes) -> None:
+        self.process.send_stdin(data)
+
+    def resize(self, rows: int, cols: int) -> None:
+        self.process.resize(rows, cols)
+
+    def kill(self, grace: float = 2.0) -> dict[str, Any]:
+        return self.process.kill(grace)
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Output bytes as the terminal writes them, from where the last read stopped, until
+        the process exits (then `result` is set)."""
+        dec = _core.StreamDecoder(capture=False)
+        with self.process.sandbox._http.stream(
+            "GET",
+            self.process._path("stream"),
+            params={"offset": self.offset},
+            timeout=STREAM_TIMEOUT,
+        ) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                _core.check(resp)
+            for line in resp.iter_lines():
+                got = dec.feed(line)
+                if got is not None:
+                    self.offset = dec.offset
+                    yield got[1]
+        self.result = dec.result()
+
+    def wait(self) -> ExecResult:
+        """Follow the output (to `on_data`) until the process exits; its result (no output
+        captured: terminals can run for days)."""
+        for chunk in self:
+            if self.on_data is not None:
+                self.on_data(chunk)
+        assert self.result is not None
+        return self.result
 
 
 class Processes:
