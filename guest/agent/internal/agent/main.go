@@ -56,6 +56,24 @@ func runPID1(start time.Time) {
 	s.Log = console
 	s.Shutdown = powerOff
 	s.Procs.StartReaper()
+	// Find and open the port while the root is being mounted: both wait on the
+	// kernel (device probing, ext4 mounts), so overlapping them shortens boot. An
+	// fd opened before switch_root stays valid after /dev is moved.
+	portCh := make(chan *os.File, 1)
+	go func() {
+		var port *os.File
+		for warned := false; port == nil; {
+			dev, err := findPort(PortName, 5*time.Second)
+			if err == nil {
+				port, err = os.OpenFile(dev, os.O_RDWR, 0)
+			}
+			if err != nil && !warned {
+				s.logf("%v; still waiting", err)
+				warned = true
+			}
+		}
+		portCh <- port
+	}()
 	if err := setupRoot(string(cmdline)); err != nil {
 		s.RootError = err.Error()
 		s.logf("root filesystem: %v (serving from the initramfs)", err)
@@ -66,17 +84,7 @@ func runPID1(start time.Time) {
 			s.logf("lo: %v", err)
 		}
 	}()
-	var port *os.File
-	for warned := false; port == nil; {
-		dev, err := findPort(PortName, 5*time.Second)
-		if err == nil {
-			port, err = os.OpenFile(dev, os.O_RDWR, 0)
-		}
-		if err != nil && !warned {
-			s.logf("%v; still waiting", err)
-			warned = true
-		}
-	}
+	port := <-portCh
 	t("port")
 	s.logf("ready")
 	s.ServePort(port)
