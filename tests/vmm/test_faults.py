@@ -110,6 +110,13 @@ async def test_qemu_runs_jailed(vm: MicroVM) -> None:
     assert "Seccomp:\t2" in status, "QEMU must run under its seccomp filter"
     assert Path(f"/proc/{qemu_pid}/ns/net").resolve() != Path("/proc/self/ns/net").resolve()
     assert Path(f"/proc/{qemu_pid}/root").resolve() != Path("/")
+    # ... and inside the VM's own cgroup, whose memory limit covers guest RAM plus QEMU.
+    cgroups = Path(f"/proc/{qemu_pid}/cgroup").read_text()
+    assert f"vm-{vm.id}" in cgroups
+    limit_files = [f.parent / "memory.limit_in_bytes" for f in vm.cgroup.procs_files()]
+    limit_files += [f.parent / "memory.max" for f in vm.cgroup.procs_files()]
+    limits = [int(f.read_text()) for f in limit_files if f.exists()]
+    assert limits and all(256 * 2**20 < x < 1024 * 2**20 for x in limits)
 
 
 async def test_detached_vm_keeps_running_and_can_be_adopted(busybox_rootfs: Path) -> None:
