@@ -1,4 +1,4 @@
-"""`isorun`: run, ls, exec, kill, logs, images, keys, usage, daemon. `--json` for scripts."""
+"""`isorun`: run, ls, exec, shell, kill, logs, images, keys, usage, daemon. `--json` for scripts."""
 
 from __future__ import annotations
 
@@ -87,6 +87,12 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"exit_code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr}))
     return r.exit_code if r.exit_code is not None else 128 + (r.signal or 0)
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    from isorun.cli.shell import run_shell
+
+    return run_shell(args.id, args.cmd or None, api_url=args.api_url, api_key=args.api_key)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -197,6 +203,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("id")
     e.add_argument("cmd", nargs=argparse.REMAINDER)
     e.set_defaults(fn=cmd_exec)
+    sh = sub.add_parser(
+        "shell", help="interactive terminal in a running sandbox (default: a login shell)"
+    )
+    sh.add_argument("id")
+    sh.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD... instead of the shell")
+    sh.set_defaults(fn=cmd_shell)
     ls = sub.add_parser("ls", help="list sandboxes")
     ls.add_argument("-a", "--all", action="store_true", help="include ended sandboxes")
     ls.add_argument("-m", "--metadata", action="append", default=[], metavar="K=V")

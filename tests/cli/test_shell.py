@@ -1,0 +1,82 @@
+"""`isorun shell` driven through a real pseudo-terminal: raw mode, keystrokes, SIGWINCH ->
+resize, exit code, against a real daemon and guest."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+import pytest
+from daemonhelpers import Daemon
+
+pytestmark = pytest.mark.vm
+
+
+def _set_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _read_until(fd: int, needle: bytes, buf: bytearray, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while needle not in buf:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{needle!r} not seen in {bytes(buf)[-500:]!r}"
+        if select.select([fd], [], [], left)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                chunk = b""
+            assert chunk, f"terminal closed before {needle!r}: {bytes(buf)[-500:]!r}"
+            buf += chunk
+
+
+def test_shell_raw_mode_resize_and_exit_code(daemon: Daemon, image: str) -> None:
+    with daemon.client() as c:
+        sid = c.post("/v1/sandboxes", json={"image": image}).json()["id"]
+    master, slave = os.openpty()
+    _set_size(slave, 33, 101)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "isorun.cli", "shell", sid],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=daemon.env,
+        start_new_session=True,
+    )
+    os.close(slave)
+    buf = bytearray()
+    try:
+        # Type once the shell is there, as a person would; busybox ash asks the terminal
+        # where the cursor is (ESC[6n) and we answer like a terminal emulator.
+        _read_until(master, b"\x1b[6n", buf)
+        os.write(master, b"\x1b[1;1R")
+        os.write(master, b"stty size\n")
+        _read_until(master, b"33 101", buf)
+        # Raw mode: ^C goes to the sandbox (interrupting sleep there), not to our CLI.
+        os.write(master, b"sleep 100\n")
+        time.sleep(1.0)
+        os.write(master, b"\x03")
+        os.write(master, b"echo ali''ve\n")
+        _read_until(master, b"alive", buf)
+        assert child.poll() is None
+        # SIGWINCH -> the remote terminal is resized.
+        _set_size(master, 45, 132)
+        os.kill(child.pid, signal.SIGWINCH)
+        time.sleep(0.5)
+        os.write(master, b"stty size; exit 7\n")
+        _read_until(master, b"45 132", buf)
+        assert child.wait(60) == 7
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        os.close(master)
+        with daemon.client() as c:
+            c.delete(f"/v1/sandboxes/{sid}")
