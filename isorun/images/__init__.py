@@ -22,6 +22,7 @@ from isorun.images.errors import (
     UnsafeLayerError,
     UnsupportedImageError,
 )
+from isorun.images.progress import Progress, ProgressEvent
 from isorun.images.reference import ImageRef, parse_reference
 from isorun.images.store import DiskUsage, GcReport, Image, ImageStore
 
@@ -40,6 +41,8 @@ __all__ = [
     "ImageTooLargeError",
     "ImageToolError",
     "InvalidReferenceError",
+    "Progress",
+    "ProgressEvent",
     "RegistryAuthError",
     "RegistryUnreachableError",
     "StoreConfig",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -37,6 +38,7 @@ from isorun.images.errors import (
 from isorun.images.holders import Holders
 from isorun.images.layout import TAG, Layout
 from isorun.images.locks import file_lock, try_lock, unlock
+from isorun.images.progress import Progress, ProgressEvent, emitter, watch_bytes
 from isorun.images.reference import ImageRef, parse_reference
 from isorun.images.refs import Refs
 from isorun.images.skopeo import Skopeo
@@ -145,24 +147,39 @@ class ImageStore:
         return parse_reference(ref, self.templates.names())
 
     async def ensure(self, ref: str, *, credentials: Credentials | None = None,
-                     pull: PullPolicy = "missing") -> Image:
+                     pull: PullPolicy = "missing", progress: Progress | None = None) -> Image:
         """Return the converted image for `ref`, pulling/building it if needed.
 
         pull="missing" (default) uses a cached tag without asking the registry, as
         `docker run` does; pull="always" re-resolves tags (conversion still happens only
-        when the digest changed).
+        when the digest changed). `progress` receives phase events (see
+        `isorun.images.progress`); the last one is `done`.
         """
+        raw = emitter(progress)
+
+        def emit(ev: ProgressEvent) -> None:  # every event names the ref the caller gave
+            raw(dataclasses.replace(ev, ref=ref))
+
+        img = await self._ensure(ref, credentials, pull, emit)
+        emit(ProgressEvent("done", ref, f"{img.digest} ready", digest=img.digest,
+                           bytes_total=img.size_bytes))
+        return img
+
+    async def _ensure(self, ref: str, credentials: Credentials | None, pull: PullPolicy,
+                      emit: Progress) -> Image:
         r = self.parse(ref)
         if r.transport == "template":
             t = self.templates.get(r.repository)
             return await self._ensure_digest(
-                t.digest, r.name(), lambda tmp: self._build_template(t, tmp))
+                t.digest, r.name(), lambda tmp: self._build_template(t, tmp, emit), emit)
         if r.transport == "registry" and pull == "missing":
             known = r.digest or self._refs.read().get(r.name())
             if known and (img := self._load(known)) is not None:
                 self.stats.cache_hits += 1
                 await self._refs.set(r.name(), known)
+                emit(ProgressEvent("cached", ref, "already in the store", digest=known))
                 return img
+        emit(ProgressEvent("resolving", ref, f"resolving {r.name()}"))
         with self._workdir("resolve") as tmp:
             resolved = await self._skopeo.resolve(r, credentials, tmp)
         if r.digest and r.digest not in (resolved.digest, resolved.index_digest):
@@ -175,20 +192,23 @@ class ImageStore:
         if (img := self._load(resolved.digest)) is not None:
             self.stats.cache_hits += 1
             await self._refs.set(r.name(), resolved.digest)
+            emit(ProgressEvent("cached", ref, "already in the store", digest=img.digest))
             if resolved.index_digest and r.transport == "registry":
                 await self._refs.set(r.with_digest(resolved.index_digest).name(), img.digest)
             return img
         img = await self._ensure_digest(
             resolved.digest, r.name(),
-            lambda tmp: self._build_pulled(r, resolved.digest, credentials, tmp))
+            lambda tmp: self._build_pulled(r, resolved.digest, credentials, tmp,
+                                           resolved.layers_bytes, emit), emit)
         if resolved.index_digest and r.transport == "registry":
             await self._refs.set(r.with_digest(resolved.index_digest).name(), img.digest)
         return img
 
     async def _ensure_digest(self, digest: str, name: str,
-                             build: Callable[[Path], Awaitable[dict[str, Any]]]) -> Image:
+                             build: Callable[[Path], Awaitable[dict[str, Any]]],
+                             emit: Progress) -> Image:
         if (img := self._load(digest)) is None:
-            async with file_lock(self._lock_path(digest)):
+            async with self._digest_lock(digest, name, emit):
                 img = self._load(digest)
                 if img is None:
                     await self._convert(digest, name, build)
@@ -197,10 +217,27 @@ class ImageStore:
                         raise ImageError(f"image {digest} vanished right after conversion")
                 else:
                     self.stats.cache_hits += 1
+                    emit(ProgressEvent("cached", name, "built by another pull", digest=digest))
         else:
             self.stats.cache_hits += 1
+            emit(ProgressEvent("cached", name, "already in the store", digest=digest))
         await self._refs.set(name, digest)
         return self._load(digest) or img
+
+    @contextlib.asynccontextmanager
+    async def _digest_lock(self, digest: str, name: str, emit: Progress) -> Any:
+        """The per-digest conversion lock; says `waiting` when another converter holds it."""
+        fd = try_lock(self._lock_path(digest))
+        if fd is not None:
+            try:
+                yield
+            finally:
+                unlock(fd)
+            return
+        emit(ProgressEvent("waiting", name, "another pull or build of this image is running",
+                           digest=digest))
+        async with file_lock(self._lock_path(digest)):
+            yield
 
     @contextlib.contextmanager
     def _workdir(self, label: str) -> Any:
@@ -230,30 +267,44 @@ class ImageStore:
             self.stats.conversions += 1
 
     async def _build_pulled(self, r: ImageRef, digest: str, creds: Credentials | None,
-                            tmp: Path) -> dict[str, Any]:
+                            tmp: Path, total: int, emit: Progress) -> dict[str, Any]:
         layout_dir = tmp / "layout"
-        await self._skopeo.copy(r, digest, creds, tmp, layout_dir)
+
+        def pulled(n: int) -> None:
+            emit(ProgressEvent("pulling", r.name(), f"copying layers of {digest}",
+                               digest=digest, bytes_done=n, bytes_total=total))
+
+        pulled(0)
+        async with watch_bytes(layout_dir, total, pulled):
+            await self._skopeo.copy(r, digest, creds, tmp, layout_dir)
+        pulled(total)
+        emit(ProgressEvent("unpacking", r.name(), "applying layers", digest=digest))
         layout = Layout(layout_dir)
         await layout.decompress_zstd_layers()
         li = layout.read()
         tree = tmp / "rootfs"
         await unpack.unpack(layout_dir, TAG, tree, timeout=self.cfg.pull_timeout_s)
         shutil.rmtree(layout_dir, ignore_errors=True)
-        meta = await self._finish_tree(r.name(), tree, tmp)
+        meta = await self._finish_tree(r.name(), tree, tmp, emit, digest)
         meta["config"] = li.config.to_json()
         meta["layers"] = [str(x.get("digest")) for x in li.manifest.get("layers", [])]
         return meta
 
-    async def _build_template(self, t: Template, tmp: Path) -> dict[str, Any]:
+    async def _build_template(self, t: Template, tmp: Path, emit: Progress) -> dict[str, Any]:
         tree = tmp / "rootfs"
+        emit(ProgressEvent("building", t.name, f"mmdebstrap {t.suite} with "
+                           f"{len(t.packages)} packages", digest=t.digest))
         await build_rootfs(t, tree, self.cfg, tmp)
-        meta = await self._finish_tree(f"template:{t.name}", tree, tmp)
+        meta = await self._finish_tree(f"template:{t.name}", tree, tmp, emit, t.digest)
         meta["config"] = t.config.to_json()
         meta["template"] = t.model_dump(mode="json")
         return meta
 
-    async def _finish_tree(self, name: str, tree: Path, tmp: Path) -> dict[str, Any]:
+    async def _finish_tree(self, name: str, tree: Path, tmp: Path, emit: Progress,
+                           digest: str) -> dict[str, Any]:
         size = await asyncio.to_thread(ext4.measure, tree)
+        emit(ProgressEvent("converting", name, f"mkfs.ext4 of {size.data_bytes} bytes",
+                           digest=digest, bytes_total=size.data_bytes))
         if size.data_bytes > self.cfg.max_image_bytes:
             raise ImageTooLargeError(
                 f"{name} unpacks to {size.data_bytes} bytes, over the store limit of "
