@@ -27,6 +27,7 @@ from isorun.agent import Attachment, ExecResult, ProcInfo
 from isorun.daemon import auth
 from isorun.daemon.config import DaemonConfig
 from isorun.daemon.errors import ApiError, Conflict, Forbidden, NotFound, Unauthorized
+from isorun.daemon.imageerrors import image_api_error
 from isorun.daemon.models import (
     CreateKey,
     CreateSandbox,
@@ -34,12 +35,14 @@ from isorun.daemon.models import (
     KillProcess,
     MkdirOp,
     PtyRequest,
+    PullImage,
     RemoveOp,
     RenameOp,
     Resize,
     SetTimeout,
     SignalProcess,
 )
+from isorun.daemon.progress import ProgressFeed, progress_record
 from isorun.daemon.sandboxes import Live, SandboxManager
 from isorun.daemon.stdin import MAX_CHUNK, StdinPipes
 from isorun.daemon.store import LOCAL_TENANT, StateError, StateFullError, Store
@@ -50,6 +53,7 @@ from isorun.errors import (
     GuestError,
     IsorunError,
 )
+from isorun.images import Image, ImageError, ProgressEvent
 
 log = logging.getLogger("isorund.api")
 M = TypeVar("M", bound=BaseModel)
@@ -156,8 +160,54 @@ Push = Callable[[dict[str, Any]], None]
 DEFAULT_SHELL = "if command -v bash >/dev/null 2>&1; then exec bash -l; else exec sh -l; fi"
 
 
+def error_record(exc: BaseException) -> dict[str, Any]:
+    body = json.loads(bytes(map_error(exc).body))
+    return {"type": "error", **body["error"]}
+
+
+def image_json(i: Image) -> dict[str, Any]:
+    return {
+        "digest": i.digest,
+        "names": list(i.names),
+        "size_bytes": i.size_bytes,
+        "disk_bytes": i.disk_bytes,
+        "source": i.source,
+        "created": i.created,
+    }
+
+
 def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Starlette:
-    pipes = StdinPipes()
+    pipes = StdinPipes(store)
+    # Pulls and streamed creates run on when their client goes away; stopped with the daemon.
+    background: set[asyncio.Task[Any]] = set()
+
+    def _progress_stream(
+        work: Callable[[ProgressFeed], Awaitable[dict[str, Any]]],
+    ) -> StreamingResponse:
+        """Run `work` as a daemon task; stream its progress records, then its final record."""
+        feed = ProgressFeed()
+
+        async def runner() -> None:
+            try:
+                feed.push(await work(feed))
+            except asyncio.CancelledError:
+                feed.push(
+                    {
+                        "type": "error",
+                        "code": "daemon_stopping",
+                        "message": "the daemon stopped before this finished; retry",
+                    }
+                )
+                raise
+            except Exception as exc:
+                feed.push(error_record(exc))
+            finally:
+                feed.close()
+
+        task = asyncio.create_task(runner())
+        background.add(task)
+        task.add_done_callback(background.discard)
+        return StreamingResponse(feed.lines(), media_type=NDJSON)
 
     def tenant_of(request: Request) -> str:
         header = request.headers.get("authorization", "")
@@ -225,7 +275,15 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
 
     async def create_sandbox(request: Request, tenant: str) -> Any:
         req = await parse(request, CreateSandbox)
-        return (await manager.create(tenant, req)).public()
+        if request.query_params.get("progress") not in ("1", "true"):
+            return (await manager.create(tenant, req)).public()
+
+        # ?progress=1: NDJSON progress of the image pull/build and the boot, then the sandbox.
+        async def work(feed: ProgressFeed) -> dict[str, Any]:
+            row = await manager.create(tenant, req, on_progress=feed.push)
+            return {"type": "sandbox", "sandbox": row.public()}
+
+        return _progress_stream(work)
 
     async def list_sandboxes(request: Request, tenant: str) -> Any:
         meta: dict[str, str] = {}
@@ -313,8 +371,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                     )
                 raise
             except Exception as exc:
-                body = json.loads(bytes(map_error(exc).body))
-                q.put_nowait({"type": "error", **body["error"]})
+                q.put_nowait(error_record(exc))
             finally:
                 q.put_nowait(None)
 
@@ -651,19 +708,26 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         }
 
     async def images(request: Request, tenant: str) -> Any:
-        return {
-            "images": [
-                {
-                    "digest": i.digest,
-                    "names": list(i.names),
-                    "size_bytes": i.size_bytes,
-                    "disk_bytes": i.disk_bytes,
-                    "source": i.source,
-                    "created": i.created,
-                }
-                for i in manager.images.list()
-            ]
-        }
+        return {"images": [image_json(i) for i in manager.images.list()]}
+
+    async def pull_image(request: Request, tenant: str) -> Any:
+        req = await parse(request, PullImage)
+        try:
+            manager.images.parse(req.image)  # a malformed reference is a plain 400
+        except ImageError as exc:
+            raise image_api_error(req.image, exc) from exc
+
+        async def work(feed: ProgressFeed) -> dict[str, Any]:
+            def progress(ev: ProgressEvent) -> None:
+                feed.push(progress_record(ev))
+
+            try:
+                img = await manager.images.ensure(req.image, pull=req.pull, progress=progress)
+            except ImageError as exc:
+                raise image_api_error(req.image, exc) from exc
+            return {"type": "image", "image": image_json(img)}
+
+        return _progress_stream(work)
 
     async def create_key(request: Request, tenant: str) -> Any:
         admin(tenant)
@@ -712,6 +776,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         Route(S + "/files/rename", endpoint(rename), methods=["POST"]),
         Route("/v1/usage", endpoint(usage), methods=["GET"]),
         Route("/v1/images", endpoint(images), methods=["GET"]),
+        Route("/v1/images/pull", endpoint(pull_image), methods=["POST"]),
         Route("/v1/keys", endpoint(create_key, status=201), methods=["POST"]),
         Route("/v1/keys", endpoint(list_keys), methods=["GET"]),
         Route("/v1/keys/{kid}", endpoint(revoke_key), methods=["DELETE"]),
@@ -723,6 +788,9 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         try:
             yield
         finally:
+            for t in list(background):
+                t.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await manager.stop()
 
     async def not_found(request: Request, exc: Exception) -> Response:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -29,6 +29,16 @@ class CreateSandbox(Strict):
     metadata: dict[MetaKey, MetaVal] = Field(default_factory=dict, max_length=64)
     sandbox_timeout: int | None = Field(
         None, ge=1, le=MAX_TIMEOUT_S, description="seconds until the sandbox is killed"
+    )
+
+
+class PullImage(Strict):
+    image: Annotated[str, StringConstraints(min_length=1, max_length=1024)] = Field(
+        ..., description="template name (base, python, node) or OCI image reference"
+    )
+    pull: Literal["missing", "always"] = Field(
+        "missing",
+        description="missing: a cached tag needs no registry round trip; always: re-resolve",
     )
 
 

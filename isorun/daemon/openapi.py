@@ -24,6 +24,28 @@ _NDJSON = {
     "{type:exit,proc_id,exit_code,signal,timed_out,duration_ms} | {type:error,code,message}",
     "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
 }
+_PROGRESS_EVENTS = (
+    "{type:progress,phase,ref,message?,digest?,bytes_done?,bytes_total?} with phase in "
+    "resolving|pulling|unpacking|building|converting|waiting|cached|done (pulling repeats "
+    "with byte counts; a slow reader gets coalesced updates)"
+)
+_PULL = {
+    "description": "NDJSON stream, one event per line: "
+    + _PROGRESS_EVENTS
+    + " | {type:image,image:{digest,names,size_bytes,disk_bytes,source,created}} (last) | "
+    "{type:error,code,message} (last)",
+    "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+}
+_CREATE = {
+    "description": "the sandbox (JSON); with ?progress=1 an NDJSON stream: "
+    + _PROGRESS_EVENTS
+    + " | {type:progress,phase:booting,ref,sandbox} | {type:sandbox,sandbox:{...}} (last) | "
+    "{type:error,code,message} (last)",
+    "content": {
+        "application/json": {"schema": {"type": "object"}},
+        "application/x-ndjson": {"schema": {"type": "string"}},
+    },
+}
 _BYTES = {
     "description": "file bytes",
     "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
@@ -49,10 +71,10 @@ OPS: list[
         "post",
         "/v1/sandboxes",
         "createSandbox",
-        "Create and boot a sandbox",
+        "Create and boot a sandbox; progress=1 streams image pull/build and boot progress",
         models.CreateSandbox,
-        [],
-        _JSON,
+        [_q("progress", "string")],
+        _CREATE,
     ),
     (
         "get",
@@ -258,6 +280,15 @@ OPS: list[
         _JSON,
     ),
     ("get", "/v1/images", "listImages", "Images in the daemon's store", None, [], _JSON),
+    (
+        "post",
+        "/v1/images/pull",
+        "pullImage",
+        "Pull (or build, for a template) an image into the store, streaming progress",
+        models.PullImage,
+        [],
+        _PULL,
+    ),
     (
         "post",
         "/v1/keys",

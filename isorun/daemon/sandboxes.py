@@ -10,30 +10,26 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from isorun.daemon.config import DaemonConfig
 from isorun.daemon.errors import ApiError, CapacityError, Conflict, Forbidden, Gone, NotFound
+from isorun.daemon.imageerrors import image_api_error
 from isorun.daemon.models import CreateSandbox
+from isorun.daemon.progress import progress_record
 from isorun.daemon.store import LOCAL_TENANT, SandboxRow, Store
 from isorun.errors import VMError
-from isorun.images import (
-    ImageConfig,
-    ImageError,
-    ImageNotFoundError,
-    ImageStore,
-    InvalidReferenceError,
-    RegistryUnreachableError,
-    TemplateError,
-)
+from isorun.images import ImageConfig, ImageError, ImageStore, ProgressEvent
 from isorun.vmm import MicroVM, VMSpec, kill_orphan
 from isorun.vmm.cgroup import VMCgroup
 
 log = logging.getLogger("isorund.sandboxes")
 TAG = "isorun.sandbox="
+# Receives progress records of a create: the image's phases, then {"phase": "booting"}.
+OnProgress = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -197,7 +193,7 @@ class SandboxManager:
             )
 
     async def _resolve_image(
-        self, tenant: str, ref: str, holder: str
+        self, tenant: str, ref: str, holder: str, on_progress: OnProgress | None = None
     ) -> tuple[Path, str | None, ImageConfig]:
         if ref.startswith("rootfs:"):
             if not (self.cfg.allow_raw_rootfs and tenant == LOCAL_TENANT):
@@ -209,17 +205,18 @@ class SandboxManager:
             if not p.is_absolute() or not p.is_file():
                 raise NotFound(f"image {ref!r} not found: no such ext4 file on the host")
             return p, None, ImageConfig()
+        progress = None
+        if on_progress is not None:
+            cb = on_progress
+
+            def progress(ev: ProgressEvent) -> None:
+                cb(progress_record(ev))
+
         try:
-            img = await self.images.ensure(ref)
+            img = await self.images.ensure(ref, progress=progress)
             img = await self.images.acquire(img.digest, holder)
-        except ImageNotFoundError as exc:
-            raise NotFound(f"image {ref!r} not found: {exc}") from exc
-        except (InvalidReferenceError, TemplateError) as exc:
-            raise ApiError(f"invalid image {ref!r}: {exc}", code="invalid_image") from exc
-        except RegistryUnreachableError as exc:
-            raise ApiError(str(exc), status=502, code="registry_unreachable") from exc
         except ImageError as exc:
-            raise ApiError(f"image {ref!r}: {exc}", status=422, code="image_error") from exc
+            raise image_api_error(ref, exc) from exc
         return img.rootfs, img.digest, img.config
 
     async def _release_image(self, row: SandboxRow) -> None:
@@ -227,7 +224,9 @@ class SandboxManager:
             with contextlib.suppress(Exception):
                 await self.images.release(row.image_digest, row.id)
 
-    async def create(self, tenant: str, req: CreateSandbox) -> SandboxRow:
+    async def create(
+        self, tenant: str, req: CreateSandbox, on_progress: OnProgress | None = None
+    ) -> SandboxRow:
         cfg = self.cfg
         vcpus = req.vcpus or cfg.default_vcpus
         memory = req.memory_mib or cfg.default_memory_mib
@@ -259,7 +258,11 @@ class SandboxManager:
         vm: MicroVM | None = None
         try:
             self.store.insert_sandbox(row)
-            rootfs, digest, icfg = await self._resolve_image(tenant, req.image, row.id)
+            rootfs, digest, icfg = await self._resolve_image(tenant, req.image, row.id, on_progress)
+            if on_progress is not None:
+                on_progress(
+                    {"type": "progress", "phase": "booting", "ref": req.image, "sandbox": row.id}
+                )
             row.image_digest = digest
             spec = VMSpec(
                 rootfs=rootfs,

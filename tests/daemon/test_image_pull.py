@@ -1,0 +1,105 @@
+"""POST /v1/images/pull and POST /v1/sandboxes?progress=1 against a real daemon, pulling from
+the loopback registry into a fresh image store (one VM boot in this module)."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemonhelpers import Daemon, assert_no_leaks, ndjson
+from pullhelpers import Registry, fold_phases, push_busybox, registry
+
+pytestmark = pytest.mark.vm
+__all__ = ["registry"]
+
+IMAGE_PHASES = ["resolving", "pulling", "unpacking", "converting", "done"]
+
+
+@pytest.fixture(scope="module")
+def pull_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    root = tmp_path_factory.mktemp("isorund-pull")
+    d = Daemon(root, ISORUN_DEFAULT_MEMORY_MIB="256", ISORUN_IMAGE_DIR=str(root / "images"))
+    d.start()
+    try:
+        yield d
+    finally:
+        with d.client() as c:
+            for sb in c.get("/v1/sandboxes").json().get("sandboxes", []):
+                c.delete(f"/v1/sandboxes/{sb['id']}")
+        d.stop()
+        assert_no_leaks(d)
+
+
+def test_pull_streams_phases_then_the_image(
+    pull_daemon: Daemon, registry: Registry, tmp_path: Path
+) -> None:
+    digest = push_busybox(registry, tmp_path, "dpull/bb:v1")
+    ref = f"{registry.host}/dpull/bb:v1"
+    with pull_daemon.client() as c:
+        r = c.post("/v1/images/pull", json={"image": ref})
+        assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
+        recs = ndjson(r)
+        progress = [x for x in recs if x["type"] == "progress"]
+        assert fold_phases(progress) == IMAGE_PHASES
+        assert all(p["ref"] == ref for p in progress)
+        pulls = [p for p in progress if p["phase"] == "pulling"]
+        assert pulls[-1]["bytes_done"] == pulls[-1]["bytes_total"] > 0
+        assert recs[-1]["type"] == "image" and recs[-1]["image"]["digest"] == digest
+        assert ref in recs[-1]["image"]["names"]
+        # Cached now: no registry round trip, and the stream says so.
+        recs = ndjson(c.post("/v1/images/pull", json={"image": ref}))
+        assert fold_phases(x for x in recs if x["type"] == "progress") == ["cached", "done"]
+        recs = ndjson(c.post("/v1/images/pull", json={"image": ref, "pull": "always"}))
+        assert fold_phases(x for x in recs if x["type"] == "progress") == [
+            "resolving",
+            "cached",
+            "done",
+        ]
+        assert digest in {i["digest"] for i in c.get("/v1/images").json()["images"]}
+
+
+def test_pull_bad_refs_give_clear_errors(pull_daemon: Daemon, registry: Registry) -> None:
+    with pull_daemon.client() as c:
+        # A malformed reference or body is refused before any stream starts.
+        r = c.post("/v1/images/pull", json={"image": "Not A Ref!!"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image"
+        assert "Not A Ref!!" in r.json()["error"]["message"]
+        for body in ({}, {"image": ""}, {"image": "x", "pull": "sometimes"}, {"image": 1}):
+            assert c.post("/v1/images/pull", json=body).status_code == 422, body
+        # Missing in the registry: the stream ends with one error record naming the ref.
+        ref = f"{registry.host}/dpull/missing:v1"
+        recs = ndjson(c.post("/v1/images/pull", json={"image": ref}))
+        assert [x["type"] for x in recs] == ["progress", "error"]
+        assert recs[0]["phase"] == "resolving"
+        assert recs[-1]["code"] in ("not_found", "image_error") and ref in recs[-1]["message"]
+        # Registry unreachable.
+        recs = ndjson(c.post("/v1/images/pull", json={"image": "127.0.0.1:1/x/y:z"}))
+        assert recs[-1]["type"] == "error" and recs[-1]["code"] == "registry_unreachable"
+
+
+def test_create_with_progress_pulls_then_boots(
+    pull_daemon: Daemon, registry: Registry, tmp_path: Path
+) -> None:
+    push_busybox(registry, tmp_path, "dpull/boot:v1", marker="from-the-registry")
+    ref = f"{registry.host}/dpull/boot:v1"
+    with pull_daemon.client() as c:
+        r = c.post("/v1/sandboxes", params={"progress": "1"}, json={"image": ref})
+        assert r.status_code == 200, r.text
+        recs = ndjson(r)
+        assert recs[-1]["type"] == "sandbox", recs[-1]
+        assert fold_phases(x for x in recs if x["type"] == "progress") == [
+            *IMAGE_PHASES,
+            "booting",
+        ]
+        sb = recs[-1]["sandbox"]
+        assert sb["state"] == "running" and sb["image"] == ref
+        ev = ndjson(c.post(f"/v1/sandboxes/{sb['id']}/exec", json={"cmd": "cat /etc/marker"}))
+        assert base64.b64decode(ev[1]["data"]) == b"from-the-registry"
+        assert c.delete(f"/v1/sandboxes/{sb['id']}").status_code == 200
+        # A create that fails on the image: the stream ends with an error record.
+        recs = ndjson(
+            c.post("/v1/sandboxes?progress=1", json={"image": f"{registry.host}/dpull/nope:v1"})
+        )
+        assert recs[-1]["type"] == "error" and "dpull/nope" in recs[-1]["message"]
