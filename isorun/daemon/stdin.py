@@ -1,6 +1,10 @@
 """Stdin pipes of background processes: one long-lived agent `attach` channel per process
 that HTTP writes (POST .../stdin) feed and POST .../stdin/close ends with EOF.
 
+Which processes have an open stdin is kept in the state database, not in memory: after a
+daemon restart the guest still holds the process and its pipe, and the first write reopens
+the agent channel (`attach` with `stdin: true`).
+
 Memory is bounded: a pipe queues at most QUEUE_CHUNKS chunks of at most MAX_CHUNK bytes (a
 writer past that waits, which holds back its HTTP request), and a sandbox has at most
 MAX_PIPES open pipes (the least recently used one is closed, without EOF, to make room).
@@ -12,14 +16,14 @@ import asyncio
 import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine
-from typing import Any
+from typing import Any, cast
 
 from isorun.agent import AgentClient
+from isorun.daemon.store import Store
 
 MAX_CHUNK = 1 << 20
 QUEUE_CHUNKS = 4
 MAX_PIPES = 32
-MAX_TRACKED = 1024
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 
@@ -29,14 +33,23 @@ class StdinPipe:
 
     def __init__(self, agent: AgentClient, proc_id: str, spawn: Spawn) -> None:
         self.proc_id = proc_id
-        self._q: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=QUEUE_CHUNKS)
+        # Each chunk with a future the feeder resolves once the chunk has been sent to the
+        # guest, so a 200 for POST .../stdin means the bytes left the daemon (a daemon crash
+        # right after it loses nothing the client was told was sent).
+        self._q: asyncio.Queue[tuple[bytes | None, asyncio.Future[None]]] = asyncio.Queue(
+            maxsize=QUEUE_CHUNKS
+        )
         self.closed = False  # EOF requested
         self.task = spawn(self._run(agent))
 
     async def _source(self) -> AsyncIterator[bytes]:
+        sent: asyncio.Future[None] | None = None
         while True:
-            item = await self._q.get()
+            if sent is not None and not sent.done():
+                sent.set_result(None)  # the feeder asks for more: the last chunk went out
+            item, sent = await self._q.get()
             if item is None:
+                sent.set_result(None)  # EOF follows right after the source ends
                 return
             yield item
 
@@ -61,14 +74,19 @@ class StdinPipe:
         await self._put(None)
 
     async def _put(self, item: bytes | None) -> bool:
+        """Queue `item` and wait until it was handed to the agent channel."""
         if self.task.done():
             return False
-        put = asyncio.ensure_future(self._q.put(item))
+        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        put = asyncio.ensure_future(self._q.put((item, sent)))
         done, _ = await asyncio.wait({put, self.task}, return_when=asyncio.FIRST_COMPLETED)
         if put not in done:
             put.cancel()
             return False
-        return True
+        # (typeshed's asyncio.wait wants one future type; a Future and a Task mix fine)
+        waits = cast("set[asyncio.Task[Any]]", {sent, self.task})
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        return sent in done
 
     def abandon(self) -> None:
         """Detach without EOF (the process keeps its stdin open)."""
@@ -78,27 +96,23 @@ class StdinPipe:
 class StdinPipes:
     """The open pipes of every sandbox, keyed by (sandbox id, proc id)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Store) -> None:
         self._pipes: dict[str, OrderedDict[str, StdinPipe]] = {}
-        # Background processes this daemon started with a stdin pipe (not yet closed).
-        self._open_stdin: dict[str, OrderedDict[str, None]] = {}
+        # Background processes started with a stdin pipe (not yet closed), persisted; rows
+        # of a sandbox go when it ends (Store.end_sandbox).
+        self._store = store
 
     def started_with_stdin(self, sandbox_id: str, proc_id: str) -> None:
-        procs = self._open_stdin.setdefault(sandbox_id, OrderedDict())
-        procs[proc_id] = None
-        while len(procs) > MAX_TRACKED:  # the guest keeps only its 256 latest processes
-            procs.popitem(last=False)
+        self._store.add_stdin_proc(sandbox_id, proc_id)
 
     def has_stdin(self, sandbox_id: str, proc_id: str) -> bool:
-        return proc_id in self._open_stdin.get(sandbox_id, {})
+        return self._store.has_stdin_proc(sandbox_id, proc_id)
 
     def stdin_closed(self, sandbox_id: str, proc_id: str) -> None:
-        self._open_stdin.get(sandbox_id, OrderedDict()).pop(proc_id, None)
+        self._store.drop_stdin_proc(sandbox_id, proc_id)
 
     def prune(self, live: Collection[str]) -> None:
-        """Forget sandboxes that have ended (their pipe tasks ended with them)."""
-        for sid in [s for s in self._open_stdin if s not in live]:
-            del self._open_stdin[sid]
+        """Forget pipes of sandboxes that have ended (their pipe tasks ended with them)."""
         for sid in [s for s in self._pipes if s not in live]:
             for pipe in self._pipes.pop(sid).values():
                 pipe.abandon()

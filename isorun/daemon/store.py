@@ -45,6 +45,26 @@ CREATE TABLE IF NOT EXISTS usage (
 CREATE INDEX IF NOT EXISTS usage_tenant ON usage(tenant_id, ended);
 """
 
+# Schema changes after the first release, applied in order to databases whose
+# `PRAGMA user_version` is below their number. Each step is idempotent (IF NOT EXISTS), so a
+# crash between a step and the version bump just repeats it.
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        # Background processes started with an open stdin pipe that was not closed yet: a
+        # restarted daemon must still accept POST .../stdin for them.
+        """
+        CREATE TABLE IF NOT EXISTS proc_stdin (
+          sandbox_id TEXT NOT NULL, proc_id TEXT NOT NULL, created REAL NOT NULL,
+          PRIMARY KEY (sandbox_id, proc_id)
+        );
+        """,
+    ),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+# Per sandbox; the guest itself keeps only its 256 latest processes.
+MAX_STDIN_PROCS = 1024
+
 LIVE_STATES = ("creating", "running")
 LOCAL_TENANT = "local"
 
@@ -156,6 +176,7 @@ class Store:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA busy_timeout=5000")
             self.db.executescript(SCHEMA)
+            self._migrate()
             self.db.execute(
                 "INSERT OR IGNORE INTO tenants(id, name, created) VALUES (?, ?, ?)",
                 (LOCAL_TENANT, "local unix-socket user", time.time()),
@@ -165,6 +186,17 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+    def _migrate(self) -> None:
+        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+        for number, script in MIGRATIONS:
+            if number > version:
+                self.db.executescript(script)
+                self.db.execute(f"PRAGMA user_version = {int(number)}")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -285,6 +317,7 @@ class Store:
                 " cpu_ms=?, mem_peak_bytes=?, uptime_ms=? WHERE id=?",
                 (now, reason, error, cpu_ms, mem_peak, uptime_ms, row.id),
             )
+            db.execute("DELETE FROM proc_stdin WHERE sandbox_id = ?", (row.id,))
             db.execute(
                 "INSERT INTO usage(tenant_id, sandbox_id, vcpus, memory_mib, started, ended,"
                 " cpu_ms, mem_peak_bytes, uptime_ms, billed_seconds, cost_usd)"
@@ -306,6 +339,32 @@ class Store:
         row.state, row.ended, row.end_reason = "ended", now, reason
         row.cpu_ms, row.mem_peak_bytes, row.uptime_ms = cpu_ms, mem_peak, uptime_ms
         return {"billed_seconds": billed, "cost_usd": cost}
+
+    # --- open stdin pipes of background processes ---------------------------------------
+
+    def add_stdin_proc(self, sandbox_id: str, proc_id: str) -> None:
+        with self.tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO proc_stdin(sandbox_id, proc_id, created) VALUES (?,?,?)",
+                (sandbox_id, proc_id, time.time()),
+            )
+            db.execute(
+                "DELETE FROM proc_stdin WHERE sandbox_id = ? AND rowid NOT IN (SELECT rowid"
+                " FROM proc_stdin WHERE sandbox_id = ? ORDER BY created DESC LIMIT ?)",
+                (sandbox_id, sandbox_id, MAX_STDIN_PROCS),
+            )
+
+    def has_stdin_proc(self, sandbox_id: str, proc_id: str) -> bool:
+        r = self.db.execute(
+            "SELECT 1 FROM proc_stdin WHERE sandbox_id = ? AND proc_id = ?", (sandbox_id, proc_id)
+        ).fetchone()
+        return r is not None
+
+    def drop_stdin_proc(self, sandbox_id: str, proc_id: str) -> None:
+        with self.tx() as db:
+            db.execute(
+                "DELETE FROM proc_stdin WHERE sandbox_id = ? AND proc_id = ?", (sandbox_id, proc_id)
+            )
 
     # --- usage -----------------------------------------------------------------------
 

@@ -82,3 +82,41 @@ def test_vm_killed_while_daemon_down_is_marked_lost(tmp_path: Path, busybox_root
     finally:
         d.stop()
     assert_no_leaks(d)
+
+
+def test_open_stdin_survives_a_daemon_sigkill(tmp_path: Path, busybox_rootfs: Path) -> None:
+    """Which processes have an open stdin is persisted; the pipe is reopened on demand."""
+    d = Daemon(tmp_path / "d", ISORUN_DEFAULT_MEMORY_MIB="256").start()
+    try:
+        with d.client() as c:
+            sid = c.post("/v1/sandboxes", json={"image": f"rootfs:{busybox_rootfs}"}).json()["id"]
+            base = f"/v1/sandboxes/{sid}/processes"
+            r = c.post(
+                f"/v1/sandboxes/{sid}/exec",
+                json={"cmd": "cat; echo eof", "background": True, "open_stdin": True},
+            )
+            cat = r.json()["proc_id"]
+            closed = c.post(
+                f"/v1/sandboxes/{sid}/exec",
+                json={"cmd": "cat", "background": True, "open_stdin": True},
+            ).json()["proc_id"]
+            assert c.post(f"{base}/{closed}/stdin/close").status_code == 200
+            # Written before the crash, so the old agent channel was open when it died.
+            assert c.post(f"{base}/{cat}/stdin", content=b"before\n").status_code == 200
+        d.stop(signal.SIGKILL)
+        d.start()
+        with d.client() as c:
+            r = c.post(f"{base}/{cat}/stdin", content=b"after restart\n")
+            assert r.status_code == 200, r.text
+            assert c.post(f"{base}/{cat}/stdin/close").status_code == 200
+            ev = ndjson(c.get(f"{base}/{cat}/stream", timeout=60))
+            out = b"".join(base64.b64decode(e["data"]) for e in ev if e["type"] == "stdout")
+            assert out == b"before\nafter restart\neof\n"
+            assert ev[-1]["type"] == "exit" and ev[-1]["exit_code"] == 0
+            # A stdin closed before the crash stays closed after it.
+            r = c.post(f"{base}/{closed}/stdin", content=b"x")
+            assert r.status_code == 409, r.text
+            c.delete(f"/v1/sandboxes/{sid}")
+    finally:
+        d.stop()
+    assert_no_leaks(d)
