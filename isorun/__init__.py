@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from isorun.errors import IsorunError
 from isorun.sdk import (
     ApiError,
+    AsyncImages,
     AsyncProcess,
     AsyncPty,
     AsyncSandbox,
@@ -14,17 +15,20 @@ from isorun.sdk import (
     DaemonUnavailable,
     ExecResult,
     FileInfo,
+    Images,
     NotFoundError,
     Process,
     ProcessInfo,
     Pty,
+    PullProgress,
     Sandbox,
     SandboxEndedError,
 )
 
 __all__ = [
-    "ApiError", "AsyncProcess", "AsyncPty", "AsyncSandbox", "AuthError", "CapacityError",
-    "CommandFailed", "DaemonUnavailable", "ExecResult", "FileInfo", "IsorunError",
-    "NotFoundError", "Process", "ProcessInfo", "Pty", "Sandbox", "SandboxEndedError",
+    "ApiError", "AsyncImages", "AsyncProcess", "AsyncPty", "AsyncSandbox", "AuthError",
+    "CapacityError", "CommandFailed", "DaemonUnavailable", "ExecResult", "FileInfo", "Images",
+    "IsorunError", "NotFoundError", "Process", "ProcessInfo", "Pty", "PullProgress", "Sandbox",
+    "SandboxEndedError",
     "__version__",
 ]

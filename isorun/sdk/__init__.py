@@ -1,6 +1,7 @@
 """The Python SDK: `Sandbox` (sync) and `AsyncSandbox` over one shared core (`_core`)."""
 
 from isorun.sdk._core import ExecResult, FileInfo, ProcessInfo
+from isorun.sdk._progress import PullProgress
 from isorun.sdk.errors import (
     ApiError,
     AuthError,
@@ -10,11 +11,13 @@ from isorun.sdk.errors import (
     NotFoundError,
     SandboxEndedError,
 )
+from isorun.sdk.images import AsyncImages, Images
 from isorun.sdk.sandbox_async import AsyncProcess, AsyncPty, AsyncSandbox
 from isorun.sdk.sandbox_sync import Process, Pty, Sandbox
 
 __all__ = [
     "ApiError",
+    "AsyncImages",
     "AsyncProcess",
     "AsyncPty",
     "AsyncSandbox",
@@ -24,10 +27,12 @@ __all__ = [
     "DaemonUnavailable",
     "ExecResult",
     "FileInfo",
+    "Images",
     "NotFoundError",
     "Process",
     "ProcessInfo",
     "Pty",
+    "PullProgress",
     "Sandbox",
     "SandboxEndedError",
 ]

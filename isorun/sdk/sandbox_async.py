@@ -14,6 +14,7 @@ import httpx
 
 from isorun.sdk import _core
 from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
+from isorun.sdk._progress import ProgressCallback, ProgressDecoder
 from isorun.sdk.errors import CommandFailed, NotFoundError, SandboxEndedError
 
 STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
@@ -42,8 +43,10 @@ class AsyncSandbox:
         api_url: str | None = None,
         api_key: str | None = None,
         autostart: bool | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> None:
         self._settings = _core.resolve(api_url, api_key, autostart)
+        self._on_progress = on_progress
         self._body = _core.create_body(
             image, vcpus, memory_mib, disk_mib, env, metadata, sandbox_timeout
         )
@@ -58,11 +61,14 @@ class AsyncSandbox:
         if info is None:
             await anyio.to_thread.run_sync(_core.ensure_daemon, self._settings)
             try:
-                info = _core.check(
-                    await self._http.post(
-                        "/v1/sandboxes", json=self._body, timeout=_core.CREATE_TIMEOUT
+                if self._on_progress is None:
+                    info = _core.check(
+                        await self._http.post(
+                            "/v1/sandboxes", json=self._body, timeout=_core.CREATE_TIMEOUT
+                        )
                     )
-                )
+                else:
+                    info = await self._create_with_progress(self._on_progress)
             except BaseException:
                 await self._http.aclose()
                 raise
@@ -70,6 +76,22 @@ class AsyncSandbox:
         self._info, self.id = info, info["id"]
         self.files._base = f"/v1/sandboxes/{self.id}/files"
         return self
+
+    async def _create_with_progress(self, on_progress: ProgressCallback) -> dict[str, Any]:
+        dec = ProgressDecoder(on_progress)
+        async with self._http.stream(
+            "POST",
+            "/v1/sandboxes",
+            params={"progress": "1"},
+            json=self._body,
+            timeout=httpx.Timeout(_core.CREATE_TIMEOUT, read=None),
+        ) as r:
+            if r.status_code >= 400:
+                await r.aread()
+                _core.check(r)
+            async for line in r.aiter_lines():
+                dec.feed(line)
+        return dec.result("sandbox")
 
     @classmethod
     async def create(cls, image: str = "base", **kw: Any) -> AsyncSandbox:

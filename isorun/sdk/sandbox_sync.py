@@ -11,6 +11,7 @@ import httpx
 
 from isorun.sdk import _core
 from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
+from isorun.sdk._progress import ProgressCallback, ProgressDecoder
 from isorun.sdk.errors import CommandFailed, SandboxEndedError
 
 STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
@@ -39,8 +40,11 @@ class Sandbox:
         api_url: str | None = None,
         api_key: str | None = None,
         autostart: bool | None = None,
+        on_progress: ProgressCallback | None = None,
         _info: dict[str, Any] | None = None,
     ) -> None:
+        """`on_progress` receives `PullProgress` steps while the daemon pulls or builds the
+        image and boots the VM (a first `Sandbox("python")` builds for ~100 s)."""
         self._settings = _core.resolve(api_url, api_key, autostart)
         if _info is None:
             _core.ensure_daemon(self._settings)
@@ -50,9 +54,12 @@ class Sandbox:
                 body = _core.create_body(
                     image, vcpus, memory_mib, disk_mib, env, metadata, sandbox_timeout
                 )
-                _info = _core.check(
-                    self._http.post("/v1/sandboxes", json=body, timeout=_core.CREATE_TIMEOUT)
-                )
+                if on_progress is None:
+                    _info = _core.check(
+                        self._http.post("/v1/sandboxes", json=body, timeout=_core.CREATE_TIMEOUT)
+                    )
+                else:
+                    _info = self._create_with_progress(body, on_progress)
         except BaseException:
             self._http.close()
             raise
@@ -62,6 +69,24 @@ class Sandbox:
         self._usage: dict[str, int] | None = None
         self.files = Files(self)
         self.processes = Processes(self)
+
+    def _create_with_progress(
+        self, body: dict[str, Any], on_progress: ProgressCallback
+    ) -> dict[str, Any]:
+        dec = ProgressDecoder(on_progress)
+        with self._http.stream(
+            "POST",
+            "/v1/sandboxes",
+            params={"progress": "1"},
+            json=body,
+            timeout=httpx.Timeout(_core.CREATE_TIMEOUT, read=None),
+        ) as r:
+            if r.status_code >= 400:
+                r.read()
+                _core.check(r)
+            for line in r.iter_lines():
+                dec.feed(line)
+        return dec.result("sandbox")
 
     # --- class-level ---------------------------------------------------------------
 

@@ -1,0 +1,97 @@
+"""Progress streams of image pulls/builds and sandbox creation (shared by both SDK faces):
+NDJSON `{type: progress, ...}` records, then one final record or an error."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from isorun.sdk.errors import error_for
+
+# HTTP status a streamed error would have had as a plain response (for the exception type).
+_STATUS = {
+    "not_found": 404,
+    "invalid_image": 400,
+    "invalid": 400,
+    "image_error": 422,
+    "registry_unreachable": 502,
+    "sandbox_ended": 410,
+    "capacity": 503,
+    "forbidden": 403,
+}
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    """One step of an image pull/build or sandbox start.
+
+    phase: resolving | pulling | unpacking | building | converting | waiting | cached | done
+    (image), then booting (sandbox creation only). `bytes_done`/`bytes_total` are set while
+    pulling (compressed layer bytes); `digest` once known."""
+
+    phase: str
+    ref: str
+    message: str = ""
+    digest: str | None = None
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> PullProgress:
+        def opt_int(k: str) -> int | None:
+            v = rec.get(k)
+            return int(v) if isinstance(v, int) else None
+
+        digest = rec.get("digest")
+        return cls(
+            phase=str(rec.get("phase", "")),
+            ref=str(rec.get("ref", "")),
+            message=str(rec.get("message", "")),
+            digest=digest if isinstance(digest, str) else None,
+            bytes_done=opt_int("bytes_done"),
+            bytes_total=opt_int("bytes_total"),
+        )
+
+
+ProgressCallback = Callable[[PullProgress], object]
+
+
+@dataclass
+class ProgressDecoder:
+    """Feed it lines; progress goes to the callback, errors raise, `final` is the last record."""
+
+    on_progress: ProgressCallback | None = None
+    final: dict[str, Any] | None = None
+
+    def feed(self, line: str | bytes) -> None:
+        if not line.strip():
+            return
+        rec = json.loads(line)
+        if not isinstance(rec, dict):
+            return
+        kind = rec.get("type")
+        if kind == "progress":
+            if self.on_progress is not None:
+                self.on_progress(PullProgress.from_record(rec))
+        elif kind == "error":
+            code = str(rec.get("code", ""))
+            raise error_for(
+                _STATUS.get(code, 500), {"error": {"code": code, "message": rec.get("message")}}
+            )
+        else:
+            self.final = rec
+
+    def result(self, key: str) -> dict[str, Any]:
+        if self.final is None or not isinstance(self.final.get(key), dict):
+            raise error_for(
+                502,
+                {
+                    "error": {
+                        "code": "stream_cut",
+                        "message": f"the progress stream ended without a {key} record; retry",
+                    }
+                },
+            )
+        return dict(self.final[key])

@@ -1,0 +1,103 @@
+"""`Images` / `AsyncImages`: the daemon's image store (list, pull with progress)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import anyio
+
+from isorun.sdk import _core
+from isorun.sdk._progress import ProgressCallback, ProgressDecoder
+from isorun.sdk.sandbox_async import _client as _async_client
+from isorun.sdk.sandbox_sync import STREAM_TIMEOUT
+from isorun.sdk.sandbox_sync import _client as _sync_client
+
+PullPolicy = Literal["missing", "always"]
+
+
+class Images:
+    """`Images().pull("python", on_progress=print)` pulls or builds an image into the store."""
+
+    def __init__(
+        self,
+        *,
+        api_url: str | None = None,
+        api_key: str | None = None,
+        autostart: bool | None = None,
+    ) -> None:
+        self._settings = _core.resolve(api_url, api_key, autostart)
+
+    def list(self) -> list[dict[str, Any]]:
+        _core.ensure_daemon(self._settings)
+        with _sync_client(self._settings) as c:
+            return list(_core.check(c.get("/v1/images"))["images"])
+
+    def pull(
+        self,
+        image: str,
+        *,
+        pull: PullPolicy = "missing",
+        on_progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
+        """Pull (or build, for a template) `image`; returns {digest, names, size_bytes, ...}.
+        `on_progress` gets a `PullProgress` per step as the daemon reports it."""
+        _core.ensure_daemon(self._settings)
+        dec = ProgressDecoder(on_progress)
+        with (
+            _sync_client(self._settings) as c,
+            c.stream(
+                "POST",
+                "/v1/images/pull",
+                json={"image": image, "pull": pull},
+                timeout=STREAM_TIMEOUT,
+            ) as r,
+        ):
+            if r.status_code >= 400:
+                r.read()
+                _core.check(r)
+            for line in r.iter_lines():
+                dec.feed(line)
+        return dec.result("image")
+
+
+class AsyncImages:
+    """The async face of `Images`."""
+
+    def __init__(
+        self,
+        *,
+        api_url: str | None = None,
+        api_key: str | None = None,
+        autostart: bool | None = None,
+    ) -> None:
+        self._settings = _core.resolve(api_url, api_key, autostart)
+
+    async def list(self) -> list[dict[str, Any]]:
+        await anyio.to_thread.run_sync(_core.ensure_daemon, self._settings)
+        async with _async_client(self._settings) as c:
+            return list(_core.check(await c.get("/v1/images"))["images"])
+
+    async def pull(
+        self,
+        image: str,
+        *,
+        pull: PullPolicy = "missing",
+        on_progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
+        await anyio.to_thread.run_sync(_core.ensure_daemon, self._settings)
+        dec = ProgressDecoder(on_progress)
+        async with (
+            _async_client(self._settings) as c,
+            c.stream(
+                "POST",
+                "/v1/images/pull",
+                json={"image": image, "pull": pull},
+                timeout=STREAM_TIMEOUT,
+            ) as r,
+        ):
+            if r.status_code >= 400:
+                await r.aread()
+                _core.check(r)
+            async for line in r.aiter_lines():
+                dec.feed(line)
+        return dec.result("image")
