@@ -9,8 +9,9 @@ from typing import Any
 
 import httpx
 
+from isorun.cli.progress import ProgressView
 from isorun.errors import IsorunError
-from isorun.sdk import _core
+from isorun.sdk import Images, _core
 from isorun.sdk.sandbox_sync import Sandbox, _client
 
 
@@ -38,15 +39,22 @@ def cmd_run(args: argparse.Namespace) -> int:
             "isorun run: give a command after --, e.g. isorun run python -- python3 -V"
         )
     env = dict(e.split("=", 1) for e in args.env)
-    sb = Sandbox(
-        args.image,
-        vcpus=args.vcpus,
-        memory_mib=args.memory_mib,
-        env=env or None,
-        sandbox_timeout=args.timeout,
-        api_url=args.api_url,
-        api_key=args.api_key,
-    )
+    # On a terminal, show the image pull/build and the boot as they happen.
+    view = ProgressView(sys.stderr, tty=True) if sys.stderr.isatty() and not args.json else None
+    try:
+        sb = Sandbox(
+            args.image,
+            vcpus=args.vcpus,
+            memory_mib=args.memory_mib,
+            env=env or None,
+            sandbox_timeout=args.timeout,
+            api_url=args.api_url,
+            api_key=args.api_key,
+            on_progress=view,
+        )
+    finally:
+        if view is not None:
+            view.finish()
     try:
         r = sb.exec(
             args.cmd if len(args.cmd) > 1 else args.cmd[0],
@@ -130,6 +138,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    if args.action == "pull":
+        return cmd_images_pull(args)
+    if args.ref:
+        raise SystemExit("isorun images ls: takes no image reference (did you mean `pull`?)")
     with _http(args) as c:
         imgs = _core.check(c.get("/v1/images"))["images"]
     _out(
@@ -140,6 +152,30 @@ def cmd_images(args: argparse.Namespace) -> int:
             for i in imgs
         ),
     )
+    return 0
+
+
+def cmd_images_pull(args: argparse.Namespace) -> int:
+    if not args.ref:
+        raise SystemExit("isorun images pull: give an image, e.g. isorun images pull python")
+    tty = sys.stderr.isatty()
+    # --json: progress and the result as JSON lines on stdout; else progress on stderr.
+    view = ProgressView(sys.stdout if args.json else sys.stderr, tty=tty, json_lines=args.json)
+    images = Images(api_url=args.api_url, api_key=args.api_key)
+    try:
+        img = images.pull(args.ref, pull="always" if args.always else "missing", on_progress=view)
+    except IsorunError as exc:
+        view.finish()
+        if args.json:
+            code = getattr(exc, "code", "") or "error"
+            print(json.dumps({"type": "error", "code": code, "message": str(exc)}), flush=True)
+            return 1
+        raise
+    view.finish()
+    if args.json:
+        print(json.dumps({"type": "image", "image": img}), flush=True)
+    else:
+        print(f"{img['digest']}  {','.join(img['names'])}  {img['size_bytes'] // (1 << 20)} MiB")
     return 0
 
 
@@ -220,7 +256,13 @@ def parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=hlp)
         s.add_argument("id")
         s.set_defaults(fn=fn)
-    sub.add_parser("images", help="images in the daemon's store").set_defaults(fn=cmd_images)
+    im = sub.add_parser(
+        "images", help="images in the daemon's store: ls (default), pull REF (with progress)"
+    )
+    im.add_argument("action", nargs="?", choices=["ls", "pull"], default="ls")
+    im.add_argument("ref", nargs="?", help="pull: template name or OCI image reference")
+    im.add_argument("--always", action="store_true", help="pull: re-resolve a cached tag")
+    im.set_defaults(fn=cmd_images)
     k = sub.add_parser("keys", help="API keys (local admin)")
     k.add_argument("action", choices=["create", "ls", "revoke"])
     k.add_argument("name", nargs="?", help="key name (create) or key id (revoke)")
