@@ -124,12 +124,18 @@ class AgentConnection:
 
     @classmethod
     async def open_unix(cls, path: str, timeout: float = 10.0) -> AgentConnection:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(path, limit=frames.MAX_PAYLOAD * 4), timeout
-        )
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(path, limit=frames.MAX_PAYLOAD * 4), timeout
+            )
+        except OSError as exc:
+            raise ChannelClosedError(f"cannot connect to the agent socket {path}: {exc}") from exc
         conn = cls(reader, writer)
         try:
             await conn.handshake(timeout)
+        except OSError as exc:
+            writer.close()
+            raise ChannelClosedError(f"agent stream failed during hello: {exc}") from exc
         except BaseException:
             writer.close()
             raise

@@ -232,9 +232,15 @@ class MicroVM:
         hello_task = asyncio.create_task(hello())
         exited = asyncio.create_task(self._exited.wait())
         done, _ = await asyncio.wait({hello_task, exited}, return_when=asyncio.FIRST_COMPLETED)
-        if hello_task not in done:
+        failed = hello_task in done and hello_task.exception() is not None
+        if failed and not isinstance(hello_task.exception(), TimeoutError):
+            # The agent stream broke: most often because QEMU itself is going away.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exited), 2)
+        if hello_task not in done or self._exited.is_set():
             hello_task.cancel()
             qmp_task.cancel()
+            exited.cancel()
             raise VMError(
                 f"QEMU exited during boot ({self.death_reason}): {self._stderr_tail()}"
                 f"\nconsole tail:\n{self.console.tail(2000)}",

@@ -67,3 +67,14 @@ def test_no_device_gets_tcg_and_forced_kvm_without_device_is_an_error(tmp_path: 
 def test_this_machine_reports_its_choice() -> None:
     choice = accel.detect()
     assert choice.name in ("kvm", "tcg") and choice.reason
+
+
+async def test_a_file_that_is_no_kernel_fails_with_qemus_reason(tmp_path: Path) -> None:
+    from isorun.errors import VMError
+
+    bogus = tmp_path / "vmlinux"
+    bogus.write_bytes(b"not a kernel" * 100)
+    with pytest.raises(VMError) as info:
+        await MicroVM.boot(VMSpec(kernel=bogus, boot_timeout=20))
+    assert "QEMU exited during boot" in str(info.value)
+    assert "kernel" in str(info.value).lower()  # QEMU's own complaint is passed on
