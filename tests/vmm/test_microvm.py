@@ -168,3 +168,10 @@ async def test_system_ops(vm: MicroVM) -> None:
         await vm.agent.reseed(b"short")
     h = await vm.agent.health()
     assert h["ok"] is True
+
+
+async def test_signal_reaches_the_process_and_is_reported(vm: MicroVM) -> None:
+    proc_id, _ = await vm.agent.spawn("sleep 1000")
+    await vm.agent.signal(proc_id, 15)
+    r = await vm.agent.attach(proc_id)
+    assert (r.exit_code, r.signal) == (None, 15)
