@@ -42,6 +42,3 @@ class VMError(IsorunError):
 class BootTimeout(VMError):
     """The guest did not become ready before its deadline."""
 
-
-class TimeoutError_(IsorunError):
-    """An operation ran past its deadline."""
