@@ -140,6 +140,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_images(args: argparse.Namespace) -> int:
     if args.action == "pull":
         return cmd_images_pull(args)
+    if args.action in ("inspect", "rm", "gc", "du"):
+        return cmd_images_manage(args)
     if args.ref:
         raise SystemExit("isorun images ls: takes no image reference (did you mean `pull`?)")
     with _http(args) as c:
@@ -152,6 +154,26 @@ def cmd_images(args: argparse.Namespace) -> int:
             for i in imgs
         ),
     )
+    return 0
+
+
+def cmd_images_manage(args: argparse.Namespace) -> int:
+    if args.action in ("inspect", "rm") and not args.ref:
+        raise SystemExit(f"isorun images {args.action}: give an image, e.g. python")
+    with _http(args) as c:
+        if args.action == "inspect":
+            res = _core.check(c.get("/v1/images/inspect", params={"ref": args.ref}))
+            text = json.dumps(res, indent=2)
+        elif args.action == "rm":
+            res = _core.check(c.delete("/v1/images", params={"ref": args.ref}))
+            text = f"removed {res['removed']} ({res['freed_bytes'] // (1 << 20)} MiB freed)"
+        elif args.action == "gc":
+            res = _core.check(c.post("/v1/images/gc", params={"all": "1"} if args.all else {}))
+            text = f"removed {len(res['removed'])} images, {res['freed_bytes'] // (1 << 20)} MiB"
+        else:
+            res = _core.check(c.get("/v1/images/usage"))
+            text = f"{res['images']} images, {res['image_bytes'] // (1 << 20)} MiB"
+    _out(args, res, text)
     return 0
 
 
@@ -257,11 +279,16 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("id")
         s.set_defaults(fn=fn)
     im = sub.add_parser(
-        "images", help="images in the daemon's store: ls (default), pull REF (with progress)"
+        "images",
+        help="images in the daemon's store: ls (default), pull REF (with progress), inspect REF,"
+        " rm REF, gc [--all], du",
     )
-    im.add_argument("action", nargs="?", choices=["ls", "pull"], default="ls")
-    im.add_argument("ref", nargs="?", help="pull: template name or OCI image reference")
+    im.add_argument(
+        "action", nargs="?", choices=["ls", "pull", "inspect", "rm", "gc", "du"], default="ls"
+    )
+    im.add_argument("ref", nargs="?", help="pull/inspect/rm: template name or image reference")
     im.add_argument("--always", action="store_true", help="pull: re-resolve a cached tag")
+    im.add_argument("--all", action="store_true", help="gc: every unused image, named or not")
     im.set_defaults(fn=cmd_images)
     k = sub.add_parser("keys", help="API keys (local admin)")
     k.add_argument("action", choices=["create", "ls", "revoke"])

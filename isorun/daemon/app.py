@@ -53,7 +53,7 @@ from isorun.errors import (
     GuestError,
     IsorunError,
 )
-from isorun.images import Image, ImageError, ProgressEvent
+from isorun.images import Image, ImageError, ImageInUseError, ProgressEvent
 
 log = logging.getLogger("isorund.api")
 M = TypeVar("M", bound=BaseModel)
@@ -710,6 +710,50 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
     async def images(request: Request, tenant: str) -> Any:
         return {"images": [image_json(i) for i in manager.images.list()]}
 
+    def _image_ref(request: Request) -> str:
+        ref = request.query_params.get("ref", "")
+        if not ref or len(ref) > 1024:
+            raise ApiError("give the image as ?ref=NAME (at most 1024 characters)", status=422,
+                           code="invalid")
+        return ref
+
+    async def inspect_image(request: Request, tenant: str) -> Any:
+        ref = _image_ref(request)
+        try:
+            img = manager.images.inspect(ref)
+        except ImageError as exc:
+            raise image_api_error(ref, exc) from exc
+        c = img.config
+        # Holders are other tenants' sandboxes: say only whether the image is in use.
+        return {
+            **image_json(img),
+            "in_use": bool(manager.images.holders(img.digest)),
+            "config": {"env": c.env, "working_dir": c.working_dir, "user": c.user,
+                       "entrypoint": c.entrypoint, "cmd": c.cmd},
+        }
+
+    async def remove_image(request: Request, tenant: str) -> Any:
+        admin(tenant)
+        ref = _image_ref(request)
+        try:
+            img = await manager.images.remove(ref)
+        except ImageInUseError as exc:
+            raise Conflict(f"image {ref!r} is in use: {exc}", code="image_in_use") from exc
+        except ImageError as exc:
+            raise image_api_error(ref, exc) from exc
+        return {"removed": img.digest, "freed_bytes": img.disk_bytes}
+
+    async def gc_images(request: Request, tenant: str) -> Any:
+        admin(tenant)
+        all_unused = request.query_params.get("all") in ("1", "true")
+        report = await manager.images.gc(all_unused=all_unused)
+        return {"removed": report.removed, "freed_bytes": report.freed_bytes}
+
+    async def images_disk_usage(request: Request, tenant: str) -> Any:
+        admin(tenant)
+        du = manager.images.disk_usage()
+        return {"images": du.images, "image_bytes": du.image_bytes, "tmp_bytes": du.tmp_bytes}
+
     async def pull_image(request: Request, tenant: str) -> Any:
         req = await parse(request, PullImage)
         try:
@@ -777,6 +821,10 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         Route("/v1/usage", endpoint(usage), methods=["GET"]),
         Route("/v1/images", endpoint(images), methods=["GET"]),
         Route("/v1/images/pull", endpoint(pull_image), methods=["POST"]),
+        Route("/v1/images/inspect", endpoint(inspect_image), methods=["GET"]),
+        Route("/v1/images", endpoint(remove_image), methods=["DELETE"]),
+        Route("/v1/images/gc", endpoint(gc_images), methods=["POST"]),
+        Route("/v1/images/usage", endpoint(images_disk_usage), methods=["GET"]),
         Route("/v1/keys", endpoint(create_key, status=201), methods=["POST"]),
         Route("/v1/keys", endpoint(list_keys), methods=["GET"]),
         Route("/v1/keys/{kid}", endpoint(revoke_key), methods=["DELETE"]),

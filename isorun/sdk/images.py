@@ -1,4 +1,5 @@
-"""`Images` / `AsyncImages`: the daemon's image store (list, pull with progress)."""
+"""`Images` / `AsyncImages`: the daemon's image store (list, pull with progress, inspect,
+remove, gc, disk usage)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,30 @@ class Images:
                 dec.feed(line)
         return dec.result("image")
 
+    def inspect(self, image: str) -> dict[str, Any]:
+        """Digest, names, size, `in_use` and the image config of a stored image."""
+        _core.ensure_daemon(self._settings)
+        with _sync_client(self._settings) as c:
+            return dict(_core.check(c.get("/v1/images/inspect", params={"ref": image})))
+
+    def remove(self, image: str) -> dict[str, Any]:
+        """Remove a stored image; refused (409) while a sandbox uses it. Local admin only."""
+        _core.ensure_daemon(self._settings)
+        with _sync_client(self._settings) as c:
+            return dict(_core.check(c.delete("/v1/images", params={"ref": image})))
+
+    def gc(self, *, all_unused: bool = False) -> dict[str, Any]:
+        """Delete unused unnamed images (every unused one with all_unused). Local admin only."""
+        _core.ensure_daemon(self._settings)
+        with _sync_client(self._settings) as c:
+            params = {"all": "1"} if all_unused else {}
+            return dict(_core.check(c.post("/v1/images/gc", params=params)))
+
+    def disk_usage(self) -> dict[str, Any]:
+        _core.ensure_daemon(self._settings)
+        with _sync_client(self._settings) as c:
+            return dict(_core.check(c.get("/v1/images/usage")))
+
 
 class AsyncImages:
     """The async face of `Images`."""
@@ -101,3 +126,25 @@ class AsyncImages:
             async for line in r.aiter_lines():
                 dec.feed(line)
         return dec.result("image")
+
+    async def inspect(self, image: str) -> dict[str, Any]:
+        await anyio.to_thread.run_sync(_core.ensure_daemon, self._settings)
+        async with _async_client(self._settings) as c:
+            r = await c.get("/v1/images/inspect", params={"ref": image})
+            return dict(_core.check(r))
+
+    async def remove(self, image: str) -> dict[str, Any]:
+        await anyio.to_thread.run_sync(_core.ensure_daemon, self._settings)
+        async with _async_client(self._settings) as c:
+            return dict(_core.check(await c.delete("/v1/images", params={"ref": image})))
+
+    async def gc(self, *, all_unused: bool = False) -> dict[str, Any]:
+        await anyio.to_thread.run_sync(_core.ensure_daemon, self._settings)
+        async with _async_client(self._settings) as c:
+            params = {"all": "1"} if all_unused else {}
+            return dict(_core.check(await c.post("/v1/images/gc", params=params)))
+
+    async def disk_usage(self) -> dict[str, Any]:
+        await anyio.to_thread.run_sync(_core.ensure_daemon, self._settings)
+        async with _async_client(self._settings) as c:
+            return dict(_core.check(await c.get("/v1/images/usage")))

@@ -4,6 +4,9 @@ the loopback registry into a fresh image store (one VM boot in this module)."""
 from __future__ import annotations
 
 import base64
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,3 +106,50 @@ def test_create_with_progress_pulls_then_boots(
             c.post("/v1/sandboxes?progress=1", json={"image": f"{registry.host}/dpull/nope:v1"})
         )
         assert recs[-1]["type"] == "error" and "dpull/nope" in recs[-1]["message"]
+
+
+def _cli(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "isorun.cli", *args],
+        env=d.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_inspect_remove_gc_and_usage(
+    pull_daemon: Daemon, registry: Registry, tmp_path: Path
+) -> None:
+    digest = push_busybox(registry, tmp_path, "dpull/manage:v1")
+    ref = f"{registry.host}/dpull/manage:v1"
+    with pull_daemon.client() as c:
+        ndjson(c.post("/v1/images/pull", json={"image": ref}))
+        info = c.get("/v1/images/inspect", params={"ref": ref}).json()
+        assert info["digest"] == digest and info["in_use"] is False
+        assert set(info["config"]) == {"env", "working_dir", "user", "entrypoint", "cmd"}
+        assert c.get("/v1/images/inspect").status_code == 422  # no ?ref
+        missing = c.get("/v1/images/inspect", params={"ref": "localhost:1/none:v1"})
+        assert missing.status_code == 404
+        # In use by a sandbox: removal is refused and nothing is lost.
+        sb = c.post("/v1/sandboxes", json={"image": ref}).json()
+        assert c.get("/v1/images/inspect", params={"ref": ref}).json()["in_use"] is True
+        r = c.delete("/v1/images", params={"ref": ref})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "image_in_use"
+        assert c.get("/v1/images/inspect", params={"ref": ref}).status_code == 200
+        assert c.delete(f"/v1/sandboxes/{sb['id']}").status_code == 200
+        # Unused now: the CLI removes it and says how much it freed.
+        r = _cli(pull_daemon, "--json", "images", "rm", ref)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["removed"] == digest
+        assert c.get("/v1/images/inspect", params={"ref": ref}).status_code == 404
+        gc = c.post("/v1/images/gc").json()
+        assert gc["freed_bytes"] >= 0 and isinstance(gc["removed"], list)
+        du = json.loads(_cli(pull_daemon, "--json", "images", "du").stdout)
+        assert du["images"] == len(c.get("/v1/images").json()["images"])
+    # Over TCP with a tenant key, store management is the local administrator's.
+    with pull_daemon.client() as c:
+        key = c.post("/v1/keys", json={"tenant_id": "t-img", "name": "k"}).json()
+    with pull_daemon.tcp(key["key"]) as t:
+        assert t.post("/v1/images/gc").status_code == 403
+        assert t.delete("/v1/images", params={"ref": ref}).status_code == 403
