@@ -200,7 +200,7 @@ class MicroVM:
                 argv,
                 self.run_dir / "qemu.stderr",
                 [s.fileno() for s in listeners.values()],
-                _enter_cgroup(procs_files),
+                procs_files,
             )
         finally:
             for s in listeners.values():
@@ -410,13 +410,3 @@ def _listen(path: Path) -> socket.socket:
     s.bind(str(path))
     s.listen(4)
     return s
-
-
-def _enter_cgroup(procs_files: list[Path]) -> Any:
-    def enter() -> None:
-        pid = str(os.getpid())
-        for f in procs_files:
-            with open(f, "w") as fh:
-                fh.write(pid)
-
-    return enter if procs_files else None

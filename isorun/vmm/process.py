@@ -12,7 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -29,16 +29,17 @@ class VMProcess:
         argv: Sequence[str],
         log: Path,
         pass_fds: Sequence[int],
-        preexec: Callable[[], None] | None,
+        cgroup_procs: Sequence[Path] = (),
     ) -> VMProcess:
+        """Start argv in its own session, inside the cgroups whose `cgroup.procs` files are
+        given, before it executes: every thread and child QEMU makes is counted and limited."""
         with open(log, "wb") as out:
             child = subprocess.Popen(
-                list(argv),
+                _in_cgroups(list(argv), cgroup_procs),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
                 pass_fds=list(pass_fds),
-                preexec_fn=preexec,
                 start_new_session=True,  # its own process group: killpg reaches the whole jail
             )
         return cls(child.pid, child)
@@ -69,6 +70,20 @@ class VMProcess:
         if not self.exited:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
+
+
+# A shell enters the cgroups and then becomes the VM process (same pid, via exec). Unlike a
+# preexec_fn this is safe in a process that has threads (the daemon does).
+_ENTER = (
+    'for f in "$@"; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done; '
+    'shift; exec "$@"'
+)
+
+
+def _in_cgroups(argv: list[str], procs_files: Sequence[Path]) -> list[str]:
+    if not procs_files:
+        return argv
+    return ["/bin/sh", "-c", _ENTER, "isorun-enter-cgroup", *map(str, procs_files), "--", *argv]
 
 
 def alive(pid: int) -> bool:
