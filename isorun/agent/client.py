@@ -402,6 +402,9 @@ async def _feed_stdin(ch: Channel, source: StdinSource) -> None:
         async for chunk in source:
             for i in range(0, len(chunk), IO_CHUNK * 8):
                 await ch.send_data(bytes(chunk[i : i + IO_CHUNK * 8]))
+            # Before asking the source for more: the guest has taken this chunk. A caller
+            # that reports a chunk as delivered once the next is requested can trust that.
+            await ch.wait_acked()
     await ch.send_eof()
 
 

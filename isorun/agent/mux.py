@@ -40,6 +40,8 @@ class Channel:
         self._send_window = WINDOW  # data bytes we may still send the guest
         self._send_ready = asyncio.Event()
         self._send_ready.set()
+        self._all_acked = asyncio.Event()  # every byte we sent was consumed by the guest
+        self._all_acked.set()
         self.closed = False
 
     async def _deliver(self, frame: Frame | BaseException) -> None:
@@ -53,6 +55,8 @@ class Channel:
         self._send_window += n
         if self._send_window > 0:
             self._send_ready.set()
+        if self._send_window >= WINDOW:
+            self._all_acked.set()
 
     async def next(self) -> Frame:
         item = await self._queue.get()
@@ -82,6 +86,7 @@ class Channel:
                 await self._wait_or_closed(self._send_ready.wait())
             n = min(len(view), self._send_window, IO_CHUNK)
             self._send_window -= n
+            self._all_acked.clear()
             await self._conn._send(frames.encode(self.id, Kind.IN, bytes(view[:n])))
             view = view[n:]
 
@@ -95,6 +100,14 @@ class Channel:
                 if not t.done():
                     t.cancel()
         if not waiter.done() or waiter.cancelled():
+            raise self._conn.closed_error()
+
+    async def wait_acked(self) -> None:
+        """Wait until the guest has consumed (credited back) every byte sent so far: for
+        stdin, that it was written into the process's pipe."""
+        if not self._all_acked.is_set():
+            await self._wait_or_closed(self._all_acked.wait())
+        if self._send_window < WINDOW:  # woken by the connection closing, not by credit
             raise self._conn.closed_error()
 
     async def send_eof(self) -> None:
@@ -133,6 +146,9 @@ class AgentConnection:
         conn = cls(reader, writer)
         try:
             await conn.handshake(timeout)
+        except TimeoutError:
+            writer.close()
+            raise
         except OSError as exc:
             writer.close()
             raise ChannelClosedError(f"agent stream failed during hello: {exc}") from exc
@@ -259,6 +275,7 @@ class AgentConnection:
                 except asyncio.QueueFull:
                     ch._queue.get_nowait()
             ch._send_ready.set()
+            ch._all_acked.set()
         self._channels.clear()
         if self.on_close is not None:
             self.on_close(exc)

@@ -127,7 +127,7 @@ class MicroVM:
             console_r, console_w = await asyncio.open_unix_connection(str(run_dir / "console.sock"))
             vm.console.start(console_r, console_w)
             await vm._qmp.connect(run_dir / "qmp.sock")
-            conn = await AgentConnection.open_unix(str(run_dir / "agent.sock"), timeout=timeout)
+            conn = await _reconnect_agent(run_dir / "agent.sock", timeout)
         except BaseException:
             vm._supervisor.cancel()
             await vm._qmp.close()
@@ -380,6 +380,24 @@ class MicroVM:
             return (self.run_dir / "qemu.stderr").read_bytes()[-2000:].decode("utf-8", "replace")
         except OSError:
             return ""
+
+
+async def _reconnect_agent(path: Path, timeout: float) -> AgentConnection:
+    """Say hello to a running guest, reconnecting if it does not answer: the guest may not
+    yet have seen the previous host go away (seen ~1 time in 8 after a daemon restart), and a
+    fresh connection makes QEMU signal the port closed and open again."""
+    deadline = time.monotonic() + timeout
+    attempt = max(1.0, timeout / 4)
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return await AgentConnection.open_unix(str(path), timeout=min(attempt, max(0.1, left)))
+        except (TimeoutError, ChannelClosedError) as exc:
+            if time.monotonic() + 0.05 >= deadline:
+                raise VMError(
+                    f"the guest agent at {path} did not answer hello: {exc!r}", "agent"
+                ) from exc
+            await asyncio.sleep(0.05)
 
 
 def running_pid(run_dir: Path) -> int | None:

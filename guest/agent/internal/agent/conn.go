@@ -36,6 +36,7 @@ type Conn struct {
 
 	mu    sync.Mutex
 	chans map[uint32]*Channel
+	used  bool // a frame was dispatched: a later hello means a new host
 }
 
 // ServeConn runs the protocol on rw until the stream ends (EOF: no host) or
@@ -43,13 +44,39 @@ type Conn struct {
 // processes keep running. It is the whole agent minus PID 1 duties, so tests
 // drive it over a net.Pipe or socketpair.
 func (s *Server) ServeConn(rw io.ReadWriter) error {
-	c := &Conn{srv: s, w: rw, out: make(chan outFrame, 64), done: make(chan struct{}),
-		wdone: make(chan struct{}), chans: map[uint32]*Channel{}}
-	go c.writeLoop()
-	err := c.readLoop(bufio.NewReaderSize(rw, 2*MaxPayload))
-	c.close()
-	<-c.wdone // no frame of this connection may follow into the next one
-	return err
+	br := bufio.NewReaderSize(rw, 2*MaxPayload)
+	var first *Frame
+	for {
+		c := &Conn{srv: s, w: rw, out: make(chan outFrame, 64), done: make(chan struct{}),
+			wdone: make(chan struct{}), chans: map[uint32]*Channel{}}
+		go c.writeLoop()
+		err := c.serve(br, first)
+		c.close()
+		<-c.wdone // no frame of this connection may follow into the next one
+		var again *errNewHost
+		if !errors.As(err, &again) {
+			return err
+		}
+		// A hello on a used connection means a new host (e.g. a restarted daemon)
+		// whose predecessor's EOF the guest never saw: start clean, so the old
+		// host's channels cannot collide with the new host's channel ids.
+		first = &again.hello
+	}
+}
+
+// errNewHost carries the hello that starts a fresh connection.
+type errNewHost struct{ hello Frame }
+
+func (e *errNewHost) Error() string { return "new host connection" }
+
+func (c *Conn) serve(br *bufio.Reader, first *Frame) error {
+	if first != nil {
+		if err := c.dispatch(*first); err != nil {
+			return err
+		}
+		c.used = true
+	}
+	return c.readLoop(br)
 }
 
 func (c *Conn) close() { c.once.Do(func() { close(c.done) }) }
@@ -101,6 +128,10 @@ func (c *Conn) readLoop(br *bufio.Reader) error {
 		if err != nil {
 			return err
 		}
+		if f.Kind == KindReq && f.Chan == 0 && c.used {
+			return &errNewHost{hello: f}
+		}
+		c.used = true
 		if err := c.dispatch(f); err != nil {
 			return err
 		}

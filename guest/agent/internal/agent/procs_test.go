@@ -189,3 +189,23 @@ func TestHelloHealth(t *testing.T) {
 		t.Fatalf("%v", r.resp)
 	}
 }
+
+// A host that dies without the guest seeing EOF (a restarted daemon reconnects
+// first) must not leave channels behind: the new host's hello starts a fresh
+// connection, and its channel ids may repeat the old host's.
+func TestHelloFromANewHostDropsTheOldChannels(t *testing.T) {
+	c := newClient(t, nil)
+	c.call(0, map[string]any{"op": "hello", "nonce": "first"})
+	bg := c.call(1, map[string]any{"op": "exec", "cmd": "cat", "background": true, "stdin": true})
+	pid, _ := bg.resp["proc_id"].(string)
+	// Old host: an attach left open on channel 2 (it would wait for the process forever).
+	c.req(2, map[string]any{"op": "attach", "proc_id": pid, "stdin": true})
+	c.next(2, 5*time.Second) // the "attached" event
+	// New host, same stream, no EOF in between.
+	c.call(0, map[string]any{"op": "hello", "nonce": "second"})
+	r := c.call(2, map[string]any{"op": "health"})
+	if r.resp["ok"] != true || r.resp["version"] != Version {
+		t.Fatalf("channel 2 of the new host was not served: %v", r.resp)
+	}
+	c.call(3, map[string]any{"op": "kill", "proc_id": pid, "grace_ms": 100})
+}
