@@ -14,13 +14,14 @@ import (
 // client is a minimal host side for tests: it reads frames into per-channel
 // queues and credits OUT/ERR as it receives them (unless told not to).
 type client struct {
-	t      *testing.T
-	conn   net.Conn
-	mu     sync.Mutex
-	chans  map[uint32]chan Frame
-	credit bool
-	done   chan error
-	srv    *Server
+	t        *testing.T
+	conn     net.Conn
+	mu       sync.Mutex
+	chans    map[uint32]chan Frame
+	credit   bool
+	done     chan error
+	srv      *Server
+	finished bool
 }
 
 func socketpair(t *testing.T) (net.Conn, net.Conn) {
@@ -50,7 +51,12 @@ func newClient(t *testing.T, srv *Server) *client {
 		done: make(chan error, 1), srv: srv}
 	go func() { c.done <- srv.ServeConn(b); b.Close() }()
 	go c.readLoop()
-	t.Cleanup(func() { a.Close() })
+	t.Cleanup(func() {
+		c.mu.Lock()
+		c.finished = true // the reader must not log once the test is over
+		c.mu.Unlock()
+		a.Close()
+	})
 	return c
 }
 
@@ -70,7 +76,11 @@ func (c *client) readLoop() {
 	for {
 		f, err := fr.Read()
 		if err != nil {
-			c.t.Logf("client read: %v", err)
+			c.mu.Lock()
+			if !c.finished {
+				c.t.Logf("client read: %v", err)
+			}
+			c.mu.Unlock()
 			return
 		}
 		if c.credit && (f.Kind == KindOut || f.Kind == KindErr) {
