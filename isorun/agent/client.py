@@ -142,10 +142,13 @@ class AgentClient:
         pty: tuple[int, int] | None = None,
         tag: str | None = None,
         ring_bytes: int | None = None,
+        open_stdin: bool = False,
     ) -> tuple[str, int]:
-        """Start a background process; returns (proc_id, pid)."""
+        """Start a background process; returns (proc_id, pid). With `open_stdin` its stdin
+        is a pipe that `attach(..., stdin=...)` feeds later; otherwise /dev/null."""
         req = _exec_request(cmd, argv, env, cwd, user, timeout, pty, tag)
         req["background"] = True
+        req["stdin"] = open_stdin
         if ring_bytes is not None:
             req["ring_bytes"] = ring_bytes
         resp = await self._call_req(req)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 from isorun.agent import frames
@@ -133,7 +133,6 @@ class AgentConnection:
         self._close_error: BaseException | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self.hello: dict[str, Any] = {}
-        self.on_close: Callable[[BaseException], None] | None = None
 
     @classmethod
     async def open_unix(cls, path: str, timeout: float = 10.0) -> AgentConnection:
@@ -277,8 +276,6 @@ class AgentConnection:
             ch._send_ready.set()
             ch._all_acked.set()
         self._channels.clear()
-        if self.on_close is not None:
-            self.on_close(exc)
 
     async def close(self) -> None:
         if self._reader_task is not None:

@@ -514,18 +514,17 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         stdin: bool,
     ) -> tuple[str, int]:
         """Start a background process (with a stdin pipe when asked: docs/protocol.md exec)."""
-        fields: dict[str, Any] = {**what, "background": True, "stdin": stdin}
-        for k, v in (("env", env), ("cwd", cwd), ("user", user), ("tag", tag)):
-            if v:
-                fields[k] = v
-        if timeout:
-            fields["timeout_ms"] = max(1, int(timeout * 1000))
-        if pty is not None:
-            fields["pty"] = {"rows": pty[0], "cols": pty[1]}
-        resp = await live.vm.agent.call("exec", **fields)
-        proc_id, pid = resp.get("proc_id"), resp.get("pid")
-        if not isinstance(proc_id, str) or not isinstance(pid, int) or len(proc_id) > 64:
-            raise ApiError("the guest agent answered exec without a valid proc_id", status=502)
+        proc_id, pid = await live.vm.agent.spawn(
+            what.get("cmd"),
+            argv=what.get("argv"),
+            env=env or None,
+            cwd=cwd,
+            user=user,
+            timeout=timeout,
+            pty=pty,
+            tag=tag,
+            open_stdin=stdin,
+        )
         if stdin:
             pipes.prune(manager.live.keys())
             pipes.started_with_stdin(live.row.id, proc_id)

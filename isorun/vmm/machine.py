@@ -48,10 +48,16 @@ class VMUsage:
 class MicroVM:
     """A running guest. Create with `await MicroVM.boot(spec)`; end with `shutdown()`/`kill()`."""
 
-    def __init__(self, vm_id: str, spec: VMSpec, accel: accel_mod.AccelChoice):
+    def __init__(
+        self,
+        vm_id: str,
+        spec: VMSpec,
+        accel: accel_mod.AccelChoice,
+        run_dir: Path | None = None,
+    ):
         self.id = vm_id
         self.spec = spec
-        self.run_dir = state_root() / "vms" / vm_id
+        self.run_dir = run_dir or state_root() / "vms" / vm_id
         self.accel = accel
         self.boot_ms: float = 0.0
         self.started_at = time.monotonic()
@@ -115,10 +121,7 @@ class MicroVM:
         pid = running_pid(run_dir)
         if pid is None:
             raise VMError(f"VM {vm_id} is no longer running", "gone")
-        vm = cls(vm_id, spec, accel)
-        vm.run_dir = run_dir
-        vm.console = ConsoleLog(run_dir / "console.log", on_halt=vm._on_guest_halt)
-        vm.cgroup = VMCgroup(f"vm-{vm_id}")
+        vm = cls(vm_id, spec, accel, run_dir)
         vm.started_unix = started_unix
         vm.started_at = time.monotonic() - max(0.0, time.time() - started_unix)
         vm._proc = VMProcess(pid)
@@ -133,7 +136,6 @@ class MicroVM:
             await vm._qmp.close()
             await vm.console.stop()
             raise
-        conn.on_close = vm._on_agent_closed
         vm.agent = AgentClient(conn)
         return vm
 
@@ -248,7 +250,6 @@ class MicroVM:
             )
         exited.cancel()
         conn = hello_task.result()
-        conn.on_close = self._on_agent_closed
         self.agent = AgentClient(conn)
         self.boot_ms = (time.monotonic() - t0) * 1000
         try:
@@ -259,9 +260,6 @@ class MicroVM:
     def _on_guest_halt(self) -> None:
         if self._proc is not None:
             self._proc.kill()
-
-    def _on_agent_closed(self, exc: BaseException) -> None:
-        del exc  # the supervisor reports the VM's death; a closed channel alone is not one
 
     # --- supervision ---------------------------------------------------------------
 

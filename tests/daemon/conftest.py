@@ -1,32 +1,16 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from daemonhelpers import Daemon, assert_no_leaks
+from daemonfixtures import api, daemon, image
+from daemonhelpers import Daemon
 
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory, busybox_rootfs: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("isorund"), ISORUN_DEFAULT_MEMORY_MIB="256").start()
-    try:
-        yield d
-    finally:
-        with d.client() as c:
-            for sb in c.get("/v1/sandboxes").json().get("sandboxes", []):
-                c.delete(f"/v1/sandboxes/{sb['id']}")
-        d.stop()
-        assert_no_leaks(d)
-
-
-@pytest.fixture(scope="module")
-def image(busybox_rootfs: Path) -> str:
-    return f"rootfs:{busybox_rootfs}"
+__all__ = ["api", "daemon", "image"]
 
 
 @pytest.fixture(scope="module")

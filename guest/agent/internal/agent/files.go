@@ -44,11 +44,7 @@ func fileMode(m *int64, def os.FileMode) (os.FileMode, error) {
 }
 
 func opReadFile(s *Server, ch *Channel, raw []byte) (any, error) {
-	var r fileReq
-	if err := decode(raw, &r); err != nil {
-		return nil, err
-	}
-	path, err := absPath("path", r.Path)
+	r, path, err := decodePathReq(raw)
 	if err != nil {
 		return nil, err
 	}
@@ -221,11 +217,7 @@ func entry(path string, fi os.FileInfo) map[string]any {
 }
 
 func opStat(s *Server, ch *Channel, raw []byte) (any, error) {
-	var r fileReq
-	if err := decode(raw, &r); err != nil {
-		return nil, err
-	}
-	path, err := absPath("path", r.Path)
+	_, path, err := decodePathReq(raw)
 	if err != nil {
 		return nil, err
 	}
@@ -241,11 +233,7 @@ func opStat(s *Server, ch *Channel, raw []byte) (any, error) {
 }
 
 func opList(s *Server, ch *Channel, raw []byte) (any, error) {
-	var r fileReq
-	if err := decode(raw, &r); err != nil {
-		return nil, err
-	}
-	path, err := absPath("path", r.Path)
+	r, path, err := decodePathReq(raw)
 	if err != nil {
 		return nil, err
 	}
@@ -340,11 +328,7 @@ func (l *lister) walk(dir string, depth int) error {
 }
 
 func opMkdir(s *Server, ch *Channel, raw []byte) (any, error) {
-	var r fileReq
-	if err := decode(raw, &r); err != nil {
-		return nil, err
-	}
-	path, err := absPath("path", r.Path)
+	r, path, err := decodePathReq(raw)
 	if err != nil {
 		return nil, err
 	}
@@ -367,11 +351,7 @@ func opMkdir(s *Server, ch *Channel, raw []byte) (any, error) {
 }
 
 func opRemove(s *Server, ch *Channel, raw []byte) (any, error) {
-	var r fileReq
-	if err := decode(raw, &r); err != nil {
-		return nil, err
-	}
-	path, err := absPath("path", r.Path)
+	r, path, err := decodePathReq(raw)
 	if err != nil {
 		return nil, err
 	}
@@ -413,4 +393,14 @@ func opRename(s *Server, ch *Channel, raw []byte) (any, error) {
 		return nil, err
 	}
 	return ok(), nil
+}
+
+// decodePathReq decodes a file request and checks its "path" field.
+func decodePathReq(raw []byte) (fileReq, string, error) {
+	var r fileReq
+	if err := decode(raw, &r); err != nil {
+		return r, "", err
+	}
+	path, err := absPath("path", r.Path)
+	return r, path, err
 }

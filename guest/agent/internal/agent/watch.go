@@ -10,11 +10,7 @@ import (
 const maxWatchDirs = 8192
 
 func opWatch(s *Server, ch *Channel, raw []byte) (any, error) {
-	var r fileReq
-	if err := decode(raw, &r); err != nil {
-		return nil, err
-	}
-	path, err := absPath("path", r.Path)
+	r, path, err := decodePathReq(raw)
 	if err != nil {
 		return nil, err
 	}
