@@ -18,7 +18,7 @@ apt-get update -q
 # QEMU 10 (bookworm's own is 7.2; DESIGN.md §4 measures 10).
 apt-get install -y -q -t bookworm-backports qemu-system-x86 qemu-utils
 apt-get install -y -q \
-  linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev \
+  linux-source-6.1 build-essential patch flex bison bc libelf-dev libssl-dev \
   cpio busybox-static e2fsprogs util-linux passwd python3-venv
 command -v go >/dev/null || apt-get install -y -q golang-go
 if [ -x "$(dirname "$0")/install-deps-images.sh" ]; then "$(dirname "$0")/install-deps-images.sh"; fi

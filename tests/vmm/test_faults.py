@@ -136,3 +136,20 @@ async def test_detached_vm_keeps_running_and_can_be_adopted(busybox_rootfs: Path
     assert again.death_reason is not None
     assert usage.uptime_ms > 0
     assert_vm_gone(again)
+
+
+async def test_two_vcpus_boot_and_keep_time(busybox_rootfs: Path) -> None:
+    # Under TCG the guest's tick comes from the PIT (noapictimer): with two vCPUs it is
+    # broadcast, and sleeps must still end on time on either CPU.
+    vm = await MicroVM.boot(vm_spec(busybox_rootfs, vcpus=2))
+    try:
+        r = await vm.agent.exec("nproc; for c in 0 1; do taskset -c $c sleep 0.5 & done; wait")
+        assert r.exit_code == 0, r.stderr
+        assert r.stdout == b"2\n"
+        t0 = asyncio.get_running_loop().time()
+        r = await vm.agent.exec("sleep 1")
+        assert r.exit_code == 0
+        assert 0.9 < asyncio.get_running_loop().time() - t0 < 10
+    finally:
+        await vm.kill()
+    assert_vm_gone(vm)
