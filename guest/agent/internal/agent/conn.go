@@ -131,6 +131,7 @@ func (c *Conn) readLoop(br *bufio.Reader) error {
 		if f.Kind == KindReq && f.Chan == 0 && c.used {
 			return &errNewHost{hello: f}
 		}
+		<-c.srv.ready
 		c.used = true
 		if err := c.dispatch(f); err != nil {
 			return err

@@ -6,6 +6,8 @@ import (
 	"io"
 	"os"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Main is the agent entry point. As PID 1 it sets the guest up and serves
@@ -43,6 +45,7 @@ func (s stdio) Read(p []byte) (int, error)  { return s.r.Read(p) }
 func (s stdio) Write(p []byte) (int, error) { return s.w.Write(p) }
 
 func runPID1(start time.Time) {
+	boot := newBootClock(start)
 	console := initSystem()
 	cmdline, _ := os.ReadFile("/proc/cmdline")
 	if cmdlineParam(string(cmdline), "isorun.trace") != "" {
@@ -50,44 +53,58 @@ func runPID1(start time.Time) {
 			fmt.Fprintf(console, "isorun-agent: +%v "+f+"\n", append([]any{time.Since(start)}, a...)...)
 		}
 	}
-	t := func(what string) { trace("%s", what) }
-	t("init")
+	boot.Mark("init")
 	s := NewServer(start)
 	s.Log = console
 	s.Shutdown = powerOff
+	s.Boot = boot
 	s.Procs.StartReaper()
-	// Find and open the port while the root is being mounted: both wait on the
-	// kernel (device probing, ext4 mounts), so overlapping them shortens boot. An
-	// fd opened before switch_root stays valid after /dev is moved.
-	portCh := make(chan *os.File, 1)
+	ready := s.HoldRequests()
+	// Serve the port as soon as it exists, while the root is being mounted: the
+	// host's hello is read (QEMU hands it over only once the port is open, which
+	// takes a few round trips) in the meantime and answered the moment the root
+	// is ready. An fd opened before switch_root stays valid after /dev is moved.
 	go func() {
-		var port *os.File
-		for warned := false; port == nil; {
-			dev, err := findPort(PortName, 5*time.Second)
-			if err == nil {
-				port, err = os.OpenFile(dev, os.O_RDWR, 0)
-			}
-			if err != nil && !warned {
-				s.logf("%v; still waiting", err)
-				warned = true
-			}
-		}
-		portCh <- port
+		port := openPort(s)
+		boot.Mark("port")
+		s.ServePort(port)
 	}()
 	if err := setupRoot(string(cmdline)); err != nil {
 		s.RootError = err.Error()
 		s.logf("root filesystem: %v (serving from the initramfs)", err)
 	}
-	t("root")
+	boot.Mark("root")
 	go func() {
 		if err := loopbackUp(); err != nil {
 			s.logf("lo: %v", err)
 		}
 	}()
-	port := <-portCh
-	t("port")
+	ready()
 	s.logf("ready")
-	s.ServePort(port)
-	s.logf("port loop ended; powering off")
-	powerOff("poweroff")
+	select {} // PID 1 never returns; ServePort serves until power-off
+}
+
+// openPort waits (forever: without it the guest is unreachable) for the
+// agent's virtio-serial port and opens it.
+func openPort(s *Server) *os.File {
+	for warned := false; ; {
+		dev, err := findPort(PortName, 5*time.Second)
+		if err == nil {
+			var port *os.File
+			if port, err = os.OpenFile(dev, os.O_RDWR, 0); err == nil {
+				return port
+			}
+		}
+		if !warned {
+			s.logf("%v; still waiting", err)
+			warned = true
+		}
+	}
+}
+
+// uptimeMS is the guest's CLOCK_MONOTONIC: the time since the kernel started.
+func uptimeMS() int64 {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return ts.Sec*1000 + ts.Nsec/1_000_000
 }

@@ -209,3 +209,31 @@ func TestHelloFromANewHostDropsTheOldChannels(t *testing.T) {
 	}
 	c.call(3, map[string]any{"op": "kill", "proc_id": pid, "grace_ms": 100})
 }
+
+// While the guest is being set up the agent reads the host's hello but
+// answers only once released; then it reports the boot steps it timed.
+func TestHeldRequestsAreAnsweredOnRelease(t *testing.T) {
+	srv := NewServer(time.Now())
+	srv.Boot = newBootClock(srv.Start)
+	release := srv.HoldRequests()
+	c := newClient(t, srv)
+	c.req(0, map[string]any{"op": "hello", "nonce": "early"})
+	select {
+	case f := <-c.q(0):
+		t.Fatalf("answered before release: %s", f.Payload)
+	case <-time.After(200 * time.Millisecond):
+	}
+	srv.Boot.Mark("root")
+	release()
+	r := c.wait(0, 5*time.Second)
+	if r.resp["nonce"] != "early" {
+		t.Fatalf("%v", r.resp)
+	}
+	phases, _ := r.resp["boot_phases_ms"].(map[string]any)
+	if _, ok := phases["root"]; !ok {
+		t.Fatalf("boot_phases_ms lacks the marked step: %v", r.resp)
+	}
+	if num(phases["agent_start_uptime"]) < 0 {
+		t.Fatalf("agent_start_uptime negative: %v", phases)
+	}
+}

@@ -106,17 +106,25 @@ func setupRoot(cmdline string) (err error) {
 		if err := waitFor(scratch, devWait); err != nil {
 			return err
 		}
-		if err := mount(scratch, scratchDir, "ext4", unix.MS_NOATIME, ""); err != nil {
+		// no lazy-init thread competing with the boot for the vCPU: the template's
+		// inode tables are zeroed already and block bitmaps load on first use
+		if err := mount(scratch, scratchDir, "ext4", unix.MS_NOATIME, "noinit_itable,no_prefetch_block_bitmaps"); err != nil {
 			return err
 		}
 	} else if err := mount("scratch", scratchDir, "tmpfs", 0, "mode=0755"); err != nil {
 		return err
 	}
+	// The host's scratch template holds upper and work already (an older or
+	// foreign disk may not). The merged root takes its owner and mode from
+	// upper, so give it the image root's.
 	upper, work := scratchDir+"/upper", scratchDir+"/work"
 	for _, d := range []string{upper, work} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return err
 		}
+	}
+	if err := matchOwnerAndMode(upper, imageDir); err != nil {
+		return err
 	}
 	opts := "lowerdir=" + imageDir + ",upperdir=" + upper + ",workdir=" + work
 	if err := mount("overlay", newRoot, "overlay", 0, opts); err != nil {
@@ -151,5 +159,27 @@ func setupRoot(cmdline string) (err error) {
 		return fmt.Errorf("switch_root: chroot: %w", err)
 	}
 	_ = os.Chdir("/")
+	return nil
+}
+
+// matchOwnerAndMode gives dst the owner and permission bits of src.
+func matchOwnerAndMode(dst, src string) error {
+	var want, have unix.Stat_t
+	if err := unix.Stat(src, &want); err != nil {
+		return err
+	}
+	if err := unix.Stat(dst, &have); err != nil {
+		return err
+	}
+	if have.Uid != want.Uid || have.Gid != want.Gid {
+		if err := unix.Chown(dst, int(want.Uid), int(want.Gid)); err != nil {
+			return fmt.Errorf("chown %s: %w", dst, err)
+		}
+	}
+	if have.Mode&0o7777 != want.Mode&0o7777 {
+		if err := unix.Chmod(dst, want.Mode&0o7777); err != nil {
+			return fmt.Errorf("chmod %s: %w", dst, err)
+		}
+	}
 	return nil
 }

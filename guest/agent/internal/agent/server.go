@@ -19,6 +19,10 @@ type Server struct {
 	Start     time.Time
 	Procs     *ProcTable
 	RootError string
+	// Boot times the guest's boot steps for hello (nil outside PID 1).
+	Boot *bootClock
+	// ready is closed once requests may run (see HoldRequests).
+	ready chan struct{}
 	// Log receives console messages (nil: discarded).
 	Log io.Writer
 	// Shutdown powers off or reboots (PID 1 only; nil means unsupported).
@@ -32,7 +36,54 @@ type Server struct {
 
 // NewServer returns a server whose uptime counts from start.
 func NewServer(start time.Time) *Server {
-	return &Server{Start: start, Procs: NewProcTable()}
+	ready := make(chan struct{})
+	close(ready)
+	return &Server{Start: start, Procs: NewProcTable(), ready: ready}
+}
+
+// HoldRequests makes every request, hello included, wait until the returned
+// function is called: the agent reads from the host while the guest is still
+// being set up but answers only once it is. Call it before serving.
+func (s *Server) HoldRequests() (release func()) {
+	ch := make(chan struct{})
+	s.ready = ch
+	return func() { close(ch) }
+}
+
+// bootClock records when each boot step ended, in ms since the agent started,
+// and the guest's uptime at that start (the kernel's boot plus the Go
+// runtime's own start).
+type bootClock struct {
+	mu    sync.Mutex
+	start time.Time
+	ms    map[string]int64
+}
+
+func newBootClock(start time.Time) *bootClock {
+	return &bootClock{start: start, ms: map[string]int64{
+		"agent_start_uptime": uptimeMS() - time.Since(start).Milliseconds()}}
+}
+
+// Mark records that step ended now.
+func (b *bootClock) Mark(step string) {
+	b.mu.Lock()
+	b.ms[step] = time.Since(b.start).Milliseconds()
+	b.mu.Unlock()
+	trace("%s", step)
+}
+
+// Snapshot copies the times so far (nil for a nil clock).
+func (b *bootClock) Snapshot() map[string]int64 {
+	if b == nil {
+		return nil
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	m := make(map[string]int64, len(b.ms))
+	for k, v := range b.ms {
+		m[k] = v
+	}
+	return m
 }
 
 func (s *Server) logf(format string, a ...any) {

@@ -29,7 +29,7 @@ func opHello(s *Server, ch *Channel, raw []byte) (any, error) {
 	}
 	ch.closeIn()
 	return ok("nonce", r.Nonce, "version", Version, "protocol", 1,
-		"boot_ms", time.Since(s.Start).Milliseconds()), nil
+		"boot_ms", time.Since(s.Start).Milliseconds(), "boot_phases_ms", s.Boot.Snapshot()), nil
 }
 
 func opHealth(s *Server, ch *Channel, raw []byte) (any, error) {
