@@ -1,11 +1,15 @@
 """Boot to agent-ready vs bare QEMU booting the same kernel to a trivial init.
 
 Both sides run in the same process, interleaved, on the same kernel and QEMU flags:
-- baseline: QEMU with our kernel and an initramfs whose /init is a static program that
-  prints READY on the serial console (no disks, no jail, no agent);
+- baselines: QEMU with our kernel and an initramfs whose /init is a static program that
+  prints READY on the serial console (no disks, no jail, no agent): one in Go (the agent's
+  language, so the ratio shows what isorun adds beyond starting a Go program) and one in C
+  (the smallest init there is: the Go runtime's own start-up is then on isorun's side);
 - isorun: MicroVM.boot() with the busybox rootfs (jail, cgroup, two disks, overlay root,
   agent answering hello) and MicroVM.boot() without a rootfs.
-Prints JSON lines and the ratio of medians. Under TCG here; never a KVM number.
+Prints JSON lines, the ratios of medians and the agent's own split of its boot (guest
+uptime when it started, then ms from its start to each step). Under TCG here; never a KVM
+number.
 """
 
 from __future__ import annotations
@@ -28,23 +32,32 @@ from vmhelpers import build_busybox_rootfs
 from isorun.vmm import MicroVM, VMSpec, accel, artifacts, qemu_cmd
 
 RUNS = int(os.environ.get("BENCH_RUNS", "7"))
-TRIVIAL_INIT = """package main
+TRIVIAL_GO_INIT = """package main
 import "os"
 func main() { os.Stdout.Write([]byte("READY\\n")); select {} }
 """
+TRIVIAL_C_INIT = """#include <unistd.h>
+int main(void) { write(1, "READY\\n", 6); for (;;) pause(); }
+"""
 
 
-def trivial_initramfs(work: Path) -> Path:
-    src = work / "src"
+def trivial_initramfs(work: Path, lang: str) -> Path:
+    src = work / f"src-{lang}"
     src.mkdir()
-    (src / "main.go").write_text(TRIVIAL_INIT)
-    (src / "go.mod").write_text("module trivial\ngo 1.21\n")
-    root = work / "root"
+    root = work / f"root-{lang}"
     (root / "dev").mkdir(parents=True)
-    env = {**os.environ, "CGO_ENABLED": "0"}
-    subprocess.run(["go", "build", "-o", str(root / "init"), "."], cwd=src, env=env, check=True)
+    if lang == "go":
+        (src / "main.go").write_text(TRIVIAL_GO_INIT)
+        (src / "go.mod").write_text("module trivial\ngo 1.21\n")
+        env = {**os.environ, "CGO_ENABLED": "0"}
+        build = ["go", "build", "-o", str(root / "init"), "."]
+        subprocess.run(build, cwd=src, env=env, check=True)
+    else:
+        (src / "init.c").write_text(TRIVIAL_C_INIT)
+        build = ["cc", "-static", "-O2", "-o", str(root / "init"), str(src / "init.c")]
+        subprocess.run(build, check=True)
     subprocess.run(["mknod", "-m", "600", str(root / "dev/console"), "c", "5", "1"], check=True)
-    out = work / "trivial.cpio"
+    out = work / f"trivial-{lang}.cpio"
     files = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
     with open(out, "wb") as f:
         subprocess.run(
@@ -86,7 +99,7 @@ def bare_boot(kernel: Path, initramfs: Path, accel_name: str) -> float:
                 "-initrd",
                 str(initramfs),
                 "-append",
-                qemu_cmd.kernel_cmdline(False, ""),
+                qemu_cmd.kernel_cmdline(False, "", accel_name),
                 "-chardev",
                 f"socket,id=c,fd={lsock.fileno()},server=on,wait=off",
                 "-serial",
@@ -109,20 +122,27 @@ def bare_boot(kernel: Path, initramfs: Path, accel_name: str) -> float:
         return elapsed
 
 
-AGENT_MS: dict[bool, list[float]] = {True: [], False: []}
+# The agent's own account of its boot, per run: {"boot_ms": …, "agent_start_uptime": …, …}
+AGENT_PHASES: dict[bool, list[dict[str, float]]] = {True: [], False: []}
 
 
 async def isorun_boot(rootfs: Path | None) -> float:
     t0 = time.monotonic()
     vm = await MicroVM.boot(VMSpec(rootfs=rootfs, memory_mib=256, scratch_mib=256))
     elapsed = time.monotonic() - t0
-    # The agent's own clock from its start (PID 1 exec) to answering hello: the part of the
-    # gap to the bare boot that the guest agent spends (mounts, finding its port).
-    boot_ms = vm.agent.conn.hello.get("boot_ms")
-    if isinstance(boot_ms, int | float):
-        AGENT_MS[rootfs is not None].append(float(boot_ms))
+    hello = vm.agent.conn.hello
+    phases = hello.get("boot_phases_ms")
+    if isinstance(hello.get("boot_ms"), int | float) and isinstance(phases, dict):
+        row = {k: float(v) for k, v in phases.items() if isinstance(v, int | float)}
+        row["hello"] = float(hello["boot_ms"])
+        AGENT_PHASES[rootfs is not None].append(row)
     await vm.kill()
     return elapsed
+
+
+def phase_medians(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for r in rows for k in r})
+    return {k: statistics.median([r[k] for r in rows if k in r]) for k in keys}
 
 
 def summary(name: str, xs: list[float]) -> dict[str, object]:
@@ -141,34 +161,45 @@ async def main() -> None:
     choice = accel.detect()
     rootfs = build_busybox_rootfs()
     with tempfile.TemporaryDirectory() as tmp:
-        trivial = trivial_initramfs(Path(tmp))
-        bare, full, noroot = [], [], []
+        trivial_go = trivial_initramfs(Path(tmp), "go")
+        trivial_c = trivial_initramfs(Path(tmp), "c")
+        bare_go: list[float] = []
+        bare_c: list[float] = []
+        full: list[float] = []
+        noroot: list[float] = []
         await isorun_boot(rootfs)  # warm caches (scratch template, page cache)
         for _ in range(RUNS):
-            bare.append(bare_boot(kernel, trivial, choice.name))
+            bare_go.append(bare_boot(kernel, trivial_go, choice.name))
+            bare_c.append(bare_boot(kernel, trivial_c, choice.name))
             full.append(await isorun_boot(rootfs))
             noroot.append(await isorun_boot(None))
     rows = [
-        summary("bare_qemu_trivial_init", bare),
+        summary("bare_qemu_trivial_go_init", bare_go),
+        summary("bare_qemu_trivial_c_init", bare_c),
         summary("isorun_boot_rootfs", full),
         summary("isorun_boot_initramfs_only", noroot),
     ]
     for r in rows:
         print(json.dumps({"accel": choice.name, **r}))
-    base = statistics.median(bare)
-    print(
-        json.dumps(
-            {
-                "accel": choice.name,
-                "ratio_rootfs_vs_bare": round(statistics.median(full) / base, 3),
-                "ratio_initramfs_only_vs_bare": round(statistics.median(noroot) / base, 3),
-                "agent_start_to_ready_ms_rootfs": statistics.median(AGENT_MS[True] or [0.0]),
-                "agent_start_to_ready_ms_initramfs_only": statistics.median(
-                    AGENT_MS[False] or [0.0]
-                ),
-            }
+    go, c = statistics.median(bare_go), statistics.median(bare_c)
+    rootfs_s, noroot_s = statistics.median(full), statistics.median(noroot)
+    ratios = {
+        "ratio_rootfs_vs_bare_go": round(rootfs_s / go, 3),
+        "ratio_initramfs_only_vs_bare_go": round(noroot_s / go, 3),
+        "ratio_rootfs_vs_bare_c": round(rootfs_s / c, 3),
+        "ratio_initramfs_only_vs_bare_c": round(noroot_s / c, 3),
+    }
+    print(json.dumps({"accel": choice.name, **ratios}))
+    for with_root, name in ((True, "rootfs"), (False, "initramfs_only")):
+        print(
+            json.dumps(
+                {
+                    "accel": choice.name,
+                    "agent_phases_ms": name,
+                    **phase_medians(AGENT_PHASES[with_root]),
+                }
+            )
         )
-    )
 
 
 if __name__ == "__main__":
