@@ -1,10 +1,10 @@
 package agent
 
 import (
-	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
 	"io"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -139,9 +139,13 @@ func writeFile(ch *Channel, r *fileReq) (any, error) {
 		f, err = os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, mode)
 	} else {
 		// write beside the target and rename, so a failed write leaves the
-		// old file intact
+		// old file intact. The name need not be unguessable (O_EXCL refuses
+		// anything already there, a planted symlink included), so math/rand:
+		// crypto/rand would add its FIPS self-checks to every boot.
 		var rnd [6]byte
-		_, _ = rand.Read(rnd[:])
+		for i := range rnd {
+			rnd[i] = byte(rand.Uint32())
+		}
 		tmp = filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".isorun-"+hex.EncodeToString(rnd[:]))
 		f, err = os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
 	}
