@@ -47,7 +47,8 @@ class VMCgroup:
             c: self.root / c / GROUP / self.name for c in V1_CONTROLLERS if (self.root / c).is_dir()
         }
 
-    def create(self, memory_bytes: int, vcpus: int, max_pids: int = 4096) -> None:
+    def create(self, memory_bytes: int, cpus: float, max_pids: int = 4096) -> None:
+        """Limit the group to `memory_bytes` and `cpus` CPUs' worth of time per period."""
         if self.v2:
             parent = self.root / GROUP
             parent.mkdir(exist_ok=True)
@@ -59,19 +60,20 @@ class VMCgroup:
             d.mkdir(parents=True, exist_ok=True)
         dirs = self._dirs()
         period = 100_000
+        quota = max(1000, round(cpus * period))
         if self.v2:
             d = dirs["unified"]
             _write(d / "memory.max", str(memory_bytes))
             with contextlib.suppress(OSError):
                 _write(d / "memory.swap.max", "0")
-            _write(d / "cpu.max", f"{vcpus * period} {period}")
+            _write(d / "cpu.max", f"{quota} {period}")
             _write(d / "pids.max", str(max_pids))
             return
         if "memory" in dirs:
             _write(dirs["memory"] / "memory.limit_in_bytes", str(memory_bytes))
         if "cpu" in dirs:
             _write(dirs["cpu"] / "cpu.cfs_period_us", str(period))
-            _write(dirs["cpu"] / "cpu.cfs_quota_us", str(vcpus * period))
+            _write(dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
         if "pids" in dirs:
             _write(dirs["pids"] / "pids.max", str(max_pids))
 

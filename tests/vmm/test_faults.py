@@ -117,6 +117,16 @@ async def test_qemu_runs_jailed(vm: MicroVM) -> None:
     limit_files += [f.parent / "memory.max" for f in vm.cgroup.procs_files()]
     limits = [int(f.read_text()) for f in limit_files if f.exists()]
     assert limits and all(256 * 2**20 < x < 1024 * 2**20 for x in limits)
+    # CPU: its vCPU plus a little for QEMU's own threads, never a second whole core.
+    quotas = []
+    for d in (f.parent for f in vm.cgroup.procs_files()):
+        if (d / "cpu.max").exists():
+            quota, period = (d / "cpu.max").read_text().split()
+            quotas.append(int(quota) / int(period))
+        elif (d / "cpu.cfs_quota_us").exists():
+            quota_us = int((d / "cpu.cfs_quota_us").read_text())
+            quotas.append(quota_us / int((d / "cpu.cfs_period_us").read_text()))
+    assert quotas and all(vm.spec.vcpus < q < vm.spec.vcpus + 1 for q in quotas)
 
 
 async def test_detached_vm_keeps_running_and_can_be_adopted(busybox_rootfs: Path) -> None:
