@@ -113,9 +113,9 @@ func uptimeMS() int64 {
 
 // primeRequestPath runs a hello's decoding and encoding once, off the wire.
 // Under TCG the first run of any code is translated first, and encoding/json
-// builds its type caches on first use: together 30-90 ms here. Done while the
-// root is still mounting (the vCPU mostly waits for disk reads then), it is
-// not paid after the root is ready, when the host's hello is waiting.
+// builds its type caches on first use: together 30-90 ms here, paid before
+// the first answer either way. Done while the root is still mounting, it
+// fills the vCPU's waits for disk reads instead of following "root ready".
 func primeRequestPath(s *Server) {
 	raw := []byte(`{"op":"hello","nonce":"00"}`)
 	var head struct {
