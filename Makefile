@@ -28,6 +28,7 @@ guest:
 
 lint: venv
 	$(VENV)/bin/ruff check isorun tests bench
+	$(VENV)/bin/ruff format --check isorun tests bench
 	$(VENV)/bin/mypy isorun
 
 test-go:

@@ -26,9 +26,25 @@ from isorun.sdk import (
 )
 
 __all__ = [
-    "ApiError", "AsyncImages", "AsyncProcess", "AsyncPty", "AsyncSandbox", "AuthError",
-    "CapacityError", "CommandFailed", "DaemonUnavailable", "ExecResult", "FileInfo", "Images",
-    "IsorunError", "NotFoundError", "Process", "ProcessInfo", "Pty", "PullProgress", "Sandbox",
+    "ApiError",
+    "AsyncImages",
+    "AsyncProcess",
+    "AsyncPty",
+    "AsyncSandbox",
+    "AuthError",
+    "CapacityError",
+    "CommandFailed",
+    "DaemonUnavailable",
+    "ExecResult",
+    "FileInfo",
+    "Images",
+    "IsorunError",
+    "NotFoundError",
+    "Process",
+    "ProcessInfo",
+    "Pty",
+    "PullProgress",
+    "Sandbox",
     "SandboxEndedError",
     "__version__",
 ]

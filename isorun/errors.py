@@ -41,4 +41,3 @@ class VMError(IsorunError):
 
 class BootTimeout(VMError):
     """The guest did not become ready before its deadline."""
-

@@ -712,8 +712,9 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
     def _image_ref(request: Request) -> str:
         ref = request.query_params.get("ref", "")
         if not ref or len(ref) > 1024:
-            raise ApiError("give the image as ?ref=NAME (at most 1024 characters)", status=422,
-                           code="invalid")
+            raise ApiError(
+                "give the image as ?ref=NAME (at most 1024 characters)", status=422, code="invalid"
+            )
         return ref
 
     async def inspect_image(request: Request, tenant: str) -> Any:
@@ -727,8 +728,13 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         return {
             **image_json(img),
             "in_use": bool(manager.images.holders(img.digest)),
-            "config": {"env": c.env, "working_dir": c.working_dir, "user": c.user,
-                       "entrypoint": c.entrypoint, "cmd": c.cmd},
+            "config": {
+                "env": c.env,
+                "working_dir": c.working_dir,
+                "user": c.user,
+                "entrypoint": c.entrypoint,
+                "cmd": c.cmd,
+            },
         }
 
     async def remove_image(request: Request, tenant: str) -> Any:

@@ -1,8 +1,8 @@
 """OCI images and templates → read-only ext4 root filesystems, cached by digest.
 
-    store = ImageStore(root=Path("/var/lib/isorun/images"))
-    img = await store.ensure("python")        # or "alpine:3.20", "host:5000/x@sha256:…",
-    img.rootfs, img.digest, img.config        # "oci-layout:/dir:tag", "docker-archive:/x.tar"
+store = ImageStore(root=Path("/var/lib/isorun/images"))
+img = await store.ensure("python")        # or "alpine:3.20", "host:5000/x@sha256:…",
+img.rootfs, img.digest, img.config        # "oci-layout:/dir:tag", "docker-archive:/x.tar"
 """
 
 from isorun.images.config import Credentials, ImageConfig, StoreConfig

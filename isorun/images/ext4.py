@@ -19,8 +19,8 @@ HEADROOM_FIXED = 16 * MiB
 
 @dataclass(frozen=True)
 class TreeSize:
-    data_bytes: int     # bytes of blocks the content needs (files, dirs, long symlinks)
-    inodes: int         # distinct inodes (hard links counted once)
+    data_bytes: int  # bytes of blocks the content needs (files, dirs, long symlinks)
+    inodes: int  # distinct inodes (hard links counted once)
 
     def image_bytes(self) -> int:
         meta = self.inodes * 256 + (self.data_bytes // BLOCK) * 8
@@ -65,22 +65,50 @@ async def make_ext4(tree: Path, out: Path, size: TreeSize, *, timeout: float) ->
     for attempt in range(3):
         out.unlink(missing_ok=True)
         res = await proc.run(
-            ["mkfs.ext4", "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-m", "0",
-             "-N", str(inodes), "-O", "^has_journal,^resize_inode", "-L", "isorun-rootfs",
-             "-E", "lazy_itable_init=0,root_owner=0:0", "-d", str(tree), str(out),
-             f"{image_bytes // 1024}k"],
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-b",
+                str(BLOCK),
+                "-m",
+                "0",
+                "-N",
+                str(inodes),
+                "-O",
+                "^has_journal,^resize_inode",
+                "-L",
+                "isorun-rootfs",
+                "-E",
+                "lazy_itable_init=0,root_owner=0:0",
+                "-d",
+                str(tree),
+                str(out),
+                f"{image_bytes // 1024}k",
+            ],
             timeout=timeout,
         )
         if res.returncode == 0:
             await asyncio.to_thread(os.chmod, out, 0o444)
             return image_bytes
         low = res.stderr.lower()
-        if "no space left on device" in low and "could not allocate" not in low \
-                and "filesystem" not in low:
-            raise StoreFullError("disk full while writing the ext4 image: free space in the "
-                                 f"image store and retry ({proc.tail(res.stderr, 2)})")
-        if attempt < 2 and ("could not allocate" in low or "no free space" in low
-                            or "no space left" in low or "inode" in low):
+        if (
+            "no space left on device" in low
+            and "could not allocate" not in low
+            and "filesystem" not in low
+        ):
+            raise StoreFullError(
+                "disk full while writing the ext4 image: free space in the "
+                f"image store and retry ({proc.tail(res.stderr, 2)})"
+            )
+        if attempt < 2 and (
+            "could not allocate" in low
+            or "no free space" in low
+            or "no space left" in low
+            or "inode" in low
+        ):
             image_bytes = int(image_bytes * 1.5)
             inodes = int(inodes * 1.5)
             continue

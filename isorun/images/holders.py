@@ -16,8 +16,10 @@ _HOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 
 def check_holder(holder_id: str) -> str:
     if not _HOLDER.match(holder_id):
-        raise ImageError(f"invalid holder id {holder_id!r}: use 1-128 letters, digits and "
-                         "'_.:@-', starting with a letter or digit")
+        raise ImageError(
+            f"invalid holder id {holder_id!r}: use 1-128 letters, digits and "
+            "'_.:@-', starting with a letter or digit"
+        )
     return holder_id
 
 

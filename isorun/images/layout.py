@@ -72,7 +72,8 @@ class Layout:
             if layer.get("mediaType") not in SUPPORTED:
                 raise UnsupportedImageError(
                     f"layer {layer.get('digest')} has media type {layer.get('mediaType')!r}; "
-                    f"supported: {', '.join(SUPPORTED)}")
+                    f"supported: {', '.join(SUPPORTED)}"
+                )
         os_ = cfg.get("os", "linux")
         if os_ != "linux":
             raise UnsupportedImageError(f"image is built for os {os_!r}; only linux images run")
@@ -94,8 +95,10 @@ class Layout:
             src = self.blob_path(layer["digest"])
             digest, size = await asyncio.to_thread(self._decompress, src)
             if i < len(diff_ids) and diff_ids[i] != digest:
-                raise ImageCorruptError(f"zstd layer {layer['digest']} decompresses to {digest}, "
-                                        f"but the image config says {diff_ids[i]}")
+                raise ImageCorruptError(
+                    f"zstd layer {layer['digest']} decompresses to {digest}, "
+                    f"but the image config says {diff_ids[i]}"
+                )
             layer["mediaType"] = LAYER_TAR
             layer["digest"] = digest
             layer["size"] = size
@@ -126,8 +129,10 @@ class Layout:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno == 28:
-                raise StoreFullError("disk full while decompressing a zstd layer: free space "
-                                     "in the image store and retry") from exc
+                raise StoreFullError(
+                    "disk full while decompressing a zstd layer: free space "
+                    "in the image store and retry"
+                ) from exc
             raise
         digest = "sha256:" + h.hexdigest()
         os.replace(tmp, self.blob_path(digest))

@@ -23,7 +23,14 @@ Phase = Literal[
     "resolving", "pulling", "unpacking", "building", "converting", "waiting", "cached", "done"
 ]
 PHASES: tuple[str, ...] = (
-    "resolving", "pulling", "unpacking", "building", "converting", "waiting", "cached", "done"
+    "resolving",
+    "pulling",
+    "unpacking",
+    "building",
+    "converting",
+    "waiting",
+    "cached",
+    "done",
 )
 POLL_S = 0.25
 

@@ -48,32 +48,66 @@ def classify(stderr: str, what: str) -> ImageError:
     low = stderr.lower()
     detail = proc.tail(stderr, 3)
     if "no space left on device" in low or "disk quota exceeded" in low:
-        return StoreFullError(f"disk full while fetching {what}: free space in the image store "
-                              f"(e.g. `store.gc()`) and retry. ({detail})")
+        return StoreFullError(
+            f"disk full while fetching {what}: free space in the image store "
+            f"(e.g. `store.gc()`) and retry. ({detail})"
+        )
     if "digest did not match" in low or "does not match" in low or "digest mismatch" in low:
-        return ImageCorruptError(f"a blob of {what} does not match its digest: the registry "
-                                 f"holds corrupt data; re-push the image. ({detail})")
-    if ("unexpected eof" in low or "invalid header" in low or "archive/tar" in low
-            or "invalid checksum" in low or ("zstd" in low and "invalid" in low)):
-        return ImageCorruptError(f"a layer of {what} is truncated or not a valid archive; "
-                                 f"re-push or re-export the image. ({detail})")
-    if ("unauthorized" in low or "authentication required" in low or "denied" in low
-            or "invalid username/password" in low or "status 401" in low):
-        return RegistryAuthError(f"the registry refused access to {what}: check the username/"
-                                 f"password or token (auth file or per-call credentials). "
-                                 f"({detail})")
-    if ("manifest unknown" in low or "name unknown" in low or "not found" in low
-            or "no descriptor found" in low or "no such file or directory" in low
-            or "does not exist" in low):
-        return ImageNotFoundError(f"image {what} not found: check the name and tag, or that "
-                                  f"the file exists. ({detail})")
-    if ("connection refused" in low or "no such host" in low or "i/o timeout" in low
-            or "network is unreachable" in low or "connection reset" in low or "x509" in low
-            or "tls:" in low or "http response to https client" in low
-            or "pinging container registry" in low or "dial tcp" in low):
-        return RegistryUnreachableError(f"cannot reach the registry for {what}: check the host "
-                                        f"and port, network, and TLS settings (plain-HTTP "
-                                        f"registries must be in insecure_registries). ({detail})")
+        return ImageCorruptError(
+            f"a blob of {what} does not match its digest: the registry "
+            f"holds corrupt data; re-push the image. ({detail})"
+        )
+    if (
+        "unexpected eof" in low
+        or "invalid header" in low
+        or "archive/tar" in low
+        or "invalid checksum" in low
+        or ("zstd" in low and "invalid" in low)
+    ):
+        return ImageCorruptError(
+            f"a layer of {what} is truncated or not a valid archive; "
+            f"re-push or re-export the image. ({detail})"
+        )
+    if (
+        "unauthorized" in low
+        or "authentication required" in low
+        or "denied" in low
+        or "invalid username/password" in low
+        or "status 401" in low
+    ):
+        return RegistryAuthError(
+            f"the registry refused access to {what}: check the username/"
+            f"password or token (auth file or per-call credentials). "
+            f"({detail})"
+        )
+    if (
+        "manifest unknown" in low
+        or "name unknown" in low
+        or "not found" in low
+        or "no descriptor found" in low
+        or "no such file or directory" in low
+        or "does not exist" in low
+    ):
+        return ImageNotFoundError(
+            f"image {what} not found: check the name and tag, or that the file exists. ({detail})"
+        )
+    if (
+        "connection refused" in low
+        or "no such host" in low
+        or "i/o timeout" in low
+        or "network is unreachable" in low
+        or "connection reset" in low
+        or "x509" in low
+        or "tls:" in low
+        or "http response to https client" in low
+        or "pinging container registry" in low
+        or "dial tcp" in low
+    ):
+        return RegistryUnreachableError(
+            f"cannot reach the registry for {what}: check the host "
+            f"and port, network, and TLS settings (plain-HTTP "
+            f"registries must be in insecure_registries). ({detail})"
+        )
     return ImageToolError(f"skopeo failed on {what}: {detail}")
 
 
@@ -81,10 +115,10 @@ def classify(stderr: str, what: str) -> ImageError:
 class Resolved:
     """A source image pinned to one platform manifest."""
 
-    digest: str                   # manifest digest for our platform
-    index_digest: str | None      # digest of the manifest list, when the ref named one
+    digest: str  # manifest digest for our platform
+    index_digest: str | None  # digest of the manifest list, when the ref named one
     manifest: dict[str, Any]
-    layers_bytes: int             # sum of (compressed) layer sizes
+    layers_bytes: int  # sum of (compressed) layer sizes
 
 
 class Skopeo:
@@ -120,10 +154,21 @@ class Skopeo:
 
     async def _raw(self, ref: ImageRef, creds_file: Path | None, tmp: Path) -> bytes:
         self._ensure_policy()
-        argv = ["skopeo", "inspect", "--raw", f"--policy={self.policy}",
-                *self._common(ref, creds_file), *self._tls(ref, "--tls-verify"), ref.skopeo()]
-        res = await proc.run(argv, timeout=min(self.cfg.pull_timeout_s, 120),
-                             env=self._env(tmp), stdout_limit=MAX_MANIFEST)
+        argv = [
+            "skopeo",
+            "inspect",
+            "--raw",
+            f"--policy={self.policy}",
+            *self._common(ref, creds_file),
+            *self._tls(ref, "--tls-verify"),
+            ref.skopeo(),
+        ]
+        res = await proc.run(
+            argv,
+            timeout=min(self.cfg.pull_timeout_s, 120),
+            env=self._env(tmp),
+            stdout_limit=MAX_MANIFEST,
+        )
         if res.returncode != 0:
             raise classify(res.stderr, ref.name())
         return res.stdout
@@ -150,35 +195,45 @@ class Skopeo:
             else:
                 raw = await self._raw_platform(ref, digest)
             if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
-                raise ImageCorruptError(f"manifest {digest} of {ref.name()} does not match its "
-                                        "digest: the source holds corrupt data")
+                raise ImageCorruptError(
+                    f"manifest {digest} of {ref.name()} does not match its "
+                    "digest: the source holds corrupt data"
+                )
             doc = _parse_manifest(raw, ref.name())
         mt = _media_type(doc)
         if mt not in MANIFEST_TYPES and mt != "":
-            raise UnsupportedImageError(f"{ref.name()} has manifest type {mt!r}; supported are "
-                                        "OCI and Docker schema2 images")
+            raise UnsupportedImageError(
+                f"{ref.name()} has manifest type {mt!r}; supported are "
+                "OCI and Docker schema2 images"
+            )
         layers = doc.get("layers")
         if not isinstance(layers, list):
-            raise UnsupportedImageError(f"{ref.name()}: manifest has no layer list (Docker "
-                                        "schema1 images are not supported; re-push with a "
-                                        "current Docker or skopeo)")
+            raise UnsupportedImageError(
+                f"{ref.name()}: manifest has no layer list (Docker "
+                "schema1 images are not supported; re-push with a "
+                "current Docker or skopeo)"
+            )
         size = sum(int(layer.get("size", 0)) for layer in layers if isinstance(layer, dict))
         return Resolved(digest, index_digest, doc, size)
 
     async def _raw_platform(self, ref: ImageRef, digest: str) -> bytes:
         """Read a platform manifest out of a local OCI layout (skopeo --raw gives the index)."""
         if ref.path is None or ref.transport != "oci-layout":
-            raise UnsupportedImageError(f"{ref.name()}: a manifest list is only supported from "
-                                        "a registry or an OCI layout")
+            raise UnsupportedImageError(
+                f"{ref.name()}: a manifest list is only supported from a registry or an OCI layout"
+            )
         blob = ref.path / "blobs" / "sha256" / digest.split(":", 1)[1]
         try:
             raw = blob.read_bytes()[: MAX_MANIFEST + 1]
         except OSError as exc:
-            raise ImageCorruptError(f"{ref.name()}: manifest blob {digest} is missing from the "
-                                    f"layout ({exc.strerror})") from exc
+            raise ImageCorruptError(
+                f"{ref.name()}: manifest blob {digest} is missing from the layout ({exc.strerror})"
+            ) from exc
         if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
-            raise ImageCorruptError(f"{ref.name()}: manifest blob {digest} does not match its "
-                                    "digest; the layout is corrupt")
+            raise ImageCorruptError(
+                f"{ref.name()}: manifest blob {digest} does not match its "
+                "digest; the layout is corrupt"
+            )
         return raw
 
     def _pick_platform(self, index: dict[str, Any], what: str) -> str:
@@ -193,21 +248,32 @@ class Skopeo:
                     break
                 return digest
         want = f"{self.cfg.platform_os}/{self.cfg.platform_arch}"
-        raise UnsupportedImageError(f"{what} has no {want} variant (it has: "
-                                    f"{', '.join(found) or 'none'}); pick an image built for "
-                                    f"{want}")
+        raise UnsupportedImageError(
+            f"{what} has no {want} variant (it has: "
+            f"{', '.join(found) or 'none'}); pick an image built for "
+            f"{want}"
+        )
 
-    async def copy(self, ref: ImageRef, digest: str, creds: Credentials | None,
-                   tmp: Path, layout: Path) -> None:
+    async def copy(
+        self, ref: ImageRef, digest: str, creds: Credentials | None, tmp: Path, layout: Path
+    ) -> None:
         """Copy the pinned image into an OCI layout at `layout` (tag `img`), verifying blobs."""
         self._ensure_policy()
         creds_file = self._write_creds(ref, creds, tmp)
         src = ref.with_digest(digest) if ref.transport == "registry" else ref
-        argv = ["skopeo", f"--override-os={self.cfg.platform_os}",
-                f"--override-arch={self.cfg.platform_arch}", "copy", "--quiet",
-                f"--policy={self.policy}", "--retry-times=2",
-                *[a.replace("--authfile", "--src-authfile") for a in self._common(ref, creds_file)],
-                *self._tls(ref, "--src-tls-verify"), src.skopeo(), f"oci:{layout}:img"]
+        argv = [
+            "skopeo",
+            f"--override-os={self.cfg.platform_os}",
+            f"--override-arch={self.cfg.platform_arch}",
+            "copy",
+            "--quiet",
+            f"--policy={self.policy}",
+            "--retry-times=2",
+            *[a.replace("--authfile", "--src-authfile") for a in self._common(ref, creds_file)],
+            *self._tls(ref, "--src-tls-verify"),
+            src.skopeo(),
+            f"oci:{layout}:img",
+        ]
         res = await proc.run(argv, timeout=self.cfg.pull_timeout_s, env=self._env(tmp))
         if res.returncode != 0:
             raise classify(res.stderr, ref.name())

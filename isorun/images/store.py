@@ -56,10 +56,10 @@ class Image:
     digest: str
     rootfs: Path
     config: ImageConfig
-    size_bytes: int          # size of the ext4 disk the guest sees
-    disk_bytes: int          # bytes it occupies on the host (the file is sparse)
-    content_bytes: int       # bytes of the unpacked tree
-    source: str              # the reference it was first made from
+    size_bytes: int  # size of the ext4 disk the guest sees
+    disk_bytes: int  # bytes it occupies on the host (the file is sparse)
+    content_bytes: int  # bytes of the unpacked tree
+    source: str  # the reference it was first made from
     created: float
     names: tuple[str, ...] = ()
     layers: tuple[str, ...] = ()
@@ -68,8 +68,8 @@ class Image:
 @dataclass(frozen=True)
 class DiskUsage:
     images: int
-    image_bytes: int         # allocated bytes of finished images
-    tmp_bytes: int           # allocated bytes of work dirs (in-progress or crashed builds)
+    image_bytes: int  # allocated bytes of finished images
+    tmp_bytes: int  # allocated bytes of work dirs (in-progress or crashed builds)
     per_image: dict[str, int] = field(default_factory=dict)
 
 
@@ -135,19 +135,31 @@ class ImageStore:
         if not rootfs.is_file():
             return None
         return Image(
-            digest=meta["digest"], rootfs=rootfs, config=ImageConfig.from_json(meta["config"]),
-            size_bytes=rootfs.stat().st_size, disk_bytes=_allocated(rootfs),
-            content_bytes=int(meta.get("content_bytes", 0)), source=meta.get("source", ""),
-            created=float(meta.get("created", 0)), names=tuple(self._refs.names_of(digest)),
-            layers=tuple(meta.get("layers", [])))
+            digest=meta["digest"],
+            rootfs=rootfs,
+            config=ImageConfig.from_json(meta["config"]),
+            size_bytes=rootfs.stat().st_size,
+            disk_bytes=_allocated(rootfs),
+            content_bytes=int(meta.get("content_bytes", 0)),
+            source=meta.get("source", ""),
+            created=float(meta.get("created", 0)),
+            names=tuple(self._refs.names_of(digest)),
+            layers=tuple(meta.get("layers", [])),
+        )
 
     # ---- ensure ------------------------------------------------------------------------
 
     def parse(self, ref: str) -> ImageRef:
         return parse_reference(ref, self.templates.names())
 
-    async def ensure(self, ref: str, *, credentials: Credentials | None = None,
-                     pull: PullPolicy = "missing", progress: Progress | None = None) -> Image:
+    async def ensure(
+        self,
+        ref: str,
+        *,
+        credentials: Credentials | None = None,
+        pull: PullPolicy = "missing",
+        progress: Progress | None = None,
+    ) -> Image:
         """Return the converted image for `ref`, pulling/building it if needed.
 
         pull="missing" (default) uses a cached tag without asking the registry, as
@@ -161,17 +173,22 @@ class ImageStore:
             raw(dataclasses.replace(ev, ref=ref))
 
         img = await self._ensure(ref, credentials, pull, emit)
-        emit(ProgressEvent("done", ref, f"{img.digest} ready", digest=img.digest,
-                           bytes_total=img.size_bytes))
+        emit(
+            ProgressEvent(
+                "done", ref, f"{img.digest} ready", digest=img.digest, bytes_total=img.size_bytes
+            )
+        )
         return img
 
-    async def _ensure(self, ref: str, credentials: Credentials | None, pull: PullPolicy,
-                      emit: Progress) -> Image:
+    async def _ensure(
+        self, ref: str, credentials: Credentials | None, pull: PullPolicy, emit: Progress
+    ) -> Image:
         r = self.parse(ref)
         if r.transport == "template":
             t = self.templates.get(r.repository)
             return await self._ensure_digest(
-                t.digest, r.name(), lambda tmp: self._build_template(t, tmp, emit), emit)
+                t.digest, r.name(), lambda tmp: self._build_template(t, tmp, emit), emit
+            )
         if r.transport == "registry" and pull == "missing":
             known = r.digest or self._refs.read().get(r.name())
             if known and (img := self._load(known)) is not None:
@@ -188,7 +205,8 @@ class ImageStore:
             raise ImageTooLargeError(
                 f"{r.name()} has {resolved.layers_bytes} bytes of compressed layers, over the "
                 f"store limit of {self.cfg.max_image_bytes}; raise max_image_bytes or use a "
-                "smaller image")
+                "smaller image"
+            )
         if (img := self._load(resolved.digest)) is not None:
             self.stats.cache_hits += 1
             await self._refs.set(r.name(), resolved.digest)
@@ -197,16 +215,24 @@ class ImageStore:
                 await self._refs.set(r.with_digest(resolved.index_digest).name(), img.digest)
             return img
         img = await self._ensure_digest(
-            resolved.digest, r.name(),
-            lambda tmp: self._build_pulled(r, resolved.digest, credentials, tmp,
-                                           resolved.layers_bytes, emit), emit)
+            resolved.digest,
+            r.name(),
+            lambda tmp: self._build_pulled(
+                r, resolved.digest, credentials, tmp, resolved.layers_bytes, emit
+            ),
+            emit,
+        )
         if resolved.index_digest and r.transport == "registry":
             await self._refs.set(r.with_digest(resolved.index_digest).name(), img.digest)
         return img
 
-    async def _ensure_digest(self, digest: str, name: str,
-                             build: Callable[[Path], Awaitable[dict[str, Any]]],
-                             emit: Progress) -> Image:
+    async def _ensure_digest(
+        self,
+        digest: str,
+        name: str,
+        build: Callable[[Path], Awaitable[dict[str, Any]]],
+        emit: Progress,
+    ) -> Image:
         if (img := self._load(digest)) is None:
             async with self._digest_lock(digest, name, emit):
                 img = self._load(digest)
@@ -234,8 +260,11 @@ class ImageStore:
             finally:
                 unlock(fd)
             return
-        emit(ProgressEvent("waiting", name, "another pull or build of this image is running",
-                           digest=digest))
+        emit(
+            ProgressEvent(
+                "waiting", name, "another pull or build of this image is running", digest=digest
+            )
+        )
         async with file_lock(self._lock_path(digest)):
             yield
 
@@ -247,8 +276,9 @@ class ImageStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    async def _convert(self, digest: str, name: str,
-                       build: Callable[[Path], Awaitable[dict[str, Any]]]) -> None:
+    async def _convert(
+        self, digest: str, name: str, build: Callable[[Path], Awaitable[dict[str, Any]]]
+    ) -> None:
         """Build into tmp/, then rename into images/: all or nothing."""
         with self._workdir(f"build-{_hex(digest)}") as tmp:
             try:
@@ -261,18 +291,35 @@ class ImageStore:
                 os.rename(out, self._image_dir(digest))
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise StoreFullError(f"disk full while converting {name}: free space in "
-                                         f"{self.root} (e.g. store.gc()) and retry") from exc
+                    raise StoreFullError(
+                        f"disk full while converting {name}: free space in "
+                        f"{self.root} (e.g. store.gc()) and retry"
+                    ) from exc
                 raise
             self.stats.conversions += 1
 
-    async def _build_pulled(self, r: ImageRef, digest: str, creds: Credentials | None,
-                            tmp: Path, total: int, emit: Progress) -> dict[str, Any]:
+    async def _build_pulled(
+        self,
+        r: ImageRef,
+        digest: str,
+        creds: Credentials | None,
+        tmp: Path,
+        total: int,
+        emit: Progress,
+    ) -> dict[str, Any]:
         layout_dir = tmp / "layout"
 
         def pulled(n: int) -> None:
-            emit(ProgressEvent("pulling", r.name(), f"copying layers of {digest}",
-                               digest=digest, bytes_done=n, bytes_total=total))
+            emit(
+                ProgressEvent(
+                    "pulling",
+                    r.name(),
+                    f"copying layers of {digest}",
+                    digest=digest,
+                    bytes_done=n,
+                    bytes_total=total,
+                )
+            )
 
         pulled(0)
         async with watch_bytes(layout_dir, total, pulled):
@@ -292,23 +339,38 @@ class ImageStore:
 
     async def _build_template(self, t: Template, tmp: Path, emit: Progress) -> dict[str, Any]:
         tree = tmp / "rootfs"
-        emit(ProgressEvent("building", t.name, f"mmdebstrap {t.suite} with "
-                           f"{len(t.packages)} packages", digest=t.digest))
+        emit(
+            ProgressEvent(
+                "building",
+                t.name,
+                f"mmdebstrap {t.suite} with {len(t.packages)} packages",
+                digest=t.digest,
+            )
+        )
         await build_rootfs(t, tree, self.cfg, tmp)
         meta = await self._finish_tree(f"template:{t.name}", tree, tmp, emit, t.digest)
         meta["config"] = t.config.to_json()
         meta["template"] = t.model_dump(mode="json")
         return meta
 
-    async def _finish_tree(self, name: str, tree: Path, tmp: Path, emit: Progress,
-                           digest: str) -> dict[str, Any]:
+    async def _finish_tree(
+        self, name: str, tree: Path, tmp: Path, emit: Progress, digest: str
+    ) -> dict[str, Any]:
         size = await asyncio.to_thread(ext4.measure, tree)
-        emit(ProgressEvent("converting", name, f"mkfs.ext4 of {size.data_bytes} bytes",
-                           digest=digest, bytes_total=size.data_bytes))
+        emit(
+            ProgressEvent(
+                "converting",
+                name,
+                f"mkfs.ext4 of {size.data_bytes} bytes",
+                digest=digest,
+                bytes_total=size.data_bytes,
+            )
+        )
         if size.data_bytes > self.cfg.max_image_bytes:
             raise ImageTooLargeError(
                 f"{name} unpacks to {size.data_bytes} bytes, over the store limit of "
-                f"{self.cfg.max_image_bytes}; raise max_image_bytes or use a smaller image")
+                f"{self.cfg.max_image_bytes}; raise max_image_bytes or use a smaller image"
+            )
         out = tmp / "out"
         out.mkdir()
         await ext4.make_ext4(tree, out / _ROOTFS, size, timeout=self.cfg.pull_timeout_s)
@@ -344,8 +406,9 @@ class ImageStore:
         digest = self._resolve_local(ref)
         img = self._load(digest)
         if img is None:
-            raise ImageNotFoundError(f"image {ref} ({digest}) is not in the store; "
-                                     "store.ensure() it first")
+            raise ImageNotFoundError(
+                f"image {ref} ({digest}) is not in the store; store.ensure() it first"
+            )
         return img
 
     async def remove(self, ref: str) -> Image:
@@ -359,7 +422,9 @@ class ImageStore:
             if holders:
                 raise ImageInUseError(
                     f"image {ref} is in use by {', '.join(holders)}; destroy those sandboxes/"
-                    "snapshots (or release them) first", holders)
+                    "snapshots (or release them) first",
+                    holders,
+                )
             await self._refs.drop_digest(digest)
             trash = Path(tempfile.mkdtemp(prefix="rm-", dir=self.root / "tmp"))
             os.rename(self._image_dir(digest), trash / "img")
@@ -372,8 +437,9 @@ class ImageStore:
         async with file_lock(self._lock_path(digest)):
             img = self._load(digest)
             if img is None:
-                raise ImageNotFoundError(f"image {digest} is not in the store; ensure() it "
-                                         "before acquiring")
+                raise ImageNotFoundError(
+                    f"image {digest} is not in the store; ensure() it before acquiring"
+                )
             self._holders.add(_hex(digest), holder_id)
             return img
 
@@ -417,5 +483,9 @@ class ImageStore:
 
     def disk_usage(self) -> DiskUsage:
         per = {img.digest: img.disk_bytes for img in self.list()}
-        return DiskUsage(images=len(per), image_bytes=sum(per.values()),
-                         tmp_bytes=_allocated(self.root / "tmp"), per_image=per)
+        return DiskUsage(
+            images=len(per),
+            image_bytes=sum(per.values()),
+            tmp_bytes=_allocated(self.root / "tmp"),
+            per_image=per,
+        )

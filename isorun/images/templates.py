@@ -75,8 +75,13 @@ class Template(BaseModel):
 
     @property
     def config(self) -> ImageConfig:
-        return ImageConfig(env=dict(self.env), working_dir=self.working_dir, user=self.user,
-                           entrypoint=list(self.entrypoint), cmd=list(self.cmd))
+        return ImageConfig(
+            env=dict(self.env),
+            working_dir=self.working_dir,
+            user=self.user,
+            entrypoint=list(self.entrypoint),
+            cmd=list(self.cmd),
+        )
 
 
 def _builtin_dir() -> Path:
@@ -99,8 +104,9 @@ class TemplateSet:
     def _load(self, name: str) -> TemplateDef:
         path = self._files.get(name)
         if path is None:
-            raise TemplateError(f"unknown template {name!r}; known: "
-                                f"{', '.join(sorted(self._files)) or 'none'}")
+            raise TemplateError(
+                f"unknown template {name!r}; known: {', '.join(sorted(self._files)) or 'none'}"
+            )
         try:
             data: dict[str, Any] = tomllib.loads(path.read_text())
             return TemplateDef.model_validate(data)
@@ -113,8 +119,9 @@ class TemplateSet:
         cur: str | None = name
         while cur is not None:
             if cur in seen:
-                raise TemplateError(f"template {name!r}: 'extends' loops through "
-                                    f"{' -> '.join([*seen, cur])}")
+                raise TemplateError(
+                    f"template {name!r}: 'extends' loops through {' -> '.join([*seen, cur])}"
+                )
             seen.append(cur)
             d = self._load(cur)
             chain.append(d)
@@ -122,9 +129,15 @@ class TemplateSet:
         chain.reverse()  # root first
         packages: list[str] = []
         env: dict[str, str] = {"PATH": DEFAULT_PATH}
-        merged: dict[str, Any] = {"suite": "bookworm", "variant": "minbase",
-                                  "components": ["main"], "working_dir": "/", "user": "root",
-                                  "entrypoint": [], "cmd": []}
+        merged: dict[str, Any] = {
+            "suite": "bookworm",
+            "variant": "minbase",
+            "components": ["main"],
+            "working_dir": "/",
+            "user": "root",
+            "entrypoint": [],
+            "cmd": [],
+        }
         excl: list[str] = []
         incl: list[str] = []
         for d in chain:
@@ -142,11 +155,20 @@ class TemplateSet:
             if not re.match(_PKG, p):
                 raise TemplateError(f"template {name!r}: invalid Debian package name {p!r}")
         return Template(
-            name=name, description=chain[-1].description, suite=merged["suite"],
-            variant=merged["variant"], components=tuple(merged["components"]),
-            packages=tuple(packages), path_exclude=tuple(excl), path_include=tuple(incl),
-            env=env, working_dir=merged["working_dir"], user=merged["user"],
-            entrypoint=tuple(merged["entrypoint"]), cmd=tuple(merged["cmd"]))
+            name=name,
+            description=chain[-1].description,
+            suite=merged["suite"],
+            variant=merged["variant"],
+            components=tuple(merged["components"]),
+            packages=tuple(packages),
+            path_exclude=tuple(excl),
+            path_include=tuple(incl),
+            env=env,
+            working_dir=merged["working_dir"],
+            user=merged["user"],
+            entrypoint=tuple(merged["entrypoint"]),
+            cmd=tuple(merged["cmd"]),
+        )
 
 
 async def build_rootfs(t: Template, target: Path, cfg: StoreConfig, tmp: Path) -> None:
@@ -157,9 +179,14 @@ async def build_rootfs(t: Template, target: Path, cfg: StoreConfig, tmp: Path) -
         f"deb {cfg.debian_mirror} {t.suite}-updates {comps}",
         f"deb {cfg.debian_security_mirror} {t.suite}-security {comps}",
     ]
-    argv = ["mmdebstrap", "--quiet", f"--variant={t.variant}", "--mode=root",
-            "--aptopt=Acquire::Retries \"3\"",
-            f"--include={','.join(t.packages)}"]
+    argv = [
+        "mmdebstrap",
+        "--quiet",
+        f"--variant={t.variant}",
+        "--mode=root",
+        '--aptopt=Acquire::Retries "3"',
+        f"--include={','.join(t.packages)}",
+    ]
     argv += [f"--dpkgopt=path-exclude={p}" for p in t.path_exclude]
     argv += [f"--dpkgopt=path-include={p}" for p in t.path_include]
     argv += [t.suite, str(target), *sources]
@@ -167,8 +194,11 @@ async def build_rootfs(t: Template, target: Path, cfg: StoreConfig, tmp: Path) -
     if res.returncode != 0:
         low = res.stderr.lower()
         if "no space left on device" in low:
-            raise StoreFullError(f"disk full while building template {t.name!r}: free space "
-                                 "and retry")
-        raise TemplateError(f"building template {t.name!r} with mmdebstrap failed (check the "
-                            f"package names and that {cfg.debian_mirror} is reachable, or set "
-                            f"ISORUN_DEBIAN_MIRROR): {proc.tail(res.stderr, 8)}")
+            raise StoreFullError(
+                f"disk full while building template {t.name!r}: free space and retry"
+            )
+        raise TemplateError(
+            f"building template {t.name!r} with mmdebstrap failed (check the "
+            f"package names and that {cfg.debian_mirror} is reachable, or set "
+            f"ISORUN_DEBIAN_MIRROR): {proc.tail(res.stderr, 8)}"
+        )

@@ -26,14 +26,24 @@ def _classify(stderr: str) -> ImageError:
     low = stderr.lower()
     detail = proc.tail(stderr, 3)
     if "no space left on device" in low or "disk quota exceeded" in low:
-        return StoreFullError("disk full while unpacking layers: free space in the image store "
-                              f"and retry ({detail})")
+        return StoreFullError(
+            f"disk full while unpacking layers: free space in the image store and retry ({detail})"
+        )
     if "link:" in low and ("no such file" in low or "outside" in low or "escapes" in low):
-        return UnsafeLayerError("a layer has a hard link whose target is outside the image "
-                                "root or does not exist; the image is malformed or hostile and "
-                                f"was rejected ({detail})")
-    if ("unexpected eof" in low or "invalid header" in low or "archive/tar" in low
-            or "gzip" in low or "digest" in low or "checksum" in low or "flate" in low):
+        return UnsafeLayerError(
+            "a layer has a hard link whose target is outside the image "
+            "root or does not exist; the image is malformed or hostile and "
+            f"was rejected ({detail})"
+        )
+    if (
+        "unexpected eof" in low
+        or "invalid header" in low
+        or "archive/tar" in low
+        or "gzip" in low
+        or "digest" in low
+        or "checksum" in low
+        or "flate" in low
+    ):
         return ImageCorruptError(f"a layer is truncated or corrupt; re-push the image ({detail})")
     return ImageToolError(f"umoci could not unpack the image: {detail}")
 
@@ -41,9 +51,11 @@ def _classify(stderr: str) -> ImageError:
 async def unpack(layout: Path, tag: str, target: Path, *, timeout: float) -> None:
     """Unpack `layout:tag` into `target` (which must not exist yet)."""
     if os.geteuid() != 0:
-        raise ToolMissingError("converting images needs root (to keep ownership and device "
-                               "nodes); run isorund as root")
-    res = await proc.run(["umoci", "raw", "unpack", f"--image={layout}:{tag}", str(target)],
-                         timeout=timeout)
+        raise ToolMissingError(
+            "converting images needs root (to keep ownership and device nodes); run isorund as root"
+        )
+    res = await proc.run(
+        ["umoci", "raw", "unpack", f"--image={layout}:{tag}", str(target)], timeout=timeout
+    )
     if res.returncode != 0:
         raise _classify(res.stderr)

@@ -16,5 +16,12 @@ from imghelpers import (
     template_store,
 )
 
-__all__ = ["auth_registry", "base_image", "pytest_collection_modifyitems", "pytest_configure",
-           "registry", "store", "template_store"]
+__all__ = [
+    "auth_registry",
+    "base_image",
+    "pytest_collection_modifyitems",
+    "pytest_configure",
+    "registry",
+    "store",
+    "template_store",
+]

@@ -47,14 +47,13 @@ def free_port() -> int:
 
 @dataclass
 class Registry:
-    host: str            # "127.0.0.1:PORT"
+    host: str  # "127.0.0.1:PORT"
     storage: Path
     proc: subprocess.Popen[bytes]
     user: str | None = None
     password: str | None = None
 
-    def push(self, src: str, repo_tag: str, *, all_: bool = False,
-             fmt: str | None = None) -> str:
+    def push(self, src: str, repo_tag: str, *, all_: bool = False, fmt: str | None = None) -> str:
         """skopeo copy `src` (e.g. oci:/dir:tag) to this registry; returns the manifest digest."""
         argv = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false"]
         if self.user:
@@ -63,16 +62,18 @@ class Registry:
             argv.append("--all")
         if fmt:
             argv.append(f"--format={fmt}")
-        subprocess.run([*argv, src, f"docker://{self.host}/{repo_tag}"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [*argv, src, f"docker://{self.host}/{repo_tag}"], check=True, capture_output=True
+        )
         return self.digest(repo_tag)
 
     def digest(self, repo_tag: str) -> str:
         argv = ["skopeo", "inspect", "--raw", "--tls-verify=false"]
         if self.user:
             argv.append(f"--creds={self.user}:{self.password}")
-        raw = subprocess.run([*argv, f"docker://{self.host}/{repo_tag}"], check=True,
-                             capture_output=True).stdout
+        raw = subprocess.run(
+            [*argv, f"docker://{self.host}/{repo_tag}"], check=True, capture_output=True
+        ).stdout
         return "sha256:" + hashlib.sha256(raw).hexdigest()
 
     def blob_path(self, digest: str) -> Path:
@@ -87,16 +88,20 @@ def _start_registry(tmp: Path, htpasswd: Path | None) -> Registry:
     cfg = {
         "version": 0.1,
         "log": {"level": "error", "accesslog": {"disabled": True}},
-        "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True},
-                    "cache": {"blobdescriptor": ""}},
+        "storage": {
+            "filesystem": {"rootdirectory": str(storage)},
+            "delete": {"enabled": True},
+            "cache": {"blobdescriptor": ""},
+        },
         "http": {"addr": f"127.0.0.1:{port}"},
     }
     if htpasswd:
         cfg["auth"] = {"htpasswd": {"realm": "isorun-test", "path": str(htpasswd)}}
     (tmp / "config.yml").write_text(json.dumps(cfg))  # JSON is valid YAML
     log = (tmp / "registry.log").open("wb")
-    proc = subprocess.Popen(["docker-registry", "serve", str(tmp / "config.yml")],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        ["docker-registry", "serve", str(tmp / "config.yml")], stdout=log, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         try:
@@ -126,8 +131,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     tmp = tmp_path_factory.mktemp("auth-registry")
     ht = tmp / "htpasswd"
-    subprocess.run(["htpasswd", "-Bbc", str(ht), "agent", "s3cret-pw"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["htpasswd", "-Bbc", str(ht), "agent", "s3cret-pw"], check=True, capture_output=True
+    )
     reg = _start_registry(tmp, ht)
     reg.user, reg.password = "agent", "s3cret-pw"
     yield reg
@@ -149,8 +155,10 @@ def base_image(template_store: ImageStore) -> Image:
     t0 = time.monotonic()
     img = asyncio.run(template_store.ensure("base"))
     took = time.monotonic() - t0
-    print(f"\n[images] template base ready in {took:.1f}s "
-          f"({'built' if template_store.stats.conversions else 'cached'})")
+    print(
+        f"\n[images] template base ready in {took:.1f}s "
+        f"({'built' if template_store.stats.conversions else 'cached'})"
+    )
     return img
 
 
@@ -161,9 +169,11 @@ def store(tmp_path: Path) -> ImageStore:
 
 # ---- reading ext4 images without mounting ------------------------------------------------
 
+
 def debugfs(image: Path, request: str) -> str:
-    out = subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True,
-                         text=True, errors="replace")
+    out = subprocess.run(
+        ["debugfs", "-R", request, str(image)], capture_output=True, text=True, errors="replace"
+    )
     return out.stdout
 
 
@@ -190,8 +200,15 @@ def ext4_stat(image: Path, path: str) -> Ext4Stat | None:
     u = re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", raw)
     ln = re.search(r"Links: (\d+)", raw)
     assert u and ln
-    return Ext4Stat(m.group(2), int(m.group(3), 8), int(u.group(1)), int(u.group(2)),
-                    int(ln.group(1)), int(m.group(1)), raw)
+    return Ext4Stat(
+        m.group(2),
+        int(m.group(3), 8),
+        int(u.group(1)),
+        int(u.group(2)),
+        int(ln.group(1)),
+        int(m.group(1)),
+        raw,
+    )
 
 
 def ext4_ls(image: Path, path: str) -> list[str]:

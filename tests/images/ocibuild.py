@@ -125,9 +125,7 @@ class Layout:
         (path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
         idx = path / "index.json"
         self.index: dict[str, Any] = (
-            json.loads(idx.read_text())
-            if idx.exists()
-            else {"schemaVersion": 2, "manifests": []}
+            json.loads(idx.read_text()) if idx.exists() else {"schemaVersion": 2, "manifests": []}
         )
 
     def blob(self, data: bytes) -> str:
@@ -168,19 +166,27 @@ class Layout:
         man = {
             "schemaVersion": 2,
             "mediaType": MT_MANIFEST,
-            "config": {"mediaType": MT_CONFIG, "digest": self.blob(cfg_bytes),
-                       "size": len(cfg_bytes)},
+            "config": {
+                "mediaType": MT_CONFIG,
+                "digest": self.blob(cfg_bytes),
+                "size": len(cfg_bytes),
+            },
             "layers": layer_descs,
         }
         mb = json.dumps(man).encode()
-        return {"mediaType": MT_MANIFEST, "digest": self.blob(mb), "size": len(mb),
-                "platform": {"architecture": arch, "os": "linux"}}
+        return {
+            "mediaType": MT_MANIFEST,
+            "digest": self.blob(mb),
+            "size": len(mb),
+            "platform": {"architecture": arch, "os": "linux"},
+        }
 
     def tag(self, desc: dict[str, Any], tag: str) -> str:
         d = dict(desc)
         d["annotations"] = {"org.opencontainers.image.ref.name": tag}
         self.index["manifests"] = [
-            m for m in self.index["manifests"]
+            m
+            for m in self.index["manifests"]
             if m.get("annotations", {}).get("org.opencontainers.image.ref.name") != tag
         ] + [d]
         (self.path / "index.json").write_text(json.dumps(self.index))
@@ -197,9 +203,18 @@ def busybox_tree(
 ) -> list[Entry]:
     """A tiny musl/alpine-like root: static busybox, applet symlinks, /etc/os-release."""
     bb = Path("/bin/busybox").read_bytes()
-    entries = [dir_("bin"), dir_("etc"), dir_("tmp", mode=0o1777), dir_("root", mode=0o700),
-               dir_("proc"), dir_("sys"), dir_("dev"), dir_("usr"), dir_("usr/bin"),
-               file("bin/busybox", bb, mode=0o755)]
+    entries = [
+        dir_("bin"),
+        dir_("etc"),
+        dir_("tmp", mode=0o1777),
+        dir_("root", mode=0o700),
+        dir_("proc"),
+        dir_("sys"),
+        dir_("dev"),
+        dir_("usr"),
+        dir_("usr/bin"),
+        file("bin/busybox", bb, mode=0o755),
+    ]
     for applet in ("sh", "ls", "cat", "echo", "id", "env", "pwd", "uname", "true"):
         entries.append(symlink(f"bin/{applet}", "busybox"))
     entries += [

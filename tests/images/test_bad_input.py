@@ -28,8 +28,7 @@ from isorun.images import (
 MiB = 1 << 20
 
 
-def _layout(tmp: Path, name: str, layers: list[list[ob.Entry]] | list[bytes],
-            **kw: object) -> Path:
+def _layout(tmp: Path, name: str, layers: list[list[ob.Entry]] | list[bytes], **kw: object) -> Path:
     lay = ob.Layout(tmp / name)
     lay.tag(lay.manifest(layers, **kw), "t")  # type: ignore[arg-type]
     return lay.path
@@ -74,10 +73,12 @@ async def test_registry_unreachable(seeded: ImageStore, registry: Registry) -> N
     _intact(seeded, registry)
 
 
-async def test_auth_registry(seeded: ImageStore, registry: Registry, auth_registry: Registry,
-                             tmp_path: Path) -> None:
-    digest = auth_registry.push(f"oci:{_layout(tmp_path, 'priv', [ob.busybox_tree()])}:t",
-                                "private/app:1")
+async def test_auth_registry(
+    seeded: ImageStore, registry: Registry, auth_registry: Registry, tmp_path: Path
+) -> None:
+    digest = auth_registry.push(
+        f"oci:{_layout(tmp_path, 'priv', [ob.busybox_tree()])}:t", "private/app:1"
+    )
     ref = f"{auth_registry.host}/private/app:1"
     with pytest.raises(RegistryAuthError, match="refused access"):
         await seeded.ensure(ref)
@@ -89,6 +90,7 @@ async def test_auth_registry(seeded: ImageStore, registry: Registry, auth_regist
     # The same through a docker config.json-format auth file.
     import base64
     import json
+
     auth = tmp_path / "config.json"
     token = base64.b64encode(b"agent:s3cret-pw").decode()
     auth.write_text(json.dumps({"auths": {auth_registry.host: {"auth": token}}}))
@@ -97,12 +99,12 @@ async def test_auth_registry(seeded: ImageStore, registry: Registry, auth_regist
     assert "s3cret" not in repr(Credentials("agent", "s3cret-pw"))
 
 
-async def test_blob_digest_mismatch(seeded: ImageStore, registry: Registry,
-                                    tmp_path: Path) -> None:
+async def test_blob_digest_mismatch(seeded: ImageStore, registry: Registry, tmp_path: Path) -> None:
     lay = _layout(tmp_path, "corrupt", [ob.busybox_tree([ob.file("x", os.urandom(4096))])])
     registry.push(f"oci:{lay}:t", "corrupt:1")
     man = ob.Layout(lay)
     import json
+
     mdesc = man.index["manifests"][0]
     manifest = json.loads((lay / "blobs/sha256" / mdesc["digest"].split(":")[1]).read_bytes())
     blob = registry.blob_path(manifest["layers"][0]["digest"])
@@ -132,21 +134,32 @@ async def test_garbage_layer(seeded: ImageStore, registry: Registry, tmp_path: P
 
 
 async def test_path_traversal_and_absolute_symlinks_stay_inside(
-        seeded: ImageStore, registry: Registry, tmp_path: Path) -> None:
+    seeded: ImageStore, registry: Registry, tmp_path: Path
+) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "victim").write_text("untouched")
     rel = "../" * 12 + str(outside).lstrip("/")
-    lay = _layout(tmp_path, "hostile", [
-        ob.busybox_tree([
-            ob.file(f"{rel}/dotdot", "x"),
-            ob.file(f"/{outside}/absolute-name", "x"),
-            ob.symlink("abs", str(outside)),
-            ob.symlink("up", rel),
-        ]),
-        [ob.file("abs/via-abs-symlink", "x"), ob.file("up/via-rel-symlink", "x"),
-         ob.file("abs/victim", "overwritten"), ob.whiteout("up/victim")],
-    ])
+    lay = _layout(
+        tmp_path,
+        "hostile",
+        [
+            ob.busybox_tree(
+                [
+                    ob.file(f"{rel}/dotdot", "x"),
+                    ob.file(f"/{outside}/absolute-name", "x"),
+                    ob.symlink("abs", str(outside)),
+                    ob.symlink("up", rel),
+                ]
+            ),
+            [
+                ob.file("abs/via-abs-symlink", "x"),
+                ob.file("up/via-rel-symlink", "x"),
+                ob.file("abs/victim", "overwritten"),
+                ob.whiteout("up/victim"),
+            ],
+        ],
+    )
     img = await seeded.ensure(f"oci-layout:{lay}:t")
     assert sorted(os.listdir(outside)) == ["victim"]
     assert (outside / "victim").read_text() == "untouched"
@@ -156,12 +169,16 @@ async def test_path_traversal_and_absolute_symlinks_stay_inside(
     assert_store_intact(seeded)
 
 
-async def test_hard_link_outside_root_is_refused(seeded: ImageStore, registry: Registry,
-                                                 tmp_path: Path) -> None:
+async def test_hard_link_outside_root_is_refused(
+    seeded: ImageStore, registry: Registry, tmp_path: Path
+) -> None:
     secret = tmp_path / "secret"
     secret.write_text("host secret")
-    lay = _layout(tmp_path, "hl", [ob.busybox_tree([
-        ob.hardlink("stolen", "../" * 12 + str(secret).lstrip("/"))])])
+    lay = _layout(
+        tmp_path,
+        "hl",
+        [ob.busybox_tree([ob.hardlink("stolen", "../" * 12 + str(secret).lstrip("/"))])],
+    )
     with pytest.raises(UnsafeLayerError, match="hard link"):
         await seeded.ensure(f"oci-layout:{lay}:t")
     assert secret.read_text() == "host secret" and os.stat(secret).st_nlink == 1
@@ -198,8 +215,9 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-async def test_disk_full_during_conversion(registry: Registry, tmp_path: Path,
-                                           tiny_fs: Path) -> None:
+async def test_disk_full_during_conversion(
+    registry: Registry, tmp_path: Path, tiny_fs: Path
+) -> None:
     registry.push(f"oci:{_layout(tmp_path, 'small', [ob.busybox_tree()])}:t", "small:1")
     big = _layout(tmp_path, "huge", [ob.busybox_tree([ob.file("noise", os.urandom(16 * MiB))])])
     registry.push(f"oci:{big}:t", "huge:1")
@@ -215,8 +233,9 @@ async def test_disk_full_during_conversion(registry: Registry, tmp_path: Path,
     assert_store_intact(store)
 
 
-async def test_missing_offline_sources(seeded: ImageStore, registry: Registry,
-                                       tmp_path: Path) -> None:
+async def test_missing_offline_sources(
+    seeded: ImageStore, registry: Registry, tmp_path: Path
+) -> None:
     with pytest.raises(ImageNotFoundError):
         await seeded.ensure(f"oci-layout:{tmp_path}/nope:t")
     with pytest.raises(ImageNotFoundError):

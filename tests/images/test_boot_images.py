@@ -30,23 +30,30 @@ async def _run(img: Image, cmd: str) -> tuple[int | None, str, str]:
     _guest_ready()
     vm = await vmm.MicroVM.boot(vmm.VMSpec(rootfs=img.rootfs, memory_mib=512))
     try:
-        await vm.agent.set_defaults(env=img.config.env, cwd=img.config.working_dir,
-                                    user=img.config.user)
+        await vm.agent.set_defaults(
+            env=img.config.env, cwd=img.config.working_dir, user=img.config.user
+        )
         r = await vm.agent.exec(cmd=cmd)
         return r.exit_code, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
     finally:
         await vm.shutdown()
 
 
-@pytest.mark.parametrize("name", ["base", pytest.param("python", marks=pytest.mark.slow),
-                                  pytest.param("node", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "base",
+        pytest.param("python", marks=pytest.mark.slow),
+        pytest.param("node", marks=pytest.mark.slow),
+    ],
+)
 async def test_templates_boot(template_store: ImageStore, name: str) -> None:
     _guest_ready()
     img = await template_store.ensure(name)
     check = {
         "base": "cat /etc/os-release && git --version && curl --version | head -1",
         "python": "python3 -c 'import numpy, pandas, scipy, matplotlib; "
-                  "print(numpy.arange(4).sum())'",
+        "print(numpy.arange(4).sum())'",
         "node": "node -e 'console.log(6*7)' && npm --version",
     }[name]
     code, out, err = await _run(img, check)
@@ -54,16 +61,32 @@ async def test_templates_boot(template_store: ImageStore, name: str) -> None:
     assert {"base": "bookworm", "python": "6", "node": "42"}[name] in out
 
 
-async def test_busybox_image_by_tag_and_digest_with_config(store: ImageStore, registry: Registry,
-                                                           tmp_path: Path) -> None:
+async def test_busybox_image_by_tag_and_digest_with_config(
+    store: ImageStore, registry: Registry, tmp_path: Path
+) -> None:
     _guest_ready()
     lay = ob.Layout(tmp_path / "bb")
-    lay.tag(lay.manifest(
-        [ob.busybox_tree([ob.dir_("work", uid=1000, gid=1000),
-                          ob.file("etc/passwd", "root:x:0:0::/root:/bin/sh\n"
-                                  "app:x:1000:1000::/work:/bin/sh\n")])],
-        config={"Env": ["PATH=/bin", "GREETING=hi there"], "WorkingDir": "/work",
-                "User": "1000:1000"}), "t")
+    lay.tag(
+        lay.manifest(
+            [
+                ob.busybox_tree(
+                    [
+                        ob.dir_("work", uid=1000, gid=1000),
+                        ob.file(
+                            "etc/passwd",
+                            "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/work:/bin/sh\n",
+                        ),
+                    ]
+                )
+            ],
+            config={
+                "Env": ["PATH=/bin", "GREETING=hi there"],
+                "WorkingDir": "/work",
+                "User": "1000:1000",
+            },
+        ),
+        "t",
+    )
     digest = registry.push(f"oci:{lay.path}:t", "boot/bb:1")
     for ref in (f"{registry.host}/boot/bb:1", f"{registry.host}/boot/bb@{digest}"):
         img = await store.ensure(ref)

@@ -14,8 +14,13 @@ from isorun.images import ImageInUseError, ImageNotFoundError, ImageStore
 
 def _layout(tmp: Path, name: str, marker: str) -> Path:
     lay = ob.Layout(tmp / name)
-    lay.tag(lay.manifest([ob.busybox_tree([ob.file("MARK", marker)])],
-                         config={"Env": ["X=1"], "WorkingDir": "/tmp"}), "t")
+    lay.tag(
+        lay.manifest(
+            [ob.busybox_tree([ob.file("MARK", marker)])],
+            config={"Env": ["X=1"], "WorkingDir": "/tmp"},
+        ),
+        "t",
+    )
     return lay.path
 
 
@@ -32,8 +37,11 @@ async def test_import_oci_layout(store: ImageStore, tmp_path: Path) -> None:
 async def test_import_docker_archive(store: ImageStore, tmp_path: Path) -> None:
     lay = _layout(tmp_path, "lay", "docker-save")
     tar = tmp_path / "saved.tar"
-    subprocess.run(["skopeo", "copy", "--quiet", f"oci:{lay}:t",
-                    f"docker-archive:{tar}:acme/app:1"], check=True, capture_output=True)
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", f"oci:{lay}:t", f"docker-archive:{tar}:acme/app:1"],
+        check=True,
+        capture_output=True,
+    )
     img = await store.ensure(f"docker-archive:{tar}")
     assert ext4_cat(img.rootfs, "/MARK") == "docker-save"
     assert img.config.env["X"] == "1"
@@ -41,8 +49,9 @@ async def test_import_docker_archive(store: ImageStore, tmp_path: Path) -> None:
     assert again.digest == img.digest and store.stats.conversions == 1
 
 
-async def test_list_inspect_remove_gc_usage(store: ImageStore, registry: Registry,
-                                            tmp_path: Path) -> None:
+async def test_list_inspect_remove_gc_usage(
+    store: ImageStore, registry: Registry, tmp_path: Path
+) -> None:
     registry.push(f"oci:{_layout(tmp_path, 'a', 'a')}:t", "mgmt-a:1")
     a = await store.ensure(f"{registry.host}/mgmt-a:1")
     b = await store.ensure(f"oci-layout:{_layout(tmp_path, 'b', 'b')}:t")

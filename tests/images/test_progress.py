@@ -26,8 +26,9 @@ def _phases(events: list[ProgressEvent]) -> list[str]:
     return out
 
 
-async def test_pull_reports_phases_then_cached(store: ImageStore, registry: Registry,
-                                               tmp_path: Path) -> None:
+async def test_pull_reports_phases_then_cached(
+    store: ImageStore, registry: Registry, tmp_path: Path
+) -> None:
     digest = _push_busybox(registry, tmp_path, "progress/bb:v1")
     ref = f"{registry.host}/progress/bb:v1"
     events: list[ProgressEvent] = []

@@ -21,14 +21,18 @@ CONFIG = {
 
 def busybox_layout(tmp: Path, tag: str = "v1", compression: ob.Compression = "gzip") -> Path:
     lay = ob.Layout(tmp / f"bb-{compression}")
-    desc = lay.manifest([ob.busybox_tree([ob.dir_("srv"), ob.dir_("srv/app")])],
-                        config=CONFIG, compression=compression)
+    desc = lay.manifest(
+        [ob.busybox_tree([ob.dir_("srv"), ob.dir_("srv/app")])],
+        config=CONFIG,
+        compression=compression,
+    )
     lay.tag(desc, tag)
     return lay.path
 
 
-async def test_pull_by_tag_and_digest(store: ImageStore, registry: Registry,
-                                      tmp_path: Path) -> None:
+async def test_pull_by_tag_and_digest(
+    store: ImageStore, registry: Registry, tmp_path: Path
+) -> None:
     digest = registry.push(f"oci:{busybox_layout(tmp_path)}:v1", "busybox:v1")
     img = await store.ensure(f"{registry.host}/busybox:v1")
     assert img.digest == digest
@@ -48,25 +52,35 @@ async def test_pull_by_tag_and_digest(store: ImageStore, registry: Registry,
     assert_store_intact(store)
 
 
-async def test_schema2_push_and_short_name_defaults(store: ImageStore, registry: Registry,
-                                                    tmp_path: Path) -> None:
+async def test_schema2_push_and_short_name_defaults(
+    store: ImageStore, registry: Registry, tmp_path: Path
+) -> None:
     digest = registry.push(f"oci:{busybox_layout(tmp_path)}:v1", "lib/bb-s2:1", fmt="v2s2")
     img = await store.ensure(f"{registry.host}/lib/bb-s2:1")
     assert img.digest == digest
     assert img.config.working_dir == "/srv/app"
 
 
-async def test_layers_whiteouts_links_devices_xattrs(store: ImageStore, registry: Registry,
-                                                     tmp_path: Path) -> None:
+async def test_layers_whiteouts_links_devices_xattrs(
+    store: ImageStore, registry: Registry, tmp_path: Path
+) -> None:
     lay = ob.Layout(tmp_path / "multi")
-    l1 = ob.busybox_tree([
-        ob.dir_("data"), ob.file("data/keep", "keep"), ob.file("data/gone", "gone"),
-        ob.dir_("opq"), ob.file("opq/old1", "1"), ob.file("opq/old2", "2"),
-        ob.file("data/orig", "linked"), ob.hardlink("data/hl", "data/orig"),
-    ])
+    l1 = ob.busybox_tree(
+        [
+            ob.dir_("data"),
+            ob.file("data/keep", "keep"),
+            ob.file("data/gone", "gone"),
+            ob.dir_("opq"),
+            ob.file("opq/old1", "1"),
+            ob.file("opq/old2", "2"),
+            ob.file("data/orig", "linked"),
+            ob.hardlink("data/hl", "data/orig"),
+        ]
+    )
     l2 = [
         ob.whiteout("data/gone"),
-        ob.opaque("opq"), ob.file("opq/new", "new"),
+        ob.opaque("opq"),
+        ob.file("opq/new", "new"),
         ob.Entry("dev/mynull", kind="chardev", devmajor=1, devminor=3, mode=0o666),
         ob.Entry("dev/myblk", kind="blockdev", devmajor=7, devminor=0, mode=0o660),
         ob.Entry("dev/fifo", kind="fifo", mode=0o600),
@@ -97,8 +111,9 @@ async def test_layers_whiteouts_links_devices_xattrs(store: ImageStore, registry
     assert link and link.kind == "symlink" and "/etc/os-release" in link.raw
 
 
-async def test_multi_arch_index_picks_linux_amd64(store: ImageStore, registry: Registry,
-                                                  tmp_path: Path) -> None:
+async def test_multi_arch_index_picks_linux_amd64(
+    store: ImageStore, registry: Registry, tmp_path: Path
+) -> None:
     lay = ob.Layout(tmp_path / "multiarch")
     amd = lay.manifest([ob.busybox_tree([ob.file("ARCH", "amd64")])], arch="amd64")
     arm = lay.manifest([ob.busybox_tree([ob.file("ARCH", "arm64")])], arch="arm64")
@@ -111,8 +126,9 @@ async def test_multi_arch_index_picks_linux_amd64(store: ImageStore, registry: R
     assert again.digest == img.digest and store.stats.conversions == 1
 
 
-async def test_index_without_our_platform_is_refused(store: ImageStore, registry: Registry,
-                                                     tmp_path: Path) -> None:
+async def test_index_without_our_platform_is_refused(
+    store: ImageStore, registry: Registry, tmp_path: Path
+) -> None:
     lay = ob.Layout(tmp_path / "armonly")
     arm = lay.manifest([ob.busybox_tree()], arch="arm64")
     lay.tag(lay.image_index([arm]), "arm")

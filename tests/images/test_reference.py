@@ -14,19 +14,22 @@ pytestmark = pytest.mark.no_tools
 D = "sha256:" + "ab" * 32
 
 
-@pytest.mark.parametrize(("ref", "name"), [
-    ("python:3.12", "docker.io/library/python:3.12"),
-    ("python", "docker.io/library/python:latest"),
-    ("acme/env", "docker.io/acme/env:latest"),
-    ("docker.io/python:3", "docker.io/library/python:3"),
-    ("index.docker.io/library/python:3", "docker.io/library/python:3"),
-    (f"ghcr.io/acme/agent-env@{D}", f"ghcr.io/acme/agent-env@{D}"),
-    (f"ghcr.io/acme/agent-env:1.0@{D}", f"ghcr.io/acme/agent-env@{D}"),
-    ("localhost:5000/x", "localhost:5000/x:latest"),
-    ("localhost/x:y", "localhost/x:y"),
-    ("127.0.0.1:5000/a/b/c:v1.2-rc_3", "127.0.0.1:5000/a/b/c:v1.2-rc_3"),
-    ("docker://quay.io/x/y:z", "quay.io/x/y:z"),
-])
+@pytest.mark.parametrize(
+    ("ref", "name"),
+    [
+        ("python:3.12", "docker.io/library/python:3.12"),
+        ("python", "docker.io/library/python:latest"),
+        ("acme/env", "docker.io/acme/env:latest"),
+        ("docker.io/python:3", "docker.io/library/python:3"),
+        ("index.docker.io/library/python:3", "docker.io/library/python:3"),
+        (f"ghcr.io/acme/agent-env@{D}", f"ghcr.io/acme/agent-env@{D}"),
+        (f"ghcr.io/acme/agent-env:1.0@{D}", f"ghcr.io/acme/agent-env@{D}"),
+        ("localhost:5000/x", "localhost:5000/x:latest"),
+        ("localhost/x:y", "localhost/x:y"),
+        ("127.0.0.1:5000/a/b/c:v1.2-rc_3", "127.0.0.1:5000/a/b/c:v1.2-rc_3"),
+        ("docker://quay.io/x/y:z", "quay.io/x/y:z"),
+    ],
+)
 def test_registry_refs(ref: str, name: str) -> None:
     assert parse_reference(ref).name() == name
 
@@ -49,11 +52,26 @@ def test_offline_refs() -> None:
     assert r.skopeo() == "docker-archive:/tmp/x.tar"
 
 
-@pytest.mark.parametrize("ref", [
-    "", "  ", "UPPER/case", "python:", "python:-bad", "x@sha256:123", "x@md5:" + "a" * 32,
-    "a b", "oci-layout:relative/dir", "docker-archive:x.tar", "template:../etc",
-    "x" * 5000, "repo//double", "python:" + "t" * 200, "bad\x00byte",
-])
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "",
+        "  ",
+        "UPPER/case",
+        "python:",
+        "python:-bad",
+        "x@sha256:123",
+        "x@md5:" + "a" * 32,
+        "a b",
+        "oci-layout:relative/dir",
+        "docker-archive:x.tar",
+        "template:../etc",
+        "x" * 5000,
+        "repo//double",
+        "python:" + "t" * 200,
+        "bad\x00byte",
+    ],
+)
 def test_invalid_refs(ref: str) -> None:
     with pytest.raises(InvalidReferenceError):
         parse_reference(ref)

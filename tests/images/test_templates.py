@@ -19,8 +19,15 @@ def test_builtin_definitions() -> None:
     base, py, node = ts.get("base"), ts.get("python"), ts.get("node")
     for pkg in ("bash", "coreutils", "ca-certificates", "git", "curl"):
         assert pkg in base.packages and pkg in py.packages and pkg in node.packages
-    for pkg in ("python3", "python3-pip", "python3-venv", "python3-numpy", "python3-pandas",
-                "python3-scipy", "python3-matplotlib"):
+    for pkg in (
+        "python3",
+        "python3-pip",
+        "python3-venv",
+        "python3-numpy",
+        "python3-pandas",
+        "python3-scipy",
+        "python3-matplotlib",
+    ):
         assert pkg in py.packages
     assert {"nodejs", "npm"} <= set(node.packages)
     assert py.env["LANG"] == "C.UTF-8" and py.env["PYTHONUNBUFFERED"] == "1"
@@ -57,9 +64,14 @@ def test_user_templates_override_and_validate(tmp_path: Path) -> None:
 
 def test_base_template(base_image: Image) -> None:
     r = base_image.rootfs
-    assert 'VERSION_CODENAME=bookworm' in ext4_cat(r, "/usr/lib/os-release")
-    for path in ("/usr/bin/bash", "/usr/bin/git", "/usr/bin/curl", "/usr/bin/ls",
-                 "/etc/ssl/certs/ca-certificates.crt"):
+    assert "VERSION_CODENAME=bookworm" in ext4_cat(r, "/usr/lib/os-release")
+    for path in (
+        "/usr/bin/bash",
+        "/usr/bin/git",
+        "/usr/bin/curl",
+        "/usr/bin/ls",
+        "/etc/ssl/certs/ca-certificates.crt",
+    ):
         assert ext4_stat(r, path) is not None, path
     assert ext4_ls(r, "/usr/share/man") == []  # path_exclude honoured
     assert base_image.config.env["LANG"] == "C.UTF-8"
@@ -85,8 +97,10 @@ async def test_big_templates(template_store: ImageStore, name: str) -> None:
     img = await template_store.ensure(name)
     took = time.monotonic() - t0
     built = template_store.stats.conversions > before
-    print(f"\n[images] template {name}: {took:.1f}s ({'built' if built else 'cached'}), "
-          f"{img.content_bytes / 2**20:.0f} MiB content, {img.disk_bytes / 2**20:.0f} MiB disk")
+    print(
+        f"\n[images] template {name}: {took:.1f}s ({'built' if built else 'cached'}), "
+        f"{img.content_bytes / 2**20:.0f} MiB content, {img.disk_bytes / 2**20:.0f} MiB disk"
+    )
     r = img.rootfs
     if name == "python":
         assert ext4_stat(r, "/usr/bin/python3") is not None
