@@ -77,27 +77,12 @@ def bare_boot(kernel: Path, initramfs: Path, accel_name: str) -> float:
         path = f"{tmp}/console.sock"
         lsock.bind(path)
         lsock.listen(1)
-        accel_arg = "kvm" if accel_name == "kvm" else f"tcg,tb-size={qemu_cmd.TCG_TB_MIB}"
         t0 = time.monotonic()
         proc = subprocess.Popen(
             [
-                artifacts.qemu_binary(),
-                "-M",
-                "microvm,pit=on,pic=on,rtc=on,isa-serial=on,acpi=off",
-                "-accel",
-                accel_arg,
-                "-cpu",
-                "host" if accel_name == "kvm" else "max",
-                "-m",
-                "256M",
-                "-nodefaults",
-                "-no-user-config",
-                "-nographic",
-                "-no-reboot",
-                "-kernel",
-                str(kernel),
-                "-initrd",
-                str(initramfs),
+                *qemu_cmd.machine_args(
+                    artifacts.qemu_binary(), accel_name, 1, 256, kernel, initramfs
+                ),
                 "-append",
                 qemu_cmd.kernel_cmdline(False, "", accel_name),
                 "-chardev",

@@ -37,7 +37,7 @@ class LaunchFiles:
 TCG_ONLY_CMDLINE = ("noapictimer", "noreplace-smp")
 
 
-def kernel_cmdline(has_root: bool, extra: str, accel: str = "tcg") -> str:
+def kernel_cmdline(has_root: bool, extra: str, accel: str) -> str:
     parts = [
         "console=ttyS0",
         "quiet",
@@ -58,6 +58,35 @@ def kernel_cmdline(has_root: bool, extra: str, accel: str = "tcg") -> str:
     return " ".join(parts)
 
 
+def machine_args(
+    qemu: str, accel: str, vcpus: int, memory_mib: int, kernel: Path, initramfs: Path
+) -> list[str]:
+    """The machine itself: accelerator, CPU, memory, kernel and initramfs (no devices, no
+    command line). The boot benchmark's bare baseline starts from exactly these."""
+    accel_arg = "kvm" if accel == "kvm" else f"tcg,tb-size={TCG_TB_MIB}"
+    return [
+        qemu,
+        "-M",
+        "microvm,pit=on,pic=on,rtc=on,isa-serial=on,acpi=off",
+        "-accel",
+        accel_arg,
+        "-cpu",
+        "host" if accel == "kvm" else "max",
+        "-smp",
+        str(vcpus),
+        "-m",
+        f"{memory_mib}M",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initramfs),
+    ]
+
+
 def build(
     qemu: str,
     accel: str,
@@ -69,28 +98,8 @@ def build(
     chroot: Path | None = None,
     sandbox: bool = True,
 ) -> list[str]:
-    accel_arg = "kvm" if accel == "kvm" else f"tcg,tb-size={TCG_TB_MIB}"
-    cpu = "host" if accel == "kvm" else "max"
     argv = [
-        qemu,
-        "-M",
-        "microvm,pit=on,pic=on,rtc=on,isa-serial=on,acpi=off",
-        "-accel",
-        accel_arg,
-        "-cpu",
-        cpu,
-        "-smp",
-        str(vcpus),
-        "-m",
-        f"{memory_mib}M",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-kernel",
-        str(files.kernel),
-        "-initrd",
-        str(files.initramfs),
+        *machine_args(qemu, accel, vcpus, memory_mib, files.kernel, files.initramfs),
         "-append",
         kernel_cmdline(files.rootfs is not None, extra_cmdline, accel),
         "-chardev",

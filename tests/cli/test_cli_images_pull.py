@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemonhelpers import Daemon, assert_no_leaks
+from daemonhelpers import Daemon, running_daemon
 from pullhelpers import Registry, push_busybox, registry
 
 pytestmark = pytest.mark.vm
@@ -25,14 +25,8 @@ CLI = [sys.executable, "-m", "isorun.cli"]
 
 @pytest.fixture(scope="module")
 def pull_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    root = tmp_path_factory.mktemp("isorund-cli-pull")
-    d = Daemon(root, ISORUN_DEFAULT_MEMORY_MIB="256", ISORUN_IMAGE_DIR=str(root / "images"))
-    d.start()
-    try:
+    with running_daemon(tmp_path_factory.mktemp("isorund-cli-pull"), own_images=True) as d:
         yield d
-    finally:
-        d.stop()
-        assert_no_leaks(d)
 
 
 def _on_pty(argv: list[str], env: dict[str, str], timeout: float = 120) -> tuple[int, str]:

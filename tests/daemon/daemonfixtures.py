@@ -7,20 +7,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemonhelpers import Daemon, assert_no_leaks
+from daemonhelpers import Daemon, running_daemon
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, busybox_rootfs: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("isorund"), ISORUN_DEFAULT_MEMORY_MIB="256").start()
-    try:
+    with running_daemon(tmp_path_factory.mktemp("isorund")) as d:
         yield d
-    finally:
-        with d.client() as c:
-            for sb in c.get("/v1/sandboxes").json().get("sandboxes", []):
-                c.delete(f"/v1/sandboxes/{sb['id']}")
-        d.stop()
-        assert_no_leaks(d)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,24 @@ def assert_no_leaks(d: Daemon) -> None:
         time.sleep(0.1)
     assert qemu_pids_for(d.state) == [], "QEMU processes left behind"
     assert d.vm_dirs() == [], f"VM run dirs left behind: {d.vm_dirs()}"
+
+
+@contextmanager
+def running_daemon(root: Path, own_images: bool = False, **env: str) -> Iterator[Daemon]:
+    """A started isorund (256 MiB guests) under `root`; on exit its sandboxes are deleted,
+    it is stopped, and nothing may be left behind. `own_images` gives it an empty image
+    store of its own (for pull tests) instead of the shared cache."""
+    if own_images:
+        env.setdefault("ISORUN_IMAGE_DIR", str(root / "images"))
+    d = Daemon(root, ISORUN_DEFAULT_MEMORY_MIB="256", **env).start()
+    try:
+        yield d
+    finally:
+        with d.client() as c:
+            for sb in c.get("/v1/sandboxes").json().get("sandboxes", []):
+                c.delete(f"/v1/sandboxes/{sb['id']}")
+        d.stop()
+        assert_no_leaks(d)
 
 
 def ndjson(resp: httpx.Response) -> list[dict[str, Any]]:

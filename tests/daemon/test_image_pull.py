@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemonhelpers import Daemon, assert_no_leaks, ndjson
+from daemonhelpers import Daemon, ndjson, running_daemon
 from pullhelpers import Registry, fold_phases, push_busybox, registry
 
 pytestmark = pytest.mark.vm
@@ -22,17 +22,8 @@ IMAGE_PHASES = ["resolving", "pulling", "unpacking", "converting", "done"]
 
 @pytest.fixture(scope="module")
 def pull_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    root = tmp_path_factory.mktemp("isorund-pull")
-    d = Daemon(root, ISORUN_DEFAULT_MEMORY_MIB="256", ISORUN_IMAGE_DIR=str(root / "images"))
-    d.start()
-    try:
+    with running_daemon(tmp_path_factory.mktemp("isorund-pull"), own_images=True) as d:
         yield d
-    finally:
-        with d.client() as c:
-            for sb in c.get("/v1/sandboxes").json().get("sandboxes", []):
-                c.delete(f"/v1/sandboxes/{sb['id']}")
-        d.stop()
-        assert_no_leaks(d)
 
 
 def test_pull_streams_phases_then_the_image(

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemonhelpers import Daemon, assert_no_leaks
+from daemonhelpers import running_daemon
 from pullhelpers import Registry, fold_phases, push_busybox, registry
 
 from isorun import AsyncImages, Images, NotFoundError, PullProgress, Sandbox
@@ -19,14 +19,8 @@ __all__ = ["registry"]
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("isorund-sdk-pull")
-    d = Daemon(root, ISORUN_DEFAULT_MEMORY_MIB="256", ISORUN_IMAGE_DIR=str(root / "images"))
-    d.start()
-    try:
+    with running_daemon(tmp_path_factory.mktemp("isorund-sdk-pull"), own_images=True) as d:
         yield f"unix:{d.sock}"
-    finally:
-        d.stop()
-        assert_no_leaks(d)
 
 
 def test_pull_reports_progress_and_returns_the_image(

@@ -7,8 +7,6 @@ import (
 	"io"
 	"os"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // Main is the agent entry point. As PID 1 it sets the guest up and serves
@@ -102,13 +100,6 @@ func openPort(s *Server) *os.File {
 			warned = true
 		}
 	}
-}
-
-// uptimeMS is the guest's CLOCK_MONOTONIC: the time since the kernel started.
-func uptimeMS() int64 {
-	var ts unix.Timespec
-	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
-	return ts.Sec*1000 + ts.Nsec/1_000_000
 }
 
 // primeRequestPath runs a hello's decoding and encoding once, off the wire.
