@@ -25,6 +25,9 @@ CREDIT_BATCH = WINDOW // 4
 # which back-pressures the guest through the transport.
 QUEUE_FRAMES = 512
 HELLO_SCAN_LIMIT = 1 << 20
+# asyncio's buffer limit for an agent stream: a few whole frames.
+STREAM_LIMIT = frames.MAX_PAYLOAD * 4
+StreamPair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 IO_CHUNK = 32768
 
 
@@ -120,7 +123,8 @@ class Channel:
 
 
 class AgentConnection:
-    """The host end of one agent stream (a unix socket to QEMU's virtio-serial chardev)."""
+    """The host end of one agent stream: a unix socket to QEMU's virtio-serial chardev,
+    or a vsock connection straight to the guest."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
@@ -136,12 +140,19 @@ class AgentConnection:
 
     @classmethod
     async def open_unix(cls, path: str, timeout: float = 10.0) -> AgentConnection:
+        connect = asyncio.open_unix_connection(path, limit=STREAM_LIMIT)
+        return await cls.open(connect, f"the agent socket {path}", timeout)
+
+    @classmethod
+    async def open(
+        cls, connect: Awaitable[StreamPair], what: str, timeout: float = 10.0
+    ) -> AgentConnection:
+        """Connect through `connect` (an agent stream of any transport), then say hello;
+        each step within `timeout`. `what` names the endpoint in errors."""
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(path, limit=frames.MAX_PAYLOAD * 4), timeout
-            )
+            reader, writer = await asyncio.wait_for(connect, timeout)
         except OSError as exc:
-            raise ChannelClosedError(f"cannot connect to the agent socket {path}: {exc}") from exc
+            raise ChannelClosedError(f"cannot connect to {what}: {exc}") from exc
         conn = cls(reader, writer)
         try:
             await conn.handshake(timeout)

@@ -16,14 +16,16 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from isorun.agent import AgentClient, AgentConnection
+from isorun.agent.mux import STREAM_LIMIT
 from isorun.errors import BootTimeout, ChannelClosedError, ConfigError, IsorunError, VMError
 from isorun.vmm import accel as accel_mod
-from isorun.vmm import artifacts, jail, qemu_cmd, scratch
+from isorun.vmm import artifacts, jail, qemu_cmd, scratch, vsock
 from isorun.vmm.cgroup import VMCgroup
 from isorun.vmm.console import ConsoleLog
 from isorun.vmm.process import VMProcess, alive, cmdline
@@ -58,11 +60,14 @@ class MicroVM:
         spec: VMSpec,
         accel: accel_mod.AccelChoice,
         run_dir: Path | None = None,
+        channel: vsock.ChannelChoice | None = None,
     ):
         self.id = vm_id
         self.spec = spec
         self.run_dir = run_dir or state_root() / "vms" / vm_id
         self.accel = accel
+        self.channel = channel or vsock.ChannelChoice("serial", "default")
+        self.vsock_cid: int | None = None  # set once a vsock channel has its CID
         self.boot_ms: float = 0.0
         self.started_at = time.monotonic()
         self.agent: AgentClient
@@ -88,10 +93,11 @@ class MicroVM:
         initramfs = artifacts.initramfs_path(spec.initramfs)
         qemu = artifacts.qemu_binary()
         choice = accel_mod.detect(spec.accel)
+        channel = vsock.choose(spec.channel)
         last: IsorunError | None = None
         # A boot that hangs is retried with a fresh VM (DESIGN.md §4: ~1 PVH boot in 13).
         for _ in range(spec.boot_attempts):
-            vm = cls(uuid.uuid4().hex[:12], spec, choice)
+            vm = cls(uuid.uuid4().hex[:12], spec, choice, channel=channel)
             try:
                 await vm._launch(qemu, kernel, initramfs)
                 return vm
@@ -119,13 +125,16 @@ class MicroVM:
                 labels=dict(state.get("labels") or {}),
             )
             accel = accel_mod.AccelChoice(str(state["accel"]), "adopted")
+            channel = vsock.ChannelChoice(str(state.get("channel", "serial")), "adopted")
+            cid = state.get("vsock_cid")
             started_unix = float(state.get("started_unix", time.time()))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise VMError(f"cannot adopt {run_dir}: unreadable vm.json ({exc})", "gone") from exc
         pid = running_pid(run_dir)
         if pid is None:
             raise VMError(f"VM {vm_id} is no longer running", "gone")
-        vm = cls(vm_id, spec, accel, run_dir)
+        vm = cls(vm_id, spec, accel, run_dir, channel)
+        vm.vsock_cid = int(cid) if channel.name == "vsock" and cid is not None else None
         vm.started_unix = started_unix
         vm.started_at = time.monotonic() - max(0.0, time.time() - started_unix)
         vm._proc = VMProcess(pid)
@@ -134,7 +143,7 @@ class MicroVM:
             console_r, console_w = await asyncio.open_unix_connection(str(run_dir / "console.sock"))
             vm.console.start(console_r, console_w)
             await vm._qmp.connect(run_dir / "qmp.sock")
-            conn = await _reconnect_agent(run_dir / "agent.sock", timeout)
+            conn = await _reconnect_agent(vm._open_agent, timeout)
         except BaseException:
             vm._supervisor.cancel()
             await vm._qmp.close()
@@ -166,6 +175,11 @@ class MicroVM:
         listeners = {
             name: _listen(self.run_dir / f"{name}.sock") for name in ("agent", "qmp", "console")
         }
+        pass_fds = [s.fileno() for s in listeners.values()]
+        lease = vsock.CidLease.reserve() if self.channel.name == "vsock" else None
+        if lease is not None:
+            self.vsock_cid = lease.cid
+            pass_fds.append(lease.fd)
         files = qemu_cmd.LaunchFiles(
             kernel=kernel,
             initramfs=initramfs,
@@ -174,6 +188,9 @@ class MicroVM:
             agent_fd=listeners["agent"].fileno(),
             qmp_fd=listeners["qmp"].fileno(),
             console_fd=listeners["console"].fileno(),
+            vsock_fd=lease.fd if lease else None,
+            vsock_cid=lease.cid if lease else None,
+            vsock_port=vsock.AGENT_PORT if lease else 0,
         )
         jailed = self.spec.jail and os.geteuid() == 0
         run_as = jail.qemu_user() if jailed else None
@@ -202,15 +219,12 @@ class MicroVM:
                 ) from exc
         (self.run_dir / "argv.json").write_text(json.dumps(argv))
         try:
-            self._proc = VMProcess.spawn(
-                argv,
-                self.run_dir / "qemu.stderr",
-                [s.fileno() for s in listeners.values()],
-                procs_files,
-            )
+            self._proc = VMProcess.spawn(argv, self.run_dir / "qemu.stderr", pass_fds, procs_files)
         finally:
             for s in listeners.values():
                 s.close()
+            if lease is not None:
+                lease.close()  # QEMU holds its own copy, and with it the CID
         self._write_state()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"vm:{self.id}")
         try:
@@ -230,12 +244,7 @@ class MicroVM:
         self.console.start(console_r, console_w)
         qmp_task = asyncio.create_task(self._qmp.connect(self.run_dir / "qmp.sock"))
 
-        async def hello() -> AgentConnection:
-            return await AgentConnection.open_unix(
-                str(self.run_dir / "agent.sock"), timeout=max(0.1, deadline - time.monotonic())
-            )
-
-        hello_task = asyncio.create_task(hello())
+        hello_task = asyncio.create_task(self._open_agent(max(0.1, deadline - time.monotonic())))
         exited = asyncio.create_task(self._exited.wait())
         done, _ = await asyncio.wait({hello_task, exited}, return_when=asyncio.FIRST_COMPLETED)
         failed = hello_task in done and hello_task.exception() is not None
@@ -260,6 +269,14 @@ class MicroVM:
             await asyncio.wait_for(qmp_task, max(0.1, deadline - time.monotonic()))
         except (TimeoutError, OSError, IsorunError) as exc:
             raise VMError(f"QMP monitor did not answer: {exc}", "qmp") from exc
+
+    async def _open_agent(self, timeout: float) -> AgentConnection:
+        """Connect to the agent over this VM's channel and say hello, within `timeout`."""
+        if self.channel.name == "vsock" and self.vsock_cid is not None:
+            stream = vsock.open_stream(self.vsock_cid, vsock.AGENT_PORT, STREAM_LIMIT, timeout)
+            what = f"the agent at vsock CID {self.vsock_cid} port {vsock.AGENT_PORT}"
+            return await AgentConnection.open(stream, what, timeout)
+        return await AgentConnection.open_unix(str(self.run_dir / "agent.sock"), timeout)
 
     def _on_guest_halt(self) -> None:
         if self._proc is not None:
@@ -368,6 +385,8 @@ class MicroVM:
             "id": self.id,
             "pid": self.pid,
             "accel": self.accel.name,
+            "channel": self.channel.name,
+            "vsock_cid": self.vsock_cid,
             "vcpus": self.spec.vcpus,
             "memory_mib": self.spec.memory_mib,
             "rootfs": str(self.spec.rootfs) if self.spec.rootfs else None,
@@ -384,7 +403,9 @@ class MicroVM:
             return ""
 
 
-async def _reconnect_agent(path: Path, timeout: float) -> AgentConnection:
+async def _reconnect_agent(
+    open_agent: Callable[[float], Awaitable[AgentConnection]], timeout: float
+) -> AgentConnection:
     """Say hello to a running guest, reconnecting if it does not answer: the guest may not
     yet have seen the previous host go away (seen ~1 time in 8 after a daemon restart), and a
     fresh connection makes QEMU signal the port closed and open again."""
@@ -393,12 +414,10 @@ async def _reconnect_agent(path: Path, timeout: float) -> AgentConnection:
     while True:
         left = deadline - time.monotonic()
         try:
-            return await AgentConnection.open_unix(str(path), timeout=min(attempt, max(0.1, left)))
+            return await open_agent(min(attempt, max(0.1, left)))
         except (TimeoutError, ChannelClosedError) as exc:
             if time.monotonic() + 0.05 >= deadline:
-                raise VMError(
-                    f"the guest agent at {path} did not answer hello: {exc!r}", "agent"
-                ) from exc
+                raise VMError(f"the guest agent did not answer hello: {exc!r}", "agent") from exc
             await asyncio.sleep(0.05)
 
 

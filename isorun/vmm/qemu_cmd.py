@@ -28,6 +28,10 @@ class LaunchFiles:
     agent_fd: int  # listening unix socket fds handed to QEMU
     qmp_fd: int
     console_fd: int
+    # A vhost-vsock fd with the guest CID already set (vsock.CidLease), or None.
+    vsock_fd: int | None = None
+    vsock_cid: int | None = None
+    vsock_port: int = 0
 
 
 # Under TCG two boot steps cost more than the rest of the kernel's boot put together:
@@ -37,7 +41,7 @@ class LaunchFiles:
 TCG_ONLY_CMDLINE = ("noapictimer", "noreplace-smp")
 
 
-def kernel_cmdline(has_root: bool, extra: str, accel: str) -> str:
+def kernel_cmdline(has_root: bool, extra: str, accel: str, vsock_port: int = 0) -> str:
     parts = [
         "console=ttyS0",
         "quiet",
@@ -53,6 +57,8 @@ def kernel_cmdline(has_root: bool, extra: str, accel: str) -> str:
         parts += TCG_ONLY_CMDLINE
     if has_root:
         parts += ["isorun.root=/dev/vda", "isorun.scratch=/dev/vdb"]
+    if vsock_port:
+        parts.append(f"isorun.vsock={vsock_port}")
     if extra:
         parts.append(extra)
     return " ".join(parts)
@@ -101,7 +107,7 @@ def build(
     argv = [
         *machine_args(qemu, accel, vcpus, memory_mib, files.kernel, files.initramfs),
         "-append",
-        kernel_cmdline(files.rootfs is not None, extra_cmdline, accel),
+        kernel_cmdline(files.rootfs is not None, extra_cmdline, accel, files.vsock_port),
         "-chardev",
         f"socket,id=console,fd={files.console_fd},server=on,wait=off",
         "-serial",
@@ -119,6 +125,11 @@ def build(
         "-device",
         "virtio-rng-device",
     ]
+    if files.vsock_fd is not None:
+        argv += [
+            "-device",
+            f"vhost-vsock-device,guest-cid={files.vsock_cid},vhostfd={files.vsock_fd}",
+        ]
     if files.rootfs is not None:
         argv += _disk("root", files.rootfs, readonly=True)
         argv += _disk("scratch", files.scratch, readonly=False)

@@ -21,6 +21,7 @@ class VMSpec:
     kernel: Path | None = None
     initramfs: Path | None = None
     accel: str | None = None  # auto | kvm | tcg
+    channel: str | None = None  # agent channel: auto | serial | vsock (ISORUN_CHANNEL)
     boot_timeout: float = 15.0
     boot_attempts: int = 2
     extra_cmdline: str = ""

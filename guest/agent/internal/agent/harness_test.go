@@ -47,9 +47,16 @@ func newClient(t *testing.T, srv *Server) *client {
 		srv = NewServer(time.Now())
 	}
 	a, b := socketpair(t)
+	c := dialedClient(t, srv, a)
+	go func() { c.done <- srv.ServeConn(b); b.Close() }()
+	return c
+}
+
+// dialedClient is a client on a connection some server already serves.
+func dialedClient(t *testing.T, srv *Server, a net.Conn) *client {
+	t.Helper()
 	c := &client{t: t, conn: a, chans: map[uint32]chan Frame{}, credit: true,
 		done: make(chan error, 1), srv: srv}
-	go func() { c.done <- srv.ServeConn(b); b.Close() }()
 	go c.readLoop()
 	t.Cleanup(func() {
 		c.mu.Lock()

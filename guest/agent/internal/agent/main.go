@@ -69,6 +69,17 @@ func runPID1(start time.Time) {
 		primeRequestPath(s)
 		s.ServePort(port)
 	}()
+	// vsock, where the host has it, is served beside the serial port (which
+	// QEMU always provides): the host picks one, and falls back to serial.
+	if port, err := parseVsockPort(string(cmdline)); err != nil {
+		s.logf("%v", err)
+	} else if port != 0 {
+		go func() {
+			if err := s.ServeVsock(port); err != nil {
+				s.logf("vsock port %d: %v", port, err)
+			}
+		}()
+	}
 	if err := setupRoot(string(cmdline)); err != nil {
 		s.RootError = err.Error()
 		s.logf("root filesystem: %v (serving from the initramfs)", err)

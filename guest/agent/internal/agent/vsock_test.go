@@ -1,0 +1,117 @@
+package agent
+
+import (
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/mdlayher/vsock"
+)
+
+func TestVsockPortParameter(t *testing.T) {
+	for _, tc := range []struct {
+		cmdline string
+		port    uint32
+		bad     bool
+	}{
+		{"console=ttyS0 quiet", 0, false},
+		{"quiet isorun.vsock=1024 panic=-1", 1024, false},
+		{"isorun.vsock=0", 0, true},
+		{"isorun.vsock=4294967295", 0, true}, // VMADDR_PORT_ANY
+		{"isorun.vsock=99999999999", 0, true},
+		{"isorun.vsock=12ab", 0, true},
+	} {
+		port, err := parseVsockPort(tc.cmdline)
+		if (err != nil) != tc.bad || port != tc.port {
+			t.Errorf("%q: port %d err %v", tc.cmdline, port, err)
+		}
+	}
+}
+
+func TestOnlyTheHostCIDMayConnect(t *testing.T) {
+	for _, tc := range []struct {
+		addr net.Addr
+		ok   bool
+	}{
+		{&vsock.Addr{ContextID: vsock.Host, Port: 51234}, true},
+		{&vsock.Addr{ContextID: vsock.Local, Port: 51234}, false}, // a guest process
+		{&vsock.Addr{ContextID: vsock.Hypervisor, Port: 1}, false},
+		{&vsock.Addr{ContextID: 3, Port: 1}, false}, // another guest
+		{&net.UnixAddr{Name: "@x", Net: "unix"}, false},
+	} {
+		if fromHost(tc.addr) != tc.ok {
+			t.Errorf("fromHost(%v) = %v", tc.addr, !tc.ok)
+		}
+	}
+}
+
+// rawHello says hello on c and returns the answer's nonce, or the read error.
+func rawHello(t *testing.T, c net.Conn, nonce string) (string, error) {
+	t.Helper()
+	req, _ := json.Marshal(map[string]any{"op": "hello", "nonce": nonce})
+	if _, err := c.Write(EncodeFrame(0, KindReq, req)); err != nil {
+		return "", err
+	}
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	f, err := NewFrameReader(c).Read()
+	if err != nil {
+		return "", err
+	}
+	var resp map[string]any
+	if err := json.Unmarshal(f.Payload, &resp); err != nil {
+		t.Fatalf("hello answer %q: %v", f.Payload, err)
+	}
+	nonce, _ = resp["nonce"].(string)
+	return nonce, nil
+}
+
+// The accept loop behind ServeVsock, on a unix listener: a refused peer is
+// closed unanswered; of two accepted hosts the newer one wins.
+func TestHostConnectionsRefuseOthersAndNewestWins(t *testing.T) {
+	l, err := net.Listen("unix", filepath.Join(t.TempDir(), "agent.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	verdicts := make(chan bool, 3)
+	verdicts <- false
+	verdicts <- true
+	verdicts <- true
+	srv := NewServer(time.Now())
+	served := make(chan error, 1)
+	go func() { served <- srv.serveHostConns(l, func(net.Addr) bool { return <-verdicts }) }()
+	dial := func() net.Conn {
+		c, err := net.Dial("unix", l.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+
+	stranger := dial()
+	// Closed unanswered: the write or the read fails, depending on timing.
+	if n, err := rawHello(t, stranger, "stranger"); err == nil {
+		t.Fatalf("a refused peer was answered: %q", n)
+	}
+	first := dial()
+	if n, err := rawHello(t, first, "first"); err != nil || n != "first" {
+		t.Fatalf("host: %q, %v", n, err)
+	}
+	second := dial()
+	if n, err := rawHello(t, second, "second"); err != nil || n != "second" {
+		t.Fatalf("new host: %q, %v", n, err)
+	}
+	_ = first.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := NewFrameReader(first).Read(); !errors.Is(err, io.EOF) {
+		t.Fatalf("the replaced host's connection: %v; want EOF", err)
+	}
+	l.Close()
+	if err := <-served; !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("accept loop ended with %v", err)
+	}
+}
