@@ -175,3 +175,14 @@ async def test_signal_reaches_the_process_and_is_reported(vm: MicroVM) -> None:
     await vm.agent.signal(proc_id, 15)
     r = await vm.agent.attach(proc_id)
     assert (r.exit_code, r.signal) == (None, 15)
+
+
+async def test_a_tcg_guest_copies_memory_without_byte_wise_rep_movsb(vm: MicroVM) -> None:
+    # TCG runs `rep movsb` a byte per iteration: the guest must not be told it is fast
+    # (qemu_cmd.TCG_CPU), or every copy in its kernel and libc takes that path.
+    if vm.accel.name != "tcg":
+        pytest.skip("a KVM guest sees the host's CPU")
+    r = await vm.agent.exec("grep -m1 '^flags' /proc/cpuinfo")
+    flags = set(r.stdout.decode().split(":", 1)[1].split())
+    assert {"sse2", "avx2"} <= flags  # still the full TCG CPU
+    assert not flags & {"erms", "fsrm"}
