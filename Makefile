@@ -32,7 +32,9 @@ lint: venv
 	$(VENV)/bin/mypy isorun
 
 test-go:
-	cd guest/agent && go vet ./... && go test -count=1 ./...
+	cd guest/agent && unformatted="$$(gofmt -l .)" && \
+		{ [ -z "$$unformatted" ] || { echo "gofmt needed: $$unformatted"; exit 1; }; } && \
+		go vet ./... && go test -count=1 ./...
 
 test-py: venv
 	$(VENV)/bin/pytest -ra

@@ -65,7 +65,7 @@ func agent(port uint32) string {
 	hello := []byte(`{"op":"hello","nonce":"probe"}`)
 	frame := make([]byte, 9, 9+len(hello))
 	binary.BigEndian.PutUint32(frame[0:], uint32(len(hello)))
-	frame[8] = 1 // REQ on channel 0
+	frame[8] = 1                            // REQ on channel 0
 	_, _ = c.Write(append(frame, hello...)) // may fail if already closed
 	n, err := c.Read(make([]byte, 1))
 	switch {

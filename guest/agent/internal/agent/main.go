@@ -67,6 +67,7 @@ func runPID1(start time.Time) {
 		port := openPort(s)
 		boot.Mark("port")
 		primeRequestPath(s)
+		trace("primed")
 		s.ServePort(port)
 	}()
 	// vsock, where the host has it, is served beside the serial port (which

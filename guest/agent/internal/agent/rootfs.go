@@ -99,6 +99,7 @@ func setupRoot(cmdline string) (err error) {
 	if err := waitFor(root, devWait); err != nil {
 		return err
 	}
+	trace("root disk")
 	if err := mount(root, imageDir, "ext4", unix.MS_RDONLY, ""); err != nil {
 		return err
 	}
@@ -123,9 +124,11 @@ func setupRoot(cmdline string) (err error) {
 			return err
 		}
 	}
+	trace("upper and work")
 	if err := matchOwnerAndMode(upper, imageDir); err != nil {
 		return err
 	}
+	trace("owner")
 	opts := "lowerdir=" + imageDir + ",upperdir=" + upper + ",workdir=" + work
 	if err := mount("overlay", newRoot, "overlay", 0, opts); err != nil {
 		return err

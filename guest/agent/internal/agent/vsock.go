@@ -2,19 +2,14 @@ package agent
 
 import (
 	"errors"
+	"fmt"
 	"io"
-	"net"
+	"os"
 	"strconv"
 	"sync"
 
-	"github.com/mdlayher/vsock"
 	"golang.org/x/sys/unix"
 )
-
-// hostCID is the only peer the agent talks to over vsock. Without this check
-// a process inside the guest could reach the agent through the loopback
-// transport (CID 1) and run anything as root, whatever user it runs as.
-const hostCID = vsock.Host
 
 // parseVsockPort reads the isorun.vsock= kernel parameter: the port to serve
 // on, or 0 when the host talks over virtio-serial only.
@@ -33,29 +28,59 @@ func parseVsockPort(cmdline string) (uint32, error) {
 // ServeVsock accepts host connections on a vsock port until the listener
 // fails. The newest host connection wins: a restarted daemon's connection
 // replaces its predecessor's, as a new hello does on the serial port.
+//
+// Plain syscalls from x/sys/unix rather than a vsock package built on `net`:
+// linking `net` costs every boot its package init and ~190 KB more
+// initramfs to unpack, 5-15 ms under TCG, for four calls.
 func (s *Server) ServeVsock(port uint32) error {
+	fd, err := unix.Socket(unix.AF_VSOCK, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("vsock socket: %w", err)
+	}
+	defer unix.Close(fd)
 	// Any local CID: the guest's own CID is known only once a vsock device
 	// has probed, and the peer check below is what restricts who connects.
-	l, err := vsock.ListenContextID(unix.VMADDR_CID_ANY, port, nil)
-	if err != nil {
-		return err
+	if err := unix.Bind(fd, &unix.SockaddrVM{CID: unix.VMADDR_CID_ANY, Port: port}); err != nil {
+		return fmt.Errorf("vsock bind: %w", err)
 	}
-	defer l.Close()
-	return s.serveHostConns(l, fromHost)
+	if err := unix.Listen(fd, 8); err != nil {
+		return fmt.Errorf("vsock listen: %w", err)
+	}
+	return s.serveHostConns(func() (acceptedConn, error) {
+		for {
+			// non-blocking, so that *os.File polls it and Close interrupts a Read
+			nfd, sa, err := unix.Accept4(fd, unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK)
+			if errors.Is(err, unix.EINTR) || errors.Is(err, unix.ECONNABORTED) {
+				continue
+			}
+			if err != nil {
+				return acceptedConn{}, fmt.Errorf("vsock accept: %w", err)
+			}
+			return acceptedConn{os.NewFile(uintptr(nfd), "vsock"), describePeer(sa), fromHost(sa)}, nil
+		}
+	})
 }
 
-// serveHostConns is the accept loop of ServeVsock, apart so that any
-// net.Listener can drive it.
-func (s *Server) serveHostConns(l net.Listener, peerAllowed func(net.Addr) bool) error {
+// acceptedConn is one accepted connection and the verdict on its peer.
+type acceptedConn struct {
+	conn     io.ReadWriteCloser
+	peer     string
+	fromHost bool
+}
+
+// serveHostConns is the accept loop of ServeVsock, apart so that a test can
+// drive it with any listener.
+func (s *Server) serveHostConns(accept func() (acceptedConn, error)) error {
 	var mu sync.Mutex
-	var current net.Conn
+	var current io.ReadWriteCloser
 	for {
-		c, err := l.Accept()
+		a, err := accept()
 		if err != nil {
 			return err
 		}
-		if !peerAllowed(c.RemoteAddr()) {
-			s.logf("vsock: refused a connection from %v: only the host may connect", c.RemoteAddr())
+		c := a.conn
+		if !a.fromHost {
+			s.logf("vsock: refused a connection from %s: only the host may connect", a.peer)
 			_ = c.Close()
 			continue
 		}
@@ -67,7 +92,7 @@ func (s *Server) serveHostConns(l net.Listener, peerAllowed func(net.Addr) bool)
 		mu.Unlock()
 		go func() {
 			err := s.ServeConn(c)
-			if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) &&
+			if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, os.ErrClosed) &&
 				!errors.Is(err, io.ErrUnexpectedEOF) && err != errConnClosed {
 				s.logf("vsock: %v", err)
 			}
@@ -81,8 +106,17 @@ func (s *Server) serveHostConns(l net.Listener, peerAllowed func(net.Addr) bool)
 	}
 }
 
-// fromHost reports whether a vsock peer address is the host's.
-func fromHost(a net.Addr) bool {
-	va, ok := a.(*vsock.Addr)
-	return ok && va.ContextID == hostCID
+// fromHost reports whether a vsock peer is the host (CID 2). Without this
+// check a process inside the guest could reach the agent through the
+// loopback transport (CID 1) and run anything as root, whatever user it runs as.
+func fromHost(sa unix.Sockaddr) bool {
+	vm, ok := sa.(*unix.SockaddrVM)
+	return ok && vm.CID == unix.VMADDR_CID_HOST
+}
+
+func describePeer(sa unix.Sockaddr) string {
+	if vm, ok := sa.(*unix.SockaddrVM); ok {
+		return fmt.Sprintf("cid %d port %d", vm.CID, vm.Port)
+	}
+	return fmt.Sprintf("%T", sa)
 }

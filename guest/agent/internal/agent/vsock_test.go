@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mdlayher/vsock"
+	"golang.org/x/sys/unix"
 )
 
 func TestVsockPortParameter(t *testing.T) {
@@ -34,14 +34,15 @@ func TestVsockPortParameter(t *testing.T) {
 
 func TestOnlyTheHostCIDMayConnect(t *testing.T) {
 	for _, tc := range []struct {
-		addr net.Addr
+		addr unix.Sockaddr
 		ok   bool
 	}{
-		{&vsock.Addr{ContextID: vsock.Host, Port: 51234}, true},
-		{&vsock.Addr{ContextID: vsock.Local, Port: 51234}, false}, // a guest process
-		{&vsock.Addr{ContextID: vsock.Hypervisor, Port: 1}, false},
-		{&vsock.Addr{ContextID: 3, Port: 1}, false}, // another guest
-		{&net.UnixAddr{Name: "@x", Net: "unix"}, false},
+		{&unix.SockaddrVM{CID: unix.VMADDR_CID_HOST, Port: 51234}, true},
+		{&unix.SockaddrVM{CID: unix.VMADDR_CID_LOCAL, Port: 51234}, false}, // a guest process
+		{&unix.SockaddrVM{CID: unix.VMADDR_CID_HYPERVISOR, Port: 1}, false},
+		{&unix.SockaddrVM{CID: 3, Port: 1}, false}, // another guest
+		{&unix.SockaddrUnix{Name: "@x"}, false},
+		{nil, false},
 	} {
 		if fromHost(tc.addr) != tc.ok {
 			t.Errorf("fromHost(%v) = %v", tc.addr, !tc.ok)
@@ -83,7 +84,14 @@ func TestHostConnectionsRefuseOthersAndNewestWins(t *testing.T) {
 	verdicts <- true
 	srv := NewServer(time.Now())
 	served := make(chan error, 1)
-	go func() { served <- srv.serveHostConns(l, func(net.Addr) bool { return <-verdicts }) }()
+	accept := func() (acceptedConn, error) {
+		c, err := l.Accept()
+		if err != nil {
+			return acceptedConn{}, err
+		}
+		return acceptedConn{c, c.RemoteAddr().String(), <-verdicts}, nil
+	}
+	go func() { served <- srv.serveHostConns(accept) }()
 	dial := func() net.Conn {
 		c, err := net.Dial("unix", l.Addr().String())
 		if err != nil {
