@@ -100,7 +100,10 @@ func setupRoot(cmdline string) (err error) {
 		return err
 	}
 	trace("root disk")
-	if err := mount(root, imageDir, "ext4", unix.MS_RDONLY, ""); err != nil {
+	// A read-only image never allocates a block, so its block bitmaps are of
+	// no use; without this ext4 starts a thread that reads them all in,
+	// competing with the rest of the boot for the vCPU.
+	if err := mount(root, imageDir, "ext4", unix.MS_RDONLY, "no_prefetch_block_bitmaps"); err != nil {
 		return err
 	}
 	if scratch != "" {
