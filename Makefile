@@ -32,8 +32,7 @@ lint: venv
 	$(VENV)/bin/mypy isorun
 
 test-go:
-	cd guest/agent && unformatted="$$(gofmt -l .)" && \
-		{ [ -z "$$unformatted" ] || { echo "gofmt needed: $$unformatted"; exit 1; }; } && \
+	cd guest/agent && test -z "$$(gofmt -l . | tee /dev/stderr)" && \
 		go vet ./... && go test -count=1 ./...
 
 test-py: venv

@@ -6,8 +6,8 @@ Both sides run in the same process, interleaved, on the same kernel and QEMU fla
   language, so the ratio shows what isorun adds beyond starting a Go program) and one in C
   (the smallest init there is: the Go runtime's own start-up is then on isorun's side);
 - isorun: MicroVM.boot() with the busybox rootfs (jail, cgroup, two disks, overlay root,
-  agent answering hello) and MicroVM.boot() without a rootfs; each also timed on to the
-  result of its first command (`true`, with the rootfs), which is what a user waits for.
+  agent answering hello) and MicroVM.boot() without a rootfs; the rootfs boot is also timed
+  on to its first command's result (`true`), which is what a user waits for.
 Prints JSON lines, the ratios of medians and the agent's own split of its boot (guest
 uptime when it started, then ms from its start to each step). Under TCG here; never a KVM
 number.
