@@ -90,6 +90,8 @@ async def test_clean_shutdown_reports_usage_and_leaves_nothing(busybox_rootfs: P
     await vm.agent.exec("i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done")
     usage = await vm.shutdown()
     assert vm.death_reason == "shutdown"
+    # Nothing was running, so power-off did not sit out its SIGTERM grace period.
+    assert "power-off: every process ended on SIGTERM" in vm.console.tail(4000)
     assert usage.cpu_ms > 0
     assert usage.mem_peak_bytes > 16 * 2**20
     assert usage.uptime_ms > 0
@@ -98,6 +100,16 @@ async def test_clean_shutdown_reports_usage_and_leaves_nothing(busybox_rootfs: P
     # No QEMU of ours is left running.
     out = subprocess.run(["pgrep", "-f", vm.id], capture_output=True, text=True).stdout
     assert out.strip() == ""
+
+
+async def test_shutdown_kills_a_process_that_ignores_sigterm(busybox_rootfs: Path) -> None:
+    vm = await MicroVM.boot(vm_spec(busybox_rootfs))
+    await vm.agent.exec("sh -c 'trap \"\" TERM; while :; do sleep 1; done' >/dev/null 2>&1 &")
+    await vm.shutdown()
+    assert vm.death_reason == "shutdown"
+    tail = vm.console.tail(4000)
+    assert "power-off: processes outlived SIGTERM" in tail, tail
+    assert_vm_gone(vm)
 
 
 async def test_qemu_runs_jailed(vm: MicroVM) -> None:

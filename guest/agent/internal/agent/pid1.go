@@ -2,6 +2,8 @@ package agent
 
 import (
 	"os"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -88,11 +90,20 @@ func loopbackUp() error {
 // reboot(2). PID 1 must never exit, so this never returns.
 func powerOff(mode string) {
 	_ = syscall.Kill(-1, syscall.SIGTERM)
-	deadline := time.Now().Add(500 * time.Millisecond)
-	for time.Now().Before(deadline) && syscall.Kill(-1, 0) == nil {
+	grace := 500 * time.Millisecond
+	deadline := time.Now().Add(grace)
+	left := userProcessesLeft("/proc")
+	for left && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
+		left = userProcessesLeft("/proc")
 	}
-	_ = syscall.Kill(-1, syscall.SIGKILL)
+	if left {
+		os.Stderr.WriteString("isorun-agent: power-off: processes outlived SIGTERM by " +
+			grace.String() + ": SIGKILL\n")
+	} else {
+		os.Stderr.WriteString("isorun-agent: power-off: every process ended on SIGTERM\n")
+	}
+	_ = syscall.Kill(-1, syscall.SIGKILL) // and any forked since the last look
 	syscall.Sync()
 	unmountAll()
 	syscall.Sync()
@@ -107,6 +118,47 @@ func powerOff(mode string) {
 		os.Stderr.WriteString("isorun-agent: reboot: " + err.Error() + "\n")
 		time.Sleep(time.Second)
 	}
+}
+
+// userProcessesLeft reports whether a process other than PID 1 is still
+// alive (zombies are as good as gone: the reaper collects them). kill(-1, 0)
+// cannot tell, since it reaches kernel threads too and so always succeeds:
+// power-off then sat out its whole grace period every time.
+func userProcessesLeft(proc string) bool {
+	entries, err := os.ReadDir(proc)
+	if err != nil {
+		return false
+	}
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == 1 {
+			continue
+		}
+		stat, err := os.ReadFile(proc + "/" + e.Name() + "/stat")
+		if err == nil && isLiveUserProcess(string(stat)) {
+			return true
+		}
+	}
+	return false
+}
+
+// pfKthread is PF_KTHREAD in the flags field of /proc/<pid>/stat.
+const pfKthread = 0x00200000
+
+// isLiveUserProcess reads a /proc/<pid>/stat line: not a kernel thread and
+// not a zombie. Fields are counted after the ")" that ends the command name,
+// which may itself hold spaces and parentheses.
+func isLiveUserProcess(stat string) bool {
+	end := strings.LastIndexByte(stat, ')')
+	if end < 0 {
+		return false
+	}
+	f := strings.Fields(stat[end+1:])
+	if len(f) < 7 || f[0] == "Z" || f[0] == "X" {
+		return false
+	}
+	flags, err := strconv.ParseUint(f[6], 10, 64)
+	return err == nil && flags&pfKthread == 0
 }
 
 // unmountAll detaches every mount but / (newest first) and makes / read-only.
