@@ -11,7 +11,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/creack/pty"
+	"golang.org/x/sys/unix"
 )
 
 const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -61,7 +61,7 @@ func validEnv(env map[string]string) error {
 	return nil
 }
 
-func winsize(p *ptyReq) (*pty.Winsize, error) {
+func winsize(p *ptyReq) (*unix.Winsize, error) {
 	rows, cols := p.Rows, p.Cols
 	if rows == 0 {
 		rows = 24
@@ -72,7 +72,7 @@ func winsize(p *ptyReq) (*pty.Winsize, error) {
 	if rows < 1 || rows > 65535 || cols < 1 || cols > 65535 {
 		return nil, errf("invalid", "pty rows/cols out of range")
 	}
-	return &pty.Winsize{Rows: uint16(rows), Cols: uint16(cols)}, nil
+	return &unix.Winsize{Row: uint16(rows), Col: uint16(cols)}, nil
 }
 
 // buildSpec validates an exec request and resolves program, env, user.

@@ -6,8 +6,6 @@ import (
 	"strconv"
 	"syscall"
 	"time"
-
-	"github.com/creack/pty"
 )
 
 // Each op has its own struct so unknown fields are rejected per op.
@@ -168,7 +166,7 @@ func opResize(s *Server, ch *Channel, raw []byte) (any, error) {
 	p.stdinMu.Lock()
 	defer p.stdinMu.Unlock()
 	if p.pty != nil && !p.Exited() {
-		if err := pty.Setsize(p.pty, ws); err != nil {
+		if err := setWinsize(p.pty, ws); err != nil {
 			return nil, err
 		}
 	}

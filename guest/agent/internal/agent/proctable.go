@@ -9,7 +9,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/creack/pty"
+	"golang.org/x/sys/unix"
 )
 
 // ProcTable owns the processes started for one Server.
@@ -42,7 +42,7 @@ type spawnSpec struct {
 	env      []string
 	dir      string
 	cred     *syscall.Credential
-	pty      *pty.Winsize
+	pty      *unix.Winsize
 	stdin    bool
 	ring     int64
 	tag      string
@@ -214,13 +214,13 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 	var outs []*os.File
 	var streams []uint8
 	if s.pty != nil {
-		master, slave, err := pty.Open()
+		master, slave, err := openPTY()
 		if err != nil {
 			return err
 		}
 		parentFiles = append(parentFiles, master)
 		childFiles = append(childFiles, slave)
-		_ = pty.Setsize(master, s.pty)
+		_ = setWinsize(master, s.pty)
 		files = []uintptr{slave.Fd(), slave.Fd(), slave.Fd()}
 		sys.Setsid, sys.Setctty, sys.Ctty = true, true, 0
 		p.pty, p.stdin = master, master
