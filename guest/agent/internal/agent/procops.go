@@ -90,12 +90,16 @@ func opAttach(s *Server, ch *Channel, raw []byte) (any, error) {
 			return detached(ch, p)
 		}
 	}
-	select {
-	case <-p.exited:
-	case <-ch.cancel:
-		return detached(ch, p)
-	case <-ch.Done():
-		return nil, nil
+	// The result follows the whole output, as for a foreground exec: output
+	// a grandchild writes after the exit is drained into the ring first.
+	for _, end := range []<-chan struct{}{p.ring.Done(), p.exited} {
+		select {
+		case <-end:
+		case <-ch.cancel:
+			return detached(ch, p)
+		case <-ch.Done():
+			return nil, nil
+		}
 	}
 	return p.result(), nil
 }

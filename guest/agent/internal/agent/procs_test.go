@@ -237,3 +237,19 @@ func TestHeldRequestsAreAnsweredOnRelease(t *testing.T) {
 		t.Fatalf("agent_start_uptime negative: %v", phases)
 	}
 }
+
+// attach with output:false answers once the output is complete too, not
+// just the exit: a grandchild's output drained after the exit still counts.
+func TestAttachWithoutOutputWaitsForTheOutput(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "(sleep 0.03; echo late) & echo early", "background": true})
+	id := r.resp["proc_id"].(string)
+	c.call(2, map[string]any{"op": "attach", "proc_id": id, "output": false})
+	r = c.call(3, map[string]any{"op": "list_procs"})
+	atEnd := num(r.resp["procs"].([]any)[0].(map[string]any)["output_bytes"])
+	time.Sleep(300 * time.Millisecond)
+	r = c.call(4, map[string]any{"op": "attach", "proc_id": id})
+	if int64(len(r.out)) != atEnd {
+		t.Fatalf("output_bytes %d right after the end, %q later", atEnd, r.out)
+	}
+}
