@@ -303,17 +303,20 @@ func (l *lister) flush() error {
 	return err
 }
 
+// errListCancelled ends a listing the host cancelled, at any depth.
+var errListCancelled = errf("io", "cancelled")
+
 func (l *lister) walk(dir string, depth int) error {
-	select {
-	case <-l.ch.cancel:
-		return errf("io", "cancelled")
-	default:
-	}
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return err
 	}
 	for _, de := range ents {
+		select {
+		case <-l.ch.cancel:
+			return errListCancelled
+		default:
+		}
 		p := filepath.Join(dir, de.Name())
 		fi, err := de.Info()
 		if err != nil {
@@ -323,7 +326,9 @@ func (l *lister) walk(dir string, depth int) error {
 			return err
 		}
 		if depth > 1 && fi.IsDir() {
-			if err := l.walk(p, depth-1); err != nil && err == errConnClosed {
+			// an unreadable subdirectory is skipped; a cancel or a lost
+			// connection ends the whole listing
+			if err := l.walk(p, depth-1); err == errConnClosed || err == errListCancelled {
 				return err
 			}
 		}

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"encoding/binary"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -128,5 +129,43 @@ func TestWatch(t *testing.T) {
 	c.send(1, KindCancel, nil)
 	if r := c.wait(1, 5*time.Second); r.resp["ok"] != true {
 		t.Fatalf("%v", r.resp)
+	}
+}
+
+// A CANCEL that arrives while a recursive list is inside a subdirectory ends
+// the listing with "cancelled", as at the top level.
+func TestListCancelInsideTheTree(t *testing.T) {
+	dir := t.TempDir()
+	long := strings.Repeat("n", 200) // ~50 entries per EVENT batch
+	for d := 0; d < 8; d++ {
+		sub := filepath.Join(dir, fmt.Sprintf("d%d", d))
+		if err := os.Mkdir(sub, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < 100; i++ {
+			if err := os.WriteFile(filepath.Join(sub, fmt.Sprintf("%s%03d", long, i)), nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// A bare connection whose "writer" cancels after the first batch: the
+	// second batch is taken only once the cancel is in.
+	c := &Conn{out: make(chan outFrame), done: make(chan struct{}), chans: map[uint32]*Channel{}}
+	defer close(c.done)
+	ch := newChannel(c, 1)
+	go func() {
+		<-c.out
+		close(ch.cancel)
+		for {
+			select {
+			case <-c.out:
+			case <-c.done:
+				return
+			}
+		}
+	}()
+	err := (&lister{ch: ch}).walk(dir, 2)
+	if ae, ok := err.(*apiError); !ok || ae.Code != "io" || ae.Msg != "cancelled" {
+		t.Fatalf("walk after CANCEL returned %v", err)
 	}
 }
