@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -167,5 +168,24 @@ func TestListCancelInsideTheTree(t *testing.T) {
 	err := (&lister{ch: ch}).walk(dir, 2)
 	if ae, ok := err.(*apiError); !ok || ae.Code != "io" || ae.Msg != "cancelled" {
 		t.Fatalf("walk after CANCEL returned %v", err)
+	}
+}
+
+// A FIFO planted where the host reads or appends (a guest process can do it)
+// gets a clear error at once instead of a request blocked in open(2) forever.
+func TestFileOpsRefuseFIFOs(t *testing.T) {
+	c := newClient(t, nil)
+	p := t.TempDir() + "/fifo"
+	if err := syscall.Mkfifo(p, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c.req(1, map[string]any{"op": "read_file", "path": p})
+	if r := c.wait(1, 3*time.Second); r.resp["code"] != "invalid" || !strings.Contains(r.resp["error"].(string), "FIFO") {
+		t.Fatalf("read_file: %v", r.resp)
+	}
+	c.req(2, map[string]any{"op": "write_file", "path": p, "append": true})
+	c.send(2, KindEOF, nil)
+	if r := c.wait(2, 3*time.Second); r.resp["code"] != "invalid" || !strings.Contains(r.resp["error"].(string), "FIFO") {
+		t.Fatalf("append: %v", r.resp)
 	}
 }
