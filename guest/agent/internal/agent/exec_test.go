@@ -179,3 +179,16 @@ func TestResizePTY(t *testing.T) {
 		t.Fatalf("out=%q resp=%v", r.out, r.resp)
 	}
 }
+
+// A bad cwd is reported as the cwd, not as the program (which exists).
+func TestExecBadCwdNamesTheCwd(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "argv": []string{"true"}, "cwd": "/no/such/dir"})
+	if num(r.resp["exit_code"]) != 127 || !strings.Contains(string(r.err), "/no/such/dir") {
+		t.Fatalf("resp=%v err=%q", r.resp, r.err)
+	}
+	r = c.call(2, map[string]any{"op": "exec", "argv": []string{"true"}, "cwd": "/etc/passwd"})
+	if num(r.resp["exit_code"]) != 127 || !strings.Contains(string(r.err), "cwd /etc/passwd: not a directory") {
+		t.Fatalf("resp=%v err=%q", r.resp, r.err)
+	}
+}
