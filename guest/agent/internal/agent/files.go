@@ -376,14 +376,21 @@ func opMkdir(s *Server, ch *Channel, raw []byte) (any, error) {
 		return nil, err
 	}
 	if r.Parents == nil || *r.Parents {
-		if fi, err := os.Stat(path); err == nil && !fi.IsDir() {
-			return nil, errf("exists", "%s exists and is not a directory", path)
+		if fi, err := os.Stat(path); err == nil {
+			if !fi.IsDir() {
+				return nil, errf("exists", "%s exists and is not a directory", path)
+			}
+			return ok(), nil // mkdir -p: an existing directory is left as it is
 		}
 		err = os.MkdirAll(path, mode)
 	} else {
 		err = os.Mkdir(path, mode)
 	}
 	if err != nil {
+		return nil, err
+	}
+	// explicit chmod, as in write_file: the umask must not change the mode
+	if err := os.Chmod(path, mode); err != nil {
 		return nil, err
 	}
 	return ok(), nil

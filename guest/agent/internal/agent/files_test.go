@@ -189,3 +189,26 @@ func TestFileOpsRefuseFIFOs(t *testing.T) {
 		t.Fatalf("append: %v", r.resp)
 	}
 }
+
+// mkdir gives a new directory the requested mode whatever the umask (as
+// write_file does for files), and leaves an existing one alone.
+func TestMkdirModeIgnoresTheUmask(t *testing.T) {
+	old := syscall.Umask(0o022)
+	defer syscall.Umask(old)
+	c := newClient(t, nil)
+	dir := t.TempDir()
+	for i, parents := range []bool{true, false} {
+		p := fmt.Sprintf("%s/shared%d", dir, i)
+		if r := c.call(uint32(i+1), map[string]any{"op": "mkdir", "path": p, "mode": 0o777, "parents": parents}); r.resp["ok"] != true {
+			t.Fatalf("mkdir %v", r.resp)
+		}
+		if fi, err := os.Stat(p); err != nil || fi.Mode().Perm() != 0o777 {
+			t.Fatalf("parents=%v: %v %v", parents, fi.Mode(), err)
+		}
+	}
+	os.Chmod(dir+"/shared0", 0o700)
+	c.call(9, map[string]any{"op": "mkdir", "path": dir + "/shared0", "mode": 0o777})
+	if fi, _ := os.Stat(dir + "/shared0"); fi.Mode().Perm() != 0o700 {
+		t.Fatalf("an existing directory's mode changed: %v", fi.Mode())
+	}
+}
