@@ -192,3 +192,23 @@ func TestExecBadCwdNamesTheCwd(t *testing.T) {
 		t.Fatalf("resp=%v err=%q", r.resp, r.err)
 	}
 }
+
+// Once the process itself has exited, its group may still hold the output
+// open (a background loop that keeps writing). timeout_ms and CANCEL must
+// still end the exec: they signal the group, not just a live leader.
+func TestExecTimeoutAndCancelReachAGroupThatOutlivesTheLeader(t *testing.T) {
+	c := newClient(t, nil)
+	loop := "while :; do echo x; sleep 0.01; done & echo started"
+	c.req(1, map[string]any{"op": "exec", "cmd": loop, "timeout_ms": 300})
+	if r := c.wait(1, 5*time.Second); r.resp["timed_out"] != true {
+		t.Fatalf("timeout: %v", r.resp)
+	}
+	c.req(2, map[string]any{"op": "exec", "cmd": loop})
+	for f := c.next(2, 5*time.Second); f.Kind != KindOut; f = c.next(2, 5*time.Second) {
+	}
+	time.Sleep(200 * time.Millisecond) // the leader has exited by now
+	c.send(2, KindCancel, nil)
+	if r := c.wait(2, 5*time.Second); r.resp["ok"] != true {
+		t.Fatalf("cancel: %v", r.resp)
+	}
+}

@@ -177,7 +177,7 @@ func (t *ProcTable) Start(s *spawnSpec, lossless bool) (*Proc, *Cursor, error) {
 	}
 	if s.timeout > 0 {
 		time.AfterFunc(s.timeout, func() {
-			if !p.Exited() {
+			if !p.ended() {
 				p.timedOut.Store(true)
 				p.Terminate(killGraceSecs)
 			}
