@@ -102,13 +102,26 @@ func (t *ProcTable) exited(p *Proc) {
 	t.retire(p)
 }
 
-// retire keeps the most recent exited processes; called with t.mu held.
+// exitedRingBudget bounds the output kept for exited processes: 256 of them
+// with full default rings would hold 256 MiB of a small guest's memory.
+var exitedRingBudget int64 = 32 << 20
+
+// retire keeps the most recent exited processes, and the output of as many
+// of them as fits exitedRingBudget (newest first; the newest always);
+// called with t.mu held.
 func (t *ProcTable) retire(p *Proc) {
 	t.order = append(t.order, p)
 	for len(t.order) > keepExited {
 		delete(t.byID, t.order[0].ID)
 		t.order[0] = nil
 		t.order = t.order[1:]
+	}
+	held := int64(0)
+	for i := len(t.order) - 1; i >= 0; i-- {
+		r := t.order[i].ring
+		if held += r.Held(); held > exitedRingBudget && i < len(t.order)-1 {
+			held -= r.Release()
+		}
 	}
 }
 

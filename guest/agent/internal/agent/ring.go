@@ -130,6 +130,27 @@ func (r *Ring) Close() {
 	r.mu.Unlock()
 }
 
+// Held is the memory the ring's buffer takes.
+func (r *Ring) Held() int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return int64(cap(r.buf))
+}
+
+// Release frees the buffer of a complete ring no lossless reader still needs;
+// later readers are told the bytes are lost. Returns the bytes freed.
+func (r *Ring) Release() int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.closed || len(r.blocking) > 0 {
+		return 0
+	}
+	n := int64(cap(r.buf))
+	r.buf, r.segs, r.start = nil, nil, r.end
+	r.cond.Broadcast()
+	return n
+}
+
 // Done is closed once the output is complete (Close).
 func (r *Ring) Done() <-chan struct{} { return r.done }
 
