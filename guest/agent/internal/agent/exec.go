@@ -2,6 +2,7 @@ package agent
 
 import (
 	"encoding/json"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
@@ -11,7 +12,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/creack/pty"
+	"golang.org/x/sys/unix"
 )
 
 const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -61,7 +62,7 @@ func validEnv(env map[string]string) error {
 	return nil
 }
 
-func winsize(p *ptyReq) (*pty.Winsize, error) {
+func winsize(p *ptyReq) (*unix.Winsize, error) {
 	rows, cols := p.Rows, p.Cols
 	if rows == 0 {
 		rows = 24
@@ -72,7 +73,7 @@ func winsize(p *ptyReq) (*pty.Winsize, error) {
 	if rows < 1 || rows > 65535 || cols < 1 || cols > 65535 {
 		return nil, errf("invalid", "pty rows/cols out of range")
 	}
-	return &pty.Winsize{Rows: uint16(rows), Cols: uint16(cols)}, nil
+	return &unix.Winsize{Row: uint16(rows), Col: uint16(cols)}, nil
 }
 
 // buildSpec validates an exec request and resolves program, env, user.
@@ -161,8 +162,27 @@ func (s *Server) buildSpec(r *execReq) (*spawnSpec, error) {
 		sp.env = append(sp.env, k+"="+v)
 	}
 	sort.Strings(sp.env)
+	// Checked here because a failed chdir in the child comes back as a bare
+	// errno, which would be reported against the program ("true: no such
+	// file or directory").
+	if fi, err := os.Stat(cwd); err != nil {
+		sp.failCode, sp.failMsg = 127, "cwd "+cwd+": "+errnoText(err)
+		return sp, nil
+	} else if !fi.IsDir() {
+		sp.failCode, sp.failMsg = 127, "cwd "+cwd+": not a directory"
+		return sp, nil
+	}
 	sp.path, sp.failCode, sp.failMsg = lookPath(sp.argv[0], env["PATH"], cwd)
 	return sp, nil
+}
+
+// errnoText is an OS error without the op and path *PathError repeats.
+func errnoText(err error) string {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Err.Error()
+	}
+	return err.Error()
 }
 
 // lookPath resolves prog like execvp, but in our own code so a missing

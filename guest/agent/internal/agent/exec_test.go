@@ -146,3 +146,69 @@ func TestExecInvalid(t *testing.T) {
 		t.Fatalf("%v", r.resp)
 	}
 }
+
+// A PTY exec ends like a piped one when its process exits, even if a
+// grandchild (here one ignoring SIGHUP) keeps the terminal open: the
+// master must stay pollable so the post-exit drain deadline applies.
+func TestExecPTYEndsWhileAGrandchildHoldsTheTerminal(t *testing.T) {
+	c := newClient(t, nil)
+	start := time.Now()
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "trap '' HUP; sleep 5 & echo hi",
+		"pty": map[string]any{"rows": 24, "cols": 80}})
+	if !strings.Contains(string(r.out), "hi") || num(r.resp["exit_code"]) != 0 {
+		t.Fatalf("out=%q resp=%v", r.out, r.resp)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Fatalf("RESP after %v: waited for the grandchild", d)
+	}
+}
+
+// Resizing a PTY session reaches the process.
+func TestResizePTY(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "read x; stty size", "stdin": true,
+		"background": true, "pty": map[string]any{"rows": 10, "cols": 20}})
+	id := r.resp["proc_id"].(string)
+	if r = c.call(2, map[string]any{"op": "resize", "proc_id": id, "rows": 50, "cols": 120}); r.resp["ok"] != true {
+		t.Fatalf("resize %v", r.resp)
+	}
+	c.req(3, map[string]any{"op": "attach", "proc_id": id, "stdin": true})
+	c.send(3, KindIn, []byte("\n"))
+	r = c.wait(3, 10*time.Second)
+	if !strings.Contains(string(r.out), "50 120") {
+		t.Fatalf("out=%q resp=%v", r.out, r.resp)
+	}
+}
+
+// A bad cwd is reported as the cwd, not as the program (which exists).
+func TestExecBadCwdNamesTheCwd(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "argv": []string{"true"}, "cwd": "/no/such/dir"})
+	if num(r.resp["exit_code"]) != 127 || !strings.Contains(string(r.err), "/no/such/dir") {
+		t.Fatalf("resp=%v err=%q", r.resp, r.err)
+	}
+	r = c.call(2, map[string]any{"op": "exec", "argv": []string{"true"}, "cwd": "/etc/passwd"})
+	if num(r.resp["exit_code"]) != 127 || !strings.Contains(string(r.err), "cwd /etc/passwd: not a directory") {
+		t.Fatalf("resp=%v err=%q", r.resp, r.err)
+	}
+}
+
+// Once the process itself has exited, its group may still hold the output
+// open (a background loop that keeps writing). timeout_ms and CANCEL must
+// still end the exec: they signal the group, not just a live leader.
+func TestExecTimeoutAndCancelReachAGroupThatOutlivesTheLeader(t *testing.T) {
+	c := newClient(t, nil)
+	loop := "while :; do echo x; sleep 0.01; done & echo started"
+	c.req(1, map[string]any{"op": "exec", "cmd": loop, "timeout_ms": 300})
+	if r := c.wait(1, 5*time.Second); r.resp["timed_out"] != true {
+		t.Fatalf("timeout: %v", r.resp)
+	}
+	c.req(2, map[string]any{"op": "exec", "cmd": loop})
+	for f := c.next(2, 5*time.Second); f.Kind != KindOut; f = c.next(2, 5*time.Second) {
+	}
+	time.Sleep(200 * time.Millisecond) // the leader has exited by now
+	c.send(2, KindCancel, nil)
+	if r := c.wait(2, 5*time.Second); r.resp["ok"] != true {
+		t.Fatalf("cancel: %v", r.resp)
+	}
+}

@@ -3,6 +3,7 @@ package agent
 import (
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"io"
 	"math/rand/v2"
 	"os"
@@ -55,7 +56,7 @@ func opReadFile(s *Server, ch *Channel, raw []byte) (any, error) {
 	if r.Offset < 0 || length < -1 {
 		return nil, errf("invalid", "offset must be >= 0 and length >= -1")
 	}
-	f, err := os.Open(path)
+	f, err := openFile(path, os.O_RDONLY, 0)
 	if err != nil {
 		return nil, err
 	}
@@ -136,7 +137,7 @@ func writeFile(ch *Channel, r *fileReq) (any, error) {
 	var f *os.File
 	tmp := ""
 	if r.Append {
-		f, err = os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, mode)
+		f, err = openFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, mode)
 	} else {
 		// write beside the target and rename, so a failed write leaves the
 		// old file intact. The name need not be unguessable (O_EXCL refuses
@@ -193,6 +194,35 @@ func writeFile(ch *Channel, r *fileReq) (any, error) {
 		}
 	}
 	return ok("bytes", n), nil
+}
+
+// openFile opens path for read_file or an append. Opening a FIFO blocks
+// until its other end opens, which a guest process can withhold forever (and
+// CANCEL cannot interrupt open(2)); so it opens without blocking and refuses
+// FIFOs and sockets, which neither op can serve (pread on a pipe fails).
+func openFile(path string, flag int, mode os.FileMode) (*os.File, error) {
+	f, err := os.OpenFile(path, flag|syscall.O_NONBLOCK, mode)
+	if errors.Is(err, syscall.ENXIO) { // a write-only FIFO open without a reader
+		if fi, serr := os.Stat(path); serr == nil && fi.Mode()&os.ModeNamedPipe != 0 {
+			return nil, errf("invalid", "%s is a FIFO, not a regular file", path)
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	fi, err := f.Stat()
+	if err == nil && fi.Mode()&(os.ModeNamedPipe|os.ModeSocket) != 0 {
+		kind := "FIFO"
+		if fi.Mode()&os.ModeSocket != 0 {
+			kind = "socket"
+		}
+		err = errf("invalid", "%s is a %s, not a regular file", path, kind)
+	}
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
 }
 
 // entry is the JSON form of a directory entry (stat, list).
@@ -303,17 +333,20 @@ func (l *lister) flush() error {
 	return err
 }
 
+// errListCancelled ends a listing the host cancelled, at any depth.
+var errListCancelled = errf("io", "cancelled")
+
 func (l *lister) walk(dir string, depth int) error {
-	select {
-	case <-l.ch.cancel:
-		return errf("io", "cancelled")
-	default:
-	}
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return err
 	}
 	for _, de := range ents {
+		select {
+		case <-l.ch.cancel:
+			return errListCancelled
+		default:
+		}
 		p := filepath.Join(dir, de.Name())
 		fi, err := de.Info()
 		if err != nil {
@@ -323,7 +356,9 @@ func (l *lister) walk(dir string, depth int) error {
 			return err
 		}
 		if depth > 1 && fi.IsDir() {
-			if err := l.walk(p, depth-1); err != nil && err == errConnClosed {
+			// an unreadable subdirectory is skipped; a cancel or a lost
+			// connection ends the whole listing
+			if err := l.walk(p, depth-1); err == errConnClosed || err == errListCancelled {
 				return err
 			}
 		}
@@ -341,14 +376,21 @@ func opMkdir(s *Server, ch *Channel, raw []byte) (any, error) {
 		return nil, err
 	}
 	if r.Parents == nil || *r.Parents {
-		if fi, err := os.Stat(path); err == nil && !fi.IsDir() {
-			return nil, errf("exists", "%s exists and is not a directory", path)
+		if fi, err := os.Stat(path); err == nil {
+			if !fi.IsDir() {
+				return nil, errf("exists", "%s exists and is not a directory", path)
+			}
+			return ok(), nil // mkdir -p: an existing directory is left as it is
 		}
 		err = os.MkdirAll(path, mode)
 	} else {
 		err = os.Mkdir(path, mode)
 	}
 	if err != nil {
+		return nil, err
+	}
+	// explicit chmod, as in write_file: the umask must not change the mode
+	if err := os.Chmod(path, mode); err != nil {
 		return nil, err
 	}
 	return ok(), nil

@@ -2,9 +2,11 @@ package agent
 
 import (
 	"encoding/binary"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -128,5 +130,85 @@ func TestWatch(t *testing.T) {
 	c.send(1, KindCancel, nil)
 	if r := c.wait(1, 5*time.Second); r.resp["ok"] != true {
 		t.Fatalf("%v", r.resp)
+	}
+}
+
+// A CANCEL that arrives while a recursive list is inside a subdirectory ends
+// the listing with "cancelled", as at the top level.
+func TestListCancelInsideTheTree(t *testing.T) {
+	dir := t.TempDir()
+	long := strings.Repeat("n", 200) // ~50 entries per EVENT batch
+	for d := 0; d < 8; d++ {
+		sub := filepath.Join(dir, fmt.Sprintf("d%d", d))
+		if err := os.Mkdir(sub, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < 100; i++ {
+			if err := os.WriteFile(filepath.Join(sub, fmt.Sprintf("%s%03d", long, i)), nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// A bare connection whose "writer" cancels after the first batch: the
+	// second batch is taken only once the cancel is in.
+	c := &Conn{out: make(chan outFrame), done: make(chan struct{}), chans: map[uint32]*Channel{}}
+	defer close(c.done)
+	ch := newChannel(c, 1)
+	go func() {
+		<-c.out
+		close(ch.cancel)
+		for {
+			select {
+			case <-c.out:
+			case <-c.done:
+				return
+			}
+		}
+	}()
+	err := (&lister{ch: ch}).walk(dir, 2)
+	if ae, ok := err.(*apiError); !ok || ae.Code != "io" || ae.Msg != "cancelled" {
+		t.Fatalf("walk after CANCEL returned %v", err)
+	}
+}
+
+// A FIFO planted where the host reads or appends (a guest process can do it)
+// gets a clear error at once instead of a request blocked in open(2) forever.
+func TestFileOpsRefuseFIFOs(t *testing.T) {
+	c := newClient(t, nil)
+	p := t.TempDir() + "/fifo"
+	if err := syscall.Mkfifo(p, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c.req(1, map[string]any{"op": "read_file", "path": p})
+	if r := c.wait(1, 3*time.Second); r.resp["code"] != "invalid" || !strings.Contains(r.resp["error"].(string), "FIFO") {
+		t.Fatalf("read_file: %v", r.resp)
+	}
+	c.req(2, map[string]any{"op": "write_file", "path": p, "append": true})
+	c.send(2, KindEOF, nil)
+	if r := c.wait(2, 3*time.Second); r.resp["code"] != "invalid" || !strings.Contains(r.resp["error"].(string), "FIFO") {
+		t.Fatalf("append: %v", r.resp)
+	}
+}
+
+// mkdir gives a new directory the requested mode whatever the umask (as
+// write_file does for files), and leaves an existing one alone.
+func TestMkdirModeIgnoresTheUmask(t *testing.T) {
+	old := syscall.Umask(0o022)
+	defer syscall.Umask(old)
+	c := newClient(t, nil)
+	dir := t.TempDir()
+	for i, parents := range []bool{true, false} {
+		p := fmt.Sprintf("%s/shared%d", dir, i)
+		if r := c.call(uint32(i+1), map[string]any{"op": "mkdir", "path": p, "mode": 0o777, "parents": parents}); r.resp["ok"] != true {
+			t.Fatalf("mkdir %v", r.resp)
+		}
+		if fi, err := os.Stat(p); err != nil || fi.Mode().Perm() != 0o777 {
+			t.Fatalf("parents=%v: %v %v", parents, fi.Mode(), err)
+		}
+	}
+	os.Chmod(dir+"/shared0", 0o700)
+	c.call(9, map[string]any{"op": "mkdir", "path": dir + "/shared0", "mode": 0o777})
+	if fi, _ := os.Stat(dir + "/shared0"); fi.Mode().Perm() != 0o700 {
+		t.Fatalf("an existing directory's mode changed: %v", fi.Mode())
 	}
 }

@@ -58,6 +58,7 @@ func runPID1(start time.Time) {
 	s.Shutdown = powerOff
 	s.Boot = boot
 	s.Procs.StartReaper()
+	ignoreStraySignals(s.logf)
 	ready := s.HoldRequests()
 	// Serve the port as soon as it exists, while the root is being mounted: the
 	// host's hello is read (QEMU hands it over only once the port is open, which

@@ -78,13 +78,27 @@ func (p *Proc) exitStatus() (any, any) {
 	return p.status.ExitStatus(), nil
 }
 
-// Signal sends sig to the process group while the process is alive.
+// ended reports whether the process is reaped and its output complete.
+// Until both, its group may live on: a background child that keeps the
+// pipes open and writing holds a foreground exec's RESP.
+func (p *Proc) ended() bool {
+	select {
+	case <-p.ring.Done():
+		return p.Exited()
+	default:
+		return false
+	}
+}
+
+// Signal sends sig to the process group until the process has ended. After
+// the leader's exit the group id stays reserved while members remain, so it
+// is the group, never the reaped pid, that is signalled then.
 func (p *Proc) Signal(sig syscall.Signal) error {
-	if p.Pid <= 0 || p.Exited() {
+	if p.Pid <= 0 || p.ended() {
 		return nil
 	}
 	err := syscall.Kill(-p.Pid, sig)
-	if err == syscall.ESRCH {
+	if err == syscall.ESRCH && !p.Exited() {
 		err = syscall.Kill(p.Pid, sig)
 	}
 	if err == syscall.ESRCH {
@@ -93,16 +107,19 @@ func (p *Proc) Signal(sig syscall.Signal) error {
 	return err
 }
 
-// Terminate sends SIGTERM, then SIGKILL after grace if it is still alive.
+// Terminate sends SIGTERM, then SIGKILL after grace if it has not ended.
 func (p *Proc) Terminate(grace time.Duration) {
 	_ = p.Signal(syscall.SIGTERM)
 	go func() {
 		t := time.NewTimer(grace)
 		defer t.Stop()
-		select {
-		case <-p.exited:
-		case <-t.C:
-			_ = p.Signal(syscall.SIGKILL)
+		for _, end := range []<-chan struct{}{p.exited, p.ring.Done()} {
+			select {
+			case <-end:
+			case <-t.C:
+				_ = p.Signal(syscall.SIGKILL)
+				return
+			}
 		}
 	}()
 }

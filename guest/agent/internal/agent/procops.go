@@ -6,8 +6,6 @@ import (
 	"strconv"
 	"syscall"
 	"time"
-
-	"github.com/creack/pty"
 )
 
 // Each op has its own struct so unknown fields are rejected per op.
@@ -92,12 +90,16 @@ func opAttach(s *Server, ch *Channel, raw []byte) (any, error) {
 			return detached(ch, p)
 		}
 	}
-	select {
-	case <-p.exited:
-	case <-ch.cancel:
-		return detached(ch, p)
-	case <-ch.Done():
-		return nil, nil
+	// The result follows the whole output, as for a foreground exec: output
+	// a grandchild writes after the exit is drained into the ring first.
+	for _, end := range []<-chan struct{}{p.ring.Done(), p.exited} {
+		select {
+		case <-end:
+		case <-ch.cancel:
+			return detached(ch, p)
+		case <-ch.Done():
+			return nil, nil
+		}
 	}
 	return p.result(), nil
 }
@@ -168,7 +170,7 @@ func opResize(s *Server, ch *Channel, raw []byte) (any, error) {
 	p.stdinMu.Lock()
 	defer p.stdinMu.Unlock()
 	if p.pty != nil && !p.Exited() {
-		if err := pty.Setsize(p.pty, ws); err != nil {
+		if err := setWinsize(p.pty, ws); err != nil {
 			return nil, err
 		}
 	}

@@ -237,3 +237,50 @@ func TestHeldRequestsAreAnsweredOnRelease(t *testing.T) {
 		t.Fatalf("agent_start_uptime negative: %v", phases)
 	}
 }
+
+// attach with output:false answers once the output is complete too, not
+// just the exit: a grandchild's output drained after the exit still counts.
+func TestAttachWithoutOutputWaitsForTheOutput(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "(sleep 0.03; echo late) & echo early", "background": true})
+	id := r.resp["proc_id"].(string)
+	c.call(2, map[string]any{"op": "attach", "proc_id": id, "output": false})
+	r = c.call(3, map[string]any{"op": "list_procs"})
+	atEnd := num(r.resp["procs"].([]any)[0].(map[string]any)["output_bytes"])
+	time.Sleep(300 * time.Millisecond)
+	r = c.call(4, map[string]any{"op": "attach", "proc_id": id})
+	if int64(len(r.out)) != atEnd {
+		t.Fatalf("output_bytes %d right after the end, %q later", atEnd, r.out)
+	}
+}
+
+// The output kept for exited processes is bounded: the oldest rings are
+// freed first (a later attach reports their bytes as lost), the newest kept.
+func TestExitedOutputIsBounded(t *testing.T) {
+	defer func(b int64) { exitedRingBudget = b }(exitedRingBudget)
+	exitedRingBudget = 512 << 10
+	c := newClient(t, nil)
+	var ids []string
+	for i := 0; i < 4; i++ {
+		r := c.call(uint32(1+2*i), map[string]any{"op": "exec", "cmd": "head -c 262144 /dev/zero",
+			"background": true, "ring_bytes": 262144})
+		id := r.resp["proc_id"].(string)
+		c.call(uint32(2+2*i), map[string]any{"op": "attach", "proc_id": id, "output": false})
+		ids = append(ids, id)
+	}
+	held := int64(0)
+	for _, p := range c.srv.Procs.All() {
+		held += p.ring.Held()
+	}
+	if held > exitedRingBudget+262144 {
+		t.Fatalf("%d bytes of output held for exited processes", held)
+	}
+	r := c.call(20, map[string]any{"op": "attach", "proc_id": ids[0]})
+	if num(r.events[0]["lost"]) != 262144 || len(r.out) != 0 || num(r.resp["exit_code"]) != 0 {
+		t.Fatalf("oldest: event %v, %d bytes, resp %v", r.events[0], len(r.out), r.resp)
+	}
+	r = c.call(21, map[string]any{"op": "attach", "proc_id": ids[3]})
+	if len(r.out) != 262144 {
+		t.Fatalf("newest: %d bytes", len(r.out))
+	}
+}

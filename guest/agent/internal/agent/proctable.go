@@ -9,7 +9,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/creack/pty"
+	"golang.org/x/sys/unix"
 )
 
 // ProcTable owns the processes started for one Server.
@@ -42,7 +42,7 @@ type spawnSpec struct {
 	env      []string
 	dir      string
 	cred     *syscall.Credential
-	pty      *pty.Winsize
+	pty      *unix.Winsize
 	stdin    bool
 	ring     int64
 	tag      string
@@ -102,13 +102,26 @@ func (t *ProcTable) exited(p *Proc) {
 	t.retire(p)
 }
 
-// retire keeps the most recent exited processes; called with t.mu held.
+// exitedRingBudget bounds the output kept for exited processes: 256 of them
+// with full default rings would hold 256 MiB of a small guest's memory.
+var exitedRingBudget int64 = 32 << 20
+
+// retire keeps the most recent exited processes, and the output of as many
+// of them as fits exitedRingBudget (newest first; the newest always);
+// called with t.mu held.
 func (t *ProcTable) retire(p *Proc) {
 	t.order = append(t.order, p)
 	for len(t.order) > keepExited {
 		delete(t.byID, t.order[0].ID)
 		t.order[0] = nil
 		t.order = t.order[1:]
+	}
+	held := int64(0)
+	for i := len(t.order) - 1; i >= 0; i-- {
+		r := t.order[i].ring
+		if held += r.Held(); held > exitedRingBudget && i < len(t.order)-1 {
+			held -= r.Release()
+		}
 	}
 }
 
@@ -177,7 +190,7 @@ func (t *ProcTable) Start(s *spawnSpec, lossless bool) (*Proc, *Cursor, error) {
 	}
 	if s.timeout > 0 {
 		time.AfterFunc(s.timeout, func() {
-			if !p.Exited() {
+			if !p.ended() {
 				p.timedOut.Store(true)
 				p.Terminate(killGraceSecs)
 			}
@@ -214,13 +227,13 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 	var outs []*os.File
 	var streams []uint8
 	if s.pty != nil {
-		master, slave, err := pty.Open()
+		master, slave, err := openPTY()
 		if err != nil {
 			return err
 		}
 		parentFiles = append(parentFiles, master)
 		childFiles = append(childFiles, slave)
-		_ = pty.Setsize(master, s.pty)
+		_ = setWinsize(master, s.pty)
 		files = []uintptr{slave.Fd(), slave.Fd(), slave.Fd()}
 		sys.Setsid, sys.Setctty, sys.Ctty = true, true, 0
 		p.pty, p.stdin = master, master

@@ -36,6 +36,7 @@ type Ring struct {
 	end      int64 // next offset to write
 	segs     []segment
 	closed   bool
+	done     chan struct{} // closed by Close
 	blocking map[*Cursor]struct{}
 }
 
@@ -51,7 +52,7 @@ func NewRing(size int64) *Ring {
 	if size < minRing {
 		size = minRing
 	}
-	r := &Ring{cap: size, blocking: map[*Cursor]struct{}{}}
+	r := &Ring{cap: size, blocking: map[*Cursor]struct{}{}, done: make(chan struct{})}
 	r.cond.L = &r.mu
 	return r
 }
@@ -121,10 +122,37 @@ func (r *Ring) dropSegs() {
 // Close marks the output complete; readers get io.EOF after the last byte.
 func (r *Ring) Close() {
 	r.mu.Lock()
-	r.closed = true
+	if !r.closed {
+		r.closed = true
+		close(r.done)
+	}
 	r.cond.Broadcast()
 	r.mu.Unlock()
 }
+
+// Held is the memory the ring's buffer takes.
+func (r *Ring) Held() int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return int64(cap(r.buf))
+}
+
+// Release frees the buffer of a complete ring no lossless reader still needs;
+// later readers are told the bytes are lost. Returns the bytes freed.
+func (r *Ring) Release() int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.closed || len(r.blocking) > 0 {
+		return 0
+	}
+	n := int64(cap(r.buf))
+	r.buf, r.segs, r.start = nil, nil, r.end
+	r.cond.Broadcast()
+	return n
+}
+
+// Done is closed once the output is complete (Close).
+func (r *Ring) Done() <-chan struct{} { return r.done }
 
 // Cursor registers a reader at off.
 func (r *Ring) Cursor(off int64, blocking bool) *Cursor {
