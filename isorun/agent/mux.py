@@ -275,7 +275,11 @@ class AgentConnection:
             return
         self._close_error = exc
         self._closed.set()
-        self._writer.close()
+        # Abort, not close: close() waits to flush what is buffered, and a guest that stopped
+        # reading never lets it, so wait_closed() and every sender blocked in drain() would
+        # hang for good. Nothing buffered matters any more: the guest drops every channel of
+        # a connection that ends.
+        self._writer.transport.abort()
         for ch in list(self._channels.values()):
             # Never block here: drop a pending item to make room for the error.
             while True:

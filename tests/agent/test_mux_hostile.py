@@ -154,3 +154,25 @@ async def test_guest_error_answer_becomes_guest_error() -> None:
     with pytest.raises(FileNotFoundInGuest, match="no such file"):
         await client.stat("/x")
     task.cancel()
+
+
+async def test_close_does_not_hang_on_a_guest_that_stopped_reading() -> None:
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)  # reads nothing after hello: the host's writes pile up
+
+    client, task = await _connect(guest)
+    senders = []
+    for _ in range(4):  # 4 windows of stdin: more than the socket buffers hold
+        ch = client.conn.open_channel()
+        await client.conn.request(ch, {"op": "write_file", "path": "/x"})
+        senders.append(asyncio.create_task(ch.send_data(b"x" * 262144)))
+    await asyncio.sleep(0.3)
+    assert client.conn._writer.transport.get_write_buffer_size() > 0
+    stuck = [s for s in senders if not s.done()]
+    assert stuck
+    await asyncio.wait_for(client.conn.close(), 5)
+    # Every sender stuck in drain() is released with the connection's error.
+    for s in stuck:
+        with pytest.raises(ChannelClosedError, match="closed by the host"):
+            await asyncio.wait_for(s, 5)
+    task.cancel()
