@@ -46,12 +46,19 @@ class Channel:
         self._all_acked = asyncio.Event()  # every byte we sent was consumed by the guest
         self._all_acked.set()
         self.closed = False
+        # The consumer is gone (cancelled, failed): the reader drops this channel's frames
+        # instead of queueing them for no one, and forgets the channel at its RESP.
+        self._abandoned = False
 
     async def _deliver(self, frame: Frame | BaseException) -> None:
         if isinstance(frame, Frame) and frame.kind in frames.DATA_KINDS:
             self._recv_window -= len(frame.payload)
             if self._recv_window < 0:
                 raise ProtocolError(f"guest overran the flow-control window on channel {self.id}")
+        if self._abandoned:
+            if isinstance(frame, Frame) and frame.kind is Kind.RESP:
+                self._conn._forget(self.id)
+            return
         await self._queue.put(frame)
 
     def _grant(self, n: int) -> None:
@@ -116,10 +123,23 @@ class Channel:
     async def send_eof(self) -> None:
         await self._conn._send(frames.encode(self.id, Kind.EOF))
 
+    def abandon(self) -> None:
+        """Give up on the request without waiting: send CANCEL, and from now on drop what
+        the guest still sends on the channel (until its RESP, which ends it). Never blocks,
+        so it is safe in cancellation and error paths even when the guest stopped reading."""
+        if self.closed:
+            return
+        self.closed = True
+        self._abandoned = True
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, Frame) and item.kind is Kind.RESP:
+                self._conn._forget(self.id)
+                return  # answered already: nothing to cancel
+        self._conn._send_nowait(frames.encode(self.id, Kind.CANCEL))
+
     async def cancel(self) -> None:
-        if not self.closed and not self._conn.is_closed:
-            with contextlib.suppress(ChannelClosedError):
-                await self._conn._send(frames.encode(self.id, Kind.CANCEL))
+        self.abandon()
 
 
 class AgentConnection:
@@ -204,6 +224,12 @@ class AgentConnection:
         self._channels.pop(chan, None)
 
     # --- I/O ------------------------------------------------------------------------
+
+    def _send_nowait(self, data: bytes) -> None:
+        """Queue one whole frame on the transport without waiting for it to drain. Frames
+        are written whole, so this never interleaves with a sender holding the lock."""
+        if not self._closed.is_set() and not self._writer.transport.is_closing():
+            self._writer.write(data)
 
     async def _send(self, data: bytes) -> None:
         self._raise_if_closed()

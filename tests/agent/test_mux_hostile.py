@@ -176,3 +176,55 @@ async def test_close_does_not_hang_on_a_guest_that_stopped_reading() -> None:
         with pytest.raises(ChannelClosedError, match="closed by the host"):
             await asyncio.wait_for(s, 5)
     task.cancel()
+
+
+def _stream_then_answer(n_frames: int) -> Guest:
+    """Answers the first request with n one-byte OUT frames and a RESP (no matter what the
+    host says meanwhile), every later request with a plain RESP."""
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        for _ in range(n_frames):
+            w.write(frames.encode(f.chan, Kind.OUT, b"x"))
+        w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "proc_id": "p1"}))
+        await w.drain()
+        while True:
+            f = await _read_frame(r)
+            if f.kind is Kind.REQ:
+                w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "version": "fake"}))
+                await w.drain()
+
+    return guest
+
+
+async def test_an_abandoned_request_does_not_stall_the_connection() -> None:
+    # More frames in flight than a channel queues: nobody reads them once the consumer
+    # failed, so queueing them would stop the reader, and every request, for good.
+    client, task = await _connect(_stream_then_answer(2000))
+
+    def broken_consumer(_: bytes) -> None:
+        raise RuntimeError("consumer failed")
+
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        await client.exec("yes", on_stdout=broken_consumer)
+    assert (await asyncio.wait_for(client.health(), 5))["version"] == "fake"
+    assert client.conn._channels == {}  # the abandoned channel ended at its RESP
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_a_request_cancelled_by_its_caller_is_forgotten_at_its_answer() -> None:
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        assert (await _read_frame(r)).kind is Kind.CANCEL
+        w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": False, "error": "cancelled"}))
+        await w.drain()
+        await _health_guest(r, w)
+
+    client, task = await _connect(guest)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(client.call("kill", proc_id="p1"), 0.2)
+    assert (await asyncio.wait_for(client.health(), 5))["version"] == "fake"
+    assert client.conn._channels == {}
+    task.cancel()
+    await client.conn.close()
