@@ -5,6 +5,7 @@ Every answer from the guest is checked field by field before use: the guest is h
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Sequence
@@ -123,9 +124,7 @@ class AgentClient:
         feeder = None
         try:
             if stdin is not None:
-                import asyncio
-
-                feeder = asyncio.create_task(_feed_stdin(ch, stdin))
+                feeder = _start_feeder(ch, stdin)
             return await _collect_process(ch, on_stdout, on_stderr, on_start, capture, None)
         except BaseException:
             ch.abandon()
@@ -183,9 +182,7 @@ class AgentClient:
         feeder = None
         try:
             if stdin is not None:
-                import asyncio
-
-                feeder = asyncio.create_task(_feed_stdin(ch, stdin))
+                feeder = _start_feeder(ch, stdin)
             return await _collect_process(ch, on_stdout, on_stderr, None, capture, attachment)
         except BaseException:
             ch.abandon()
@@ -281,8 +278,10 @@ class AgentClient:
         ch = await self._open(
             {"op": "write_file", "path": path, "mode": mode, "append": append, "mkdirs": True}
         )
+        # Feed and read at once: the guest may answer before it took every byte (a path it
+        # cannot create, a full disk), and then grants no more credit for the rest.
+        feeder = _start_feeder(ch, data)
         try:
-            await _feed_stdin(ch, data)
             while True:
                 frame = await ch.next()
                 if frame.kind is Kind.RESP:
@@ -292,6 +291,9 @@ class AgentClient:
         except BaseException:
             ch.abandon()
             raise
+        finally:
+            if not feeder.done():
+                feeder.cancel()
 
     async def list(self, path: str, depth: int = 1) -> list[FileEntry]:
         ch = await self._open({"op": "list", "path": path, "depth": depth})
@@ -405,6 +407,20 @@ def _exec_request(
     if tag:
         req["tag"] = tag
     return req
+
+
+def _start_feeder(ch: Channel, source: StdinSource) -> asyncio.Task[None]:
+    """Feed `source` into the channel beside its reader. If feeding fails (the source
+    raised, say), the reader gets that error instead of waiting for an answer that needs
+    an EOF which will never come."""
+
+    def done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            ch.fail(exc)
+
+    feeder = asyncio.create_task(_feed_stdin(ch, source), name=f"agent-stdin:{ch.id}")
+    feeder.add_done_callback(done)
+    return feeder
 
 
 async def _feed_stdin(ch: Channel, source: StdinSource) -> None:

@@ -71,7 +71,9 @@ class Channel:
     async def next(self) -> Frame:
         item = await self._queue.get()
         if isinstance(item, BaseException):
-            self.closed = True
+            # A dead connection ends the channel; a local failure (see `fail`) leaves it for
+            # the consumer to abandon, which cancels the request in the guest.
+            self.closed = self.closed or self._conn.is_closed
             raise item
         if item.kind in frames.DATA_KINDS:
             await self._consumed(len(item.payload))
@@ -122,6 +124,11 @@ class Channel:
 
     async def send_eof(self) -> None:
         await self._conn._send(frames.encode(self.id, Kind.EOF))
+
+    def fail(self, exc: BaseException) -> None:
+        """End the consumer's wait with `exc` (its own stdin source failed, say)."""
+        if not self.closed:
+            _put_dropping(self._queue, exc)
 
     def abandon(self) -> None:
         """Give up on the request without waiting: send CANCEL, and from now on drop what
@@ -307,13 +314,7 @@ class AgentConnection:
         # a connection that ends.
         self._writer.transport.abort()
         for ch in list(self._channels.values()):
-            # Never block here: drop a pending item to make room for the error.
-            while True:
-                try:
-                    ch._queue.put_nowait(exc)
-                    break
-                except asyncio.QueueFull:
-                    ch._queue.get_nowait()
+            _put_dropping(ch._queue, exc)
             ch._send_ready.set()
             ch._all_acked.set()
         self._channels.clear()
@@ -326,3 +327,13 @@ class AgentConnection:
         self._fail(ChannelClosedError("agent connection closed by the host"))
         with contextlib.suppress(Exception):
             await self._writer.wait_closed()
+
+
+def _put_dropping(queue: asyncio.Queue[Frame | BaseException], exc: BaseException) -> None:
+    """Queue an error without blocking: drop a pending item to make room for it."""
+    while True:
+        try:
+            queue.put_nowait(exc)
+            return
+        except asyncio.QueueFull:
+            queue.get_nowait()

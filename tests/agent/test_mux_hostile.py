@@ -228,3 +228,53 @@ async def test_a_request_cancelled_by_its_caller_is_forgotten_at_its_answer() ->
     assert client.conn._channels == {}
     task.cancel()
     await client.conn.close()
+
+
+async def test_write_file_answered_early_fails_instead_of_waiting_for_credit() -> None:
+    # As the real agent does for a path it cannot create: answer at once, then drop the IN
+    # frames of the closed channel without granting credit for them.
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        w.write(
+            frames.encode_json(
+                f.chan, Kind.RESP, {"ok": False, "code": "is_dir", "error": "/d is a directory"}
+            )
+        )
+        await w.drain()
+        while True:
+            await _read_frame(r)
+
+    from isorun.errors import GuestError
+
+    client, task = await _connect(guest)
+    with pytest.raises(GuestError, match="is a directory"):
+        await asyncio.wait_for(client.write_file("/d", b"x" * (1 << 20)), 5)
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_a_failing_stdin_source_fails_the_exec_and_cancels_it() -> None:
+    seen: list[Kind] = []
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        while True:  # a process that waits for stdin's EOF before it exits
+            g = await _read_frame(r)
+            seen.append(g.kind)
+            if g.kind is Kind.IN:  # taken into the pipe
+                w.write(frames.encode_credit(f.chan, len(g.payload)))
+            if g.kind is Kind.CANCEL:
+                w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "signal": 15}))
+                await w.drain()
+
+    async def source() -> AsyncIterator[bytes]:
+        yield b"first line\n"
+        raise OSError("upload body broke off")
+
+    client, task = await _connect(guest)
+    with pytest.raises(OSError, match="upload body broke off"):
+        await asyncio.wait_for(client.exec("cat", stdin=source()), 5)
+    await asyncio.sleep(0.1)
+    assert seen[-1] is Kind.CANCEL and Kind.EOF not in seen
+    task.cancel()
+    await client.conn.close()
