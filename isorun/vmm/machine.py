@@ -246,29 +246,34 @@ class MicroVM:
 
         hello_task = asyncio.create_task(self._open_agent(max(0.1, deadline - time.monotonic())))
         exited = asyncio.create_task(self._exited.wait())
-        done, _ = await asyncio.wait({hello_task, exited}, return_when=asyncio.FIRST_COMPLETED)
-        failed = hello_task in done and hello_task.exception() is not None
-        if failed and not isinstance(hello_task.exception(), TimeoutError):
-            # The agent stream broke: most often because QEMU itself is going away.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(exited), 2)
-        if hello_task not in done or self._exited.is_set():
-            hello_task.cancel()
-            qmp_task.cancel()
-            exited.cancel()
-            raise VMError(
-                f"QEMU exited during boot ({self.death_reason}): {self._stderr_tail()}"
-                f"\nconsole tail:\n{self.console.tail(2000)}",
-                self.death_reason or "qemu-failed",
-            )
-        exited.cancel()
-        conn = hello_task.result()
-        self.agent = AgentClient(conn)
-        self.boot_ms = (time.monotonic() - t0) * 1000
         try:
-            await asyncio.wait_for(qmp_task, max(0.1, deadline - time.monotonic()))
-        except (TimeoutError, OSError, IsorunError) as exc:
-            raise VMError(f"QMP monitor did not answer: {exc}", "qmp") from exc
+            done, _ = await asyncio.wait({hello_task, exited}, return_when=asyncio.FIRST_COMPLETED)
+            failed = hello_task in done and hello_task.exception() is not None
+            if failed and not isinstance(hello_task.exception(), TimeoutError):
+                # The agent stream broke: most often because QEMU itself is going away.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(exited), 2)
+            if hello_task not in done or self._exited.is_set():
+                raise VMError(
+                    f"QEMU exited during boot ({self.death_reason}): {self._stderr_tail()}"
+                    f"\nconsole tail:\n{self.console.tail(2000)}",
+                    self.death_reason or "qemu-failed",
+                )
+            self.agent = AgentClient(hello_task.result())
+            self.boot_ms = (time.monotonic() - t0) * 1000
+            try:
+                await asyncio.wait_for(qmp_task, max(0.1, deadline - time.monotonic()))
+            except (TimeoutError, OSError, IsorunError) as exc:
+                raise VMError(f"QMP monitor did not answer: {exc}", "qmp") from exc
+        except BaseException:
+            # Failed or cancelled midway: end the helper tasks (and a connection the hello may
+            # have opened meanwhile) here, not as stray tasks whose errors no one retrieves.
+            await _end_tasks(hello_task, qmp_task, exited)
+            if not hasattr(self, "agent") and _result(hello_task) is not None:
+                await hello_task.result().close()
+            raise
+        finally:
+            exited.cancel()
 
     async def _open_agent(self, timeout: float) -> AgentConnection:
         """Connect to the agent over this VM's channel and say hello, within `timeout`."""
@@ -401,6 +406,19 @@ class MicroVM:
             return (self.run_dir / "qemu.stderr").read_bytes()[-2000:].decode("utf-8", "replace")
         except OSError:
             return ""
+
+
+async def _end_tasks(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel `tasks` and wait until they are done, retrieving whatever they raised."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _result(task: asyncio.Task[AgentConnection]) -> AgentConnection | None:
+    if task.done() and not task.cancelled() and task.exception() is None:
+        return task.result()
+    return None
 
 
 async def _reconnect_agent(

@@ -163,3 +163,33 @@ async def test_two_vcpus_boot_and_keep_time(busybox_rootfs: Path) -> None:
     finally:
         await vm.kill()
     assert_vm_gone(vm)
+
+
+async def test_a_boot_cancelled_midway_leaves_no_task_error_or_file(
+    busybox_rootfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contextlib
+    import gc
+    from typing import Any
+
+    monkeypatch.setenv("ISORUN_STATE_DIR", str(tmp_path))
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    before = asyncio.all_tasks()
+    try:
+        # Cancelled while QEMU starts, while the agent's hello is under way, near its end.
+        for delay in (0.1, 0.3, 0.5):
+            task = asyncio.create_task(MicroVM.boot(vm_spec(busybox_rootfs)))
+            await asyncio.sleep(delay)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await (await task).kill()  # it booted before the cancel landed
+        await asyncio.sleep(1)
+        gc.collect()
+        assert [str(e.get("exception") or e["message"]) for e in errors] == []
+        left = asyncio.all_tasks() - before - {asyncio.current_task()}
+        assert not left, left
+        assert list((tmp_path / "vms").iterdir()) == []
+    finally:
+        loop.set_exception_handler(None)
