@@ -172,59 +172,57 @@ class MicroVM:
         scratch_path = self.run_dir / "scratch.ext4"
         if self.spec.rootfs is not None:
             await scratch.make_scratch(scratch_path, self.spec.scratch_mib)
-        listeners = {
-            name: _listen(self.run_dir / f"{name}.sock") for name in ("agent", "qmp", "console")
-        }
-        pass_fds = [s.fileno() for s in listeners.values()]
-        lease = vsock.CidLease.reserve() if self.channel.name == "vsock" else None
-        if lease is not None:
-            self.vsock_cid = lease.cid
-            pass_fds.append(lease.fd)
-        files = qemu_cmd.LaunchFiles(
-            kernel=kernel,
-            initramfs=initramfs,
-            rootfs=self.spec.rootfs,
-            scratch=scratch_path,
-            agent_fd=listeners["agent"].fileno(),
-            qmp_fd=listeners["qmp"].fileno(),
-            console_fd=listeners["console"].fileno(),
-            vsock_fd=lease.fd if lease else None,
-            vsock_cid=lease.cid if lease else None,
-            vsock_port=vsock.AGENT_PORT if lease else 0,
-        )
-        jailed = self.spec.jail and os.geteuid() == 0
-        run_as = jail.qemu_user() if jailed else None
-        chroot = jail.empty_root(self.run_dir) if jailed else None
-        argv = qemu_cmd.build(
-            qemu,
-            self.accel.name,
-            self.spec.vcpus,
-            self.spec.memory_mib,
-            files,
-            self.spec.extra_cmdline,
-            run_as=run_as,
-            chroot=chroot,
-        )
-        if jailed:
-            argv = jail.namespaced(argv)
-        mem_limit = (self.spec.memory_mib + QEMU_OVERHEAD_MIB) * 1024 * 1024
-        procs_files: list[Path] = []
-        if os.geteuid() == 0:
-            try:
-                self.cgroup.create(mem_limit, self.spec.vcpus + QEMU_CPU_HEADROOM)
-                procs_files = self.cgroup.procs_files()
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot create the VM's cgroup under /sys/fs/cgroup: {exc}"
-                ) from exc
-        (self.run_dir / "argv.json").write_text(json.dumps(argv))
-        try:
-            self._proc = VMProcess.spawn(argv, self.run_dir / "qemu.stderr", pass_fds, procs_files)
-        finally:
-            for s in listeners.values():
-                s.close()
+        # The host's copies of the fds handed to QEMU: closed on every path, QEMU keeps its own.
+        with contextlib.ExitStack() as fds:
+            listeners = {
+                name: fds.enter_context(_listen(self.run_dir / f"{name}.sock"))
+                for name in ("agent", "qmp", "console")
+            }
+            pass_fds = [s.fileno() for s in listeners.values()]
+            lease = vsock.CidLease.reserve() if self.channel.name == "vsock" else None
             if lease is not None:
-                lease.close()  # QEMU holds its own copy, and with it the CID
+                fds.callback(lease.close)  # QEMU holds its own copy, and with it the CID
+                self.vsock_cid = lease.cid
+                pass_fds.append(lease.fd)
+            files = qemu_cmd.LaunchFiles(
+                kernel=kernel,
+                initramfs=initramfs,
+                rootfs=self.spec.rootfs,
+                scratch=scratch_path,
+                agent_fd=listeners["agent"].fileno(),
+                qmp_fd=listeners["qmp"].fileno(),
+                console_fd=listeners["console"].fileno(),
+                vsock_fd=lease.fd if lease else None,
+                vsock_cid=lease.cid if lease else None,
+                vsock_port=vsock.AGENT_PORT if lease else 0,
+            )
+            jailed = self.spec.jail and os.geteuid() == 0
+            run_as = jail.qemu_user() if jailed else None
+            chroot = jail.empty_root(self.run_dir) if jailed else None
+            argv = qemu_cmd.build(
+                qemu,
+                self.accel.name,
+                self.spec.vcpus,
+                self.spec.memory_mib,
+                files,
+                self.spec.extra_cmdline,
+                run_as=run_as,
+                chroot=chroot,
+            )
+            if jailed:
+                argv = jail.namespaced(argv)
+            mem_limit = (self.spec.memory_mib + QEMU_OVERHEAD_MIB) * 1024 * 1024
+            procs_files: list[Path] = []
+            if os.geteuid() == 0:
+                try:
+                    self.cgroup.create(mem_limit, self.spec.vcpus + QEMU_CPU_HEADROOM)
+                    procs_files = self.cgroup.procs_files()
+                except OSError as exc:
+                    raise ConfigError(
+                        f"cannot create the VM's cgroup under /sys/fs/cgroup: {exc}"
+                    ) from exc
+            (self.run_dir / "argv.json").write_text(json.dumps(argv))
+            self._proc = VMProcess.spawn(argv, self.run_dir / "qemu.stderr", pass_fds, procs_files)
         self._write_state()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"vm:{self.id}")
         try:
@@ -464,6 +462,10 @@ def kill_orphan(run_dir: Path, timeout: float = 5.0) -> None:
 
 def _listen(path: Path) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(str(path))
-    s.listen(4)
+    try:
+        s.bind(str(path))
+        s.listen(4)
+    except BaseException:
+        s.close()
+        raise
     return s
