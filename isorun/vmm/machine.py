@@ -81,6 +81,7 @@ class MicroVM:
         self.death_reason: str | None = None
         self._final_usage: VMUsage | None = None
         self._cleaned = False
+        self._killing: asyncio.Future[VMUsage] | None = None
         self._shutdown_requested = False
         self._detached = False
 
@@ -346,13 +347,21 @@ class MicroVM:
         return await self.kill()
 
     async def kill(self) -> VMUsage:
-        """Stop QEMU now (SIGKILL to its session) and remove every file and group it had."""
+        """Stop QEMU now (SIGKILL to its session) and remove every file and group it had.
+
+        Cancelling the caller does not stop the kill half-way: it runs to its end in its
+        own task, which concurrent and later calls share."""
         if self._detached:
             raise VMError(f"VM {self.id} was detached from this host process", "detached")
+        if self._killing is None:
+            self._killing = asyncio.ensure_future(self._kill())
+        return await asyncio.shield(self._killing)
+
+    async def _kill(self) -> VMUsage:
         if self._proc is not None:
             self._proc.kill()
         if self._supervisor is not None:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError):  # adopt() may have cancelled it
                 await self._supervisor
         return await self._cleanup()
 
@@ -361,13 +370,16 @@ class MicroVM:
         if self._cleaned:
             return usage
         self._cleaned = True
-        conn = getattr(self, "agent", None)
-        if conn is not None:
-            await conn.conn.close()
-        await self._qmp.close()
-        await self.console.stop()
-        self.cgroup.remove()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        try:
+            conn = getattr(self, "agent", None)
+            if conn is not None:
+                await conn.conn.close()
+            await self._qmp.close()
+            await self.console.stop()
+        finally:
+            # Even when cancelled or failing above: a second kill() would return early.
+            self.cgroup.remove()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         return usage
 
     def _usage_now(self) -> VMUsage:

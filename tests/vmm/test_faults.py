@@ -193,3 +193,21 @@ async def test_a_boot_cancelled_midway_leaves_no_task_error_or_file(
         assert list((tmp_path / "vms").iterdir()) == []
     finally:
         loop.set_exception_handler(None)
+
+
+async def test_a_cancelled_kill_still_ends_the_vm_and_removes_everything(
+    busybox_rootfs: Path,
+) -> None:
+    vm = await MicroVM.boot(vm_spec(busybox_rootfs))
+    try:
+        task = asyncio.create_task(vm.kill())
+        await asyncio.sleep(0)  # the kill waits for QEMU to go
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):  # the caller's cancel is not swallowed
+            await task
+        # ... but the VM's supervision and cleanup were not cut short by it.
+        assert await asyncio.wait_for(vm.wait(), 10) == "killed by signal 9"
+        await asyncio.wait_for(vm.kill(), 10)
+        assert_vm_gone(vm)
+    finally:
+        await vm.kill()
