@@ -143,7 +143,15 @@ class MicroVM:
         try:
             console_r, console_w = await asyncio.open_unix_connection(str(run_dir / "console.sock"))
             vm.console.start(console_r, console_w)
-            await vm._qmp.connect(run_dir / "qmp.sock")
+            try:
+                # QEMU serves one QMP client at a time: a second one waits, unanswered.
+                await asyncio.wait_for(vm._qmp.connect(run_dir / "qmp.sock"), timeout)
+            except TimeoutError as exc:
+                raise VMError(
+                    f"VM {vm_id}: QEMU's QMP monitor did not answer within {timeout:.0f}s "
+                    "(is another process connected to it?)",
+                    "qmp",
+                ) from exc
             conn = await _reconnect_agent(vm._open_agent, timeout)
         except BaseException:
             vm._supervisor.cancel()

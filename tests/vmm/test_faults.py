@@ -211,3 +211,25 @@ async def test_a_cancelled_kill_still_ends_the_vm_and_removes_everything(
         assert_vm_gone(vm)
     finally:
         await vm.kill()
+
+
+async def test_adopt_gives_up_within_its_timeout_when_qmp_does_not_answer(
+    busybox_rootfs: Path,
+) -> None:
+    import socket
+
+    from isorun.errors import VMError
+
+    vm = await MicroVM.boot(vm_spec(busybox_rootfs))
+    holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await vm.detach()
+        # Another client holds QEMU's only QMP connection: a new one is queued, unanswered.
+        holder.connect(str(vm.run_dir / "qmp.sock"))
+        with pytest.raises(VMError, match="QMP"):
+            await asyncio.wait_for(MicroVM.adopt(vm.run_dir, timeout=2), 20)
+    finally:
+        holder.close()
+        again = await MicroVM.adopt(vm.run_dir)
+        await again.kill()
+        assert_vm_gone(again)
