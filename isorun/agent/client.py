@@ -5,6 +5,7 @@ Every answer from the guest is checked field by field before use: the guest is h
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Sequence
@@ -86,12 +87,16 @@ class AgentClient:
     async def call(self, op: str, **fields: Any) -> dict[str, Any]:
         """A request whose whole answer is one RESP."""
         ch = await self._open({"op": op, **fields})
-        while True:
-            frame = await ch.next()
-            if frame.kind is Kind.RESP:
-                return _raise_for(frame.json())
-            if frame.kind is not Kind.EVENT:
-                raise ProtocolError(f"guest sent {frame.kind.name} to a '{op}' request")
+        try:
+            while True:
+                frame = await ch.next()
+                if frame.kind is Kind.RESP:
+                    return _raise_for(frame.json())
+                if frame.kind is not Kind.EVENT:
+                    raise ProtocolError(f"guest sent {frame.kind.name} to a '{op}' request")
+        except BaseException:
+            ch.abandon()
+            raise
 
     # --- processes ------------------------------------------------------------------
 
@@ -119,12 +124,10 @@ class AgentClient:
         feeder = None
         try:
             if stdin is not None:
-                import asyncio
-
-                feeder = asyncio.create_task(_feed_stdin(ch, stdin))
+                feeder = _start_feeder(ch, stdin)
             return await _collect_process(ch, on_stdout, on_stderr, on_start, capture, None)
         except BaseException:
-            await ch.cancel()
+            ch.abandon()
             raise
         finally:
             if feeder is not None and not feeder.done():
@@ -179,12 +182,10 @@ class AgentClient:
         feeder = None
         try:
             if stdin is not None:
-                import asyncio
-
-                feeder = asyncio.create_task(_feed_stdin(ch, stdin))
+                feeder = _start_feeder(ch, stdin)
             return await _collect_process(ch, on_stdout, on_stderr, None, capture, attachment)
         except BaseException:
-            await ch.cancel()
+            ch.abandon()
             raise
         finally:
             if feeder is not None and not feeder.done():
@@ -194,19 +195,23 @@ class AgentClient:
         # Long lists come as EVENT {"procs": [...]} batches before the RESP's own batch.
         ch = await self._open({"op": "list_procs"})
         found: list[ProcInfo] = []
-        while True:
-            frame = await ch.next()
-            if frame.kind not in (Kind.EVENT, Kind.RESP):
-                raise ProtocolError(f"guest sent {frame.kind.name} to list_procs")
-            body = frame.json()
-            if frame.kind is Kind.RESP:
-                _raise_for(body)
-            procs = body.get("procs", [])
-            if not isinstance(procs, list) or len(found) + len(procs) > 8192:
-                raise ProtocolError("list_procs answer is not a list of at most 8192 processes")
-            found.extend(parse_proc(p) for p in procs)
-            if frame.kind is Kind.RESP:
-                return found
+        try:
+            while True:
+                frame = await ch.next()
+                if frame.kind not in (Kind.EVENT, Kind.RESP):
+                    raise ProtocolError(f"guest sent {frame.kind.name} to list_procs")
+                body = frame.json()
+                if frame.kind is Kind.RESP:
+                    _raise_for(body)
+                procs = body.get("procs", [])
+                if not isinstance(procs, list) or len(found) + len(procs) > 8192:
+                    raise ProtocolError("list_procs answer is not a list of at most 8192 processes")
+                found.extend(parse_proc(p) for p in procs)
+                if frame.kind is Kind.RESP:
+                    return found
+        except BaseException:
+            ch.abandon()
+            raise
 
     async def signal(self, proc_id: str, signal: int) -> None:
         await self.call("signal", proc_id=proc_id, signal=signal)
@@ -254,8 +259,7 @@ class AgentClient:
                 elif frame.kind is not Kind.EVENT:
                     raise ProtocolError(f"guest sent {frame.kind.name} while reading a file")
         finally:
-            if not ch.closed:
-                await ch.cancel()
+            ch.abandon()
 
     async def read_bytes(self, path: str, limit: int = 1 << 30) -> bytes:
         parts: list[bytes] = []
@@ -274,8 +278,10 @@ class AgentClient:
         ch = await self._open(
             {"op": "write_file", "path": path, "mode": mode, "append": append, "mkdirs": True}
         )
+        # Feed and read at once: the guest may answer before it took every byte (a path it
+        # cannot create, a full disk), and then grants no more credit for the rest.
+        feeder = _start_feeder(ch, data)
         try:
-            await _feed_stdin(ch, data)
             while True:
                 frame = await ch.next()
                 if frame.kind is Kind.RESP:
@@ -283,26 +289,32 @@ class AgentClient:
                 if frame.kind is not Kind.EVENT:
                     raise ProtocolError(f"guest sent {frame.kind.name} while writing a file")
         except BaseException:
-            await ch.cancel()
+            ch.abandon()
             raise
+        finally:
+            if not feeder.done():
+                feeder.cancel()
 
     async def list(self, path: str, depth: int = 1) -> list[FileEntry]:
         ch = await self._open({"op": "list", "path": path, "depth": depth})
         entries: list[FileEntry] = []
-        while True:
-            frame = await ch.next()
-            if frame.kind is Kind.RESP:
-                _raise_for(frame.json())
-                return entries
-            if frame.kind is not Kind.EVENT:
-                raise ProtocolError(f"guest sent {frame.kind.name} to a list request")
-            batch = frame.json().get("entries")
-            if not isinstance(batch, list):
-                raise ProtocolError("list event without an 'entries' list")
-            entries.extend(parse_entry(e) for e in batch)
-            if len(entries) > 1_000_000:
-                await ch.cancel()
-                raise GuestError(f"{path} lists more than 1,000,000 entries", "invalid")
+        try:
+            while True:
+                frame = await ch.next()
+                if frame.kind is Kind.RESP:
+                    _raise_for(frame.json())
+                    return entries
+                if frame.kind is not Kind.EVENT:
+                    raise ProtocolError(f"guest sent {frame.kind.name} to a list request")
+                batch = frame.json().get("entries")
+                if not isinstance(batch, list):
+                    raise ProtocolError("list event without an 'entries' list")
+                entries.extend(parse_entry(e) for e in batch)
+                if len(entries) > 1_000_000:
+                    raise GuestError(f"{path} lists more than 1,000,000 entries", "invalid")
+        except BaseException:
+            ch.abandon()
+            raise
 
     async def stat(self, path: str) -> FileEntry:
         resp = await self.call("stat", path=path)
@@ -341,8 +353,7 @@ class AgentClient:
                 if ev.get("event") == "fs":
                     yield as_str(ev, "op"), as_str(ev, "path")
         finally:
-            if not ch.closed:
-                await ch.cancel()
+            ch.abandon()
 
     # --- system ---------------------------------------------------------------------
 
@@ -396,6 +407,20 @@ def _exec_request(
     if tag:
         req["tag"] = tag
     return req
+
+
+def _start_feeder(ch: Channel, source: StdinSource) -> asyncio.Task[None]:
+    """Feed `source` into the channel beside its reader. If feeding fails (the source
+    raised, say), the reader gets that error instead of waiting for an answer that needs
+    an EOF which will never come."""
+
+    def done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            ch.fail(exc)
+
+    feeder = asyncio.create_task(_feed_stdin(ch, source), name=f"agent-stdin:{ch.id}")
+    feeder.add_done_callback(done)
+    return feeder
 
 
 async def _feed_stdin(ch: Channel, source: StdinSource) -> None:

@@ -46,12 +46,19 @@ class Channel:
         self._all_acked = asyncio.Event()  # every byte we sent was consumed by the guest
         self._all_acked.set()
         self.closed = False
+        # The consumer is gone (cancelled, failed): the reader drops this channel's frames
+        # instead of queueing them for no one, and forgets the channel at its RESP.
+        self._abandoned = False
 
     async def _deliver(self, frame: Frame | BaseException) -> None:
         if isinstance(frame, Frame) and frame.kind in frames.DATA_KINDS:
             self._recv_window -= len(frame.payload)
             if self._recv_window < 0:
                 raise ProtocolError(f"guest overran the flow-control window on channel {self.id}")
+        if self._abandoned:
+            if isinstance(frame, Frame) and frame.kind is Kind.RESP:
+                self._conn._forget(self.id)
+            return
         await self._queue.put(frame)
 
     def _grant(self, n: int) -> None:
@@ -64,7 +71,9 @@ class Channel:
     async def next(self) -> Frame:
         item = await self._queue.get()
         if isinstance(item, BaseException):
-            self.closed = True
+            # A dead connection ends the channel; a local failure (see `fail`) leaves it for
+            # the consumer to abandon, which cancels the request in the guest.
+            self.closed = self.closed or self._conn.is_closed
             raise item
         if item.kind in frames.DATA_KINDS:
             await self._consumed(len(item.payload))
@@ -116,10 +125,28 @@ class Channel:
     async def send_eof(self) -> None:
         await self._conn._send(frames.encode(self.id, Kind.EOF))
 
+    def fail(self, exc: BaseException) -> None:
+        """End the consumer's wait with `exc` (its own stdin source failed, say)."""
+        if not self.closed:
+            _put_dropping(self._queue, exc)
+
+    def abandon(self) -> None:
+        """Give up on the request without waiting: send CANCEL, and from now on drop what
+        the guest still sends on the channel (until its RESP, which ends it). Never blocks,
+        so it is safe in cancellation and error paths even when the guest stopped reading."""
+        if self.closed:
+            return
+        self.closed = True
+        self._abandoned = True
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, Frame) and item.kind is Kind.RESP:
+                self._conn._forget(self.id)
+                return  # answered already: nothing to cancel
+        self._conn._send_nowait(frames.encode(self.id, Kind.CANCEL))
+
     async def cancel(self) -> None:
-        if not self.closed and not self._conn.is_closed:
-            with contextlib.suppress(ChannelClosedError):
-                await self._conn._send(frames.encode(self.id, Kind.CANCEL))
+        self.abandon()
 
 
 class AgentConnection:
@@ -205,6 +232,12 @@ class AgentConnection:
 
     # --- I/O ------------------------------------------------------------------------
 
+    def _send_nowait(self, data: bytes) -> None:
+        """Queue one whole frame on the transport without waiting for it to drain. Frames
+        are written whole, so this never interleaves with a sender holding the lock."""
+        if not self._closed.is_set() and not self._writer.transport.is_closing():
+            self._writer.write(data)
+
     async def _send(self, data: bytes) -> None:
         self._raise_if_closed()
         async with self._write_lock:
@@ -275,15 +308,13 @@ class AgentConnection:
             return
         self._close_error = exc
         self._closed.set()
-        self._writer.close()
+        # Abort, not close: close() waits to flush what is buffered, and a guest that stopped
+        # reading never lets it, so wait_closed() and every sender blocked in drain() would
+        # hang for good. Nothing buffered matters any more: the guest drops every channel of
+        # a connection that ends.
+        self._writer.transport.abort()
         for ch in list(self._channels.values()):
-            # Never block here: drop a pending item to make room for the error.
-            while True:
-                try:
-                    ch._queue.put_nowait(exc)
-                    break
-                except asyncio.QueueFull:
-                    ch._queue.get_nowait()
+            _put_dropping(ch._queue, exc)
             ch._send_ready.set()
             ch._all_acked.set()
         self._channels.clear()
@@ -296,3 +327,13 @@ class AgentConnection:
         self._fail(ChannelClosedError("agent connection closed by the host"))
         with contextlib.suppress(Exception):
             await self._writer.wait_closed()
+
+
+def _put_dropping(queue: asyncio.Queue[Frame | BaseException], exc: BaseException) -> None:
+    """Queue an error without blocking: drop a pending item to make room for it."""
+    while True:
+        try:
+            queue.put_nowait(exc)
+            return
+        except asyncio.QueueFull:
+            queue.get_nowait()

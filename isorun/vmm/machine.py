@@ -81,6 +81,7 @@ class MicroVM:
         self.death_reason: str | None = None
         self._final_usage: VMUsage | None = None
         self._cleaned = False
+        self._killing: asyncio.Future[VMUsage] | None = None
         self._shutdown_requested = False
         self._detached = False
 
@@ -142,7 +143,15 @@ class MicroVM:
         try:
             console_r, console_w = await asyncio.open_unix_connection(str(run_dir / "console.sock"))
             vm.console.start(console_r, console_w)
-            await vm._qmp.connect(run_dir / "qmp.sock")
+            try:
+                # QEMU serves one QMP client at a time: a second one waits, unanswered.
+                await asyncio.wait_for(vm._qmp.connect(run_dir / "qmp.sock"), timeout)
+            except TimeoutError as exc:
+                raise VMError(
+                    f"VM {vm_id}: QEMU's QMP monitor did not answer within {timeout:.0f}s "
+                    "(is another process connected to it?)",
+                    "qmp",
+                ) from exc
             conn = await _reconnect_agent(vm._open_agent, timeout)
         except BaseException:
             vm._supervisor.cancel()
@@ -172,59 +181,57 @@ class MicroVM:
         scratch_path = self.run_dir / "scratch.ext4"
         if self.spec.rootfs is not None:
             await scratch.make_scratch(scratch_path, self.spec.scratch_mib)
-        listeners = {
-            name: _listen(self.run_dir / f"{name}.sock") for name in ("agent", "qmp", "console")
-        }
-        pass_fds = [s.fileno() for s in listeners.values()]
-        lease = vsock.CidLease.reserve() if self.channel.name == "vsock" else None
-        if lease is not None:
-            self.vsock_cid = lease.cid
-            pass_fds.append(lease.fd)
-        files = qemu_cmd.LaunchFiles(
-            kernel=kernel,
-            initramfs=initramfs,
-            rootfs=self.spec.rootfs,
-            scratch=scratch_path,
-            agent_fd=listeners["agent"].fileno(),
-            qmp_fd=listeners["qmp"].fileno(),
-            console_fd=listeners["console"].fileno(),
-            vsock_fd=lease.fd if lease else None,
-            vsock_cid=lease.cid if lease else None,
-            vsock_port=vsock.AGENT_PORT if lease else 0,
-        )
-        jailed = self.spec.jail and os.geteuid() == 0
-        run_as = jail.qemu_user() if jailed else None
-        chroot = jail.empty_root(self.run_dir) if jailed else None
-        argv = qemu_cmd.build(
-            qemu,
-            self.accel.name,
-            self.spec.vcpus,
-            self.spec.memory_mib,
-            files,
-            self.spec.extra_cmdline,
-            run_as=run_as,
-            chroot=chroot,
-        )
-        if jailed:
-            argv = jail.namespaced(argv)
-        mem_limit = (self.spec.memory_mib + QEMU_OVERHEAD_MIB) * 1024 * 1024
-        procs_files: list[Path] = []
-        if os.geteuid() == 0:
-            try:
-                self.cgroup.create(mem_limit, self.spec.vcpus + QEMU_CPU_HEADROOM)
-                procs_files = self.cgroup.procs_files()
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot create the VM's cgroup under /sys/fs/cgroup: {exc}"
-                ) from exc
-        (self.run_dir / "argv.json").write_text(json.dumps(argv))
-        try:
-            self._proc = VMProcess.spawn(argv, self.run_dir / "qemu.stderr", pass_fds, procs_files)
-        finally:
-            for s in listeners.values():
-                s.close()
+        # The host's copies of the fds handed to QEMU: closed on every path, QEMU keeps its own.
+        with contextlib.ExitStack() as fds:
+            listeners = {
+                name: fds.enter_context(_listen(self.run_dir / f"{name}.sock"))
+                for name in ("agent", "qmp", "console")
+            }
+            pass_fds = [s.fileno() for s in listeners.values()]
+            lease = vsock.CidLease.reserve() if self.channel.name == "vsock" else None
             if lease is not None:
-                lease.close()  # QEMU holds its own copy, and with it the CID
+                fds.callback(lease.close)  # QEMU holds its own copy, and with it the CID
+                self.vsock_cid = lease.cid
+                pass_fds.append(lease.fd)
+            files = qemu_cmd.LaunchFiles(
+                kernel=kernel,
+                initramfs=initramfs,
+                rootfs=self.spec.rootfs,
+                scratch=scratch_path,
+                agent_fd=listeners["agent"].fileno(),
+                qmp_fd=listeners["qmp"].fileno(),
+                console_fd=listeners["console"].fileno(),
+                vsock_fd=lease.fd if lease else None,
+                vsock_cid=lease.cid if lease else None,
+                vsock_port=vsock.AGENT_PORT if lease else 0,
+            )
+            jailed = self.spec.jail and os.geteuid() == 0
+            run_as = jail.qemu_user() if jailed else None
+            chroot = jail.empty_root(self.run_dir) if jailed else None
+            argv = qemu_cmd.build(
+                qemu,
+                self.accel.name,
+                self.spec.vcpus,
+                self.spec.memory_mib,
+                files,
+                self.spec.extra_cmdline,
+                run_as=run_as,
+                chroot=chroot,
+            )
+            if jailed:
+                argv = jail.namespaced(argv)
+            mem_limit = (self.spec.memory_mib + QEMU_OVERHEAD_MIB) * 1024 * 1024
+            procs_files: list[Path] = []
+            if os.geteuid() == 0:
+                try:
+                    self.cgroup.create(mem_limit, self.spec.vcpus + QEMU_CPU_HEADROOM)
+                    procs_files = self.cgroup.procs_files()
+                except OSError as exc:
+                    raise ConfigError(
+                        f"cannot create the VM's cgroup under /sys/fs/cgroup: {exc}"
+                    ) from exc
+            (self.run_dir / "argv.json").write_text(json.dumps(argv))
+            self._proc = VMProcess.spawn(argv, self.run_dir / "qemu.stderr", pass_fds, procs_files)
         self._write_state()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"vm:{self.id}")
         try:
@@ -246,29 +253,34 @@ class MicroVM:
 
         hello_task = asyncio.create_task(self._open_agent(max(0.1, deadline - time.monotonic())))
         exited = asyncio.create_task(self._exited.wait())
-        done, _ = await asyncio.wait({hello_task, exited}, return_when=asyncio.FIRST_COMPLETED)
-        failed = hello_task in done and hello_task.exception() is not None
-        if failed and not isinstance(hello_task.exception(), TimeoutError):
-            # The agent stream broke: most often because QEMU itself is going away.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(exited), 2)
-        if hello_task not in done or self._exited.is_set():
-            hello_task.cancel()
-            qmp_task.cancel()
-            exited.cancel()
-            raise VMError(
-                f"QEMU exited during boot ({self.death_reason}): {self._stderr_tail()}"
-                f"\nconsole tail:\n{self.console.tail(2000)}",
-                self.death_reason or "qemu-failed",
-            )
-        exited.cancel()
-        conn = hello_task.result()
-        self.agent = AgentClient(conn)
-        self.boot_ms = (time.monotonic() - t0) * 1000
         try:
-            await asyncio.wait_for(qmp_task, max(0.1, deadline - time.monotonic()))
-        except (TimeoutError, OSError, IsorunError) as exc:
-            raise VMError(f"QMP monitor did not answer: {exc}", "qmp") from exc
+            done, _ = await asyncio.wait({hello_task, exited}, return_when=asyncio.FIRST_COMPLETED)
+            failed = hello_task in done and hello_task.exception() is not None
+            if failed and not isinstance(hello_task.exception(), TimeoutError):
+                # The agent stream broke: most often because QEMU itself is going away.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(exited), 2)
+            if hello_task not in done or self._exited.is_set():
+                raise VMError(
+                    f"QEMU exited during boot ({self.death_reason}): {self._stderr_tail()}"
+                    f"\nconsole tail:\n{self.console.tail(2000)}",
+                    self.death_reason or "qemu-failed",
+                )
+            self.agent = AgentClient(hello_task.result())
+            self.boot_ms = (time.monotonic() - t0) * 1000
+            try:
+                await asyncio.wait_for(qmp_task, max(0.1, deadline - time.monotonic()))
+            except (TimeoutError, OSError, IsorunError) as exc:
+                raise VMError(f"QMP monitor did not answer: {exc}", "qmp") from exc
+        except BaseException:
+            # Failed or cancelled midway: end the helper tasks (and a connection the hello may
+            # have opened meanwhile) here, not as stray tasks whose errors no one retrieves.
+            await _end_tasks(hello_task, qmp_task, exited)
+            if not hasattr(self, "agent") and _result(hello_task) is not None:
+                await hello_task.result().close()
+            raise
+        finally:
+            exited.cancel()
 
     async def _open_agent(self, timeout: float) -> AgentConnection:
         """Connect to the agent over this VM's channel and say hello, within `timeout`."""
@@ -343,13 +355,21 @@ class MicroVM:
         return await self.kill()
 
     async def kill(self) -> VMUsage:
-        """Stop QEMU now (SIGKILL to its session) and remove every file and group it had."""
+        """Stop QEMU now (SIGKILL to its session) and remove every file and group it had.
+
+        Cancelling the caller does not stop the kill half-way: it runs to its end in its
+        own task, which concurrent and later calls share."""
         if self._detached:
             raise VMError(f"VM {self.id} was detached from this host process", "detached")
+        if self._killing is None:
+            self._killing = asyncio.ensure_future(self._kill())
+        return await asyncio.shield(self._killing)
+
+    async def _kill(self) -> VMUsage:
         if self._proc is not None:
             self._proc.kill()
         if self._supervisor is not None:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError):  # adopt() may have cancelled it
                 await self._supervisor
         return await self._cleanup()
 
@@ -358,13 +378,16 @@ class MicroVM:
         if self._cleaned:
             return usage
         self._cleaned = True
-        conn = getattr(self, "agent", None)
-        if conn is not None:
-            await conn.conn.close()
-        await self._qmp.close()
-        await self.console.stop()
-        self.cgroup.remove()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        try:
+            conn = getattr(self, "agent", None)
+            if conn is not None:
+                await conn.conn.close()
+            await self._qmp.close()
+            await self.console.stop()
+        finally:
+            # Even when cancelled or failing above: a second kill() would return early.
+            self.cgroup.remove()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         return usage
 
     def _usage_now(self) -> VMUsage:
@@ -401,6 +424,19 @@ class MicroVM:
             return (self.run_dir / "qemu.stderr").read_bytes()[-2000:].decode("utf-8", "replace")
         except OSError:
             return ""
+
+
+async def _end_tasks(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel `tasks` and wait until they are done, retrieving whatever they raised."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _result(task: asyncio.Task[AgentConnection]) -> AgentConnection | None:
+    if task.done() and not task.cancelled() and task.exception() is None:
+        return task.result()
+    return None
 
 
 async def _reconnect_agent(
@@ -446,6 +482,10 @@ def kill_orphan(run_dir: Path, timeout: float = 5.0) -> None:
 
 def _listen(path: Path) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(str(path))
-    s.listen(4)
+    try:
+        s.bind(str(path))
+        s.listen(4)
+    except BaseException:
+        s.close()
+        raise
     return s

@@ -19,6 +19,11 @@ from isorun.errors import VMError
 class QMPMonitor:
     def __init__(self) -> None:
         self._client = QMPClient("isorun")
+        # qemu.qmp's default listener takes every event and keeps it (queue and history)
+        # until read; nobody reads it here, and a guest can cause events for as long as it
+        # lives (RTC_CHANGE, VSERPORT_CHANGE): host memory would grow without end. It cannot
+        # be removed, so it accepts nothing; the events we want have their own listener.
+        self._client.events.event_filter = _no_event
         self._events: EventListener | None = None
         self._event_task: asyncio.Task[None] | None = None
         self.shutdown_reason: str | None = None
@@ -61,3 +66,7 @@ class QMPMonitor:
                 self._client.remove_listener(self._events)
         with contextlib.suppress(Exception):
             await self._client.disconnect()
+
+
+def _no_event(_event: Any) -> bool:
+    return False

@@ -154,3 +154,127 @@ async def test_guest_error_answer_becomes_guest_error() -> None:
     with pytest.raises(FileNotFoundInGuest, match="no such file"):
         await client.stat("/x")
     task.cancel()
+
+
+async def test_close_does_not_hang_on_a_guest_that_stopped_reading() -> None:
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)  # reads nothing after hello: the host's writes pile up
+
+    client, task = await _connect(guest)
+    senders = []
+    for _ in range(4):  # 4 windows of stdin: more than the socket buffers hold
+        ch = client.conn.open_channel()
+        await client.conn.request(ch, {"op": "write_file", "path": "/x"})
+        senders.append(asyncio.create_task(ch.send_data(b"x" * 262144)))
+    await asyncio.sleep(0.3)
+    assert client.conn._writer.transport.get_write_buffer_size() > 0
+    stuck = [s for s in senders if not s.done()]
+    assert stuck
+    await asyncio.wait_for(client.conn.close(), 5)
+    # Every sender stuck in drain() is released with the connection's error.
+    for s in stuck:
+        with pytest.raises(ChannelClosedError, match="closed by the host"):
+            await asyncio.wait_for(s, 5)
+    task.cancel()
+
+
+def _stream_then_answer(n_frames: int) -> Guest:
+    """Answers the first request with n one-byte OUT frames and a RESP (no matter what the
+    host says meanwhile), every later request with a plain RESP."""
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        for _ in range(n_frames):
+            w.write(frames.encode(f.chan, Kind.OUT, b"x"))
+        w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "proc_id": "p1"}))
+        await w.drain()
+        while True:
+            f = await _read_frame(r)
+            if f.kind is Kind.REQ:
+                w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "version": "fake"}))
+                await w.drain()
+
+    return guest
+
+
+async def test_an_abandoned_request_does_not_stall_the_connection() -> None:
+    # More frames in flight than a channel queues: nobody reads them once the consumer
+    # failed, so queueing them would stop the reader, and every request, for good.
+    client, task = await _connect(_stream_then_answer(2000))
+
+    def broken_consumer(_: bytes) -> None:
+        raise RuntimeError("consumer failed")
+
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        await client.exec("yes", on_stdout=broken_consumer)
+    assert (await asyncio.wait_for(client.health(), 5))["version"] == "fake"
+    assert client.conn._channels == {}  # the abandoned channel ended at its RESP
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_a_request_cancelled_by_its_caller_is_forgotten_at_its_answer() -> None:
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        assert (await _read_frame(r)).kind is Kind.CANCEL
+        w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": False, "error": "cancelled"}))
+        await w.drain()
+        await _health_guest(r, w)
+
+    client, task = await _connect(guest)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(client.call("kill", proc_id="p1"), 0.2)
+    assert (await asyncio.wait_for(client.health(), 5))["version"] == "fake"
+    assert client.conn._channels == {}
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_write_file_answered_early_fails_instead_of_waiting_for_credit() -> None:
+    # As the real agent does for a path it cannot create: answer at once, then drop the IN
+    # frames of the closed channel without granting credit for them.
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        w.write(
+            frames.encode_json(
+                f.chan, Kind.RESP, {"ok": False, "code": "is_dir", "error": "/d is a directory"}
+            )
+        )
+        await w.drain()
+        while True:
+            await _read_frame(r)
+
+    from isorun.errors import GuestError
+
+    client, task = await _connect(guest)
+    with pytest.raises(GuestError, match="is a directory"):
+        await asyncio.wait_for(client.write_file("/d", b"x" * (1 << 20)), 5)
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_a_failing_stdin_source_fails_the_exec_and_cancels_it() -> None:
+    seen: list[Kind] = []
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        while True:  # a process that waits for stdin's EOF before it exits
+            g = await _read_frame(r)
+            seen.append(g.kind)
+            if g.kind is Kind.IN:  # taken into the pipe
+                w.write(frames.encode_credit(f.chan, len(g.payload)))
+            if g.kind is Kind.CANCEL:
+                w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "signal": 15}))
+                await w.drain()
+
+    async def source() -> AsyncIterator[bytes]:
+        yield b"first line\n"
+        raise OSError("upload body broke off")
+
+    client, task = await _connect(guest)
+    with pytest.raises(OSError, match="upload body broke off"):
+        await asyncio.wait_for(client.exec("cat", stdin=source()), 5)
+    await asyncio.sleep(0.1)
+    assert seen[-1] is Kind.CANCEL and Kind.EOF not in seen
+    task.cancel()
+    await client.conn.close()

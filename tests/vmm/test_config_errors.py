@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,22 @@ async def test_a_file_that_is_no_kernel_fails_with_qemus_reason(tmp_path: Path) 
         await MicroVM.boot(VMSpec(kernel=bogus, boot_timeout=20))
     assert "QEMU exited during boot" in str(info.value)
     assert "kernel" in str(info.value).lower()  # QEMU's own complaint is passed on
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the jail (and its unshare) is used as root only")
+async def test_a_boot_failing_before_qemu_starts_closes_its_sockets_and_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kernel, initramfs = tmp_path / "vmlinux", tmp_path / "initramfs.cpio"
+    kernel.write_bytes(b"k")
+    initramfs.write_bytes(b"i")
+    monkeypatch.setenv("ISORUN_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("ISORUN_QEMU", "/usr/bin/qemu-system-x86_64")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no `unshare`: fails after the listen
+    fds_before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(ConfigError, match="unshare") as info:
+        await MicroVM.boot(VMSpec(kernel=kernel, initramfs=initramfs, channel="serial"))
+    # While the caller still holds the error, nothing it made stays open or on disk.
+    assert set(os.listdir("/proc/self/fd")) <= fds_before
+    assert list((tmp_path / "state" / "vms").iterdir()) == []
+    del info

@@ -175,3 +175,73 @@ async def test_two_vcpus_boot_and_keep_time(busybox_rootfs: Path) -> None:
     finally:
         await vm.kill()
     assert_vm_gone(vm)
+
+
+async def test_a_boot_cancelled_midway_leaves_no_task_error_or_file(
+    busybox_rootfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contextlib
+    import gc
+    from typing import Any
+
+    monkeypatch.setenv("ISORUN_STATE_DIR", str(tmp_path))
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    before = asyncio.all_tasks()
+    try:
+        # Cancelled while QEMU starts, while the agent's hello is under way, near its end.
+        for delay in (0.1, 0.3, 0.5):
+            task = asyncio.create_task(MicroVM.boot(vm_spec(busybox_rootfs)))
+            await asyncio.sleep(delay)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await (await task).kill()  # it booted before the cancel landed
+        await asyncio.sleep(1)
+        gc.collect()
+        assert [str(e.get("exception") or e["message"]) for e in errors] == []
+        left = asyncio.all_tasks() - before - {asyncio.current_task()}
+        assert not left, left
+        assert list((tmp_path / "vms").iterdir()) == []
+    finally:
+        loop.set_exception_handler(None)
+
+
+async def test_a_cancelled_kill_still_ends_the_vm_and_removes_everything(
+    busybox_rootfs: Path,
+) -> None:
+    vm = await MicroVM.boot(vm_spec(busybox_rootfs))
+    try:
+        task = asyncio.create_task(vm.kill())
+        await asyncio.sleep(0)  # the kill waits for QEMU to go
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):  # the caller's cancel is not swallowed
+            await task
+        # ... but the VM's supervision and cleanup were not cut short by it.
+        assert await asyncio.wait_for(vm.wait(), 10) == "killed by signal 9"
+        await asyncio.wait_for(vm.kill(), 10)
+        assert_vm_gone(vm)
+    finally:
+        await vm.kill()
+
+
+async def test_adopt_gives_up_within_its_timeout_when_qmp_does_not_answer(
+    busybox_rootfs: Path,
+) -> None:
+    import socket
+
+    from isorun.errors import VMError
+
+    vm = await MicroVM.boot(vm_spec(busybox_rootfs))
+    holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await vm.detach()
+        # Another client holds QEMU's only QMP connection: a new one is queued, unanswered.
+        holder.connect(str(vm.run_dir / "qmp.sock"))
+        with pytest.raises(VMError, match="QMP"):
+            await asyncio.wait_for(MicroVM.adopt(vm.run_dir, timeout=2), 20)
+    finally:
+        holder.close()
+        again = await MicroVM.adopt(vm.run_dir)
+        await again.kill()
+        assert_vm_gone(again)

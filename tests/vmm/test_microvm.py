@@ -138,6 +138,16 @@ async def test_files_round_trip(vm: MicroVM) -> None:
     assert r.stdout.split()[0].decode() == hashlib.md5(blob).hexdigest()
 
 
+async def test_a_write_the_guest_refuses_fails_at_once_and_the_channel_works_on(
+    vm: MicroVM,
+) -> None:
+    # The agent answers before taking the upload and credits none of the rest: the host
+    # must read that answer instead of waiting for credit it will never get.
+    with pytest.raises(GuestError, match="directory"):
+        await asyncio.wait_for(vm.agent.write_file("/tmp", b"x" * (4 << 20)), 30)
+    assert (await vm.agent.exec("echo still here")).stdout == b"still here\n"
+
+
 async def test_watch_reports_changes(vm: MicroVM) -> None:
     await vm.agent.mkdir("/watched")
     seen: list[tuple[str, str]] = []
