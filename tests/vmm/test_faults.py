@@ -104,7 +104,11 @@ async def test_clean_shutdown_reports_usage_and_leaves_nothing(busybox_rootfs: P
 
 async def test_shutdown_kills_a_process_that_ignores_sigterm(busybox_rootfs: Path) -> None:
     vm = await MicroVM.boot(vm_spec(busybox_rootfs))
-    await vm.agent.exec("sh -c 'trap \"\" TERM; while :; do sleep 1; done' >/dev/null 2>&1 &")
+    # Wait for the trap to be set: a SIGTERM before it would end the loop at once.
+    await vm.agent.exec(
+        "sh -c 'trap \"\" TERM; touch /tmp/trapped; while :; do sleep 1; done' >/dev/null 2>&1 &"
+        " until [ -e /tmp/trapped ]; do :; done"
+    )
     await vm.shutdown()
     assert vm.death_reason == "shutdown"
     tail = vm.console.tail(4000)
