@@ -480,7 +480,16 @@ def kill_orphan(run_dir: Path, timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
+# sun_path holds 108 bytes with its terminating NUL.
+UNIX_PATH_MAX = 107
+
+
 def _listen(path: Path) -> socket.socket:
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise ConfigError(
+            f"socket path {path} is longer than the {UNIX_PATH_MAX} bytes a unix socket "
+            "allows: set ISORUN_STATE_DIR to a shorter directory"
+        )
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.bind(str(path))

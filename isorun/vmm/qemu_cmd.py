@@ -146,7 +146,7 @@ def build(
     if run_as:
         run_with.append(f"user={run_as}")
     if chroot is not None:
-        run_with.append(f"chroot={chroot}")
+        run_with.append(f"chroot={_escape(chroot)}")
     if run_with:
         argv += ["-run-with", ",".join(run_with)]
     return argv

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import resource
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 from vmhelpers import assert_vm_gone, vm_spec
 
-from isorun.errors import ChannelClosedError
+from isorun.errors import ChannelClosedError, ConfigError
 from isorun.vmm import MicroVM
 
 pytestmark = pytest.mark.vm
@@ -249,3 +251,34 @@ async def test_adopt_gives_up_within_its_timeout_when_qmp_does_not_answer(
         again = await MicroVM.adopt(vm.run_dir)
         await again.kill()
         assert_vm_gone(again)
+
+
+async def test_a_state_directory_with_a_comma_boots(
+    busybox_rootfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # QEMU splits option values at commas: every path it is given must escape them
+    # (the disks and the jail's chroot live under the state directory).
+    state = Path(tempfile.mkdtemp(prefix="st,a,"))
+    monkeypatch.setenv("ISORUN_STATE_DIR", str(state))
+    try:
+        vm = await MicroVM.boot(vm_spec(busybox_rootfs))
+        try:
+            assert vm.run_dir.is_relative_to(state)
+            r = await vm.agent.exec("echo ok")
+            assert r.stdout == b"ok\n"
+        finally:
+            await vm.kill()
+        assert_vm_gone(vm)
+    finally:
+        shutil.rmtree(state)
+
+
+async def test_a_state_directory_too_long_for_a_socket_is_a_clear_error(
+    busybox_rootfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / ("d" * 100)
+    monkeypatch.setenv("ISORUN_STATE_DIR", str(state))
+    with pytest.raises(ConfigError, match="ISORUN_STATE_DIR") as err:
+        await MicroVM.boot(vm_spec(busybox_rootfs))
+    assert "longer than" in str(err.value)
+    assert not any((state / "vms").iterdir()), "a run directory was left behind"
