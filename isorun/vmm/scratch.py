@@ -23,7 +23,13 @@ async def _run(*argv: str) -> None:
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
-    out, _ = await proc.communicate()
+    try:
+        out, _ = await proc.communicate()
+    except BaseException:  # cancelled: the tool must not run on without us
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
     if proc.returncode != 0:
         raise ConfigError(f"{argv[0]} failed: {out.decode(errors='replace').strip()[:500]}")
 
@@ -35,6 +41,16 @@ async def template(size_mib: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     mkfs = tool("mkfs.ext4", "e2fsprogs")
+    try:
+        await _format(mkfs, tmp, size_mib)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    return path
+
+
+async def _format(mkfs: str, tmp: Path, size_mib: int) -> None:
     with tempfile.TemporaryDirectory() as tree:
         os.chmod(tree, 0o755)  # becomes the disk's root directory
         # The agent gives `upper` the image root's owner and mode at boot (docs/guest.md).
@@ -57,8 +73,6 @@ async def template(size_mib: int) -> Path:
             str(tmp),
             f"{size_mib}M",
         )
-    os.replace(tmp, path)
-    return path
 
 
 async def make_scratch(dest: Path, size_mib: int) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 import pytest
 
 from isorun.errors import ConfigError
-from isorun.vmm import MicroVM, VMSpec, accel, artifacts
+from isorun.vmm import MicroVM, VMSpec, accel, artifacts, scratch
 
 
 async def test_missing_kernel_says_how_to_build_it(tmp_path: Path) -> None:
@@ -98,3 +99,16 @@ async def test_a_boot_failing_before_qemu_starts_closes_its_sockets_and_files(
     assert set(os.listdir("/proc/self/fd")) <= fds_before
     assert list((tmp_path / "state" / "vms").iterdir()) == []
     del info
+
+
+async def test_a_cancelled_scratch_tool_does_not_run_on(tmp_path: Path) -> None:
+    # mkfs/cp for a scratch disk run as children: a boot cancelled meanwhile must not
+    # leave them writing into the cache.
+    marker = tmp_path / "still-running"
+    task = asyncio.create_task(scratch._run("sh", "-c", f"sleep 1; touch {marker}"))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(1.5)
+    assert not marker.exists(), "the tool ran on after its caller was cancelled"
