@@ -275,12 +275,21 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
 
     async def create_sandbox(request: Request, tenant: str) -> Any:
         req = await parse(request, CreateSandbox)
+        # A sandbox whose id never reached its client (it gave up, timed out or was
+        # interrupted while the image was built or the VM booted) is not left running, unowned,
+        # until its timeout: it is destroyed at once (end_reason "abandoned").
         if request.query_params.get("progress") not in ("1", "true"):
-            return (await manager.create(tenant, req)).public()
+            row = await manager.create(tenant, req)
+            if await request.is_disconnected():
+                await manager.abandon(row.id)
+            return row.public()
 
         # ?progress=1: NDJSON progress of the image pull/build and the boot, then the sandbox.
+        # The pull/build runs on when the client goes away (it fills the cache); the VM not.
         async def work(feed: ProgressFeed) -> dict[str, Any]:
             row = await manager.create(tenant, req, on_progress=feed.push)
+            if feed.detached:
+                await manager.abandon(row.id)
             return {"type": "sandbox", "sandbox": row.public()}
 
         return _progress_stream(work)
