@@ -685,6 +685,9 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         live = manager.get_live(tenant, request.path_params["sid"])
         path = _query_path(request)
         recursive = request.query_params.get("recursive") in ("1", "true")
+        # The guest says nothing until a change, so a missing or relative path would only
+        # show as an error record later: check it first, for a plain 404/400.
+        await live.vm.agent.stat(path)
         it = live.vm.agent.watch(path, recursive)
 
         async def body() -> AsyncIterator[bytes]:
@@ -692,7 +695,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                 async for op, p in it:
                     yield (json.dumps({"type": "fs", "op": op, "path": p}) + "\n").encode()
             except IsorunError as exc:
-                yield (json.dumps({"type": "error", "message": str(exc)}) + "\n").encode()
+                yield (json.dumps(error_record(exc)) + "\n").encode()
             finally:
                 await it.aclose()
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from isorun.sdk.errors import DaemonUnavailable, error_for
+from isorun.sdk.errors import DaemonUnavailable, error_for, stream_error
 
 __all__ = ["error_for"]
 
@@ -286,10 +286,7 @@ class StreamDecoder:
         elif t == "exit":
             self.exit = ev
         elif t == "error":
-            raise error_for(
-                410 if ev.get("code") == "sandbox_ended" else 500,
-                {"error": {"code": ev.get("code"), "message": ev.get("message")}},
-            )
+            raise stream_error(ev)
         return None
 
     def result(self) -> ExecResult:

@@ -15,7 +15,7 @@ import httpx
 from isorun.sdk import _core
 from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
-from isorun.sdk.errors import CommandFailed, NotFoundError, SandboxEndedError
+from isorun.sdk.errors import CommandFailed, NotFoundError, SandboxEndedError, stream_error
 
 STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
 
@@ -434,3 +434,5 @@ class AsyncFiles:
                     ev = json.loads(line)
                     if ev.get("type") == "fs":
                         yield ev["op"], ev["path"]
+                    elif ev.get("type") == "error":
+                        raise stream_error(ev)

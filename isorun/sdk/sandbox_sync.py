@@ -12,7 +12,7 @@ import httpx
 from isorun.sdk import _core
 from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
-from isorun.sdk.errors import CommandFailed, SandboxEndedError
+from isorun.sdk.errors import CommandFailed, SandboxEndedError, stream_error
 
 STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
 
@@ -454,3 +454,5 @@ class Files:
                     ev = json.loads(line)
                     if ev.get("type") == "fs":
                         yield ev["op"], ev["path"]
+                    elif ev.get("type") == "error":
+                        raise stream_error(ev)

@@ -128,3 +128,21 @@ def test_autostart_and_switching_it_off(tmp_path: Path) -> None:
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
     assert DaemonUnavailable.__mro__[1] is IsorunError
+
+
+def test_stream_errors_raise_the_matching_exception(api: str, image: str) -> None:
+    """Errors that arrive inside an NDJSON stream raise like a plain response would: a
+    watch of a missing path is NotFoundError (it used to end silently with no events), a
+    guest refusal of an exec is a 400, not a 500."""
+    from isorun import ApiError
+
+    with Sandbox(image, api_url=api) as sb:
+        with pytest.raises(NotFoundError, match="/no/such/dir"):
+            next(iter(sb.files.watch("/no/such/dir")))
+        with pytest.raises(ApiError, match="absolute") as bad:
+            next(iter(sb.files.watch("relative/dir")))
+        assert bad.value.status == 400
+        with pytest.raises(ApiError, match="NUL") as nul:
+            sb.exec(["echo", "a\x00b"])
+        assert nul.value.status == 400 and nul.value.code == "guest_invalid"
+        assert sb.exec("echo still fine").stdout == "still fine\n"
