@@ -15,16 +15,19 @@ import httpx
 from isorun.sdk import _core
 from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
-from isorun.sdk.errors import CommandFailed, NotFoundError, SandboxEndedError, stream_error
+from isorun.sdk.errors import (
+    CommandFailed,
+    DaemonUnavailable,
+    NotFoundError,
+    SandboxEndedError,
+    stream_error,
+)
 
 STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
 
 
 def _client(s: Settings) -> httpx.AsyncClient:
-    transport = httpx.AsyncHTTPTransport(uds=s.uds) if s.uds else None
-    return httpx.AsyncClient(
-        base_url=s.base_url, transport=transport, headers=s.headers(), timeout=httpx.Timeout(60.0)
-    )
+    return _core.async_client(s)
 
 
 class AsyncSandbox:
@@ -223,12 +226,15 @@ class AsyncSandbox:
         return AsyncPty(self, r["proc_id"], r["pid"], on_data)
 
     async def _stream(self, method: str, path: str, dec: _core.StreamDecoder, **kw: Any) -> None:
-        async with self._http.stream(method, path, timeout=STREAM_TIMEOUT, **kw) as resp:
-            if resp.status_code >= 400:
-                await resp.aread()
-                _core.check(resp)
-            async for line in resp.aiter_lines():
-                dec.feed(line)
+        try:
+            async with self._http.stream(method, path, timeout=STREAM_TIMEOUT, **kw) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    _core.check(resp)
+                async for line in resp.aiter_lines():
+                    dec.feed(line)
+        except DaemonUnavailable as exc:
+            raise _core.stream_cut(exc, dec.proc_id) from exc
 
 
 class AsyncProcess:
@@ -260,7 +266,7 @@ class AsyncProcess:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
-        dec = _core.StreamDecoder(on_stdout, on_stderr)
+        dec = _core.StreamDecoder(on_stdout, on_stderr, proc_id=self.id)
         await self.sandbox._stream("GET", self._path("stream"), dec, params={"offset": offset})
         return dec.result()
 

@@ -12,16 +12,13 @@ import httpx
 from isorun.sdk import _core
 from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
-from isorun.sdk.errors import CommandFailed, SandboxEndedError, stream_error
+from isorun.sdk.errors import CommandFailed, DaemonUnavailable, SandboxEndedError, stream_error
 
 STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
 
 
 def _client(s: Settings) -> httpx.Client:
-    transport = httpx.HTTPTransport(uds=s.uds) if s.uds else None
-    return httpx.Client(
-        base_url=s.base_url, transport=transport, headers=s.headers(), timeout=httpx.Timeout(60.0)
-    )
+    return _core.sync_client(s)
 
 
 class Sandbox:
@@ -223,12 +220,15 @@ class Sandbox:
         return Pty(self, r["proc_id"], r["pid"], on_data)
 
     def _stream(self, method: str, path: str, dec: _core.StreamDecoder, **kw: Any) -> None:
-        with self._http.stream(method, path, timeout=STREAM_TIMEOUT, **kw) as resp:
-            if resp.status_code >= 400:
-                resp.read()
-                _core.check(resp)
-            for line in resp.iter_lines():
-                dec.feed(line)
+        try:
+            with self._http.stream(method, path, timeout=STREAM_TIMEOUT, **kw) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    _core.check(resp)
+                for line in resp.iter_lines():
+                    dec.feed(line)
+        except DaemonUnavailable as exc:
+            raise _core.stream_cut(exc, dec.proc_id) from exc
 
 
 class Process:
@@ -265,7 +265,7 @@ class Process:
         on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
         """Replay output from `offset` (bytes of stdout+stderr), follow it, return at exit."""
-        dec = _core.StreamDecoder(on_stdout, on_stderr)
+        dec = _core.StreamDecoder(on_stdout, on_stderr, proc_id=self.id)
         self.sandbox._stream("GET", self._path("stream"), dec, params={"offset": offset})
         return dec.result()
 
