@@ -213,6 +213,14 @@ def stream_cut(exc: DaemonUnavailable, proc_id: str) -> DaemonUnavailable:
     )
 
 
+READ_FORMATS = ("text", "bytes", "stream")
+
+
+def check_read_format(format: str) -> None:
+    if format not in READ_FORMATS:
+        raise ValueError(f"format={format!r}: use one of {', '.join(READ_FORMATS)}")
+
+
 def check(resp: httpx.Response) -> Any:
     if resp.status_code >= 400:
         try:

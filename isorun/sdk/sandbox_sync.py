@@ -364,19 +364,30 @@ class Files:
 
     def read(self, path: str, *, format: str = "text") -> Any:
         """format: "text" (str), "bytes", or "stream" (an iterator of byte chunks)."""
+        _core.check_read_format(format)
         if format == "stream":
-            return self._iter(path)
+            return self._open_stream(path)
         data = _core.check(self._sb._http.get(self._base, params={"path": path}))
         return data if format == "bytes" else bytes(data).decode("utf-8", "replace")
 
-    def _iter(self, path: str) -> Iterator[bytes]:
-        with self._sb._http.stream(
-            "GET", self._base, params={"path": path}, timeout=STREAM_TIMEOUT
-        ) as resp:
-            if resp.status_code >= 400:
+    def _open_stream(self, path: str) -> Iterator[bytes]:
+        http = self._sb._http
+        req = http.build_request("GET", self._base, params={"path": path}, timeout=STREAM_TIMEOUT)
+        resp = http.send(req, stream=True)
+        if resp.status_code >= 400:  # a missing file fails here, not at the first chunk
+            try:
                 resp.read()
-                _core.check(resp)
-            yield from resp.iter_bytes()
+            finally:
+                resp.close()
+            _core.check(resp)
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from resp.iter_bytes()
+            finally:
+                resp.close()
+
+        return chunks()
 
     def write(
         self,
