@@ -99,17 +99,17 @@ def map_error(exc: BaseException) -> JSONResponse:
 
 
 async def parse(request: Request, model: type[M]) -> M:
-    raw = await request.body()
-    if len(raw) > MAX_JSON_BODY:
-        raise ApiError(
-            f"request body is {len(raw)} bytes; the limit is {MAX_JSON_BODY}",
-            status=413,
-            code="too_large",
-        )
+    # Read with the limit applied as bytes arrive: a huge body is refused without first
+    # being held whole in daemon memory.
+    raw = await _raw_body(request, MAX_JSON_BODY, "a JSON request body")
     if not raw.strip():
         raw = b"{}"
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise ApiError(
+            "request body is not valid JSON: it nests too deeply", code="malformed_json"
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(f"request body is not valid JSON: {exc}", code="malformed_json") from exc
     if not isinstance(data, dict):
@@ -275,12 +275,21 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
 
     async def create_sandbox(request: Request, tenant: str) -> Any:
         req = await parse(request, CreateSandbox)
+        # A sandbox whose id never reached its client (it gave up, timed out or was
+        # interrupted while the image was built or the VM booted) is not left running, unowned,
+        # until its timeout: it is destroyed at once (end_reason "abandoned").
         if request.query_params.get("progress") not in ("1", "true"):
-            return (await manager.create(tenant, req)).public()
+            row = await manager.create(tenant, req)
+            if await request.is_disconnected():
+                await manager.abandon(row.id)
+            return row.public()
 
         # ?progress=1: NDJSON progress of the image pull/build and the boot, then the sandbox.
+        # The pull/build runs on when the client goes away (it fills the cache); the VM not.
         async def work(feed: ProgressFeed) -> dict[str, Any]:
             row = await manager.create(tenant, req, on_progress=feed.push)
+            if feed.detached:
+                await manager.abandon(row.id)
             return {"type": "sandbox", "sandbox": row.public()}
 
         return _progress_stream(work)
@@ -539,7 +548,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
     async def send_stdin(request: Request, tenant: str) -> Any:
         live = manager.get_live(tenant, request.path_params["sid"])
         proc_id = request.path_params["pid"]
-        data = await _raw_body(request, MAX_CHUNK)
+        data = await _raw_body(request, MAX_CHUNK, "stdin (send it in pieces of at most that size)")
         p = await _running_proc(live, proc_id)
         if not p.pty and not pipes.has_stdin(live.row.id, proc_id):
             raise Conflict(
@@ -676,6 +685,9 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         live = manager.get_live(tenant, request.path_params["sid"])
         path = _query_path(request)
         recursive = request.query_params.get("recursive") in ("1", "true")
+        # The guest says nothing until a change, so a missing or relative path would only
+        # show as an error record later: check it first, for a plain 404/400.
+        await live.vm.agent.stat(path)
         it = live.vm.agent.watch(path, recursive)
 
         async def body() -> AsyncIterator[bytes]:
@@ -683,7 +695,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                 async for op, p in it:
                     yield (json.dumps({"type": "fs", "op": op, "path": p}) + "\n").encode()
             except IsorunError as exc:
-                yield (json.dumps({"type": "error", "message": str(exc)}) + "\n").encode()
+                yield (json.dumps(error_record(exc)) + "\n").encode()
             finally:
                 await it.aclose()
 
@@ -859,17 +871,26 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
     )
 
 
-async def _raw_body(request: Request, limit: int) -> bytes:
+async def _raw_body(request: Request, limit: int, what: str) -> bytes:
+    """The whole body, refused (413) as soon as it is known to be over `limit` bytes: from
+    its Content-Length, else once that many bytes have arrived."""
+
+    def too_large(size: str) -> ApiError:
+        return ApiError(
+            f"request body is {size} bytes; the limit for {what} is {limit} bytes",
+            status=413,
+            code="too_large",
+        )
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(declared)
     parts: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(
-                f"request body is over {limit} bytes; send stdin in pieces of at most {limit}",
-                status=413,
-                code="too_large",
-            )
+            raise too_large(f"over {limit}")
         parts.append(chunk)
     return b"".join(parts)
 

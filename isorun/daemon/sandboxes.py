@@ -324,6 +324,13 @@ class SandboxManager:
             raise Gone(f"sandbox {sandbox_id} has already ended ({row.end_reason})")
         return await self._end(live, "killed")
 
+    async def abandon(self, sandbox_id: str) -> None:
+        """End a sandbox whose creator went away before it was told the sandbox's id."""
+        live = self.live.get(sandbox_id)
+        if live is not None:
+            log.info("sandbox %s: its client went away during create; destroying it", sandbox_id)
+            await self._end(live, "abandoned")
+
     def set_timeout(self, tenant: str, sandbox_id: str, seconds: int) -> SandboxRow:
         live = self.get_live(tenant, sandbox_id)
         if seconds > self.cfg.max_timeout_s:

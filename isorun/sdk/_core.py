@@ -10,14 +10,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from isorun.sdk.errors import DaemonUnavailable, error_for
+from isorun.sdk.errors import DaemonUnavailable, error_for, stream_error
 
 __all__ = ["error_for"]
 
@@ -97,6 +97,128 @@ def _answers(uds: str) -> bool:
             return c.get("http://isorund/v1/health").status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def transport_error(exc: httpx.TransportError, where: str) -> DaemonUnavailable:
+    """An httpx transport failure as our own error (the SDK raises only IsorunErrors)."""
+    what = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        msg = (
+            f"no isorun daemon answers at {where} ({what}): start one with `isorund`, or "
+            "check ISORUN_API_URL"
+        )
+    elif isinstance(exc, httpx.TimeoutException):
+        msg = f"the isorun daemon at {where} did not answer in time ({type(exc).__name__})"
+    else:
+        msg = (
+            f"the connection to the isorun daemon at {where} was lost ({what}); sandboxes "
+            "keep running: retry, or reconnect with Sandbox.connect(sandbox_id)"
+        )
+    return DaemonUnavailable(msg)
+
+
+class _SyncStream(httpx.SyncByteStream):
+    def __init__(self, inner: httpx.SyncByteStream, where: str) -> None:
+        self._inner, self._where = inner, where
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._inner
+        except httpx.TransportError as exc:
+            raise transport_error(exc, self._where) from exc
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _AsyncStream(httpx.AsyncByteStream):
+    def __init__(self, inner: httpx.AsyncByteStream, where: str) -> None:
+        self._inner, self._where = inner, where
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._inner:
+                yield chunk
+        except httpx.TransportError as exc:
+            raise transport_error(exc, self._where) from exc
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class Client(httpx.Client):
+    """httpx.Client whose transport failures (also while a body streams) raise
+    DaemonUnavailable, so `except IsorunError` catches everything the SDK raises."""
+
+    def __init__(self, where: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._where = where
+
+    def send(self, request: httpx.Request, **kw: Any) -> httpx.Response:
+        try:
+            resp = super().send(request, **kw)
+        except httpx.TransportError as exc:
+            raise transport_error(exc, self._where) from exc
+        assert isinstance(resp.stream, httpx.SyncByteStream)
+        resp.stream = _SyncStream(resp.stream, self._where)
+        return resp
+
+
+class AsyncClient(httpx.AsyncClient):
+    """The asyncio twin of `Client`."""
+
+    def __init__(self, where: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._where = where
+
+    async def send(self, request: httpx.Request, **kw: Any) -> httpx.Response:
+        try:
+            resp = await super().send(request, **kw)
+        except httpx.TransportError as exc:
+            raise transport_error(exc, self._where) from exc
+        assert isinstance(resp.stream, httpx.AsyncByteStream)
+        resp.stream = _AsyncStream(resp.stream, self._where)
+        return resp
+
+
+def sync_client(s: Settings) -> Client:
+    transport = httpx.HTTPTransport(uds=s.uds) if s.uds else None
+    return Client(
+        s.uds or s.base_url,
+        base_url=s.base_url,
+        transport=transport,
+        headers=s.headers(),
+        timeout=httpx.Timeout(60.0),
+    )
+
+
+def async_client(s: Settings) -> AsyncClient:
+    transport = httpx.AsyncHTTPTransport(uds=s.uds) if s.uds else None
+    return AsyncClient(
+        s.uds or s.base_url,
+        base_url=s.base_url,
+        transport=transport,
+        headers=s.headers(),
+        timeout=httpx.Timeout(60.0),
+    )
+
+
+def stream_cut(exc: DaemonUnavailable, proc_id: str) -> DaemonUnavailable:
+    """`exc` for a process output stream: the process runs on; say how to pick it up."""
+    if not proc_id:
+        return exc
+    return DaemonUnavailable(
+        f"{exc}. Process {proc_id} runs on in the sandbox: follow it again with "
+        f"sandbox.processes.connect({proc_id!r}).wait()"
+    )
+
+
+READ_FORMATS = ("text", "bytes", "stream")
+
+
+def check_read_format(format: str) -> None:
+    if format not in READ_FORMATS:
+        raise ValueError(f"format={format!r}: use one of {', '.join(READ_FORMATS)}")
 
 
 def check(resp: httpx.Response) -> Any:
@@ -286,10 +408,7 @@ class StreamDecoder:
         elif t == "exit":
             self.exit = ev
         elif t == "error":
-            raise error_for(
-                410 if ev.get("code") == "sandbox_ended" else 500,
-                {"error": {"code": ev.get("code"), "message": ev.get("message")}},
-            )
+            raise stream_error(ev)
         return None
 
     def result(self) -> ExecResult:

@@ -8,19 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from isorun.sdk.errors import error_for
-
-# HTTP status a streamed error would have had as a plain response (for the exception type).
-_STATUS = {
-    "not_found": 404,
-    "invalid_image": 400,
-    "invalid": 400,
-    "image_error": 422,
-    "registry_unreachable": 502,
-    "sandbox_ended": 410,
-    "capacity": 503,
-    "forbidden": 403,
-}
+from isorun.sdk.errors import error_for, stream_error
 
 
 @dataclass(frozen=True)
@@ -76,10 +64,7 @@ class ProgressDecoder:
             if self.on_progress is not None:
                 self.on_progress(PullProgress.from_record(rec))
         elif kind == "error":
-            code = str(rec.get("code", ""))
-            raise error_for(
-                _STATUS.get(code, 500), {"error": {"code": code, "message": rec.get("message")}}
-            )
+            raise stream_error(rec)
         else:
             self.final = rec
 

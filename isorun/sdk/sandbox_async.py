@@ -5,9 +5,9 @@ from __future__ import annotations
 import builtins
 import inspect
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import anyio
 import httpx
@@ -15,16 +15,19 @@ import httpx
 from isorun.sdk import _core
 from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
-from isorun.sdk.errors import CommandFailed, NotFoundError, SandboxEndedError
+from isorun.sdk.errors import (
+    CommandFailed,
+    DaemonUnavailable,
+    NotFoundError,
+    SandboxEndedError,
+    stream_error,
+)
 
 STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
 
 
 def _client(s: Settings) -> httpx.AsyncClient:
-    transport = httpx.AsyncHTTPTransport(uds=s.uds) if s.uds else None
-    return httpx.AsyncClient(
-        base_url=s.base_url, transport=transport, headers=s.headers(), timeout=httpx.Timeout(60.0)
-    )
+    return _core.async_client(s)
 
 
 class AsyncSandbox:
@@ -223,12 +226,15 @@ class AsyncSandbox:
         return AsyncPty(self, r["proc_id"], r["pid"], on_data)
 
     async def _stream(self, method: str, path: str, dec: _core.StreamDecoder, **kw: Any) -> None:
-        async with self._http.stream(method, path, timeout=STREAM_TIMEOUT, **kw) as resp:
-            if resp.status_code >= 400:
-                await resp.aread()
-                _core.check(resp)
-            async for line in resp.aiter_lines():
-                dec.feed(line)
+        try:
+            async with self._http.stream(method, path, timeout=STREAM_TIMEOUT, **kw) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    _core.check(resp)
+                async for line in resp.aiter_lines():
+                    dec.feed(line)
+        except DaemonUnavailable as exc:
+            raise _core.stream_cut(exc, dec.proc_id) from exc
 
 
 class AsyncProcess:
@@ -260,7 +266,7 @@ class AsyncProcess:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
-        dec = _core.StreamDecoder(on_stdout, on_stderr)
+        dec = _core.StreamDecoder(on_stdout, on_stderr, proc_id=self.id)
         await self.sandbox._stream("GET", self._path("stream"), dec, params={"offset": offset})
         return dec.result()
 
@@ -354,24 +360,69 @@ class AsyncProcesses:
         raise NotFoundError(f"process {proc_id!r} not found", 404, "not_found")
 
 
+async def _aiter_sync(data: IO[bytes] | Iterable[bytes]) -> AsyncIterator[bytes]:
+    """A file object or a sync iterable as async chunks (blocking reads off the event loop)."""
+    if hasattr(data, "read"):
+        f = data
+        while chunk := await anyio.to_thread.run_sync(f.read, 1 << 20):
+            yield chunk
+        return
+    it: Iterator[bytes] = iter(data)
+    while (chunk := await anyio.to_thread.run_sync(next, it, None)) is not None:
+        yield chunk
+
+
 class AsyncFiles:
     def __init__(self, sb: AsyncSandbox) -> None:
         self._sb = sb
         self._base = ""
 
     async def read(self, path: str, *, format: str = "text") -> Any:
+        """format: "text" (str), "bytes", or "stream" (an async iterator of byte chunks, so a
+        large file is never held whole in memory)."""
+        _core.check_read_format(format)
+        if format == "stream":
+            return await self._open_stream(path)
         data = _core.check(await self._sb._http.get(self._base, params={"path": path}))
         return data if format == "bytes" else bytes(data).decode("utf-8", "replace")
+
+    async def _open_stream(self, path: str) -> AsyncIterator[bytes]:
+        http = self._sb._http
+        req = http.build_request("GET", self._base, params={"path": path}, timeout=STREAM_TIMEOUT)
+        resp = await http.send(req, stream=True)
+        if resp.status_code >= 400:  # a missing file fails here, not at the first chunk
+            try:
+                await resp.aread()
+            finally:
+                await resp.aclose()
+            _core.check(resp)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in resp.aiter_bytes():
+                    yield chunk
+            finally:
+                await resp.aclose()
+
+        return chunks()
 
     async def write(
         self,
         path: str,
-        data: str | bytes | AsyncIterable[bytes],
+        data: str | bytes | IO[bytes] | Iterable[bytes] | AsyncIterable[bytes],
         *,
         mode: int = 0o644,
         append: bool = False,
     ) -> int:
-        content: Any = _core.to_bytes(data) if isinstance(data, str | bytes) else data
+        """Write str, bytes, a binary file object, or a (sync or async) iterable of chunks;
+        everything but str/bytes is streamed."""
+        content: Any
+        if isinstance(data, str | bytes):
+            content = _core.to_bytes(data)
+        elif isinstance(data, AsyncIterable):
+            content = data
+        else:
+            content = _aiter_sync(data)
         params = {"path": path, "mode": str(mode)}
         if append:
             params["append"] = "1"
@@ -434,3 +485,5 @@ class AsyncFiles:
                     ev = json.loads(line)
                     if ev.get("type") == "fs":
                         yield ev["op"], ev["path"]
+                    elif ev.get("type") == "error":
+                        raise stream_error(ev)

@@ -12,16 +12,13 @@ import httpx
 from isorun.sdk import _core
 from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
-from isorun.sdk.errors import CommandFailed, SandboxEndedError
+from isorun.sdk.errors import CommandFailed, DaemonUnavailable, SandboxEndedError, stream_error
 
 STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
 
 
 def _client(s: Settings) -> httpx.Client:
-    transport = httpx.HTTPTransport(uds=s.uds) if s.uds else None
-    return httpx.Client(
-        base_url=s.base_url, transport=transport, headers=s.headers(), timeout=httpx.Timeout(60.0)
-    )
+    return _core.sync_client(s)
 
 
 class Sandbox:
@@ -223,12 +220,15 @@ class Sandbox:
         return Pty(self, r["proc_id"], r["pid"], on_data)
 
     def _stream(self, method: str, path: str, dec: _core.StreamDecoder, **kw: Any) -> None:
-        with self._http.stream(method, path, timeout=STREAM_TIMEOUT, **kw) as resp:
-            if resp.status_code >= 400:
-                resp.read()
-                _core.check(resp)
-            for line in resp.iter_lines():
-                dec.feed(line)
+        try:
+            with self._http.stream(method, path, timeout=STREAM_TIMEOUT, **kw) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    _core.check(resp)
+                for line in resp.iter_lines():
+                    dec.feed(line)
+        except DaemonUnavailable as exc:
+            raise _core.stream_cut(exc, dec.proc_id) from exc
 
 
 class Process:
@@ -265,7 +265,7 @@ class Process:
         on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
         """Replay output from `offset` (bytes of stdout+stderr), follow it, return at exit."""
-        dec = _core.StreamDecoder(on_stdout, on_stderr)
+        dec = _core.StreamDecoder(on_stdout, on_stderr, proc_id=self.id)
         self.sandbox._stream("GET", self._path("stream"), dec, params={"offset": offset})
         return dec.result()
 
@@ -364,19 +364,30 @@ class Files:
 
     def read(self, path: str, *, format: str = "text") -> Any:
         """format: "text" (str), "bytes", or "stream" (an iterator of byte chunks)."""
+        _core.check_read_format(format)
         if format == "stream":
-            return self._iter(path)
+            return self._open_stream(path)
         data = _core.check(self._sb._http.get(self._base, params={"path": path}))
         return data if format == "bytes" else bytes(data).decode("utf-8", "replace")
 
-    def _iter(self, path: str) -> Iterator[bytes]:
-        with self._sb._http.stream(
-            "GET", self._base, params={"path": path}, timeout=STREAM_TIMEOUT
-        ) as resp:
-            if resp.status_code >= 400:
+    def _open_stream(self, path: str) -> Iterator[bytes]:
+        http = self._sb._http
+        req = http.build_request("GET", self._base, params={"path": path}, timeout=STREAM_TIMEOUT)
+        resp = http.send(req, stream=True)
+        if resp.status_code >= 400:  # a missing file fails here, not at the first chunk
+            try:
                 resp.read()
-                _core.check(resp)
-            yield from resp.iter_bytes()
+            finally:
+                resp.close()
+            _core.check(resp)
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from resp.iter_bytes()
+            finally:
+                resp.close()
+
+        return chunks()
 
     def write(
         self,
@@ -454,3 +465,5 @@ class Files:
                     ev = json.loads(line)
                     if ev.get("type") == "fs":
                         yield ev["op"], ev["path"]
+                    elif ev.get("type") == "error":
+                        raise stream_error(ev)

@@ -305,3 +305,35 @@ def test_slow_reader_holds_back_the_guest_instead_of_filling_daemon_memory(
     assert last["type"] == "exit" and last["exit_code"] == 0
     assert got == total  # nothing dropped
     assert grown < 24 * 2**20, f"daemon grew {grown} bytes while the reader stalled"
+
+
+def test_create_whose_client_went_away_leaves_no_running_vm(daemon: Daemon, image: str) -> None:
+    """A client that gives up on POST /v1/sandboxes (timeout, ^C) never learns the id; the
+    sandbox must not run on unowned until its timeout."""
+    import httpx
+
+    for tag, progress in (("plain", False), ("progress", True)):
+        meta = {"abandon": tag}
+        body = {"image": image, "metadata": meta, "sandbox_timeout": 3600}
+        with daemon.client() as c:
+            if progress:
+                with c.stream("POST", "/v1/sandboxes?progress=1", json=body) as r:
+                    assert json.loads(next(r.iter_lines()))["type"] == "progress"
+            else:
+                c.timeout = httpx.Timeout(0.05)
+                with pytest.raises(httpx.TimeoutException):
+                    c.post("/v1/sandboxes", json=body)
+        with daemon.client() as c:
+            deadline = time.monotonic() + 30
+            while True:
+                rows = c.get("/v1/sandboxes", params={"metadata.abandon": tag, "all": "1"}).json()[
+                    "sandboxes"
+                ]
+                if rows and rows[0]["state"] == "ended":
+                    break
+                assert time.monotonic() < deadline, f"{tag}: abandoned sandbox still {rows}"
+                time.sleep(0.2)
+            assert len(rows) == 1 and rows[0]["end_reason"] == "abandoned", rows
+            assert c.get("/v1/sandboxes", params={"metadata.abandon": tag}).json() == {
+                "sandboxes": []
+            }

@@ -128,3 +128,39 @@ def test_autostart_and_switching_it_off(tmp_path: Path) -> None:
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
     assert DaemonUnavailable.__mro__[1] is IsorunError
+
+
+def test_stream_errors_raise_the_matching_exception(api: str, image: str) -> None:
+    """Errors that arrive inside an NDJSON stream raise like a plain response would: a
+    watch of a missing path is NotFoundError (it used to end silently with no events), a
+    guest refusal of an exec is a 400, not a 500."""
+    from isorun import ApiError
+
+    with Sandbox(image, api_url=api) as sb:
+        with pytest.raises(NotFoundError, match="/no/such/dir"):
+            next(iter(sb.files.watch("/no/such/dir")))
+        with pytest.raises(ApiError, match="absolute") as bad:
+            next(iter(sb.files.watch("relative/dir")))
+        assert bad.value.status == 400
+        with pytest.raises(ApiError, match="NUL") as nul:
+            sb.exec(["echo", "a\x00b"])
+        assert nul.value.status == 400 and nul.value.code == "guest_invalid"
+        assert sb.exec("echo still fine").stdout == "still fine\n"
+
+
+async def test_async_files_stream_both_ways_like_the_sync_face(api: str, image: str) -> None:
+    blob = bytes(range(256)) * (12 << 10)  # 3 MiB
+    async with AsyncSandbox(image, api_url=api) as sb:
+        # A binary file object and a sync iterable, as the sync face takes them.
+        assert await sb.files.write("/tmp/a.bin", io.BytesIO(blob)) == len(blob)
+        assert await sb.files.write("/tmp/b.bin", iter([blob[:5], blob[5:]])) == len(blob)
+        stream = await sb.files.read("/tmp/a.bin", format="stream")
+        chunks = [c async for c in stream]
+        assert b"".join(chunks) == blob and len(chunks) > 1
+        assert await sb.files.read("/tmp/b.bin", format="bytes") == blob
+        with pytest.raises(NotFoundError):
+            await sb.files.read("/tmp/missing", format="stream")
+        with pytest.raises(ValueError, match="format"):
+            await sb.files.read("/tmp/a.bin", format="byte")
+    with Sandbox(image, api_url=api) as s2, pytest.raises(NotFoundError):
+        s2.files.read("/tmp/missing", format="stream")  # at once, not at first next()
