@@ -21,4 +21,5 @@ apt-get install -y -q \
   linux-source-6.1 build-essential patch flex bison bc libelf-dev libssl-dev \
   cpio busybox-static e2fsprogs util-linux passwd python3-venv
 command -v go >/dev/null || apt-get install -y -q golang-go
-if [ -x "$(dirname "$0")/install-deps-images.sh" ]; then "$(dirname "$0")/install-deps-images.sh"; fi
+# Not optional: without these tools the image, daemon-pull and SDK-pull tests cannot run.
+bash "$(dirname "$0")/install-deps-images.sh"
