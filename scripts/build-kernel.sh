@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # Build the isorun guest kernel (uncompressed vmlinux, PVH-bootable) from Debian's
 # linux-source-6.1 plus the patches in guest/kernel/patches, cached outside the repo by hash
-# of (config fragment, patches, source version).
+# of (config fragment, patches, source version, this script, compiler version).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
+self="$here/scripts/build-kernel.sh"
 fragment="$here/guest/kernel/isorun.config"
+shopt -s nullglob
 patches=("$here"/guest/kernel/patches/*.patch)
+shopt -u nullglob
 cache="${ISORUN_CACHE:-/var/cache/isorun}/kernel"
 src_tar=/usr/src/linux-source-6.1.tar.xz
 [ -f "$src_tar" ] || { echo "build-kernel: $src_tar missing: apt-get install linux-source-6.1" >&2; exit 1; }
 src_version="$(dpkg-query -W -f='${Version}' linux-source-6.1)"
-key="$( (cat "$fragment" "${patches[@]}"; echo "$src_version") | sha256sum | cut -c1-16)"
+cc_version="$(gcc --version 2>/dev/null | head -1 || true)"
+# Every input of the build: a change to the build steps below must not reuse an old kernel.
+key="$( (cat "$fragment" "${patches[@]}" "$self"; echo "$src_version"; echo "$cc_version") |
+  sha256sum | cut -c1-16)"
 out="$cache/$key"
 if [ -f "$out/vmlinux" ]; then echo "$out/vmlinux"; exit 0; fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/isorun-kernel.XXXXXX")"
@@ -31,9 +37,10 @@ while IFS= read -r line; do
     CONFIG_*=n) if grep -q "^$opt=" .config; then echo "build-kernel: $opt=n did not stick (selected by another option)" >&2; missing=1; fi ;;
   esac
 done < "$fragment"
+# ... before the (long) build, and never into the cache: a cached kernel is reused for good.
+[ "$missing" = 0 ] || { echo "build-kernel: options above did not stick; fix $fragment" >&2; exit 1; }
 make -s -j"$(nproc)" vmlinux >&2
-mkdir -p "$out.tmp"
+rm -rf "$out.tmp"; mkdir -p "$out.tmp"
 cp vmlinux .config "$out.tmp/"
 rm -rf "$out"; mv "$out.tmp" "$out"
 echo "$out/vmlinux"
-[ "$missing" = 0 ] || echo "build-kernel: warning: some options did not stick (see above)" >&2

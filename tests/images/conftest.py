@@ -9,8 +9,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from imghelpers import (
     auth_registry,
     base_image,
-    pytest_collection_modifyitems,
     pytest_configure,
+    pytest_runtest_setup,
     registry,
     store,
     template_store,
@@ -19,8 +19,8 @@ from imghelpers import (
 __all__ = [
     "auth_registry",
     "base_image",
-    "pytest_collection_modifyitems",
     "pytest_configure",
+    "pytest_runtest_setup",
     "registry",
     "store",
     "template_store",

@@ -6,7 +6,14 @@ import asyncio
 from pathlib import Path
 
 import ocibuild as ob
-from imghelpers import Registry, assert_store_intact, ext4_cat, ext4_ls, ext4_stat
+from imghelpers import (
+    Registry,
+    _start_registry,
+    assert_store_intact,
+    ext4_cat,
+    ext4_ls,
+    ext4_stat,
+)
 
 from isorun.images import ImageStore, StoreConfig, UnsupportedImageError
 
@@ -167,13 +174,19 @@ async def test_concurrent_ensure_converts_once(registry: Registry, tmp_path: Pat
     assert_store_intact(a)
 
 
-async def test_cached_tag_needs_no_registry(tmp_path: Path, registry: Registry) -> None:
-    registry.push(f"oci:{busybox_layout(tmp_path)}:v1", "offline:1")
-    store = ImageStore(tmp_path / "store", StoreConfig(auth_file=None))
-    first = await store.ensure(f"{registry.host}/offline:1")
-    # Same root, registry host name that no longer answers: the tag is served from cache.
+async def test_cached_tag_needs_no_registry(tmp_path: Path) -> None:
+    # A registry of its own, stopped after the first pull: the second ensure of the tag
+    # must be served from the store without asking it.
+    reg = _start_registry(tmp_path / "reg", None)
+    try:
+        reg.push(f"oci:{busybox_layout(tmp_path)}:v1", "offline:1")
+        store = ImageStore(tmp_path / "store", StoreConfig(auth_file=None))
+        first = await store.ensure(f"{reg.host}/offline:1")
+    finally:
+        reg.proc.terminate()
+        reg.proc.wait(10)
     refs = (tmp_path / "store" / "refs.json").read_text()
     assert first.digest in refs
-    again = await store.ensure(f"{registry.host}/offline:1")
+    again = await store.ensure(f"{reg.host}/offline:1")
     assert again.digest == first.digest and store.stats.cache_hits >= 1
     assert store.stats.conversions == 1

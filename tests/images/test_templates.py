@@ -78,11 +78,10 @@ def test_base_template(base_image: Image) -> None:
     assert base_image.config.working_dir == "/root"
 
 
-async def test_template_cache_hit_is_instant(base_image: Image, tmp_path: Path) -> None:
+async def test_template_cache_hit_builds_nothing(base_image: Image, tmp_path: Path) -> None:
+    # No wall-clock bound here (speed belongs in bench/): a hit converts nothing.
     again = ImageStore(base_image.rootfs.parents[2], StoreConfig(auth_file=None))
-    t0 = time.monotonic()
     img = await again.ensure("base")
-    assert time.monotonic() - t0 < 1.0
     assert img.digest == base_image.digest and again.stats.conversions == 0
     assert again.inspect("base").digest == img.digest
     assert "template:base" in img.names

@@ -15,6 +15,20 @@ from isorun.vmm import MicroVM
 pytestmark = pytest.mark.vm
 
 
+async def _wait_for_file(vm: MicroVM, path: str) -> None:
+    r = await vm.agent.exec(f"until [ -e {path} ]; do sleep 0.05; done", timeout=30)
+    assert r.exit_code == 0 and not r.timed_out, f"{path} never appeared"
+
+
+async def _wait_for_exit(vm: MicroVM, proc_id: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not {p.proc_id: p for p in await vm.agent.list_procs()}[proc_id].running:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{proc_id} still running after {timeout} s")
+
+
 async def test_output_streams_line_by_line_while_the_command_runs(vm: MicroVM) -> None:
     arrivals: list[tuple[float, bytes]] = []
     t0 = time.monotonic()
@@ -72,8 +86,9 @@ async def test_timeout_kills_the_command(vm: MicroVM) -> None:
 
 
 async def test_process_ignoring_sigterm_is_killed_by_escalation(vm: MicroVM) -> None:
-    proc_id, _ = await vm.agent.spawn("trap '' TERM; echo armed; while :; do sleep 1; done")
-    await asyncio.sleep(0.5)
+    proc_id, _ = await vm.agent.spawn("trap '' TERM; touch /tmp/armed; while :; do sleep 1; done")
+    # Wait for the trap (a SIGTERM before it would end the loop at once), not a fixed time.
+    await _wait_for_file(vm, "/tmp/armed")
     t0 = time.monotonic()
     _, sig = await vm.agent.kill(proc_id, grace=1.0)
     assert sig == 9
@@ -96,7 +111,7 @@ async def test_background_output_replays_from_any_offset(vm: MicroVM) -> None:
 
 async def test_ring_buffer_reports_lost_bytes(vm: MicroVM) -> None:
     proc_id, _ = await vm.agent.spawn("head -c 200000 /dev/zero", ring_bytes=65536)
-    await asyncio.sleep(1.5)
+    await _wait_for_exit(vm, proc_id)  # all 200000 bytes went through the ring
     at = Attachment(offset=0)
     r = await vm.agent.attach(proc_id, offset=0, attachment=at)
     assert at.lost == 200000 - 65536
@@ -107,8 +122,12 @@ async def test_pty_session_with_resize(vm: MicroVM) -> None:
     r = await vm.agent.exec("tty; stty size", pty=(24, 80))
     assert b"/dev/pts/" in r.stdout
     assert b"24 80" in r.stdout
-    proc_id, _ = await vm.agent.spawn("sleep 0.5; stty size", pty=(24, 80))
+    # stty runs only after the resize was acknowledged, however slow the guest is.
+    proc_id, _ = await vm.agent.spawn(
+        "until [ -e /tmp/resized ]; do sleep 0.05; done; stty size", pty=(24, 80)
+    )
     await vm.agent.resize(proc_id, 40, 120)
+    await vm.agent.exec("touch /tmp/resized")
     r = await vm.agent.attach(proc_id)
     assert b"40 120" in r.stdout
 
@@ -155,12 +174,17 @@ async def test_watch_reports_changes(vm: MicroVM) -> None:
     async def collect() -> None:
         async for ev in vm.agent.watch("/watched"):
             seen.append(ev)
-            if any(op == "remove" for op, _ in seen):
+            if {"create", "remove"} <= {op for op, path in seen if path == "/watched/f"}:
                 return
 
     task = asyncio.create_task(collect())
-    await asyncio.sleep(0.5)
-    await vm.agent.exec("echo hi > /watched/f; rm /watched/f")
+    # The watch has no "ready" answer: repeat the changes until it reports them (a watch
+    # that never works still fails, after 20 rounds) instead of guessing a set-up time.
+    for _ in range(20):
+        await vm.agent.exec("echo hi > /watched/f; rm /watched/f")
+        done, _ = await asyncio.wait({task}, timeout=1)
+        if done:
+            break
     await asyncio.wait_for(task, 10)
     ops = [op for op, path in seen if path == "/watched/f"]
     assert "create" in ops and "remove" in ops
