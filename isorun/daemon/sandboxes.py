@@ -55,6 +55,8 @@ class SandboxManager:
         self._images: ImageStore | None = None
         self.live: dict[str, Live] = {}
         self.reserved: dict[str, tuple[int, int]] = {}  # creating: (vcpus, memory_mib)
+        # creating: set once create() is over, either way (a DELETE meanwhile waits on it)
+        self.creating: dict[str, asyncio.Event] = {}
         self._reaper: asyncio.Task[None] | None = None
 
     @property
@@ -255,10 +257,22 @@ class SandboxManager:
             expires=now + timeout + 3600,
         )
         self.reserved[row.id] = (vcpus, memory)
+        created = self.creating[row.id] = asyncio.Event()
+        try:
+            return await self._start(row, req, timeout, on_progress)
+        finally:
+            del self.creating[row.id]
+            created.set()
+
+    async def _start(
+        self, row: SandboxRow, req: CreateSandbox, timeout: int, on_progress: OnProgress | None
+    ) -> SandboxRow:
         vm: MicroVM | None = None
         try:
             self.store.insert_sandbox(row)
-            rootfs, digest, icfg = await self._resolve_image(tenant, req.image, row.id, on_progress)
+            rootfs, digest, icfg = await self._resolve_image(
+                row.tenant_id, req.image, row.id, on_progress
+            )
             if on_progress is not None:
                 on_progress(
                     {"type": "progress", "phase": "booting", "ref": req.image, "sandbox": row.id}
@@ -266,10 +280,10 @@ class SandboxManager:
             row.image_digest = digest
             spec = VMSpec(
                 rootfs=rootfs,
-                vcpus=vcpus,
-                memory_mib=memory,
-                scratch_mib=disk,
-                jail=cfg.jail,
+                vcpus=row.vcpus,
+                memory_mib=row.memory_mib,
+                scratch_mib=row.disk_mib,
+                jail=self.cfg.jail,
                 extra_cmdline=f"{TAG}{row.id}",
             )
             vm = await MicroVM.boot(spec)
@@ -298,7 +312,7 @@ class SandboxManager:
             with contextlib.suppress(Exception):
                 if self.store.get_sandbox(row.id) is not None:
                     self.store.end_sandbox(
-                        row, "error", usage, cfg.price_per_vcpu_hour, error=msg[:4000]
+                        row, "error", usage, self.cfg.price_per_vcpu_hour, error=msg[:4000]
                     )
             await self._release_image(row)
             if isinstance(exc, VMError):
@@ -318,9 +332,13 @@ class SandboxManager:
     async def kill(self, tenant: str, sandbox_id: str) -> dict[str, Any]:
         row = self.row(tenant, sandbox_id)
         live = self.live.get(sandbox_id)
+        created = self.creating.get(sandbox_id)
+        if live is None and created is not None:
+            # Starting: end it as soon as its boot is over (as E2B and Modal let you).
+            await created.wait()
+            live = self.live.get(sandbox_id)
+            row = self.row(tenant, sandbox_id)
         if live is None:
-            if row.state == "creating":
-                raise Conflict(f"sandbox {sandbox_id} is still starting; kill it once it runs")
             raise Gone(f"sandbox {sandbox_id} has already ended ({row.end_reason})")
         return await self._end(live, "killed")
 

@@ -337,3 +337,29 @@ def test_create_whose_client_went_away_leaves_no_running_vm(daemon: Daemon, imag
             assert c.get("/v1/sandboxes", params={"metadata.abandon": tag}).json() == {
                 "sandboxes": []
             }
+
+
+def test_delete_of_a_starting_sandbox_ends_it_once_booted(daemon: Daemon, image: str) -> None:
+    """The progress stream gives out the id before the sandbox runs; a DELETE then must end
+    it (it was a 409, and a client that gave up then left it running)."""
+    body = {"image": image, "metadata": {"case": "delete-while-starting"}}
+    with daemon.client() as c, c.stream("POST", "/v1/sandboxes?progress=1", json=body) as r:
+        lines = r.iter_lines()
+        sid = None
+        for line in lines:
+            event = json.loads(line)
+            if event.get("sandbox"):
+                sid = event["sandbox"]
+                break
+        assert sid is not None, "the progress stream never named the sandbox"
+        with daemon.client() as other:
+            gone = other.delete(f"/v1/sandboxes/{sid}")
+            assert gone.status_code == 200, gone.text
+            assert gone.json()["uptime_ms"] >= 0
+            info = other.get(f"/v1/sandboxes/{sid}").json()
+            assert (info["state"], info["end_reason"]) == ("ended", "killed"), info
+        list(lines)  # the creator's stream ends too
+    with daemon.client() as c:
+        assert c.get("/v1/sandboxes", params={"metadata.case": "delete-while-starting"}).json() == {
+            "sandboxes": []
+        }
