@@ -162,7 +162,9 @@ class AsyncSandbox:
     kill = destroy
 
     async def logs(self) -> str:
-        return (await self._http.get(f"/v1/sandboxes/{self.id}/logs")).text
+        resp = await self._http.get(f"/v1/sandboxes/{self.id}/logs")
+        _core.check(resp)  # an error must raise, not come back as its JSON text
+        return resp.text
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -194,6 +196,8 @@ class AsyncSandbox:
         background: bool = False,
         check: bool = False,
     ) -> Any:
+        """As `Sandbox.exec`: a shell string or argv; `timeout` in seconds, None or 0 for
+        no limit; `background=True` returns an `AsyncProcess` at once."""
         body = _core.exec_body(cmd, env, cwd, user, timeout, stdin, background)
         path = f"/v1/sandboxes/{self.id}/exec"
         if background:

@@ -151,7 +151,9 @@ class Sandbox:
 
     def logs(self) -> str:
         """The guest console (boot messages; useful when a sandbox fails to start)."""
-        return self._http.get(f"/v1/sandboxes/{self.id}/logs").text
+        resp = self._http.get(f"/v1/sandboxes/{self.id}/logs")
+        _core.check(resp)  # an error must raise, not come back as its JSON text
+        return resp.text
 
     def close(self) -> None:
         """Close the HTTP client; the sandbox keeps running (see `connect`)."""
@@ -186,7 +188,8 @@ class Sandbox:
     ) -> Any:
         """Run `cmd` (a shell string, or an argv list). Callbacks get output as it is written.
         `background=True` returns a `Process` at once instead of an `ExecResult`; with
-        `stdin=True` (or initial bytes) its stdin stays open for `send_stdin`/`close_stdin`."""
+        `stdin=True` (or initial bytes) its stdin stays open for `send_stdin`/`close_stdin`.
+        `timeout` is in seconds; None or 0 means no limit (as in E2B)."""
         body = _core.exec_body(cmd, env, cwd, user, timeout, stdin, background)
         path = f"/v1/sandboxes/{self.id}/exec"
         if background:

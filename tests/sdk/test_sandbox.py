@@ -90,6 +90,13 @@ async def test_async_surface(api: str, image: str) -> None:
         other = await AsyncSandbox.connect(sb.id, api_url=api)
         assert (await other.exec("echo o")).stdout == "o\n"
         await other.close()
+        assert "isorun-agent: ready" in await sb.logs()
+        real_id, sb.id = sb.id, "0" * len(sb.id)
+        try:
+            with pytest.raises(NotFoundError):
+                await sb.logs()
+        finally:
+            sb.id = real_id
     usage = await sb.destroy()
     assert usage["uptime_ms"] > 0
 
@@ -146,6 +153,13 @@ def test_stream_errors_raise_the_matching_exception(api: str, image: str) -> Non
             sb.exec(["echo", "a\x00b"])
         assert nul.value.status == 400 and nul.value.code == "guest_invalid"
         assert sb.exec("echo still fine").stdout == "still fine\n"
+        assert "isorun-agent: ready" in sb.logs()
+        real_id, sb.id = sb.id, "0" * len(sb.id)
+        try:
+            with pytest.raises(NotFoundError):
+                sb.logs()  # the error JSON used to come back as the "logs"
+        finally:
+            sb.id = real_id
 
 
 async def test_async_files_stream_both_ways_like_the_sync_face(api: str, image: str) -> None:
