@@ -54,7 +54,10 @@ async def main() -> None:
         # dd with 64 KiB writes: busybox `head` writes 4 KiB at a time and is itself the
         # bottleneck under TCG (~18 MiB/s even into /dev/null).
         producer = f"dd if=/dev/zero bs=65536 count={nbytes // 65536} 2>/dev/null"
-        floor = await vm.agent.exec(f"{producer} > /dev/null")
+        # The floor's best of three: its first run is cold (dd read in, code translated by
+        # TCG), which would make the channel look closer to it than it is.
+        floors = [await vm.agent.exec(f"{producer} > /dev/null") for _ in range(3)]
+        floor = min(floors, key=lambda f: f.run_us)
         got = 0
 
         def count(b: bytes) -> None:

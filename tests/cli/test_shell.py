@@ -24,10 +24,16 @@ def _set_size(fd: int, rows: int, cols: int) -> None:
 
 
 def _read_until(fd: int, needle: bytes, buf: bytearray, timeout: float = 30) -> None:
+    assert _read_for(fd, needle, buf, timeout), f"{needle!r} not seen in {bytes(buf)[-500:]!r}"
+
+
+def _read_for(fd: int, needle: bytes, buf: bytearray, timeout: float) -> bool:
+    """Read into buf until needle is in it (True) or timeout passes (False)."""
     deadline = time.monotonic() + timeout
     while needle not in buf:
         left = deadline - time.monotonic()
-        assert left > 0, f"{needle!r} not seen in {bytes(buf)[-500:]!r}"
+        if left <= 0:
+            return False
         if select.select([fd], [], [], left)[0]:
             try:
                 chunk = os.read(fd, 4096)
@@ -35,6 +41,7 @@ def _read_until(fd: int, needle: bytes, buf: bytearray, timeout: float = 30) -> 
                 chunk = b""
             assert chunk, f"terminal closed before {needle!r}: {bytes(buf)[-500:]!r}"
             buf += chunk
+    return True
 
 
 def test_shell_raw_mode_resize_and_exit_code(daemon: Daemon, image: str) -> None:
@@ -60,8 +67,8 @@ def test_shell_raw_mode_resize_and_exit_code(daemon: Daemon, image: str) -> None
         os.write(master, b"stty size\n")
         _read_until(master, b"33 101", buf)
         # Raw mode: ^C goes to the sandbox (interrupting sleep there), not to our CLI.
-        os.write(master, b"sleep 100\n")
-        time.sleep(1.0)
+        os.write(master, b"echo sle''eping; sleep 100\n")
+        _read_until(master, b"sleeping", buf)
         os.write(master, b"\x03")
         os.write(master, b"echo ali''ve\n")
         _read_until(master, b"alive", buf)
@@ -69,9 +76,13 @@ def test_shell_raw_mode_resize_and_exit_code(daemon: Daemon, image: str) -> None
         # SIGWINCH -> the remote terminal is resized.
         _set_size(master, 45, 132)
         os.kill(child.pid, signal.SIGWINCH)
-        time.sleep(0.5)
-        os.write(master, b"stty size; exit 7\n")
-        _read_until(master, b"45 132", buf)
+        # The resize travels CLI -> daemon -> guest while we type: ask until it has landed.
+        for _ in range(30):
+            os.write(master, b"stty size\n")
+            if _read_for(master, b"45 132", buf, timeout=1):
+                break
+        assert b"45 132" in buf, f"never resized: {bytes(buf)[-300:]!r}"
+        os.write(master, b"exit 7\n")
         assert child.wait(60) == 7
     finally:
         if child.poll() is None:
