@@ -213,7 +213,9 @@ class Skopeo:
                 "schema1 images are not supported; re-push with a "
                 "current Docker or skopeo)"
             )
-        size = sum(int(layer.get("size", 0)) for layer in layers if isinstance(layer, dict))
+        size = _declared_size(doc.get("config"), "config", ref.name())
+        for i, layer in enumerate(layers):
+            size += _declared_size(layer, f"layer {i}", ref.name())
         return Resolved(digest, index_digest, doc, size)
 
     async def _raw_platform(self, ref: ImageRef, digest: str) -> bytes:
@@ -277,6 +279,19 @@ class Skopeo:
         res = await proc.run(argv, timeout=self.cfg.pull_timeout_s, env=self._env(tmp))
         if res.returncode != 0:
             raise classify(res.stderr, ref.name())
+
+
+def _declared_size(desc: Any, which: str, what: str) -> int:
+    """The size a manifest declares for a blob: a non-negative integer, as the OCI spec
+    requires. skopeo stops reading a blob at its declared size, but treats a negative one
+    as "unknown" and reads on without bound, so a lying size must not pass."""
+    size = desc.get("size") if isinstance(desc, dict) else None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ImageCorruptError(
+            f"manifest of {what}: {which} declares size {size!r}; a descriptor's size must "
+            "be a non-negative integer, so the image is malformed or hostile and was refused"
+        )
+    return size
 
 
 def _media_type(doc: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -243,4 +244,32 @@ async def test_missing_offline_sources(
     lay = _layout(tmp_path, "has-t", [ob.busybox_tree()])
     with pytest.raises(ImageNotFoundError):
         await seeded.ensure(f"oci-layout:{lay}:other-tag")
+    _intact(seeded, registry)
+
+
+@pytest.mark.parametrize("size", [-1, -(10**12), "12"])
+async def test_manifest_lying_about_layer_size(
+    seeded: ImageStore, registry: Registry, tmp_path: Path, size: object
+) -> None:
+    # skopeo reads a blob only up to its declared size, but a negative size means "unknown"
+    # to it: an unbounded download that the compressed-size limit must not wave through.
+    lay = ob.Layout(tmp_path / "liar")
+    desc = lay.manifest([ob.busybox_tree([ob.file("noise", os.urandom(8 * MiB))])])
+    manifest = json.loads((lay.path / "blobs/sha256" / desc["digest"][7:]).read_bytes())
+    blobs = [
+        (lay.path / "blobs/sha256" / d["digest"][7:]).read_bytes()
+        for d in [manifest["config"], *manifest["layers"]]
+    ]
+    manifest["layers"][0]["size"] = size
+    raw = json.dumps(manifest).encode()
+    lay.tag({"mediaType": ob.MT_MANIFEST, "digest": lay.blob(raw), "size": len(raw)}, "t")
+    limited = ImageStore(seeded.root, StoreConfig(auth_file=None, max_image_bytes=4 * MiB))
+    refs = [f"oci-layout:{lay.path}:t"]
+    if isinstance(size, int):  # the registry itself refuses a string size
+        registry.put_raw("liar", "1", raw, blobs)
+        refs.append(f"{registry.host}/liar:1")
+    for ref in refs:
+        with pytest.raises(ImageCorruptError, match=f"layer 0 declares size {size!r}"):
+            await limited.ensure(ref)
+    assert limited.stats.conversions == 0
     _intact(seeded, registry)
