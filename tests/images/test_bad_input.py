@@ -273,3 +273,23 @@ async def test_manifest_lying_about_layer_size(
             await limited.ensure(ref)
     assert limited.stats.conversions == 0
     _intact(seeded, registry)
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"Env": 5}, "Env"),
+        ({"Env": ["A=1", 2]}, "Env"),
+        ({"Entrypoint": "/bin/sh"}, "Entrypoint"),
+        ({"Cmd": {"x": 1}}, "Cmd"),
+        ({"WorkingDir": ["/"]}, "WorkingDir"),
+        ({"User": 0}, "User"),
+    ],
+)
+async def test_config_fields_of_the_wrong_type(
+    seeded: ImageStore, registry: Registry, tmp_path: Path, config: dict[str, object], field: str
+) -> None:
+    lay = _layout(tmp_path, "badcfg", [ob.busybox_tree()], config=config)
+    with pytest.raises(ImageCorruptError, match=f"image config field {field} must be"):
+        await seeded.ensure(f"oci-layout:{lay}:t")
+    _intact(seeded, registry)
