@@ -18,7 +18,12 @@ from typing import Any
 import zstandard
 
 from isorun.images.config import ImageConfig
-from isorun.images.errors import ImageCorruptError, StoreFullError, UnsupportedImageError
+from isorun.images.errors import (
+    ImageCorruptError,
+    ImageTooLargeError,
+    StoreFullError,
+    UnsupportedImageError,
+)
 
 TAG = "img"
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -105,8 +110,11 @@ class Layout:
             raise ImageCorruptError("image config 'config' field is not an object")
         return LayoutImage(manifest, cfg, ImageConfig.from_oci(inner))
 
-    async def decompress_zstd_layers(self) -> int:
-        """Replace zstd layers by plain tar ones; returns how many were converted."""
+    async def decompress_zstd_layers(self, max_bytes: int) -> int:
+        """Replace zstd layers by plain tar ones; returns how many were converted.
+
+        Writes at most `max_bytes` of tar in all (ImageTooLargeError past that): a zstd
+        layer of a few KB can decompress to terabytes."""
         index, entry = self._index_entry()
         manifest, layers, cfg = self._manifest_and_config(entry)
         rootfs = cfg.get("rootfs")
@@ -118,7 +126,8 @@ class Layout:
             if layer.get("mediaType") != LAYER_ZSTD:
                 continue
             src = self.blob_path(layer["digest"])
-            digest, size = await asyncio.to_thread(self._decompress, src)
+            digest, size = await asyncio.to_thread(self._decompress, src, max_bytes)
+            max_bytes -= size
             if i < len(diff_ids) and diff_ids[i] != digest:
                 raise ImageCorruptError(
                     f"zstd layer {layer['digest']} decompresses to {digest}, "
@@ -137,7 +146,7 @@ class Layout:
             (self.path / "index.json").write_text(json.dumps(index))
         return converted
 
-    def _decompress(self, src: Path) -> tuple[str, int]:
+    def _decompress(self, src: Path, max_bytes: int) -> tuple[str, int]:
         tmp = src.with_name(src.name + ".tar.tmp")
         h = hashlib.sha256()
         size = 0
@@ -145,9 +154,18 @@ class Layout:
             with src.open("rb") as fin, tmp.open("wb") as fout:
                 reader = zstandard.ZstdDecompressor().stream_reader(fin, read_across_frames=True)
                 while chunk := reader.read(1 << 20):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise ImageTooLargeError(
+                            f"zstd layer {src.name} decompresses to more than the "
+                            f"{max_bytes} bytes left under the store limit; raise "
+                            "max_image_bytes or use a smaller image"
+                        )
                     h.update(chunk)
                     fout.write(chunk)
-                    size += len(chunk)
+        except ImageTooLargeError:
+            tmp.unlink(missing_ok=True)
+            raise
         except zstandard.ZstdError as exc:
             tmp.unlink(missing_ok=True)
             raise ImageCorruptError(f"zstd layer {src.name} is corrupt: {exc}") from exc

@@ -327,10 +327,16 @@ class ImageStore:
         pulled(total)
         emit(ProgressEvent("unpacking", r.name(), "applying layers", digest=digest))
         layout = Layout(layout_dir)
-        await layout.decompress_zstd_layers()
+        await layout.decompress_zstd_layers(self.cfg.max_image_bytes)
         li = layout.read()
         tree = tmp / "rootfs"
-        await unpack.unpack(layout_dir, TAG, tree, timeout=self.cfg.pull_timeout_s)
+        await unpack.unpack(
+            layout_dir,
+            TAG,
+            tree,
+            timeout=self.cfg.pull_timeout_s,
+            max_bytes=self.cfg.max_image_bytes,
+        )
         shutil.rmtree(layout_dir, ignore_errors=True)
         meta = await self._finish_tree(r.name(), tree, tmp, emit, digest)
         meta["config"] = li.config.to_json()

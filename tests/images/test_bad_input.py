@@ -6,6 +6,8 @@ import gzip
 import json
 import os
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -293,3 +295,63 @@ async def test_config_fields_of_the_wrong_type(
     with pytest.raises(ImageCorruptError, match=f"image config field {field} must be"):
         await seeded.ensure(f"oci-layout:{lay}:t")
     _intact(seeded, registry)
+
+
+def _sparse_tar(tmp: Path, files: dict[str, int]) -> bytes:
+    """A tar of sparse files (name -> apparent size): a few KB, whatever the sizes."""
+    src = tmp / "sparse-src"
+    src.mkdir()
+    for name, size in files.items():
+        with (src / name).open("wb") as f:
+            f.truncate(size)
+    out = subprocess.run(
+        ["tar", "--sparse", "--format=posix", "-C", str(src), "-cf", "-", *files],
+        check=True,
+        capture_output=True,
+    )
+    return out.stdout
+
+
+@pytest.mark.parametrize("bomb", ["one-sparse-file", "many-sparse-files", "zstd-zeros"])
+async def test_decompression_bombs_do_not_fill_the_disk(
+    registry: Registry, tmp_path: Path, bomb: str
+) -> None:
+    # umoci writes sparse tar entries densely and nothing bounds a zstd layer's output, so a
+    # layer of a few KB could fill the host disk. Now the writes stop near the store limit.
+    limit = 16 * MiB
+    if bomb == "one-sparse-file":
+        layers, comp = [_sparse_tar(tmp_path, {"huge": 1 << 40})], "gzip"
+    elif bomb == "many-sparse-files":  # each under the limit, 1 GiB together
+        layers, comp = [_sparse_tar(tmp_path, {f"f{i}": 8 * MiB for i in range(128)})], "gzip"
+    else:
+        layers, comp = [ob.make_tar([ob.file("zeros", bytes(1 << 30))])], "zstd"
+    lay = _layout(tmp_path, "bomb", [ob.make_tar(ob.busybox_tree()), *layers], compression=comp)
+    assert sum(p.stat().st_size for p in (lay / "blobs/sha256").iterdir()) < 2 * MiB
+    good = _layout(tmp_path, "good", [ob.busybox_tree()])
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(mnt)], check=True)
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            st = os.statvfs(mnt)
+            peak = max(peak, (st.f_blocks - st.f_bfree) * st.f_frsize)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        store = ImageStore(mnt / "store", StoreConfig(auth_file=None, max_image_bytes=limit))
+        kept = await store.ensure(f"oci-layout:{good}:t")
+        with pytest.raises(ImageTooLargeError, match="store limit"):
+            await store.ensure(f"oci-layout:{lay}:t")
+        assert [i.digest for i in store.list()] == [kept.digest]
+        assert_store_intact(store)
+    finally:
+        stop.set()
+        sampler.join()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    assert peak < 256 * MiB, f"the unpack used {peak >> 20} MiB of a 512 MiB disk"
