@@ -190,7 +190,8 @@ class ImageStore:
                 t.digest, r.name(), lambda tmp: self._build_template(t, tmp, emit), emit
             )
         if r.transport == "registry" and pull == "missing":
-            known = r.digest or self._refs.read().get(r.name())
+            # By name first: a manifest-list digest names the platform image it resolved to.
+            known = self._refs.read().get(r.name()) or r.digest
             if known and (img := self._load(known)) is not None:
                 self.stats.cache_hits += 1
                 await self._refs.set(r.name(), known)
@@ -401,9 +402,7 @@ class ImageStore:
         r = self.parse(ref)
         if r.transport == "template":
             return self.templates.get(r.repository).digest
-        if r.digest:
-            return r.digest
-        digest = self._refs.read().get(r.name())
+        digest = self._refs.read().get(r.name()) or r.digest
         if digest is None:
             raise ImageNotFoundError(f"no local image named {r.name()}; see store.list()")
         return digest
