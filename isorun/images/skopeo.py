@@ -52,6 +52,13 @@ def classify(stderr: str, what: str) -> ImageError:
             f"disk full while fetching {what}: free space in the image store "
             f"(e.g. `store.gc()`) and retry. ({detail})"
         )
+    if "loading tar component manifest.json" in low:
+        return ImageCorruptError(
+            f"{what} is not a `docker save` archive: it has no readable manifest.json (a "
+            "plain tar of a root filesystem, a compressed or truncated file, or not a tar at "
+            "all). Export the image with `docker save` or `skopeo copy ... docker-archive:`, "
+            f"or import an OCI layout with oci-layout:/dir:tag. ({detail})"
+        )
     if "digest did not match" in low or "does not match" in low or "digest mismatch" in low:
         return ImageCorruptError(
             f"a blob of {what} does not match its digest: the registry "

@@ -355,3 +355,22 @@ async def test_decompression_bombs_do_not_fill_the_disk(
         sampler.join()
         subprocess.run(["umount", "-l", str(mnt)], check=False)
     assert peak < 256 * MiB, f"the unpack used {peak >> 20} MiB of a 512 MiB disk"
+
+
+async def test_archive_that_is_not_a_docker_save(
+    seeded: ImageStore, registry: Registry, tmp_path: Path
+) -> None:
+    # A rootfs tarball (the common mistake), an empty file, a gzipped tar, random bytes:
+    # the file exists, so "not found, check that the file exists" would send users astray.
+    plain = ob.make_tar(ob.busybox_tree())
+    cases = {
+        "rootfs.tar": plain,
+        "empty.tar": b"",
+        "rootfs.tar.gz": gzip.compress(plain),
+        "random.tar": os.urandom(8192),
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ImageCorruptError, match="is not a `docker save` archive"):
+            await seeded.ensure(f"docker-archive:{tmp_path / name}")
+    _intact(seeded, registry)
