@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import stat
 from pathlib import Path
 
 from isorun.images import proc
@@ -69,12 +70,20 @@ def _too_large(what: str) -> ImageTooLargeError:
 
 
 def tree_bytes(path: Path) -> int:
-    """Bytes allocated on disk under `path` (not following symlinks)."""
+    """Bytes allocated on disk under `path` (not following symlinks; hard links once)."""
     total = 0
+    seen: set[int] = set()
     for dirpath, dirs, files in os.walk(path):
         for name in (*dirs, *files):
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                if st.st_ino in seen:
+                    continue
+                seen.add(st.st_ino)
+            total += st.st_blocks * 512
     return total
 
 
