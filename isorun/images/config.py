@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from isorun.images.errors import ImageCorruptError
+
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GiB = 1 << 30
 
@@ -23,19 +25,22 @@ class ImageConfig:
 
     @classmethod
     def from_oci(cls, cfg: dict[str, Any]) -> ImageConfig:
-        """Build from the `config` object of an OCI/Docker image config blob."""
+        """Build from the `config` object of an OCI/Docker image config blob.
+
+        The blob comes from the image, so it is untrusted: a field of the wrong type raises
+        ImageCorruptError naming it (an Entrypoint string is not split into characters)."""
         env: dict[str, str] = {}
-        for item in cfg.get("Env") or []:
-            if isinstance(item, str) and "=" in item:
+        for item in _strings(cfg, "Env"):
+            if "=" in item:
                 k, v = item.split("=", 1)
                 env[k] = v
         env.setdefault("PATH", DEFAULT_PATH)
         return cls(
             env=env,
-            working_dir=str(cfg.get("WorkingDir") or "/"),
-            user=str(cfg.get("User") or "root"),
-            entrypoint=[str(x) for x in cfg.get("Entrypoint") or []],
-            cmd=[str(x) for x in cfg.get("Cmd") or []],
+            working_dir=_string(cfg, "WorkingDir") or "/",
+            user=_string(cfg, "User") or "root",
+            entrypoint=_strings(cfg, "Entrypoint"),
+            cmd=_strings(cfg, "Cmd"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -56,6 +61,35 @@ class ImageConfig:
             entrypoint=list(d["entrypoint"]),
             cmd=list(d["cmd"]),
         )
+
+
+def _strings(cfg: dict[str, Any], key: str) -> list[str]:
+    value = cfg.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise ImageCorruptError(
+            f"image config field {key} must be a list of strings, not {_short(value)}; "
+            "the image is malformed"
+        )
+    return list(value)
+
+
+def _string(cfg: dict[str, Any], key: str) -> str:
+    value = cfg.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ImageCorruptError(
+            f"image config field {key} must be a string, not {_short(value)}; the image is "
+            "malformed"
+        )
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,12 @@ from typing import Any
 import zstandard
 
 from isorun.images.config import ImageConfig
-from isorun.images.errors import ImageCorruptError, StoreFullError, UnsupportedImageError
+from isorun.images.errors import (
+    ImageCorruptError,
+    ImageTooLargeError,
+    StoreFullError,
+    UnsupportedImageError,
+)
 
 TAG = "img"
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -37,6 +42,13 @@ class LayoutImage:
     config: ImageConfig
 
 
+def _digest_of(desc: Any, what: str) -> str:
+    digest = desc.get("digest") if isinstance(desc, dict) else None
+    if not isinstance(digest, str):
+        raise ImageCorruptError(f"image {what} descriptor has no digest")
+    return digest
+
+
 class Layout:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -52,7 +64,10 @@ class Layout:
             raw = f.read(MAX_JSON + 1)
         if len(raw) > MAX_JSON:
             raise ImageCorruptError(f"{path.name}: JSON document larger than {MAX_JSON} bytes")
-        doc = json.loads(raw)
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise ImageCorruptError(f"{path.name}: not valid JSON ({exc})") from exc
         if not isinstance(doc, dict):
             raise ImageCorruptError(f"{path.name}: expected a JSON object")
         return doc
@@ -64,11 +79,24 @@ class Layout:
                 return index, m
         raise ImageCorruptError("pulled layout has no image tagged 'img'")
 
+    def _manifest_and_config(
+        self, entry: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+        """The manifest, its layer descriptors and the config blob, shape-checked: they
+        come from the image, and a wrong type must be an ImageCorruptError, not a crash."""
+        manifest = self._json(self.blob_path(_digest_of(entry, "manifest")))
+        layers = manifest.get("layers")
+        if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):
+            raise ImageCorruptError("image manifest 'layers' is not a list of descriptors")
+        for layer in layers:
+            _digest_of(layer, "layer")
+        cfg = self._json(self.blob_path(_digest_of(manifest.get("config"), "config")))
+        return manifest, layers, cfg
+
     def read(self) -> LayoutImage:
         _, entry = self._index_entry()
-        manifest = self._json(self.blob_path(entry["digest"]))
-        cfg = self._json(self.blob_path(manifest["config"]["digest"]))
-        for layer in manifest.get("layers", []):
+        manifest, layers, cfg = self._manifest_and_config(entry)
+        for layer in layers:
             if layer.get("mediaType") not in SUPPORTED:
                 raise UnsupportedImageError(
                     f"layer {layer.get('digest')} has media type {layer.get('mediaType')!r}; "
@@ -82,18 +110,24 @@ class Layout:
             raise ImageCorruptError("image config 'config' field is not an object")
         return LayoutImage(manifest, cfg, ImageConfig.from_oci(inner))
 
-    async def decompress_zstd_layers(self) -> int:
-        """Replace zstd layers by plain tar ones; returns how many were converted."""
+    async def decompress_zstd_layers(self, max_bytes: int) -> int:
+        """Replace zstd layers by plain tar ones; returns how many were converted.
+
+        Writes at most `max_bytes` of tar in all (ImageTooLargeError past that): a zstd
+        layer of a few KB can decompress to terabytes."""
         index, entry = self._index_entry()
-        manifest = self._json(self.blob_path(entry["digest"]))
-        cfg = self._json(self.blob_path(manifest["config"]["digest"]))
-        diff_ids: list[str] = list(cfg.get("rootfs", {}).get("diff_ids", []))
+        manifest, layers, cfg = self._manifest_and_config(entry)
+        rootfs = cfg.get("rootfs")
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        if not isinstance(diff_ids, list):
+            raise ImageCorruptError("image config has no rootfs.diff_ids list")
         converted = 0
-        for i, layer in enumerate(manifest.get("layers", [])):
+        for i, layer in enumerate(layers):
             if layer.get("mediaType") != LAYER_ZSTD:
                 continue
             src = self.blob_path(layer["digest"])
-            digest, size = await asyncio.to_thread(self._decompress, src)
+            digest, size = await asyncio.to_thread(self._decompress, src, max_bytes)
+            max_bytes -= size
             if i < len(diff_ids) and diff_ids[i] != digest:
                 raise ImageCorruptError(
                     f"zstd layer {layer['digest']} decompresses to {digest}, "
@@ -112,7 +146,7 @@ class Layout:
             (self.path / "index.json").write_text(json.dumps(index))
         return converted
 
-    def _decompress(self, src: Path) -> tuple[str, int]:
+    def _decompress(self, src: Path, max_bytes: int) -> tuple[str, int]:
         tmp = src.with_name(src.name + ".tar.tmp")
         h = hashlib.sha256()
         size = 0
@@ -120,9 +154,18 @@ class Layout:
             with src.open("rb") as fin, tmp.open("wb") as fout:
                 reader = zstandard.ZstdDecompressor().stream_reader(fin, read_across_frames=True)
                 while chunk := reader.read(1 << 20):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise ImageTooLargeError(
+                            f"zstd layer {src.name} decompresses to more than the "
+                            f"{max_bytes} bytes left under the store limit; raise "
+                            "max_image_bytes or use a smaller image"
+                        )
                     h.update(chunk)
                     fout.write(chunk)
-                    size += len(chunk)
+        except ImageTooLargeError:
+            tmp.unlink(missing_ok=True)
+            raise
         except zstandard.ZstdError as exc:
             tmp.unlink(missing_ok=True)
             raise ImageCorruptError(f"zstd layer {src.name} is corrupt: {exc}") from exc

@@ -18,6 +18,7 @@ _INSTALL_HINT = {
     "umoci": "apt-get install umoci",
     "mkfs.ext4": "apt-get install e2fsprogs",
     "mmdebstrap": "apt-get install mmdebstrap",
+    "prlimit": "apt-get install util-linux",
 }
 
 

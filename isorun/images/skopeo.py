@@ -52,6 +52,13 @@ def classify(stderr: str, what: str) -> ImageError:
             f"disk full while fetching {what}: free space in the image store "
             f"(e.g. `store.gc()`) and retry. ({detail})"
         )
+    if "loading tar component manifest.json" in low:
+        return ImageCorruptError(
+            f"{what} is not a `docker save` archive: it has no readable manifest.json (a "
+            "plain tar of a root filesystem, a compressed or truncated file, or not a tar at "
+            "all). Export the image with `docker save` or `skopeo copy ... docker-archive:`, "
+            f"or import an OCI layout with oci-layout:/dir:tag. ({detail})"
+        )
     if "digest did not match" in low or "does not match" in low or "digest mismatch" in low:
         return ImageCorruptError(
             f"a blob of {what} does not match its digest: the registry "
@@ -213,7 +220,9 @@ class Skopeo:
                 "schema1 images are not supported; re-push with a "
                 "current Docker or skopeo)"
             )
-        size = sum(int(layer.get("size", 0)) for layer in layers if isinstance(layer, dict))
+        size = _declared_size(doc.get("config"), "config", ref.name())
+        for i, layer in enumerate(layers):
+            size += _declared_size(layer, f"layer {i}", ref.name())
         return Resolved(digest, index_digest, doc, size)
 
     async def _raw_platform(self, ref: ImageRef, digest: str) -> bytes:
@@ -277,6 +286,19 @@ class Skopeo:
         res = await proc.run(argv, timeout=self.cfg.pull_timeout_s, env=self._env(tmp))
         if res.returncode != 0:
             raise classify(res.stderr, ref.name())
+
+
+def _declared_size(desc: Any, which: str, what: str) -> int:
+    """The size a manifest declares for a blob: a non-negative integer, as the OCI spec
+    requires. skopeo stops reading a blob at its declared size, but treats a negative one
+    as "unknown" and reads on without bound, so a lying size must not pass."""
+    size = desc.get("size") if isinstance(desc, dict) else None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ImageCorruptError(
+            f"manifest of {what}: {which} declares size {size!r}; a descriptor's size must "
+            "be a non-negative integer, so the image is malformed or hostile and was refused"
+        )
+    return size
 
 
 def _media_type(doc: dict[str, Any]) -> str:

@@ -190,7 +190,8 @@ class ImageStore:
                 t.digest, r.name(), lambda tmp: self._build_template(t, tmp, emit), emit
             )
         if r.transport == "registry" and pull == "missing":
-            known = r.digest or self._refs.read().get(r.name())
+            # By name first: a manifest-list digest names the platform image it resolved to.
+            known = self._refs.read().get(r.name()) or r.digest
             if known and (img := self._load(known)) is not None:
                 self.stats.cache_hits += 1
                 await self._refs.set(r.name(), known)
@@ -327,10 +328,16 @@ class ImageStore:
         pulled(total)
         emit(ProgressEvent("unpacking", r.name(), "applying layers", digest=digest))
         layout = Layout(layout_dir)
-        await layout.decompress_zstd_layers()
+        await layout.decompress_zstd_layers(self.cfg.max_image_bytes)
         li = layout.read()
         tree = tmp / "rootfs"
-        await unpack.unpack(layout_dir, TAG, tree, timeout=self.cfg.pull_timeout_s)
+        await unpack.unpack(
+            layout_dir,
+            TAG,
+            tree,
+            timeout=self.cfg.pull_timeout_s,
+            max_bytes=self.cfg.max_image_bytes,
+        )
         shutil.rmtree(layout_dir, ignore_errors=True)
         meta = await self._finish_tree(r.name(), tree, tmp, emit, digest)
         meta["config"] = li.config.to_json()
@@ -395,9 +402,7 @@ class ImageStore:
         r = self.parse(ref)
         if r.transport == "template":
             return self.templates.get(r.repository).digest
-        if r.digest:
-            return r.digest
-        digest = self._refs.read().get(r.name())
+        digest = self._refs.read().get(r.name()) or r.digest
         if digest is None:
             raise ImageNotFoundError(f"no local image named {r.name()}; see store.list()")
         return digest

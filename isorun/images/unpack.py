@@ -4,22 +4,36 @@ umoci (Debian-packaged, from the OCI project) handles whiteouts, opaque director
 links, device nodes, xattrs and ownership, and resolves every path and symlink inside the
 target root (securejoin), so hostile `../` names and absolute symlinks stay inside it.
 `raw unpack` skips the mtree manifest that `umoci unpack` computes by hashing every file.
+
+What umoci writes is bounded by `max_bytes`, because a layer's size says nothing about what
+it unpacks to: umoci writes sparse tar entries and zeros densely, so a 10 KB layer declaring
+a 1 TB sparse file would fill the host disk. One file is capped by the kernel (RLIMIT_FSIZE
+through `prlimit`); the tree as a whole by a watchdog that looks at the filesystem's used
+space every 0.05 s, sizes the tree when that grew by more than the limit allows, and kills
+umoci once the tree itself is over it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import signal
+import stat
 from pathlib import Path
 
 from isorun.images import proc
 from isorun.images.errors import (
     ImageCorruptError,
     ImageError,
+    ImageTooLargeError,
     ImageToolError,
     StoreFullError,
     ToolMissingError,
     UnsafeLayerError,
 )
+
+POLL_S = 0.05
 
 
 def _classify(stderr: str) -> ImageError:
@@ -48,14 +62,83 @@ def _classify(stderr: str) -> ImageError:
     return ImageToolError(f"umoci could not unpack the image: {detail}")
 
 
-async def unpack(layout: Path, tag: str, target: Path, *, timeout: float) -> None:
-    """Unpack `layout:tag` into `target` (which must not exist yet)."""
+def _too_large(what: str) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        f"the image unpacks to {what} (stopped while unpacking); raise max_image_bytes or "
+        "use a smaller image"
+    )
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes allocated on disk under `path` (not following symlinks; hard links once)."""
+    total = 0
+    seen: set[int] = set()
+    for dirpath, dirs, files in os.walk(path):
+        for name in (*dirs, *files):
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                if st.st_ino in seen:
+                    continue
+                seen.add(st.st_ino)
+            total += st.st_blocks * 512
+    return total
+
+
+def _fs_used(path: Path) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+async def unpack(layout: Path, tag: str, target: Path, *, timeout: float, max_bytes: int) -> None:
+    """Unpack `layout:tag` into `target` (which must not exist yet), writing at most about
+    `max_bytes` (ImageTooLargeError past that; the caller removes the partial tree)."""
     if os.geteuid() != 0:
         raise ToolMissingError(
             "converting images needs root (to keep ownership and device nodes); run isorund as root"
         )
-    res = await proc.run(
-        ["umoci", "raw", "unpack", f"--image={layout}:{tag}", str(target)], timeout=timeout
-    )
+    proc.which("umoci")
+    argv = [
+        "prlimit",
+        f"--fsize={max_bytes}",
+        "umoci",
+        "raw",
+        "unpack",
+        f"--image={layout}:{tag}",
+        str(target),
+    ]
+    run = asyncio.ensure_future(proc.run(argv, timeout=timeout))
+    try:
+        await _watch(run, target, max_bytes)
+        res = await run
+    finally:
+        if not run.done():
+            run.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ImageError):
+                await run
     if res.returncode != 0:
+        low = res.stderr.lower()
+        if res.returncode in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or "file too large" in low:
+            raise _too_large(f"a file larger than the store limit of {max_bytes} bytes")
         raise _classify(res.stderr)
+
+
+async def _watch(run: asyncio.Future[proc.Result], target: Path, max_bytes: int) -> None:
+    parent = target.parent
+    start = _fs_used(parent)  # statvfs: one cheap syscall, fine on the event loop
+    threshold = max_bytes  # growth of the filesystem's used space that calls for a look
+    while not run.done():
+        await asyncio.wait({run}, timeout=POLL_S)
+        if run.done():
+            return
+        grown = _fs_used(parent) - start
+        if grown <= threshold:
+            continue
+        written = await asyncio.to_thread(tree_bytes, target)
+        if written > max_bytes:
+            raise _too_large(
+                f"more than {written} bytes, over the store limit of {max_bytes} bytes"
+            )
+        threshold = grown + (max_bytes - written)  # the rest was someone else's writes

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -243,4 +246,131 @@ async def test_missing_offline_sources(
     lay = _layout(tmp_path, "has-t", [ob.busybox_tree()])
     with pytest.raises(ImageNotFoundError):
         await seeded.ensure(f"oci-layout:{lay}:other-tag")
+    _intact(seeded, registry)
+
+
+@pytest.mark.parametrize("size", [-1, -(10**12), "12"])
+async def test_manifest_lying_about_layer_size(
+    seeded: ImageStore, registry: Registry, tmp_path: Path, size: object
+) -> None:
+    # skopeo reads a blob only up to its declared size, but a negative size means "unknown"
+    # to it: an unbounded download that the compressed-size limit must not wave through.
+    lay = ob.Layout(tmp_path / "liar")
+    desc = lay.manifest([ob.busybox_tree([ob.file("noise", os.urandom(8 * MiB))])])
+    manifest = json.loads((lay.path / "blobs/sha256" / desc["digest"][7:]).read_bytes())
+    blobs = [
+        (lay.path / "blobs/sha256" / d["digest"][7:]).read_bytes()
+        for d in [manifest["config"], *manifest["layers"]]
+    ]
+    manifest["layers"][0]["size"] = size
+    raw = json.dumps(manifest).encode()
+    lay.tag({"mediaType": ob.MT_MANIFEST, "digest": lay.blob(raw), "size": len(raw)}, "t")
+    limited = ImageStore(seeded.root, StoreConfig(auth_file=None, max_image_bytes=4 * MiB))
+    refs = [f"oci-layout:{lay.path}:t"]
+    if isinstance(size, int):  # the registry itself refuses a string size
+        registry.put_raw("liar", "1", raw, blobs)
+        refs.append(f"{registry.host}/liar:1")
+    for ref in refs:
+        with pytest.raises(ImageCorruptError, match=f"layer 0 declares size {size!r}"):
+            await limited.ensure(ref)
+    assert limited.stats.conversions == 0
+    _intact(seeded, registry)
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"Env": 5}, "Env"),
+        ({"Env": ["A=1", 2]}, "Env"),
+        ({"Entrypoint": "/bin/sh"}, "Entrypoint"),
+        ({"Cmd": {"x": 1}}, "Cmd"),
+        ({"WorkingDir": ["/"]}, "WorkingDir"),
+        ({"User": 0}, "User"),
+    ],
+)
+async def test_config_fields_of_the_wrong_type(
+    seeded: ImageStore, registry: Registry, tmp_path: Path, config: dict[str, object], field: str
+) -> None:
+    lay = _layout(tmp_path, "badcfg", [ob.busybox_tree()], config=config)
+    with pytest.raises(ImageCorruptError, match=f"image config field {field} must be"):
+        await seeded.ensure(f"oci-layout:{lay}:t")
+    _intact(seeded, registry)
+
+
+def _sparse_tar(tmp: Path, files: dict[str, int]) -> bytes:
+    """A tar of sparse files (name -> apparent size): a few KB, whatever the sizes."""
+    src = tmp / "sparse-src"
+    src.mkdir()
+    for name, size in files.items():
+        with (src / name).open("wb") as f:
+            f.truncate(size)
+    out = subprocess.run(
+        ["tar", "--sparse", "--format=posix", "-C", str(src), "-cf", "-", *files],
+        check=True,
+        capture_output=True,
+    )
+    return out.stdout
+
+
+@pytest.mark.parametrize("bomb", ["one-sparse-file", "many-sparse-files", "zstd-zeros"])
+async def test_decompression_bombs_do_not_fill_the_disk(
+    registry: Registry, tmp_path: Path, bomb: str
+) -> None:
+    # umoci writes sparse tar entries densely and nothing bounds a zstd layer's output, so a
+    # layer of a few KB could fill the host disk. Now the writes stop near the store limit.
+    limit = 16 * MiB
+    if bomb == "one-sparse-file":
+        layers, comp = [_sparse_tar(tmp_path, {"huge": 1 << 40})], "gzip"
+    elif bomb == "many-sparse-files":  # each under the limit, 1 GiB together
+        layers, comp = [_sparse_tar(tmp_path, {f"f{i}": 8 * MiB for i in range(128)})], "gzip"
+    else:
+        layers, comp = [ob.make_tar([ob.file("zeros", bytes(1 << 30))])], "zstd"
+    lay = _layout(tmp_path, "bomb", [ob.make_tar(ob.busybox_tree()), *layers], compression=comp)
+    assert sum(p.stat().st_size for p in (lay / "blobs/sha256").iterdir()) < 2 * MiB
+    good = _layout(tmp_path, "good", [ob.busybox_tree()])
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(mnt)], check=True)
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            st = os.statvfs(mnt)
+            peak = max(peak, (st.f_blocks - st.f_bfree) * st.f_frsize)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        store = ImageStore(mnt / "store", StoreConfig(auth_file=None, max_image_bytes=limit))
+        kept = await store.ensure(f"oci-layout:{good}:t")
+        with pytest.raises(ImageTooLargeError, match="store limit"):
+            await store.ensure(f"oci-layout:{lay}:t")
+        assert [i.digest for i in store.list()] == [kept.digest]
+        assert_store_intact(store)
+    finally:
+        stop.set()
+        sampler.join()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    assert peak < 256 * MiB, f"the unpack used {peak >> 20} MiB of a 512 MiB disk"
+
+
+async def test_archive_that_is_not_a_docker_save(
+    seeded: ImageStore, registry: Registry, tmp_path: Path
+) -> None:
+    # A rootfs tarball (the common mistake), an empty file, a gzipped tar, random bytes:
+    # the file exists, so "not found, check that the file exists" would send users astray.
+    plain = ob.make_tar(ob.busybox_tree())
+    cases = {
+        "rootfs.tar": plain,
+        "empty.tar": b"",
+        "rootfs.tar.gz": gzip.compress(plain),
+        "random.tar": os.urandom(8192),
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ImageCorruptError, match="is not a `docker save` archive"):
+            await seeded.ensure(f"docker-archive:{tmp_path / name}")
     _intact(seeded, registry)

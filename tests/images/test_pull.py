@@ -190,3 +190,27 @@ async def test_cached_tag_needs_no_registry(tmp_path: Path) -> None:
     again = await store.ensure(f"{reg.host}/offline:1")
     assert again.digest == first.digest and store.stats.cache_hits >= 1
     assert store.stats.conversions == 1
+
+
+async def test_cached_index_digest_needs_no_registry(tmp_path: Path) -> None:
+    # Pinning a multi-arch image by its manifest-list digest (the digest `docker pull`
+    # prints) is the common way to pin; once pulled it must not need the registry, and
+    # inspect/remove must find it by that reference.
+    reg = _start_registry(tmp_path / "reg", None)
+    lay = ob.Layout(tmp_path / "multiarch")
+    amd = lay.manifest([ob.busybox_tree([ob.file("ARCH", "amd64")])], arch="amd64")
+    arm = lay.manifest([ob.busybox_tree([ob.file("ARCH", "arm64")])], arch="arm64")
+    lay.tag(lay.image_index([arm, amd]), "multi")
+    try:
+        index_digest = reg.push(f"oci:{lay.path}:multi", "pinned:1", all_=True)
+        store = ImageStore(tmp_path / "store", StoreConfig(auth_file=None))
+        ref = f"{reg.host}/pinned@{index_digest}"
+        first = await store.ensure(ref)
+    finally:
+        reg.proc.terminate()
+        reg.proc.wait(10)
+    assert first.digest == amd["digest"] != index_digest
+    again = await store.ensure(ref)
+    assert again.digest == first.digest and store.stats.conversions == 1
+    assert store.inspect(ref).digest == first.digest
+    assert (await store.remove(ref)).digest == first.digest and store.list() == []
