@@ -12,6 +12,7 @@ import httpx
 from isorun.cli.progress import ProgressView
 from isorun.errors import IsorunError
 from isorun.sdk import Images, _core
+from isorun.sdk._core import ExecResult
 from isorun.sdk.sandbox_sync import Sandbox, _client
 
 
@@ -25,12 +26,30 @@ def _http(args: argparse.Namespace) -> httpx.Client:
     return _client(s)
 
 
-def _write(stream: Any) -> Any:
-    def w(text: str) -> None:
-        stream.write(text)
-        stream.flush()
+class _RawOutput(_core.StreamDecoder):
+    """Copies the command's stdout/stderr bytes to ours as they arrive, unchanged: binary
+    output must not pass through a text decoder (the SDK's callbacks get decoded text)."""
 
-    return w
+    def feed(self, line: str | bytes) -> tuple[str, bytes] | None:
+        got = super().feed(line)
+        if got is not None:
+            out = sys.stdout.buffer if got[0] == "stdout" else sys.stderr.buffer
+            out.write(got[1])
+            out.flush()
+        return got
+
+
+def _exec(sb: Sandbox, cmd: list[str], *, stream: bool) -> ExecResult:
+    """Run cmd in sb (one argument: a shell command line; more: an argv). `stream`: copy the
+    output to ours as it comes; else only capture it."""
+    body = _core.exec_body(cmd if len(cmd) > 1 else cmd[0], None, None, None, None, None, False)
+    dec = _RawOutput(capture=False) if stream else _core.StreamDecoder()
+    sb._stream("POST", f"/v1/sandboxes/{sb.id}/exec", dec, json=body)
+    return dec.result()
+
+
+def _exit_code(r: ExecResult) -> int:
+    return r.exit_code if r.exit_code is not None else 128 + (r.signal or 0)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -56,11 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if view is not None:
             view.finish()
     try:
-        r = sb.exec(
-            args.cmd if len(args.cmd) > 1 else args.cmd[0],
-            on_stdout=None if args.json else _write(sys.stdout),
-            on_stderr=None if args.json else _write(sys.stderr),
-        )
+        r = _exec(sb, args.cmd, stream=not args.json)
     finally:
         usage = sb.destroy() if not args.keep else None
         sb.close()
@@ -79,22 +94,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     elif args.keep:
         print(f"sandbox {sb.id} kept running", file=sys.stderr)
-    return r.exit_code if r.exit_code is not None else 128 + (r.signal or 0)
+    return _exit_code(r)
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
     sb = Sandbox.connect(args.id, api_url=args.api_url, api_key=args.api_key)
     try:
-        r = sb.exec(
-            args.cmd if len(args.cmd) > 1 else args.cmd[0],
-            on_stdout=None if args.json else _write(sys.stdout),
-            on_stderr=None if args.json else _write(sys.stderr),
-        )
+        r = _exec(sb, args.cmd, stream=not args.json)
     finally:
         sb.close()
     if args.json:
         print(json.dumps({"exit_code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr}))
-    return r.exit_code if r.exit_code is not None else 128 + (r.signal or 0)
+    return _exit_code(r)
 
 
 def cmd_shell(args: argparse.Namespace) -> int:

@@ -75,3 +75,15 @@ def test_cli_run_ls_kill(daemon: Daemon, image: str) -> None:
         ).stdout
     )
     assert u["total"]["sandboxes"] >= 2
+
+
+def test_cli_binary_output_is_exact(daemon: Daemon, image: str) -> None:
+    """Bytes that are not UTF-8 reach our stdout and stderr unchanged (no U+FFFD)."""
+    cli = [sys.executable, "-m", "isorun.cli"]
+    r = subprocess.run(
+        [*cli, "run", image, "--", "sh", "-c", r"printf '\377\376\000a\200'; printf '\351' >&2"],
+        env=daemon.env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"\xff\xfe\x00a\x80", b"\xe9")
