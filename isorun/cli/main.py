@@ -26,6 +26,14 @@ def _http(args: argparse.Namespace) -> httpx.Client:
     return _client(s)
 
 
+def _key_value(text: str) -> tuple[str, str]:
+    """argparse type of K=V options (-e, -m): a bad one is a usage error, not a traceback."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
 class _RawOutput(_core.StreamDecoder):
     """Copies the command's stdout/stderr bytes to ours as they arrive, unchanged: binary
     output must not pass through a text decoder (the SDK's callbacks get decoded text)."""
@@ -57,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SystemExit(
             "isorun run: give a command after --, e.g. isorun run python -- python3 -V"
         )
-    env = dict(e.split("=", 1) for e in args.env)
+    env = dict(args.env)
     # On a terminal, show the image pull/build and the boot as they happen.
     view = ProgressView(sys.stderr, tty=True) if sys.stderr.isatty() and not args.json else None
     try:
@@ -115,7 +123,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    meta = dict(m.split("=", 1) for m in args.metadata)
+    meta = dict(args.metadata)
     rows = Sandbox.list(
         metadata=meta, include_ended=args.all, api_url=args.api_url, api_key=args.api_key
     )
@@ -213,6 +221,8 @@ def cmd_images_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    if args.action == "revoke" and not args.name:
+        raise SystemExit("isorun keys revoke: give the key id (see `isorun keys ls`)")
     with _http(args) as c:
         if args.action == "create":
             k = _core.check(c.post("/v1/keys", json={"name": args.name or ""}))
@@ -265,7 +275,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--vcpus", type=int)
     r.add_argument("--memory-mib", type=int)
     r.add_argument("--timeout", type=int, help="sandbox_timeout in seconds")
-    r.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    r.add_argument(
+        "-e", "--env", action="append", default=[], type=_key_value, metavar="K=V", help="env var"
+    )
     r.add_argument("--keep", action="store_true", help="do not destroy the sandbox")
     r.set_defaults(fn=cmd_run)
     e = sub.add_parser("exec", help="run a command in a running sandbox")
@@ -280,7 +292,15 @@ def parser() -> argparse.ArgumentParser:
     sh.set_defaults(fn=cmd_shell)
     ls = sub.add_parser("ls", help="list sandboxes")
     ls.add_argument("-a", "--all", action="store_true", help="include ended sandboxes")
-    ls.add_argument("-m", "--metadata", action="append", default=[], metavar="K=V")
+    ls.add_argument(
+        "-m",
+        "--metadata",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="K=V",
+        help="only sandboxes with this metadata",
+    )
     ls.set_defaults(fn=cmd_ls)
     for name, fn, hlp in (
         ("kill", cmd_kill, "kill a sandbox (prints its usage)"),
