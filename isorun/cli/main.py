@@ -15,6 +15,12 @@ from isorun.sdk import Images, _core
 from isorun.sdk._core import ExecResult
 from isorun.sdk.sandbox_sync import Sandbox, _client
 
+# Subcommands that take a command to run after `--`.
+_WITH_CMD = ("run", "exec", "shell")
+_CMD_HELP = (
+    "-- CMD...: one argument runs as a shell command line (sh -c 'echo $HOME'), several as an argv"
+)
+
 
 def _out(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data, indent=2) if args.json else text)
@@ -263,15 +269,19 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(split: bool = False) -> argparse.ArgumentParser:
+    """The argument parser. `split`: argv was cut at its first `--` and this parses the part
+    before it, so options may follow IMAGE/ID (the command comes from after the `--`)."""
+    # Without a `--`, everything after IMAGE/ID is the command, options included.
+    cmd_nargs = "*" if split else argparse.REMAINDER
     p = argparse.ArgumentParser(prog="isorun", description="isorun sandboxes")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--api-url", help="default $ISORUN_API_URL, else the local unix socket")
     p.add_argument("--api-key", help="default $ISORUN_API_KEY")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="create a sandbox, run a command, destroy it")
-    r.add_argument("image")
-    r.add_argument("cmd", nargs=argparse.REMAINDER)
+    r.add_argument("image", help="template name (base, python, node) or OCI image reference")
+    r.add_argument("cmd", nargs=cmd_nargs, default=[], help=_CMD_HELP)
     r.add_argument("--vcpus", type=int)
     r.add_argument("--memory-mib", type=int)
     r.add_argument("--timeout", type=int, help="sandbox_timeout in seconds")
@@ -282,13 +292,13 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
     e = sub.add_parser("exec", help="run a command in a running sandbox")
     e.add_argument("id")
-    e.add_argument("cmd", nargs=argparse.REMAINDER)
+    e.add_argument("cmd", nargs=cmd_nargs, default=[], help=_CMD_HELP)
     e.set_defaults(fn=cmd_exec)
     sh = sub.add_parser(
         "shell", help="interactive terminal in a running sandbox (default: a login shell)"
     )
     sh.add_argument("id")
-    sh.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD... instead of the shell")
+    sh.add_argument("cmd", nargs=cmd_nargs, default=[], help="-- CMD... instead of the shell")
     sh.set_defaults(fn=cmd_shell)
     ls = sub.add_parser("ls", help="list sandboxes")
     ls.add_argument("-a", "--all", action="store_true", help="include ended sandboxes")
@@ -332,10 +342,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """`isorun run IMAGE [OPTIONS] -- CMD...`: options before the first `--` are ours wherever
+    they stand, everything after it is the command (argparse alone would take `--keep` after
+    IMAGE as the program to run)."""
+    if "--" in argv:
+        cut = argv.index("--")
+        args = parser(split=True).parse_args(argv[:cut])
+        if args.command in _WITH_CMD:
+            args.cmd = [*args.cmd, *argv[cut + 1 :]]
+            return args
     args = parser().parse_args(argv)
-    if getattr(args, "cmd", None) and args.cmd[:1] == ["--"]:
-        args.cmd = args.cmd[1:]
+    if args.command in _WITH_CMD and args.cmd[:1] and args.cmd[0].startswith("-"):
+        raise SystemExit(
+            f"isorun {args.command}: {args.cmd[0]!r} is not a command; options go before the"
+            f" command, which follows --: isorun {args.command} [OPTIONS] "
+            f"{'IMAGE' if args.command == 'run' else 'ID'} -- CMD..."
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.command in ("run", "exec") and not args.cmd:
         raise SystemExit(f"isorun {args.command}: give a command after --")
     try:

@@ -87,3 +87,16 @@ def test_cli_binary_output_is_exact(daemon: Daemon, image: str) -> None:
         timeout=120,
     )
     assert (r.returncode, r.stdout, r.stderr) == (0, b"\xff\xfe\x00a\x80", b"\xe9")
+
+
+def test_cli_options_after_the_image_are_options(daemon: Daemon, image: str) -> None:
+    """`isorun run IMAGE -e K=V -- CMD`: -e is ours, not the program to run."""
+    cli = [sys.executable, "-m", "isorun.cli"]
+    r = subprocess.run(
+        [*cli, "run", image, "-e", "GREETING=hi there", "--", "sh", "-c", "echo $GREETING"],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (0, "hi there\n", "")

@@ -33,6 +33,9 @@ def _cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
         (["run", "-e", "=x", "base", "--", "true"], "'=x' is not KEY=VALUE"),
         (["ls", "-m", "team"], "'team' is not KEY=VALUE"),
         (["keys", "revoke"], "give the key id"),
+        # Without `--`, an option after IMAGE would be run as the program: refused instead.
+        (["run", "base", "--keep", "echo", "hi"], "'--keep' is not a command"),
+        (["exec", "sb-1", "--json", "true"], "'--json' is not a command"),
         (["ls"], "no isorun daemon answers"),
     ],
 )
