@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from typing import Any
 
@@ -55,10 +57,20 @@ class _RawOutput(_core.StreamDecoder):
 
 def _exec(sb: Sandbox, cmd: list[str], *, stream: bool) -> ExecResult:
     """Run cmd in sb (one argument: a shell command line; more: an argv). `stream`: copy the
-    output to ours as it comes; else only capture it."""
+    output to ours as it comes; else only capture it. Interrupted (^C, or our stdout closed as
+    in `| head`), the command is stopped in the sandbox too, as it would be locally, instead of
+    running on there unseen."""
     body = _core.exec_body(cmd if len(cmd) > 1 else cmd[0], None, None, None, None, None, False)
     dec = _RawOutput(capture=False) if stream else _core.StreamDecoder()
-    sb._stream("POST", f"/v1/sandboxes/{sb.id}/exec", dec, json=body)
+    try:
+        sb._stream("POST", f"/v1/sandboxes/{sb.id}/exec", dec, json=body)
+    except (KeyboardInterrupt, BrokenPipeError):
+        if dec.proc_id:
+            with contextlib.suppress(Exception):
+                sb._http.post(
+                    _core.proc_path(sb.id, dec.proc_id, "kill"), json={"grace": 1.0}, timeout=10
+                )
+        raise
     return dec.result()
 
 
@@ -371,6 +383,15 @@ def main(argv: list[str] | None = None) -> None:
     except IsorunError as exc:
         print(f"isorun: {exc}", file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:
+        print("isorun: interrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:
+        # Our stdout was closed (`isorun run ... | head`): end quietly, as a local command
+        # killed by SIGPIPE would, and keep Python from failing again at its final flush.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + 13
     sys.exit(code)
 
 

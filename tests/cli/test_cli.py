@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from daemonhelpers import Daemon
@@ -100,3 +102,47 @@ def test_cli_options_after_the_image_are_options(daemon: Daemon, image: str) -> 
         timeout=120,
     )
     assert (r.returncode, r.stdout, r.stderr) == (0, "hi there\n", "")
+
+
+def _running(daemon: Daemon, sid: str) -> list[list[str]]:
+    with daemon.client() as c:
+        procs = c.get(f"/v1/sandboxes/{sid}/processes").json()["processes"]
+    return [p["argv"] for p in procs if p["running"]]
+
+
+def test_cli_interrupt_and_closed_pipe_stop_the_command(daemon: Daemon, image: str) -> None:
+    """^C: exit 130 with a one-line message, no traceback, and the command is stopped in the
+    sandbox (not left running there). A closed stdout (`| head`): exit 141, quietly, same."""
+    with daemon.client() as c:
+        sid = c.post("/v1/sandboxes", json={"image": image}).json()["id"]
+    cli = [sys.executable, "-m", "isorun.cli", "exec", sid, "--"]
+    try:
+        p = subprocess.Popen(
+            [*cli, "sh", "-c", "echo started; sleep 300"],
+            env=daemon.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert p.stdout is not None and p.stdout.readline() == b"started\n"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 130 and err == b"isorun: interrupted\n", err
+        deadline = time.monotonic() + 30
+        while _running(daemon, sid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _running(daemon, sid) == []
+
+        p = subprocess.Popen(
+            [*cli, "yes"], env=daemon.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert p.stdout is not None and p.stdout.readline() == b"y\n"
+        p.stdout.close()  # as `| head -1` does
+        assert p.wait(60) == 141
+        assert p.stderr is not None and p.stderr.read() == b""
+        deadline = time.monotonic() + 30
+        while _running(daemon, sid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _running(daemon, sid) == []
+    finally:
+        with daemon.client() as c:
+            c.delete(f"/v1/sandboxes/{sid}")
