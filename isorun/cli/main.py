@@ -291,7 +291,12 @@ def parser(split: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--api-url", help="default $ISORUN_API_URL, else the local unix socket")
     p.add_argument("--api-key", help="default $ISORUN_API_KEY")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="create a sandbox, run a command, destroy it")
+    # `--json` also after the subcommand (`isorun ls --json`); SUPPRESS keeps a global one.
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
+    r = sub.add_parser("run", parents=[as_json], help="create a sandbox, run a command, destroy it")
     r.add_argument("image", help="template name (base, python, node) or OCI image reference")
     r.add_argument("cmd", nargs=cmd_nargs, default=[], help=_CMD_HELP)
     r.add_argument("--vcpus", type=int)
@@ -302,7 +307,7 @@ def parser(split: bool = False) -> argparse.ArgumentParser:
     )
     r.add_argument("--keep", action="store_true", help="do not destroy the sandbox")
     r.set_defaults(fn=cmd_run)
-    e = sub.add_parser("exec", help="run a command in a running sandbox")
+    e = sub.add_parser("exec", parents=[as_json], help="run a command in a running sandbox")
     e.add_argument("id")
     e.add_argument("cmd", nargs=cmd_nargs, default=[], help=_CMD_HELP)
     e.set_defaults(fn=cmd_exec)
@@ -312,7 +317,7 @@ def parser(split: bool = False) -> argparse.ArgumentParser:
     sh.add_argument("id")
     sh.add_argument("cmd", nargs=cmd_nargs, default=[], help="-- CMD... instead of the shell")
     sh.set_defaults(fn=cmd_shell)
-    ls = sub.add_parser("ls", help="list sandboxes")
+    ls = sub.add_parser("ls", parents=[as_json], help="list sandboxes")
     ls.add_argument("-a", "--all", action="store_true", help="include ended sandboxes")
     ls.add_argument(
         "-m",
@@ -328,11 +333,12 @@ def parser(split: bool = False) -> argparse.ArgumentParser:
         ("kill", cmd_kill, "kill a sandbox (prints its usage)"),
         ("logs", cmd_logs, "guest console of a sandbox"),
     ):
-        s = sub.add_parser(name, help=hlp)
+        s = sub.add_parser(name, help=hlp, parents=[as_json])
         s.add_argument("id")
         s.set_defaults(fn=fn)
     im = sub.add_parser(
         "images",
+        parents=[as_json],
         help="images in the daemon's store: ls (default), pull REF (with progress), inspect REF,"
         " rm REF, gc [--all], du",
     )
@@ -343,11 +349,13 @@ def parser(split: bool = False) -> argparse.ArgumentParser:
     im.add_argument("--always", action="store_true", help="pull: re-resolve a cached tag")
     im.add_argument("--all", action="store_true", help="gc: every unused image, named or not")
     im.set_defaults(fn=cmd_images)
-    k = sub.add_parser("keys", help="API keys (local admin)")
+    k = sub.add_parser("keys", parents=[as_json], help="API keys (local admin)")
     k.add_argument("action", choices=["create", "ls", "revoke"])
     k.add_argument("name", nargs="?", help="key name (create) or key id (revoke)")
     k.set_defaults(fn=cmd_keys)
-    sub.add_parser("usage", help="usage and cost of your API key").set_defaults(fn=cmd_usage)
+    sub.add_parser("usage", parents=[as_json], help="usage and cost of your API key").set_defaults(
+        fn=cmd_usage
+    )
     d = sub.add_parser("daemon", help="run isorund in the foreground")
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(fn=cmd_daemon)

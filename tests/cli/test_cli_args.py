@@ -37,6 +37,9 @@ def _cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
         (["run", "base", "--keep", "echo", "hi"], "'--keep' is not a command"),
         (["exec", "sb-1", "--json", "true"], "'--json' is not a command"),
         (["ls"], "no isorun daemon answers"),
+        # --json after the subcommand is taken (it then fails only for want of a daemon).
+        (["ls", "--json"], "no isorun daemon answers"),
+        (["usage", "--json"], "no isorun daemon answers"),
     ],
 )
 def test_bad_arguments_are_usage_errors(tmp_path: Path, argv: list[str], message: str) -> None:
