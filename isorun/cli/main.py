@@ -356,10 +356,21 @@ def parser(split: bool = False) -> argparse.ArgumentParser:
     sub.add_parser("usage", parents=[as_json], help="usage and cost of your API key").set_defaults(
         fn=cmd_usage
     )
-    d = sub.add_parser("daemon", help="run isorund in the foreground")
-    d.add_argument("rest", nargs=argparse.REMAINDER)
+    # Every argument after `daemon` (even --help) is isorund's: see _parse.
+    d = sub.add_parser("daemon", add_help=False, help="run isorund in the foreground [FLAGS]")
     d.set_defaults(fn=cmd_daemon)
     return p
+
+
+def _parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, except that what `isorun daemon` does not know (all of its flags, and
+    --help) is passed on to isorund as `rest`."""
+    args, extra = p.parse_known_args(argv)
+    if args.command == "daemon":
+        args.rest = extra
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -368,11 +379,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     IMAGE as the program to run)."""
     if "--" in argv:
         cut = argv.index("--")
-        args = parser(split=True).parse_args(argv[:cut])
+        args = _parse(parser(split=True), argv[:cut])
         if args.command in _WITH_CMD:
             args.cmd = [*args.cmd, *argv[cut + 1 :]]
             return args
-    args = parser().parse_args(argv)
+    args = _parse(parser(), argv)
     if args.command in _WITH_CMD and args.cmd[:1] and args.cmd[0].startswith("-"):
         raise SystemExit(
             f"isorun {args.command}: {args.cmd[0]!r} is not a command; options go before the"

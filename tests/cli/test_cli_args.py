@@ -47,3 +47,10 @@ def test_bad_arguments_are_usage_errors(tmp_path: Path, argv: list[str], message
     assert r.returncode != 0
     assert "Traceback" not in r.stderr, r.stderr
     assert message in r.stderr, r.stderr
+
+
+def test_daemon_help_is_isorunds(tmp_path: Path) -> None:
+    """`isorun daemon --help` lists the flags `isorun daemon` passes on to isorund."""
+    r = _cli(tmp_path, "daemon", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "--kill-on-exit" in r.stdout and "--tcp" in r.stdout, r.stdout
