@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from typing import Any
 
@@ -12,7 +14,14 @@ import httpx
 from isorun.cli.progress import ProgressView
 from isorun.errors import IsorunError
 from isorun.sdk import Images, _core
+from isorun.sdk._core import ExecResult
 from isorun.sdk.sandbox_sync import Sandbox, _client
+
+# Subcommands that take a command to run after `--`.
+_WITH_CMD = ("run", "exec", "shell")
+_CMD_HELP = (
+    "-- CMD...: one argument runs as a shell command line (sh -c 'echo $HOME'), several as an argv"
+)
 
 
 def _out(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -25,12 +34,48 @@ def _http(args: argparse.Namespace) -> httpx.Client:
     return _client(s)
 
 
-def _write(stream: Any) -> Any:
-    def w(text: str) -> None:
-        stream.write(text)
-        stream.flush()
+def _key_value(text: str) -> tuple[str, str]:
+    """argparse type of K=V options (-e, -m): a bad one is a usage error, not a traceback."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
 
-    return w
+
+class _RawOutput(_core.StreamDecoder):
+    """Copies the command's stdout/stderr bytes to ours as they arrive, unchanged: binary
+    output must not pass through a text decoder (the SDK's callbacks get decoded text)."""
+
+    def feed(self, line: str | bytes) -> tuple[str, bytes] | None:
+        got = super().feed(line)
+        if got is not None:
+            out = sys.stdout.buffer if got[0] == "stdout" else sys.stderr.buffer
+            out.write(got[1])
+            out.flush()
+        return got
+
+
+def _exec(sb: Sandbox, cmd: list[str], *, stream: bool) -> ExecResult:
+    """Run cmd in sb (one argument: a shell command line; more: an argv). `stream`: copy the
+    output to ours as it comes; else only capture it. Interrupted (^C, or our stdout closed as
+    in `| head`), the command is stopped in the sandbox too, as it would be locally, instead of
+    running on there unseen."""
+    body = _core.exec_body(cmd if len(cmd) > 1 else cmd[0], None, None, None, None, None, False)
+    dec = _RawOutput(capture=False) if stream else _core.StreamDecoder()
+    try:
+        sb._stream("POST", f"/v1/sandboxes/{sb.id}/exec", dec, json=body)
+    except (KeyboardInterrupt, BrokenPipeError):
+        if dec.proc_id:
+            with contextlib.suppress(Exception):
+                sb._http.post(
+                    _core.proc_path(sb.id, dec.proc_id, "kill"), json={"grace": 1.0}, timeout=10
+                )
+        raise
+    return dec.result()
+
+
+def _exit_code(r: ExecResult) -> int:
+    return r.exit_code if r.exit_code is not None else 128 + (r.signal or 0)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -38,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SystemExit(
             "isorun run: give a command after --, e.g. isorun run python -- python3 -V"
         )
-    env = dict(e.split("=", 1) for e in args.env)
+    env = dict(args.env)
     # On a terminal, show the image pull/build and the boot as they happen.
     view = ProgressView(sys.stderr, tty=True) if sys.stderr.isatty() and not args.json else None
     try:
@@ -56,11 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if view is not None:
             view.finish()
     try:
-        r = sb.exec(
-            args.cmd if len(args.cmd) > 1 else args.cmd[0],
-            on_stdout=None if args.json else _write(sys.stdout),
-            on_stderr=None if args.json else _write(sys.stderr),
-        )
+        r = _exec(sb, args.cmd, stream=not args.json)
     finally:
         usage = sb.destroy() if not args.keep else None
         sb.close()
@@ -79,22 +120,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     elif args.keep:
         print(f"sandbox {sb.id} kept running", file=sys.stderr)
-    return r.exit_code if r.exit_code is not None else 128 + (r.signal or 0)
+    return _exit_code(r)
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
     sb = Sandbox.connect(args.id, api_url=args.api_url, api_key=args.api_key)
     try:
-        r = sb.exec(
-            args.cmd if len(args.cmd) > 1 else args.cmd[0],
-            on_stdout=None if args.json else _write(sys.stdout),
-            on_stderr=None if args.json else _write(sys.stderr),
-        )
+        r = _exec(sb, args.cmd, stream=not args.json)
     finally:
         sb.close()
     if args.json:
         print(json.dumps({"exit_code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr}))
-    return r.exit_code if r.exit_code is not None else 128 + (r.signal or 0)
+    return _exit_code(r)
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
@@ -104,7 +141,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    meta = dict(m.split("=", 1) for m in args.metadata)
+    meta = dict(args.metadata)
     rows = Sandbox.list(
         metadata=meta, include_ended=args.all, api_url=args.api_url, api_key=args.api_key
     )
@@ -202,6 +239,8 @@ def cmd_images_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    if args.action == "revoke" and not args.name:
+        raise SystemExit("isorun keys revoke: give the key id (see `isorun keys ls`)")
     with _http(args) as c:
         if args.action == "create":
             k = _core.check(c.post("/v1/keys", json={"name": args.name or ""}))
@@ -242,44 +281,64 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(split: bool = False) -> argparse.ArgumentParser:
+    """The argument parser. `split`: argv was cut at its first `--` and this parses the part
+    before it, so options may follow IMAGE/ID (the command comes from after the `--`)."""
+    # Without a `--`, everything after IMAGE/ID is the command, options included.
+    cmd_nargs = "*" if split else argparse.REMAINDER
     p = argparse.ArgumentParser(prog="isorun", description="isorun sandboxes")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--api-url", help="default $ISORUN_API_URL, else the local unix socket")
     p.add_argument("--api-key", help="default $ISORUN_API_KEY")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="create a sandbox, run a command, destroy it")
-    r.add_argument("image")
-    r.add_argument("cmd", nargs=argparse.REMAINDER)
+    # `--json` also after the subcommand (`isorun ls --json`); SUPPRESS keeps a global one.
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
+    r = sub.add_parser("run", parents=[as_json], help="create a sandbox, run a command, destroy it")
+    r.add_argument("image", help="template name (base, python, node) or OCI image reference")
+    r.add_argument("cmd", nargs=cmd_nargs, default=[], help=_CMD_HELP)
     r.add_argument("--vcpus", type=int)
     r.add_argument("--memory-mib", type=int)
     r.add_argument("--timeout", type=int, help="sandbox_timeout in seconds")
-    r.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    r.add_argument(
+        "-e", "--env", action="append", default=[], type=_key_value, metavar="K=V", help="env var"
+    )
     r.add_argument("--keep", action="store_true", help="do not destroy the sandbox")
     r.set_defaults(fn=cmd_run)
-    e = sub.add_parser("exec", help="run a command in a running sandbox")
+    e = sub.add_parser("exec", parents=[as_json], help="run a command in a running sandbox")
     e.add_argument("id")
-    e.add_argument("cmd", nargs=argparse.REMAINDER)
+    e.add_argument("cmd", nargs=cmd_nargs, default=[], help=_CMD_HELP)
     e.set_defaults(fn=cmd_exec)
     sh = sub.add_parser(
         "shell", help="interactive terminal in a running sandbox (default: a login shell)"
     )
     sh.add_argument("id")
-    sh.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD... instead of the shell")
+    sh.add_argument("cmd", nargs=cmd_nargs, default=[], help="-- CMD... instead of the shell")
     sh.set_defaults(fn=cmd_shell)
-    ls = sub.add_parser("ls", help="list sandboxes")
+    ls = sub.add_parser("ls", parents=[as_json], help="list sandboxes")
     ls.add_argument("-a", "--all", action="store_true", help="include ended sandboxes")
-    ls.add_argument("-m", "--metadata", action="append", default=[], metavar="K=V")
+    ls.add_argument(
+        "-m",
+        "--metadata",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="K=V",
+        help="only sandboxes with this metadata",
+    )
     ls.set_defaults(fn=cmd_ls)
     for name, fn, hlp in (
         ("kill", cmd_kill, "kill a sandbox (prints its usage)"),
         ("logs", cmd_logs, "guest console of a sandbox"),
     ):
-        s = sub.add_parser(name, help=hlp)
+        s = sub.add_parser(name, help=hlp, parents=[as_json])
         s.add_argument("id")
         s.set_defaults(fn=fn)
     im = sub.add_parser(
         "images",
+        parents=[as_json],
         help="images in the daemon's store: ls (default), pull REF (with progress), inspect REF,"
         " rm REF, gc [--all], du",
     )
@@ -290,21 +349,52 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("--always", action="store_true", help="pull: re-resolve a cached tag")
     im.add_argument("--all", action="store_true", help="gc: every unused image, named or not")
     im.set_defaults(fn=cmd_images)
-    k = sub.add_parser("keys", help="API keys (local admin)")
+    k = sub.add_parser("keys", parents=[as_json], help="API keys (local admin)")
     k.add_argument("action", choices=["create", "ls", "revoke"])
     k.add_argument("name", nargs="?", help="key name (create) or key id (revoke)")
     k.set_defaults(fn=cmd_keys)
-    sub.add_parser("usage", help="usage and cost of your API key").set_defaults(fn=cmd_usage)
-    d = sub.add_parser("daemon", help="run isorund in the foreground")
-    d.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("usage", parents=[as_json], help="usage and cost of your API key").set_defaults(
+        fn=cmd_usage
+    )
+    # Every argument after `daemon` (even --help) is isorund's: see _parse.
+    d = sub.add_parser("daemon", add_help=False, help="run isorund in the foreground [FLAGS]")
     d.set_defaults(fn=cmd_daemon)
     return p
 
 
+def _parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, except that what `isorun daemon` does not know (all of its flags, and
+    --help) is passed on to isorund as `rest`."""
+    args, extra = p.parse_known_args(argv)
+    if args.command == "daemon":
+        args.rest = extra
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """`isorun run IMAGE [OPTIONS] -- CMD...`: options before the first `--` are ours wherever
+    they stand, everything after it is the command (argparse alone would take `--keep` after
+    IMAGE as the program to run)."""
+    if "--" in argv:
+        cut = argv.index("--")
+        args = _parse(parser(split=True), argv[:cut])
+        if args.command in _WITH_CMD:
+            args.cmd = [*args.cmd, *argv[cut + 1 :]]
+            return args
+    args = _parse(parser(), argv)
+    if args.command in _WITH_CMD and args.cmd[:1] and args.cmd[0].startswith("-"):
+        raise SystemExit(
+            f"isorun {args.command}: {args.cmd[0]!r} is not a command; options go before the"
+            f" command, which follows --: isorun {args.command} [OPTIONS] "
+            f"{'IMAGE' if args.command == 'run' else 'ID'} -- CMD..."
+        )
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    if getattr(args, "cmd", None) and args.cmd[:1] == ["--"]:
-        args.cmd = args.cmd[1:]
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.command in ("run", "exec") and not args.cmd:
         raise SystemExit(f"isorun {args.command}: give a command after --")
     try:
@@ -312,6 +402,15 @@ def main(argv: list[str] | None = None) -> None:
     except IsorunError as exc:
         print(f"isorun: {exc}", file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:
+        print("isorun: interrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:
+        # Our stdout was closed (`isorun run ... | head`): end quietly, as a local command
+        # killed by SIGPIPE would, and keep Python from failing again at its final flush.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + 13
     sys.exit(code)
 
 

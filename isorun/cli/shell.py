@@ -3,6 +3,8 @@
 The local terminal goes into raw mode (so ^C, ^Z and arrow keys reach the sandbox), stdin is
 forwarded as it is typed, SIGWINCH resizes the remote terminal, and the command's exit code
 becomes ours. Without a terminal on stdin it still works, as a pipe (no raw mode, 24x80).
+The terminal's mode is restored on every way out: the end of the command, an error, ^C from
+outside raw mode, and SIGTERM/SIGHUP (whose default action would exit with it still raw).
 """
 
 from __future__ import annotations
@@ -17,10 +19,18 @@ import tty
 from collections.abc import Iterator
 from types import FrameType
 
+from isorun.sdk import _core
 from isorun.sdk._core import ExecResult
 from isorun.sdk.sandbox_sync import Pty, Sandbox
 
 READ_CHUNK = 4096
+# Signals whose default action ends the process without unwinding: turned into SystemExit
+# (128 + signal, the shell convention) so that the `finally` restoring the terminal runs.
+_ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _exit_on(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _size(fd: int) -> tuple[int, int]:
@@ -71,12 +81,26 @@ def run_shell(
     try:
         rows, cols = _size(in_fd if os.isatty(in_fd) else out_fd)
         term = sb.pty(rows, cols, cmd=(cmd if len(cmd) > 1 else cmd[0]) if cmd else None)
-        result = _interact(term, in_fd, out_fd)
+        try:
+            result = _interact(term, in_fd, out_fd)
+        except (SystemExit, KeyboardInterrupt):
+            _hang_up(term)
+            raise
     finally:
         sb.close()
     if result.exit_code is not None:
         return result.exit_code
     return 128 + (result.signal or 0)
+
+
+def _hang_up(term: Pty) -> None:
+    """We are ending before the remote terminal: hang it up (SIGHUP, as when a terminal
+    closes) rather than leave a shell nobody can reach running in the sandbox."""
+    sb = term.process.sandbox
+    with contextlib.suppress(Exception):
+        sb._http.post(
+            _core.proc_path(sb.id, term.id, "signal"), json={"signal": signal.SIGHUP}, timeout=5
+        )
 
 
 def _interact(term: Pty, in_fd: int, out_fd: int) -> ExecResult:
@@ -88,6 +112,7 @@ def _interact(term: Pty, in_fd: int, out_fd: int) -> ExecResult:
         resized.set()
 
     old = signal.signal(signal.SIGWINCH, on_winch)
+    old_ending = {s: signal.signal(s, _exit_on) for s in _ENDING_SIGNALS}
     reader = threading.Thread(
         target=_pump_output, args=(term, out_fd, done, errors), name="pty-output", daemon=True
     )
@@ -122,6 +147,8 @@ def _interact(term: Pty, in_fd: int, out_fd: int) -> ExecResult:
             reader.join()
     finally:
         signal.signal(signal.SIGWINCH, old)
+        for s, handler in old_ending.items():
+            signal.signal(s, handler)
     if errors:
         raise errors[0]
     assert term.result is not None

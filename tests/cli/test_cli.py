@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from daemonhelpers import Daemon
@@ -75,3 +77,72 @@ def test_cli_run_ls_kill(daemon: Daemon, image: str) -> None:
         ).stdout
     )
     assert u["total"]["sandboxes"] >= 2
+
+
+def test_cli_binary_output_is_exact(daemon: Daemon, image: str) -> None:
+    """Bytes that are not UTF-8 reach our stdout and stderr unchanged (no U+FFFD)."""
+    cli = [sys.executable, "-m", "isorun.cli"]
+    r = subprocess.run(
+        [*cli, "run", image, "--", "sh", "-c", r"printf '\377\376\000a\200'; printf '\351' >&2"],
+        env=daemon.env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"\xff\xfe\x00a\x80", b"\xe9")
+
+
+def test_cli_options_after_the_image_are_options(daemon: Daemon, image: str) -> None:
+    """`isorun run IMAGE -e K=V -- CMD`: -e is ours, not the program to run."""
+    cli = [sys.executable, "-m", "isorun.cli"]
+    r = subprocess.run(
+        [*cli, "run", image, "-e", "GREETING=hi there", "--", "sh", "-c", "echo $GREETING"],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (0, "hi there\n", "")
+
+
+def _running(daemon: Daemon, sid: str) -> list[list[str]]:
+    with daemon.client() as c:
+        procs = c.get(f"/v1/sandboxes/{sid}/processes").json()["processes"]
+    return [p["argv"] for p in procs if p["running"]]
+
+
+def test_cli_interrupt_and_closed_pipe_stop_the_command(daemon: Daemon, image: str) -> None:
+    """^C: exit 130 with a one-line message, no traceback, and the command is stopped in the
+    sandbox (not left running there). A closed stdout (`| head`): exit 141, quietly, same."""
+    with daemon.client() as c:
+        sid = c.post("/v1/sandboxes", json={"image": image}).json()["id"]
+    cli = [sys.executable, "-m", "isorun.cli", "exec", sid, "--"]
+    try:
+        p = subprocess.Popen(
+            [*cli, "sh", "-c", "echo started; sleep 300"],
+            env=daemon.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert p.stdout is not None and p.stdout.readline() == b"started\n"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 130 and err == b"isorun: interrupted\n", err
+        deadline = time.monotonic() + 30
+        while _running(daemon, sid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _running(daemon, sid) == []
+
+        p = subprocess.Popen(
+            [*cli, "yes"], env=daemon.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert p.stdout is not None and p.stdout.readline() == b"y\n"
+        p.stdout.close()  # as `| head -1` does
+        assert p.wait(60) == 141
+        assert p.stderr is not None and p.stderr.read() == b""
+        deadline = time.monotonic() + 30
+        while _running(daemon, sid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _running(daemon, sid) == []
+    finally:
+        with daemon.client() as c:
+            c.delete(f"/v1/sandboxes/{sid}")

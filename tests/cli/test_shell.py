@@ -91,3 +91,47 @@ def test_shell_raw_mode_resize_and_exit_code(daemon: Daemon, image: str) -> None
         os.close(master)
         with daemon.client() as c:
             c.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_shell_restores_the_terminal_when_signalled(daemon: Daemon, image: str) -> None:
+    """SIGTERM / SIGHUP (default action: die on the spot) end `isorun shell` with 128 + the
+    signal, its terminal back in the mode it had, and the remote shell hung up."""
+    with daemon.client() as c:
+        sid = c.post("/v1/sandboxes", json={"image": image}).json()["id"]
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            master, slave = os.openpty()
+            before = termios.tcgetattr(slave)  # we keep the slave open to look at its mode
+            child = subprocess.Popen(
+                [sys.executable, "-m", "isorun.cli", "shell", sid],
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                env=daemon.env,
+                start_new_session=True,
+            )
+            buf = bytearray()
+            try:
+                _read_until(master, b"\x1b[6n", buf)  # the shell is up: we are in raw mode
+                assert not termios.tcgetattr(slave)[3] & termios.ICANON
+                child.send_signal(sig)
+                assert child.wait(60) == 128 + sig
+                assert termios.tcgetattr(slave) == before
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+                os.close(master)
+                os.close(slave)
+        deadline = time.monotonic() + 30
+        with daemon.client() as c:
+            while True:
+                procs = c.get(f"/v1/sandboxes/{sid}/processes").json()["processes"]
+                running = [p["proc_id"] for p in procs if p["running"]]
+                if not running or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+        assert running == []
+    finally:
+        with daemon.client() as c:
+            c.delete(f"/v1/sandboxes/{sid}")

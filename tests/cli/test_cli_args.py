@@ -1,0 +1,56 @@
+"""Bad command lines get a usage message and a non-zero exit, never a Python traceback. No
+daemon is needed: these fail before any request (or say that no daemon answers)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.no_tools
+CLI = [sys.executable, "-m", "isorun.cli"]
+
+
+def _cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    env = dict(
+        os.environ,
+        ISORUN_SOCKET=str(tmp_path / "nobody.sock"),
+        ISORUN_AUTOSTART="0",
+        ISORUN_STATE_DIR=str(tmp_path / "state"),
+    )
+    for k in ("ISORUN_API_URL", "ISORUN_API_KEY"):
+        env.pop(k, None)
+    return subprocess.run([*CLI, *argv], env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "-e", "FOO", "base", "--", "true"], "'FOO' is not KEY=VALUE"),
+        (["run", "-e", "=x", "base", "--", "true"], "'=x' is not KEY=VALUE"),
+        (["ls", "-m", "team"], "'team' is not KEY=VALUE"),
+        (["keys", "revoke"], "give the key id"),
+        # Without `--`, an option after IMAGE would be run as the program: refused instead.
+        (["run", "base", "--keep", "echo", "hi"], "'--keep' is not a command"),
+        (["exec", "sb-1", "--json", "true"], "'--json' is not a command"),
+        (["ls"], "no isorun daemon answers"),
+        # --json after the subcommand is taken (it then fails only for want of a daemon).
+        (["ls", "--json"], "no isorun daemon answers"),
+        (["usage", "--json"], "no isorun daemon answers"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(tmp_path: Path, argv: list[str], message: str) -> None:
+    r = _cli(tmp_path, *argv)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr, r.stderr
+
+
+def test_daemon_help_is_isorunds(tmp_path: Path) -> None:
+    """`isorun daemon --help` lists the flags `isorun daemon` passes on to isorund."""
+    r = _cli(tmp_path, "daemon", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "--kill-on-exit" in r.stdout and "--tcp" in r.stdout, r.stdout
