@@ -23,6 +23,18 @@ def _set_size(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
+def _spawn_shell(sid: str, tty: int, daemon: Daemon) -> subprocess.Popen[bytes]:
+    """`isorun shell sid` on the terminal whose slave end is tty, in its own session."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "isorun.cli", "shell", sid],
+        stdin=tty,
+        stdout=tty,
+        stderr=tty,
+        env=daemon.env,
+        start_new_session=True,
+    )
+
+
 def _read_until(fd: int, needle: bytes, buf: bytearray, timeout: float = 30) -> None:
     assert _read_for(fd, needle, buf, timeout), f"{needle!r} not seen in {bytes(buf)[-500:]!r}"
 
@@ -49,14 +61,7 @@ def test_shell_raw_mode_resize_and_exit_code(daemon: Daemon, image: str) -> None
         sid = c.post("/v1/sandboxes", json={"image": image}).json()["id"]
     master, slave = os.openpty()
     _set_size(slave, 33, 101)
-    child = subprocess.Popen(
-        [sys.executable, "-m", "isorun.cli", "shell", sid],
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        env=daemon.env,
-        start_new_session=True,
-    )
+    child = _spawn_shell(sid, slave, daemon)
     os.close(slave)
     buf = bytearray()
     try:
@@ -102,14 +107,7 @@ def test_shell_restores_the_terminal_when_signalled(daemon: Daemon, image: str) 
         for sig in (signal.SIGTERM, signal.SIGHUP):
             master, slave = os.openpty()
             before = termios.tcgetattr(slave)  # we keep the slave open to look at its mode
-            child = subprocess.Popen(
-                [sys.executable, "-m", "isorun.cli", "shell", sid],
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                env=daemon.env,
-                start_new_session=True,
-            )
+            child = _spawn_shell(sid, slave, daemon)
             buf = bytearray()
             try:
                 _read_until(master, b"\x1b[6n", buf)  # the shell is up: we are in raw mode
