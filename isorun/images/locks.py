@@ -22,6 +22,21 @@ def try_lock(path: Path) -> int | None:
     return fd
 
 
+def try_lock_dir(path: Path) -> int | None:
+    """try_lock on a directory itself (its fd): held while a work dir is in use, so one
+    left by a crashed process (a dead process holds no lock) is known to be abandoned."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def unlock(fd: int) -> None:
     with contextlib.suppress(OSError):
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -37,7 +37,7 @@ from isorun.images.errors import (
 )
 from isorun.images.holders import Holders
 from isorun.images.layout import TAG, Layout
-from isorun.images.locks import file_lock, try_lock, unlock
+from isorun.images.locks import file_lock, try_lock, try_lock_dir, unlock
 from isorun.images.progress import Progress, ProgressEvent, emitter, watch_bytes
 from isorun.images.reference import ImageRef, parse_reference
 from isorun.images.refs import Refs
@@ -271,11 +271,15 @@ class ImageStore:
 
     @contextlib.contextmanager
     def _workdir(self, label: str) -> Any:
+        """A fresh dir under tmp/, locked while in use (gc removes unlocked ones)."""
         tmp = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=self.root / "tmp"))
+        fd = try_lock_dir(tmp)
         try:
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            if fd is not None:
+                unlock(fd)
 
     async def _convert(
         self, digest: str, name: str, build: Callable[[Path], Awaitable[dict[str, Any]]]
@@ -458,7 +462,7 @@ class ImageStore:
 
     async def gc(self, *, all_unused: bool = False) -> GcReport:
         """Delete unheld images without a name (or all unheld ones with all_unused=True),
-        and work dirs left by crashed conversions."""
+        and work dirs left by crashed pulls and conversions."""
         removed: builtins.list[str] = []
         freed = 0
         for img in self.list():
@@ -484,6 +488,14 @@ class ImageStore:
             elif d.name.startswith("rm-"):
                 freed += _allocated(d)
                 shutil.rmtree(d, ignore_errors=True)
+            elif d.is_dir() and (fd := try_lock_dir(d)) is not None:
+                # Left by a crashed pull (its lock died with it): it may hold the
+                # registry credentials skopeo was given (auth.json).
+                try:
+                    freed += _allocated(d)
+                    shutil.rmtree(d, ignore_errors=True)
+                finally:
+                    unlock(fd)
         return GcReport(removed, freed)
 
     def disk_usage(self) -> DiskUsage:

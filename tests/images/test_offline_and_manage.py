@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
+import sys
 from pathlib import Path
 
 import ocibuild as ob
@@ -92,3 +94,25 @@ async def test_gc_cleans_crashed_builds(store: ImageStore) -> None:
     (crashed / "rootfs" / "junk").write_bytes(b"x" * 10000)
     report = await store.gc()
     assert not crashed.exists() and report.freed_bytes >= 10000
+
+
+async def test_gc_removes_work_dirs_of_crashed_pulls_only(store: ImageStore) -> None:
+    # A pull killed mid-resolve (kill -9: no cleanup runs) leaves its work dir, which may
+    # hold the registry credentials it handed to skopeo.
+    crash = (
+        "import os, sys; from pathlib import Path; from isorun.images import ImageStore\n"
+        "from isorun.images.config import StoreConfig\n"
+        "s = ImageStore(Path(sys.argv[1]), StoreConfig(auth_file=None))\n"
+        "with s._workdir('resolve') as d:\n"
+        "    (d / 'auth.json').write_text('{\"auths\": {}}')\n"
+        "    os.kill(os.getpid(), 9)\n"
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", crash, str(store.root))
+    assert await proc.wait() == -9
+    left = [d for d in (store.root / "tmp").iterdir() if d.name.startswith("resolve-")]
+    assert len(left) == 1 and (left[0] / "auth.json").exists()
+    with store._workdir("resolve") as busy:  # a pull of this process, still running
+        (busy / "auth.json").write_text("{}")
+        await store.gc()
+        assert not left[0].exists(), "the crashed pull's work dir was kept"
+        assert (busy / "auth.json").exists(), "gc removed a running pull's work dir"
