@@ -3,8 +3,11 @@ always get cleaned up."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,9 +15,21 @@ import pytest_asyncio
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from vmhelpers import assert_vm_gone, build_busybox_rootfs, vm_spec
+from vmhelpers import assert_vm_gone, build_busybox_rootfs, qemu_pids_for, vm_spec
 
 from isorun.vmm import MicroVM, artifacts
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_guest_outlives_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A test that leaks a VM under its tmp_path (a daemon's state directory) fails the run,
+    and the VM is killed: left running it would slow every later test and CI step."""
+    yield
+    leaked = qemu_pids_for(tmp_path_factory.getbasetemp())
+    for pid in leaked:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not leaked, f"QEMU processes outlived the test session (killed now): {leaked}"
 
 
 @pytest.fixture(scope="session")

@@ -70,3 +70,19 @@ def _is_zombie(pid: int) -> bool:
         return " Z " in Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return True
+
+
+def qemu_pids_for(under: Path) -> list[int]:
+    """Live QEMU processes (and their jail wrappers) whose command line names a path under
+    `under`: a VM's disks and jail live in its state directory."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(under).encode() in cmd and b"qemu" in cmd:
+            pids.append(int(p.name))
+    return pids

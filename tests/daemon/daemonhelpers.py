@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from vmhelpers import qemu_pids_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,20 +88,6 @@ class Daemon:
     def vm_dirs(self) -> list[Path]:
         d = self.state / "vms"
         return sorted(d.iterdir()) if d.is_dir() else []
-
-
-def qemu_pids_for(state: Path) -> list[int]:
-    pids = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if str(state).encode() in cmd and b"qemu" in cmd:
-            pids.append(int(p.name))
-    return pids
 
 
 def assert_no_leaks(d: Daemon) -> None:

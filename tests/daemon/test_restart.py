@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from daemonhelpers import Daemon, assert_no_leaks, ndjson, qemu_pids_for
+from daemonhelpers import Daemon, assert_no_leaks, ndjson
+from vmhelpers import qemu_pids_for
 
 pytestmark = pytest.mark.vm
 
