@@ -6,16 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := /usr/local/go/bin:$(PATH)
 # guest/agent/go.mod needs a newer Go than any Debian 12 package (bookworm-backports' is
-# 1.23). Where the go found on PATH is older (a fresh machine), the go command fetches this
-# toolchain from the Go module proxy; where it is new enough it is used as it is.
-GO_MIN := $(shell awk '$$1 == "go" {print $$2; exit}' guest/agent/go.mod)
-GO_FETCH := go1.27.3
-ifeq ($(origin GOTOOLCHAIN),undefined)
-GOTOOLCHAIN := $(shell export PATH="$(PATH)"; v="$$(go env GOVERSION 2>/dev/null)"; v="$${v#go}"; \
-	if [ -n "$$v" ] && [ "$$(printf '%s\n' "$(GO_MIN)" "$$v" | sort -V | head -1)" = "$(GO_MIN)" ]; \
-	then echo local; else echo $(GO_FETCH); fi)
-endif
-export GOTOOLCHAIN
+# 1.23). `auto` uses the go on PATH when it is new enough and otherwise fetches the version
+# go.mod names from the Go module proxy; set here because a go env file may say `local`.
+export GOTOOLCHAIN ?= auto
 
 .PHONY: demo test deps venv guest lint test-go test-py bench clean
 
