@@ -21,7 +21,7 @@ apt-get install -y -q \
   linux-source-6.1 build-essential patch flex bison bc libelf-dev libssl-dev \
   cpio busybox-static e2fsprogs util-linux passwd python3-venv
 # bookworm's golang-go is Go 1.19, which cannot even parse guest/agent/go.mod (go 1.26);
-# bookworm-backports' (1.23) can, and fetches the newer toolchain the Makefile names.
+# bookworm-backports' (1.23) can, and fetches the one go.mod names (GOTOOLCHAIN=auto).
 command -v go >/dev/null || apt-get install -y -q -t bookworm-backports golang-go
 # Not optional: without these tools the image, daemon-pull and SDK-pull tests cannot run.
 bash "$(dirname "$0")/install-deps-images.sh"
