@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "daemon"))
 
-from daemonhelpers import Daemon, qemu_pids_for
-from vmhelpers import build_busybox_rootfs
+from daemonhelpers import Daemon
+from vmhelpers import build_busybox_rootfs, qemu_pids_for
 
 from isorun import Sandbox
 from isorun.vmm import MicroVM, VMSpec
