@@ -56,15 +56,11 @@ func opReadFile(s *Server, ch *Channel, raw []byte) (any, error) {
 	if r.Offset < 0 || length < -1 {
 		return nil, errf("invalid", "offset must be >= 0 and length >= -1")
 	}
-	f, err := openFile(path, os.O_RDONLY, 0)
+	f, st, err := openFile(path, os.O_RDONLY, 0)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	var st syscall.Stat_t
-	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
-		return nil, err
-	}
 	if st.Mode&syscall.S_IFMT == syscall.S_IFDIR {
 		return nil, errf("is_dir", "%s is a directory", path)
 	}
@@ -137,7 +133,7 @@ func writeFile(ch *Channel, r *fileReq) (any, error) {
 	var f *os.File
 	tmp := ""
 	if r.Append {
-		f, err = openFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, mode)
+		f, _, err = openFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, mode)
 	} else {
 		// write beside the target and rename, so a failed write leaves the
 		// old file intact. The name need not be unguessable (O_EXCL refuses
@@ -196,33 +192,39 @@ func writeFile(ch *Channel, r *fileReq) (any, error) {
 	return ok("bytes", n), nil
 }
 
-// openFile opens path for read_file or an append. Opening a FIFO blocks
-// until its other end opens, which a guest process can withhold forever (and
-// CANCEL cannot interrupt open(2)); so it opens without blocking and refuses
-// FIFOs and sockets, which neither op can serve (pread on a pipe fails).
-func openFile(path string, flag int, mode os.FileMode) (*os.File, error) {
+// openFile opens path for read_file or an append, and returns its stat.
+// Opening a FIFO blocks until its other end opens, which a guest process can
+// withhold forever (and CANCEL cannot interrupt open(2)); so it opens without
+// blocking and refuses FIFOs and sockets, which neither op can serve (pread
+// on a pipe fails).
+func openFile(path string, flag int, mode os.FileMode) (*os.File, *syscall.Stat_t, error) {
 	f, err := os.OpenFile(path, flag|syscall.O_NONBLOCK, mode)
 	if errors.Is(err, syscall.ENXIO) { // a write-only FIFO open without a reader
 		if fi, serr := os.Stat(path); serr == nil && fi.Mode()&os.ModeNamedPipe != 0 {
-			return nil, errf("invalid", "%s is a FIFO, not a regular file", path)
+			return nil, nil, errf("invalid", "%s is a FIFO, not a regular file", path)
 		}
 	}
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	fi, err := f.Stat()
-	if err == nil && fi.Mode()&(os.ModeNamedPipe|os.ModeSocket) != 0 {
-		kind := "FIFO"
-		if fi.Mode()&os.ModeSocket != 0 {
-			kind = "socket"
-		}
-		err = errf("invalid", "%s is a %s, not a regular file", path, kind)
-	}
 	if err != nil {
 		f.Close()
-		return nil, err
+		return nil, nil, err
 	}
-	return f, nil
+	st := fi.Sys().(*syscall.Stat_t)
+	kind := ""
+	switch st.Mode & syscall.S_IFMT {
+	case syscall.S_IFIFO:
+		kind = "FIFO"
+	case syscall.S_IFSOCK:
+		kind = "socket"
+	}
+	if kind != "" {
+		f.Close()
+		return nil, nil, errf("invalid", "%s is a %s, not a regular file", path, kind)
+	}
+	return f, st, nil
 }
 
 // entry is the JSON form of a directory entry (stat, list).
