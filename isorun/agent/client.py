@@ -87,16 +87,13 @@ class AgentClient:
     async def call(self, op: str, **fields: Any) -> dict[str, Any]:
         """A request whose whole answer is one RESP."""
         ch = await self._open({"op": op, **fields})
-        try:
+        with ch:
             while True:
                 frame = await ch.next()
                 if frame.kind is Kind.RESP:
                     return _raise_for(frame.json())
                 if frame.kind is not Kind.EVENT:
                     raise ProtocolError(f"guest sent {frame.kind.name} to a '{op}' request")
-        except BaseException:
-            ch.abandon()
-            raise
 
     # --- processes ------------------------------------------------------------------
 
@@ -121,17 +118,13 @@ class AgentClient:
         req = _exec_request(cmd, argv, env, cwd, user, timeout, pty, tag)
         req["stdin"] = stdin is not None
         ch = await self._open(req)
-        feeder = None
-        try:
-            if stdin is not None:
-                feeder = _start_feeder(ch, stdin)
-            return await _collect_process(ch, on_stdout, on_stderr, on_start, capture, None)
-        except BaseException:
-            ch.abandon()
-            raise
-        finally:
-            if feeder is not None and not feeder.done():
-                feeder.cancel()
+        with ch:
+            feeder = _start_feeder(ch, stdin) if stdin is not None else None
+            try:
+                return await _collect_process(ch, on_stdout, on_stderr, on_start, capture, None)
+            finally:
+                if feeder is not None:
+                    feeder.cancel()
 
     async def spawn(
         self,
@@ -179,23 +172,19 @@ class AgentClient:
         if stdin is not None:
             req["stdin"] = True
         ch = await self._open(req)
-        feeder = None
-        try:
-            if stdin is not None:
-                feeder = _start_feeder(ch, stdin)
-            return await _collect_process(ch, on_stdout, on_stderr, None, capture, attachment)
-        except BaseException:
-            ch.abandon()
-            raise
-        finally:
-            if feeder is not None and not feeder.done():
-                feeder.cancel()
+        with ch:
+            feeder = _start_feeder(ch, stdin) if stdin is not None else None
+            try:
+                return await _collect_process(ch, on_stdout, on_stderr, None, capture, attachment)
+            finally:
+                if feeder is not None:
+                    feeder.cancel()
 
     async def list_procs(self) -> list[ProcInfo]:
         # Long lists come as EVENT {"procs": [...]} batches before the RESP's own batch.
         ch = await self._open({"op": "list_procs"})
         found: list[ProcInfo] = []
-        try:
+        with ch:
             while True:
                 frame = await ch.next()
                 if frame.kind not in (Kind.EVENT, Kind.RESP):
@@ -209,9 +198,6 @@ class AgentClient:
                 found.extend(parse_proc(p) for p in procs)
                 if frame.kind is Kind.RESP:
                     return found
-        except BaseException:
-            ch.abandon()
-            raise
 
     async def signal(self, proc_id: str, signal: int) -> None:
         await self.call("signal", proc_id=proc_id, signal=signal)
@@ -248,7 +234,7 @@ class AgentClient:
     ) -> AsyncGenerator[bytes, None]:
         """Stream a file's bytes out of the guest."""
         ch = await self._open({"op": "read_file", "path": path, "offset": offset, "length": length})
-        try:
+        with ch:
             while True:
                 frame = await ch.next()
                 if frame.kind is Kind.OUT:
@@ -258,8 +244,6 @@ class AgentClient:
                     return
                 elif frame.kind is not Kind.EVENT:
                     raise ProtocolError(f"guest sent {frame.kind.name} while reading a file")
-        finally:
-            ch.abandon()
 
     async def read_bytes(self, path: str, limit: int = 1 << 30) -> bytes:
         parts: list[bytes] = []
@@ -280,25 +264,22 @@ class AgentClient:
         )
         # Feed and read at once: the guest may answer before it took every byte (a path it
         # cannot create, a full disk), and then grants no more credit for the rest.
-        feeder = _start_feeder(ch, data)
-        try:
-            while True:
-                frame = await ch.next()
-                if frame.kind is Kind.RESP:
-                    return as_int(_raise_for(frame.json()), "bytes")
-                if frame.kind is not Kind.EVENT:
-                    raise ProtocolError(f"guest sent {frame.kind.name} while writing a file")
-        except BaseException:
-            ch.abandon()
-            raise
-        finally:
-            if not feeder.done():
+        with ch:
+            feeder = _start_feeder(ch, data)
+            try:
+                while True:
+                    frame = await ch.next()
+                    if frame.kind is Kind.RESP:
+                        return as_int(_raise_for(frame.json()), "bytes")
+                    if frame.kind is not Kind.EVENT:
+                        raise ProtocolError(f"guest sent {frame.kind.name} while writing a file")
+            finally:
                 feeder.cancel()
 
     async def list(self, path: str, depth: int = 1) -> list[FileEntry]:
         ch = await self._open({"op": "list", "path": path, "depth": depth})
         entries: list[FileEntry] = []
-        try:
+        with ch:
             while True:
                 frame = await ch.next()
                 if frame.kind is Kind.RESP:
@@ -312,9 +293,6 @@ class AgentClient:
                 entries.extend(parse_entry(e) for e in batch)
                 if len(entries) > 1_000_000:
                     raise GuestError(f"{path} lists more than 1,000,000 entries", "invalid")
-        except BaseException:
-            ch.abandon()
-            raise
 
     async def stat(self, path: str) -> FileEntry:
         resp = await self.call("stat", path=path)
@@ -341,7 +319,7 @@ class AgentClient:
     ) -> AsyncGenerator[tuple[str, str], None]:
         """Yield (op, path) for changes under `path` until the iterator is closed."""
         ch = await self._open({"op": "watch", "path": path, "recursive": recursive})
-        try:
+        with ch:
             while True:
                 frame = await ch.next()
                 if frame.kind is Kind.RESP:
@@ -352,8 +330,6 @@ class AgentClient:
                 ev = frame.json()
                 if ev.get("event") == "fs":
                     yield as_str(ev, "op"), as_str(ev, "path")
-        finally:
-            ch.abandon()
 
     # --- system ---------------------------------------------------------------------
 

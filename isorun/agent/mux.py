@@ -145,7 +145,11 @@ class Channel:
                 return  # answered already: nothing to cancel
         self._conn._send_nowait(frames.encode(self.id, Kind.CANCEL))
 
-    async def cancel(self) -> None:
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        """Leaving the block ends the request: abandoned unless its RESP came."""
         self.abandon()
 
 

@@ -163,15 +163,11 @@ class Layout:
                         )
                     h.update(chunk)
                     fout.write(chunk)
-        except ImageTooLargeError:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
-            raise
-        except zstandard.ZstdError as exc:
-            tmp.unlink(missing_ok=True)
-            raise ImageCorruptError(f"zstd layer {src.name} is corrupt: {exc}") from exc
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno == 28:
+            if isinstance(exc, zstandard.ZstdError):
+                raise ImageCorruptError(f"zstd layer {src.name} is corrupt: {exc}") from exc
+            if isinstance(exc, OSError) and exc.errno == 28:
                 raise StoreFullError(
                     "disk full while decompressing a zstd layer: free space "
                     "in the image store and retry"

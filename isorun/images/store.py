@@ -93,14 +93,9 @@ def _hex(digest: str) -> str:
 
 
 def _allocated(path: Path) -> int:
-    total = 0
     if path.is_file():
         return path.stat().st_blocks * 512
-    for dirpath, _dirs, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
-    return total
+    return unpack.tree_bytes(path)
 
 
 class ImageStore:

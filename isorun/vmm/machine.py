@@ -80,7 +80,6 @@ class MicroVM:
         self._exited = asyncio.Event()
         self.death_reason: str | None = None
         self._final_usage: VMUsage | None = None
-        self._cleaned = False
         self._killing: asyncio.Future[VMUsage] | None = None
         self._shutdown_requested = False
         self._detached = False
@@ -374,10 +373,8 @@ class MicroVM:
         return await self._cleanup()
 
     async def _cleanup(self) -> VMUsage:
+        """Runs once, from the one `_kill` task that every kill() shares."""
         usage = self._final_usage or self._usage_now()
-        if self._cleaned:
-            return usage
-        self._cleaned = True
         try:
             conn = getattr(self, "agent", None)
             if conn is not None:
@@ -385,7 +382,7 @@ class MicroVM:
             await self._qmp.close()
             await self.console.stop()
         finally:
-            # Even when cancelled or failing above: a second kill() would return early.
+            # Even when closing failed above: a later kill() only re-raises that error.
             self.cgroup.remove()
             shutil.rmtree(self.run_dir, ignore_errors=True)
         return usage
