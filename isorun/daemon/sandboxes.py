@@ -256,13 +256,13 @@ class SandboxManager:
         created = asyncio.Event()
         self.creating[row.id] = (row, created)
         try:
-            return await self._start(row, req, timeout, on_progress)
+            return await self._start(row, req, on_progress)
         finally:
             del self.creating[row.id]
             created.set()
 
     async def _start(
-        self, row: SandboxRow, req: CreateSandbox, timeout: int, on_progress: OnProgress | None
+        self, row: SandboxRow, req: CreateSandbox, on_progress: OnProgress | None
     ) -> SandboxRow:
         vm: MicroVM | None = None
         try:
@@ -288,7 +288,7 @@ class SandboxManager:
                 env={**icfg.env, **req.env}, cwd=icfg.working_dir, user=icfg.user
             )
             started = time.time()
-            row.state, row.started, row.expires = "running", started, started + timeout
+            row.state, row.started, row.expires = "running", started, started + row.timeout_s
             row.vm_id, row.run_dir, row.pid = vm.id, str(vm.run_dir), vm.pid
             self.store.update_sandbox(
                 row.id,
