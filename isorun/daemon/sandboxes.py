@@ -54,9 +54,9 @@ class SandboxManager:
         self.store = store
         self._images: ImageStore | None = None
         self.live: dict[str, Live] = {}
-        self.reserved: dict[str, tuple[int, int]] = {}  # creating: (vcpus, memory_mib)
-        # creating: set once create() is over, either way (a DELETE meanwhile waits on it)
-        self.creating: dict[str, asyncio.Event] = {}
+        # Being created: the row (its vcpus and memory count against capacity) and an event
+        # set once create() is over, either way (a DELETE meanwhile waits on it).
+        self.creating: dict[str, tuple[SandboxRow, asyncio.Event]] = {}
         self._reaper: asyncio.Task[None] | None = None
 
     @property
@@ -173,12 +173,9 @@ class SandboxManager:
     # --- create ----------------------------------------------------------------------
 
     def _check_capacity(self, vcpus: int, memory_mib: int) -> None:
-        used_cpu = sum(lv.row.vcpus for lv in self.live.values()) + sum(
-            c for c, _ in self.reserved.values()
-        )
-        used_mem = sum(lv.row.memory_mib for lv in self.live.values()) + sum(
-            m for _, m in self.reserved.values()
-        )
+        rows = [lv.row for lv in self.live.values()] + [r for r, _ in self.creating.values()]
+        used_cpu = sum(r.vcpus for r in rows)
+        used_mem = sum(r.memory_mib for r in rows)
         cpu_cap = int(self.cfg.host_cpus * self.cfg.cpu_overcommit)
         mem_cap = int(self.cfg.host_mem_mib * self.cfg.mem_overcommit)
         if used_cpu + vcpus > cpu_cap:
@@ -256,16 +253,16 @@ class SandboxManager:
             timeout_s=timeout,
             expires=now + timeout + 3600,
         )
-        self.reserved[row.id] = (vcpus, memory)
-        created = self.creating[row.id] = asyncio.Event()
+        created = asyncio.Event()
+        self.creating[row.id] = (row, created)
         try:
-            return await self._start(row, req, timeout, on_progress)
+            return await self._start(row, req, on_progress)
         finally:
             del self.creating[row.id]
             created.set()
 
     async def _start(
-        self, row: SandboxRow, req: CreateSandbox, timeout: int, on_progress: OnProgress | None
+        self, row: SandboxRow, req: CreateSandbox, on_progress: OnProgress | None
     ) -> SandboxRow:
         vm: MicroVM | None = None
         try:
@@ -291,7 +288,7 @@ class SandboxManager:
                 env={**icfg.env, **req.env}, cwd=icfg.working_dir, user=icfg.user
             )
             started = time.time()
-            row.state, row.started, row.expires = "running", started, started + timeout
+            row.state, row.started, row.expires = "running", started, started + row.timeout_s
             row.vm_id, row.run_dir, row.pid = vm.id, str(vm.run_dir), vm.pid
             self.store.update_sandbox(
                 row.id,
@@ -320,8 +317,6 @@ class SandboxManager:
                     f"sandbox VM failed to start: {exc}", status=500, code="boot_failed"
                 ) from exc
             raise
-        finally:
-            self.reserved.pop(row.id, None)
         live = Live(row, vm)
         self.live[row.id] = live
         live.watcher = asyncio.create_task(self._watch(live))
@@ -332,10 +327,10 @@ class SandboxManager:
     async def kill(self, tenant: str, sandbox_id: str) -> dict[str, Any]:
         row = self.row(tenant, sandbox_id)
         live = self.live.get(sandbox_id)
-        created = self.creating.get(sandbox_id)
-        if live is None and created is not None:
+        starting = self.creating.get(sandbox_id)
+        if live is None and starting is not None:
             # Starting: end it as soon as its boot is over (as E2B and Modal let you).
-            await created.wait()
+            await starting[1].wait()
             live = self.live.get(sandbox_id)
             row = self.row(tenant, sandbox_id)
         if live is None:
