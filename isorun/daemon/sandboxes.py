@@ -212,8 +212,7 @@ class SandboxManager:
                 cb(progress_record(ev))
 
         try:
-            img = await self.images.ensure(ref, progress=progress)
-            img = await self.images.acquire(img.digest, holder)
+            img = await self.images.ensure(ref, progress=progress, holder=holder)
         except ImageError as exc:
             raise image_api_error(ref, exc) from exc
         return img.rootfs, img.digest, img.config

@@ -47,6 +47,7 @@ from isorun.images.templates import Template, TemplateSet, build_rootfs
 PullPolicy = Literal["missing", "always"]
 _META = "image.json"
 _ROOTFS = "rootfs.ext4"
+_HOLD_ATTEMPTS = 3  # ensure+acquire rounds lost to a concurrent gc before giving up
 
 
 @dataclass(frozen=True)
@@ -154,13 +155,16 @@ class ImageStore:
         credentials: Credentials | None = None,
         pull: PullPolicy = "missing",
         progress: Progress | None = None,
+        holder: str | None = None,
     ) -> Image:
         """Return the converted image for `ref`, pulling/building it if needed.
 
         pull="missing" (default) uses a cached tag without asking the registry, as
         `docker run` does; pull="always" re-resolves tags (conversion still happens only
         when the digest changed). `progress` receives phase events (see
-        `isorun.images.progress`); the last one is `done`.
+        `isorun.images.progress`); the last one is `done`. With `holder`, the image is
+        also acquired for it: a gc or remove (in any process) between finding the image and
+        holding it makes ensure fetch it again rather than hand back a deleted image.
         """
         raw = emitter(progress)
 
@@ -168,12 +172,30 @@ class ImageStore:
             raw(dataclasses.replace(ev, ref=ref))
 
         img = await self._ensure(ref, credentials, pull, emit)
+        if holder is not None:
+            img = await self._hold(
+                ref, img, holder, lambda: self._ensure(ref, credentials, pull, emit)
+            )
         emit(
             ProgressEvent(
                 "done", ref, f"{img.digest} ready", digest=img.digest, bytes_total=img.size_bytes
             )
         )
         return img
+
+    async def _hold(
+        self, ref: str, img: Image, holder: str, refetch: Callable[[], Awaitable[Image]]
+    ) -> Image:
+        """Acquire img for holder; if a gc/remove took it in between, fetch it again."""
+        for _ in range(_HOLD_ATTEMPTS):
+            try:
+                return await self.acquire(img.digest, holder)
+            except ImageNotFoundError:
+                img = await refetch()
+        raise ImageError(
+            f"{ref}: removed by a concurrent gc or remove {_HOLD_ATTEMPTS} times before it "
+            "could be held; try again"
+        )
 
     async def _ensure(
         self, ref: str, credentials: Credentials | None, pull: PullPolicy, emit: Progress

@@ -12,6 +12,7 @@ import pytest
 from imghelpers import Registry, assert_store_intact, ext4_cat
 
 from isorun.images import ImageInUseError, ImageNotFoundError, ImageStore
+from isorun.images.progress import ProgressEvent
 
 
 def _layout(tmp: Path, name: str, marker: str) -> Path:
@@ -116,3 +117,36 @@ async def test_gc_removes_work_dirs_of_crashed_pulls_only(store: ImageStore) -> 
         await store.gc()
         assert not left[0].exists(), "the crashed pull's work dir was kept"
         assert (busy / "auth.json").exists(), "gc removed a running pull's work dir"
+
+
+async def test_ensure_for_a_holder_survives_a_gc_in_another_process(
+    store: ImageStore, tmp_path: Path
+) -> None:
+    # A sandbox create finds its image in the store; before it holds it, `gc --all` runs
+    # in another process and deletes the (unheld) image. The create must still get it.
+    lay = _layout(tmp_path, "lay", "held")
+    ref = f"oci-layout:{lay}:t"
+    await store.ensure(ref)
+    gc_elsewhere = (
+        "import asyncio, sys; from pathlib import Path; from isorun.images import ImageStore\n"
+        "from isorun.images.config import StoreConfig\n"
+        "s = ImageStore(Path(sys.argv[1]), StoreConfig(auth_file=None))\n"
+        "print(len(asyncio.run(s.gc(all_unused=True)).removed))\n"
+    )
+    removed: list[str] = []
+
+    def on_progress(ev: ProgressEvent) -> None:
+        if ev.phase == "cached" and not removed:
+            run = subprocess.run(
+                [sys.executable, "-c", gc_elsewhere, str(store.root)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            removed.append(run.stdout.strip())
+
+    img = await store.ensure(ref, progress=on_progress, holder="sb-1")
+    assert removed == ["1"], "the gc did not run in the gap"
+    assert ext4_cat(img.rootfs, "/MARK") == "held"
+    assert store.holders(img.digest) == ["sb-1"]
+    assert (await store.gc(all_unused=True)).removed == []  # held: gc keeps it now
