@@ -274,7 +274,10 @@ async def test_a_failing_stdin_source_fails_the_exec_and_cancels_it() -> None:
     client, task = await _connect(guest)
     with pytest.raises(OSError, match="upload body broke off"):
         await asyncio.wait_for(client.exec("cat", stdin=source()), 5)
-    await asyncio.sleep(0.1)
+    for _ in range(100):  # the fake guest reads the CANCEL on its own schedule
+        if seen and seen[-1] is Kind.CANCEL:
+            break
+        await asyncio.sleep(0.05)
     assert seen[-1] is Kind.CANCEL and Kind.EOF not in seen
     task.cancel()
     await client.conn.close()
