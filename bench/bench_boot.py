@@ -7,7 +7,11 @@ Both sides run in the same process, interleaved, on the same kernel and QEMU fla
   (the smallest init there is: the Go runtime's own start-up is then on isorun's side);
 - isorun: MicroVM.boot() with the busybox rootfs (jail, cgroup, two disks, overlay root,
   agent answering hello) and MicroVM.boot() without a rootfs; the rootfs boot is also timed
-  on to its first command's result (`true`), which is what a user waits for.
+  on to its first command's result (`true`), which is what a user waits for;
+- isorun warm start: MicroVM.boot(warm_start=True) with the same rootfs, which restores a
+  booted template of the machine (made in the warm-up unless cached; the first warm start's
+  time is printed) and mounts the
+  rootfs in it: the same VM a user gets, without running the kernel's boot.
 Prints JSON lines, the ratios of medians and the agent's own split of its boot (guest
 uptime when it started, then ms from its start to each step). Under TCG here; never a KVM
 number.
@@ -31,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from vmhelpers import build_busybox_rootfs
 
 from isorun.vmm import MicroVM, VMSpec, accel, artifacts, qemu_cmd
+from isorun.vmm import warm as warm_mod
 
 RUNS = int(os.environ.get("BENCH_RUNS", "7"))
 TRIVIAL_GO_INIT = """package main
@@ -112,21 +117,23 @@ def bare_boot(kernel: Path, initramfs: Path, accel_name: str) -> float:
 AGENT_PHASES: dict[bool, list[dict[str, float]]] = {True: [], False: []}
 # Boot and then the first command's result: what a user waits for (the guest's first exec
 # translates the exec path under TCG, so the first is dearer than any later one).
-FIRST_EXEC: list[float] = []
+FIRST_EXEC: dict[bool, list[float]] = {False: [], True: []}  # by warm start
 
 
-async def isorun_boot(rootfs: Path | None) -> float:
+async def isorun_boot(rootfs: Path | None, warm: bool = False) -> float:
     t0 = time.monotonic()
-    vm = await MicroVM.boot(VMSpec(rootfs=rootfs, memory_mib=256, scratch_mib=256))
+    spec = VMSpec(rootfs=rootfs, memory_mib=256, scratch_mib=256, warm_start=warm)
+    vm = await MicroVM.boot(spec)
     elapsed = time.monotonic() - t0
     if rootfs is not None:  # the initramfs alone has no `true`
         result = await vm.agent.exec(argv=["true"])
         if result.exit_code != 0:
             raise RuntimeError(f"first exec of `true` failed: {result}")
-        FIRST_EXEC.append(time.monotonic() - t0)
+        FIRST_EXEC[warm].append(time.monotonic() - t0)
     hello = vm.agent.conn.hello
     phases = hello.get("boot_phases_ms")
-    if isinstance(hello.get("boot_ms"), int | float) and isinstance(phases, dict):
+    # a restored guest reports the template's boot
+    if not warm and isinstance(hello.get("boot_ms"), int | float) and isinstance(phases, dict):
         row = {k: float(v) for k, v in phases.items() if isinstance(v, int | float)}
         row["hello"] = float(hello["boot_ms"])
         AGENT_PHASES[rootfs is not None].append(row)
@@ -161,20 +168,30 @@ async def main() -> None:
         bare_c: list[float] = []
         full: list[float] = []
         noroot: list[float] = []
+        warm: list[float] = []
         await isorun_boot(rootfs)  # warm caches (scratch template, page cache)
-        FIRST_EXEC.clear()
+        key = warm_mod.template_key(
+            artifacts.qemu_binary(), kernel, artifacts.initramfs_path(), choice.name, 1, 256
+        )
+        template_cached = (warm_mod.template_dir() / f"{key}.vmstate").is_file()
+        first_warm_s = await isorun_boot(rootfs, warm=True)  # makes the template if need be
+        FIRST_EXEC[False].clear()
+        FIRST_EXEC[True].clear()
         AGENT_PHASES[True].clear()
         for _ in range(RUNS):
             bare_go.append(bare_boot(kernel, trivial_go, choice.name))
             bare_c.append(bare_boot(kernel, trivial_c, choice.name))
             full.append(await isorun_boot(rootfs))
             noroot.append(await isorun_boot(None))
+            warm.append(await isorun_boot(rootfs, warm=True))
     rows = [
         summary("bare_qemu_trivial_go_init", bare_go),
         summary("bare_qemu_trivial_c_init", bare_c),
         summary("isorun_boot_rootfs", full),
         summary("isorun_boot_initramfs_only", noroot),
-        summary("isorun_boot_rootfs_to_first_exec", FIRST_EXEC),
+        summary("isorun_boot_rootfs_to_first_exec", FIRST_EXEC[False]),
+        summary("isorun_warm_start_rootfs", warm),
+        summary("isorun_warm_start_rootfs_to_first_exec", FIRST_EXEC[True]),
     ]
     for r in rows:
         print(json.dumps({"accel": choice.name, **r}))
@@ -185,7 +202,13 @@ async def main() -> None:
         "ratio_initramfs_only_vs_bare_go": round(noroot_s / go, 3),
         "ratio_rootfs_vs_bare_c": round(rootfs_s / c, 3),
         "ratio_initramfs_only_vs_bare_c": round(noroot_s / c, 3),
-        "ratio_rootfs_first_exec_vs_bare_go": round(statistics.median(FIRST_EXEC) / go, 3),
+        "ratio_rootfs_first_exec_vs_bare_go": round(statistics.median(FIRST_EXEC[False]) / go, 3),
+        "ratio_warm_start_rootfs_vs_bare_go": round(statistics.median(warm) / go, 3),
+        "ratio_warm_start_first_exec_vs_bare_go": round(
+            statistics.median(FIRST_EXEC[True]) / go, 3
+        ),
+        "warm_first_start_s": round(first_warm_s, 3),
+        "warm_template_was_cached": template_cached,
     }
     print(json.dumps({"accel": choice.name, **ratios}))
     for with_root, name in ((True, "rootfs"), (False, "initramfs_only")):

@@ -347,6 +347,11 @@ class AgentClient:
     async def reseed(self, entropy: bytes) -> None:
         await self.call("reseed", entropy_b64=base64.b64encode(entropy).decode())
 
+    async def setup_root(self, root: str, scratch: str = "") -> None:
+        """Mount the root filesystem (image `root` read-only, `scratch` writable, overlaid)
+        and switch to it: for a guest restored from a template that booted without one."""
+        await self.call("setup_root", root=root, scratch=scratch)
+
     async def shutdown(self, mode: str = "poweroff") -> None:
         await self.call("shutdown", mode=mode)
 

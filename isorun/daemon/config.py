@@ -54,6 +54,10 @@ class DaemonConfig:
     max_timeout_s: int = 30 * 86400
     reaper_interval_s: float = 1.0
     jail: bool = field(default_factory=lambda: os.environ.get("ISORUN_JAIL", "1") != "0")
+    # Start sandboxes from a booted template of their machine shape (isorun/vmm/warm.py).
+    warm_start: bool = field(
+        default_factory=lambda: os.environ.get("ISORUN_WARM_START", "1") != "0"
+    )
     # `rootfs:/path.ext4` images: a host path as a VM disk. Local (unix socket) callers only,
     # and only when switched on (tests, custom guest images).
     allow_raw_rootfs: bool = field(

@@ -280,6 +280,7 @@ class SandboxManager:
                 memory_mib=row.memory_mib,
                 scratch_mib=row.disk_mib,
                 jail=self.cfg.jail,
+                warm_start=self.cfg.warm_start,
                 extra_cmdline=f"{TAG}{row.id}",
             )
             vm = await MicroVM.boot(spec)

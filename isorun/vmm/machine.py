@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -23,9 +25,16 @@ from typing import Any
 
 from isorun.agent import AgentClient, AgentConnection
 from isorun.agent.mux import STREAM_LIMIT
-from isorun.errors import BootTimeout, ChannelClosedError, ConfigError, IsorunError, VMError
+from isorun.errors import (
+    BootTimeout,
+    ChannelClosedError,
+    ConfigError,
+    GuestError,
+    IsorunError,
+    VMError,
+)
 from isorun.vmm import accel as accel_mod
-from isorun.vmm import artifacts, jail, qemu_cmd, scratch, vsock
+from isorun.vmm import artifacts, jail, qemu_cmd, scratch, vsock, warm
 from isorun.vmm.cgroup import VMCgroup
 from isorun.vmm.console import ConsoleLog
 from isorun.vmm.process import VMProcess, alive, cmdline
@@ -38,6 +47,8 @@ QEMU_OVERHEAD_MIB = qemu_cmd.TCG_TB_MIB + 192
 # With a quota of exactly `vcpus` CPUs a TCG boot was throttled in 6-11 of its 8-14 CFS
 # periods (cpu.stat), 20-40 ms in all; the bare QEMU we compare against has no quota.
 QEMU_CPU_HEADROOM = 0.25
+
+log = logging.getLogger("isorun.vmm")
 
 
 def state_root() -> Path:
@@ -83,6 +94,7 @@ class MicroVM:
         self._killing: asyncio.Future[VMUsage] | None = None
         self._shutdown_requested = False
         self._detached = False
+        self._restored = False  # a warm start got as far as the agent answering
 
     # --- boot -----------------------------------------------------------------------
 
@@ -94,6 +106,10 @@ class MicroVM:
         qemu = artifacts.qemu_binary()
         choice = accel_mod.detect(spec.accel)
         channel = vsock.choose(spec.channel)
+        if spec.warm_start and _warm_applies(spec, channel):
+            vm = await cls._warm_boot(spec, choice, qemu, kernel, initramfs)
+            if vm is not None:
+                return vm
         last: IsorunError | None = None
         # A boot that hangs is retried with a fresh VM (DESIGN.md §4: ~1 PVH boot in 13).
         for _ in range(spec.boot_attempts):
@@ -160,6 +176,86 @@ class MicroVM:
         vm.agent = AgentClient(conn)
         return vm
 
+    @classmethod
+    async def _warm_boot(
+        cls,
+        spec: VMSpec,
+        choice: accel_mod.AccelChoice,
+        qemu: str,
+        kernel: Path,
+        initramfs: Path,
+    ) -> MicroVM | None:
+        """Restore this machine shape's template (making it first if need be), or None
+        when the template would not restore: the caller then boots cold."""
+        key = warm.template_key(qemu, kernel, initramfs, choice.name, spec.vcpus, spec.memory_mib)
+
+        async def make(dest: Path) -> None:
+            await cls._save_template(spec, choice, qemu, kernel, initramfs, dest)
+
+        try:
+            template = await warm.ensure_template(key, make)
+        except (IsorunError, OSError) as exc:
+            log.warning("warm start: cannot make a template (%s); booting cold", exc)
+            return None
+        serial = vsock.ChannelChoice("serial", "warm start")
+        vm = cls(uuid.uuid4().hex[:12], spec, choice, channel=serial)
+        try:
+            await vm._launch(qemu, kernel, initramfs, restore_from=template)
+            return vm
+        except (VMError, BootTimeout):
+            await vm.kill()
+            if not vm._restored:  # the template itself failed: make a new one next time
+                log.warning("warm start: %s did not restore; booting cold", template)
+                warm.discard(template)
+                return None
+            raise
+        except BaseException:
+            await vm.kill()
+            raise
+
+    @classmethod
+    async def _save_template(
+        cls,
+        spec: VMSpec,
+        choice: accel_mod.AccelChoice,
+        qemu: str,
+        kernel: Path,
+        initramfs: Path,
+        dest: Path,
+    ) -> None:
+        """Boot the template guest (our kernel and agent only, no user input: unjailed) with
+        placeholder disks it does not mount, and save its state to dest once it answers."""
+        work = dest.with_suffix(".work")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            disks = [work / "image.img", work / "scratch.img"]  # QEMU locks each file
+            for disk in disks:
+                with open(disk, "wb") as f:
+                    f.truncate(warm.PLACEHOLDER_BYTES)
+            tspec = dataclasses.replace(
+                spec, rootfs=disks[0], jail=False, extra_cmdline="", warm_start=False
+            )
+            serial = vsock.ChannelChoice("serial", "warm template")
+            vm = cls(uuid.uuid4().hex[:12], tspec, choice, channel=serial)
+            try:
+                await vm._launch(qemu, kernel, initramfs, template_scratch=disks[1])
+                # The guest keeps serving; its restored copies each get a new host end.
+                await vm.agent.conn.close()
+                await vm._qmp.execute("stop")
+                await vm._qmp.execute("migrate", {"uri": f"file:{dest}"})
+                while True:
+                    status = (await vm._qmp.execute("query-migrate")).get("status")
+                    if status == "completed":
+                        break
+                    if status in ("failed", "cancelled"):
+                        raise VMError(f"saving the warm-start template failed ({status})", "qmp")
+                    await asyncio.sleep(0.01)
+            finally:
+                await vm.kill()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
     async def detach(self) -> None:
         """Let go of the VM without stopping it: it keeps running for a later `adopt`."""
         self._detached = True
@@ -173,12 +269,21 @@ class MicroVM:
         await self._qmp.close()
         await self.console.stop()
 
-    async def _launch(self, qemu: str, kernel: Path, initramfs: Path) -> None:
+    async def _launch(
+        self,
+        qemu: str,
+        kernel: Path,
+        initramfs: Path,
+        restore_from: Path | None = None,
+        template_scratch: Path | None = None,
+    ) -> None:
+        """Start QEMU and connect. restore_from: a warm-start template to restore instead
+        of booting; template_scratch: boot as a template, this the scratch placeholder."""
         t0 = time.monotonic()
         self.started_at = t0
         self.run_dir.mkdir(parents=True, exist_ok=False)
-        scratch_path = self.run_dir / "scratch.ext4"
-        if self.spec.rootfs is not None:
+        scratch_path = template_scratch or self.run_dir / "scratch.ext4"
+        if self.spec.rootfs is not None and template_scratch is None:
             await scratch.make_scratch(scratch_path, self.spec.scratch_mib)
         # The host's copies of the fds handed to QEMU: closed on every path, QEMU keeps its own.
         with contextlib.ExitStack() as fds:
@@ -203,7 +308,28 @@ class MicroVM:
                 vsock_fd=lease.fd if lease else None,
                 vsock_cid=lease.cid if lease else None,
                 vsock_port=vsock.AGENT_PORT if lease else 0,
+                root_on_cmdline=template_scratch is None,
             )
+            if restore_from is not None:
+
+                def hand_over(path: Path, mode: int) -> int:
+                    fd = os.open(path, mode | os.O_CLOEXEC)
+                    fds.callback(os.close, fd)
+                    pass_fds.append(fd)
+                    return fd
+
+                disk_fds = {}
+                if self.spec.rootfs is not None:  # QEMU opens read-only, then read-write
+                    disk_fds["root"] = [hand_over(self.spec.rootfs, os.O_RDONLY)]
+                    disk_fds["scratch"] = [
+                        hand_over(scratch_path, os.O_RDONLY),
+                        hand_over(scratch_path, os.O_RDWR),
+                    ]
+                files = dataclasses.replace(
+                    files,
+                    incoming_fd=hand_over(restore_from, os.O_RDONLY),
+                    disk_fds=disk_fds,
+                )
             jailed = self.spec.jail and os.geteuid() == 0
             run_as = jail.qemu_user() if jailed else None
             chroot = jail.empty_root(self.run_dir) if jailed else None
@@ -234,7 +360,9 @@ class MicroVM:
         self._write_state()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"vm:{self.id}")
         try:
-            await self._connect(t0)
+            await self._connect(t0, restoring=restore_from is not None)
+            if restore_from is not None:
+                await self._settle_restored()
         except (TimeoutError, BootTimeout) as exc:
             raise BootTimeout(
                 f"guest did not become ready within {self.spec.boot_timeout:.0f}s "
@@ -242,13 +370,15 @@ class MicroVM:
                 "boot-timeout",
             ) from exc
 
-    async def _connect(self, t0: float) -> None:
+    async def _connect(self, t0: float, restoring: bool = False) -> None:
         deadline = t0 + self.spec.boot_timeout
         console_r, console_w = await asyncio.open_unix_connection(
             str(self.run_dir / "console.sock")
         )
         self.console.start(console_r, console_w)
         qmp_task = asyncio.create_task(self._qmp.connect(self.run_dir / "qmp.sock"))
+        if restoring:  # the restored guest stays paused until told to run
+            qmp_task = asyncio.create_task(self._resume_when_loaded(qmp_task))
 
         hello_task = asyncio.create_task(self._open_agent(max(0.1, deadline - time.monotonic())))
         exited = asyncio.create_task(self._exited.wait())
@@ -288,6 +418,29 @@ class MicroVM:
             what = f"the agent at vsock CID {self.vsock_cid} port {vsock.AGENT_PORT}"
             return await AgentConnection.open(stream, what, timeout)
         return await AgentConnection.open_unix(str(self.run_dir / "agent.sock"), timeout)
+
+    async def _resume_when_loaded(self, connected: Awaitable[None]) -> None:
+        """Once QEMU has loaded the saved state (it exits if it cannot), run the guest."""
+        await connected
+        while (await self._qmp.execute("query-status"))["status"] == "inmigrate":
+            await asyncio.sleep(0.005)
+        await self._qmp.execute("cont")
+
+    async def _settle_restored(self) -> None:
+        """Make a restored template this VM's own: fresh randomness first (every copy of
+        the template starts from the same CRNG state), the host's clock, then its disks."""
+        self._restored = True
+        await self.agent.reseed(os.urandom(64))
+        await self.agent.set_clock(time.time_ns())
+        if self.spec.rootfs is not None:
+            try:
+                await self.agent.setup_root("/dev/vda", "/dev/vdb")
+            except GuestError as exc:
+                raise VMError(
+                    f"root filesystem {self.spec.rootfs} did not mount in the guest: {exc}",
+                    "root",
+                ) from exc
+        self.boot_ms = (time.monotonic() - self.started_at) * 1000
 
     def _on_guest_halt(self) -> None:
         if self._proc is not None:
@@ -495,3 +648,13 @@ def _listen(path: Path) -> socket.socket:
         s.close()
         raise
     return s
+
+
+def _warm_applies(spec: VMSpec, channel: vsock.ChannelChoice) -> bool:
+    """A template restores over the serial channel only (a vsock device carries its CID in
+    the saved state), and only disks no larger than its placeholders."""
+    if channel.name != "serial":
+        return False
+    if spec.rootfs is None:
+        return False
+    return warm.fits(spec.rootfs, spec.scratch_mib * 1024 * 1024)

@@ -7,7 +7,7 @@ it everywhere since it is harmless. KVM vs TCG is the one-flag difference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 AGENT_PORT_NAME = "isorun.agent"
@@ -32,6 +32,13 @@ class LaunchFiles:
     vsock_fd: int | None = None
     vsock_cid: int | None = None
     vsock_port: int = 0
+    # A warm-start template has its disks but does not mount them at boot (vmm/warm.py).
+    root_on_cmdline: bool = True
+    # A saved machine state to restore instead of booting (an fd QEMU reads it from).
+    incoming_fd: int | None = None
+    # Disks as fd sets (name -> fds, one per access mode) instead of paths: a restored VM
+    # opens its disks only once the state is loaded, by then inside the jail's empty root.
+    disk_fds: dict[str, list[int]] = field(default_factory=dict)
 
 
 # Under TCG two boot steps cost more than the rest of the kernel's boot put together:
@@ -114,7 +121,12 @@ def build(
     argv = [
         *machine_args(qemu, accel, vcpus, memory_mib, files.kernel, files.initramfs),
         "-append",
-        kernel_cmdline(files.rootfs is not None, extra_cmdline, accel, files.vsock_port),
+        kernel_cmdline(
+            files.rootfs is not None and files.root_on_cmdline,
+            extra_cmdline,
+            accel,
+            files.vsock_port,
+        ),
         "-chardev",
         f"socket,id=console,fd={files.console_fd},server=on,wait=off",
         "-serial",
@@ -137,9 +149,19 @@ def build(
             "-device",
             f"vhost-vsock-device,guest-cid={files.vsock_cid},vhostfd={files.vsock_fd}",
         ]
+    fd_lists = dict(files.disk_fds)
+    if files.incoming_fd is not None:
+        fd_lists["state"] = [files.incoming_fd]
+    fdset: dict[str, str] = {}
+    for set_id, (name, fds) in enumerate(sorted(fd_lists.items()), start=1):
+        for fd in fds:
+            argv += ["-add-fd", f"fd={fd},set={set_id},opaque={name}"]
+        fdset[name] = f"/dev/fdset/{set_id}"
     if files.rootfs is not None:
-        argv += _disk("root", files.rootfs, readonly=True)
-        argv += _disk("scratch", files.scratch, readonly=False)
+        argv += _disk("root", fdset.get("root", files.rootfs), readonly=True)
+        argv += _disk("scratch", fdset.get("scratch", files.scratch), readonly=False)
+    if "state" in fdset:
+        argv += ["-incoming", f"file:{fdset['state']}"]
     if sandbox:
         argv += ["-sandbox", SECCOMP_DROPPING if run_as else SECCOMP]
     run_with = []
@@ -152,16 +174,23 @@ def build(
     return argv
 
 
-def _disk(name: str, path: Path, readonly: bool) -> list[str]:
+def _disk(name: str, path: Path | str, readonly: bool) -> list[str]:
     ro = "on" if readonly else "off"
+    opts = (
+        f"file={_escape(path)},if=none,id={name},format=raw,readonly={ro},cache=unsafe,aio=threads"
+    )
+    if str(path).startswith("/dev/fdset/"):
+        # The set's read-only and read-write fds are two open files: QEMU's own image
+        # locks would refuse one for the other. The files are this VM's alone anyway.
+        opts += ",file.locking=off"
     return [
         "-drive",
-        f"file={_escape(path)},if=none,id={name},format=raw,readonly={ro},cache=unsafe,aio=threads",
+        opts,
         "-device",
         f"virtio-blk-device,drive={name}",
     ]
 
 
-def _escape(path: Path) -> str:
+def _escape(path: Path | str) -> str:
     """QEMU option values escape a comma by doubling it."""
     return str(path).replace(",", ",,")

@@ -26,6 +26,9 @@ class VMSpec:
     boot_attempts: int = 2
     extra_cmdline: str = ""
     jail: bool = True
+    # Restore a booted template of this machine shape instead of booting the kernel
+    # (vmm/warm.py); falls back to a cold boot where it cannot apply.
+    warm_start: bool = False
     labels: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:

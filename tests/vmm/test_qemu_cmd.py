@@ -40,3 +40,47 @@ def test_a_vsock_channel_adds_the_device_with_the_reserved_cid_and_tells_the_age
     assert f"virtserialport,chardev=agent,name={qemu_cmd.AGENT_PORT_NAME}" in argv
     plain = qemu_cmd.build("qemu", "kvm", 1, 256, replace(files, vsock_fd=None, vsock_port=0))
     assert not any("vsock" in a for a in plain)
+
+
+def test_a_restored_vm_reads_its_state_and_disks_from_fd_sets() -> None:
+    # Jailed, QEMU opens its disks only after the state has loaded, from inside an empty
+    # root: paths would not resolve there, the fds it was handed do.
+    files = qemu_cmd.LaunchFiles(
+        kernel=Path("/k"),
+        initramfs=Path("/i"),
+        rootfs=Path("/img.ext4"),
+        scratch=Path("/s.ext4"),
+        agent_fd=3,
+        qmp_fd=4,
+        console_fd=5,
+        incoming_fd=9,
+        disk_fds={"root": [6], "scratch": [7, 8]},
+    )
+    argv = qemu_cmd.build("qemu", "tcg", 1, 256, files)
+    add_fd = [argv[i + 1] for i, a in enumerate(argv) if a == "-add-fd"]
+    sets = {opt.split(",")[0]: opt for opt in add_fd}
+    assert len(add_fd) == 4 and set(sets) == {"fd=6", "fd=7", "fd=8", "fd=9"}
+    set_of = {fd: sets[f"fd={fd}"].split(",")[1].removeprefix("set=") for fd in (6, 7, 8, 9)}
+    assert set_of[7] == set_of[8] and len({set_of[6], set_of[7], set_of[9]}) == 3
+    drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
+    assert drives[0].startswith(f"file=/dev/fdset/{set_of[6]},") and "readonly=on" in drives[0]
+    assert drives[1].startswith(f"file=/dev/fdset/{set_of[7]},")
+    assert all("file.locking=off" in d for d in drives)
+    assert argv[argv.index("-incoming") + 1] == f"file:/dev/fdset/{set_of[9]}"
+    assert "/img.ext4" not in " ".join(argv)
+
+
+def test_a_warm_start_template_has_its_disks_but_does_not_mount_them() -> None:
+    files = qemu_cmd.LaunchFiles(
+        kernel=Path("/k"),
+        initramfs=Path("/i"),
+        rootfs=Path("/placeholder-image"),
+        scratch=Path("/placeholder-scratch"),
+        agent_fd=3,
+        qmp_fd=4,
+        console_fd=5,
+        root_on_cmdline=False,
+    )
+    argv = qemu_cmd.build("qemu", "tcg", 1, 256, files)
+    assert argv.count("-drive") == 2 and "-incoming" not in argv
+    assert "isorun.root" not in argv[argv.index("-append") + 1]

@@ -82,9 +82,12 @@ func runPID1(start time.Time) {
 			}
 		}()
 	}
-	if err := setupRoot(string(cmdline)); err != nil {
-		s.RootError = err.Error()
-		s.logf("root filesystem: %v (serving from the initramfs)", err)
+	if root := cmdlineParam(string(cmdline), "isorun.root"); root != "" {
+		s.rootTaken = true
+		if err := setupRoot(root, cmdlineParam(string(cmdline), "isorun.scratch")); err != nil {
+			s.RootError = err.Error()
+			s.logf("root filesystem: %v (serving from the initramfs)", err)
+		}
 	}
 	boot.Mark("root")
 	go func() {

@@ -188,6 +188,21 @@ func TestHelloHealth(t *testing.T) {
 	if r.resp["code"] != "invalid" {
 		t.Fatalf("%v", r.resp)
 	}
+	for i, bad := range []map[string]any{
+		{"op": "setup_root", "root": "/etc/passwd"},
+		{"op": "setup_root", "root": "/dev/../etc/shadow"},
+		{"op": "setup_root", "root": "/dev/vda", "scratch": "vdb"},
+		{"op": "setup_root"},
+		{"op": "setup_root", "root": "/dev/vda", "extra": 1},
+	} {
+		if r = c.call(uint32(5+i), bad); r.resp["code"] != "invalid" {
+			t.Fatalf("setup_root %v: %v", bad, r.resp)
+		}
+	}
+	r = c.call(10, map[string]any{"op": "setup_root", "root": "/dev/vda"})
+	if r.resp["code"] != "unsupported" {
+		t.Fatalf("setup_root outside PID 1: %v", r.resp)
+	}
 }
 
 // A host that dies without the guest seeing EOF (a restarted daemon reconnects

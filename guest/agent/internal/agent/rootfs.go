@@ -67,15 +67,10 @@ func waitFor(path string, d time.Duration) error {
 }
 
 // setupRoot follows the guest boot contract: image read-only, scratch (ext4
-// or tmpfs), overlayfs as the new root, move the kernel filesystems there
-// and switch_root. On error everything is undone and the agent keeps
+// or tmpfs when ""), overlayfs as the new root, move the kernel filesystems
+// there and switch_root. On error everything is undone and the agent keeps
 // serving from the initramfs.
-func setupRoot(cmdline string) (err error) {
-	root := cmdlineParam(cmdline, "isorun.root")
-	if root == "" {
-		return nil
-	}
-	scratch := cmdlineParam(cmdline, "isorun.scratch")
+func setupRoot(root, scratch string) (err error) {
 	var undo []func()
 	defer func() {
 		if err != nil {

@@ -28,10 +28,12 @@ type Server struct {
 	// Shutdown powers off or reboots (PID 1 only; nil means unsupported).
 	Shutdown func(mode string)
 
-	mu      sync.Mutex
-	defEnv  map[string]string
-	defCwd  string
-	defUser string
+	mu sync.Mutex
+	// rootTaken: a root filesystem was set up (or tried) once; there is no second.
+	rootTaken bool
+	defEnv    map[string]string
+	defCwd    string
+	defUser   string
 }
 
 // NewServer returns a server whose uptime counts from start.
@@ -90,7 +92,7 @@ func init() {
 		"close_stdin": opCloseStdin, "set_defaults": opSetDefaults,
 		"read_file": opReadFile, "write_file": opWriteFile, "list": opList,
 		"stat": opStat, "mkdir": opMkdir, "remove": opRemove, "rename": opRename,
-		"watch": opWatch,
+		"watch": opWatch, "setup_root": opSetupRoot,
 	}
 }
 

@@ -38,9 +38,11 @@ func opHealth(s *Server, ch *Channel, raw []byte) (any, error) {
 	}
 	m := ok("version", Version, "uptime_ms", time.Since(s.Start).Milliseconds(),
 		"procs", s.Procs.Live())
+	s.mu.Lock()
 	if s.RootError != "" {
 		m["root_error"] = s.RootError
 	}
+	s.mu.Unlock()
 	return m, nil
 }
 
@@ -162,4 +164,45 @@ func opShutdown(s *Server, ch *Channel, raw []byte) (any, error) {
 	}
 	s.Shutdown(r.Mode)
 	return nil, nil
+}
+
+// opSetupRoot mounts the root filesystem on request: a guest restored from a
+// template snapshot booted without one (its kernel command line named none).
+// Once per guest, PID 1 only.
+func opSetupRoot(s *Server, ch *Channel, raw []byte) (any, error) {
+	var r struct {
+		Op      string `json:"op"`
+		Root    string `json:"root"`
+		Scratch string `json:"scratch"`
+	}
+	if err := decode(raw, &r); err != nil {
+		return nil, err
+	}
+	for _, dev := range []string{r.Root, r.Scratch} {
+		if dev != "" && (!strings.HasPrefix(dev, "/dev/") || strings.Contains(dev, "..")) {
+			return nil, errf("invalid", "%q is not a device under /dev", dev)
+		}
+	}
+	if r.Root == "" {
+		return nil, errf("invalid", "root is required")
+	}
+	if !isPID1 {
+		return nil, errf("unsupported", "setup_root needs the agent to be PID 1")
+	}
+	s.mu.Lock()
+	taken := s.rootTaken
+	s.rootTaken = true
+	s.mu.Unlock()
+	if taken {
+		return nil, errf("exists", "the root filesystem is set up already")
+	}
+	if err := setupRoot(r.Root, r.Scratch); err != nil {
+		s.mu.Lock()
+		s.RootError = err.Error()
+		s.mu.Unlock()
+		return nil, errf("io", "root filesystem: %v", err)
+	}
+	// The console's only line from a restored guest's start (its boot was the template's).
+	s.logf("ready (restored from a template; root filesystem mounted on request)")
+	return ok(), nil
 }

@@ -1,0 +1,103 @@
+"""Warm start: restore a booted template of the machine instead of booting its kernel.
+
+Under TCG a cold boot spends most of its time running the kernel's and the agent's start
+code for the first time. A template is a QEMU snapshot (migration stream) of a guest that
+has booted that far: agent answering, disks probed, no root filesystem mounted. Restoring it
+and then asking the agent to mount the sandbox's disks skips the kernel boot entirely.
+
+A template is keyed by everything its saved machine state depends on (QEMU binary, kernel,
+initramfs, accelerator, vCPUs, memory, device set, this module's version). Its two disks are
+sparse placeholders of PLACEHOLDER_BYTES: the guest reads a disk's capacity once, when it
+probes it, so a restored guest sees that size for the real disks, which must be no larger
+(ext4 never reads past its own end; `lsblk` in the guest shows the placeholder size).
+
+Every restored guest starts with the template's clock and random state: MicroVM reseeds the
+guest CRNG from the host and sets the clock before anything else runs in it. The guest also
+keeps the template's kernel command line: VMSpec.extra_cmdline reaches only QEMU's argv.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from isorun.images.locks import file_lock
+from isorun.vmm.artifacts import cache_root
+
+TEMPLATE_VERSION = 1
+PLACEHOLDER_BYTES = 4 << 40  # guest-visible capacity of every warm-started disk
+PRUNE_AFTER_S = 14 * 86400
+
+
+def template_dir() -> Path:
+    return cache_root() / "warm"
+
+
+def template_key(
+    qemu: str, kernel: Path, initramfs: Path, accel: str, vcpus: int, memory_mib: int
+) -> str:
+    """What the saved machine state depends on: the binaries by identity (path, size,
+    mtime, inode: a rebuilt one gets a new template without hashing tens of MB per boot),
+    and the code that lays out the machine and makes the template by content."""
+    ident: list[object] = [TEMPLATE_VERSION, accel, vcpus, memory_mib, _code_hash()]
+    for p in (qemu, kernel, initramfs):
+        st = os.stat(p)
+        ident.append([str(p), st.st_size, st.st_mtime_ns, st.st_ino])
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _code_hash() -> str:
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in ("qemu_cmd.py", "machine.py", "warm.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()
+
+
+def fits(*disks: Path | int) -> bool:
+    """Whether disks (files, or sizes in bytes) fit the template's placeholder capacity."""
+    sizes = [d if isinstance(d, int) else os.stat(d).st_size for d in disks]
+    return all(s <= PLACEHOLDER_BYTES for s in sizes)
+
+
+async def ensure_template(key: str, make: Callable[[Path], Awaitable[None]]) -> Path:
+    """The template for key, made once (by `make(tmp_path)`) under a lock shared by every
+    process on this cache."""
+    path = template_dir() / f"{key}.vmstate"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    async with file_lock(path.with_suffix(".lock")):
+        if path.is_file():
+            return path
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        try:
+            await make(tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, path)
+    _prune(keep=path)
+    return path
+
+
+def _prune(keep: Path) -> None:
+    """Templates unused for PRUNE_AFTER_S (older kernels, agents, QEMUs) go when a new one
+    is made: each holds the booted guest's memory (~20 MB)."""
+    cutoff = time.time() - PRUNE_AFTER_S
+    for old in keep.parent.glob("*.vmstate"):
+        with contextlib.suppress(OSError):
+            if old != keep and old.stat().st_atime < cutoff:
+                old.unlink()
+
+
+def discard(path: Path) -> None:
+    """Drop a template that failed to restore; the next warm start makes a new one."""
+    path.unlink(missing_ok=True)

@@ -1,0 +1,125 @@
+"""Warm start (VMSpec.warm_start): a VM restored from a booted template is a VM of its own,
+with the user's image, its own randomness and the host's clock; a template that will not
+restore is replaced, never trusted."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from vmhelpers import assert_vm_gone, vm_spec
+
+from isorun.errors import VMError
+from isorun.vmm import MicroVM, accel, artifacts, warm
+
+pytestmark = pytest.mark.vm
+
+
+def _template(memory_mib: int = 256) -> Path:
+    key = warm.template_key(
+        artifacts.qemu_binary(),
+        artifacts.kernel_path(),
+        artifacts.initramfs_path(),
+        accel.detect(None).name,
+        1,
+        memory_mib,
+    )
+    return warm.template_dir() / f"{key}.vmstate"
+
+
+@pytest_asyncio.fixture
+async def warm_vms(busybox_rootfs: Path) -> AsyncIterator[list[MicroVM]]:
+    vms: list[MicroVM] = []
+    try:
+        yield vms
+    finally:
+        for vm in vms:
+            await vm.kill()
+            assert_vm_gone(vm)
+
+
+async def _warm(rootfs: Path, vms: list[MicroVM]) -> MicroVM:
+    vm = await MicroVM.boot(vm_spec(rootfs, warm_start=True))
+    vms.append(vm)
+    return vm
+
+
+async def _restored(vm: MicroVM) -> bool:
+    """A restored guest runs with the template's kernel command line, which names no root
+    disk (the agent mounts it on request); a cold-booted one names it."""
+    return "isorun.root=" not in await _out(vm, "cat /proc/cmdline")
+
+
+async def _out(vm: MicroVM, cmd: str) -> str:
+    r = await vm.agent.exec(cmd)
+    assert r.exit_code == 0, r.stderr
+    return r.stdout.decode().strip()
+
+
+async def test_warm_started_vms_each_have_the_image_their_own_randomness_and_the_clock(
+    busybox_rootfs: Path, warm_vms: list[MicroVM]
+) -> None:
+    a = await _warm(busybox_rootfs, warm_vms)
+    made = _template().stat().st_mtime_ns
+    b = await _warm(busybox_rootfs, warm_vms)
+    assert _template().stat().st_mtime_ns == made, "the second warm start made a new template"
+    random = []
+    for vm in (a, b):
+        assert await _restored(vm), "booted cold instead"
+        # The image, overlaid with a writable scratch disk of the VM's own.
+        assert await _out(vm, "awk '$2 == \"/\" {print $3}' /proc/mounts") == "overlay"
+        assert await _out(vm, "echo mine > /root/f && cat /root/f && ls /bin/busybox") == (
+            "mine\n/bin/busybox"
+        )
+        # Both started from one saved CRNG state; the host reseeds each from its own
+        # entropy (the guest's RDRAND, where the CPU has it, also mixes in).
+        random.append(await _out(vm, "head -c 32 /dev/urandom | od -An -tx1"))
+        assert abs(int(await _out(vm, "date +%s")) - time.time()) < 30
+    assert random[0] != random[1]
+    # a's file is a's alone: the scratch disks are separate
+    await a.agent.exec("rm /root/f")
+    assert await _out(b, "cat /root/f") == "mine"
+
+
+async def test_a_template_that_will_not_restore_is_replaced(
+    busybox_rootfs: Path, warm_vms: list[MicroVM]
+) -> None:
+    await (await _warm(busybox_rootfs, warm_vms)).kill()
+    template = _template()
+    with open(template, "r+b") as f:  # cut short, as by a full disk while it was saved
+        f.truncate(4096)
+    vm = await _warm(busybox_rootfs, warm_vms)
+    assert await _out(vm, "echo up") == "up"
+    assert not await _restored(vm), "a cut-short template restored"
+    assert not template.exists(), "the broken template was kept"
+    vm2 = await _warm(busybox_rootfs, warm_vms)  # makes a new one, which restores
+    assert await _restored(vm2) and template.stat().st_size > 4096
+
+
+async def test_an_image_that_is_not_ext4_fails_the_boot_and_keeps_the_template(
+    busybox_rootfs: Path, warm_vms: list[MicroVM], tmp_path: Path
+) -> None:
+    await (await _warm(busybox_rootfs, warm_vms)).kill()
+    made = _template().stat().st_mtime_ns
+    junk = tmp_path / "junk.ext4"
+    junk.write_bytes(b"not a filesystem" * 65536)
+    with pytest.raises(VMError, match=r"root filesystem .*junk.ext4 did not mount"):
+        await _warm(junk, warm_vms)
+    assert _template().stat().st_mtime_ns == made, "a bad image cost the template"
+    assert await _restored(await _warm(busybox_rootfs, warm_vms))
+
+
+async def test_the_console_says_the_guest_is_ready(
+    busybox_rootfs: Path, warm_vms: list[MicroVM]
+) -> None:
+    vm = await _warm(busybox_rootfs, warm_vms)
+    line = "isorun-agent: ready (restored from a template"
+    for _ in range(100):  # the console is its own stream: it may trail the agent's answer
+        if line in vm.console.tail():
+            break
+        await asyncio.sleep(0.05)
+    assert line in vm.console.tail(), vm.console.tail()
