@@ -122,6 +122,9 @@ def test_cli_interrupt_and_closed_pipe_stop_the_command(daemon: Daemon, image: s
             env=daemon.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            # ^C's SIGINT as a terminal delivers it, even when this suite runs as a
+            # background job (whose commands inherit SIGINT ignored, so the CLI would be too)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         assert p.stdout is not None and p.stdout.readline() == b"started\n"
         p.send_signal(signal.SIGINT)
