@@ -56,6 +56,15 @@ def state_root() -> Path:
 
 
 @dataclass(frozen=True, slots=True)
+class _Binaries:
+    """What a VM runs: the QEMU binary, guest kernel and initramfs."""
+
+    qemu: str
+    kernel: Path
+    initramfs: Path
+
+
+@dataclass(frozen=True, slots=True)
 class VMUsage:
     cpu_ms: int
     mem_peak_bytes: int
@@ -101,13 +110,15 @@ class MicroVM:
     @classmethod
     async def boot(cls, spec: VMSpec) -> MicroVM:
         spec.validate()
-        kernel = artifacts.kernel_path(spec.kernel)
-        initramfs = artifacts.initramfs_path(spec.initramfs)
-        qemu = artifacts.qemu_binary()
+        bins = _Binaries(
+            artifacts.qemu_binary(),
+            artifacts.kernel_path(spec.kernel),
+            artifacts.initramfs_path(spec.initramfs),
+        )
         choice = accel_mod.detect(spec.accel)
         channel = vsock.choose(spec.channel)
         if spec.warm_start and _warm_applies(spec, channel):
-            vm = await cls._warm_boot(spec, choice, qemu, kernel, initramfs)
+            vm = await cls._warm_boot(spec, choice, bins)
             if vm is not None:
                 return vm
         last: IsorunError | None = None
@@ -115,7 +126,7 @@ class MicroVM:
         for _ in range(spec.boot_attempts):
             vm = cls(uuid.uuid4().hex[:12], spec, choice, channel=channel)
             try:
-                await vm._launch(qemu, kernel, initramfs)
+                await vm._launch(bins)
                 return vm
             except BootTimeout as exc:
                 last = exc
@@ -181,16 +192,16 @@ class MicroVM:
         cls,
         spec: VMSpec,
         choice: accel_mod.AccelChoice,
-        qemu: str,
-        kernel: Path,
-        initramfs: Path,
+        bins: _Binaries,
     ) -> MicroVM | None:
         """Restore this machine shape's template (making it first if need be), or None
         when the template would not restore: the caller then boots cold."""
-        key = warm.template_key(qemu, kernel, initramfs, choice.name, spec.vcpus, spec.memory_mib)
+        key = warm.template_key(
+            bins.qemu, bins.kernel, bins.initramfs, choice.name, spec.vcpus, spec.memory_mib
+        )
 
         async def make(dest: Path) -> None:
-            await cls._save_template(spec, choice, qemu, kernel, initramfs, dest)
+            await cls._save_template(spec, choice, bins, dest)
 
         try:
             template = await warm.ensure_template(key, make)
@@ -200,7 +211,7 @@ class MicroVM:
         serial = vsock.ChannelChoice("serial", "warm start")
         vm = cls(uuid.uuid4().hex[:12], spec, choice, channel=serial)
         try:
-            await vm._launch(qemu, kernel, initramfs, restore_from=template)
+            await vm._launch(bins, restore_from=template)
             return vm
         except (VMError, BootTimeout):
             await vm.kill()
@@ -218,9 +229,7 @@ class MicroVM:
         cls,
         spec: VMSpec,
         choice: accel_mod.AccelChoice,
-        qemu: str,
-        kernel: Path,
-        initramfs: Path,
+        bins: _Binaries,
         dest: Path,
     ) -> None:
         """Boot the template guest (our kernel and agent only, no user input: unjailed) with
@@ -239,7 +248,7 @@ class MicroVM:
             serial = vsock.ChannelChoice("serial", "warm template")
             vm = cls(uuid.uuid4().hex[:12], tspec, choice, channel=serial)
             try:
-                await vm._launch(qemu, kernel, initramfs, template_scratch=disks[1])
+                await vm._launch(bins, template_scratch=disks[1])
                 # The guest keeps serving; its restored copies each get a new host end.
                 await vm.agent.conn.close()
                 await vm._qmp.execute("stop")
@@ -271,9 +280,7 @@ class MicroVM:
 
     async def _launch(
         self,
-        qemu: str,
-        kernel: Path,
-        initramfs: Path,
+        bins: _Binaries,
         restore_from: Path | None = None,
         template_scratch: Path | None = None,
     ) -> None:
@@ -298,8 +305,8 @@ class MicroVM:
                 self.vsock_cid = lease.cid
                 pass_fds.append(lease.fd)
             files = qemu_cmd.LaunchFiles(
-                kernel=kernel,
-                initramfs=initramfs,
+                kernel=bins.kernel,
+                initramfs=bins.initramfs,
                 rootfs=self.spec.rootfs,
                 scratch=scratch_path,
                 agent_fd=listeners["agent"].fileno(),
@@ -334,7 +341,7 @@ class MicroVM:
             run_as = jail.qemu_user() if jailed else None
             chroot = jail.empty_root(self.run_dir) if jailed else None
             argv = qemu_cmd.build(
-                qemu,
+                bins.qemu,
                 self.accel.name,
                 self.spec.vcpus,
                 self.spec.memory_mib,

@@ -2,8 +2,23 @@
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from isorun.vmm import qemu_cmd
+
+
+def _files(**overrides: Any) -> qemu_cmd.LaunchFiles:
+    """A VM's files with an image disk at /img.ext4: fds 3-5 for agent, QMP, console."""
+    base: dict[str, Any] = {
+        "kernel": Path("/k"),
+        "initramfs": Path("/i"),
+        "rootfs": Path("/img.ext4"),
+        "scratch": Path("/s.ext4"),
+        "agent_fd": 3,
+        "qmp_fd": 4,
+        "console_fd": 5,
+    }
+    return qemu_cmd.LaunchFiles(**{**base, **overrides})
 
 
 def test_tcg_skips_the_apic_timer_calibration_and_smp_unpatching() -> None:
@@ -21,18 +36,7 @@ def test_kvm_guests_keep_their_local_apic_timer() -> None:
 
 
 def test_a_vsock_channel_adds_the_device_with_the_reserved_cid_and_tells_the_agent() -> None:
-    files = qemu_cmd.LaunchFiles(
-        kernel=Path("/k"),
-        initramfs=Path("/i"),
-        rootfs=None,
-        scratch=Path("/s"),
-        agent_fd=3,
-        qmp_fd=4,
-        console_fd=5,
-        vsock_fd=6,
-        vsock_cid=1234567,
-        vsock_port=1024,
-    )
+    files = _files(rootfs=None, vsock_fd=6, vsock_cid=1234567, vsock_port=1024)
     argv = qemu_cmd.build("qemu", "kvm", 1, 256, files)
     assert "vhost-vsock-device,guest-cid=1234567,vhostfd=6" in argv
     assert "isorun.vsock=1024" in argv[argv.index("-append") + 1].split()
@@ -45,17 +49,7 @@ def test_a_vsock_channel_adds_the_device_with_the_reserved_cid_and_tells_the_age
 def test_a_restored_vm_reads_its_state_and_disks_from_fd_sets() -> None:
     # Jailed, QEMU opens its disks only after the state has loaded, from inside an empty
     # root: paths would not resolve there, the fds it was handed do.
-    files = qemu_cmd.LaunchFiles(
-        kernel=Path("/k"),
-        initramfs=Path("/i"),
-        rootfs=Path("/img.ext4"),
-        scratch=Path("/s.ext4"),
-        agent_fd=3,
-        qmp_fd=4,
-        console_fd=5,
-        incoming_fd=9,
-        disk_fds={"root": [6], "scratch": [7, 8]},
-    )
+    files = _files(incoming_fd=9, disk_fds={"root": [6], "scratch": [7, 8]})
     argv = qemu_cmd.build("qemu", "tcg", 1, 256, files)
     add_fd = [argv[i + 1] for i, a in enumerate(argv) if a == "-add-fd"]
     sets = {opt.split(",")[0]: opt for opt in add_fd}
@@ -71,16 +65,7 @@ def test_a_restored_vm_reads_its_state_and_disks_from_fd_sets() -> None:
 
 
 def test_a_warm_start_template_has_its_disks_but_does_not_mount_them() -> None:
-    files = qemu_cmd.LaunchFiles(
-        kernel=Path("/k"),
-        initramfs=Path("/i"),
-        rootfs=Path("/placeholder-image"),
-        scratch=Path("/placeholder-scratch"),
-        agent_fd=3,
-        qmp_fd=4,
-        console_fd=5,
-        root_on_cmdline=False,
-    )
+    files = _files(root_on_cmdline=False)
     argv = qemu_cmd.build("qemu", "tcg", 1, 256, files)
     assert argv.count("-drive") == 2 and "-incoming" not in argv
     assert "isorun.root" not in argv[argv.index("-append") + 1]
