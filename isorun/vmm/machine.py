@@ -195,34 +195,43 @@ class MicroVM:
         bins: _Binaries,
     ) -> MicroVM | None:
         """Restore this machine shape's template (making it first if need be), or None
-        when the template would not restore: the caller then boots cold."""
-        key = warm.template_key(
-            bins.qemu, bins.kernel, bins.initramfs, choice.name, spec.vcpus, spec.memory_mib
-        )
+        when no template can be made or restored: the caller then boots cold."""
 
         async def make(dest: Path) -> None:
             await cls._save_template(spec, choice, bins, dest)
 
         try:
+            key = warm.template_key(
+                bins.qemu, bins.kernel, bins.initramfs, choice.name, spec.vcpus, spec.memory_mib
+            )
             template = await warm.ensure_template(key, make)
+            # Opened once, here: another process may discard or prune the path meanwhile.
+            state_fd = os.open(template, os.O_RDONLY | os.O_CLOEXEC)
         except (IsorunError, OSError) as exc:
-            log.warning("warm start: cannot make a template (%s); booting cold", exc)
+            log.warning("warm start: no template (%s); booting cold", exc)
             return None
-        serial = vsock.ChannelChoice("serial", "warm start")
-        vm = cls(uuid.uuid4().hex[:12], spec, choice, channel=serial)
         try:
-            await vm._launch(bins, restore_from=template)
-            return vm
-        except (VMError, BootTimeout):
-            await vm.kill()
-            if not vm._restored:  # the template itself failed: make a new one next time
-                log.warning("warm start: %s did not restore; booting cold", template)
-                warm.discard(template)
+            serial = vsock.ChannelChoice("serial", "warm start")
+            vm = cls(uuid.uuid4().hex[:12], spec, choice, channel=serial)
+            try:
+                await vm._launch(bins, restore_from=state_fd)
+                return vm
+            except (VMError, BootTimeout, ChannelClosedError) as exc:
+                load_failed, why = vm._load_failed(), vm._stderr_tail()  # before kill's cleanup
+                await vm.kill()
+                if isinstance(exc, VMError) and exc.reason == "root":
+                    raise  # the user's image, not the template: a cold boot would not help
+                if load_failed:  # QEMU refused the state itself: make a new one
+                    log.warning("warm start: %s did not restore: %s", template, why.strip())
+                    warm.discard(template, os.fstat(state_fd))
+                else:
+                    log.warning("warm start failed (%s); booting cold", exc)
                 return None
-            raise
-        except BaseException:
-            await vm.kill()
-            raise
+            except BaseException:
+                await vm.kill()
+                raise
+        finally:
+            os.close(state_fd)
 
     @classmethod
     async def _save_template(
@@ -253,13 +262,16 @@ class MicroVM:
                 await vm.agent.conn.close()
                 await vm._qmp.execute("stop")
                 await vm._qmp.execute("migrate", {"uri": f"file:{dest}"})
-                while True:
+                deadline = time.monotonic() + spec.boot_timeout
+                while time.monotonic() < deadline:
                     status = (await vm._qmp.execute("query-migrate")).get("status")
                     if status == "completed":
                         break
                     if status in ("failed", "cancelled"):
                         raise VMError(f"saving the warm-start template failed ({status})", "qmp")
                     await asyncio.sleep(0.01)
+                else:
+                    raise VMError("saving the warm-start template did not finish", "qmp")
             finally:
                 await vm.kill()
         finally:
@@ -281,11 +293,12 @@ class MicroVM:
     async def _launch(
         self,
         bins: _Binaries,
-        restore_from: Path | None = None,
+        restore_from: int | None = None,
         template_scratch: Path | None = None,
     ) -> None:
-        """Start QEMU and connect. restore_from: a warm-start template to restore instead
-        of booting; template_scratch: boot as a template, this the scratch placeholder."""
+        """Start QEMU and connect. restore_from: an fd of a warm-start template to restore
+        instead of booting; template_scratch: boot as a template, this the scratch
+        placeholder."""
         t0 = time.monotonic()
         self.started_at = t0
         self.run_dir.mkdir(parents=True, exist_ok=False)
@@ -332,11 +345,8 @@ class MicroVM:
                         hand_over(scratch_path, os.O_RDONLY),
                         hand_over(scratch_path, os.O_RDWR),
                     ]
-                files = dataclasses.replace(
-                    files,
-                    incoming_fd=hand_over(restore_from, os.O_RDONLY),
-                    disk_fds=disk_fds,
-                )
+                pass_fds.append(restore_from)  # the caller's, closed by the caller
+                files = dataclasses.replace(files, incoming_fd=restore_from, disk_fds=disk_fds)
             jailed = self.spec.jail and os.geteuid() == 0
             run_as = jail.qemu_user() if jailed else None
             chroot = jail.empty_root(self.run_dir) if jailed else None
@@ -352,6 +362,9 @@ class MicroVM:
             )
             if jailed:
                 argv = jail.namespaced(argv)
+            if template_scratch is not None:
+                # A template guest is this process's helper: it must not outlive it.
+                argv = [artifacts.tool("setpriv", "util-linux"), "--pdeathsig", "KILL", "--", *argv]
             mem_limit = (self.spec.memory_mib + QEMU_OVERHEAD_MIB) * 1024 * 1024
             procs_files: list[Path] = []
             if os.geteuid() == 0:
@@ -369,7 +382,8 @@ class MicroVM:
         try:
             await self._connect(t0, restoring=restore_from is not None)
             if restore_from is not None:
-                await self._settle_restored()
+                left = t0 + self.spec.boot_timeout - time.monotonic()
+                await asyncio.wait_for(self._settle_restored(), max(0.1, left))
         except (TimeoutError, BootTimeout) as exc:
             raise BootTimeout(
                 f"guest did not become ready within {self.spec.boot_timeout:.0f}s "
@@ -427,7 +441,8 @@ class MicroVM:
         return await AgentConnection.open_unix(str(self.run_dir / "agent.sock"), timeout)
 
     async def _resume_when_loaded(self, connected: Awaitable[None]) -> None:
-        """Once QEMU has loaded the saved state (it exits if it cannot), run the guest."""
+        """Once QEMU has loaded the saved state (it exits if it cannot), run the guest: a
+        state saved from a stopped guest loads paused."""
         await connected
         while (await self._qmp.execute("query-status"))["status"] == "inmigrate":
             await asyncio.sleep(0.005)
@@ -448,6 +463,10 @@ class MicroVM:
                     "root",
                 ) from exc
         self.boot_ms = (time.monotonic() - self.started_at) * 1000
+
+    def _load_failed(self) -> bool:
+        """QEMU exited before the agent answered, saying it could not load the state."""
+        return not self._restored and self._exited.is_set() and "load" in self._stderr_tail()
 
     def _on_guest_halt(self) -> None:
         if self._proc is not None:

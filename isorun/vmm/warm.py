@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -46,7 +47,7 @@ def template_key(
     mtime, inode: a rebuilt one gets a new template without hashing tens of MB per boot),
     and the code that lays out the machine and makes the template by content."""
     ident: list[object] = [TEMPLATE_VERSION, accel, vcpus, memory_mib, _code_hash()]
-    for p in (qemu, kernel, initramfs):
+    for p in (shutil.which(qemu) or qemu, kernel, initramfs):  # ISORUN_QEMU may be a name
         st = os.stat(p)
         ident.append([str(p), st.st_size, st.st_mtime_ns, st.st_ino])
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
@@ -77,6 +78,8 @@ async def ensure_template(key: str, make: Callable[[Path], Awaitable[None]]) -> 
     async with file_lock(path.with_suffix(".lock")):
         if path.is_file():
             return path
+        for stale in path.parent.glob(f"{key}.tmp*"):  # left by a process that died making it
+            stale.unlink(missing_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         try:
             await make(tmp)
@@ -98,6 +101,10 @@ def _prune(keep: Path) -> None:
                 old.unlink()
 
 
-def discard(path: Path) -> None:
-    """Drop a template that failed to restore; the next warm start makes a new one."""
-    path.unlink(missing_ok=True)
+def discard(path: Path, restored: os.stat_result) -> None:
+    """Drop a template that failed to restore (the file `restored` describes, not a newer
+    one another process may have made at the same path since)."""
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) == (restored.st_dev, restored.st_ino):
+            path.unlink()

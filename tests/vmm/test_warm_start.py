@@ -5,13 +5,16 @@ restore is replaced, never trusted."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from vmhelpers import assert_vm_gone, vm_spec
+from vmhelpers import assert_vm_gone, qemu_pids_for, vm_spec
 
 from isorun.errors import VMError
 from isorun.vmm import MicroVM, accel, artifacts, warm
@@ -123,3 +126,53 @@ async def test_the_console_says_the_guest_is_ready(
             break
         await asyncio.sleep(0.05)
     assert line in vm.console.tail(), vm.console.tail()
+
+
+async def test_a_qemu_named_without_a_path_warm_starts(
+    busybox_rootfs: Path, warm_vms: list[MicroVM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ISORUN_QEMU", "qemu-system-x86_64")  # found on PATH, as README allows
+    assert await _restored(await _warm(busybox_rootfs, warm_vms))
+
+
+def _running_qemu(under: Path) -> list[int]:
+    def comm(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            return ""
+
+    return [pid for pid in qemu_pids_for(under) if comm(pid).startswith("qemu-system")]
+
+
+def test_a_template_guest_dies_with_the_process_making_it(
+    busybox_rootfs: Path, tmp_path: Path
+) -> None:
+    # A template guest is unjailed and untagged, the host process's helper only: killed
+    # mid-template (kill -9: nothing of ours runs), that process must not leave it running.
+    env = {
+        **os.environ,
+        "ISORUN_CACHE": str(tmp_path / "cache"),  # no template there yet
+        "ISORUN_STATE_DIR": str(tmp_path / "state"),
+        "ISORUN_KERNEL": str(artifacts.kernel_path()),
+        "ISORUN_INITRAMFS": str(artifacts.initramfs_path()),
+    }
+    boot = (
+        "import asyncio, sys; from pathlib import Path; from isorun.vmm import MicroVM, VMSpec\n"
+        "spec = VMSpec(rootfs=Path(sys.argv[1]), memory_mib=256, scratch_mib=256,"
+        " warm_start=True)\n"
+        "asyncio.run(MicroVM.boot(spec))\n"
+    )
+    host = subprocess.Popen([sys.executable, "-c", boot, str(busybox_rootfs)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not _running_qemu(tmp_path / "cache"):  # QEMU itself, past its exec wrappers
+            assert host.poll() is None and time.monotonic() < deadline, "no template guest"
+            time.sleep(0.02)
+    finally:
+        host.kill()
+        host.wait()
+    deadline = time.monotonic() + 10
+    while qemu_pids_for(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not qemu_pids_for(tmp_path), "the template guest outlived its host process"
