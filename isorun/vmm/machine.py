@@ -338,13 +338,16 @@ class MicroVM:
                     pass_fds.append(fd)
                     return fd
 
-                disk_fds = {}
-                if self.spec.rootfs is not None:  # QEMU opens read-only, then read-write
-                    disk_fds["root"] = [hand_over(self.spec.rootfs, os.O_RDONLY)]
-                    disk_fds["scratch"] = [
+                rootfs = self.spec.rootfs
+                assert rootfs is not None  # warm starts carry one (_warm_applies)
+                disk_fds = {
+                    "root": [hand_over(rootfs, os.O_RDONLY)],
+                    # QEMU opens it read-only while the state loads, then read-write
+                    "scratch": [
                         hand_over(scratch_path, os.O_RDONLY),
                         hand_over(scratch_path, os.O_RDWR),
-                    ]
+                    ],
+                }
                 pass_fds.append(restore_from)  # the caller's, closed by the caller
                 files = dataclasses.replace(files, incoming_fd=restore_from, disk_fds=disk_fds)
             jailed = self.spec.jail and os.geteuid() == 0
@@ -398,7 +401,7 @@ class MicroVM:
         )
         self.console.start(console_r, console_w)
         qmp_task = asyncio.create_task(self._qmp.connect(self.run_dir / "qmp.sock"))
-        if restoring:  # the restored guest stays paused until told to run
+        if restoring:  # the saved guest was stopped: it loads paused
             qmp_task = asyncio.create_task(self._resume_when_loaded(qmp_task))
 
         hello_task = asyncio.create_task(self._open_agent(max(0.1, deadline - time.monotonic())))
@@ -454,14 +457,12 @@ class MicroVM:
         self._restored = True
         await self.agent.reseed(os.urandom(64))
         await self.agent.set_clock(time.time_ns())
-        if self.spec.rootfs is not None:
-            try:
-                await self.agent.setup_root("/dev/vda", "/dev/vdb")
-            except GuestError as exc:
-                raise VMError(
-                    f"root filesystem {self.spec.rootfs} did not mount in the guest: {exc}",
-                    "root",
-                ) from exc
+        try:  # warm starts always carry a rootfs (_warm_applies)
+            await self.agent.setup_root("/dev/vda", "/dev/vdb")
+        except GuestError as exc:
+            raise VMError(
+                f"root filesystem {self.spec.rootfs} did not mount in the guest: {exc}", "root"
+            ) from exc
         self.boot_ms = (time.monotonic() - self.started_at) * 1000
 
     def _load_failed(self) -> bool:
@@ -678,9 +679,7 @@ def _listen(path: Path) -> socket.socket:
 
 def _warm_applies(spec: VMSpec, channel: vsock.ChannelChoice) -> bool:
     """A template restores over the serial channel only (a vsock device carries its CID in
-    the saved state), and only disks no larger than its placeholders."""
-    if channel.name != "serial":
-        return False
-    if spec.rootfs is None:
+    the saved state), into a VM with a root filesystem whose disks fit its placeholders."""
+    if channel.name != "serial" or spec.rootfs is None:
         return False
     return warm.fits(spec.rootfs, spec.scratch_mib * 1024 * 1024)

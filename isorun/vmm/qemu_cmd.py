@@ -158,8 +158,11 @@ def build(
             argv += ["-add-fd", f"fd={fd},set={set_id},opaque={name}"]
         fdset[name] = f"/dev/fdset/{set_id}"
     if files.rootfs is not None:
-        argv += _disk("root", fdset.get("root", files.rootfs), readonly=True)
-        argv += _disk("scratch", fdset.get("scratch", files.scratch), readonly=False)
+        for name, path, readonly in (
+            ("root", files.rootfs, True),
+            ("scratch", files.scratch, False),
+        ):
+            argv += _disk(name, fdset.get(name, path), readonly, from_fdset=name in fdset)
     if "state" in fdset:
         argv += ["-incoming", f"file:{fdset['state']}"]
     if sandbox:
@@ -174,12 +177,12 @@ def build(
     return argv
 
 
-def _disk(name: str, path: Path | str, readonly: bool) -> list[str]:
+def _disk(name: str, path: Path | str, readonly: bool, from_fdset: bool = False) -> list[str]:
     ro = "on" if readonly else "off"
     opts = (
         f"file={_escape(path)},if=none,id={name},format=raw,readonly={ro},cache=unsafe,aio=threads"
     )
-    if str(path).startswith("/dev/fdset/"):
+    if from_fdset:
         # The set's read-only and read-write fds are two open files: QEMU's own image
         # locks would refuse one for the other. The files are this VM's alone anyway.
         opts += ",file.locking=off"

@@ -6,7 +6,7 @@ has booted that far: agent answering, disks probed, no root filesystem mounted. 
 and then asking the agent to mount the sandbox's disks skips the kernel boot entirely.
 
 A template is keyed by everything its saved machine state depends on (QEMU binary, kernel,
-initramfs, accelerator, vCPUs, memory, device set, this module's version). Its two disks are
+initramfs, accelerator, vCPUs, memory, and the code that lays the machine out). Its two disks are
 sparse placeholders of PLACEHOLDER_BYTES: the guest reads a disk's capacity once, when it
 probes it, so a restored guest sees that size for the real disks, which must be no larger
 (ext4 never reads past its own end; `lsblk` in the guest shows the placeholder size).
