@@ -161,8 +161,15 @@ DEFAULT_SHELL = "if command -v bash >/dev/null 2>&1; then exec bash -l; else exe
 
 
 def error_record(exc: BaseException) -> dict[str, Any]:
-    body = json.loads(bytes(map_error(exc).body))
-    return {"type": "error", **body["error"]}
+    resp = map_error(exc)
+    body = json.loads(bytes(resp.body))
+    return stream_error_record(resp.status_code, body["error"]["code"], body["error"]["message"])
+
+
+def stream_error_record(status: int, code: str, message: str) -> dict[str, Any]:
+    """An error inside an NDJSON stream (whose HTTP status was sent as 200 long before):
+    the status it would have had as a plain response travels in the record."""
+    return {"type": "error", "status": status, "code": code, "message": message}
 
 
 def image_json(i: Image) -> dict[str, Any]:
@@ -192,11 +199,9 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                 feed.push(await work(feed))
             except asyncio.CancelledError:
                 feed.push(
-                    {
-                        "type": "error",
-                        "code": "daemon_stopping",
-                        "message": "the daemon stopped before this finished; retry",
-                    }
+                    stream_error_record(
+                        503, "daemon_stopping", "the daemon stopped before this finished; retry"
+                    )
                 )
                 raise
             except Exception as exc:
@@ -372,11 +377,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
             except asyncio.CancelledError:
                 if not detached:
                     q.put_nowait(
-                        {
-                            "type": "error",
-                            "code": "sandbox_ended",
-                            "message": "the sandbox was destroyed",
-                        }
+                        stream_error_record(410, "sandbox_ended", "the sandbox was destroyed")
                     )
                 raise
             except Exception as exc:

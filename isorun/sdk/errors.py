@@ -65,32 +65,14 @@ def error_for(status: int, body: Any) -> ApiError:
     return cls(message, status, code)
 
 
-# HTTP status a streamed error record would have had as a plain response (for the type).
-_STREAM_STATUS = {
-    "not_found": 404,
-    "invalid_image": 400,
-    "invalid": 400,
-    "image_error": 422,
-    "registry_unreachable": 502,
-    "sandbox_ended": 410,
-    "capacity": 503,
-    "forbidden": 403,
-    "state_disk_full": 507,
-    "guest_invalid": 400,
-    "guest_exists": 409,
-    "guest_permission": 403,
-    "guest_not_dir": 400,
-    "guest_is_dir": 400,
-    "guest_not_empty": 409,
-    "guest_busy": 409,
-    "guest_unsupported": 400,
-}
-
-
 def stream_error(rec: dict[str, Any]) -> ApiError:
     """The exception for an NDJSON `{type: error, code, message}` record."""
     code = str(rec.get("code") or "")
+    # The status the error would have had as a plain response, sent by the daemon.
+    status = rec.get("status")
+    if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
+        status = 500
     return error_for(
-        _STREAM_STATUS.get(code, 500),
+        status,
         {"error": {"code": code, "message": str(rec.get("message") or "stream error")}},
     )

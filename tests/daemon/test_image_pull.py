@@ -71,6 +71,7 @@ def test_pull_bad_refs_give_clear_errors(pull_daemon: Daemon, registry: Registry
         # Registry unreachable.
         recs = ndjson(c.post("/v1/images/pull", json={"image": "127.0.0.1:1/x/y:z"}))
         assert recs[-1]["type"] == "error" and recs[-1]["code"] == "registry_unreachable"
+        assert recs[-1]["status"] == 502  # what a plain response would have had
 
 
 def test_create_with_progress_pulls_then_boots(
