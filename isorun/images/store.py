@@ -3,6 +3,7 @@
 Layout under `root`:
   images/<hex>/rootfs.ext4, image.json   finished images (only ever created by rename)
   tmp/build-<hex>-<rand>/                 work dirs; a crash leaves them, gc() removes them
+  tmp/new-<label>-<rand>/                 a work dir for the instant before it is locked
   locks/<hex>.lock                        one converter per digest, across processes
   holders/<hex>/<holder-id>               who uses an image (remove is refused while any)
   refs.json                               names (tags, template names) → digests
@@ -48,6 +49,8 @@ PullPolicy = Literal["missing", "always"]
 _META = "image.json"
 _ROOTFS = "rootfs.ext4"
 _HOLD_ATTEMPTS = 3  # ensure+acquire rounds lost to a concurrent gc before giving up
+_STAGING = "new-"  # a work dir's name until it is locked
+STAGING_GRACE_S = 60.0  # an unlocked staging dir younger than this may be about to be locked
 
 
 @dataclass(frozen=True)
@@ -288,9 +291,19 @@ class ImageStore:
 
     @contextlib.contextmanager
     def _workdir(self, label: str) -> Any:
-        """A fresh dir under tmp/, locked while in use (gc removes unlocked ones)."""
-        tmp = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=self.root / "tmp"))
-        fd = try_lock_dir(tmp)
+        """A fresh dir under tmp/, locked while in use (gc removes unlocked ones). It is
+        made under a `new-` name and takes its own only once locked: gc never sees it
+        unlocked under a name it would remove."""
+        staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{label}-", dir=self.root / "tmp"))
+        fd = try_lock_dir(staging)
+        tmp = staging.with_name(staging.name.removeprefix(_STAGING))
+        try:
+            os.rename(staging, tmp)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if fd is not None:
+                unlock(fd)
+            raise
         try:
             yield tmp
         finally:
@@ -502,6 +515,11 @@ class ImageStore:
                     shutil.rmtree(d, ignore_errors=True)
                 finally:
                     unlock(fd)
+            elif d.name.startswith(_STAGING):
+                # Between mkdtemp and its lock (an instant), or left empty by a crash then.
+                with contextlib.suppress(OSError):
+                    if time.time() - d.stat().st_mtime > STAGING_GRACE_S:
+                        d.rmdir()
             elif d.name.startswith("rm-"):
                 freed += _allocated(d)
                 shutil.rmtree(d, ignore_errors=True)

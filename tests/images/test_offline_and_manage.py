@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import ocibuild as ob
@@ -12,7 +15,9 @@ import pytest
 from imghelpers import Registry, assert_store_intact, ext4_cat
 
 from isorun.images import ImageInUseError, ImageNotFoundError, ImageStore
+from isorun.images.locks import try_lock_dir
 from isorun.images.progress import ProgressEvent
+from isorun.images.store import STAGING_GRACE_S
 
 
 def _layout(tmp: Path, name: str, marker: str) -> Path:
@@ -117,6 +122,23 @@ async def test_gc_removes_work_dirs_of_crashed_pulls_only(store: ImageStore) -> 
         await store.gc()
         assert not left[0].exists(), "the crashed pull's work dir was kept"
         assert (busy / "auth.json").exists(), "gc removed a running pull's work dir"
+
+
+async def test_gc_spares_a_work_dir_not_yet_locked(store: ImageStore) -> None:
+    """A work dir is locked an instant after it is made: a gc in that instant must leave it
+    (it did remove it), and remove one a crash left in that state long ago."""
+    tmp = store.root / "tmp"
+    starting = Path(tempfile.mkdtemp(prefix="new-resolve-", dir=tmp))
+    crashed = Path(tempfile.mkdtemp(prefix="new-resolve-", dir=tmp))
+    long_ago = time.time() - 2 * STAGING_GRACE_S
+    os.utime(crashed, (long_ago, long_ago))
+    await store.gc()
+    assert starting.is_dir(), "gc removed a work dir about to be locked"
+    assert not crashed.exists(), "gc kept a work dir a crash left unlocked"
+    with store._workdir("resolve") as d:
+        assert d.parent == tmp and d.name.startswith("resolve-") and d.is_dir()
+        assert try_lock_dir(d) is None, "a work dir in use is not locked"
+    assert not d.exists()
 
 
 async def test_ensure_for_a_holder_survives_a_gc_in_another_process(
