@@ -21,7 +21,7 @@ from isorun.daemon.imageerrors import image_api_error
 from isorun.daemon.models import CreateSandbox
 from isorun.daemon.progress import progress_record
 from isorun.daemon.store import LOCAL_TENANT, SandboxRow, Store
-from isorun.errors import VMError
+from isorun.errors import IsorunError, VMError
 from isorun.images import ImageConfig, ImageError, ImageStore, ProgressEvent
 from isorun.vmm import MicroVM, VMSpec, kill_orphan
 from isorun.vmm.cgroup import VMCgroup
@@ -58,6 +58,7 @@ class SandboxManager:
         # set once create() is over, either way (a DELETE meanwhile waits on it).
         self.creating: dict[str, tuple[SandboxRow, asyncio.Event]] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self._prewarm: asyncio.Task[None] | None = None
 
     @property
     def images(self) -> ImageStore:
@@ -70,12 +71,27 @@ class SandboxManager:
     async def start(self) -> None:
         await self._readopt()
         self._reaper = asyncio.create_task(self._reap_forever(), name="reaper")
+        if self.cfg.warm_start:
+            self._prewarm = asyncio.create_task(self._prepare_warm_start(), name="prewarm")
+
+    async def _prepare_warm_start(self) -> None:
+        """Make the warm-start template of the default sandbox shape in the background, so
+        the first sandbox starts warm instead of waiting for it (other shapes get theirs
+        at their first create)."""
+        spec = VMSpec(
+            vcpus=self.cfg.default_vcpus, memory_mib=self.cfg.default_memory_mib, warm_start=True
+        )
+        try:
+            await MicroVM.prepare_warm_start(spec)
+        except (IsorunError, OSError) as exc:
+            log.warning("warm start: the default shape's template was not made: %s", exc)
 
     async def stop(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        for task in (self._reaper, self._prewarm):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for live in list(self.live.values()):
             if self.cfg.kill_on_exit:
                 await self._end(live, "daemon-stopped")

@@ -11,15 +11,24 @@ from pathlib import Path
 
 
 def try_lock(path: Path) -> int | None:
-    """Take an exclusive flock without waiting; returns the fd or None when held elsewhere."""
+    """Take an exclusive flock without waiting; returns the fd or None when held elsewhere.
+    The lock file may be deleted by its holder (the lock then passes to a new file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        # The holder before us may have deleted the file (under the lock, as a prune
+        # does): a lock on that file guards nothing any more; take the one now at path.
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        unlock(fd)
 
 
 def try_lock_dir(path: Path) -> int | None:

@@ -63,6 +63,14 @@ class _Binaries:
     kernel: Path
     initramfs: Path
 
+    @classmethod
+    def of(cls, spec: VMSpec) -> _Binaries:
+        return cls(
+            artifacts.qemu_binary(),
+            artifacts.kernel_path(spec.kernel),
+            artifacts.initramfs_path(spec.initramfs),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class VMUsage:
@@ -110,23 +118,31 @@ class MicroVM:
     @classmethod
     async def boot(cls, spec: VMSpec) -> MicroVM:
         spec.validate()
-        bins = _Binaries(
-            artifacts.qemu_binary(),
-            artifacts.kernel_path(spec.kernel),
-            artifacts.initramfs_path(spec.initramfs),
-        )
+        bins = _Binaries.of(spec)
         choice = accel_mod.detect(spec.accel)
         channel = vsock.choose(spec.channel)
         if spec.warm_start and _warm_applies(spec, channel):
             vm = await cls._warm_boot(spec, choice, bins)
             if vm is not None:
                 return vm
+        return await cls._boot_retrying(spec, choice, channel, bins)
+
+    @classmethod
+    async def _boot_retrying(
+        cls,
+        spec: VMSpec,
+        choice: accel_mod.AccelChoice,
+        channel: vsock.ChannelChoice,
+        bins: _Binaries,
+        template_scratch: Path | None = None,
+    ) -> MicroVM:
+        """Boot a new VM; one that hangs is retried with a fresh VM (DESIGN.md §4: ~1 PVH
+        boot in 13), up to spec.boot_attempts."""
         last: IsorunError | None = None
-        # A boot that hangs is retried with a fresh VM (DESIGN.md §4: ~1 PVH boot in 13).
         for _ in range(spec.boot_attempts):
             vm = cls(uuid.uuid4().hex[:12], spec, choice, channel=channel)
             try:
-                await vm._launch(bins)
+                await vm._launch(bins, template_scratch=template_scratch)
                 return vm
             except BootTimeout as exc:
                 last = exc
@@ -188,6 +204,52 @@ class MicroVM:
         return vm
 
     @classmethod
+    async def prepare_warm_start(cls, spec: VMSpec) -> Path | None:
+        """Make the warm-start template of spec's machine shape now (if it is not made yet),
+        so that the first warm start of that shape does not wait for it: a daemon does this
+        when it starts. spec.rootfs is not used. The template's path, or None when none
+        could be made (logged; warm starts of that shape then boot cold)."""
+        spec.validate()
+        bins = _Binaries.of(spec)
+        if vsock.choose(spec.channel).name != "serial":
+            return None  # such VMs boot cold (_warm_applies)
+        made = await cls._warm_template(spec, accel_mod.detect(spec.accel), bins)
+        return made[0] if made is not None else None
+
+    @classmethod
+    async def _warm_template(
+        cls, spec: VMSpec, choice: accel_mod.AccelChoice, bins: _Binaries
+    ) -> tuple[Path, bool] | None:
+        """The template of spec's shape and whether this call made it, or None when it could
+        not be made (or failed recently: not tried again for warm.RETRY_AFTER_S)."""
+
+        async def make(dest: Path) -> None:
+            log.info(
+                "warm start: making the template for %d vCPU, %d MiB", spec.vcpus, spec.memory_mib
+            )
+            await cls._save_template(spec, choice, bins, dest)
+
+        try:
+            key = warm.template_key(
+                bins.qemu, bins.kernel, bins.initramfs, choice.name, spec.vcpus, spec.memory_mib
+            )
+        except OSError as exc:
+            log.warning("warm start: %s; booting cold", exc)
+            return None
+        if warm.failed_recently(warm.template_path(key)):
+            return None
+        try:
+            return await warm.ensure_template(key, make)
+        except (IsorunError, OSError) as exc:
+            warm.note_failure(warm.template_path(key))
+            log.warning(
+                "warm start: no template (%s); booting cold, not trying again for %.0f min",
+                exc,
+                warm.RETRY_AFTER_S / 60,
+            )
+            return None
+
+    @classmethod
     async def _warm_boot(
         cls,
         spec: VMSpec,
@@ -196,36 +258,38 @@ class MicroVM:
     ) -> MicroVM | None:
         """Restore this machine shape's template (making it first if need be), or None
         when no template can be made or restored: the caller then boots cold."""
-
-        async def make(dest: Path) -> None:
-            await cls._save_template(spec, choice, bins, dest)
-
+        made = await cls._warm_template(spec, choice, bins)
+        if made is None:
+            return None
+        template, fresh = made
         try:
-            key = warm.template_key(
-                bins.qemu, bins.kernel, bins.initramfs, choice.name, spec.vcpus, spec.memory_mib
-            )
-            template = await warm.ensure_template(key, make)
             # Opened once, here: another process may discard or prune the path meanwhile.
             state_fd = os.open(template, os.O_RDONLY | os.O_CLOEXEC)
-        except (IsorunError, OSError) as exc:
-            log.warning("warm start: no template (%s); booting cold", exc)
+        except OSError as exc:
+            log.warning("warm start: %s; booting cold", exc)
             return None
         try:
             serial = vsock.ChannelChoice("serial", "warm start")
             vm = cls(uuid.uuid4().hex[:12], spec, choice, channel=serial)
             try:
                 await vm._launch(bins, restore_from=state_fd)
+                warm.mark_used(state_fd)
                 return vm
             except (VMError, BootTimeout, ChannelClosedError) as exc:
                 load_failed, why = vm._load_failed(), vm._stderr_tail()  # before kill's cleanup
                 await vm.kill()
                 if isinstance(exc, VMError) and exc.reason == "root":
                     raise  # the user's image, not the template: a cold boot would not help
-                if load_failed:  # QEMU refused the state itself: make a new one
+                if load_failed:  # QEMU refused the state itself: the next one makes a new one
                     log.warning("warm start: %s did not restore: %s", template, why.strip())
                     warm.discard(template, os.fstat(state_fd))
                 else:
                     log.warning("warm start failed (%s); booting cold", exc)
+                # A file damaged since it was made is replaced at once; anything else (a
+                # template just made that does not restore, a restore that hangs) would
+                # fail again the same way.
+                if fresh or not load_failed:
+                    warm.note_failure(template)
                 return None
             except BaseException:
                 await vm.kill()
@@ -255,20 +319,21 @@ class MicroVM:
                 spec, rootfs=disks[0], jail=False, extra_cmdline="", warm_start=False
             )
             serial = vsock.ChannelChoice("serial", "warm template")
-            vm = cls(uuid.uuid4().hex[:12], tspec, choice, channel=serial)
+            vm = await cls._boot_retrying(tspec, choice, serial, bins, template_scratch=disks[1])
             try:
-                await vm._launch(bins, template_scratch=disks[1])
                 # The guest keeps serving; its restored copies each get a new host end.
                 await vm.agent.conn.close()
                 await vm._qmp.execute("stop")
                 await vm._qmp.execute("migrate", {"uri": f"file:{dest}"})
                 deadline = time.monotonic() + spec.boot_timeout
                 while time.monotonic() < deadline:
-                    status = (await vm._qmp.execute("query-migrate")).get("status")
+                    info = await vm._qmp.execute("query-migrate")
+                    status = info.get("status")
                     if status == "completed":
                         break
                     if status in ("failed", "cancelled"):
-                        raise VMError(f"saving the warm-start template failed ({status})", "qmp")
+                        why = str(info.get("error-desc") or status)[:300]
+                        raise VMError(f"saving the warm-start template to {dest}: {why}", "qmp")
                     await asyncio.sleep(0.01)
                 else:
                     raise VMError("saving the warm-start template did not finish", "qmp")

@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from isorun.images.locks import file_lock
+from isorun.images.locks import file_lock, try_lock, unlock
 from isorun.vmm.artifacts import cache_root
 
 TEMPLATE_VERSION = 1
@@ -68,16 +68,20 @@ def fits(*disks: Path | int) -> bool:
     return all(s <= PLACEHOLDER_BYTES for s in sizes)
 
 
-async def ensure_template(key: str, make: Callable[[Path], Awaitable[None]]) -> Path:
+def template_path(key: str) -> Path:
+    return template_dir() / f"{key}.vmstate"
+
+
+async def ensure_template(key: str, make: Callable[[Path], Awaitable[None]]) -> tuple[Path, bool]:
     """The template for key, made once (by `make(tmp_path)`) under a lock shared by every
-    process on this cache."""
-    path = template_dir() / f"{key}.vmstate"
+    process on this cache; and whether this call made it."""
+    path = template_path(key)
     if path.is_file():
-        return path
+        return path, False
     path.parent.mkdir(parents=True, exist_ok=True)
     async with file_lock(path.with_suffix(".lock")):
         if path.is_file():
-            return path
+            return path, False
         for stale in path.parent.glob(f"{key}.tmp*"):  # left by a process that died making it
             stale.unlink(missing_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -88,17 +92,48 @@ async def ensure_template(key: str, make: Callable[[Path], Awaitable[None]]) -> 
             raise
         os.replace(tmp, path)
     _prune(keep=path)
-    return path
+    return path, True
+
+
+def mark_used(template_fd: int) -> None:
+    """A template restored: its mtime says when it was last used, which pruning goes by
+    (atime is not kept on noatime mounts)."""
+    with contextlib.suppress(OSError):
+        os.utime(template_fd)
 
 
 def _prune(keep: Path) -> None:
-    """Templates unused for PRUNE_AFTER_S (older kernels, agents, QEMUs) go when a new one
-    is made: each holds the booted guest's memory (~20 MB)."""
+    """Templates unused for PRUNE_AFTER_S (older kernels, agents, QEMUs) go, with their
+    locks, when a new one is made: each holds the booted guest's memory (~20 MB)."""
     cutoff = time.time() - PRUNE_AFTER_S
     for old in keep.parent.glob("*.vmstate"):
         with contextlib.suppress(OSError):
-            if old != keep and old.stat().st_atime < cutoff:
-                old.unlink()
+            if old == keep or old.stat().st_mtime >= cutoff:
+                continue
+            lock = old.with_suffix(".lock")
+            fd = try_lock(lock)
+            if fd is None:
+                continue  # being made or used right now
+            try:
+                old.unlink(missing_ok=True)
+                lock.unlink()  # under the lock: a waiter then takes a new file (try_lock)
+            finally:
+                unlock(fd)
+
+
+# A template that could not be made or restored is not tried again by this process for a
+# while: each try costs a template boot or a restore before the cold boot.
+RETRY_AFTER_S = 600.0
+_failed_at: dict[Path, float] = {}
+
+
+def failed_recently(path: Path) -> bool:
+    at = _failed_at.get(path)
+    return at is not None and time.monotonic() - at < RETRY_AFTER_S
+
+
+def note_failure(path: Path) -> None:
+    _failed_at[path] = time.monotonic()
 
 
 def discard(path: Path, restored: os.stat_result) -> None:

@@ -5,6 +5,7 @@ restore is replaced, never trusted."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -67,9 +68,9 @@ async def test_warm_started_vms_each_have_the_image_their_own_randomness_and_the
     busybox_rootfs: Path, warm_vms: list[MicroVM]
 ) -> None:
     a = await _warm(busybox_rootfs, warm_vms)
-    made = _template().stat().st_mtime_ns
+    made = _template().stat().st_ino  # a new template is a new file (os.replace)
     b = await _warm(busybox_rootfs, warm_vms)
-    assert _template().stat().st_mtime_ns == made, "the second warm start made a new template"
+    assert _template().stat().st_ino == made, "the second warm start made a new template"
     random = []
     for vm in (a, b):
         assert await _restored(vm), "booted cold instead"
@@ -103,16 +104,44 @@ async def test_a_template_that_will_not_restore_is_replaced(
     assert await _restored(vm2) and template.stat().st_size > 4096
 
 
+async def test_a_template_that_cannot_be_made_is_not_tried_on_every_boot(
+    busybox_rootfs: Path,
+    warm_vms: list[MicroVM],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Templates go to a full disk (a 1 MiB tmpfs; a template is ~20 MB): saving one fails.
+    monkeypatch.setenv("ISORUN_KERNEL", str(artifacts.kernel_path()))
+    monkeypatch.setenv("ISORUN_INITRAMFS", str(artifacts.initramfs_path()))
+    monkeypatch.setenv("ISORUN_CACHE", str(tmp_path / "cache"))
+    full = warm.template_dir()
+    full.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "isorun-full", full], check=True)
+    try:
+        caplog.set_level(logging.INFO, logger="isorun")
+        for _ in range(2):
+            vm = await _warm(busybox_rootfs, warm_vms)
+            assert await _out(vm, "echo up") == "up"
+            assert not await _restored(vm)
+        # The second boot went cold at once instead of paying a template boot again.
+        assert caplog.text.count("making the template") == 1, caplog.text
+        assert "not trying again" in caplog.text
+        assert sorted(p.suffix for p in full.iterdir()) == [".lock"], "a failed template left"
+    finally:
+        subprocess.run(["umount", "-l", full], check=False)
+
+
 async def test_an_image_that_is_not_ext4_fails_the_boot_and_keeps_the_template(
     busybox_rootfs: Path, warm_vms: list[MicroVM], tmp_path: Path
 ) -> None:
     await (await _warm(busybox_rootfs, warm_vms)).kill()
-    made = _template().stat().st_mtime_ns
+    made = _template().stat().st_ino
     junk = tmp_path / "junk.ext4"
     junk.write_bytes(b"not a filesystem" * 65536)
     with pytest.raises(VMError, match=r"root filesystem .*junk.ext4 did not mount"):
         await _warm(junk, warm_vms)
-    assert _template().stat().st_mtime_ns == made, "a bad image cost the template"
+    assert _template().stat().st_ino == made, "a bad image cost the template"
     assert await _restored(await _warm(busybox_rootfs, warm_vms))
 
 

@@ -1,0 +1,61 @@
+"""The daemon makes the warm-start template of its default sandbox shape when it starts, so
+its first sandbox starts warm instead of waiting for a template boot; stopped meanwhile, it
+leaves no template guest running and no half-made template."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+import pytest
+from daemonhelpers import Daemon, ndjson, running_daemon
+from vmhelpers import qemu_pids_for
+
+from isorun.vmm import artifacts
+
+pytestmark = pytest.mark.vm
+
+
+def _wait(what: str, cond: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_the_first_sandbox_starts_from_a_template_made_at_daemon_start(
+    tmp_path: Path, busybox_rootfs: Path
+) -> None:
+    cache = tmp_path / "cache"  # a cache with no template in it yet
+    env = {
+        "ISORUN_CACHE": str(cache),
+        "ISORUN_KERNEL": str(artifacts.kernel_path()),
+        "ISORUN_INITRAMFS": str(artifacts.initramfs_path()),
+    }
+    templates = cache / "warm"
+
+    d = Daemon(tmp_path / "a", ISORUN_DEFAULT_MEMORY_MIB="256", **env).start()
+    try:
+        # The template guest boots with its placeholder disks under the cache.
+        _wait("the template guest", lambda: qemu_pids_for(cache), 60)
+    finally:
+        d.stop()
+    _wait("the template guest to go", lambda: not qemu_pids_for(cache), 10)
+    assert sorted(p.suffix for p in templates.iterdir()) == [".lock"], "half-made template left"
+
+    with running_daemon(tmp_path / "b", **env) as d:
+        # No sandbox asked for: the daemon makes it by itself.
+        _wait("the template", lambda: list(templates.glob("*.vmstate")), 120)
+        (template,) = templates.glob("*.vmstate")
+        made = template.stat().st_ino
+        with d.client() as c:
+            r = c.post("/v1/sandboxes", json={"image": f"rootfs:{busybox_rootfs}"})
+            assert r.status_code == 201, r.text
+            sid = r.json()["id"]
+            recs = ndjson(c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "cat /proc/cmdline"}))
+        out = b"".join(base64.b64decode(x["data"]) for x in recs if x["type"] == "stdout")
+        # A restored guest runs with the template's command line, which names no root disk.
+        assert b"console=" in out and b"isorun.root=" not in out, "the sandbox booted cold"
+        assert [p.stat().st_ino for p in templates.glob("*.vmstate")] == [made]
+        assert d.log().count("making the template") == 1, d.log()[-3000:]
