@@ -2,8 +2,9 @@
 
 Formatting once per size and copying sparsely is faster than mkfs per boot, and the copy
 costs only the few metadata blocks mkfs wrote until the guest writes more. The template has
-its inode tables zeroed up front (the sparse copy keeps those zeros as holes), so the guest
-kernel starts no background thread to zero them while the sandbox is young, and no journal:
+its inode tables zeroed up front, so the guest kernel starts no background thread to zero
+them while the sandbox is young; those zeros are then punched into holes, so a copy does not
+read them (34 MB for a 2 GiB disk: 10-30 ms per boot). And no journal:
 the disk lives and dies with its VM, and a journal-less mount is faster. It also holds the
 overlay's empty `upper` and `work` directories, so the guest does not create them at boot.
 """
@@ -35,17 +36,22 @@ async def _run(*argv: str) -> None:
 
 
 async def template(size_mib: int) -> Path:
-    path = cache_root() / "scratch" / f"empty-{size_mib}M-v3.ext4"
+    path = cache_root() / "scratch" / f"empty-{size_mib}M-v4.ext4"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    formatted = path.with_suffix(f".mkfs{os.getpid()}")
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     mkfs = tool("mkfs.ext4", "e2fsprogs")
     try:
-        await _format(mkfs, tmp, size_mib)
+        await _format(mkfs, formatted, size_mib)
+        # mkfs zeroes the inode tables as allocated extents; a sparse copy makes them holes
+        await _run("cp", "--sparse=always", str(formatted), str(tmp))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        formatted.unlink(missing_ok=True)
     os.replace(tmp, path)
     return path
 
