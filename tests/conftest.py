@@ -17,7 +17,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from vmhelpers import assert_vm_gone, build_busybox_rootfs, qemu_pids_for, vm_spec
 
-from isorun.vmm import MicroVM, artifacts
+from isorun.vmm import MicroVM, artifacts, warm
+
+
+@pytest.fixture(autouse=True)
+def no_warm_failure_carries_over() -> Iterator[None]:
+    """What one test's failed warm start taught this process (templates not retried for 10
+    minutes) must not make a later test's warm starts boot cold."""
+    warm.forget_failures()
+    yield
+    warm.forget_failures()
 
 
 @pytest.fixture(scope="session", autouse=True)

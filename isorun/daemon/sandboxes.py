@@ -85,12 +85,15 @@ class SandboxManager:
             await MicroVM.prepare_warm_start(spec)
         except (IsorunError, OSError) as exc:
             log.warning("warm start: the default shape's template was not made: %s", exc)
+        except Exception:  # an optimisation only: never the daemon's end
+            log.exception("warm start: making the default shape's template failed")
 
     async def stop(self) -> None:
         for task in (self._reaper, self._prewarm):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                # whatever it died of, the sandboxes below must still be seen to
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         for live in list(self.live.values()):
             if self.cfg.kill_on_exit:

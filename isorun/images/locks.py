@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,6 +29,9 @@ def try_lock(path: Path) -> int | None:
                 return fd
         except FileNotFoundError:
             pass
+        except BaseException:
+            unlock(fd)
+            raise
         unlock(fd)
 
 
@@ -52,12 +56,23 @@ def unlock(fd: int) -> None:
     os.close(fd)
 
 
+async def wait_lock(path: Path, timeout: float | None = None, poll_s: float = 0.05) -> int | None:
+    """try_lock until it succeeds (the fd) or `timeout` seconds have passed (None).
+    flock conflicts between fds even in one process, so this also serializes tasks of one
+    event loop; polling keeps it cancellable."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while (fd := try_lock(path)) is None:
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(poll_s)
+    return fd
+
+
 @contextlib.asynccontextmanager
 async def file_lock(path: Path, poll_s: float = 0.05) -> AsyncIterator[None]:
-    """Hold an exclusive lock on `path`. flock conflicts between fds even in one process,
-    so this also serializes tasks of one event loop; polling keeps it cancellable."""
-    while (fd := try_lock(path)) is None:
-        await asyncio.sleep(poll_s)
+    """Hold an exclusive lock on `path` (waiting as long as it takes)."""
+    fd = await wait_lock(path, None, poll_s)
+    assert fd is not None
     try:
         yield
     finally:

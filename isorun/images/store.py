@@ -296,20 +296,21 @@ class ImageStore:
         unlocked under a name it would remove."""
         staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{label}-", dir=self.root / "tmp"))
         fd = try_lock_dir(staging)
+        if fd is None:  # out of fds, say: unlocked, gc could take it from under us
+            shutil.rmtree(staging, ignore_errors=True)
+            raise OSError(f"cannot lock the work dir {staging}")
         tmp = staging.with_name(staging.name.removeprefix(_STAGING))
         try:
             os.rename(staging, tmp)
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
-            if fd is not None:
-                unlock(fd)
+            unlock(fd)
             raise
         try:
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            if fd is not None:
-                unlock(fd)
+            unlock(fd)
 
     async def _convert(
         self, digest: str, name: str, build: Callable[[Path], Awaitable[dict[str, Any]]]

@@ -213,15 +213,21 @@ class MicroVM:
         bins = _Binaries.of(spec)
         if vsock.choose(spec.channel).name != "serial":
             return None  # such VMs boot cold (_warm_applies)
-        made = await cls._warm_template(spec, accel_mod.detect(spec.accel), bins)
+        # no boot waits for it here: wait out another process making it
+        made = await cls._warm_template(spec, accel_mod.detect(spec.accel), bins, None)
         return made[0] if made is not None else None
 
     @classmethod
     async def _warm_template(
-        cls, spec: VMSpec, choice: accel_mod.AccelChoice, bins: _Binaries
+        cls,
+        spec: VMSpec,
+        choice: accel_mod.AccelChoice,
+        bins: _Binaries,
+        wait_s: float | None,
     ) -> tuple[Path, bool] | None:
-        """The template of spec's shape and whether this call made it, or None when it could
-        not be made (or failed recently: not tried again for warm.RETRY_AFTER_S)."""
+        """The template of spec's shape and whether this call made it, or None when there is
+        none to use: it could not be made, another process has been making it for longer
+        than a boot may wait, or it failed recently here (warm.RETRY_AFTER_S)."""
 
         async def make(dest: Path) -> None:
             log.info(
@@ -236,14 +242,17 @@ class MicroVM:
         except OSError as exc:
             log.warning("warm start: %s; booting cold", exc)
             return None
-        if warm.failed_recently(warm.template_path(key)):
+        path = warm.template_path(key)
+        if warm.failed_recently(path, "restore"):
             return None
         try:
-            return await warm.ensure_template(key, make)
+            return await warm.ensure_template(
+                key, make, lambda: not warm.failed_recently(path, "make"), wait_s
+            )
         except (IsorunError, OSError) as exc:
-            warm.note_failure(warm.template_path(key))
+            warm.note_failure(path, "make")
             log.warning(
-                "warm start: no template (%s); booting cold, not trying again for %.0f min",
+                "warm start: no template (%s); booting cold, not making one again for %.0f min",
                 exc,
                 warm.RETRY_AFTER_S / 60,
             )
@@ -258,7 +267,8 @@ class MicroVM:
     ) -> MicroVM | None:
         """Restore this machine shape's template (making it first if need be), or None
         when no template can be made or restored: the caller then boots cold."""
-        made = await cls._warm_template(spec, choice, bins)
+        # Another process making it normally takes ~1 s; past a boot timeout, boot cold.
+        made = await cls._warm_template(spec, choice, bins, spec.boot_timeout)
         if made is None:
             return None
         template, fresh = made
@@ -280,16 +290,27 @@ class MicroVM:
                 await vm.kill()
                 if isinstance(exc, VMError) and exc.reason == "root":
                     raise  # the user's image, not the template: a cold boot would not help
-                if load_failed:  # QEMU refused the state itself: the next one makes a new one
+                if vm._restored:
+                    # The template did its part (its agent answered): what failed came after,
+                    # the user's image or a slow host; not the template's fault.
+                    log.warning("warm start failed after the restore (%s); booting cold", exc)
+                elif load_failed and not fresh:
+                    # QEMU refused the file, damaged since it was made: a new one at once.
                     log.warning("warm start: %s did not restore: %s", template, why.strip())
                     warm.discard(template, os.fstat(state_fd))
                 else:
-                    log.warning("warm start failed (%s); booting cold", exc)
-                # A file damaged since it was made is replaced at once; anything else (a
-                # template just made that does not restore, a restore that hangs) would
-                # fail again the same way.
-                if fresh or not load_failed:
-                    warm.note_failure(template)
+                    # A template just made that does not load, or a restore that fails before
+                    # its agent answers, would fail the same way on the next boot.
+                    if load_failed:
+                        warm.discard(template, os.fstat(state_fd))
+                    warm.note_failure(template, "restore")
+                    log.warning(
+                        "warm start: %s did not restore (%s); booting cold, not restoring it "
+                        "again for %.0f min",
+                        template,
+                        why.strip() if load_failed else exc,
+                        warm.RETRY_AFTER_S / 60,
+                    )
                 return None
             except BaseException:
                 await vm.kill()

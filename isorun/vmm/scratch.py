@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from isorun.errors import ConfigError
+from isorun.images.locks import file_lock
 from isorun.vmm.artifacts import cache_root, tool
 
 
@@ -40,19 +41,17 @@ async def template(size_mib: int) -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    formatted = path.with_suffix(f".mkfs{os.getpid()}")
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    mkfs = tool("mkfs.ext4", "e2fsprogs")
-    try:
-        await _format(mkfs, formatted, size_mib)
-        # mkfs zeroes the inode tables as allocated extents; a sparse copy makes them holes
-        await _run("cp", "--sparse=always", str(formatted), str(tmp))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        formatted.unlink(missing_ok=True)
-    os.replace(tmp, path)
+    # One maker per size across tasks and processes; the loser of the race finds it made.
+    async with file_lock(path.with_suffix(".lock")):
+        if path.exists():
+            return path
+        mkfs = tool("mkfs.ext4", "e2fsprogs")
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".make-") as work:
+            formatted, tmp = Path(work) / "mkfs.ext4", Path(work) / "sparse.ext4"
+            await _format(mkfs, formatted, size_mib)
+            # mkfs zeroes the inode tables as allocated extents; a sparse copy makes them holes
+            await _run("cp", "--sparse=always", str(formatted), str(tmp))
+            os.replace(tmp, path)
     return path
 
 

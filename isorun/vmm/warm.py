@@ -27,8 +27,9 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Literal
 
-from isorun.images.locks import file_lock, try_lock, unlock
+from isorun.images.locks import try_lock, unlock, wait_lock
 from isorun.vmm.artifacts import cache_root
 
 TEMPLATE_VERSION = 1
@@ -72,16 +73,30 @@ def template_path(key: str) -> Path:
     return template_dir() / f"{key}.vmstate"
 
 
-async def ensure_template(key: str, make: Callable[[Path], Awaitable[None]]) -> tuple[Path, bool]:
+async def ensure_template(
+    key: str,
+    make: Callable[[Path], Awaitable[None]],
+    may_make: Callable[[], bool] = lambda: True,
+    wait_s: float | None = None,
+) -> tuple[Path, bool] | None:
     """The template for key, made once (by `make(tmp_path)`) under a lock shared by every
-    process on this cache; and whether this call made it."""
+    process on this cache, and whether this call made it. None when it is not there and
+    may_make() says not to make it, or when another process has been making it for longer
+    than wait_s."""
     path = template_path(key)
     if path.is_file():
         return path, False
+    if not may_make():
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
-    async with file_lock(path.with_suffix(".lock")):
+    fd = await wait_lock(path.with_suffix(".lock"), wait_s)
+    if fd is None:
+        return None
+    try:
         if path.is_file():
             return path, False
+        if not may_make():  # failed in this process while we waited
+            return None
         for stale in path.parent.glob(f"{key}.tmp*"):  # left by a process that died making it
             stale.unlink(missing_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -91,6 +106,8 @@ async def ensure_template(key: str, make: Callable[[Path], Awaitable[None]]) -> 
             tmp.unlink(missing_ok=True)
             raise
         os.replace(tmp, path)
+    finally:
+        unlock(fd)
     _prune(keep=path)
     return path, True
 
@@ -103,37 +120,63 @@ def mark_used(template_fd: int) -> None:
 
 
 def _prune(keep: Path) -> None:
-    """Templates unused for PRUNE_AFTER_S (older kernels, agents, QEMUs) go, with their
-    locks, when a new one is made: each holds the booted guest's memory (~20 MB)."""
-    cutoff = time.time() - PRUNE_AFTER_S
+    """When a new template is made: templates unused for PRUNE_AFTER_S (older kernels,
+    agents, QEMUs; each holds a booted guest's memory, ~20 MB) go with their locks; so do
+    locks of keys never made that long, and what crashed makes left (a make takes seconds).
+    A template being made or pruned has its lock held; one being restored is open, which its
+    deletion does not disturb."""
+    now = time.time()
     for old in keep.parent.glob("*.vmstate"):
         with contextlib.suppress(OSError):
-            if old == keep or old.stat().st_mtime >= cutoff:
-                continue
-            lock = old.with_suffix(".lock")
-            fd = try_lock(lock)
-            if fd is None:
-                continue  # being made or used right now
-            try:
-                old.unlink(missing_ok=True)
-                lock.unlink()  # under the lock: a waiter then takes a new file (try_lock)
-            finally:
-                unlock(fd)
+            if old != keep and old.stat().st_mtime < now - PRUNE_AFTER_S:
+                _delete_locked(old.with_suffix(".lock"), old)
+    for lock in keep.parent.glob("*.lock"):
+        with contextlib.suppress(OSError):
+            orphan = not lock.with_suffix(".vmstate").exists()
+            if orphan and lock.stat().st_mtime < now - PRUNE_AFTER_S:
+                _delete_locked(lock)
+    for junk in [*keep.parent.glob("*.tmp*"), *keep.parent.glob("*.work")]:
+        with contextlib.suppress(OSError):
+            if junk.lstat().st_mtime < now - CRASH_LEFTOVER_S:
+                if junk.is_dir():
+                    shutil.rmtree(junk)
+                else:
+                    junk.unlink()
 
 
-# A template that could not be made or restored is not tried again by this process for a
-# while: each try costs a template boot or a restore before the cold boot.
+def _delete_locked(lock: Path, *paths: Path) -> None:
+    """Delete paths and then the lock file, holding the lock (skipped when it is held): a
+    waiter on the old lock file then takes a new one (try_lock checks)."""
+    fd = try_lock(lock)
+    if fd is None:
+        return
+    try:
+        for p in paths:
+            p.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)
+    finally:
+        unlock(fd)
+
+
+# A template that could not be made, or restored, is not tried again (made, or restored) by
+# this process for a while: each try costs a template boot or a restore before a cold boot.
 RETRY_AFTER_S = 600.0
-_failed_at: dict[Path, float] = {}
+CRASH_LEFTOVER_S = 86400.0
+Attempt = Literal["make", "restore"]
+_failed_at: dict[tuple[Path, Attempt], float] = {}
 
 
-def failed_recently(path: Path) -> bool:
-    at = _failed_at.get(path)
+def failed_recently(path: Path, attempt: Attempt) -> bool:
+    at = _failed_at.get((path, attempt))
     return at is not None and time.monotonic() - at < RETRY_AFTER_S
 
 
-def note_failure(path: Path) -> None:
-    _failed_at[path] = time.monotonic()
+def note_failure(path: Path, attempt: Attempt) -> None:
+    _failed_at[(path, attempt)] = time.monotonic()
+
+
+def forget_failures() -> None:
+    _failed_at.clear()
 
 
 def discard(path: Path, restored: os.stat_result) -> None:

@@ -3,6 +3,7 @@ upper and work dirs, that costs the host only its metadata until the guest write
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from pathlib import Path
 
@@ -26,3 +27,19 @@ async def test_a_scratch_disk_is_a_clean_ext4_costing_only_its_metadata(
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     ls = subprocess.run(["debugfs", "-R", "ls -l /", str(disk)], capture_output=True, text=True)
     assert " upper" in ls.stdout and " work" in ls.stdout, ls.stdout
+
+
+async def test_sandboxes_starting_together_share_one_good_template(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first creates on an empty cache all want the template at once: each used to make
+    # it under the same temporary names, deleting each other's files (and cached a broken
+    # one now and then).
+    monkeypatch.setenv("ISORUN_CACHE", str(tmp_path / "cache"))
+    disks = [tmp_path / f"d{i}.ext4" for i in range(4)]
+    await asyncio.gather(*(scratch.make_scratch(d, 256) for d in disks))
+    for d in disks:
+        fsck = subprocess.run(["e2fsck", "-fn", str(d)], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    made = sorted(p.name for p in (tmp_path / "cache" / "scratch").iterdir())
+    assert made == ["empty-256M-v4.ext4", "empty-256M-v4.lock"]

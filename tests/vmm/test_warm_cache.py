@@ -26,10 +26,17 @@ async def test_old_templates_are_pruned_by_last_use_with_their_locks(
         warm.template_path(key).with_suffix(".lock").touch()
         os.utime(warm.template_path(key), (long_ago, long_ago))
     with open(warm.template_path("restored"), "rb") as f:
-        warm.mark_used(f.fileno())  # restored just now
-    os.utime(warm.template_path("restored"), (long_ago, time.time()))  # noatime: atime stays
+        warm.mark_used(f.fileno())  # restored just now (a noatime mount keeps the old atime)
+    assert warm.template_path("restored").stat().st_mtime > time.time() - 60
     held = try_lock(warm.template_path("busy").with_suffix(".lock"))
     assert held is not None
+    # Left by makes that failed or crashed long ago: a lock of a key never made, a
+    # half-written state, a template guest's work dir.
+    (d / "failed.lock").touch()
+    (d / "crashed.tmp123").write_bytes(b"half")
+    (d / "crashed.work").mkdir()
+    for p in (d / "failed.lock", d / "crashed.tmp123", d / "crashed.work"):
+        os.utime(p, (long_ago, long_ago))
 
     made: list[Path] = []
 
@@ -38,9 +45,11 @@ async def test_old_templates_are_pruned_by_last_use_with_their_locks(
         tmp.write_bytes(b"new state")
 
     try:
-        path, fresh = await warm.ensure_template("new", make)
+        got = await warm.ensure_template("new", make)
     finally:
         unlock(held)
+    assert got is not None
+    path, fresh = got
     assert fresh and path.read_bytes() == b"new state" and len(made) == 1
     assert sorted(p.name for p in d.iterdir()) == [
         "busy.lock",
@@ -51,6 +60,30 @@ async def test_old_templates_are_pruned_by_last_use_with_their_locks(
         "restored.vmstate",
     ]
     assert await warm.ensure_template("new", make) == (path, False) and len(made) == 1
+
+
+async def test_a_boot_does_not_wait_long_for_a_template_another_process_makes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ISORUN_CACHE", str(tmp_path))
+    made: list[Path] = []
+
+    async def make(tmp: Path) -> None:
+        made.append(tmp)
+        tmp.write_bytes(b"state")
+
+    lock = warm.template_path("k").with_suffix(".lock")
+    held = try_lock(lock)  # another process, making it
+    assert held is not None
+    try:
+        t0 = time.monotonic()
+        assert await warm.ensure_template("k", make, wait_s=0.3) is None
+        assert 0.3 <= time.monotonic() - t0 < 5 and not made
+    finally:
+        unlock(held)
+    # Told not to make it (it failed here recently): no template, nothing made.
+    assert await warm.ensure_template("k", make, may_make=lambda: False) is None
+    assert not made and not warm.template_path("k").exists()
 
 
 async def test_a_template_that_fails_to_make_leaves_nothing(

@@ -126,7 +126,7 @@ async def test_a_template_that_cannot_be_made_is_not_tried_on_every_boot(
             assert not await _restored(vm)
         # The second boot went cold at once instead of paying a template boot again.
         assert caplog.text.count("making the template") == 1, caplog.text
-        assert "not trying again" in caplog.text
+        assert "not making one again" in caplog.text
         assert sorted(p.suffix for p in full.iterdir()) == [".lock"], "a failed template left"
     finally:
         subprocess.run(["umount", "-l", full], check=False)
