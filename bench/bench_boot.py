@@ -12,8 +12,11 @@ Both sides run in the same process, interleaved, on the same kernel and QEMU fla
   booted template of the machine (made in the warm-up unless cached; the first warm start's
   time is printed) and mounts the
   rootfs in it: the same VM a user gets, without running the kernel's boot.
-Prints JSON lines, the ratios of medians and the agent's own split of its boot (guest
-uptime when it started, then ms from its start to each step). Under TCG here; never a KVM
+Prints JSON lines, the ratios of medians and each side's split of its boot (medians, ms):
+bare: the guest's uptime when its init ran (`kernel_to_init`) and the rest (`outside_guest`:
+QEMU's start); isorun: the guest's uptime when the agent started, then ms from its start to
+each step and to `hello`, and the rest (`outside_guest`: QEMU's start and the host's jail,
+cgroup, scratch disk and connecting). Under TCG here; never a KVM
 number.
 """
 
@@ -38,12 +41,28 @@ from isorun.vmm import MicroVM, VMSpec, accel, artifacts, qemu_cmd
 from isorun.vmm import warm as warm_mod
 
 RUNS = int(os.environ.get("BENCH_RUNS", "7"))
+# Each prints READY and the guest's uptime (CLOCK_MONOTONIC: ms since the kernel started)
+# when it runs, so a boot splits into the kernel's part and the part outside the guest.
 TRIVIAL_GO_INIT = """package main
-import "os"
-func main() { os.Stdout.Write([]byte("READY\\n")); select {} }
+import ("os"; "strconv"; "syscall"; "unsafe")
+func main() {
+	var ts syscall.Timespec
+	syscall.Syscall(syscall.SYS_CLOCK_GETTIME, 1, uintptr(unsafe.Pointer(&ts)), 0)
+	ms := strconv.FormatInt(ts.Sec*1000+ts.Nsec/1000000, 10)
+	os.Stdout.Write([]byte("READY " + ms + "\\n"))
+	select {}
+}
 """
-TRIVIAL_C_INIT = """#include <unistd.h>
-int main(void) { write(1, "READY\\n", 6); for (;;) pause(); }
+TRIVIAL_C_INIT = """#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+int main(void) {
+	struct timespec t; char b[64];
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	int n = snprintf(b, sizeof b, "READY %ld\\n", (long)(t.tv_sec * 1000 + t.tv_nsec / 1000000));
+	write(1, b, n);
+	for (;;) pause();
+}
 """
 
 
@@ -77,7 +96,7 @@ def trivial_initramfs(work: Path, lang: str) -> Path:
     return out
 
 
-def bare_boot(kernel: Path, initramfs: Path, accel_name: str) -> float:
+def bare_boot(kernel: Path, initramfs: Path, accel_name: str, lang: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         lsock = socket.socket(socket.AF_UNIX)
         path = f"{tmp}/console.sock"
@@ -102,7 +121,7 @@ def bare_boot(kernel: Path, initramfs: Path, accel_name: str) -> float:
         c.connect(path)
         c.settimeout(30)
         buf = b""
-        while b"READY" not in buf:
+        while b"READY" not in buf or not buf.endswith(b"\n"):
             data = c.recv(4096)
             if not data:
                 raise RuntimeError("bare QEMU exited before READY")
@@ -110,7 +129,16 @@ def bare_boot(kernel: Path, initramfs: Path, accel_name: str) -> float:
         elapsed = time.monotonic() - t0
         proc.kill()
         proc.wait()
+        uptime_ms = float(buf.split(b"READY", 1)[1].split()[0])
+        wall_ms = elapsed * 1000
+        BARE_SPLIT[lang].append(
+            {"wall_ms": wall_ms, "kernel_to_init": uptime_ms, "outside_guest": wall_ms - uptime_ms}
+        )
         return elapsed
+
+
+# Per bare run: wall time, the guest's uptime when init ran, and the rest (QEMU's start).
+BARE_SPLIT: dict[str, list[dict[str, float]]] = {"go": [], "c": []}
 
 
 # The agent's own account of its boot, per run: {"boot_ms": …, "agent_start_uptime": …, …}
@@ -136,6 +164,9 @@ async def isorun_boot(rootfs: Path | None, warm: bool = False) -> float:
     if not warm and isinstance(hello.get("boot_ms"), int | float) and isinstance(phases, dict):
         row = {k: float(v) for k, v in phases.items() if isinstance(v, int | float)}
         row["hello"] = float(hello["boot_ms"])
+        # the rest: the host's part (jail, cgroup, scratch disk, connecting) and QEMU's start
+        row["wall_ms"] = elapsed * 1000
+        row["outside_guest"] = row["wall_ms"] - row.get("agent_start_uptime", 0) - row["hello"]
         AGENT_PHASES[rootfs is not None].append(row)
     await vm.kill()
     return elapsed
@@ -143,7 +174,7 @@ async def isorun_boot(rootfs: Path | None, warm: bool = False) -> float:
 
 def phase_medians(rows: list[dict[str, float]]) -> dict[str, float]:
     keys = sorted({k for r in rows for k in r})
-    return {k: statistics.median([r[k] for r in rows if k in r]) for k in keys}
+    return {k: round(statistics.median([r[k] for r in rows if k in r]), 1) for k in keys}
 
 
 def summary(name: str, xs: list[float]) -> dict[str, object]:
@@ -173,14 +204,14 @@ async def main() -> None:
         key = warm_mod.template_key(
             artifacts.qemu_binary(), kernel, artifacts.initramfs_path(), choice.name, 1, 256
         )
-        template_cached = (warm_mod.template_dir() / f"{key}.vmstate").is_file()
+        template_cached = warm_mod.template_path(key).is_file()
         first_warm_s = await isorun_boot(rootfs, warm=True)  # makes the template if need be
         FIRST_EXEC[False].clear()
         FIRST_EXEC[True].clear()
         AGENT_PHASES[True].clear()
         for _ in range(RUNS):
-            bare_go.append(bare_boot(kernel, trivial_go, choice.name))
-            bare_c.append(bare_boot(kernel, trivial_c, choice.name))
+            bare_go.append(bare_boot(kernel, trivial_go, choice.name, "go"))
+            bare_c.append(bare_boot(kernel, trivial_c, choice.name, "c"))
             full.append(await isorun_boot(rootfs))
             noroot.append(await isorun_boot(None))
             warm.append(await isorun_boot(rootfs, warm=True))
@@ -211,6 +242,12 @@ async def main() -> None:
         "warm_template_was_cached": template_cached,
     }
     print(json.dumps({"accel": choice.name, **ratios}))
+    for lang in ("go", "c"):
+        print(
+            json.dumps(
+                {"accel": choice.name, "bare_split_ms": lang, **phase_medians(BARE_SPLIT[lang])}
+            )
+        )
     for with_root, name in ((True, "rootfs"), (False, "initramfs_only")):
         print(
             json.dumps(
