@@ -11,7 +11,9 @@ Both sides run in the same process, interleaved, on the same kernel and QEMU fla
 - isorun warm start: MicroVM.boot(warm_start=True) with the same rootfs, which restores a
   booted template of the machine (made in the warm-up unless cached; the first warm start's
   time is printed) and mounts the
-  rootfs in it: the same VM a user gets, without running the kernel's boot.
+  rootfs in it: the same VM a user gets, without running the kernel's boot; against
+  DESIGN.md §5's floor for it, plain QEMU restoring the same template with the same disks
+  until its agent answers (no jail, cgroup, reseed, clock or root mount).
 Prints JSON lines, the ratios of medians and each side's split of its boot (medians, ms):
 bare: the guest's uptime when its init ran (`kernel_to_init`) and the rest (`outside_guest`:
 QEMU's start); isorun: the guest's uptime when the agent started, then ms from its start to
@@ -23,6 +25,7 @@ number.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -37,8 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from vmhelpers import build_busybox_rootfs
 
-from isorun.vmm import MicroVM, VMSpec, accel, artifacts, qemu_cmd
+from isorun.agent.mux import AgentConnection
+from isorun.vmm import MicroVM, VMSpec, accel, artifacts, qemu_cmd, scratch
 from isorun.vmm import warm as warm_mod
+from isorun.vmm.qmp import QMPMonitor
 
 RUNS = int(os.environ.get("BENCH_RUNS", "7"))
 # Each prints READY and the guest's uptime (CLOCK_MONOTONIC: ms since the kernel started)
@@ -141,6 +146,64 @@ def bare_boot(kernel: Path, initramfs: Path, accel_name: str, lang: str) -> floa
 BARE_SPLIT: dict[str, list[dict[str, float]]] = {"go": [], "c": []}
 
 
+async def bare_restore(template: Path, rootfs: Path, scratch_disk: Path, accel_name: str) -> float:
+    """DESIGN.md §5's floor for a warm start: plain QEMU restoring the same template with the
+    same disks (no jail, cgroup or seccomp; sockets and files ready beforehand), resumed once
+    loaded, until its agent answers hello; no reseed, clock or root mount after."""
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        socks: dict[str, socket.socket] = {}
+        for name in ("agent", "qmp", "console"):
+            socks[name] = stack.enter_context(socket.socket(socket.AF_UNIX))
+            socks[name].bind(f"{tmp}/{name}.sock")
+            socks[name].listen(1)
+
+        def opened(path: Path, mode: int) -> int:
+            fd = os.open(path, mode | os.O_CLOEXEC)
+            stack.callback(os.close, fd)
+            return fd
+
+        state = opened(template, os.O_RDONLY)
+        disks = {
+            "root": [opened(rootfs, os.O_RDONLY)],
+            "scratch": [opened(scratch_disk, os.O_RDONLY), opened(scratch_disk, os.O_RDWR)],
+        }
+        files = qemu_cmd.LaunchFiles(
+            kernel=artifacts.kernel_path(),
+            initramfs=artifacts.initramfs_path(),
+            rootfs=rootfs,
+            scratch=scratch_disk,
+            agent_fd=socks["agent"].fileno(),
+            qmp_fd=socks["qmp"].fileno(),
+            console_fd=socks["console"].fileno(),
+            root_on_cmdline=False,
+            incoming_fd=state,
+            disk_fds=disks,
+        )
+        argv = qemu_cmd.build(artifacts.qemu_binary(), accel_name, 1, 256, files, sandbox=False)
+        pass_fds = [s.fileno() for s in socks.values()] + [state, *disks["root"], *disks["scratch"]]
+        qmp = QMPMonitor()
+
+        async def resume() -> None:
+            await qmp.connect(Path(f"{tmp}/qmp.sock"))
+            while (await qmp.execute("query-status"))["status"] == "inmigrate":
+                await asyncio.sleep(0.005)
+            await qmp.execute("cont")
+
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, pass_fds=pass_fds)
+        try:
+            _, conn = await asyncio.gather(
+                resume(), AgentConnection.open_unix(f"{tmp}/agent.sock", 30)
+            )
+            elapsed = time.monotonic() - t0
+            await conn.close()
+            await qmp.close()
+        finally:
+            proc.kill()
+            proc.wait()
+        return elapsed
+
+
 # The agent's own account of its boot, per run: {"boot_ms": …, "agent_start_uptime": …, …}
 AGENT_PHASES: dict[bool, list[dict[str, float]]] = {True: [], False: []}
 # Boot and then the first command's result: what a user waits for (the guest's first exec
@@ -200,12 +263,15 @@ async def main() -> None:
         full: list[float] = []
         noroot: list[float] = []
         warm: list[float] = []
+        restore: list[float] = []
         await isorun_boot(rootfs)  # warm caches (scratch template, page cache)
         key = warm_mod.template_key(
             artifacts.qemu_binary(), kernel, artifacts.initramfs_path(), choice.name, 1, 256
         )
         template_cached = warm_mod.template_path(key).is_file()
         first_warm_s = await isorun_boot(rootfs, warm=True)  # makes the template if need be
+        scratch_disk = Path(tmp) / "scratch.ext4"
+        await scratch.make_scratch(scratch_disk, 256)
         FIRST_EXEC[False].clear()
         FIRST_EXEC[True].clear()
         AGENT_PHASES[True].clear()
@@ -215,6 +281,8 @@ async def main() -> None:
             full.append(await isorun_boot(rootfs))
             noroot.append(await isorun_boot(None))
             warm.append(await isorun_boot(rootfs, warm=True))
+            template = warm_mod.template_path(key)
+            restore.append(await bare_restore(template, rootfs, scratch_disk, choice.name))
     rows = [
         summary("bare_qemu_trivial_go_init", bare_go),
         summary("bare_qemu_trivial_c_init", bare_c),
@@ -223,6 +291,7 @@ async def main() -> None:
         summary("isorun_boot_rootfs_to_first_exec", FIRST_EXEC[False]),
         summary("isorun_warm_start_rootfs", warm),
         summary("isorun_warm_start_rootfs_to_first_exec", FIRST_EXEC[True]),
+        summary("bare_qemu_restore_of_the_template", restore),
     ]
     for r in rows:
         print(json.dumps({"accel": choice.name, **r}))
@@ -237,6 +306,10 @@ async def main() -> None:
         "ratio_warm_start_rootfs_vs_bare_go": round(statistics.median(warm) / go, 3),
         "ratio_warm_start_first_exec_vs_bare_go": round(
             statistics.median(FIRST_EXEC[True]) / go, 3
+        ),
+        # DESIGN.md §5: a warm start vs plain QEMU restoring the same template
+        "ratio_warm_start_rootfs_vs_bare_restore": round(
+            statistics.median(warm) / statistics.median(restore), 3
         ),
         "warm_first_start_s": round(first_warm_s, 3),
         "warm_template_was_cached": template_cached,
