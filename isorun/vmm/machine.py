@@ -140,7 +140,8 @@ class MicroVM:
         boot in 13), up to spec.boot_attempts."""
         last: IsorunError | None = None
         for _ in range(spec.boot_attempts):
-            vm = cls(uuid.uuid4().hex[:12], spec, choice, channel=channel)
+            prefix = TEMPLATE_VM_PREFIX if template_scratch is not None else ""
+            vm = cls(prefix + uuid.uuid4().hex[:12], spec, choice, channel=channel)
             try:
                 await vm._launch(bins, template_scratch=template_scratch)
                 return vm
@@ -328,6 +329,7 @@ class MicroVM:
     ) -> None:
         """Boot the template guest (our kernel and agent only, no user input: unjailed) with
         placeholder disks it does not mount, and save its state to dest once it answers."""
+        _remove_dead_template_vms()
         work = dest.with_suffix(".work")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -729,6 +731,22 @@ def running_pid(run_dir: Path) -> int | None:
     if pid <= 1 or not alive(pid) or str(run_dir) not in cmdline(pid):
         return None  # gone, or the pid was reused by another process
     return pid
+
+
+# Template guests' run dirs: no sandbox owns them, so no daemon re-adopts or removes them.
+TEMPLATE_VM_PREFIX = "template-"
+TEMPLATE_VM_STALE_S = 3600.0  # a template takes seconds to make
+
+
+def _remove_dead_template_vms() -> None:
+    """Run dirs (and cgroups) of template guests whose host process was killed while making
+    them (the guest died with it: --pdeathsig), left long ago."""
+    cutoff = time.time() - TEMPLATE_VM_STALE_S
+    for d in (state_root() / "vms").glob(f"{TEMPLATE_VM_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if d.stat().st_mtime < cutoff and running_pid(d) is None:
+                VMCgroup(f"vm-{d.name}").remove()
+                shutil.rmtree(d)
 
 
 def kill_orphan(run_dir: Path, timeout: float = 5.0) -> None:

@@ -190,7 +190,9 @@ def test_a_template_guest_dies_with_the_process_making_it(
         "import asyncio, sys; from pathlib import Path; from isorun.vmm import MicroVM, VMSpec\n"
         "spec = VMSpec(rootfs=Path(sys.argv[1]), memory_mib=256, scratch_mib=256,"
         " warm_start=True)\n"
-        "asyncio.run(MicroVM.boot(spec))\n"
+        "async def main():\n"
+        "    await (await MicroVM.boot(spec)).kill()\n"
+        "asyncio.run(main())\n"
     )
     host = subprocess.Popen([sys.executable, "-c", boot, str(busybox_rootfs)], env=env)
     try:
@@ -205,3 +207,10 @@ def test_a_template_guest_dies_with_the_process_making_it(
     while qemu_pids_for(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not qemu_pids_for(tmp_path), "the template guest outlived its host process"
+    # Its run dir is left (nothing of ours ran); the next template made long after removes it.
+    (left,) = (tmp_path / "state" / "vms").glob("template-*")
+    long_ago = time.time() - 2 * 3600
+    os.utime(left, (long_ago, long_ago))
+    subprocess.run([sys.executable, "-c", boot, str(busybox_rootfs)], env=env, check=True)
+    assert not left.exists(), "a dead template guest's run dir was kept"
+    assert not list((tmp_path / "state" / "vms").iterdir())
