@@ -140,8 +140,10 @@ class MicroVM:
         boot in 13), up to spec.boot_attempts."""
         last: IsorunError | None = None
         for _ in range(spec.boot_attempts):
-            prefix = TEMPLATE_VM_PREFIX if template_scratch is not None else ""
-            vm = cls(prefix + uuid.uuid4().hex[:12], spec, choice, channel=channel)
+            vm_id = uuid.uuid4().hex[:12]
+            if template_scratch is not None:  # as long as any other: socket paths are bounded
+                vm_id = TEMPLATE_VM_PREFIX + vm_id[len(TEMPLATE_VM_PREFIX) :]
+            vm = cls(vm_id, spec, choice, channel=channel)
             try:
                 await vm._launch(bins, template_scratch=template_scratch)
                 return vm
@@ -734,7 +736,7 @@ def running_pid(run_dir: Path) -> int | None:
 
 
 # Template guests' run dirs: no sandbox owns them, so no daemon re-adopts or removes them.
-TEMPLATE_VM_PREFIX = "template-"
+TEMPLATE_VM_PREFIX = "tpl-"
 TEMPLATE_VM_STALE_S = 3600.0  # a template takes seconds to make
 
 

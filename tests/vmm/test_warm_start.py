@@ -208,7 +208,7 @@ def test_a_template_guest_dies_with_the_process_making_it(
         time.sleep(0.05)
     assert not qemu_pids_for(tmp_path), "the template guest outlived its host process"
     # Its run dir is left (nothing of ours ran); the next template made long after removes it.
-    (left,) = (tmp_path / "state" / "vms").glob("template-*")
+    (left,) = (tmp_path / "state" / "vms").glob("tpl-*")
     long_ago = time.time() - 2 * 3600
     os.utime(left, (long_ago, long_ago))
     subprocess.run([sys.executable, "-c", boot, str(busybox_rootfs)], env=env, check=True)
