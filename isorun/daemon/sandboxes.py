@@ -58,7 +58,8 @@ class SandboxManager:
         # set once create() is over, either way (a DELETE meanwhile waits on it).
         self.creating: dict[str, tuple[SandboxRow, asyncio.Event]] = {}
         self._reaper: asyncio.Task[None] | None = None
-        self._prewarm: asyncio.Task[None] | None = None
+        # Warm-start templates being made, by (vcpus, memory_mib).
+        self._templating: dict[tuple[int, int], asyncio.Task[None]] = {}
 
     @property
     def images(self) -> ImageStore:
@@ -72,24 +73,33 @@ class SandboxManager:
         await self._readopt()
         self._reaper = asyncio.create_task(self._reap_forever(), name="reaper")
         if self.cfg.warm_start:
-            self._prewarm = asyncio.create_task(self._prepare_warm_start(), name="prewarm")
+            # the default shape's now, so that the first sandbox already starts warm
+            self._make_warm_template_soon(self.cfg.default_vcpus, self.cfg.default_memory_mib)
 
-    async def _prepare_warm_start(self) -> None:
-        """Make the warm-start template of the default sandbox shape in the background, so
-        the first sandbox starts warm instead of waiting for it (other shapes get theirs
-        at their first create)."""
-        spec = VMSpec(
-            vcpus=self.cfg.default_vcpus, memory_mib=self.cfg.default_memory_mib, warm_start=True
-        )
+    def _make_warm_template_soon(self, vcpus: int, memory_mib: int) -> None:
+        """Make the warm-start template of a sandbox shape in the background (one task per
+        shape at a time); until it is made, sandboxes of that shape boot cold."""
+        shape = (vcpus, memory_mib)
+        if shape in self._templating:
+            return
+        spec = VMSpec(vcpus=vcpus, memory_mib=memory_mib, warm_start=True)
+        task = asyncio.create_task(self._make_warm_template(spec), name=f"template {shape}")
+        self._templating[shape] = task
+        task.add_done_callback(lambda _: self._templating.pop(shape, None))
+
+    @staticmethod
+    async def _make_warm_template(spec: VMSpec) -> None:
         try:
             await MicroVM.prepare_warm_start(spec)
         except (IsorunError, OSError) as exc:
-            log.warning("warm start: the default shape's template was not made: %s", exc)
+            log.warning(
+                "warm start: no template for %d vCPU, %d MiB: %s", spec.vcpus, spec.memory_mib, exc
+            )
         except Exception:  # an optimisation only: never the daemon's end
-            log.exception("warm start: making the default shape's template failed")
+            log.exception("warm start: making a template failed")
 
     async def stop(self) -> None:
-        for task in (self._reaper, self._prewarm):
+        for task in (self._reaper, *self._templating.values()):
             if task is not None:
                 task.cancel()
                 # whatever it died of, the sandboxes below must still be seen to
@@ -299,9 +309,14 @@ class SandboxManager:
                 memory_mib=row.memory_mib,
                 scratch_mib=row.disk_mib,
                 jail=self.cfg.jail,
-                warm_start=self.cfg.warm_start,
                 extra_cmdline=f"{TAG}{row.id}",
             )
+            if self.cfg.warm_start:
+                # A create never waits for a template boot: without one it boots cold, and
+                # the template is made meanwhile for the next sandbox of this shape.
+                spec.warm_start = MicroVM.warm_template_ready(spec)
+                if not spec.warm_start:
+                    self._make_warm_template_soon(row.vcpus, row.memory_mib)
             vm = await MicroVM.boot(spec)
             await vm.agent.set_defaults(
                 env={**icfg.env, **req.env}, cwd=icfg.working_dir, user=icfg.user

@@ -221,6 +221,20 @@ class MicroVM:
         return made[0] if made is not None else None
 
     @classmethod
+    def warm_template_ready(cls, spec: VMSpec) -> bool:
+        """Whether a warm start of spec would restore a template already made, rather than
+        make one first or boot cold: a caller that cannot wait for a template boot (a
+        daemon's create) boots cold otherwise, and has it made meanwhile."""
+        try:
+            bins = _Binaries.of(spec)
+            if not _warm_applies(spec, vsock.choose(spec.channel)):
+                return False
+            path = warm.template_path(_template_key(spec, accel_mod.detect(spec.accel), bins))
+        except (IsorunError, OSError):
+            return False
+        return path.is_file() and not warm.failed_recently(path, "restore")
+
+    @classmethod
     async def _warm_template(
         cls,
         spec: VMSpec,
@@ -239,9 +253,7 @@ class MicroVM:
             await cls._save_template(spec, choice, bins, dest)
 
         try:
-            key = warm.template_key(
-                bins.qemu, bins.kernel, bins.initramfs, choice.name, spec.vcpus, spec.memory_mib
-            )
+            key = _template_key(spec, choice, bins)
         except OSError as exc:
             log.warning("warm start: %s; booting cold", exc)
             return None
@@ -781,6 +793,12 @@ def _listen(path: Path) -> socket.socket:
         s.close()
         raise
     return s
+
+
+def _template_key(spec: VMSpec, choice: accel_mod.AccelChoice, bins: _Binaries) -> str:
+    return warm.template_key(
+        bins.qemu, bins.kernel, bins.initramfs, choice.name, spec.vcpus, spec.memory_mib
+    )
 
 
 def _warm_applies(spec: VMSpec, channel: vsock.ChannelChoice) -> bool:

@@ -1,6 +1,7 @@
 """The daemon makes the warm-start template of its default sandbox shape when it starts, so
-its first sandbox starts warm instead of waiting for a template boot; stopped meanwhile, it
-leaves no template guest running and no half-made template."""
+its first sandbox starts warm instead of waiting for a template boot, and that of any other
+shape in the background after its first sandbox, which boots cold meanwhile; stopped while
+making one, it leaves no template guest running and no half-made template."""
 
 from __future__ import annotations
 
@@ -53,13 +54,31 @@ def test_the_first_sandbox_starts_from_a_template_made_at_daemon_start(
         _wait("the template", lambda: list(templates.glob("*.vmstate")), 120)
         (template,) = templates.glob("*.vmstate")
         made = template.stat().st_ino
-        with d.client() as c:
-            r = c.post("/v1/sandboxes", json={"image": f"rootfs:{busybox_rootfs}"})
-            assert r.status_code == 201, r.text
-            sid = r.json()["id"]
-            recs = ndjson(c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "cat /proc/cmdline"}))
-        out = b"".join(base64.b64decode(x["data"]) for x in recs if x["type"] == "stdout")
-        # A restored guest runs with the template's command line, which names no root disk.
-        assert b"console=" in out and b"isorun.root=" not in out, "the sandbox booted cold"
+        assert _restored(d, _create(d, busybox_rootfs)), "the first sandbox booted cold"
         assert [p.stat().st_ino for p in templates.glob("*.vmstate")] == [made]
         assert d.log().count("making the template") == 1, d.log()[-3000:]
+
+        # Another shape: its first sandbox boots cold at once (no wait for a template
+        # boot), the template is made meanwhile, and the next one of that shape is warm.
+        other = {"memory_mib": 320}
+        assert not _restored(d, _create(d, busybox_rootfs, **other))
+        _wait("the second template", lambda: len(list(templates.glob("*.vmstate"))) == 2, 120)
+        assert _restored(d, _create(d, busybox_rootfs, **other))
+        assert d.log().count("making the template") == 2, d.log()[-3000:]
+
+
+def _create(d: Daemon, rootfs: Path, **shape: int) -> str:
+    with d.client() as c:
+        r = c.post("/v1/sandboxes", json={"image": f"rootfs:{rootfs}", **shape})
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+
+def _restored(d: Daemon, sandbox: str) -> bool:
+    """A restored guest runs with its template's kernel command line, which names no root
+    disk (the agent mounts it on request); a cold-booted one names it."""
+    with d.client() as c:
+        recs = ndjson(c.post(f"/v1/sandboxes/{sandbox}/exec", json={"cmd": "cat /proc/cmdline"}))
+    out = b"".join(base64.b64decode(x["data"]) for x in recs if x["type"] == "stdout")
+    assert b"console=" in out, recs
+    return b"isorun.root=" not in out
