@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -126,7 +127,7 @@ def bare_boot(kernel: Path, initramfs: Path, accel_name: str, lang: str) -> floa
         c.connect(path)
         c.settimeout(30)
         buf = b""
-        while b"READY" not in buf or not buf.endswith(b"\n"):
+        while (ready := re.search(rb"READY (\d+)\r?\n", buf)) is None:
             data = c.recv(4096)
             if not data:
                 raise RuntimeError("bare QEMU exited before READY")
@@ -134,7 +135,7 @@ def bare_boot(kernel: Path, initramfs: Path, accel_name: str, lang: str) -> floa
         elapsed = time.monotonic() - t0
         proc.kill()
         proc.wait()
-        uptime_ms = float(buf.split(b"READY", 1)[1].split()[0])
+        uptime_ms = float(ready.group(1))
         wall_ms = elapsed * 1000
         BARE_SPLIT[lang].append(
             {"wall_ms": wall_ms, "kernel_to_init": uptime_ms, "outside_guest": wall_ms - uptime_ms}
@@ -191,14 +192,19 @@ async def bare_restore(template: Path, rootfs: Path, scratch_disk: Path, accel_n
 
         t0 = time.monotonic()
         proc = subprocess.Popen(argv, pass_fds=pass_fds)
+        for sock in socks.values():
+            sock.close()  # QEMU's copies serve; ours would hide its exit from a connect
         try:
-            _, conn = await asyncio.gather(
-                resume(), AgentConnection.open_unix(f"{tmp}/agent.sock", 30)
-            )
+            async with asyncio.timeout(30), asyncio.TaskGroup() as tg:
+                tg.create_task(resume())
+                hello = tg.create_task(AgentConnection.open_unix(f"{tmp}/agent.sock", 30))
             elapsed = time.monotonic() - t0
-            await conn.close()
-            await qmp.close()
+            await hello.result().close()
+        except Exception as exc:
+            rc = proc.poll()
+            raise RuntimeError(f"bare restore of {template} failed (QEMU exit {rc})") from exc
         finally:
+            await qmp.close()
             proc.kill()
             proc.wait()
         return elapsed
@@ -216,6 +222,9 @@ async def isorun_boot(rootfs: Path | None, warm: bool = False) -> float:
     spec = VMSpec(rootfs=rootfs, memory_mib=256, scratch_mib=256, warm_start=warm)
     vm = await MicroVM.boot(spec)
     elapsed = time.monotonic() - t0
+    if warm and not vm.restored:
+        await vm.kill()
+        raise RuntimeError("a warm start booted cold (see the log): its figures would be wrong")
     if rootfs is not None:  # the initramfs alone has no `true`
         result = await vm.agent.exec(argv=["true"])
         if result.exit_code != 0:
@@ -270,6 +279,8 @@ async def main() -> None:
         )
         template_cached = warm_mod.template_path(key).is_file()
         first_warm_s = await isorun_boot(rootfs, warm=True)  # makes the template if need be
+        if not warm_mod.template_path(key).is_file():
+            raise RuntimeError(f"no warm-start template at {warm_mod.template_path(key)}")
         scratch_disk = Path(tmp) / "scratch.ext4"
         await scratch.make_scratch(scratch_disk, 256)
         FIRST_EXEC[False].clear()

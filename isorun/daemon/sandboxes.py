@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -28,6 +29,8 @@ from isorun.vmm.cgroup import VMCgroup
 
 log = logging.getLogger("isorund.sandboxes")
 TAG = "isorun.sandbox="
+# Shapes whose warm-start templates may be queued at once (more boot cold until one is done).
+MAX_TEMPLATING = 4
 # Receives progress records of a create: the image's phases, then {"phase": "booting"}.
 OnProgress = Callable[[dict[str, Any]], None]
 
@@ -58,8 +61,10 @@ class SandboxManager:
         # set once create() is over, either way (a DELETE meanwhile waits on it).
         self.creating: dict[str, tuple[SandboxRow, asyncio.Event]] = {}
         self._reaper: asyncio.Task[None] | None = None
-        # Warm-start templates being made, by (vcpus, memory_mib).
+        # Warm-start templates being made or queued, by (vcpus, memory_mib).
         self._templating: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._template_slot = asyncio.Lock()
+        self._stopping = False
 
     @property
     def images(self) -> ImageStore:
@@ -74,21 +79,32 @@ class SandboxManager:
         self._reaper = asyncio.create_task(self._reap_forever(), name="reaper")
         if self.cfg.warm_start:
             # the default shape's now, so that the first sandbox already starts warm
-            self._make_warm_template_soon(self.cfg.default_vcpus, self.cfg.default_memory_mib)
+            self._make_warm_template_soon(
+                VMSpec(
+                    vcpus=self.cfg.default_vcpus,
+                    memory_mib=self.cfg.default_memory_mib,
+                    jail=self.cfg.jail,
+                )
+            )
 
-    def _make_warm_template_soon(self, vcpus: int, memory_mib: int) -> None:
-        """Make the warm-start template of a sandbox shape in the background (one task per
-        shape at a time); until it is made, sandboxes of that shape boot cold."""
-        shape = (vcpus, memory_mib)
-        if shape in self._templating:
+    def _make_warm_template_soon(self, spec: VMSpec) -> None:
+        """Make the warm-start template of spec's shape in the background; until it is made,
+        sandboxes of that shape boot cold. One task per shape, at most a few queued."""
+        shape = (spec.vcpus, spec.memory_mib)
+        if self._stopping or shape in self._templating or len(self._templating) >= MAX_TEMPLATING:
             return
-        spec = VMSpec(vcpus=vcpus, memory_mib=memory_mib, warm_start=True)
-        task = asyncio.create_task(self._make_warm_template(spec), name=f"template {shape}")
+        tspec = dataclasses.replace(spec, rootfs=None, extra_cmdline="", warm_start=True)
+        task = asyncio.create_task(self._make_warm_template(tspec), name=f"template {shape}")
         self._templating[shape] = task
         task.add_done_callback(lambda _: self._templating.pop(shape, None))
 
+    async def _make_warm_template(self, spec: VMSpec) -> None:
+        # One template guest at a time: each is a VM that no sandbox's capacity counts.
+        async with self._template_slot:
+            await self._make_one_template(spec)
+
     @staticmethod
-    async def _make_warm_template(spec: VMSpec) -> None:
+    async def _make_one_template(spec: VMSpec) -> None:
         try:
             await MicroVM.prepare_warm_start(spec)
         except (IsorunError, OSError) as exc:
@@ -99,6 +115,7 @@ class SandboxManager:
             log.exception("warm start: making a template failed")
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in (self._reaper, *self._templating.values()):
             if task is not None:
                 task.cancel()
@@ -311,13 +328,13 @@ class SandboxManager:
                 jail=self.cfg.jail,
                 extra_cmdline=f"{TAG}{row.id}",
             )
-            if self.cfg.warm_start:
-                # A create never waits for a template boot: without one it boots cold, and
-                # the template is made meanwhile for the next sandbox of this shape.
-                spec.warm_start = MicroVM.warm_template_ready(spec)
-                if not spec.warm_start:
-                    self._make_warm_template_soon(row.vcpus, row.memory_mib)
+            # A create never waits for a template boot: without one it boots cold, and the
+            # template is made after it (not beside it: both would share the host's cores)
+            # for the next sandbox of this shape.
+            spec.warm_start = self.cfg.warm_start and MicroVM.warm_template_ready(spec)
             vm = await MicroVM.boot(spec)
+            if self.cfg.warm_start and not spec.warm_start:
+                self._make_warm_template_soon(spec)
             await vm.agent.set_defaults(
                 env={**icfg.env, **req.env}, cwd=icfg.working_dir, user=icfg.user
             )

@@ -112,6 +112,9 @@ class MicroVM:
         self._shutdown_requested = False
         self._detached = False
         self._restored = False  # a warm start got as far as the agent answering
+        # Cleanup removes the run dir (and cgroup) only when this VM made it or adopted it:
+        # not another VM's whose id this one drew again.
+        self._owns_run_dir = run_dir is not None
 
     # --- boot -----------------------------------------------------------------------
 
@@ -217,8 +220,7 @@ class MicroVM:
         if vsock.choose(spec.channel).name != "serial":
             return None  # such VMs boot cold (_warm_applies)
         # no boot waits for it here: wait out another process making it
-        made = await cls._warm_template(spec, accel_mod.detect(spec.accel), bins, None)
-        return made[0] if made is not None else None
+        return await cls._warm_template(spec, accel_mod.detect(spec.accel), bins, None)
 
     @classmethod
     def warm_template_ready(cls, spec: VMSpec) -> bool:
@@ -230,9 +232,9 @@ class MicroVM:
             if not _warm_applies(spec, vsock.choose(spec.channel)):
                 return False
             path = warm.template_path(_template_key(spec, accel_mod.detect(spec.accel), bins))
+            return path.is_file() and not warm.failed_recently(path, "restore")
         except (IsorunError, OSError):
             return False
-        return path.is_file() and not warm.failed_recently(path, "restore")
 
     @classmethod
     async def _warm_template(
@@ -241,10 +243,10 @@ class MicroVM:
         choice: accel_mod.AccelChoice,
         bins: _Binaries,
         wait_s: float | None,
-    ) -> tuple[Path, bool] | None:
-        """The template of spec's shape and whether this call made it, or None when there is
-        none to use: it could not be made, another process has been making it for longer
-        than a boot may wait, or it failed recently here (warm.RETRY_AFTER_S)."""
+    ) -> Path | None:
+        """The template of spec's shape, or None when there is none to use: it could not be
+        made, another process has been making it for longer than wait_s, or it failed
+        recently here (warm.RETRY_AFTER_S)."""
 
         async def make(dest: Path) -> None:
             log.info(
@@ -261,9 +263,10 @@ class MicroVM:
         if warm.failed_recently(path, "restore"):
             return None
         try:
-            return await warm.ensure_template(
+            got = await warm.ensure_template(
                 key, make, lambda: not warm.failed_recently(path, "make"), wait_s
             )
+            return got[0] if got is not None else None
         except (IsorunError, OSError) as exc:
             warm.note_failure(path, "make")
             log.warning(
@@ -283,16 +286,18 @@ class MicroVM:
         """Restore this machine shape's template (making it first if need be), or None
         when no template can be made or restored: the caller then boots cold."""
         # Another process making it normally takes ~1 s; past a boot timeout, boot cold.
-        made = await cls._warm_template(spec, choice, bins, spec.boot_timeout)
-        if made is None:
+        template = await cls._warm_template(spec, choice, bins, spec.boot_timeout)
+        if template is None:
             return None
-        template, fresh = made
         try:
             # Opened once, here: another process may discard or prune the path meanwhile.
             state_fd = os.open(template, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             log.warning("warm start: %s; booting cold", exc)
             return None
+        # Made by this process (here, or in the background) and never restored yet: if it
+        # does not load, the next one made the same way would not either.
+        fresh = warm.untried(os.fstat(state_fd))
         try:
             serial = vsock.ChannelChoice("serial", "warm start")
             vm = cls(uuid.uuid4().hex[:12], spec, choice, channel=serial)
@@ -404,6 +409,7 @@ class MicroVM:
         t0 = time.monotonic()
         self.started_at = t0
         self.run_dir.mkdir(parents=True, exist_ok=False)
+        self._owns_run_dir = True
         scratch_path = template_scratch or self.run_dir / "scratch.ext4"
         if self.spec.rootfs is not None and template_scratch is None:
             await scratch.make_scratch(scratch_path, self.spec.scratch_mib)
@@ -431,6 +437,7 @@ class MicroVM:
                 vsock_cid=lease.cid if lease else None,
                 vsock_port=vsock.AGENT_PORT if lease else 0,
                 root_on_cmdline=template_scratch is None,
+                pidfile=self.run_dir / "qemu.pid",
             )
             if restore_from is not None:
 
@@ -615,6 +622,12 @@ class MicroVM:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    @property
+    def restored(self) -> bool:
+        """Whether this VM was restored from a warm-start template instead of booted (a warm
+        start that could not apply boots cold)."""
+        return self._restored
+
     async def wait(self) -> str:
         """Wait until QEMU has exited; returns why."""
         await self._exited.wait()
@@ -665,8 +678,9 @@ class MicroVM:
             await self.console.stop()
         finally:
             # Even when closing failed above: a later kill() only re-raises that error.
-            self.cgroup.remove()
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+            if self._owns_run_dir:
+                self.cgroup.remove()
+                shutil.rmtree(self.run_dir, ignore_errors=True)
         return usage
 
     def _usage_now(self) -> VMUsage:

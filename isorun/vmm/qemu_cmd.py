@@ -39,6 +39,10 @@ class LaunchFiles:
     # Disks as fd sets (name -> fds, one per access mode) instead of paths: a restored VM
     # opens its disks only once the state is loaded, by then inside the jail's empty root.
     disk_fds: dict[str, list[int]] = field(default_factory=dict)
+    # Where QEMU writes its pid. Its path in QEMU's argv is what ties a running QEMU to its
+    # run dir (adopt, orphan cleanup) when nothing else there names it (an unjailed VM
+    # given its disks as fds).
+    pidfile: Path | None = None
 
 
 # Under TCG two boot steps cost more than the rest of the kernel's boot put together:
@@ -165,6 +169,8 @@ def build(
             argv += _disk(name, fdset.get(name, path), readonly, from_fdset=name in fdset)
     if "state" in fdset:
         argv += ["-incoming", f"file:{fdset['state']}"]
+    if files.pidfile is not None:
+        argv += ["-pidfile", str(files.pidfile)]  # a plain path: no option-string escaping
     if sandbox:
         argv += ["-sandbox", SECCOMP_DROPPING if run_as else SECCOMP]
     run_with = []

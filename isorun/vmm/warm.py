@@ -35,6 +35,7 @@ from isorun.vmm.artifacts import cache_root
 TEMPLATE_VERSION = 1
 PLACEHOLDER_BYTES = 4 << 40  # guest-visible capacity of every warm-started disk
 PRUNE_AFTER_S = 14 * 86400
+MAX_TEMPLATES = 16  # at ~20-30 MB each
 
 
 def template_dir() -> Path:
@@ -106,30 +107,54 @@ async def ensure_template(
             tmp.unlink(missing_ok=True)
             raise
         os.replace(tmp, path)
+        st = os.stat(path)
+        _untried.add((st.st_dev, st.st_ino))
     finally:
         unlock(fd)
     _prune(keep=path)
     return path, True
 
 
+# Templates this process made that no restore has used yet, by (st_dev, st_ino).
+_untried: set[tuple[int, int]] = set()
+
+
+def untried(template: os.stat_result) -> bool:
+    """Whether this process made this template file and has not restored it yet."""
+    return (template.st_dev, template.st_ino) in _untried
+
+
 def mark_used(template_fd: int) -> None:
     """A template restored: its mtime says when it was last used, which pruning goes by
     (atime is not kept on noatime mounts)."""
+    st = os.fstat(template_fd)
+    _untried.discard((st.st_dev, st.st_ino))
     with contextlib.suppress(OSError):
         os.utime(template_fd)
 
 
 def _prune(keep: Path) -> None:
     """When a new template is made: templates unused for PRUNE_AFTER_S (older kernels,
-    agents, QEMUs; each holds a booted guest's memory, ~20 MB) go with their locks; so do
+    agents, QEMUs; each holds a booted guest's memory, ~20 MB), and the least recently used
+    beyond MAX_TEMPLATES, go with their locks; so do
     locks of keys never made that long, and what crashed makes left (a make takes seconds).
     A template being made or pruned has its lock held; one being restored is open, which its
     deletion does not disturb."""
     now = time.time()
+    used: list[tuple[float, Path]] = []
     for old in keep.parent.glob("*.vmstate"):
         with contextlib.suppress(OSError):
-            if old != keep and old.stat().st_mtime < now - PRUNE_AFTER_S:
+            if old == keep:
+                continue
+            mtime = old.stat().st_mtime
+            if mtime < now - PRUNE_AFTER_S:
                 _delete_locked(old.with_suffix(".lock"), old)
+            else:
+                used.append((mtime, old))
+    # Beyond MAX_TEMPLATES (every sandbox shape gets one), the least recently used go.
+    for _, old in sorted(used)[: max(0, len(used) + 1 - MAX_TEMPLATES)]:
+        with contextlib.suppress(OSError):
+            _delete_locked(old.with_suffix(".lock"), old)
     for lock in keep.parent.glob("*.lock"):
         with contextlib.suppress(OSError):
             orphan = not lock.with_suffix(".vmstate").exists()

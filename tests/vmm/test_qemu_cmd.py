@@ -62,6 +62,9 @@ def test_a_restored_vm_reads_its_state_and_disks_from_fd_sets() -> None:
     assert all("file.locking=off" in d for d in drives)
     assert argv[argv.index("-incoming") + 1] == f"file:/dev/fdset/{set_of[9]}"
     assert "/img.ext4" not in " ".join(argv)
+    # No disk path left to tie the process to its run dir: the pid file's does.
+    argv = qemu_cmd.build("qemu", "tcg", 1, 256, replace(files, pidfile=Path("/run/v,1/q.pid")))
+    assert argv[argv.index("-pidfile") + 1] == "/run/v,1/q.pid"
 
 
 def test_a_warm_start_template_has_its_disks_but_does_not_mount_them() -> None:

@@ -62,6 +62,28 @@ async def test_old_templates_are_pruned_by_last_use_with_their_locks(
     assert await warm.ensure_template("new", make) == (path, False) and len(made) == 1
 
 
+async def test_beyond_the_cap_the_least_recently_used_templates_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every sandbox shape gets a template: a tenant cycling through memory sizes must not
+    # fill the disk with them for 14 days.
+    monkeypatch.setenv("ISORUN_CACHE", str(tmp_path))
+    d = warm.template_dir()
+    d.mkdir(parents=True)
+    now = time.time()
+    for i in range(warm.MAX_TEMPLATES + 3):
+        warm.template_path(f"t{i:02}").write_bytes(b"state")
+        os.utime(warm.template_path(f"t{i:02}"), (now - 1000 + i, now - 1000 + i))
+
+    async def make(tmp: Path) -> None:
+        tmp.write_bytes(b"new")
+
+    assert await warm.ensure_template("new", make) is not None
+    kept = sorted(p.stem for p in d.glob("*.vmstate"))
+    assert len(kept) == warm.MAX_TEMPLATES and "new" in kept
+    assert min(set(kept) - {"new"}) == "t04", "the least recently used were not the ones to go"
+
+
 async def test_a_boot_does_not_wait_long_for_a_template_another_process_makes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -130,6 +132,27 @@ async def test_a_template_that_cannot_be_made_is_not_tried_on_every_boot(
         assert sorted(p.suffix for p in full.iterdir()) == [".lock"], "a failed template left"
     finally:
         subprocess.run(["umount", "-l", full], check=False)
+
+
+async def test_an_unjailed_warm_started_vm_can_be_adopted(
+    busybox_rootfs: Path, warm_vms: list[MicroVM]
+) -> None:
+    # Given its disks as fds and no jail root, nothing else in QEMU's argv names its run
+    # dir: a daemon restarting took such a VM for gone and left it running.
+    vm = await MicroVM.boot(vm_spec(busybox_rootfs, warm_start=True, jail=False))
+    warm_vms.append(vm)
+    assert await _restored(vm)
+    await vm.detach()
+    warm_vms.remove(vm)  # a detached VM is no longer this object's to kill
+    try:
+        again = await MicroVM.adopt(vm.run_dir)
+    except BaseException:
+        assert vm.pid is not None
+        os.killpg(vm.pid, signal.SIGKILL)
+        shutil.rmtree(vm.run_dir, ignore_errors=True)
+        raise
+    warm_vms.append(again)
+    assert await _out(again, "echo adopted") == "adopted"
 
 
 async def test_an_image_that_is_not_ext4_fails_the_boot_and_keeps_the_template(
