@@ -14,17 +14,30 @@ from isorun.images.locks import try_lock, unlock
 from isorun.vmm import warm
 
 
-async def test_old_templates_are_pruned_by_last_use_with_their_locks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def templates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty template dir of a cache of this test's own."""
     monkeypatch.setenv("ISORUN_CACHE", str(tmp_path))
     d = warm.template_dir()
     d.mkdir(parents=True)
+    return d
+
+
+def _saved(key: str, last_used: float) -> None:
+    warm.template_path(key).write_bytes(b"state")
+    os.utime(warm.template_path(key), (last_used, last_used))
+
+
+async def _make(tmp: Path) -> None:
+    tmp.write_bytes(b"new state")
+
+
+async def test_old_templates_are_pruned_by_last_use_with_their_locks(templates: Path) -> None:
+    d = templates
     long_ago = time.time() - warm.PRUNE_AFTER_S - 3600
     for key in ("unused", "restored", "busy"):
-        warm.template_path(key).write_bytes(b"state")
+        _saved(key, long_ago)
         warm.template_path(key).with_suffix(".lock").touch()
-        os.utime(warm.template_path(key), (long_ago, long_ago))
     with open(warm.template_path("restored"), "rb") as f:
         warm.mark_used(f.fileno())  # restored just now (a noatime mount keeps the old atime)
     assert warm.template_path("restored").stat().st_mtime > time.time() - 60
@@ -62,32 +75,21 @@ async def test_old_templates_are_pruned_by_last_use_with_their_locks(
     assert await warm.ensure_template("new", make) == (path, False) and len(made) == 1
 
 
-async def test_beyond_the_cap_the_least_recently_used_templates_go(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_beyond_the_cap_the_least_recently_used_templates_go(templates: Path) -> None:
     # Every sandbox shape gets a template: a tenant cycling through memory sizes must not
     # fill the disk with them for 14 days.
-    monkeypatch.setenv("ISORUN_CACHE", str(tmp_path))
-    d = warm.template_dir()
-    d.mkdir(parents=True)
     now = time.time()
     for i in range(warm.MAX_TEMPLATES + 3):
-        warm.template_path(f"t{i:02}").write_bytes(b"state")
-        os.utime(warm.template_path(f"t{i:02}"), (now - 1000 + i, now - 1000 + i))
-
-    async def make(tmp: Path) -> None:
-        tmp.write_bytes(b"new")
-
-    assert await warm.ensure_template("new", make) is not None
-    kept = sorted(p.stem for p in d.glob("*.vmstate"))
+        _saved(f"t{i:02}", now - 1000 + i)
+    assert await warm.ensure_template("new", _make) is not None
+    kept = sorted(p.stem for p in templates.glob("*.vmstate"))
     assert len(kept) == warm.MAX_TEMPLATES and "new" in kept
     assert min(set(kept) - {"new"}) == "t04", "the least recently used were not the ones to go"
 
 
 async def test_a_boot_does_not_wait_long_for_a_template_another_process_makes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    templates: Path,
 ) -> None:
-    monkeypatch.setenv("ISORUN_CACHE", str(tmp_path))
     made: list[Path] = []
 
     async def make(tmp: Path) -> None:
@@ -108,15 +110,11 @@ async def test_a_boot_does_not_wait_long_for_a_template_another_process_makes(
     assert not made and not warm.template_path("k").exists()
 
 
-async def test_a_template_that_fails_to_make_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("ISORUN_CACHE", str(tmp_path))
-
+async def test_a_template_that_fails_to_make_leaves_nothing(templates: Path) -> None:
     async def make(tmp: Path) -> None:
         tmp.write_bytes(b"half")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
         await warm.ensure_template("k", make)
-    assert [p.name for p in warm.template_dir().iterdir()] == ["k.lock"]
+    assert [p.name for p in templates.iterdir()] == ["k.lock"]
