@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -24,8 +23,7 @@ from isorun.daemon.progress import progress_record
 from isorun.daemon.store import LOCAL_TENANT, SandboxRow, Store
 from isorun.errors import IsorunError, VMError
 from isorun.images import ImageConfig, ImageError, ImageStore, ProgressEvent
-from isorun.vmm import MicroVM, VMSpec, kill_orphan
-from isorun.vmm.cgroup import VMCgroup
+from isorun.vmm import MicroVM, VMSpec, kill_orphan, remove_run_dir
 
 log = logging.getLogger("isorund.sandboxes")
 TAG = "isorun.sandbox="
@@ -99,14 +97,10 @@ class SandboxManager:
         task.add_done_callback(lambda _: self._templating.pop(shape, None))
 
     async def _make_warm_template(self, spec: VMSpec) -> None:
-        # One template guest at a time: each is a VM that no sandbox's capacity counts.
-        async with self._template_slot:
-            await self._make_one_template(spec)
-
-    @staticmethod
-    async def _make_one_template(spec: VMSpec) -> None:
         try:
-            await MicroVM.prepare_warm_start(spec)
+            # One template guest at a time: each is a VM that no sandbox's capacity counts.
+            async with self._template_slot:
+                await MicroVM.prepare_warm_start(spec)
         except (IsorunError, OSError) as exc:
             log.warning(
                 "warm start: no template for %d vCPU, %d MiB: %s", spec.vcpus, spec.memory_mib, exc
@@ -144,7 +138,7 @@ class SandboxManager:
                 except Exception as exc:
                     log.warning("sandbox %s could not be re-adopted: %s", row.id, exc)
                     await asyncio.to_thread(kill_orphan, Path(row.run_dir))
-                    self._remove_run_dir(Path(row.run_dir))
+                    remove_run_dir(Path(row.run_dir))
                     self.store.end_sandbox(
                         row,
                         "lost",
@@ -186,12 +180,7 @@ class SandboxManager:
                     continue
                 log.warning("removing orphan VM %s of sandbox %s", d.name, sandbox_id)
                 await asyncio.to_thread(kill_orphan, d)
-                self._remove_run_dir(d)
-
-    @staticmethod
-    def _remove_run_dir(d: Path) -> None:
-        VMCgroup(f"vm-{d.name}").remove()
-        shutil.rmtree(d, ignore_errors=True)
+                remove_run_dir(d)
 
     # --- lookups ---------------------------------------------------------------------
 

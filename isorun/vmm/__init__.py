@@ -1,7 +1,7 @@
 """The VMM driver: QEMU microVMs with a guest agent, jailed, limited and supervised."""
 
 from isorun.vmm.accel import AccelChoice, detect
-from isorun.vmm.machine import MicroVM, VMUsage, kill_orphan, running_pid
+from isorun.vmm.machine import MicroVM, VMUsage, kill_orphan, remove_run_dir, running_pid
 from isorun.vmm.spec import VMSpec
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "VMUsage",
     "detect",
     "kill_orphan",
+    "remove_run_dir",
     "running_pid",
 ]

@@ -773,8 +773,13 @@ def _remove_dead_template_vms() -> None:
     for d in (state_root() / "vms").glob(f"{TEMPLATE_VM_PREFIX}*"):
         with contextlib.suppress(OSError):
             if d.stat().st_mtime < cutoff and running_pid(d) is None:
-                VMCgroup(f"vm-{d.name}").remove()
-                shutil.rmtree(d)
+                remove_run_dir(d)
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    """Remove the run dir and cgroup of a VM that is not running (any more)."""
+    VMCgroup(f"vm-{run_dir.name}").remove()
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def kill_orphan(run_dir: Path, timeout: float = 5.0) -> None:

@@ -36,6 +36,10 @@ TEMPLATE_VERSION = 1
 PLACEHOLDER_BYTES = 4 << 40  # guest-visible capacity of every warm-started disk
 PRUNE_AFTER_S = 14 * 86400
 MAX_TEMPLATES = 16  # at ~20-30 MB each
+CRASH_LEFTOVER_S = 86400.0  # a make takes seconds: its .tmp/.work older than this are dead
+# A template that could not be made, or restored, is not tried again (made, or restored) by
+# this process for a while: each try costs a template boot or a restore before a cold boot.
+RETRY_AFTER_S = 600.0
 
 
 def template_dir() -> Path:
@@ -107,28 +111,31 @@ async def ensure_template(
             tmp.unlink(missing_ok=True)
             raise
         os.replace(tmp, path)
-        st = os.stat(path)
-        _untried.add((st.st_dev, st.st_ino))
+        _untried.add(_file_id(os.stat(path)))
     finally:
         unlock(fd)
     _prune(keep=path)
     return path, True
 
 
-# Templates this process made that no restore has used yet, by (st_dev, st_ino).
+# Templates this process made that no restore has used yet.
 _untried: set[tuple[int, int]] = set()
+
+
+def _file_id(st: os.stat_result) -> tuple[int, int]:
+    """Which file (not which path): a template remade at the same path is another one."""
+    return st.st_dev, st.st_ino
 
 
 def untried(template: os.stat_result) -> bool:
     """Whether this process made this template file and has not restored it yet."""
-    return (template.st_dev, template.st_ino) in _untried
+    return _file_id(template) in _untried
 
 
 def mark_used(template_fd: int) -> None:
     """A template restored: its mtime says when it was last used, which pruning goes by
     (atime is not kept on noatime mounts)."""
-    st = os.fstat(template_fd)
-    _untried.discard((st.st_dev, st.st_ino))
+    _untried.discard(_file_id(os.fstat(template_fd)))
     with contextlib.suppress(OSError):
         os.utime(template_fd)
 
@@ -136,8 +143,8 @@ def mark_used(template_fd: int) -> None:
 def _prune(keep: Path) -> None:
     """When a new template is made: templates unused for PRUNE_AFTER_S (older kernels,
     agents, QEMUs; each holds a booted guest's memory, ~20 MB), and the least recently used
-    beyond MAX_TEMPLATES, go with their locks; so do
-    locks of keys never made that long, and what crashed makes left (a make takes seconds).
+    beyond MAX_TEMPLATES, go with their locks; so do locks of keys never made that long, and
+    what crashed makes left.
     A template being made or pruned has its lock held; one being restored is open, which its
     deletion does not disturb."""
     now = time.time()
@@ -183,10 +190,6 @@ def _delete_locked(lock: Path, *paths: Path) -> None:
         unlock(fd)
 
 
-# A template that could not be made, or restored, is not tried again (made, or restored) by
-# this process for a while: each try costs a template boot or a restore before a cold boot.
-RETRY_AFTER_S = 600.0
-CRASH_LEFTOVER_S = 86400.0
 Attempt = Literal["make", "restore"]
 _failed_at: dict[tuple[Path, Attempt], float] = {}
 
@@ -208,6 +211,5 @@ def discard(path: Path, restored: os.stat_result) -> None:
     """Drop a template that failed to restore (the file `restored` describes, not a newer
     one another process may have made at the same path since)."""
     with contextlib.suppress(OSError):
-        st = os.stat(path)
-        if (st.st_dev, st.st_ino) == (restored.st_dev, restored.st_ino):
+        if _file_id(os.stat(path)) == _file_id(restored):
             path.unlink()
