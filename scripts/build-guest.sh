@@ -8,5 +8,7 @@ initramfs="$("$here/build-initramfs.sh")"
 mkdir -p "$cache/guest"
 ln -sfn "$kernel" "$cache/guest/vmlinux"
 ln -sfn "$initramfs" "$cache/guest/initramfs.cpio"
+"$here/prune-guest-builds.sh" "$cache/kernel" "$kernel"
+"$here/prune-guest-builds.sh" "$cache/initramfs" "$initramfs"
 echo "guest: kernel $kernel" >&2
 echo "guest: initramfs $initramfs" >&2

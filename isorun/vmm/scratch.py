@@ -12,8 +12,13 @@ overlay's empty `upper` and `work` directories, so the guest does not create the
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
+import re
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from isorun.errors import ConfigError
@@ -36,8 +41,14 @@ async def _run(*argv: str) -> None:
         raise ConfigError(f"{argv[0]} failed: {out.decode(errors='replace').strip()[:500]}")
 
 
+VERSION = 4  # bumped whenever the layout changes; older versions' files are removed
+CRASH_LEFTOVER_S = 86400.0
+
+
 async def template(size_mib: int) -> Path:
-    path = cache_root() / "scratch" / f"empty-{size_mib}M-v4.ext4"
+    path = cache_root() / "scratch" / f"empty-{size_mib}M-v{VERSION}.ext4"
+    if path.parent.is_dir():
+        _remove_older_versions(path.parent)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +64,23 @@ async def template(size_mib: int) -> Path:
             await _run("cp", "--sparse=always", str(formatted), str(tmp))
             os.replace(tmp, path)
     return path
+
+
+@functools.cache  # once per process: a sweep of a small directory
+def _remove_older_versions(cache: Path) -> None:
+    """Each layout change made every size's template anew under a new name; the old ones
+    (and their locks) would stay in the cache for good. A process still running an older
+    isorun remakes its own version if it needs it."""
+    current = re.compile(rf"empty-\d+M-v{VERSION}\.(ext4|lock)")
+    for entry in cache.glob("empty-*"):
+        if not current.fullmatch(entry.name):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                entry.unlink()
+    # a make killed midway leaves its work dir (a live one is seconds old)
+    for work in cache.glob(".make-*"):
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - work.stat().st_mtime > CRASH_LEFTOVER_S:
+                shutil.rmtree(work, ignore_errors=True)
 
 
 async def _format(mkfs: str, tmp: Path, size_mib: int) -> None:

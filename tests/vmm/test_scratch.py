@@ -4,7 +4,9 @@ upper and work dirs, that costs the host only its metadata until the guest write
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,26 @@ async def test_sandboxes_starting_together_share_one_good_template(
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     made = sorted(p.name for p in (tmp_path / "cache" / "scratch").iterdir())
     assert made == ["empty-256M-v4.ext4", "empty-256M-v4.lock"]
+
+
+async def test_templates_of_older_layouts_and_crashed_makes_leave_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ISORUN_CACHE", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "scratch"
+    cache.mkdir(parents=True)
+    older = ["empty-256M.ext4", "empty-256M-v2.ext4", "empty-1024M-v3.ext4", "empty-512M-v3.lock"]
+    for name in older:
+        (cache / name).write_bytes(b"old layout")
+    crashed, live = cache / ".make-crashed", cache / ".make-live"
+    for work in (crashed, live):
+        work.mkdir()
+        (work / "mkfs.ext4").write_bytes(b"half made")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(crashed, (two_days_ago, two_days_ago))
+    (cache / "notes.txt").write_text("not ours")
+
+    await scratch.make_scratch(tmp_path / "d.ext4", 256)
+
+    left = sorted(p.name for p in cache.iterdir())
+    assert left == [".make-live", "empty-256M-v4.ext4", "empty-256M-v4.lock", "notes.txt"]
