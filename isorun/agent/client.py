@@ -9,7 +9,7 @@ import asyncio
 import base64
 import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from isorun.agent.frames import Kind
@@ -30,6 +30,13 @@ from isorun.errors import FileNotFoundInGuest, GuestError, ProtocolError
 # A callback may return an awaitable: it is awaited before more output is read, so a slow
 # consumer holds back the guest through the channel's credits instead of buffering.
 OutputCallback = Callable[[bytes], object]
+# What one listing (files or processes) may take from the guest: each entry may be up to a
+# frame (a 64 KiB name), so a count alone would let a guest fill the host's memory.
+MAX_LISTING_BYTES = 256 << 20
+MAX_COUNT = (1 << 63) - 1
+# How long past an exec's own timeout the host waits for the guest's answer: the guest's
+# TERM-then-KILL grace and the drain of the output, slow under emulation.
+EXEC_DEADLINE_GRACE_S = 30.0
 StdinSource = bytes | AsyncIterable[bytes]
 
 
@@ -51,11 +58,12 @@ class ExecResult:
 
 @dataclass(slots=True)
 class Attachment:
-    """Where a replay started and how many bytes the ring had already dropped."""
+    """Where a replay started, how many bytes the ring had already dropped, and how many it
+    dropped while the reader fell behind during the follow (a sum: the guest says how often)."""
 
     offset: int
     lost: int = 0
-    gaps: list[int] = field(default_factory=list)
+    gap_bytes: int = 0
 
 
 def _raise_for(resp: dict[str, Any]) -> dict[str, Any]:
@@ -118,10 +126,20 @@ class AgentClient:
         req = _exec_request(cmd, argv, env, cwd, user, timeout, pty, tag)
         req["stdin"] = stdin is not None
         ch = await self._open(req)
+        # The guest enforces `timeout`; the host waits a grace more, then gives up on a guest
+        # that does not (a wedged or hostile one would otherwise hold the call for good).
+        deadline = None if not timeout else timeout + EXEC_DEADLINE_GRACE_S
         with ch:
             feeder = _start_feeder(ch, stdin) if stdin is not None else None
             try:
-                return await _collect_process(ch, on_stdout, on_stderr, on_start, capture, None)
+                async with asyncio.timeout(deadline):
+                    return await _collect_process(ch, on_stdout, on_stderr, on_start, capture, None)
+            except TimeoutError:
+                raise GuestError(
+                    f"the guest did not end the command within its {timeout:g} s timeout "
+                    f"(waited {EXEC_DEADLINE_GRACE_S:g} s more); the request was cancelled",
+                    "unresponsive",
+                ) from None
             finally:
                 if feeder is not None:
                     feeder.cancel()
@@ -184,6 +202,7 @@ class AgentClient:
         # Long lists come as EVENT {"procs": [...]} batches before the RESP's own batch.
         ch = await self._open({"op": "list_procs"})
         found: list[ProcInfo] = []
+        received = 0
         with ch:
             while True:
                 frame = await ch.next()
@@ -193,8 +212,11 @@ class AgentClient:
                 if frame.kind is Kind.RESP:
                     _raise_for(body)
                 procs = body.get("procs", [])
+                received += len(frame.payload)
                 if not isinstance(procs, list) or len(found) + len(procs) > 8192:
                     raise ProtocolError("list_procs answer is not a list of at most 8192 processes")
+                if received > MAX_LISTING_BYTES:
+                    raise ProtocolError(f"list_procs answer exceeds {MAX_LISTING_BYTES >> 20} MiB")
                 found.extend(parse_proc(p) for p in procs)
                 if frame.kind is Kind.RESP:
                     return found
@@ -256,12 +278,14 @@ class AgentClient:
         return b"".join(parts)
 
     async def write_file(
-        self, path: str, data: StdinSource, *, mode: int = 0o644, append: bool = False
+        self, path: str, data: StdinSource, *, mode: int | None = None, append: bool = False
     ) -> int:
-        """Stream bytes into a guest file (atomically replaced unless appending)."""
-        ch = await self._open(
-            {"op": "write_file", "path": path, "mode": mode, "append": append, "mkdirs": True}
-        )
+        """Stream bytes into a guest file (a regular one atomically replaced unless
+        appending). Without `mode` an existing file keeps its mode, a new one gets 0644."""
+        req: dict[str, Any] = {"op": "write_file", "path": path, "append": append, "mkdirs": True}
+        if mode is not None:
+            req["mode"] = mode
+        ch = await self._open(req)
         # Feed and read at once: the guest may answer before it took every byte (a path it
         # cannot create, a full disk), and then grants no more credit for the rest.
         with ch:
@@ -279,6 +303,7 @@ class AgentClient:
     async def list(self, path: str, depth: int = 1) -> list[FileEntry]:
         ch = await self._open({"op": "list", "path": path, "depth": depth})
         entries: list[FileEntry] = []
+        received = 0
         with ch:
             while True:
                 frame = await ch.next()
@@ -291,8 +316,14 @@ class AgentClient:
                 if not isinstance(batch, list):
                     raise ProtocolError("list event without an 'entries' list")
                 entries.extend(parse_entry(e) for e in batch)
-                if len(entries) > 1_000_000:
-                    raise GuestError(f"{path} lists more than 1,000,000 entries", "invalid")
+                # bounded by what the guest sent, not by entries: one may be 64 KiB of name
+                received += len(frame.payload)
+                if len(entries) > 1_000_000 or received > MAX_LISTING_BYTES:
+                    raise GuestError(
+                        f"{path} lists more than 1,000,000 entries or "
+                        f"{MAX_LISTING_BYTES >> 20} MiB of them",
+                        "invalid",
+                    )
 
     async def stat(self, path: str) -> FileEntry:
         resp = await self.call("stat", path=path)
@@ -453,7 +484,8 @@ async def _collect_process(
                 attachment.offset = as_int(ev, "offset")
                 attachment.lost = as_int(ev, "lost", default=0)
             elif kind == "gap" and attachment is not None:
-                attachment.gaps.append(as_int(ev, "lost"))
+                gap = as_int(ev, "lost")
+                attachment.gap_bytes = min(attachment.gap_bytes + max(gap, 0), MAX_COUNT)
         elif frame.kind is Kind.RESP:
             resp = _raise_for(frame.json())
             return ExecResult(

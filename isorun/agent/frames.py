@@ -6,8 +6,10 @@ rejects anything outside the contract instead of guessing.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -70,13 +72,42 @@ def encode_credit(chan: int, n: int) -> bytes:
     return encode(chan, Kind.CREDIT, struct.pack(">I", n))
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("an object repeats a key")
+    return obj
+
+
+# Python's json accepts more than JSON: NaN and Infinity, numbers that overflow to inf,
+# a repeated key (the last one silently wins). From the guest each is a violation.
+_STRICT_JSON = json.JSONDecoder(
+    parse_constant=_reject_constant,
+    parse_float=_finite_float,
+    object_pairs_hook=_object_without_duplicates,
+)
+
+
 def decode_json(payload: bytes) -> dict[str, Any]:
     if len(payload) > MAX_JSON:
         raise ProtocolError(f"JSON payload of {len(payload)} bytes exceeds {MAX_JSON}")
     try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"guest sent invalid JSON: {exc}") from exc
+        # UTF-8 only (json.loads of bytes would also take UTF-16 and UTF-32)
+        obj = _STRICT_JSON.decode(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        what = "nests too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise ProtocolError(f"guest sent invalid JSON: {what}") from exc
     if not isinstance(obj, dict):
         raise ProtocolError(f"guest sent JSON {type(obj).__name__}, want an object")
     return obj
@@ -110,26 +141,32 @@ class FrameDecoder:
         return frames
 
 
-def find_hello(buf: bytes, nonce: str) -> tuple[dict[str, Any], int] | None:
-    """The hello RESP carrying `nonce` and the offset just past it, or None.
+def find_hello(
+    buf: bytes, nonce: str, pos: int = 0
+) -> tuple[tuple[dict[str, Any], int] | None, int]:
+    """The hello RESP carrying `nonce` and the offset just past it (or None), and where to
+    resume the search once more bytes arrived (`pos` for the next call).
 
     After a reconnect the stream may start mid-frame (bytes of an earlier connection);
-    scanning for the hello answer is how the host resynchronises.
+    scanning for the hello answer is how the host resynchronises. Each byte is looked at
+    a bounded number of times, whatever the guest sends: JSON text holds no NUL byte, and
+    every header does, so a candidate's payload ends at the first NUL or is decoded once.
     """
     want = HEADER.pack(0, HELLO_CHAN, Kind.RESP)[4:]
-    start = 0
+    shortest = len(json.dumps({"nonce": nonce}))  # no answer holding the nonce is shorter
     while True:
-        i = buf.find(want, start + 4)
+        i = buf.find(want, max(pos, 4))
         if i < 0:
-            return None
-        hdr = i - 4
-        (length,) = struct.unpack_from(">I", buf, hdr)
-        if length <= MAX_JSON and i + 5 + length <= len(buf):
-            payload = buf[i + 5 : i + 5 + length]
-            try:
-                obj = json.loads(payload)
-            except ValueError:
-                obj = None
-            if isinstance(obj, dict) and obj.get("nonce") == nonce:
-                return obj, i + 5 + length
-        start = i - 3
+            return None, max(pos, len(buf) - len(want) + 1)
+        (length,) = struct.unpack_from(">I", buf, i - 4)
+        start, end = i + len(want), i + len(want) + length
+        if shortest <= length <= MAX_JSON and buf.find(b"\x00", start, end) < 0:
+            if end > len(buf):
+                return None, i  # may be the answer, still arriving (nothing follows it yet)
+            obj: dict[str, Any] | None = None
+            if buf.find(nonce.encode(), start, end) >= 0:  # cheap, before decoding
+                with contextlib.suppress(ProtocolError):
+                    obj = decode_json(buf[start:end])
+            if obj is not None and obj.get("nonce") == nonce:
+                return (obj, end), end
+        pos = i + 1

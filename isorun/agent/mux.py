@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections import deque
 from collections.abc import Awaitable
 from typing import Any
 
@@ -21,14 +22,35 @@ from isorun.errors import ChannelClosedError, ProtocolError
 WINDOW = 262144
 # Return credit once a quarter of the window has been consumed: fewer tiny frames.
 CREDIT_BATCH = WINDOW // 4
-# Control events (JSON) are not credit-limited; a full queue pauses the reader instead,
-# which back-pressures the guest through the transport.
-QUEUE_FRAMES = 512
+# The one reader never waits for a consumer (one slow consumer would stall every request
+# of the sandbox). Data is bounded by the credit window; control events are not
+# credit-limited, so the events a consumer has not taken yet are bounded here: past either
+# bound that consumer's request is cancelled with an error saying so.
+EVENT_BACKLOG = 1 << 20  # per channel
+CONNECTION_EVENT_BACKLOG = 8 << 20  # all channels of one connection together
+EVENT_OVERHEAD = 128  # counted per event besides its payload: empty ones are not free
 HELLO_SCAN_LIMIT = 1 << 20
 # asyncio's buffer limit for an agent stream: a few whole frames.
 STREAM_LIMIT = frames.MAX_PAYLOAD * 4
 StreamPair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 IO_CHUNK = 32768
+MAX_JOINED = frames.MAX_PAYLOAD  # bytes one queued data item grows to
+
+
+class _Data:
+    """OUT or ERR bytes not taken yet. Frames of one kind that arrive while the consumer is
+    behind join one item (up to a frame's size), so their number stays small however small
+    the guest's frames are. stdout and stderr stay each in order; which of the two came
+    first is kept only while the consumer keeps up (the guest reads them apart anyway)."""
+
+    __slots__ = ("data", "kind")
+
+    def __init__(self, kind: Kind, data: bytes) -> None:
+        self.kind = kind
+        self.data = bytearray(data)
+
+
+_Item = Frame | _Data | BaseException
 
 
 class Channel:
@@ -37,7 +59,9 @@ class Channel:
     def __init__(self, conn: AgentConnection, chan: int) -> None:
         self._conn = conn
         self.id = chan
-        self._queue: asyncio.Queue[Frame | BaseException] = asyncio.Queue(QUEUE_FRAMES)
+        self._inbox: deque[_Item] = deque()
+        self._arrived = asyncio.Event()
+        self._event_bytes = 0  # events queued, as counted against EVENT_BACKLOG
         self._recv_window = WINDOW  # data bytes the guest may still send us
         self._unacked = 0
         self._send_window = WINDOW  # data bytes we may still send the guest
@@ -46,20 +70,46 @@ class Channel:
         self._all_acked = asyncio.Event()  # every byte we sent was consumed by the guest
         self._all_acked.set()
         self.closed = False
-        # The consumer is gone (cancelled, failed): the reader drops this channel's frames
-        # instead of queueing them for no one, and forgets the channel at its RESP.
-        self._abandoned = False
 
-    async def _deliver(self, frame: Frame | BaseException) -> None:
-        if isinstance(frame, Frame) and frame.kind in frames.DATA_KINDS:
+    def _deliver(self, frame: Frame) -> None:
+        """Queue a frame from the guest; never waits."""
+        if frame.kind in frames.DATA_KINDS:
             self._recv_window -= len(frame.payload)
             if self._recv_window < 0:
                 raise ProtocolError(f"guest overran the flow-control window on channel {self.id}")
-        if self._abandoned:
-            if isinstance(frame, Frame) and frame.kind is Kind.RESP:
-                self._conn._forget(self.id)
+            if frame.payload:  # an empty one says nothing
+                self._queue_data(frame)
             return
-        await self._queue.put(frame)
+        if frame.kind is Kind.EVENT:
+            cost = len(frame.payload) + EVENT_OVERHEAD
+            if (
+                self._event_bytes + cost > EVENT_BACKLOG
+                or self._conn._event_bytes + cost > CONNECTION_EVENT_BACKLOG
+            ):
+                held = self._event_bytes
+                self._give_up(
+                    ChannelClosedError(
+                        f"channel {self.id}: {held} bytes of events from the guest were not "
+                        "taken in time; the request was cancelled"
+                    )
+                )
+                return
+            self._event_bytes += cost
+            self._conn._event_bytes += cost
+        self._put(frame)
+
+    def _queue_data(self, frame: Frame) -> None:
+        for item in reversed(self._inbox):  # the trailing run of data items
+            if not isinstance(item, _Data):
+                break
+            if item.kind is frame.kind and len(item.data) + len(frame.payload) <= MAX_JOINED:
+                item.data += frame.payload
+                return
+        self._put(_Data(frame.kind, frame.payload))
+
+    def _put(self, item: _Item) -> None:
+        self._inbox.append(item)
+        self._arrived.set()
 
     def _grant(self, n: int) -> None:
         self._send_window += n
@@ -69,18 +119,29 @@ class Channel:
             self._all_acked.set()
 
     async def next(self) -> Frame:
-        item = await self._queue.get()
+        while not self._inbox:
+            self._arrived.clear()
+            await self._arrived.wait()
+        item = self._inbox.popleft()
         if isinstance(item, BaseException):
             # A dead connection ends the channel; a local failure (see `fail`) leaves it for
             # the consumer to abandon, which cancels the request in the guest.
             self.closed = self.closed or self._conn.is_closed
             raise item
-        if item.kind in frames.DATA_KINDS:
-            await self._consumed(len(item.payload))
+        if isinstance(item, _Data):
+            await self._consumed(len(item.data))
+            return Frame(self.id, item.kind, bytes(item.data))
+        if item.kind is Kind.EVENT:
+            self._release_event(item)
         elif item.kind is Kind.RESP:
             self.closed = True
             self._conn._forget(self.id)
         return item
+
+    def _release_event(self, frame: Frame) -> None:
+        cost = len(frame.payload) + EVENT_OVERHEAD
+        self._event_bytes -= cost
+        self._conn._event_bytes -= cost
 
     async def _consumed(self, n: int) -> None:
         self._unacked += n
@@ -128,22 +189,30 @@ class Channel:
     def fail(self, exc: BaseException) -> None:
         """End the consumer's wait with `exc` (its own stdin source failed, say)."""
         if not self.closed:
-            _put_dropping(self._queue, exc)
+            self._put(exc)
+
+    def _give_up(self, exc: BaseException) -> None:
+        """Cancel the request for its consumer, who learns why at its next `next()`."""
+        self.abandon()
+        self._put(exc)
 
     def abandon(self) -> None:
-        """Give up on the request without waiting: send CANCEL, and from now on drop what
-        the guest still sends on the channel (until its RESP, which ends it). Never blocks,
-        so it is safe in cancellation and error paths even when the guest stopped reading."""
+        """Give up on the request without waiting: send CANCEL unless the guest answered
+        already, and forget the channel (the reader drops what the guest still sends on it).
+        Never blocks, so it is safe in cancellation and error paths even when the guest
+        stopped reading."""
         if self.closed:
             return
         self.closed = True
-        self._abandoned = True
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if isinstance(item, Frame) and item.kind is Kind.RESP:
-                self._conn._forget(self.id)
-                return  # answered already: nothing to cancel
-        self._conn._send_nowait(frames.encode(self.id, Kind.CANCEL))
+        answered = False
+        for item in self._inbox:
+            if isinstance(item, Frame) and item.kind is Kind.EVENT:
+                self._release_event(item)
+            answered = answered or (isinstance(item, Frame) and item.kind is Kind.RESP)
+        self._inbox.clear()
+        self._conn._forget(self.id)
+        if not answered:
+            self._conn._send_nowait(frames.encode(self.id, Kind.CANCEL))
 
     def __enter__(self) -> Channel:
         return self
@@ -163,6 +232,8 @@ class AgentConnection:
         self._decoder = frames.FrameDecoder()
         self._channels: dict[int, Channel] = {}
         self._next_chan = 1
+        self._wrapped = False  # channel numbers went round: every one was opened once
+        self._event_bytes = 0  # queued events of all channels (Channel._deliver)
         self._write_lock = asyncio.Lock()
         self._closed = asyncio.Event()
         self._close_error: BaseException | None = None
@@ -204,14 +275,17 @@ class AgentConnection:
         await self._send(
             frames.encode_json(frames.HELLO_CHAN, Kind.REQ, {"op": "hello", "nonce": nonce})
         )
-        buf = b""
+        buf, pos = b"", 0
         async with asyncio.timeout(timeout):
             while True:
                 data = await self._reader.read(65536)
                 if not data:
                     raise ChannelClosedError("agent stream closed during hello")
-                buf = (buf + data)[-HELLO_SCAN_LIMIT:]
-                found = frames.find_hello(buf, nonce)
+                buf += data
+                if len(buf) > HELLO_SCAN_LIMIT:
+                    dropped = len(buf) - HELLO_SCAN_LIMIT
+                    buf, pos = buf[dropped:], max(0, pos - dropped)
+                found, pos = frames.find_hello(buf, nonce, pos)
                 if found is not None:
                     break
         self.hello, end = found
@@ -223,7 +297,10 @@ class AgentConnection:
     def open_channel(self) -> Channel:
         self._raise_if_closed()
         chan = self._next_chan
-        self._next_chan = 1 if self._next_chan >= 0xFFFFFFFF else self._next_chan + 1
+        if chan >= 0xFFFFFFFF:
+            self._next_chan, self._wrapped = 1, True
+        else:
+            self._next_chan += 1
         ch = Channel(self, chan)
         self._channels[chan] = ch
         return ch
@@ -233,6 +310,9 @@ class AgentConnection:
 
     def _forget(self, chan: int) -> None:
         self._channels.pop(chan, None)
+
+    def _was_opened(self, chan: int) -> bool:
+        return self._wrapped or 1 <= chan < self._next_chan
 
     # --- I/O ------------------------------------------------------------------------
 
@@ -268,11 +348,15 @@ class AgentConnection:
             self._fail(exc)
         except (ConnectionError, OSError) as exc:
             self._fail(ChannelClosedError(f"agent stream failed: {exc}"))
+        except Exception as exc:  # a dead reader must not leave every request hanging
+            self._fail(ProtocolError(f"agent stream handling failed: {exc!r}"[:500]))
 
     async def _dispatch_all(self, batch: list[Frame]) -> None:
         for frame in batch:
             ch = self._channels.get(frame.chan)
             if ch is None:
+                if self._was_opened(frame.chan):
+                    continue  # answered or abandoned: what the guest still sends is dropped
                 raise ProtocolError(
                     f"guest sent a {frame.kind.name} frame on channel {frame.chan}, "
                     "which the host never opened"
@@ -282,7 +366,7 @@ class AgentConnection:
                 continue
             if frame.kind in (Kind.RESP, Kind.EVENT):
                 frame.json()  # validate now: a bad payload is the guest's fault, not the consumer's
-            await ch._deliver(frame)
+            ch._deliver(frame)
 
     # --- closing -----------------------------------------------------------------
 
@@ -318,7 +402,7 @@ class AgentConnection:
         # a connection that ends.
         self._writer.transport.abort()
         for ch in list(self._channels.values()):
-            _put_dropping(ch._queue, exc)
+            ch._put(exc)
             ch._send_ready.set()
             ch._all_acked.set()
         self._channels.clear()
@@ -326,18 +410,8 @@ class AgentConnection:
     async def close(self) -> None:
         if self._reader_task is not None:
             self._reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader_task
         self._fail(ChannelClosedError("agent connection closed by the host"))
         with contextlib.suppress(Exception):
             await self._writer.wait_closed()
-
-
-def _put_dropping(queue: asyncio.Queue[Frame | BaseException], exc: BaseException) -> None:
-    """Queue an error without blocking: drop a pending item to make room for it."""
-    while True:
-        try:
-            queue.put_nowait(exc)
-            return
-        except asyncio.QueueFull:
-            queue.get_nowait()

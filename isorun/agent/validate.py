@@ -24,6 +24,11 @@ def as_str(obj: dict[str, Any], key: str, default: Any = _MISSING) -> str:
     v = _get(obj, key, default)
     if not isinstance(v, str) or len(v) > _MAX_STR:
         raise ProtocolError(f"guest field '{key}' is not a string of at most {_MAX_STR} chars")
+    if not v.isascii():
+        try:  # a lone surrogate (a "\udc80" escape) is no text: it fails every encoder later
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError(f"guest field '{key}' holds a lone surrogate") from None
     return v
 
 

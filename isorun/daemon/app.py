@@ -70,6 +70,7 @@ _GUEST_STATUS = {
     "not_empty": 409,
     "busy": 409,
     "unsupported": 400,
+    "unresponsive": 504,  # the guest did not end an exec by its timeout (agent/client.py)
 }
 
 
@@ -239,11 +240,12 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
             try:
                 tenant = "" if public else tenant_of(request)
                 result = await fn(request, tenant)
+                if isinstance(result, Response):
+                    return result
+                # rendered here: a value it cannot encode is an error record, not a bare 500
+                return JSONResponse(result, status_code=status)
             except Exception as exc:
                 return map_error(exc)
-            if isinstance(result, Response):
-                return result
-            return JSONResponse(result, status_code=status)
 
         return handler
 
@@ -499,7 +501,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                 **_exit_record(r),
                 "attached_offset": att.offset,
                 "lost": att.lost,
-                "gaps": att.gaps,
+                "gap_bytes": att.gap_bytes,
             }
 
         return _stream(live, run, cancel_on_disconnect=True)
@@ -649,7 +651,12 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
     async def write_file(request: Request, tenant: str) -> Any:
         live = manager.get_live(tenant, request.path_params["sid"])
         path = _query_path(request)
-        mode = _query_int(request, "mode", 0o644, 0, 0o7777)
+        # absent: an existing file keeps its mode, a new one gets 0644 (docs/protocol.md)
+        mode = (
+            None
+            if "mode" not in request.query_params
+            else _query_int(request, "mode", 0, 0, 0o7777)
+        )
         append = request.query_params.get("append") in ("1", "true")
         n = await live.vm.agent.write_file(path, _chunks(request), mode=mode, append=append)
         return {"path": path, "bytes": n}

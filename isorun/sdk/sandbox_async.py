@@ -415,7 +415,7 @@ class AsyncFiles:
         path: str,
         data: str | bytes | IO[bytes] | Iterable[bytes] | AsyncIterable[bytes],
         *,
-        mode: int = 0o644,
+        mode: int | None = None,
         append: bool = False,
     ) -> int:
         """Write str, bytes, a binary file object, or a (sync or async) iterable of chunks;
@@ -427,7 +427,9 @@ class AsyncFiles:
             content = data
         else:
             content = _aiter_sync(data)
-        params = {"path": path, "mode": str(mode)}
+        params = {"path": path}
+        if mode is not None:  # else an existing file keeps its mode, a new one gets 0644
+            params["mode"] = str(mode)
         if append:
             params["append"] = "1"
         r = _core.check(

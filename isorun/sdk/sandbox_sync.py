@@ -397,7 +397,7 @@ class Files:
         path: str,
         data: str | bytes | IO[bytes] | Iterable[bytes],
         *,
-        mode: int = 0o644,
+        mode: int | None = None,
         append: bool = False,
     ) -> int:
         """Write str, bytes, a binary file object or an iterable of chunks (streamed)."""
@@ -409,7 +409,9 @@ class Files:
             content = iter(lambda: f.read(1 << 20), b"")
         else:
             content = data
-        params = {"path": path, "mode": str(mode)}
+        params = {"path": path}
+        if mode is not None:  # else an existing file keeps its mode, a new one gets 0644
+            params["mode"] = str(mode)
         if append:
             params["append"] = "1"
         r = _core.check(

@@ -72,9 +72,55 @@ def test_hello_found_after_leftover_bytes() -> None:
     noise = b"\x00\x00\x10\x00garbage" + frames.encode(7, Kind.OUT, b"old")[:5]
     hello = frames.encode_json(0, Kind.RESP, {"ok": True, "nonce": "abc"})
     after = frames.encode(3, Kind.OUT, b"x")
-    found = frames.find_hello(noise + hello + after, "abc")
+    found, _ = frames.find_hello(noise + hello + after, "abc")
     assert found is not None
     obj, end = found
     assert obj["nonce"] == "abc"
     assert (noise + hello + after)[end:] == after
-    assert frames.find_hello(noise + hello, "other") is None
+    assert frames.find_hello(noise + hello, "other")[0] is None
+
+
+def test_hello_arriving_in_pieces_is_found_resuming_where_the_last_search_stopped() -> None:
+    # A stale frame that claims to be a long chan-0 answer, then the real one.
+    bogus = frames.HEADER.pack(40000, 0, Kind.RESP) + b'{"nonce":"abc"'
+    stream = bogus + b"\x00" + frames.encode_json(0, Kind.RESP, {"ok": True, "nonce": "abc"})
+    buf, pos, found = b"", 0, None
+    for i in range(0, len(stream), 7):
+        buf += stream[i : i + 7]
+        found, pos = frames.find_hello(buf, "abc", pos)
+        if found is not None:
+            break
+    assert found is not None and found[1] == len(stream)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[" * 60000,  # nested past the recursion limit
+        b'{"a":NaN}',
+        b'{"a":Infinity}',
+        b'{"a":1e999}',  # overflows to inf
+        b'{"a":1,"a":2}',  # which one would win is the parser's choice
+        '{"a":"b"}'.encode("utf-16"),
+        b'{"a":"\xff"}',
+    ],
+)
+def test_what_python_json_would_take_but_json_is_not_is_a_violation(payload: bytes) -> None:
+    with pytest.raises(ProtocolError, match="invalid JSON"):
+        frames.decode_json(payload)
+
+
+def test_a_hello_search_resumes_past_what_it_has_seen(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Empty chan-0 answers every 9 bytes: each used to be decoded, and the whole window
+    # rescanned on every read (650 ms a scan, the event loop of every sandbox stalled).
+    decoded: list[bytes] = []
+    real_decode = frames.decode_json
+    monkeypatch.setattr(frames, "decode_json", lambda p: decoded.append(p) or real_decode(p))
+    flood = frames.HEADER.pack(0, 0, Kind.RESP) * 7000
+    buf, pos = b"", 0
+    for _ in range(16):
+        buf += flood
+        found, pos = frames.find_hello(buf, "abc", pos)
+        assert found is None
+        assert pos >= len(buf) - frames.HEADER_SIZE  # the next read starts at the new bytes
+    assert decoded == []  # none holds the nonce: none is decoded

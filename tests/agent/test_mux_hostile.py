@@ -10,9 +10,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from isorun.agent import AgentClient, AgentConnection, frames
+from isorun.agent import AgentClient, AgentConnection, frames, mux
+from isorun.agent import client as client_mod
+from isorun.agent.client import Attachment
 from isorun.agent.frames import Kind
-from isorun.errors import ChannelClosedError, ProtocolError
+from isorun.errors import ChannelClosedError, GuestError, ProtocolError
 
 Guest = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -80,6 +82,8 @@ def _after_request(payload: bytes) -> Guest:
         (frames.encode(1, Kind.RESP, b"not json"), "invalid JSON"),
         (frames.encode(1, Kind.RESP, b"[]"), "want an object"),
         (frames.encode(1, Kind.CREDIT, b"\x01"), "CREDIT frame"),
+        (frames.encode(1, Kind.RESP, b"[" * 60000), "nests too deeply"),
+        (frames.encode(1, Kind.EVENT, b'{"event":NaN}'), "invalid JSON"),
     ],
     ids=[
         "garbage",
@@ -89,6 +93,8 @@ def _after_request(payload: bytes) -> Guest:
         "bad-json",
         "json-array",
         "bad-credit",
+        "deep-json",
+        "nan",
     ],
 )
 async def test_violation_kills_only_that_connection(
@@ -279,5 +285,190 @@ async def test_a_failing_stdin_source_fails_the_exec_and_cancels_it() -> None:
             break
         await asyncio.sleep(0.05)
     assert seen[-1] is Kind.CANCEL and Kind.EOF not in seen
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_a_consumer_that_does_not_read_stalls_no_other_request() -> None:
+    # 600 short lines are far inside the credit window but were more frames than a channel
+    # queued: the one reader then waited for this consumer, and every request with it.
+    lines = [f"line {i:04d}\n".encode() * 8 for i in range(600)]
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        for line in lines:
+            w.write(frames.encode(f.chan, Kind.OUT, line))
+        w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "exit_code": 0}))
+        await w.drain()
+        await _health_guest(r, w)
+
+    client, task = await _connect(guest)
+    go_on = asyncio.Event()
+
+    async def slow_consumer(_: bytes) -> None:
+        await go_on.wait()
+
+    exec_task = asyncio.create_task(client.exec("yes", on_stdout=slow_consumer))
+    assert (await asyncio.wait_for(client.health(), 5))["version"] == "fake"
+    go_on.set()
+    result = await asyncio.wait_for(exec_task, 5)
+    assert result.stdout == b"".join(lines)  # all of it, in order
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_output_in_tiny_frames_is_held_compactly_and_arrives_whole() -> None:
+    # A frame per byte, a window's worth, while the consumer is not reading: the host
+    # holds a few items, not one per frame.
+    client, task = await _connect(_stream_then_answer(200_000))
+    ch = client.conn.open_channel()
+    await client.conn.request(ch, {"op": "exec", "cmd": "yes"})
+    for _ in range(200):
+        if any(item for item in ch._inbox if isinstance(item, frames.Frame)):
+            break  # the RESP arrived: everything before it is queued
+        await asyncio.sleep(0.02)
+    assert len(ch._inbox) <= 2 + 200_000 // mux.MAX_JOINED
+    got = b""
+    while (frame := await ch.next()).kind is Kind.OUT:
+        got += frame.payload
+    assert got == b"x" * 200_000 and frame.kind is Kind.RESP
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_events_nobody_takes_cancel_that_request_not_the_connection() -> None:
+    seen: list[Kind] = []
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        event = {"event": "fs", "op": "write", "path": "/" + "a" * 1000}
+        for _ in range(2000):  # 2 MB of events: more than a channel may hold
+            w.write(frames.encode_json(f.chan, Kind.EVENT, event))
+        await w.drain()
+        while True:
+            g = await _read_frame(r)
+            seen.append(g.kind)
+            if g.kind is Kind.REQ:
+                w.write(frames.encode_json(g.chan, Kind.RESP, {"ok": True, "version": "fake"}))
+                await w.drain()
+
+    client, task = await _connect(guest)
+    ch = client.conn.open_channel()
+    await client.conn.request(ch, {"op": "watch", "path": "/"})  # and never read
+    assert (await asyncio.wait_for(client.health(), 5))["version"] == "fake"
+    for _ in range(100):
+        if Kind.CANCEL in seen:
+            break
+        await asyncio.sleep(0.05)
+    assert Kind.CANCEL in seen
+    assert client.conn._event_bytes == 0  # what was held is let go
+    with pytest.raises(ChannelClosedError, match="not taken in time"):
+        await asyncio.wait_for(ch.next(), 5)
+    assert not client.conn.is_closed
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_a_request_given_up_is_forgotten_even_if_the_guest_never_answers() -> None:
+    requests: list[int] = []
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            f = await _read_frame(r)
+            if f.kind is not Kind.REQ:
+                continue
+            requests.append(f.chan)
+            if len(requests) == 3:  # late answers to the two given up, then this one
+                for chan in requests[:2]:
+                    w.write(frames.encode(chan, Kind.OUT, b"late"))
+                    w.write(frames.encode_json(chan, Kind.RESP, {"ok": True}))
+                w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "version": "x"}))
+                await w.drain()
+
+    client, task = await _connect(guest)
+    for _ in range(2):
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.health(), 0.1)
+    assert client.conn._channels == {}
+    assert (await asyncio.wait_for(client.health(), 5))["version"] == "x"
+    assert not client.conn.is_closed  # frames for requests given up are dropped, not fatal
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_a_listing_is_bounded_by_the_bytes_the_guest_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Entries of 64 KiB names: a count limit alone let a guest hold ~60 GB of host memory.
+    monkeypatch.setattr(client_mod, "MAX_LISTING_BYTES", 1 << 20)
+    entry = {"name": "n" * 60000, "path": "/p", "type": "file", "size": 0, "mode": 420}
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        for _ in range(40):
+            w.write(
+                frames.encode_json(f.chan, Kind.EVENT, {"event": "entries", "entries": [entry]})
+            )
+            await w.drain()
+        w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "count": 40}))
+        await w.drain()
+        await _health_guest(r, w)
+
+    client, task = await _connect(guest)
+    with pytest.raises(GuestError, match="1 MiB"):
+        await asyncio.wait_for(client.list("/", depth=1), 5)
+    assert (await asyncio.wait_for(client.health(), 5))["version"] == "fake"
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_an_attach_adds_up_gaps_instead_of_keeping_each() -> None:
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        w.write(frames.encode_json(f.chan, Kind.EVENT, {"event": "attached", "offset": 5}))
+        for _ in range(20000):
+            w.write(frames.encode_json(f.chan, Kind.EVENT, {"event": "gap", "lost": 3}))
+        w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "exit_code": 0}))
+        await w.drain()
+        await asyncio.sleep(30)
+
+    client, task = await _connect(guest)
+    att = Attachment(offset=0)
+    result = await asyncio.wait_for(client.attach("p1", attachment=att), 5)
+    assert result.exit_code == 0
+    assert (att.offset, att.gap_bytes) == (5, 60000)
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_a_lone_surrogate_in_a_guest_string_is_a_violation() -> None:
+    client, task = await _connect(
+        _after_request(frames.encode(1, Kind.RESP, b'{"ok":false,"code":"io","error":"\\udc80"}'))
+    )
+    with pytest.raises(ProtocolError, match="lone surrogate"):
+        await asyncio.wait_for(client.health(), 5)
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_an_exec_the_guest_never_ends_fails_after_its_timeout_and_a_grace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(client_mod, "EXEC_DEADLINE_GRACE_S", 0.2)
+    seen: list[Kind] = []
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:  # ignores timeout_ms, never answers
+            seen.append((await _read_frame(r)).kind)
+
+    client, task = await _connect(guest)
+    with pytest.raises(GuestError, match=r"did not end the command within its 0\.3 s timeout"):
+        await asyncio.wait_for(client.exec("sleep 100", timeout=0.3), 5)
+    assert client.conn._channels == {}
+    for _ in range(100):
+        if Kind.CANCEL in seen:
+            break
+        await asyncio.sleep(0.02)
+    assert seen == [Kind.REQ, Kind.CANCEL]
     task.cancel()
     await client.conn.close()
