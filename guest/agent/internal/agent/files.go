@@ -9,6 +9,9 @@ import (
 	"os"
 	"path/filepath"
 	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 type fileReq struct {
@@ -118,23 +121,51 @@ func writeFile(ch *Channel, r *fileReq) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	mode, err := fileMode(r.Mode, 0o644)
-	if err != nil {
-		return nil, err
+	var mode *os.FileMode // nil: keep an existing file's mode, 0644 for a new one
+	if r.Mode != nil {
+		m, err := fileMode(r.Mode, 0)
+		if err != nil {
+			return nil, err
+		}
+		mode = &m
 	}
 	if r.Mkdirs == nil || *r.Mkdirs {
 		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 			return nil, err
 		}
 	}
-	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
-		return nil, errf("is_dir", "%s is a directory", path)
+	// From here on every error names the requested path, never the file a
+	// link led to or the temporary file.
+	target, st, magic, err := resolveTarget(path)
+	if err != nil {
+		return nil, pathErr("open", path, err)
+	}
+	if st != nil {
+		switch st.Mode & syscall.S_IFMT {
+		case syscall.S_IFDIR:
+			return nil, errf("is_dir", "%s is a directory", path)
+		case syscall.S_IFSOCK:
+			return nil, errf("invalid", "%s is a socket, not a regular file", path)
+		}
 	}
 	var f *os.File
 	tmp := ""
-	if r.Append {
-		f, _, err = openFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, mode)
-	} else {
+	created := false
+	switch {
+	case r.Append && st == nil:
+		f, err = os.OpenFile(target, os.O_WRONLY|os.O_APPEND|os.O_CREATE|os.O_EXCL, 0o600)
+		if created = err == nil; errors.Is(err, os.ErrExist) { // created meanwhile
+			f, err = openInPlace(path, target, os.O_APPEND)
+		}
+	case r.Append || magic || writesInPlace(target, st):
+		// a device, a FIFO or a kernel knob: replacing it would destroy it
+		// (or fail, on procfs and friends), so it is written as it is
+		flag := os.O_APPEND
+		if !r.Append {
+			flag = os.O_TRUNC
+		}
+		f, err = openInPlace(path, target, flag)
+	default:
 		// write beside the target and rename, so a failed write leaves the
 		// old file intact. The name need not be unguessable (O_EXCL refuses
 		// anything already there, a planted symlink included), so math/rand:
@@ -143,11 +174,11 @@ func writeFile(ch *Channel, r *fileReq) (any, error) {
 		for i := range rnd {
 			rnd[i] = byte(rand.Uint32())
 		}
-		tmp = filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".isorun-"+hex.EncodeToString(rnd[:]))
-		f, err = os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
+		tmp = filepath.Join(filepath.Dir(target), "."+filepath.Base(target)+".isorun-"+hex.EncodeToString(rnd[:]))
+		f, err = os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	}
 	if err != nil {
-		return nil, err
+		return nil, pathErr("open", path, err)
 	}
 	fail := func(err error) (any, error) {
 		f.Close()
@@ -155,6 +186,21 @@ func writeFile(ch *Channel, r *fileReq) (any, error) {
 			os.Remove(tmp)
 		}
 		return nil, err
+	}
+	if tmp == "" {
+		// a write to a FIFO or a terminal can block for good: CANCEL and a
+		// lost connection interrupt it (where the file can be polled)
+		stop := make(chan struct{})
+		defer close(stop)
+		go func() {
+			select {
+			case <-ch.cancel:
+			case <-ch.Done():
+			case <-stop:
+				return
+			}
+			_ = f.SetWriteDeadline(time.Unix(1, 0))
+		}()
 	}
 	var n int64
 	for {
@@ -169,27 +215,184 @@ func writeFile(ch *Channel, r *fileReq) (any, error) {
 			break
 		}
 		if _, err := f.Write(b); err != nil {
-			return fail(err)
+			select {
+			case <-ch.Done():
+				_, _ = fail(err)
+				return nil, nil
+			case <-ch.cancel:
+				return fail(errf("io", "cancelled"))
+			default:
+			}
+			return fail(pathErr("write", path, err))
 		}
 		n += int64(len(b))
 		ch.creditIn(len(b))
 	}
-	if tmp != "" {
+	if tmp != "" && st != nil {
+		// the replacement keeps the owner of the file it replaces (best
+		// effort: only root may give a file away); before the chmod, which
+		// a chown would strip of setuid/setgid
+		if int(st.Uid) != os.Geteuid() || int(st.Gid) != os.Getegid() {
+			_ = f.Chown(int(st.Uid), int(st.Gid))
+		}
+		if mode == nil {
+			m, _ := fileMode(ptr(int64(st.Mode&0o7777)), 0)
+			mode = &m
+		}
+	}
+	if tmp != "" || created {
+		if mode == nil {
+			m := os.FileMode(0o644)
+			mode = &m
+		}
 		// explicit chmod: the umask must not change the requested mode
-		if err := f.Chmod(mode); err != nil {
-			return fail(err)
+		if err := f.Chmod(*mode); err != nil {
+			return fail(pathErr("chmod", path, err))
 		}
 	}
 	if err := f.Close(); err != nil {
-		return fail(err)
+		return fail(pathErr("write", path, err))
 	}
 	if tmp != "" {
-		if err := os.Rename(tmp, path); err != nil {
+		if err := os.Rename(tmp, target); err != nil {
 			os.Remove(tmp)
-			return nil, err
+			return nil, pathErr("replace", path, err)
 		}
 	}
 	return ok("bytes", n), nil
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// maxSymlinks is the kernel's limit on links followed in one lookup.
+const maxSymlinks = 40
+
+// resolveTarget follows symlinks in the last component of path as open(2)
+// does (the kernel follows those in its directories), so that write_file
+// writes the file a link points to instead of replacing the link; a
+// dangling link leads to the file it would create. It returns the path
+// without symlinks and that file's stat, nil if nothing is there yet; magic
+// says it is a procfs link, which must be opened where it is.
+func resolveTarget(path string) (_ string, _ *syscall.Stat_t, magic bool, _ error) {
+	target := path
+	for hops := 0; ; hops++ {
+		if hops > maxSymlinks {
+			return "", nil, false, syscall.ELOOP
+		}
+		dir, err := filepath.EvalSymlinks(filepath.Dir(target))
+		if err != nil {
+			return "", nil, false, err
+		}
+		target = filepath.Join(dir, filepath.Base(target))
+		var st syscall.Stat_t
+		if err := syscall.Lstat(target, &st); err == syscall.ENOENT {
+			return target, nil, false, nil
+		} else if err != nil {
+			return "", nil, false, err
+		}
+		if st.Mode&syscall.S_IFMT != syscall.S_IFLNK {
+			return target, &st, false, nil
+		}
+		if onProcfs(dir) {
+			// /proc/<pid>/fd/N and friends: "links" whose text is no path
+			// (pipe:[123]) and that only open(2) itself can follow
+			if err := syscall.Stat(target, &st); err != nil {
+				return "", nil, false, err
+			}
+			return target, &st, true, nil
+		}
+		link, err := os.Readlink(target)
+		if err != nil {
+			return "", nil, false, err
+		}
+		if !filepath.IsAbs(link) {
+			link = filepath.Join(dir, link) // dir has no symlinks: ".." is lexical
+		}
+		target = filepath.Clean(link)
+	}
+}
+
+const configfsMagic = 0x62656570 // not in x/sys/unix
+
+// writesInPlace says whether write_file writes an existing file as it is
+// instead of replacing it: anything but a regular file, and the files of
+// the kernel's pseudo-filesystems, where a temporary file cannot be made
+// and a rename would not reach the kernel.
+func writesInPlace(target string, st *syscall.Stat_t) bool {
+	if st == nil {
+		return false
+	}
+	return st.Mode&syscall.S_IFMT != syscall.S_IFREG || onKernelFS(target)
+}
+
+// onKernelFS says whether path is on one of the kernel's pseudo-filesystems,
+// whose files are the kernel's knobs and views rather than stored data.
+func onKernelFS(path string) bool {
+	switch fsType(path) {
+	case unix.PROC_SUPER_MAGIC, unix.SYSFS_MAGIC, unix.CGROUP2_SUPER_MAGIC,
+		unix.CGROUP_SUPER_MAGIC, unix.DEBUGFS_MAGIC, unix.TRACEFS_MAGIC,
+		unix.SECURITYFS_MAGIC, configfsMagic, unix.EFIVARFS_MAGIC,
+		unix.PSTOREFS_MAGIC, unix.BINFMTFS_MAGIC, unix.SELINUX_MAGIC,
+		unix.SMACK_MAGIC, unix.BPF_FS_MAGIC:
+		return true
+	}
+	return false
+}
+
+func fsType(path string) uint32 {
+	var fs unix.Statfs_t
+	if unix.Statfs(path, &fs) != nil {
+		return 0
+	}
+	return uint32(fs.Type)
+}
+
+func onProcfs(path string) bool { return fsType(path) == unix.PROC_SUPER_MAGIC }
+
+// openInPlace opens an existing file to write it where it is (flag adds
+// O_TRUNC or O_APPEND). It opens without blocking, so that a FIFO no one
+// reads gives an error instead of an open(2) that waits forever, and without
+// making a terminal the agent's controlling terminal. A pseudo-file that
+// refuses truncation is opened again without O_TRUNC.
+func openInPlace(path, target string, flag int) (*os.File, error) {
+	const base = os.O_WRONLY | syscall.O_NONBLOCK | syscall.O_NOCTTY
+	f, err := os.OpenFile(target, base|flag, 0)
+	if flag&os.O_TRUNC != 0 && (errors.Is(err, syscall.EINVAL) || errors.Is(err, syscall.EPERM) ||
+		errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EOPNOTSUPP)) {
+		f, err = os.OpenFile(target, base|flag&^os.O_TRUNC, 0)
+	}
+	if errors.Is(err, syscall.ENXIO) { // a write-only FIFO open without a reader
+		if fi, serr := os.Stat(target); serr == nil && fi.Mode()&os.ModeNamedPipe != 0 {
+			return nil, errf("invalid", "%s is a FIFO that no process reads", path)
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	// A file the runtime cannot poll (a pseudo-file, most devices) would
+	// now answer EAGAIN instead of blocking: give it back blocking writes.
+	if f.SetWriteDeadline(time.Time{}) != nil {
+		if rc, err := f.SyscallConn(); err == nil {
+			_ = rc.Control(func(fd uintptr) { _ = unix.SetNonblock(int(fd), false) })
+		}
+	}
+	return f, nil
+}
+
+// pathErr names path, the one the host asked for, in an error about the file
+// it resolved to, keeping the errno (and so the error code).
+func pathErr(op, path string, err error) error {
+	if _, ok := err.(*apiError); ok {
+		return err
+	}
+	var pe *os.PathError
+	var le *os.LinkError
+	if errors.As(err, &pe) {
+		err = pe.Err
+	} else if errors.As(err, &le) {
+		err = le.Err
+	}
+	return &os.PathError{Op: op, Path: path, Err: err}
 }
 
 // openFile opens path for read_file or an append, and returns its stat.

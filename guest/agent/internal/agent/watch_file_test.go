@@ -1,0 +1,100 @@
+package agent
+
+import (
+	"encoding/json"
+	"os"
+	"strconv"
+	"testing"
+	"time"
+)
+
+// fsEvents gathers the watch's fs events on ch until none came for quiet.
+func (c *client) fsEvents(ch uint32, quiet time.Duration) []map[string]any {
+	c.t.Helper()
+	var evs []map[string]any
+	for {
+		select {
+		case f := <-c.q(ch):
+			if f.Kind != KindEvent {
+				c.t.Fatalf("watch sent kind %d: %s", f.Kind, f.Payload)
+			}
+			var m map[string]any
+			if err := json.Unmarshal(f.Payload, &m); err != nil {
+				c.t.Fatal(err)
+			}
+			evs = append(evs, m)
+		case <-time.After(quiet):
+			return evs
+		}
+	}
+}
+
+// A watch on one file keeps reporting across replaces (write_file's own,
+// an editor's save-by-rename), a remove and a re-create, always under the
+// watched path, and reports nothing about the file's neighbours (the
+// temporary files of those replaces included).
+func TestWatchFileSurvivesReplaces(t *testing.T) {
+	dir := t.TempDir()
+	p := dir + "/f"
+	os.WriteFile(p, []byte("0"), 0o644)
+	c := newClient(t, nil)
+	c.req(1, map[string]any{"op": "watch", "path": p})
+	time.Sleep(100 * time.Millisecond)
+	steps := []struct {
+		what string
+		do   func(i int)
+		want string // an op among the step's events
+	}{
+		{"write_file", func(i int) { c.writeVia(uint32(10+i), map[string]any{"path": p}, "v"+strconv.Itoa(i)) }, "create"},
+		{"write_file again", func(i int) { c.writeVia(uint32(10+i), map[string]any{"path": p}, "v"+strconv.Itoa(i)) }, "create"},
+		{"direct write", func(int) { os.WriteFile(p, []byte("direct"), 0o644) }, "write"},
+		{"editor save", func(int) { os.WriteFile(dir+"/.f.swp", []byte("ed"), 0o644); os.Rename(dir+"/.f.swp", p) }, "create"},
+		{"chmod", func(int) { os.Chmod(p, 0o600) }, "chmod"},
+		{"neighbour", func(int) { os.WriteFile(dir+"/g", []byte("g"), 0o644) }, ""},
+		{"rename away", func(int) { os.Rename(p, dir+"/h") }, "rename"},
+		{"re-create", func(int) { os.WriteFile(p, []byte("back"), 0o644) }, "create"},
+		{"remove", func(int) { os.Remove(p) }, "remove"},
+	}
+	for i, s := range steps {
+		s.do(i)
+		evs := c.fsEvents(1, 300*time.Millisecond)
+		seen := s.want == ""
+		for _, ev := range evs {
+			if ev["event"] != "fs" || ev["path"] != p {
+				t.Fatalf("%s: event %v", s.what, ev)
+			}
+			seen = seen || ev["op"] == s.want
+		}
+		if !seen || s.want == "" && len(evs) > 0 {
+			t.Fatalf("%s: want %q, got %v", s.what, s.want, evs)
+		}
+	}
+	c.send(1, KindCancel, nil)
+	if r := c.wait(1, 5*time.Second); r.resp["ok"] != true {
+		t.Fatalf("%v", r.resp)
+	}
+}
+
+// A watch on a symlink to a file reports changes to that file, under the
+// path watched.
+func TestWatchFileThroughSymlink(t *testing.T) {
+	dir := t.TempDir()
+	os.Mkdir(dir+"/real", 0o755)
+	os.WriteFile(dir+"/real/f", []byte("0"), 0o644)
+	os.Symlink("real/f", dir+"/link")
+	c := newClient(t, nil)
+	c.req(1, map[string]any{"op": "watch", "path": dir + "/link"})
+	time.Sleep(100 * time.Millisecond)
+	c.writeVia(2, map[string]any{"path": dir + "/link"}, "new")
+	evs := c.fsEvents(1, 300*time.Millisecond)
+	if len(evs) == 0 {
+		t.Fatal("no event")
+	}
+	for _, ev := range evs {
+		if ev["path"] != dir+"/link" {
+			t.Fatalf("event %v", ev)
+		}
+	}
+	c.send(1, KindCancel, nil)
+	c.wait(1, 5*time.Second)
+}
