@@ -1,11 +1,14 @@
 package agent
 
 import (
+	"errors"
 	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 const (
@@ -14,7 +17,8 @@ const (
 	defaultRing   = 1 << 20
 	maxRing       = 64 << 20
 	readChunk     = 32 << 10
-	drainIdle     = 100 * time.Millisecond
+	drainIdle     = 100 * time.Millisecond // post-exit output idle that ends the output
+	drainCap      = time.Second            // post-exit drain a writer that never pauses gets
 	killGraceSecs = 2 * time.Second
 )
 
@@ -32,8 +36,22 @@ type Proc struct {
 
 	stdinMu sync.Mutex
 	stdin   *os.File // pipe write end, PTY master, or nil
-	pty     *os.File // PTY master (also read for output)
-	readers []*os.File
+	pty     *os.File // PTY master (also read for output); nil once closed
+
+	// Output: one pump per fd copies into the ring until the output ends
+	// (outEnded, ring closed), then reads and discards until EOF.
+	outs     []*outFd
+	outMu    sync.Mutex
+	outEnded bool
+	lastOut  time.Time // when the last chunk went into the ring
+	// endOutput parks the pumps (out of Read, nothing in hand) to measure.
+	parkMu   sync.Mutex
+	parkCond sync.Cond
+	parking  bool
+	parked   int
+	live     int           // pumps not yet at EOF
+	drained  chan struct{} // closed once every output fd reached EOF
+	killed   atomic.Bool   // timeout, CANCEL or kill fired
 
 	exited   chan struct{} // closed once reaped
 	status   syscall.WaitStatus
@@ -80,7 +98,8 @@ func (p *Proc) exitStatus() (any, any) {
 
 // ended reports whether the process is reaped and its output complete.
 // Until both, its group may live on: a background child that keeps the
-// pipes open and writing holds a foreground exec's RESP.
+// pipes open and writing holds a foreground exec's RESP, for a while
+// (see endOutput).
 func (p *Proc) ended() bool {
 	select {
 	case <-p.ring.Done():
@@ -97,6 +116,10 @@ func (p *Proc) Signal(sig syscall.Signal) error {
 	if p.Pid <= 0 || p.ended() {
 		return nil
 	}
+	return p.kill(sig)
+}
+
+func (p *Proc) kill(sig syscall.Signal) error {
 	err := syscall.Kill(-p.Pid, sig)
 	if err == syscall.ESRCH && !p.Exited() {
 		err = syscall.Kill(p.Pid, sig)
@@ -107,17 +130,23 @@ func (p *Proc) Signal(sig syscall.Signal) error {
 	return err
 }
 
-// Terminate sends SIGTERM, then SIGKILL after grace if it has not ended.
+// Terminate sends SIGTERM, then SIGKILL after grace to the group if it
+// has not exited or a member still holds the output open (the output may
+// have ended meanwhile: killing was asked for before it did).
 func (p *Proc) Terminate(grace time.Duration) {
+	if p.Pid <= 0 || p.ended() {
+		return
+	}
+	p.killed.Store(true)
 	_ = p.Signal(syscall.SIGTERM)
 	go func() {
 		t := time.NewTimer(grace)
 		defer t.Stop()
-		for _, end := range []<-chan struct{}{p.exited, p.ring.Done()} {
+		for _, end := range []<-chan struct{}{p.exited, p.drained} {
 			select {
 			case <-end:
 			case <-t.C:
-				_ = p.Signal(syscall.SIGKILL)
+				_ = p.kill(syscall.SIGKILL)
 				return
 			}
 		}
@@ -130,11 +159,6 @@ func (p *Proc) finish(ws syscall.WaitStatus, now time.Time) {
 	p.endAt = now
 	p.runUs = now.Sub(p.forkAt).Microseconds()
 	close(p.exited)
-	// Output still in the pipes is drained; a grandchild holding them open
-	// must not keep the RESP waiting forever.
-	for _, f := range p.readers {
-		_ = f.SetReadDeadline(time.Now().Add(drainIdle))
-	}
 }
 
 // CloseStdin closes the process's stdin (sends ^D on a PTY).
@@ -163,21 +187,179 @@ func (p *Proc) WriteStdin(b []byte) {
 	}
 }
 
-// pump copies one output fd into the ring until EOF or the post-exit drain
-// deadline. 32 KiB reads, one copy into the ring.
-func (p *Proc) pump(f *os.File, stream uint8, wg *sync.WaitGroup) {
-	defer wg.Done()
+// outFd is one output fd of a process and what its pump has read.
+type outFd struct {
+	f      *os.File
+	stream uint8
+	read   atomic.Int64
+	target int64 // read count that covers all the output present at the exit
+}
+
+// pump copies one output fd into the ring until the output ends, then
+// reads and discards until EOF: a writer left behind (a background job, a
+// daemon) never gets SIGPIPE or EPIPE, nor blocks on a full pipe.
+// 32 KiB reads, one copy into the ring.
+func (p *Proc) pump(o *outFd) {
+	defer func() {
+		p.parkMu.Lock()
+		p.live--
+		last := p.live == 0
+		p.parkCond.Broadcast()
+		p.parkMu.Unlock()
+		if last {
+			close(p.drained)
+		}
+	}()
 	buf := make([]byte, readChunk)
 	for {
-		if p.Exited() {
-			_ = f.SetReadDeadline(time.Now().Add(drainIdle))
-		}
-		n, err := f.Read(buf)
+		n, err := o.f.Read(buf)
 		if n > 0 {
-			p.ring.Write(stream, buf[:n])
+			o.read.Add(int64(n))
+			p.output(o.stream, buf[:n])
 		}
-		if err != nil {
+		switch {
+		case err == nil:
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			// endOutput is measuring: wait until it is done.
+			p.parkMu.Lock()
+			p.parked++
+			p.parkCond.Broadcast()
+			for p.parking {
+				p.parkCond.Wait()
+			}
+			p.parked--
+			p.parkMu.Unlock()
+		default:
 			return
 		}
+	}
+}
+
+// output appends b to the ring unless the output has ended. The ring may
+// make it wait for a lossless reader (a foreground exec waiting for host
+// credit).
+func (p *Proc) output(stream uint8, b []byte) {
+	p.outMu.Lock()
+	defer p.outMu.Unlock()
+	if !p.outEnded {
+		p.ring.Write(stream, b)
+		p.lastOut = time.Now()
+	}
+}
+
+// park stops every pump outside Read with nothing in hand (waiting for
+// ring room first, if a pump is); false if all have reached EOF, or if a
+// pump cannot be stopped (an fd outside the poller: never for our pipes
+// and PTY masters).
+func (p *Proc) park() bool {
+	p.parkMu.Lock()
+	p.parking = true
+	p.parkMu.Unlock()
+	for _, o := range p.outs {
+		if err := o.f.SetReadDeadline(time.Unix(1, 0)); err != nil {
+			return false
+		}
+	}
+	p.parkMu.Lock()
+	defer p.parkMu.Unlock()
+	for p.parked < p.live {
+		p.parkCond.Wait()
+	}
+	return p.live > 0
+}
+
+func (p *Proc) unpark() {
+	for _, o := range p.outs {
+		_ = o.f.SetReadDeadline(time.Time{})
+	}
+	p.parkMu.Lock()
+	p.parking = false
+	p.parkCond.Broadcast()
+	p.parkMu.Unlock()
+}
+
+// unread is how many bytes wait in the pipe (or PTY) f.
+func unread(f *os.File) int64 {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	n := 0
+	_ = rc.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.TIOCINQ) }) // FIONREAD
+	return int64(n)
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
+// endOutput closes the ring once the output is complete: every output fd
+// reached EOF, or the process has exited and then either its output has
+// been idle for drainIdle with nothing left unread, or drainCap has passed
+// since the exit (drainIdle once a timeout, CANCEL or kill has fired) and
+// everything the fds held at the exit has been read (so a slow host never
+// loses the process's own output). Writers left behind keep the fds open;
+// what they write later is discarded.
+func (p *Proc) endOutput() {
+	defer func() {
+		p.outMu.Lock()
+		p.outEnded = true
+		p.ring.Close()
+		p.outMu.Unlock()
+	}()
+	select {
+	case <-p.drained:
+		return
+	case <-p.exited:
+	}
+	t := time.NewTimer(drainIdle)
+	defer t.Stop()
+	for first := true; ; first = false {
+		select {
+		case <-p.drained:
+			return
+		case <-t.C:
+		}
+		if !p.park() {
+			p.unpark()
+			return
+		}
+		// No pump is reading or holds data: the counts are exact.
+		empty, caughtUp := true, true
+		for _, o := range p.outs {
+			r, q := o.read.Load(), unread(o.f)
+			if first {
+				o.target = r + q
+			}
+			empty = empty && q == 0
+			caughtUp = caughtUp && r >= o.target
+		}
+		limit := drainCap
+		if p.killed.Load() {
+			limit = drainIdle
+		}
+		p.outMu.Lock()
+		now := time.Now()
+		idle, since := now.Sub(later(p.lastOut, p.endAt)), now.Sub(p.endAt)
+		end := idle >= drainIdle && empty || since >= limit && caughtUp
+		if end {
+			p.outEnded = true
+		}
+		p.outMu.Unlock()
+		p.unpark()
+		if end {
+			return
+		}
+		next := drainIdle
+		if idle < drainIdle {
+			next = drainIdle - idle
+		}
+		if since < limit {
+			next = min(next, limit-since)
+		}
+		t.Reset(max(next, 5*time.Millisecond))
 	}
 }

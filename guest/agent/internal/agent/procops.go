@@ -70,7 +70,19 @@ func opAttach(s *Server, ch *Channel, raw []byte) (any, error) {
 		return nil, nil
 	}
 	if r.Stdin {
-		go pumpStdin(ch, p, p.exited)
+		// The stdin pump ends with the attachment (CANCEL, the RESP) or
+		// the process, whichever comes first.
+		abort, stop := make(chan struct{}), make(chan struct{})
+		defer close(stop)
+		go func() {
+			select {
+			case <-p.exited:
+			case <-ch.cancel:
+			case <-stop:
+			}
+			close(abort)
+		}()
+		go pumpStdin(ch, p, abort)
 	} else {
 		ch.closeIn()
 	}
@@ -167,6 +179,8 @@ func opResize(s *Server, ch *Channel, raw []byte) (any, error) {
 	if err != nil {
 		return nil, err
 	}
+	// A process that has exited, or whose terminal is gone (pty nil once
+	// the master is closed), has nothing to resize: ok, as for a no-op.
 	p.stdinMu.Lock()
 	defer p.stdinMu.Unlock()
 	if p.pty != nil && !p.Exited() {

@@ -155,7 +155,7 @@ func (t *ProcTable) All() []*Proc {
 func (t *ProcTable) Start(s *spawnSpec, lossless bool) (*Proc, *Cursor, error) {
 	t.StartReaper()
 	p := &Proc{table: t, Argv: s.argv, Tag: s.tag, PTY: s.pty != nil, ring: NewRing(s.ring),
-		exited: make(chan struct{}), StartedAt: time.Now()}
+		exited: make(chan struct{}), drained: make(chan struct{}), StartedAt: time.Now()}
 	var cur *Cursor
 	if lossless {
 		cur = p.ring.Cursor(0, true)
@@ -180,6 +180,7 @@ func (t *ProcTable) Start(s *spawnSpec, lossless bool) (*Proc, *Cursor, error) {
 		p.failCode = s.failCode
 		p.ring.Write(streamErr, []byte("isorun-agent: "+s.failMsg+"\n"))
 		p.ring.Close()
+		close(p.drained)
 		t.mu.Lock()
 		t.byID[p.ID] = p
 		p.endAt = time.Now()
@@ -285,7 +286,6 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 		return fail(err)
 	}
 	p.Pid = pid
-	p.readers = outs
 	byPid[pid] = p
 	t.mu.Lock()
 	t.byID[p.ID] = p
@@ -293,20 +293,25 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 	t.mu.Unlock()
 	forkMu.Unlock()
 
-	var wg sync.WaitGroup
-	wg.Add(len(outs))
+	p.parkCond.L = &p.parkMu
+	p.live = len(outs)
 	for i, f := range outs {
-		go p.pump(f, streams[i], &wg)
+		p.outs = append(p.outs, &outFd{f: f, stream: streams[i]})
+	}
+	for _, o := range p.outs {
+		go p.pump(o)
 	}
 	go func() {
-		wg.Wait()
-		p.ring.Close()
+		p.endOutput()
+		// The fds stay open until every writer is gone (EOF), so none
+		// of them is killed by SIGPIPE for writing after the RESP.
+		<-p.drained
 		p.stdinMu.Lock()
 		for _, f := range outs {
 			f.Close()
 		}
 		if p.pty != nil {
-			p.stdin = nil
+			p.pty, p.stdin = nil, nil
 		}
 		p.stdinMu.Unlock()
 		<-p.exited
