@@ -12,14 +12,19 @@ import (
 )
 
 const (
-	maxLive       = 1024
-	keepExited    = 256
-	defaultRing   = 1 << 20
-	maxRing       = 64 << 20
-	readChunk     = 32 << 10
-	drainIdle     = 100 * time.Millisecond // post-exit output idle that ends the output
-	drainCap      = time.Second            // post-exit drain a writer that never pauses gets
-	killGraceSecs = 2 * time.Second
+	maxLive     = 1024
+	keepExited  = 256
+	defaultRing = 1 << 20
+	maxRing     = 64 << 20
+	readChunk   = 32 << 10
+	drainIdle   = 100 * time.Millisecond // post-exit output idle that ends the output
+	drainCap    = time.Second            // post-exit drain a writer that never pauses gets
+	// A PTY may hold this much more than TIOCINQ shows (the tty buffers'
+	// limit); a PTY's output ends by ptyHardCap after the exit regardless.
+	ptyBufferSlack = 64 << 10
+	ptyHardCap     = 10 * time.Second
+	discardPause   = 30 * time.Millisecond
+	killGraceSecs  = 2 * time.Second
 )
 
 // Proc is one process the agent started (or failed to start).
@@ -120,6 +125,12 @@ func (p *Proc) Signal(sig syscall.Signal) error {
 }
 
 func (p *Proc) kill(sig syscall.Signal) error {
+	if p.Exited() && syscall.Kill(p.Pid, 0) != syscall.ESRCH {
+		// The leader is reaped. Its pid stays taken while its group has
+		// members (as their pgid), so a process holding that pid now is a
+		// newcomer, leader of a group of its own: -pid would reach it.
+		return nil
+	}
 	err := syscall.Kill(-p.Pid, sig)
 	if err == syscall.ESRCH && !p.Exited() {
 		err = syscall.Kill(p.Pid, sig)
@@ -215,7 +226,13 @@ func (p *Proc) pump(o *outFd) {
 		n, err := o.f.Read(buf)
 		if n > 0 {
 			o.read.Add(int64(n))
-			p.output(o.stream, buf[:n])
+			if !p.output(o.stream, buf[:n]) && n == len(buf) {
+				// Discarding for a writer left behind: a log line now and
+				// then costs nothing, but a writer that never stops (`yes &`)
+				// would keep the agent reading flat out. Past ~1 MiB/s it
+				// blocks on its full pipe instead (it is not killed).
+				time.Sleep(discardPause)
+			}
 		}
 		switch {
 		case err == nil:
@@ -235,16 +252,19 @@ func (p *Proc) pump(o *outFd) {
 	}
 }
 
-// output appends b to the ring unless the output has ended. The ring may
+// output appends b to the ring unless the output has ended (false: b is
+// discarded). The ring may
 // make it wait for a lossless reader (a foreground exec waiting for host
 // credit).
-func (p *Proc) output(stream uint8, b []byte) {
+func (p *Proc) output(stream uint8, b []byte) bool {
 	p.outMu.Lock()
 	defer p.outMu.Unlock()
-	if !p.outEnded {
-		p.ring.Write(stream, b)
-		p.lastOut = time.Now()
+	if p.outEnded {
+		return false
 	}
+	p.ring.Write(stream, b)
+	p.lastOut = time.Now()
+	return true
 }
 
 // park stops every pump outside Read with nothing in hand (waiting for
@@ -328,22 +348,28 @@ func (p *Proc) endOutput() {
 			return
 		}
 		// No pump is reading or holds data: the counts are exact.
+		now := time.Now()
+		since := now.Sub(p.endAt)
 		empty, caughtUp := true, true
 		for _, o := range p.outs {
 			r, q := o.read.Load(), unread(o.f)
 			if first {
 				o.target = r + q
+				if o.f == p.pty {
+					// TIOCINQ on a PTY master counts only the line discipline's
+					// buffer (< 4 KiB), not the tty buffers behind it
+					o.target += ptyBufferSlack
+				}
 			}
 			empty = empty && q == 0
-			caughtUp = caughtUp && r >= o.target
+			caughtUp = caughtUp && (r >= o.target || since >= ptyHardCap)
 		}
 		limit := drainCap
 		if p.killed.Load() {
 			limit = drainIdle
 		}
 		p.outMu.Lock()
-		now := time.Now()
-		idle, since := now.Sub(later(p.lastOut, p.endAt)), now.Sub(p.endAt)
+		idle := now.Sub(later(p.lastOut, p.endAt))
 		end := idle >= drainIdle && empty || since >= limit && caughtUp
 		if end {
 			p.outEnded = true

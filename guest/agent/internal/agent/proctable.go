@@ -190,12 +190,18 @@ func (t *ProcTable) Start(s *spawnSpec, lossless bool) (*Proc, *Cursor, error) {
 		return p, cur, nil
 	}
 	if s.timeout > 0 {
-		time.AfterFunc(s.timeout, func() {
+		timer := time.AfterFunc(s.timeout, func() {
 			if !p.ended() {
 				p.timedOut.Store(true)
 				p.Terminate(killGraceSecs)
 			}
 		})
+		// stopped once the output ended: a pending timer holds the process's
+		// record (and its ring) for the whole timeout otherwise
+		go func() {
+			<-p.ring.Done()
+			timer.Stop()
+		}()
 	}
 	return p, cur, nil
 }
@@ -303,8 +309,17 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 	}
 	go func() {
 		p.endOutput()
-		// The fds stay open until every writer is gone (EOF), so none
-		// of them is killed by SIGPIPE for writing after the RESP.
+		<-p.exited
+		// The process is over: one left behind that reads its stdin pipe
+		// gets EOF (a PTY's master is its output too: it stays).
+		p.stdinMu.Lock()
+		if p.stdin != nil && p.stdin != p.pty {
+			p.stdin.Close()
+			p.stdin = nil
+		}
+		p.stdinMu.Unlock()
+		// The output fds stay open until every writer is gone (EOF), so
+		// none of them is killed by SIGPIPE for writing after the RESP.
 		<-p.drained
 		p.stdinMu.Lock()
 		for _, f := range outs {
@@ -312,13 +327,6 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 		}
 		if p.pty != nil {
 			p.pty, p.stdin = nil, nil
-		}
-		p.stdinMu.Unlock()
-		<-p.exited
-		p.stdinMu.Lock()
-		if p.stdin != nil {
-			p.stdin.Close()
-			p.stdin = nil
 		}
 		p.stdinMu.Unlock()
 	}()
