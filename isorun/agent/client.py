@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Se
 from dataclasses import dataclass
 from typing import Any
 
-from isorun.agent.frames import Kind
+from isorun.agent.frames import Frame, Kind
 from isorun.agent.mux import IO_CHUNK, AgentConnection, Channel
 from isorun.agent.validate import (
     FileEntry,
@@ -126,15 +126,19 @@ class AgentClient:
         req = _exec_request(cmd, argv, env, cwd, user, timeout, pty, tag)
         req["stdin"] = stdin is not None
         ch = await self._open(req)
-        # The guest enforces `timeout`; the host waits a grace more, then gives up on a guest
-        # that does not (a wedged or hostile one would otherwise hold the call for good).
-        deadline = None if not timeout else timeout + EXEC_DEADLINE_GRACE_S
+        # The guest enforces `timeout`; the host waits a grace more for its frames (not for
+        # its own callbacks), then gives up on a guest that does not (a wedged or hostile
+        # one would otherwise hold the call for good).
+        deadline = None
+        if timeout:
+            deadline = asyncio.get_running_loop().time() + timeout + EXEC_DEADLINE_GRACE_S
         with ch:
             feeder = _start_feeder(ch, stdin) if stdin is not None else None
             try:
-                async with asyncio.timeout(deadline):
-                    return await _collect_process(ch, on_stdout, on_stderr, on_start, capture, None)
-            except TimeoutError:
+                return await _collect_process(
+                    ch, on_stdout, on_stderr, on_start, capture, None, deadline
+                )
+            except _GuestLate:
                 raise GuestError(
                     f"the guest did not end the command within its {timeout:g} s timeout "
                     f"(waited {EXEC_DEADLINE_GRACE_S:g} s more); the request was cancelled",
@@ -453,6 +457,22 @@ async def _maybe_await(result: object) -> None:
         await result
 
 
+class _GuestLate(Exception):
+    """The guest sent nothing more by the deadline."""
+
+
+async def _next_by(ch: Channel, deadline: float | None) -> Frame:
+    if deadline is None:
+        return await ch.next()
+    try:
+        async with asyncio.timeout_at(deadline) as window:
+            return await ch.next()
+    except TimeoutError:
+        if window.expired():
+            raise _GuestLate from None
+        raise
+
+
 async def _collect_process(
     ch: Channel,
     on_stdout: OutputCallback | None,
@@ -460,11 +480,12 @@ async def _collect_process(
     on_start: Callable[[str, int], object] | None,
     capture: bool,
     attachment: Attachment | None,
+    deadline: float | None = None,
 ) -> ExecResult:
     out: list[bytes] = []
     err: list[bytes] = []
     while True:
-        frame = await ch.next()
+        frame = await _next_by(ch, deadline)
         if frame.kind is Kind.OUT:
             if capture:
                 out.append(frame.payload)

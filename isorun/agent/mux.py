@@ -62,6 +62,7 @@ class Channel:
         self._inbox: deque[_Item] = deque()
         self._arrived = asyncio.Event()
         self._event_bytes = 0  # events queued, as counted against EVENT_BACKLOG
+        self._answered = False  # the RESP arrived
         self._recv_window = WINDOW  # data bytes the guest may still send us
         self._unacked = 0
         self._send_window = WINDOW  # data bytes we may still send the guest
@@ -73,6 +74,10 @@ class Channel:
 
     def _deliver(self, frame: Frame) -> None:
         """Queue a frame from the guest; never waits."""
+        if self._answered:
+            return  # nothing follows a RESP: what a guest sends after it is dropped
+        if frame.kind is Kind.RESP:
+            self._answered = True
         if frame.kind in frames.DATA_KINDS:
             self._recv_window -= len(frame.payload)
             if self._recv_window < 0:
@@ -102,9 +107,11 @@ class Channel:
         for item in reversed(self._inbox):  # the trailing run of data items
             if not isinstance(item, _Data):
                 break
-            if item.kind is frame.kind and len(item.data) + len(frame.payload) <= MAX_JOINED:
-                item.data += frame.payload
-                return
+            if item.kind is frame.kind:  # the newest of its kind: joined only there
+                if len(item.data) + len(frame.payload) <= MAX_JOINED:
+                    item.data += frame.payload
+                    return
+                break
         self._put(_Data(frame.kind, frame.payload))
 
     def _put(self, item: _Item) -> None:

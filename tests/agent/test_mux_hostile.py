@@ -472,3 +472,79 @@ async def test_an_exec_the_guest_never_ends_fails_after_its_timeout_and_a_grace(
     assert seen == [Kind.REQ, Kind.CANCEL]
     task.cancel()
     await client.conn.close()
+
+
+async def test_stdout_stays_in_order_for_a_slow_consumer() -> None:
+    # Frames of varied sizes (the agent's are up to 32759 bytes): the last, small one used
+    # to join an older item with room and overtake the 65 KB sent before it.
+    sizes = [32759, 7000, 32759, 32759, 100]
+    parts = [bytes([65 + i]) * n for i, n in enumerate(sizes)]
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        for part in parts:
+            w.write(frames.encode(f.chan, Kind.OUT, part))
+        w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "exit_code": 0}))
+        await w.drain()
+        await asyncio.sleep(30)
+
+    client, task = await _connect(guest)
+
+    async def slow(_: bytes) -> None:
+        await asyncio.sleep(0.05)
+
+    result = await asyncio.wait_for(client.exec("yes", on_stdout=slow), 5)
+    assert result.stdout == b"".join(parts)
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_what_a_guest_sends_after_its_answer_is_not_held() -> None:
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        event = {"event": "x", "pad": "p" * 60000}
+        while True:
+            f = await _read_frame(r)
+            if f.kind is not Kind.REQ:
+                continue
+            w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "version": "fake"}))
+            for _ in range(16):  # after the answer: nobody takes these
+                w.write(frames.encode_json(f.chan, Kind.EVENT, event))
+            await w.drain()
+
+    client, task = await _connect(guest)
+    for _ in range(10):  # each used to leave ~1 MB counted against the connection for good
+        assert (await asyncio.wait_for(client.health(), 5))["version"] == "fake"
+    await asyncio.sleep(0.2)
+    assert client.conn._event_bytes == 0
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_the_exec_deadline_times_the_guest_not_the_callers_callbacks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(client_mod, "EXEC_DEADLINE_GRACE_S", 0.1)
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            f = await _read_frame(r)
+            if f.kind is Kind.REQ:  # answers at once
+                w.write(frames.encode(f.chan, Kind.OUT, b"out"))
+                w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "exit_code": 0}))
+                await w.drain()
+
+    client, task = await _connect(guest)
+
+    async def slow(_: bytes) -> None:
+        await asyncio.sleep(0.5)  # past timeout + grace
+
+    result = await asyncio.wait_for(client.exec("true", timeout=0.1, on_stdout=slow), 5)
+    assert (result.exit_code, result.stdout) == (0, b"out")
+
+    def raising(_: bytes) -> None:
+        raise TimeoutError("the caller's own")
+
+    with pytest.raises(TimeoutError, match="the caller's own"):
+        await asyncio.wait_for(client.exec("true", timeout=0.1, on_stdout=raising), 5)
+    task.cancel()
+    await client.conn.close()
