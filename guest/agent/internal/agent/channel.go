@@ -36,6 +36,24 @@ func newChannel(c *Conn, id uint32) *Channel {
 // Done is closed when the connection is gone.
 func (ch *Channel) Done() <-chan struct{} { return ch.c.done }
 
+// onAbort runs f once the request is cancelled or its connection is gone
+// (aborted), or once the returned stop is called (not aborted), whichever
+// comes first. stop must be called exactly once.
+func (ch *Channel) onAbort(f func(aborted bool)) (stop func()) {
+	stopped := make(chan struct{})
+	go func() {
+		aborted := true
+		select {
+		case <-ch.cancel:
+		case <-ch.Done():
+		case <-stopped:
+			aborted = false
+		}
+		f(aborted)
+	}()
+	return func() { close(stopped) }
+}
+
 func notify(c chan struct{}) {
 	select {
 	case c <- struct{}{}:

@@ -190,17 +190,11 @@ func writeFile(ch *Channel, r *fileReq) (any, error) {
 	if tmp == "" {
 		// a write to a FIFO or a terminal can block for good: CANCEL and a
 		// lost connection interrupt it (where the file can be polled)
-		stop := make(chan struct{})
-		defer close(stop)
-		go func() {
-			select {
-			case <-ch.cancel:
-			case <-ch.Done():
-			case <-stop:
-				return
+		defer ch.onAbort(func(aborted bool) {
+			if aborted {
+				_ = f.SetWriteDeadline(time.Unix(1, 0))
 			}
-			_ = f.SetWriteDeadline(time.Unix(1, 0))
-		}()
+		})()
 	}
 	var n int64
 	for {

@@ -88,16 +88,7 @@ func opAttach(s *Server, ch *Channel, raw []byte) (any, error) {
 	}
 	if r.Output == nil || *r.Output {
 		cur := p.ring.Cursor(max(r.Offset, start), false)
-		stop := make(chan struct{})
-		defer close(stop)
-		go func() {
-			select {
-			case <-ch.cancel:
-			case <-ch.Done():
-			case <-stop:
-			}
-			p.ring.Detach(cur)
-		}()
+		defer ch.onAbort(func(bool) { p.ring.Detach(cur) })()
 		if err := streamOutput(ch, p, cur, ch.cancel); err != nil {
 			return detached(ch, p)
 		}
