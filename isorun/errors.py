@@ -19,6 +19,11 @@ class ChannelClosedError(IsorunError):
     """The agent channel is gone (guest died, shut down or was cut off for misbehaving)."""
 
 
+class ConsumerTooSlowError(IsorunError):
+    """One request's events from the guest were not taken in time: that request was
+    cancelled (agent/mux.py); the sandbox and its other requests go on."""
+
+
 class GuestError(IsorunError):
     """The guest agent refused or failed a request; `code` is the agent's error code."""
 

@@ -33,6 +33,8 @@ OutputCallback = Callable[[bytes], object]
 # What one listing (files or processes) may take from the guest: each entry may be up to a
 # frame (a 64 KiB name), so a count alone would let a guest fill the host's memory.
 MAX_LISTING_BYTES = 256 << 20
+# and at most this many entries: each costs the daemon's event loop to turn into JSON
+MAX_LISTING_ENTRIES = 100_000
 MAX_COUNT = (1 << 63) - 1
 # How long past an exec's own timeout the host waits for the guest's answer: the guest's
 # TERM-then-KILL grace and the drain of the output, slow under emulation.
@@ -322,10 +324,10 @@ class AgentClient:
                 entries.extend(parse_entry(e) for e in batch)
                 # bounded by what the guest sent, not by entries: one may be 64 KiB of name
                 received += len(frame.payload)
-                if len(entries) > 1_000_000 or received > MAX_LISTING_BYTES:
+                if len(entries) > MAX_LISTING_ENTRIES or received > MAX_LISTING_BYTES:
                     raise GuestError(
-                        f"{path} lists more than 1,000,000 entries or "
-                        f"{MAX_LISTING_BYTES >> 20} MiB of them",
+                        f"{path} lists more than {MAX_LISTING_ENTRIES:,} entries or "
+                        f"{MAX_LISTING_BYTES >> 20} MiB of them: list a narrower path or depth",
                         "invalid",
                     )
 
@@ -484,6 +486,7 @@ async def _collect_process(
 ) -> ExecResult:
     out: list[bytes] = []
     err: list[bytes] = []
+    started = False
     while True:
         frame = await _next_by(ch, deadline)
         if frame.kind is Kind.OUT:
@@ -499,7 +502,8 @@ async def _collect_process(
         elif frame.kind is Kind.EVENT:
             ev = frame.json()
             kind = ev.get("event")
-            if kind == "started" and on_start is not None:
+            if kind == "started" and on_start is not None and not started:
+                started = True  # once: more are the guest's, and each would cost the caller
                 on_start(as_str(ev, "proc_id"), as_int(ev, "pid"))
             elif kind == "attached" and attachment is not None:
                 attachment.offset = as_int(ev, "offset")

@@ -17,7 +17,7 @@ from typing import Any
 
 from isorun.agent import frames
 from isorun.agent.frames import Frame, Kind
-from isorun.errors import ChannelClosedError, ProtocolError
+from isorun.errors import ChannelClosedError, ConsumerTooSlowError, ProtocolError
 
 WINDOW = 262144
 # Return credit once a quarter of the window has been consumed: fewer tiny frames.
@@ -93,7 +93,7 @@ class Channel:
             ):
                 held = self._event_bytes
                 self._give_up(
-                    ChannelClosedError(
+                    ConsumerTooSlowError(
                         f"channel {self.id}: {held} bytes of events from the guest were not "
                         "taken in time; the request was cancelled"
                     )
@@ -245,6 +245,7 @@ class AgentConnection:
         self._closed = asyncio.Event()
         self._close_error: BaseException | None = None
         self._reader_task: asyncio.Task[None] | None = None
+        self._closing = False  # close() was called: the host ends it
         self.hello: dict[str, Any] = {}
 
     @classmethod
@@ -414,7 +415,13 @@ class AgentConnection:
             ch._all_acked.set()
         self._channels.clear()
 
+    @property
+    def failed(self) -> bool:
+        """Closed by the guest's side (a violation, the stream ending), not by the host."""
+        return self._closed.is_set() and not self._closing
+
     async def close(self) -> None:
+        self._closing = True
         if self._reader_task is not None:
             self._reader_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

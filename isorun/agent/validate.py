@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +57,13 @@ def as_float(obj: dict[str, Any], key: str, default: Any = _MISSING) -> float:
     v = _get(obj, key, default)
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise ProtocolError(f"guest field '{key}' is not a number")
-    return float(v)
+    try:
+        f = float(v)
+    except OverflowError:  # an integer of hundreds of digits
+        f = math.inf
+    if not math.isfinite(f):
+        raise ProtocolError(f"guest field '{key}' is out of range")
+    return f
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,12 +120,12 @@ def parse_proc(raw: object) -> ProcInfo:
     if not isinstance(raw, dict):
         raise ProtocolError("process entry from guest is not an object")
     argv = raw.get("argv") or []
-    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+    if not isinstance(argv, list):
         raise ProtocolError("process argv from guest is not a list of strings")
     return ProcInfo(
         proc_id=as_str(raw, "proc_id"),
         pid=as_int(raw, "pid"),
-        argv=[a[:_MAX_STR] for a in argv[:1024]],
+        argv=[as_str({"argv": a}, "argv") for a in argv[:1024]],
         tag=as_str(raw, "tag", default=""),
         pty=as_bool(raw, "pty", default=False),
         running=as_bool(raw, "running"),

@@ -29,6 +29,8 @@ log = logging.getLogger("isorund.sandboxes")
 TAG = "isorun.sandbox="
 # Shapes whose warm-start templates may be queued at once (more boot cold until one is done).
 MAX_TEMPLATING = 4
+# How long a failed agent connection waits for its VM's exit (whose reason says more).
+AGENT_LOSS_GRACE_S = 2.0
 # Receives progress records of a create: the image's phases, then {"phase": "booting"}.
 OnProgress = Callable[[dict[str, Any]], None]
 
@@ -429,11 +431,30 @@ class SandboxManager:
             self.live.pop(live.row.id, None)
 
     async def _watch(self, live: Live) -> None:
-        reason = await live.vm.wait()
+        """End a sandbox whose VM exited, or whose agent connection failed while its VM
+        runs on (a guest that broke the protocol: nothing could reach it any more, and it
+        would be billed until its timeout)."""
+        exited = asyncio.ensure_future(live.vm.wait())
+        agent_gone = asyncio.ensure_future(live.vm.agent.conn.wait_closed())
+        try:
+            await asyncio.wait({exited, agent_gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not exited.done() and live.vm.agent.conn.failed:
+                # a dying VM also ends the stream: its exit, if it comes, says more
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(exited), AGENT_LOSS_GRACE_S)
+            if exited.done():
+                reason = f"vm-exited: {exited.result()}"
+            elif live.vm.agent.conn.failed:
+                reason = f"agent-failed: {live.vm.agent.conn.closed_error()}"[:500]
+            else:  # the host closed it (detach for a restart): the VM is left running
+                return
+        finally:
+            for task in (exited, agent_gone):
+                task.cancel()
         if live.ending is None:
-            log.info("sandbox %s VM exited: %s", live.row.id, reason)
+            log.info("sandbox %s ends: %s", live.row.id, reason)
             with contextlib.suppress(Exception):
-                await self._end(live, f"vm-exited: {reason}")
+                await self._end(live, reason)
 
     async def _reap_forever(self) -> None:
         while True:

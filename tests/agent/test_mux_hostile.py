@@ -14,7 +14,7 @@ from isorun.agent import AgentClient, AgentConnection, frames, mux
 from isorun.agent import client as client_mod
 from isorun.agent.client import Attachment
 from isorun.agent.frames import Kind
-from isorun.errors import ChannelClosedError, GuestError, ProtocolError
+from isorun.errors import ChannelClosedError, ConsumerTooSlowError, GuestError, ProtocolError
 
 Guest = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -362,7 +362,7 @@ async def test_events_nobody_takes_cancel_that_request_not_the_connection() -> N
         await asyncio.sleep(0.05)
     assert Kind.CANCEL in seen
     assert client.conn._event_bytes == 0  # what was held is let go
-    with pytest.raises(ChannelClosedError, match="not taken in time"):
+    with pytest.raises(ConsumerTooSlowError, match="not taken in time"):
         await asyncio.wait_for(ch.next(), 5)
     assert not client.conn.is_closed
     task.cancel()
@@ -546,5 +546,50 @@ async def test_the_exec_deadline_times_the_guest_not_the_callers_callbacks(
 
     with pytest.raises(TimeoutError, match="the caller's own"):
         await asyncio.wait_for(client.exec("true", timeout=0.1, on_stdout=raising), 5)
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_a_flood_of_started_events_reaches_the_caller_once() -> None:
+    # Events have no credit: each 'started' used to be handed on (the daemon queued a
+    # record for each, past its stream backlog: 370 MiB from one guest).
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        for i in range(500):
+            w.write(
+                frames.encode_json(
+                    f.chan, Kind.EVENT, {"event": "started", "proc_id": f"p{i}", "pid": i}
+                )
+            )
+        w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "exit_code": 0}))
+        await w.drain()
+        await asyncio.sleep(30)
+
+    client, task = await _connect(guest)
+    starts: list[tuple[str, int]] = []
+    await asyncio.wait_for(client.exec("true", on_start=lambda p, pid: starts.append((p, pid))), 5)
+    assert starts == [("p0", 0)]
+    task.cancel()
+    await client.conn.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b'{"ok":true,"mem_total_bytes":1' + b"0" * 400 + b"}", "out of range"),
+        (
+            b'{"ok":true,"procs":[{"proc_id":"p1","pid":1,"running":true,"argv":["\\udc80"]}]}',
+            "surrogate",
+        ),
+    ],
+    ids=["huge-int-as-float", "argv-surrogate"],
+)
+async def test_values_that_would_break_rendering_are_violations(
+    answer: bytes, message: str
+) -> None:
+    client, task = await _connect(_after_request(frames.encode(1, Kind.RESP, answer)))
+    call = client.metrics() if b"mem_total" in answer else client.list_procs()
+    with pytest.raises(ProtocolError, match=message):
+        await asyncio.wait_for(call, 5)
     task.cancel()
     await client.conn.close()
