@@ -6,7 +6,9 @@ daemon restart the guest still holds the process and its pipe, and the first wri
 the agent channel (`attach` with `stdin: true`).
 
 Memory is bounded: a pipe queues at most QUEUE_CHUNKS chunks of at most MAX_CHUNK bytes (a
-writer past that waits, which holds back its HTTP request), and a sandbox has at most
+writer past that waits, which holds back its HTTP request, for at most STDIN_WAIT_S: then it
+gets 409 `stdin_full`, nothing of it sent; one whose bytes were queued but not yet taken by
+then gets 409 `stdin_queued`, its bytes still to come), and a sandbox has at most
 MAX_PIPES open pipes (the least recently used one is closed, without EOF, to make room).
 """
 
@@ -19,11 +21,14 @@ from collections.abc import AsyncIterator, Callable, Collection, Coroutine
 from typing import Any, cast
 
 from isorun.agent import AgentClient
+from isorun.daemon.errors import Conflict
 from isorun.daemon.store import Store
 
 MAX_CHUNK = 1 << 20
 QUEUE_CHUNKS = 4
 MAX_PIPES = 32
+# How long a write waits for room in a full pipe (a process not reading its stdin).
+STDIN_WAIT_S = 60.0
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 
@@ -79,13 +84,32 @@ class StdinPipe:
             return False
         sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         put = asyncio.ensure_future(self._q.put((item, sent)))
-        done, _ = await asyncio.wait({put, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {put, self.task}, timeout=STDIN_WAIT_S, return_when=asyncio.FIRST_COMPLETED
+        )
         if put not in done:
             put.cancel()
+            if not done:
+                # A client that gave up would otherwise stay parked here with its body for
+                # as long as the process does not read (the server never cancels it).
+                raise Conflict(
+                    f"process {self.proc_id} has not read its stdin for {STDIN_WAIT_S:g} s "
+                    f"({QUEUE_CHUNKS} MiB wait for it already): nothing of this request was "
+                    "sent; retry later",
+                    code="stdin_full",
+                )
             return False
         # (typeshed's asyncio.wait wants one future type; a Future and a Task mix fine)
         waits = cast("set[asyncio.Task[Any]]", {sent, self.task})
-        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            waits, timeout=STDIN_WAIT_S, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done:
+            raise Conflict(
+                f"process {self.proc_id} has not read its stdin for {STDIN_WAIT_S:g} s: this "
+                "request's bytes are queued for it and go to it as it reads (do not resend)",
+                code="stdin_queued",
+            )
         return sent in done
 
     def abandon(self) -> None:
