@@ -186,7 +186,7 @@ async def bare_restore(template: Path, rootfs: Path, scratch_disk: Path, accel_n
 
         async def resume() -> None:
             await qmp.connect(Path(f"{tmp}/qmp.sock"))
-            while (await qmp.execute("query-status"))["status"] == "inmigrate":
+            while await qmp.status() == "inmigrate":
                 await asyncio.sleep(0.005)
             await qmp.execute("cont")
 

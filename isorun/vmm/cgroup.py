@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,27 @@ class VMCgroup:
         except (OSError, ValueError):
             pass
         return Usage(cpu_ns=cpu_ns, mem_peak_bytes=peak)
+
+    def kill_all(self) -> None:
+        """SIGKILL every process in the group. QEMU's process group is not enough: a QEMU the
+        guest took over may call setsid (its seccomp filter allows it while it drops root),
+        and the jail's pid namespace then outlives the kill; it cannot leave the cgroup."""
+        for d in self._dirs().values():
+            kill_file = d / "cgroup.kill"  # v2, Linux >= 5.14: the kernel does it at once
+            if self.v2 and kill_file.exists():
+                with contextlib.suppress(OSError):
+                    _write(kill_file, "1")
+                    continue
+            for _ in range(3):  # a process forked meanwhile is caught by the next round
+                try:
+                    pids = [int(p) for p in (d / "cgroup.procs").read_text().split()]
+                except (OSError, ValueError):
+                    break
+                if not pids:
+                    break
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
 
     def remove(self, timeout: float = 2.0) -> None:
         """rmdir each group; retries briefly because the kernel frees dying tasks lazily."""

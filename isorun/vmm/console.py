@@ -13,6 +13,9 @@ from pathlib import Path
 
 TAIL_BYTES = 64 * 1024
 FILE_CAP = 1024 * 1024
+# A read smaller than this is followed by a short pause (see _pump).
+SMALL_READ = 4096
+FLOOD_PAUSE_S = 0.01
 
 
 # Printed at KERN_EMERG, so visible under `quiet`. Without ACPI a microvm guest cannot
@@ -47,6 +50,11 @@ class ConsoleLog:
                     return
                 if not data:
                     return
+                if len(data) < SMALL_READ:
+                    # QEMU's serial port writes a few bytes at a time: a guest flooding its
+                    # console woke this loop per write (80% of a host core, in no cgroup).
+                    # Waiting a moment lets the bytes gather; the guest waits meanwhile.
+                    await asyncio.sleep(FLOOD_PAUSE_S)
                 self._tail += data
                 if not self.halted:
                     recent = bytes(self._tail[-(len(data) + 32) :])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -460,6 +461,8 @@ class MicroVM:
                 pass_fds.append(restore_from)  # the caller's, closed by the caller
                 files = dataclasses.replace(files, incoming_fd=restore_from, disk_fds=disk_fds)
             jailed = self.spec.jail and os.geteuid() == 0
+            if self.spec.jail and not jailed:
+                _warn_unjailed()
             run_as = jail.qemu_user() if jailed else None
             chroot = jail.empty_root(self.run_dir) if jailed else None
             argv = qemu_cmd.build(
@@ -556,7 +559,7 @@ class MicroVM:
         """Once QEMU has loaded the saved state (it exits if it cannot), run the guest: a
         state saved from a stopped guest loads paused."""
         await connected
-        while (await self._qmp.execute("query-status"))["status"] == "inmigrate":
+        while await self._qmp.status() == "inmigrate":
             await asyncio.sleep(0.005)
         await self._qmp.execute("cont")
 
@@ -662,6 +665,8 @@ class MicroVM:
     async def _kill(self) -> VMUsage:
         if self._proc is not None:
             self._proc.kill()
+        if self._owns_run_dir:
+            self.cgroup.kill_all()  # whatever left QEMU's process group dies too
         if self._supervisor is not None:
             with contextlib.suppress(asyncio.CancelledError):  # adopt() may have cancelled it
                 await self._supervisor
@@ -679,7 +684,8 @@ class MicroVM:
         finally:
             # Even when closing failed above: a later kill() only re-raises that error.
             if self._owns_run_dir:
-                self.cgroup.remove()
+                self.cgroup.kill_all()  # a process that escaped the first round's kill
+                await asyncio.to_thread(self.cgroup.remove)  # it retries until tasks are freed
                 shutil.rmtree(self.run_dir, ignore_errors=True)
         return usage
 
@@ -776,6 +782,14 @@ def _remove_dead_template_vms() -> None:
                 remove_run_dir(d)
 
 
+@functools.cache  # once per process
+def _warn_unjailed() -> None:
+    log.warning(
+        "not running as root: QEMU runs without its jail (own user, namespaces, chroot) and "
+        "without a cgroup (no memory or CPU limit); run as root, or set jail=False to say so"
+    )
+
+
 def remove_run_dir(run_dir: Path) -> None:
     """Remove the run dir and cgroup of a VM that is not running (any more)."""
     VMCgroup(f"vm-{run_dir.name}").remove()
@@ -789,6 +803,7 @@ def kill_orphan(run_dir: Path, timeout: float = 5.0) -> None:
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+    VMCgroup(f"vm-{run_dir.name}").kill_all()
     deadline = time.monotonic() + timeout
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)

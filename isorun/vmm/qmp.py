@@ -26,15 +26,18 @@ class QMPMonitor:
         self._client.events.event_filter = _no_event
         self._events: EventListener | None = None
         self._event_task: asyncio.Task[None] | None = None
+        self._accepted: set[str] = set()
         self.shutdown_reason: str | None = None
         self.panicked = False
 
     async def connect(self, path: Path) -> None:
         try:
             await self._client.connect(str(path))
-        except (QMPError, OSError) as exc:
-            raise VMError(f"cannot connect to QEMU's QMP socket {path}: {exc}", "qmp") from exc
-        self._events = EventListener(("SHUTDOWN", "GUEST_PANICKED"))
+        except Exception as exc:  # QEMU may be the guest's by now: any reply may be hostile
+            raise VMError(f"cannot connect to QEMU's QMP socket {path}: {exc!r}", "qmp") from exc
+        # Each of the two events is taken once: the listener keeps all it takes, and a
+        # hostile QEMU could send them without end.
+        self._events = EventListener(event_filter=self._first_of_each)
         self._client.register_listener(self._events)
         self._event_task = asyncio.create_task(self._watch(), name="qmp-events")
 
@@ -50,11 +53,29 @@ class QMPMonitor:
                 reason = data.get("reason")
                 self.shutdown_reason = reason if isinstance(reason, str) else "unknown"
 
+    def _first_of_each(self, event: Any) -> bool:
+        try:  # a qemu.qmp Message: a mapping, not a dict
+            name = event["event"]
+        except (KeyError, TypeError):
+            return False
+        if name in ("SHUTDOWN", "GUEST_PANICKED") and name not in self._accepted:
+            self._accepted.add(name)
+            return True
+        return False
+
     async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         try:
             return await self._client.execute(cmd, args)
         except (QMPError, OSError) as exc:
             raise VMError(f"QMP command '{cmd}' failed: {exc}", "qmp") from exc
+
+    async def status(self) -> str:
+        """The run state (`query-status`), checked: QEMU's answers are not trusted."""
+        answer = await self.execute("query-status")
+        status = answer.get("status") if isinstance(answer, dict) else None
+        if not isinstance(status, str):
+            raise VMError(f"QMP query-status answered {str(answer)[:200]}", "qmp")
+        return status
 
     async def close(self) -> None:
         if self._event_task is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -159,6 +160,23 @@ async def test_qemu_runs_jailed(vm: MicroVM) -> None:
             quota_us = int((d / "cpu.cfs_quota_us").read_text())
             quotas.append(quota_us / int((d / "cpu.cfs_period_us").read_text()))
     assert quotas and all(vm.spec.vcpus < q < vm.spec.vcpus + 1 for q in quotas)
+
+
+async def test_killing_a_vm_kills_all_of_its_cgroup(busybox_rootfs: Path) -> None:
+    # A QEMU the guest took over may leave its process group (setsid is allowed while it
+    # drops root): killing the group left it running, its cgroup and jail behind. Here a
+    # process in the VM's cgroup but in a session of its own stands for it.
+    vm = await MicroVM.boot(vm_spec(busybox_rootfs))
+    stray = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        for procs in vm.cgroup.procs_files():
+            procs.write_text(str(stray.pid))
+        await vm.kill()
+        assert stray.wait(timeout=5) == -signal.SIGKILL
+        assert not any(f.parent.exists() for f in vm.cgroup.procs_files())
+    finally:
+        stray.kill()
+        stray.wait()
 
 
 async def test_detached_vm_keeps_running_and_can_be_adopted(busybox_rootfs: Path) -> None:
