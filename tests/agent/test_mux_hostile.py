@@ -4,47 +4,19 @@ connection with a clear error and leaves other connections working."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
+from fakeguest import Guest
+from fakeguest import connect as _connect
+from fakeguest import read_frame as _read_frame
 
-from isorun.agent import AgentClient, AgentConnection, frames, mux
+from isorun.agent import AgentClient, frames, mux
 from isorun.agent import client as client_mod
 from isorun.agent.client import Attachment
 from isorun.agent.frames import Kind
 from isorun.errors import ChannelClosedError, ConsumerTooSlowError, GuestError, ProtocolError
-
-Guest = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-async def _read_frame(r: asyncio.StreamReader) -> frames.Frame:
-    hdr = await r.readexactly(frames.HEADER_SIZE)
-    length, chan, kind = frames.HEADER.unpack(hdr)
-    return frames.Frame(chan, Kind(kind), await r.readexactly(length))
-
-
-async def _answer_hello(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-    f = await _read_frame(r)
-    assert f.kind is Kind.REQ and f.json()["op"] == "hello"
-    w.write(frames.encode_json(0, Kind.RESP, {"ok": True, "nonce": f.json()["nonce"]}))
-    await w.drain()
-
-
-async def _connect(guest: Guest) -> tuple[AgentClient, asyncio.Task[None]]:
-    host_sock, guest_sock = socket.socketpair()
-    gr, gw = await asyncio.open_connection(sock=guest_sock)
-
-    async def run_guest() -> None:
-        await _answer_hello(gr, gw)
-        await guest(gr, gw)
-
-    task = asyncio.create_task(run_guest())
-    hr, hw = await asyncio.open_connection(sock=host_sock)
-    conn = AgentConnection(hr, hw)
-    await conn.handshake(5)
-    return AgentClient(conn), task
 
 
 async def _health_guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:

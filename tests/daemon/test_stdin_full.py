@@ -5,19 +5,13 @@ request (and its body) parked in the daemon for as long as the process runs."""
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
+from fakeguest import connect, read_frame
 
-from isorun.agent import AgentClient, AgentConnection, frames
 from isorun.agent.frames import Kind
 from isorun.daemon import stdin as stdin_mod
 from isorun.daemon.errors import Conflict
-
-
-async def _read_frame(r: asyncio.StreamReader) -> frames.Frame:
-    length, chan, kind = frames.HEADER.unpack(await r.readexactly(frames.HEADER_SIZE))
-    return frames.Frame(chan, Kind(kind), await r.readexactly(length))
 
 
 async def test_a_write_to_a_stdin_nobody_reads_fails_after_its_wait(
@@ -27,21 +21,13 @@ async def test_a_write_to_a_stdin_nobody_reads_fails_after_its_wait(
     received: list[int] = []
 
     async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        f = await _read_frame(r)
-        w.write(frames.encode_json(0, Kind.RESP, {"ok": True, "nonce": f.json()["nonce"]}))
-        await w.drain()
         while True:  # an attach whose process never reads: IN frames get no credit back
-            f = await _read_frame(r)
+            f = await read_frame(r)
             if f.kind is Kind.IN:
                 received.append(len(f.payload))
 
-    host_sock, guest_sock = socket.socketpair()
-    gr, gw = await asyncio.open_connection(sock=guest_sock)
-    task = asyncio.create_task(guest(gr, gw))
-    hr, hw = await asyncio.open_connection(sock=host_sock)
-    conn = AgentConnection(hr, hw)
-    await conn.handshake(5)
-    pipe = stdin_mod.StdinPipe(AgentClient(conn), "p1", asyncio.create_task)
+    client, task = await connect(guest)
+    pipe = stdin_mod.StdinPipe(client, "p1", asyncio.create_task)
     chunk = b"x" * stdin_mod.MAX_CHUNK
     # The first is taken into the channel (its window, 256 KiB, reaches the guest), the
     # next fill the pipe's queue, the rest find no room.
@@ -53,4 +39,4 @@ async def test_a_write_to_a_stdin_nobody_reads_fails_after_its_wait(
     assert sum(received) <= 256 * 1024  # the guest got no more than its window
     pipe.abandon()
     task.cancel()
-    await conn.close()
+    await client.conn.close()
