@@ -23,7 +23,7 @@ from isorun.daemon.progress import progress_record
 from isorun.daemon.store import LOCAL_TENANT, SandboxRow, Store
 from isorun.errors import IsorunError, VMError
 from isorun.images import ImageConfig, ImageError, ImageStore, ProgressEvent
-from isorun.vmm import MicroVM, VMSpec, kill_orphan, remove_run_dir
+from isorun.vmm import MicroVM, VMSpec, cgroup, kill_orphan, remove_run_dir
 
 log = logging.getLogger("isorund.sandboxes")
 TAG = "isorun.sandbox="
@@ -183,6 +183,9 @@ class SandboxManager:
                 log.warning("removing orphan VM %s of sandbox %s", d.name, sandbox_id)
                 await asyncio.to_thread(kill_orphan, d)
                 remove_run_dir(d)
+        swept = await asyncio.to_thread(cgroup.sweep_empty)
+        if swept:
+            log.info("removed %d empty VM cgroups left by killed host processes", swept)
 
     # --- lookups ---------------------------------------------------------------------
 

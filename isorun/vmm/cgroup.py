@@ -139,3 +139,29 @@ class VMCgroup:
                     if time.monotonic() > deadline:
                         break
                     time.sleep(0.02)
+
+
+def sweep_empty(min_age_s: float = 60.0, prefix: str = "vm-", root: Path = ROOT) -> int:
+    """Remove VM cgroups that hold no process and are older than min_age_s; how many went.
+
+    A VM's cgroup holds its QEMU from a moment after it is made until the VM is cleaned up,
+    so an empty one left over is a VM whose host process was killed before it could clean up
+    (its run dir may be gone, in a test's temporary state dir, say): nothing else removes it.
+    Groups of every state dir share the one hierarchy; an empty one is nobody's.
+    """
+    parents = [root / GROUP] if _is_v2(root) else [root / c / GROUP for c in V1_CONTROLLERS]
+    removed: set[str] = set()
+    now = time.time()
+    for parent in parents:
+        with contextlib.suppress(OSError):
+            for d in parent.glob(f"{prefix}*"):
+                try:
+                    if now - d.stat().st_mtime < min_age_s:
+                        continue
+                    if (d / "cgroup.procs").read_text().strip():
+                        continue
+                    os.rmdir(d)
+                    removed.add(d.name)
+                except OSError:
+                    continue  # in use meanwhile, or already gone
+    return len(removed)
