@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,14 +21,17 @@ def _get(obj: dict[str, Any], key: str, default: Any) -> Any:
 
 
 def as_str(obj: dict[str, Any], key: str, default: Any = _MISSING) -> str:
-    v = _get(obj, key, default)
+    return _text(_get(obj, key, default), f"field '{key}'")
+
+
+def _text(v: object, what: str) -> str:
     if not isinstance(v, str) or len(v) > _MAX_STR:
-        raise ProtocolError(f"guest field '{key}' is not a string of at most {_MAX_STR} chars")
+        raise ProtocolError(f"guest {what} is not a string of at most {_MAX_STR} chars")
     if not v.isascii():
         try:  # a lone surrogate (a "\udc80" escape) is no text: it fails every encoder later
             v.encode("utf-8")
         except UnicodeEncodeError:
-            raise ProtocolError(f"guest field '{key}' holds a lone surrogate") from None
+            raise ProtocolError(f"guest {what} holds a lone surrogate") from None
     return v
 
 
@@ -57,13 +59,10 @@ def as_float(obj: dict[str, Any], key: str, default: Any = _MISSING) -> float:
     v = _get(obj, key, default)
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise ProtocolError(f"guest field '{key}' is not a number")
-    try:
-        f = float(v)
+    try:  # finite once it is a float: the JSON decoder refuses NaN, Infinity and 1e999
+        return float(v)
     except OverflowError:  # an integer of hundreds of digits
-        f = math.inf
-    if not math.isfinite(f):
-        raise ProtocolError(f"guest field '{key}' is out of range")
-    return f
+        raise ProtocolError(f"guest field '{key}' is out of range") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +124,7 @@ def parse_proc(raw: object) -> ProcInfo:
     return ProcInfo(
         proc_id=as_str(raw, "proc_id"),
         pid=as_int(raw, "pid"),
-        argv=[as_str({"argv": a}, "argv") for a in argv[:1024]],
+        argv=[_text(a, "process argv entry") for a in argv[:1024]],
         tag=as_str(raw, "tag", default=""),
         pty=as_bool(raw, "pty", default=False),
         running=as_bool(raw, "running"),

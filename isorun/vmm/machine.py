@@ -684,7 +684,6 @@ class MicroVM:
         finally:
             # Even when closing failed above: a later kill() only re-raises that error.
             if self._owns_run_dir:
-                self.cgroup.kill_all()  # a process that escaped the first round's kill
                 await asyncio.to_thread(self.cgroup.remove)  # it retries until tasks are freed
                 shutil.rmtree(self.run_dir, ignore_errors=True)
         return usage

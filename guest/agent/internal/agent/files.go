@@ -59,7 +59,7 @@ func opReadFile(s *Server, ch *Channel, raw []byte) (any, error) {
 	if r.Offset < 0 || length < -1 {
 		return nil, errf("invalid", "offset must be >= 0 and length >= -1")
 	}
-	f, st, err := openFile(path, os.O_RDONLY, 0)
+	f, st, err := openFile(path)
 	if err != nil {
 		return nil, err
 	}
@@ -389,18 +389,13 @@ func pathErr(op, path string, err error) error {
 	return &os.PathError{Op: op, Path: path, Err: err}
 }
 
-// openFile opens path for read_file or an append, and returns its stat.
-// Opening a FIFO blocks until its other end opens, which a guest process can
-// withhold forever (and CANCEL cannot interrupt open(2)); so it opens without
-// blocking and refuses FIFOs and sockets, which neither op can serve (pread
-// on a pipe fails).
-func openFile(path string, flag int, mode os.FileMode) (*os.File, *syscall.Stat_t, error) {
-	f, err := os.OpenFile(path, flag|syscall.O_NONBLOCK, mode)
-	if errors.Is(err, syscall.ENXIO) { // a write-only FIFO open without a reader
-		if fi, serr := os.Stat(path); serr == nil && fi.Mode()&os.ModeNamedPipe != 0 {
-			return nil, nil, errf("invalid", "%s is a FIFO, not a regular file", path)
-		}
-	}
+// openFile opens path for read_file and returns its stat. Opening a FIFO
+// blocks until its other end opens, which a guest process can withhold
+// forever (and CANCEL cannot interrupt open(2)); so it opens without blocking
+// and refuses FIFOs and sockets, which read_file cannot serve (pread on a
+// pipe fails). (write_file's in-place writes open with openInPlace.)
+func openFile(path string) (*os.File, *syscall.Stat_t, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, nil, err
 	}
