@@ -19,24 +19,36 @@ async def read_frame(r: asyncio.StreamReader) -> frames.Frame:
     return frames.Frame(chan, Kind(kind), await r.readexactly(length))
 
 
-async def answer_hello(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+async def answer_hello(
+    r: asyncio.StreamReader, w: asyncio.StreamWriter, keepalive_ms: int | None = None
+) -> None:
+    """Answer the host's hello; with `keepalive_ms`, promise keepalives that often."""
     f = await read_frame(r)
     assert f.kind is Kind.REQ and f.json()["op"] == "hello"
-    w.write(frames.encode_json(0, Kind.RESP, {"ok": True, "nonce": f.json()["nonce"]}))
+    answer = {"ok": True, "nonce": f.json()["nonce"]}
+    if keepalive_ms is not None:
+        answer["keepalive_ms"] = keepalive_ms
+    w.write(frames.encode_json(0, Kind.RESP, answer))
     await w.drain()
 
 
-async def connect(guest: Guest) -> tuple[AgentClient, asyncio.Task[None]]:
-    """A client connected to `guest`, which runs (after answering hello) in the task."""
+async def connect(
+    guest: Guest, *, keepalive_ms: int | None = None, idle_after_s: float | None = None
+) -> tuple[AgentClient, asyncio.Task[None]]:
+    """A client connected to `guest`, which runs (after answering hello) in the task.
+    `keepalive_ms` is what the fake promises in hello, `idle_after_s` how long the host
+    lets a request hear nothing from it."""
     host_sock, guest_sock = socket.socketpair()
     gr, gw = await asyncio.open_connection(sock=guest_sock)
 
     async def run_guest() -> None:
-        await answer_hello(gr, gw)
+        await answer_hello(gr, gw, keepalive_ms)
         await guest(gr, gw)
 
     task = asyncio.create_task(run_guest())
     hr, hw = await asyncio.open_connection(sock=host_sock)
     conn = AgentConnection(hr, hw)
+    if idle_after_s is not None:
+        conn.idle_after_s = idle_after_s
     await conn.handshake(5)
     return AgentClient(conn), task

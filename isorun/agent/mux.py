@@ -17,7 +17,7 @@ from typing import Any
 
 from isorun.agent import frames
 from isorun.agent.frames import Frame, Kind
-from isorun.errors import ChannelClosedError, ConsumerTooSlowError, ProtocolError
+from isorun.errors import ChannelClosedError, ConsumerTooSlowError, GuestError, ProtocolError
 
 WINDOW = 262144
 # Return credit once a quarter of the window has been consumed: fewer tiny frames.
@@ -35,6 +35,15 @@ STREAM_LIMIT = frames.MAX_PAYLOAD * 4
 StreamPair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 IO_CHUNK = 32768
 MAX_JOINED = frames.MAX_PAYLOAD  # bytes one queued data item grows to
+# The host asks the agent in hello to send each open request this EVENT every KEEPALIVE_S
+# (guest/agent/internal/agent/keepalive.go): a long command, a watch with nothing to
+# report or a large remove says nothing else for a long time. The reader drops them.
+KEEPALIVE_PAYLOAD = b'{"event":"alive"}'
+KEEPALIVE_S = 5.0
+# A request that hears nothing from the guest, keepalives included, for this long fails
+# with GuestError "unresponsive" (a hung guest kernel or agent) instead of waiting for
+# ever. Generous: a loaded host emulating the guest (TCG) can starve it for seconds.
+IDLE_AFTER_S = 60.0
 
 
 class _Data:
@@ -71,6 +80,7 @@ class Channel:
         self._all_acked = asyncio.Event()  # every byte we sent was consumed by the guest
         self._all_acked.set()
         self.closed = False
+        self._heard = asyncio.get_running_loop().time()  # the last frame from the guest
 
     def _deliver(self, frame: Frame) -> None:
         """Queue a frame from the guest; never waits."""
@@ -128,7 +138,7 @@ class Channel:
     async def next(self) -> Frame:
         while not self._inbox:
             self._arrived.clear()
-            await self._arrived.wait()
+            await self._wait_arrival()
         item = self._inbox.popleft()
         if isinstance(item, BaseException):
             # A dead connection ends the channel; a local failure (see `fail`) leaves it for
@@ -144,6 +154,23 @@ class Channel:
             self.closed = True
             self._conn._forget(self.id)
         return item
+
+    async def _wait_arrival(self) -> None:
+        idle = self._conn.idle_timeout
+        if idle is None:
+            await self._arrived.wait()
+            return
+        # keepalives move `_heard` without waking us: the wait is re-armed from it
+        left = self._heard + idle - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise GuestError(
+                f"the guest sent nothing on this request for {idle:g} s, not even its "
+                "keepalive: its agent or kernel is hung (or starved of CPU)",
+                "unresponsive",
+            )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(left):
+                await self._arrived.wait()
 
     def _release_event(self, frame: Frame) -> None:
         cost = len(frame.payload) + EVENT_OVERHEAD
@@ -247,6 +274,13 @@ class AgentConnection:
         self._reader_task: asyncio.Task[None] | None = None
         self._closing = False  # close() was called: the host ends it
         self.hello: dict[str, Any] = {}
+        # how long a request may hear nothing (Channel.next); None: the agent sends no
+        # keepalives, so silence says nothing
+        self.idle_timeout: float | None = None
+
+    # What handshake() asks for; a test may set them on the class before connecting.
+    keepalive_s = KEEPALIVE_S
+    idle_after_s = IDLE_AFTER_S
 
     @classmethod
     async def open_unix(cls, path: str, timeout: float = 10.0) -> AgentConnection:
@@ -280,9 +314,8 @@ class AgentConnection:
     async def handshake(self, timeout: float) -> dict[str, Any]:
         """Say hello and skip whatever an earlier connection left in the stream."""
         nonce = os.urandom(12).hex()
-        await self._send(
-            frames.encode_json(frames.HELLO_CHAN, Kind.REQ, {"op": "hello", "nonce": nonce})
-        )
+        hello = {"op": "hello", "nonce": nonce, "keepalive_ms": int(self.keepalive_s * 1000)}
+        await self._send(frames.encode_json(frames.HELLO_CHAN, Kind.REQ, hello))
         buf, pos = b"", 0
         async with asyncio.timeout(timeout):
             while True:
@@ -297,8 +330,15 @@ class AgentConnection:
                 if found is not None:
                     break
         self.hello, end = found
+        self.idle_timeout = self._idle_timeout(self.hello.get("keepalive_ms"))
         self._reader_task = asyncio.create_task(self._read_loop(buf[end:]), name="agent-reader")
         return self.hello
+
+    def _idle_timeout(self, keepalive_ms: object) -> float | None:
+        if type(keepalive_ms) is not int or keepalive_ms <= 0:
+            return None  # an agent that sends none
+        every = min(keepalive_ms, 60_000) / 1000  # the agent may round what we asked
+        return max(self.idle_after_s, 3 * every)
 
     # --- channel management -------------------------------------------------------
 
@@ -360,6 +400,7 @@ class AgentConnection:
             self._fail(ProtocolError(f"agent stream handling failed: {exc!r}"[:500]))
 
     async def _dispatch_all(self, batch: list[Frame]) -> None:
+        now = asyncio.get_running_loop().time()
         for frame in batch:
             ch = self._channels.get(frame.chan)
             if ch is None:
@@ -369,8 +410,11 @@ class AgentConnection:
                     f"guest sent a {frame.kind.name} frame on channel {frame.chan}, "
                     "which the host never opened"
                 )
+            ch._heard = now
             if frame.kind is Kind.CREDIT:
                 ch._grant(frame.credit())
+                continue
+            if frame.kind is Kind.EVENT and frame.payload == KEEPALIVE_PAYLOAD:
                 continue
             if frame.kind in (Kind.RESP, Kind.EVENT):
                 frame.json()  # validate now: a bad payload is the guest's fault, not the consumer's

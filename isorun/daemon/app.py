@@ -70,7 +70,7 @@ _GUEST_STATUS = {
     "not_empty": 409,
     "busy": 409,
     "unsupported": 400,
-    "unresponsive": 504,  # the guest did not end an exec by its timeout (agent/client.py)
+    "unresponsive": 504,  # the guest went silent, or overran an exec timeout (agent/)
 }
 
 

@@ -37,6 +37,8 @@ type Conn struct {
 	mu    sync.Mutex
 	chans map[uint32]*Channel
 	used  bool // a frame was dispatched: a later hello means a new host
+
+	keepOnce sync.Once // the keepalive sender (keepalive.go) starts once
 }
 
 // ServeConn runs the protocol on rw until the stream ends (EOF: no host) or

@@ -124,18 +124,15 @@ func openPort(s *Server) *os.File {
 // the first answer either way. Done while the root is still mounting, it
 // fills the vCPU's waits for disk reads instead of following "root ready".
 func primeRequestPath(s *Server) {
-	raw := []byte(`{"op":"hello","nonce":"00"}`)
+	raw := []byte(`{"op":"hello","nonce":"00","keepalive_ms":5000}`)
 	var head struct {
 		Op string `json:"op"`
 	}
 	_ = json.Unmarshal(raw, &head)
-	var req struct {
-		Op    string `json:"op"`
-		Nonce string `json:"nonce"`
-	}
+	var req helloReq
 	_ = decode(raw, &req)
 	resp, err := json.Marshal(ok("nonce", req.Nonce, "version", Version, "protocol", 1,
-		"boot_ms", int64(0), "boot_phases_ms", s.Boot.Snapshot()))
+		"boot_ms", int64(0), "boot_phases_ms", s.Boot.Snapshot(), "keepalive_ms", req.KeepaliveMs))
 	if err == nil {
 		_ = EncodeFrame(0, KindResp, resp)
 	}

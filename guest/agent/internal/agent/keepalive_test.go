@@ -1,0 +1,67 @@
+package agent
+
+import (
+	"bytes"
+	"testing"
+	"time"
+)
+
+// alives counts the keepalive EVENTs (exact bytes) on channel ch up to its RESP.
+func alives(t *testing.T, c *client, ch uint32) (n int, resp Frame) {
+	t.Helper()
+	for {
+		f := c.next(ch, 20*time.Second)
+		switch {
+		case f.Kind == KindResp:
+			return n, f
+		case f.Kind == KindEvent && bytes.Equal(f.Payload, keepalivePayload):
+			n++
+		}
+	}
+}
+
+func TestKeepaliveReachesEveryRunningRequest(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(0, map[string]any{"op": "hello", "nonce": "n", "keepalive_ms": 100})
+	if got := num(r.resp["keepalive_ms"]); got != 100 {
+		t.Fatalf("hello answered keepalive_ms %d, want 100", got)
+	}
+	c.req(1, map[string]any{"op": "exec", "cmd": "sleep 1"})
+	c.req(2, map[string]any{"op": "watch", "path": t.TempDir()})
+	n, resp := alives(t, c, 1)
+	if resp.Kind != KindResp || n < 5 || n > 15 {
+		t.Fatalf("a 1 s command got %d keepalives at 100 ms", n)
+	}
+	// the watch, which reports nothing, goes on getting them
+	for i := 0; i < 3; i++ {
+		if f := c.next(2, 5*time.Second); !bytes.Equal(f.Payload, keepalivePayload) {
+			t.Fatalf("watch got %d %q, want a keepalive", f.Kind, f.Payload)
+		}
+	}
+	// an answered request gets none: nothing follows its RESP
+	select {
+	case f := <-c.q(1):
+		t.Fatalf("frame %d %q after the RESP", f.Kind, f.Payload)
+	case <-time.After(300 * time.Millisecond):
+	}
+}
+
+func TestKeepaliveOffUnlessAskedAndClamped(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(0, map[string]any{"op": "hello", "nonce": "n"})
+	if got := num(r.resp["keepalive_ms"]); got != 0 {
+		t.Fatalf("hello without keepalive_ms answered %d", got)
+	}
+	c.req(1, map[string]any{"op": "exec", "cmd": "sleep 0.5"})
+	if n, _ := alives(t, c, 1); n != 0 {
+		t.Fatalf("%d keepalives nobody asked for", n)
+	}
+
+	for _, tc := range []struct{ ask, want int64 }{{1, 100}, {1 << 40, 60000}, {-5, 0}} {
+		c := newClient(t, nil)
+		r := c.call(0, map[string]any{"op": "hello", "nonce": "n", "keepalive_ms": tc.ask})
+		if got := num(r.resp["keepalive_ms"]); got != tc.want {
+			t.Fatalf("keepalive_ms %d answered %d, want %d", tc.ask, got, tc.want)
+		}
+	}
+}

@@ -1,0 +1,92 @@
+"""A request that hears nothing from the guest, not even the agent's keepalive, fails as
+unresponsive; one the guest is still working on, saying so with keepalives, does not;
+keepalives never reach the request's consumer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fakeguest import connect, read_frame
+
+from isorun.agent import frames
+from isorun.agent.frames import Kind
+from isorun.agent.mux import KEEPALIVE_PAYLOAD
+from isorun.errors import GuestError
+
+IDLE = 0.5
+
+
+async def test_a_request_the_hung_guest_never_answers_fails_as_unresponsive() -> None:
+    cancelled = asyncio.Event()
+
+    async def hung(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        req = await read_frame(r)  # and never answer, nor send a keepalive
+        while (f := await read_frame(r)).chan != req.chan or f.kind is not Kind.CANCEL:
+            pass
+        cancelled.set()
+        await asyncio.sleep(3600)
+
+    client, guest = await connect(hung, keepalive_ms=100, idle_after_s=IDLE)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(GuestError) as err:
+        await asyncio.wait_for(client.stat("/etc"), 10)
+    waited = loop.time() - started
+    assert err.value.code == "unresponsive"
+    assert "sent nothing on this request for 0.5 s" in str(err.value)
+    assert IDLE <= waited < IDLE + 2
+    await asyncio.wait_for(cancelled.wait(), 5)  # the request is abandoned in the guest
+    assert not client.conn.is_closed  # the sandbox's other requests go on
+    guest.cancel()
+    await client.conn.close()
+
+
+async def test_keepalives_hold_a_long_request_open_and_stay_out_of_its_answer() -> None:
+    async def slow(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        req = await read_frame(r)
+        for _ in range(15):  # 1.5 s of work, three times the idle limit
+            w.write(frames.encode(req.chan, Kind.EVENT, KEEPALIVE_PAYLOAD))
+            await w.drain()
+            await asyncio.sleep(0.1)
+        entry = {"name": "a", "path": "/d/a", "type": "file", "size": 1, "mode": 0o644}
+        w.write(frames.encode_json(req.chan, Kind.EVENT, {"event": "entries", "entries": [entry]}))
+        w.write(frames.encode_json(req.chan, Kind.RESP, {"ok": True}))
+        await w.drain()
+        await asyncio.sleep(3600)
+
+    client, guest = await connect(slow, keepalive_ms=100, idle_after_s=IDLE)
+    entries = await asyncio.wait_for(client.list("/d"), 10)
+    assert [e.path for e in entries] == ["/d/a"]
+    guest.cancel()
+    await client.conn.close()
+
+
+async def test_an_agent_that_promised_no_keepalive_is_not_timed_out() -> None:
+    answered = asyncio.Event()
+
+    async def slow_without_keepalive(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        req = await read_frame(r)
+        await asyncio.sleep(3 * IDLE)
+        w.write(frames.encode_json(req.chan, Kind.RESP, {"ok": True}))
+        await w.drain()
+        answered.set()
+        await asyncio.sleep(3600)
+
+    client, guest = await connect(slow_without_keepalive, idle_after_s=IDLE)
+    assert client.conn.idle_timeout is None
+    await asyncio.wait_for(client.mkdir("/x"), 10)
+    assert answered.is_set()
+    guest.cancel()
+    await client.conn.close()
+
+
+async def test_the_idle_limit_follows_the_keepalive_the_agent_answered() -> None:
+    async def idle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(3600)
+
+    # an agent that rounded our ask up to 1 s gets three of its intervals, at least
+    client, guest = await connect(idle, keepalive_ms=1000, idle_after_s=IDLE)
+    assert client.conn.idle_timeout == 3.0
+    guest.cancel()
+    await client.conn.close()
