@@ -105,6 +105,24 @@ class VMCgroup:
             pass
         return Usage(cpu_ns=cpu_ns, mem_peak_bytes=peak)
 
+    def oom_kills(self) -> int:
+        """How many processes of the group the kernel's OOM killer ended at the group's
+        memory limit (0 when unknown): QEMU killed that way exits like any SIGKILL."""
+        dirs = self._dirs()
+        events = dirs["unified"] / "memory.events" if self.v2 else None
+        if not self.v2 and "memory" in dirs:
+            events = dirs["memory"] / "memory.oom_control"  # v1 counts it there (>= 4.13)
+        if events is None:
+            return 0
+        try:
+            for line in events.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
     def kill_all(self) -> None:
         """SIGKILL every process in the group. QEMU's process group is not enough: a QEMU the
         guest took over may call setsid (its seccomp filter allows it while it drops root),

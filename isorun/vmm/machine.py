@@ -603,6 +603,13 @@ class MicroVM:
             self.death_reason = "panic"
         elif reason in ("host-qmp-quit", "host-signal"):
             self.death_reason = "stopped"
+        elif self.cgroup.oom_kills() > 0:
+            # the kernel killed QEMU at the cgroup's limit: exits like any SIGKILL otherwise
+            limit = self.spec.memory_mib + QEMU_OVERHEAD_MIB
+            self.death_reason = (
+                f"out of memory: QEMU was killed at the VM's {limit} MiB host limit "
+                f"({self.spec.memory_mib} MiB of guest RAM + {QEMU_OVERHEAD_MIB} for QEMU)"
+            )
         elif code is None:
             self.death_reason = "stopped"  # adopted: not our child, no status to read
         elif code < 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 from vmhelpers import assert_vm_gone, vm_spec
 
-from isorun.errors import ChannelClosedError, ConfigError
+from isorun.agent import AgentConnection
+from isorun.errors import ChannelClosedError, ConfigError, GuestError
 from isorun.vmm import MicroVM
 
 pytestmark = pytest.mark.vm
@@ -130,6 +132,74 @@ async def test_shutdown_kills_a_process_that_ignores_sigterm(busybox_rootfs: Pat
     assert vm.death_reason == "shutdown"
     tail = vm.console.tail(4000)
     assert "power-off: processes outlived SIGTERM" in tail, tail
+    assert_vm_gone(vm)
+
+
+def _signal_vm(vm: MicroVM, sig: signal.Signals) -> None:
+    for procs in vm.cgroup.procs_files():
+        for pid in procs.read_text().split():
+            os.kill(int(pid), sig)
+
+
+async def test_a_hung_guest_fails_its_requests_as_unresponsive_and_a_slow_one_does_not(
+    busybox_rootfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Short intervals keep the test to seconds; the defaults are 5 s and 60 s.
+    monkeypatch.setattr(AgentConnection, "keepalive_s", 0.2)
+    monkeypatch.setattr(AgentConnection, "idle_after_s", 3.0)
+    vm = await MicroVM.boot(vm_spec(busybox_rootfs))
+    try:
+        # silent for longer than the idle limit, but the agent says it is still at work
+        r = await vm.agent.exec("sleep 5; echo done")
+        assert r.stdout == b"done\n"
+        # the whole VM stops running: the request fails instead of waiting for ever
+        run = asyncio.create_task(vm.agent.exec("sleep 60"))
+        await asyncio.sleep(1)
+        _signal_vm(vm, signal.SIGSTOP)
+        try:
+            with pytest.raises(GuestError) as err:
+                await asyncio.wait_for(run, 20)
+        finally:
+            _signal_vm(vm, signal.SIGCONT)
+        assert err.value.code == "unresponsive"
+        assert (await vm.agent.exec("echo back")).stdout == b"back\n"
+    finally:
+        await vm.kill()
+    assert_vm_gone(vm)
+
+
+def _tighten_memory_limit(vm: MicroVM, headroom: int) -> None:
+    """Set the VM's host memory limit to what its cgroup uses now plus `headroom`."""
+    for procs in vm.cgroup.procs_files():
+        d = procs.parent
+        for limit, usage in (
+            ("memory.max", "memory.current"),
+            ("memory.limit_in_bytes", "memory.usage_in_bytes"),
+        ):
+            if (d / limit).exists():
+                (d / limit).write_text(str(int((d / usage).read_text()) + headroom))
+                return
+    raise AssertionError("the VM has no memory cgroup")
+
+
+async def test_qemu_killed_at_its_memory_limit_is_reported_as_out_of_memory(
+    busybox_rootfs: Path,
+) -> None:
+    vm = await MicroVM.boot(vm_spec(busybox_rootfs))
+    try:
+        # QEMU has touched only part of the guest's RAM; the guest now fills RAM it never
+        # used, QEMU faults those pages in and crosses the (tightened) limit.
+        _tighten_memory_limit(vm, 32 << 20)
+        with pytest.raises(ChannelClosedError):
+            await vm.agent.exec(
+                "mkdir -p /m && mount -t tmpfs -o size=160m fill /m"
+                " && head -c 150000000 /dev/zero >/m/f"
+            )
+        reason = await asyncio.wait_for(vm.wait(), 60)
+        assert reason.startswith("out of memory: QEMU was killed at the VM's"), reason
+        assert "MiB of guest RAM" in reason
+    finally:
+        await vm.kill()
     assert_vm_gone(vm)
 
 
