@@ -19,16 +19,10 @@ async def read_frame(r: asyncio.StreamReader) -> frames.Frame:
     return frames.Frame(chan, Kind(kind), await r.readexactly(length))
 
 
-async def answer_hello(
-    r: asyncio.StreamReader, w: asyncio.StreamWriter, keepalive_ms: int | None = None
-) -> None:
-    """Answer the host's hello; with `keepalive_ms`, promise keepalives that often."""
+async def answer_hello(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
     f = await read_frame(r)
     assert f.kind is Kind.REQ and f.json()["op"] == "hello"
-    answer = {"ok": True, "nonce": f.json()["nonce"]}
-    if keepalive_ms is not None:
-        answer["keepalive_ms"] = keepalive_ms
-    w.write(frames.encode_json(0, Kind.RESP, answer))
+    w.write(frames.encode_json(0, Kind.RESP, {"ok": True, "nonce": f.json()["nonce"]}))
     await w.drain()
 
 
@@ -36,13 +30,21 @@ async def connect(
     guest: Guest, *, keepalive_ms: int | None = None, idle_after_s: float | None = None
 ) -> tuple[AgentClient, asyncio.Task[None]]:
     """A client connected to `guest`, which runs (after answering hello) in the task.
-    `keepalive_ms` is what the fake promises in hello, `idle_after_s` how long the host
-    lets a request hear nothing from it."""
+    With `keepalive_ms` the fake first grants the host's keepalive request that interval
+    (and `idle_after_s` is how long the host then lets a request hear nothing); without,
+    the host asks for none and the guest's first frame is the test's own request."""
     host_sock, guest_sock = socket.socketpair()
     gr, gw = await asyncio.open_connection(sock=guest_sock)
 
     async def run_guest() -> None:
-        await answer_hello(gr, gw, keepalive_ms)
+        await answer_hello(gr, gw)
+        if keepalive_ms is not None:
+            ask = await read_frame(gr)
+            assert ask.kind is Kind.REQ and ask.json()["op"] == "keepalive"
+            gw.write(
+                frames.encode_json(ask.chan, Kind.RESP, {"ok": True, "interval_ms": keepalive_ms})
+            )
+            await gw.drain()
         await guest(gr, gw)
 
     task = asyncio.create_task(run_guest())
@@ -50,5 +52,9 @@ async def connect(
     conn = AgentConnection(hr, hw)
     if idle_after_s is not None:
         conn.idle_after_s = idle_after_s
+    if keepalive_ms is None:
+        conn.keepalive_s = 0
     await conn.handshake(5)
+    if conn._keepalive_task is not None:
+        await conn._keepalive_task  # granted before the test's requests go out
     return AgentClient(conn), task

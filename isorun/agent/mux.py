@@ -17,7 +17,13 @@ from typing import Any
 
 from isorun.agent import frames
 from isorun.agent.frames import Frame, Kind
-from isorun.errors import ChannelClosedError, ConsumerTooSlowError, GuestError, ProtocolError
+from isorun.errors import (
+    ChannelClosedError,
+    ConsumerTooSlowError,
+    GuestError,
+    IsorunError,
+    ProtocolError,
+)
 
 WINDOW = 262144
 # Return credit once a quarter of the window has been consumed: fewer tiny frames.
@@ -35,14 +41,17 @@ STREAM_LIMIT = frames.MAX_PAYLOAD * 4
 StreamPair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 IO_CHUNK = 32768
 MAX_JOINED = frames.MAX_PAYLOAD  # bytes one queued data item grows to
-# The host asks the agent in hello to send each open request this EVENT every KEEPALIVE_S
-# (guest/agent/internal/agent/keepalive.go): a long command, a watch with nothing to
-# report or a large remove says nothing else for a long time. The reader drops them.
+# Once connected the host asks the agent (op "keepalive") to send each open request this
+# EVENT every KEEPALIVE_S (guest/agent/internal/agent/keepalive.go): a long command, a
+# watch with nothing to report or a large remove says nothing else for a long time. The
+# reader drops them.
 KEEPALIVE_PAYLOAD = b'{"event":"alive"}'
 KEEPALIVE_S = 5.0
 # A request that hears nothing from the guest, keepalives included, for this long fails
 # with GuestError "unresponsive" (a hung guest kernel or agent) instead of waiting for
-# ever. Generous: a loaded host emulating the guest (TCG) can starve it for seconds.
+# ever; so does a send the guest does not read for this long. Generous: a loaded host
+# emulating the guest (TCG) can starve it for seconds, and the failed request is
+# cancelled (a foreground command with it).
 IDLE_AFTER_S = 60.0
 
 
@@ -80,7 +89,8 @@ class Channel:
         self._all_acked = asyncio.Event()  # every byte we sent was consumed by the guest
         self._all_acked.set()
         self.closed = False
-        self._heard = asyncio.get_running_loop().time()  # the last frame from the guest
+        # the last frame from the guest on this channel (or when its REQ was written)
+        self._heard = asyncio.get_running_loop().time()
 
     def _deliver(self, frame: Frame) -> None:
         """Queue a frame from the guest; never waits."""
@@ -146,7 +156,7 @@ class Channel:
             self.closed = self.closed or self._conn.is_closed
             raise item
         if isinstance(item, _Data):
-            await self._consumed(len(item.data))
+            self._consumed(len(item.data))
             return Frame(self.id, item.kind, bytes(item.data))
         if item.kind is Kind.EVENT:
             self._release_event(item)
@@ -177,12 +187,14 @@ class Channel:
         self._event_bytes -= cost
         self._conn._event_bytes -= cost
 
-    async def _consumed(self, n: int) -> None:
+    def _consumed(self, n: int) -> None:
         self._unacked += n
         if self._unacked >= CREDIT_BATCH:
             grant, self._unacked = self._unacked, 0
             self._recv_window += grant
-            await self._conn._send(frames.encode_credit(self.id, grant))
+            # Not waiting for the stream to drain: taking data must not hang on a guest
+            # that stopped reading. Credits are a few bytes per quarter window taken.
+            self._conn._send_nowait(frames.encode_credit(self.id, grant))
 
     async def send_data(self, data: bytes) -> None:
         """Send IN bytes, waiting for the guest's credit as needed."""
@@ -274,11 +286,12 @@ class AgentConnection:
         self._reader_task: asyncio.Task[None] | None = None
         self._closing = False  # close() was called: the host ends it
         self.hello: dict[str, Any] = {}
-        # how long a request may hear nothing (Channel.next); None: the agent sends no
-        # keepalives, so silence says nothing
+        # how long a request may hear nothing (Channel.next) or a send wait for the guest
+        # to read (_send); None until the agent granted keepalives: silence says nothing
         self.idle_timeout: float | None = None
+        self._keepalive_task: asyncio.Task[None] | None = None
 
-    # What handshake() asks for; a test may set them on the class before connecting.
+    # What the connection asks for; a test may set them on the class before connecting.
     keepalive_s = KEEPALIVE_S
     idle_after_s = IDLE_AFTER_S
 
@@ -314,7 +327,7 @@ class AgentConnection:
     async def handshake(self, timeout: float) -> dict[str, Any]:
         """Say hello and skip whatever an earlier connection left in the stream."""
         nonce = os.urandom(12).hex()
-        hello = {"op": "hello", "nonce": nonce, "keepalive_ms": int(self.keepalive_s * 1000)}
+        hello = {"op": "hello", "nonce": nonce}
         await self._send(frames.encode_json(frames.HELLO_CHAN, Kind.REQ, hello))
         buf, pos = b"", 0
         async with asyncio.timeout(timeout):
@@ -330,15 +343,26 @@ class AgentConnection:
                 if found is not None:
                     break
         self.hello, end = found
-        self.idle_timeout = self._idle_timeout(self.hello.get("keepalive_ms"))
         self._reader_task = asyncio.create_task(self._read_loop(buf[end:]), name="agent-reader")
+        if self.keepalive_s > 0:
+            # In the background: the boot is ready at the hello, not a round trip later.
+            self._keepalive_task = asyncio.create_task(
+                self._ask_keepalive(), name="agent-keepalive"
+            )
         return self.hello
 
-    def _idle_timeout(self, keepalive_ms: object) -> float | None:
-        if type(keepalive_ms) is not int or keepalive_ms <= 0:
-            return None  # an agent that sends none
-        every = min(keepalive_ms, 60_000) / 1000  # the agent may round what we asked
-        return max(self.idle_after_s, 3 * every)
+    async def _ask_keepalive(self) -> None:
+        ch = self.open_channel()
+        with ch, contextlib.suppress(IsorunError):
+            await self.request(ch, {"op": "keepalive", "interval_ms": int(self.keepalive_s * 1000)})
+            while (frame := await ch.next()).kind is not Kind.RESP:
+                pass
+            answer = frame.json()
+            granted = answer.get("interval_ms")
+            # an agent from before keepalives answers {"ok": false}: it sends none
+            if answer.get("ok") is True and type(granted) is int and granted > 0:
+                every = min(granted, 60_000) / 1000  # the agent may round what we asked
+                self.idle_timeout = max(self.idle_after_s, 3 * every)
 
     # --- channel management -------------------------------------------------------
 
@@ -355,6 +379,7 @@ class AgentConnection:
 
     async def request(self, ch: Channel, req: dict[str, Any]) -> None:
         await self._send(frames.encode_json(ch.id, Kind.REQ, req))
+        ch._heard = asyncio.get_running_loop().time()  # time queued to send is not the guest's
 
     def _forget(self, chan: int) -> None:
         self._channels.pop(chan, None)
@@ -372,13 +397,26 @@ class AgentConnection:
 
     async def _send(self, data: bytes) -> None:
         self._raise_if_closed()
-        async with self._write_lock:
-            try:
-                self._writer.write(data)
-                await self._writer.drain()
-            except (ConnectionError, OSError) as exc:
-                self._fail(ChannelClosedError(f"agent stream write failed: {exc}"))
-                raise self.closed_error() from exc
+        idle = self.idle_timeout
+        try:
+            # Bounded once the agent keeps alive: a hung guest stops reading, and a sender
+            # (or one queued behind it) would wait for the stream to drain for ever. The
+            # frame is whole in the buffer or not there: framing survives the timeout.
+            async with asyncio.timeout(idle), self._write_lock:
+                try:
+                    self._writer.write(data)
+                    await self._writer.drain()
+                except (ConnectionError, OSError) as exc:
+                    self._fail(ChannelClosedError(f"agent stream write failed: {exc}"))
+                    raise self.closed_error() from exc
+        except TimeoutError:
+            if self._closed.is_set():
+                raise self.closed_error() from None
+            raise GuestError(
+                f"the guest read nothing the host sent it for {idle:g} s: its agent or kernel "
+                "is hung (or starved of CPU)",
+                "unresponsive",
+            ) from None
 
     async def _read_loop(self, leftover: bytes) -> None:
         try:
@@ -466,10 +504,11 @@ class AgentConnection:
 
     async def close(self) -> None:
         self._closing = True
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader_task
+        for task in (self._keepalive_task, self._reader_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         self._fail(ChannelClosedError("agent connection closed by the host"))
         with contextlib.suppress(Exception):
             await self._writer.wait_closed()

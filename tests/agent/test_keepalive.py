@@ -5,11 +5,12 @@ keepalives never reach the request's consumer."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
-from fakeguest import connect, read_frame
+from fakeguest import answer_hello, connect, read_frame
 
-from isorun.agent import frames
+from isorun.agent import AgentClient, AgentConnection, frames
 from isorun.agent.frames import Kind
 from isorun.agent.mux import KEEPALIVE_PAYLOAD
 from isorun.errors import GuestError
@@ -81,12 +82,88 @@ async def test_an_agent_that_promised_no_keepalive_is_not_timed_out() -> None:
     await client.conn.close()
 
 
-async def test_the_idle_limit_follows_the_keepalive_the_agent_answered() -> None:
+async def test_the_idle_limit_follows_the_keepalive_the_agent_granted() -> None:
     async def idle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await asyncio.sleep(3600)
 
     # an agent that rounded our ask up to 1 s gets three of its intervals, at least
     client, guest = await connect(idle, keepalive_ms=1000, idle_after_s=IDLE)
     assert client.conn.idle_timeout == 3.0
+    guest.cancel()
+    await client.conn.close()
+
+
+async def test_an_agent_from_before_keepalives_is_asked_and_still_works() -> None:
+    """Such an agent refuses the unknown op; the host then expects no keepalive."""
+    asked = asyncio.Event()
+
+    async def old_agent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            req = await read_frame(r)
+            if req.kind is not Kind.REQ:
+                continue
+            op = req.json()["op"]
+            if op == "keepalive":
+                answer = {"ok": False, "code": "invalid", "error": 'unknown op "keepalive"'}
+                asked.set()
+            else:
+                entry = {"name": "x", "path": "/x", "type": "dir", "size": 0, "mode": 0o755}
+                answer = {"ok": True, "entry": entry}
+            w.write(frames.encode_json(req.chan, Kind.RESP, answer))
+            await w.drain()
+
+    host_sock, guest_sock = socket.socketpair()
+    gr, gw = await asyncio.open_connection(sock=guest_sock)
+
+    async def run() -> None:
+        await answer_hello(gr, gw)
+        await old_agent(gr, gw)
+
+    guest = asyncio.create_task(run())
+    hr, hw = await asyncio.open_connection(sock=host_sock)
+    conn = AgentConnection(hr, hw)
+    conn.idle_after_s = IDLE
+    await conn.handshake(5)
+    client = AgentClient(conn)
+    assert (await asyncio.wait_for(client.stat("/x"), 5)).path == "/x"
+    await asyncio.wait_for(asked.wait(), 5)
+    await asyncio.sleep(0.1)
+    assert conn.idle_timeout is None and not conn.is_closed
+    guest.cancel()
+    await conn.close()
+
+
+async def test_a_send_the_hung_guest_never_reads_fails_and_takes_no_one_with_it() -> None:
+    """A guest that stops reading: uploads fill the stream; a request queued behind them
+    fails as unresponsive instead of waiting for the stream to drain for ever, and taking
+    data already received (which sends credit back) does not hang either."""
+    got_out = asyncio.Event()
+
+    async def stops_reading(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        req = await read_frame(r)  # a read_file: answer with a window's worth, then hang
+        for _ in range(16):
+            w.write(frames.encode(req.chan, Kind.OUT, b"x" * 16384))
+        await w.drain()
+        got_out.set()
+        await asyncio.sleep(3600)  # never reads again, never answers
+
+    client, guest = await connect(stops_reading, keepalive_ms=100, idle_after_s=IDLE)
+    reading = client.read_file("/big")
+    first = await asyncio.wait_for(reading.__anext__(), 5)
+    await got_out.wait()
+    uploads = [
+        asyncio.create_task(client.write_file(f"/up{i}", b"u" * (4 << 20))) for i in range(2)
+    ]
+    taken = len(first)
+    with pytest.raises(GuestError) as err:  # taking the rest sends credits: must not hang
+        async for chunk in reading:
+            taken += len(chunk)
+    assert err.value.code == "unresponsive" and taken == 16 * 16384
+    with pytest.raises(GuestError) as err:
+        await asyncio.wait_for(client.stat("/etc"), 3 * IDLE + 5)
+    assert err.value.code == "unresponsive"
+    for up in uploads:
+        with pytest.raises(GuestError):
+            await asyncio.wait_for(up, 3 * IDLE + 5)
     guest.cancel()
     await client.conn.close()

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"time"
 )
 
 // errConnClosed is returned by sends once the connection is gone.
@@ -38,7 +39,8 @@ type Conn struct {
 	chans map[uint32]*Channel
 	used  bool // a frame was dispatched: a later hello means a new host
 
-	keepOnce sync.Once // the keepalive sender (keepalive.go) starts once
+	keepMu    sync.Mutex
+	keepEvery time.Duration // keepalive interval in effect (keepalive.go); 0: none
 }
 
 // ServeConn runs the protocol on rw until the stream ends (EOF: no host) or

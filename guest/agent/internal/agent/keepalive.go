@@ -6,7 +6,7 @@ import "time"
 // host matches these exact bytes and never hands them to the request's consumer.
 var keepalivePayload = []byte(`{"event":"alive"}`)
 
-// The interval the host may ask for in hello; 0 turns keepalives off.
+// The interval the host may ask for; 0 asks for none.
 const (
 	minKeepalive = 100 * time.Millisecond
 	maxKeepalive = time.Minute
@@ -21,15 +21,35 @@ func keepaliveInterval(ms int64) time.Duration {
 	return max(d, minKeepalive)
 }
 
+// opKeepalive starts the keepalives: {"op":"keepalive","interval_ms":N} answers
+// {"ok":true,"interval_ms":<in effect>} (0: none). A request of its own, not a hello
+// field: an agent from before keepalives refuses unknown hello fields but answers an
+// unknown op with an error, which tells the host to expect none.
+func opKeepalive(s *Server, ch *Channel, raw []byte) (any, error) {
+	var r struct {
+		Op         string `json:"op"`
+		IntervalMs int64  `json:"interval_ms"`
+	}
+	if err := decode(raw, &r); err != nil {
+		return nil, err
+	}
+	ch.closeIn()
+	return ok("interval_ms", ch.c.startKeepalive(keepaliveInterval(r.IntervalMs)).Milliseconds()), nil
+}
+
 // startKeepalive tells the host, every interval, which requests the guest is still
 // working on: a long command, a watch with nothing to report or a large remove sends
 // nothing else for a long time, and the host must tell those from a guest that stopped
-// answering. Once per connection; a new host connection asks again in its hello.
-func (c *Conn) startKeepalive(every time.Duration) {
-	if every <= 0 {
-		return
+// answering. The first interval asked on a connection holds (a new host connection asks
+// again); it returns the one in effect.
+func (c *Conn) startKeepalive(every time.Duration) time.Duration {
+	c.keepMu.Lock()
+	defer c.keepMu.Unlock()
+	if c.keepEvery == 0 && every > 0 {
+		c.keepEvery = every
+		go c.keepalive(every)
 	}
-	c.keepOnce.Do(func() { go c.keepalive(every) })
+	return c.keepEvery
 }
 
 func (c *Conn) keepalive(every time.Duration) {

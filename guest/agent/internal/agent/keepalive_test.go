@@ -22,9 +22,14 @@ func alives(t *testing.T, c *client, ch uint32) (n int, resp Frame) {
 
 func TestKeepaliveReachesEveryRunningRequest(t *testing.T) {
 	c := newClient(t, nil)
-	r := c.call(0, map[string]any{"op": "hello", "nonce": "n", "keepalive_ms": 100})
-	if got := num(r.resp["keepalive_ms"]); got != 100 {
-		t.Fatalf("hello answered keepalive_ms %d, want 100", got)
+	r := c.call(9, map[string]any{"op": "keepalive", "interval_ms": 100})
+	if got := num(r.resp["interval_ms"]); got != 100 {
+		t.Fatalf("keepalive answered interval_ms %d, want 100", got)
+	}
+	// the first interval holds on the connection
+	r = c.call(10, map[string]any{"op": "keepalive", "interval_ms": 5000})
+	if got := num(r.resp["interval_ms"]); got != 100 {
+		t.Fatalf("a second keepalive answered interval_ms %d, want the first's 100", got)
 	}
 	c.req(1, map[string]any{"op": "exec", "cmd": "sleep 1"})
 	c.req(2, map[string]any{"op": "watch", "path": t.TempDir()})
@@ -48,20 +53,21 @@ func TestKeepaliveReachesEveryRunningRequest(t *testing.T) {
 
 func TestKeepaliveOffUnlessAskedAndClamped(t *testing.T) {
 	c := newClient(t, nil)
-	r := c.call(0, map[string]any{"op": "hello", "nonce": "n"})
-	if got := num(r.resp["keepalive_ms"]); got != 0 {
-		t.Fatalf("hello without keepalive_ms answered %d", got)
-	}
 	c.req(1, map[string]any{"op": "exec", "cmd": "sleep 0.5"})
 	if n, _ := alives(t, c, 1); n != 0 {
 		t.Fatalf("%d keepalives nobody asked for", n)
 	}
 
-	for _, tc := range []struct{ ask, want int64 }{{1, 100}, {1 << 40, 60000}, {-5, 0}} {
+	for _, tc := range []struct{ ask, want int64 }{{1, 100}, {1 << 40, 60000}, {-5, 0}, {0, 0}} {
 		c := newClient(t, nil)
-		r := c.call(0, map[string]any{"op": "hello", "nonce": "n", "keepalive_ms": tc.ask})
-		if got := num(r.resp["keepalive_ms"]); got != tc.want {
-			t.Fatalf("keepalive_ms %d answered %d, want %d", tc.ask, got, tc.want)
+		r := c.call(1, map[string]any{"op": "keepalive", "interval_ms": tc.ask})
+		if got := num(r.resp["interval_ms"]); got != tc.want || r.resp["ok"] != true {
+			t.Fatalf("interval_ms %d answered %v, want %d", tc.ask, r.resp, tc.want)
 		}
+	}
+	c = newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "keepalive", "interval_ms": "5"})
+	if r.resp["ok"] != false || r.resp["code"] != "invalid" {
+		t.Fatalf("a string interval answered %v", r.resp)
 	}
 }

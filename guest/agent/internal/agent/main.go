@@ -124,15 +124,18 @@ func openPort(s *Server) *os.File {
 // the first answer either way. Done while the root is still mounting, it
 // fills the vCPU's waits for disk reads instead of following "root ready".
 func primeRequestPath(s *Server) {
-	raw := []byte(`{"op":"hello","nonce":"00","keepalive_ms":5000}`)
+	raw := []byte(`{"op":"hello","nonce":"00"}`)
 	var head struct {
 		Op string `json:"op"`
 	}
 	_ = json.Unmarshal(raw, &head)
-	var req helloReq
+	var req struct {
+		Op    string `json:"op"`
+		Nonce string `json:"nonce"`
+	}
 	_ = decode(raw, &req)
 	resp, err := json.Marshal(ok("nonce", req.Nonce, "version", Version, "protocol", 1,
-		"boot_ms", int64(0), "boot_phases_ms", s.Boot.Snapshot(), "keepalive_ms", req.KeepaliveMs))
+		"boot_ms", int64(0), "boot_phases_ms", s.Boot.Snapshot()))
 	if err == nil {
 		_ = EncodeFrame(0, KindResp, resp)
 	}

@@ -92,7 +92,7 @@ func init() {
 		"close_stdin": opCloseStdin, "set_defaults": opSetDefaults,
 		"read_file": opReadFile, "write_file": opWriteFile, "list": opList,
 		"stat": opStat, "mkdir": opMkdir, "remove": opRemove, "rename": opRename,
-		"watch": opWatch, "setup_root": opSetupRoot,
+		"watch": opWatch, "setup_root": opSetupRoot, "keepalive": opKeepalive,
 	}
 }
 

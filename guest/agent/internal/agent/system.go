@@ -16,14 +16,11 @@ type emptyReq struct {
 	Op string `json:"op"`
 }
 
-type helloReq struct {
-	Op          string `json:"op"`
-	Nonce       string `json:"nonce"`
-	KeepaliveMs int64  `json:"keepalive_ms"`
-}
-
 func opHello(s *Server, ch *Channel, raw []byte) (any, error) {
-	var r helloReq
+	var r struct {
+		Op    string `json:"op"`
+		Nonce string `json:"nonce"`
+	}
 	if err := decode(raw, &r); err != nil {
 		return nil, err
 	}
@@ -31,11 +28,8 @@ func opHello(s *Server, ch *Channel, raw []byte) (any, error) {
 		return nil, errf("invalid", "nonce longer than 256 bytes")
 	}
 	ch.closeIn()
-	every := keepaliveInterval(r.KeepaliveMs)
-	ch.c.startKeepalive(every)
 	return ok("nonce", r.Nonce, "version", Version, "protocol", 1,
-		"boot_ms", time.Since(s.Start).Milliseconds(), "boot_phases_ms", s.Boot.Snapshot(),
-		"keepalive_ms", every.Milliseconds()), nil
+		"boot_ms", time.Since(s.Start).Milliseconds(), "boot_phases_ms", s.Boot.Snapshot()), nil
 }
 
 func opHealth(s *Server, ch *Channel, raw []byte) (any, error) {
