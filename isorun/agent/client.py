@@ -91,7 +91,14 @@ class AgentClient:
 
     async def _open(self, req: dict[str, Any]) -> Channel:
         ch = self.conn.open_channel()
-        await self.conn.request(ch, req)
+        try:
+            await self.conn.request(ch, req)
+        except BaseException:
+            # Timed out or cancelled while the REQ waited for the stream: it may be whole in
+            # the buffer and reach the guest later, so cancel it there too (a CANCEL for a
+            # channel the guest never saw is ignored).
+            ch.abandon()
+            raise
         return ch
 
     async def call(self, op: str, **fields: Any) -> dict[str, Any]:

@@ -352,8 +352,7 @@ class AgentConnection:
         return self.hello
 
     async def _ask_keepalive(self) -> None:
-        ch = self.open_channel()
-        with ch, contextlib.suppress(IsorunError):
+        with contextlib.suppress(IsorunError), self.open_channel() as ch:
             await self.request(ch, {"op": "keepalive", "interval_ms": int(self.keepalive_s * 1000)})
             while (frame := await ch.next()).kind is not Kind.RESP:
                 pass
@@ -363,6 +362,8 @@ class AgentConnection:
             if answer.get("ok") is True and type(granted) is int and granted > 0:
                 every = min(granted, 60_000) / 1000  # the agent may round what we asked
                 self.idle_timeout = max(self.idle_after_s, 3 * every)
+                for waiting in self._channels.values():
+                    waiting._arrived.set()  # a wait begun before the grant re-arms, timed
 
     # --- channel management -------------------------------------------------------
 

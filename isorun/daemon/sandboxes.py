@@ -23,7 +23,7 @@ from isorun.daemon.progress import progress_record
 from isorun.daemon.store import LOCAL_TENANT, SandboxRow, Store
 from isorun.errors import IsorunError, VMError
 from isorun.images import ImageConfig, ImageError, ImageStore, ProgressEvent
-from isorun.vmm import MicroVM, VMSpec, cgroup, kill_orphan, remove_run_dir
+from isorun.vmm import MicroVM, VMSpec, cgroup, death_reason_of, kill_orphan, remove_run_dir
 
 log = logging.getLogger("isorund.sandboxes")
 TAG = "isorun.sandbox="
@@ -140,6 +140,9 @@ class SandboxManager:
                 except Exception as exc:
                     log.warning("sandbox %s could not be re-adopted: %s", row.id, exc)
                     await asyncio.to_thread(kill_orphan, Path(row.run_dir))
+                    # read before its cgroup goes: an OOM kill while no daemon watched
+                    if died := death_reason_of(Path(row.run_dir), row.memory_mib):
+                        exc = VMError(f"{exc}; {died}", "gone")
                     remove_run_dir(Path(row.run_dir))
                     self.store.end_sandbox(
                         row,

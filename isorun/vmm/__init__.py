@@ -1,7 +1,14 @@
 """The VMM driver: QEMU microVMs with a guest agent, jailed, limited and supervised."""
 
 from isorun.vmm.accel import AccelChoice, detect
-from isorun.vmm.machine import MicroVM, VMUsage, kill_orphan, remove_run_dir, running_pid
+from isorun.vmm.machine import (
+    MicroVM,
+    VMUsage,
+    death_reason_of,
+    kill_orphan,
+    remove_run_dir,
+    running_pid,
+)
 from isorun.vmm.spec import VMSpec
 
 __all__ = [
@@ -9,6 +16,7 @@ __all__ = [
     "MicroVM",
     "VMSpec",
     "VMUsage",
+    "death_reason_of",
     "detect",
     "kill_orphan",
     "remove_run_dir",

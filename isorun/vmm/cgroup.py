@@ -105,23 +105,25 @@ class VMCgroup:
             pass
         return Usage(cpu_ns=cpu_ns, mem_peak_bytes=peak)
 
-    def oom_kills(self) -> int:
-        """How many processes of the group the kernel's OOM killer ended at the group's
-        memory limit (0 when unknown): QEMU killed that way exits like any SIGKILL."""
+    def oom_kill(self) -> str | None:
+        """Whether the kernel's OOM killer ended a process of the group: "limit" when the
+        group's own memory limit ran out, "host" when the memory ran out elsewhere (the
+        host, a parent group), None when it did not. QEMU killed either way exits like any
+        SIGKILL. The victim's group counts the kill whichever limit ran out; v2 counts the
+        group's own limit running out apart (`oom`), v1 only that usage ever hit the limit
+        (`memory.failcnt`)."""
         dirs = self._dirs()
-        events = dirs["unified"] / "memory.events" if self.v2 else None
-        if not self.v2 and "memory" in dirs:
-            events = dirs["memory"] / "memory.oom_control"  # v1 counts it there (>= 4.13)
-        if events is None:
-            return 0
-        try:
-            for line in events.read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-        except (OSError, ValueError):
-            pass
-        return 0
+        if self.v2:
+            events = _counters(dirs["unified"] / "memory.events")
+            kills, own = events.get("oom_kill", 0), events.get("oom", 0)
+        elif "memory" in dirs:
+            kills = _counters(dirs["memory"] / "memory.oom_control").get("oom_kill", 0)  # >= 4.13
+            own = _counters(dirs["memory"] / "memory.failcnt", key="failcnt").get("failcnt", 0)
+        else:
+            return None
+        if kills <= 0:
+            return None
+        return "limit" if own > 0 else "host"
 
     def kill_all(self) -> None:
         """SIGKILL every process in the group. QEMU's process group is not enough: a QEMU the
@@ -157,6 +159,17 @@ class VMCgroup:
                     if time.monotonic() > deadline:
                         break
                     time.sleep(0.02)
+
+
+def _counters(path: Path, key: str = "") -> dict[str, int]:
+    """`name value` lines of a cgroup file (or, with `key`, a file holding one number)."""
+    try:
+        text = path.read_text()
+        if key:
+            return {key: int(text)}
+        return {k: int(v) for k, _, v in (line.partition(" ") for line in text.splitlines()) if v}
+    except (OSError, ValueError):
+        return {}
 
 
 def sweep_empty(min_age_s: float = 60.0, prefix: str = "vm-", root: Path = ROOT) -> int:

@@ -603,13 +603,8 @@ class MicroVM:
             self.death_reason = "panic"
         elif reason in ("host-qmp-quit", "host-signal"):
             self.death_reason = "stopped"
-        elif self.cgroup.oom_kills() > 0:
-            # the kernel killed QEMU at the cgroup's limit: exits like any SIGKILL otherwise
-            limit = self.spec.memory_mib + QEMU_OVERHEAD_MIB
-            self.death_reason = (
-                f"out of memory: QEMU was killed at the VM's {limit} MiB host limit "
-                f"({self.spec.memory_mib} MiB of guest RAM + {QEMU_OVERHEAD_MIB} for QEMU)"
-            )
+        elif oom := oom_death_reason(self.cgroup, self.spec.memory_mib):
+            self.death_reason = oom
         elif code is None:
             self.death_reason = "stopped"  # adopted: not our child, no status to read
         elif code < 0:
@@ -794,6 +789,31 @@ def _warn_unjailed() -> None:
         "not running as root: QEMU runs without its jail (own user, namespaces, chroot) and "
         "without a cgroup (no memory or CPU limit); run as root, or set jail=False to say so"
     )
+
+
+def oom_death_reason(cgroup: VMCgroup, memory_mib: int | None = None) -> str | None:
+    """Why a VM died if the kernel's OOM killer ended its QEMU (None if it did not);
+    `memory_mib` is the guest's RAM, when known."""
+    match cgroup.oom_kill():
+        case "limit":
+            if memory_mib is None:
+                return "out of memory: QEMU was killed at the VM's host memory limit"
+            return (
+                f"out of memory: QEMU was killed at the VM's {memory_mib + QEMU_OVERHEAD_MIB} "
+                f"MiB host limit ({memory_mib} MiB of guest RAM + {QEMU_OVERHEAD_MIB} for QEMU)"
+            )
+        case "host":
+            return (
+                "out of memory: the host's OOM killer ended QEMU (the host or a parent cgroup "
+                "ran out of memory, not the VM's own limit)"
+            )
+    return None
+
+
+def death_reason_of(run_dir: Path, memory_mib: int | None = None) -> str | None:
+    """What is known of why the VM of a run dir that is not running any more ended, read
+    before remove_run_dir (which removes its cgroup)."""
+    return oom_death_reason(VMCgroup(f"vm-{run_dir.name}"), memory_mib)
 
 
 def remove_run_dir(run_dir: Path) -> None:

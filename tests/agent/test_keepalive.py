@@ -5,6 +5,7 @@ keepalives never reach the request's consumer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import pytest
@@ -167,3 +168,64 @@ async def test_a_send_the_hung_guest_never_reads_fails_and_takes_no_one_with_it(
             await asyncio.wait_for(up, 3 * IDLE + 5)
     guest.cancel()
     await client.conn.close()
+
+
+async def test_a_request_whose_send_timed_out_is_cancelled_when_the_guest_reads_again() -> None:
+    """Its REQ may sit whole in the stream's buffer: when the guest reads again it must find
+    a CANCEL after it, not run a command its caller was told had failed."""
+    resume = asyncio.Event()
+    reqs: list[int] = []
+    cancels: list[int] = []
+
+    async def stalls(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await resume.wait()
+        with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError):
+            while True:
+                f = await asyncio.wait_for(read_frame(r), 1)
+                if f.kind is Kind.REQ:
+                    reqs.append(f.chan)
+                elif f.kind is Kind.CANCEL and f.chan in reqs:
+                    cancels.append(f.chan)
+
+    client, guest = await connect(stalls, keepalive_ms=100, idle_after_s=IDLE)
+    uploads = [
+        asyncio.create_task(client.write_file(f"/up{i}", b"u" * (4 << 20))) for i in range(2)
+    ]
+    await asyncio.sleep(0.1)
+    with pytest.raises(GuestError) as err:
+        await asyncio.wait_for(client.exec("touch /ran"), 3 * IDLE + 5)
+    assert err.value.code == "unresponsive"
+    for up in uploads:
+        with pytest.raises(GuestError):
+            await asyncio.wait_for(up, 3 * IDLE + 5)
+    resume.set()
+    await asyncio.wait_for(guest, 30)
+    assert len(reqs) == 3, reqs  # the exec's REQ did reach the guest ...
+    assert sorted(cancels) == sorted(reqs)  # ... and so did a CANCEL for it
+    await client.conn.close()
+
+
+async def test_a_wait_begun_before_keepalives_were_granted_is_timed_too() -> None:
+    host_sock, guest_sock = socket.socketpair()
+    gr, gw = await asyncio.open_connection(sock=guest_sock)
+
+    async def grants_late(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await answer_hello(r, w)
+        asks = [await read_frame(r), await read_frame(r)]  # the keepalive and the watch
+        await asyncio.sleep(0.3)  # the watch is waiting by now
+        ask = next(f for f in asks if f.json()["op"] == "keepalive")
+        w.write(frames.encode_json(ask.chan, Kind.RESP, {"ok": True, "interval_ms": 100}))
+        await w.drain()
+        await asyncio.sleep(3600)  # then hangs: no keepalive, no answer
+
+    guest = asyncio.create_task(grants_late(gr, gw))
+    hr, hw = await asyncio.open_connection(sock=host_sock)
+    conn = AgentConnection(hr, hw)
+    conn.idle_after_s = IDLE
+    await conn.handshake(5)
+    watching = AgentClient(conn).watch("/w")
+    with pytest.raises(GuestError) as err:
+        await asyncio.wait_for(watching.__anext__(), 5)
+    assert err.value.code == "unresponsive"
+    guest.cancel()
+    await conn.close()

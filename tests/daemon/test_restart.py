@@ -88,6 +88,48 @@ def test_vm_killed_while_daemon_down_is_marked_lost(tmp_path: Path, busybox_root
     assert_no_leaks(d)
 
 
+def _memory_cgroup_of(pid: int) -> Path:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(",") or controllers == "":
+            d = Path("/sys/fs/cgroup") / ("memory" if controllers else "") / path.lstrip("/")
+            if (d / "memory.limit_in_bytes").exists() or (d / "memory.max").exists():
+                return d
+    raise AssertionError(f"no memory cgroup for {pid}")
+
+
+def test_vm_oom_killed_while_daemon_down_says_so(tmp_path: Path, busybox_rootfs: Path) -> None:
+    # booted cold: a VM restored from a template has touched all of its RAM already
+    d = Daemon(tmp_path / "d", ISORUN_DEFAULT_MEMORY_MIB="256", ISORUN_WARM_START="0").start()
+    try:
+        with d.client() as c:
+            sid = c.post("/v1/sandboxes", json={"image": f"rootfs:{busybox_rootfs}"}).json()["id"]
+            # QEMU's host limit tightened to what it uses now + 32 MiB; two seconds after the
+            # daemon is gone the guest fills RAM QEMU never touched, and QEMU crosses it
+            mem = _memory_cgroup_of(min(qemu_pids_for(d.state)))
+            v1 = (mem / "memory.limit_in_bytes").exists()
+            used = int((mem / ("memory.usage_in_bytes" if v1 else "memory.current")).read_text())
+            (mem / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(
+                str(used + (32 << 20))
+            )
+            fill = "sleep 2; mkdir -p /m && mount -t tmpfs -o size=160m fill /m"
+            fill += " && head -c 150000000 /dev/zero >/m/f"
+            c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": fill, "background": True})
+            d.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while qemu_pids_for(d.state) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not qemu_pids_for(d.state), "QEMU was not OOM-killed"
+        d.start()
+        with d.client() as c:
+            info = c.get(f"/v1/sandboxes/{sid}").json()
+            assert info["state"] == "ended" and info["end_reason"] == "lost"
+            assert "out of memory: QEMU was killed at the VM's 576 MiB host limit" in info["error"]
+    finally:
+        d.stop()
+    assert_no_leaks(d)
+
+
 def test_open_stdin_survives_a_daemon_sigkill(tmp_path: Path, busybox_rootfs: Path) -> None:
     """Which processes have an open stdin is persisted; the pipe is reopened on demand."""
     d = Daemon(tmp_path / "d", ISORUN_DEFAULT_MEMORY_MIB="256").start()

@@ -1,0 +1,76 @@
+"""A process the kernel's OOM killer ends is told apart by which limit ran out: the VM's
+own ("limit": raise the sandbox's memory) or one above it ("host": the host or a parent
+group ran out). Real cgroups, a real allocating process; the end-to-end case with QEMU is
+tests/vmm/test_faults.py::test_qemu_killed_at_its_memory_limit_is_reported_as_out_of_memory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from isorun.vmm import cgroup
+from isorun.vmm.machine import oom_death_reason
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="VM cgroups are made as root")
+
+ALLOCATE = "b = b'x' * (192 << 20)"  # touched, so charged to the group
+
+
+def _allocate_in(group: cgroup.VMCgroup) -> int:
+    """Run a process that allocates 192 MiB in `group`; its exit status."""
+    child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep(0.2); {ALLOCATE}"])
+    try:
+        for procs in group.procs_files():
+            procs.write_text(str(child.pid))
+        return child.wait(30)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _memory_dir(group: cgroup.VMCgroup) -> Path:
+    dirs = [f.parent for f in group.procs_files()]
+    return next(
+        d for d in dirs if (d / "memory.max").exists() or (d / "memory.limit_in_bytes").exists()
+    )
+
+
+def _set_limit(d: Path, limit: int) -> None:
+    (d / ("memory.max" if (d / "memory.max").exists() else "memory.limit_in_bytes")).write_text(
+        str(limit)
+    )
+
+
+def test_a_kill_at_the_groups_own_limit_is_the_vms_limit() -> None:
+    group = cgroup.VMCgroup(f"vm-oomtest-{uuid.uuid4().hex[:8]}")
+    group.create(64 << 20, 1)
+    try:
+        assert group.oom_kill() is None
+        assert _allocate_in(group) == -9
+        assert group.oom_kill() == "limit"
+        reason = oom_death_reason(group, 256)
+        assert reason is not None and "killed at the VM's 576 MiB host limit" in reason
+    finally:
+        group.remove()
+
+
+def test_a_kill_at_a_parents_limit_is_not_blamed_on_the_vm() -> None:
+    parent = f"oomtest-{uuid.uuid4().hex[:8]}"
+    group = cgroup.VMCgroup(f"{parent}/vm-child")
+    group.create(2 << 30, 1)  # the VM's own limit is far away
+    parent_dir = _memory_dir(group).parent
+    try:
+        _set_limit(parent_dir, 64 << 20)
+        assert _allocate_in(group) == -9
+        assert group.oom_kill() == "host"
+        reason = oom_death_reason(group, 256)
+        assert reason is not None and "not the VM's own limit" in reason
+    finally:
+        group.remove()
+        for d in {f.parent.parent for f in group.procs_files()}:
+            d.rmdir()
