@@ -27,6 +27,7 @@ from isorun.daemon import auth
 from isorun.daemon.config import DaemonConfig
 from isorun.daemon.errors import ApiError, Conflict, Forbidden, NotFound, Unauthorized
 from isorun.daemon.imageerrors import image_api_error
+from isorun.daemon.keepalive import with_keepalives
 from isorun.daemon.models import (
     CreateKey,
     CreateSandbox,
@@ -197,6 +198,9 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
     # Pulls and streamed creates run on when their client goes away; stopped with the daemon.
     background: set[asyncio.Task[Any]] = set()
 
+    def _ndjson(lines: AsyncIterator[bytes]) -> StreamingResponse:
+        return StreamingResponse(with_keepalives(lines, cfg.stream_keepalive_s), media_type=NDJSON)
+
     def _progress_stream(
         work: Callable[[ProgressFeed], Awaitable[dict[str, Any]]],
     ) -> StreamingResponse:
@@ -221,7 +225,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         task = asyncio.create_task(runner())
         background.add(task)
         task.add_done_callback(background.discard)
-        return StreamingResponse(feed.lines(), media_type=NDJSON)
+        return _ndjson(feed.lines())
 
     def tenant_of(request: Request) -> str:
         header = request.headers.get("authorization", "")
@@ -412,7 +416,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                 if cancel_on_disconnect and not task.done():
                     task.cancel()
 
-        return StreamingResponse(body(), media_type=NDJSON)
+        return _ndjson(body())
 
     def _exit_record(r: ExecResult) -> dict[str, Any]:
         return {
@@ -715,7 +719,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
             finally:
                 await it.aclose()
 
-        return StreamingResponse(body(), media_type=NDJSON)
+        return _ndjson(body())
 
     # --- usage, images, keys ---------------------------------------------------------------
 

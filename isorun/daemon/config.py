@@ -53,6 +53,10 @@ class DaemonConfig:
     default_timeout_s: int = field(default_factory=lambda: _env_int("ISORUN_DEFAULT_TIMEOUT", 300))
     max_timeout_s: int = 30 * 86400
     reaper_interval_s: float = 1.0
+    # An NDJSON stream silent this long carries a keepalive record (daemon/keepalive.py).
+    stream_keepalive_s: float = field(
+        default_factory=lambda: _env_float("ISORUN_STREAM_KEEPALIVE_S", 15.0)
+    )
     jail: bool = field(default_factory=lambda: os.environ.get("ISORUN_JAIL", "1") != "0")
     # Start sandboxes from a booted template of their machine shape (isorun/vmm/warm.py).
     warm_start: bool = field(

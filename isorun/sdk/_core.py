@@ -23,6 +23,19 @@ __all__ = ["error_for"]
 
 DEFAULT_SOCKET = "/run/isorun/isorund.sock"
 CREATE_TIMEOUT = 1800.0  # a first `Sandbox("python")` may build the image (~100 s)
+# Raw file transfers: the body may pause as long as the guest takes to write or read.
+STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
+# NDJSON streams (exec output, process streams, watches, pull and create progress) carry a
+# keepalive record every 15 s of silence (daemon/keepalive.py): one that carries nothing
+# for this long has lost its daemon or network, and raises DaemonUnavailable.
+STREAM_IDLE_TIMEOUT_S = 60.0
+
+
+def ndjson_timeout(connect: float = 30.0) -> httpx.Timeout:
+    idle = os.environ.get("ISORUN_STREAM_IDLE_TIMEOUT_S")
+    return httpx.Timeout(connect, read=float(idle) if idle else STREAM_IDLE_TIMEOUT_S)
+
+
 OutputCallback = Callable[[str], object]
 
 

@@ -60,6 +60,8 @@ class ProgressDecoder:
         if not isinstance(rec, dict):
             return
         kind = rec.get("type")
+        if kind == "keepalive":
+            return
         if kind == "progress":
             if self.on_progress is not None:
                 self.on_progress(PullProgress.from_record(rec))

@@ -10,7 +10,6 @@ import anyio
 from isorun.sdk import _core
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
 from isorun.sdk.sandbox_async import _client as _async_client
-from isorun.sdk.sandbox_sync import STREAM_TIMEOUT
 from isorun.sdk.sandbox_sync import _client as _sync_client
 
 PullPolicy = Literal["missing", "always"]
@@ -50,7 +49,7 @@ class Images:
                 "POST",
                 "/v1/images/pull",
                 json={"image": image, "pull": pull},
-                timeout=STREAM_TIMEOUT,
+                timeout=_core.ndjson_timeout(),
             ) as r,
         ):
             if r.status_code >= 400:
@@ -117,7 +116,7 @@ class AsyncImages:
                 "POST",
                 "/v1/images/pull",
                 json={"image": image, "pull": pull},
-                timeout=STREAM_TIMEOUT,
+                timeout=_core.ndjson_timeout(),
             ) as r,
         ):
             if r.status_code >= 400:

@@ -23,8 +23,6 @@ from isorun.sdk.errors import (
     stream_error,
 )
 
-STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
-
 
 def _client(s: Settings) -> httpx.AsyncClient:
     return _core.async_client(s)
@@ -87,7 +85,7 @@ class AsyncSandbox:
             "/v1/sandboxes",
             params={"progress": "1"},
             json=self._body,
-            timeout=httpx.Timeout(_core.CREATE_TIMEOUT, read=None),
+            timeout=_core.ndjson_timeout(_core.CREATE_TIMEOUT),
         ) as r:
             if r.status_code >= 400:
                 await r.aread()
@@ -231,7 +229,9 @@ class AsyncSandbox:
 
     async def _stream(self, method: str, path: str, dec: _core.StreamDecoder, **kw: Any) -> None:
         try:
-            async with self._http.stream(method, path, timeout=STREAM_TIMEOUT, **kw) as resp:
+            async with self._http.stream(
+                method, path, timeout=_core.ndjson_timeout(), **kw
+            ) as resp:
                 if resp.status_code >= 400:
                     await resp.aread()
                     _core.check(resp)
@@ -277,7 +277,7 @@ class AsyncProcess:
     async def __aiter__(self) -> AsyncIterator[tuple[str, str]]:
         dec = _core.StreamDecoder(capture=False)
         async with self.sandbox._http.stream(
-            "GET", self._path("stream"), params={"offset": 0}, timeout=STREAM_TIMEOUT
+            "GET", self._path("stream"), params={"offset": 0}, timeout=_core.ndjson_timeout()
         ) as resp:
             if resp.status_code >= 400:
                 await resp.aread()
@@ -327,7 +327,7 @@ class AsyncPty:
             "GET",
             self.process._path("stream"),
             params={"offset": self.offset},
-            timeout=STREAM_TIMEOUT,
+            timeout=_core.ndjson_timeout(),
         ) as resp:
             if resp.status_code >= 400:
                 await resp.aread()
@@ -392,7 +392,9 @@ class AsyncFiles:
 
     async def _open_stream(self, path: str) -> AsyncIterator[bytes]:
         http = self._sb._http
-        req = http.build_request("GET", self._base, params={"path": path}, timeout=STREAM_TIMEOUT)
+        req = http.build_request(
+            "GET", self._base, params={"path": path}, timeout=_core.STREAM_TIMEOUT
+        )
         resp = await http.send(req, stream=True)
         if resp.status_code >= 400:  # a missing file fails here, not at the first chunk
             try:
@@ -434,7 +436,7 @@ class AsyncFiles:
             params["append"] = "1"
         r = _core.check(
             await self._sb._http.put(
-                self._base, params=params, content=content, timeout=STREAM_TIMEOUT
+                self._base, params=params, content=content, timeout=_core.STREAM_TIMEOUT
             )
         )
         return int(r["bytes"])
@@ -480,7 +482,7 @@ class AsyncFiles:
         async with self._sb._http.stream(
             "GET",
             self._base + "/watch",
-            timeout=STREAM_TIMEOUT,
+            timeout=_core.ndjson_timeout(),
             params={"path": path, "recursive": int(recursive)},
         ) as resp:
             if resp.status_code >= 400:

@@ -14,8 +14,6 @@ from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, 
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
 from isorun.sdk.errors import CommandFailed, DaemonUnavailable, SandboxEndedError, stream_error
 
-STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
-
 
 def _client(s: Settings) -> httpx.Client:
     return _core.sync_client(s)
@@ -76,7 +74,7 @@ class Sandbox:
             "/v1/sandboxes",
             params={"progress": "1"},
             json=body,
-            timeout=httpx.Timeout(_core.CREATE_TIMEOUT, read=None),
+            timeout=_core.ndjson_timeout(_core.CREATE_TIMEOUT),
         ) as r:
             if r.status_code >= 400:
                 r.read()
@@ -224,7 +222,7 @@ class Sandbox:
 
     def _stream(self, method: str, path: str, dec: _core.StreamDecoder, **kw: Any) -> None:
         try:
-            with self._http.stream(method, path, timeout=STREAM_TIMEOUT, **kw) as resp:
+            with self._http.stream(method, path, timeout=_core.ndjson_timeout(), **kw) as resp:
                 if resp.status_code >= 400:
                     resp.read()
                     _core.check(resp)
@@ -276,7 +274,7 @@ class Process:
         """Yield ("stdout"|"stderr", text) chunks from the start until the process exits."""
         dec = _core.StreamDecoder(capture=False)
         with self.sandbox._http.stream(
-            "GET", self._path("stream"), params={"offset": 0}, timeout=STREAM_TIMEOUT
+            "GET", self._path("stream"), params={"offset": 0}, timeout=_core.ndjson_timeout()
         ) as resp:
             if resp.status_code >= 400:
                 resp.read()
@@ -321,7 +319,7 @@ class Pty:
             "GET",
             self.process._path("stream"),
             params={"offset": self.offset},
-            timeout=STREAM_TIMEOUT,
+            timeout=_core.ndjson_timeout(),
         ) as resp:
             if resp.status_code >= 400:
                 resp.read()
@@ -375,7 +373,9 @@ class Files:
 
     def _open_stream(self, path: str) -> Iterator[bytes]:
         http = self._sb._http
-        req = http.build_request("GET", self._base, params={"path": path}, timeout=STREAM_TIMEOUT)
+        req = http.build_request(
+            "GET", self._base, params={"path": path}, timeout=_core.STREAM_TIMEOUT
+        )
         resp = http.send(req, stream=True)
         if resp.status_code >= 400:  # a missing file fails here, not at the first chunk
             try:
@@ -415,7 +415,9 @@ class Files:
         if append:
             params["append"] = "1"
         r = _core.check(
-            self._sb._http.put(self._base, params=params, content=content, timeout=STREAM_TIMEOUT)
+            self._sb._http.put(
+                self._base, params=params, content=content, timeout=_core.STREAM_TIMEOUT
+            )
         )
         return int(r["bytes"])
 
@@ -459,7 +461,7 @@ class Files:
         with self._sb._http.stream(
             "GET",
             self._base + "/watch",
-            timeout=STREAM_TIMEOUT,
+            timeout=_core.ndjson_timeout(),
             params={"path": path, "recursive": int(recursive)},
         ) as resp:
             if resp.status_code >= 400:

@@ -117,6 +117,8 @@ def running_daemon(root: Path, own_images: bool = False, **env: str) -> Iterator
 
 
 def ndjson(resp: httpx.Response) -> list[dict[str, Any]]:
+    """The records of an NDJSON body, without the keepalives a slow run may add."""
     import json
 
-    return [json.loads(line) for line in resp.text.splitlines() if line.strip()]
+    records = [json.loads(line) for line in resp.text.splitlines() if line.strip()]
+    return [r for r in records if r.get("type") != "keepalive"]

@@ -4,7 +4,9 @@ A daemon of its own, since this test kills it."""
 
 from __future__ import annotations
 
+import json
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,39 @@ async def test_async_daemon_gone(tmp_path: Path, busybox_rootfs: Path) -> None:
             await sb.close()
             if d.proc is None:
                 d.start()
+
+
+def test_a_silent_command_keeps_its_stream_and_a_frozen_daemon_is_noticed(
+    tmp_path: Path, busybox_rootfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command that prints nothing for longer than the SDK's stream idle limit still
+    ends normally (the daemon's keepalives fill the silence); a daemon that stops sending
+    anything (frozen here, as a dead host or network looks) is DaemonUnavailable within
+    that limit instead of a wait for ever."""
+    monkeypatch.setenv("ISORUN_STREAM_IDLE_TIMEOUT_S", "2")
+    with running_daemon(tmp_path / "d", ISORUN_STREAM_KEEPALIVE_S="0.3") as d:
+        sb = Sandbox(f"rootfs:{busybox_rootfs}", api_url=f"unix:{d.sock}", autostart=False)
+        try:
+            r = sb.exec("sleep 4; echo done")
+            assert r.stdout == "done\n" and r.exit_code == 0
+            exec_url = f"/v1/sandboxes/{sb.id}/exec"
+            with d.client() as c, c.stream("POST", exec_url, json={"cmd": "sleep 1"}) as s:
+                kinds = [json.loads(line)["type"] for line in s.iter_lines()]
+            assert kinds[0] == "start" and kinds[-1] == "exit" and "keepalive" in kinds[1:-1]
+
+            def freeze_daemon(text: str) -> None:
+                if "started" in text:
+                    assert d.proc is not None
+                    d.proc.send_signal(signal.SIGSTOP)
+
+            t0 = time.monotonic()
+            try:
+                with pytest.raises(DaemonUnavailable, match="did not answer in time") as cut:
+                    sb.exec("echo started; sleep 30", on_stdout=freeze_daemon)
+            finally:
+                assert d.proc is not None
+                d.proc.send_signal(signal.SIGCONT)
+            assert time.monotonic() - t0 < 15
+            assert "runs on in the sandbox" in str(cut.value)
+        finally:
+            sb.close()
