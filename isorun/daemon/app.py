@@ -268,7 +268,8 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
     # --- system ------------------------------------------------------------------------
 
     async def health(request: Request, tenant: str) -> Any:
-        return {"ok": True, "version": __version__}
+        # how often a silent NDJSON stream carries a keepalive: clients time streams by it
+        return {"ok": True, "version": __version__, "stream_keepalive_s": cfg.stream_keepalive_s}
 
     async def openapi(request: Request, tenant: str) -> Any:
         from isorun.daemon.openapi import build_spec

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from isorun.errors import ConfigError
 from isorun.vmm import artifacts
 
 DEFAULT_SOCKET = Path("/run/isorun/isorund.sock")
@@ -71,6 +72,13 @@ class DaemonConfig:
     kill_on_exit: bool = False
     host_cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     host_mem_mib: int = field(default_factory=lambda: _mem_total_mib())
+
+    def __post_init__(self) -> None:
+        if not 0.01 <= self.stream_keepalive_s <= 3600:
+            raise ConfigError(
+                f"ISORUN_STREAM_KEEPALIVE_S={self.stream_keepalive_s:g} must be between 0.01 and "
+                "3600 seconds"
+            )
 
     @property
     def db_path(self) -> Path:

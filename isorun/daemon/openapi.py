@@ -17,11 +17,14 @@ _ERR = {
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
 }
 _JSON = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+# Every NDJSON stream: a silence of /v1/health's stream_keepalive_s carries one.
+_KEEPALIVE = " | {type:keepalive} (through silences; skip it)"
 _NDJSON = {
     "description": "NDJSON stream, one event per line: "
     "{type:start,proc_id,pid} | {type:attached,offset,lost} | "
     "{type:stdout|stderr,data:<base64>} | "
-    "{type:exit,proc_id,exit_code,signal,timed_out,duration_ms} | {type:error,code,message}",
+    "{type:exit,proc_id,exit_code,signal,timed_out,duration_ms} | {type:error,code,message}"
+    + _KEEPALIVE,
     "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
 }
 _PROGRESS_EVENTS = (
@@ -33,14 +36,14 @@ _PULL = {
     "description": "NDJSON stream, one event per line: "
     + _PROGRESS_EVENTS
     + " | {type:image,image:{digest,names,size_bytes,disk_bytes,source,created}} (last) | "
-    "{type:error,code,message} (last)",
+    "{type:error,code,message} (last)" + _KEEPALIVE,
     "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
 }
 _CREATE = {
     "description": "the sandbox (JSON); with ?progress=1 an NDJSON stream: "
     + _PROGRESS_EVENTS
     + " | {type:progress,phase:booting,ref,sandbox} | {type:sandbox,sandbox:{...}} (last) | "
-    "{type:error,code,message} (last)",
+    "{type:error,code,message} (last)" + _KEEPALIVE,
     "content": {
         "application/json": {"schema": {"type": "object"}},
         "application/x-ndjson": {"schema": {"type": "string"}},
@@ -238,7 +241,7 @@ OPS: list[
         "get",
         "/v1/sandboxes/{sid}/files/watch",
         "watchFiles",
-        "Filesystem events as NDJSON {type:fs, op, path}",
+        "Filesystem events as NDJSON {type:fs, op, path} (and {type:keepalive})",
         None,
         [SID, PATHQ, _q("recursive", "string")],
         _NDJSON,

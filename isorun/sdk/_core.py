@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import codecs
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from isorun.errors import ConfigError
 from isorun.sdk.errors import DaemonUnavailable, error_for, stream_error
 
 __all__ = ["error_for"]
@@ -26,14 +28,39 @@ CREATE_TIMEOUT = 1800.0  # a first `Sandbox("python")` may build the image (~100
 # Raw file transfers: the body may pause as long as the guest takes to write or read.
 STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
 # NDJSON streams (exec output, process streams, watches, pull and create progress) carry a
-# keepalive record every 15 s of silence (daemon/keepalive.py): one that carries nothing
-# for this long has lost its daemon or network, and raises DaemonUnavailable.
-STREAM_IDLE_TIMEOUT_S = 60.0
+# keepalive record through every silence of the daemon's `stream_keepalive_s` (its
+# /v1/health says how long; daemon/keepalive.py). One that carries nothing for four of
+# them, and at least this long, has lost its daemon or network: DaemonUnavailable. At
+# least 90 s: past the daemon's own 60 s limit on a silent guest, which it reports as such.
+STREAM_IDLE_FLOOR_S = 90.0
+_UNKNOWN = object()
 
 
-def ndjson_timeout(connect: float = 30.0) -> httpx.Timeout:
-    idle = os.environ.get("ISORUN_STREAM_IDLE_TIMEOUT_S")
-    return httpx.Timeout(connect, read=float(idle) if idle else STREAM_IDLE_TIMEOUT_S)
+def stream_idle_limit(health: Any) -> float | None:
+    """The read timeout for NDJSON streams from a daemon whose /v1/health said `health`:
+    None (no limit) for a daemon that sends no keepalives, where silence says nothing.
+    ISORUN_STREAM_IDLE_TIMEOUT_S overrides it (0: no limit)."""
+    override = os.environ.get("ISORUN_STREAM_IDLE_TIMEOUT_S")
+    if override:
+        try:
+            limit = float(override)
+        except ValueError:
+            raise ConfigError(
+                f"ISORUN_STREAM_IDLE_TIMEOUT_S={override!r} is not a number of seconds "
+                "(0 turns the limit off)"
+            ) from None
+        return limit if 0 < limit < math.inf else None
+    every = health.get("stream_keepalive_s") if isinstance(health, dict) else None
+    if isinstance(every, int | float) and not isinstance(every, bool) and 0 < every < math.inf:
+        return max(STREAM_IDLE_FLOOR_S, 4 * every)
+    return None
+
+
+def _health_body(resp: httpx.Response) -> Any:
+    try:
+        return resp.json() if resp.status_code == 200 else None
+    except ValueError:
+        return None
 
 
 OutputCallback = Callable[[str], object]
@@ -166,6 +193,17 @@ class Client(httpx.Client):
     def __init__(self, where: str, **kw: Any) -> None:
         super().__init__(**kw)
         self._where = where
+        self._stream_idle: Any = _UNKNOWN
+
+    def ndjson_timeout(self, connect: float = 30.0) -> httpx.Timeout:
+        """Timeouts for an NDJSON stream: its reads are limited only where the daemon
+        fills silences with keepalives (asked once per client)."""
+        if self._stream_idle is _UNKNOWN:
+            if os.environ.get("ISORUN_STREAM_IDLE_TIMEOUT_S"):
+                self._stream_idle = stream_idle_limit(None)
+            else:
+                self._stream_idle = stream_idle_limit(_health_body(self.get("/v1/health")))
+        return httpx.Timeout(connect, read=self._stream_idle)
 
     def send(self, request: httpx.Request, **kw: Any) -> httpx.Response:
         try:
@@ -183,6 +221,17 @@ class AsyncClient(httpx.AsyncClient):
     def __init__(self, where: str, **kw: Any) -> None:
         super().__init__(**kw)
         self._where = where
+        self._stream_idle: Any = _UNKNOWN
+
+    async def ndjson_timeout(self, connect: float = 30.0) -> httpx.Timeout:
+        """As Client.ndjson_timeout."""
+        if self._stream_idle is _UNKNOWN:
+            if os.environ.get("ISORUN_STREAM_IDLE_TIMEOUT_S"):
+                self._stream_idle = stream_idle_limit(None)
+            else:
+                health = _health_body(await self.get("/v1/health"))
+                self._stream_idle = stream_idle_limit(health)
+        return httpx.Timeout(connect, read=self._stream_idle)
 
     async def send(self, request: httpx.Request, **kw: Any) -> httpx.Response:
         try:

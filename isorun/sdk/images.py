@@ -49,7 +49,7 @@ class Images:
                 "POST",
                 "/v1/images/pull",
                 json={"image": image, "pull": pull},
-                timeout=_core.ndjson_timeout(),
+                timeout=c.ndjson_timeout(),
             ) as r,
         ):
             if r.status_code >= 400:
@@ -116,7 +116,7 @@ class AsyncImages:
                 "POST",
                 "/v1/images/pull",
                 json={"image": image, "pull": pull},
-                timeout=_core.ndjson_timeout(),
+                timeout=await c.ndjson_timeout(),
             ) as r,
         ):
             if r.status_code >= 400:

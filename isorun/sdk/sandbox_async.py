@@ -10,7 +10,6 @@ from types import TracebackType
 from typing import IO, Any
 
 import anyio
-import httpx
 
 from isorun.sdk import _core
 from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
@@ -24,7 +23,7 @@ from isorun.sdk.errors import (
 )
 
 
-def _client(s: Settings) -> httpx.AsyncClient:
+def _client(s: Settings) -> _core.AsyncClient:
     return _core.async_client(s)
 
 
@@ -85,7 +84,7 @@ class AsyncSandbox:
             "/v1/sandboxes",
             params={"progress": "1"},
             json=self._body,
-            timeout=_core.ndjson_timeout(_core.CREATE_TIMEOUT),
+            timeout=await self._http.ndjson_timeout(_core.CREATE_TIMEOUT),
         ) as r:
             if r.status_code >= 400:
                 await r.aread()
@@ -230,7 +229,7 @@ class AsyncSandbox:
     async def _stream(self, method: str, path: str, dec: _core.StreamDecoder, **kw: Any) -> None:
         try:
             async with self._http.stream(
-                method, path, timeout=_core.ndjson_timeout(), **kw
+                method, path, timeout=await self._http.ndjson_timeout(), **kw
             ) as resp:
                 if resp.status_code >= 400:
                     await resp.aread()
@@ -276,8 +275,9 @@ class AsyncProcess:
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, str]]:
         dec = _core.StreamDecoder(capture=False)
-        async with self.sandbox._http.stream(
-            "GET", self._path("stream"), params={"offset": 0}, timeout=_core.ndjson_timeout()
+        http = self.sandbox._http
+        async with http.stream(
+            "GET", self._path("stream"), params={"offset": 0}, timeout=await http.ndjson_timeout()
         ) as resp:
             if resp.status_code >= 400:
                 await resp.aread()
@@ -323,11 +323,12 @@ class AsyncPty:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         dec = _core.StreamDecoder(capture=False)
-        async with self.process.sandbox._http.stream(
+        http = self.process.sandbox._http
+        async with http.stream(
             "GET",
             self.process._path("stream"),
             params={"offset": self.offset},
-            timeout=_core.ndjson_timeout(),
+            timeout=await http.ndjson_timeout(),
         ) as resp:
             if resp.status_code >= 400:
                 await resp.aread()
@@ -479,10 +480,11 @@ class AsyncFiles:
         )
 
     async def watch(self, path: str, recursive: bool = False) -> AsyncIterator[tuple[str, str]]:
-        async with self._sb._http.stream(
+        http = self._sb._http
+        async with http.stream(
             "GET",
             self._base + "/watch",
-            timeout=_core.ndjson_timeout(),
+            timeout=await http.ndjson_timeout(),
             params={"path": path, "recursive": int(recursive)},
         ) as resp:
             if resp.status_code >= 400:

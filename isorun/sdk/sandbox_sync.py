@@ -7,15 +7,13 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import IO, Any
 
-import httpx
-
 from isorun.sdk import _core
 from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
 from isorun.sdk.errors import CommandFailed, DaemonUnavailable, SandboxEndedError, stream_error
 
 
-def _client(s: Settings) -> httpx.Client:
+def _client(s: Settings) -> _core.Client:
     return _core.sync_client(s)
 
 
@@ -74,7 +72,7 @@ class Sandbox:
             "/v1/sandboxes",
             params={"progress": "1"},
             json=body,
-            timeout=_core.ndjson_timeout(_core.CREATE_TIMEOUT),
+            timeout=self._http.ndjson_timeout(_core.CREATE_TIMEOUT),
         ) as r:
             if r.status_code >= 400:
                 r.read()
@@ -222,7 +220,7 @@ class Sandbox:
 
     def _stream(self, method: str, path: str, dec: _core.StreamDecoder, **kw: Any) -> None:
         try:
-            with self._http.stream(method, path, timeout=_core.ndjson_timeout(), **kw) as resp:
+            with self._http.stream(method, path, timeout=self._http.ndjson_timeout(), **kw) as resp:
                 if resp.status_code >= 400:
                     resp.read()
                     _core.check(resp)
@@ -273,8 +271,9 @@ class Process:
     def __iter__(self) -> Iterator[tuple[str, str]]:
         """Yield ("stdout"|"stderr", text) chunks from the start until the process exits."""
         dec = _core.StreamDecoder(capture=False)
-        with self.sandbox._http.stream(
-            "GET", self._path("stream"), params={"offset": 0}, timeout=_core.ndjson_timeout()
+        http = self.sandbox._http
+        with http.stream(
+            "GET", self._path("stream"), params={"offset": 0}, timeout=http.ndjson_timeout()
         ) as resp:
             if resp.status_code >= 400:
                 resp.read()
@@ -315,11 +314,12 @@ class Pty:
         """Output bytes as the terminal writes them, from where the last read stopped, until
         the process exits (then `result` is set)."""
         dec = _core.StreamDecoder(capture=False)
-        with self.process.sandbox._http.stream(
+        http = self.process.sandbox._http
+        with http.stream(
             "GET",
             self.process._path("stream"),
             params={"offset": self.offset},
-            timeout=_core.ndjson_timeout(),
+            timeout=http.ndjson_timeout(),
         ) as resp:
             if resp.status_code >= 400:
                 resp.read()
@@ -458,10 +458,11 @@ class Files:
         """Yield (op, path) events until the iterator is closed."""
         import json
 
-        with self._sb._http.stream(
+        http = self._sb._http
+        with http.stream(
             "GET",
             self._base + "/watch",
-            timeout=_core.ndjson_timeout(),
+            timeout=http.ndjson_timeout(),
             params={"path": path, "recursive": int(recursive)},
         ) as resp:
             if resp.status_code >= 400:

@@ -13,6 +13,7 @@ import pytest
 from daemonhelpers import running_daemon
 
 from isorun import AsyncSandbox, DaemonUnavailable, IsorunError, Sandbox
+from isorun.sdk import _core
 
 pytestmark = pytest.mark.vm
 
@@ -68,10 +69,14 @@ def test_a_silent_command_keeps_its_stream_and_a_frozen_daemon_is_noticed(
     ends normally (the daemon's keepalives fill the silence); a daemon that stops sending
     anything (frozen here, as a dead host or network looks) is DaemonUnavailable within
     that limit instead of a wait for ever."""
-    monkeypatch.setenv("ISORUN_STREAM_IDLE_TIMEOUT_S", "2")
     with running_daemon(tmp_path / "d", ISORUN_STREAM_KEEPALIVE_S="0.3") as d:
         sb = Sandbox(f"rootfs:{busybox_rootfs}", api_url=f"unix:{d.sock}", autostart=False)
         try:
+            # the daemon's health says it keeps streams alive: the SDK limits their reads
+            monkeypatch.delenv("ISORUN_STREAM_IDLE_TIMEOUT_S", raising=False)
+            assert sb._http.ndjson_timeout().read == 90.0
+            monkeypatch.setenv("ISORUN_STREAM_IDLE_TIMEOUT_S", "2")
+            sb._http._stream_idle = _core.stream_idle_limit(None)  # read once per client
             r = sb.exec("sleep 4; echo done")
             assert r.stdout == "done\n" and r.exit_code == 0
             exec_url = f"/v1/sandboxes/{sb.id}/exec"
