@@ -134,6 +134,19 @@ async def test_an_agent_from_before_keepalives_is_asked_and_still_works() -> Non
     await conn.close()
 
 
+def _start_uploads(client: AgentClient) -> list[asyncio.Task[int]]:
+    """Two 4 MiB uploads: more than the stream buffers hold, so a guest that stopped
+    reading backs up every later send."""
+    return [asyncio.create_task(client.write_file(f"/up{i}", b"u" * (4 << 20))) for i in range(2)]
+
+
+async def _all_unresponsive(tasks: list[asyncio.Task[int]]) -> None:
+    for task in tasks:
+        with pytest.raises(GuestError) as err:
+            await asyncio.wait_for(task, 3 * IDLE + 5)
+        assert err.value.code == "unresponsive"
+
+
 async def test_a_send_the_hung_guest_never_reads_fails_and_takes_no_one_with_it() -> None:
     """A guest that stops reading: uploads fill the stream; a request queued behind them
     fails as unresponsive instead of waiting for the stream to drain for ever, and taking
@@ -152,9 +165,7 @@ async def test_a_send_the_hung_guest_never_reads_fails_and_takes_no_one_with_it(
     reading = client.read_file("/big")
     first = await asyncio.wait_for(reading.__anext__(), 5)
     await got_out.wait()
-    uploads = [
-        asyncio.create_task(client.write_file(f"/up{i}", b"u" * (4 << 20))) for i in range(2)
-    ]
+    uploads = _start_uploads(client)
     taken = len(first)
     with pytest.raises(GuestError) as err:  # taking the rest sends credits: must not hang
         async for chunk in reading:
@@ -163,9 +174,7 @@ async def test_a_send_the_hung_guest_never_reads_fails_and_takes_no_one_with_it(
     with pytest.raises(GuestError) as err:
         await asyncio.wait_for(client.stat("/etc"), 3 * IDLE + 5)
     assert err.value.code == "unresponsive"
-    for up in uploads:
-        with pytest.raises(GuestError):
-            await asyncio.wait_for(up, 3 * IDLE + 5)
+    await _all_unresponsive(uploads)
     guest.cancel()
     await client.conn.close()
 
@@ -188,16 +197,12 @@ async def test_a_request_whose_send_timed_out_is_cancelled_when_the_guest_reads_
                     cancels.append(f.chan)
 
     client, guest = await connect(stalls, keepalive_ms=100, idle_after_s=IDLE)
-    uploads = [
-        asyncio.create_task(client.write_file(f"/up{i}", b"u" * (4 << 20))) for i in range(2)
-    ]
+    uploads = _start_uploads(client)
     await asyncio.sleep(0.1)
     with pytest.raises(GuestError) as err:
         await asyncio.wait_for(client.exec("touch /ran"), 3 * IDLE + 5)
     assert err.value.code == "unresponsive"
-    for up in uploads:
-        with pytest.raises(GuestError):
-            await asyncio.wait_for(up, 3 * IDLE + 5)
+    await _all_unresponsive(uploads)
     resume.set()
     await asyncio.wait_for(guest, 30)
     assert len(reqs) == 3, reqs  # the exec's REQ did reach the guest ...

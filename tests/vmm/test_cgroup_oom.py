@@ -33,6 +33,13 @@ def _allocate_in(group: cgroup.VMCgroup) -> int:
         child.wait()
 
 
+def _oom_killed_in(group: cgroup.VMCgroup) -> tuple[str | None, str]:
+    """Have a process of `group` OOM-killed; what the group says of it, and the VM's death
+    reason (a 256 MiB guest)."""
+    assert _allocate_in(group) == -9
+    return group.oom_kill(), oom_death_reason(group, 256) or ""
+
+
 def _memory_dir(group: cgroup.VMCgroup) -> Path:
     dirs = [f.parent for f in group.procs_files()]
     return next(
@@ -51,10 +58,8 @@ def test_a_kill_at_the_groups_own_limit_is_the_vms_limit() -> None:
     group.create(64 << 20, 1)
     try:
         assert group.oom_kill() is None
-        assert _allocate_in(group) == -9
-        assert group.oom_kill() == "limit"
-        reason = oom_death_reason(group, 256)
-        assert reason is not None and "killed at the VM's 576 MiB host limit" in reason
+        kind, reason = _oom_killed_in(group)
+        assert kind == "limit" and "killed at the VM's 576 MiB host limit" in reason
     finally:
         group.remove()
 
@@ -66,10 +71,8 @@ def test_a_kill_at_a_parents_limit_is_not_blamed_on_the_vm() -> None:
     parent_dir = _memory_dir(group).parent
     try:
         _set_limit(parent_dir, 64 << 20)
-        assert _allocate_in(group) == -9
-        assert group.oom_kill() == "host"
-        reason = oom_death_reason(group, 256)
-        assert reason is not None and "not the VM's own limit" in reason
+        kind, reason = _oom_killed_in(group)
+        assert kind == "host" and "not the VM's own limit" in reason
     finally:
         group.remove()
         for d in {f.parent.parent for f in group.procs_files()}:
