@@ -107,21 +107,28 @@ class Channel:
             return
         if frame.kind is Kind.EVENT:
             cost = len(frame.payload) + EVENT_OVERHEAD
-            if (
-                self._event_bytes + cost > EVENT_BACKLOG
-                or self._conn._event_bytes + cost > CONNECTION_EVENT_BACKLOG
-            ):
-                held = self._event_bytes
-                self._give_up(
-                    ConsumerTooSlowError(
-                        f"channel {self.id}: {held} bytes of events from the guest were not "
-                        "taken in time; the request was cancelled"
-                    )
-                )
+            if self._event_bytes + cost > EVENT_BACKLOG:
+                self._too_slow()
                 return
+            # Past the connection's bound the requests holding the most go first, not
+            # whichever request's event happens to cross it (a new one holds nothing).
+            while self._conn._event_bytes + cost > CONNECTION_EVENT_BACKLOG:
+                most = max(self._conn._channels.values(), key=lambda ch: ch._event_bytes)
+                most._too_slow()
+                if most is self:
+                    return
             self._event_bytes += cost
             self._conn._event_bytes += cost
         self._put(frame)
+
+    def _too_slow(self) -> None:
+        held = self._event_bytes
+        self._give_up(
+            ConsumerTooSlowError(
+                f"channel {self.id}: {held} bytes of events from the guest were not taken in "
+                "time; the request was cancelled"
+            )
+        )
 
     def _queue_data(self, frame: Frame) -> None:
         for item in reversed(self._inbox):  # the trailing run of data items

@@ -341,6 +341,46 @@ async def test_events_nobody_takes_cancel_that_request_not_the_connection() -> N
     await client.conn.close()
 
 
+async def test_past_the_connections_event_bound_the_biggest_backlog_goes_not_a_new_request() -> (
+    None
+):
+    """Nine requests nobody reads hold just under the connection's 8 MiB of events between
+    them (each under its own 1 MiB); a new request's first event crosses the bound. The
+    request holding the most is cancelled, not the new one, which holds nothing."""
+    watch_event = {"event": "fs", "op": "write", "path": "/" + "a" * 950}
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            f = await _read_frame(r)
+            if f.kind is not Kind.REQ:
+                continue
+            if f.json()["op"] == "watch":
+                for _ in range(835):  # ~932 KB each, nine: ~8.39 MB
+                    w.write(frames.encode_json(f.chan, Kind.EVENT, watch_event))
+            else:
+                w.write(frames.encode_json(f.chan, Kind.EVENT, {"event": "x", "pad": "p" * 20000}))
+                w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "version": "fake"}))
+            await w.drain()
+
+    client, task = await _connect(guest)
+    slow = [client.conn.open_channel() for _ in range(9)]
+    for ch in slow:
+        await client.conn.request(ch, {"op": "watch", "path": "/"})  # and never read
+    for _ in range(200):
+        if client.conn._event_bytes > mux.CONNECTION_EVENT_BACKLOG - 20000:
+            break
+        await asyncio.sleep(0.02)
+    assert client.conn._event_bytes > mux.CONNECTION_EVENT_BACKLOG - 20000
+    assert (await asyncio.wait_for(client.health(), 5))["version"] == "fake"
+    cancelled = [ch for ch in slow if ch.closed]
+    assert len(cancelled) == 1  # one backlog was enough to make room
+    with pytest.raises(ConsumerTooSlowError, match="not taken in time"):
+        await asyncio.wait_for(cancelled[0].next(), 5)
+    assert not client.conn.is_closed
+    task.cancel()
+    await client.conn.close()
+
+
 async def test_a_request_given_up_is_forgotten_even_if_the_guest_never_answers() -> None:
     requests: list[int] = []
 
