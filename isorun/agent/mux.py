@@ -30,8 +30,9 @@ WINDOW = 262144
 CREDIT_BATCH = WINDOW // 4
 # The one reader never waits for a consumer (one slow consumer would stall every request
 # of the sandbox). Data is bounded by the credit window; control events are not
-# credit-limited, so the events a consumer has not taken yet are bounded here: past either
-# bound that consumer's request is cancelled with an error saying so.
+# credit-limited, so the events a consumer has not taken yet are bounded here: past a
+# channel's bound its request is cancelled with an error saying so; past the connection's,
+# the unanswered requests holding the most are (Channel._deliver).
 EVENT_BACKLOG = 1 << 20  # per channel
 CONNECTION_EVENT_BACKLOG = 8 << 20  # all channels of one connection together
 EVENT_OVERHEAD = 128  # counted per event besides its payload: empty ones are not free
@@ -110,10 +111,15 @@ class Channel:
             if self._event_bytes + cost > EVENT_BACKLOG:
                 self._too_slow()
                 return
-            # Past the connection's bound the requests holding the most go first, not
-            # whichever request's event happens to cross it (a new one holds nothing).
+            # Past the connection's bound the unanswered requests holding the most go
+            # first, not whichever request's event happens to cross it (a new one holds
+            # nothing). One the guest answered is not cancelled: its caller would be told
+            # a request failed that ran (events it still holds are charged all the same).
             while self._conn._event_bytes + cost > CONNECTION_EVENT_BACKLOG:
-                most = max(self._conn._channels.values(), key=lambda ch: ch._event_bytes)
+                pending = (ch for ch in self._conn._channels.values() if not ch._answered)
+                most = max(pending, key=lambda ch: ch._event_bytes)
+                if most._event_bytes == 0:
+                    most = self  # the backlog is all answered requests': this one goes
                 most._too_slow()
                 if most is self:
                     return
@@ -334,8 +340,9 @@ class AgentConnection:
     async def handshake(self, timeout: float) -> dict[str, Any]:
         """Say hello and skip whatever an earlier connection left in the stream."""
         nonce = os.urandom(12).hex()
-        hello = {"op": "hello", "nonce": nonce}
-        await self._send(frames.encode_json(frames.HELLO_CHAN, Kind.REQ, hello))
+        await self._send(
+            frames.encode_json(frames.HELLO_CHAN, Kind.REQ, {"op": "hello", "nonce": nonce})
+        )
         buf, pos = b"", 0
         async with asyncio.timeout(timeout):
             while True:
@@ -421,8 +428,8 @@ class AgentConnection:
             if self._closed.is_set():
                 raise self.closed_error() from None
             raise GuestError(
-                f"the guest read nothing the host sent it for {idle:g} s: its agent or kernel "
-                "is hung (or starved of CPU)",
+                f"the host could not hand this request's data to the guest within {idle:g} s: "
+                "the guest stopped reading (its agent or kernel is hung, or starved of CPU)",
                 "unresponsive",
             ) from None
 

@@ -76,8 +76,8 @@ class DaemonConfig:
     def __post_init__(self) -> None:
         if not 0.01 <= self.stream_keepalive_s <= 3600:
             raise ConfigError(
-                f"ISORUN_STREAM_KEEPALIVE_S={self.stream_keepalive_s:g} must be between 0.01 and "
-                "3600 seconds"
+                f"stream_keepalive_s (ISORUN_STREAM_KEEPALIVE_S) = {self.stream_keepalive_s:g} "
+                "must be between 0.01 and 3600 seconds"
             )
 
     @property

@@ -3,9 +3,9 @@
 A stream may say nothing for a long time (a silent command, a watch with no change, a
 slow pull): every `every` seconds of silence it carries `{"type":"keepalive"}`, so a client
 can tell a quiet stream from a dead daemon or network (the SDK times out a stream that
-carries nothing for 4 intervals, the interval being in /v1/health), and idle-timeout
-proxies keep the connection. E2B's process streams carry keepalive events for the same
-reasons.
+carries nothing for 4 intervals, and at least 90 s; /v1/health gives the interval), and
+idle-timeout proxies keep the connection. E2B's process streams carry keepalive events for
+the same reasons.
 """
 
 from __future__ import annotations

@@ -141,8 +141,8 @@ class SandboxManager:
                     log.warning("sandbox %s could not be re-adopted: %s", row.id, exc)
                     await asyncio.to_thread(kill_orphan, Path(row.run_dir))
                     # read before its cgroup goes: an OOM kill while no daemon watched
-                    if died := death_reason_of(Path(row.run_dir), row.memory_mib):
-                        exc = VMError(f"{exc}; {died}", "gone")
+                    died = death_reason_of(Path(row.run_dir), row.memory_mib)
+                    why = f"{exc}; {died}" if died else str(exc)
                     remove_run_dir(Path(row.run_dir))
                     self.store.end_sandbox(
                         row,
@@ -153,7 +153,7 @@ class SandboxManager:
                             int((time.time() - (row.started or row.created)) * 1000),
                         ),
                         self.cfg.price_per_vcpu_hour,
-                        error=f"VM could not be re-adopted after a daemon restart: {exc}",
+                        error=f"VM could not be re-adopted after a daemon restart: {why}",
                     )
                     await self._release_image(row)
                     continue

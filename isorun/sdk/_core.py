@@ -195,15 +195,16 @@ class Client(httpx.Client):
         self._where = where
         self._stream_idle: Any = _UNKNOWN
 
-    def ndjson_timeout(self, connect: float = 30.0) -> httpx.Timeout:
-        """Timeouts for an NDJSON stream: its reads are limited only where the daemon
-        fills silences with keepalives (asked once per client)."""
+    def ndjson_timeout(self, others: float = 30.0) -> httpx.Timeout:
+        """Timeouts for an NDJSON stream: `others` for connect, write and pool; reads are
+        limited only where the daemon fills silences with keepalives (asked once per
+        client)."""
         if self._stream_idle is _UNKNOWN:
             if os.environ.get("ISORUN_STREAM_IDLE_TIMEOUT_S"):
                 self._stream_idle = stream_idle_limit(None)
             else:
                 self._stream_idle = stream_idle_limit(_health_body(self.get("/v1/health")))
-        return httpx.Timeout(connect, read=self._stream_idle)
+        return httpx.Timeout(others, read=self._stream_idle)
 
     def send(self, request: httpx.Request, **kw: Any) -> httpx.Response:
         try:
@@ -223,7 +224,7 @@ class AsyncClient(httpx.AsyncClient):
         self._where = where
         self._stream_idle: Any = _UNKNOWN
 
-    async def ndjson_timeout(self, connect: float = 30.0) -> httpx.Timeout:
+    async def ndjson_timeout(self, others: float = 30.0) -> httpx.Timeout:
         """As Client.ndjson_timeout."""
         if self._stream_idle is _UNKNOWN:
             if os.environ.get("ISORUN_STREAM_IDLE_TIMEOUT_S"):
@@ -231,7 +232,7 @@ class AsyncClient(httpx.AsyncClient):
             else:
                 health = _health_body(await self.get("/v1/health"))
                 self._stream_idle = stream_idle_limit(health)
-        return httpx.Timeout(connect, read=self._stream_idle)
+        return httpx.Timeout(others, read=self._stream_idle)
 
     async def send(self, request: httpx.Request, **kw: Any) -> httpx.Response:
         try:

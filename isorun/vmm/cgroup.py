@@ -125,6 +125,21 @@ class VMCgroup:
             return None
         return "limit" if own > 0 else "host"
 
+    def memory_limit(self) -> int | None:
+        """The group's memory limit in bytes as it is now (None: none, or unreadable)."""
+        dirs = self._dirs()
+        if self.v2:
+            path = dirs["unified"] / "memory.max"
+        elif "memory" in dirs:
+            path = dirs["memory"] / "memory.limit_in_bytes"
+        else:
+            return None
+        try:
+            limit = int(path.read_text())
+        except (OSError, ValueError):  # v2's "max"
+            return None
+        return limit if limit < 1 << 60 else None  # v1 says "none" with a huge number
+
     def kill_all(self) -> None:
         """SIGKILL every process in the group. QEMU's process group is not enough: a QEMU the
         guest took over may call setsid (its seccomp filter allows it while it drops root),

@@ -796,12 +796,11 @@ def oom_death_reason(cgroup: VMCgroup, memory_mib: int | None = None) -> str | N
     `memory_mib` is the guest's RAM, when known."""
     match cgroup.oom_kill():
         case "limit":
-            if memory_mib is None:
-                return "out of memory: QEMU was killed at the VM's host memory limit"
-            return (
-                f"out of memory: QEMU was killed at the VM's {memory_mib + QEMU_OVERHEAD_MIB} "
-                f"MiB host limit ({memory_mib} MiB of guest RAM + {QEMU_OVERHEAD_MIB} for QEMU)"
-            )
+            # the limit in effect (normally guest RAM + QEMU_OVERHEAD_MIB), as the kernel saw it
+            limit = cgroup.memory_limit()
+            of = f" of {limit >> 20} MiB" if limit is not None else ""
+            guest = f" for a {memory_mib} MiB guest" if memory_mib is not None else ""
+            return f"out of memory: QEMU was killed at the VM's host memory limit{of}{guest}"
         case "host":
             return (
                 "out of memory: the host's OOM killer ended QEMU (the host or a parent cgroup "

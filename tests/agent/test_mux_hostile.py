@@ -344,38 +344,53 @@ async def test_events_nobody_takes_cancel_that_request_not_the_connection() -> N
 async def test_past_the_connections_event_bound_the_biggest_backlog_goes_not_a_new_request() -> (
     None
 ):
-    """Nine requests nobody reads hold just under the connection's 8 MiB of events between
-    them (each under its own 1 MiB); a new request's first event crosses the bound. The
-    request holding the most is cancelled, not the new one, which holds nothing."""
-    watch_event = {"event": "fs", "op": "write", "path": "/" + "a" * 950}
+    """Requests nobody reads hold just under the connection's 8 MiB of events between them
+    (each under its own 1 MiB); a new request's first event crosses the bound. The
+    unanswered request holding the most is cancelled: not the new one, which holds
+    nothing, nor one the guest already answered (the biggest here), whose caller would be
+    told a request failed that ran."""
+    watch_event = {"event": "fs", "op": "write", "path": "/" + "a" * 950}  # 1116 B held
+    sizes = [819] * 8
+    sizes[4] = 870  # the biggest unanswered backlog
 
     async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        watches = 0
         while True:
             f = await _read_frame(r)
             if f.kind is not Kind.REQ:
                 continue
-            if f.json()["op"] == "watch":
-                for _ in range(835):  # ~932 KB each, nine: ~8.39 MB
+            op = f.json()["op"]
+            if op == "exec":  # ran and answered, its events and answer not read yet
+                for _ in range(900):
                     w.write(frames.encode_json(f.chan, Kind.EVENT, watch_event))
+                w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "exit_code": 0}))
+            elif op == "watch":
+                for _ in range(sizes[watches]):
+                    w.write(frames.encode_json(f.chan, Kind.EVENT, watch_event))
+                watches += 1
             else:
                 w.write(frames.encode_json(f.chan, Kind.EVENT, {"event": "x", "pad": "p" * 20000}))
                 w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "version": "fake"}))
             await w.drain()
 
     client, task = await _connect(guest)
-    slow = [client.conn.open_channel() for _ in range(9)]
+    ran = client.conn.open_channel()
+    await client.conn.request(ran, {"op": "exec", "cmd": "true"})
+    slow = [client.conn.open_channel() for _ in sizes]
     for ch in slow:
         await client.conn.request(ch, {"op": "watch", "path": "/"})  # and never read
-    for _ in range(200):
+    for _ in range(200):  # ~8.37 MB held
         if client.conn._event_bytes > mux.CONNECTION_EVENT_BACKLOG - 20000:
             break
         await asyncio.sleep(0.02)
     assert client.conn._event_bytes > mux.CONNECTION_EVENT_BACKLOG - 20000
     assert (await asyncio.wait_for(client.health(), 5))["version"] == "fake"
-    cancelled = [ch for ch in slow if ch.closed]
-    assert len(cancelled) == 1  # one backlog was enough to make room
+    assert [ch.closed for ch in slow] == [i == 4 for i in range(len(sizes))]
     with pytest.raises(ConsumerTooSlowError, match="not taken in time"):
-        await asyncio.wait_for(cancelled[0].next(), 5)
+        await asyncio.wait_for(slow[4].next(), 5)
+    while (frame := await asyncio.wait_for(ran.next(), 5)).kind is Kind.EVENT:
+        pass
+    assert frame.kind is Kind.RESP and frame.json()["exit_code"] == 0  # its answer kept
     assert not client.conn.is_closed
     task.cancel()
     await client.conn.close()

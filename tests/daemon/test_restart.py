@@ -109,9 +109,9 @@ def test_vm_oom_killed_while_daemon_down_says_so(tmp_path: Path, busybox_rootfs:
             mem = _memory_cgroup_of(min(qemu_pids_for(d.state)))
             v1 = (mem / "memory.limit_in_bytes").exists()
             used = int((mem / ("memory.usage_in_bytes" if v1 else "memory.current")).read_text())
-            (mem / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(
-                str(used + (32 << 20))
-            )
+            limit_file = mem / ("memory.limit_in_bytes" if v1 else "memory.max")
+            limit_file.write_text(str(used + (32 << 20)))
+            limit = int(limit_file.read_text())  # as the kernel rounded it
             fill = "sleep 2; mkdir -p /m && mount -t tmpfs -o size=160m fill /m"
             fill += " && head -c 150000000 /dev/zero >/m/f"
             c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": fill, "background": True})
@@ -124,7 +124,10 @@ def test_vm_oom_killed_while_daemon_down_says_so(tmp_path: Path, busybox_rootfs:
         with d.client() as c:
             info = c.get(f"/v1/sandboxes/{sid}").json()
             assert info["state"] == "ended" and info["end_reason"] == "lost"
-            assert "out of memory: QEMU was killed at the VM's 576 MiB host limit" in info["error"]
+            oom = (
+                f"out of memory: QEMU was killed at the VM's host memory limit of {limit >> 20} MiB"
+            )
+            assert f"{oom} for a 256 MiB guest" in info["error"]
     finally:
         d.stop()
     assert_no_leaks(d)

@@ -168,8 +168,9 @@ async def test_a_hung_guest_fails_its_requests_as_unresponsive_and_a_slow_one_do
     assert_vm_gone(vm)
 
 
-def _tighten_memory_limit(vm: MicroVM, headroom: int) -> None:
-    """Set the VM's host memory limit to what its cgroup uses now plus `headroom`."""
+def _tighten_memory_limit(vm: MicroVM, headroom: int) -> int:
+    """Set the VM's host memory limit to what its cgroup uses now plus `headroom`; the
+    limit in effect (the kernel rounds it)."""
     for procs in vm.cgroup.procs_files():
         d = procs.parent
         for limit, usage in (
@@ -178,7 +179,7 @@ def _tighten_memory_limit(vm: MicroVM, headroom: int) -> None:
         ):
             if (d / limit).exists():
                 (d / limit).write_text(str(int((d / usage).read_text()) + headroom))
-                return
+                return int((d / limit).read_text())
     raise AssertionError("the VM has no memory cgroup")
 
 
@@ -189,15 +190,17 @@ async def test_qemu_killed_at_its_memory_limit_is_reported_as_out_of_memory(
     try:
         # QEMU has touched only part of the guest's RAM; the guest now fills RAM it never
         # used, QEMU faults those pages in and crosses the (tightened) limit.
-        _tighten_memory_limit(vm, 32 << 20)
+        limit = _tighten_memory_limit(vm, 32 << 20)
         with pytest.raises(ChannelClosedError):
             await vm.agent.exec(
                 "mkdir -p /m && mount -t tmpfs -o size=160m fill /m"
                 " && head -c 150000000 /dev/zero >/m/f"
             )
         reason = await asyncio.wait_for(vm.wait(), 60)
-        assert reason.startswith("out of memory: QEMU was killed at the VM's"), reason
-        assert "MiB of guest RAM" in reason
+        assert reason == (
+            f"out of memory: QEMU was killed at the VM's host memory limit of {limit >> 20} MiB "
+            "for a 256 MiB guest"
+        )
     finally:
         await vm.kill()
     assert_vm_gone(vm)

@@ -40,7 +40,7 @@ func opKeepalive(s *Server, ch *Channel, raw []byte) (any, error) {
 // startKeepalive tells the host, every interval, which requests the guest is still
 // working on: a long command, a watch with nothing to report or a large remove sends
 // nothing else for a long time, and the host must tell those from a guest that stopped
-// answering. The first interval asked on a connection holds (a new host connection asks
+// answering. The first positive interval asked on a connection holds (a new host connection asks
 // again); it returns the one in effect.
 func (c *Conn) startKeepalive(every time.Duration) time.Duration {
 	c.keepMu.Lock()
