@@ -105,6 +105,10 @@ class VMCgroup:
             pass
         return Usage(cpu_ns=cpu_ns, mem_peak_bytes=peak)
 
+    def _memory_dir(self) -> Path | None:
+        dirs = self._dirs()
+        return dirs["unified"] if self.v2 else dirs.get("memory")
+
     def oom_kill(self) -> str | None:
         """Whether the kernel's OOM killer ended a process of the group: "limit" when the
         group's own memory limit ran out, "host" when the memory ran out elsewhere (the
@@ -112,33 +116,26 @@ class VMCgroup:
         SIGKILL. The victim's group counts the kill whichever limit ran out; v2 counts the
         group's own limit running out apart (`oom`), v1 only that usage ever hit the limit
         (`memory.failcnt`)."""
-        dirs = self._dirs()
-        if self.v2:
-            events = _counters(dirs["unified"] / "memory.events")
-            kills, own = events.get("oom_kill", 0), events.get("oom", 0)
-        elif "memory" in dirs:
-            kills = _counters(dirs["memory"] / "memory.oom_control").get("oom_kill", 0)  # >= 4.13
-            own = _counters(dirs["memory"] / "memory.failcnt", key="failcnt").get("failcnt", 0)
-        else:
+        d = self._memory_dir()
+        if d is None:
             return None
+        if self.v2:
+            events = _counters(d / "memory.events")
+            kills, own = events.get("oom_kill", 0), events.get("oom", 0)
+        else:
+            kills = _counters(d / "memory.oom_control").get("oom_kill", 0)  # Linux >= 4.13
+            own = _read_int(d / "memory.failcnt") or 0
         if kills <= 0:
             return None
         return "limit" if own > 0 else "host"
 
     def memory_limit(self) -> int | None:
         """The group's memory limit in bytes as it is now (None: none, or unreadable)."""
-        dirs = self._dirs()
-        if self.v2:
-            path = dirs["unified"] / "memory.max"
-        elif "memory" in dirs:
-            path = dirs["memory"] / "memory.limit_in_bytes"
-        else:
+        d = self._memory_dir()
+        if d is None:
             return None
-        try:
-            limit = int(path.read_text())
-        except (OSError, ValueError):  # v2's "max"
-            return None
-        return limit if limit < 1 << 60 else None  # v1 says "none" with a huge number
+        limit = _read_int(d / ("memory.max" if self.v2 else "memory.limit_in_bytes"))
+        return limit if limit is not None and limit < 1 << 60 else None  # v1: huge = none
 
     def kill_all(self) -> None:
         """SIGKILL every process in the group. QEMU's process group is not enough: a QEMU the
@@ -176,15 +173,21 @@ class VMCgroup:
                     time.sleep(0.02)
 
 
-def _counters(path: Path, key: str = "") -> dict[str, int]:
-    """`name value` lines of a cgroup file (or, with `key`, a file holding one number)."""
+def _counters(path: Path) -> dict[str, int]:
+    """The `name value` lines of a cgroup file ({} when unreadable)."""
     try:
-        text = path.read_text()
-        if key:
-            return {key: int(text)}
-        return {k: int(v) for k, _, v in (line.partition(" ") for line in text.splitlines()) if v}
+        lines = path.read_text().splitlines()
+        return {k: int(v) for k, _, v in (line.partition(" ") for line in lines) if v}
     except (OSError, ValueError):
         return {}
+
+
+def _read_int(path: Path) -> int | None:
+    """A cgroup file holding one number (None when unreadable, or v2's "max")."""
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def sweep_empty(min_age_s: float = 60.0, prefix: str = "vm-", root: Path = ROOT) -> int:

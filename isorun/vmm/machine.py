@@ -809,15 +809,20 @@ def oom_death_reason(cgroup: VMCgroup, memory_mib: int | None = None) -> str | N
     return None
 
 
+def _cgroup_of(run_dir: Path) -> VMCgroup:
+    """The cgroup of the VM whose run dir this is (a VM's id names both)."""
+    return VMCgroup(f"vm-{run_dir.name}")
+
+
 def death_reason_of(run_dir: Path, memory_mib: int | None = None) -> str | None:
     """What is known of why the VM of a run dir that is not running any more ended, read
     before remove_run_dir (which removes its cgroup)."""
-    return oom_death_reason(VMCgroup(f"vm-{run_dir.name}"), memory_mib)
+    return oom_death_reason(_cgroup_of(run_dir), memory_mib)
 
 
 def remove_run_dir(run_dir: Path) -> None:
     """Remove the run dir and cgroup of a VM that is not running (any more)."""
-    VMCgroup(f"vm-{run_dir.name}").remove()
+    _cgroup_of(run_dir).remove()
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -828,7 +833,7 @@ def kill_orphan(run_dir: Path, timeout: float = 5.0) -> None:
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    VMCgroup(f"vm-{run_dir.name}").kill_all()
+    _cgroup_of(run_dir).kill_all()
     deadline = time.monotonic() + timeout
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
