@@ -70,6 +70,11 @@ class ConsoleLog:
                     f.flush()
                     self._written += min(room, len(data))
 
+    @property
+    def panicked(self) -> bool:
+        """Whether the kernel's panic message is in the kept tail of the console."""
+        return PANIC_MARKER in self._tail
+
     def tail(self, max_bytes: int = 4096) -> str:
         return bytes(self._tail[-max_bytes:]).decode("utf-8", "replace")
 

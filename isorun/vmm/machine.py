@@ -597,14 +597,16 @@ class MicroVM:
         elif self.console.halted or reason == "guest-shutdown":
             self.death_reason = "poweroff"
         elif reason == "guest-reset":
-            panicked = "Kernel panic" in self.console.tail(65536)
-            self.death_reason = "panic" if panicked else "reboot"
+            self.death_reason = "panic" if self.console.panicked else "reboot"
         elif reason == "guest-panic":
             self.death_reason = "panic"
         elif reason in ("host-qmp-quit", "host-signal"):
             self.death_reason = "stopped"
         elif oom := oom_death_reason(self.cgroup, self.spec.memory_mib):
             self.death_reason = oom
+        elif reason is None and self.console.panicked:
+            # QEMU's event came before QMP was connected (an early panic): the console tells
+            self.death_reason = "panic"
         elif code is None:
             self.death_reason = "stopped"  # adopted: not our child, no status to read
         elif code < 0:

@@ -1,0 +1,35 @@
+"""The console log: what it keeps and what it recognises in what the guest printed."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from isorun.vmm.console import ConsoleLog
+
+
+async def _pump(tmp_path: Path, *chunks: bytes) -> ConsoleLog:
+    reader = asyncio.StreamReader()
+    for c in chunks:
+        reader.feed_data(c)
+    reader.feed_eof()
+    halts: list[bool] = []
+    log = ConsoleLog(tmp_path / "console.log", on_halt=lambda: halts.append(True))
+    log.start(reader)
+    await log.drain()
+    assert log.halted == bool(halts)
+    return log
+
+
+async def test_a_panic_split_across_reads_is_recognised(tmp_path: Path) -> None:
+    log = await _pump(tmp_path, b"[ 0.4] Kernel pa", b"nic - not syncing: No working init found\n")
+    assert log.panicked and not log.halted
+    assert (tmp_path / "console.log").read_bytes().endswith(b"No working init found\n")
+
+
+async def test_a_halt_is_recognised_and_ordinary_output_is_neither(tmp_path: Path) -> None:
+    halted = await _pump(tmp_path, b"reboot: Sys", b"tem halted\n")
+    assert halted.halted and not halted.panicked
+    (tmp_path / "console.log").unlink()
+    plain = await _pump(tmp_path, b"hello from the guest\n" * 1000)
+    assert not plain.halted and not plain.panicked
