@@ -43,6 +43,7 @@ from isorun.daemon.models import (
     SignalProcess,
 )
 from isorun.daemon.progress import ProgressFeed, progress_record
+from isorun.daemon.rawstream import BrokenOff, RawStream
 from isorun.daemon.sandboxes import Live, SandboxManager
 from isorun.daemon.stdin import MAX_CHUNK, StdinPipes
 from isorun.daemon.store import LOCAL_TENANT, StateError, StateFullError, Store
@@ -651,15 +652,34 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
             first = b""
 
         async def body() -> AsyncIterator[bytes]:
+            sent = 0
             try:
                 if first:
                     yield first
+                    sent = len(first)
                 async for chunk in it:
                     yield chunk
+                    sent += len(chunk)
+            except IsorunError as exc:
+                why = str(exc)
+                if isinstance(exc, ChannelClosedError):
+                    # the guest is gone: have its end (and why) recorded before the client,
+                    # seeing its download cut short, asks what became of the sandbox
+                    await manager.settle(live)
+                    if live.row.end_reason:
+                        why = f"the sandbox ended ({live.row.end_reason})"
+                log.warning(
+                    "GET files %s of sandbox %s broken off after %d bytes: %s",
+                    path,
+                    live.row.id,
+                    sent,
+                    why,
+                )
+                raise BrokenOff from exc
             finally:
                 await it.aclose()
 
-        return StreamingResponse(body(), media_type="application/octet-stream")
+        return RawStream(body())
 
     async def write_file(request: Request, tenant: str) -> Any:
         live = manager.get_live(tenant, request.path_params["sid"])

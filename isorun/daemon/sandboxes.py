@@ -208,6 +208,12 @@ class SandboxManager:
             raise Gone(f"sandbox {sandbox_id} has ended ({why}); create a new sandbox")
         return live
 
+    async def settle(self, live: Live, timeout: float = AGENT_LOSS_GRACE_S + 3.0) -> None:
+        """Wait (a bounded time) until a sandbox whose agent connection was lost has been
+        ended and why recorded: its watcher does that once the VM's exit is known."""
+        if live.watcher is not None:
+            await asyncio.wait({live.watcher}, timeout=timeout)  # never cancels the watcher
+
     def list(self, tenant: str, metadata: dict[str, str], include_ended: bool) -> list[SandboxRow]:
         states = None if include_ended else ("creating", "running")
         rows = self.store.list_sandboxes(tenant, states)

@@ -18,8 +18,14 @@ from typing import Any
 
 import httpx
 
-from isorun.errors import ConfigError
-from isorun.sdk.errors import DaemonUnavailable, error_for, stream_error
+from isorun.errors import ConfigError, IsorunError
+from isorun.sdk.errors import (
+    ApiError,
+    DaemonUnavailable,
+    SandboxEndedError,
+    error_for,
+    stream_error,
+)
 
 __all__ = ["error_for"]
 
@@ -273,6 +279,42 @@ def stream_cut(exc: DaemonUnavailable, proc_id: str) -> DaemonUnavailable:
     return DaemonUnavailable(
         f"{exc}. Process {proc_id} runs on in the sandbox: follow it again with "
         f"sandbox.processes.connect({proc_id!r}).wait()"
+    )
+
+
+def read_cut(
+    exc: DaemonUnavailable, path: str, got: int | None, sandbox: httpx.Response | None
+) -> IsorunError:
+    """The error for a file read whose bytes stopped short of the end. `sandbox` is the
+    daemon's answer, asked right after, to GET /v1/sandboxes/{id} (None if it gave none: then
+    the connection really was lost). A daemon that answers broke the body off itself: the
+    sandbox ended, or its guest failed to send the rest."""
+    if sandbox is None:
+        return exc
+    so_far = f" after {got} bytes" if got is not None else ""
+    if sandbox.status_code >= 400:
+        try:
+            check(sandbox)
+        except ApiError as err:
+            return type(err)(f"reading {path} broke off{so_far}: {err}", err.status, err.code)
+    try:
+        info = sandbox.json()
+    except ValueError:
+        info = {}
+    if not isinstance(info, dict):
+        info = {}
+    if info.get("state") == "ended":
+        return SandboxEndedError(
+            f"sandbox {info.get('id')} ended while {path} was being read{so_far} "
+            f"({info.get('end_reason') or 'no reason recorded'})",
+            410,
+            "ended",
+        )
+    return ApiError(
+        f"reading {path} broke off{so_far}: the guest failed to send the rest (the daemon's "
+        "log says why); the sandbox runs on, so the read can be retried",
+        502,
+        "read_failed",
     )
 
 

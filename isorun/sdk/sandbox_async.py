@@ -10,7 +10,9 @@ from types import TracebackType
 from typing import IO, Any
 
 import anyio
+import httpx
 
+from isorun.errors import IsorunError
 from isorun.sdk import _core
 from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
@@ -387,15 +389,13 @@ class AsyncFiles:
         large file is never held whole in memory)."""
         _core.check_read_format(format)
         if format == "stream":
-            return await self._open_stream(path)
-        data = _core.check(await self._sb._http.get(self._base, params={"path": path}))
-        return data if format == "bytes" else bytes(data).decode("utf-8", "replace")
+            return await self._open_stream(path, _core.STREAM_TIMEOUT)
+        data = b"".join([c async for c in await self._open_stream(path, None)])
+        return data if format == "bytes" else data.decode("utf-8", "replace")
 
-    async def _open_stream(self, path: str) -> AsyncIterator[bytes]:
+    async def _open_stream(self, path: str, timeout: httpx.Timeout | None) -> AsyncIterator[bytes]:
         http = self._sb._http
-        req = http.build_request(
-            "GET", self._base, params={"path": path}, timeout=_core.STREAM_TIMEOUT
-        )
+        req = http.build_request("GET", self._base, params={"path": path}, timeout=timeout)
         resp = await http.send(req, stream=True)
         if resp.status_code >= 400:  # a missing file fails here, not at the first chunk
             try:
@@ -405,13 +405,24 @@ class AsyncFiles:
             _core.check(resp)
 
         async def chunks() -> AsyncIterator[bytes]:
+            got = 0
             try:
                 async for chunk in resp.aiter_bytes():
+                    got += len(chunk)
                     yield chunk
+            except DaemonUnavailable as exc:
+                raise _core.read_cut(exc, path, got, await self._sandbox_now()) from exc
             finally:
                 await resp.aclose()
 
         return chunks()
+
+    async def _sandbox_now(self) -> httpx.Response | None:
+        """The daemon's answer about this sandbox, if it answers at once."""
+        try:
+            return await self._sb._http.get(f"/v1/sandboxes/{self._sb.id}", timeout=5.0)
+        except IsorunError:
+            return None
 
     async def write(
         self,

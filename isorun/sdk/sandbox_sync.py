@@ -7,6 +7,9 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import IO, Any
 
+import httpx
+
+from isorun.errors import IsorunError
 from isorun.sdk import _core
 from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
@@ -367,15 +370,13 @@ class Files:
         """format: "text" (str), "bytes", or "stream" (an iterator of byte chunks)."""
         _core.check_read_format(format)
         if format == "stream":
-            return self._open_stream(path)
-        data = _core.check(self._sb._http.get(self._base, params={"path": path}))
-        return data if format == "bytes" else bytes(data).decode("utf-8", "replace")
+            return self._open_stream(path, _core.STREAM_TIMEOUT)
+        data = b"".join(self._open_stream(path, None))
+        return data if format == "bytes" else data.decode("utf-8", "replace")
 
-    def _open_stream(self, path: str) -> Iterator[bytes]:
+    def _open_stream(self, path: str, timeout: httpx.Timeout | None) -> Iterator[bytes]:
         http = self._sb._http
-        req = http.build_request(
-            "GET", self._base, params={"path": path}, timeout=_core.STREAM_TIMEOUT
-        )
+        req = http.build_request("GET", self._base, params={"path": path}, timeout=timeout)
         resp = http.send(req, stream=True)
         if resp.status_code >= 400:  # a missing file fails here, not at the first chunk
             try:
@@ -385,12 +386,24 @@ class Files:
             _core.check(resp)
 
         def chunks() -> Iterator[bytes]:
+            got = 0
             try:
-                yield from resp.iter_bytes()
+                for chunk in resp.iter_bytes():
+                    got += len(chunk)
+                    yield chunk
+            except DaemonUnavailable as exc:
+                raise _core.read_cut(exc, path, got, self._sandbox_now()) from exc
             finally:
                 resp.close()
 
         return chunks()
+
+    def _sandbox_now(self) -> httpx.Response | None:
+        """The daemon's answer about this sandbox, if it answers at once."""
+        try:
+            return self._sb._http.get(f"/v1/sandboxes/{self._sb.id}", timeout=5.0)
+        except IsorunError:
+            return None
 
     def write(
         self,
