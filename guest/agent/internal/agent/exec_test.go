@@ -94,6 +94,16 @@ func TestExecTimeoutAndSignal(t *testing.T) {
 	}
 }
 
+// A process that closes its output and runs on (`exec >log 2>&1`, a daemon)
+// is still timed: the timeout is the process's, not its output's.
+func TestExecTimeoutHoldsAfterTheOutputClosed(t *testing.T) {
+	c := newClient(t, nil)
+	c.req(1, map[string]any{"op": "exec", "cmd": "exec sleep 30 >/dev/null 2>&1", "timeout_ms": 300})
+	if r := c.wait(1, 10*time.Second); r.resp["timed_out"] != true || num(r.resp["signal"]) != int64(syscall.SIGTERM) {
+		t.Fatalf("resp %v", r.resp)
+	}
+}
+
 func TestExecCancel(t *testing.T) {
 	c := newClient(t, nil)
 	c.req(1, map[string]any{"op": "exec", "cmd": "echo start; sleep 30"})

@@ -196,10 +196,12 @@ func (t *ProcTable) Start(s *spawnSpec, lossless bool) (*Proc, *Cursor, error) {
 				p.Terminate(killGraceSecs)
 			}
 		})
-		// stopped once the output ended: a pending timer holds the process's
+		// stopped once the process has ended (exited and its output closed; a
+		// process may close its output and run on): a pending timer holds the
 		// record (and its ring) for the whole timeout otherwise
 		go func() {
 			<-p.ring.Done()
+			<-p.exited
 			timer.Stop()
 		}()
 	}
