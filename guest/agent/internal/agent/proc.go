@@ -64,7 +64,8 @@ type Proc struct {
 	endAt    time.Time
 	runUs    int64
 	timedOut atomic.Bool
-	killOnce sync.Once
+	killMu   sync.Mutex
+	killAt   time.Time // when the SIGKILL asked for so far is due; zero: none asked
 }
 
 // Exited reports whether the process has been reaped.
@@ -144,12 +145,27 @@ func (p *Proc) kill(sig syscall.Signal) error {
 // Terminate sends SIGTERM, then SIGKILL after grace to the group if it
 // has not exited or a member still holds the output open (the output may
 // have ended meanwhile: killing was asked for before it did).
+// SIGTERM goes once; a later call whose SIGKILL would come sooner brings it
+// forward (a kill retried with a shorter grace), one whose would not is moot.
 func (p *Proc) Terminate(grace time.Duration) {
 	if p.Pid <= 0 || p.ended() {
 		return
 	}
+	at := time.Now().Add(grace)
+	p.killMu.Lock()
+	first := p.killAt.IsZero()
+	sooner := first || at.Before(p.killAt)
+	if sooner {
+		p.killAt = at
+	}
+	p.killMu.Unlock()
+	if !sooner {
+		return
+	}
 	p.killed.Store(true)
-	_ = p.Signal(syscall.SIGTERM)
+	if first {
+		_ = p.Signal(syscall.SIGTERM)
+	}
 	go func() {
 		t := time.NewTimer(grace)
 		defer t.Stop()
@@ -175,13 +191,18 @@ func (p *Proc) finish(ws syscall.WaitStatus, now time.Time) {
 // CloseStdin closes the process's stdin (sends ^D on a PTY).
 func (p *Proc) CloseStdin() {
 	p.stdinMu.Lock()
-	defer p.stdinMu.Unlock()
 	if p.pty != nil {
-		if p.stdin != nil {
-			_, _ = p.pty.Write([]byte{4})
+		term := p.stdin
+		p.stdinMu.Unlock()
+		// Written outside the lock, like any input: a terminal whose input is
+		// full blocks the write until the program reads, and resize (which
+		// takes the lock) must not wait for that.
+		if term != nil {
+			_, _ = term.Write([]byte{4})
 		}
 		return
 	}
+	defer p.stdinMu.Unlock()
 	if p.stdin != nil {
 		_ = p.stdin.Close()
 		p.stdin = nil

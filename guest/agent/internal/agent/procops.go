@@ -145,7 +145,7 @@ func opKill(s *Server, ch *Channel, raw []byte) (any, error) {
 	if grace < 0 || grace > 3600_000 {
 		return nil, errf("invalid", "grace_ms out of range")
 	}
-	p.killOnce.Do(func() { p.Terminate(time.Duration(grace) * time.Millisecond) })
+	p.Terminate(time.Duration(grace) * time.Millisecond)
 	select {
 	case <-p.exited:
 	case <-ch.cancel:

@@ -129,6 +129,45 @@ func TestKillEscalation(t *testing.T) {
 	}
 }
 
+// A kill retried with a shorter grace (the first one's caller gave up) brings
+// the SIGKILL forward instead of waiting out the first grace.
+func TestKillRetriedWithAShorterGrace(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "trap '' TERM; sleep 30", "background": true})
+	id := r.resp["proc_id"]
+	time.Sleep(200 * time.Millisecond)
+	c.req(2, map[string]any{"op": "kill", "proc_id": id, "grace_ms": 20000})
+	time.Sleep(300 * time.Millisecond)
+	c.send(2, KindCancel, nil)
+	c.wait(2, 5*time.Second)
+	start := time.Now()
+	r = c.call(3, map[string]any{"op": "kill", "proc_id": id, "grace_ms": 0})
+	if num(r.resp["signal"]) != int64(syscall.SIGKILL) || time.Since(start) > 5*time.Second {
+		t.Fatalf("resp %v after %v", r.resp, time.Since(start))
+	}
+}
+
+// close_stdin on a terminal whose input is full (the program reads none)
+// waits like any input would, but resize goes through meanwhile.
+func TestResizeIsNotHeldByAPendingCloseStdin(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "argv": []string{"sleep", "30"}, "pty": map[string]any{}, "background": true})
+	id := r.resp["proc_id"]
+	c.req(2, map[string]any{"op": "attach", "proc_id": id, "stdin": true, "output": false})
+	line := append(bytes.Repeat([]byte("y"), 1023), '\n')
+	for i := 0; i < 200; i++ { // more than a terminal's input queue holds
+		c.send(2, KindIn, line)
+	}
+	time.Sleep(500 * time.Millisecond)
+	c.req(3, map[string]any{"op": "close_stdin", "proc_id": id})
+	time.Sleep(300 * time.Millisecond) // close_stdin is waiting to write its ^D
+	start := time.Now()
+	if r := c.call(4, map[string]any{"op": "resize", "proc_id": id, "rows": 30, "cols": 100}); r.resp["ok"] != true || time.Since(start) > 3*time.Second {
+		t.Fatalf("resize: %v after %v", r.resp, time.Since(start))
+	}
+	c.call(5, map[string]any{"op": "kill", "proc_id": id, "grace_ms": 0})
+}
+
 func TestAttachStdinAndCloseStdin(t *testing.T) {
 	c := newClient(t, nil)
 	r := c.call(1, map[string]any{"op": "exec", "argv": []string{"cat"}, "background": true, "stdin": true})
