@@ -174,7 +174,7 @@ func writeFile(ch *Channel, r *fileReq) (any, error) {
 		for i := range rnd {
 			rnd[i] = byte(rand.Uint32())
 		}
-		tmp = filepath.Join(filepath.Dir(target), "."+filepath.Base(target)+".isorun-"+hex.EncodeToString(rnd[:]))
+		tmp = filepath.Join(filepath.Dir(target), tempName(filepath.Base(target), rnd[:]))
 		f, err = os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	}
 	if err != nil {
@@ -643,4 +643,15 @@ func decodePathReq(raw []byte) (fileReq, string, error) {
 	}
 	path, err := absPath("path", r.Path)
 	return r, path, err
+}
+
+// tempName names the file a write goes to before it replaces base: base's
+// name (cut short so that the whole stays within NAME_MAX, 255 bytes, even
+// for the longest base), hidden, with a random suffix.
+func tempName(base string, rnd []byte) string {
+	const keep = 200 // + "." + ".isorun-" + 12 hex digits = 221
+	if len(base) > keep {
+		base = base[:keep]
+	}
+	return "." + base + ".isorun-" + hex.EncodeToString(rnd)
 }

@@ -262,3 +262,21 @@ func TestWriteFileFIFO(t *testing.T) {
 		t.Fatalf("cancel of a blocked write: %v", r.resp)
 	}
 }
+
+// Names up to NAME_MAX can be written and replaced: the file written first,
+// beside the target, has a name of its own that fits.
+func TestWriteFileLongestName(t *testing.T) {
+	p := filepath.Join(t.TempDir(), strings.Repeat("n", 255))
+	c := newClient(t, nil)
+	for i, data := range []string{"first\n", "second\n"} {
+		if r := c.writeVia(uint32(i+1), map[string]any{"path": p}, data); r["ok"] != true {
+			t.Fatalf("write %d: %v", i, r)
+		}
+		if got, _ := os.ReadFile(p); string(got) != data {
+			t.Fatalf("write %d: file holds %q", i, got)
+		}
+	}
+	if left, _ := filepath.Glob(filepath.Dir(p) + "/.*"); len(left) != 0 {
+		t.Fatalf("left behind: %v", left)
+	}
+}
