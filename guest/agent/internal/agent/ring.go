@@ -64,24 +64,53 @@ func (r *Ring) Write(stream uint8, p []byte) {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	for r.mustWait(int64(len(p))) {
+	for r.mustWait(stream, int64(len(p))) {
 		r.cond.Wait()
 	}
+	start := r.startAfter(stream, int64(len(p)))
 	r.put(p)
-	if n := len(r.segs); n == 0 || r.segs[n-1].stream != stream {
+	if r.newRun(stream) {
 		r.segs = append(r.segs, segment{start: r.end, stream: stream})
 	}
 	r.end += int64(len(p))
-	if r.end-r.start > r.cap {
-		r.start = r.end - r.cap
+	if start > r.start {
+		r.start = start
 		r.dropSegs()
 	}
 	r.cond.Broadcast()
 }
 
-func (r *Ring) mustWait(n int64) bool {
+// maxSegs bounds the runs a ring tags (16 bytes each): output alternating
+// between stdout and stderr a byte at a time would otherwise take 16 times
+// the ring's size. Past it the oldest runs go, bytes and all.
+func (r *Ring) maxSegs() int { return int(max(4096, r.cap/64)) }
+
+func (r *Ring) newRun(stream uint8) bool {
+	n := len(r.segs)
+	return n == 0 || r.segs[n-1].stream != stream
+}
+
+// startAfter is the oldest offset the ring will hold once n bytes of stream
+// are written: at most cap bytes, in at most maxSegs runs.
+func (r *Ring) startAfter(stream uint8, n int64) int64 {
+	start := max(r.start, r.end+n-r.cap)
+	runs := len(r.segs)
+	if r.newRun(stream) {
+		runs++
+	}
+	if drop := runs - r.maxSegs(); drop > 0 {
+		start = max(start, r.segs[drop].start) // drop < len(r.segs): maxSegs > 1
+	}
+	return start
+}
+
+func (r *Ring) mustWait(stream uint8, n int64) bool {
+	if len(r.blocking) == 0 {
+		return false
+	}
+	start := r.startAfter(stream, n)
 	for c := range r.blocking {
-		if r.end+n-c.off > r.cap {
+		if c.off < start {
 			return true
 		}
 	}
@@ -112,10 +141,12 @@ func (r *Ring) put(p []byte) {
 }
 
 func (r *Ring) dropSegs() {
-	// keep the segment containing r.start
+	// keep the segment containing r.start. Reslicing, not copying: a copy per
+	// dropped run made alternating output quadratic in the runs held; append
+	// moves the live runs to a new array once the old one's tail is used up.
 	i := sort.Search(len(r.segs), func(i int) bool { return r.segs[i].start > r.start }) - 1
 	if i > 0 {
-		r.segs = append(r.segs[:0:0], r.segs[i:]...)
+		r.segs = r.segs[i:]
 	}
 }
 
