@@ -157,6 +157,20 @@ async def test_files_round_trip(vm: MicroVM) -> None:
     assert r.stdout.split()[0].decode() == hashlib.md5(blob).hexdigest()
 
 
+async def test_a_directory_of_the_image_can_be_renamed(vm: MicroVM) -> None:
+    # A directory from the read-only image, not one written since: the overlay must
+    # redirect it (without redirect_dir, rename(2) of it fails EXDEV in the guest too).
+    await vm.agent.rename("/etc", "/etc.moved")
+    try:
+        assert await vm.agent.read_bytes("/etc.moved/passwd")
+        assert not await vm.agent.exists("/etc")
+    finally:
+        await vm.agent.rename("/etc.moved", "/etc")
+    r = await vm.agent.exec("mv /home /home.moved && ls -d /home.moved && mv /home.moved /home")
+    assert (r.exit_code, r.stdout) == (0, b"/home.moved\n"), r.stderr
+    assert (await vm.agent.exec("grep -c root /etc/passwd")).stdout == b"1\n"
+
+
 async def test_a_write_the_guest_refuses_fails_at_once_and_the_channel_works_on(
     vm: MicroVM,
 ) -> None:

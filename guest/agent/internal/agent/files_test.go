@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestFiles(t *testing.T) {
@@ -210,5 +212,40 @@ func TestMkdirModeIgnoresTheUmask(t *testing.T) {
 	c.call(9, map[string]any{"op": "mkdir", "path": dir + "/shared0", "mode": 0o777})
 	if fi, _ := os.Stat(dir + "/shared0"); fi.Mode().Perm() != 0o700 {
 		t.Fatalf("an existing directory's mode changed: %v", fi.Mode())
+	}
+}
+
+// rename is rename(2): a directory replaces an empty one (os.Rename refuses
+// that), not a full one; across filesystems the error says so.
+func TestRenameIsRename2(t *testing.T) {
+	dir := t.TempDir()
+	for _, d := range []string{dir + "/src/sub", dir + "/empty", dir + "/full/x"} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c := newClient(t, nil)
+	if r := c.call(1, map[string]any{"op": "rename", "src": dir + "/src", "dst": dir + "/empty"}); r.resp["ok"] != true {
+		t.Fatalf("onto an empty directory: %v", r.resp)
+	}
+	if _, err := os.Stat(dir + "/empty/sub"); err != nil {
+		t.Fatal(err)
+	}
+	r := c.call(2, map[string]any{"op": "rename", "src": dir + "/empty", "dst": dir + "/full"})
+	if r.resp["code"] != "not_empty" || !strings.Contains(fmt.Sprint(r.resp["error"]), dir+"/full") {
+		t.Fatalf("onto a full directory: %v", r.resp)
+	}
+	var st, shm unix.Statfs_t
+	if unix.Statfs(dir, &st) != nil || unix.Statfs("/dev/shm", &shm) != nil || st.Fsid == shm.Fsid {
+		t.Skip("no second filesystem at /dev/shm")
+	}
+	other, err := os.MkdirTemp("/dev/shm", "rename")
+	if err != nil {
+		t.Skip(err)
+	}
+	defer os.RemoveAll(other)
+	r = c.call(3, map[string]any{"op": "rename", "src": dir + "/full", "dst": other + "/full"})
+	if r.resp["code"] != "io" || !strings.Contains(fmt.Sprint(r.resp["error"]), "different filesystems") {
+		t.Fatalf("across filesystems: %v", r.resp)
 	}
 }

@@ -127,7 +127,9 @@ func setupRoot(root, scratch string) (err error) {
 		return err
 	}
 	trace("owner")
-	opts := "lowerdir=" + imageDir + ",upperdir=" + upper + ",workdir=" + work
+	// redirect_dir: a directory of the image can be renamed (else rename(2)
+	// fails EXDEV for it, and only tools that fall back to copying cope)
+	opts := "lowerdir=" + imageDir + ",upperdir=" + upper + ",workdir=" + work + ",redirect_dir=on"
 	if err := mount("overlay", newRoot, "overlay", 0, opts); err != nil {
 		return err
 	}
