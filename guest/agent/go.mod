@@ -3,7 +3,6 @@ module isorun.dev/guest/agent
 go 1.26.0
 
 require (
-	github.com/fsnotify/fsnotify v1.10.1
 	github.com/mdlayher/vsock v1.4.0
 	golang.org/x/sys v0.50.0
 )

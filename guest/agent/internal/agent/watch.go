@@ -3,11 +3,10 @@ package agent
 import (
 	"os"
 	"path/filepath"
-
-	"github.com/fsnotify/fsnotify"
 )
 
-const maxWatchDirs = 8192
+// maxWatchDirs bounds the directories one recursive watch holds (a var for tests).
+var maxWatchDirs = 8192
 
 func opWatch(s *Server, ch *Channel, raw []byte) (any, error) {
 	r, path, err := decodePathReq(raw)
@@ -18,48 +17,8 @@ func opWatch(s *Server, ch *Channel, raw []byte) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	w, err := fsnotify.NewWatcher()
-	if err != nil {
-		return nil, err
-	}
-	defer w.Close()
-	dirs := 0
-	only := "" // a single file's watch: the one name reported (as path)
-	add := func(p string) {
-		if dirs < maxWatchDirs && w.Add(p) == nil {
-			dirs++
-		}
-	}
-	if r.Recursive && fi.IsDir() {
-		// The walk of a big tree (under emulation, "/" takes seconds) stops at
-		// the limit or a CANCEL, and skips the kernel's pseudo-filesystems
-		// (/proc, /sys: inotify reports nothing there, and /proc alone holds
-		// thousands of directories).
-		_ = filepath.WalkDir(path, func(p string, d os.DirEntry, err error) error {
-			select {
-			case <-ch.cancel:
-				return filepath.SkipAll
-			case <-ch.Done():
-				return filepath.SkipAll
-			default:
-			}
-			if err != nil || !d.IsDir() {
-				return nil
-			}
-			if p != path && onKernelFS(p) {
-				return filepath.SkipDir
-			}
-			if dirs >= maxWatchDirs {
-				return filepath.SkipAll
-			}
-			add(p)
-			return nil
-		})
-	} else if fi.IsDir() {
-		if err := w.Add(path); err != nil {
-			return nil, err
-		}
-	} else {
+	root, only := path, "" // only: a single file's watch, the one name reported (as path)
+	if !fi.IsDir() {
 		// A watch on the file itself follows its inode, which the first
 		// replace (write_file, any editor's atomic save) takes away: so the
 		// directory is watched for the file's name, which outlives replaces.
@@ -68,48 +27,57 @@ func opWatch(s *Server, ch *Channel, raw []byte) (any, error) {
 		if err != nil {
 			return nil, err
 		}
-		if err := w.Add(filepath.Dir(real)); err != nil {
-			return nil, err
-		}
-		only = real
+		root, only = filepath.Dir(real), real
 	}
-	ops := []struct {
-		op   fsnotify.Op
-		name string
-	}{{fsnotify.Create, "create"}, {fsnotify.Write, "write"}, {fsnotify.Remove, "remove"},
-		{fsnotify.Rename, "rename"}, {fsnotify.Chmod, "chmod"}}
+	stop := func() bool {
+		select {
+		case <-ch.cancel:
+			return true
+		case <-ch.Done():
+			return true
+		default:
+			return false
+		}
+	}
+	recursive := r.Recursive && only == ""
+	w, err := newTreeWatch(root, recursive, stop)
+	if err != nil {
+		return nil, err
+	}
+	defer w.Close()
+	emit := func(c fsChange) bool {
+		p := c.path
+		if only != "" {
+			if p != only && p != root { // a neighbour; the directory's own end is the file's
+				return true
+			}
+			p = path
+		}
+		return ch.Event(map[string]any{"event": "fs", "op": c.op, "path": p}) == nil
+	}
+	// The walk of a big tree (under emulation, "/" takes seconds) stops at the
+	// directory limit or a CANCEL.
+	if recursive && !w.addTree(root, false, emit) {
+		return nil, nil
+	}
+	done := make(chan struct{})
+	defer close(done)
+	reads := w.reads(done)
 	for {
 		select {
 		case <-ch.cancel:
 			return ok(), nil
 		case <-ch.Done():
 			return nil, nil
-		case err := <-w.Errors:
-			if err != nil {
-				s.logf("watch %s: %v", path, err)
-			}
-		case ev, open := <-w.Events:
+		case buf, open := <-reads:
 			if !open {
-				return nil, errf("io", "watcher closed")
+				return nil, errf("io", "watch %s: reading its events failed", path)
 			}
-			name := ev.Name
-			if only != "" {
-				if filepath.Clean(ev.Name) != only { // "//f" under /
-					continue
+			if !w.handle(buf, emit) {
+				if stop() {
+					return nil, nil
 				}
-				name = path
-			}
-			if r.Recursive && ev.Has(fsnotify.Create) {
-				if fi, err := os.Lstat(ev.Name); err == nil && fi.IsDir() {
-					add(ev.Name)
-				}
-			}
-			for _, o := range ops {
-				if ev.Has(o.op) {
-					if ch.Event(map[string]any{"event": "fs", "op": o.name, "path": name}) != nil {
-						return nil, nil
-					}
-				}
+				return ok("ended", "the watched path is gone"), nil
 			}
 		}
 	}

@@ -1,0 +1,270 @@
+package agent
+
+import (
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// treeWatch is a directory, or a tree of them, watched through inotify.
+//
+// inotify watches inodes, one per directory, and names what changed in a
+// watched directory by its name there; the paths of the directories are ours
+// to keep. Here they follow the tree: a directory renamed inside it keeps its
+// watches under the new path (fsnotify dropped them at its IN_MOVE_SELF), one
+// created or moved in is watched with everything under it (its contents are
+// reported as created: they were made before its watch existed), one moved
+// out is no longer watched, and the count of watched directories is of those
+// watched now, not of all ever added.
+type treeWatch struct {
+	fd        int // owned by f; used only while f is open
+	f         *os.File
+	root      string
+	rootWd    int32
+	recursive bool
+	paths     map[int32]string  // watch descriptor -> directory
+	wds       map[string]int32  // directory -> watch descriptor
+	movedFrom map[uint32]string // rename cookie -> directory renamed away, until its new name comes
+	limit     int               // directories at most
+	limitSaid bool
+	stop      func() bool // a CANCEL or a lost connection: stop walking
+}
+
+// fsChange is one change reported to the host: op is create, write, remove,
+// rename, chmod, or overflow (changes were lost: the kernel's queue or the
+// directory limit was full).
+type fsChange struct{ op, path string }
+
+const watchMask = unix.IN_CREATE | unix.IN_MOVED_TO | unix.IN_MOVED_FROM | unix.IN_DELETE |
+	unix.IN_DELETE_SELF | unix.IN_MOVE_SELF | unix.IN_MODIFY | unix.IN_ATTRIB | unix.IN_ONLYDIR
+
+var errWatchLimit = errors.New("directory limit reached")
+
+func newTreeWatch(root string, recursive bool, stop func() bool) (*treeWatch, error) {
+	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
+	if err != nil {
+		return nil, os.NewSyscallError("inotify_init1", err)
+	}
+	t := &treeWatch{fd: fd, f: os.NewFile(uintptr(fd), "inotify"), root: root, recursive: recursive,
+		paths: map[int32]string{}, wds: map[string]int32{}, movedFrom: map[uint32]string{},
+		limit: maxWatchDirs, stop: stop}
+	// the root is followed if it is a symlink, as it was resolved once, at the start
+	wd, err := t.add(root, true)
+	if err != nil {
+		t.f.Close()
+		return nil, &os.PathError{Op: "watch", Path: root, Err: err}
+	}
+	t.rootWd = wd
+	return t, nil
+}
+
+func (t *treeWatch) Close() error { return t.f.Close() }
+
+// add watches dir; a directory already watched (the same inode under a new
+// name too) keeps its descriptor.
+func (t *treeWatch) add(dir string, follow bool) (int32, error) {
+	if _, ok := t.wds[dir]; !ok && len(t.paths) >= t.limit {
+		return 0, errWatchLimit
+	}
+	mask := uint32(watchMask)
+	if !follow {
+		mask |= unix.IN_DONT_FOLLOW
+	}
+	w, err := unix.InotifyAddWatch(t.fd, dir, mask)
+	if err != nil {
+		return 0, err
+	}
+	wd := int32(w)
+	if old, ok := t.paths[wd]; ok && old != dir {
+		delete(t.wds, old)
+	}
+	t.paths[wd], t.wds[dir] = dir, wd
+	return wd, nil
+}
+
+// addTree watches the directories under dir (dir included unless it is the
+// root, watched already) and, with report, tells of each entry under it as
+// created. It skips the kernel's pseudo-filesystems (inotify reports nothing
+// there, and /proc alone holds thousands of directories) and stops at the
+// directory limit (said once, as an overflow) or when stop says so.
+func (t *treeWatch) addTree(dir string, report bool, emit func(fsChange) bool) bool {
+	alive := true
+	_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if t.stop() || !alive {
+			return filepath.SkipAll
+		}
+		if err != nil {
+			return nil // gone meanwhile, or unreadable: nothing to watch there
+		}
+		if p != dir && report && !emit(fsChange{"create", p}) {
+			alive = false
+			return filepath.SkipAll
+		}
+		if !d.IsDir() || p == t.root {
+			return nil
+		}
+		if onKernelFS(p) {
+			return filepath.SkipDir
+		}
+		if _, err := t.add(p, false); errors.Is(err, errWatchLimit) {
+			if !t.limitSaid {
+				t.limitSaid = true
+				alive = emit(fsChange{"overflow", t.root})
+			}
+			return filepath.SkipAll
+		}
+		return nil
+	})
+	return alive
+}
+
+// under lists the watched directories at or below dir.
+func (t *treeWatch) under(dir string) []string {
+	var out []string
+	for p := range t.wds {
+		if p == dir || strings.HasPrefix(p, dir+"/") || dir == "/" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// repath gives the watches of a directory renamed inside the tree (and of
+// everything under it) its new path.
+func (t *treeWatch) repath(from, to string) {
+	for _, p := range t.under(from) {
+		wd := t.wds[p]
+		np := to + strings.TrimPrefix(p, from)
+		delete(t.wds, p)
+		t.paths[wd], t.wds[np] = np, wd
+	}
+}
+
+// forget stops watching a directory moved out of the tree: its events would
+// come under a path that is no longer its.
+func (t *treeWatch) forget(dir string) {
+	for _, p := range t.under(dir) {
+		wd := t.wds[p]
+		_, _ = unix.InotifyRmWatch(t.fd, uint32(wd))
+		t.drop(wd)
+	}
+}
+
+func (t *treeWatch) drop(wd int32) {
+	if p, ok := t.paths[wd]; ok {
+		delete(t.paths, wd)
+		if t.wds[p] == wd {
+			delete(t.wds, p)
+		}
+	}
+}
+
+// handle turns one read's events into changes. It returns false when the
+// watch has ended: its root went away, or emit refused (the channel closed).
+func (t *treeWatch) handle(buf []byte, emit func(fsChange) bool) bool {
+	for off := 0; off+unix.SizeofInotifyEvent <= len(buf); {
+		ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
+		nameAt := off + unix.SizeofInotifyEvent
+		off = nameAt + int(ev.Len)
+		if off > len(buf) {
+			break // the kernel never splits an event: not reached
+		}
+		if !t.one(ev, strings.TrimRight(string(buf[nameAt:off]), "\x00"), emit) {
+			return false
+		}
+	}
+	// A directory renamed away whose new name did not follow in the same read
+	// left the tree (a pair split across reads is rare, and only costs a walk).
+	for cookie, dir := range t.movedFrom {
+		t.forget(dir)
+		delete(t.movedFrom, cookie)
+	}
+	return true
+}
+
+func (t *treeWatch) one(ev *unix.InotifyEvent, name string, emit func(fsChange) bool) bool {
+	mask := ev.Mask
+	if mask&unix.IN_Q_OVERFLOW != 0 {
+		return emit(fsChange{"overflow", t.root})
+	}
+	dir, ok := t.paths[ev.Wd]
+	if !ok {
+		return true // a watch dropped already; its last events may still come
+	}
+	p := dir
+	if name != "" {
+		p = filepath.Join(dir, name)
+	}
+	switch {
+	case mask&unix.IN_IGNORED != 0: // removed, unmounted, or rm_watch'ed
+		t.drop(ev.Wd)
+		return ev.Wd != t.rootWd
+	case mask&(unix.IN_DELETE_SELF|unix.IN_MOVE_SELF) != 0:
+		if ev.Wd != t.rootWd {
+			return true // its parent reported it, by name
+		}
+		op := "remove"
+		if mask&unix.IN_MOVE_SELF != 0 {
+			op = "rename"
+		}
+		emit(fsChange{op, t.root})
+		return false // nothing more can come under the watched path
+	}
+	isDir := mask&unix.IN_ISDIR != 0
+	if mask&unix.IN_MOVED_FROM != 0 {
+		if !emit(fsChange{"rename", p}) {
+			return false
+		}
+		if isDir && t.recursive {
+			t.movedFrom[ev.Cookie] = p
+		}
+	}
+	if mask&(unix.IN_CREATE|unix.IN_MOVED_TO) != 0 {
+		if !emit(fsChange{"create", p}) {
+			return false
+		}
+		if isDir && t.recursive {
+			if from, ok := t.movedFrom[ev.Cookie]; ok && mask&unix.IN_MOVED_TO != 0 {
+				delete(t.movedFrom, ev.Cookie)
+				t.repath(from, p) // renamed inside the tree: its watches moved with it
+			} else if !t.addTree(p, true, emit) {
+				return false
+			}
+		}
+	}
+	for _, o := range []struct {
+		bit uint32
+		op  string
+	}{{unix.IN_DELETE, "remove"}, {unix.IN_MODIFY, "write"}, {unix.IN_ATTRIB, "chmod"}} {
+		if mask&o.bit != 0 && !emit(fsChange{o.op, p}) {
+			return false
+		}
+	}
+	return true
+}
+
+// reads delivers each read of the inotify fd until it is closed or done is.
+func (t *treeWatch) reads(done <-chan struct{}) <-chan []byte {
+	out := make(chan []byte)
+	go func() {
+		defer close(out)
+		for {
+			buf := make([]byte, 64<<10)
+			n, err := t.f.Read(buf)
+			if err != nil || n <= 0 {
+				return
+			}
+			select {
+			case out <- buf[:n]:
+			case <-done:
+				return
+			}
+		}
+	}()
+	return out
+}

@@ -1,0 +1,136 @@
+package agent
+
+import (
+	"fmt"
+	"os"
+	"testing"
+	"time"
+)
+
+// hasChange says whether evs holds op on path.
+func hasChange(evs []map[string]any, op, path string) bool {
+	for _, ev := range evs {
+		if ev["op"] == op && ev["path"] == path {
+			return true
+		}
+	}
+	return false
+}
+
+// startWatch begins a recursive watch of dir on channel 1 and waits until its
+// first walk is surely done.
+func startWatch(t *testing.T, dir string) *client {
+	c := newClient(t, nil)
+	c.req(1, map[string]any{"op": "watch", "path": dir, "recursive": true})
+	time.Sleep(200 * time.Millisecond)
+	return c
+}
+
+// A tree moved into the watched one is reported whole (what was in it was
+// made before its watch could be) and watched whole; so is one made with
+// mkdir -p, however fast.
+func TestRecursiveWatchTakesInNewTrees(t *testing.T) {
+	w, src := t.TempDir(), t.TempDir()
+	os.MkdirAll(src+"/tree/sub", 0o755)
+	os.WriteFile(src+"/tree/sub/old", []byte("x"), 0o644)
+	c := startWatch(t, w)
+	if err := os.Rename(src+"/tree", w+"/tree"); err != nil {
+		t.Fatal(err)
+	}
+	os.MkdirAll(w+"/made/a/b", 0o755)
+	evs := c.fsEvents(1, 300*time.Millisecond)
+	for _, p := range []string{"/tree", "/tree/sub", "/tree/sub/old", "/made", "/made/a", "/made/a/b"} {
+		if !hasChange(evs, "create", w+p) {
+			t.Fatalf("no create of %s in %v", p, evs)
+		}
+	}
+	os.WriteFile(w+"/tree/sub/f", []byte("x"), 0o644)
+	os.WriteFile(w+"/made/a/b/g", []byte("x"), 0o644)
+	evs = c.fsEvents(1, 300*time.Millisecond)
+	if !hasChange(evs, "create", w+"/tree/sub/f") || !hasChange(evs, "create", w+"/made/a/b/g") {
+		t.Fatalf("changes deep in the new trees: %v", evs)
+	}
+}
+
+// A directory renamed inside the tree is still watched, under its new path,
+// and so is what is under it; one moved out is not watched any more.
+func TestRecursiveWatchFollowsRenames(t *testing.T) {
+	w, out := t.TempDir(), t.TempDir()
+	os.MkdirAll(w+"/a/deep", 0o755)
+	os.MkdirAll(w+"/gone", 0o755)
+	c := startWatch(t, w)
+	os.Rename(w+"/a", w+"/b")
+	os.Rename(w+"/gone", out+"/gone")
+	evs := c.fsEvents(1, 300*time.Millisecond)
+	if !hasChange(evs, "rename", w+"/a") || !hasChange(evs, "create", w+"/b") || !hasChange(evs, "rename", w+"/gone") {
+		t.Fatalf("renames: %v", evs)
+	}
+	os.WriteFile(w+"/b/f", []byte("x"), 0o644)
+	os.WriteFile(w+"/b/deep/g", []byte("x"), 0o644)
+	os.WriteFile(out+"/gone/h", []byte("x"), 0o644)
+	evs = c.fsEvents(1, 300*time.Millisecond)
+	if !hasChange(evs, "create", w+"/b/f") || !hasChange(evs, "create", w+"/b/deep/g") {
+		t.Fatalf("changes in the renamed directory: %v", evs)
+	}
+	for _, ev := range evs {
+		if ev["path"] == w+"/gone/h" || ev["path"] == out+"/gone/h" {
+			t.Fatalf("a directory moved out is still reported: %v", evs)
+		}
+	}
+}
+
+// The directory limit counts the directories watched now: a tree whose
+// directories came and went many times over keeps being watched. Past the
+// limit, the watch says it is missing changes.
+func TestRecursiveWatchLimitCountsLiveDirectories(t *testing.T) {
+	defer func(n int) { maxWatchDirs = n }(maxWatchDirs)
+	maxWatchDirs = 100
+	w := t.TempDir()
+	c := startWatch(t, w)
+	for i := 0; i < 10; i++ {
+		for j := 0; j < 50; j++ {
+			os.Mkdir(fmt.Sprintf("%s/d%d", w, j), 0o755)
+		}
+		time.Sleep(20 * time.Millisecond)
+		for j := 0; j < 50; j++ {
+			os.Remove(fmt.Sprintf("%s/d%d", w, j))
+		}
+	}
+	os.Mkdir(w+"/last", 0o755)
+	time.Sleep(200 * time.Millisecond)
+	os.WriteFile(w+"/last/f", []byte("x"), 0o644)
+	evs := c.fsEvents(1, 500*time.Millisecond)
+	if hasChange(evs, "overflow", w) || !hasChange(evs, "create", w+"/last/f") {
+		t.Fatalf("500 directories made and removed, 50 at a time: %v", evs[max(0, len(evs)-5):])
+	}
+	for j := 0; j < maxWatchDirs+10; j++ {
+		os.Mkdir(fmt.Sprintf("%s/e%d", w, j), 0o755)
+	}
+	if evs := c.fsEvents(1, 500*time.Millisecond); !hasChange(evs, "overflow", w) {
+		t.Fatalf("past the limit, no overflow: %v", evs[max(0, len(evs)-5):])
+	}
+	c.send(1, KindCancel, nil)
+	c.wait(1, 5*time.Second) // ended before the limit is put back
+}
+
+// The watched directory going away ends the watch, with that change: nothing
+// more can come under its path.
+func TestWatchEndsWhenItsDirectoryGoes(t *testing.T) {
+	for _, how := range []string{"remove", "rename"} {
+		base := t.TempDir()
+		w := base + "/w"
+		os.Mkdir(w, 0o755)
+		c := newClient(t, nil)
+		c.req(1, map[string]any{"op": "watch", "path": w, "recursive": true})
+		time.Sleep(200 * time.Millisecond)
+		if how == "remove" {
+			os.Remove(w)
+		} else {
+			os.Rename(w, base+"/elsewhere")
+		}
+		r := c.wait(1, 5*time.Second)
+		if r.resp["ok"] != true || r.resp["ended"] == nil || !hasChange(r.events, how, w) {
+			t.Fatalf("%s: %v, events %v", how, r.resp, r.events)
+		}
+	}
+}
