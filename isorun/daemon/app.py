@@ -584,12 +584,24 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         proc_id = request.path_params["pid"]
         p = await _running_proc(live, proc_id)
         pipe = pipes.get(live.row.id, proc_id)
+        if p.pty:
+            # On a terminal an end of input is a ^D in it, after what was sent before; the
+            # terminal stays open for more (a shell reads on after its `cat` got the ^D).
+            if pipe is None:
+                await live.vm.agent.close_stdin(proc_id)
+            elif not await pipe.write(b"\x04"):
+                raise Conflict(f"process {proc_id} has exited")
+            return {"ok": True}
+        if not pipes.has_stdin(live.row.id, proc_id):
+            raise Conflict(
+                f"process {proc_id} has no open stdin to close: it was started without "
+                "'open_stdin': true, or its stdin is closed already"
+            )
         if pipe is not None:
             await pipe.close()  # EOF after the bytes already queued
         else:
             await live.vm.agent.close_stdin(proc_id)
-        if not p.pty:
-            pipes.stdin_closed(live.row.id, proc_id)
+        pipes.stdin_closed(live.row.id, proc_id)
         return {"ok": True}
 
     async def resize(request: Request, tenant: str) -> Any:

@@ -44,6 +44,10 @@ class StdinPipe:
         self._q: asyncio.Queue[tuple[bytes | None, asyncio.Future[None]]] = asyncio.Queue(
             maxsize=QUEUE_CHUNKS
         )
+        # The chunks the feeder has taken: a process that exits on reading its last input
+        # ("exit" to a shell) ends the channel before the feeder asks for more, and that
+        # chunk was sent all the same.
+        self._taken: set[asyncio.Future[None]] = set()
         self.closed = False  # EOF requested
         self.task = spawn(self._run(agent))
 
@@ -53,6 +57,7 @@ class StdinPipe:
             if sent is not None and not sent.done():
                 sent.set_result(None)  # the feeder asks for more: the last chunk went out
             item, sent = await self._q.get()
+            self._taken.add(sent)
             if item is None:
                 sent.set_result(None)  # EOF follows right after the source ends
                 return
@@ -104,13 +109,15 @@ class StdinPipe:
         done, _ = await asyncio.wait(
             waits, timeout=STDIN_WAIT_S, return_when=asyncio.FIRST_COMPLETED
         )
+        taken = sent in self._taken
+        self._taken.discard(sent)
         if not done:
             raise Conflict(
                 f"process {self.proc_id} has not read its stdin for {STDIN_WAIT_S:g} s: this "
                 "request's bytes are queued for it and go to it as it reads (do not resend)",
                 code="stdin_queued",
             )
-        return sent in done
+        return sent in done or taken
 
     def abandon(self) -> None:
         """Detach without EOF (the process keeps its stdin open)."""
@@ -144,8 +151,8 @@ class StdinPipes:
     def get(self, sandbox_id: str, proc_id: str) -> StdinPipe | None:
         pipes = self._pipes.get(sandbox_id)
         pipe = pipes.get(proc_id) if pipes else None
-        if pipe is None or not pipe.alive:
-            return None
+        if pipe is None or not pipe.alive or pipe.closed:
+            return None  # a closed pipe's feeder has ended: nothing it is given goes anywhere
         assert pipes is not None
         pipes.move_to_end(proc_id)
         return pipe

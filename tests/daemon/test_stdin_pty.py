@@ -79,10 +79,16 @@ def test_stdin_bad_input(daemon: Daemon, sandbox: str) -> None:
         assert r.status_code == 422 and "open_stdin" in r.json()["error"]["message"]
         r = c.post(f"{s}/exec", json={"cmd": "cat", "background": True, "stdin": "eA=="})
         assert r.status_code == 422 and "open_stdin" in r.json()["error"]["message"]
-        # A closed stdin stays closed.
+        # A closed stdin stays closed, and closing it again is a 409 at once (as is closing
+        # one never opened), not a wait on a pipe nobody reads.
         proc = _spawn(c, sandbox, cmd="sleep 30", open_stdin=True)
+        assert c.post(f"{s}/processes/{proc}/stdin", content=b"x").status_code == 200
         assert c.post(f"{s}/processes/{proc}/stdin/close").status_code == 200
         assert c.post(f"{s}/processes/{proc}/stdin", content=b"x").status_code == 409
+        for p in (proc, _spawn(c, sandbox, cmd="sleep 30")):
+            r = c.post(f"{s}/processes/{p}/stdin/close", timeout=10)
+            assert r.status_code == 409 and "no open stdin" in r.json()["error"]["message"]
+            c.post(f"{s}/processes/{p}/kill", json={"grace": 0})
         # Bodies over 1 MiB: 413 (the daemon never buffers more per request).
         proc2 = _spawn(c, sandbox, cmd="cat >/dev/null", open_stdin=True)
         r = c.post(f"{s}/processes/{proc2}/stdin", content=b"x" * ((1 << 20) + 1))
@@ -133,6 +139,27 @@ def test_pty_session_keystrokes_resize_and_exit_code(daemon: Daemon, sandbox: st
         # Ended: resize and stdin are a clear 409.
         assert c.post(base + "/resize", json={"rows": 10, "cols": 10}).status_code == 409
         assert c.post(base + "/stdin", content=b"x").status_code == 409
+
+
+def test_close_stdin_on_a_terminal_ends_one_input_not_the_terminal(
+    daemon: Daemon, sandbox: str
+) -> None:
+    # ^D ends the input of the program reading the terminal; what comes after goes to the
+    # next reader (it was lost: the daemon queued it on the pipe the ^D had closed).
+    with daemon.client() as c:
+        cmd = "cat; echo CAT-$?; read line; echo GOT-$line"
+        r = c.post(f"/v1/sandboxes/{sandbox}/pty", json={"cmd": cmd})
+        assert r.status_code == 201, r.text
+        proc = r.json()["proc_id"]
+        base = f"/v1/sandboxes/{sandbox}/processes/{proc}"
+        assert c.post(base + "/stdin", content=b"to-cat\n").status_code == 200
+        _wait_for(c, sandbox, proc, b"to-cat\r\nto-cat\r\n")  # the echo, then cat's copy
+        assert c.post(base + "/stdin/close").status_code == 200
+        r = c.post(base + "/stdin", content=b"after\n", timeout=10)
+        assert r.status_code == 200, (r.text, _output(c, sandbox, proc))
+        out, last = _output(c, sandbox, proc)
+        assert b"CAT-0\r\n" in out and b"GOT-after\r\n" in out, out
+        assert last["type"] == "exit" and last["exit_code"] == 0, last
 
 
 def test_other_tenant_gets_404_on_stdin_pty_routes(daemon: Daemon, sandbox: str) -> None:
