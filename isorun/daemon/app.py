@@ -71,6 +71,8 @@ _GUEST_STATUS = {
     "is_dir": 400,
     "not_empty": 409,
     "busy": 409,
+    "no_space": 507,  # the sandbox's disk (or a tmpfs in it) is full, or a quota reached
+    "cross_device": 409,  # a rename across filesystems in the guest
     "unsupported": 400,
     "unresponsive": 504,  # the guest went silent, or overran an exec timeout (agent/)
 }

@@ -222,6 +222,18 @@ def test_files_roundtrip_and_errors(daemon: Daemon, sandbox: str) -> None:
         assert c.get(f).status_code == 400  # no path
         assert c.get(f + "/list", params={"path": "/", "depth": 1000}).status_code == 400
         assert c.post(f + "/mkdir", json={"path": "/x", "extra": 1}).status_code == 422
+        # A full disk in the sandbox is the sandbox's 507 (the old file intact), a rename
+        # across its filesystems a 409: each names itself, neither is a 500.
+        mount = "mkdir -p /mnt/small && mount -t tmpfs -o size=64k tmpfs /mnt/small"
+        run = ndjson(c.post(f"/v1/sandboxes/{sandbox}/exec", json={"cmd": mount}))
+        assert run[-1]["exit_code"] == 0, run
+        assert c.put(f, params={"path": "/mnt/small/f"}, content=b"old").status_code == 200
+        r = c.put(f, params={"path": "/mnt/small/f"}, content=b"x" * (256 << 10))
+        assert r.status_code == 507 and r.json()["error"]["code"] == "guest_no_space", r.text
+        assert c.get(f, params={"path": "/mnt/small/f"}).content == b"old"
+        r = c.post(f + "/rename", json={"src": "/mnt/small/f", "dst": "/tmp/f"})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "guest_cross_device", r.text
+        assert "different filesystems" in r.json()["error"]["message"]
 
 
 def test_list_filters_by_metadata(daemon: Daemon, sandbox: str) -> None:

@@ -632,7 +632,7 @@ func opRename(s *Server, ch *Channel, raw []byte) (any, error) {
 	// rename(2) as it is: os.Rename refuses to replace an empty directory
 	switch err := unix.Rename(src, dst); {
 	case err == unix.EXDEV:
-		return nil, errf("io", "rename %s to %s: they are on different filesystems (copy, then remove)", src, dst)
+		return nil, errf("cross_device", "rename %s to %s: they are on different filesystems (copy, then remove)", src, dst)
 	case err != nil:
 		return nil, &os.LinkError{Op: "rename", Old: src, New: dst, Err: err}
 	}

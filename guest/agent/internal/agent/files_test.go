@@ -245,7 +245,7 @@ func TestRenameIsRename2(t *testing.T) {
 	}
 	defer os.RemoveAll(other)
 	r = c.call(3, map[string]any{"op": "rename", "src": dir + "/full", "dst": other + "/full"})
-	if r.resp["code"] != "io" || !strings.Contains(fmt.Sprint(r.resp["error"]), "different filesystems") {
+	if r.resp["code"] != "cross_device" || !strings.Contains(fmt.Sprint(r.resp["error"]), "different filesystems") {
 		t.Fatalf("across filesystems: %v", r.resp)
 	}
 }

@@ -30,6 +30,10 @@ func fsCode(err error) string {
 		return "invalid"
 	case syscall.EBUSY:
 		return "busy"
+	case syscall.ENOSPC, syscall.EDQUOT:
+		return "no_space"
+	case syscall.EXDEV:
+		return "cross_device"
 	}
 	return "io"
 }
