@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -101,6 +101,11 @@ def map_error(exc: BaseException) -> JSONResponse:
         return error_response(400, "invalid", str(exc))
     if isinstance(exc, IsorunError):
         return error_response(500, "internal", str(exc))
+    if isinstance(exc, ClientDisconnect):
+        # an upload whose client went away: what it wrote was abandoned (write_file keeps
+        # the old file); nobody reads this answer
+        log.info("client disconnected in the middle of its request body")
+        return error_response(400, "client_disconnected", "the client went away mid-request")
     log.exception("unhandled error", exc_info=exc)
     return error_response(500, "internal", f"internal error: {type(exc).__name__}: {exc}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -234,6 +235,31 @@ def test_files_roundtrip_and_errors(daemon: Daemon, sandbox: str) -> None:
         r = c.post(f + "/rename", json={"src": "/mnt/small/f", "dst": "/tmp/f"})
         assert r.status_code == 409 and r.json()["error"]["code"] == "guest_cross_device", r.text
         assert "different filesystems" in r.json()["error"]["message"]
+
+
+def test_an_upload_cut_off_keeps_the_old_file_and_logs_no_traceback(
+    daemon: Daemon, sandbox: str
+) -> None:
+    f = f"/v1/sandboxes/{sandbox}/files"
+    with daemon.client() as c:
+        assert c.put(f, params={"path": "/tmp/kept"}, content=b"ORIGINAL").status_code == 200
+        for framing, body in (
+            ("Content-Length: 1000000", b"z" * 500_000),
+            ("Transfer-Encoding: chunked", b"10\r\n" + b"q" * 16 + b"\r\n"),
+        ):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(daemon.sock))
+                head = f"PUT {f}?path=/tmp/kept HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n"
+                s.sendall(head.encode() + body)
+                time.sleep(0.3)
+            deadline = time.monotonic() + 10
+            while "client disconnected" not in daemon.log() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert c.get(f, params={"path": "/tmp/kept"}).content == b"ORIGINAL"
+        names = [e["name"] for e in c.get(f + "/list", params={"path": "/tmp"}).json()["entries"]]
+        assert not [n for n in names if ".isorun-" in n], names
+    assert daemon.log().count("client disconnected in the middle") == 2
+    assert "unhandled error" not in daemon.log() and "Traceback" not in daemon.log()
 
 
 def test_list_filters_by_metadata(daemon: Daemon, sandbox: str) -> None:
