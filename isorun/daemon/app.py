@@ -151,6 +151,24 @@ def _query_int(request: Request, name: str, default: int, lo: int, hi: int) -> i
     return v
 
 
+def _query_mode(request: Request) -> int:
+    """?mode=: octal as 0o644 or 0644 (as chmod reads it), else decimal (420, what the SDK
+    sends): read as decimal, a curl user's 0755 was 0o1363."""
+    raw = request.query_params.get("mode", "")
+    digits = raw[2:] if raw[:2].lower() == "0o" else raw[1:] if raw[:1] == "0" else None
+    try:
+        v = int(raw) if digits is None else int(digits or "0", 8)
+    except ValueError:
+        raise ApiError(
+            f"query parameter mode={raw!r} is not a mode: give octal as 0o644 or 0644, or a "
+            "decimal number",
+            code="invalid",
+        ) from None
+    if not 0 <= v <= 0o7777:
+        raise ApiError(f"query parameter mode={raw!r} must be within 0..0o7777", code="invalid")
+    return v
+
+
 def _query_path(request: Request) -> str:
     p = request.query_params.get("path")
     if not p or "\x00" in p or len(p) > 4096:
@@ -704,11 +722,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         live = manager.get_live(tenant, request.path_params["sid"])
         path = _query_path(request)
         # absent: an existing file keeps its mode, a new one gets 0644 (docs/protocol.md)
-        mode = (
-            None
-            if "mode" not in request.query_params
-            else _query_int(request, "mode", 0, 0, 0o7777)
-        )
+        mode = None if "mode" not in request.query_params else _query_mode(request)
         append = request.query_params.get("append") in ("1", "true")
         n = await live.vm.agent.write_file(path, _chunks(request), mode=mode, append=append)
         return {"path": path, "bytes": n}

@@ -60,8 +60,19 @@ KID = {"name": "kid", "in": "path", "required": True, "schema": {"type": "string
 PATHQ = {"name": "path", "in": "query", "required": True, "schema": {"type": "string"}}
 
 
-def _q(name: str, typ: str = "integer") -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "schema": {"type": typ}}
+def _q(name: str, typ: str = "integer", description: str = "") -> dict[str, Any]:
+    q: dict[str, Any] = {"name": name, "in": "query", "required": False, "schema": {"type": typ}}
+    if description:
+        q["description"] = description
+    return q
+
+
+MODE_Q = _q(
+    "mode",
+    "string",
+    "permission bits: octal as 0o644 or 0644, or a decimal number (420); absent: an existing "
+    "file keeps its mode, a new one gets 0644",
+)
 
 
 # (method, path, operationId, summary, request model, params, success response)
@@ -224,7 +235,7 @@ OPS: list[
         "writeFile",
         "Write a file from the raw request body (streamed; atomic unless append=1)",
         "binary",
-        [SID, PATHQ, _q("mode"), _q("append", "string")],
+        [SID, PATHQ, MODE_Q, _q("append", "string")],
         _JSON,
     ),
     (

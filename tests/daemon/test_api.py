@@ -223,6 +223,15 @@ def test_files_roundtrip_and_errors(daemon: Daemon, sandbox: str) -> None:
         assert c.get(f).status_code == 400  # no path
         assert c.get(f + "/list", params={"path": "/", "depth": 1000}).status_code == 400
         assert c.post(f + "/mkdir", json={"path": "/x", "extra": 1}).status_code == 422
+        # ?mode= is octal the way chmod reads it (0o755, 0755), or decimal (what the SDK sends)
+        for given, want in (("0755", 0o755), ("0o600", 0o600), ("420", 0o644), ("0", 0)):
+            r = c.put(f, params={"path": "/tmp/m", "mode": given}, content=b"m")
+            assert r.status_code == 200, (given, r.text)
+            mode = c.get(f + "/stat", params={"path": "/tmp/m"}).json()["mode"]
+            assert mode & 0o7777 == want, (given, oct(mode))
+        for bad in ("0o8", "0x1ed", "rwx", "0o17777", "-1"):
+            r = c.put(f, params={"path": "/tmp/m", "mode": bad}, content=b"m")
+            assert r.status_code == 400 and "mode" in r.json()["error"]["message"], (bad, r.text)
         # A full disk in the sandbox is the sandbox's 507 (the old file intact), a rename
         # across its filesystems a 409: each names itself, neither is a 500.
         mount = "mkdir -p /mnt/small && mount -t tmpfs -o size=64k tmpfs /mnt/small"
