@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from isorun.errors import ConfigError, IsorunError
+from isorun.sdk._callbacks import call_back
 from isorun.sdk.errors import (
     ApiError,
     DaemonUnavailable,
@@ -484,6 +485,8 @@ class StreamDecoder:
     out: list[bytes] = field(default_factory=list)
     err: list[bytes] = field(default_factory=list)
     exit: dict[str, Any] | None = None
+    # the async face's list of what async callbacks returned, awaited after each feed
+    pending: list[Awaitable[object]] | None = None
     _dec_out: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     _dec_err: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
@@ -499,12 +502,12 @@ class StreamDecoder:
                 if self.capture:
                     self.out.append(data)
                 if self.on_stdout is not None:
-                    self.on_stdout(self._dec_out.decode(data))
+                    call_back("on_stdout", self.on_stdout, self.text(t, data), self.pending)
             else:
                 if self.capture:
                     self.err.append(data)
                 if self.on_stderr is not None:
-                    self.on_stderr(self._dec_err.decode(data))
+                    call_back("on_stderr", self.on_stderr, self.text(t, data), self.pending)
             return t, data
         if t == "start":
             self.proc_id, self.pid = ev["proc_id"], ev["pid"]
@@ -515,6 +518,16 @@ class StreamDecoder:
         elif t == "error":
             raise stream_error(ev)
         return None
+
+    def text(self, stream: str, data: bytes) -> str:
+        """A stream's bytes as text, decoded incrementally: a character split across two
+        chunks comes whole with the second."""
+        return str((self._dec_out if stream == "stdout" else self._dec_err).decode(data))
+
+    def rest(self) -> list[tuple[str, str]]:
+        """What the streams' decoders still hold at the end (an incomplete character)."""
+        tails = {"stdout": self._dec_out, "stderr": self._dec_err}
+        return [(s, t) for s, d in tails.items() if (t := d.decode(b"", True))]
 
     def result(self) -> ExecResult:
         if self.exit is None:

@@ -4,10 +4,11 @@ NDJSON `{type: progress, ...}` records, then one final record or an error."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from isorun.sdk._callbacks import call_back
 from isorun.sdk.errors import error_for, stream_error
 
 
@@ -52,6 +53,7 @@ class ProgressDecoder:
 
     on_progress: ProgressCallback | None = None
     final: dict[str, Any] | None = None
+    pending: list[Awaitable[object]] | None = None  # as StreamDecoder's
 
     def feed(self, line: str | bytes) -> None:
         if not line.strip():
@@ -64,7 +66,8 @@ class ProgressDecoder:
             return
         if kind == "progress":
             if self.on_progress is not None:
-                self.on_progress(PullProgress.from_record(rec))
+                event = PullProgress.from_record(rec)
+                call_back("on_progress", self.on_progress, event, self.pending)
         elif kind == "error":
             raise stream_error(rec)
         else:

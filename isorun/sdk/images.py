@@ -8,6 +8,7 @@ from typing import Any, Literal
 import anyio
 
 from isorun.sdk import _core
+from isorun.sdk._callbacks import run_pending
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
 from isorun.sdk.sandbox_async import _client as _async_client
 from isorun.sdk.sandbox_sync import _client as _sync_client
@@ -109,7 +110,7 @@ class AsyncImages:
         on_progress: ProgressCallback | None = None,
     ) -> dict[str, Any]:
         await anyio.to_thread.run_sync(_core.ensure_daemon, self._settings)
-        dec = ProgressDecoder(on_progress)
+        dec = ProgressDecoder(on_progress, pending=[])
         async with (
             _async_client(self._settings) as c,
             c.stream(
@@ -124,6 +125,7 @@ class AsyncImages:
                 _core.check(r)
             async for line in r.aiter_lines():
                 dec.feed(line)
+                await run_pending(dec.pending)
         return dec.result("image")
 
     async def inspect(self, image: str) -> dict[str, Any]:

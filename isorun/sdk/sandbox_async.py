@@ -14,6 +14,7 @@ import httpx
 
 from isorun.errors import IsorunError
 from isorun.sdk import _core
+from isorun.sdk._callbacks import run_pending
 from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
 from isorun.sdk.errors import (
@@ -80,7 +81,7 @@ class AsyncSandbox:
         return self
 
     async def _create_with_progress(self, on_progress: ProgressCallback) -> dict[str, Any]:
-        dec = ProgressDecoder(on_progress)
+        dec = ProgressDecoder(on_progress, pending=[])
         async with self._http.stream(
             "POST",
             "/v1/sandboxes",
@@ -93,6 +94,7 @@ class AsyncSandbox:
                 _core.check(r)
             async for line in r.aiter_lines():
                 dec.feed(line)
+                await run_pending(dec.pending)
         return dec.result("sandbox")
 
     @classmethod
@@ -205,7 +207,7 @@ class AsyncSandbox:
             if isinstance(stdin, str | bytes) and stdin:
                 await proc.send_stdin(stdin)
             return proc
-        dec = _core.StreamDecoder(on_stdout, on_stderr)
+        dec = _core.StreamDecoder(on_stdout, on_stderr, pending=[])
         await self._stream("POST", path, dec, json=body)
         result = dec.result()
         if check and result.exit_code != 0:
@@ -238,6 +240,7 @@ class AsyncSandbox:
                     _core.check(resp)
                 async for line in resp.aiter_lines():
                     dec.feed(line)
+                    await run_pending(dec.pending)
         except DaemonUnavailable as exc:
             raise _core.stream_cut(exc, dec.proc_id) from exc
 
@@ -271,7 +274,7 @@ class AsyncProcess:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
-        dec = _core.StreamDecoder(on_stdout, on_stderr, proc_id=self.id)
+        dec = _core.StreamDecoder(on_stdout, on_stderr, proc_id=self.id, pending=[])
         await self.sandbox._stream("GET", self._path("stream"), dec, params={"offset": offset})
         return dec.result()
 
@@ -286,8 +289,10 @@ class AsyncProcess:
                 _core.check(resp)
             async for line in resp.aiter_lines():
                 got = dec.feed(line)
-                if got is not None:
-                    yield got[0], got[1].decode("utf-8", "replace")
+                if got is not None and (text := dec.text(*got)):
+                    yield got[0], text
+            for stream, text in dec.rest():
+                yield stream, text
 
     async def kill(self, grace: float = 2.0) -> dict[str, Any]:
         return dict(

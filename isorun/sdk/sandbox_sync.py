@@ -283,8 +283,10 @@ class Process:
                 _core.check(resp)
             for line in resp.iter_lines():
                 got = dec.feed(line)
-                if got is not None:
-                    yield got[0], got[1].decode("utf-8", "replace")
+                if got is not None and (text := dec.text(*got)):
+                    yield got[0], text
+            for stream, text in dec.rest():
+                yield stream, text
 
     def kill(self, grace: float = 2.0) -> dict[str, Any]:
         return dict(_core.check(self.sandbox._http.post(self._path("kill"), json={"grace": grace})))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import signal
@@ -99,6 +100,42 @@ async def test_async_surface(api: str, image: str) -> None:
             sb.id = real_id
     usage = await sb.destroy()
     assert usage["uptime_ms"] > 0
+
+
+SPLIT_UTF8 = "printf 'caf\\303'; sleep 0.5; printf '\\251!\\n'"  # é split across two writes
+
+
+async def test_async_callbacks_are_awaited_and_split_characters_come_whole(
+    api: str, image: str
+) -> None:
+    seen: list[str] = []
+
+    async def slow_append(text: str) -> None:
+        await asyncio.sleep(0.01)
+        seen.append(text)
+
+    async with AsyncSandbox(image, api_url=api) as sb:
+        r = await sb.exec("echo one; echo two >&2", on_stdout=slow_append, on_stderr=slow_append)
+        assert sorted(seen) == ["one\n", "two\n"] and r.stdout == "one\n"
+        p = await sb.exec(SPLIT_UTF8, background=True)
+        chunks = [text async for _, text in p]
+        assert "".join(chunks) == "café!\n" and "\ufffd" not in "".join(chunks), chunks
+        seen.clear()
+        assert (await p.wait(on_stdout=slow_append)).stdout == "café!\n"
+        assert "".join(seen) == "café!\n"
+
+
+def test_sync_refuses_async_callbacks_and_iterates_split_characters_whole(
+    api: str, image: str
+) -> None:
+    async def cb(text: str) -> None:
+        pass
+
+    with Sandbox(image, api_url=api) as sb:
+        with pytest.raises(TypeError, match=r"on_stdout returned an awaitable.*AsyncSandbox"):
+            sb.exec("echo x", on_stdout=cb)
+        chunks = [text for _, text in sb.exec(SPLIT_UTF8, background=True)]
+        assert "".join(chunks) == "café!\n" and "\ufffd" not in "".join(chunks), chunks
 
 
 def test_errors_name_what_to_change(api: str) -> None:
