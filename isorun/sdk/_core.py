@@ -438,6 +438,10 @@ class ExecResult:
     proc_id: str = ""
     stdout_bytes: bytes = b""
     stderr_bytes: bytes = b""
+    # Output bytes the sandbox no longer held when they were asked for: a process's output
+    # is kept in a ring (1 MiB by default), so a replay after more than that was written
+    # starts where the ring does, and a reader that falls behind skips ahead. 0 for exec.
+    output_lost: int = 0
 
     @property
     def ok(self) -> bool:
@@ -552,6 +556,11 @@ class StreamDecoder:
             proc_id=str(self.exit.get("proc_id") or self.proc_id),
             stdout_bytes=out,
             stderr_bytes=err,
+            output_lost=sum(
+                n
+                for n in (self.exit.get("lost"), self.exit.get("gap_bytes"))
+                if isinstance(n, int) and not isinstance(n, bool) and n > 0
+            ),
         )
 
 

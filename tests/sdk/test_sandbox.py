@@ -125,6 +125,17 @@ async def test_async_callbacks_are_awaited_and_split_characters_come_whole(
         assert "".join(seen) == "café!\n"
 
 
+def test_a_replay_past_the_ring_says_how_much_output_is_missing(api: str, image: str) -> None:
+    with Sandbox(image, api_url=api) as sb:
+        p = sb.exec("head -c 3000000 /dev/zero | tr '\\0' x; echo; echo end", background=True)
+        while any(i.running for i in sb.processes.list() if i.proc_id == p.id):
+            time.sleep(0.1)  # all written before anyone reads: the ring kept the last 1 MiB
+        r = p.wait()
+        assert r.exit_code == 0 and r.stdout.endswith("x\nend\n")
+        assert len(r.stdout_bytes) + r.output_lost == 3_000_000 + 5, (len(r.stdout), r.output_lost)
+        assert r.output_lost > 0 and sb.exec("echo whole").output_lost == 0
+
+
 def test_sync_refuses_async_callbacks_and_iterates_split_characters_whole(
     api: str, image: str
 ) -> None:
