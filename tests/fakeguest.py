@@ -19,25 +19,35 @@ async def read_frame(r: asyncio.StreamReader) -> frames.Frame:
     return frames.Frame(chan, Kind(kind), await r.readexactly(length))
 
 
-async def answer_hello(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+async def answer_hello(
+    r: asyncio.StreamReader, w: asyncio.StreamWriter, features: list[str] | None = None
+) -> None:
     f = await read_frame(r)
     assert f.kind is Kind.REQ and f.json()["op"] == "hello"
-    w.write(frames.encode_json(0, Kind.RESP, {"ok": True, "nonce": f.json()["nonce"]}))
+    answer: dict[str, object] = {"ok": True, "nonce": f.json()["nonce"]}
+    if features is not None:
+        answer["features"] = features
+    w.write(frames.encode_json(0, Kind.RESP, answer))
     await w.drain()
 
 
 async def connect(
-    guest: Guest, *, keepalive_ms: int | None = None, idle_after_s: float | None = None
+    guest: Guest,
+    *,
+    keepalive_ms: int | None = None,
+    idle_after_s: float | None = None,
+    features: list[str] | None = None,
 ) -> tuple[AgentClient, asyncio.Task[None]]:
     """A client connected to `guest`, which runs (after answering hello) in the task.
     With `keepalive_ms` the fake first grants the host's keepalive request that interval
     (and `idle_after_s` is how long the host then lets a request hear nothing); without,
-    the host asks for none and the guest's first frame is the test's own request."""
+    the host asks for none and the guest's first frame is the test's own request. The
+    hello names `features` when given (an agent from before features names none)."""
     host_sock, guest_sock = socket.socketpair()
     gr, gw = await asyncio.open_connection(sock=guest_sock)
 
     async def run_guest() -> None:
-        await answer_hello(gr, gw)
+        await answer_hello(gr, gw, features)
         if keepalive_ms is not None:
             ask = await read_frame(gr)
             assert ask.kind is Kind.REQ and ask.json()["op"] == "keepalive"

@@ -81,6 +81,59 @@ def _raise_for(resp: dict[str, Any]) -> dict[str, Any]:
     raise GuestError(message, code)
 
 
+# How long open_watch waits for the guest to say its watch is set up (a recursive watch of
+# a big tree walks it first: seconds under TCG).
+WATCH_READY_S = 30.0
+
+
+class Watch:
+    """A watch in the guest: iterate (op, path) changes until it ends (its path went away)
+    or `close()`."""
+
+    def __init__(self, ch: Channel) -> None:
+        self._ch = ch
+        self._early: list[tuple[str, str]] = []  # changes that came before "watching"
+        self._ended = False
+
+    async def _next_change(self, until_ready: bool) -> tuple[str, str] | None:
+        """The next change; None at the end (or, with until_ready, once the guest watches)."""
+        while not self._ended:
+            frame = await self._ch.next()
+            if frame.kind is Kind.RESP:
+                self._ended = True
+                self._ch.abandon()
+                _raise_for(frame.json())
+                return None
+            if frame.kind is not Kind.EVENT:
+                raise ProtocolError(f"guest sent {frame.kind.name} to a watch")
+            ev = frame.json()
+            if ev.get("event") == "fs":
+                return as_str(ev, "op"), as_str(ev, "path")
+            if until_ready and ev.get("event") == "watching":
+                return None
+        return None
+
+    async def ready(self) -> None:
+        while (change := await self._next_change(until_ready=True)) is not None:
+            self._early.append(change)
+
+    def __aiter__(self) -> Watch:
+        return self
+
+    async def __anext__(self) -> tuple[str, str]:
+        if self._early:
+            return self._early.pop(0)
+        change = await self._next_change(until_ready=False)
+        if change is None:
+            raise StopAsyncIteration
+        return change
+
+    def close(self) -> None:
+        """Stop watching (the guest is told to)."""
+        self._ended = True
+        self._ch.abandon()
+
+
 class AgentClient:
     """Asyncio client of one guest agent."""
 
@@ -362,18 +415,28 @@ class AgentClient:
         self, path: str, recursive: bool = False
     ) -> AsyncGenerator[tuple[str, str], None]:
         """Yield (op, path) for changes under `path` until the iterator is closed."""
+        w = await self.open_watch(path, recursive)
+        try:
+            async for change in w:
+                yield change
+        finally:
+            w.close()
+
+    async def open_watch(self, path: str, recursive: bool = False) -> Watch:
+        """Start watching `path` and return once the guest watches it (an agent with
+        `watch_ready`): a change made after this returns is reported. A bad path raises
+        here. See docs/protocol.md for the ops."""
         ch = await self._open({"op": "watch", "path": path, "recursive": recursive})
-        with ch:
-            while True:
-                frame = await ch.next()
-                if frame.kind is Kind.RESP:
-                    _raise_for(frame.json())
-                    return
-                if frame.kind is not Kind.EVENT:
-                    raise ProtocolError(f"guest sent {frame.kind.name} to a watch")
-                ev = frame.json()
-                if ev.get("event") == "fs":
-                    yield as_str(ev, "op"), as_str(ev, "path")
+        w = Watch(ch)
+        if "watch_ready" in self.conn.features:
+            try:
+                await asyncio.wait_for(w.ready(), WATCH_READY_S)
+            except TimeoutError:
+                pass  # a walk of a vast tree, or a guest that never says: go on watching
+            except BaseException:
+                w.close()
+                raise
+        return w
 
     # --- system ---------------------------------------------------------------------
 

@@ -365,6 +365,15 @@ class AgentConnection:
             )
         return self.hello
 
+    @property
+    def features(self) -> frozenset[str]:
+        """What the agent said in its hello it does beyond protocol 1 as first written (an
+        agent booted before a feature existed names none: a re-adopted VM runs it)."""
+        named = self.hello.get("features")
+        if not isinstance(named, list):
+            return frozenset()
+        return frozenset(f for f in named[:64] if isinstance(f, str) and len(f) <= 64)
+
     async def _ask_keepalive(self) -> None:
         with contextlib.suppress(IsorunError), self.open_channel() as ch:
             await self.request(ch, {"op": "keepalive", "interval_ms": int(self.keepalive_s * 1000)})

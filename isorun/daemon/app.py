@@ -759,19 +759,21 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         live = manager.get_live(tenant, request.path_params["sid"])
         path = _query_path(request)
         recursive = request.query_params.get("recursive") in ("1", "true")
-        # The guest says nothing until a change, so a missing or relative path would only
-        # show as an error record later: check it first, for a plain 404/400.
+        # An agent from before watch_ready says nothing until a change, so a missing or
+        # relative path would only show as an error record later: check it first.
         await live.vm.agent.stat(path)
-        it = live.vm.agent.watch(path, recursive)
+        # The response starts once the guest watches: a change the caller makes after its
+        # 200 (the SDK's watch() returns at it) is reported.
+        w = await live.vm.agent.open_watch(path, recursive)
 
         async def body() -> AsyncIterator[bytes]:
             try:
-                async for op, p in it:
+                async for op, p in w:
                     yield (json.dumps({"type": "fs", "op": op, "path": p}) + "\n").encode()
             except IsorunError as exc:
                 yield (json.dumps(error_record(exc)) + "\n").encode()
             finally:
-                await it.aclose()
+                w.close()
 
         return _ndjson(body())
 

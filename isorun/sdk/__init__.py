@@ -12,8 +12,8 @@ from isorun.sdk.errors import (
     SandboxEndedError,
 )
 from isorun.sdk.images import AsyncImages, Images
-from isorun.sdk.sandbox_async import AsyncProcess, AsyncPty, AsyncSandbox
-from isorun.sdk.sandbox_sync import Process, Pty, Sandbox
+from isorun.sdk.sandbox_async import AsyncProcess, AsyncPty, AsyncSandbox, AsyncWatch
+from isorun.sdk.sandbox_sync import Process, Pty, Sandbox, Watch
 
 __all__ = [
     "ApiError",
@@ -21,6 +21,7 @@ __all__ = [
     "AsyncProcess",
     "AsyncPty",
     "AsyncSandbox",
+    "AsyncWatch",
     "AuthError",
     "CapacityError",
     "CommandFailed",
@@ -35,4 +36,5 @@ __all__ = [
     "PullProgress",
     "Sandbox",
     "SandboxEndedError",
+    "Watch",
 ]

@@ -319,6 +319,19 @@ def read_cut(
     )
 
 
+def watch_change(line: str) -> tuple[str, str] | None:
+    """The (op, path) of a watch stream's line; None for other records (keepalives); an
+    error record raises."""
+    if not line.strip():
+        return None
+    ev = json.loads(line)
+    if ev.get("type") == "fs":
+        return str(ev["op"]), str(ev["path"])
+    if ev.get("type") == "error":
+        raise stream_error(ev)
+    return None
+
+
 READ_FORMATS = ("text", "bytes", "stream")
 
 

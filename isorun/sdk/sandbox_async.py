@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import builtins
 import inspect
-import json
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable, Iterator
 from types import TracebackType
 from typing import IO, Any
 
@@ -22,7 +21,6 @@ from isorun.sdk.errors import (
     DaemonUnavailable,
     NotFoundError,
     SandboxEndedError,
-    stream_error,
 )
 
 
@@ -495,21 +493,59 @@ class AsyncFiles:
             await self._sb._http.post(self._base + "/rename", json={"src": src, "dst": dst})
         )
 
-    async def watch(self, path: str, recursive: bool = False) -> AsyncIterator[tuple[str, str]]:
-        http = self._sb._http
-        async with http.stream(
-            "GET",
-            self._base + "/watch",
-            timeout=await http.ndjson_timeout(),
-            params={"path": path, "recursive": int(recursive)},
-        ) as resp:
+    def watch(self, path: str, recursive: bool = False) -> AsyncWatch:
+        """As `Files.watch`: `w = await sb.files.watch(path)` returns once the sandbox
+        watches it; `async for op, p in sb.files.watch(path)` starts it at the first step."""
+        return AsyncWatch(self._sb, self._base + "/watch", path, recursive)
+
+
+class AsyncWatch:
+    """The asyncio twin of `Watch`; awaiting it starts it (or the first `async for` step)."""
+
+    def __init__(self, sb: AsyncSandbox, url: str, path: str, recursive: bool) -> None:
+        self._sb, self._url = sb, url
+        self._params: dict[str, str | int] = {"path": path, "recursive": int(recursive)}
+        self._resp: httpx.Response | None = None
+        self._lines: AsyncIterator[str] | None = None
+
+    async def start(self) -> AsyncWatch:
+        if self._resp is None:
+            http = self._sb._http
+            req = http.build_request(
+                "GET", self._url, timeout=await http.ndjson_timeout(), params=self._params
+            )
+            resp = await http.send(req, stream=True)
             if resp.status_code >= 400:
-                await resp.aread()
+                try:
+                    await resp.aread()
+                finally:
+                    await resp.aclose()
                 _core.check(resp)
-            async for line in resp.aiter_lines():
-                if line.strip():
-                    ev = json.loads(line)
-                    if ev.get("type") == "fs":
-                        yield ev["op"], ev["path"]
-                    elif ev.get("type") == "error":
-                        raise stream_error(ev)
+            self._resp, self._lines = resp, resp.aiter_lines()
+        return self
+
+    def __await__(self) -> Generator[Any, None, AsyncWatch]:
+        return self.start().__await__()
+
+    def __aiter__(self) -> AsyncWatch:
+        return self
+
+    async def __anext__(self) -> tuple[str, str]:
+        await self.start()
+        assert self._lines is not None
+        async for line in self._lines:
+            change = _core.watch_change(line)
+            if change is not None:
+                return change
+        await self.aclose()
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        if self._resp is not None:
+            await self._resp.aclose()
+
+    async def __aenter__(self) -> AsyncWatch:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -13,7 +13,7 @@ from isorun.errors import IsorunError
 from isorun.sdk import _core
 from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
-from isorun.sdk.errors import CommandFailed, DaemonUnavailable, SandboxEndedError, stream_error
+from isorun.sdk.errors import CommandFailed, DaemonUnavailable, SandboxEndedError
 
 
 def _client(s: Settings) -> _core.Client:
@@ -469,24 +469,52 @@ class Files:
     def rename(self, src: str, dst: str) -> None:
         _core.check(self._sb._http.post(self._base + "/rename", json={"src": src, "dst": dst}))
 
-    def watch(self, path: str, recursive: bool = False) -> Iterator[tuple[str, str]]:
-        """Yield (op, path) events until the iterator is closed."""
-        import json
-
+    def watch(self, path: str, recursive: bool = False) -> Watch:
+        """Watch `path` (and below it, with recursive): returns once the sandbox watches it,
+        so a change made after this returns is reported; iterate (op, path) pairs, and
+        `close()` it (or use a with block) when done. A missing path raises here."""
         http = self._sb._http
-        with http.stream(
+        req = http.build_request(
             "GET",
             self._base + "/watch",
             timeout=http.ndjson_timeout(),
             params={"path": path, "recursive": int(recursive)},
-        ) as resp:
-            if resp.status_code >= 400:
+        )
+        resp = http.send(req, stream=True)
+        if resp.status_code >= 400:
+            try:
                 resp.read()
-                _core.check(resp)
-            for line in resp.iter_lines():
-                if line.strip():
-                    ev = json.loads(line)
-                    if ev.get("type") == "fs":
-                        yield ev["op"], ev["path"]
-                    elif ev.get("type") == "error":
-                        raise stream_error(ev)
+            finally:
+                resp.close()
+            _core.check(resp)
+        return Watch(resp)
+
+
+class Watch:
+    """Changes in a sandbox's files (see `Files.watch`): iterate (op, path) pairs; ops are
+    create, write, remove, rename, chmod and overflow (changes were missed). Iteration ends
+    when the watched path itself goes away."""
+
+    def __init__(self, resp: httpx.Response) -> None:
+        self._resp = resp
+        self._lines = resp.iter_lines()
+
+    def __iter__(self) -> Watch:
+        return self
+
+    def __next__(self) -> tuple[str, str]:
+        for line in self._lines:
+            change = _core.watch_change(line)
+            if change is not None:
+                return change
+        self.close()
+        raise StopIteration
+
+    def close(self) -> None:
+        self._resp.close()
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

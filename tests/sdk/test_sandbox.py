@@ -185,6 +185,29 @@ def test_autostart_and_switching_it_off(tmp_path: Path) -> None:
     assert DaemonUnavailable.__mro__[1] is IsorunError
 
 
+def test_a_watch_reports_what_changes_after_it_returns(api: str, image: str) -> None:
+    with Sandbox(image, api_url=api) as sb:
+        sb.files.mkdir("/tmp/w")
+        with sb.files.watch("/tmp/w") as w:
+            sb.files.write("/tmp/w/a", "x")  # at once: the watch is on when watch() returns
+            assert next(w) == ("create", "/tmp/w/a")
+            sb.files.remove("/tmp/w", recursive=True)
+            rest = list(w)  # ends with the watched directory
+        assert ("remove", "/tmp/w/a") in rest and rest[-1] == ("remove", "/tmp/w"), rest
+
+
+async def test_an_async_watch_reports_what_changes_after_it_is_awaited(
+    api: str, image: str
+) -> None:
+    async with AsyncSandbox(image, api_url=api) as sb:
+        await sb.files.mkdir("/tmp/aw")
+        async with await sb.files.watch("/tmp/aw") as w:
+            await sb.files.write("/tmp/aw/a", "x")
+            assert await anext(w) == ("create", "/tmp/aw/a")
+        with pytest.raises(NotFoundError):
+            await sb.files.watch("/tmp/missing")
+
+
 def test_stream_errors_raise_the_matching_exception(api: str, image: str) -> None:
     """Errors that arrive inside an NDJSON stream raise like a plain response would: a
     watch of a missing path is NotFoundError (it used to end silently with no events), a
@@ -193,9 +216,9 @@ def test_stream_errors_raise_the_matching_exception(api: str, image: str) -> Non
 
     with Sandbox(image, api_url=api) as sb:
         with pytest.raises(NotFoundError, match="/no/such/dir"):
-            next(iter(sb.files.watch("/no/such/dir")))
+            sb.files.watch("/no/such/dir")
         with pytest.raises(ApiError, match="absolute") as bad:
-            next(iter(sb.files.watch("relative/dir")))
+            sb.files.watch("relative/dir")
         assert bad.value.status == 400
         with pytest.raises(ApiError, match="NUL") as nul:
             sb.exec(["echo", "a\x00b"])

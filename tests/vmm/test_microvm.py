@@ -182,26 +182,27 @@ async def test_a_write_the_guest_refuses_fails_at_once_and_the_channel_works_on(
 
 
 async def test_watch_reports_changes(vm: MicroVM) -> None:
-    await vm.agent.mkdir("/watched")
-    seen: list[tuple[str, str]] = []
-
-    async def collect() -> None:
-        async for ev in vm.agent.watch("/watched"):
-            seen.append(ev)
-            if {"create", "remove"} <= {op for op, path in seen if path == "/watched/f"}:
-                return
-
-    task = asyncio.create_task(collect())
-    # The watch has no "ready" answer: repeat the changes until it reports them (a watch
-    # that never works still fails, after 20 rounds) instead of guessing a set-up time.
-    for _ in range(20):
+    await vm.agent.mkdir("/watched/sub")
+    assert "watch_ready" in vm.agent.conn.features
+    # open_watch returns once the guest watches: the very next change is reported, and
+    # write_file's own temporary file is not (its write is the create of its target).
+    w = await vm.agent.open_watch("/watched", recursive=True)
+    try:
         await vm.agent.exec("echo hi > /watched/f; rm /watched/f")
-        done, _ = await asyncio.wait({task}, timeout=1)
-        if done:
-            break
-    await asyncio.wait_for(task, 10)
+        await vm.agent.write_file("/watched/sub/g", b"g")
+        seen: list[tuple[str, str]] = []
+        async with asyncio.timeout(20):
+            async for change in w:
+                seen.append(change)
+                if change == ("create", "/watched/sub/g"):
+                    break
+    finally:
+        w.close()
     ops = [op for op, path in seen if path == "/watched/f"]
-    assert "create" in ops and "remove" in ops
+    assert "create" in ops and "remove" in ops, seen
+    assert not [p for _, p in seen if ".isorun-" in p], seen
+    with pytest.raises(FileNotFoundInGuest):
+        await vm.agent.open_watch("/no/such/dir")
 
 
 async def test_system_ops(vm: MicroVM) -> None:

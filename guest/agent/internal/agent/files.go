@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -647,6 +648,16 @@ func decodePathReq(raw []byte) (fileReq, string, error) {
 	}
 	path, err := absPath("path", r.Path)
 	return r, path, err
+}
+
+// isTempName tells the names tempName makes (a watch does not report them).
+func isTempName(name string) bool {
+	i := strings.LastIndex(name, ".isorun-")
+	if !strings.HasPrefix(name, ".") || i < 1 || len(name)-i != len(".isorun-")+12 {
+		return false
+	}
+	_, err := hex.DecodeString(name[i+len(".isorun-"):])
+	return err == nil
 }
 
 // tempName names the file a write goes to before it replaces base: base's

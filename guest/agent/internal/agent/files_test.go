@@ -122,8 +122,7 @@ func TestWriteFileCancel(t *testing.T) {
 func TestWatch(t *testing.T) {
 	c := newClient(t, nil)
 	dir := t.TempDir()
-	c.req(1, map[string]any{"op": "watch", "path": dir, "recursive": true})
-	time.Sleep(100 * time.Millisecond)
+	c.watch(1, map[string]any{"path": dir, "recursive": true})
 	os.WriteFile(dir+"/new", []byte("x"), 0o644)
 	f := c.next(1, 5*time.Second)
 	if f.Kind != KindEvent || !strings.Contains(string(f.Payload), `"op":"create"`) {

@@ -32,7 +32,7 @@ func TestKeepaliveReachesEveryRunningRequest(t *testing.T) {
 		t.Fatalf("a second keepalive answered interval_ms %d, want the first's 100", got)
 	}
 	c.req(1, map[string]any{"op": "exec", "cmd": "sleep 1"})
-	c.req(2, map[string]any{"op": "watch", "path": t.TempDir()})
+	c.watch(2, map[string]any{"path": t.TempDir()})
 	n, resp := alives(t, c, 1)
 	if resp.Kind != KindResp || n < 5 || n > 15 {
 		t.Fatalf("a 1 s command got %d keepalives at 100 ms", n)

@@ -135,7 +135,7 @@ func primeRequestPath(s *Server) {
 	}
 	_ = decode(raw, &req)
 	resp, err := json.Marshal(ok("nonce", req.Nonce, "version", Version, "protocol", 1,
-		"boot_ms", int64(0), "boot_phases_ms", s.Boot.Snapshot()))
+		"features", Features, "boot_ms", int64(0), "boot_phases_ms", s.Boot.Snapshot()))
 	if err == nil {
 		_ = EncodeFrame(0, KindResp, resp)
 	}

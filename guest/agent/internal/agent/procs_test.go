@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bytes"
+	"fmt"
 	"strings"
 	"syscall"
 	"testing"
@@ -210,6 +211,9 @@ func TestHelloHealth(t *testing.T) {
 	r := c.call(0, map[string]any{"op": "hello", "nonce": "abc"})
 	if r.resp["nonce"] != "abc" || num(r.resp["protocol"]) != 1 || r.resp["version"] != Version {
 		t.Fatalf("%v", r.resp)
+	}
+	if fmt.Sprint(r.resp["features"]) != "[watch_ready]" {
+		t.Fatalf("features %v", r.resp["features"])
 	}
 	r = c.call(1, map[string]any{"op": "health"})
 	if r.resp["ok"] != true || r.resp["root_error"] != nil {

@@ -28,9 +28,15 @@ func opHello(s *Server, ch *Channel, raw []byte) (any, error) {
 		return nil, errf("invalid", "nonce longer than 256 bytes")
 	}
 	ch.closeIn()
-	return ok("nonce", r.Nonce, "version", Version, "protocol", 1,
+	return ok("nonce", r.Nonce, "version", Version, "protocol", 1, "features", Features,
 		"boot_ms", time.Since(s.Start).Milliseconds(), "boot_phases_ms", s.Boot.Snapshot()), nil
 }
+
+// Features names what this agent does beyond protocol 1 as first written, so
+// that a host can rely on it only with agents that have it (a VM re-adopted by
+// a newer daemon runs the agent it booted with).
+//   - watch_ready: a watch sends EVENT {"event":"watching"} once it is set up.
+var Features = []string{"watch_ready"}
 
 func opHealth(s *Server, ch *Channel, raw []byte) (any, error) {
 	if err := decode(raw, &emptyReq{}); err != nil {

@@ -47,6 +47,9 @@ func opWatch(s *Server, ch *Channel, raw []byte) (any, error) {
 	defer w.Close()
 	emit := func(c fsChange) bool {
 		p := c.path
+		if isTempName(filepath.Base(p)) {
+			return true // write_file's own file, renamed over its target when complete
+		}
 		if only != "" {
 			if p != only && p != root { // a neighbour; the directory's own end is the file's
 				return true
@@ -58,6 +61,11 @@ func opWatch(s *Server, ch *Channel, raw []byte) (any, error) {
 	// The walk of a big tree (under emulation, "/" takes seconds) stops at the
 	// directory limit or a CANCEL.
 	if recursive && !w.addTree(root, false, emit) {
+		return nil, nil
+	}
+	// Set up: a change from now on is reported (a host may wait for this
+	// before telling its caller that the watch is on).
+	if ch.Event(map[string]any{"event": "watching"}) != nil {
 		return nil, nil
 	}
 	done := make(chan struct{})

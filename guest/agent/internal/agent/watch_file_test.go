@@ -8,6 +8,17 @@ import (
 	"time"
 )
 
+// watch starts a watch on ch and waits until the agent says it is set up:
+// the first frame, before any change.
+func (c *client) watch(ch uint32, req map[string]any) {
+	c.t.Helper()
+	req["op"] = "watch"
+	c.req(ch, req)
+	if f := c.next(ch, 10*time.Second); f.Kind != KindEvent || string(f.Payload) != `{"event":"watching"}` {
+		c.t.Fatalf("watch: first frame %d %s", f.Kind, f.Payload)
+	}
+}
+
 // fsEvents gathers the watch's fs events on ch until none came for quiet.
 func (c *client) fsEvents(ch uint32, quiet time.Duration) []map[string]any {
 	c.t.Helper()
@@ -38,8 +49,7 @@ func TestWatchFileSurvivesReplaces(t *testing.T) {
 	p := dir + "/f"
 	os.WriteFile(p, []byte("0"), 0o644)
 	c := newClient(t, nil)
-	c.req(1, map[string]any{"op": "watch", "path": p})
-	time.Sleep(100 * time.Millisecond)
+	c.watch(1, map[string]any{"path": p})
 	steps := []struct {
 		what string
 		do   func(i int)
@@ -83,8 +93,7 @@ func TestWatchFileThroughSymlink(t *testing.T) {
 	os.WriteFile(dir+"/real/f", []byte("0"), 0o644)
 	os.Symlink("real/f", dir+"/link")
 	c := newClient(t, nil)
-	c.req(1, map[string]any{"op": "watch", "path": dir + "/link"})
-	time.Sleep(100 * time.Millisecond)
+	c.watch(1, map[string]any{"path": dir + "/link"})
 	c.writeVia(2, map[string]any{"path": dir + "/link"}, "new")
 	evs := c.fsEvents(1, 300*time.Millisecond)
 	if len(evs) == 0 {

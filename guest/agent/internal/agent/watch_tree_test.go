@@ -21,8 +21,7 @@ func hasChange(evs []map[string]any, op, path string) bool {
 // first walk is surely done.
 func startWatch(t *testing.T, dir string) *client {
 	c := newClient(t, nil)
-	c.req(1, map[string]any{"op": "watch", "path": dir, "recursive": true})
-	time.Sleep(200 * time.Millisecond)
+	c.watch(1, map[string]any{"path": dir, "recursive": true})
 	return c
 }
 
@@ -121,8 +120,7 @@ func TestWatchEndsWhenItsDirectoryGoes(t *testing.T) {
 		w := base + "/w"
 		os.Mkdir(w, 0o755)
 		c := newClient(t, nil)
-		c.req(1, map[string]any{"op": "watch", "path": w, "recursive": true})
-		time.Sleep(200 * time.Millisecond)
+		c.watch(1, map[string]any{"path": w, "recursive": true})
 		if how == "remove" {
 			os.Remove(w)
 		} else {
@@ -132,5 +130,26 @@ func TestWatchEndsWhenItsDirectoryGoes(t *testing.T) {
 		if r.resp["ok"] != true || r.resp["ended"] == nil || !hasChange(r.events, how, w) {
 			t.Fatalf("%s: %v, events %v", how, r.resp, r.events)
 		}
+	}
+}
+
+// write_file's own temporary file never shows in a watch: a write into a
+// watched directory is the create of its target.
+func TestWatchHidesWriteFilesTemporaryFile(t *testing.T) {
+	w := t.TempDir()
+	c := startWatch(t, w)
+	c.writeVia(2, map[string]any{"path": w + "/f"}, "one")
+	c.writeVia(3, map[string]any{"path": w + "/f"}, "two")
+	evs := c.fsEvents(1, 300*time.Millisecond)
+	if !hasChange(evs, "create", w+"/f") {
+		t.Fatalf("no create of the target: %v", evs)
+	}
+	for _, ev := range evs {
+		if ev["path"] != w+"/f" {
+			t.Fatalf("event for another path: %v", evs)
+		}
+	}
+	if !isTempName(".f.isorun-0123456789ab") || isTempName(".f.isorun-0123") || isTempName("f.isorun-0123456789ab") {
+		t.Fatal("isTempName")
 	}
 }

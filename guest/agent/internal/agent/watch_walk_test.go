@@ -46,8 +46,7 @@ func TestRecursiveWatchSkipsTheKernelsFilesystems(t *testing.T) {
 
 	before := inotifyWatches(t)
 	c := newClient(t, nil)
-	c.req(1, map[string]any{"op": "watch", "path": dir, "recursive": true})
-	time.Sleep(200 * time.Millisecond)
+	c.watch(1, map[string]any{"path": dir, "recursive": true})
 	os.WriteFile(filepath.Join(dir, "src", "pkg", "f"), []byte("x"), 0o644)
 	f := c.next(1, 5*time.Second)
 	if f.Kind != KindEvent || !strings.Contains(string(f.Payload), `"op":"create"`) {

@@ -1,0 +1,71 @@
+"""open_watch returns once the guest watches: with agents that say so (`watch_ready` in their
+hello), and at once with older ones; a guest that claims it and never says is not waited
+for beyond a bound."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fakeguest import connect, read_frame
+
+from isorun.agent import client as client_mod
+from isorun.agent import frames
+from isorun.agent.frames import Kind
+
+
+def _event(chan: int, ev: dict[str, object]) -> bytes:
+    return frames.encode_json(chan, Kind.EVENT, ev)
+
+
+async def test_a_watch_ready_agent_is_waited_for_and_early_changes_are_kept() -> None:
+    said_watching = asyncio.Event()
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        req = await read_frame(r)
+        assert req.json()["op"] == "watch"
+        w.write(_event(req.chan, {"event": "fs", "op": "overflow", "path": "/d"}))
+        await w.drain()
+        await asyncio.sleep(0.3)
+        said_watching.set()
+        w.write(_event(req.chan, {"event": "watching"}))
+        w.write(_event(req.chan, {"event": "fs", "op": "create", "path": "/d/a"}))
+        await w.drain()
+        await read_frame(r)  # the CANCEL
+
+    agent, task = await connect(guest, features=["watch_ready"])
+    w = await agent.open_watch("/d")
+    assert said_watching.is_set()
+    assert [await anext(w), await anext(w)] == [("overflow", "/d"), ("create", "/d/a")]
+    w.close()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_an_older_agent_is_not_waited_for() -> None:
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        req = await read_frame(r)
+        await asyncio.sleep(0.2)
+        w.write(_event(req.chan, {"event": "fs", "op": "write", "path": "/d/a"}))
+        await w.drain()
+        await read_frame(r)
+
+    agent, task = await connect(guest)  # no features in its hello
+    w = await asyncio.wait_for(agent.open_watch("/d"), 0.15)
+    assert await anext(w) == ("write", "/d/a")
+    w.close()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_a_guest_that_never_says_watching_is_waited_for_at_most_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(client_mod, "WATCH_READY_S", 0.3)
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_frame(r)
+        await read_frame(r)
+
+    agent, task = await connect(guest, features=["watch_ready"])
+    w = await asyncio.wait_for(agent.open_watch("/d"), 5)
+    w.close()
+    await asyncio.wait_for(task, 5)
