@@ -12,6 +12,13 @@ Val = Annotated[str, StringConstraints(max_length=65536, pattern=r"^[^\x00]*$")]
 MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00]+$")]
 MetaVal = Annotated[str, StringConstraints(max_length=1024, pattern=r"^[^\x00]*$")]
 Path_ = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
+# A program's command line, arguments and user are C strings: no NUL (as env and paths).
+Cmd = Annotated[str, StringConstraints(min_length=1, max_length=1 << 20, pattern=r"^[^\x00]+$")]
+Argv = Annotated[
+    list[Annotated[str, StringConstraints(max_length=1 << 20, pattern=r"^[^\x00]*$")]],
+    Field(min_length=1, max_length=4096),
+]
+User = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00]+$")]
 
 
 class Strict(BaseModel):
@@ -47,17 +54,11 @@ class SetTimeout(Strict):
 
 
 class ExecRequest(Strict):
-    cmd: Annotated[str, StringConstraints(min_length=1, max_length=1 << 20)] | None = None
-    argv: (
-        Annotated[
-            list[Annotated[str, StringConstraints(max_length=1 << 20)]],
-            Field(min_length=1, max_length=4096),
-        ]
-        | None
-    ) = None
+    cmd: Cmd | None = None
+    argv: Argv | None = None
     env: dict[Key, Val] = Field(default_factory=dict, max_length=1024)
     cwd: Path_ | None = None
-    user: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+    user: User | None = None
     timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S, description="seconds")
     stdin: Annotated[str, StringConstraints(max_length=64 << 20)] | None = Field(
         None, description="base64 bytes fed to stdin, then EOF"
@@ -88,19 +89,13 @@ class ExecRequest(Strict):
 class PtyRequest(Strict):
     """An interactive terminal: a background process on a PTY (default: a login shell)."""
 
-    cmd: Annotated[str, StringConstraints(min_length=1, max_length=1 << 20)] | None = None
-    argv: (
-        Annotated[
-            list[Annotated[str, StringConstraints(max_length=1 << 20)]],
-            Field(min_length=1, max_length=4096),
-        ]
-        | None
-    ) = None
+    cmd: Cmd | None = None
+    argv: Argv | None = None
     rows: int = Field(24, ge=1, le=1000)
     cols: int = Field(80, ge=1, le=1000)
     env: dict[Key, Val] = Field(default_factory=dict, max_length=1024)
     cwd: Path_ | None = None
-    user: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+    user: User | None = None
     timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S, description="seconds")
 
     @model_validator(mode="after")

@@ -577,5 +577,9 @@ class StreamDecoder:
         )
 
 
-def to_bytes(data: str | bytes) -> bytes:
-    return data.encode() if isinstance(data, str) else data
+# What a file write or stdin takes whole (text as UTF-8).
+Whole = str | bytes | bytearray | memoryview
+
+
+def to_bytes(data: Whole) -> bytes:
+    return data.encode() if isinstance(data, str) else bytes(data)

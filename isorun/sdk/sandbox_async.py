@@ -109,8 +109,12 @@ class AsyncSandbox:
         autostart: bool | None = None,
     ) -> AsyncSandbox:
         sb = cls(api_url=api_url, api_key=api_key, autostart=autostart)
-        await anyio.to_thread.run_sync(_core.ensure_daemon, sb._settings)
-        info = _core.check(await sb._http.get(f"/v1/sandboxes/{sandbox_id}"))
+        try:
+            await anyio.to_thread.run_sync(_core.ensure_daemon, sb._settings)
+            info = _core.check(await sb._http.get(f"/v1/sandboxes/{sandbox_id}"))
+        except BaseException:
+            await sb._http.aclose()  # its client: nothing else will close it
+            raise
         if info["state"] == "ended":
             await sb._http.aclose()
             raise SandboxEndedError(
@@ -430,7 +434,7 @@ class AsyncFiles:
     async def write(
         self,
         path: str,
-        data: str | bytes | IO[bytes] | Iterable[bytes] | AsyncIterable[bytes],
+        data: _core.Whole | IO[bytes] | Iterable[bytes] | AsyncIterable[bytes],
         *,
         mode: int | None = None,
         append: bool = False,
@@ -438,7 +442,7 @@ class AsyncFiles:
         """Write str, bytes, a binary file object, or a (sync or async) iterable of chunks;
         everything but str/bytes is streamed."""
         content: Any
-        if isinstance(data, str | bytes):
+        if isinstance(data, str | bytes | bytearray | memoryview):
             content = _core.to_bytes(data)
         elif isinstance(data, AsyncIterable):
             content = data

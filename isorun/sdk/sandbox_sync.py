@@ -410,14 +410,14 @@ class Files:
     def write(
         self,
         path: str,
-        data: str | bytes | IO[bytes] | Iterable[bytes],
+        data: _core.Whole | IO[bytes] | Iterable[bytes],
         *,
         mode: int | None = None,
         append: bool = False,
     ) -> int:
         """Write str, bytes, a binary file object or an iterable of chunks (streamed)."""
         content: Any
-        if isinstance(data, str | bytes):
+        if isinstance(data, str | bytes | bytearray | memoryview):
             content = _core.to_bytes(data)
         elif hasattr(data, "read"):
             f = data
