@@ -232,6 +232,12 @@ def test_files_roundtrip_and_errors(daemon: Daemon, sandbox: str) -> None:
         for bad in ("0o8", "0x1ed", "rwx", "0o17777", "-1"):
             r = c.put(f, params={"path": "/tmp/m", "mode": bad}, content=b"m")
             assert r.status_code == 400 and "mode" in r.json()["error"]["message"], (bad, r.text)
+        # A trailing slash names a directory: no file made for it, none reached through it.
+        r = c.put(f, params={"path": "/tmp/newdir/"}, content=b"x")
+        assert r.status_code == 400 and r.json()["error"]["code"] == "guest_is_dir", r.text
+        assert c.get(f + "/stat", params={"path": "/tmp/newdir"}).status_code == 404
+        r = c.get(f + "/stat", params={"path": "/tmp/m/"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "guest_not_dir", r.text
         # A full disk in the sandbox is the sandbox's 507 (the old file intact), a rename
         # across its filesystems a 409: each names itself, neither is a 500.
         mount = "mkdir -p /mnt/small && mount -t tmpfs -o size=64k tmpfs /mnt/small"

@@ -122,6 +122,9 @@ func writeFile(ch *Channel, r *fileReq) (any, error) {
 	if err != nil {
 		return nil, err
 	}
+	if strings.HasSuffix(path, "/") {
+		return nil, errf("is_dir", "%s ends with /: it names a directory, not a file to write", path)
+	}
 	var mode *os.FileMode // nil: keep an existing file's mode, 0644 for a new one
 	if r.Mode != nil {
 		m, err := fileMode(r.Mode, 0)

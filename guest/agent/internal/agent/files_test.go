@@ -248,3 +248,31 @@ func TestRenameIsRename2(t *testing.T) {
 		t.Fatalf("across filesystems: %v", r.resp)
 	}
 }
+
+// A trailing slash names a directory, as for the kernel: a file is not
+// reached through "f/", and a write to "d/" is refused rather than creating
+// a file d.
+func TestTrailingSlashNamesADirectory(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(dir+"/f", []byte("x"), 0o644)
+	c := newClient(t, nil)
+	for i, op := range []string{"stat", "read_file", "remove"} {
+		if r := c.call(uint32(i+1), map[string]any{"op": op, "path": dir + "/f/"}); r.resp["code"] != "not_dir" {
+			t.Fatalf("%s f/: %v", op, r.resp)
+		}
+	}
+	if r := c.writeVia(5, map[string]any{"path": dir + "/new/"}, "x"); r["code"] != "is_dir" {
+		t.Fatalf("write_file new/: %v", r)
+	}
+	if _, err := os.Stat(dir + "/new"); !os.IsNotExist(err) {
+		t.Fatalf("write_file new/ made %s/new: %v", dir, err)
+	}
+	r := c.call(6, map[string]any{"op": "stat", "path": dir + "/"})
+	if r.resp["ok"] != true || r.resp["entry"].(map[string]any)["type"] != "dir" {
+		t.Fatalf("stat dir/: %v", r.resp)
+	}
+	r = c.call(7, map[string]any{"op": "list", "path": dir + "/"})
+	if r.resp["ok"] != true || !strings.Contains(fmt.Sprint(r.events), "path:"+dir+"/f ") {
+		t.Fatalf("list dir/: %v %v", r.resp, r.events)
+	}
+}

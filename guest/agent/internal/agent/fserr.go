@@ -38,10 +38,16 @@ func fsCode(err error) string {
 	return "io"
 }
 
-// absPath validates a request path: absolute, no NUL, cleaned.
+// absPath validates a request path: absolute, no NUL, cleaned. A trailing
+// slash is kept: as for the kernel, "f/" names a directory, so a stat, read
+// or remove of a file through it fails not_dir instead of reaching the file.
 func absPath(field, p string) (string, error) {
 	if p == "" || !filepath.IsAbs(p) || strings.IndexByte(p, 0) >= 0 {
 		return "", errf("invalid", "%s must be an absolute path", field)
 	}
-	return filepath.Clean(p), nil
+	clean := filepath.Clean(p)
+	if strings.HasSuffix(p, "/") && clean != "/" {
+		clean += "/"
+	}
+	return clean, nil
 }
