@@ -84,14 +84,18 @@ def _raise_for(resp: dict[str, Any]) -> dict[str, Any]:
 # How long open_watch waits for the guest to say its watch is set up (a recursive watch of
 # a big tree walks it first: seconds under TCG).
 WATCH_READY_S = 30.0
+# Changes kept from before the guest said "watching" (the real agent sends at most one
+# overflow then); past it a single overflow stands for the rest: a guest cannot make the
+# host hold what the channel's own bound would have refused.
+WATCH_EARLY_MAX = 64
 
 
 class Watch:
     """A watch in the guest: iterate (op, path) changes until it ends (its path went away)
     or `close()`."""
 
-    def __init__(self, ch: Channel) -> None:
-        self._ch = ch
+    def __init__(self, ch: Channel, path: str) -> None:
+        self._ch, self._path = ch, path
         self._early: list[tuple[str, str]] = []  # changes that came before "watching"
         self._ended = False
 
@@ -115,7 +119,10 @@ class Watch:
 
     async def ready(self) -> None:
         while (change := await self._next_change(until_ready=True)) is not None:
-            self._early.append(change)
+            if len(self._early) < WATCH_EARLY_MAX:
+                self._early.append(change)
+            else:
+                self._early[-1] = ("overflow", self._path)
 
     def __aiter__(self) -> Watch:
         return self
@@ -427,7 +434,7 @@ class AgentClient:
         `watch_ready`): a change made after this returns is reported. A bad path raises
         here. See docs/protocol.md for the ops."""
         ch = await self._open({"op": "watch", "path": path, "recursive": recursive})
-        w = Watch(ch)
+        w = Watch(ch, path)
         if "watch_ready" in self.conn.features:
             try:
                 await asyncio.wait_for(w.ready(), WATCH_READY_S)

@@ -397,10 +397,10 @@ class AsyncFiles:
         _core.check_read_format(format)
         if format == "stream":
             return await self._open_stream(path, _core.STREAM_TIMEOUT)
-        data = b"".join([c async for c in await self._open_stream(path, None)])
+        data = b"".join([c async for c in await self._open_stream(path, self._sb._http.timeout)])
         return data if format == "bytes" else data.decode("utf-8", "replace")
 
-    async def _open_stream(self, path: str, timeout: httpx.Timeout | None) -> AsyncIterator[bytes]:
+    async def _open_stream(self, path: str, timeout: httpx.Timeout) -> AsyncIterator[bytes]:
         http = self._sb._http
         req = http.build_request("GET", self._base, params={"path": path}, timeout=timeout)
         resp = await http.send(req, stream=True)

@@ -373,10 +373,10 @@ class Files:
         _core.check_read_format(format)
         if format == "stream":
             return self._open_stream(path, _core.STREAM_TIMEOUT)
-        data = b"".join(self._open_stream(path, None))
+        data = b"".join(self._open_stream(path, self._sb._http.timeout))
         return data if format == "bytes" else data.decode("utf-8", "replace")
 
-    def _open_stream(self, path: str, timeout: httpx.Timeout | None) -> Iterator[bytes]:
+    def _open_stream(self, path: str, timeout: httpx.Timeout) -> Iterator[bytes]:
         http = self._sb._http
         req = http.build_request("GET", self._base, params={"path": path}, timeout=timeout)
         resp = http.send(req, stream=True)

@@ -69,3 +69,23 @@ async def test_a_guest_that_never_says_watching_is_waited_for_at_most_the_bound(
     w = await asyncio.wait_for(agent.open_watch("/d"), 5)
     w.close()
     await asyncio.wait_for(task, 5)
+
+
+async def test_changes_before_watching_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client_mod, "WATCH_READY_S", 5)
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        req = await read_frame(r)
+        for i in range(5000):  # a guest flooding changes before it says it watches
+            w.write(_event(req.chan, {"event": "fs", "op": "create", "path": f"/d/{i}"}))
+        w.write(_event(req.chan, {"event": "watching"}))
+        await w.drain()
+        await read_frame(r)
+
+    agent, task = await connect(guest, features=["watch_ready"])
+    w = await agent.open_watch("/d")
+    early = [await anext(w) for _ in range(client_mod.WATCH_EARLY_MAX)]
+    assert early[:3] == [("create", "/d/0"), ("create", "/d/1"), ("create", "/d/2")]
+    assert early[-1] == ("overflow", "/d")  # the rest, dropped, said as one overflow
+    w.close()
+    await asyncio.wait_for(task, 5)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -15,6 +18,7 @@ from vmhelpers import qemu_pids_for
 from isorun import AsyncSandbox, DaemonUnavailable, Sandbox, SandboxEndedError
 from isorun.sdk import _core
 from isorun.sdk.errors import ApiError
+from isorun.sdk.sandbox_sync import Files
 
 pytestmark = pytest.mark.vm
 
@@ -76,3 +80,24 @@ def test_a_daemon_that_answers_after_a_cut_read_means_the_guest_failed() -> None
     assert _core.read_cut(lost, "/f", 10, None) is lost
     ended = httpx.Response(200, json={"id": "sb-1", "state": "ended", "end_reason": "oom"})
     assert "(oom)" in str(_core.read_cut(lost, "/f", None, ended))
+
+
+def test_a_whole_file_read_keeps_the_clients_timeout(tmp_path: Path) -> None:
+    # A daemon that takes the connection and never answers: read() gives up at the client's
+    # timeout (a stream read is untimed on purpose; a whole-file read is not a stream).
+    sock_path = str(tmp_path / "silent.sock")
+    with socket.socket(socket.AF_UNIX) as srv:
+        srv.bind(sock_path)
+        srv.listen(4)
+        http = _core.Client(
+            sock_path,
+            base_url="http://isorund",
+            transport=httpx.HTTPTransport(uds=sock_path),
+            timeout=httpx.Timeout(1.0),
+        )
+        files = Files(SimpleNamespace(id="sb-1", _http=http))  # type: ignore[arg-type]
+        t0 = time.monotonic()
+        with pytest.raises(DaemonUnavailable, match="did not answer in time"):
+            files.read("/f", format="bytes")
+        assert time.monotonic() - t0 < 10
+        http.close()

@@ -5,6 +5,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"unsafe"
 
@@ -29,7 +30,7 @@ type treeWatch struct {
 	recursive bool
 	paths     map[int32]string  // watch descriptor -> directory
 	wds       map[string]int32  // directory -> watch descriptor
-	movedFrom map[uint32]string // rename cookie -> directory renamed away, until its new name comes
+	movedFrom map[uint32]string // rename cookie -> where a directory renamed away waits (movedPrefix)
 	limit     int               // directories at most
 	limitSaid bool
 	stop      func() bool // a CANCEL or a lost connection: stop walking
@@ -37,8 +38,17 @@ type treeWatch struct {
 
 // fsChange is one change reported to the host: op is create, write, remove,
 // rename, chmod, or overflow (changes were lost: the kernel's queue or the
-// directory limit was full).
-type fsChange struct{ op, path string }
+// directory limit was full). end: the watched directory itself went away.
+type fsChange struct {
+	op, path string
+	end      bool
+}
+
+// movedPrefix keys the watches of a directory renamed away until its new name
+// comes: out of the tree's paths, so that a directory made at its old path
+// meanwhile (mv a out; mkdir a) is not mistaken for it. No real path starts
+// with a NUL.
+const movedPrefix = "\x00moved/"
 
 const watchMask = unix.IN_CREATE | unix.IN_MOVED_TO | unix.IN_MOVED_FROM | unix.IN_DELETE |
 	unix.IN_DELETE_SELF | unix.IN_MOVE_SELF | unix.IN_MODIFY | unix.IN_ATTRIB | unix.IN_ONLYDIR
@@ -101,7 +111,7 @@ func (t *treeWatch) addTree(dir string, report bool, emit func(fsChange) bool) b
 		if err != nil {
 			return nil // gone meanwhile, or unreadable: nothing to watch there
 		}
-		if p != dir && report && !emit(fsChange{"create", p}) {
+		if p != dir && report && !emit(fsChange{op: "create", path: p}) {
 			alive = false
 			return filepath.SkipAll
 		}
@@ -111,10 +121,11 @@ func (t *treeWatch) addTree(dir string, report bool, emit func(fsChange) bool) b
 		if onKernelFS(p) {
 			return filepath.SkipDir
 		}
-		if _, err := t.add(p, false); errors.Is(err, errWatchLimit) {
+		if _, err := t.add(p, false); errors.Is(err, errWatchLimit) || errors.Is(err, unix.ENOSPC) {
+			// ours, or the kernel's (max_user_watches): said once until watches free up
 			if !t.limitSaid {
 				t.limitSaid = true
-				alive = emit(fsChange{"overflow", t.root})
+				alive = emit(fsChange{op: "overflow", path: t.rootPath()})
 			}
 			return filepath.SkipAll
 		}
@@ -127,16 +138,25 @@ func (t *treeWatch) addTree(dir string, report bool, emit func(fsChange) bool) b
 func (t *treeWatch) under(dir string) []string {
 	var out []string
 	for p := range t.wds {
-		if p == dir || strings.HasPrefix(p, dir+"/") || dir == "/" {
+		if p == dir || strings.HasPrefix(p, dir+"/") || dir == "/" && !strings.HasPrefix(p, movedPrefix) {
 			out = append(out, p)
 		}
 	}
 	return out
 }
 
-// repath gives the watches of a directory renamed inside the tree (and of
-// everything under it) its new path.
+// rootPath is the watched path as reported (without the trailing slash a
+// request may have given it).
+func (t *treeWatch) rootPath() string { return filepath.Clean(t.root) }
+
+// repath gives the watches of a directory renamed (and of everything under
+// it) its new path; watches still held at that path (a directory the rename
+// replaced) go first.
 func (t *treeWatch) repath(from, to string) {
+	if from == to {
+		return
+	}
+	t.forget(to)
 	for _, p := range t.under(from) {
 		wd := t.wds[p]
 		np := to + strings.TrimPrefix(p, from)
@@ -161,6 +181,9 @@ func (t *treeWatch) drop(wd int32) {
 		if t.wds[p] == wd {
 			delete(t.wds, p)
 		}
+	}
+	if len(t.paths) < t.limit {
+		t.limitSaid = false // the next time the limit is reached is said again
 	}
 }
 
@@ -190,11 +213,19 @@ func (t *treeWatch) handle(buf []byte, emit func(fsChange) bool) bool {
 func (t *treeWatch) one(ev *unix.InotifyEvent, name string, emit func(fsChange) bool) bool {
 	mask := ev.Mask
 	if mask&unix.IN_Q_OVERFLOW != 0 {
-		return emit(fsChange{"overflow", t.root})
+		return emit(fsChange{op: "overflow", path: t.rootPath()})
 	}
 	dir, ok := t.paths[ev.Wd]
 	if !ok {
 		return true // a watch dropped already; its last events may still come
+	}
+	if strings.HasPrefix(dir, movedPrefix) {
+		// in a directory renamed away, before its new name came: where it
+		// went is not known yet (and if it left the tree, it is not ours)
+		if mask&unix.IN_IGNORED != 0 {
+			t.drop(ev.Wd)
+		}
+		return true
 	}
 	p := dir
 	if name != "" {
@@ -212,20 +243,22 @@ func (t *treeWatch) one(ev *unix.InotifyEvent, name string, emit func(fsChange) 
 		if mask&unix.IN_MOVE_SELF != 0 {
 			op = "rename"
 		}
-		emit(fsChange{op, t.root})
+		emit(fsChange{op: op, path: t.rootPath(), end: true})
 		return false // nothing more can come under the watched path
 	}
 	isDir := mask&unix.IN_ISDIR != 0
 	if mask&unix.IN_MOVED_FROM != 0 {
-		if !emit(fsChange{"rename", p}) {
+		if !emit(fsChange{op: "rename", path: p}) {
 			return false
 		}
-		if isDir && t.recursive {
-			t.movedFrom[ev.Cookie] = p
+		if _, watched := t.wds[p]; isDir && t.recursive && watched {
+			parked := movedPrefix + strconv.FormatUint(uint64(ev.Cookie), 10)
+			t.repath(p, parked)
+			t.movedFrom[ev.Cookie] = parked
 		}
 	}
 	if mask&(unix.IN_CREATE|unix.IN_MOVED_TO) != 0 {
-		if !emit(fsChange{"create", p}) {
+		if !emit(fsChange{op: "create", path: p}) {
 			return false
 		}
 		if isDir && t.recursive {
@@ -241,7 +274,7 @@ func (t *treeWatch) one(ev *unix.InotifyEvent, name string, emit func(fsChange) 
 		bit uint32
 		op  string
 	}{{unix.IN_DELETE, "remove"}, {unix.IN_MODIFY, "write"}, {unix.IN_ATTRIB, "chmod"}} {
-		if mask&o.bit != 0 && !emit(fsChange{o.op, p}) {
+		if mask&o.bit != 0 && !emit(fsChange{op: o.op, path: p}) {
 			return false
 		}
 	}

@@ -3,6 +3,7 @@ package agent
 import (
 	"os"
 	"path/filepath"
+	"strings"
 )
 
 // maxWatchDirs bounds the directories one recursive watch holds (a var for tests).
@@ -40,6 +41,9 @@ func opWatch(s *Server, ch *Channel, raw []byte) (any, error) {
 		}
 	}
 	recursive := r.Recursive && only == ""
+	if fi, err := os.Lstat(root); recursive && err == nil && fi.Mode()&os.ModeSymlink != 0 && !strings.HasSuffix(root, "/") {
+		root += "/" // a link to a directory: walked as that directory, named as the link
+	}
 	w, err := newTreeWatch(root, recursive, stop)
 	if err != nil {
 		return nil, err
@@ -51,7 +55,7 @@ func opWatch(s *Server, ch *Channel, raw []byte) (any, error) {
 			return true // write_file's own file, renamed over its target when complete
 		}
 		if only != "" {
-			if p != only && p != root { // a neighbour; the directory's own end is the file's
+			if p != only && !c.end { // a neighbour; the directory's own end is the file's
 				return true
 			}
 			p = path

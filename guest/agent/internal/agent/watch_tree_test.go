@@ -5,6 +5,8 @@ import (
 	"os"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // hasChange says whether evs holds op on path.
@@ -151,5 +153,130 @@ func TestWatchHidesWriteFilesTemporaryFile(t *testing.T) {
 	}
 	if !isTempName(".f.isorun-0123456789ab") || isTempName(".f.isorun-0123") || isTempName("f.isorun-0123456789ab") {
 		t.Fatal("isTempName")
+	}
+}
+
+// readOnce handles what one read of w's inotify fd gives.
+func readOnce(t *testing.T, w *treeWatch) []fsChange {
+	t.Helper()
+	time.Sleep(20 * time.Millisecond) // the changes made just before are queued
+	buf := make([]byte, 64<<10)
+	n, err := unix.Read(w.fd, buf)
+	if err == unix.EAGAIN {
+		return nil
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	var got []fsChange
+	w.handle(buf[:n], func(c fsChange) bool { got = append(got, c); return true })
+	return got
+}
+
+func reported(got []fsChange, path string) bool {
+	for _, c := range got {
+		if c.path == path {
+			return true
+		}
+	}
+	return false
+}
+
+// A directory moved out, and another made or renamed to its old path in the
+// same read (a build dir rotated): the newcomer is watched, the one moved out
+// is not (its changes are not reported under the path it left).
+func TestRecursiveWatchMoveOutThenReuseThePath(t *testing.T) {
+	for _, reuse := range []string{"mkdir", "rename"} {
+		w, out := t.TempDir(), t.TempDir()
+		os.MkdirAll(w+"/a/deep", 0o755)
+		os.MkdirAll(w+"/c", 0o755)
+		tw, err := newTreeWatch(w, true, func() bool { return false })
+		if err != nil {
+			t.Fatal(err)
+		}
+		tw.addTree(w, false, func(fsChange) bool { return true })
+		os.Rename(w+"/a", out+"/a")
+		if reuse == "mkdir" {
+			os.Mkdir(w+"/a", 0o755)
+		} else {
+			os.Rename(w+"/c", w+"/a")
+		}
+		readOnce(t, tw)
+		os.WriteFile(out+"/a/outside", []byte("x"), 0o644)
+		os.WriteFile(out+"/a/deep/outside", []byte("x"), 0o644)
+		os.WriteFile(w+"/a/inside", []byte("x"), 0o644)
+		got := readOnce(t, tw)
+		if !reported(got, w+"/a/inside") || reported(got, w+"/a/outside") || reported(got, w+"/a/deep/outside") {
+			t.Fatalf("%s: %v", reuse, got)
+		}
+		tw.Close()
+	}
+}
+
+// A file's watch reports the file only: its directory's own changes (a chmod,
+// a touch) are not the file's; the directory going away is.
+func TestFileWatchIgnoresItsDirectorysOwnChanges(t *testing.T) {
+	d := t.TempDir() + "/d"
+	os.Mkdir(d, 0o755)
+	os.WriteFile(d+"/f", []byte("x"), 0o644)
+	c := newClient(t, nil)
+	c.watch(1, map[string]any{"path": d + "/f"})
+	os.Chmod(d, 0o700)
+	if evs := c.fsEvents(1, 300*time.Millisecond); len(evs) > 0 {
+		t.Fatalf("directory chmod: %v", evs)
+	}
+	os.RemoveAll(d)
+	r := c.wait(1, 5*time.Second)
+	if r.resp["ended"] == nil || !hasChange(r.events, "remove", d+"/f") {
+		t.Fatalf("directory removed: %v %v", r.resp, r.events)
+	}
+}
+
+// The limit is said each time it is reached, not once per watch.
+func TestRecursiveWatchSaysTheLimitEachTime(t *testing.T) {
+	defer func(n int) { maxWatchDirs = n }(maxWatchDirs)
+	maxWatchDirs = 3
+	w := t.TempDir()
+	c := startWatch(t, w)
+	overflows := func() (n int) {
+		for _, ev := range c.fsEvents(1, 300*time.Millisecond) {
+			if ev["op"] == "overflow" {
+				n++
+			}
+		}
+		return n
+	}
+	for round := 0; round < 2; round++ {
+		for i := 0; i < 4; i++ {
+			os.Mkdir(fmt.Sprintf("%s/d%d", w, i), 0o755)
+		}
+		if n := overflows(); n != 1 {
+			t.Fatalf("round %d: %d overflows", round, n)
+		}
+		for i := 0; i < 4; i++ {
+			os.Remove(fmt.Sprintf("%s/d%d", w, i))
+		}
+		overflows()
+	}
+	c.send(1, KindCancel, nil)
+	c.wait(1, 5*time.Second)
+}
+
+// A recursive watch of a symlink to a directory watches the tree, under the
+// link's name; a trailing slash on the path is not in what is reported.
+func TestRecursiveWatchOfALinkAndOfAPathWithASlash(t *testing.T) {
+	base := t.TempDir()
+	os.MkdirAll(base+"/real/sub", 0o755)
+	os.Symlink(base+"/real", base+"/link")
+	c := newClient(t, nil)
+	c.watch(1, map[string]any{"path": base + "/link", "recursive": true})
+	os.WriteFile(base+"/real/sub/f", []byte("x"), 0o644)
+	if evs := c.fsEvents(1, 300*time.Millisecond); !hasChange(evs, "create", base+"/link/sub/f") {
+		t.Fatalf("through the link: %v", evs)
+	}
+	c.watch(2, map[string]any{"path": base + "/real/sub/", "recursive": true})
+	os.RemoveAll(base + "/real/sub")
+	r := c.wait(2, 5*time.Second)
+	if !hasChange(r.events, "remove", base+"/real/sub") {
+		t.Fatalf("end of a watch given with a slash: %v", r.events)
 	}
 }
