@@ -309,7 +309,7 @@ def read_cut(
             f"sandbox {info.get('id')} ended while {path} was being read{so_far} "
             f"({info.get('end_reason') or 'no reason recorded'})",
             410,
-            "ended",
+            "sandbox_ended",  # as the daemon's 410s
         )
     return ApiError(
         f"reading {path} broke off{so_far}: the guest failed to send the rest (the daemon's "
