@@ -760,8 +760,10 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         path = _query_path(request)
         recursive = request.query_params.get("recursive") in ("1", "true")
         # An agent from before watch_ready says nothing until a change, so a missing or
-        # relative path would only show as an error record later: check it first.
-        await live.vm.agent.stat(path)
+        # relative path would only show as an error record later: check it first (a newer
+        # agent's open_watch fails for it itself).
+        if "watch_ready" not in live.vm.agent.conn.features:
+            await live.vm.agent.stat(path)
         # The response starts once the guest watches: a change the caller makes after its
         # 200 (the SDK's watch() returns at it) is reported.
         w = await live.vm.agent.open_watch(path, recursive)

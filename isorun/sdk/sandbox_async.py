@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import builtins
-import inspect
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable, Iterator
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+)
 from types import TracebackType
 from typing import IO, Any
 
@@ -13,7 +20,7 @@ import httpx
 
 from isorun.errors import IsorunError
 from isorun.sdk import _core
-from isorun.sdk._callbacks import run_pending
+from isorun.sdk._callbacks import call_back, run_pending
 from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
 from isorun.sdk.errors import (
@@ -350,11 +357,11 @@ class AsyncPty:
         self.result = dec.result()
 
     async def wait(self) -> ExecResult:
+        pending: list[Awaitable[object]] = []
         async for chunk in self:
             if self.on_data is not None:
-                r = self.on_data(chunk)
-                if inspect.isawaitable(r):
-                    await r
+                call_back("on_data", self.on_data, chunk, pending)
+                await run_pending(pending)
         assert self.result is not None
         return self.result
 

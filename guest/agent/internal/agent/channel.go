@@ -36,6 +36,19 @@ func newChannel(c *Conn, id uint32) *Channel {
 // Done is closed when the connection is gone.
 func (ch *Channel) Done() <-chan struct{} { return ch.c.done }
 
+// ended says whether the request is over for its host: a CANCEL came, or the
+// connection went.
+func (ch *Channel) ended() bool {
+	select {
+	case <-ch.cancel:
+		return true
+	case <-ch.Done():
+		return true
+	default:
+		return false
+	}
+}
+
 // onAbort runs f once the request is cancelled or its connection is gone
 // (aborted), or once the returned stop is called (not aborted), whichever
 // comes first. stop must be called exactly once.

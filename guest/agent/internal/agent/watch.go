@@ -30,21 +30,11 @@ func opWatch(s *Server, ch *Channel, raw []byte) (any, error) {
 		}
 		root, only = filepath.Dir(real), real
 	}
-	stop := func() bool {
-		select {
-		case <-ch.cancel:
-			return true
-		case <-ch.Done():
-			return true
-		default:
-			return false
-		}
-	}
 	recursive := r.Recursive && only == ""
 	if fi, err := os.Lstat(root); recursive && err == nil && fi.Mode()&os.ModeSymlink != 0 && !strings.HasSuffix(root, "/") {
 		root += "/" // a link to a directory: walked as that directory, named as the link
 	}
-	w, err := newTreeWatch(root, recursive, stop)
+	w, err := newTreeWatch(root, recursive, ch.ended)
 	if err != nil {
 		return nil, err
 	}
@@ -86,7 +76,7 @@ func opWatch(s *Server, ch *Channel, raw []byte) (any, error) {
 				return nil, errf("io", "watch %s: reading its events failed", path)
 			}
 			if !w.handle(buf, emit) {
-				if stop() {
+				if ch.ended() {
 					return nil, nil
 				}
 				return ok("ended", "the watched path is gone"), nil
