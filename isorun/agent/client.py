@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -328,17 +329,39 @@ class AgentClient:
         self, path: str, offset: int = 0, length: int = -1
     ) -> AsyncGenerator[bytes, None]:
         """Stream a file's bytes out of the guest."""
+        # aclosing: a reader that stops early closes the channel now, not when collected
+        async with contextlib.aclosing(self._read_frames(path, offset, length)) as frames:
+            async for frame in frames:
+                if frame.kind is Kind.OUT:
+                    yield frame.payload
+
+    async def file_size(self, path: str) -> int:
+        """The size of the file a read of `path` opens (links followed), by the guest's
+        fstat: 0 for a device and most pseudo-files, whatever they hold. The same errors
+        as read_file, and none of its bytes sent."""
+        size = 0
+        async with contextlib.aclosing(self._read_frames(path, 0, 0)) as frames:
+            async for frame in frames:
+                if frame.kind is Kind.EVENT and (ev := frame.json()).get("event") == "file":
+                    size = as_int(ev, "size")
+                    if size < 0:
+                        raise ProtocolError(f"guest says {path!r} has {size} bytes")
+        return size
+
+    async def _read_frames(
+        self, path: str, offset: int, length: int
+    ) -> AsyncGenerator[Frame, None]:
+        """A read_file's OUT and EVENT frames, until its answer (raised if an error)."""
         ch = await self._open({"op": "read_file", "path": path, "offset": offset, "length": length})
         with ch:
             while True:
                 frame = await ch.next()
-                if frame.kind is Kind.OUT:
-                    yield frame.payload
-                elif frame.kind is Kind.RESP:
+                if frame.kind is Kind.RESP:
                     _raise_for(frame.json())
                     return
-                elif frame.kind is not Kind.EVENT:
+                if frame.kind not in (Kind.OUT, Kind.EVENT):
                     raise ProtocolError(f"guest sent {frame.kind.name} while reading a file")
+                yield frame
 
     async def read_bytes(self, path: str, limit: int = 1 << 30) -> bytes:
         parts: list[bytes] = []

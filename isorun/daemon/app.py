@@ -272,12 +272,33 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         )
 
     def endpoint(
-        fn: Callable[[Request, str], Awaitable[Any]], *, status: int = 200, public: bool = False
+        fn: Callable[[Request, str], Awaitable[Any]],
+        *,
+        status: int = 200,
+        public: bool = False,
+        head: Callable[[Request, str], Awaitable[Any]] | None = None,
+        streams: bool = False,
     ) -> Handler:
+        """A route's handler. Starlette answers HEAD with GET's handler and drops the body:
+        a streaming GET would then run (a watch, an attach) until the client hung up, and
+        hold its keep-alive connection meanwhile. Such a route answers HEAD with `head`,
+        or refuses it (405) when it `streams` and has none."""
+
         async def handler(request: Request) -> Response:
             try:
                 tenant = "" if public else tenant_of(request)
-                result = await fn(request, tenant)
+                run = fn
+                if request.method == "HEAD" and (head is not None or streams):
+                    if head is None:
+                        refused = error_response(
+                            405,
+                            "method_not_allowed",
+                            f"HEAD is not allowed on {request.url.path}: its GET is a stream",
+                        )
+                        refused.headers["allow"] = "GET"
+                        return refused
+                    run = head
+                result = await run(request, tenant)
                 if isinstance(result, Response):
                     return result
                 # rendered here: a value it cannot encode is an error record, not a bare 500
@@ -718,6 +739,16 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
 
         return RawStream(body())
 
+    async def head_file(request: Request, tenant: str) -> Any:
+        """GET's status and headers without its body: the guest opens the file as for a
+        read (the same errors) and sends none of it. Content-Length only when the guest
+        says the file has bytes: a device or a /proc file reads as size 0 and is not."""
+        live = manager.get_live(tenant, request.path_params["sid"])
+        size = await live.vm.agent.file_size(_query_path(request))
+        if size:
+            return Response(media_type=RawStream.media_type, headers={"content-length": str(size)})
+        return StreamingResponse(iter(()), media_type=RawStream.media_type)  # chunked, as GET
+
     async def write_file(request: Request, tenant: str) -> Any:
         live = manager.get_live(tenant, request.path_params["sid"])
         path = _query_path(request)
@@ -898,18 +929,18 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         Route(S + "/metrics", endpoint(metrics), methods=["GET"]),
         Route(S + "/exec", endpoint(exec_), methods=["POST"]),
         Route(S + "/processes", endpoint(list_procs), methods=["GET"]),
-        Route(S + "/processes/{pid}/stream", endpoint(connect_proc), methods=["GET"]),
+        Route(S + "/processes/{pid}/stream", endpoint(connect_proc, streams=True), methods=["GET"]),
         Route(S + "/processes/{pid}/kill", endpoint(kill_proc), methods=["POST"]),
         Route(S + "/processes/{pid}/signal", endpoint(signal_proc), methods=["POST"]),
         Route(P + "/stdin", endpoint(send_stdin), methods=["POST"]),
         Route(P + "/stdin/close", endpoint(close_stdin), methods=["POST"]),
         Route(P + "/resize", endpoint(resize), methods=["POST"]),
         Route(S + "/pty", endpoint(open_pty, status=201), methods=["POST"]),
-        Route(S + "/files", endpoint(read_file), methods=["GET"]),
+        Route(S + "/files", endpoint(read_file, head=head_file), methods=["GET"]),
         Route(S + "/files", endpoint(write_file), methods=["PUT"]),
         Route(S + "/files/list", endpoint(list_files), methods=["GET"]),
         Route(S + "/files/stat", endpoint(stat_file), methods=["GET"]),
-        Route(S + "/files/watch", endpoint(watch), methods=["GET"]),
+        Route(S + "/files/watch", endpoint(watch, streams=True), methods=["GET"]),
         Route(S + "/files/mkdir", endpoint(mkdir), methods=["POST"]),
         Route(S + "/files/remove", endpoint(remove), methods=["POST"]),
         Route(S + "/files/rename", endpoint(rename), methods=["POST"]),

@@ -252,6 +252,27 @@ def test_files_roundtrip_and_errors(daemon: Daemon, sandbox: str) -> None:
         assert "different filesystems" in r.json()["error"]["message"]
 
 
+def test_head_of_a_file_sends_its_size_and_of_a_stream_is_refused(
+    daemon: Daemon, sandbox: str
+) -> None:
+    f = f"/v1/sandboxes/{sandbox}/files"
+    with daemon.client() as c:
+        assert c.put(f, params={"path": "/tmp/h/eleven"}, content=b"eleven byte").status_code == 200
+        r = c.head(f, params={"path": "/tmp/h/eleven"})
+        assert r.status_code == 200 and r.headers["content-length"] == "11", r.headers
+        assert c.head(f, params={"path": "/tmp/h/none"}).status_code == 404
+        assert c.head(f, params={"path": "/tmp/h"}).status_code == 400  # a directory, as GET
+        # a pseudo-file's size says nothing of what it holds: no length rather than 0
+        r = c.head(f, params={"path": "/proc/self/status"})
+        assert r.status_code == 200 and "content-length" not in r.headers, r.headers
+        # a stream's HEAD would start it (a watch, an attach) and hold the connection until
+        # the client hung up: refused, and the same connection serves the next request
+        for stream in (f + "/watch?path=/tmp", f"/v1/sandboxes/{sandbox}/processes/p1/stream"):
+            r = c.head(stream, timeout=10)
+            assert r.status_code == 405 and r.headers["allow"] == "GET", (stream, r.text)
+        assert c.get(f, params={"path": "/tmp/h/eleven"}, timeout=10).content == b"eleven byte"
+
+
 def test_an_upload_cut_off_keeps_the_old_file_and_logs_no_traceback(
     daemon: Daemon, sandbox: str
 ) -> None:
