@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Sequence
@@ -40,6 +41,8 @@ MAX_COUNT = (1 << 63) - 1
 # How long past an exec's own timeout the host waits for the guest's answer: the guest's
 # TERM-then-KILL grace and the drain of the output, slow under emulation.
 EXEC_DEADLINE_GRACE_S = 30.0
+# What exec/attach keep of each stream by default when capturing (the newest bytes)
+CAPTURE_LIMIT = 64 << 20
 StdinSource = bytes | AsyncIterable[bytes]
 
 
@@ -53,10 +56,43 @@ class ExecResult:
     run_us: int
     stdout: bytes = b""
     stderr: bytes = b""
+    # bytes of each stream left out of `stdout`/`stderr`, the oldest first, to keep the
+    # capture within its limit (the callbacks saw them all)
+    stdout_dropped: int = 0
+    stderr_dropped: int = 0
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+
+class _Capture:
+    """A stream's last `limit` bytes: a guest's flood must not fill the host's memory, and
+    the end of an output (the error, the summary) is what a caller reads first."""
+
+    __slots__ = ("dropped", "limit", "parts", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(limit, 0)
+        self.parts: collections.deque[bytes] = collections.deque()
+        self.size = 0
+        self.dropped = 0
+
+    def add(self, data: bytes) -> None:
+        self.parts.append(data)
+        self.size += len(data)
+        while self.size > self.limit:
+            first = self.parts[0]
+            cut = min(len(first), self.size - self.limit)
+            if cut == len(first):
+                self.parts.popleft()
+            else:
+                self.parts[0] = first[cut:]
+            self.size -= cut
+            self.dropped += cut
+
+    def bytes(self) -> bytes:
+        return b"".join(self.parts)
 
 
 @dataclass(slots=True)
@@ -190,9 +226,11 @@ class AgentClient:
         on_stderr: OutputCallback | None = None,
         on_start: Callable[[str, int], object] | None = None,
         capture: bool = True,
+        capture_limit: int = CAPTURE_LIMIT,
         tag: str | None = None,
     ) -> ExecResult:
-        """Run a command to completion, streaming its output as it is written."""
+        """Run a command to completion, streaming its output as it is written. With
+        `capture` the result holds each stream's last `capture_limit` bytes."""
         req = _exec_request(cmd, argv, env, cwd, user, timeout, pty, tag)
         req["stdin"] = stdin is not None
         ch = await self._open(req)
@@ -206,7 +244,13 @@ class AgentClient:
             feeder = _start_feeder(ch, stdin) if stdin is not None else None
             try:
                 return await _collect_process(
-                    ch, on_stdout, on_stderr, on_start, capture, None, deadline
+                    ch,
+                    on_stdout,
+                    on_stderr,
+                    on_start,
+                    capture_limit if capture else 0,
+                    None,
+                    deadline,
                 )
             except _GuestLate:
                 raise GuestError(
@@ -255,6 +299,7 @@ class AgentClient:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         capture: bool = True,
+        capture_limit: int = CAPTURE_LIMIT,
         attachment: Attachment | None = None,
         stdin: StdinSource | None = None,
     ) -> ExecResult:
@@ -267,7 +312,9 @@ class AgentClient:
         with ch:
             feeder = _start_feeder(ch, stdin) if stdin is not None else None
             try:
-                return await _collect_process(ch, on_stdout, on_stderr, None, capture, attachment)
+                return await _collect_process(
+                    ch, on_stdout, on_stderr, None, capture_limit if capture else 0, attachment
+                )
             finally:
                 if feeder is not None:
                     feeder.cancel()
@@ -580,23 +627,23 @@ async def _collect_process(
     on_stdout: OutputCallback | None,
     on_stderr: OutputCallback | None,
     on_start: Callable[[str, int], object] | None,
-    capture: bool,
+    capture_limit: int,
     attachment: Attachment | None,
     deadline: float | None = None,
 ) -> ExecResult:
-    out: list[bytes] = []
-    err: list[bytes] = []
+    """A process's frames to its end; each stream's last `capture_limit` bytes kept."""
+    out, err = _Capture(capture_limit), _Capture(capture_limit)
     started = False
     while True:
         frame = await _next_by(ch, deadline)
         if frame.kind is Kind.OUT:
-            if capture:
-                out.append(frame.payload)
+            if capture_limit:
+                out.add(frame.payload)
             if on_stdout is not None:
                 await _maybe_await(on_stdout(frame.payload))
         elif frame.kind is Kind.ERR:
-            if capture:
-                err.append(frame.payload)
+            if capture_limit:
+                err.add(frame.payload)
             if on_stderr is not None:
                 await _maybe_await(on_stderr(frame.payload))
         elif frame.kind is Kind.EVENT:
@@ -620,8 +667,10 @@ async def _collect_process(
                 timed_out=as_bool(resp, "timed_out", default=False),
                 duration_ms=as_int(resp, "duration_ms", default=0),
                 run_us=as_int(resp, "run_us", default=0),
-                stdout=b"".join(out),
-                stderr=b"".join(err),
+                stdout=out.bytes(),
+                stderr=err.bytes(),
+                stdout_dropped=out.dropped,
+                stderr_dropped=err.dropped,
             )
         else:
             raise ProtocolError(f"guest sent {frame.kind.name} to a process stream")

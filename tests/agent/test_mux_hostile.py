@@ -620,3 +620,31 @@ async def test_values_that_would_break_rendering_are_violations(
         await asyncio.wait_for(call, 5)
     task.cancel()
     await client.conn.close()
+
+
+async def test_a_capture_keeps_each_streams_newest_bytes_up_to_its_limit() -> None:
+    # A guest's flood must not fill the host's memory through a capturing exec: the result
+    # holds the newest `capture_limit` bytes of each stream and says how many it left out;
+    # the callbacks still see every byte, in order.
+    out = b"".join(i.to_bytes(4, "big") for i in range(50_000))  # 200 kB, each byte placed
+    err = b"E" * 900
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        for i in range(0, len(out), 3000):
+            w.write(frames.encode(f.chan, Kind.OUT, out[i : i + 3000]))
+        w.write(frames.encode(f.chan, Kind.ERR, err))
+        w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "exit_code": 0}))
+        await w.drain()
+        await asyncio.sleep(30)
+
+    client, task = await _connect(guest)
+    seen: list[bytes] = []
+    result = await asyncio.wait_for(
+        client.exec("flood", capture_limit=10_001, on_stdout=seen.append), 5
+    )
+    assert b"".join(seen) == out
+    assert result.stdout == out[-10_001:] and result.stdout_dropped == len(out) - 10_001
+    assert result.stderr == err and result.stderr_dropped == 0
+    task.cancel()
+    await client.conn.close()
