@@ -20,6 +20,7 @@ from isorun.agent.validate import (
     FileEntry,
     ProcInfo,
     as_bool,
+    as_count,
     as_float,
     as_int,
     as_opt_int,
@@ -27,14 +28,15 @@ from isorun.agent.validate import (
     parse_entry,
     parse_proc,
 )
-from isorun.errors import FileNotFoundInGuest, GuestError, ProtocolError
+from isorun.errors import ChannelClosedError, FileNotFoundInGuest, GuestError, ProtocolError
 
 # A callback may return an awaitable: it is awaited before more output is read, so a slow
 # consumer holds back the guest through the channel's credits instead of buffering.
 OutputCallback = Callable[[bytes], object]
 # What one listing (files or processes) may take from the guest: each entry may be up to a
-# frame (a 64 KiB name), so a count alone would let a guest fill the host's memory.
-MAX_LISTING_BYTES = 256 << 20
+# frame (a 64 KiB name), so a count alone would let a guest fill the host's memory; 64 MiB
+# is 670 bytes for each of the most entries, and what a hostile guest can make one call hold.
+MAX_LISTING_BYTES = 64 << 20
 # and at most this many entries: each costs the daemon's event loop to turn into JSON
 MAX_LISTING_ENTRIES = 100_000
 MAX_COUNT = (1 << 63) - 1
@@ -139,7 +141,12 @@ class Watch:
     async def _next_change(self, until_ready: bool) -> tuple[str, str] | None:
         """The next change; None at the end (or, with until_ready, once the guest watches)."""
         while not self._ended:
-            frame = await self._ch.next()
+            try:
+                frame = await self._ch.next()
+            except ChannelClosedError:
+                if self._ended:  # closed by close() (another task) while waiting here
+                    return None
+                raise
             if frame.kind is Kind.RESP:
                 self._ended = True
                 self._ch.abandon()
@@ -390,9 +397,7 @@ class AgentClient:
         async with contextlib.aclosing(self._read_frames(path, 0, 0)) as frames:
             async for frame in frames:
                 if frame.kind is Kind.EVENT and (ev := frame.json()).get("event") == "file":
-                    size = as_int(ev, "size")
-                    if size < 0:
-                        raise ProtocolError(f"guest says {path!r} has {size} bytes")
+                    size = as_count(ev, "size")
         return size
 
     async def _read_frames(
@@ -437,7 +442,7 @@ class AgentClient:
                 while True:
                     frame = await ch.next()
                     if frame.kind is Kind.RESP:
-                        return as_int(_raise_for(frame.json()), "bytes")
+                        return as_count(_raise_for(frame.json()), "bytes")
                     if frame.kind is not Kind.EVENT:
                         raise ProtocolError(f"guest sent {frame.kind.name} while writing a file")
             finally:
@@ -634,18 +639,27 @@ async def _collect_process(
     """A process's frames to its end; each stream's last `capture_limit` bytes kept."""
     out, err = _Capture(capture_limit), _Capture(capture_limit)
     started = False
+    loop = asyncio.get_running_loop()
+
+    async def call_back(fn: OutputCallback, data: bytes) -> None:
+        nonlocal deadline
+        began = loop.time()
+        await _maybe_await(fn(data))
+        if deadline is not None:  # the deadline times the guest, not the caller
+            deadline += loop.time() - began
+
     while True:
         frame = await _next_by(ch, deadline)
         if frame.kind is Kind.OUT:
             if capture_limit:
                 out.add(frame.payload)
             if on_stdout is not None:
-                await _maybe_await(on_stdout(frame.payload))
+                await call_back(on_stdout, frame.payload)
         elif frame.kind is Kind.ERR:
             if capture_limit:
                 err.add(frame.payload)
             if on_stderr is not None:
-                await _maybe_await(on_stderr(frame.payload))
+                await call_back(on_stderr, frame.payload)
         elif frame.kind is Kind.EVENT:
             ev = frame.json()
             kind = ev.get("event")
@@ -653,11 +667,11 @@ async def _collect_process(
                 started = True  # once: more are the guest's, and each would cost the caller
                 on_start(as_str(ev, "proc_id"), as_int(ev, "pid"))
             elif kind == "attached" and attachment is not None:
-                attachment.offset = as_int(ev, "offset")
-                attachment.lost = as_int(ev, "lost", default=0)
+                attachment.offset = as_count(ev, "offset")
+                attachment.lost = as_count(ev, "lost", default=0)
             elif kind == "gap" and attachment is not None:
-                gap = as_int(ev, "lost")
-                attachment.gap_bytes = min(attachment.gap_bytes + max(gap, 0), MAX_COUNT)
+                gap = as_count(ev, "lost")
+                attachment.gap_bytes = min(attachment.gap_bytes + gap, MAX_COUNT)
         elif frame.kind is Kind.RESP:
             resp = _raise_for(frame.json())
             return ExecResult(

@@ -11,7 +11,7 @@ import enum
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from isorun.errors import ProtocolError
@@ -45,10 +45,15 @@ class Frame:
     chan: int
     kind: Kind
     payload: bytes
+    _decoded: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def json(self) -> dict[str, Any]:
-        """Decode a JSON control payload; must be an object."""
-        return decode_json(self.payload)
+        """Decode a JSON control payload; must be an object. Decoded once: the reader
+        validates each RESP and EVENT as it arrives, and its consumer reads the same."""
+        if self._decoded is None:
+            object.__setattr__(self, "_decoded", decode_json(self.payload))
+        assert self._decoded is not None
+        return self._decoded
 
     def credit(self) -> int:
         if len(self.payload) != 4:
@@ -142,7 +147,7 @@ class FrameDecoder:
 
 
 def find_hello(
-    buf: bytes, nonce: str, pos: int = 0
+    buf: bytes | bytearray, nonce: str, pos: int = 0
 ) -> tuple[tuple[dict[str, Any], int] | None, int]:
     """The hello RESP carrying `nonce` and the offset just past it (or None), and where to
     resume the search once more bytes arrived (`pos` for the next call).
@@ -166,7 +171,7 @@ def find_hello(
             obj: dict[str, Any] | None = None
             if buf.find(nonce.encode(), start, end) >= 0:  # cheap, before decoding
                 with contextlib.suppress(ProtocolError):
-                    obj = decode_json(buf[start:end])
+                    obj = decode_json(bytes(buf[start:end]))
             if obj is not None and obj.get("nonce") == nonce:
                 return (obj, end), end
         pos = i + 1

@@ -41,6 +41,7 @@ HELLO_SCAN_LIMIT = 1 << 20
 STREAM_LIMIT = frames.MAX_PAYLOAD * 4
 StreamPair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 IO_CHUNK = 32768
+DISPATCH_SLICE = 256  # frames the reader hands on before it lets the event loop run
 MAX_JOINED = frames.MAX_PAYLOAD  # bytes one queued data item grows to
 # Once connected the host asks the agent (op "keepalive") to send each open request this
 # EVENT every KEEPALIVE_S (guest/agent/internal/agent/keepalive.go): a long command, a
@@ -252,14 +253,14 @@ class Channel:
 
     def _give_up(self, exc: BaseException) -> None:
         """Cancel the request for its consumer, who learns why at its next `next()`."""
-        self.abandon()
-        self._put(exc)
+        self.abandon(exc)
 
-    def abandon(self) -> None:
+    def abandon(self, why: BaseException | None = None) -> None:
         """Give up on the request without waiting: send CANCEL unless the guest answered
         already, and forget the channel (the reader drops what the guest still sends on it).
         Never blocks, so it is safe in cancellation and error paths even when the guest
-        stopped reading."""
+        stopped reading. A consumer waiting in `next()` meanwhile (another task) gets `why`,
+        or ChannelClosedError, instead of waiting for frames that no longer come."""
         if self.closed:
             return
         self.closed = True
@@ -269,6 +270,7 @@ class Channel:
                 self._release_event(item)
             answered = answered or (isinstance(item, Frame) and item.kind is Kind.RESP)
         self._inbox.clear()
+        self._put(why or ChannelClosedError(f"the host gave up on request {self.id}"))
         self._conn._forget(self.id)
         if not answered:
             self._conn._send_nowait(frames.encode(self.id, Kind.CANCEL))
@@ -343,7 +345,9 @@ class AgentConnection:
         await self._send(
             frames.encode_json(frames.HELLO_CHAN, Kind.REQ, {"op": "hello", "nonce": nonce})
         )
-        buf, pos = b"", 0
+        # a bytearray trimmed in place: a guest trickling garbage costs each read its own
+        # bytes, not a copy of the whole window
+        buf, pos = bytearray(), 0
         async with asyncio.timeout(timeout):
             while True:
                 data = await self._reader.read(65536)
@@ -352,12 +356,15 @@ class AgentConnection:
                 buf += data
                 if len(buf) > HELLO_SCAN_LIMIT:
                     dropped = len(buf) - HELLO_SCAN_LIMIT
-                    buf, pos = buf[dropped:], max(0, pos - dropped)
+                    del buf[:dropped]
+                    pos = max(0, pos - dropped)
                 found, pos = frames.find_hello(buf, nonce, pos)
                 if found is not None:
                     break
         self.hello, end = found
-        self._reader_task = asyncio.create_task(self._read_loop(buf[end:]), name="agent-reader")
+        self._reader_task = asyncio.create_task(
+            self._read_loop(bytes(buf[end:])), name="agent-reader"
+        )
         if self.keepalive_s > 0:
             # In the background: the boot is ready at the hello, not a round trip later.
             self._keepalive_task = asyncio.create_task(
@@ -377,16 +384,34 @@ class AgentConnection:
     async def _ask_keepalive(self) -> None:
         with contextlib.suppress(IsorunError), self.open_channel() as ch:
             await self.request(ch, {"op": "keepalive", "interval_ms": int(self.keepalive_s * 1000)})
-            while (frame := await ch.next()).kind is not Kind.RESP:
-                pass
+            try:
+                async with asyncio.timeout(self.idle_after_s):
+                    frame = await self._answer(ch)
+            except TimeoutError:
+                # Every agent answers every op, an unknown one too: no answer at all is a
+                # guest hung since its hello. Its requests are timed from now on (else they
+                # would wait for ever), and a late grant still sets the real interval.
+                self._time_requests(self.idle_after_s)
+                frame = await self._answer(ch)
             answer = frame.json()
             granted = answer.get("interval_ms")
             # an agent from before keepalives answers {"ok": false}: it sends none
             if answer.get("ok") is True and type(granted) is int and granted > 0:
                 every = min(granted, 60_000) / 1000  # the agent may round what we asked
-                self.idle_timeout = max(self.idle_after_s, 3 * every)
-                for waiting in self._channels.values():
-                    waiting._arrived.set()  # a wait begun before the grant re-arms, timed
+                self._time_requests(max(self.idle_after_s, 3 * every))
+            elif self.idle_timeout is not None:
+                self._time_requests(None)  # a late answer from an old agent: it sends none
+
+    @staticmethod
+    async def _answer(ch: Channel) -> Frame:
+        while (frame := await ch.next()).kind is not Kind.RESP:
+            pass
+        return frame
+
+    def _time_requests(self, idle: float | None) -> None:
+        self.idle_timeout = idle
+        for waiting in self._channels.values():
+            waiting._arrived.set()  # a wait begun before re-arms with the new timing
 
     # --- channel management -------------------------------------------------------
 
@@ -444,13 +469,19 @@ class AgentConnection:
 
     async def _read_loop(self, leftover: bytes) -> None:
         try:
-            if leftover:
-                await self._dispatch_all(self._decoder.feed(leftover))
+            data = leftover
             while True:
+                batch = self._decoder.feed(data)
+                # Handed on a slice at a time, letting the event loop run between: read()
+                # does not suspend while the stream has bytes buffered, and 64 KiB of empty
+                # frames is 7,000 of them, so a guest sending them as fast as it can would
+                # otherwise hold the loop, and every other sandbox of the daemon with it.
+                for i in range(0, len(batch), DISPATCH_SLICE):
+                    await self._dispatch_all(batch[i : i + DISPATCH_SLICE])
+                    await asyncio.sleep(0)
                 data = await self._reader.read(65536)
                 if not data:
                     raise ChannelClosedError("agent stream closed by the guest side")
-                await self._dispatch_all(self._decoder.feed(data))
         except asyncio.CancelledError:
             self._fail(ChannelClosedError("agent connection closed by the host"))
             raise
@@ -531,8 +562,15 @@ class AgentConnection:
         for task in (self._keepalive_task, self._reader_task):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
+                try:
                     await task
+                except asyncio.CancelledError:
+                    # the task's own end, unless close() itself is being cancelled
+                    me = asyncio.current_task()
+                    if me is not None and me.cancelling():
+                        raise
+                except Exception:  # its failure was the connection's already
+                    pass
         self._fail(ChannelClosedError("agent connection closed by the host"))
         with contextlib.suppress(Exception):
             await self._writer.wait_closed()

@@ -42,6 +42,14 @@ def as_int(obj: dict[str, Any], key: str, default: Any = _MISSING) -> int:
     return v
 
 
+def as_count(obj: dict[str, Any], key: str, default: Any = _MISSING) -> int:
+    """A size, offset or count: a 64-bit integer that is not negative."""
+    v = as_int(obj, key, default)
+    if v < 0:
+        raise ProtocolError(f"guest field '{key}' is negative ({v})")
+    return v
+
+
 def as_opt_int(obj: dict[str, Any], key: str) -> int | None:
     if obj.get(key) is None:
         return None
@@ -92,11 +100,11 @@ def parse_entry(raw: object) -> FileEntry:
         name=as_str(raw, "name"),
         path=as_str(raw, "path"),
         type=kind,
-        size=as_int(raw, "size"),
+        size=as_count(raw, "size"),
         mode=as_int(raw, "mode"),
         mtime_ns=as_int(raw, "mtime_ns", default=0),
-        uid=as_int(raw, "uid", default=0),
-        gid=as_int(raw, "gid", default=0),
+        uid=as_count(raw, "uid", default=0),
+        gid=as_count(raw, "gid", default=0),
         link=as_str(raw, "link") if link is not None else None,
     )
 
@@ -123,7 +131,7 @@ def parse_proc(raw: object) -> ProcInfo:
         raise ProtocolError("process argv from guest is not a list of strings")
     return ProcInfo(
         proc_id=as_str(raw, "proc_id"),
-        pid=as_int(raw, "pid"),
+        pid=as_count(raw, "pid"),
         argv=[_text(a, "process argv entry") for a in argv[:1024]],
         tag=as_str(raw, "tag", default=""),
         pty=as_bool(raw, "pty", default=False),
@@ -131,5 +139,5 @@ def parse_proc(raw: object) -> ProcInfo:
         exit_code=as_opt_int(raw, "exit_code"),
         signal=as_opt_int(raw, "signal"),
         started_unix_ms=as_int(raw, "started_unix_ms", default=0),
-        output_bytes=as_int(raw, "output_bytes", default=0),
+        output_bytes=as_count(raw, "output_bytes", default=0),
     )

@@ -235,3 +235,26 @@ async def test_a_wait_begun_before_keepalives_were_granted_is_timed_too() -> Non
     assert err.value.code == "unresponsive"
     guest.cancel()
     await conn.close()
+
+
+async def test_a_guest_hung_since_its_hello_is_timed_without_a_keepalive_answer() -> None:
+    # Every agent answers every op (an unknown one with ok:false): one that does not answer
+    # the keepalive request at all is hung, and its requests fail instead of waiting for ever.
+    host_sock, guest_sock = socket.socketpair()
+    gr, gw = await asyncio.open_connection(sock=guest_sock)
+
+    async def hung_after_hello() -> None:
+        await answer_hello(gr, gw)
+        while True:
+            await read_frame(gr)  # reads everything, answers nothing
+
+    guest = asyncio.create_task(hung_after_hello())
+    hr, hw = await asyncio.open_connection(sock=host_sock)
+    conn = AgentConnection(hr, hw)
+    conn.idle_after_s = IDLE
+    await conn.handshake(5)
+    with pytest.raises(GuestError) as err:
+        await asyncio.wait_for(AgentClient(conn).health(), 10)
+    assert err.value.code == "unresponsive"
+    guest.cancel()
+    await conn.close()

@@ -608,8 +608,13 @@ async def test_a_flood_of_started_events_reaches_the_caller_once() -> None:
             b'{"ok":true,"procs":[{"proc_id":"p1","pid":1,"running":true,"argv":["\\udc80"]}]}',
             "surrogate",
         ),
+        (b'{"ok":true,"procs":[{"proc_id":"p1","pid":-4,"running":true}]}', "negative"),
+        (
+            b'{"ok":true,"procs":[{"proc_id":"p1","pid":4,"running":true,"output_bytes":-1}]}',
+            "negative",
+        ),
     ],
-    ids=["huge-int-as-float", "argv-surrogate"],
+    ids=["huge-int-as-float", "argv-surrogate", "negative-pid", "negative-count"],
 )
 async def test_values_that_would_break_rendering_are_violations(
     answer: bytes, message: str
@@ -646,5 +651,78 @@ async def test_a_capture_keeps_each_streams_newest_bytes_up_to_its_limit() -> No
     assert b"".join(seen) == out
     assert result.stdout == out[-10_001:] and result.stdout_dropped == len(out) - 10_001
     assert result.stderr == err and result.stderr_dropped == 0
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_the_exec_deadline_is_pushed_back_by_a_callback_that_stalls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A guest that sends as fast as its credit allows, to a caller whose callback stalls
+    # once past the timeout and its grace (a slow HTTP client): the guest did nothing late,
+    # so the exec must finish rather than fail as unresponsive (and be cancelled).
+    monkeypatch.setattr(client_mod, "EXEC_DEADLINE_GRACE_S", 0.3)
+    total = 1 << 20
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        req = await _read_frame(r)
+        window, sent = mux.WINDOW, 0
+        while sent < total:
+            while window <= 0:
+                f = await _read_frame(r)
+                assert f.kind is Kind.CREDIT, f"the host sent {f.kind.name}"
+                window += f.credit()
+            n = min(32759, window, total - sent)
+            w.write(frames.encode(req.chan, Kind.OUT, b"x" * n))
+            await w.drain()
+            window, sent = window - n, sent + n
+        w.write(frames.encode_json(req.chan, Kind.RESP, {"ok": True, "exit_code": 0}))
+        await w.drain()
+        await asyncio.sleep(3600)
+
+    client, task = await _connect(guest)
+    got = 0
+
+    async def stalls_once(b: bytes) -> None:
+        nonlocal got
+        got += len(b)
+        if got == len(b):
+            await asyncio.sleep(0.8)  # past the 0.1 s timeout and its grace
+
+    result = await asyncio.wait_for(
+        client.exec("cat big", timeout=0.1, on_stdout=stalls_once, capture=False), 10
+    )
+    assert (result.exit_code, got) == (0, total)
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_a_flood_of_empty_frames_lets_the_event_loop_run_between_slices() -> None:
+    # 100,000 empty OUT frames (they say nothing and cost no credit) arrive faster than the
+    # host takes them: the reader must let other tasks (other sandboxes) run between slices
+    # instead of handling every frame it has buffered in one go.
+    count = 100_000
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        req = await _read_frame(r)
+        w.write(frames.encode(req.chan, Kind.OUT, b"") * count)
+        w.write(frames.encode_json(req.chan, Kind.RESP, {"ok": True, "exit_code": 0}))
+        await w.drain()
+        await asyncio.sleep(3600)
+
+    client, task = await _connect(guest)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(ticker())
+    result = await asyncio.wait_for(client.exec("flood"), 30)
+    other.cancel()
+    assert result.exit_code == 0
+    assert ticks >= count // mux.DISPATCH_SLICE // 2, ticks
     task.cancel()
     await client.conn.close()

@@ -89,3 +89,25 @@ async def test_changes_before_watching_are_bounded(monkeypatch: pytest.MonkeyPat
     assert early[-1] == ("overflow", "/d")  # the rest, dropped, said as one overflow
     w.close()
     await asyncio.wait_for(task, 5)
+
+
+async def test_closing_a_watch_ends_the_iteration_another_task_waits_in() -> None:
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        req = await read_frame(r)
+        w.write(_event(req.chan, {"event": "watching"}))
+        await w.drain()
+        await read_frame(r)  # the CANCEL; then nothing more
+        await asyncio.sleep(3600)
+
+    agent, task = await connect(guest, features=["watch_ready"])
+    w = await agent.open_watch("/d")
+
+    async def consume() -> list[tuple[str, str]]:
+        return [change async for change in w]
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.sleep(0.1)  # waiting for a change now
+    w.close()  # a shutdown path closing the watch from elsewhere
+    assert await asyncio.wait_for(consumer, 5) == []
+    task.cancel()
+    await agent.conn.close()
