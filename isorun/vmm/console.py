@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
+
+_log = logging.getLogger(__name__)
 
 TAIL_BYTES = 64 * 1024
 FILE_CAP = 1024 * 1024
@@ -42,7 +46,11 @@ class ConsoleLog:
         self._task = asyncio.create_task(self._pump(reader), name=f"console:{self.path}")
 
     async def _pump(self, reader: asyncio.StreamReader) -> None:
-        with open(self.path, "ab") as f:
+        # The log is a copy; reading is what matters (a halt is seen only here, and QEMU's
+        # serial port blocks the guest when nobody reads): a log that cannot be written (the
+        # state disk full) stops being written, the reading goes on.
+        log = self._open_log()
+        try:
             while True:
                 try:
                     data = await reader.read(65536)
@@ -64,11 +72,35 @@ class ConsoleLog:
                             self.on_halt()
                 if len(self._tail) > TAIL_BYTES:
                     del self._tail[: len(self._tail) - TAIL_BYTES]
-                room = FILE_CAP - self._written
-                if room > 0:
-                    f.write(data[:room])
-                    f.flush()
-                    self._written += min(room, len(data))
+                if log is not None and not self._append(log, data):
+                    log.close()
+                    log = None
+        finally:
+            if log is not None:
+                log.close()
+
+    def _open_log(self) -> BinaryIO | None:
+        try:
+            log = open(self.path, "ab")  # noqa: SIM115 - closed by _pump
+        except OSError as exc:
+            _log.warning("console log %s not kept: %s", self.path, exc)
+            return None
+        # a VM adopted again appends to its log: the cap is the file's, not this reader's
+        self._written = log.tell()
+        return log
+
+    def _append(self, log: BinaryIO, data: bytes) -> bool:
+        room = FILE_CAP - self._written
+        if room <= 0:
+            return True
+        try:
+            log.write(data[:room])
+            log.flush()
+        except OSError as exc:
+            _log.warning("console log %s stopped: %s", self.path, exc)
+            return False
+        self._written += min(room, len(data))
+        return True
 
     @property
     def panicked(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from isorun.vmm import console
 from isorun.vmm.console import ConsoleLog
 
 
@@ -33,3 +34,25 @@ async def test_a_halt_is_recognised_and_ordinary_output_is_neither(tmp_path: Pat
     (tmp_path / "console.log").unlink()
     plain = await _pump(tmp_path, b"hello from the guest\n" * 1000)
     assert not plain.halted and not plain.panicked
+
+
+async def test_a_log_that_cannot_be_written_still_sees_the_halt(tmp_path: Path) -> None:
+    # /dev/full fails every write with ENOSPC, as a full state disk does: the log stops,
+    # the reading goes on (a halt is seen only there, and an unread console stalls the guest)
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"x" * 70_000)
+    reader.feed_data(b"reboot: Power down\n")
+    reader.feed_eof()
+    halts: list[bool] = []
+    log = ConsoleLog(Path("/dev/full"), on_halt=lambda: halts.append(True))
+    log.start(reader)
+    await log.drain()
+    assert log.halted and halts == [True]
+
+
+async def test_the_file_cap_holds_across_readers_of_one_log(tmp_path: Path) -> None:
+    # a VM adopted again (a daemon restart) appends to its log: the cap is the file's
+    path = tmp_path / "console.log"
+    path.write_bytes(b"o" * (console.FILE_CAP - 10))
+    await _pump(tmp_path, b"n" * 100)
+    assert path.stat().st_size == console.FILE_CAP
