@@ -185,8 +185,12 @@ def build(
 
 def _disk(name: str, path: Path | str, readonly: bool, from_fdset: bool = False) -> list[str]:
     ro = "on" if readonly else "off"
+    # werror/rerror=report: a host error (the sparse scratch file's filesystem full) is the
+    # guest's I/O error. QEMU's default stops the whole VM on ENOSPC, silently: the sandbox
+    # froze, every request timing out, with no death reason.
     opts = (
-        f"file={_escape(path)},if=none,id={name},format=raw,readonly={ro},cache=unsafe,aio=threads"
+        f"file={_escape(path)},if=none,id={name},format=raw,readonly={ro},cache=unsafe,"
+        "aio=threads,werror=report,rerror=report"
     )
     if from_fdset:
         # The set's read-only and read-write fds are two open files: QEMU's own image

@@ -387,3 +387,29 @@ async def test_a_state_directory_too_long_for_a_socket_is_a_clear_error(
         await MicroVM.boot(vm_spec(busybox_rootfs))
     assert "longer than" in str(err.value)
     assert not any((state / "vms").iterdir()), "a run directory was left behind"
+
+
+async def test_a_full_host_disk_under_the_scratch_disk_is_the_guests_io_error(
+    busybox_rootfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The scratch disk is a sparse file in the run directory: the host filesystem under it
+    # can fill before the guest's does. The guest gets an I/O error and goes on (QEMU's
+    # default stopped the whole VM: every request then hung, with no death reason).
+    state = tmp_path / "small"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(state)], check=True)
+    monkeypatch.setenv("ISORUN_STATE_DIR", str(state))
+    try:
+        vm = await MicroVM.boot(vm_spec(busybox_rootfs))
+        try:
+            r = await asyncio.wait_for(
+                vm.agent.exec("dd if=/dev/urandom of=/big bs=1M count=16 conv=fsync"), 120
+            )
+            assert r.exit_code != 0 and b"Input/output error" in r.stderr, r
+            assert (await vm.agent.exec("rm /big; echo alive")).stdout == b"alive\n"
+            assert vm.alive and vm.death_reason is None
+        finally:
+            await vm.kill()
+        assert_vm_gone(vm)
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
