@@ -645,7 +645,8 @@ class MicroVM:
     async def shutdown(self, timeout: float = 10.0) -> VMUsage:
         """Clean poweroff through the agent; escalate to QMP quit, then SIGKILL."""
         if self.alive:
-            self._shutdown_requested = True
+            if not self._ending_on_its_own():
+                self._shutdown_requested = True
             with contextlib.suppress(IsorunError, TimeoutError, OSError):
                 await asyncio.wait_for(self.agent.shutdown(), timeout / 2)
             try:
@@ -654,6 +655,18 @@ class MicroVM:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._qmp.execute("quit"), 2)
         return await self.kill()
+
+    def _ending_on_its_own(self) -> bool:
+        """The guest or QEMU ended already, its reason still being gathered (the console
+        drained for a panic's last lines): a caller that shuts down because its channel just
+        broke must not turn a panic, poweroff, reboot or OOM kill into "shutdown"."""
+        assert self._proc is not None
+        return (
+            self._proc.gone()
+            or self.console.halted
+            or self.console.panicked
+            or self._qmp.shutdown_reason is not None
+        )
 
     async def kill(self) -> VMUsage:
         """Stop QEMU now (SIGKILL to its session) and remove every file and group it had.

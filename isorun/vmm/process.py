@@ -66,6 +66,10 @@ class VMProcess:
         self.exited = True
         return self.returncode
 
+    def gone(self) -> bool:
+        """Whether it has exited, without waiting (a zombie child counts: it has)."""
+        return self.exited or not alive(self.pid)
+
     def kill(self) -> None:
         if not self.exited:
             with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -87,6 +87,15 @@ async def test_kernel_panic_is_reported(vm: MicroVM) -> None:
     assert await asyncio.wait_for(vm.wait(), 20) == "panic"
 
 
+async def test_a_shutdown_after_the_guest_died_keeps_the_reason_it_died(vm: MicroVM) -> None:
+    # A caller whose channel just broke shuts the VM down; the panic, being recorded at that
+    # moment (the console drains its last lines), stays the reason, not "shutdown".
+    with pytest.raises(ChannelClosedError):
+        await vm.agent.exec("echo c > /proc/sysrq-trigger")
+    await vm.shutdown()
+    assert await asyncio.wait_for(vm.wait(), 20) == "panic"
+
+
 async def test_one_vm_dying_leaves_another_working(busybox_rootfs: Path) -> None:
     a, b = await asyncio.gather(
         MicroVM.boot(vm_spec(busybox_rootfs)), MicroVM.boot(vm_spec(busybox_rootfs))
