@@ -734,9 +734,13 @@ class MicroVM:
         }
         (self.run_dir / "vm.json").write_text(json.dumps(state))
 
-    def _stderr_tail(self) -> str:
+    def _stderr_tail(self, size: int = 2000) -> str:
+        """The end of QEMU's output: read from there (a QEMU the guest took over may have
+        written gigabytes, which the whole file read into memory would cost the daemon)."""
         try:
-            return (self.run_dir / "qemu.stderr").read_bytes()[-2000:].decode("utf-8", "replace")
+            with open(self.run_dir / "qemu.stderr", "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+                return f.read(size).decode("utf-8", "replace")
         except OSError:
             return ""
 
@@ -842,13 +846,16 @@ def remove_run_dir(run_dir: Path) -> None:
 
 
 def kill_orphan(run_dir: Path, timeout: float = 5.0) -> None:
-    """SIGKILL the VM of a run dir that cannot be adopted and wait for it to go."""
+    """SIGKILL the VM of a run dir that cannot be adopted and wait for it to go. Through its
+    cgroup too, and even with no pid on record: a host that died between QEMU's start and
+    vm.json being written leaves a QEMU only the cgroup names."""
     pid = running_pid(run_dir)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    _cgroup_of(run_dir).kill_all()
     if pid is None:
         return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    _cgroup_of(run_dir).kill_all()
     deadline = time.monotonic() + timeout
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
