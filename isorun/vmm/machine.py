@@ -197,7 +197,7 @@ class MicroVM:
                 await asyncio.wait_for(vm._qmp.connect(run_dir / "qmp.sock"), timeout)
             except TimeoutError as exc:
                 raise VMError(
-                    f"VM {vm_id}: QEMU's QMP monitor did not answer within {timeout:.0f}s "
+                    f"VM {vm_id}: QEMU's QMP monitor did not answer within {timeout:g} s "
                     "(is another process connected to it?)",
                     "qmp",
                 ) from exc
@@ -501,7 +501,7 @@ class MicroVM:
                 await asyncio.wait_for(self._settle_restored(), max(0.1, left))
         except (TimeoutError, BootTimeout) as exc:
             raise BootTimeout(
-                f"guest did not become ready within {self.spec.boot_timeout:.0f}s "
+                f"guest did not become ready within {self.spec.boot_timeout:g} s "
                 f"(accel {self.accel.name}); console tail:\n{self.console.tail(2000)}",
                 "boot-timeout",
             ) from exc
