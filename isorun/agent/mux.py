@@ -470,15 +470,21 @@ class AgentConnection:
     async def _read_loop(self, leftover: bytes) -> None:
         try:
             data = leftover
+            since_yield = 0
             while True:
                 batch = self._decoder.feed(data)
-                # Handed on a slice at a time, letting the event loop run between: read()
-                # does not suspend while the stream has bytes buffered, and 64 KiB of empty
-                # frames is 7,000 of them, so a guest sending them as fast as it can would
-                # otherwise hold the loop, and every other sandbox of the daemon with it.
+                # The event loop runs at least every DISPATCH_SLICE frames: read() does not
+                # suspend while the stream has bytes buffered, and 64 KiB of empty frames is
+                # 7,000 of them, so a guest sending them as fast as it can would otherwise
+                # hold the loop, and every other sandbox of the daemon with it. Counted in
+                # frames, not reads: yielding after each read slowed a stdout stream by 20%.
                 for i in range(0, len(batch), DISPATCH_SLICE):
-                    await self._dispatch_all(batch[i : i + DISPATCH_SLICE])
-                    await asyncio.sleep(0)
+                    part = batch[i : i + DISPATCH_SLICE]
+                    await self._dispatch_all(part)
+                    since_yield += len(part)
+                    if since_yield >= DISPATCH_SLICE:
+                        since_yield = 0
+                        await asyncio.sleep(0)
                 data = await self._reader.read(65536)
                 if not data:
                     raise ChannelClosedError("agent stream closed by the guest side")
