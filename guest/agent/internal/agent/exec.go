@@ -265,6 +265,10 @@ func opExec(s *Server, ch *Channel, raw []byte) (any, error) {
 			select {
 			case <-cancel:
 				p.Terminate(killGraceSecs)
+				// The host forgot the channel at its CANCEL and credits nothing
+				// more: its output is not held back for it (the process's pump
+				// would wait on this cursor for good, and the ring never free).
+				p.ring.Detach(cur)
 				cancel = nil
 			case <-ch.Done():
 				p.ring.Detach(cur)
@@ -275,8 +279,12 @@ func opExec(s *Server, ch *Channel, raw []byte) (any, error) {
 			}
 		}
 	}()
-	if err := streamOutput(ch, p, cur, nil); err != nil {
-		return nil, nil // connection gone: the process goes on, output to its ring
+	if err := streamOutput(ch, p, cur, ch.cancel); err != nil {
+		select {
+		case <-ch.Done():
+			return nil, nil // connection gone: the process goes on, output to its ring
+		default: // cancelled: answered once the process is gone, as any request
+		}
 	}
 	select {
 	case <-p.exited:

@@ -116,6 +116,44 @@ func TestExecCancel(t *testing.T) {
 	}
 }
 
+// The host forgets a channel at its CANCEL and credits nothing more: an exec
+// whose window is spent must still end (process, ring cursor, RESP) instead of
+// waiting on credit for good, with the process's output pump behind it.
+func TestExecCancelWithItsWindowSpent(t *testing.T) {
+	for _, tc := range []struct{ name, cmd string }{
+		{"running", "yes"},
+		{"exited", "head -c 900000 /dev/zero"}, // all in its ring, the tail unsent
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newClient(t, nil)
+			c.credit = false
+			c.req(1, map[string]any{"op": "exec", "cmd": tc.cmd, "ring_bytes": 4 << 20})
+			for got := 0; got < initialWindow; {
+				if f := c.next(1, 5*time.Second); f.Kind == KindOut {
+					got += len(f.Payload)
+				}
+			}
+			time.Sleep(500 * time.Millisecond) // the ring fills (yes) or the process ends
+			c.send(1, KindCancel, nil)
+			r := c.wait(1, 10*time.Second)
+			if r.resp["ok"] != true {
+				t.Fatalf("resp %v", r.resp)
+			}
+			p := c.srv.Procs.Get("p1")
+			select {
+			case <-p.exited:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the process outlived its cancelled exec")
+			}
+			// and the output can still be asked for: the ring is closed, not wedged
+			a := c.call(2, map[string]any{"op": "attach", "proc_id": "p1", "output": false})
+			if a.resp["ok"] != true {
+				t.Fatalf("attach %v", a.resp)
+			}
+		})
+	}
+}
+
 func TestExecPTY(t *testing.T) {
 	c := newClient(t, nil)
 	r := c.call(1, map[string]any{"op": "exec", "cmd": "test -t 0 && stty size && echo $TERM",
