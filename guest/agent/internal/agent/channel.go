@@ -177,6 +177,9 @@ func (ch *Channel) writeData(kind uint8, data []byte, abort <-chan struct{}) err
 
 // pushIn queues host data; exceeding the window we granted is a violation.
 func (ch *Channel) pushIn(b []byte) error {
+	if len(b) == 0 {
+		return nil // says nothing, and would be queued at no cost to the window
+	}
 	ch.mu.Lock()
 	if ch.inEOF {
 		ch.mu.Unlock()

@@ -43,12 +43,26 @@ type Conn struct {
 	keepEvery time.Duration // keepalive interval in effect (keepalive.go); 0: none
 }
 
+// MaxOpenChannels bounds the requests one connection has open at once (each
+// holds a goroutine and its buffers); a var so that a test can lower it.
+var MaxOpenChannels = 4096
+
 // ServeConn runs the protocol on rw until the stream ends (EOF: no host) or
 // a protocol violation. All channels of the connection are dropped on return;
 // processes keep running. It is the whole agent minus PID 1 duties, so tests
 // drive it over a net.Pipe or socketpair.
 func (s *Server) ServeConn(rw io.ReadWriter) error {
-	br := bufio.NewReaderSize(rw, 2*MaxPayload)
+	return s.serveConn(rw, bufio.NewReaderSize(rw, 2*MaxPayload))
+}
+
+// serveConn is ServeConn reading through br, which a caller serving one port
+// over and over keeps (a 128 KiB buffer each time cost an idle guest 25 MB/s
+// of garbage). Nothing is set up before the host sends its first byte: with no
+// host on the serial port every read is an EOF, tried every few ms.
+func (s *Server) serveConn(rw io.ReadWriter, br *bufio.Reader) error {
+	if _, err := br.Peek(1); err != nil {
+		return err
+	}
 	var first *Frame
 	for {
 		c := &Conn{srv: s, w: rw, out: make(chan outFrame, 64), done: make(chan struct{}),
@@ -159,7 +173,15 @@ func (c *Conn) dispatch(f Frame) error {
 		}
 		ch := newChannel(c, f.Chan)
 		c.chans[f.Chan] = ch
+		open := len(c.chans)
 		c.mu.Unlock()
+		if open > MaxOpenChannels {
+			// each open request holds a goroutine and its buffers: past the
+			// bound it is refused (at once, its REQ not kept), not run
+			go ch.Resp(errResp("busy", fmt.Sprintf(
+				"%d requests are open on this connection: end some first", MaxOpenChannels)))
+			return nil
+		}
 		go c.srv.handle(ch, f.Payload)
 	case KindIn:
 		if ch := c.channel(f.Chan); ch != nil {

@@ -107,20 +107,27 @@ func powerOff(mode string) {
 		os.Stderr.WriteString("isorun-agent: power-off: every process ended on SIGTERM\n")
 	}
 	_ = syscall.Kill(-1, syscall.SIGKILL) // and any forked since the last look
+	// Chosen before unmounting, which takes /sys away: without ACPI
+	// (microvm, acpi=off) power-off only halts the CPU and QEMU keeps
+	// running; a restart under QEMU's -no-reboot ends it instead.
+	cmd := rebootCmd(mode, "/sys/firmware/acpi")
 	syscall.Sync()
 	unmountAll()
 	syscall.Sync()
-	cmd := unix.LINUX_REBOOT_CMD_POWER_OFF
-	// Without ACPI (microvm, acpi=off) power-off only halts the CPU and QEMU
-	// keeps running; a restart under QEMU's -no-reboot ends it instead.
-	if _, err := os.Stat("/sys/firmware/acpi"); err != nil || mode == "reboot" {
-		cmd = unix.LINUX_REBOOT_CMD_RESTART
-	}
 	for {
 		err := unix.Reboot(cmd)
 		os.Stderr.WriteString("isorun-agent: reboot: " + err.Error() + "\n")
 		time.Sleep(time.Second)
 	}
+}
+
+// rebootCmd is the reboot(2) command that ends the VM as mode asks, given
+// where the kernel shows ACPI (absent: power-off would only halt the CPU).
+func rebootCmd(mode, acpi string) int {
+	if _, err := os.Stat(acpi); err != nil || mode == "reboot" {
+		return unix.LINUX_REBOOT_CMD_RESTART
+	}
+	return unix.LINUX_REBOOT_CMD_POWER_OFF
 }
 
 // userProcessesLeft reports whether a process other than PID 1 is still

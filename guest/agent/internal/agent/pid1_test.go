@@ -4,6 +4,8 @@ import (
 	"os"
 	"os/exec"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestIsLiveUserProcessReadsRealStatLines(t *testing.T) {
@@ -43,5 +45,22 @@ func TestUserProcessesLeftSeesAChild(t *testing.T) {
 	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
 	if !userProcessesLeft("/proc") {
 		t.Fatal("a running child was not seen")
+	}
+}
+
+func TestPowerOffRestartsWhereThereIsNoACPI(t *testing.T) {
+	acpi := t.TempDir() // stands for /sys/firmware/acpi, read before /sys is unmounted
+	cases := []struct {
+		mode, acpi string
+		want       int
+	}{
+		{"poweroff", acpi, unix.LINUX_REBOOT_CMD_POWER_OFF},
+		{"poweroff", acpi + "/none", unix.LINUX_REBOOT_CMD_RESTART},
+		{"reboot", acpi, unix.LINUX_REBOOT_CMD_RESTART},
+	}
+	for _, c := range cases {
+		if got := rebootCmd(c.mode, c.acpi); got != c.want {
+			t.Errorf("rebootCmd(%q, %q) = %#x, want %#x", c.mode, c.acpi, got, c.want)
+		}
 	}
 }

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bufio"
 	"errors"
 	"io"
 	"os"
@@ -37,8 +38,10 @@ func findPort(name string, d time.Duration) (string, error) {
 // ServePort serves the port forever. A read of 0 bytes means no host is
 // connected: the connection state is dropped and reading resumes shortly.
 func (s *Server) ServePort(port *os.File) {
+	br := bufio.NewReaderSize(port, 2*MaxPayload)
 	for {
-		err := s.ServeConn(port)
+		err := s.serveConn(port, br)
+		br.Reset(port) // what a dropped connection left unread is not the next one's
 		switch {
 		case errors.Is(err, ErrViolation):
 			s.logf("%v: dropping the connection", err)

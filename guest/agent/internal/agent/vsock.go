@@ -7,6 +7,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -47,18 +48,38 @@ func (s *Server) ServeVsock(port uint32) error {
 		return fmt.Errorf("vsock listen: %w", err)
 	}
 	return s.serveHostConns(func() (acceptedConn, error) {
-		for {
-			// non-blocking, so that *os.File polls it and Close interrupts a Read
-			nfd, sa, err := unix.Accept4(fd, unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK)
-			if errors.Is(err, unix.EINTR) || errors.Is(err, unix.ECONNABORTED) {
-				continue
-			}
-			if err != nil {
-				return acceptedConn{}, fmt.Errorf("vsock accept: %w", err)
-			}
-			return acceptedConn{os.NewFile(uintptr(nfd), "vsock"), describePeer(sa), fromHost(sa)}, nil
+		nfd, sa, err := acceptRetrying(fd, s.logf)
+		if err != nil {
+			return acceptedConn{}, fmt.Errorf("vsock accept: %w", err)
 		}
+		return acceptedConn{os.NewFile(uintptr(nfd), "vsock"), describePeer(sa), fromHost(sa)}, nil
 	})
+}
+
+// acceptRetrying accepts a connection on the listening fd, non-blocking so
+// that *os.File polls it and Close interrupts a Read. Running short of fds or
+// memory passes: it waits and retries (ending the accept loop would leave the
+// host unable to reach the guest for the rest of its life).
+func acceptRetrying(fd int, logf func(string, ...any)) (int, unix.Sockaddr, error) {
+	wait := time.Duration(0)
+	for {
+		nfd, sa, err := unix.Accept4(fd, unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK)
+		switch {
+		case err == nil:
+			return nfd, sa, nil
+		case errors.Is(err, unix.EINTR), errors.Is(err, unix.ECONNABORTED):
+		case errors.Is(err, unix.EMFILE), errors.Is(err, unix.ENFILE),
+			errors.Is(err, unix.ENOBUFS), errors.Is(err, unix.ENOMEM):
+			if wait == 0 {
+				logf("vsock accept: %v; retrying until it passes", err)
+				wait = 50 * time.Millisecond
+			}
+			time.Sleep(wait)
+			wait = min(2*wait, time.Second)
+		default:
+			return -1, nil, err
+		}
+	}
 }
 
 // acceptedConn is one accepted connection and the verdict on its peer.

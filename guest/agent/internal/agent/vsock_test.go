@@ -3,9 +3,11 @@ package agent
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -121,5 +123,77 @@ func TestHostConnectionsRefuseOthersAndNewestWins(t *testing.T) {
 	l.Close()
 	if err := <-served; !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("accept loop ended with %v", err)
+	}
+}
+
+// A host connecting while the agent's fd table is full (accept4: EMFILE) is
+// served once fds are free again: the accept loop waits it out, not ends.
+func TestAcceptWaitsOutAFullFdTable(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "l.sock")
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Listen(fd, 8); err != nil {
+		t.Fatal(err)
+	}
+	client, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(client)
+	if err := unix.Connect(client, &unix.SockaddrUnix{Name: path}); err != nil {
+		t.Fatal(err)
+	}
+	var old unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatal(err)
+	}
+	// fill the table: every fd up to a low limit taken
+	low := old
+	low.Cur = 256
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &low); err != nil {
+		t.Fatal(err)
+	}
+	var hog []int
+	for {
+		h, err := unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			break
+		}
+		hog = append(hog, h)
+	}
+	var logged []string
+	accepted := make(chan error, 1)
+	go func() {
+		nfd, _, err := acceptRetrying(fd, func(f string, a ...any) {
+			logged = append(logged, fmt.Sprintf(f, a...))
+		})
+		if err == nil {
+			unix.Close(nfd)
+		}
+		accepted <- err
+	}()
+	time.Sleep(300 * time.Millisecond) // accept4 fails EMFILE meanwhile
+	for _, h := range hog {
+		unix.Close(h)
+	}
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-accepted:
+		if err != nil {
+			t.Fatalf("accept gave up: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the waiting connection was never accepted")
+	}
+	if len(logged) != 1 || !strings.Contains(logged[0], "too many open files") {
+		t.Fatalf("logged %q, want one line naming EMFILE", logged)
 	}
 }
