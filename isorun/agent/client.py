@@ -75,7 +75,7 @@ class _Capture:
     __slots__ = ("dropped", "limit", "parts", "size")
 
     def __init__(self, limit: int) -> None:
-        self.limit = max(limit, 0)
+        self.limit = limit
         self.parts: collections.deque[bytes] = collections.deque()
         self.size = 0
         self.dropped = 0
@@ -105,6 +105,15 @@ class Attachment:
     offset: int
     lost: int = 0
     gap_bytes: int = 0
+
+
+def _capture_limit(capture: bool, limit: int) -> int:
+    """What a process's collection keeps of each stream (0: nothing)."""
+    if not capture:
+        return 0
+    if limit <= 0:
+        raise ValueError(f"capture_limit must be a positive number of bytes, not {limit}")
+    return limit
 
 
 def _raise_for(resp: dict[str, Any]) -> dict[str, Any]:
@@ -238,6 +247,7 @@ class AgentClient:
     ) -> ExecResult:
         """Run a command to completion, streaming its output as it is written. With
         `capture` the result holds each stream's last `capture_limit` bytes."""
+        keep = _capture_limit(capture, capture_limit)
         req = _exec_request(cmd, argv, env, cwd, user, timeout, pty, tag)
         req["stdin"] = stdin is not None
         ch = await self._open(req)
@@ -255,7 +265,7 @@ class AgentClient:
                     on_stdout,
                     on_stderr,
                     on_start,
-                    capture_limit if capture else 0,
+                    keep,
                     None,
                     deadline,
                 )
@@ -312,6 +322,7 @@ class AgentClient:
     ) -> ExecResult:
         """Replay a process's buffered output from `offset`, follow it live, wait for exit.
         With `stdin`, its bytes go to the process's stdin (then EOF, as for exec)."""
+        keep = _capture_limit(capture, capture_limit)
         req = {"op": "attach", "proc_id": proc_id, "offset": offset, "output": output}
         if stdin is not None:
             req["stdin"] = True
@@ -320,7 +331,12 @@ class AgentClient:
             feeder = _start_feeder(ch, stdin) if stdin is not None else None
             try:
                 return await _collect_process(
-                    ch, on_stdout, on_stderr, None, capture_limit if capture else 0, attachment
+                    ch,
+                    on_stdout,
+                    on_stderr,
+                    None,
+                    keep,
+                    attachment,
                 )
             finally:
                 if feeder is not None:

@@ -11,7 +11,7 @@ import enum
 import json
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from isorun.errors import ProtocolError
@@ -45,15 +45,11 @@ class Frame:
     chan: int
     kind: Kind
     payload: bytes
-    _decoded: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def json(self) -> dict[str, Any]:
-        """Decode a JSON control payload; must be an object. Decoded once: the reader
-        validates each RESP and EVENT as it arrives, and its consumer reads the same."""
-        if self._decoded is None:
-            object.__setattr__(self, "_decoded", decode_json(self.payload))
-        assert self._decoded is not None
-        return self._decoded
+        """Decode a JSON control payload; must be an object. Not kept: decoded JSON can take
+        20 times its bytes, and a queued event is bounded by its bytes (mux.EVENT_BACKLOG)."""
+        return decode_json(self.payload)
 
     def credit(self) -> int:
         if len(self.payload) != 4:

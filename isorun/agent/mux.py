@@ -42,6 +42,7 @@ STREAM_LIMIT = frames.MAX_PAYLOAD * 4
 StreamPair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 IO_CHUNK = 32768
 DISPATCH_SLICE = 256  # frames the reader hands on before it lets the event loop run
+DISPATCH_BYTES = 1 << 20  # or bytes of them
 MAX_JOINED = frames.MAX_PAYLOAD  # bytes one queued data item grows to
 # Once connected the host asks the agent (op "keepalive") to send each open request this
 # EVENT every KEEPALIVE_S (guest/agent/internal/agent/keepalive.go): a long command, a
@@ -93,6 +94,7 @@ class Channel:
         self.closed = False
         # the last frame from the guest on this channel (or when its REQ was written)
         self._heard = asyncio.get_running_loop().time()
+        self.timed = True  # its waits end at the connection's idle_timeout
 
     def _deliver(self, frame: Frame) -> None:
         """Queue a frame from the guest; never waits."""
@@ -126,6 +128,15 @@ class Channel:
                     return
             self._event_bytes += cost
             self._conn._event_bytes += cost
+        if frame.kind in (Kind.RESP, Kind.EVENT):
+            # checked here, once its backlog took it: a bad payload is the guest's fault (the
+            # connection's end), not its consumer's
+            try:
+                frame.json()
+            except ProtocolError:
+                if frame.kind is Kind.EVENT:
+                    self._release_event(frame)
+                raise
         self._put(frame)
 
     def _too_slow(self) -> None:
@@ -180,7 +191,7 @@ class Channel:
         return item
 
     async def _wait_arrival(self) -> None:
-        idle = self._conn.idle_timeout
+        idle = self._conn.idle_timeout if self.timed else None
         if idle is None:
             await self._arrived.wait()
             return
@@ -383,6 +394,7 @@ class AgentConnection:
 
     async def _ask_keepalive(self) -> None:
         with contextlib.suppress(IsorunError), self.open_channel() as ch:
+            ch.timed = False  # its own deadline is below; a late answer is still taken
             await self.request(ch, {"op": "keepalive", "interval_ms": int(self.keepalive_s * 1000)})
             try:
                 async with asyncio.timeout(self.idle_after_s):
@@ -390,7 +402,7 @@ class AgentConnection:
             except TimeoutError:
                 # Every agent answers every op, an unknown one too: no answer at all is a
                 # guest hung since its hello. Its requests are timed from now on (else they
-                # would wait for ever), and a late grant still sets the real interval.
+                # would wait for ever), and a late answer still sets what it grants.
                 self._time_requests(self.idle_after_s)
                 frame = await self._answer(ch)
             answer = frame.json()
@@ -470,7 +482,7 @@ class AgentConnection:
     async def _read_loop(self, leftover: bytes) -> None:
         try:
             data = leftover
-            since_yield = 0
+            since_yield = handled = 0
             while True:
                 batch = self._decoder.feed(data)
                 # The event loop runs at least every DISPATCH_SLICE frames: read() does not
@@ -482,8 +494,10 @@ class AgentConnection:
                     part = batch[i : i + DISPATCH_SLICE]
                     await self._dispatch_all(part)
                     since_yield += len(part)
-                    if since_yield >= DISPATCH_SLICE:
-                        since_yield = 0
+                    handled += sum(len(f.payload) for f in part)
+                    # and every MiB: 256 events of 32 KiB JSON take 300 ms to check
+                    if since_yield >= DISPATCH_SLICE or handled >= DISPATCH_BYTES:
+                        since_yield = handled = 0
                         await asyncio.sleep(0)
                 data = await self._reader.read(65536)
                 if not data:
@@ -515,8 +529,6 @@ class AgentConnection:
                 continue
             if frame.kind is Kind.EVENT and frame.payload == KEEPALIVE_PAYLOAD:
                 continue
-            if frame.kind in (Kind.RESP, Kind.EVENT):
-                frame.json()  # validate now: a bad payload is the guest's fault, not the consumer's
             ch._deliver(frame)
 
     # --- closing -----------------------------------------------------------------
@@ -565,18 +577,22 @@ class AgentConnection:
 
     async def close(self) -> None:
         self._closing = True
-        for task in (self._keepalive_task, self._reader_task):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    # the task's own end, unless close() itself is being cancelled
-                    me = asyncio.current_task()
-                    if me is not None and me.cancelling():
-                        raise
-                except Exception:  # its failure was the connection's already
-                    pass
+        # Closed first, waited for after: a close() that is itself cancelled meanwhile (or
+        # runs in the cleanup of a cancelled task) still leaves nothing open.
+        tasks = [t for t in (self._keepalive_task, self._reader_task) if t is not None]
+        for task in tasks:
+            task.cancel()
         self._fail(ChannelClosedError("agent connection closed by the host"))
+        me = asyncio.current_task()
+        cancels_before = me.cancelling() if me is not None else 0
+        for task in tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                # the task's own end, unless close() itself was cancelled since it began
+                if me is not None and me.cancelling() > cancels_before:
+                    raise
+            except Exception:  # its failure was the connection's already
+                pass
         with contextlib.suppress(Exception):
             await self._writer.wait_closed()

@@ -73,15 +73,16 @@ class ConsoleLog:
                 if len(self._tail) > TAIL_BYTES:
                     del self._tail[: len(self._tail) - TAIL_BYTES]
                 if log is not None and not self._append(log, data):
-                    log.close()
+                    _close_quietly(log)
                     log = None
         finally:
             if log is not None:
-                log.close()
+                _close_quietly(log)
 
     def _open_log(self) -> BinaryIO | None:
         try:
-            log = open(self.path, "ab")  # noqa: SIM115 - closed by _pump
+            # unbuffered: a write that fails fails there, with nothing left for close()
+            log = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed by _pump
         except OSError as exc:
             _log.warning("console log %s not kept: %s", self.path, exc)
             return None
@@ -94,12 +95,11 @@ class ConsoleLog:
         if room <= 0:
             return True
         try:
-            log.write(data[:room])
-            log.flush()
+            written = log.write(data[:room])
         except OSError as exc:
             _log.warning("console log %s stopped: %s", self.path, exc)
             return False
-        self._written += min(room, len(data))
+        self._written += written or 0
         return True
 
     @property
@@ -123,3 +123,8 @@ class ConsoleLog:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+
+
+def _close_quietly(log: BinaryIO) -> None:
+    with contextlib.suppress(OSError):
+        log.close()

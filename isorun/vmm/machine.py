@@ -659,14 +659,10 @@ class MicroVM:
     def _ending_on_its_own(self) -> bool:
         """The guest or QEMU ended already, its reason still being gathered (the console
         drained for a panic's last lines): a caller that shuts down because its channel just
-        broke must not turn a panic, poweroff, reboot or OOM kill into "shutdown"."""
+        broke must not turn a panic, poweroff, reboot or OOM kill into "shutdown". Not the
+        console's panic text: any guest process can print that (a halt line ends the VM)."""
         assert self._proc is not None
-        return (
-            self._proc.gone()
-            or self.console.halted
-            or self.console.panicked
-            or self._qmp.shutdown_reason is not None
-        )
+        return self._proc.gone() or self.console.halted or self._qmp.shutdown_reason is not None
 
     async def kill(self) -> VMUsage:
         """Stop QEMU now (SIGKILL to its session) and remove every file and group it had.

@@ -258,3 +258,71 @@ async def test_a_guest_hung_since_its_hello_is_timed_without_a_keepalive_answer(
     assert err.value.code == "unresponsive"
     guest.cancel()
     await conn.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "idle"),
+    [
+        ({"ok": True, "interval_ms": 1000}, 3.0),
+        ({"ok": False, "code": "invalid", "error": "unknown op"}, None),
+    ],
+    ids=["late-grant", "late-refusal"],
+)
+async def test_a_late_answer_to_the_keepalive_request_still_counts(
+    answer: dict[str, object], idle: float | None
+) -> None:
+    # Past the idle limit requests are timed; a late grant then sets the interval it
+    # grants, and a late refusal (an agent from before keepalives) untimes them again.
+    host_sock, guest_sock = socket.socketpair()
+    gr, gw = await asyncio.open_connection(sock=guest_sock)
+
+    async def late() -> None:
+        await answer_hello(gr, gw)
+        ask = await read_frame(gr)
+        await asyncio.sleep(IDLE + 0.3)
+        gw.write(frames.encode_json(ask.chan, Kind.RESP, answer))
+        await gw.drain()
+        await asyncio.sleep(3600)
+
+    guest = asyncio.create_task(late())
+    hr, hw = await asyncio.open_connection(sock=host_sock)
+    conn = AgentConnection(hr, hw)
+    conn.idle_after_s = IDLE
+    await conn.handshake(5)
+    assert conn._keepalive_task is not None
+    await asyncio.wait_for(conn._keepalive_task, 5)
+    assert conn.idle_timeout == idle
+    guest.cancel()
+    await conn.close()
+
+
+async def test_a_close_in_the_cleanup_of_a_cancelled_task_still_closes() -> None:
+    # `finally: await conn.close()` of a cancelled task, the keepalive request still
+    # pending: the connection (reader, socket, channels) must not be left open.
+    host_sock, guest_sock = socket.socketpair()
+    gr, gw = await asyncio.open_connection(sock=guest_sock)
+
+    async def silent() -> None:
+        await answer_hello(gr, gw)
+        while True:
+            await read_frame(gr)
+
+    guest = asyncio.create_task(silent())
+    hr, hw = await asyncio.open_connection(sock=host_sock)
+    conn = AgentConnection(hr, hw)
+    await conn.handshake(5)
+
+    async def user() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await conn.close()
+
+    task = asyncio.create_task(user())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert conn.is_closed
+    assert conn._reader_task is not None and conn._reader_task.done()
+    guest.cancel()

@@ -4,7 +4,9 @@ connection with a clear error and leaves other connections working."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import struct
+import tracemalloc
 from collections.abc import AsyncIterator
 
 import pytest
@@ -724,5 +726,58 @@ async def test_a_flood_of_empty_frames_lets_the_event_loop_run_between_slices() 
     other.cancel()
     assert result.exit_code == 0
     assert ticks >= count // mux.DISPATCH_SLICE // 2, ticks
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_queued_events_hold_about_their_bytes_not_their_decoded_size() -> None:
+    # The event bounds count bytes; a queued event kept decoded would hold many times that
+    # (`[[],[],...]`: 3 bytes each, a 56-byte list each decoded).
+    payload = b'{"e":[' + b",".join([b"[]"] * 10_900) + b"]}"
+    per_channel = mux.EVENT_BACKLOG // (len(payload) + mux.EVENT_OVERHEAD)
+    channels = 4
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        opened = [(await _read_frame(r)).chan for _ in range(channels)]
+        for chan in opened:
+            w.write(frames.encode(chan, Kind.EVENT, payload) * per_channel)
+        await w.drain()
+        await asyncio.sleep(3600)
+
+    client, task = await _connect(guest)
+    conn = client.conn
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(channels):
+            await conn.request(conn.open_channel(), {"op": "watch"})
+        want = channels * per_channel * (len(payload) + mux.EVENT_OVERHEAD)
+        for _ in range(500):
+            if conn._event_bytes >= want:
+                break
+            await asyncio.sleep(0.01)
+        assert conn._event_bytes == want
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * want, f"{held / 2**20:.1f} MiB held for {want / 2**20:.1f} MiB of events"
+    task.cancel()
+    await conn.close()
+
+
+async def test_a_capture_limit_that_keeps_nothing_is_refused_before_anything_runs() -> None:
+    asked = asyncio.Event()
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_frame(r)
+        asked.set()
+
+    client, task = await _connect(guest)
+    with pytest.raises(ValueError, match="capture_limit"):
+        await client.exec("true", capture_limit=0)
+    await asyncio.sleep(0.1)
+    assert not asked.is_set()
     task.cancel()
     await client.conn.close()

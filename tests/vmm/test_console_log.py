@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from isorun.vmm import console
 from isorun.vmm.console import ConsoleLog
 
@@ -36,16 +38,18 @@ async def test_a_halt_is_recognised_and_ordinary_output_is_neither(tmp_path: Pat
     assert not plain.halted and not plain.panicked
 
 
-async def test_a_log_that_cannot_be_written_still_sees_the_halt(tmp_path: Path) -> None:
+@pytest.mark.parametrize("first", [270, 70_000], ids=["small-write", "large-write"])
+async def test_a_log_that_cannot_be_written_still_sees_the_halt(first: int) -> None:
     # /dev/full fails every write with ENOSPC, as a full state disk does: the log stops,
     # the reading goes on (a halt is seen only there, and an unread console stalls the guest)
     reader = asyncio.StreamReader()
-    reader.feed_data(b"x" * 70_000)
-    reader.feed_data(b"reboot: Power down\n")
-    reader.feed_eof()
     halts: list[bool] = []
     log = ConsoleLog(Path("/dev/full"), on_halt=lambda: halts.append(True))
     log.start(reader)
+    reader.feed_data(b"x" * first)  # ordinary output, read (and failed to log) on its own
+    await asyncio.sleep(0.1)
+    reader.feed_data(b"reboot: Power down\n")  # the poweroff, later
+    reader.feed_eof()
     await log.drain()
     assert log.halted and halts == [True]
 

@@ -3,6 +3,7 @@ package agent
 import (
 	"bufio"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -163,6 +164,22 @@ func (c *Conn) channel(id uint32) *Channel {
 	return c.chans[id]
 }
 
+// refuseBusy answers a REQ past MaxOpenChannels (each open request holds a
+// goroutine and its buffers) at once, from the reader: nothing is started or
+// kept for it. A host that goes on sending them without reading the answers
+// (the queue to the writer full) has broken the protocol.
+func (c *Conn) refuseBusy(chanID uint32) error {
+	b, _ := json.Marshal(errResp("busy", fmt.Sprintf(
+		"%d requests are open on this connection: end some first", MaxOpenChannels)))
+	select {
+	case c.out <- outFrame{buf: EncodeFrame(chanID, KindResp, b)}:
+		return nil
+	default:
+		return fmt.Errorf("%w: requests past the bound of %d while their answers are not read",
+			ErrViolation, MaxOpenChannels)
+	}
+}
+
 func (c *Conn) dispatch(f Frame) error {
 	switch f.Kind {
 	case KindReq:
@@ -171,17 +188,13 @@ func (c *Conn) dispatch(f Frame) error {
 			c.mu.Unlock()
 			return nil // host bug; the open channel keeps going
 		}
+		if len(c.chans) >= MaxOpenChannels {
+			c.mu.Unlock()
+			return c.refuseBusy(f.Chan)
+		}
 		ch := newChannel(c, f.Chan)
 		c.chans[f.Chan] = ch
-		open := len(c.chans)
 		c.mu.Unlock()
-		if open > MaxOpenChannels {
-			// each open request holds a goroutine and its buffers: past the
-			// bound it is refused (at once, its REQ not kept), not run
-			go ch.Resp(errResp("busy", fmt.Sprintf(
-				"%d requests are open on this connection: end some first", MaxOpenChannels)))
-			return nil
-		}
 		go c.srv.handle(ch, f.Payload)
 	case KindIn:
 		if ch := c.channel(f.Chan); ch != nil {
