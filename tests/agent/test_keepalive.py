@@ -9,7 +9,7 @@ import contextlib
 import socket
 
 import pytest
-from fakeguest import answer_hello, connect, read_frame
+from fakeguest import Guest, answer_hello, connect, read_frame
 
 from isorun.agent import AgentClient, AgentConnection, frames
 from isorun.agent.frames import Kind
@@ -17,6 +17,24 @@ from isorun.agent.mux import KEEPALIVE_PAYLOAD
 from isorun.errors import GuestError
 
 IDLE = 0.5
+
+
+async def _answering_all(guest: Guest) -> tuple[AgentConnection, asyncio.Task[None]]:
+    """A connection (idle limit IDLE) to `guest`, which after its hello handles all that
+    comes, the host's keepalive request too (fakeguest.connect answers that for a guest)."""
+    host_sock, guest_sock = socket.socketpair()
+    gr, gw = await asyncio.open_connection(sock=guest_sock)
+
+    async def run() -> None:
+        await answer_hello(gr, gw)
+        await guest(gr, gw)
+
+    task = asyncio.create_task(run())
+    hr, hw = await asyncio.open_connection(sock=host_sock)
+    conn = AgentConnection(hr, hw)
+    conn.idle_after_s = IDLE
+    await conn.handshake(5)
+    return conn, task
 
 
 async def test_a_request_the_hung_guest_never_answers_fails_as_unresponsive() -> None:
@@ -114,18 +132,7 @@ async def test_an_agent_from_before_keepalives_is_asked_and_still_works() -> Non
             w.write(frames.encode_json(req.chan, Kind.RESP, answer))
             await w.drain()
 
-    host_sock, guest_sock = socket.socketpair()
-    gr, gw = await asyncio.open_connection(sock=guest_sock)
-
-    async def run() -> None:
-        await answer_hello(gr, gw)
-        await old_agent(gr, gw)
-
-    guest = asyncio.create_task(run())
-    hr, hw = await asyncio.open_connection(sock=host_sock)
-    conn = AgentConnection(hr, hw)
-    conn.idle_after_s = IDLE
-    await conn.handshake(5)
+    conn, guest = await _answering_all(old_agent)
     client = AgentClient(conn)
     assert (await asyncio.wait_for(client.stat("/x"), 5)).path == "/x"
     await asyncio.wait_for(asked.wait(), 5)
@@ -212,11 +219,7 @@ async def test_a_request_whose_send_timed_out_is_cancelled_when_the_guest_reads_
 
 
 async def test_a_wait_begun_before_keepalives_were_granted_is_timed_too() -> None:
-    host_sock, guest_sock = socket.socketpair()
-    gr, gw = await asyncio.open_connection(sock=guest_sock)
-
     async def grants_late(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await answer_hello(r, w)
         asks = [await read_frame(r), await read_frame(r)]  # the keepalive and the watch
         await asyncio.sleep(0.3)  # the watch is waiting by now
         ask = next(f for f in asks if f.json()["op"] == "keepalive")
@@ -224,11 +227,7 @@ async def test_a_wait_begun_before_keepalives_were_granted_is_timed_too() -> Non
         await w.drain()
         await asyncio.sleep(3600)  # then hangs: no keepalive, no answer
 
-    guest = asyncio.create_task(grants_late(gr, gw))
-    hr, hw = await asyncio.open_connection(sock=host_sock)
-    conn = AgentConnection(hr, hw)
-    conn.idle_after_s = IDLE
-    await conn.handshake(5)
+    conn, guest = await _answering_all(grants_late)
     watching = AgentClient(conn).watch("/w")
     with pytest.raises(GuestError) as err:
         await asyncio.wait_for(watching.__anext__(), 5)
@@ -240,19 +239,11 @@ async def test_a_wait_begun_before_keepalives_were_granted_is_timed_too() -> Non
 async def test_a_guest_hung_since_its_hello_is_timed_without_a_keepalive_answer() -> None:
     # Every agent answers every op (an unknown one with ok:false): one that does not answer
     # the keepalive request at all is hung, and its requests fail instead of waiting for ever.
-    host_sock, guest_sock = socket.socketpair()
-    gr, gw = await asyncio.open_connection(sock=guest_sock)
-
-    async def hung_after_hello() -> None:
-        await answer_hello(gr, gw)
+    async def hung_after_hello(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         while True:
-            await read_frame(gr)  # reads everything, answers nothing
+            await read_frame(r)  # reads everything, answers nothing
 
-    guest = asyncio.create_task(hung_after_hello())
-    hr, hw = await asyncio.open_connection(sock=host_sock)
-    conn = AgentConnection(hr, hw)
-    conn.idle_after_s = IDLE
-    await conn.handshake(5)
+    conn, guest = await _answering_all(hung_after_hello)
     with pytest.raises(GuestError) as err:
         await asyncio.wait_for(AgentClient(conn).health(), 10)
     assert err.value.code == "unresponsive"
@@ -273,22 +264,14 @@ async def test_a_late_answer_to_the_keepalive_request_still_counts(
 ) -> None:
     # Past the idle limit requests are timed; a late grant then sets the interval it
     # grants, and a late refusal (an agent from before keepalives) untimes them again.
-    host_sock, guest_sock = socket.socketpair()
-    gr, gw = await asyncio.open_connection(sock=guest_sock)
-
-    async def late() -> None:
-        await answer_hello(gr, gw)
-        ask = await read_frame(gr)
+    async def late(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ask = await read_frame(r)
         await asyncio.sleep(IDLE + 0.3)
-        gw.write(frames.encode_json(ask.chan, Kind.RESP, answer))
-        await gw.drain()
+        w.write(frames.encode_json(ask.chan, Kind.RESP, answer))
+        await w.drain()
         await asyncio.sleep(3600)
 
-    guest = asyncio.create_task(late())
-    hr, hw = await asyncio.open_connection(sock=host_sock)
-    conn = AgentConnection(hr, hw)
-    conn.idle_after_s = IDLE
-    await conn.handshake(5)
+    conn, guest = await _answering_all(late)
     assert conn._keepalive_task is not None
     await asyncio.wait_for(conn._keepalive_task, 5)
     assert conn.idle_timeout == idle
@@ -299,18 +282,11 @@ async def test_a_late_answer_to_the_keepalive_request_still_counts(
 async def test_a_close_in_the_cleanup_of_a_cancelled_task_still_closes() -> None:
     # `finally: await conn.close()` of a cancelled task, the keepalive request still
     # pending: the connection (reader, socket, channels) must not be left open.
-    host_sock, guest_sock = socket.socketpair()
-    gr, gw = await asyncio.open_connection(sock=guest_sock)
-
-    async def silent() -> None:
-        await answer_hello(gr, gw)
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         while True:
-            await read_frame(gr)
+            await read_frame(r)
 
-    guest = asyncio.create_task(silent())
-    hr, hw = await asyncio.open_connection(sock=host_sock)
-    conn = AgentConnection(hr, hw)
-    await conn.handshake(5)
+    conn, guest = await _answering_all(silent)
 
     async def user() -> None:
         try:
