@@ -122,13 +122,17 @@ class SandboxManager:
             if self.cfg.kill_on_exit:
                 await self._end(live, "daemon-stopped")
                 continue
-            # Leave the VM running; the next daemon re-adopts it.
-            for t in list(live.tasks):
-                t.cancel()
+            # Leave the VM running; the next daemon re-adopts it. Let go of it first: the
+            # sandbox's requests then end with its connection, and none tells the guest to
+            # CANCEL (which kills a foreground command, meant to outlive its client).
             if live.watcher is not None:
-                live.watcher.cancel()
+                live.watcher.cancel()  # before the connection closes: that is no death
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await live.watcher
             with contextlib.suppress(Exception):
                 await live.vm.detach()
+            for t in list(live.tasks):
+                t.cancel()
         self.live.clear()
 
     async def _readopt(self) -> None:

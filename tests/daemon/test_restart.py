@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from daemonhelpers import Daemon, assert_no_leaks, ndjson
 from vmhelpers import qemu_pids_for
@@ -52,12 +54,28 @@ def test_sigkill_mid_stream_then_restart_readopts(tmp_path: Path, busybox_rootfs
             ev = ndjson(c.get(f"/v1/sandboxes/{sid}/processes/{fg}/stream"))
             assert ev[-1]["type"] == "exit" and ev[-1]["exit_code"] == 0
             assert b"finished" in b"".join(base64.b64decode(e["data"]) for e in ev if "data" in e)
-            # A clean stop (SIGTERM) also keeps it running for the next daemon.
+            # A clean stop (SIGTERM) also keeps it running for the next daemon, and the
+            # command an exec stream follows meanwhile with it (no CANCEL sent as it goes;
+            # past uvicorn's 5 s grace for open requests).
+            with c.stream(
+                "POST",
+                f"/v1/sandboxes/{sid}/exec",
+                json={"cmd": "sleep 8; echo finished > /tmp/fg2; echo finished"},
+            ) as r:
+                lines = r.iter_lines()
+                fg2 = json.loads(next(lines))["proc_id"]
+                assert d.proc is not None
+                d.proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(httpx.HTTPError):
+                    for _ in lines:  # until the stopping daemon lets go of the stream
+                        pass
         d.stop(signal.SIGTERM)
         assert qemu_pids_for(d.state) == vm_pids
         d.start()
         with d.client() as c:
             assert c.get(f"/v1/sandboxes/{sid}").json()["state"] == "running"
+            ev = ndjson(c.get(f"/v1/sandboxes/{sid}/processes/{fg2}/stream", timeout=60))
+            assert ev[-1]["type"] == "exit" and ev[-1]["exit_code"] == 0, ev[-1]
             usage = c.delete(f"/v1/sandboxes/{sid}").json()
             # Uptime spans both daemon restarts (measured from the VM's start).
             assert usage["uptime_ms"] > 3000 and usage["cpu_ms"] > 0
