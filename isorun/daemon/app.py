@@ -324,6 +324,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         return build_spec()
 
     async def info(request: Request, tenant: str) -> Any:
+        vcpus, memory_mib = manager.allocated()  # as the capacity check counts them
         return {
             "version": __version__,
             "tenant": tenant,
@@ -332,8 +333,8 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                 "host_mem_mib": cfg.host_mem_mib,
                 "cpu_overcommit": cfg.cpu_overcommit,
                 "mem_overcommit": cfg.mem_overcommit,
-                "vcpus_allocated": sum(lv.row.vcpus for lv in manager.live.values()),
-                "memory_mib_allocated": sum(lv.row.memory_mib for lv in manager.live.values()),
+                "vcpus_allocated": vcpus,
+                "memory_mib_allocated": memory_mib,
             },
             "price_per_vcpu_hour": cfg.price_per_vcpu_hour,
         }

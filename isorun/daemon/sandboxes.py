@@ -225,10 +225,13 @@ class SandboxManager:
 
     # --- create ----------------------------------------------------------------------
 
-    def _check_capacity(self, vcpus: int, memory_mib: int) -> None:
+    def allocated(self) -> tuple[int, int]:
+        """vCPUs and MiB of guest memory held: running sandboxes and ones being created."""
         rows = [lv.row for lv in self.live.values()] + [r for r, _ in self.creating.values()]
-        used_cpu = sum(r.vcpus for r in rows)
-        used_mem = sum(r.memory_mib for r in rows)
+        return sum(r.vcpus for r in rows), sum(r.memory_mib for r in rows)
+
+    def _check_capacity(self, vcpus: int, memory_mib: int) -> None:
+        used_cpu, used_mem = self.allocated()
         cpu_cap = int(self.cfg.host_cpus * self.cfg.cpu_overcommit)
         mem_cap = int(self.cfg.host_mem_mib * self.cfg.mem_overcommit)
         if used_cpu + vcpus > cpu_cap:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from daemonhelpers import Daemon, ndjson
 
@@ -437,3 +439,31 @@ def test_delete_of_a_starting_sandbox_ends_it_once_booted(daemon: Daemon, image:
         assert c.get("/v1/sandboxes", params={"metadata.case": "delete-while-starting"}).json() == {
             "sandboxes": []
         }
+
+
+def test_info_counts_a_sandbox_being_created_as_the_capacity_check_does(
+    daemon: Daemon, image: str
+) -> None:
+    with daemon.client() as c:
+        before = c.get("/v1/info").json()["capacity"]["vcpus_allocated"]
+        known = {s["id"] for s in c.get("/v1/sandboxes").json()["sandboxes"]}
+        created: list[httpx.Response] = []
+        maker = threading.Thread(
+            target=lambda: created.append(
+                daemon.client().post("/v1/sandboxes", json={"image": image, "vcpus": 1})
+            )
+        )
+        maker.start()
+        seen_creating = False
+        while maker.is_alive() and not seen_creating:
+            new = [s for s in c.get("/v1/sandboxes").json()["sandboxes"] if s["id"] not in known]
+            if new and new[0]["state"] == "creating":
+                allocated = c.get("/v1/info").json()["capacity"]["vcpus_allocated"]
+                still = c.get(f"/v1/sandboxes/{new[0]['id']}").json()["state"] == "creating"
+                if still:  # it was being created when info answered
+                    assert allocated == before + 1
+                    seen_creating = True
+            time.sleep(0.01)
+        maker.join()
+        assert seen_creating, "the create was over before it could be seen"
+        c.delete(f"/v1/sandboxes/{created[0].json()['id']}")
