@@ -439,8 +439,9 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                     q.put_nowait(final)
             except asyncio.CancelledError:
                 if not detached:
+                    why = f" ({live.end_reason})" if live.end_reason else ""
                     q.put_nowait(
-                        stream_error_record(410, "sandbox_ended", "the sandbox was destroyed")
+                        stream_error_record(410, "sandbox_ended", f"the sandbox ended{why}")
                     )
                 raise
             except Exception as exc:

@@ -42,6 +42,8 @@ class Live:
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     watcher: asyncio.Task[None] | None = None
     ending: asyncio.Future[dict[str, Any]] | None = None
+    # why it is ending, known before its end is stored: what its requests cut short say
+    end_reason: str | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """A task that belongs to this sandbox (e.g. an exec whose client went away)."""
@@ -208,7 +210,7 @@ class SandboxManager:
         if row.state == "creating":
             raise Conflict(f"sandbox {sandbox_id} is still starting; retry when it runs")
         if live is None or live.ending is not None:
-            why = row.end_reason or "ended"
+            why = row.end_reason or (live.end_reason if live is not None else None) or "ended"
             raise Gone(f"sandbox {sandbox_id} has ended ({why}); create a new sandbox")
         return live
 
@@ -422,6 +424,7 @@ class SandboxManager:
         if live.ending is not None:
             return await asyncio.shield(live.ending)
         live.ending = asyncio.get_running_loop().create_future()
+        live.end_reason = reason
         try:
             for t in list(live.tasks):
                 t.cancel()

@@ -317,6 +317,10 @@ def test_timeout_reaps_and_kill_reports_usage(daemon: Daemon, image: str) -> Non
         b = c.post("/v1/sandboxes", json={"image": image, "sandbox_timeout": 600}).json()["id"]
         assert c.post(f"/v1/sandboxes/{a}/timeout", json={"sandbox_timeout": 1}).status_code == 200
         assert c.post(f"/v1/sandboxes/{a}/timeout", json={"sandbox_timeout": 0}).status_code == 422
+        # a command running when the timeout ends the sandbox is told why
+        cut = ndjson(c.post(f"/v1/sandboxes/{a}/exec", json={"cmd": "sleep 30"}, timeout=30))
+        assert cut[-1]["type"] == "error" and cut[-1]["status"] == 410, cut[-1]
+        assert "timeout" in cut[-1]["message"], cut[-1]
         deadline = time.monotonic() + 15
         while c.get(f"/v1/sandboxes/{a}").json()["state"] != "ended":
             assert time.monotonic() < deadline, "reaper did not end the sandbox"
