@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import time
@@ -375,6 +376,13 @@ class SandboxManager:
                         row, "error", usage, self.cfg.price_per_vcpu_hour, error=msg[:4000]
                     )
             await self._release_image(row)
+            full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            if full or (isinstance(exc, VMError) and exc.reason == "host_disk_full"):
+                raise ApiError(
+                    f"the host's disk for sandbox VMs is full: {exc}",
+                    status=507,
+                    code="host_disk_full",
+                ) from exc
             if isinstance(exc, VMError):
                 raise ApiError(
                     f"sandbox VM failed to start: {exc}", status=500, code="boot_failed"

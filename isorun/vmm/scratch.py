@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from isorun.errors import ConfigError
+from isorun.errors import VMError
 from isorun.images.locks import file_lock
 from isorun.vmm.artifacts import cache_root, tool
 
@@ -38,7 +38,10 @@ async def _run(*argv: str) -> None:
             await proc.wait()
         raise
     if proc.returncode != 0:
-        raise ConfigError(f"{argv[0]} failed: {out.decode(errors='replace').strip()[:500]}")
+        said = out.decode(errors="replace").strip()[:500]
+        # the host's trouble, not a bad request: a full disk says so in its reason
+        reason = "host_disk_full" if "No space left on device" in said else "host_tool"
+        raise VMError(f"{os.path.basename(argv[0])} failed: {said}", reason)
 
 
 VERSION = 4  # bumped whenever the layout changes; older versions' files are removed
