@@ -24,10 +24,19 @@ from isorun.daemon.progress import progress_record
 from isorun.daemon.store import LOCAL_TENANT, SandboxRow, Store
 from isorun.errors import IsorunError, VMError
 from isorun.images import ImageConfig, ImageError, ImageStore, ProgressEvent
-from isorun.vmm import MicroVM, VMSpec, cgroup, death_reason_of, kill_orphan, remove_run_dir
+from isorun.vmm import (
+    MicroVM,
+    VMSpec,
+    cgroup,
+    death_reason_of,
+    kill_orphan,
+    remove_run_dir,
+    run_dir_labels,
+)
 
 log = logging.getLogger("isorund.sandboxes")
 TAG = "isorun.sandbox="
+SANDBOX_LABEL = "isorun.sandbox"  # the VMSpec label naming a VM's sandbox
 # Shapes whose warm-start templates may be queued at once (more boot cold until one is done).
 MAX_TEMPLATING = 4
 # How long a failed agent connection waits for its VM's exit (whose reason says more).
@@ -96,7 +105,7 @@ class SandboxManager:
         shape = (spec.vcpus, spec.memory_mib)
         if self._stopping or shape in self._templating or len(self._templating) >= MAX_TEMPLATING:
             return
-        tspec = dataclasses.replace(spec, rootfs=None, extra_cmdline="", warm_start=True)
+        tspec = dataclasses.replace(spec, rootfs=None, extra_cmdline="", labels={}, warm_start=True)
         task = asyncio.create_task(self._make_warm_template(tspec), name=f"template {shape}")
         self._templating[shape] = task
         task.add_done_callback(lambda _: self._templating.pop(shape, None))
@@ -328,11 +337,14 @@ class SandboxManager:
             rootfs, digest, icfg = await self._resolve_image(
                 row.tenant_id, req.image, row.id, on_progress
             )
+            # Stored now, not once booted: a daemon that dies during the boot leaves the
+            # image held by this sandbox, and only a stored digest lets the next release it.
+            row.image_digest = digest
+            self.store.update_sandbox(row.id, image_digest=digest)
             if on_progress is not None:
                 on_progress(
                     {"type": "progress", "phase": "booting", "ref": req.image, "sandbox": row.id}
                 )
-            row.image_digest = digest
             spec = VMSpec(
                 rootfs=rootfs,
                 vcpus=row.vcpus,
@@ -340,6 +352,7 @@ class SandboxManager:
                 scratch_mib=row.disk_mib,
                 jail=self.cfg.jail,
                 extra_cmdline=f"{TAG}{row.id}",
+                labels={SANDBOX_LABEL: row.id},
             )
             # A create never waits for a template boot: without one it boots cold, and the
             # template is made after it (not beside it: both would share the host's cores)
@@ -500,7 +513,11 @@ class SandboxManager:
 
 
 def _sandbox_of(run_dir: Path) -> str | None:
-    """The sandbox id a run dir's QEMU was started for (tagged on its kernel command line)."""
+    """The sandbox id a run dir was made for: its label (written as the dir is made), or
+    for a VM of an older daemon the tag on its kernel command line."""
+    labelled = run_dir_labels(run_dir).get(SANDBOX_LABEL)
+    if labelled is not None:
+        return labelled
     try:
         argv = json.loads((run_dir / "argv.json").read_text())
     except (OSError, ValueError):

@@ -7,6 +7,7 @@ from isorun.vmm.machine import (
     death_reason_of,
     kill_orphan,
     remove_run_dir,
+    run_dir_labels,
     running_pid,
 )
 from isorun.vmm.spec import VMSpec
@@ -20,5 +21,6 @@ __all__ = [
     "detect",
     "kill_orphan",
     "remove_run_dir",
+    "run_dir_labels",
     "running_pid",
 ]

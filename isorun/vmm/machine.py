@@ -411,6 +411,10 @@ class MicroVM:
         self.started_at = t0
         self.run_dir.mkdir(parents=True, exist_ok=False)
         self._owns_run_dir = True
+        if self.spec.labels:
+            # Before anything else: a host process that dies from here on leaves a run dir
+            # its owner (a daemon restarting) can tell is its own, QEMU started or not.
+            (self.run_dir / LABELS_FILE).write_text(json.dumps(self.spec.labels))
         scratch_path = template_scratch or self.run_dir / "scratch.ext4"
         if self.spec.rootfs is not None and template_scratch is None:
             await scratch.make_scratch(scratch_path, self.spec.scratch_mib)
@@ -855,6 +859,21 @@ def kill_orphan(run_dir: Path, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+# The VMSpec's labels, written into its run dir as it is made (run_dir_labels reads them).
+LABELS_FILE = "labels.json"
+
+
+def run_dir_labels(run_dir: Path) -> dict[str, str]:
+    """The labels the VM of a run dir was started with ({} if none or unreadable)."""
+    try:
+        labels = json.loads((run_dir / LABELS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(labels, dict):
+        return {}
+    return {k: v for k, v in labels.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 # sun_path holds 108 bytes with its terminating NUL.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -145,3 +146,26 @@ def test_inspect_remove_gc_and_usage(
     with pull_daemon.tcp(key["key"]) as t:
         assert t.post("/v1/images/gc").status_code == 403
         assert t.delete("/v1/images", params={"ref": ref}).status_code == 403
+
+
+def test_a_daemon_killed_during_a_create_leaves_no_hold_on_its_image(
+    registry: Registry, tmp_path: Path
+) -> None:
+    push_busybox(registry, tmp_path, "dpull/held:v1")
+    ref = f"{registry.host}/dpull/held:v1"
+    # no warm template being made meanwhile: the kill would leave its guest's run dir
+    with running_daemon(tmp_path / "d", own_images=True, ISORUN_WARM_START="0") as d:
+        with (
+            d.client() as c,
+            c.stream("POST", "/v1/sandboxes", params={"progress": "1"}, json={"image": ref}) as r,
+        ):
+            for line in r.iter_lines():
+                if line and json.loads(line).get("phase") == "booting":
+                    d.stop(signal.SIGKILL)  # the image is held by now, the VM not booted
+                    break
+        d.start()
+        with d.client() as c:
+            rows = c.get("/v1/sandboxes", params={"all": "1"}).json()["sandboxes"]
+            assert [s["state"] for s in rows] == ["ended"], rows
+            r = c.delete("/v1/images", params={"ref": ref})
+            assert r.status_code == 200, r.text  # was 409 image_in_use, for good
