@@ -32,6 +32,7 @@ from isorun.vmm import (
     kill_orphan,
     remove_run_dir,
     run_dir_labels,
+    usage_of,
 )
 
 log = logging.getLogger("isorund.sandboxes")
@@ -159,14 +160,18 @@ class SandboxManager:
                     # read before its cgroup goes: an OOM kill while no daemon watched
                     died = death_reason_of(Path(row.run_dir), row.memory_mib)
                     why = f"{exc}; {died}" if died else str(exc)
+                    cpu_ms, mem_peak = usage_of(Path(row.run_dir))  # what its cgroup counted
                     remove_run_dir(Path(row.run_dir))
+                    # When it died while no daemon watched is not known: not billed past
+                    # its own timeout, which would have ended it anyway.
+                    end = min(time.time(), row.expires or time.time())
                     self.store.end_sandbox(
                         row,
                         "lost",
                         (
-                            row.cpu_ms or 0,
-                            row.mem_peak_bytes or 0,
-                            int((time.time() - (row.started or row.created)) * 1000),
+                            cpu_ms,
+                            mem_peak,
+                            max(0, int((end - (row.started or row.created)) * 1000)),
                         ),
                         self.cfg.price_per_vcpu_hour,
                         error=f"VM could not be re-adopted after a daemon restart: {why}",

@@ -9,6 +9,7 @@ from isorun.vmm.machine import (
     remove_run_dir,
     run_dir_labels,
     running_pid,
+    usage_of,
 )
 from isorun.vmm.spec import VMSpec
 
@@ -23,4 +24,5 @@ __all__ = [
     "remove_run_dir",
     "run_dir_labels",
     "running_pid",
+    "usage_of",
 ]

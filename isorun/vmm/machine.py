@@ -839,6 +839,13 @@ def death_reason_of(run_dir: Path, memory_mib: int | None = None) -> str | None:
     return oom_death_reason(_cgroup_of(run_dir), memory_mib)
 
 
+def usage_of(run_dir: Path) -> tuple[int, int]:
+    """The CPU ms and peak memory bytes its cgroup counted for the VM of a run dir that is
+    not running any more, read before remove_run_dir (which removes the cgroup)."""
+    u = _cgroup_of(run_dir).usage()
+    return u.cpu_ns // 1_000_000, u.mem_peak_bytes
+
+
 def remove_run_dir(run_dir: Path) -> None:
     """Remove the run dir and cgroup of a VM that is not running (any more)."""
     _cgroup_of(run_dir).remove()

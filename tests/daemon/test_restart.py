@@ -88,7 +88,9 @@ def test_vm_killed_while_daemon_down_is_marked_lost(tmp_path: Path, busybox_root
     d = Daemon(tmp_path / "d", ISORUN_DEFAULT_MEMORY_MIB="256").start()
     try:
         with d.client() as c:
-            sid = c.post("/v1/sandboxes", json={"image": f"rootfs:{busybox_rootfs}"}).json()["id"]
+            sid = c.post(
+                "/v1/sandboxes", json={"image": f"rootfs:{busybox_rootfs}", "sandbox_timeout": 2}
+            ).json()["id"]
         d.stop(signal.SIGKILL)
         for pid in qemu_pids_for(d.state):
             subprocess.run(["kill", "-9", str(pid)], check=False)
@@ -96,11 +98,15 @@ def test_vm_killed_while_daemon_down_is_marked_lost(tmp_path: Path, busybox_root
         while qemu_pids_for(d.state) and time.monotonic() < deadline:
             time.sleep(0.05)  # the daemon must come back to a VM that is really gone
         assert not qemu_pids_for(d.state), "QEMU outlived its SIGKILL"
+        time.sleep(2.5)  # down past the sandbox's timeout
         d.start()
         with d.client() as c:
             info = c.get(f"/v1/sandboxes/{sid}").json()
             assert info["state"] == "ended" and info["end_reason"] == "lost"
-            assert sid in {r["sandbox_id"] for r in c.get("/v1/usage").json()["records"]}
+            rec = {r["sandbox_id"]: r for r in c.get("/v1/usage").json()["records"]}[sid]
+            # what its cgroup counted, and not billed past its own timeout for the downtime
+            assert rec["cpu_ms"] > 0 and rec["mem_peak_bytes"] > 1 << 20, rec
+            assert rec["uptime_ms"] <= 2000 + 500, rec
     finally:
         d.stop()
     assert_no_leaks(d)
