@@ -21,7 +21,7 @@ from isorun.daemon.errors import ApiError, CapacityError, Conflict, Forbidden, G
 from isorun.daemon.imageerrors import image_api_error
 from isorun.daemon.models import CreateSandbox
 from isorun.daemon.progress import progress_record
-from isorun.daemon.store import LOCAL_TENANT, SandboxRow, Store
+from isorun.daemon.store import LOCAL_TENANT, SandboxRow, StateFullError, Store
 from isorun.errors import IsorunError, VMError
 from isorun.images import ImageConfig, ImageError, ImageStore, ProgressEvent
 from isorun.vmm import (
@@ -78,6 +78,9 @@ class SandboxManager:
         self._templating: dict[tuple[int, int], asyncio.Task[None]] = {}
         self._template_slot = asyncio.Lock()
         self._stopping = False
+        # Sandboxes ended while the state disk was full: their VM is gone, their end (and
+        # usage record) is written once the disk has room (_record_pending_ends).
+        self._unrecorded: dict[str, tuple[SandboxRow, tuple[int, int, int]]] = {}
 
     @property
     def images(self) -> ImageStore:
@@ -147,6 +150,7 @@ class SandboxManager:
             for t in list(live.tasks):
                 t.cancel()
         self.live.clear()
+        await self._record_pending_ends()  # a restart would otherwise call them lost
 
     async def _readopt(self) -> None:
         adopted: set[str] = set()
@@ -214,7 +218,11 @@ class SandboxManager:
     # --- lookups ---------------------------------------------------------------------
 
     def row(self, tenant: str, sandbox_id: str) -> SandboxRow:
-        row = self.store.get_sandbox(sandbox_id) if len(sandbox_id) <= 64 else None
+        pending = self._unrecorded.get(sandbox_id)
+        if pending is not None:
+            row: SandboxRow | None = pending[0]
+        else:
+            row = self.store.get_sandbox(sandbox_id) if len(sandbox_id) <= 64 else None
         if row is None or row.tenant_id != tenant:
             raise NotFound(f"sandbox {sandbox_id!r} not found")
         return row
@@ -237,8 +245,24 @@ class SandboxManager:
 
     def list(self, tenant: str, metadata: dict[str, str], include_ended: bool) -> list[SandboxRow]:
         states = None if include_ended else ("creating", "running")
-        rows = self.store.list_sandboxes(tenant, states)
+        rows = [
+            self._unrecorded.get(r.id, (r,))[0] for r in self.store.list_sandboxes(tenant, states)
+        ]
+        if not include_ended:
+            rows = [r for r in rows if r.state != "ended"]
         return [r for r in rows if all(r.metadata.get(k) == v for k, v in metadata.items())]
+
+    async def _record_pending_ends(self) -> None:
+        """Store the ends that a full state disk refused, oldest first, while it has room."""
+        for sandbox_id, (row, usage) in list(self._unrecorded.items()):
+            try:
+                self.store.end_sandbox(
+                    row, row.end_reason or "ended", usage, self.cfg.price_per_vcpu_hour
+                )
+            except StateFullError:
+                return
+            del self._unrecorded[sandbox_id]
+            await self._release_image(row)
 
     # --- create ----------------------------------------------------------------------
 
@@ -462,12 +486,21 @@ class SandboxManager:
                 "mem_peak_bytes": u.mem_peak_bytes,
                 "uptime_ms": u.uptime_ms,
             }
-            bill = self.store.end_sandbox(
-                live.row,
-                reason,
-                (u.cpu_ms, u.mem_peak_bytes, u.uptime_ms),
-                self.cfg.price_per_vcpu_hour,
-            )
+            try:
+                bill = self.store.end_sandbox(
+                    live.row,
+                    reason,
+                    (u.cpu_ms, u.mem_peak_bytes, u.uptime_ms),
+                    self.cfg.price_per_vcpu_hour,
+                )
+            except StateFullError:
+                # The VM is gone: shown ended from now on, stored when the disk has room.
+                live.row.state, live.row.end_reason, live.row.ended = "ended", reason, time.time()
+                self._unrecorded[live.row.id] = (
+                    live.row,
+                    (u.cpu_ms, u.mem_peak_bytes, u.uptime_ms),
+                )
+                raise
             await self._release_image(live.row)
             result = {**usage, **bill}
             live.ending.set_result(result)
@@ -507,6 +540,8 @@ class SandboxManager:
     async def _reap_forever(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.reaper_interval_s)
+            if self._unrecorded:
+                await self._record_pending_ends()
             now = time.time()
             for live in list(self.live.values()):
                 if live.ending is None and live.row.expires <= now:
