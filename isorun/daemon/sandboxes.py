@@ -412,8 +412,13 @@ class SandboxManager:
                 u = await vm.kill()
                 usage = (u.cpu_ms, u.mem_peak_bytes, u.uptime_ms)
             msg = str(exc) or type(exc).__name__
+            # A create refused (no such image, not the tenant's) made no sandbox: no row or
+            # usage record stays for it. One that failed on its way keeps both, as an error.
+            refused = vm is None and isinstance(exc, ApiError) and exc.status < 500
             with contextlib.suppress(Exception):
-                if self.store.get_sandbox(row.id) is not None:
+                if refused:
+                    self.store.forget_sandbox(row.id)
+                elif self.store.get_sandbox(row.id) is not None:
                     self.store.end_sandbox(
                         row, "error", usage, self.cfg.price_per_vcpu_hour, error=msg[:4000]
                     )

@@ -280,6 +280,12 @@ class Store:
         with self.tx() as db:
             db.execute(f"UPDATE sandboxes SET {sets} WHERE id = ?", [*vals, sandbox_id])
 
+    def forget_sandbox(self, sandbox_id: str) -> None:
+        """Remove a sandbox that never was: its create was refused before any VM existed."""
+        with self.tx() as db:
+            db.execute("DELETE FROM proc_stdin WHERE sandbox_id = ?", (sandbox_id,))
+            db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+
     def get_sandbox(self, sandbox_id: str) -> SandboxRow | None:
         r = self.db.execute("SELECT * FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
         return SandboxRow.from_db(r) if r is not None else None

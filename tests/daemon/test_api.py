@@ -52,12 +52,14 @@ def test_bad_create_requests_get_clear_4xx(
     daemon: Daemon, body: bytes, status: int, needle: str
 ) -> None:
     with daemon.client() as c:
+        known = c.get("/v1/sandboxes", params={"all": "1"}).json()["sandboxes"]
+        records = c.get("/v1/usage").json()["total"]["sandboxes"]
         r = c.post("/v1/sandboxes", content=body)
         assert r.status_code == status, r.text
         assert needle in r.json()["error"]["message"]
-        assert c.get("/v1/sandboxes").json()["sandboxes"] == [] or all(
-            s["state"] == "running" for s in c.get("/v1/sandboxes").json()["sandboxes"]
-        )
+        # a refused create made no sandbox: none listed, not even ended, and no usage record
+        assert c.get("/v1/sandboxes", params={"all": "1"}).json()["sandboxes"] == known
+        assert c.get("/v1/usage").json()["total"]["sandboxes"] == records
 
 
 def test_unknown_sandbox_and_route(daemon: Daemon) -> None:
