@@ -2,43 +2,65 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 from daemonhelpers import Daemon
 
 
-def test_state_disk_full_is_507_and_keeps_what_was_stored(tmp_path: Path) -> None:
-    root = tmp_path / "small"
-    root.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(root)], check=True)
-    d = Daemon(root)
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
     try:
-        d.start()
-        with d.client() as c:
-            first = c.post("/v1/keys", json={"name": "before"}).json()
-            filler = root / "filler"
-            subprocess.run(
-                ["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True, check=False
-            )
-            r = None
-            for i in range(200):  # the WAL may absorb a few writes before the disk says no
-                r = c.post("/v1/keys", json={"name": f"k{i}" * 20})
-                if r.status_code != 201:
-                    break
-            assert r is not None and r.status_code == 507, r.text
-            assert "full" in r.json()["error"]["message"]
-            filler.unlink()
-            names = [k["name"] for k in c.get("/v1/keys").json()["keys"]]
-            assert names[0] == "before" and first["id"] in {
-                k["id"] for k in c.get("/v1/keys").json()["keys"]
-            }
-            assert c.post("/v1/keys", json={"name": "after"}).status_code == 201
+        yield path
     finally:
-        d.stop()
-        subprocess.run(["umount", "-l", str(root)], check=False)
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(root: Path, block: str = "64k") -> Path:
+    """A file taking all the room left on root's filesystem."""
+    filler = root / "filler"
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={filler}", f"bs={block}"], capture_output=True, check=False
+    )
+    return filler
+
+
+def _write_until_refused(c: httpx.Client) -> httpx.Response:
+    """State writes (API keys) until one is refused: the WAL may absorb a few first."""
+    r = c.post("/v1/keys", json={"name": "k"})
+    for i in range(300):
+        if r.status_code != 201:
+            break
+        r = c.post("/v1/keys", json={"name": f"k{i}" * 20})
+    return r
+
+
+def test_state_disk_full_is_507_and_keeps_what_was_stored(tmp_path: Path) -> None:
+    with _tmpfs(tmp_path / "small", "2m") as root:
+        d = Daemon(root)
+        try:
+            d.start()
+            with d.client() as c:
+                first = c.post("/v1/keys", json={"name": "before"}).json()
+                filler = _fill(root)
+                r = _write_until_refused(c)
+                assert r.status_code == 507, r.text
+                assert "full" in r.json()["error"]["message"]
+                filler.unlink()
+                names = [k["name"] for k in c.get("/v1/keys").json()["keys"]]
+                assert names[0] == "before" and first["id"] in {
+                    k["id"] for k in c.get("/v1/keys").json()["keys"]
+                }
+                assert c.post("/v1/keys", json={"name": "after"}).status_code == 201
+        finally:
+            d.stop()
 
 
 def test_a_create_on_a_full_host_disk_is_507_and_names_it(
@@ -46,25 +68,19 @@ def test_a_create_on_a_full_host_disk_is_507_and_names_it(
 ) -> None:
     # The state database fits, a sandbox's scratch disk does not: the host's trouble, not a
     # bad request (it was a 400 "invalid" from the failed cp).
-    root = tmp_path / "small"
-    root.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(root)], check=True)
-    d = Daemon(root, ISORUN_WARM_START="0")
-    try:
-        d.start()
-        with d.client() as c:
-            filler = root / "filler"
-            subprocess.run(
-                ["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True, check=False
-            )
-            os.truncate(filler, filler.stat().st_size - (512 << 10))
-            r = c.post("/v1/sandboxes", json={"image": f"rootfs:{busybox_rootfs}"})
-            assert r.status_code == 507, r.text
-            assert r.json()["error"]["code"] == "host_disk_full", r.text
-            assert "No space left" in r.json()["error"]["message"]
-    finally:
-        d.stop()
-        subprocess.run(["umount", "-l", str(root)], check=False)
+    with _tmpfs(tmp_path / "small", "4m") as root:
+        d = Daemon(root, ISORUN_WARM_START="0")
+        try:
+            d.start()
+            with d.client() as c:
+                filler = _fill(root)
+                os.truncate(filler, filler.stat().st_size - (512 << 10))
+                r = c.post("/v1/sandboxes", json={"image": f"rootfs:{busybox_rootfs}"})
+                assert r.status_code == 507, r.text
+                assert r.json()["error"]["code"] == "host_disk_full", r.text
+                assert "No space left" in r.json()["error"]["message"]
+        finally:
+            d.stop()
 
 
 def test_a_sandbox_ended_on_a_full_state_disk_is_recorded_once_there_is_room(
@@ -73,42 +89,33 @@ def test_a_sandbox_ended_on_a_full_state_disk_is_recorded_once_there_is_room(
     # The DELETE kills the VM, and its end cannot be stored (507): from then on the
     # sandbox shows ended, and its end and usage record are written once space is freed
     # (it showed running, a second DELETE said 'already ended (None)', no usage record).
-    root = tmp_path / "small"
-    root.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(root)], check=True)
-    vms = root / "state" / "vms"
-    vms.mkdir(parents=True)
-    # the VM run dirs on a disk of their own: only the state database's fills
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(vms)], check=True)
-    d = Daemon(root, ISORUN_WARM_START="0")
-    try:
-        d.start()
-        with d.client() as c:
-            r = c.post("/v1/sandboxes", json={"image": f"rootfs:{busybox_rootfs}", "disk_mib": 64})
-            sid = r.json()["id"]
-            filler = root / "filler"
-            subprocess.run(
-                ["dd", "if=/dev/zero", f"of={filler}", "bs=4k"], capture_output=True, check=False
-            )
-            for i in range(300):  # the WAL may absorb a few writes before the disk says no
-                if c.post("/v1/keys", json={"name": f"k{i}" * 20}).status_code == 507:
-                    break
-            r = c.delete(f"/v1/sandboxes/{sid}")
-            assert r.status_code == 507, r.text
-            shown = c.get(f"/v1/sandboxes/{sid}").json()
-            assert (shown["state"], shown["end_reason"]) == ("ended", "killed"), shown
-            assert sid not in {s["id"] for s in c.get("/v1/sandboxes").json()["sandboxes"]}
-            filler.unlink()
-            deadline = time.monotonic() + 10
-            while sid not in {r["sandbox_id"] for r in c.get("/v1/usage").json()["records"]}:
-                assert time.monotonic() < deadline, "the end was never stored"
-                time.sleep(0.2)
-        d.stop()
-        d.start()  # stored, not guessed as lost by the next daemon
-        with d.client() as c:
-            shown = c.get(f"/v1/sandboxes/{sid}").json()
-            assert (shown["state"], shown["end_reason"]) == ("ended", "killed"), shown
-    finally:
-        d.stop()
-        subprocess.run(["umount", "-l", str(vms)], check=False)
-        subprocess.run(["umount", "-l", str(root)], check=False)
+    # The VM run dirs are on a disk of their own: only the state database's fills.
+    with (
+        _tmpfs(tmp_path / "small", "32m") as root,
+        _tmpfs(root / "state" / "vms", "64m"),
+    ):
+        d = Daemon(root, ISORUN_WARM_START="0")
+        try:
+            d.start()
+            with d.client() as c:
+                image = f"rootfs:{busybox_rootfs}"
+                sid = c.post("/v1/sandboxes", json={"image": image, "disk_mib": 64}).json()["id"]
+                filler = _fill(root, "4k")
+                assert _write_until_refused(c).status_code == 507
+                r = c.delete(f"/v1/sandboxes/{sid}")
+                assert r.status_code == 507, r.text
+                shown = c.get(f"/v1/sandboxes/{sid}").json()
+                assert (shown["state"], shown["end_reason"]) == ("ended", "killed"), shown
+                assert sid not in {s["id"] for s in c.get("/v1/sandboxes").json()["sandboxes"]}
+                filler.unlink()
+                deadline = time.monotonic() + 10
+                while sid not in {r["sandbox_id"] for r in c.get("/v1/usage").json()["records"]}:
+                    assert time.monotonic() < deadline, "the end was never stored"
+                    time.sleep(0.2)
+            d.stop()
+            d.start()  # stored, not guessed as lost by the next daemon
+            with d.client() as c:
+                shown = c.get(f"/v1/sandboxes/{sid}").json()
+                assert (shown["state"], shown["end_reason"]) == ("ended", "killed"), shown
+        finally:
+            d.stop()
