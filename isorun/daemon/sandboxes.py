@@ -32,10 +32,15 @@ from isorun.vmm import (
     kill_orphan,
     remove_run_dir,
     run_dir_labels,
+    running_pid,
     usage_of,
 )
 
 log = logging.getLogger("isorund.sandboxes")
+# A running sandbox's VM that a restarted daemon cannot adopt while it runs is retried
+# every READOPT_PAUSE_S for READOPT_RETRY_S before it is given up.
+READOPT_PAUSE_S = 2.0
+READOPT_RETRY_S = 60.0
 TAG = "isorun.sandbox="
 SANDBOX_LABEL = "isorun.sandbox"  # the VMSpec label naming a VM's sandbox
 # Shapes whose warm-start templates may be queued at once (more boot cold until one is done).
@@ -81,6 +86,9 @@ class SandboxManager:
         # Sandboxes ended while the state disk was full: their VM is gone, their end (and
         # usage record) is written once the disk has room (_record_pending_ends).
         self._unrecorded: dict[str, tuple[SandboxRow, tuple[int, int, int]]] = {}
+        # Running sandboxes whose VM runs but could not be re-adopted at start (QMP busy, a
+        # slow hello): retried in the background before they are given up as lost.
+        self._readopting: dict[str, tuple[SandboxRow, asyncio.Task[None]]] = {}
 
     @property
     def images(self) -> ImageStore:
@@ -128,7 +136,9 @@ class SandboxManager:
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in (self._reaper, *self._templating.values()):
+        # (a VM still being re-adopted keeps running: the next daemon tries again)
+        retrying = [t for _, t in self._readopting.values()]
+        for task in (self._reaper, *self._templating.values(), *retrying):
             if task is not None:
                 task.cancel()
                 # whatever it died of, the sandboxes below must still be seen to
@@ -159,34 +169,15 @@ class SandboxManager:
                 try:
                     vm = await MicroVM.adopt(Path(row.run_dir))
                 except Exception as exc:
-                    log.warning("sandbox %s could not be re-adopted: %s", row.id, exc)
-                    await asyncio.to_thread(kill_orphan, Path(row.run_dir))
-                    # read before its cgroup goes: an OOM kill while no daemon watched
-                    died = death_reason_of(Path(row.run_dir), row.memory_mib)
-                    why = f"{exc}; {died}" if died else str(exc)
-                    cpu_ms, mem_peak = usage_of(Path(row.run_dir))  # what its cgroup counted
-                    remove_run_dir(Path(row.run_dir))
-                    # When it died while no daemon watched is not known: not billed past
-                    # its own timeout, which would have ended it anyway.
-                    end = min(time.time(), row.expires or time.time())
-                    self.store.end_sandbox(
-                        row,
-                        "lost",
-                        (
-                            cpu_ms,
-                            mem_peak,
-                            max(0, int((end - (row.started or row.created)) * 1000)),
-                        ),
-                        self.cfg.price_per_vcpu_hour,
-                        error=f"VM could not be re-adopted after a daemon restart: {why}",
-                    )
-                    await self._release_image(row)
+                    if running_pid(Path(row.run_dir)) is None:
+                        await self._lose(row, exc)
+                    else:  # it runs: a passing trouble, not a reason to kill it
+                        log.warning("sandbox %s not re-adopted yet: %s; retrying", row.id, exc)
+                        task = asyncio.create_task(self._readopt_later(row))
+                        self._readopting[row.id] = (row, task)
                     continue
-                live = Live(row, vm)
-                self.live[row.id] = live
-                live.watcher = asyncio.create_task(self._watch(live))
+                self._take_over(row, vm)
                 adopted.add(vm.id)
-                log.info("re-adopted sandbox %s (vm %s)", row.id, vm.id)
             else:
                 self.store.end_sandbox(
                     row,
@@ -206,7 +197,7 @@ class SandboxManager:
                 if sandbox_id is None:
                     continue  # not ours (another VMM user sharing the state dir)
                 owner = self.store.get_sandbox(sandbox_id)
-                if owner is not None and owner.id in self.live:
+                if owner is not None and (owner.id in self.live or owner.id in self._readopting):
                     continue
                 log.warning("removing orphan VM %s of sandbox %s", d.name, sandbox_id)
                 await asyncio.to_thread(kill_orphan, d)
@@ -214,6 +205,55 @@ class SandboxManager:
         swept = await asyncio.to_thread(cgroup.sweep_empty)
         if swept:
             log.info("removed %d empty VM cgroups left by killed host processes", swept)
+
+    def _take_over(self, row: SandboxRow, vm: MicroVM) -> None:
+        live = Live(row, vm)
+        self.live[row.id] = live
+        live.watcher = asyncio.create_task(self._watch(live))
+        log.info("re-adopted sandbox %s (vm %s)", row.id, vm.id)
+
+    async def _readopt_later(self, row: SandboxRow) -> None:
+        """Retry the adoption of a running sandbox's VM for READOPT_RETRY_S; given up (the
+        VM killed, the sandbox lost) only then, or once the VM has gone."""
+        deadline = time.monotonic() + READOPT_RETRY_S
+        try:
+            while True:
+                await asyncio.sleep(READOPT_PAUSE_S)
+                try:
+                    vm = await MicroVM.adopt(Path(row.run_dir or ""))
+                except Exception as exc:
+                    if running_pid(Path(row.run_dir or "")) is None or (
+                        time.monotonic() >= deadline
+                    ):
+                        await self._lose(row, exc)
+                        return
+                    continue
+                self._take_over(row, vm)
+                return
+        finally:
+            self._readopting.pop(row.id, None)
+
+    async def _lose(self, row: SandboxRow, exc: BaseException) -> None:
+        """End a running sandbox whose VM could not be re-adopted: kill what is left of it."""
+        run_dir = Path(row.run_dir or "")
+        log.warning("sandbox %s could not be re-adopted: %s", row.id, exc)
+        await asyncio.to_thread(kill_orphan, run_dir)
+        # read before its cgroup goes: an OOM kill while no daemon watched, what it used
+        died = death_reason_of(run_dir, row.memory_mib)
+        why = f"{exc}; {died}" if died else str(exc)
+        cpu_ms, mem_peak = usage_of(run_dir)
+        remove_run_dir(run_dir)
+        # When it died while no daemon watched is not known: not billed past its own
+        # timeout, which would have ended it anyway.
+        end = min(time.time(), row.expires or time.time())
+        self.store.end_sandbox(
+            row,
+            "lost",
+            (cpu_ms, mem_peak, max(0, int((end - (row.started or row.created)) * 1000))),
+            self.cfg.price_per_vcpu_hour,
+            error=f"VM could not be re-adopted after a daemon restart: {why}",
+        )
+        await self._release_image(row)
 
     # --- lookups ---------------------------------------------------------------------
 
@@ -230,6 +270,10 @@ class SandboxManager:
     def get_live(self, tenant: str, sandbox_id: str) -> Live:
         row = self.row(tenant, sandbox_id)
         live = self.live.get(sandbox_id)
+        if sandbox_id in self._readopting:
+            raise Conflict(
+                f"sandbox {sandbox_id} is being re-adopted after a daemon restart; retry shortly"
+            )
         if row.state == "creating":
             raise Conflict(f"sandbox {sandbox_id} is still starting; retry when it runs")
         if live is None or live.ending is not None:
@@ -269,6 +313,7 @@ class SandboxManager:
     def allocated(self) -> tuple[int, int]:
         """vCPUs and MiB of guest memory held: running sandboxes and ones being created."""
         rows = [lv.row for lv in self.live.values()] + [r for r, _ in self.creating.values()]
+        rows += [r for r, _ in self._readopting.values()]
         return sum(r.vcpus for r in rows), sum(r.memory_mib for r in rows)
 
     def _check_capacity(self, vcpus: int, memory_mib: int) -> None:

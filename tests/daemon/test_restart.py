@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -190,6 +191,43 @@ def test_open_stdin_survives_a_daemon_sigkill(tmp_path: Path, busybox_rootfs: Pa
             r = c.post(f"{base}/{closed}/stdin", content=b"x")
             assert r.status_code == 409, r.text
             c.delete(f"/v1/sandboxes/{sid}")
+    finally:
+        d.stop()
+    assert_no_leaks(d)
+
+
+def test_a_running_vm_that_cannot_be_adopted_at_once_is_retried_not_killed(
+    tmp_path: Path, busybox_rootfs: Path
+) -> None:
+    # Another client holds QEMU's one QMP connection while the daemon restarts (an
+    # operator's qmp-shell, a probe): the adoption fails for now. The VM runs on, so the
+    # sandbox is retried (409 meanwhile), not killed and called lost.
+    d = Daemon(tmp_path / "d", ISORUN_DEFAULT_MEMORY_MIB="256", ISORUN_WARM_START="0").start()
+    try:
+        with d.client() as c:
+            sb = c.post("/v1/sandboxes", json={"image": f"rootfs:{busybox_rootfs}"}).json()
+            sid = sb["id"]
+            ev = ndjson(c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "echo kept > /tmp/k"}))
+            assert ev[-1]["exit_code"] == 0
+        run_dir = d.vm_dirs()[0]
+        d.stop(signal.SIGKILL)
+        with socket.socket(socket.AF_UNIX) as held:
+            held.connect(str(run_dir / "qmp.sock"))
+            assert b"QMP" in held.recv(200)
+            d.start(timeout=60)
+            with d.client() as c:
+                r = c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "true"})
+                assert r.status_code == 409 and "re-adopted" in r.text, r.text
+        deadline = time.monotonic() + 60
+        with d.client() as c:
+            while (
+                r := c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "cat /tmp/k"})
+            ).status_code == 409:
+                assert time.monotonic() < deadline, "never re-adopted"
+                time.sleep(0.5)
+            assert base64.b64decode(ndjson(r)[1]["data"]) == b"kept\n"
+            assert c.get(f"/v1/sandboxes/{sid}").json()["state"] == "running"
+            assert c.delete(f"/v1/sandboxes/{sid}").status_code == 200
     finally:
         d.stop()
     assert_no_leaks(d)
