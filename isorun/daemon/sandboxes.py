@@ -225,7 +225,10 @@ class SandboxManager:
                     if running_pid(Path(row.run_dir or "")) is None or (
                         time.monotonic() >= deadline
                     ):
-                        await self._lose(row, exc)
+                        try:
+                            await self._lose(row, exc)
+                        except Exception:  # its row stays running: the next start decides
+                            log.exception("giving up sandbox %s failed", row.id)
                         return
                     continue
                 self._take_over(row, vm)
