@@ -136,14 +136,19 @@ class SandboxManager:
 
     async def stop(self) -> None:
         self._stopping = True
-        # (a VM still being re-adopted keeps running: the next daemon tries again)
-        retrying = [t for _, t in self._readopting.values()]
-        for task in (self._reaper, *self._templating.values(), *retrying):
+        # A VM still being re-adopted keeps running (the next daemon tries again), unless
+        # this daemon's sandboxes end with it.
+        retrying = list(self._readopting.values())
+        for task in (self._reaper, *self._templating.values(), *(t for _, t in retrying)):
             if task is not None:
                 task.cancel()
                 # whatever it died of, the sandboxes below must still be seen to
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        if self.cfg.kill_on_exit:
+            for row, _ in retrying:
+                with contextlib.suppress(Exception):
+                    await self._lose(row, None, "daemon-stopped")
         for live in list(self.live.values()):
             if self.cfg.kill_on_exit:
                 await self._end(live, "daemon-stopped")
@@ -219,6 +224,9 @@ class SandboxManager:
         try:
             while True:
                 await asyncio.sleep(READOPT_PAUSE_S)
+                if row.expires <= time.time():  # its timeout came meanwhile
+                    await self._lose(row, None, "timeout")
+                    return
                 try:
                     vm = await MicroVM.adopt(Path(row.run_dir or ""))
                 except Exception as exc:
@@ -236,14 +244,15 @@ class SandboxManager:
         finally:
             self._readopting.pop(row.id, None)
 
-    async def _lose(self, row: SandboxRow, exc: BaseException) -> None:
-        """End a running sandbox whose VM could not be re-adopted: kill what is left of it."""
+    async def _lose(self, row: SandboxRow, exc: BaseException | None, reason: str = "lost") -> None:
+        """End a running sandbox that is not adopted (its VM could not be, `exc` says why):
+        kill what is left of it."""
         run_dir = Path(row.run_dir or "")
-        log.warning("sandbox %s could not be re-adopted: %s", row.id, exc)
+        log.warning("sandbox %s ends unadopted (%s): %s", row.id, reason, exc)
         await asyncio.to_thread(kill_orphan, run_dir)
         # read before its cgroup goes: an OOM kill while no daemon watched, what it used
         died = death_reason_of(run_dir, row.memory_mib)
-        why = f"{exc}; {died}" if died else str(exc)
+        why = "; ".join(str(x) for x in (exc, died) if x)
         cpu_ms, mem_peak = usage_of(run_dir)
         remove_run_dir(run_dir)
         # When it died while no daemon watched is not known: not billed past its own
@@ -251,10 +260,10 @@ class SandboxManager:
         end = min(time.time(), row.expires or time.time())
         self.store.end_sandbox(
             row,
-            "lost",
+            reason,
             (cpu_ms, mem_peak, max(0, int((end - (row.started or row.created)) * 1000))),
             self.cfg.price_per_vcpu_hour,
-            error=f"VM could not be re-adopted after a daemon restart: {why}",
+            error=f"VM could not be re-adopted after a daemon restart: {why}" if exc else None,
         )
         await self._release_image(row)
 
@@ -270,13 +279,16 @@ class SandboxManager:
             raise NotFound(f"sandbox {sandbox_id!r} not found")
         return row
 
-    def get_live(self, tenant: str, sandbox_id: str) -> Live:
-        row = self.row(tenant, sandbox_id)
-        live = self.live.get(sandbox_id)
+    def _refuse_if_readopting(self, sandbox_id: str) -> None:
         if sandbox_id in self._readopting:
             raise Conflict(
                 f"sandbox {sandbox_id} is being re-adopted after a daemon restart; retry shortly"
             )
+
+    def get_live(self, tenant: str, sandbox_id: str) -> Live:
+        row = self.row(tenant, sandbox_id)
+        live = self.live.get(sandbox_id)
+        self._refuse_if_readopting(sandbox_id)
         if row.state == "creating":
             raise Conflict(f"sandbox {sandbox_id} is still starting; retry when it runs")
         if live is None or live.ending is not None:
@@ -304,12 +316,17 @@ class SandboxManager:
         for sandbox_id, (row, usage) in list(self._unrecorded.items()):
             try:
                 self.store.end_sandbox(
-                    row, row.end_reason or "ended", usage, self.cfg.price_per_vcpu_hour
+                    row,
+                    row.end_reason or "ended",
+                    usage,
+                    self.cfg.price_per_vcpu_hour,
+                    ended=row.ended,
                 )
             except StateFullError:
                 return
             del self._unrecorded[sandbox_id]
-            await self._release_image(row)
+            # stored: its image is let go of even if this caller is cancelled meanwhile
+            await asyncio.shield(self._release_image(row))
 
     # --- create ----------------------------------------------------------------------
 
@@ -492,6 +509,7 @@ class SandboxManager:
 
     async def kill(self, tenant: str, sandbox_id: str) -> dict[str, Any]:
         row = self.row(tenant, sandbox_id)
+        self._refuse_if_readopting(sandbox_id)
         live = self.live.get(sandbox_id)
         starting = self.creating.get(sandbox_id)
         if live is None and starting is not None:
@@ -549,6 +567,8 @@ class SandboxManager:
             except StateFullError:
                 # The VM is gone: shown ended from now on, stored when the disk has room.
                 live.row.state, live.row.end_reason, live.row.ended = "ended", reason, time.time()
+                live.row.cpu_ms, live.row.mem_peak_bytes = u.cpu_ms, u.mem_peak_bytes
+                live.row.uptime_ms = u.uptime_ms
                 self._unrecorded[live.row.id] = (
                     live.row,
                     (u.cpu_ms, u.mem_peak_bytes, u.uptime_ms),
@@ -594,7 +614,10 @@ class SandboxManager:
         while True:
             await asyncio.sleep(self.cfg.reaper_interval_s)
             if self._unrecorded:
-                await self._record_pending_ends()
+                try:
+                    await self._record_pending_ends()
+                except Exception:  # the reaper must go on: timeouts depend on it
+                    log.exception("storing the ends of sandboxes failed")
             now = time.time()
             for live in list(self.live.values()):
                 if live.ending is None and live.row.expires <= now:

@@ -310,10 +310,11 @@ class Store:
         usage: tuple[int, int, int],
         price_per_vcpu_hour: float,
         error: str | None = None,
+        ended: float | None = None,
     ) -> dict[str, Any]:
-        """Mark ended and write the usage record, in one transaction."""
+        """Mark ended (at `ended`, or now) and write the usage record, in one transaction."""
         cpu_ms, mem_peak, uptime_ms = usage
-        now = time.time()
+        now = time.time() if ended is None else ended
         billed = -(-uptime_ms // 1000)  # per second, rounded up
         cost = round(billed * row.vcpus * price_per_vcpu_hour / 3600.0, 9)
         with self.tx() as db:

@@ -317,7 +317,7 @@ def test_timeout_reaps_and_kill_reports_usage(daemon: Daemon, image: str) -> Non
     with daemon.client() as c:
         a = c.post("/v1/sandboxes", json={"image": image, "sandbox_timeout": 600}).json()["id"]
         b = c.post("/v1/sandboxes", json={"image": image, "sandbox_timeout": 600}).json()["id"]
-        assert c.post(f"/v1/sandboxes/{a}/timeout", json={"sandbox_timeout": 1}).status_code == 200
+        assert c.post(f"/v1/sandboxes/{a}/timeout", json={"sandbox_timeout": 3}).status_code == 200
         assert c.post(f"/v1/sandboxes/{a}/timeout", json={"sandbox_timeout": 0}).status_code == 422
         # a command running when the timeout ends the sandbox is told why
         cut = ndjson(c.post(f"/v1/sandboxes/{a}/exec", json={"cmd": "sleep 30"}, timeout=30))

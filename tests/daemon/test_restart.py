@@ -218,6 +218,8 @@ def test_a_running_vm_that_cannot_be_adopted_at_once_is_retried_not_killed(
             with d.client() as c:
                 r = c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "true"})
                 assert r.status_code == 409 and "re-adopted" in r.text, r.text
+                r = c.delete(f"/v1/sandboxes/{sid}")  # not 410 'already ended' for one that runs
+                assert r.status_code == 409 and "re-adopted" in r.text, r.text
         deadline = time.monotonic() + 60
         with d.client() as c:
             while (

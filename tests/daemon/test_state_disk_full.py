@@ -107,6 +107,7 @@ def test_a_sandbox_ended_on_a_full_state_disk_is_recorded_once_there_is_room(
                 shown = c.get(f"/v1/sandboxes/{sid}").json()
                 assert (shown["state"], shown["end_reason"]) == ("ended", "killed"), shown
                 assert sid not in {s["id"] for s in c.get("/v1/sandboxes").json()["sandboxes"]}
+                ended = shown["ended_at"]
                 filler.unlink()
                 deadline = time.monotonic() + 10
                 while sid not in {r["sandbox_id"] for r in c.get("/v1/usage").json()["records"]}:
@@ -117,5 +118,6 @@ def test_a_sandbox_ended_on_a_full_state_disk_is_recorded_once_there_is_room(
             with d.client() as c:
                 shown = c.get(f"/v1/sandboxes/{sid}").json()
                 assert (shown["state"], shown["end_reason"]) == ("ended", "killed"), shown
+                assert shown["ended_at"] == ended  # when it ended, not when that was stored
         finally:
             d.stop()
