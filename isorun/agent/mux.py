@@ -41,8 +41,10 @@ HELLO_SCAN_LIMIT = 1 << 20
 STREAM_LIMIT = frames.MAX_PAYLOAD * 4
 StreamPair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 IO_CHUNK = 32768
-DISPATCH_SLICE = 256  # frames the reader hands on before it lets the event loop run
-DISPATCH_BYTES = 1 << 20  # or bytes of them
+# The reader lets the event loop run once it handled this much: a frame costs its payload
+# and FRAME_COST, so the loop runs every 256 frames, or every MiB of payload.
+DISPATCH_BUDGET = 1 << 20
+FRAME_COST = DISPATCH_BUDGET // 256
 MAX_JOINED = frames.MAX_PAYLOAD  # bytes one queued data item grows to
 # Once connected the host asks the agent (op "keepalive") to send each open request this
 # EVENT every KEEPALIVE_S (guest/agent/internal/agent/keepalive.go): a long command, a
@@ -480,25 +482,24 @@ class AgentConnection:
             ) from None
 
     async def _read_loop(self, leftover: bytes) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            data = leftover
-            since_yield = handled = 0
+            data, cost = leftover, 0
             while True:
-                batch = self._decoder.feed(data)
-                # The event loop runs at least every DISPATCH_SLICE frames: read() does not
-                # suspend while the stream has bytes buffered, and 64 KiB of empty frames is
-                # 7,000 of them, so a guest sending them as fast as it can would otherwise
-                # hold the loop, and every other sandbox of the daemon with it. Counted in
-                # frames, not reads: yielding after each read slowed a stdout stream by 20%.
-                for i in range(0, len(batch), DISPATCH_SLICE):
-                    part = batch[i : i + DISPATCH_SLICE]
-                    await self._dispatch_all(part)
-                    since_yield += len(part)
-                    handled += sum(len(f.payload) for f in part)
-                    # and every MiB: 256 events of 32 KiB JSON take 300 ms to check
-                    if since_yield >= DISPATCH_SLICE or handled >= DISPATCH_BYTES:
-                        since_yield = handled = 0
+                now = loop.time()
+                for frame in self._decoder.feed(data):
+                    self._dispatch(frame, now)
+                    # read() does not suspend while the stream has bytes buffered: without a
+                    # pause a guest sending frames as fast as it can (64 KiB of empty ones is
+                    # 7,000) would hold the event loop, and every other sandbox of the daemon
+                    # with it. Paused by what was handled (every 256 frames, or MiB of
+                    # payload: 32 KiB events take ~1 ms each to check), not per read: that
+                    # slowed a stdout stream by 20%.
+                    cost += len(frame.payload) + FRAME_COST
+                    if cost >= DISPATCH_BUDGET:
+                        cost = 0
                         await asyncio.sleep(0)
+                        now = loop.time()
                 data = await self._reader.read(65536)
                 if not data:
                     raise ChannelClosedError("agent stream closed by the guest side")
@@ -512,23 +513,19 @@ class AgentConnection:
         except Exception as exc:  # a dead reader must not leave every request hanging
             self._fail(ProtocolError(f"agent stream handling failed: {exc!r}"[:500]))
 
-    async def _dispatch_all(self, batch: list[Frame]) -> None:
-        now = asyncio.get_running_loop().time()
-        for frame in batch:
-            ch = self._channels.get(frame.chan)
-            if ch is None:
-                if self._was_opened(frame.chan):
-                    continue  # answered or abandoned: what the guest still sends is dropped
-                raise ProtocolError(
-                    f"guest sent a {frame.kind.name} frame on channel {frame.chan}, "
-                    "which the host never opened"
-                )
-            ch._heard = now
-            if frame.kind is Kind.CREDIT:
-                ch._grant(frame.credit())
-                continue
-            if frame.kind is Kind.EVENT and frame.payload == KEEPALIVE_PAYLOAD:
-                continue
+    def _dispatch(self, frame: Frame, now: float) -> None:
+        ch = self._channels.get(frame.chan)
+        if ch is None:
+            if self._was_opened(frame.chan):
+                return  # answered or abandoned: what the guest still sends is dropped
+            raise ProtocolError(
+                f"guest sent a {frame.kind.name} frame on channel {frame.chan}, "
+                "which the host never opened"
+            )
+        ch._heard = now
+        if frame.kind is Kind.CREDIT:
+            ch._grant(frame.credit())
+        elif frame.kind is not Kind.EVENT or frame.payload != KEEPALIVE_PAYLOAD:
             ch._deliver(frame)
 
     # --- closing -----------------------------------------------------------------

@@ -85,7 +85,7 @@ class SandboxManager:
         self._stopping = False
         # Sandboxes ended while the state disk was full: their VM is gone, their end (and
         # usage record) is written once the disk has room (_record_pending_ends).
-        self._unrecorded: dict[str, tuple[SandboxRow, tuple[int, int, int]]] = {}
+        self._unrecorded: dict[str, SandboxRow] = {}
         # Running sandboxes whose VM runs but could not be re-adopted at start (QMP busy, a
         # slow hello): retried in the background before they are given up as lost.
         self._readopting: dict[str, tuple[SandboxRow, asyncio.Task[None]]] = {}
@@ -270,11 +270,9 @@ class SandboxManager:
     # --- lookups ---------------------------------------------------------------------
 
     def row(self, tenant: str, sandbox_id: str) -> SandboxRow:
-        pending = self._unrecorded.get(sandbox_id)
-        if pending is not None:
-            row: SandboxRow | None = pending[0]
-        else:
-            row = self.store.get_sandbox(sandbox_id) if len(sandbox_id) <= 64 else None
+        row = self._unrecorded.get(sandbox_id)
+        if row is None and len(sandbox_id) <= 64:
+            row = self.store.get_sandbox(sandbox_id)
         if row is None or row.tenant_id != tenant:
             raise NotFound(f"sandbox {sandbox_id!r} not found")
         return row
@@ -304,16 +302,15 @@ class SandboxManager:
 
     def list(self, tenant: str, metadata: dict[str, str], include_ended: bool) -> list[SandboxRow]:
         states = None if include_ended else ("creating", "running")
-        rows = [
-            self._unrecorded.get(r.id, (r,))[0] for r in self.store.list_sandboxes(tenant, states)
-        ]
+        rows = [self._unrecorded.get(r.id, r) for r in self.store.list_sandboxes(tenant, states)]
         if not include_ended:
             rows = [r for r in rows if r.state != "ended"]
         return [r for r in rows if all(r.metadata.get(k) == v for k, v in metadata.items())]
 
     async def _record_pending_ends(self) -> None:
         """Store the ends that a full state disk refused, oldest first, while it has room."""
-        for sandbox_id, (row, usage) in list(self._unrecorded.items()):
+        for sandbox_id, row in list(self._unrecorded.items()):
+            usage = (row.cpu_ms or 0, row.mem_peak_bytes or 0, row.uptime_ms or 0)
             try:
                 self.store.end_sandbox(
                     row,
@@ -569,10 +566,7 @@ class SandboxManager:
                 live.row.state, live.row.end_reason, live.row.ended = "ended", reason, time.time()
                 live.row.cpu_ms, live.row.mem_peak_bytes = u.cpu_ms, u.mem_peak_bytes
                 live.row.uptime_ms = u.uptime_ms
-                self._unrecorded[live.row.id] = (
-                    live.row,
-                    (u.cpu_ms, u.mem_peak_bytes, u.uptime_ms),
-                )
+                self._unrecorded[live.row.id] = live.row
                 raise
             await self._release_image(live.row)
             result = {**usage, **bill}

@@ -725,7 +725,7 @@ async def test_a_flood_of_empty_frames_lets_the_event_loop_run_between_slices() 
     result = await asyncio.wait_for(client.exec("flood"), 30)
     other.cancel()
     assert result.exit_code == 0
-    assert ticks >= count // mux.DISPATCH_SLICE // 2, ticks
+    assert ticks >= count // (mux.DISPATCH_BUDGET // mux.FRAME_COST) // 2, ticks
     task.cancel()
     await client.conn.close()
 
