@@ -22,7 +22,7 @@ from isorun.daemon.imageerrors import image_api_error
 from isorun.daemon.models import CreateSandbox
 from isorun.daemon.progress import progress_record
 from isorun.daemon.store import LOCAL_TENANT, SandboxRow, StateFullError, Store
-from isorun.errors import IsorunError, VMError
+from isorun.errors import ConfigError, IsorunError, VMError
 from isorun.images import ImageConfig, ImageError, ImageStore, ProgressEvent
 from isorun.vmm import (
     MicroVM,
@@ -495,6 +495,12 @@ class SandboxManager:
             if isinstance(exc, VMError):
                 raise ApiError(
                     f"sandbox VM failed to start: {exc}", status=500, code="boot_failed"
+                ) from exc
+            if isinstance(exc, ConfigError):
+                # The request was checked before this: what is missing is the host's (no
+                # guest kernel, no QEMU, no cgroup), so it is the operator's to fix.
+                raise ApiError(
+                    f"this host cannot run sandbox VMs: {exc}", status=500, code="host_setup"
                 ) from exc
             raise
         live = Live(row, vm)
