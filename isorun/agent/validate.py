@@ -113,7 +113,7 @@ def parse_entry(raw: object) -> FileEntry:
 class ProcInfo:
     proc_id: str
     pid: int
-    argv: list[str]
+    argv: list[str]  # cut to its first 2 KiB or so in a listing; argv_truncated says
     tag: str
     pty: bool
     running: bool
@@ -121,6 +121,7 @@ class ProcInfo:
     signal: int | None
     started_unix_ms: int
     output_bytes: int
+    argv_truncated: bool = False
 
 
 def parse_proc(raw: object) -> ProcInfo:
@@ -140,4 +141,5 @@ def parse_proc(raw: object) -> ProcInfo:
         signal=as_opt_int(raw, "signal"),
         started_unix_ms=as_int(raw, "started_unix_ms", default=0),
         output_bytes=as_count(raw, "output_bytes", default=0),
+        argv_truncated=as_bool(raw, "argv_truncated", default=False),
     )

@@ -12,9 +12,9 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -461,8 +461,18 @@ class ExecResult:
         return self.exit_code == 0
 
 
+class _Record:
+    """A record the daemon sends: built from the fields this SDK knows, so a newer daemon
+    that adds one does not break an older SDK."""
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> Self:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in record.items() if k in known})
+
+
 @dataclass
-class FileInfo:
+class FileInfo(_Record):
     name: str
     path: str
     type: str
@@ -475,7 +485,7 @@ class FileInfo:
 
 
 @dataclass
-class ProcessInfo:
+class ProcessInfo(_Record):
     proc_id: str
     pid: int
     argv: list[str]
@@ -486,6 +496,7 @@ class ProcessInfo:
     signal: int | None
     started_unix_ms: int
     output_bytes: int
+    argv_truncated: bool = False  # argv is cut to its start (a long script) in a listing
 
 
 @dataclass

@@ -372,7 +372,7 @@ class AsyncProcesses:
 
     async def list(self) -> list[ProcessInfo]:
         r = _core.check(await self._sb._http.get(f"/v1/sandboxes/{self._sb.id}/processes"))
-        return [ProcessInfo(**p) for p in r["processes"]]
+        return [ProcessInfo.of(p) for p in r["processes"]]
 
     async def connect(self, proc_id: str) -> AsyncProcess:
         for p in await self.list():
@@ -471,7 +471,7 @@ class AsyncFiles:
         r = _core.check(
             await self._sb._http.get(self._base + "/list", params={"path": path, "depth": depth})
         )
-        return [FileInfo(**e) for e in r["entries"]]
+        return [FileInfo.of(e) for e in r["entries"]]
 
     async def stat(self, path: str) -> FileInfo:
         return FileInfo(

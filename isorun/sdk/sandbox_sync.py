@@ -352,7 +352,7 @@ class Processes:
 
     def list(self) -> list[ProcessInfo]:
         r = _core.check(self._sb._http.get(f"/v1/sandboxes/{self._sb.id}/processes"))
-        return [ProcessInfo(**p) for p in r["processes"]]
+        return [ProcessInfo.of(p) for p in r["processes"]]
 
     def connect(self, proc_id: str) -> Process:
         for p in self.list():
@@ -440,7 +440,7 @@ class Files:
         r = _core.check(
             self._sb._http.get(self._base + "/list", params={"path": path, "depth": depth})
         )
-        return [FileInfo(**e) for e in r["entries"]]
+        return [FileInfo.of(e) for e in r["entries"]]
 
     def stat(self, path: str) -> FileInfo:
         return FileInfo(

@@ -64,7 +64,10 @@ def test_sync_surface(api: str, image: str) -> None:
         assert [t for _, t in p] == ["1\n", "2\n", "3\n"]
         assert p.wait(offset=2).stdout == "2\n3\n"
         assert p.id in {q.proc_id for q in sb.processes.list()}
-        loop = sb.exec("sleep 1000", background=True)
+        # one started with a long script is listed too (its argv cut), so it can be killed
+        loop = sb.exec("sleep 1000 # " + "<&>" * 12000, background=True)
+        (listed,) = [q for q in sb.processes.list() if q.proc_id == loop.id]
+        assert listed.argv_truncated and listed.argv[2].startswith("sleep 1000 # <&>")
         assert sb.processes.connect(loop.id).kill(grace=0.2)["signal"] in (9, 15)
         # connect / list / set_timeout
         assert [s["id"] for s in Sandbox.list(metadata={"who": "sdk"}, api_url=api)] == [sb.id]

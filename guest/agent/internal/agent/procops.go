@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"syscall"
 	"time"
+	"unicode/utf8"
 )
 
 // Each op has its own struct so unknown fields are rejected per op.
@@ -192,6 +193,35 @@ func opCloseStdin(s *Server, ch *Channel, raw []byte) (any, error) {
 	return ok(), nil
 }
 
+// A listing shows at most this much of a process's argv (each argument counted
+// with its JSON quotes and comma): a long script passed as `cmd` must not keep
+// its process's entry from fitting a frame (escaped, 2 KiB is at most 12 KiB;
+// with a tag of 1 KiB escaped, an entry stays well under MaxOutPayload).
+const listedArgvBytes = 2048
+
+// listedArgv is argv cut to listedArgvBytes, on a character boundary, and
+// whether anything was cut.
+func listedArgv(argv []string) ([]string, bool) {
+	out := make([]string, 0, len(argv))
+	left := listedArgvBytes
+	for _, a := range argv {
+		if left <= 3 {
+			return out, true
+		}
+		left -= 3
+		if len(a) > left {
+			cut := left
+			for cut > 0 && !utf8.RuneStart(a[cut]) {
+				cut--
+			}
+			return append(out, a[:cut]), true
+		}
+		left -= len(a)
+		out = append(out, a)
+	}
+	return out, false
+}
+
 func opListProcs(s *Server, ch *Channel, raw []byte) (any, error) {
 	var r struct {
 		Op string `json:"op"`
@@ -211,13 +241,11 @@ func opListProcs(s *Server, ch *Channel, raw []byte) (any, error) {
 	size := 0
 	for _, p := range ps {
 		code, sig := p.exitStatus()
-		b, _ := json.Marshal(map[string]any{"proc_id": p.ID, "pid": p.Pid, "argv": p.Argv,
-			"tag": p.Tag, "pty": p.PTY, "running": !p.Exited(), "exit_code": code,
+		argv, cut := listedArgv(p.Argv)
+		b, _ := json.Marshal(map[string]any{"proc_id": p.ID, "pid": p.Pid, "argv": argv,
+			"argv_truncated": cut, "tag": p.Tag, "pty": p.PTY, "running": !p.Exited(), "exit_code": code,
 			"signal": sig, "started_unix_ms": p.StartedAt.UnixMilli(),
 			"output_bytes": func() int64 { _, e := p.ring.Bounds(); return e }()})
-		if len(b) > MaxOutPayload-64 {
-			continue
-		}
 		if size+len(b)+1 > MaxOutPayload-64 {
 			if err := ch.Event(map[string]any{"event": "procs", "procs": batch}); err != nil {
 				return nil, nil

@@ -7,6 +7,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unicode/utf8"
 )
 
 func TestBackgroundAttachReplay(t *testing.T) {
@@ -340,5 +341,37 @@ func TestExitedOutputIsBounded(t *testing.T) {
 	r = c.call(21, map[string]any{"op": "attach", "proc_id": ids[3]})
 	if len(r.out) != 262144 {
 		t.Fatalf("newest: %d bytes", len(r.out))
+	}
+}
+
+// A process started with a long script is listed (its argv cut, and said to
+// be), so the host can still find, attach to and kill it. Such an entry was
+// left out of the listing when its JSON did not fit one frame; `<>&` are
+// escaped to six bytes each, so 6 KB of them was enough.
+func TestListShowsAProcessWithALongCommandCut(t *testing.T) {
+	c := newClient(t, nil)
+	long := "sleep 30 # " + strings.Repeat("<&>", 2000) + strings.Repeat("é", 5000)
+	r := c.call(1, map[string]any{"op": "exec", "cmd": long, "background": true})
+	id := r.resp["proc_id"].(string)
+	defer c.call(9, map[string]any{"op": "kill", "proc_id": id, "grace_ms": 0})
+	r = c.call(2, map[string]any{"op": "list_procs"})
+	procs, _ := r.resp["procs"].([]any)
+	if len(procs) != 1 {
+		t.Fatalf("listing %v", r.resp)
+	}
+	p := procs[0].(map[string]any)
+	argv, _ := p["argv"].([]any)
+	if p["proc_id"] != id || p["argv_truncated"] != true || len(argv) != 3 || argv[0] != "/bin/sh" {
+		t.Fatalf("entry %v", p)
+	}
+	script := argv[2].(string)
+	if !strings.HasPrefix(long, script) || !utf8.ValidString(script) || len(script) > listedArgvBytes {
+		t.Fatalf("script cut to %d bytes: %q...", len(script), script[:40])
+	}
+	if got, cut := listedArgv([]string{"ls", "-l"}); cut || len(got) != 2 {
+		t.Fatalf("short argv: %v %v", got, cut)
+	}
+	if got, cut := listedArgv(make([]string, 100000)); !cut || len(got) > listedArgvBytes/3 {
+		t.Fatalf("many empty arguments: %d kept, cut %v", len(got), cut)
 	}
 }
