@@ -92,8 +92,8 @@ func (s *Server) buildSpec(r *execReq) (*spawnSpec, error) {
 	if err := validEnv(r.Env); err != nil {
 		return nil, err
 	}
-	if r.TimeoutMs < 0 {
-		return nil, errf("invalid", "timeout_ms must be >= 0")
+	if r.TimeoutMs < 0 || r.TimeoutMs > maxTimeoutMs {
+		return nil, errf("invalid", "timeout_ms must be between 0 and %d", maxTimeoutMs)
 	}
 	if len(r.Tag) > 1024 {
 		return nil, errf("invalid", "tag longer than 1024 bytes")
@@ -218,6 +218,9 @@ func lookPath(prog, path, cwd string) (string, int, string) {
 	for _, dir := range filepath.SplitList(path) {
 		if dir == "" {
 			dir = "."
+		}
+		if !filepath.IsAbs(dir) { // as execvp in the command's cwd would see it
+			dir = filepath.Join(cwd, dir)
 		}
 		p := filepath.Join(dir, prog)
 		switch check(p) {

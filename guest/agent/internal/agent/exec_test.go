@@ -163,6 +163,25 @@ func TestExecPTY(t *testing.T) {
 	}
 }
 
+// Input that ends without a newline still ends: on a terminal one ^D only
+// hands a partial line over (cat waited for its timeout).
+func TestExecPTYStdinWithoutAFinalNewlineEnds(t *testing.T) {
+	c := newClient(t, nil)
+	for i, in := range []string{"abc", "abc\n", ""} {
+		ch := uint32(1 + i)
+		c.req(ch, map[string]any{"op": "exec", "argv": []string{"cat"}, "pty": map[string]any{},
+			"stdin": true, "timeout_ms": 5000})
+		if in != "" {
+			c.send(ch, KindIn, []byte(in))
+		}
+		c.send(ch, KindEOF, nil)
+		r := c.wait(ch, 10*time.Second)
+		if r.resp["timed_out"] == true || num(r.resp["exit_code"]) != 0 {
+			t.Fatalf("input %q: out=%q resp=%v", in, r.out, r.resp)
+		}
+	}
+}
+
 func TestExecEnvCwdDefaults(t *testing.T) {
 	c := newClient(t, nil)
 	c.call(1, map[string]any{"op": "set_defaults", "env": map[string]string{"A": "1", "B": "2"}, "cwd": "/tmp"})
@@ -181,6 +200,7 @@ func TestExecInvalid(t *testing.T) {
 		{"op": "exec", "cmd": "true", "bogus": 1},
 		{"op": "exec", "cmd": 5},
 		{"op": "exec", "cmd": "true", "timeout_ms": -1},
+		{"op": "exec", "cmd": "true", "timeout_ms": int64(18446744073710)},
 		{"op": "nope"},
 		{"op": "attach", "proc_id": "p1", "signal": 1},
 	} {

@@ -2,8 +2,6 @@ package agent
 
 import (
 	"os"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
@@ -128,47 +126,6 @@ func rebootCmd(mode, acpi string) int {
 		return unix.LINUX_REBOOT_CMD_RESTART
 	}
 	return unix.LINUX_REBOOT_CMD_POWER_OFF
-}
-
-// userProcessesLeft reports whether a process other than PID 1 is still
-// alive (zombies are as good as gone: the reaper collects them). kill(-1, 0)
-// cannot tell, since it reaches kernel threads too and so always succeeds:
-// power-off then sat out its whole grace period every time.
-func userProcessesLeft(proc string) bool {
-	entries, err := os.ReadDir(proc)
-	if err != nil {
-		return false
-	}
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == 1 {
-			continue
-		}
-		stat, err := os.ReadFile(proc + "/" + e.Name() + "/stat")
-		if err == nil && isLiveUserProcess(string(stat)) {
-			return true
-		}
-	}
-	return false
-}
-
-// pfKthread is PF_KTHREAD in the flags field of /proc/<pid>/stat.
-const pfKthread = 0x00200000
-
-// isLiveUserProcess reads a /proc/<pid>/stat line: not a kernel thread and
-// not a zombie. Fields are counted after the ")" that ends the command name,
-// which may itself hold spaces and parentheses.
-func isLiveUserProcess(stat string) bool {
-	end := strings.LastIndexByte(stat, ')')
-	if end < 0 {
-		return false
-	}
-	f := strings.Fields(stat[end+1:])
-	if len(f) < 7 || f[0] == "Z" || f[0] == "X" {
-		return false
-	}
-	flags, err := strconv.ParseUint(f[6], 10, 64)
-	return err == nil && flags&pfKthread == 0
 }
 
 // unmountAll detaches every mount but / (newest first) and makes / read-only.

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"errors"
+	"math"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -16,9 +17,12 @@ const (
 	keepExited  = 256
 	defaultRing = 1 << 20
 	maxRing     = 64 << 20
-	readChunk   = 32 << 10
-	drainIdle   = 100 * time.Millisecond // post-exit output idle that ends the output
-	drainCap    = time.Second            // post-exit drain a writer that never pauses gets
+	// The longest exec timeout: milliseconds past it overflow a time.Duration
+	// (a timeout of "centuries" fired at once); ~292 years.
+	maxTimeoutMs = int64(math.MaxInt64 / int64(time.Millisecond))
+	readChunk    = 32 << 10
+	drainIdle    = 100 * time.Millisecond // post-exit output idle that ends the output
+	drainCap     = time.Second            // post-exit drain a writer that never pauses gets
 	// A PTY may hold this much more than TIOCINQ shows (the tty buffers'
 	// limit); a PTY's output ends by ptyHardCap after the exit regardless.
 	ptyBufferSlack = 64 << 10
@@ -40,8 +44,9 @@ type Proc struct {
 	ring      *Ring
 
 	stdinMu sync.Mutex
-	stdin   *os.File // pipe write end, PTY master, or nil
-	pty     *os.File // PTY master (also read for output); nil once closed
+	stdin   *os.File      // pipe write end, PTY master, or nil
+	pty     *os.File      // PTY master (also read for output); nil once closed
+	lastIn  atomic.Uint32 // the last byte of stdin written (0: none yet)
 
 	// Output: one pump per fd copies into the ring until the output ends
 	// (outEnded, ring closed), then reads and discards until EOF.
@@ -126,7 +131,7 @@ func (p *Proc) Signal(sig syscall.Signal) error {
 }
 
 func (p *Proc) kill(sig syscall.Signal) error {
-	if p.Exited() && syscall.Kill(p.Pid, 0) != syscall.ESRCH {
+	if !p.ownsItsIDs() {
 		// The leader is reaped. Its pid stays taken while its group has
 		// members (as their pgid), so a process holding that pid now is a
 		// newcomer, leader of a group of its own: -pid would reach it.
@@ -142,9 +147,10 @@ func (p *Proc) kill(sig syscall.Signal) error {
 	return err
 }
 
-// Terminate sends SIGTERM, then SIGKILL after grace to the group if it
-// has not exited or a member still holds the output open (the output may
-// have ended meanwhile: killing was asked for before it did).
+// Terminate sends SIGTERM, then SIGKILL after grace, to the process group
+// and, on a terminal, to every job of its session: whatever of it is left by
+// then, the process, a member holding the output open, or one that ignored
+// SIGTERM with its output redirected (that one outlived a kill and a timeout).
 // SIGTERM goes once; a later call whose SIGKILL would come sooner brings it
 // forward (a kill retried with a shorter grace), one whose would not is moot.
 func (p *Proc) Terminate(grace time.Duration) {
@@ -164,7 +170,7 @@ func (p *Proc) Terminate(grace time.Duration) {
 	}
 	p.killed.Store(true)
 	if first {
-		_ = p.Signal(syscall.SIGTERM)
+		p.killAll(syscall.SIGTERM)
 	}
 	go func() {
 		t := time.NewTimer(grace)
@@ -173,11 +179,46 @@ func (p *Proc) Terminate(grace time.Duration) {
 			select {
 			case <-end:
 			case <-t.C:
-				_ = p.kill(syscall.SIGKILL)
+				p.killAll(syscall.SIGKILL)
 				return
 			}
 		}
+		if p.membersLeft() {
+			<-t.C
+			p.killAll(syscall.SIGKILL)
+		}
 	}()
+}
+
+// killAll sends sig to the process group and, for a terminal, to the rest of
+// its session: an interactive shell runs each job in a group of its own,
+// which a signal to the shell's group does not reach.
+func (p *Proc) killAll(sig syscall.Signal) {
+	_ = p.kill(sig)
+	if p.PTY && p.ownsItsIDs() {
+		for _, pid := range sessionMembers("/proc", p.Pid) {
+			_ = syscall.Kill(pid, sig)
+		}
+	}
+}
+
+// membersLeft reports whether anything of the process's group (or, on a
+// terminal, its session) still runs.
+func (p *Proc) membersLeft() bool {
+	if !p.ownsItsIDs() {
+		return false
+	}
+	if err := syscall.Kill(-p.Pid, 0); err == nil || err == syscall.EPERM {
+		return true
+	}
+	return p.PTY && len(sessionMembers("/proc", p.Pid)) > 0
+}
+
+// ownsItsIDs reports whether the group and session ids numbered as the
+// process's pid are still its own: after its reaping they stay reserved
+// while members remain, unless the pid itself went to a newcomer.
+func (p *Proc) ownsItsIDs() bool {
+	return !p.Exited() || syscall.Kill(p.Pid, 0) == syscall.ESRCH
 }
 
 // finish records the exit status; called by the reaper under forkMu.
@@ -197,8 +238,13 @@ func (p *Proc) CloseStdin() {
 		// Written outside the lock, like any input: a terminal whose input is
 		// full blocks the write until the program reads, and resize (which
 		// takes the lock) must not wait for that.
-		if term != nil {
-			_, _ = term.Write([]byte{4})
+		// ^D ends input only at the start of a line; after a partial line it
+		// just hands that line over, so a second one is needed.
+		if eof := []byte{4, 4}; term != nil {
+			if last := byte(p.lastIn.Load()); last == 0 || last == '\n' || last == 4 {
+				eof = eof[:1]
+			}
+			_, _ = term.Write(eof)
 		}
 		return
 	}
@@ -209,13 +255,21 @@ func (p *Proc) CloseStdin() {
 	}
 }
 
+// takesStdin reports whether the process has a stdin to write to.
+func (p *Proc) takesStdin() bool {
+	p.stdinMu.Lock()
+	defer p.stdinMu.Unlock()
+	return p.stdin != nil
+}
+
 // WriteStdin writes to the process's stdin; errors (exited, closed) drop data.
 func (p *Proc) WriteStdin(b []byte) {
 	p.stdinMu.Lock()
 	f := p.stdin
 	p.stdinMu.Unlock()
-	if f != nil {
+	if f != nil && len(b) > 0 {
 		_, _ = f.Write(b)
+		p.lastIn.Store(uint32(b[len(b)-1]))
 	}
 }
 

@@ -62,6 +62,11 @@ func opAttach(s *Server, ch *Channel, raw []byte) (any, error) {
 	if r.Offset < 0 {
 		return nil, errf("invalid", "offset must be >= 0")
 	}
+	if r.Stdin && !p.takesStdin() {
+		// else what the host sends would be credited and dropped unread
+		return nil, errf("invalid", "process %s takes no stdin: it was started without "+
+			"stdin, or its stdin was closed", p.ID)
+	}
 	start, _ := p.ring.Bounds()
 	ev := map[string]any{"event": "attached", "offset": max(r.Offset, start)}
 	if r.Offset < start {

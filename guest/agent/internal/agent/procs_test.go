@@ -375,3 +375,15 @@ func TestListShowsAProcessWithALongCommandCut(t *testing.T) {
 		t.Fatalf("many empty arguments: %d kept, cut %v", len(got), cut)
 	}
 }
+
+// Input for a process without a stdin is refused, not credited and dropped.
+func TestAttachWithStdinToAProcessWithoutOneIsRefused(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "sleep 30", "background": true})
+	id := r.resp["proc_id"].(string)
+	defer c.call(9, map[string]any{"op": "kill", "proc_id": id, "grace_ms": 0})
+	r = c.call(2, map[string]any{"op": "attach", "proc_id": id, "stdin": true})
+	if r.resp["code"] != "invalid" || !strings.Contains(r.resp["error"].(string), "takes no stdin") {
+		t.Fatalf("%v", r.resp)
+	}
+}

@@ -172,6 +172,9 @@ func (t *ProcTable) Start(s *spawnSpec, lossless bool) (*Proc, *Cursor, error) {
 	if s.failCode == 0 {
 		if err := t.fork(p, s); err == errBusy {
 			return nil, nil, err
+		} else if err == syscall.EACCES && !searchableBy(s.dir, s.cred) {
+			s.failCode, s.failMsg = 127, fmt.Sprintf("cwd %s: permission denied for uid %d",
+				s.dir, s.cred.Uid)
 		} else if err != nil {
 			s.failCode, s.failMsg = startFailure(s.argv[0], err)
 		}
@@ -243,6 +246,11 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 		parentFiles = append(parentFiles, master)
 		childFiles = append(childFiles, slave)
 		_ = setWinsize(master, s.pty)
+		if s.cred != nil {
+			// the terminal is its user's (as grantpt makes it), so it can
+			// reopen it by name: screen, pinentry, `exec 3>$(tty)`
+			_ = slave.Chown(int(s.cred.Uid), -1)
+		}
 		files = []uintptr{slave.Fd(), slave.Fd(), slave.Fd()}
 		sys.Setsid, sys.Setctty, sys.Ctty = true, true, 0
 		p.pty, p.stdin = master, master

@@ -5,8 +5,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 )
 
 // account is a resolved exec user (from the image's /etc/passwd, /etc/group).
@@ -121,4 +124,40 @@ func lookupAccount(spec string) (*account, error) {
 		})
 	}
 	return a, err
+}
+
+// searchableBy reports whether the user of cred may enter dir: search (x)
+// permission on it and every directory above it, by owner, group or other
+// bits (ACLs aside). Used only to say why an exec failed with EACCES: the
+// child changes to the user before its chdir, so the error alone blames the
+// program.
+func searchableBy(dir string, cred *syscall.Credential) bool {
+	if cred == nil || cred.Uid == 0 {
+		return true
+	}
+	real, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return true // not the reason we are looking for
+	}
+	inGroup := func(gid uint32) bool {
+		return gid == cred.Gid || slices.Contains(cred.Groups, gid)
+	}
+	for d := real; ; d = filepath.Dir(d) {
+		var st syscall.Stat_t
+		if syscall.Stat(d, &st) != nil {
+			return true
+		}
+		bit := uint32(0o001)
+		if st.Uid == cred.Uid {
+			bit = 0o100
+		} else if inGroup(st.Gid) {
+			bit = 0o010
+		}
+		if st.Mode&bit == 0 {
+			return false
+		}
+		if d == "/" || d == "." {
+			return true
+		}
+	}
 }

@@ -1,0 +1,47 @@
+package agent
+
+import (
+	"os"
+	"strings"
+	"testing"
+)
+
+// A cwd the exec's user cannot enter is named as the cause, not the program
+// ("true: permission denied", exit 126: the child's chdir runs as the user).
+func TestExecInACwdItsUserCannotEnterNamesTheCwd(t *testing.T) {
+	c := newClient(t, nil)
+	dir := t.TempDir() // 0700, root's
+	r := c.call(1, map[string]any{"op": "exec", "argv": []string{"true"}, "user": "nobody", "cwd": dir})
+	want := "cwd " + dir + ": permission denied for uid 65534"
+	if !strings.Contains(string(r.err), want) || num(r.resp["exit_code"]) != 127 {
+		t.Fatalf("err=%q resp=%v", r.err, r.resp)
+	}
+}
+
+// A terminal is its user's, as grantpt makes it: the user can reopen it.
+func TestAPTYIsOwnedByItsUser(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "stat -c %u $(tty) && echo hi >> $(tty)",
+		"user": "nobody", "cwd": "/", "pty": map[string]any{}})
+	if !strings.Contains(string(r.out), "65534\r\nhi\r\n") || num(r.resp["exit_code"]) != 0 {
+		t.Fatalf("out=%q resp=%v", r.out, r.resp)
+	}
+}
+
+// A relative PATH entry is looked up in the command's cwd, as execvp there
+// would (it was looked up in the agent's own).
+func TestARelativePathEntryIsFoundInTheCwd(t *testing.T) {
+	c := newClient(t, nil)
+	dir := t.TempDir()
+	if err := os.Mkdir(dir+"/bin", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dir+"/bin/hello", []byte("#!/bin/sh\necho found\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r := c.call(1, map[string]any{"op": "exec", "argv": []string{"hello"}, "cwd": dir,
+		"env": map[string]string{"PATH": "bin:/usr/bin:/bin"}})
+	if string(r.out) != "found\n" {
+		t.Fatalf("out=%q err=%q resp=%v", r.out, r.err, r.resp)
+	}
+}

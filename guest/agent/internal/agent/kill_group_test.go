@@ -1,0 +1,70 @@
+package agent
+
+import (
+	"os/exec"
+	"testing"
+	"time"
+)
+
+// A member of the command's process group that ignores SIGTERM and does not
+// hold the output open outlived a kill and a timeout: SIGKILL went only to
+// what still ran or wrote. It gets SIGKILL after the grace now.
+const termIgnoringChild = "(trap '' TERM; exec sleep 300) </dev/null >/dev/null 2>&1 & echo $! > "
+
+// waitGoneOrFail waits up to d for the pid a shell wrote to path to be gone.
+func waitGoneOrFail(t *testing.T, path string, d time.Duration) {
+	t.Helper()
+	pid := 0
+	for end := time.Now().Add(d); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		if pid = pidFrom(path); pid > 0 && !alive(pid) {
+			return
+		}
+	}
+	defer killPid(t, path)
+	t.Fatalf("process %d (from %s) still runs %v on", pid, path, d)
+}
+
+func TestKillReachesAGroupMemberThatIgnoresTerm(t *testing.T) {
+	c := newClient(t, nil)
+	pidf := t.TempDir() + "/pid"
+	r := c.call(1, map[string]any{"op": "exec", "cmd": termIgnoringChild + pidf + "; sleep 300", "background": true})
+	id := r.resp["proc_id"].(string)
+	for pidFrom(pidf) == 0 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	r = c.call(2, map[string]any{"op": "kill", "proc_id": id, "grace_ms": 300})
+	if num(r.resp["signal"]) != 15 {
+		t.Fatalf("kill: %v", r.resp)
+	}
+	waitGoneOrFail(t, pidf, 3*time.Second)
+}
+
+func TestTimeoutReachesAGroupMemberThatIgnoresTerm(t *testing.T) {
+	c := newClient(t, nil)
+	pidf := t.TempDir() + "/pid"
+	r := c.call(1, map[string]any{"op": "exec", "cmd": termIgnoringChild + pidf + "; sleep 300", "timeout_ms": 300})
+	if r.resp["timed_out"] != true {
+		t.Fatalf("exec: %v", r.resp)
+	}
+	waitGoneOrFail(t, pidf, killGraceSecs+3*time.Second)
+}
+
+// An interactive shell on a terminal runs each job in a process group of its
+// own; killing the shell ends its jobs too (they were left running).
+func TestKillOfATerminalShellEndsItsJobs(t *testing.T) {
+	if _, err := exec.LookPath("bash"); err != nil {
+		t.Skip("no bash")
+	}
+	c := newClient(t, nil)
+	pidf := t.TempDir() + "/pid"
+	r := c.call(1, map[string]any{"op": "exec", "argv": []string{"bash", "--norc", "-i"},
+		"pty": map[string]any{}, "background": true})
+	id := r.resp["proc_id"].(string)
+	c.req(2, map[string]any{"op": "attach", "proc_id": id, "stdin": true, "output": false})
+	c.send(2, KindIn, []byte("sleep 300 & echo $! > "+pidf+"\n"))
+	for end := time.Now().Add(10 * time.Second); pidFrom(pidf) == 0 && time.Now().Before(end); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	c.call(3, map[string]any{"op": "kill", "proc_id": id, "grace_ms": 300})
+	waitGoneOrFail(t, pidf, 3*time.Second)
+}

@@ -1,0 +1,73 @@
+package agent
+
+import (
+	"os"
+	"strconv"
+	"strings"
+)
+
+// liveUserProcesses lists the pids in proc (a procfs) of live user processes
+// (not kernel threads, not zombies: the reaper collects those) other than
+// PID 1 whose stat fields after the command name pass keep (nil keeps all).
+func liveUserProcesses(proc string, keep func(fields []string) bool) []int {
+	entries, err := os.ReadDir(proc)
+	if err != nil {
+		return nil
+	}
+	var pids []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == 1 {
+			continue
+		}
+		stat, err := os.ReadFile(proc + "/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		if f := liveUserStat(string(stat)); f != nil && (keep == nil || keep(f)) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// userProcessesLeft reports whether a process other than PID 1 is still
+// alive. kill(-1, 0) cannot tell, since it reaches kernel threads too and so
+// always succeeds: power-off then sat out its whole grace period every time.
+func userProcessesLeft(proc string) bool {
+	return len(liveUserProcesses(proc, nil)) > 0
+}
+
+// sessionMembers lists the live processes of session sid: the jobs of a
+// terminal's shell, each of which it runs in a process group of its own.
+func sessionMembers(proc string, sid int) []int {
+	want := strconv.Itoa(sid)
+	return liveUserProcesses(proc, func(f []string) bool { return f[3] == want })
+}
+
+// pfKthread is PF_KTHREAD in the flags field of /proc/<pid>/stat.
+const pfKthread = 0x00200000
+
+// liveUserStat reads a /proc/<pid>/stat line: its fields after the command
+// name (state, ppid, pgrp, session, ...), or nil for a kernel thread, a
+// zombie or a malformed line. Fields are counted after the ")" that ends the
+// command name, which may itself hold spaces and parentheses.
+func liveUserStat(stat string) []string {
+	end := strings.LastIndexByte(stat, ')')
+	if end < 0 {
+		return nil
+	}
+	f := strings.Fields(stat[end+1:])
+	if len(f) < 7 || f[0] == "Z" || f[0] == "X" {
+		return nil
+	}
+	flags, err := strconv.ParseUint(f[6], 10, 64)
+	if err != nil || flags&pfKthread != 0 {
+		return nil
+	}
+	return f
+}
+
+// isLiveUserProcess reads a /proc/<pid>/stat line: not a kernel thread and
+// not a zombie.
+func isLiveUserProcess(stat string) bool { return liveUserStat(stat) != nil }
