@@ -122,23 +122,25 @@ func (s *Server) buildSpec(r *execReq) (*spawnSpec, error) {
 	}
 
 	s.mu.Lock()
-	defEnv, cwd := s.defEnv, s.defCwd
-	if userSpec == "" {
-		userSpec = s.defUser
-	}
+	defEnv, cwd, defUser := s.defEnv, s.defCwd, s.defUser
 	s.mu.Unlock()
+	// Another user than the sandbox's own: the defaults' HOME is not theirs.
+	otherUser := userSpec != "" && userSpec != defUser
+	if userSpec == "" {
+		userSpec = defUser
+	}
 	if r.Cwd != "" {
 		cwd = r.Cwd
 	}
 	if cwd == "" {
 		cwd = "/"
 	}
-	sp.dir = cwd
 
 	env := map[string]string{"PATH": defaultPath, "HOME": "/root"}
 	if sp.pty != nil {
 		env["TERM"] = "xterm"
 	}
+	home := ""
 	if userSpec != "" {
 		a, err := lookupAccount(userSpec)
 		if err != nil {
@@ -146,17 +148,29 @@ func (s *Server) buildSpec(r *execReq) (*spawnSpec, error) {
 			return sp, nil
 		}
 		sp.cred = &syscall.Credential{Uid: a.uid, Gid: a.gid, Groups: a.groups}
+		home = a.home
 		env["HOME"] = a.home
 		if a.name != "" {
 			env["USER"], env["LOGNAME"] = a.name, a.name
 		}
 	}
 	for k, v := range defEnv {
-		env[k] = v
+		if k != "HOME" || !otherUser {
+			env[k] = v
+		}
 	}
 	for k, v := range r.Env {
 		env[k] = v
 	}
+	if r.Cwd == "" && !searchableBy(cwd, sp.cred) {
+		// The default cwd (the image's WORKDIR, often /root) is closed to this
+		// user: start in their home, or /, rather than fail every command.
+		cwd = "/"
+		if fi, err := os.Stat(home); err == nil && fi.IsDir() && searchableBy(home, sp.cred) {
+			cwd = home
+		}
+	}
+	sp.dir = cwd
 	sp.env = make([]string, 0, len(env))
 	for k, v := range env {
 		sp.env = append(sp.env, k+"="+v)

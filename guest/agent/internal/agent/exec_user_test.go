@@ -45,3 +45,41 @@ func TestARelativePathEntryIsFoundInTheCwd(t *testing.T) {
 		t.Fatalf("out=%q err=%q resp=%v", r.out, r.err, r.resp)
 	}
 }
+
+// Another user than the sandbox's own gets their own HOME, and, when the
+// default cwd is closed to them (the image's WORKDIR /root), starts in their
+// home or / instead of failing every command.
+func TestAnotherUserGetsTheirHomeAndAUsableCwd(t *testing.T) {
+	c := newClient(t, nil)
+	closed := t.TempDir() // 0700, root's
+	c.call(1, map[string]any{"op": "set_defaults", "cwd": closed,
+		"env": map[string]string{"HOME": "/root", "A": "1"}})
+	r := c.call(2, map[string]any{"op": "exec", "cmd": "echo $HOME $A; pwd", "user": "nobody"})
+	home := lookupHome(t, "nobody")
+	want := "/"
+	if fi, err := os.Stat(home); err == nil && fi.IsDir() {
+		want = home
+	}
+	if string(r.out) != home+" 1\n"+want+"\n" || num(r.resp["exit_code"]) != 0 {
+		t.Fatalf("out=%q err=%q resp=%v", r.out, r.err, r.resp)
+	}
+	// root keeps the defaults: the cwd asked for, the env's HOME
+	r = c.call(3, map[string]any{"op": "exec", "cmd": "echo $HOME; pwd"})
+	if string(r.out) != "/root\n"+closed+"\n" {
+		t.Fatalf("out=%q", r.out)
+	}
+	// a cwd asked for explicitly is not replaced: its error names it
+	r = c.call(4, map[string]any{"op": "exec", "cmd": "pwd", "user": "nobody", "cwd": closed})
+	if !strings.Contains(string(r.err), "cwd "+closed+": permission denied") {
+		t.Fatalf("err=%q", r.err)
+	}
+}
+
+func lookupHome(t *testing.T, user string) string {
+	t.Helper()
+	a, err := lookupAccount(user)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a.home
+}
