@@ -166,6 +166,8 @@ class Watch:
             ev = frame.json()
             if ev.get("event") == "fs":
                 return as_str(ev, "op"), as_str(ev, "path")
+            if ev.get("event") == "dropped":  # we fell behind: changes were left out
+                return "overflow", self._path
             if until_ready and ev.get("event") == "watching":
                 return None
         return None
@@ -202,8 +204,9 @@ class AgentClient:
 
     # --- plumbing -------------------------------------------------------------------
 
-    async def _open(self, req: dict[str, Any]) -> Channel:
+    async def _open(self, req: dict[str, Any], sheds_events: bool = False) -> Channel:
         ch = self.conn.open_channel()
+        ch.sheds_events = sheds_events
         try:
             await self.conn.request(ch, req)
         except BaseException:
@@ -524,7 +527,11 @@ class AgentClient:
         """Start watching `path` and return once the guest watches it (an agent with
         `watch_ready`): a change made after this returns is reported. A bad path raises
         here. See docs/protocol.md for the ops."""
-        ch = await self._open({"op": "watch", "path": path, "recursive": recursive})
+        # A burst of changes while the caller is busy (an `npm install`) is reported as an
+        # overflow, as inotify does, rather than ending the watch.
+        ch = await self._open(
+            {"op": "watch", "path": path, "recursive": recursive}, sheds_events=True
+        )
         w = Watch(ch, path)
         if "watch_ready" in self.conn.features:
             try:

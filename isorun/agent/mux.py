@@ -34,6 +34,8 @@ CREDIT_BATCH = WINDOW // 4
 # channel's bound its request is cancelled with an error saying so; past the connection's,
 # the unanswered requests holding the most are (Channel._deliver).
 EVENT_BACKLOG = 1 << 20  # per channel
+# What a channel that sheds events (Channel.sheds_events) has in place of those it dropped.
+DROPPED_EVENT = b'{"event":"dropped"}'
 CONNECTION_EVENT_BACKLOG = 8 << 20  # all channels of one connection together
 EVENT_OVERHEAD = 128  # counted per event besides its payload: empty ones are not free
 HELLO_SCAN_LIMIT = 1 << 20
@@ -97,6 +99,10 @@ class Channel:
         # the last frame from the guest on this channel (or when its REQ was written)
         self._heard = asyncio.get_running_loop().time()
         self.timed = True  # its waits end at the connection's idle_timeout
+        # A watch's events may be shed when its consumer falls behind: it is told so by one
+        # DROPPED_EVENT in their place (a watch reports "overflow") instead of cancelled.
+        self.sheds_events = False
+        self._dropped_marker: Frame | None = None  # queued, not yet taken
 
     def _deliver(self, frame: Frame) -> None:
         """Queue a frame from the guest; never waits."""
@@ -113,23 +119,32 @@ class Channel:
             return
         if frame.kind is Kind.EVENT:
             cost = len(frame.payload) + EVENT_OVERHEAD
+            if self._dropped_marker is not None:
+                return  # shedding until the consumer has taken the marker
             if self._event_bytes + cost > EVENT_BACKLOG:
-                self._too_slow()
+                if self.sheds_events:  # keep what it holds, drop what follows
+                    self._mark_dropped()
+                else:
+                    self._too_slow()
                 return
             # Past the connection's bound the unanswered requests holding the most go
             # first, not whichever request's event happens to cross it (a new one holds
             # nothing). One the guest answered is not cancelled: its caller would be told
             # a request failed that ran (events it still holds are charged all the same).
+            # One shedding already holds only its marker.
             while self._conn._event_bytes + cost > CONNECTION_EVENT_BACKLOG:
-                pending = (ch for ch in self._conn._channels.values() if not ch._answered)
+                pending = (
+                    ch
+                    for ch in self._conn._channels.values()
+                    if not ch._answered and ch._dropped_marker is None
+                )
                 most = max(pending, key=lambda ch: ch._event_bytes)
                 if most._event_bytes == 0:
                     most = self  # the backlog is all answered requests': this one goes
                 most._too_slow()
                 if most is self:
                     return
-            self._event_bytes += cost
-            self._conn._event_bytes += cost
+            self._charge_event(frame)
         if frame.kind in (Kind.RESP, Kind.EVENT):
             # checked here, once its backlog took it: a bad payload is the guest's fault (the
             # connection's end), not its consumer's
@@ -142,6 +157,9 @@ class Channel:
         self._put(frame)
 
     def _too_slow(self) -> None:
+        if self.sheds_events:  # past the connection's bound: let go of what it holds too
+            self._shed_events()
+            return
         held = self._event_bytes
         self._give_up(
             ConsumerTooSlowError(
@@ -149,6 +167,26 @@ class Channel:
                 "time; the request was cancelled"
             )
         )
+
+    def _shed_events(self) -> None:
+        """Drop the events queued, and those that follow until the consumer takes the one
+        DROPPED_EVENT put in their place."""
+        kept: deque[_Item] = deque()
+        for item in self._inbox:
+            if isinstance(item, Frame) and item.kind is Kind.EVENT:
+                self._release_event(item)
+            else:
+                kept.append(item)
+        self._inbox = kept
+        self._mark_dropped()
+
+    def _mark_dropped(self) -> None:
+        """Drop the events that follow until the consumer takes the DROPPED_EVENT queued
+        now (charged like any, so the accounting stays exact)."""
+        marker = Frame(self.id, Kind.EVENT, DROPPED_EVENT)
+        self._charge_event(marker)
+        self._dropped_marker = marker
+        self._put(marker)
 
     def _queue_data(self, frame: Frame) -> None:
         for item in reversed(self._inbox):  # the trailing run of data items
@@ -209,10 +247,17 @@ class Channel:
             async with asyncio.timeout(left):
                 await self._arrived.wait()
 
+    def _charge_event(self, frame: Frame) -> None:
+        cost = len(frame.payload) + EVENT_OVERHEAD
+        self._event_bytes += cost
+        self._conn._event_bytes += cost
+
     def _release_event(self, frame: Frame) -> None:
         cost = len(frame.payload) + EVENT_OVERHEAD
         self._event_bytes -= cost
         self._conn._event_bytes -= cost
+        if frame is self._dropped_marker:
+            self._dropped_marker = None
 
     def _consumed(self, n: int) -> None:
         self._unacked += n

@@ -343,14 +343,16 @@ async def test_events_nobody_takes_cancel_that_request_not_the_connection() -> N
     await client.conn.close()
 
 
-async def test_past_the_connections_event_bound_the_biggest_backlog_goes_not_a_new_request() -> (
-    None
-):
+@pytest.mark.parametrize("sheds", [False, True], ids=["requests", "watches"])
+async def test_past_the_connections_event_bound_the_biggest_backlog_goes_not_a_new_request(
+    sheds: bool,
+) -> None:
     """Requests nobody reads hold just under the connection's 8 MiB of events between them
     (each under its own 1 MiB); a new request's first event crosses the bound. The
     unanswered request holding the most is cancelled: not the new one, which holds
     nothing, nor one the guest already answered (the biggest here), whose caller would be
-    told a request failed that ran."""
+    told a request failed that ran. A watch (which sheds events) is not cancelled: its
+    events are dropped for one that says so (an overflow to its consumer)."""
     watch_event = {"event": "fs", "op": "write", "path": "/" + "a" * 950}  # 1116 B held
     sizes = [819] * 8
     sizes[4] = 870  # the biggest unanswered backlog
@@ -380,6 +382,7 @@ async def test_past_the_connections_event_bound_the_biggest_backlog_goes_not_a_n
     await client.conn.request(ran, {"op": "exec", "cmd": "true"})
     slow = [client.conn.open_channel() for _ in sizes]
     for ch in slow:
+        ch.sheds_events = sheds
         await client.conn.request(ch, {"op": "watch", "path": "/"})  # and never read
     for _ in range(200):  # ~8.37 MB held
         if client.conn._event_bytes > mux.CONNECTION_EVENT_BACKLOG - 20000:
@@ -387,9 +390,14 @@ async def test_past_the_connections_event_bound_the_biggest_backlog_goes_not_a_n
         await asyncio.sleep(0.02)
     assert client.conn._event_bytes > mux.CONNECTION_EVENT_BACKLOG - 20000
     assert (await asyncio.wait_for(client.health(), 5))["version"] == "fake"
-    assert [ch.closed for ch in slow] == [i == 4 for i in range(len(sizes))]
-    with pytest.raises(ConsumerTooSlowError, match="not taken in time"):
-        await asyncio.wait_for(slow[4].next(), 5)
+    if sheds:
+        assert not any(ch.closed for ch in slow)
+        assert (await asyncio.wait_for(slow[4].next(), 5)).payload == mux.DROPPED_EVENT
+        assert (await asyncio.wait_for(slow[3].next(), 5)).json()["op"] == "write"
+    else:
+        assert [ch.closed for ch in slow] == [i == 4 for i in range(len(sizes))]
+        with pytest.raises(ConsumerTooSlowError, match="not taken in time"):
+            await asyncio.wait_for(slow[4].next(), 5)
     while (frame := await asyncio.wait_for(ran.next(), 5)).kind is Kind.EVENT:
         pass
     assert frame.kind is Kind.RESP and frame.json()["exit_code"] == 0  # its answer kept

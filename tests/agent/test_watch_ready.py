@@ -111,3 +111,45 @@ async def test_closing_a_watch_ends_the_iteration_another_task_waits_in() -> Non
     assert await asyncio.wait_for(consumer, 5) == []
     task.cancel()
     await agent.conn.close()
+
+
+def _burst(chan: int, n: int, tag: str) -> bytes:
+    return b"".join(
+        _event(chan, {"event": "fs", "op": "create", "path": f"/d/{tag}{i:06}"}) for i in range(n)
+    )
+
+
+async def test_a_burst_a_busy_consumer_misses_is_an_overflow_not_the_watchs_end() -> None:
+    """Open a watch, run something that makes 20,000 changes (npm install) before reading
+    it: over the 1 MiB a request may hold, the watch said ConsumerTooSlowError and was
+    cancelled. Now what it cannot hold is dropped for one overflow, and the watch goes on."""
+    burst = 20_000
+    sent_second = asyncio.Event()
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        req = await read_frame(r)
+        w.write(_event(req.chan, {"event": "watching"}))
+        w.write(_burst(req.chan, burst, "a"))
+        await w.drain()
+        await asyncio.sleep(0.5)
+        w.write(_burst(req.chan, 3, "b"))  # after the consumer caught up
+        await w.drain()
+        sent_second.set()
+        await read_frame(r)  # the CANCEL
+
+    agent, task = await connect(guest, features=["watch_ready"])
+    w = await agent.open_watch("/d")
+    await asyncio.sleep(0.3)  # busy: the burst arrives meanwhile
+    got = []
+    while not got or got[-1] != ("overflow", "/d"):
+        got.append(await asyncio.wait_for(anext(w), 5))
+    kept = got[:-1]
+    assert 0 < len(kept) < burst and kept == [("create", f"/d/a{i:06}") for i in range(len(kept))]
+    assert agent.conn._event_bytes < 1000  # what it held is let go
+    await sent_second.wait()
+    assert [await asyncio.wait_for(anext(w), 5) for _ in range(3)] == [
+        ("create", f"/d/b{i:06}") for i in range(3)
+    ]
+    w.close()
+    await asyncio.wait_for(task, 5)
+    assert agent.conn._event_bytes == 0

@@ -55,8 +55,35 @@ const watchMask = unix.IN_CREATE | unix.IN_MOVED_TO | unix.IN_MOVED_FROM | unix.
 
 var errWatchLimit = errors.New("directory limit reached")
 
+// inotifyInstances is the guest's limit of inotify instances a user (root:
+// the agent and every root process) may hold; raised at boot from the
+// kernel's 128, which a busy agent's watches and a dev server's could share.
+const (
+	inotifyInstances     = "/proc/sys/fs/inotify/max_user_instances"
+	inotifyInstancesBoot = 1024
+)
+
+// raiseInotifyInstances lifts the limit to inotifyInstancesBoot, never lowers it.
+func raiseInotifyInstances() error {
+	b, err := os.ReadFile(inotifyInstances)
+	if err != nil {
+		return err
+	}
+	if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && n >= inotifyInstancesBoot {
+		return nil
+	}
+	return os.WriteFile(inotifyInstances, []byte(strconv.Itoa(inotifyInstancesBoot)), 0)
+}
+
 func newTreeWatch(root string, recursive bool, stop func() bool) (*treeWatch, error) {
 	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
+	if err == unix.EMFILE {
+		// one instance a watch, shared with every root process of the guest
+		limit, _ := os.ReadFile(inotifyInstances)
+		return nil, errf("busy", "watch %s: the guest's limit of inotify instances "+
+			"(fs.inotify.max_user_instances = %s) is reached: close other watches, or raise it",
+			root, strings.TrimSpace(string(limit)))
+	}
 	if err != nil {
 		return nil, os.NewSyscallError("inotify_init1", err)
 	}

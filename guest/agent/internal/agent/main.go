@@ -94,6 +94,9 @@ func runPID1(start time.Time) {
 		if err := loopbackUp(); err != nil {
 			s.logf("lo: %v", err)
 		}
+		if err := raiseInotifyInstances(); err != nil {
+			s.logf("inotify: %v", err)
+		}
 	}()
 	ready()
 	s.logf("ready")

@@ -45,7 +45,9 @@ func opWatch(s *Server, ch *Channel, raw []byte) (any, error) {
 			return true // write_file's own file, renamed over its target when complete
 		}
 		if only != "" {
-			if p != only && !c.end { // a neighbour; the directory's own end is the file's
+			// a neighbour is skipped; the directory's own end is the file's, and
+			// an overflow (of the directory's queue) may have hidden the file's
+			if p != only && !c.end && c.op != "overflow" {
 				return true
 			}
 			p = path

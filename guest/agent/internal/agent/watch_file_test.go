@@ -107,3 +107,54 @@ func TestWatchFileThroughSymlink(t *testing.T) {
 	c.send(1, KindCancel, nil)
 	c.wait(1, 5*time.Second)
 }
+
+// A watch on one file says when its directory's event queue overflowed (the
+// file's own changes may be among those lost): it was dropped as a
+// neighbour's event, so a file watch never reported an overflow.
+func TestFileWatchReportsAnOverflow(t *testing.T) {
+	dir := t.TempDir()
+	f, g := dir+"/f", dir+"/g"
+	for _, p := range []string{f, g} {
+		if err := os.WriteFile(p, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// a host that does not read while the changes happen: the agent stops
+	// reading inotify once the socket is full, and the kernel's queue overflows
+	host, guest := socketpair(t)
+	go func() { _ = NewServer(time.Now()).ServeConn(guest); guest.Close() }()
+	t.Cleanup(func() { host.Close() })
+	req, _ := json.Marshal(map[string]any{"op": "watch", "path": f})
+	if _, err := host.Write(EncodeFrame(1, KindReq, req)); err != nil {
+		t.Fatal(err)
+	}
+	fr := NewFrameReader(host)
+	if fw, err := fr.Read(); err != nil || string(fw.Payload) != `{"event":"watching"}` {
+		t.Fatalf("%v %s", err, fw.Payload)
+	}
+	ff, _ := os.OpenFile(f, os.O_WRONLY|os.O_APPEND, 0)
+	gf, _ := os.OpenFile(g, os.O_WRONLY|os.O_APPEND, 0)
+	for i := 0; i < 60000; i++ { // alternating, so the kernel cannot merge them
+		_, _ = ff.Write([]byte("x"))
+		_, _ = gf.Write([]byte("y"))
+	}
+	ff.Close()
+	gf.Close()
+	ops := map[string]int{}
+	for {
+		_ = host.SetReadDeadline(time.Now().Add(time.Second))
+		fw, err := fr.Read()
+		if err != nil {
+			break
+		}
+		var m map[string]any
+		_ = json.Unmarshal(fw.Payload, &m)
+		if m["path"] != f {
+			t.Fatalf("an event not of the file: %s", fw.Payload)
+		}
+		ops[m["op"].(string)]++
+	}
+	if ops["overflow"] == 0 || ops["write"] == 0 {
+		t.Fatalf("changes seen: %v", ops)
+	}
+}
