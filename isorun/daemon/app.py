@@ -308,9 +308,13 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
 
         return handler
 
-    def admin(tenant: str) -> None:
+    def admin(tenant: str, what: str) -> None:
+        """Refuse a tenant key `what` (say, "removing images"): it is the local admin's."""
         if tenant != LOCAL_TENANT:
-            raise Forbidden("managing API keys is for the local administrator (unix socket)")
+            raise Forbidden(
+                f"{what} is for the local administrator (on the daemon's unix socket), not "
+                "for an API key"
+            )
 
     # --- system ------------------------------------------------------------------------
 
@@ -861,7 +865,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         }
 
     async def remove_image(request: Request, tenant: str) -> Any:
-        admin(tenant)
+        admin(tenant, "removing images")
         ref = _image_ref(request)
         try:
             img = await manager.images.remove(ref)
@@ -872,13 +876,13 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         return {"removed": img.digest, "freed_bytes": img.disk_bytes}
 
     async def gc_images(request: Request, tenant: str) -> Any:
-        admin(tenant)
+        admin(tenant, "garbage-collecting images")
         all_unused = request.query_params.get("all") in ("1", "true")
         report = await manager.images.gc(all_unused=all_unused)
         return {"removed": report.removed, "freed_bytes": report.freed_bytes}
 
     async def images_disk_usage(request: Request, tenant: str) -> Any:
-        admin(tenant)
+        admin(tenant, "seeing the image store's disk usage")
         du = manager.images.disk_usage()
         return {"images": du.images, "image_bytes": du.image_bytes, "tmp_bytes": du.tmp_bytes}
 
@@ -902,16 +906,16 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         return _progress_stream(work)
 
     async def create_key(request: Request, tenant: str) -> Any:
-        admin(tenant)
+        admin(tenant, "managing API keys")
         req = await parse(request, CreateKey)
         return auth.create_key(store, req.tenant_id, req.name)
 
     async def list_keys(request: Request, tenant: str) -> Any:
-        admin(tenant)
+        admin(tenant, "managing API keys")
         return {"keys": store.list_keys()}
 
     async def revoke_key(request: Request, tenant: str) -> Any:
-        admin(tenant)
+        admin(tenant, "managing API keys")
         if not store.revoke_key(request.path_params["kid"]):
             raise NotFound(f"API key {request.path_params['kid']!r} not found")
         return {"ok": True}

@@ -19,7 +19,10 @@ from isorun.daemon.store import Store
 
 
 def _unix_listener(path: Path) -> socket.socket:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"isorund: cannot make the directory of the socket {path}: {exc}") from exc
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
@@ -34,6 +37,9 @@ def _unix_listener(path: Path) -> socket.socket:
     old = os.umask(0o177)
     try:
         s.bind(str(path))
+    except OSError as exc:
+        s.close()
+        raise SystemExit(f"isorund: cannot listen on the socket {path}: {exc}") from exc
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
@@ -46,7 +52,11 @@ def _tcp_listener(spec: str) -> socket.socket:
     host, _, port = spec.rpartition(":")
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host.strip("[]") or "127.0.0.1", int(port)))
+    try:
+        s.bind((host.strip("[]") or "127.0.0.1", int(port)))
+    except OSError as exc:
+        s.close()
+        raise SystemExit(f"isorund: cannot listen on TCP {spec}: {exc}") from exc
     s.listen(256)
     s.setblocking(False)
     return s
@@ -56,13 +66,20 @@ async def serve(cfg: DaemonConfig) -> None:
     # MicroVM puts run dirs under $ISORUN_STATE_DIR/vms; keep it in step with our state dir.
     os.environ["ISORUN_STATE_DIR"] = str(cfg.state_dir)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(cfg.db_path)
-    (cfg.state_dir / "isorund.pid").write_text(f"{os.getpid()}\n")
+    # Listen first: a daemon that finds another serving exits before it touches the state
+    # or the pid file, which are the serving daemon's.
+    socks = [_unix_listener(cfg.socket_path)]
+    try:
+        if cfg.tcp:
+            socks.append(_tcp_listener(cfg.tcp))
+        store = Store(cfg.db_path)
+    except BaseException:
+        _unlink_socket(cfg.socket_path)
+        raise
+    pid_file = cfg.state_dir / "isorund.pid"
+    pid_file.write_text(f"{os.getpid()}\n")
     manager = SandboxManager(cfg, store)
     app = create_app(cfg, store, manager)
-    socks = [_unix_listener(cfg.socket_path)]
-    if cfg.tcp:
-        socks.append(_tcp_listener(cfg.tcp))
     config = uvicorn.Config(
         app,
         log_level=os.environ.get("ISORUN_LOG_LEVEL", "warning").lower(),
@@ -75,10 +92,17 @@ async def serve(cfg: DaemonConfig) -> None:
     try:
         await server.serve(sockets=socks)
     finally:
-        with contextlib.suppress(OSError):
-            if cfg.socket_path.is_socket():
-                cfg.socket_path.unlink()
+        _unlink_socket(cfg.socket_path)
+        with contextlib.suppress(OSError, ValueError):
+            if int(pid_file.read_text()) == os.getpid():  # not another daemon's
+                pid_file.unlink()
         store.close()
+
+
+def _unlink_socket(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_socket():
+            path.unlink()
 
 
 def main(argv: list[str] | None = None) -> None:
