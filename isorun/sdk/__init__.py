@@ -9,7 +9,9 @@ from isorun.sdk.errors import (
     CommandFailed,
     DaemonUnavailable,
     NotFoundError,
+    SandboxClosedError,
     SandboxEndedError,
+    SandboxNotStartedError,
 )
 from isorun.sdk.images import AsyncImages, Images
 from isorun.sdk.sandbox_async import AsyncProcess, AsyncPty, AsyncSandbox, AsyncWatch
@@ -35,6 +37,8 @@ __all__ = [
     "Pty",
     "PullProgress",
     "Sandbox",
+    "SandboxClosedError",
     "SandboxEndedError",
+    "SandboxNotStartedError",
     "Watch",
 ]

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import base64
 import codecs
+import io
+import itertools
 import json
 import math
 import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Self
+from typing import IO, Any, Self
+from urllib.parse import quote
 
 import httpx
 
@@ -23,6 +26,7 @@ from isorun.sdk._callbacks import call_back
 from isorun.sdk.errors import (
     ApiError,
     DaemonUnavailable,
+    SandboxClosedError,
     SandboxEndedError,
     error_for,
     stream_error,
@@ -193,6 +197,10 @@ class _AsyncStream(httpx.AsyncByteStream):
         await self._inner.aclose()
 
 
+def _client_closed() -> IsorunError:
+    return SandboxClosedError("this isorun client was closed; make a new one")
+
+
 class Client(httpx.Client):
     """httpx.Client whose transport failures (also while a body streams) raise
     DaemonUnavailable, so `except IsorunError` catches everything the SDK raises."""
@@ -201,6 +209,8 @@ class Client(httpx.Client):
         super().__init__(**kw)
         self._where = where
         self._stream_idle: Any = _UNKNOWN
+        # what a request on this client raises once it is closed (set by its Sandbox)
+        self.closed_error: Callable[[], IsorunError] = _client_closed
 
     def ndjson_timeout(self, others: float = 30.0) -> httpx.Timeout:
         """Timeouts for an NDJSON stream: `others` for connect, write and pool; reads are
@@ -214,6 +224,8 @@ class Client(httpx.Client):
         return httpx.Timeout(others, read=self._stream_idle)
 
     def send(self, request: httpx.Request, **kw: Any) -> httpx.Response:
+        if self.is_closed:  # httpx would raise a bare RuntimeError
+            raise self.closed_error()
         try:
             resp = super().send(request, **kw)
         except httpx.TransportError as exc:
@@ -230,6 +242,7 @@ class AsyncClient(httpx.AsyncClient):
         super().__init__(**kw)
         self._where = where
         self._stream_idle: Any = _UNKNOWN
+        self.closed_error: Callable[[], IsorunError] = _client_closed
 
     async def ndjson_timeout(self, others: float = 30.0) -> httpx.Timeout:
         """As Client.ndjson_timeout."""
@@ -242,6 +255,8 @@ class AsyncClient(httpx.AsyncClient):
         return httpx.Timeout(others, read=self._stream_idle)
 
     async def send(self, request: httpx.Request, **kw: Any) -> httpx.Response:
+        if self.is_closed:
+            raise self.closed_error()
         try:
             resp = await super().send(request, **kw)
         except httpx.TransportError as exc:
@@ -340,17 +355,84 @@ def check_read_format(format: str) -> None:
         raise ValueError(f"format={format!r}: use one of {', '.join(READ_FORMATS)}")
 
 
-def check(resp: httpx.Response) -> Any:
-    if resp.status_code >= 400:
+def check(resp: httpx.Response, *, want_json: bool = True) -> Any:
+    """The body of a daemon's answer (decoded JSON, or bytes with want_json=False); an
+    error answer, a redirect or a body that is not what the daemon sends raise ApiError."""
+    status = resp.status_code
+    if status >= 400:
         try:
             body = resp.json()
         except ValueError:
             body = None
-        raise error_for(resp.status_code, body)
-    ctype = resp.headers.get("content-type", "")
-    if ctype.startswith("application/json"):
-        return resp.json()
-    return resp.content
+        raise error_for(status, body)
+    if status >= 300:
+        raise ApiError(
+            f"{_asked(resp)} was answered {status} {resp.reason_phrase}, a redirect to "
+            f"{resp.headers.get('location', '(no location)')!r}: the SDK does not follow "
+            "redirects; set api_url (or ISORUN_API_URL) to the daemon's own address",
+            status,
+            "redirect",
+        )
+    if not want_json:
+        return resp.content
+    if resp.headers.get("content-type", "").startswith("application/json"):
+        try:
+            return resp.json()
+        except ValueError:
+            pass
+    raise ApiError(
+        f"{_asked(resp)} was answered {status} with a body that is not JSON "
+        f"({resp.headers.get('content-type') or 'no content-type'}, starting "
+        f"{resp.content[:80]!r}): is api_url (or ISORUN_API_URL) an isorun daemon?",
+        status,
+        "not_json",
+    )
+
+
+def _asked(resp: httpx.Response) -> str:
+    try:
+        return f"{resp.request.method} {resp.request.url}"
+    except RuntimeError:  # a response built without its request
+        return "the request"
+
+
+def url_id(kind: str, value: object) -> str:
+    """A sandbox or process id as one URL path segment; one that could not be an id (empty,
+    or with a '/', which would address another route) raises ValueError."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(
+            f"{kind} {value!r} is empty: pass the id a sandbox or process was given "
+            "(Sandbox.list() and sandbox.processes.list() list them)"
+        )
+    if "/" in value or value in (".", ".."):
+        raise ValueError(f"{kind} {value!r} is not an id: ids look like 'sb-0123456789abcdef'")
+    return quote(value, safe="")
+
+
+def sandbox_path(sandbox_id: str, tail: str = "") -> str:
+    return f"/v1/sandboxes/{url_id('sandbox id', sandbox_id)}" + (f"/{tail}" if tail else "")
+
+
+def proc_tail(proc_id: str, tail: str) -> str:
+    return f"processes/{url_id('process id', proc_id)}/{tail}"
+
+
+def check_background(
+    on_stdout: OutputCallback | None, on_stderr: OutputCallback | None, check: bool
+) -> None:
+    """exec(background=True) returns before any output: refuse what it would ignore."""
+    given = [n for n, v in (("on_stdout", on_stdout), ("on_stderr", on_stderr)) if v is not None]
+    if given:
+        raise ValueError(
+            f"{' and '.join(given)} with background=True would never be called: pass "
+            f"{'them' if len(given) > 1 else 'it'} to the process's wait(), or iterate the "
+            "process for (stream, text) chunks"
+        )
+    if check:
+        raise ValueError(
+            "check=True with background=True: the command has not exited when exec returns; "
+            "check the exit_code of the process's wait() instead"
+        )
 
 
 def create_body(
@@ -379,7 +461,7 @@ def create_body(
 def exec_body(
     cmd: str | list[str],
     env: dict[str, str] | None,
-    cwd: str | None,
+    cwd: str | os.PathLike[str] | None,
     user: str | None,
     timeout: float | None,
     stdin: str | bytes | bool | None,
@@ -391,7 +473,7 @@ def exec_body(
     if env:
         body["env"] = env
     if cwd:
-        body["cwd"] = cwd
+        body["cwd"] = os.fspath(cwd)
     if user:
         body["user"] = user
     if timeout:
@@ -422,7 +504,7 @@ def pty_body(
     cols: int,
     cmd: str | list[str] | None,
     env: dict[str, str] | None,
-    cwd: str | None,
+    cwd: str | os.PathLike[str] | None,
     user: str | None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"rows": rows, "cols": cols}
@@ -430,14 +512,14 @@ def pty_body(
         body["argv"] = list(cmd)
     elif cmd is not None:
         body["cmd"] = cmd
-    for k, v in (("env", env), ("cwd", cwd), ("user", user)):
+    for k, v in (("env", env), ("cwd", os.fspath(cwd) if cwd else None), ("user", user)):
         if v:
             body[k] = v
     return body
 
 
 def proc_path(sandbox_id: str, proc_id: str, tail: str) -> str:
-    return f"/v1/sandboxes/{sandbox_id}/processes/{proc_id}/{tail}"
+    return sandbox_path(sandbox_id, proc_tail(proc_id, tail))
 
 
 @dataclass
@@ -594,3 +676,85 @@ Whole = str | bytes | bytearray | memoryview
 
 def to_bytes(data: Whole) -> bytes:
     return data.encode() if isinstance(data, str) else bytes(data)
+
+
+WRITE_CHUNK = 1 << 20
+BytesSource = IO[bytes] | Iterable[bytes]
+
+
+def _chunk_of(chunk: object, source: object) -> bytes:
+    if isinstance(chunk, bytes):
+        return chunk
+    if isinstance(chunk, bytearray | memoryview):
+        return bytes(chunk)
+    raise _not_bytes(source, chunk)
+
+
+def _not_bytes(source: object, chunk: object = "") -> TypeError:
+    if isinstance(source, io.TextIOBase) or isinstance(chunk, str):
+        return TypeError(
+            f"files.write needs bytes, but {type(source).__name__} gives text (str): open "
+            "the file in binary mode ('rb'), give bytes chunks, or pass the text as one str"
+        )
+    return TypeError(
+        f"files.write needs bytes chunks, but {type(source).__name__} gave {type(chunk).__name__}"
+    )
+
+
+def _read_chunks(source: BytesSource) -> Iterator[bytes]:
+    if hasattr(source, "read"):
+        while chunk := _chunk_of(source.read(WRITE_CHUNK), source):  # "" raises, not loops
+            yield chunk
+    else:
+        for chunk in source:
+            if got := _chunk_of(chunk, source):
+                yield got
+
+
+def write_chunks(source: BytesSource) -> Iterator[bytes]:
+    """A file object's or an iterable's chunks as bytes; text (a file opened in text mode, or
+    str chunks) raises TypeError, the first chunk at once, before anything is sent."""
+    if isinstance(source, io.TextIOBase):
+        raise _not_bytes(source)
+    it = _read_chunks(source)
+    first = next(it, None)
+    return iter(()) if first is None else itertools.chain([first], it)
+
+
+async def awrite_chunks(
+    source: BytesSource | AsyncIterable[bytes],
+    run_sync: Callable[[Callable[[], bytes | None]], Awaitable[bytes | None]],
+) -> AsyncIterator[bytes]:
+    """`write_chunks` for the async face: a sync source is read by `run_sync` (in a worker
+    thread, off the event loop)."""
+    if isinstance(source, io.TextIOBase):
+        raise _not_bytes(source)
+    if isinstance(source, AsyncIterable):
+        ait = _achecked(source)
+    else:
+        it = _read_chunks(source)
+        ait = _athreaded(it, run_sync)
+    first = await anext(ait, None)
+    return _aprepend(first, ait)
+
+
+async def _achecked(source: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    async for chunk in source:
+        if got := _chunk_of(chunk, source):
+            yield got
+
+
+async def _athreaded(
+    it: Iterator[bytes],
+    run_sync: Callable[[Callable[[], bytes | None]], Awaitable[bytes | None]],
+) -> AsyncIterator[bytes]:
+    while (chunk := await run_sync(lambda: next(it, None))) is not None:
+        yield chunk
+
+
+async def _aprepend(first: bytes | None, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first is None:
+        return
+    yield first
+    async for chunk in rest:
+        yield chunk

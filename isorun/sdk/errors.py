@@ -32,6 +32,16 @@ class CapacityError(ApiError):
     """The host has no room for the sandbox; destroy some or ask for less."""
 
 
+class SandboxClosedError(IsorunError, RuntimeError):
+    """This `Sandbox` object was closed (`close()`); the sandbox itself may run on: get a new
+    handle with `Sandbox.connect(id)`. (A sandbox it destroyed raises SandboxEndedError.)"""
+
+
+class SandboxNotStartedError(IsorunError, RuntimeError):
+    """An `AsyncSandbox` constructed but never started: `await AsyncSandbox.create(...)`,
+    or `async with AsyncSandbox(...) as sb`."""
+
+
 class DaemonUnavailable(IsorunError):
     """No daemon answers at the API URL (and none could be started)."""
 

@@ -53,7 +53,7 @@ class Images:
                 timeout=c.ndjson_timeout(),
             ) as r,
         ):
-            if r.status_code >= 400:
+            if r.status_code >= 300:
                 r.read()
                 _core.check(r)
             for line in r.iter_lines():
@@ -120,7 +120,7 @@ class AsyncImages:
                 timeout=await c.ndjson_timeout(),
             ) as r,
         ):
-            if r.status_code >= 400:
+            if r.status_code >= 300:
                 await r.aread()
                 _core.check(r)
             async for line in r.aiter_lines():

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import builtins
+import os
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
     Awaitable,
     Callable,
     Generator,
-    Iterable,
-    Iterator,
 )
 from types import TracebackType
-from typing import IO, Any
+from typing import Any, Literal, overload
 
 import anyio
 import httpx
@@ -24,10 +23,13 @@ from isorun.sdk._callbacks import call_back, run_pending
 from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
 from isorun.sdk.errors import (
+    ApiError,
     CommandFailed,
     DaemonUnavailable,
     NotFoundError,
+    SandboxClosedError,
     SandboxEndedError,
+    SandboxNotStartedError,
 )
 
 
@@ -59,11 +61,39 @@ class AsyncSandbox:
             image, vcpus, memory_mib, disk_mib, env, metadata, sandbox_timeout
         )
         self._http = _client(self._settings)
+        self._http.closed_error = self._closed_error
         self._info: dict[str, Any] = {}
         self.id = ""
         self._usage: dict[str, int] | None = None
         self.files = AsyncFiles(self)
         self.processes = AsyncProcesses(self)
+
+    def _path(self, tail: str = "") -> str:
+        if not self.id:
+            raise SandboxNotStartedError(
+                "this AsyncSandbox was not started: use `await AsyncSandbox.create(...)` or "
+                "`async with AsyncSandbox(...) as sb`"
+            )
+        return _core.sandbox_path(self.id, tail)
+
+    def _closed_error(self) -> IsorunError:
+        """What using this object after `close()` (or its async with block) raises."""
+        if self._usage is not None:
+            return SandboxEndedError(
+                f"sandbox {self.id} was destroyed (by destroy() or the end of its async with "
+                "block): create a new one with AsyncSandbox.create(image)",
+                410,
+                "sandbox_ended",
+            )
+        if not self.id:
+            return SandboxClosedError(
+                "this AsyncSandbox was closed before it started: make a new one with "
+                "`await AsyncSandbox.create(...)`"
+            )
+        return SandboxClosedError(
+            f"this AsyncSandbox object was closed; sandbox {self.id} may run on: get a new "
+            f"handle with `await AsyncSandbox.connect({self.id!r})`"
+        )
 
     async def _start(self, info: dict[str, Any] | None = None) -> AsyncSandbox:
         if info is None:
@@ -82,7 +112,6 @@ class AsyncSandbox:
                 raise
         assert info is not None
         self._info, self.id = info, info["id"]
-        self.files._base = f"/v1/sandboxes/{self.id}/files"
         return self
 
     async def _create_with_progress(self, on_progress: ProgressCallback) -> dict[str, Any]:
@@ -94,7 +123,7 @@ class AsyncSandbox:
             json=self._body,
             timeout=await self._http.ndjson_timeout(_core.CREATE_TIMEOUT),
         ) as r:
-            if r.status_code >= 400:
+            if r.status_code >= 300:
                 await r.aread()
                 _core.check(r)
             async for line in r.aiter_lines():
@@ -115,10 +144,11 @@ class AsyncSandbox:
         api_key: str | None = None,
         autostart: bool | None = None,
     ) -> AsyncSandbox:
+        path = _core.sandbox_path(sandbox_id)
         sb = cls(api_url=api_url, api_key=api_key, autostart=autostart)
         try:
             await anyio.to_thread.run_sync(_core.ensure_daemon, sb._settings)
-            info = _core.check(await sb._http.get(f"/v1/sandboxes/{sandbox_id}"))
+            info = _core.check(await sb._http.get(path))
         except BaseException:
             await sb._http.aclose()  # its client: nothing else will close it
             raise
@@ -150,20 +180,18 @@ class AsyncSandbox:
             )
 
     async def info(self) -> dict[str, Any]:
-        self._info = _core.check(await self._http.get(f"/v1/sandboxes/{self.id}"))
+        self._info = _core.check(await self._http.get(self._path()))
         return self._info
 
     async def set_timeout(self, seconds: int) -> None:
         self._info = _core.check(
-            await self._http.post(
-                f"/v1/sandboxes/{self.id}/timeout", json={"sandbox_timeout": seconds}
-            )
+            await self._http.post(self._path("timeout"), json={"sandbox_timeout": seconds})
         )
 
     async def destroy(self) -> dict[str, int]:
         if self._usage is None:
             try:
-                r = _core.check(await self._http.delete(f"/v1/sandboxes/{self.id}"))
+                r = _core.check(await self._http.delete(self._path()))
             except SandboxEndedError:
                 r = (await self.info()).get("usage") or {}
             self._usage = {k: int(r.get(k, 0)) for k in ("cpu_ms", "mem_peak_bytes", "uptime_ms")}
@@ -172,8 +200,8 @@ class AsyncSandbox:
     kill = destroy
 
     async def logs(self) -> str:
-        resp = await self._http.get(f"/v1/sandboxes/{self.id}/logs")
-        _core.check(resp)  # an error must raise, not come back as its JSON text
+        resp = await self._http.get(self._path("logs"))
+        _core.check(resp, want_json=False)  # an error must raise, not come back as its text
         return resp.text
 
     async def close(self) -> None:
@@ -192,12 +220,60 @@ class AsyncSandbox:
         finally:
             await self.close()
 
+    @overload
+    async def exec(
+        self,
+        cmd: str | builtins.list[str],
+        *,
+        env: dict[str, str] | None = ...,
+        cwd: str | os.PathLike[str] | None = ...,
+        user: str | None = ...,
+        timeout: float | None = ...,
+        stdin: str | bytes | None = ...,
+        on_stdout: OutputCallback | None = ...,
+        on_stderr: OutputCallback | None = ...,
+        background: Literal[False] = ...,
+        check: bool = ...,
+    ) -> ExecResult: ...
+
+    @overload
+    async def exec(
+        self,
+        cmd: str | builtins.list[str],
+        *,
+        env: dict[str, str] | None = ...,
+        cwd: str | os.PathLike[str] | None = ...,
+        user: str | None = ...,
+        timeout: float | None = ...,
+        stdin: str | bytes | bool | None = ...,
+        on_stdout: None = ...,
+        on_stderr: None = ...,
+        background: Literal[True],
+        check: Literal[False] = ...,
+    ) -> AsyncProcess: ...
+
+    @overload
+    async def exec(
+        self,
+        cmd: str | builtins.list[str],
+        *,
+        env: dict[str, str] | None = ...,
+        cwd: str | os.PathLike[str] | None = ...,
+        user: str | None = ...,
+        timeout: float | None = ...,
+        stdin: str | bytes | bool | None = ...,
+        on_stdout: OutputCallback | None = ...,
+        on_stderr: OutputCallback | None = ...,
+        background: bool,
+        check: bool = ...,
+    ) -> ExecResult | AsyncProcess: ...
+
     async def exec(
         self,
         cmd: str | builtins.list[str],
         *,
         env: dict[str, str] | None = None,
-        cwd: str | None = None,
+        cwd: str | os.PathLike[str] | None = None,
         user: str | None = None,
         timeout: float | None = None,
         stdin: str | bytes | bool | None = None,
@@ -205,11 +281,14 @@ class AsyncSandbox:
         on_stderr: OutputCallback | None = None,
         background: bool = False,
         check: bool = False,
-    ) -> Any:
+    ) -> ExecResult | AsyncProcess:
         """As `Sandbox.exec`: a shell string or argv; `timeout` in seconds, None or 0 for
-        no limit; `background=True` returns an `AsyncProcess` at once."""
+        no limit; `background=True` returns an `AsyncProcess` at once (callbacks and `check`
+        go to its `wait()`, not here)."""
+        if background:
+            _core.check_background(on_stdout, on_stderr, check)
         body = _core.exec_body(cmd, env, cwd, user, timeout, stdin, background)
-        path = f"/v1/sandboxes/{self.id}/exec"
+        path = self._path("exec")
         if background:
             r = _core.check(await self._http.post(path, json=body))
             proc = AsyncProcess(self, r["proc_id"], r["pid"])
@@ -230,13 +309,13 @@ class AsyncSandbox:
         cmd: str | builtins.list[str] | None = None,
         *,
         env: dict[str, str] | None = None,
-        cwd: str | None = None,
+        cwd: str | os.PathLike[str] | None = None,
         user: str | None = None,
         on_data: Callable[[bytes], object] | None = None,
     ) -> AsyncPty:
         """An interactive terminal (default: a login shell); see `Sandbox.pty`."""
         body = _core.pty_body(rows, cols, cmd, env, cwd, user)
-        r = _core.check(await self._http.post(f"/v1/sandboxes/{self.id}/pty", json=body))
+        r = _core.check(await self._http.post(self._path("pty"), json=body))
         return AsyncPty(self, r["proc_id"], r["pid"], on_data)
 
     async def _stream(self, method: str, path: str, dec: _core.StreamDecoder, **kw: Any) -> None:
@@ -244,7 +323,7 @@ class AsyncSandbox:
             async with self._http.stream(
                 method, path, timeout=await self._http.ndjson_timeout(), **kw
             ) as resp:
-                if resp.status_code >= 400:
+                if resp.status_code >= 300:
                     await resp.aread()
                     _core.check(resp)
                 async for line in resp.aiter_lines():
@@ -259,7 +338,7 @@ class AsyncProcess:
         self.sandbox, self.id, self.pid = sb, proc_id, pid
 
     def _path(self, tail: str) -> str:
-        return _core.proc_path(self.sandbox.id, self.id, tail)
+        return self.sandbox._path(_core.proc_tail(self.id, tail))
 
     async def send_stdin(self, data: str | bytes) -> None:
         """Write to the process's stdin (started with `stdin=True`, or a PTY)."""
@@ -293,7 +372,7 @@ class AsyncProcess:
         async with http.stream(
             "GET", self._path("stream"), params={"offset": 0}, timeout=await http.ndjson_timeout()
         ) as resp:
-            if resp.status_code >= 400:
+            if resp.status_code >= 300:
                 await resp.aread()
                 _core.check(resp)
             async for line in resp.aiter_lines():
@@ -346,7 +425,7 @@ class AsyncPty:
             params={"offset": self.offset},
             timeout=await http.ndjson_timeout(),
         ) as resp:
-            if resp.status_code >= 400:
+            if resp.status_code >= 300:
                 await resp.aread()
                 _core.check(resp)
             async for line in resp.aiter_lines():
@@ -371,7 +450,7 @@ class AsyncProcesses:
         self._sb = sb
 
     async def list(self) -> list[ProcessInfo]:
-        r = _core.check(await self._sb._http.get(f"/v1/sandboxes/{self._sb.id}/processes"))
+        r = _core.check(await self._sb._http.get(self._sb._path("processes")))
         return [ProcessInfo.of(p) for p in r["processes"]]
 
     async def connect(self, proc_id: str) -> AsyncProcess:
@@ -381,24 +460,29 @@ class AsyncProcesses:
         raise NotFoundError(f"process {proc_id!r} not found", 404, "not_found")
 
 
-async def _aiter_sync(data: IO[bytes] | Iterable[bytes]) -> AsyncIterator[bytes]:
-    """A file object or a sync iterable as async chunks (blocking reads off the event loop)."""
-    if hasattr(data, "read"):
-        f = data
-        while chunk := await anyio.to_thread.run_sync(f.read, 1 << 20):
-            yield chunk
-        return
-    it: Iterator[bytes] = iter(data)
-    while (chunk := await anyio.to_thread.run_sync(next, it, None)) is not None:
-        yield chunk
+async def _in_thread(fn: Callable[[], bytes | None]) -> bytes | None:
+    """A blocking read of a file object or sync iterable, off the event loop."""
+    return await anyio.to_thread.run_sync(fn)
 
 
 class AsyncFiles:
     def __init__(self, sb: AsyncSandbox) -> None:
         self._sb = sb
-        self._base = ""
 
-    async def read(self, path: str, *, format: str = "text") -> Any:
+    @property
+    def _base(self) -> str:
+        return self._sb._path("files")
+
+    @overload
+    async def read(self, path: str, *, format: Literal["text"] = ...) -> str: ...
+    @overload
+    async def read(self, path: str, *, format: Literal["bytes"]) -> bytes: ...
+    @overload
+    async def read(self, path: str, *, format: Literal["stream"]) -> AsyncIterator[bytes]: ...
+    @overload
+    async def read(self, path: str, *, format: str) -> str | bytes | AsyncIterator[bytes]: ...
+
+    async def read(self, path: str, *, format: str = "text") -> str | bytes | AsyncIterator[bytes]:
         """format: "text" (str), "bytes", or "stream" (an async iterator of byte chunks, so a
         large file is never held whole in memory)."""
         _core.check_read_format(format)
@@ -411,7 +495,7 @@ class AsyncFiles:
         http = self._sb._http
         req = http.build_request("GET", self._base, params={"path": path}, timeout=timeout)
         resp = await http.send(req, stream=True)
-        if resp.status_code >= 400:  # a missing file fails here, not at the first chunk
+        if resp.status_code >= 300:  # a missing file fails here, not at the first chunk
             try:
                 await resp.aread()
             finally:
@@ -434,27 +518,26 @@ class AsyncFiles:
     async def _sandbox_now(self) -> httpx.Response | None:
         """The daemon's answer about this sandbox, if it answers at once."""
         try:
-            return await self._sb._http.get(f"/v1/sandboxes/{self._sb.id}", timeout=5.0)
+            return await self._sb._http.get(self._sb._path(), timeout=5.0)
         except IsorunError:
             return None
 
     async def write(
         self,
         path: str,
-        data: _core.Whole | IO[bytes] | Iterable[bytes] | AsyncIterable[bytes],
+        data: _core.Whole | _core.BytesSource | AsyncIterable[bytes],
         *,
         mode: int | None = None,
         append: bool = False,
     ) -> int:
-        """Write str, bytes, a binary file object, or a (sync or async) iterable of chunks;
-        everything but str/bytes is streamed."""
-        content: Any
+        """Write str, bytes, a binary file object, or a (sync or async) iterable of bytes
+        chunks; everything but str/bytes is streamed. Text (a file opened in text mode, str
+        chunks) raises TypeError."""
+        content: bytes | AsyncIterator[bytes]
         if isinstance(data, str | bytes | bytearray | memoryview):
             content = _core.to_bytes(data)
-        elif isinstance(data, AsyncIterable):
-            content = data
         else:
-            content = _aiter_sync(data)
+            content = await _core.awrite_chunks(data, _in_thread)
         params = {"path": path}
         if mode is not None:  # else an existing file keeps its mode, a new one gets 0644
             params["mode"] = str(mode)
@@ -479,10 +562,15 @@ class AsyncFiles:
         )
 
     async def exists(self, path: str) -> bool:
+        """As `Files.exists`."""
         try:
             await self.stat(path)
         except NotFoundError:
             return False
+        except ApiError as exc:
+            if exc.code == "guest_not_dir":
+                return False
+            raise
         return True
 
     async def mkdir(self, path: str, parents: bool = True) -> None:
@@ -507,14 +595,14 @@ class AsyncFiles:
     def watch(self, path: str, recursive: bool = False) -> AsyncWatch:
         """As `Files.watch`: `w = await sb.files.watch(path)` returns once the sandbox
         watches it; `async for op, p in sb.files.watch(path)` starts it at the first step."""
-        return AsyncWatch(self._sb, self._base + "/watch", path, recursive)
+        return AsyncWatch(self._sb, path, recursive)
 
 
 class AsyncWatch:
     """The asyncio twin of `Watch`; awaiting it starts it (or the first `async for` step)."""
 
-    def __init__(self, sb: AsyncSandbox, url: str, path: str, recursive: bool) -> None:
-        self._sb, self._url = sb, url
+    def __init__(self, sb: AsyncSandbox, path: str, recursive: bool) -> None:
+        self._sb = sb
         self._params: dict[str, str | int] = {"path": path, "recursive": int(recursive)}
         self._resp: httpx.Response | None = None
         self._lines: AsyncIterator[str] | None = None
@@ -523,10 +611,13 @@ class AsyncWatch:
         if self._resp is None:
             http = self._sb._http
             req = http.build_request(
-                "GET", self._url, timeout=await http.ndjson_timeout(), params=self._params
+                "GET",
+                self._sb._path("files/watch"),
+                timeout=await http.ndjson_timeout(),
+                params=self._params,
             )
             resp = await http.send(req, stream=True)
-            if resp.status_code >= 400:
+            if resp.status_code >= 300:
                 try:
                     await resp.aread()
                 finally:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import builtins
+import os
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import IO, Any
+from typing import Any, Literal, overload
 
 import httpx
 
@@ -13,7 +14,14 @@ from isorun.errors import IsorunError
 from isorun.sdk import _core
 from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
-from isorun.sdk.errors import CommandFailed, DaemonUnavailable, SandboxEndedError
+from isorun.sdk.errors import (
+    ApiError,
+    CommandFailed,
+    DaemonUnavailable,
+    NotFoundError,
+    SandboxClosedError,
+    SandboxEndedError,
+)
 
 
 def _client(s: Settings) -> _core.Client:
@@ -63,8 +71,26 @@ class Sandbox:
         self._info: dict[str, Any] = _info
         self.id: str = _info["id"]
         self._usage: dict[str, int] | None = None
+        self._http.closed_error = self._closed_error
         self.files = Files(self)
         self.processes = Processes(self)
+
+    def _path(self, tail: str = "") -> str:
+        return _core.sandbox_path(self.id, tail)
+
+    def _closed_error(self) -> IsorunError:
+        """What using this object after `close()` (or its with block) raises."""
+        if self._usage is not None:
+            return SandboxEndedError(
+                f"sandbox {self.id} was destroyed (by destroy() or the end of its with "
+                "block): create a new one with Sandbox(image)",
+                410,
+                "sandbox_ended",
+            )
+        return SandboxClosedError(
+            f"this Sandbox object was closed; sandbox {self.id} may run on: get a new handle "
+            f"with Sandbox.connect({self.id!r})"
+        )
 
     def _create_with_progress(
         self, body: dict[str, Any], on_progress: ProgressCallback
@@ -77,7 +103,7 @@ class Sandbox:
             json=body,
             timeout=self._http.ndjson_timeout(_core.CREATE_TIMEOUT),
         ) as r:
-            if r.status_code >= 400:
+            if r.status_code >= 300:
                 r.read()
                 _core.check(r)
             for line in r.iter_lines():
@@ -96,10 +122,11 @@ class Sandbox:
         autostart: bool | None = None,
     ) -> Sandbox:
         """Reattach to a running sandbox by id (it outlives any client)."""
+        path = _core.sandbox_path(sandbox_id)
         s = _core.resolve(api_url, api_key, autostart)
         _core.ensure_daemon(s)
         with _client(s) as c:
-            info = _core.check(c.get(f"/v1/sandboxes/{sandbox_id}"))
+            info = _core.check(c.get(path))
         if info["state"] == "ended":
             raise SandboxEndedError(
                 f"sandbox {sandbox_id} has ended ({info['end_reason']})", 410, "sandbox_ended"
@@ -127,12 +154,12 @@ class Sandbox:
     # --- lifecycle -------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        self._info = _core.check(self._http.get(f"/v1/sandboxes/{self.id}"))
+        self._info = _core.check(self._http.get(self._path()))
         return self._info
 
     def set_timeout(self, seconds: int) -> None:
         self._info = _core.check(
-            self._http.post(f"/v1/sandboxes/{self.id}/timeout", json={"sandbox_timeout": seconds})
+            self._http.post(self._path("timeout"), json={"sandbox_timeout": seconds})
         )
 
     def destroy(self) -> dict[str, int]:
@@ -140,7 +167,7 @@ class Sandbox:
         {"cpu_ms", "mem_peak_bytes", "uptime_ms"}. Safe to call twice."""
         if self._usage is None:
             try:
-                r = _core.check(self._http.delete(f"/v1/sandboxes/{self.id}"))
+                r = _core.check(self._http.delete(self._path()))
             except SandboxEndedError:
                 r = self.info().get("usage") or {}
             self._usage = {k: int(r.get(k, 0)) for k in ("cpu_ms", "mem_peak_bytes", "uptime_ms")}
@@ -150,12 +177,13 @@ class Sandbox:
 
     def logs(self) -> str:
         """The guest console (boot messages; useful when a sandbox fails to start)."""
-        resp = self._http.get(f"/v1/sandboxes/{self.id}/logs")
-        _core.check(resp)  # an error must raise, not come back as its JSON text
+        resp = self._http.get(self._path("logs"))
+        _core.check(resp, want_json=False)  # an error must raise, not come back as its text
         return resp.text
 
     def close(self) -> None:
-        """Close the HTTP client; the sandbox keeps running (see `connect`)."""
+        """Close the HTTP client; the sandbox keeps running (see `connect`). This object
+        cannot be used after (SandboxClosedError)."""
         self._http.close()
 
     def __enter__(self) -> Sandbox:
@@ -171,12 +199,60 @@ class Sandbox:
 
     # --- exec ------------------------------------------------------------------------
 
+    @overload
+    def exec(
+        self,
+        cmd: str | builtins.list[str],
+        *,
+        env: dict[str, str] | None = ...,
+        cwd: str | os.PathLike[str] | None = ...,
+        user: str | None = ...,
+        timeout: float | None = ...,
+        stdin: str | bytes | None = ...,
+        on_stdout: OutputCallback | None = ...,
+        on_stderr: OutputCallback | None = ...,
+        background: Literal[False] = ...,
+        check: bool = ...,
+    ) -> ExecResult: ...
+
+    @overload
+    def exec(
+        self,
+        cmd: str | builtins.list[str],
+        *,
+        env: dict[str, str] | None = ...,
+        cwd: str | os.PathLike[str] | None = ...,
+        user: str | None = ...,
+        timeout: float | None = ...,
+        stdin: str | bytes | bool | None = ...,
+        on_stdout: None = ...,
+        on_stderr: None = ...,
+        background: Literal[True],
+        check: Literal[False] = ...,
+    ) -> Process: ...
+
+    @overload
+    def exec(
+        self,
+        cmd: str | builtins.list[str],
+        *,
+        env: dict[str, str] | None = ...,
+        cwd: str | os.PathLike[str] | None = ...,
+        user: str | None = ...,
+        timeout: float | None = ...,
+        stdin: str | bytes | bool | None = ...,
+        on_stdout: OutputCallback | None = ...,
+        on_stderr: OutputCallback | None = ...,
+        background: bool,
+        check: bool = ...,
+    ) -> ExecResult | Process: ...
+
     def exec(
         self,
         cmd: str | builtins.list[str],
         *,
         env: dict[str, str] | None = None,
-        cwd: str | None = None,
+        cwd: str | os.PathLike[str] | None = None,
         user: str | None = None,
         timeout: float | None = None,
         stdin: str | bytes | bool | None = None,
@@ -184,13 +260,16 @@ class Sandbox:
         on_stderr: OutputCallback | None = None,
         background: bool = False,
         check: bool = False,
-    ) -> Any:
+    ) -> ExecResult | Process:
         """Run `cmd` (a shell string, or an argv list). Callbacks get output as it is written.
-        `background=True` returns a `Process` at once instead of an `ExecResult`; with
-        `stdin=True` (or initial bytes) its stdin stays open for `send_stdin`/`close_stdin`.
-        `timeout` is in seconds; None or 0 means no limit (as in E2B)."""
+        `background=True` returns a `Process` at once instead of an `ExecResult` (callbacks
+        and `check` go to its `wait()`, not here); with `stdin=True` (or initial bytes) its
+        stdin stays open for `send_stdin`/`close_stdin`. `timeout` is in seconds; None or 0
+        means no limit (as in E2B)."""
+        if background:
+            _core.check_background(on_stdout, on_stderr, check)
         body = _core.exec_body(cmd, env, cwd, user, timeout, stdin, background)
-        path = f"/v1/sandboxes/{self.id}/exec"
+        path = self._path("exec")
         if background:
             r = _core.check(self._http.post(path, json=body))
             proc = Process(self, r["proc_id"], r["pid"])
@@ -211,20 +290,20 @@ class Sandbox:
         cmd: str | builtins.list[str] | None = None,
         *,
         env: dict[str, str] | None = None,
-        cwd: str | None = None,
+        cwd: str | os.PathLike[str] | None = None,
         user: str | None = None,
         on_data: Callable[[bytes], object] | None = None,
     ) -> Pty:
         """An interactive terminal (default: a login shell). `send()` keystrokes, `resize()`,
         iterate the output bytes or pass `on_data` and `wait()`; `kill()` ends it."""
         body = _core.pty_body(rows, cols, cmd, env, cwd, user)
-        r = _core.check(self._http.post(f"/v1/sandboxes/{self.id}/pty", json=body))
+        r = _core.check(self._http.post(self._path("pty"), json=body))
         return Pty(self, r["proc_id"], r["pid"], on_data)
 
     def _stream(self, method: str, path: str, dec: _core.StreamDecoder, **kw: Any) -> None:
         try:
             with self._http.stream(method, path, timeout=self._http.ndjson_timeout(), **kw) as resp:
-                if resp.status_code >= 400:
+                if resp.status_code >= 300:
                     resp.read()
                     _core.check(resp)
                 for line in resp.iter_lines():
@@ -242,7 +321,7 @@ class Process:
         self.pid = pid
 
     def _path(self, tail: str) -> str:
-        return _core.proc_path(self.sandbox.id, self.id, tail)
+        return self.sandbox._path(_core.proc_tail(self.id, tail))
 
     def send_stdin(self, data: str | bytes) -> None:
         """Write to the process's stdin (started with `stdin=True`, or a PTY)."""
@@ -278,7 +357,7 @@ class Process:
         with http.stream(
             "GET", self._path("stream"), params={"offset": 0}, timeout=http.ndjson_timeout()
         ) as resp:
-            if resp.status_code >= 400:
+            if resp.status_code >= 300:
                 resp.read()
                 _core.check(resp)
             for line in resp.iter_lines():
@@ -326,7 +405,7 @@ class Pty:
             params={"offset": self.offset},
             timeout=http.ndjson_timeout(),
         ) as resp:
-            if resp.status_code >= 400:
+            if resp.status_code >= 300:
                 resp.read()
                 _core.check(resp)
             for line in resp.iter_lines():
@@ -351,7 +430,7 @@ class Processes:
         self._sb = sb
 
     def list(self) -> list[ProcessInfo]:
-        r = _core.check(self._sb._http.get(f"/v1/sandboxes/{self._sb.id}/processes"))
+        r = _core.check(self._sb._http.get(self._sb._path("processes")))
         return [ProcessInfo.of(p) for p in r["processes"]]
 
     def connect(self, proc_id: str) -> Process:
@@ -366,9 +445,21 @@ class Processes:
 class Files:
     def __init__(self, sb: Sandbox) -> None:
         self._sb = sb
-        self._base = f"/v1/sandboxes/{sb.id}/files"
 
-    def read(self, path: str, *, format: str = "text") -> Any:
+    @property
+    def _base(self) -> str:
+        return self._sb._path("files")
+
+    @overload
+    def read(self, path: str, *, format: Literal["text"] = ...) -> str: ...
+    @overload
+    def read(self, path: str, *, format: Literal["bytes"]) -> bytes: ...
+    @overload
+    def read(self, path: str, *, format: Literal["stream"]) -> Iterator[bytes]: ...
+    @overload
+    def read(self, path: str, *, format: str) -> str | bytes | Iterator[bytes]: ...
+
+    def read(self, path: str, *, format: str = "text") -> str | bytes | Iterator[bytes]:
         """format: "text" (str), "bytes", or "stream" (an iterator of byte chunks)."""
         _core.check_read_format(format)
         if format == "stream":
@@ -380,7 +471,7 @@ class Files:
         http = self._sb._http
         req = http.build_request("GET", self._base, params={"path": path}, timeout=timeout)
         resp = http.send(req, stream=True)
-        if resp.status_code >= 400:  # a missing file fails here, not at the first chunk
+        if resp.status_code >= 300:  # a missing file fails here, not at the first chunk
             try:
                 resp.read()
             finally:
@@ -403,27 +494,25 @@ class Files:
     def _sandbox_now(self) -> httpx.Response | None:
         """The daemon's answer about this sandbox, if it answers at once."""
         try:
-            return self._sb._http.get(f"/v1/sandboxes/{self._sb.id}", timeout=5.0)
+            return self._sb._http.get(self._sb._path(), timeout=5.0)
         except IsorunError:
             return None
 
     def write(
         self,
         path: str,
-        data: _core.Whole | IO[bytes] | Iterable[bytes],
+        data: _core.Whole | _core.BytesSource,
         *,
         mode: int | None = None,
         append: bool = False,
     ) -> int:
-        """Write str, bytes, a binary file object or an iterable of chunks (streamed)."""
-        content: Any
+        """Write str, bytes, a binary file object or an iterable of bytes chunks (streamed);
+        a file opened in text mode, or str chunks, raise TypeError."""
+        content: bytes | Iterable[bytes]
         if isinstance(data, str | bytes | bytearray | memoryview):
             content = _core.to_bytes(data)
-        elif hasattr(data, "read"):
-            f = data
-            content = iter(lambda: f.read(1 << 20), b"")
         else:
-            content = data
+            content = _core.write_chunks(data)
         params = {"path": path}
         if mode is not None:  # else an existing file keeps its mode, a new one gets 0644
             params["mode"] = str(mode)
@@ -448,12 +537,15 @@ class Files:
         )
 
     def exists(self, path: str) -> bool:
-        from isorun.sdk.errors import NotFoundError
-
+        """False also where a parent of `path` is not a directory (as os.path.exists)."""
         try:
             self.stat(path)
         except NotFoundError:
             return False
+        except ApiError as exc:
+            if exc.code == "guest_not_dir":
+                return False
+            raise
         return True
 
     def mkdir(self, path: str, parents: bool = True) -> None:
@@ -481,7 +573,7 @@ class Files:
             params={"path": path, "recursive": int(recursive)},
         )
         resp = http.send(req, stream=True)
-        if resp.status_code >= 400:
+        if resp.status_code >= 300:
             try:
                 resp.read()
             finally:

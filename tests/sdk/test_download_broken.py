@@ -95,7 +95,10 @@ def test_a_whole_file_read_keeps_the_clients_timeout(tmp_path: Path) -> None:
             transport=httpx.HTTPTransport(uds=sock_path),
             timeout=httpx.Timeout(1.0),
         )
-        files = Files(SimpleNamespace(id="sb-1", _http=http))  # type: ignore[arg-type]
+        sb = SimpleNamespace(
+            id="sb-1", _http=http, _path=lambda tail="": f"/v1/sandboxes/sb-1/{tail}"
+        )
+        files = Files(sb)  # type: ignore[arg-type]
         t0 = time.monotonic()
         with pytest.raises(DaemonUnavailable, match="did not answer in time"):
             files.read("/f", format="bytes")

@@ -22,6 +22,19 @@ from isorun import (
     Sandbox,
     SandboxEndedError,
 )
+from isorun.sdk import SandboxClosedError
+
+
+class _TextReader:
+    """A reader in text mode that is not an io.TextIOBase: its read() gives "" at the end."""
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+
+    def read(self, n: int = -1) -> str:
+        got, self._text = self._text, ""
+        return got
+
 
 pytestmark = pytest.mark.vm
 
@@ -53,6 +66,17 @@ def test_sync_surface(api: str, image: str) -> None:
         assert sb.files.read("/tmp/f/b.bin", format="bytes") == b"\x00" * 300_000
         assert b"".join(sb.files.read("/tmp/f/b.bin", format="stream")) == b"\x00" * 300_000
         assert sb.files.stat("/tmp/f/b.bin").size == 300_000
+        # text where bytes are needed: refused, saying so (a raw TypeError, or a write loop
+        # that never saw the b"" it waited for)
+        for text in (io.StringIO("abc"), _TextReader("abc"), _TextReader(""), iter(["abc"])):
+            with pytest.raises(TypeError, match=r"needs bytes.*text \(str\)"):
+                sb.files.write("/tmp/f/t.txt", text)
+        with pytest.raises(TypeError, match="needs bytes"):  # a str after bytes: mid-upload
+            sb.files.write("/tmp/f/t.txt", iter([b"ab", "cd"]))
+        assert not sb.files.exists("/tmp/f/t.txt")  # nothing half-written
+        # a path under a file is not there (as os.path.exists), not an ApiError 400
+        assert not sb.files.exists("/tmp/f/b.bin/x")
+        assert sb.exec("pwd", cwd=Path("/tmp/f")).stdout == "/tmp/f\n"
         sb.files.rename("/tmp/f/a.txt", "/tmp/f/c.txt")
         assert sorted(f.name for f in sb.files.list("/tmp/f")) == ["b.bin", "c.txt"]
         sb.files.remove("/tmp/f", recursive=True)
@@ -60,6 +84,14 @@ def test_sync_surface(api: str, image: str) -> None:
         with pytest.raises(NotFoundError):
             sb.files.read("/tmp/f/c.txt")
         # background processes
+        # output callbacks and check= would be ignored by a background exec: refused
+        with pytest.raises(ValueError, match=r"on_stdout with background=True.*wait\(\)"):
+            sb.exec("echo lost", background=True, on_stdout=print)
+        with pytest.raises(ValueError, match=r"on_stdout and on_stderr.*iterate"):
+            sb.exec("true", background=True, on_stdout=print, on_stderr=print)
+        with pytest.raises(ValueError, match=r"check=True with background=True.*exit_code"):
+            sb.exec("exit 1", background=True, check=True)
+        assert not [q for q in sb.processes.list() if q.running]  # none of them started
         p = sb.exec("for i in 1 2 3; do echo $i; sleep 0.2; done", background=True)
         assert [t for _, t in p] == ["1\n", "2\n", "3\n"]
         assert p.wait(offset=2).stdout == "2\n3\n"
@@ -74,12 +106,16 @@ def test_sync_surface(api: str, image: str) -> None:
         again = Sandbox.connect(sb.id, api_url=api)
         assert again.exec("echo same").stdout == "same\n"
         again.close()
+        with pytest.raises(SandboxClosedError, match=rf"Sandbox\.connect\('{sb.id}'\)"):
+            again.exec("echo closed")  # it was httpx's RuntimeError
         sb.set_timeout(3600)
         assert sb.info()["sandbox_timeout"] == 3600
         sid = sb.id
     usage = sb.destroy()  # second call: same figures, no error
     assert set(usage) == {"cpu_ms", "mem_peak_bytes", "uptime_ms"}
     assert usage["cpu_ms"] > 0 and usage["mem_peak_bytes"] > 0 and usage["uptime_ms"] > 0
+    with pytest.raises(SandboxEndedError, match=f"sandbox {sid} was destroyed"):
+        sb.exec("echo after")  # after its with block: it was httpx's RuntimeError
     with pytest.raises(SandboxEndedError):
         Sandbox.connect(sid, api_url=api)
     with pytest.raises(NotFoundError):
@@ -93,11 +129,22 @@ async def test_async_surface(api: str, image: str) -> None:
         assert (r.stdout, r.exit_code, seen) == ("x\n", 5, ["x\n"])
         await sb.files.write("/tmp/q", b"qq")
         assert await sb.files.read("/tmp/q") == "qq"
+        for text in (io.StringIO("abc"), _TextReader(""), iter(["abc"])):
+            with pytest.raises(TypeError, match=r"needs bytes.*text \(str\)"):
+                await sb.files.write("/tmp/t", text)
+        assert not await sb.files.exists("/tmp/q/x")
+        assert (await sb.exec("pwd", cwd=Path("/tmp"))).stdout == "/tmp\n"
+        with pytest.raises(ValueError, match="on_stderr with background=True"):
+            await sb.exec("true", background=True, on_stderr=print)
+        with pytest.raises(ValueError, match="check=True with background=True"):
+            await sb.exec("true", background=True, check=True)
         p = await sb.exec("echo bg", background=True)
         assert (await p.wait()).stdout == "bg\n"
         other = await AsyncSandbox.connect(sb.id, api_url=api)
         assert (await other.exec("echo o")).stdout == "o\n"
         await other.close()
+        with pytest.raises(SandboxClosedError, match=rf"AsyncSandbox\.connect\('{sb.id}'\)"):
+            await other.files.read("/tmp/q")
         assert "isorun-agent: ready" in await sb.logs()
         real_id, sb.id = sb.id, "0" * len(sb.id)
         try:
@@ -107,6 +154,8 @@ async def test_async_surface(api: str, image: str) -> None:
             sb.id = real_id
     usage = await sb.destroy()
     assert usage["uptime_ms"] > 0
+    with pytest.raises(SandboxEndedError, match="was destroyed"):
+        await sb.exec("echo after")
 
 
 SPLIT_UTF8 = "printf 'caf\\303'; sleep 0.5; printf '\\251!\\n'"  # é split across two writes

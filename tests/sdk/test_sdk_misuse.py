@@ -1,15 +1,102 @@
-"""The daemon as the SDK meets it: a daemon that loses a start-up race leaves the pid
-file of the one that serves alone; a tenant key is told which admin action it may not do."""
+"""What a user sees when the SDK is misused, pointed at the wrong thing, or meets a daemon
+that cannot serve: errors that say what to change, never a raw TypeError, KeyError or
+httpx RuntimeError. No VM boots here (the daemon's fixture serves without one)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from daemonhelpers import REPO, Daemon
 
-from isorun import ApiError, Images
+from isorun import ApiError, AsyncSandbox, Images, Sandbox
+from isorun.sdk import SandboxNotStartedError
+
+
+class _Proxy(BaseHTTPRequestHandler):
+    """What sits at a wrong API URL: a proxy redirecting http to https, or a web page."""
+
+    mode = "redirect"
+
+    def do_GET(self) -> None:
+        if self.mode == "redirect":
+            self.send_response(301)
+            self.send_header("location", f"https://isorun.example{self.path}")
+            self.send_header("content-length", "0")
+            self.end_headers()
+        else:
+            body = b"<html>welcome to nginx</html>"
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def proxy() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        _Proxy.mode = "redirect"
+
+
+def test_a_redirect_or_a_web_page_at_the_api_url_is_an_api_error(proxy: str) -> None:
+    with pytest.raises(ApiError, match=r"301.*https://isorun\.example/v1/sandboxes") as err:
+        Sandbox.list(api_url=proxy)
+    assert err.value.status == 301 and err.value.code == "redirect"
+    assert "api_url" in str(err.value)
+    with pytest.raises(ApiError, match="redirect"):
+        Sandbox.connect("sb-0123456789abcdef", api_url=proxy)
+    _Proxy.mode = "page"
+    with pytest.raises(ApiError, match=r"not JSON \(text/html") as page:
+        Sandbox.list(api_url=proxy)
+    assert page.value.status == 200 and page.value.code == "not_json"
+    with pytest.raises(ApiError, match="not JSON"):
+        Images(api_url=proxy).list()
+
+
+async def test_ids_that_are_not_ids_are_refused_before_they_reach_a_url(api: str) -> None:
+    # "" asked for the sandbox list, "../../v1/info" for the daemon's info: KeyError 'state'
+    for bad, says in (("", "is empty"), ("../../v1/info", "is not an id"), ("..", "is not an id")):
+        expected = re.escape(f"sandbox id {bad!r} {says}")
+        with pytest.raises(ValueError, match=expected):
+            Sandbox.connect(bad, api_url=api)
+        with pytest.raises(ValueError, match=expected):
+            await AsyncSandbox.connect(bad, api_url=api)
+
+
+async def test_an_async_sandbox_never_started_says_how_to_start_it(api: str) -> None:
+    sb = AsyncSandbox(api_url=api)
+    try:
+        for call in (
+            lambda: sb.exec("true"),
+            lambda: sb.files.read("/etc/hostname"),
+            lambda: sb.files.write("/tmp/x", "x"),
+            lambda: sb.processes.list(),
+            lambda: sb.info(),
+            lambda: sb.destroy(),
+        ):
+            with pytest.raises(SandboxNotStartedError, match=r"await AsyncSandbox\.create"):
+                await call()
+        with pytest.raises(SandboxNotStartedError, match="async with"):
+            await sb.files.watch("/tmp")
+    finally:
+        await sb.close()
 
 
 def test_a_daemon_that_loses_the_start_race_leaves_the_pid_file_alone(daemon: Daemon) -> None:
@@ -45,3 +132,55 @@ def test_an_api_key_is_told_which_admin_action_it_may_not_do(daemon: Daemon) -> 
         refused = t.get("/v1/keys")
     assert refused.status_code == 403
     assert refused.json()["error"]["message"].startswith("managing API keys is for")
+
+
+TYPED = """
+from collections.abc import AsyncIterator, Iterator
+from typing import assert_type
+
+from isorun import AsyncProcess, AsyncSandbox, ExecResult, Process, Sandbox
+
+
+def sync(sb: Sandbox, bg: bool) -> None:
+    assert_type(sb.exec("true"), ExecResult)
+    assert_type(sb.exec("true", background=True), Process)
+    assert_type(sb.exec("true", background=bg), ExecResult | Process)
+    assert_type(sb.files.read("/f"), str)
+    assert_type(sb.files.read("/f", format="bytes"), bytes)
+    assert_type(sb.files.read("/f", format="stream"), Iterator[bytes])
+    sb.exec("true").stdot
+
+
+async def aio(sb: AsyncSandbox) -> None:
+    assert_type(await sb.exec("true"), ExecResult)
+    assert_type(await sb.exec("true", background=True), AsyncProcess)
+    assert_type(await sb.files.read("/f"), str)
+    assert_type(await sb.files.read("/f", format="bytes"), bytes)
+    assert_type(await sb.files.read("/f", format="stream"), AsyncIterator[bytes])
+"""
+
+
+def test_exec_and_read_are_typed_by_their_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A type checker knows what exec() and files.read() return (they were Any), so a typo
+    in a result's field is caught before it runs."""
+    from mypy import api as mypy_api
+
+    (tmp_path / "use.py").write_text(TYPED)
+    (tmp_path / "mypy.ini").write_text("[mypy]\n")
+    monkeypatch.setenv("MYPYPATH", str(REPO))  # this checkout's isorun, not an installed one
+    out, err, _ = mypy_api.run(
+        [
+            str(tmp_path / "use.py"),
+            "--config-file",
+            str(tmp_path / "mypy.ini"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--follow-imports=silent",
+            "--python-version=3.11",
+            "--no-error-summary",
+        ]
+    )
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and '"ExecResult" has no attribute "stdot"' in errors[0], out + err
