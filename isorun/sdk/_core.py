@@ -121,8 +121,10 @@ def ensure_daemon(s: Settings, timeout: float = 30.0) -> None:
     state = Path(os.environ.get("ISORUN_STATE_DIR", "/var/lib/isorun"))
     state.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, ISORUN_SOCKET=s.uds)
-    with open(state / "isorund.log", "ab") as log:
-        subprocess.Popen(
+    log_path = state / "isorund.log"
+    with open(log_path, "ab") as log:
+        log_start = log.tell()  # what this daemon writes comes after
+        proc = subprocess.Popen(
             [sys.executable, "-m", "isorun.daemon"],
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -135,11 +137,29 @@ def ensure_daemon(s: Settings, timeout: float = 30.0) -> None:
     while time.monotonic() < deadline:
         if _answers(s.uds):
             return
+        if proc.poll() is not None:
+            if _answers(s.uds):  # it lost a start-up race to another daemon, which serves
+                return
+            raise DaemonUnavailable(
+                f"started isorund but it exited (status {proc.returncode}) before it answered "
+                f"on {s.uds}; the end of {log_path}:\n{_log_tail(log_path, log_start)}"
+            )
         time.sleep(0.05)
     raise DaemonUnavailable(
-        f"started isorund but it did not answer on {s.uds} within {timeout:.0f}s; "
-        f"see {state / 'isorund.log'}"
+        f"started isorund but it did not answer on {s.uds} within {timeout:.0f}s; see {log_path}"
     )
+
+
+def _log_tail(path: Path, start: int, lines: int = 10) -> str:
+    """The last `lines` lines `path` got from offset `start` on."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return f"  (cannot read it: {exc})"
+    got = text.strip().splitlines()[-lines:]
+    return "\n".join("  " + line for line in got) if got else "  (it wrote nothing)"
 
 
 def _answers(uds: str) -> bool:

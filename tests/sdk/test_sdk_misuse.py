@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from daemonhelpers import REPO, Daemon
 
-from isorun import ApiError, AsyncSandbox, Images, Sandbox
+from isorun import ApiError, AsyncSandbox, DaemonUnavailable, Images, Sandbox
 from isorun.sdk import SandboxNotStartedError
 
 
@@ -97,6 +98,23 @@ async def test_an_async_sandbox_never_started_says_how_to_start_it(api: str) -> 
             await sb.files.watch("/tmp")
     finally:
         await sb.close()
+
+
+def test_autostart_reports_a_daemon_that_exited_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It used to wait its whole 30 s for a daemon that had died at start, then say only
+    that it did not answer."""
+    (tmp_path / "file").write_text("not a directory")
+    sock = tmp_path / "file" / "isorund.sock"  # the daemon cannot make its directory
+    monkeypatch.setenv("ISORUN_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("ISORUN_TCP", raising=False)
+    t0 = time.monotonic()
+    with pytest.raises(DaemonUnavailable, match="exited") as err:
+        Sandbox.list(api_url=f"unix:{sock}", autostart=True)
+    assert time.monotonic() - t0 < 20
+    # the end of its log says why
+    assert "File exists" in str(err.value) and "isorund.log" in str(err.value)
 
 
 def test_a_daemon_that_loses_the_start_race_leaves_the_pid_file_alone(daemon: Daemon) -> None:
