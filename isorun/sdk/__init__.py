@@ -1,6 +1,6 @@
 """The Python SDK: `Sandbox` (sync) and `AsyncSandbox` over one shared core (`_core`)."""
 
-from isorun.sdk._core import ExecResult, FileInfo, ProcessInfo
+from isorun.sdk._core import ExecResult, FileInfo, ProcessInfo, Usage
 from isorun.sdk._progress import PullProgress
 from isorun.sdk.errors import (
     ApiError,
@@ -40,5 +40,6 @@ __all__ = [
     "SandboxClosedError",
     "SandboxEndedError",
     "SandboxNotStartedError",
+    "Usage",
     "Watch",
 ]

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import IO, Any, NotRequired, Self, TypedDict, cast
 from urllib.parse import quote
 
 import httpx
@@ -540,6 +540,28 @@ def pty_body(
 
 def proc_path(sandbox_id: str, proc_id: str, tail: str) -> str:
     return sandbox_path(sandbox_id, proc_tail(proc_id, tail))
+
+
+class Usage(TypedDict):
+    """What `destroy()` returns: measured on the host, and, from the call that ended the
+    sandbox, what the daemon billed for it."""
+
+    cpu_ms: int
+    mem_peak_bytes: int
+    uptime_ms: int
+    billed_seconds: NotRequired[int]
+    cost_usd: NotRequired[float]
+
+
+USAGE_KEYS = ("cpu_ms", "mem_peak_bytes", "uptime_ms")
+
+
+def usage_of(r: Any) -> Usage:
+    """The three measured figures always (0 if missing), and every other the daemon gave."""
+    r = r if isinstance(r, dict) else {}
+    u = {k: v for k, v in r.items() if k not in USAGE_KEYS}
+    u.update({k: int(r.get(k) or 0) for k in USAGE_KEYS})
+    return cast(Usage, u)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import httpx
 from isorun.errors import IsorunError
 from isorun.sdk import _core
 from isorun.sdk._callbacks import call_back, run_pending
-from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
+from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings, Usage
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
 from isorun.sdk.errors import (
     ApiError,
@@ -64,7 +64,7 @@ class AsyncSandbox:
         self._http.closed_error = self._closed_error
         self._info: dict[str, Any] = {}
         self.id = ""
-        self._usage: dict[str, int] | None = None
+        self._usage: Usage | None = None
         self.files = AsyncFiles(self)
         self.processes = AsyncProcesses(self)
 
@@ -188,14 +188,15 @@ class AsyncSandbox:
             await self._http.post(self._path("timeout"), json={"sandbox_timeout": seconds})
         )
 
-    async def destroy(self) -> dict[str, int]:
+    async def destroy(self) -> Usage:
+        """As `Sandbox.destroy`."""
         if self._usage is None:
             try:
                 r = _core.check(await self._http.delete(self._path()))
             except SandboxEndedError:
-                r = (await self.info()).get("usage") or {}
-            self._usage = {k: int(r.get(k, 0)) for k in ("cpu_ms", "mem_peak_bytes", "uptime_ms")}
-        return dict(self._usage)
+                r = (await self.info()).get("usage")
+            self._usage = _core.usage_of(r)
+        return self._usage.copy()
 
     kill = destroy
 

@@ -12,7 +12,7 @@ import httpx
 
 from isorun.errors import IsorunError
 from isorun.sdk import _core
-from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings
+from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings, Usage
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
 from isorun.sdk.errors import (
     ApiError,
@@ -70,7 +70,7 @@ class Sandbox:
         assert _info is not None
         self._info: dict[str, Any] = _info
         self.id: str = _info["id"]
-        self._usage: dict[str, int] | None = None
+        self._usage: Usage | None = None
         self._http.closed_error = self._closed_error
         self.files = Files(self)
         self.processes = Processes(self)
@@ -162,16 +162,17 @@ class Sandbox:
             self._http.post(self._path("timeout"), json={"sandbox_timeout": seconds})
         )
 
-    def destroy(self) -> dict[str, int]:
+    def destroy(self) -> Usage:
         """Kill the sandbox; returns what it cost, measured on the host:
-        {"cpu_ms", "mem_peak_bytes", "uptime_ms"}. Safe to call twice."""
+        {"cpu_ms", "mem_peak_bytes", "uptime_ms"}, with "billed_seconds" and "cost_usd" when
+        this call ended it (not for a sandbox that had ended already). Safe to call twice."""
         if self._usage is None:
             try:
                 r = _core.check(self._http.delete(self._path()))
             except SandboxEndedError:
-                r = self.info().get("usage") or {}
-            self._usage = {k: int(r.get(k, 0)) for k in ("cpu_ms", "mem_peak_bytes", "uptime_ms")}
-        return dict(self._usage)
+                r = self.info().get("usage")
+            self._usage = _core.usage_of(r)
+        return self._usage.copy()
 
     kill = destroy
 

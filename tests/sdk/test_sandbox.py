@@ -112,8 +112,11 @@ def test_sync_surface(api: str, image: str) -> None:
         assert sb.info()["sandbox_timeout"] == 3600
         sid = sb.id
     usage = sb.destroy()  # second call: same figures, no error
-    assert set(usage) == {"cpu_ms", "mem_peak_bytes", "uptime_ms"}
+    # what it measured, and what the daemon billed for it (it used to be dropped)
+    assert set(usage) == {"cpu_ms", "mem_peak_bytes", "uptime_ms", "billed_seconds", "cost_usd"}
     assert usage["cpu_ms"] > 0 and usage["mem_peak_bytes"] > 0 and usage["uptime_ms"] > 0
+    assert usage["billed_seconds"] == -(-usage["uptime_ms"] // 1000)
+    assert usage.get("cost_usd", -1) >= 0
     with pytest.raises(SandboxEndedError, match=f"sandbox {sid} was destroyed"):
         sb.exec("echo after")  # after its with block: it was httpx's RuntimeError
     with pytest.raises(SandboxEndedError):
@@ -153,7 +156,7 @@ async def test_async_surface(api: str, image: str) -> None:
         finally:
             sb.id = real_id
     usage = await sb.destroy()
-    assert usage["uptime_ms"] > 0
+    assert usage["uptime_ms"] > 0 and usage.get("billed_seconds", 0) > 0
     with pytest.raises(SandboxEndedError, match="was destroyed"):
         await sb.exec("echo after")
 
