@@ -29,6 +29,7 @@ const (
 	ptyHardCap     = 10 * time.Second
 	discardPause   = 30 * time.Millisecond
 	killGraceSecs  = 2 * time.Second
+	membersPoll    = 50 * time.Millisecond // how often a grace looks for the group's rest
 )
 
 // Proc is one process the agent started (or failed to start).
@@ -183,9 +184,13 @@ func (p *Proc) Terminate(grace time.Duration) {
 				return
 			}
 		}
-		if p.membersLeft() {
-			<-t.C
-			p.killAll(syscall.SIGKILL)
+		for p.membersLeft() { // looked at now and then: most end within the grace
+			select {
+			case <-t.C:
+				p.killAll(syscall.SIGKILL)
+				return
+			case <-time.After(membersPoll):
+			}
 		}
 	}()
 }
