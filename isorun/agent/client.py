@@ -445,13 +445,23 @@ class AgentClient:
         return b"".join(parts)
 
     async def write_file(
-        self, path: str, data: StdinSource, *, mode: int | None = None, append: bool = False
+        self,
+        path: str,
+        data: StdinSource,
+        *,
+        mode: int | None = None,
+        append: bool = False,
+        user: str | None = None,
     ) -> int:
         """Stream bytes into a guest file (a regular one atomically replaced unless
-        appending). Without `mode` an existing file keeps its mode, a new one gets 0644."""
+        appending). Without `mode` an existing file keeps its mode, a new one gets 0644.
+        A new file, and the directories made for it, are `user`'s (default: the sandbox's
+        user, set_defaults'); a replaced file keeps its owner."""
         req: dict[str, Any] = {"op": "write_file", "path": path, "append": append, "mkdirs": True}
         if mode is not None:
             req["mode"] = mode
+        if user is not None:
+            req["user"] = user
         ch = await self._open(req)
         # Feed and read at once: the guest may answer before it took every byte (a path it
         # cannot create, a full disk), and then grants no more credit for the rest.
@@ -501,10 +511,21 @@ class AgentClient:
             await self.stat(path)
         except FileNotFoundInGuest:
             return False
+        except GuestError as exc:
+            if exc.code == "not_dir":  # a path under a file: nothing there either
+                return False
+            raise
         return True
 
-    async def mkdir(self, path: str, parents: bool = True, mode: int = 0o755) -> None:
-        await self.call("mkdir", path=path, parents=parents, mode=mode)
+    async def mkdir(
+        self, path: str, parents: bool = True, mode: int = 0o755, user: str | None = None
+    ) -> None:
+        """mkdir (-p by default): the directories made are `user`'s (default: the
+        sandbox's user); with parents, those above get 0755 and the last one `mode`."""
+        fields: dict[str, Any] = {"path": path, "parents": parents, "mode": mode}
+        if user is not None:
+            fields["user"] = user
+        await self.call("mkdir", **fields)
 
     async def remove(self, path: str, recursive: bool = False) -> None:
         await self.call("remove", path=path, recursive=recursive)

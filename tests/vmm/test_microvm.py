@@ -145,6 +145,16 @@ async def test_files_round_trip(vm: MicroVM) -> None:
     await vm.agent.rename("/work/a/b/c/x.txt", "/work/y.txt")
     assert await vm.agent.exists("/work/y.txt")
     assert not await vm.agent.exists("/work/a/b/c/x.txt")
+    assert not await vm.agent.exists("/work/y.txt/under-a-file")  # not_dir: not there
+    # what the files API makes is the named user's (default: the sandbox's user)
+    await vm.agent.write_file("/work/u/notes.txt", b"n", user="1000:1000")
+    await vm.agent.mkdir("/work/v/w", user="1000:1000", mode=0o700)
+    owners = await vm.agent.exec("stat -c '%u:%g %a' /work/u /work/u/notes.txt /work/v /work/v/w")
+    assert owners.stdout == b"1000:1000 755\n1000:1000 644\n1000:1000 755\n1000:1000 700\n"
+    as_user = await vm.agent.exec(
+        "echo more >> /work/u/notes.txt && touch /work/v/w/f", user="1000:1000"
+    )
+    assert as_user.exit_code == 0, as_user.stderr
     with pytest.raises(GuestError):
         await vm.agent.remove("/work/a")  # not empty, not recursive
     await vm.agent.remove("/work/a", recursive=True)

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"math"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -26,6 +27,8 @@ type fileReq struct {
 	Depth     *int   `json:"depth"`
 	Parents   *bool  `json:"parents"`
 	Recursive bool   `json:"recursive"`
+	// whose what write_file and mkdir create is (default: the sandbox's user)
+	User json.RawMessage `json:"user"`
 }
 
 func fileMode(m *int64, def os.FileMode) (os.FileMode, error) {
@@ -72,6 +75,15 @@ func opReadFile(s *Server, ch *Channel, raw []byte) (any, error) {
 		return nil, nil
 	}
 	ch.closeIn()
+	// A device gives records (/dev/kmsg: one a read, EINVAL for a buffer left
+	// too small), so it gets one read a frame where a file's ReadAt fills it.
+	device := st.Mode&syscall.S_IFMT == syscall.S_IFCHR
+	if device && r.Offset > 0 {
+		if _, err := f.Seek(r.Offset, io.SeekStart); err != nil {
+			return nil, errf("invalid", "%s is a device that cannot be read from offset %d: %v",
+				path, r.Offset, errnoText(err))
+		}
+	}
 	var sent int64
 	off := r.Offset
 	for length < 0 || sent < length {
@@ -86,7 +98,16 @@ func opReadFile(s *Server, ch *Channel, raw []byte) (any, error) {
 			return nil, nil
 		}
 		pb, buf := newDataFrame(k)
-		n, rerr := f.ReadAt(buf[headerSize:], off)
+		var n int
+		var rerr error
+		if device {
+			n, rerr = readRecord(f, buf[headerSize:headerSize+k])
+		} else {
+			n, rerr = f.ReadAt(buf[headerSize:headerSize+k], off)
+		}
+		if errors.Is(rerr, syscall.EAGAIN) {
+			rerr = io.EOF // opened non-blocking (a FIFO must not hang the open): all there is
+		}
 		ch.addCredit(int64(k - n))
 		if n > 0 {
 			if ch.sendData(KindOut, pb, buf[:headerSize+n]) != nil {
@@ -112,12 +133,17 @@ func opWriteFile(s *Server, ch *Channel, raw []byte) (any, error) {
 		ch.closeIn()
 		return nil, err
 	}
-	resp, err := writeFile(ch, &r)
+	owner, err := s.fileOwner(r.User)
+	if err != nil {
+		ch.closeIn()
+		return nil, err
+	}
+	resp, err := writeFile(ch, &r, owner)
 	ch.closeIn()
 	return resp, err
 }
 
-func writeFile(ch *Channel, r *fileReq) (any, error) {
+func writeFile(ch *Channel, r *fileReq, owner *account) (any, error) {
 	path, err := absPath("path", r.Path)
 	if err != nil {
 		return nil, err
@@ -134,7 +160,7 @@ func writeFile(ch *Channel, r *fileReq) (any, error) {
 		mode = &m
 	}
 	if r.Mkdirs == nil || *r.Mkdirs {
-		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		if err := mkdirs(filepath.Dir(path), 0o755, owner); err != nil {
 			return nil, err
 		}
 	}
@@ -183,6 +209,14 @@ func writeFile(ch *Channel, r *fileReq) (any, error) {
 	}
 	if err != nil {
 		return nil, pathErr("open", path, err)
+	}
+	if created {
+		// appended to in place: its mode and owner are final before any byte, so
+		// a write cut short leaves a file like the one asked for, not a 0600 root's
+		if err := finishNew(f, mode, owner); err != nil {
+			f.Close()
+			return nil, pathErr("chmod", path, err)
+		}
 	}
 	fail := func(err error) (any, error) {
 		f.Close()
@@ -238,13 +272,11 @@ func writeFile(ch *Channel, r *fileReq) (any, error) {
 			mode = &m
 		}
 	}
-	if tmp != "" || created {
-		if mode == nil {
-			m := os.FileMode(0o644)
-			mode = &m
+	if tmp != "" {
+		if st != nil {
+			owner = nil // a new file is the user's; one replaced keeps its owner (above)
 		}
-		// explicit chmod: the umask must not change the requested mode
-		if err := f.Chmod(*mode); err != nil {
+		if err := finishNew(f, mode, owner); err != nil {
 			return fail(pathErr("chmod", path, err))
 		}
 	}
@@ -262,6 +294,33 @@ func writeFile(ch *Channel, r *fileReq) (any, error) {
 
 func ptr[T any](v T) *T { return &v }
 
+// finishNew gives a file write_file made its owner (nil: as it is) and mode
+// (nil: 0644), in that order: a chown strips setuid/setgid. Explicit chmod:
+// the umask must not change the requested mode.
+func finishNew(f *os.File, mode *os.FileMode, owner *account) error {
+	if owner != nil {
+		if err := f.Chown(int(owner.uid), int(owner.gid)); err != nil {
+			return err
+		}
+	}
+	m := os.FileMode(0o644)
+	if mode != nil {
+		m = *mode
+	}
+	return f.Chmod(m)
+}
+
+// resolveDir is dir without symlinks, or as it is if it goes through /proc:
+// there /proc/<pid>/root and /proc/<pid>/cwd are links whose text is not
+// where they lead (a container's root reads as "/"), and only the kernel,
+// resolving the path at each use, follows them right.
+func resolveDir(dir string) (string, error) {
+	if dir == "/proc" || strings.HasPrefix(dir, "/proc/") {
+		return dir, nil
+	}
+	return filepath.EvalSymlinks(dir)
+}
+
 // maxSymlinks is the kernel's limit on links followed in one lookup.
 const maxSymlinks = 40
 
@@ -277,7 +336,7 @@ func resolveTarget(path string) (_ string, _ *syscall.Stat_t, magic bool, _ erro
 		if hops > maxSymlinks {
 			return "", nil, false, syscall.ELOOP
 		}
-		dir, err := filepath.EvalSymlinks(filepath.Dir(target))
+		dir, err := resolveDir(filepath.Dir(target))
 		if err != nil {
 			return "", nil, false, err
 		}
@@ -320,7 +379,16 @@ func writesInPlace(target string, st *syscall.Stat_t) bool {
 	if st == nil {
 		return false
 	}
-	return st.Mode&syscall.S_IFMT != syscall.S_IFREG || onKernelFS(target)
+	return st.Mode&syscall.S_IFMT != syscall.S_IFREG || onKernelFS(target) || isMountRoot(target)
+}
+
+// isMountRoot says whether path is mounted on (a file bind-mounted there, as
+// containers do with /etc/hosts): rename(2) cannot replace it (EBUSY).
+func isMountRoot(path string) bool {
+	var stx unix.Statx_t
+	err := unix.Statx(unix.AT_FDCWD, path, unix.AT_SYMLINK_NOFOLLOW, unix.STATX_BASIC_STATS, &stx)
+	return err == nil && stx.Attributes_mask&unix.STATX_ATTR_MOUNT_ROOT != 0 &&
+		stx.Attributes&unix.STATX_ATTR_MOUNT_ROOT != 0
 }
 
 // onKernelFS says whether path is on one of the kernel's pseudo-filesystems,
@@ -436,7 +504,7 @@ func entry(path string, fi os.FileInfo) map[string]any {
 		t = "symlink"
 	}
 	e := map[string]any{"name": fi.Name(), "path": path, "type": t, "size": fi.Size(),
-		"mtime_ns": fi.ModTime().UnixNano()}
+		"mtime_ns": unixNanoSaturated(fi.ModTime())}
 	if st != nil {
 		e["mode"], e["uid"], e["gid"] = st.Mode&0o7777, st.Uid, st.Gid
 	}
@@ -573,6 +641,10 @@ func opMkdir(s *Server, ch *Channel, raw []byte) (any, error) {
 	if err != nil {
 		return nil, err
 	}
+	owner, err := s.fileOwner(r.User)
+	if err != nil {
+		return nil, err
+	}
 	if r.Parents == nil || *r.Parents {
 		if fi, err := os.Stat(path); err == nil {
 			if !fi.IsDir() {
@@ -580,15 +652,14 @@ func opMkdir(s *Server, ch *Channel, raw []byte) (any, error) {
 			}
 			return ok(), nil // mkdir -p: an existing directory is left as it is
 		}
-		err = os.MkdirAll(path, mode)
-	} else {
-		err = os.Mkdir(path, mode)
+		err = mkdirs(path, mode, owner)
+	} else if err = os.Mkdir(path, mode); err == nil {
+		// explicit chmod, as in write_file: the umask must not change the mode
+		if err = os.Chmod(path, mode); err == nil {
+			err = give(path, owner)
+		}
 	}
 	if err != nil {
-		return nil, err
-	}
-	// explicit chmod, as in write_file: the umask must not change the mode
-	if err := os.Chmod(path, mode); err != nil {
 		return nil, err
 	}
 	return ok(), nil
@@ -672,4 +743,42 @@ func tempName(base string, rnd []byte) string {
 		base = base[:keep]
 	}
 	return "." + base + ".isorun-" + hex.EncodeToString(rnd)
+}
+
+// readRecord is one read(2), its EAGAIN returned: os.File.Read of a pollable
+// fd (a device opened non-blocking) would wait in the poller for more data,
+// and a device of records that has no more never sends any.
+func readRecord(f *os.File, b []byte) (int, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var n int
+	var rerr error
+	if err := rc.Read(func(fd uintptr) bool {
+		n, rerr = syscall.Read(int(fd), b)
+		return true
+	}); err != nil {
+		return 0, err
+	}
+	if n < 0 {
+		n = 0
+	}
+	if n == 0 && rerr == nil && len(b) > 0 {
+		rerr = io.EOF
+	}
+	return n, rerr
+}
+
+// unixNanoSaturated is t in ns since the epoch, held at int64's ends: past
+// 2262 (or before 1677) UnixNano wraps to a wrong date.
+func unixNanoSaturated(t time.Time) int64 {
+	const limit = math.MaxInt64 / int64(time.Second)
+	switch sec := t.Unix(); {
+	case sec >= limit:
+		return math.MaxInt64
+	case sec <= -limit:
+		return math.MinInt64
+	}
+	return t.UnixNano()
 }

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"os"
@@ -274,5 +275,79 @@ func TestTrailingSlashNamesADirectory(t *testing.T) {
 	r = c.call(7, map[string]any{"op": "list", "path": dir + "/"})
 	if r.resp["ok"] != true || !strings.Contains(fmt.Sprint(r.events), "path:"+dir+"/f ") {
 		t.Fatalf("list dir/: %v %v", r.resp, r.events)
+	}
+}
+
+// An append that creates its file and is cut short leaves a file with the
+// mode asked for (default 0644), not the 0600 it was created with.
+func TestAnAppendCutShortLeavesItsFileWithItsMode(t *testing.T) {
+	c := newClient(t, nil)
+	p := t.TempDir() + "/new.log"
+	c.req(1, map[string]any{"op": "write_file", "path": p, "append": true})
+	c.send(1, KindIn, []byte("partial"))
+	time.Sleep(100 * time.Millisecond)
+	c.send(1, KindCancel, nil)
+	if r := c.wait(1, 5*time.Second); r.resp["ok"] != false {
+		t.Fatalf("%v", r.resp)
+	}
+	if fi, err := os.Stat(p); err != nil || fi.Mode().Perm() != 0o644 {
+		t.Fatalf("%v %v", fi.Mode(), err)
+	}
+}
+
+// A device of records (/dev/kmsg) is read a record at a time to its end: it
+// failed EINVAL once a frame's space left was under the next record, and a
+// non-blocking read past the last said EAGAIN.
+func TestReadOfARecordDeviceEndsCleanly(t *testing.T) {
+	if f, err := os.Open("/dev/kmsg"); err != nil {
+		t.Skipf("no readable /dev/kmsg: %v", err)
+	} else {
+		f.Close()
+	}
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "read_file", "path": "/dev/kmsg"})
+	if r.resp["ok"] != true || !bytes.Contains(r.out, []byte(";")) {
+		t.Fatalf("%d bytes, resp %v", len(r.out), r.resp)
+	}
+}
+
+// A date past 2262 is held at int64's end, not wrapped to 1915.
+func TestStatOfAFarFutureMtime(t *testing.T) {
+	p := t.TempDir() + "/f"
+	if err := os.WriteFile(p, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// not os.Chtimes: it goes through UnixNano, and would set 1915
+	far := syscall.Timespec{Sec: time.Date(2500, 1, 1, 0, 0, 0, 0, time.UTC).Unix()}
+	if err := syscall.UtimesNano(p, []syscall.Timespec{far, far}); err != nil {
+		t.Fatal(err)
+	}
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "stat", "path": p})
+	if e, _ := r.resp["entry"].(map[string]any); e == nil || e["mtime_ns"].(float64) < 9e18 {
+		t.Fatalf("%v", r.resp)
+	}
+}
+
+// A file mounted on (a container's /etc/hosts) is written where it is:
+// replacing it by rename failed EBUSY.
+func TestWriteToABindMountedFile(t *testing.T) {
+	dir := t.TempDir()
+	src, dst := dir+"/src", dir+"/dst"
+	for _, p := range []string{src, dst} {
+		if err := os.WriteFile(p, []byte("old"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := syscall.Mount(src, dst, "", syscall.MS_BIND, ""); err != nil {
+		t.Skipf("bind mount: %v", err)
+	}
+	defer syscall.Unmount(dst, syscall.MNT_DETACH)
+	c := newClient(t, nil)
+	if resp := c.writeVia(1, map[string]any{"path": dst}, "new"); resp["ok"] != true {
+		t.Fatalf("%v", resp)
+	}
+	if b, _ := os.ReadFile(src); string(b) != "new" {
+		t.Fatalf("the mounted file holds %q", b)
 	}
 }

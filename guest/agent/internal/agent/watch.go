@@ -24,9 +24,15 @@ func opWatch(s *Server, ch *Channel, raw []byte) (any, error) {
 		// replace (write_file, any editor's atomic save) takes away: so the
 		// directory is watched for the file's name, which outlives replaces.
 		// A symlink is followed once, now, to the file it names.
-		real, err := filepath.EvalSymlinks(path)
+		dir, err := resolveDir(filepath.Dir(path))
 		if err != nil {
 			return nil, err
+		}
+		real := filepath.Join(dir, filepath.Base(path))
+		if fi, err := os.Lstat(real); err == nil && fi.Mode()&os.ModeSymlink != 0 {
+			if real, err = filepath.EvalSymlinks(real); err != nil {
+				return nil, err
+			}
 		}
 		root, only = filepath.Dir(real), real
 	}

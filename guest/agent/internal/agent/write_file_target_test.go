@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -278,5 +279,44 @@ func TestWriteFileLongestName(t *testing.T) {
 	}
 	if left, _ := filepath.Glob(filepath.Dir(p) + "/.*"); len(left) != 0 {
 		t.Fatalf("left behind: %v", left)
+	}
+}
+
+// A path through /proc/<pid>/root (into a container in the guest) writes the
+// file it names, as a read of it reads: the directory was resolved from the
+// link's text ("/"), and the agent's own file at the same path overwritten.
+func TestWriteThroughAProcessRootWritesItsFile(t *testing.T) {
+	if _, err := exec.LookPath("unshare"); err != nil {
+		t.Skip("no unshare")
+	}
+	dir := t.TempDir()
+	ours := dir + "/f"
+	if err := os.WriteFile(ours, []byte("ours"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// a process with a mount namespace of its own, where dir is another tmpfs
+	cmd := exec.Command("unshare", "-m", "--propagation", "private", "sh", "-c",
+		"mount -t tmpfs none "+dir+" && echo theirs > "+ours+" && touch "+dir+"/ready && exec sleep 30")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	theirs := "/proc/" + strconv.Itoa(cmd.Process.Pid) + "/root" + ours
+	for i := 0; ; i++ {
+		if _, err := os.Stat("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/root" + dir + "/ready"); err == nil {
+			break
+		} else if i == 500 {
+			t.Skipf("no mount namespace here: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	c := newClient(t, nil)
+	if resp := c.writeVia(1, map[string]any{"path": theirs}, "written"); resp["ok"] != true {
+		t.Fatalf("%v", resp)
+	}
+	got, _ := os.ReadFile(theirs)
+	mine, _ := os.ReadFile(ours)
+	if string(got) != "written" || string(mine) != "ours" {
+		t.Fatalf("theirs %q, ours %q", got, mine)
 	}
 }

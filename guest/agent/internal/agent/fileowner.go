@@ -1,0 +1,83 @@
+package agent
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+)
+
+// fileOwner is who the files API's new files and directories belong to: the
+// request's `user`, else the sandbox's default user (the image's USER), so
+// that user's commands can change what the host wrote for them. nil: root,
+// as created. The API itself acts with root's rights (the sandbox is its
+// user's whole machine); only ownership follows the user.
+func (s *Server) fileOwner(raw json.RawMessage) (*account, error) {
+	spec, err := userString(raw)
+	if err != nil {
+		return nil, err
+	}
+	asked := spec != ""
+	if !asked {
+		s.mu.Lock()
+		spec = s.defUser
+		s.mu.Unlock()
+	}
+	if spec == "" {
+		return nil, nil
+	}
+	a, err := lookupAccount(spec)
+	if err != nil {
+		if !asked {
+			// an image whose USER its /etc/passwd lacks: its execs fail and say
+			// so; its files are root's rather than every write failing
+			return nil, nil
+		}
+		return nil, errf("invalid", "user %s: %v", spec, err)
+	}
+	if a.uid == 0 && a.gid == 0 {
+		return nil, nil
+	}
+	return a, nil
+}
+
+// give makes what the files API just created owner's (nil: left as it is).
+func give(path string, owner *account) error {
+	if owner == nil {
+		return nil
+	}
+	return os.Lchown(path, int(owner.uid), int(owner.gid))
+}
+
+// mkdirs creates dir and the directories missing above it, each 0755 but
+// dir itself leafMode (as mkdir -p -m; os.MkdirAll would give every parent
+// leafMode), each owner's. What exists is left as it is.
+func mkdirs(dir string, leafMode os.FileMode, owner *account) error {
+	var missing []string
+	for d := filepath.Clean(dir); ; d = filepath.Dir(d) {
+		if _, err := os.Stat(d); err == nil {
+			break // a file in the way is the caller's to report
+		} else if !os.IsNotExist(err) || d == "/" {
+			return err
+		}
+		missing = append(missing, d)
+	}
+	for i := len(missing) - 1; i >= 0; i-- {
+		d, mode := missing[i], os.FileMode(0o755)
+		if i == 0 {
+			mode = leafMode
+		}
+		if err := os.Mkdir(d, mode); os.IsExist(err) {
+			continue // made meanwhile by someone else: theirs
+		} else if err != nil {
+			return err
+		}
+		// explicit chmod: the umask must not change the mode
+		if err := os.Chmod(d, mode); err != nil {
+			return err
+		}
+		if err := give(d, owner); err != nil {
+			return err
+		}
+	}
+	return nil
+}

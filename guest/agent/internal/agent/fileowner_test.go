@@ -1,0 +1,62 @@
+package agent
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// What the files API creates is the sandbox's user's (the image's USER), so
+// that user's commands can change it: it was root's, and `echo >> notes.txt`
+// as the user failed "Permission denied". A file it replaces keeps its owner.
+func TestFilesCreatedBelongToTheSandboxsUser(t *testing.T) {
+	c := newClient(t, nil)
+	dir := t.TempDir()
+	for _, d := range []string{filepath.Dir(dir), dir} { // t.TempDir's are root's alone
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.call(1, map[string]any{"op": "set_defaults", "user": "nobody"})
+	a, err := lookupAccount("nobody")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	c.writeVia(2, map[string]any{"path": dir + "/new/sub/notes.txt"}, "hello")
+	c.call(3, map[string]any{"op": "mkdir", "path": dir + "/proj/src", "mode": 0o700})
+	for _, p := range []string{dir + "/new", dir + "/new/sub", dir + "/new/sub/notes.txt",
+		dir + "/proj", dir + "/proj/src"} {
+		if st := statT(t, p); st.Uid != a.uid || st.Gid != a.gid {
+			t.Fatalf("%s is %d:%d, not nobody's", p, st.Uid, st.Gid)
+		}
+	}
+	// mkdir -p -m: the mode is the last directory's; its parents get 0755
+	if m := statT(t, dir+"/proj").Mode & 0o777; m != 0o755 {
+		t.Fatalf("parent mode %o", m)
+	}
+	if m := statT(t, dir+"/proj/src").Mode & 0o777; m != 0o700 {
+		t.Fatalf("leaf mode %o", m)
+	}
+	r := c.call(4, map[string]any{"op": "exec", "cmd": "echo more >> " + dir + "/new/sub/notes.txt && touch " +
+		dir + "/proj/src/main.py"})
+	if num(r.resp["exit_code"]) != 0 {
+		t.Fatalf("the user cannot change what was written for them: %q %v", r.err, r.resp)
+	}
+	// a file root owns stays root's when replaced; a request may name the user
+	root := dir + "/root-owned"
+	if err := os.WriteFile(root, []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c.writeVia(5, map[string]any{"path": root}, "y")
+	c.writeVia(6, map[string]any{"path": dir + "/as-root", "user": "root"}, "z")
+	for _, p := range []string{root, dir + "/as-root"} {
+		if uid := statT(t, p).Uid; uid != 0 {
+			t.Fatalf("%s is uid %d", p, uid)
+		}
+	}
+	r = c.call(7, map[string]any{"op": "mkdir", "path": dir + "/x", "user": "no-such-user"})
+	if r.resp["code"] != "invalid" {
+		t.Fatalf("unknown user: %v", r.resp)
+	}
+}
