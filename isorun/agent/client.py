@@ -486,6 +486,9 @@ class AgentClient:
                 frame = await ch.next()
                 if frame.kind is Kind.RESP:
                     _raise_for(frame.json())
+                    # The guest sends a directory's entries in its order, not reading it
+                    # whole: sorted here, each directory's name then what is under it.
+                    entries.sort(key=lambda e: e.path.split("/"))
                     return entries
                 if frame.kind is not Kind.EVENT:
                     raise ProtocolError(f"guest sent {frame.kind.name} to a list request")
