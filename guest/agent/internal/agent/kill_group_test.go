@@ -1,7 +1,9 @@
 package agent
 
 import (
+	"bytes"
 	"os/exec"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -67,4 +69,59 @@ func TestKillOfATerminalShellEndsItsJobs(t *testing.T) {
 	}
 	c.call(3, map[string]any{"op": "kill", "proc_id": id, "grace_ms": 300})
 	waitGoneOrFail(t, pidf, 3*time.Second)
+}
+
+// A stopped process that handles SIGTERM gets to (it is resumed), rather than
+// SIGKILL after the whole grace: SIGTERM stayed pending while it was stopped.
+func TestKillOfAStoppedProcessLetsItHandleTerm(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "trap 'exit 3' TERM; while :; do sleep 0.1; done",
+		"background": true})
+	id := r.resp["proc_id"].(string)
+	time.Sleep(200 * time.Millisecond) // the trap is set
+	c.call(2, map[string]any{"op": "signal", "proc_id": id, "signal": int(syscall.SIGSTOP)})
+	start := time.Now()
+	r = c.call(3, map[string]any{"op": "kill", "proc_id": id, "grace_ms": 5000})
+	if num(r.resp["exit_code"]) != 3 || time.Since(start) > 3*time.Second {
+		t.Fatalf("after %v: %v", time.Since(start), r.resp)
+	}
+}
+
+// A signal to a terminal's shell reaches the job in its foreground, as the
+// key would: ^C stops `sleep 30` (it reached only the shell, which waited on).
+func TestASignalToATerminalReachesItsForegroundJob(t *testing.T) {
+	if _, err := exec.LookPath("bash"); err != nil {
+		t.Skip("no bash")
+	}
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "argv": []string{"bash", "--norc", "-i"},
+		"pty": map[string]any{}, "background": true})
+	id := r.resp["proc_id"].(string)
+	defer c.call(9, map[string]any{"op": "kill", "proc_id": id, "grace_ms": 0})
+	c.req(2, map[string]any{"op": "attach", "proc_id": id, "stdin": true})
+	c.send(2, KindIn, []byte("sleep 30; echo AFTER\n"))
+	var out []byte
+	readUntil := func(want string, d time.Duration) bool {
+		for end := time.Now().Add(d); time.Now().Before(end); {
+			select {
+			case f := <-c.q(2):
+				if f.Kind == KindOut {
+					out = append(out, f.Payload...)
+				}
+				if bytes.Contains(out, []byte(want)) {
+					return true
+				}
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+		return false
+	}
+	time.Sleep(500 * time.Millisecond) // sleep is in the foreground
+	c.call(3, map[string]any{"op": "signal", "proc_id": id, "signal": int(syscall.SIGINT)})
+	c.send(2, KindIn, []byte("echo MA''RK\n"))
+	// AFTER only where the terminal echoes the line typed, never on a line of its own
+	if !readUntil("MARK\r\n", 5*time.Second) || bytes.Contains(out, []byte("\nAFTER")) ||
+		bytes.Contains(out, []byte("\rAFTER")) {
+		t.Fatalf("output %q", out)
+	}
 }

@@ -172,6 +172,7 @@ func (p *Proc) Terminate(grace time.Duration) {
 	p.killed.Store(true)
 	if first {
 		p.killAll(syscall.SIGTERM)
+		p.killAll(syscall.SIGCONT) // a stopped process acts on SIGTERM only once resumed
 	}
 	go func() {
 		t := time.NewTimer(grace)
@@ -258,6 +259,23 @@ func (p *Proc) CloseStdin() {
 		_ = p.stdin.Close()
 		p.stdin = nil
 	}
+}
+
+// foregroundGroup is the process group in the foreground of the process's
+// terminal (0: none, not a PTY, or the terminal is gone).
+func (p *Proc) foregroundGroup() int {
+	p.stdinMu.Lock()
+	defer p.stdinMu.Unlock()
+	if p.pty == nil || p.Exited() {
+		return 0
+	}
+	rc, err := p.pty.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	pgrp := 0
+	_ = rc.Control(func(fd uintptr) { pgrp, _ = unix.IoctlGetInt(int(fd), unix.TIOCGPGRP) })
+	return pgrp
 }
 
 // takesStdin reports whether the process has a stdin to write to.

@@ -135,6 +135,14 @@ func opSignal(s *Server, ch *Channel, raw []byte) (any, error) {
 	if err := p.Signal(syscall.Signal(r.Signal)); err != nil {
 		return nil, err
 	}
+	if p.PTY {
+		// as the key would: to the job in the terminal's foreground too (an
+		// interactive shell runs it in a group of its own, which SIGINT to
+		// the shell's group does not reach)
+		if fg := p.foregroundGroup(); fg > 0 && fg != p.Pid {
+			_ = syscall.Kill(-fg, syscall.Signal(r.Signal))
+		}
+	}
 	return ok(), nil
 }
 
