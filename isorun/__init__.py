@@ -22,7 +22,10 @@ from isorun.sdk import (
     Pty,
     PullProgress,
     Sandbox,
+    SandboxClosedError,
     SandboxEndedError,
+    SandboxNotStartedError,
+    Usage,
 )
 
 __all__ = [
@@ -45,6 +48,9 @@ __all__ = [
     "Pty",
     "PullProgress",
     "Sandbox",
+    "SandboxClosedError",
     "SandboxEndedError",
+    "SandboxNotStartedError",
+    "Usage",
     "__version__",
 ]

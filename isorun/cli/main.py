@@ -124,6 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
+    _core.url_id("sandbox id", args.id)  # refused before a daemon is looked for
     sb = Sandbox.connect(args.id, api_url=args.api_url, api_key=args.api_key)
     try:
         r = _exec(sb, args.cmd, stream=not args.json)
@@ -154,8 +155,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
+    path = _core.sandbox_path(args.id)
     with _http(args) as c:
-        usage = _core.check(c.delete(f"/v1/sandboxes/{args.id}"))
+        usage = _core.check(c.delete(path))
     _out(
         args,
         usage,
@@ -166,8 +168,9 @@ def cmd_kill(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    path = _core.sandbox_path(args.id, "logs")
     with _http(args) as c:
-        r = c.get(f"/v1/sandboxes/{args.id}/logs")
+        r = c.get(path)
         if r.status_code >= 400:
             _core.check(r)
     _out(args, {"console": r.text}, r.text)
@@ -241,6 +244,7 @@ def cmd_images_pull(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     if args.action == "revoke" and not args.name:
         raise SystemExit("isorun keys revoke: give the key id (see `isorun keys ls`)")
+    key_path = f"/v1/keys/{_core.url_id('key id', args.name)}" if args.action == "revoke" else ""
     with _http(args) as c:
         if args.action == "create":
             k = _core.check(c.post("/v1/keys", json={"name": args.name or ""}))
@@ -257,7 +261,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 ),
             )
         else:
-            _out(args, _core.check(c.delete(f"/v1/keys/{args.name}")), f"revoked {args.name}")
+            _out(
+                args,
+                _core.check(c.delete(key_path)),
+                f"revoked {args.name}",
+            )
     return 0
 
 
@@ -402,6 +410,9 @@ def main(argv: list[str] | None = None) -> None:
     except IsorunError as exc:
         print(f"isorun: {exc}", file=sys.stderr)
         code = 1
+    except ValueError as exc:  # what the SDK refuses before asking (a malformed id)
+        print(f"isorun: {exc}", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:
         print("isorun: interrupted", file=sys.stderr)
         code = 130

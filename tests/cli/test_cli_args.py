@@ -36,6 +36,11 @@ def _cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
         # Without `--`, an option after IMAGE would be run as the program: refused instead.
         (["run", "base", "--keep", "echo", "hi"], "'--keep' is not a command"),
         (["exec", "sb-1", "--json", "true"], "'--json' is not a command"),
+        # an id that would address another route is refused before any request
+        (["kill", "../../v1/info"], "is not an id"),
+        (["logs", "a/b"], "is not an id"),
+        (["exec", "a/b", "--", "true"], "is not an id"),
+        (["keys", "revoke", "x/y"], "is not an id"),
         (["ls"], "no isorun daemon answers"),
         # --json after the subcommand is taken (it then fails only for want of a daemon).
         (["ls", "--json"], "no isorun daemon answers"),
