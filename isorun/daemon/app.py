@@ -26,7 +26,7 @@ from isorun.agent import Attachment, ExecResult, FileEntry, ProcInfo
 from isorun.daemon import auth
 from isorun.daemon.config import DaemonConfig
 from isorun.daemon.errors import ApiError, Conflict, Forbidden, NotFound, Unauthorized
-from isorun.daemon.imageerrors import image_api_error
+from isorun.daemon.imageerrors import image_api_error, refuse_host_path_image
 from isorun.daemon.keepalive import with_keepalives
 from isorun.daemon.models import (
     CreateKey,
@@ -889,9 +889,10 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
     async def pull_image(request: Request, tenant: str) -> Any:
         req = await parse(request, PullImage)
         try:
-            manager.images.parse(req.image)  # a malformed reference is a plain 400
+            parsed = manager.images.parse(req.image)  # a malformed reference is a plain 400
         except ImageError as exc:
             raise image_api_error(req.image, exc) from exc
+        refuse_host_path_image(tenant, req.image, parsed)
 
         async def work(feed: ProgressFeed) -> dict[str, Any]:
             def progress(ev: ProgressEvent) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from isorun.daemon.errors import ApiError, NotFound
+from isorun.daemon.errors import ApiError, Forbidden, NotFound
+from isorun.daemon.store import LOCAL_TENANT
 from isorun.images import (
     ImageError,
     ImageNotFoundError,
@@ -10,6 +11,21 @@ from isorun.images import (
     RegistryUnreachableError,
     TemplateError,
 )
+from isorun.images.reference import ImageRef
+
+# Transports that read a path on the daemon's host: the (root) daemon would import any file it
+# can read, so only the host's own administrator may name one.
+HOST_PATH_TRANSPORTS = frozenset({"oci-layout", "docker-archive"})
+
+
+def refuse_host_path_image(tenant: str, ref: str, parsed: ImageRef) -> None:
+    """Raise Forbidden if an API-key tenant names an image by a path on the daemon's host."""
+    if tenant != LOCAL_TENANT and parsed.transport in HOST_PATH_TRANSPORTS:
+        raise Forbidden(
+            f"image {ref!r}: the {parsed.transport!r} transport reads a path on the daemon's "
+            "host and is for the local administrator (on the daemon's unix socket), not for "
+            "an API key; push the image to a registry instead"
+        )
 
 
 def image_api_error(ref: str, exc: ImageError) -> ApiError:

@@ -18,7 +18,7 @@ from typing import Any
 
 from isorun.daemon.config import DaemonConfig
 from isorun.daemon.errors import ApiError, CapacityError, Conflict, Forbidden, Gone, NotFound
-from isorun.daemon.imageerrors import image_api_error
+from isorun.daemon.imageerrors import image_api_error, refuse_host_path_image
 from isorun.daemon.models import CreateSandbox
 from isorun.daemon.progress import progress_record
 from isorun.daemon.store import LOCAL_TENANT, SandboxRow, StateFullError, Store
@@ -363,6 +363,11 @@ class SandboxManager:
             if not p.is_absolute() or not p.is_file():
                 raise NotFound(f"image {ref!r} not found: no such ext4 file on the host")
             return p, None, ImageConfig()
+        try:
+            parsed = self.images.parse(ref)
+        except ImageError as exc:
+            raise image_api_error(ref, exc) from exc
+        refuse_host_path_image(tenant, ref, parsed)
         progress = None
         if on_progress is not None:
             cb = on_progress

@@ -169,3 +169,28 @@ def test_a_daemon_killed_during_a_create_leaves_no_hold_on_its_image(
             assert [s["state"] for s in rows] == ["ended"], rows
             r = c.delete("/v1/images", params={"ref": ref})
             assert r.status_code == 200, r.text  # was 409 image_in_use, for good
+
+
+def test_api_keys_cannot_import_host_paths(pull_daemon: Daemon, tmp_path: Path) -> None:
+    # The root daemon reads these paths itself: a remote tenant must not pick them.
+    with pull_daemon.client() as c:
+        key = c.post("/v1/keys", json={"name": "host-paths"}).json()["key"]
+    refs = ["oci-layout:/etc/ssl", "oci:/etc/ssl:latest", "docker-archive:/etc/shadow"]
+    with pull_daemon.tcp(key) as t:
+        for ref in refs:
+            for path, body in [
+                ("/v1/images/pull", {"image": ref}),
+                ("/v1/sandboxes", {"image": ref}),
+            ]:
+                r = t.post(path, json=body)
+                assert r.status_code == 403, (path, ref, r.text)
+                msg = r.json()["error"]["message"]
+                assert "local administrator" in msg and "unix socket" in msg, msg
+                transport = "docker-archive" if "archive" in ref else "oci-layout"
+                assert repr(transport) in msg, msg
+            assert t.get("/v1/sandboxes").json()["sandboxes"] == []
+    # The local administrator may still import one (here: a missing path is a clear 404).
+    with pull_daemon.client() as c:
+        missing = tmp_path / "no-layout"
+        recs = ndjson(c.post("/v1/images/pull", json={"image": f"oci-layout:{missing}"}))
+        assert recs[-1]["type"] == "error" and recs[-1]["status"] != 403, recs[-1]
