@@ -27,6 +27,7 @@ from isorun.images.errors import (
 
 TAG = "img"
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
@@ -92,6 +93,37 @@ class Layout:
             _digest_of(layer, "layer")
         cfg = self._json(self.blob_path(_digest_of(manifest.get("config"), "config")))
         return manifest, layers, cfg
+
+    def check_copied(self, digest: str, expected: dict[str, Any], what: str) -> None:
+        """Refuse a copy that is not the manifest `digest` we resolved (`expected`).
+
+        skopeo may rewrite a manifest, changing its digest: compressing plain layers (then a
+        layer's old digest is its diff_id, which unpacking checks) or converting Docker to
+        OCI (which also re-serialises the config). Otherwise the config must be the same."""
+        _, entry = self._index_entry()
+        got = _digest_of(entry, "manifest")
+        if got == digest:
+            return
+        manifest, layers, cfg = self._manifest_and_config(entry)
+        want = expected.get("layers")
+        want_layers = [_digest_of(x, "layer") for x in (want if isinstance(want, list) else [])]
+        rootfs = cfg.get("rootfs")
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        diff_ids = diff_ids if isinstance(diff_ids, list) else []
+        same = len(layers) == len(want_layers) and all(
+            w in (layer["digest"], diff_ids[i] if i < len(diff_ids) else None)
+            for i, (w, layer) in enumerate(zip(want_layers, layers, strict=True))
+        )
+        if expected.get("mediaType") != DOCKER_MANIFEST:
+            same = same and _digest_of(manifest.get("config"), "config") == _digest_of(
+                expected.get("config"), "config"
+            )
+        if not same:
+            raise ImageCorruptError(
+                f"{what}: resolved to manifest {digest}, but the copy holds manifest {got} "
+                "with a different config or layers; the source is ambiguous or hostile, "
+                "so it was refused rather than stored under the wrong digest"
+            )
 
     def read(self) -> LayoutImage:
         _, entry = self._index_entry()

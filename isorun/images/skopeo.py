@@ -246,21 +246,56 @@ class Skopeo:
         return raw
 
     def _pick_platform(self, index: dict[str, Any], what: str) -> str:
+        """Our platform's manifest digest in a manifest list, chosen as skopeo would: an
+        entry we pick and skopeo does not would store one image under another's digest."""
+        entries = index.get("manifests")
+        if not isinstance(entries, list):
+            raise ImageCorruptError(f"manifest list of {what}: 'manifests' is not a list")
         found: list[str] = []
-        for m in index.get("manifests") or []:
-            plat = m.get("platform") or {}
-            os_, arch = plat.get("os", ""), plat.get("architecture", "")
+        ours: list[dict[str, Any]] = []
+        for i, m in enumerate(entries):
+            plat = m.get("platform") if isinstance(m, dict) else None
+            if not isinstance(m, dict) or not isinstance(plat, dict | None):
+                raise ImageCorruptError(
+                    f"manifest list of {what}: entry {i} is not a descriptor with a platform object"
+                )
+            plat = plat or {}
+            os_, arch = str(plat.get("os", "")), str(plat.get("architecture", ""))
             found.append(f"{os_}/{arch}")
             if os_ == self.cfg.platform_os and arch == self.cfg.platform_arch:
-                digest = str(m.get("digest", ""))
-                if not digest.startswith("sha256:"):
-                    break
-                return digest
+                ours.append(m)
         want = f"{self.cfg.platform_os}/{self.cfg.platform_arch}"
+        m = self._pick_variant(ours, what, want)
+        if m is None:
+            raise UnsupportedImageError(
+                f"{what} has no {want} variant (it has: "
+                f"{', '.join(found) or 'none'}); pick an image built for "
+                f"{want}"
+            )
+        digest = m.get("digest")
+        if not isinstance(digest, str) or not digest.startswith("sha256:"):
+            raise ImageCorruptError(
+                f"manifest list of {what}: the {want} entry has digest {digest!r}, not sha256"
+            )
+        return digest
+
+    def _pick_variant(
+        self, ours: list[dict[str, Any]], what: str, want: str
+    ) -> dict[str, Any] | None:
+        """One entry of several for our os/arch, by containers/image's variant preference
+        (arm64: v8, then none; others: none); anything else is ambiguous and refused."""
+        if len(ours) <= 1:
+            return ours[0] if ours else None
+        variants = [str((m.get("platform") or {}).get("variant", "")) for m in ours]
+        for pref in ("v8", "") if self.cfg.platform_arch == "arm64" else ("",):
+            if variants.count(pref) == 1:
+                return ours[variants.index(pref)]
+            if variants.count(pref) > 1:
+                break
         raise UnsupportedImageError(
-            f"{what} has no {want} variant (it has: "
-            f"{', '.join(found) or 'none'}); pick an image built for "
-            f"{want}"
+            f"{what} lists {len(ours)} manifests for {want} (variants: "
+            f"{', '.join(repr(v) for v in variants)}); which one to use is ambiguous, so the "
+            "image was refused: list one manifest per platform"
         )
 
     async def copy(

@@ -42,7 +42,7 @@ from isorun.images.locks import file_lock, try_lock, try_lock_dir, unlock
 from isorun.images.progress import Progress, ProgressEvent, emitter, watch_bytes
 from isorun.images.reference import ImageRef, parse_reference
 from isorun.images.refs import Refs
-from isorun.images.skopeo import Skopeo
+from isorun.images.skopeo import Resolved, Skopeo
 from isorun.images.templates import Template, TemplateSet, build_rootfs
 
 PullPolicy = Literal["missing", "always"]
@@ -238,9 +238,7 @@ class ImageStore:
         img = await self._ensure_digest(
             resolved.digest,
             r.name(),
-            lambda tmp: self._build_pulled(
-                r, resolved.digest, credentials, tmp, resolved.layers_bytes, emit
-            ),
+            lambda tmp: self._build_pulled(r, resolved, credentials, tmp, emit),
             emit,
         )
         if resolved.index_digest and r.transport == "registry":
@@ -337,13 +335,13 @@ class ImageStore:
     async def _build_pulled(
         self,
         r: ImageRef,
-        digest: str,
+        resolved: Resolved,
         creds: Credentials | None,
         tmp: Path,
-        total: int,
         emit: Progress,
     ) -> dict[str, Any]:
         layout_dir = tmp / "layout"
+        digest, total = resolved.digest, resolved.layers_bytes
 
         def pulled(n: int) -> None:
             emit(
@@ -363,6 +361,9 @@ class ImageStore:
         pulled(total)
         emit(ProgressEvent("unpacking", r.name(), "applying layers", digest=digest))
         layout = Layout(layout_dir)
+        # The image is stored under `digest`: it must be what skopeo copied (a local layout
+        # is copied by tag, and skopeo may pick another platform entry than we resolved).
+        layout.check_copied(digest, resolved.manifest, r.name())
         await layout.decompress_zstd_layers(self.cfg.max_image_bytes)
         li = layout.read()
         tree = tmp / "rootfs"

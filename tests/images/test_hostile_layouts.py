@@ -1,0 +1,53 @@
+"""Crafted local OCI layouts (oci-layout:) get a clear error, never a wrong or half-made image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ocibuild as ob
+import pytest
+from imghelpers import assert_store_intact, ext4_cat
+
+from isorun.images import ImageCorruptError, ImageStore, UnsupportedImageError
+from isorun.images.skopeo import Skopeo
+
+
+def _two_images(tmp: Path, variant_a: str | None) -> tuple[ob.Layout, dict[str, Any], str]:
+    """A layout whose index lists images A and B for linux/amd64 (A with `variant_a`)."""
+    lay = ob.Layout(tmp / "plat")
+    a = lay.manifest([[ob.file("which", "A")]])
+    b = lay.manifest([[ob.file("which", "B")]])
+    if variant_a is not None:
+        a = dict(a, platform={"os": "linux", "architecture": "amd64", "variant": variant_a})
+    lay.tag(lay.image_index([a, b]), "v1")
+    return lay, a, str(b["digest"])
+
+
+async def test_index_variant_picks_what_skopeo_copies(store: ImageStore, tmp_path: Path) -> None:
+    # skopeo copies the variant-less entry: the image must be stored under *its* digest,
+    # not under A's (a later pull of the real A would get B's files).
+    lay, a, b = _two_images(tmp_path, "v9")
+    img = await store.ensure(f"oci-layout:{lay.path}:v1")
+    assert img.digest == b != a["digest"]
+    assert ext4_cat(img.rootfs, "/which") == "B"
+
+
+async def test_ambiguous_index_is_refused(store: ImageStore, tmp_path: Path) -> None:
+    lay, _, _ = _two_images(tmp_path, None)
+    with pytest.raises(UnsupportedImageError, match=r"2 manifests for linux/amd64.*ambiguous"):
+        await store.ensure(f"oci-layout:{lay.path}:v1")
+    assert store.list() == []
+    assert_store_intact(store)
+
+
+async def test_copy_of_another_image_is_refused(
+    store: ImageStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whatever the reason the resolved and the copied manifest differ, nothing is stored.
+    lay, a, b = _two_images(tmp_path, "v9")
+    monkeypatch.setattr(Skopeo, "_pick_platform", lambda self, index, what: a["digest"])
+    with pytest.raises(ImageCorruptError, match=f"resolved to manifest {a['digest']}.*{b}"):
+        await store.ensure(f"oci-layout:{lay.path}:v1")
+    assert store.list() == []
+    assert_store_intact(store)
