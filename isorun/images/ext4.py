@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from isorun.images import proc
-from isorun.images.errors import ImageToolError, StoreFullError
+from isorun.images.errors import ImageToolError, StoreFullError, UnsupportedImageError
 
 BLOCK = 4096
 MiB = 1 << 20
 HEADROOM_FRACTION = 0.10
 HEADROOM_FIXED = 16 * MiB
+# mkfs.ext4 -d recurses per directory level and crashes at about 1020 (e2fsprogs 1.47)
+MAX_DEPTH = 512
 
 
 @dataclass(frozen=True)
@@ -37,9 +39,16 @@ def measure(root: Path) -> TreeSize:
     seen: set[int] = set()
     data = BLOCK
     inodes = 1
-    stack = [str(root)]
+    stack = [(str(root), 0)]
     while stack:
-        with os.scandir(stack.pop()) as it:
+        path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise UnsupportedImageError(
+                f"the image's tree is more than {MAX_DEPTH} directories deep (at "
+                f"{os.path.relpath(path, root)[:200]}...); mkfs.ext4 cannot copy trees that "
+                "deep, so the image was refused"
+            )
+        with os.scandir(path) as it:
             for e in it:
                 st = e.stat(follow_symlinks=False)
                 if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
@@ -49,7 +58,7 @@ def measure(root: Path) -> TreeSize:
                 inodes += 1
                 if stat.S_ISDIR(st.st_mode):
                     data += max(BLOCK, _blocks(st.st_size))
-                    stack.append(e.path)
+                    stack.append((e.path, depth + 1))
                 elif stat.S_ISREG(st.st_mode):
                     # one extra block per large file for extent tree nodes
                     data += _blocks(st.st_size) + (BLOCK if st.st_size > 48 * BLOCK else 0)

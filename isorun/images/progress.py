@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import stat
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from isorun.images.fstree import walk_lstat
 
 Phase = Literal[
     "resolving", "pulling", "unpacking", "building", "converting", "waiting", "cached", "done"
@@ -72,12 +74,7 @@ def emitter(progress: Progress | None) -> Progress:
 
 
 def _tree_bytes(path: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-    return total
+    return sum(st.st_size for _, st in walk_lstat(path) if stat.S_ISREG(st.st_mode))
 
 
 @contextlib.asynccontextmanager

@@ -18,7 +18,6 @@ import dataclasses
 import errno
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +35,7 @@ from isorun.images.errors import (
     InvalidReferenceError,
     StoreFullError,
 )
+from isorun.images.fstree import remove_tree
 from isorun.images.holders import Holders
 from isorun.images.layout import TAG, Layout
 from isorun.images.locks import file_lock, try_lock, try_lock_dir, unlock
@@ -295,20 +295,22 @@ class ImageStore:
         staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{label}-", dir=self.root / "tmp"))
         fd = try_lock_dir(staging)
         if fd is None:  # out of fds, say: unlocked, gc could take it from under us
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging)
             raise OSError(f"cannot lock the work dir {staging}")
         tmp = staging.with_name(staging.name.removeprefix(_STAGING))
         try:
             os.rename(staging, tmp)
         except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging)
             unlock(fd)
             raise
         try:
             yield tmp
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            unlock(fd)
+            try:
+                remove_tree(tmp)
+            finally:
+                unlock(fd)  # whatever removal raised: a held lock would pin the dir for good
 
     async def _convert(
         self, digest: str, name: str, build: Callable[[Path], Awaitable[dict[str, Any]]]
@@ -374,7 +376,7 @@ class ImageStore:
             timeout=self.cfg.pull_timeout_s,
             max_bytes=self.cfg.max_image_bytes,
         )
-        shutil.rmtree(layout_dir, ignore_errors=True)
+        remove_tree(layout_dir)
         meta = await self._finish_tree(r.name(), tree, tmp, emit, digest)
         meta["config"] = li.config.to_json()
         meta["layers"] = [str(x.get("digest")) for x in li.manifest.get("layers", [])]
@@ -417,7 +419,7 @@ class ImageStore:
         out = tmp / "out"
         out.mkdir()
         await ext4.make_ext4(tree, out / _ROOTFS, size, timeout=self.cfg.pull_timeout_s)
-        await asyncio.to_thread(shutil.rmtree, tree, True)
+        await asyncio.to_thread(remove_tree, tree)
         return {"content_bytes": size.data_bytes, "inodes": size.inodes}
 
     # ---- management --------------------------------------------------------------------
@@ -469,7 +471,7 @@ class ImageStore:
             await self._refs.drop_digest(digest)
             trash = Path(tempfile.mkdtemp(prefix="rm-", dir=self.root / "tmp"))
             os.rename(self._image_dir(digest), trash / "img")
-            await asyncio.to_thread(shutil.rmtree, trash, True)
+            await asyncio.to_thread(remove_tree, trash)
             self._holders.clear(_hex(digest))
         return img
 
@@ -514,7 +516,7 @@ class ImageStore:
                     continue  # a conversion is running right now
                 try:
                     freed += _allocated(d)
-                    shutil.rmtree(d, ignore_errors=True)
+                    remove_tree(d)
                 finally:
                     unlock(fd)
             elif d.name.startswith(_STAGING):
@@ -524,13 +526,13 @@ class ImageStore:
                         d.rmdir()
             elif d.name.startswith("rm-"):
                 freed += _allocated(d)
-                shutil.rmtree(d, ignore_errors=True)
+                remove_tree(d)
             elif d.is_dir() and (fd := try_lock_dir(d)) is not None:
                 # Left by a crashed pull (its lock died with it): it may hold the
                 # registry credentials skopeo was given (auth.json).
                 try:
                     freed += _allocated(d)
-                    shutil.rmtree(d, ignore_errors=True)
+                    remove_tree(d)
                 finally:
                     unlock(fd)
         return GcReport(removed, freed)

@@ -32,6 +32,7 @@ from isorun.images.errors import (
     ToolMissingError,
     UnsafeLayerError,
 )
+from isorun.images.fstree import walk_lstat
 
 POLL_S = 0.05
 
@@ -73,17 +74,12 @@ def tree_bytes(path: Path) -> int:
     """Bytes allocated on disk under `path` (not following symlinks; hard links once)."""
     total = 0
     seen: set[int] = set()
-    for dirpath, dirs, files in os.walk(path):
-        for name in (*dirs, *files):
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
+    for _, st in walk_lstat(path):
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            if st.st_ino in seen:
                 continue
-            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                if st.st_ino in seen:
-                    continue
-                seen.add(st.st_ino)
-            total += st.st_blocks * 512
+            seen.add(st.st_ino)
+        total += st.st_blocks * 512
     return total
 
 

@@ -1,7 +1,8 @@
-"""Crafted local OCI layouts (oci-layout:) get a clear error, never a wrong or half-made image."""
+"""Crafted local OCI layouts (oci-layout:) get a clear error, never a wrong or leaked image."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +52,40 @@ async def test_copy_of_another_image_is_refused(
         await store.ensure(f"oci-layout:{lay.path}:v1")
     assert store.list() == []
     assert_store_intact(store)
+
+
+def _deep_layout(tmp: Path, depth: int) -> Path:
+    lay = ob.Layout(tmp / f"deep{depth}")
+    lay.tag(lay.manifest([[ob.dir_("a/" * i) for i in range(1, depth + 1)]]), "v1")
+    return lay.path
+
+
+async def test_too_deep_tree_is_refused_and_leaves_nothing(
+    store: ImageStore, tmp_path: Path
+) -> None:
+    # mkfs.ext4 -d crashes near 1020 levels; umoci is slow on deep trees, so 600 here.
+    with pytest.raises(UnsupportedImageError, match="more than 512 directories deep"):
+        await store.ensure(f"oci-layout:{_deep_layout(tmp_path, 600)}:v1")
+    assert list((store.root / "tmp").iterdir()) == []
+    assert (await store.gc()).removed == []
+    assert store.disk_usage().tmp_bytes == 0
+    assert_store_intact(store)
+
+
+async def test_gc_removes_a_deep_leftover_work_dir(store: ImageStore, tmp_path: Path) -> None:
+    # A crashed pull left a tree deeper than Python's recursion limit (os.walk and
+    # shutil.rmtree recurse per level): gc and disk_usage still work, and remove it.
+    left = store.root / "tmp" / ("build-" + "0" * 64 + "-x")
+    deep = left / ("a/" * 1100)
+    subprocess.run(["mkdir", "-p", str(deep)], check=True)  # Path.mkdir recurses per level
+    (deep / "f").write_bytes(b"x" * 10000)
+    assert store.disk_usage().tmp_bytes > 1100 * 4096
+    report = await store.gc()
+    assert report.freed_bytes > 1100 * 4096
+    assert not left.exists()
+    assert store.disk_usage().tmp_bytes == 0
+
+
+async def test_deep_but_allowed_tree_converts(store: ImageStore, tmp_path: Path) -> None:
+    img = await store.ensure(f"oci-layout:{_deep_layout(tmp_path, 500)}:v1")
+    assert img.digest.startswith("sha256:")
