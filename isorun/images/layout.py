@@ -154,12 +154,16 @@ class Layout:
         if not isinstance(diff_ids, list):
             raise ImageCorruptError("image config has no rootfs.diff_ids list")
         converted = 0
+        # An image may list one blob twice: decompress it once, unlink sources at the end.
+        done: dict[str, tuple[str, int]] = {}
         for i, layer in enumerate(layers):
             if layer.get("mediaType") != LAYER_ZSTD:
                 continue
-            src = self.blob_path(layer["digest"])
-            digest, size = await asyncio.to_thread(self._decompress, src, max_bytes)
-            max_bytes -= size
+            if layer["digest"] not in done:
+                src = self.blob_path(layer["digest"])
+                done[layer["digest"]] = await asyncio.to_thread(self._decompress, src, max_bytes)
+                max_bytes -= done[layer["digest"]][1]
+            digest, size = done[layer["digest"]]
             if i < len(diff_ids) and diff_ids[i] != digest:
                 raise ImageCorruptError(
                     f"zstd layer {layer['digest']} decompresses to {digest}, "
@@ -168,8 +172,9 @@ class Layout:
             layer["mediaType"] = LAYER_TAR
             layer["digest"] = digest
             layer["size"] = size
-            src.unlink()
             converted += 1
+        for zstd_digest in done:
+            self.blob_path(zstd_digest).unlink()
         if converted:
             raw = json.dumps(manifest).encode()
             mdigest = "sha256:" + hashlib.sha256(raw).hexdigest()

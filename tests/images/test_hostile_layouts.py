@@ -89,3 +89,12 @@ async def test_gc_removes_a_deep_leftover_work_dir(store: ImageStore, tmp_path: 
 async def test_deep_but_allowed_tree_converts(store: ImageStore, tmp_path: Path) -> None:
     img = await store.ensure(f"oci-layout:{_deep_layout(tmp_path, 500)}:v1")
     assert img.digest.startswith("sha256:")
+
+
+async def test_zstd_blob_listed_twice_converts(store: ImageStore, tmp_path: Path) -> None:
+    lay = ob.Layout(tmp_path / "dupzstd")
+    same = [ob.file("a.txt", "hello")]
+    lay.tag(lay.manifest([same, [ob.file("b.txt", "x")], same], compression="zstd"), "v1")
+    img = await store.ensure(f"oci-layout:{lay.path}:v1")
+    assert ext4_cat(img.rootfs, "/a.txt") == "hello" and ext4_cat(img.rootfs, "/b.txt") == "x"
+    assert len(img.layers) == 3 and img.layers[0] == img.layers[2]
