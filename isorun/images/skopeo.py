@@ -10,9 +10,11 @@ the policy (which platform, which digest, size limits, error mapping) in Python.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,11 +235,16 @@ class Skopeo:
             )
         blob = ref.path / "blobs" / "sha256" / digest.split(":", 1)[1]
         try:
-            raw = blob.read_bytes()[: MAX_MANIFEST + 1]
+            raw = _read_small_file(blob, MAX_MANIFEST)
         except OSError as exc:
             raise ImageCorruptError(
                 f"{ref.name()}: manifest blob {digest} is missing from the layout ({exc.strerror})"
             ) from exc
+        if raw is None:
+            raise ImageCorruptError(
+                f"{ref.name()}: manifest blob {digest} is not a regular file of at most "
+                f"{MAX_MANIFEST} bytes; the layout is malformed or hostile"
+            )
         if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
             raise ImageCorruptError(
                 f"{ref.name()}: manifest blob {digest} does not match its "
@@ -321,6 +328,22 @@ class Skopeo:
         res = await proc.run(argv, timeout=self.cfg.pull_timeout_s, env=self._env(tmp))
         if res.returncode != 0:
             raise classify(res.stderr, ref.name())
+
+
+def _read_small_file(path: Path, limit: int) -> bytes | None:
+    """`path`'s bytes, or None when it is a symlink, not a regular file or over `limit`:
+    a layout is the caller's, and a blob linked to /dev/zero must not fill our memory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        raw = f.read(limit + 1)
+    return raw if len(raw) <= limit else None
 
 
 def _declared_size(desc: Any, which: str, what: str) -> int:

@@ -98,3 +98,24 @@ async def test_zstd_blob_listed_twice_converts(store: ImageStore, tmp_path: Path
     img = await store.ensure(f"oci-layout:{lay.path}:v1")
     assert ext4_cat(img.rootfs, "/a.txt") == "hello" and ext4_cat(img.rootfs, "/b.txt") == "x"
     assert len(img.layers) == 3 and img.layers[0] == img.layers[2]
+
+
+@pytest.mark.parametrize("target", ["copy", "/dev/zero"])
+async def test_platform_manifest_symlink_is_refused(
+    store: ImageStore, tmp_path: Path, target: str
+) -> None:
+    # The layout is the caller's: its blobs must not lead us to read other host files
+    # (a symlink to /dev/zero used to be read until memory ran out).
+    lay = ob.Layout(tmp_path / "lay")
+    a = lay.manifest([[ob.file("x", "y")]])
+    lay.tag(lay.image_index([a]), "v1")
+    blob = lay.path / "blobs" / "sha256" / a["digest"].split(":")[1]
+    if target == "copy":
+        target = str(tmp_path / "elsewhere")
+        blob.rename(target)
+    else:
+        blob.unlink()
+    blob.symlink_to(target)
+    with pytest.raises(ImageCorruptError, match=f"{a['digest']} is not a regular file"):
+        await store.ensure(f"oci-layout:{lay.path}:v1")
+    assert store.list() == []
