@@ -75,8 +75,16 @@ class Layout:
 
     def _index_entry(self) -> tuple[dict[str, Any], dict[str, Any]]:
         index = self._json(self.path / "index.json")
-        for m in index.get("manifests", []):
-            if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == TAG:
+        entries = index.get("manifests", [])
+        if not isinstance(entries, list):
+            raise ImageCorruptError("index.json: 'manifests' is not a list")
+        for i, m in enumerate(entries):
+            notes = m.get("annotations", {}) if isinstance(m, dict) else None
+            if not isinstance(notes, dict):
+                raise ImageCorruptError(
+                    f"index.json: manifests[{i}] is not a descriptor with an annotations object"
+                )
+            if notes.get("org.opencontainers.image.ref.name") == TAG:
                 return index, m
         raise ImageCorruptError("pulled layout has no image tagged 'img'")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from imghelpers import assert_store_intact, ext4_cat
 
 from isorun.images import ImageCorruptError, ImageStore, UnsupportedImageError
+from isorun.images.layout import Layout
 from isorun.images.skopeo import Skopeo
 
 
@@ -119,3 +121,48 @@ async def test_platform_manifest_symlink_is_refused(
     with pytest.raises(ImageCorruptError, match=f"{a['digest']} is not a regular file"):
         await store.ensure(f"oci-layout:{lay.path}:v1")
     assert store.list() == []
+
+
+MT_INDEX = "application/vnd.oci.image.index.v1+json"
+ZERO = "sha256:" + "0" * 64
+
+
+@pytest.mark.parametrize(
+    ("doc", "needle"),
+    [
+        ({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": ["x"]}, "entry 0 is not"),
+        (
+            {
+                "mediaType": MT_INDEX,
+                "manifests": [{"digest": "sha256:" + "0" * 64, "platform": []}],
+            },
+            "entry 0 is not a descriptor with a platform object",
+        ),
+        ({"schemaVersion": 2, "manifests": "abc"}, "'manifests' is not a list"),
+    ],
+)
+async def test_malformed_index_is_a_clear_error(
+    store: ImageStore, tmp_path: Path, doc: dict[str, Any], needle: str
+) -> None:
+    lay = ob.Layout(tmp_path / "lay")
+    raw = json.dumps(doc).encode()
+    lay.tag({"mediaType": MT_INDEX, "digest": lay.blob(raw), "size": len(raw)}, "v1")
+    with pytest.raises(ImageCorruptError, match=needle):
+        await store.ensure(f"oci-layout:{lay.path}:v1")
+    assert store.list() == []
+
+
+@pytest.mark.parametrize(
+    ("manifests", "needle"),
+    [
+        (["x"], r"manifests\[0\] is not a descriptor"),
+        ([{"annotations": ["img"]}], r"manifests\[0\] is not a descriptor"),
+        ("img", "'manifests' is not a list"),
+    ],
+)
+def test_malformed_pulled_index_is_a_clear_error(
+    tmp_path: Path, manifests: object, needle: str
+) -> None:
+    (tmp_path / "index.json").write_text(json.dumps({"manifests": manifests}))
+    with pytest.raises(ImageCorruptError, match=needle):
+        Layout(tmp_path).read()
