@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,8 @@ from isorun.images.errors import ImageCorruptError
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GiB = 1 << 30
+# well under the agent's 64 KiB frame, which also carries the working dir and user
+MAX_ENV_BYTES = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -33,11 +36,29 @@ class ImageConfig:
         for item in _strings(cfg, "Env"):
             if "=" in item:
                 k, v = item.split("=", 1)
+                if not k:
+                    raise ImageCorruptError(
+                        f"image config field Env has an entry with no name ({_short(item)}); "
+                        "the image is malformed"
+                    )
                 env[k] = v
         env.setdefault("PATH", DEFAULT_PATH)
+        size = len(json.dumps(env))
+        if size > MAX_ENV_BYTES:
+            # it is sent to the guest agent in one frame on every sandbox boot
+            raise ImageCorruptError(
+                f"image config field Env is {size} bytes, over the limit of {MAX_ENV_BYTES}; "
+                "move the large values into files in the image"
+            )
+        working_dir = _string(cfg, "WorkingDir") or "/"
+        if not working_dir.startswith("/"):
+            raise ImageCorruptError(
+                f"image config field WorkingDir must be an absolute path, not "
+                f"{_short(working_dir)}; the image is malformed"
+            )
         return cls(
             env=env,
-            working_dir=_string(cfg, "WorkingDir") or "/",
+            working_dir=working_dir,
             user=_string(cfg, "User") or "root",
             entrypoint=_strings(cfg, "Entrypoint"),
             cmd=_strings(cfg, "Cmd"),
@@ -72,7 +93,18 @@ def _strings(cfg: dict[str, Any], key: str) -> list[str]:
             f"image config field {key} must be a list of strings, not {_short(value)}; "
             "the image is malformed"
         )
+    for x in value:
+        _no_nul(key, x)
     return list(value)
+
+
+def _no_nul(key: str, value: str) -> None:
+    """NUL cannot be in an argv, env entry, path or user name: the guest would cut it there."""
+    if "\x00" in value:
+        raise ImageCorruptError(
+            f"image config field {key} holds a NUL character ({_short(value)}); the image is "
+            "malformed"
+        )
 
 
 def _string(cfg: dict[str, Any], key: str) -> str:
@@ -84,6 +116,7 @@ def _string(cfg: dict[str, Any], key: str) -> str:
             f"image config field {key} must be a string, not {_short(value)}; the image is "
             "malformed"
         )
+    _no_nul(key, value)
     return value
 
 

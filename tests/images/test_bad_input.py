@@ -297,6 +297,29 @@ async def test_config_fields_of_the_wrong_type(
     _intact(seeded, registry)
 
 
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        # ~70 KB: the agent's defaults frame (64 KiB) would fail on every sandbox boot
+        ({"Env": [f"V{i}=" + "x" * 1000 for i in range(70)]}, "field Env is .* over the limit"),
+        ({"Env": ["A=1\x00B=2"]}, "field Env holds a NUL"),
+        ({"Env": ["=x"]}, "field Env has an entry with no name"),
+        ({"User": "0:0\x00evil"}, "field User holds a NUL"),
+        ({"WorkingDir": "/tmp\x00"}, "field WorkingDir holds a NUL"),
+        ({"WorkingDir": "tmp/work"}, "field WorkingDir must be an absolute path"),
+        ({"Cmd": ["sh", "-c\x00"]}, "field Cmd holds a NUL"),
+    ],
+)
+async def test_config_values_a_sandbox_cannot_use(
+    seeded: ImageStore, registry: Registry, tmp_path: Path, config: dict[str, object], needle: str
+) -> None:
+    # refused when pulled, not with a 500 from every sandbox after it boots
+    lay = _layout(tmp_path, "badcfg", [ob.busybox_tree()], config=config)
+    with pytest.raises(ImageCorruptError, match=f"image config {needle}"):
+        await seeded.ensure(f"oci-layout:{lay}:t")
+    _intact(seeded, registry)
+
+
 def _sparse_tar(tmp: Path, files: dict[str, int]) -> bytes:
     """A tar of sparse files (name -> apparent size): a few KB, whatever the sizes."""
     src = tmp / "sparse-src"
