@@ -146,6 +146,7 @@ class Watch:
         self._ch, self._path = ch, path
         self._early: list[tuple[str, str]] = []  # changes that came before "watching"
         self._ended = False
+        self._fell_behind = False  # events were dropped (perhaps "watching" among them)
 
     async def _next_change(self, until_ready: bool) -> tuple[str, str] | None:
         """The next change; None at the end (or, with until_ready, once the guest watches)."""
@@ -167,6 +168,7 @@ class Watch:
             if ev.get("event") == "fs":
                 return as_str(ev, "op"), as_str(ev, "path")
             if ev.get("event") == "dropped":  # we fell behind: changes were left out
+                self._fell_behind = True
                 return "overflow", self._path
             if until_ready and ev.get("event") == "watching":
                 return None
@@ -178,6 +180,8 @@ class Watch:
                 self._early.append(change)
             else:
                 self._early[-1] = ("overflow", self._path)
+            if self._fell_behind:  # "watching" may be among what was dropped: not waited for
+                return
 
     def __aiter__(self) -> Watch:
         return self

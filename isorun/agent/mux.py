@@ -38,6 +38,7 @@ EVENT_BACKLOG = 1 << 20  # per channel
 DROPPED_EVENT = b'{"event":"dropped"}'
 CONNECTION_EVENT_BACKLOG = 8 << 20  # all channels of one connection together
 EVENT_OVERHEAD = 128  # counted per event besides its payload: empty ones are not free
+DROPPED_EVENT_COST = len(DROPPED_EVENT) + EVENT_OVERHEAD
 HELLO_SCAN_LIMIT = 1 << 20
 # asyncio's buffer limit for an agent stream: a few whole frames.
 STREAM_LIMIT = frames.MAX_PAYLOAD * 4
@@ -131,12 +132,13 @@ class Channel:
             # first, not whichever request's event happens to cross it (a new one holds
             # nothing). One the guest answered is not cancelled: its caller would be told
             # a request failed that ran (events it still holds are charged all the same).
-            # One shedding already holds only its marker.
+            # A shedding channel lets go of what it holds and keeps only its marker, so it
+            # is a candidate until then and each round takes one candidate out.
             while self._conn._event_bytes + cost > CONNECTION_EVENT_BACKLOG:
                 pending = (
                     ch
                     for ch in self._conn._channels.values()
-                    if not ch._answered and ch._dropped_marker is None
+                    if (not ch._answered and ch._event_bytes > DROPPED_EVENT_COST) or ch is self
                 )
                 most = max(pending, key=lambda ch: ch._event_bytes)
                 if most._event_bytes == 0:

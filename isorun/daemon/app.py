@@ -641,7 +641,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
             # terminal stays open for more (a shell reads on after its `cat` got the ^D).
             if pipe is None:
                 await live.vm.agent.close_stdin(proc_id)
-            elif not await pipe.write(b"\x04"):
+            elif not await pipe.write(pipe.terminal_eof()):
                 raise Conflict(f"process {proc_id} has exited")
             return {"ok": True}
         if not pipes.has_stdin(live.row.id, proc_id):

@@ -49,6 +49,7 @@ class StdinPipe:
         # chunk was sent all the same.
         self._taken: set[asyncio.Future[None]] = set()
         self.closed = False  # EOF requested
+        self.last_byte = 0  # of what was written (a terminal's EOF depends on it)
         self.task = spawn(self._run(agent))
 
     async def _source(self) -> AsyncIterator[bytes]:
@@ -76,7 +77,14 @@ class StdinPipe:
         for i in range(0, len(data), MAX_CHUNK):
             if not await self._put(data[i : i + MAX_CHUNK]):
                 return False
+        if data:
+            self.last_byte = data[-1]
         return True
+
+    def terminal_eof(self) -> bytes:
+        """What ends a terminal's input after what was written: ^D, which ends it only at
+        the start of a line; after a partial line a first one just hands that line over."""
+        return b"\x04" if self.last_byte in (0, 0x0A, 0x0D, 0x04) else b"\x04\x04"
 
     async def close(self) -> None:
         """EOF: the guest closes the pipe (or sends ^D on a PTY)."""

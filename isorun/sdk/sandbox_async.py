@@ -558,8 +558,8 @@ class AsyncFiles:
         return [FileInfo.of(e) for e in r["entries"]]
 
     async def stat(self, path: str) -> FileInfo:
-        return FileInfo(
-            **_core.check(await self._sb._http.get(self._base + "/stat", params={"path": path}))
+        return FileInfo.of(
+            _core.check(await self._sb._http.get(self._base + "/stat", params={"path": path}))
         )
 
     async def exists(self, path: str) -> bool:

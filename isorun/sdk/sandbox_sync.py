@@ -533,8 +533,8 @@ class Files:
         return [FileInfo.of(e) for e in r["entries"]]
 
     def stat(self, path: str) -> FileInfo:
-        return FileInfo(
-            **_core.check(self._sb._http.get(self._base + "/stat", params={"path": path}))
+        return FileInfo.of(
+            _core.check(self._sb._http.get(self._base + "/stat", params={"path": path}))
         )
 
     def exists(self, path: str) -> bool:

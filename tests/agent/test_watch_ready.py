@@ -10,7 +10,7 @@ import pytest
 from fakeguest import connect, read_frame
 
 from isorun.agent import client as client_mod
-from isorun.agent import frames
+from isorun.agent import frames, mux
 from isorun.agent.frames import Kind
 
 
@@ -153,3 +153,59 @@ async def test_a_burst_a_busy_consumer_misses_is_an_overflow_not_the_watchs_end(
     w.close()
     await asyncio.wait_for(task, 5)
     assert agent.conn._event_bytes == 0
+
+
+async def test_watches_that_fell_behind_give_way_to_a_new_request() -> None:
+    """Eight watches each past their own 1 MiB (kept, with a marker) fill the connection's
+    8 MiB: a new request's event must make one of them let go, not cancel the request."""
+    change = {"event": "fs", "op": "write", "path": "/" + "a" * 950}
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            f = await read_frame(r)
+            if f.kind is not Kind.REQ:
+                continue
+            if f.json()["op"] == "watch":
+                w.write(_event(f.chan, {"event": "watching"}))
+                w.write(b"".join(_event(f.chan, change) for _ in range(1000)))
+            else:
+                w.write(_event(f.chan, {"event": "x", "pad": "p" * 20000}))
+                w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "version": "fake"}))
+            await w.drain()
+
+    agent, task = await connect(guest, features=["watch_ready"])
+    watches = [await agent.open_watch("/d") for _ in range(8)]  # and not read for a while
+    for _ in range(100):
+        if agent.conn._event_bytes > mux.CONNECTION_EVENT_BACKLOG - 100_000:
+            break
+        await asyncio.sleep(0.02)
+    assert (await asyncio.wait_for(agent.health(), 5))["version"] == "fake"
+    # the one that gave way says so first; the others kept their changes
+    firsts = [await asyncio.wait_for(anext(w), 5) for w in watches]
+    assert firsts.count(("overflow", "/d")) == 1, firsts
+    task.cancel()
+    await agent.conn.close()
+
+
+async def test_a_watch_that_fell_behind_before_it_was_ready_is_not_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A burst before "watching" (a recursive watch's walk of a busy tree) past what the
+    watch may hold: "watching" may be among what was dropped, so open_watch does not wait
+    for it (WATCH_READY_S, 30 s). A small bound makes the reader's first batch cross it."""
+    monkeypatch.setattr(mux, "EVENT_BACKLOG", 50_000)
+    change = {"event": "fs", "op": "create", "path": "/" + "a" * 950}
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        req = await read_frame(r)
+        w.write(b"".join(_event(req.chan, change) for _ in range(1000)))
+        w.write(_event(req.chan, {"event": "watching"}))  # dropped with the rest
+        await w.drain()
+        await read_frame(r)  # the CANCEL
+
+    agent, task = await connect(guest, features=["watch_ready"])
+    w = await asyncio.wait_for(agent.open_watch("/d"), 5)
+    got = [await anext(w) for _ in range(len(w._early))]
+    assert got[-1] == ("overflow", "/d") and got[0] == ("create", change["path"])
+    w.close()
+    await asyncio.wait_for(task, 5)

@@ -162,6 +162,23 @@ def test_close_stdin_on_a_terminal_ends_one_input_not_the_terminal(
         assert last["type"] == "exit" and last["exit_code"] == 0, last
 
 
+def test_close_stdin_on_a_terminal_after_a_partial_line_ends_the_input(
+    daemon: Daemon, sandbox: str
+) -> None:
+    # One ^D after "partial" (no newline) only hands the line over: cat read on until the
+    # timeout. Two follow a partial line.
+    with daemon.client() as c:
+        r = c.post(f"/v1/sandboxes/{sandbox}/pty", json={"cmd": "cat; echo CAT-$?"})
+        assert r.status_code == 201, r.text
+        proc = r.json()["proc_id"]
+        base = f"/v1/sandboxes/{sandbox}/processes/{proc}"
+        assert c.post(base + "/stdin", content=b"partial").status_code == 200
+        assert c.post(base + "/stdin/close").status_code == 200
+        out, last = _output(c, sandbox, proc)
+        assert b"CAT-0\r\n" in out, out
+        assert last["type"] == "exit" and last["exit_code"] == 0, last
+
+
 def test_other_tenant_gets_404_on_stdin_pty_routes(daemon: Daemon, sandbox: str) -> None:
     with daemon.client() as c:
         key = c.post("/v1/keys", json={"name": "other"}).json()["key"]

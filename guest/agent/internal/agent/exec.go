@@ -124,8 +124,7 @@ func (s *Server) buildSpec(r *execReq) (*spawnSpec, error) {
 	s.mu.Lock()
 	defEnv, cwd, defUser := s.defEnv, s.defCwd, s.defUser
 	s.mu.Unlock()
-	// Another user than the sandbox's own: the defaults' HOME is not theirs.
-	otherUser := userSpec != "" && userSpec != defUser
+	asked := userSpec
 	if userSpec == "" {
 		userSpec = defUser
 	}
@@ -140,7 +139,7 @@ func (s *Server) buildSpec(r *execReq) (*spawnSpec, error) {
 	if sp.pty != nil {
 		env["TERM"] = "xterm"
 	}
-	home := ""
+	home, otherUser := "", false
 	if userSpec != "" {
 		a, err := lookupAccount(userSpec)
 		if err != nil {
@@ -148,6 +147,11 @@ func (s *Server) buildSpec(r *execReq) (*spawnSpec, error) {
 			return sp, nil
 		}
 		sp.cred = &syscall.Credential{Uid: a.uid, Gid: a.gid, Groups: a.groups}
+		if asked != "" {
+			// another account than the sandbox's own (compared by uid: "0" is
+			// "root"): the defaults' HOME is not theirs
+			otherUser = a.uid != uidOfUser(defUser)
+		}
 		home = a.home
 		env["HOME"] = a.home
 		if a.name != "" {

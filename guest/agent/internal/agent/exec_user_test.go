@@ -83,3 +83,19 @@ func lookupHome(t *testing.T, user string) string {
 	}
 	return a.home
 }
+
+// The sandbox's own account named another way ("root", "0") is not another
+// user: the defaults' HOME stays.
+func TestTheSandboxsOwnUserNamedAnotherWayKeepsTheDefaultsHome(t *testing.T) {
+	c := newClient(t, nil)
+	c.call(1, map[string]any{"op": "set_defaults", "env": map[string]string{"HOME": "/custom"}})
+	for i, user := range []any{nil, "root", "0"} {
+		req := map[string]any{"op": "exec", "cmd": "echo $HOME", "cwd": "/"}
+		if user != nil {
+			req["user"] = user
+		}
+		if r := c.call(uint32(2+i), req); string(r.out) != "/custom\n" {
+			t.Fatalf("user %v: %q", user, r.out)
+		}
+	}
+}

@@ -67,12 +67,16 @@ func mkdirs(dir string, leafMode os.FileMode, owner *account) error {
 			mode = leafMode
 		}
 		if err := os.Mkdir(d, mode); os.IsExist(err) {
-			continue // made meanwhile by someone else: theirs
+			// made meanwhile by someone else (theirs), unless it is no directory:
+			// a file, or a dangling symlink os.Stat took for nothing there
+			if fi, serr := os.Stat(d); serr != nil || !fi.IsDir() {
+				return err
+			}
+			continue
 		} else if err != nil {
 			return err
 		}
-		// explicit chmod: the umask must not change the mode
-		if err := os.Chmod(d, mode); err != nil {
+		if err := chmodNewDir(d, mode); err != nil {
 			return err
 		}
 		if err := give(d, owner); err != nil {
@@ -80,4 +84,14 @@ func mkdirs(dir string, leafMode os.FileMode, owner *account) error {
 		}
 	}
 	return nil
+}
+
+// chmodNewDir gives a directory just made its mode: explicitly, as the umask
+// must not change it, and keeping a setgid bit it took from its parent (a
+// shared group's tree).
+func chmodNewDir(d string, mode os.FileMode) error {
+	if fi, err := os.Stat(d); err == nil {
+		mode |= fi.Mode() & os.ModeSetgid
+	}
+	return os.Chmod(d, mode)
 }

@@ -3,6 +3,7 @@ package agent
 import (
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 )
 
@@ -58,5 +59,34 @@ func TestFilesCreatedBelongToTheSandboxsUser(t *testing.T) {
 	r = c.call(7, map[string]any{"op": "mkdir", "path": dir + "/x", "user": "no-such-user"})
 	if r.resp["code"] != "invalid" {
 		t.Fatalf("unknown user: %v", r.resp)
+	}
+}
+
+// mkdir -p of a dangling symlink is refused (exists), not answered ok with
+// nothing made.
+func TestMkdirOfADanglingLinkIsRefused(t *testing.T) {
+	c := newClient(t, nil)
+	dir := t.TempDir()
+	if err := os.Symlink(dir+"/nowhere", dir+"/dl"); err != nil {
+		t.Fatal(err)
+	}
+	if r := c.call(1, map[string]any{"op": "mkdir", "path": dir + "/dl"}); r.resp["ok"] != false {
+		t.Fatalf("%v", r.resp)
+	}
+}
+
+// Directories made in a setgid tree (a shared group's) keep the setgid bit
+// they take from their parent: the explicit chmod took it away.
+func TestMkdirInASetgidTreeKeepsSetgid(t *testing.T) {
+	c := newClient(t, nil)
+	dir := t.TempDir()
+	if err := syscall.Chmod(dir, 0o2775); err != nil { // os.Chmod would drop 0o2000
+		t.Fatal(err)
+	}
+	c.call(1, map[string]any{"op": "mkdir", "path": dir + "/a/b", "mode": 0o750})
+	for p, want := range map[string]os.FileMode{dir + "/a": 0o755, dir + "/a/b": 0o750} {
+		if fi, err := os.Stat(p); err != nil || fi.Mode()&os.ModeSetgid == 0 || fi.Mode().Perm() != want {
+			t.Fatalf("%s: %v %v", p, fi.Mode(), err)
+		}
 	}
 }

@@ -310,12 +310,13 @@ func finishNew(f *os.File, mode *os.FileMode, owner *account) error {
 	return f.Chmod(m)
 }
 
-// resolveDir is dir without symlinks, or as it is if it goes through /proc:
-// there /proc/<pid>/root and /proc/<pid>/cwd are links whose text is not
-// where they lead (a container's root reads as "/"), and only the kernel,
-// resolving the path at each use, follows them right.
+// underProc says whether path goes through /proc, whose links only the
+// kernel follows right (see resolveTarget).
+func underProc(path string) bool { return path == "/proc" || strings.HasPrefix(path, "/proc/") }
+
+// resolveDir is dir without symlinks, or as it is if it goes through /proc.
 func resolveDir(dir string) (string, error) {
-	if dir == "/proc" || strings.HasPrefix(dir, "/proc/") {
+	if underProc(dir) {
 		return dir, nil
 	}
 	return filepath.EvalSymlinks(dir)
@@ -331,12 +332,25 @@ const maxSymlinks = 40
 // without symlinks and that file's stat, nil if nothing is there yet; magic
 // says it is a procfs link, which must be opened where it is.
 func resolveTarget(path string) (_ string, _ *syscall.Stat_t, magic bool, _ error) {
+	if underProc(path) {
+		// /proc/<pid>/root and /proc/<pid>/cwd are links whose text is not where
+		// they lead (a container's root reads as "/"): only the kernel, opening
+		// the path itself, follows them right, so an existing file there is
+		// written in place and a new one made in the directory as named
+		var st syscall.Stat_t
+		if err := syscall.Stat(path, &st); err == syscall.ENOENT {
+			return path, nil, false, nil
+		} else if err != nil {
+			return "", nil, false, err
+		}
+		return path, &st, true, nil
+	}
 	target := path
 	for hops := 0; ; hops++ {
 		if hops > maxSymlinks {
 			return "", nil, false, syscall.ELOOP
 		}
-		dir, err := resolveDir(filepath.Dir(target))
+		dir, err := filepath.EvalSymlinks(filepath.Dir(target))
 		if err != nil {
 			return "", nil, false, err
 		}
@@ -674,8 +688,7 @@ func opMkdir(s *Server, ch *Channel, raw []byte) (any, error) {
 		}
 		err = mkdirs(path, mode, owner)
 	} else if err = os.Mkdir(path, mode); err == nil {
-		// explicit chmod, as in write_file: the umask must not change the mode
-		if err = os.Chmod(path, mode); err == nil {
+		if err = chmodNewDir(path, mode); err == nil {
 			err = give(path, owner)
 		}
 	}

@@ -202,8 +202,10 @@ func (p *Proc) Terminate(grace time.Duration) {
 func (p *Proc) killAll(sig syscall.Signal) {
 	_ = p.kill(sig)
 	if p.PTY && p.ownsItsIDs() {
-		for _, pid := range sessionMembers("/proc", p.Pid) {
-			_ = syscall.Kill(pid, sig)
+		// by group, not pid: a group's id stays reserved while it has members,
+		// where a member's pid may be reused once it has exited
+		for _, pgrp := range sessionGroups("/proc", p.Pid) {
+			_ = syscall.Kill(-pgrp, sig)
 		}
 	}
 }
@@ -217,7 +219,7 @@ func (p *Proc) membersLeft() bool {
 	if err := syscall.Kill(-p.Pid, 0); err == nil || err == syscall.EPERM {
 		return true
 	}
-	return p.PTY && len(sessionMembers("/proc", p.Pid)) > 0
+	return p.PTY && len(sessionGroups("/proc", p.Pid)) > 0
 }
 
 // ownsItsIDs reports whether the group and session ids numbered as the
@@ -247,7 +249,8 @@ func (p *Proc) CloseStdin() {
 		// ^D ends input only at the start of a line; after a partial line it
 		// just hands that line over, so a second one is needed.
 		if eof := []byte{4, 4}; term != nil {
-			if last := byte(p.lastIn.Load()); last == 0 || last == '\n' || last == 4 {
+			// (a terminal turns the Enter key's \r into \n)
+			if last := byte(p.lastIn.Load()); last == 0 || last == '\n' || last == '\r' || last == 4 {
 				eof = eof[:1]
 			}
 			_, _ = term.Write(eof)

@@ -38,11 +38,20 @@ func userProcessesLeft(proc string) bool {
 	return len(liveUserProcesses(proc, nil)) > 0
 }
 
-// sessionMembers lists the live processes of session sid: the jobs of a
-// terminal's shell, each of which it runs in a process group of its own.
-func sessionMembers(proc string, sid int) []int {
+// sessionGroups lists the process groups of session sid's live processes:
+// the jobs of a terminal's shell, each of which it runs in a group of its own.
+func sessionGroups(proc string, sid int) []int {
 	want := strconv.Itoa(sid)
-	return liveUserProcesses(proc, func(f []string) bool { return f[3] == want })
+	seen := map[int]bool{}
+	var groups []int
+	liveUserProcesses(proc, func(f []string) bool {
+		if pgrp, err := strconv.Atoi(f[2]); err == nil && f[3] == want && !seen[pgrp] {
+			seen[pgrp] = true
+			groups = append(groups, pgrp)
+		}
+		return false
+	})
+	return groups
 }
 
 // pfKthread is PF_KTHREAD in the flags field of /proc/<pid>/stat.

@@ -161,3 +161,15 @@ func searchableBy(dir string, cred *syscall.Credential) bool {
 		}
 	}
 }
+
+// uidOfUser is the uid of a user spec, 0 for "" (root) or one that does not resolve.
+func uidOfUser(spec string) uint32 {
+	if spec == "" {
+		return 0
+	}
+	a, err := lookupAccount(spec)
+	if err != nil {
+		return 0
+	}
+	return a.uid
+}

@@ -320,3 +320,32 @@ func TestWriteThroughAProcessRootWritesItsFile(t *testing.T) {
 		t.Fatalf("theirs %q, ours %q", got, mine)
 	}
 }
+
+// A relative link met under /proc/<pid>/cwd is followed from where the kernel
+// finds it, not from the text of the path (which ".." would cut across).
+func TestWriteThroughAProcessCwdAndARelativeLink(t *testing.T) {
+	d := t.TempDir()
+	if err := os.MkdirAll(d+"/a", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(d+"/t", []byte("old"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("../t", d+"/a/l"); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("sleep", "30")
+	cmd.Dir = d + "/a"
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	c := newClient(t, nil)
+	p := "/proc/" + strconv.Itoa(cmd.Process.Pid) + "/cwd/l"
+	if resp := c.writeVia(1, map[string]any{"path": p}, "new"); resp["ok"] != true {
+		t.Fatalf("%v", resp)
+	}
+	if b, _ := os.ReadFile(d + "/t"); string(b) != "new" {
+		t.Fatalf("the link's target holds %q", b)
+	}
+}
