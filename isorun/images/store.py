@@ -112,6 +112,11 @@ class ImageStore:
         self.stats = StoreStats()
         for sub in ("images", "tmp", "locks", "holders"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        # Images may be private (a tenant's registry credentials pulled them; their config
+        # may hold secrets in Env): no other local user may read them. QEMU opens a rootfs
+        # before it drops to its unprivileged user, and a warm start passes it as an fd.
+        for sub in ("images", "tmp"):
+            os.chmod(self.root / sub, 0o700)
         self._refs = Refs(self.root / "refs.json")
         self._holders = Holders(self.root / "holders")
         self._skopeo = Skopeo(self.cfg, self.root)

@@ -42,6 +42,22 @@ async def test_import_oci_layout(store: ImageStore, tmp_path: Path) -> None:
     assert again.digest == img.digest and store.stats.conversions == 1
 
 
+async def test_stored_images_are_not_readable_by_other_local_users(
+    store: ImageStore, tmp_path: Path
+) -> None:
+    # A private image (and the secrets its Env may hold) was 0444 under 0755 directories.
+    img = await store.ensure(f"oci-layout:{_layout(tmp_path, 'lay', 'private')}:t")
+    for sub in ("images", "tmp"):
+        assert (store.root / sub).stat().st_mode & 0o777 == 0o700
+    if os.geteuid() == 0:
+        other = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", str(img.rootfs)],
+            capture_output=True,
+            text=True,
+        )
+        assert other.returncode != 0 and "Permission denied" in other.stderr
+
+
 async def test_import_docker_archive(store: ImageStore, tmp_path: Path) -> None:
     lay = _layout(tmp_path, "lay", "docker-save")
     tar = tmp_path / "saved.tar"
