@@ -77,19 +77,19 @@ async def serve(cfg: DaemonConfig) -> None:
         _unlink_socket(cfg.socket_path)
         raise
     pid_file = cfg.state_dir / "isorund.pid"
-    pid_file.write_text(f"{os.getpid()}\n")
-    manager = SandboxManager(cfg, store)
-    app = create_app(cfg, store, manager)
-    config = uvicorn.Config(
-        app,
-        log_level=os.environ.get("ISORUN_LOG_LEVEL", "warning").lower(),
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=5,
-    )
-    server = uvicorn.Server(config)
-    # uvicorn handles SIGTERM/SIGINT: graceful stop, VMs are kept (see SandboxManager.stop).
-    try:
+    try:  # whatever fails from here on, the socket and pid file go with it
+        pid_file.write_text(f"{os.getpid()}\n")
+        manager = SandboxManager(cfg, store)
+        app = create_app(cfg, store, manager)
+        config = uvicorn.Config(
+            app,
+            log_level=os.environ.get("ISORUN_LOG_LEVEL", "warning").lower(),
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+        server = uvicorn.Server(config)
+        # uvicorn handles SIGTERM/SIGINT: graceful stop, VMs are kept (SandboxManager.stop).
         await server.serve(sockets=socks)
     finally:
         _unlink_socket(cfg.socket_path)
