@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import functools
 import io
 import itertools
 import json
@@ -591,8 +592,14 @@ class _Record:
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> Self:
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        known = _field_names(cast(type, cls))
         return cls(**{k: v for k, v in record.items() if k in known})
+
+
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    """A record class's fields, looked up once (a listing builds up to 100,000 records)."""
+    return frozenset(f.name for f in fields(cls))
 
 
 @dataclass

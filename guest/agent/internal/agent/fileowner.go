@@ -22,8 +22,8 @@ func (s *Server) fileOwner(raw json.RawMessage) (*account, error) {
 		spec = s.defUser
 		s.mu.Unlock()
 	}
-	if spec == "" {
-		return nil, nil
+	if spec == "" || spec == "root" || spec == "0" || spec == "0:0" {
+		return nil, nil // root's, as created: no need to read /etc/passwd for every write
 	}
 	a, err := lookupAccount(spec)
 	if err != nil {

@@ -171,8 +171,8 @@ func (p *Proc) Terminate(grace time.Duration) {
 	}
 	p.killed.Store(true)
 	if first {
-		p.killAll(syscall.SIGTERM)
-		p.killAll(syscall.SIGCONT) // a stopped process acts on SIGTERM only once resumed
+		// SIGCONT: a stopped process acts on SIGTERM only once resumed
+		p.killAll(syscall.SIGTERM, syscall.SIGCONT)
 	}
 	go func() {
 		t := time.NewTimer(grace)
@@ -196,15 +196,19 @@ func (p *Proc) Terminate(grace time.Duration) {
 	}()
 }
 
-// killAll sends sig to the process group and, for a terminal, to the rest of
-// its session: an interactive shell runs each job in a group of its own,
-// which a signal to the shell's group does not reach.
-func (p *Proc) killAll(sig syscall.Signal) {
-	_ = p.kill(sig)
+// killAll sends sigs, in order, to the process group and, for a terminal, to
+// the rest of its session (looked up once): an interactive shell runs each
+// job in a group of its own, which a signal to the shell's group does not reach.
+func (p *Proc) killAll(sigs ...syscall.Signal) {
+	var groups []int
 	if p.PTY && p.ownsItsIDs() {
 		// by group, not pid: a group's id stays reserved while it has members,
 		// where a member's pid may be reused once it has exited
-		for _, pgrp := range sessionGroups("/proc", p.Pid) {
+		groups = sessionGroups("/proc", p.Pid)
+	}
+	for _, sig := range sigs {
+		_ = p.kill(sig)
+		for _, pgrp := range groups {
 			_ = syscall.Kill(-pgrp, sig)
 		}
 	}

@@ -6,15 +6,15 @@ import (
 	"strings"
 )
 
-// liveUserProcesses lists the pids in proc (a procfs) of live user processes
-// (not kernel threads, not zombies: the reaper collects those) other than
-// PID 1 whose stat fields after the command name pass keep (nil keeps all).
-func liveUserProcesses(proc string, keep func(fields []string) bool) []int {
+// eachLiveUserProcess calls fn with the pid and the stat fields after the
+// command name (state, ppid, pgrp, session, ...) of each live user process in
+// proc (a procfs): not a kernel thread, not a zombie (the reaper collects
+// those), not PID 1.
+func eachLiveUserProcess(proc string, fn func(pid int, fields []string)) {
 	entries, err := os.ReadDir(proc)
 	if err != nil {
-		return nil
+		return
 	}
-	var pids []int
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil || pid == 1 {
@@ -24,18 +24,19 @@ func liveUserProcesses(proc string, keep func(fields []string) bool) []int {
 		if err != nil {
 			continue
 		}
-		if f := liveUserStat(string(stat)); f != nil && (keep == nil || keep(f)) {
-			pids = append(pids, pid)
+		if f := liveUserStat(string(stat)); f != nil {
+			fn(pid, f)
 		}
 	}
-	return pids
 }
 
 // userProcessesLeft reports whether a process other than PID 1 is still
 // alive. kill(-1, 0) cannot tell, since it reaches kernel threads too and so
 // always succeeds: power-off then sat out its whole grace period every time.
 func userProcessesLeft(proc string) bool {
-	return len(liveUserProcesses(proc, nil)) > 0
+	left := false
+	eachLiveUserProcess(proc, func(int, []string) { left = true })
+	return left
 }
 
 // sessionGroups lists the process groups of session sid's live processes:
@@ -44,12 +45,11 @@ func sessionGroups(proc string, sid int) []int {
 	want := strconv.Itoa(sid)
 	seen := map[int]bool{}
 	var groups []int
-	liveUserProcesses(proc, func(f []string) bool {
+	eachLiveUserProcess(proc, func(_ int, f []string) {
 		if pgrp, err := strconv.Atoi(f[2]); err == nil && f[3] == want && !seen[pgrp] {
 			seen[pgrp] = true
 			groups = append(groups, pgrp)
 		}
-		return false
 	})
 	return groups
 }
