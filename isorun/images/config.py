@@ -156,12 +156,16 @@ class StoreConfig:
     auth_file: docker `config.json`-format credentials (default: $REGISTRY_AUTH_FILE, else
       ~/.docker/config.json when present).
     max_image_bytes: refuse images whose layers or unpacked tree exceed this.
+    max_image_files: refuse images whose unpacked tree has more inodes than this (files,
+      directories, links; an image of empty files costs the host inodes, not bytes). Debian
+      with a full toolchain is ~100k, a big node_modules a few 100k.
     insecure_registries: hosts reached over plain HTTP / unverified TLS; loopback registries
       are always allowed, as Docker does.
     """
 
     auth_file: Path | None = field(default_factory=_default_auth_file)
     max_image_bytes: int = 20 * GiB
+    max_image_files: int = 2_000_000
     insecure_registries: frozenset[str] = frozenset()
     platform_os: str = "linux"
     platform_arch: str = "amd64"

@@ -99,7 +99,7 @@ def _hex(digest: str) -> str:
 def _allocated(path: Path) -> int:
     if path.is_file():
         return path.stat().st_blocks * 512
-    return unpack.tree_bytes(path)
+    return unpack.tree_usage(path)[0]
 
 
 class ImageStore:
@@ -380,6 +380,7 @@ class ImageStore:
             tree,
             timeout=self.cfg.pull_timeout_s,
             max_bytes=self.cfg.max_image_bytes,
+            max_files=self.cfg.max_image_files,
         )
         remove_tree(layout_dir)
         meta = await self._finish_tree(r.name(), tree, tmp, emit, digest)
@@ -420,6 +421,11 @@ class ImageStore:
             raise ImageTooLargeError(
                 f"{name} unpacks to {size.data_bytes} bytes, over the store limit of "
                 f"{self.cfg.max_image_bytes}; raise max_image_bytes or use a smaller image"
+            )
+        if size.inodes > self.cfg.max_image_files:
+            raise ImageTooLargeError(
+                f"{name} has {size.inodes} files and directories, over the store limit of "
+                f"{self.cfg.max_image_files}; raise max_image_files or use a smaller image"
             )
         out = tmp / "out"
         out.mkdir()

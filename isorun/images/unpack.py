@@ -10,7 +10,9 @@ it unpacks to: umoci writes sparse tar entries and zeros densely, so a 10 KB lay
 a 1 TB sparse file would fill the host disk. One file is capped by the kernel (RLIMIT_FSIZE
 through `prlimit`); the tree as a whole by a watchdog that looks at the filesystem's used
 space every 0.05 s, sizes the tree when that grew by more than the limit allows, and kills
-umoci once the tree itself is over it.
+umoci once the tree itself is over it. Files are bounded the same way (`max_files`, watching
+the filesystem's used inodes): a layer of millions of empty files weighs little once
+compressed, and would use up the host filesystem's inodes.
 """
 
 from __future__ import annotations
@@ -63,16 +65,17 @@ def _classify(stderr: str) -> ImageError:
     return ImageToolError(f"umoci could not unpack the image: {detail}")
 
 
-def _too_large(what: str) -> ImageTooLargeError:
+def _too_large(what: str, setting: str = "max_image_bytes") -> ImageTooLargeError:
     return ImageTooLargeError(
-        f"the image unpacks to {what} (stopped while unpacking); raise max_image_bytes or "
+        f"the image unpacks to {what} (stopped while unpacking); raise {setting} or "
         "use a smaller image"
     )
 
 
-def tree_bytes(path: Path) -> int:
-    """Bytes allocated on disk under `path` (not following symlinks; hard links once)."""
-    total = 0
+def tree_usage(path: Path) -> tuple[int, int]:
+    """Bytes allocated on disk under `path` and its inodes, the root included (not following
+    symlinks; hard links once)."""
+    total = inodes = 0
     seen: set[int] = set()
     for _, st in walk_lstat(path):
         if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
@@ -80,17 +83,23 @@ def tree_bytes(path: Path) -> int:
                 continue
             seen.add(st.st_ino)
         total += st.st_blocks * 512
-    return total
+        inodes += 1
+    return total, inodes
 
 
-def _fs_used(path: Path) -> int:
+def _fs_used(path: Path) -> tuple[int, int]:
+    """The filesystem's used bytes and used inodes (0 where it does not count inodes, as
+    btrfs: the tree's size is then checked once unpacked)."""
     st = os.statvfs(path)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
+    return (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_files - st.f_ffree
 
 
-async def unpack(layout: Path, tag: str, target: Path, *, timeout: float, max_bytes: int) -> None:
+async def unpack(
+    layout: Path, tag: str, target: Path, *, timeout: float, max_bytes: int, max_files: int
+) -> None:
     """Unpack `layout:tag` into `target` (which must not exist yet), writing at most about
-    `max_bytes` (ImageTooLargeError past that; the caller removes the partial tree)."""
+    `max_bytes` and `max_files` inodes (ImageTooLargeError past either; the caller removes
+    the partial tree)."""
     if os.geteuid() != 0:
         raise ToolMissingError(
             "converting images needs root (to keep ownership and device nodes); run isorund as root"
@@ -107,7 +116,7 @@ async def unpack(layout: Path, tag: str, target: Path, *, timeout: float, max_by
     ]
     run = asyncio.ensure_future(proc.run(argv, timeout=timeout))
     try:
-        await _watch(run, target, max_bytes)
+        await _watch(run, target, max_bytes, max_files)
         res = await run
     finally:
         if not run.done():
@@ -121,20 +130,30 @@ async def unpack(layout: Path, tag: str, target: Path, *, timeout: float, max_by
         raise _classify(res.stderr)
 
 
-async def _watch(run: asyncio.Future[proc.Result], target: Path, max_bytes: int) -> None:
+async def _watch(
+    run: asyncio.Future[proc.Result], target: Path, max_bytes: int, max_files: int
+) -> None:
     parent = target.parent
     start = _fs_used(parent)  # statvfs: one cheap syscall, fine on the event loop
-    threshold = max_bytes  # growth of the filesystem's used space that calls for a look
+    # growth of the filesystem's used space and inodes that calls for a look at the tree
+    threshold = (max_bytes, max_files)
     while not run.done():
         await asyncio.wait({run}, timeout=POLL_S)
         if run.done():
             return
-        grown = _fs_used(parent) - start
-        if grown <= threshold:
+        used = _fs_used(parent)
+        grown = (used[0] - start[0], used[1] - start[1])
+        if grown[0] <= threshold[0] and grown[1] <= threshold[1]:
             continue
-        written = await asyncio.to_thread(tree_bytes, target)
+        written, inodes = await asyncio.to_thread(tree_usage, target)
         if written > max_bytes:
             raise _too_large(
                 f"more than {written} bytes, over the store limit of {max_bytes} bytes"
             )
-        threshold = grown + (max_bytes - written)  # the rest was someone else's writes
+        if inodes > max_files:
+            raise _too_large(
+                f"more than {inodes} files and directories, over the store limit of {max_files}",
+                "max_image_files",
+            )
+        # the rest was someone else's writes
+        threshold = (grown[0] + max_bytes - written, grown[1] + max_files - inodes)

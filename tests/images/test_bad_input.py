@@ -380,6 +380,48 @@ async def test_decompression_bombs_do_not_fill_the_disk(
     assert peak < 256 * MiB, f"the unpack used {peak >> 20} MiB of a 512 MiB disk"
 
 
+@pytest.mark.parametrize("files", [1_000, 100_000])
+async def test_an_image_of_many_empty_files_is_refused(
+    registry: Registry, tmp_path: Path, files: int
+) -> None:
+    # Empty files weigh nothing against max_image_bytes, and a layer of 100,000 of them is
+    # ~200 KB gzipped: without a limit on files such images use up the host's inodes.
+    # Small trees are refused when measured after the unpack; big ones while umoci writes.
+    limit = 500
+    empties = ob.make_tar([ob.dir_("many"), *(ob.file(f"many/{i}") for i in range(files))])
+    lay = _layout(tmp_path, "many", [ob.make_tar(ob.busybox_tree()), empties])
+    good = _layout(tmp_path, "good", [ob.busybox_tree()])
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256m,nr_inodes=400k", "tmpfs", str(mnt)], check=True
+    )
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            st = os.statvfs(mnt)
+            peak = max(peak, st.f_files - st.f_ffree)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        store = ImageStore(mnt / "store", StoreConfig(auth_file=None, max_image_files=limit))
+        kept = await store.ensure(f"oci-layout:{good}:t")
+        with pytest.raises(ImageTooLargeError, match="files and directories, over the store"):
+            await store.ensure(f"oci-layout:{lay}:t")
+        assert [i.digest for i in store.list()] == [kept.digest]
+        assert_store_intact(store)
+    finally:
+        stop.set()
+        sampler.join()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    assert peak < 30_000, f"the unpack made {peak} inodes of the {files} in the layer"
+
+
 async def test_archive_that_is_not_a_docker_save(
     seeded: ImageStore, registry: Registry, tmp_path: Path
 ) -> None:
