@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import socket
@@ -48,6 +49,29 @@ def _unix_listener(path: Path) -> socket.socket:
     return s
 
 
+def _lock_state_dir(state_dir: Path) -> int:
+    """Hold the state dir for this process's life: a second daemon on it (another socket)
+    would take the first's VMs for its own, fail to adopt them and end them, billing them
+    twice."""
+    path = state_dir / "isorund.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SystemExit(f"isorund: cannot open {path}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = ""
+        with contextlib.suppress(OSError, ValueError):
+            pid = f" (pid {int((state_dir / 'isorund.pid').read_text())})"
+        raise SystemExit(
+            f"isorund: another daemon{pid} uses the state dir {state_dir}; stop it, or give "
+            "this one another --state-dir"
+        ) from None
+    return fd
+
+
 def _tcp_listener(spec: str) -> socket.socket:
     host, _, port = spec.rpartition(":")
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -66,15 +90,21 @@ async def serve(cfg: DaemonConfig) -> None:
     # MicroVM puts run dirs under $ISORUN_STATE_DIR/vms; keep it in step with our state dir.
     os.environ["ISORUN_STATE_DIR"] = str(cfg.state_dir)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    # Listen first: a daemon that finds another serving exits before it touches the state
-    # or the pid file, which are the serving daemon's.
-    socks = [_unix_listener(cfg.socket_path)]
+    # Lock, then listen: a daemon that finds another on its state dir or its socket exits
+    # before it touches the state or the pid file, which are the serving daemon's.
+    lock_fd = _lock_state_dir(cfg.state_dir)
+    try:
+        socks = [_unix_listener(cfg.socket_path)]
+    except BaseException:
+        os.close(lock_fd)
+        raise
     try:
         if cfg.tcp:
             socks.append(_tcp_listener(cfg.tcp))
         store = Store(cfg.db_path)
     except BaseException:
         _unlink_socket(cfg.socket_path)
+        os.close(lock_fd)
         raise
     pid_file = cfg.state_dir / "isorund.pid"
     try:  # whatever fails from here on, the socket and pid file go with it
@@ -97,6 +127,7 @@ async def serve(cfg: DaemonConfig) -> None:
             if int(pid_file.read_text()) == os.getpid():  # not another daemon's
                 pid_file.unlink()
         store.close()
+        os.close(lock_fd)  # last: the state is free once the store is closed
 
 
 def _unlink_socket(path: Path) -> None:

@@ -312,18 +312,22 @@ class Store:
         error: str | None = None,
         ended: float | None = None,
     ) -> dict[str, Any]:
-        """Mark ended (at `ended`, or now) and write the usage record, in one transaction."""
+        """Mark ended (at `ended`, or now) and write the usage record, in one transaction.
+        A sandbox ends once: if its row says ended already, that end and its record stand
+        (and `row` is given them)."""
         cpu_ms, mem_peak, uptime_ms = usage
         now = time.time() if ended is None else ended
         billed = -(-uptime_ms // 1000)  # per second, rounded up
         cost = round(billed * row.vcpus * price_per_vcpu_hour / 3600.0, 9)
         with self.tx() as db:
-            db.execute(
+            changed = db.execute(
                 "UPDATE sandboxes SET state='ended', ended=?, end_reason=?,"
                 " error=COALESCE(?, error),"
-                " cpu_ms=?, mem_peak_bytes=?, uptime_ms=? WHERE id=?",
+                " cpu_ms=?, mem_peak_bytes=?, uptime_ms=? WHERE id=? AND state != 'ended'",
                 (now, reason, error, cpu_ms, mem_peak, uptime_ms, row.id),
-            )
+            ).rowcount
+            if not changed:
+                return self._ended_already(db, row)
             db.execute("DELETE FROM proc_stdin WHERE sandbox_id = ?", (row.id,))
             db.execute(
                 "INSERT INTO usage(tenant_id, sandbox_id, vcpus, memory_mib, started, ended,"
@@ -346,6 +350,24 @@ class Store:
         row.state, row.ended, row.end_reason = "ended", now, reason
         row.cpu_ms, row.mem_peak_bytes, row.uptime_ms = cpu_ms, mem_peak, uptime_ms
         return {"billed_seconds": billed, "cost_usd": cost}
+
+    @staticmethod
+    def _ended_already(db: sqlite3.Connection, row: SandboxRow) -> dict[str, Any]:
+        stored = db.execute("SELECT * FROM sandboxes WHERE id = ?", (row.id,)).fetchone()
+        if stored is not None:
+            was = SandboxRow.from_db(stored)
+            row.state, row.ended, row.end_reason = was.state, was.ended, was.end_reason
+            row.cpu_ms, row.mem_peak_bytes, row.uptime_ms = (
+                was.cpu_ms,
+                was.mem_peak_bytes,
+                was.uptime_ms,
+            )
+        bill = db.execute(
+            "SELECT billed_seconds, cost_usd FROM usage WHERE sandbox_id = ?"
+            " ORDER BY ended DESC LIMIT 1",
+            (row.id,),
+        ).fetchone()
+        return {"billed_seconds": bill[0], "cost_usd": bill[1]} if bill else {}
 
     # --- open stdin pipes of background processes ---------------------------------------
 

@@ -5,8 +5,6 @@ httpx RuntimeError. No VM boots here (the daemon's fixture serves without one)."
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -115,23 +113,6 @@ def test_autostart_reports_a_daemon_that_exited_at_once(
     assert time.monotonic() - t0 < 20
     # the end of its log says why
     assert "File exists" in str(err.value) and "isorund.log" in str(err.value)
-
-
-def test_a_daemon_that_loses_the_start_race_leaves_the_pid_file_alone(daemon: Daemon) -> None:
-    pid_file = daemon.state / "isorund.pid"
-    assert daemon.proc is not None and int(pid_file.read_text()) == daemon.proc.pid
-    loser = subprocess.run(
-        [sys.executable, "-m", "isorun.daemon"],
-        env=daemon.env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert loser.returncode != 0 and "already serving" in loser.stderr, loser.stderr
-    assert int(pid_file.read_text()) == daemon.proc.pid  # still the one that serves
-    with daemon.client() as c:
-        assert c.get("/v1/health").status_code == 200
 
 
 def test_an_api_key_is_told_which_admin_action_it_may_not_do(daemon: Daemon) -> None:
