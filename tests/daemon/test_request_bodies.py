@@ -3,13 +3,15 @@ first and without a 500. A daemon of its own (no VM), so its peak memory is this
 
 from __future__ import annotations
 
+import base64
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from daemonhelpers import Daemon, running_daemon
 
-from isorun.daemon.app import MAX_JSON_BODY
+from isorun.daemon.app import EXEC_BODY_LIMIT, JSON_BODY_LIMIT
 
 
 @pytest.fixture
@@ -28,7 +30,7 @@ def _peak_rss(pid: int) -> int:
 def test_oversized_json_body_is_refused_without_buffering_it(fresh: Daemon) -> None:
     assert fresh.proc is not None
     before = _peak_rss(fresh.proc.pid)
-    total = MAX_JSON_BODY + (200 << 20)
+    total = EXEC_BODY_LIMIT + (200 << 20)
 
     def body() -> Iterator[bytes]:  # chunked: no Content-Length to refuse it by
         chunk = b" " * (1 << 20)
@@ -36,18 +38,21 @@ def test_oversized_json_body_is_refused_without_buffering_it(fresh: Daemon) -> N
             yield chunk
 
     with fresh.client() as c:
-        for path in ("/v1/sandboxes", "/v1/sandboxes/sb-x/exec"):
+        for path, limit in (
+            ("/v1/sandboxes", JSON_BODY_LIMIT),
+            ("/v1/sandboxes/sb-x/exec", EXEC_BODY_LIMIT),
+        ):
             r = c.post(path, content=body())
             assert r.status_code == 413, r.text
             assert r.json()["error"]["code"] == "too_large"
-            assert str(MAX_JSON_BODY) in r.json()["error"]["message"]
+            assert str(limit) in r.json()["error"]["message"]
         # With a Content-Length over the limit it is refused from the header alone.
-        r = c.post("/v1/sandboxes", content=b" " * (MAX_JSON_BODY + 1))
+        r = c.post("/v1/sandboxes", content=b" " * (JSON_BODY_LIMIT + 1))
         assert r.status_code == 413, r.text
         assert c.get("/v1/health").status_code == 200
     # At most the limit itself is held (then refused), not the 300 MiB that were sent.
     grown = _peak_rss(fresh.proc.pid) - before
-    assert grown < MAX_JSON_BODY + (48 << 20), f"daemon peak memory grew {grown >> 20} MiB"
+    assert grown < EXEC_BODY_LIMIT + (48 << 20), f"daemon peak memory grew {grown >> 20} MiB"
 
 
 def test_deeply_nested_json_is_a_400_not_a_500(fresh: Daemon) -> None:
@@ -58,3 +63,22 @@ def test_deeply_nested_json_is_a_400_not_a_500(fresh: Daemon) -> None:
         assert r.json()["error"]["code"] == "malformed_json"
         assert "nests too deeply" in r.json()["error"]["message"]
         assert c.get("/v1/sandboxes").json()["sandboxes"] == []
+
+
+def test_only_exec_stdin_may_make_a_body_large(fresh: Daemon) -> None:
+    """Every JSON body could be 96 MiB: 90 MiB of tiny items sent to any route (a sandbox
+    that does not exist will do) held the event loop ~9 s and took 1.1 GiB. Now a body is
+    at most 1 MiB, and an exec body past that may only carry a long `stdin`."""
+    tiny_items = b'{"x": [' + b"0," * (2 << 20) + b"0]}"  # 4 MiB, 2M items
+    with fresh.client() as c:
+        r = c.post("/v1/sandboxes/sb-x/timeout", content=tiny_items)
+        assert r.status_code == 413, r.text
+        assert f"limit for a SetTimeout JSON body is {JSON_BODY_LIMIT}" in r.text
+        r = c.post("/v1/sandboxes/sb-x/exec", content=tiny_items)
+        assert r.status_code == 413, r.text
+        assert "only a long `stdin` may make a body large" in r.json()["error"]["message"]
+        # a long stdin still passes the body checks: the sandbox is what is missing
+        stdin = base64.b64encode(os.urandom(8 << 20)).decode()
+        r = c.post("/v1/sandboxes/sb-x/exec", json={"cmd": "cat", "stdin": stdin})
+        assert r.status_code == 404, r.text
+        assert c.get("/v1/health").status_code == 200
