@@ -12,6 +12,7 @@ import binascii
 import contextlib
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -191,7 +192,28 @@ def _query_mode(request: Request) -> int:
     return v
 
 
-def _query_path(request: Request) -> str:
+def _query_flag(request: Request, name: str) -> bool:
+    """?name=1|true|0|false (any case: Python's requests sends True as "True"). Anything
+    else is refused: `append=yes` read as false silently replaced a file."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return False
+    if raw.lower() in ("1", "true"):
+        return True
+    if raw.lower() in ("0", "false"):
+        return False
+    raise ApiError(f"query parameter {name}={raw!r} must be 1, true, 0 or false", code="invalid")
+
+
+def _query_path(request: Request, *others: str) -> str:
+    """?path= of a files route, which takes no query parameter but `path` and `others`: a
+    misspelt one (`apend=1`) would otherwise be ignored."""
+    for k in request.query_params:
+        if k != "path" and k not in others:
+            takes = ", ".join(("path", *others))
+            raise ApiError(
+                f"unknown query parameter {k!r}; this route takes {takes}", code="invalid"
+            )
     p = request.query_params.get("path")
     if not p or "\x00" in p or len(p) > 4096:
         raise ApiError(
@@ -372,7 +394,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         # A sandbox whose id never reached its client (it gave up, timed out or was
         # interrupted while the image was built or the VM booted) is not left running, unowned,
         # until its timeout: it is destroyed at once (end_reason "abandoned").
-        if request.query_params.get("progress") not in ("1", "true"):
+        if not _query_flag(request, "progress"):
             row = await manager.create(tenant, req)
             if await request.is_disconnected():
                 await manager.abandon(row.id)
@@ -403,7 +425,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                     f"unknown query parameter {k!r}; use metadata.KEY=VALUE or all=1",
                     code="invalid",
                 )
-        include_ended = request.query_params.get("all") in ("1", "true")
+        include_ended = _query_flag(request, "all")
         rows = manager.list(tenant, meta, include_ended)
         return {"sandboxes": [r.public() for r in rows]}
 
@@ -779,17 +801,17 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
 
     async def write_file(request: Request, tenant: str) -> Any:
         live = manager.get_live(tenant, request.path_params["sid"])
-        path = _query_path(request)
+        path = _query_path(request, "mode", "append")
         # absent: an existing file keeps its mode, a new one gets 0644 (docs/protocol.md)
         mode = None if "mode" not in request.query_params else _query_mode(request)
-        append = request.query_params.get("append") in ("1", "true")
+        append = _query_flag(request, "append")
         n = await live.vm.agent.write_file(path, _chunks(request), mode=mode, append=append)
         return {"path": path, "bytes": n}
 
     async def list_files(request: Request, tenant: str) -> Any:
         live = manager.get_live(tenant, request.path_params["sid"])
         depth = _query_int(request, "depth", 1, 1, 64)
-        entries = await live.vm.agent.list(_query_path(request), depth)
+        entries = await live.vm.agent.list(_query_path(request, "depth"), depth)
         return {"entries": [_record(e) for e in entries]}
 
     async def stat_file(request: Request, tenant: str) -> Any:
@@ -816,8 +838,8 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
 
     async def watch(request: Request, tenant: str) -> Any:
         live = manager.get_live(tenant, request.path_params["sid"])
-        path = _query_path(request)
-        recursive = request.query_params.get("recursive") in ("1", "true")
+        path = _query_path(request, "recursive")
+        recursive = _query_flag(request, "recursive")
         # An agent from before watch_ready says nothing until a change, so a missing or
         # relative path would only show as an error record later: check it first (a newer
         # agent's open_watch fails for it itself).
@@ -846,9 +868,12 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
             if raw is None:
                 return None
             try:
-                return float(raw)
+                v = float(raw)
             except ValueError:
-                raise ApiError(f"{name}={raw!r} must be a unix timestamp", code="invalid") from None
+                v = math.nan
+            if not math.isfinite(v):  # float() takes nan and inf, which match no record
+                raise ApiError(f"{name}={raw!r} must be a unix timestamp", code="invalid")
+            return v
 
         return {
             "price_per_vcpu_hour": cfg.price_per_vcpu_hour,
@@ -899,7 +924,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
 
     async def gc_images(request: Request, tenant: str) -> Any:
         admin(tenant, "garbage-collecting images")
-        all_unused = request.query_params.get("all") in ("1", "true")
+        all_unused = _query_flag(request, "all")
         report = await manager.images.gc(all_unused=all_unused)
         return {"removed": report.removed, "freed_bytes": report.freed_bytes}
 

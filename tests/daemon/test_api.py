@@ -256,6 +256,31 @@ def test_files_roundtrip_and_errors(daemon: Daemon, sandbox: str) -> None:
         assert "different filesystems" in r.json()["error"]["message"]
 
 
+def test_query_flags_are_strict_and_unknown_ones_refused(daemon: Daemon, sandbox: str) -> None:
+    """`append=yes`, `append=on` or a misspelt `apend=1` used to be read as "no append":
+    200, and the file silently replaced. Now they are 400 and the file is as it was."""
+    with daemon.client() as c:
+        f = f"/v1/sandboxes/{sandbox}/files"
+        assert c.put(f, params={"path": "/tmp/log"}, content=b"one\n").status_code == 200
+        # what Python's requests sends for params={"append": True}
+        r = c.put(f, params={"path": "/tmp/log", "append": "True"}, content=b"two\n")
+        assert r.status_code == 200, r.text
+        for bad, says in (
+            ({"append": "yes"}, "append='yes' must be 1, true, 0 or false"),
+            ({"apend": "1"}, "unknown query parameter 'apend'; this route takes path, mode"),
+        ):
+            r = c.put(f, params={"path": "/tmp/log", **bad}, content=b"lost\n")
+            assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+        assert c.get(f, params={"path": "/tmp/log"}).content == b"one\ntwo\n"
+        r = c.get(f + "/watch", params={"path": "/tmp", "recursive": "maybe"})
+        assert r.status_code == 400 and "recursive='maybe'" in r.text
+        r = c.get(f + "/list", params={"path": "/tmp", "deep": "2"})
+        assert r.status_code == 400 and "takes path, depth" in r.text
+        for since in ("nan", "inf"):
+            r = c.get("/v1/usage", params={"since": since})
+            assert r.status_code == 400 and "must be a unix timestamp" in r.text
+
+
 def test_head_of_a_file_sends_its_size_and_of_a_stream_is_refused(
     daemon: Daemon, sandbox: str
 ) -> None:
