@@ -8,7 +8,7 @@ import hmac
 import secrets
 import uuid
 
-from isorun.daemon.store import Store
+from isorun.daemon.store import LOCAL_TENANT, Store
 
 PREFIX = "isr_"
 
@@ -43,5 +43,7 @@ def tenant_for(store: Store, key: str) -> str | None:
     if row is None:
         return None
     if not hmac.compare_digest(row["hash"], _hash(secret)):
+        return None
+    if row["tenant_id"] == LOCAL_TENANT:  # minted before that tenant was reserved
         return None
     return str(row["tenant_id"])

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+from isorun.daemon.store import LOCAL_TENANT
 
 MAX_TIMEOUT_S = 30 * 86400
 Key = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00=]+$")]
@@ -149,6 +158,14 @@ class CreateKey(Strict):
         Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
         | None
     ) = None
+
+    @field_validator("tenant_id")
+    @classmethod
+    def _not_the_local_admin(cls, v: str | None) -> str | None:
+        # the unix socket's tenant is the admin: a key of it would be the admin over TCP
+        if v == LOCAL_TENANT:
+            raise ValueError(f"tenant {LOCAL_TENANT!r} is reserved for the local unix socket")
+        return v
 
 
 ExecRequest.model_rebuild()

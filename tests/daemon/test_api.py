@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import socket
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -102,6 +104,27 @@ def test_tcp_needs_a_valid_key_and_tenants_are_isolated(daemon: Daemon, sandbox:
         assert c.delete(f"/v1/keys/{key['id']}").status_code == 200
     with daemon.tcp(key["key"]) as t:
         assert t.get("/v1/sandboxes").status_code == 401
+
+
+def test_no_api_key_can_be_the_local_admin(daemon: Daemon, sandbox: str) -> None:
+    """The admin is the unix socket's tenant `local`; a key minted for it gave its powers
+    (keys, images, the local sandboxes, host-path images) to anyone over TCP."""
+    with daemon.client() as c:
+        r = c.post("/v1/keys", json={"tenant_id": "local", "name": "x"})
+        assert r.status_code == 422 and "'local' is reserved" in r.text, r.text
+        assert [k for k in c.get("/v1/keys").json()["keys"] if k["tenant_id"] == "local"] == []
+    # one minted before the name was reserved is refused
+    secret = "s" * 43
+    db = sqlite3.connect(daemon.state / "isorund.db")
+    with db:
+        db.execute(
+            "INSERT INTO api_keys(id, tenant_id, hash, name, created) VALUES (?,?,?,?,?)",
+            ("0123456789ab", "local", hashlib.sha256(secret.encode()).hexdigest(), "old", 0),
+        )
+    db.close()
+    with daemon.tcp(f"isr_0123456789ab_{secret}") as t:
+        assert t.get(f"/v1/sandboxes/{sandbox}").status_code == 401
+        assert t.get("/v1/keys").status_code == 401
 
 
 def test_exec_streams_ndjson_in_order_with_exit_record(daemon: Daemon, sandbox: str) -> None:
