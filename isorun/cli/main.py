@@ -401,8 +401,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _refuse_non_text(argv: list[str]) -> None:
+    """The API carries commands, env and paths as JSON text: an argument that is not UTF-8
+    (Python holds its bytes as surrogates) failed later with a codec error naming none."""
+    for arg in argv:
+        try:
+            arg.encode()
+        except UnicodeEncodeError:
+            print(
+                f"isorun: argument {os.fsencode(arg)!r} is not UTF-8 text, which is what the "
+                "sandbox API carries",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    _refuse_non_text(argv)
+    args = parse_args(argv)
     if args.command in ("run", "exec") and not args.cmd:
         raise SystemExit(f"isorun {args.command}: give a command after --")
     try:

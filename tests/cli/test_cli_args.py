@@ -42,6 +42,9 @@ def _cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
         (["exec", "a/b", "--", "true"], "is not an id"),
         (["keys", "revoke", "x/y"], "is not an id"),
         (["ls"], "no isorun daemon answers"),
+        # bytes that are not UTF-8 (a shell's $'\x80') cannot go into the API's JSON
+        (["run", "-e", "A=\udc80", "base", "--", "true"], "b'A=\\x80' is not UTF-8 text"),
+        (["exec", "sb-1", "--", "echo", "\udcff"], "b'\\xff' is not UTF-8 text"),
         # --json after the subcommand is taken (it then fails only for want of a daemon).
         (["ls", "--json"], "no isorun daemon answers"),
         (["usage", "--json"], "no isorun daemon answers"),
