@@ -255,13 +255,14 @@ class SandboxManager:
         why = "; ".join(str(x) for x in (exc, died) if x)
         cpu_ms, mem_peak = usage_of(run_dir)
         remove_run_dir(run_dir)
-        # When it died while no daemon watched is not known: not billed past its own
-        # timeout, which would have ended it anyway.
-        end = min(time.time(), row.expires or time.time())
+        # When it died while no daemon watched is not known: counted up to now, less what
+        # lies past its own timeout (which would have ended it anyway).
+        now = time.time()
+        uptime_ms = max(0, int((now - (row.started or row.created)) * 1000))
         self.store.end_sandbox(
             row,
             reason,
-            (cpu_ms, mem_peak, max(0, int((end - (row.started or row.created)) * 1000))),
+            (cpu_ms, mem_peak, _billable_ms(row, uptime_ms, now)),
             self.cfg.price_per_vcpu_hour,
             error=f"VM could not be re-adopted after a daemon restart: {why}" if exc else None,
         )
@@ -560,23 +561,24 @@ class SandboxManager:
             if live.watcher is not None and live.watcher is not asyncio.current_task():
                 live.watcher.cancel()
             u = await live.vm.kill()
+            uptime_ms = _billable_ms(live.row, u.uptime_ms, time.time())
             usage = {
                 "cpu_ms": u.cpu_ms,
                 "mem_peak_bytes": u.mem_peak_bytes,
-                "uptime_ms": u.uptime_ms,
+                "uptime_ms": uptime_ms,
             }
             try:
                 bill = self.store.end_sandbox(
                     live.row,
                     reason,
-                    (u.cpu_ms, u.mem_peak_bytes, u.uptime_ms),
+                    (u.cpu_ms, u.mem_peak_bytes, uptime_ms),
                     self.cfg.price_per_vcpu_hour,
                 )
             except StateFullError:
                 # The VM is gone: shown ended from now on, stored when the disk has room.
                 live.row.state, live.row.end_reason, live.row.ended = "ended", reason, time.time()
                 live.row.cpu_ms, live.row.mem_peak_bytes = u.cpu_ms, u.mem_peak_bytes
-                live.row.uptime_ms = u.uptime_ms
+                live.row.uptime_ms = uptime_ms
                 self._unrecorded[live.row.id] = live.row
                 raise
             await self._release_image(live.row)
@@ -631,6 +633,14 @@ class SandboxManager:
                         await self._end(live, "timeout")
                     except Exception:
                         log.exception("reaping %s failed", live.row.id)
+
+
+def _billable_ms(row: SandboxRow, uptime_ms: int, now: float) -> int:
+    """`uptime_ms` of a sandbox ending at `now`, less any time it ran on past its expiry
+    (the daemon down or re-adopting it, the reaper's tick late): a sandbox is not billed
+    past its own timeout, whatever ends it."""
+    overrun_ms = int((now - row.expires) * 1000) if row.expires else 0
+    return max(0, uptime_ms - max(0, overrun_ms))
 
 
 def _sandbox_of(run_dir: Path) -> str | None:

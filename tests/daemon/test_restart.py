@@ -113,6 +113,35 @@ def test_vm_killed_while_daemon_down_is_marked_lost(tmp_path: Path, busybox_root
     assert_no_leaks(d)
 
 
+def test_timeout_passed_while_daemon_down_is_not_billed_for_downtime(
+    tmp_path: Path, busybox_rootfs: Path
+) -> None:
+    d = Daemon(tmp_path / "d", ISORUN_DEFAULT_MEMORY_MIB="256").start()
+    try:
+        with d.client() as c:
+            sid = c.post(
+                "/v1/sandboxes", json={"image": f"rootfs:{busybox_rootfs}", "sandbox_timeout": 2}
+            ).json()["id"]
+        d.stop(signal.SIGKILL)
+        time.sleep(8)  # down well past the sandbox's timeout; its VM runs on meanwhile
+        d.start()
+        with d.client() as c:
+            deadline = time.monotonic() + 15
+            while (info := c.get(f"/v1/sandboxes/{sid}").json())["state"] != "ended":
+                assert time.monotonic() < deadline, "the re-adopted sandbox was not reaped"
+                time.sleep(0.2)
+            assert info["end_reason"] == "timeout", info
+            rec = {r["sandbox_id"]: r for r in c.get("/v1/usage").json()["records"]}[sid]
+            # billed from its VM's start up to its expiry, as a lost VM is, not the downtime
+            up_to_expiry = (info["expires_at"] - info["created_at"]) * 1000
+            assert 2000 <= rec["uptime_ms"] <= up_to_expiry + 500, (rec, info)
+            assert info["usage"]["uptime_ms"] == rec["uptime_ms"]
+            assert rec["billed_seconds"] == -(-rec["uptime_ms"] // 1000)
+    finally:
+        d.stop()
+    assert_no_leaks(d)
+
+
 def _memory_cgroup_of(pid: int) -> Path:
     for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
