@@ -348,7 +348,11 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                 # rendered here: a value it cannot encode is an error record, not a bare 500
                 return JSONResponse(result, status_code=status)
             except Exception as exc:
-                return map_error(exc)
+                sandbox_id = request.path_params.get("sid")
+                if sandbox_id is None:
+                    return map_error(exc)
+                # its tenant was checked: only an agent op of its sandbox loses a connection
+                return map_error(await manager.explain(sandbox_id, exc))
 
         return handler
 
@@ -493,7 +497,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                     )
                 raise
             except Exception as exc:
-                q.put_nowait(error_record(exc))
+                q.put_nowait(error_record(await manager.explain(live.row.id, exc)))
             finally:
                 q.put_nowait(None)
 
@@ -769,13 +773,9 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                     yield chunk
                     sent += len(chunk)
             except IsorunError as exc:
-                why = str(exc)
-                if isinstance(exc, ChannelClosedError):
-                    # the guest is gone: have its end (and why) recorded before the client,
-                    # seeing its download cut short, asks what became of the sandbox
-                    await manager.settle(live)
-                    if live.row.end_reason:
-                        why = f"the sandbox ended ({live.row.end_reason})"
+                # a lost connection: have its sandbox's end (and why) recorded before the client,
+                # seeing its download cut short, asks what became of the sandbox
+                why = await manager.explain(live.row.id, exc)
                 log.warning(
                     "GET files %s of sandbox %s broken off after %d bytes: %s",
                     path,
@@ -854,7 +854,8 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                 async for op, p in w:
                     yield (json.dumps({"type": "fs", "op": op, "path": p}) + "\n").encode()
             except IsorunError as exc:
-                yield (json.dumps(error_record(exc)) + "\n").encode()
+                why = await manager.explain(live.row.id, exc)
+                yield (json.dumps(error_record(why)) + "\n").encode()
             finally:
                 w.close()
 

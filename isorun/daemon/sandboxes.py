@@ -22,7 +22,7 @@ from isorun.daemon.imageerrors import image_api_error, refuse_host_path_image
 from isorun.daemon.models import CreateSandbox
 from isorun.daemon.progress import progress_record
 from isorun.daemon.store import LOCAL_TENANT, SandboxRow, StateFullError, Store
-from isorun.errors import ConfigError, IsorunError, VMError
+from isorun.errors import ChannelClosedError, ConfigError, IsorunError, VMError
 from isorun.images import ImageConfig, ImageError, ImageStore, ProgressEvent
 from isorun.vmm import (
     MicroVM,
@@ -292,8 +292,30 @@ class SandboxManager:
             raise Conflict(f"sandbox {sandbox_id} is still starting; retry when it runs")
         if live is None or live.ending is not None:
             why = row.end_reason or (live.end_reason if live is not None else None) or "ended"
-            raise Gone(f"sandbox {sandbox_id} has ended ({why}); create a new sandbox")
+            raise _ended(sandbox_id, why)
         return live
+
+    async def end_error(self, sandbox_id: str) -> Gone | None:
+        """The 410 for a request cut short under a sandbox (its agent connection closed, its
+        stdin pipe ended) if that was the sandbox's end: naming why (killed, timeout, the
+        VM's exit), as every later request is told. A connection the guest's side closed
+        first waits (bounded) for the watcher to record why. None: the sandbox runs on."""
+        live = self.live.get(sandbox_id)
+        if live is not None and live.ending is None:
+            if not live.vm.agent.conn.is_closed:
+                return None
+            await self.settle(live)
+        why = live.end_reason if live is not None else None
+        if why is None:
+            row = self._unrecorded.get(sandbox_id) or self.store.get_sandbox(sandbox_id)
+            why = row.end_reason if row is not None else None
+        return _ended(sandbox_id, why) if why else None
+
+    async def explain(self, sandbox_id: str, exc: BaseException) -> BaseException:
+        """`exc`, or for a lost agent connection the sandbox's end that it came from."""
+        if isinstance(exc, ChannelClosedError):
+            return await self.end_error(sandbox_id) or exc
+        return exc
 
     async def settle(self, live: Live, timeout: float = AGENT_LOSS_GRACE_S + 3.0) -> None:
         """Wait (a bounded time) until a sandbox whose agent connection was lost has been
@@ -633,6 +655,10 @@ class SandboxManager:
                         await self._end(live, "timeout")
                     except Exception:
                         log.exception("reaping %s failed", live.row.id)
+
+
+def _ended(sandbox_id: str, why: str) -> Gone:
+    return Gone(f"sandbox {sandbox_id} has ended ({why}); create a new sandbox")
 
 
 def _billable_ms(row: SandboxRow, uptime_ms: int, now: float) -> int:
