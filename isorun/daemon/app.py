@@ -676,8 +676,13 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
             live.row.id, proc_id, live.vm.agent, live.spawn
         )
         if not await pipe.write(data):
-            raise Conflict(f"process {proc_id} has exited")
+            raise await _stdin_ended(live, proc_id)
         return {"bytes": len(data)}
+
+    async def _stdin_ended(live: Live, proc_id: str) -> ApiError:
+        """Why a stdin pipe took no more: its sandbox ended (410 naming why), else its
+        process exited."""
+        return await manager.end_error(live.row.id) or Conflict(f"process {proc_id} has exited")
 
     async def close_stdin(request: Request, tenant: str) -> Any:
         live = manager.get_live(tenant, request.path_params["sid"])
@@ -690,7 +695,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
             if pipe is None:
                 await live.vm.agent.close_stdin(proc_id)
             elif not await pipe.write(pipe.terminal_eof()):
-                raise Conflict(f"process {proc_id} has exited")
+                raise await _stdin_ended(live, proc_id)
             return {"ok": True}
         if not pipes.has_stdin(live.row.id, proc_id):
             raise Conflict(
@@ -698,7 +703,8 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                 "'open_stdin': true, or its stdin is closed already"
             )
         if pipe is not None:
-            await pipe.close()  # EOF after the bytes already queued
+            if not await pipe.close():  # EOF after the bytes already queued
+                raise await _stdin_ended(live, proc_id)
         else:
             await live.vm.agent.close_stdin(proc_id)
         pipes.stdin_closed(live.row.id, proc_id)

@@ -46,8 +46,10 @@ class StdinPipe:
         )
         # The chunks the feeder has taken: a process that exits on reading its last input
         # ("exit" to a shell) ends the channel before the feeder asks for more, and that
-        # chunk was sent all the same.
+        # chunk was sent all the same. Not so if the channel was cut (the sandbox ended,
+        # the pipe abandoned): the chunk may still have been on its way.
         self._taken: set[asyncio.Future[None]] = set()
+        self._process_exited = False  # the channel ended with the process, not cut
         self.closed = False  # EOF requested
         self.last_byte = 0  # of what was written (a terminal's EOF depends on it)
         self.task = spawn(self._run(agent))
@@ -67,13 +69,15 @@ class StdinPipe:
     async def _run(self, agent: AgentClient) -> None:
         with contextlib.suppress(Exception):
             await agent.attach(self.proc_id, output=False, capture=False, stdin=self._source())
+            self._process_exited = True
 
     @property
     def alive(self) -> bool:
         return not self.task.done()
 
     async def write(self, data: bytes) -> bool:
-        """Queue bytes for the process; False if the pipe ended (the process exited)."""
+        """Queue bytes for the process; False if the pipe ended (the process exited, or the
+        sandbox ended) before they were sent."""
         for i in range(0, len(data), MAX_CHUNK):
             if not await self._put(data[i : i + MAX_CHUNK]):
                 return False
@@ -86,10 +90,10 @@ class StdinPipe:
         the start of a line; after a partial line a first one just hands that line over."""
         return b"\x04" if self.last_byte in (0, 0x0A, 0x0D, 0x04) else b"\x04\x04"
 
-    async def close(self) -> None:
-        """EOF: the guest closes the pipe (or sends ^D on a PTY)."""
+    async def close(self) -> bool:
+        """EOF: the guest closes the pipe (or sends ^D on a PTY); False as for write."""
         self.closed = True
-        await self._put(None)
+        return await self._put(None)
 
     async def _put(self, item: bytes | None) -> bool:
         """Queue `item` and wait until it was handed to the agent channel."""
@@ -125,7 +129,7 @@ class StdinPipe:
                 "request's bytes are queued for it and go to it as it reads (do not resend)",
                 code="stdin_queued",
             )
-        return sent in done or taken
+        return sent in done or (taken and self._process_exited)
 
     def abandon(self) -> None:
         """Detach without EOF (the process keeps its stdin open)."""

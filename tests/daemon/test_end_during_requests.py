@@ -1,6 +1,7 @@
 """A sandbox that ends (DELETE, sandbox_timeout) under requests in flight: an upload, an
-open watch. Each is told that the sandbox ended and why (410 `sandbox_ended`), as every
-later request is, not that its agent connection closed."""
+open watch, stdin writes held back by a process that does not read. Each is told that the
+sandbox ended and why (410 `sandbox_ended`), as every later request is; none is told its
+process exited, or that bytes nobody read were sent."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pytest
 from daemonhelpers import Daemon, ndjson
 
 pytestmark = pytest.mark.vm
+
+MIB = b"y" * (1 << 20)
 
 
 def _in_thread(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> threading.Thread:
@@ -32,6 +35,22 @@ def _slow_body() -> Iterator[bytes]:
     for _ in range(40):  # 2.5 MiB over 4 s
         yield b"x" * 65536
         time.sleep(0.1)
+
+
+def _hold_stdin(
+    d: Daemon, path: str, proc_id: str, results: dict[str, Any], writers: int
+) -> list[threading.Thread]:
+    """`writers` 1 MiB writes and then a close of the stdin of a process that does not read
+    it: the first is taken into the agent channel, the next fill the pipe's queue, the rest
+    wait for room."""
+    url = f"{path}/processes/{proc_id}/stdin"
+    ts = [
+        _in_thread(results, f"stdin{i}", lambda: d.client().post(url, content=MIB))
+        for i in range(writers)
+    ]
+    time.sleep(0.5)  # after the writes: its EOF waits behind them
+    ts.append(_in_thread(results, "close", lambda: d.client().post(f"{url}/close")))
+    return ts
 
 
 def _assert_ended(r: Any, why: str) -> None:
@@ -94,3 +113,18 @@ def test_timeout_under_watch(daemon: Daemon, image: str) -> None:
         time.sleep(2)
         _end(c, s, "timeout", ts)
     _assert_watch_ended(res["watch"], "timeout")
+
+
+@pytest.mark.parametrize("how", ["killed", "timeout"])
+def test_held_stdin_writes_when_the_sandbox_ends(daemon: Daemon, image: str, how: str) -> None:
+    res: dict[str, Any] = {}
+    with daemon.client() as c:
+        s, proc_id = _start(c, image)
+        ts = _hold_stdin(daemon, s, proc_id, res, writers=7)
+        time.sleep(2)
+        assert not res, f"answered before the sandbox ended: {res}"
+        _end(c, s, how, ts)
+    # none told its process exited, none that 1 MiB nobody read was sent
+    for i in range(7):
+        _assert_ended(res[f"stdin{i}"], how)
+    _assert_ended(res["close"], how)
