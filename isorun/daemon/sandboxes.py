@@ -41,6 +41,11 @@ log = logging.getLogger("isorund.sandboxes")
 # every READOPT_PAUSE_S for READOPT_RETRY_S before it is given up.
 READOPT_PAUSE_S = 2.0
 READOPT_RETRY_S = 60.0
+# At start every running VM is adopted at once and given this long (QMP, then the agent's
+# hello, reconnecting once if the guest missed the old host's end): one that does not answer
+# in time is retried in the background, so no guest (a hostile one that never answers
+# hello) holds up the daemon's start, however many there are.
+READOPT_FIRST_S = 2.0
 TAG = "isorun.sandbox="
 SANDBOX_LABEL = "isorun.sandbox"  # the VMSpec label naming a VM's sandbox
 # Shapes whose warm-start templates may be queued at once (more boot cold until one is done).
@@ -168,30 +173,22 @@ class SandboxManager:
         await self._record_pending_ends()  # a restart would otherwise call them lost
 
     async def _readopt(self) -> None:
-        adopted: set[str] = set()
+        running: list[SandboxRow] = []
         for row in self.store.list_sandboxes(states=("creating", "running")):
             if row.state == "running" and row.run_dir:
-                try:
-                    vm = await MicroVM.adopt(Path(row.run_dir))
-                except Exception as exc:
-                    if running_pid(Path(row.run_dir)) is None:
-                        await self._lose(row, exc)
-                    else:  # it runs: a passing trouble, not a reason to kill it
-                        log.warning("sandbox %s not re-adopted yet: %s; retrying", row.id, exc)
-                        task = asyncio.create_task(self._readopt_later(row))
-                        self._readopting[row.id] = (row, task)
-                    continue
-                self._take_over(row, vm)
-                adopted.add(vm.id)
-            else:
-                self.store.end_sandbox(
-                    row,
-                    "error",
-                    (0, 0, 0),
-                    self.cfg.price_per_vcpu_hour,
-                    error="the daemon stopped while this sandbox was starting",
-                )
-                await self._release_image(row)
+                running.append(row)
+                continue
+            self.store.end_sandbox(
+                row,
+                "error",
+                (0, 0, 0),
+                self.cfg.price_per_vcpu_hour,
+                error="the daemon stopped while this sandbox was starting",
+            )
+            await self._release_image(row)
+        async with asyncio.TaskGroup() as tg:
+            tries = [tg.create_task(self._adopt_at_start(row)) for row in running]
+        adopted = {vm_id for t in tries if (vm_id := t.result()) is not None}
         # VMs this daemon started but never recorded (crash during create): kill them.
         vms = self.cfg.vms_dir
         if vms.is_dir():
@@ -210,6 +207,23 @@ class SandboxManager:
         swept = await asyncio.to_thread(cgroup.sweep_empty)
         if swept:
             log.info("removed %d empty VM cgroups left by killed host processes", swept)
+
+    async def _adopt_at_start(self, row: SandboxRow) -> str | None:
+        """Adopt a running sandbox's VM within READOPT_FIRST_S: its VM id, or None when it
+        is lost (its VM is gone) or left to _readopt_later (it runs but did not answer)."""
+        run_dir = Path(row.run_dir or "")
+        try:
+            vm = await MicroVM.adopt(run_dir, timeout=READOPT_FIRST_S)
+        except Exception as exc:
+            if running_pid(run_dir) is None:
+                await self._lose(row, exc)
+            else:  # it runs: a passing trouble (or a guest that never answers), retried
+                log.warning("sandbox %s not re-adopted yet: %s; retrying", row.id, exc)
+                task = asyncio.create_task(self._readopt_later(row))
+                self._readopting[row.id] = (row, task)
+            return None
+        self._take_over(row, vm)
+        return vm.id
 
     def _take_over(self, row: SandboxRow, vm: MicroVM) -> None:
         live = Live(row, vm)
