@@ -61,6 +61,10 @@ KEEPALIVE_S = 5.0
 # emulating the guest (TCG) can starve it for seconds, and the failed request is
 # cancelled (a foreground command with it).
 IDLE_AFTER_S = 60.0
+# An agent that grants no keepalive (one from before them, or a hostile one claiming to be)
+# is asked `health` every third of IDLE_AFTER_S while requests wait: its answer vouches for
+# them as a keepalive would, so its requests are timed all the same.
+PROBES_PER_IDLE = 3
 
 
 class _Data:
@@ -365,6 +369,7 @@ class AgentConnection:
         # to read (_send); None until the agent granted keepalives: silence says nothing
         self.idle_timeout: float | None = None
         self._keepalive_task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
 
     # What the connection asks for; a test may set them on the class before connecting.
     keepalive_s = KEEPALIVE_S
@@ -456,12 +461,36 @@ class AgentConnection:
                 frame = await self._answer(ch)
             answer = frame.json()
             granted = answer.get("interval_ms")
-            # an agent from before keepalives answers {"ok": false}: it sends none
             if answer.get("ok") is True and type(granted) is int and granted > 0:
                 every = min(granted, 60_000) / 1000  # the agent may round what we asked
                 self._time_requests(max(self.idle_after_s, 3 * every))
-            elif self.idle_timeout is not None:
-                self._time_requests(None)  # a late answer from an old agent: it sends none
+                return
+            # An agent from before keepalives answers {"ok": false}: it sends none. Its
+            # requests are not left untimed (a guest could say so to wait for ever): the
+            # host asks instead.
+            self._time_requests(self.idle_after_s)
+            self._probe_task = asyncio.create_task(self._probe(), name="agent-probe")
+
+    async def _probe(self) -> None:
+        """For an agent that sends no keepalives: while requests wait, ask `health` every
+        third of the idle limit; its answer (any RESP) vouches for every request open when
+        it was asked. Unanswered, those fail as unresponsive in their own time."""
+        loop = asyncio.get_running_loop()
+        while not self.is_closed:
+            await asyncio.sleep(self.idle_after_s / PROBES_PER_IDLE)
+            waiting = [ch for ch in self._channels.values() if ch.timed]
+            if not waiting:
+                continue
+            asked = loop.time()
+            try:
+                with self.open_channel() as probe:
+                    probe.timed = False  # waits as long as the guest takes: one at a time
+                    await self.request(probe, {"op": "health"})
+                    await self._answer(probe)
+            except IsorunError:
+                continue  # its send timed out (the requests time out on their own), or closed
+            for ch in waiting:
+                ch._heard = max(ch._heard, asked)
 
     @staticmethod
     async def _answer(ch: Channel) -> Frame:
@@ -623,7 +652,8 @@ class AgentConnection:
         self._closing = True
         # Closed first, waited for after: a close() that is itself cancelled meanwhile (or
         # runs in the cleanup of a cancelled task) still leaves nothing open.
-        tasks = [t for t in (self._keepalive_task, self._reader_task) if t is not None]
+        own = (self._keepalive_task, self._probe_task, self._reader_task)
+        tasks = [t for t in own if t is not None]
         for task in tasks:
             task.cancel()
         self._fail(ChannelClosedError("agent connection closed by the host"))

@@ -82,24 +82,74 @@ async def test_keepalives_hold_a_long_request_open_and_stay_out_of_its_answer() 
     await client.conn.close()
 
 
-async def test_an_agent_that_grants_no_keepalive_is_not_timed_out() -> None:
+def _slow_without_keepalive(answered: asyncio.Event) -> Guest:
+    """An agent that sends no keepalive but answers every request (the host's `health`
+    probes at once, the others 3 * IDLE late) and none of these too."""
+
+    async def agent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async def answer_late(chan: int) -> None:
+            await asyncio.sleep(3 * IDLE)
+            w.write(frames.encode_json(chan, Kind.RESP, {"ok": True}))
+            answered.set()
+
+        late: set[asyncio.Task[None]] = set()
+        while True:
+            req = await read_frame(r)
+            if req.kind is not Kind.REQ:
+                continue
+            if req.json()["op"] == "health":
+                w.write(frames.encode_json(req.chan, Kind.RESP, {"ok": True, "procs": 0}))
+            else:
+                late.add(asyncio.create_task(answer_late(req.chan)))
+
+    return agent
+
+
+async def test_an_agent_that_grants_no_keepalive_is_probed_not_timed_out() -> None:
     answered = asyncio.Event()
-
-    async def slow_without_keepalive(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        req = await read_frame(r)
-        await asyncio.sleep(3 * IDLE)
-        w.write(frames.encode_json(req.chan, Kind.RESP, {"ok": True}))
-        await w.drain()
-        answered.set()
-        await asyncio.sleep(3600)
-
     # it answers the host's keepalive request with interval 0: it will send none
-    client, guest = await connect(slow_without_keepalive, keepalive_ms=0, idle_after_s=IDLE)
-    assert client.conn.idle_timeout is None
+    client, guest = await connect(
+        _slow_without_keepalive(answered), keepalive_ms=0, idle_after_s=IDLE
+    )
+    assert client.conn.idle_timeout == IDLE  # its answers to `health` vouch for it
     await asyncio.wait_for(client.mkdir("/x"), 10)
     assert answered.is_set()
     guest.cancel()
     await client.conn.close()
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        {"ok": False, "code": "invalid", "error": 'unknown op "keepalive"'},
+        {"ok": True, "interval_ms": 0},
+    ],
+    ids=["refused", "granted-none"],
+)
+async def test_a_guest_that_grants_no_keepalive_cannot_make_requests_wait_for_ever(
+    refusal: dict[str, object],
+) -> None:
+    # Root in the guest answers the keepalive request as an old agent would, then answers
+    # nothing: its requests still fail as unresponsive (they used to wait for ever).
+    async def hostile(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ask = await read_frame(r)
+        w.write(frames.encode_json(ask.chan, Kind.RESP, refusal))
+        await w.drain()
+        while True:
+            await read_frame(r)  # reads everything, answers nothing
+
+    conn, guest = await _answering_all(hostile)
+    assert conn._keepalive_task is not None
+    await asyncio.wait_for(conn._keepalive_task, 5)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(GuestError) as err:
+        await asyncio.wait_for(AgentClient(conn).stat("/x"), 10)
+    assert err.value.code == "unresponsive"
+    assert IDLE <= loop.time() - started < IDLE + 2
+    assert not conn.is_closed  # the sandbox's other requests go on
+    guest.cancel()
+    await conn.close()
 
 
 async def test_the_idle_limit_follows_the_keepalive_the_agent_granted() -> None:
@@ -114,7 +164,8 @@ async def test_the_idle_limit_follows_the_keepalive_the_agent_granted() -> None:
 
 
 async def test_an_agent_from_before_keepalives_is_asked_and_still_works() -> None:
-    """Such an agent refuses the unknown op; the host then expects no keepalive."""
+    """Such an agent refuses the unknown op; the host then expects no keepalive, and asks
+    `health` instead while requests wait."""
     asked = asyncio.Event()
 
     async def old_agent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -137,7 +188,7 @@ async def test_an_agent_from_before_keepalives_is_asked_and_still_works() -> Non
     assert (await asyncio.wait_for(client.stat("/x"), 5)).path == "/x"
     await asyncio.wait_for(asked.wait(), 5)
     await asyncio.sleep(0.1)
-    assert conn.idle_timeout is None and not conn.is_closed
+    assert conn.idle_timeout == IDLE and not conn.is_closed
     guest.cancel()
     await conn.close()
 
@@ -255,15 +306,16 @@ async def test_a_guest_hung_since_its_hello_is_timed_without_a_keepalive_answer(
     ("answer", "idle"),
     [
         ({"ok": True, "interval_ms": 1000}, 3.0),
-        ({"ok": False, "code": "invalid", "error": "unknown op"}, None),
+        ({"ok": False, "code": "invalid", "error": "unknown op"}, IDLE),
     ],
     ids=["late-grant", "late-refusal"],
 )
 async def test_a_late_answer_to_the_keepalive_request_still_counts(
-    answer: dict[str, object], idle: float | None
+    answer: dict[str, object], idle: float
 ) -> None:
     # Past the idle limit requests are timed; a late grant then sets the interval it
-    # grants, and a late refusal (an agent from before keepalives) untimes them again.
+    # grants, and a late refusal (an agent from before keepalives) keeps the idle limit
+    # (the host then asks `health` instead).
     async def late(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         ask = await read_frame(r)
         await asyncio.sleep(IDLE + 0.3)
