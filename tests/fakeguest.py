@@ -37,13 +37,18 @@ async def connect(
     keepalive_ms: int | None = None,
     idle_after_s: float | None = None,
     features: list[str] | None = None,
+    host_sndbuf: int | None = None,
 ) -> tuple[AgentClient, asyncio.Task[None]]:
     """A client connected to `guest`, which runs (after answering hello) in the task.
     With `keepalive_ms` the fake first grants the host's keepalive request that interval
     (and `idle_after_s` is how long the host then lets a request hear nothing); without,
     the host asks for none and the guest's first frame is the test's own request. The
-    hello names `features` when given (an agent from before features names none)."""
+    hello names `features` when given (an agent from before features names none).
+    `host_sndbuf` shrinks the host socket's send buffer: what the guest does not read then
+    waits in the host's own buffer after a few KiB instead of hundreds."""
     host_sock, guest_sock = socket.socketpair()
+    if host_sndbuf is not None:
+        host_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, host_sndbuf)
     gr, gw = await asyncio.open_connection(sock=guest_sock)
 
     async def run_guest() -> None:

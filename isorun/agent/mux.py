@@ -65,6 +65,13 @@ IDLE_AFTER_S = 60.0
 # is asked `health` every third of IDLE_AFTER_S while requests wait: its answer vouches for
 # them as a keepalive would, so its requests are timed all the same.
 PROBES_PER_IDLE = 3
+# The host's frames a guest has not read yet, past what the socket itself holds. Credits
+# and CANCELs are queued without waiting (taking data must not hang on a guest that stopped
+# reading), so a guest that stops reading but keeps sending would grow them without end
+# (a CREDIT per 64 KiB it sends). An honest guest cannot: without reading credits it sends
+# at most a window per channel, so a few credits per open request wait, plus one frame of
+# a sender. Past this the connection fails as unresponsive.
+WRITE_BACKLOG = 1 << 20
 
 
 class _Data:
@@ -374,6 +381,7 @@ class AgentConnection:
     # What the connection asks for; a test may set them on the class before connecting.
     keepalive_s = KEEPALIVE_S
     idle_after_s = IDLE_AFTER_S
+    write_backlog = WRITE_BACKLOG
 
     @classmethod
     async def open_unix(cls, path: str, timeout: float = 10.0) -> AgentConnection:
@@ -532,7 +540,22 @@ class AgentConnection:
         """Queue one whole frame on the transport without waiting for it to drain. Frames
         are written whole, so this never interleaves with a sender holding the lock."""
         if not self._closed.is_set() and not self._writer.transport.is_closing():
-            self._writer.write(data)
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        """Put one whole frame on the transport, failing the connection if the guest lets
+        what it has not read pile up past `write_backlog`."""
+        self._writer.write(data)
+        held = self._writer.transport.get_write_buffer_size()
+        if held > self.write_backlog:
+            self._fail(
+                GuestError(
+                    f"the guest stopped reading its agent port: {held} bytes from the host "
+                    f"wait unread (at most {self.write_backlog} may), credits for output it "
+                    "sent meanwhile included; the connection is closed",
+                    "unresponsive",
+                )
+            )
 
     async def _send(self, data: bytes) -> None:
         self._raise_if_closed()
@@ -543,7 +566,8 @@ class AgentConnection:
             # frame is whole in the buffer or not there: framing survives the timeout.
             async with asyncio.timeout(idle), self._write_lock:
                 try:
-                    self._writer.write(data)
+                    self._write(data)
+                    self._raise_if_closed()
                     await self._writer.drain()
                 except (ConnectionError, OSError) as exc:
                     self._fail(ChannelClosedError(f"agent stream write failed: {exc}"))

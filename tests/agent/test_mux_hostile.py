@@ -117,6 +117,42 @@ async def test_guest_overrunning_its_credit_window_is_cut_off() -> None:
     task.cancel()
 
 
+async def test_guest_that_stops_reading_but_keeps_streaming_is_cut_off(
+    bystander: AgentClient,
+) -> None:
+    # The guest reads the exec request, then nothing (not even the credits it is sent), and
+    # streams output paced to stay inside the window as the host counts it. The host's
+    # consumer keeps up, so a CREDIT is queued per 64 KiB taken: they used to pile up in the
+    # host's write buffer for as long as the guest streamed (~208 bytes per MiB).
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        w.transport.pause_reading()  # not even into the guest's own stream buffer
+        chunk = frames.encode(f.chan, Kind.OUT, b"x" * 32759)
+        while True:
+            w.write(chunk * 2)
+            await w.drain()
+            await asyncio.sleep(0.002)  # well inside the window the host credited
+
+    # A small socket buffer and limit so that this takes ~40 MiB, not ~80 GiB: what piles
+    # up is a few bytes per 64 KiB streamed.
+    client, task = await _connect(guest, host_sndbuf=1)
+    client.conn.write_backlog = 4096
+    taken = 0
+
+    def take(data: bytes) -> None:
+        nonlocal taken
+        taken += len(data)
+
+    with pytest.raises(GuestError) as err:
+        await asyncio.wait_for(client.exec("yes", on_stdout=take, capture=False), 30)
+    assert err.value.code == "unresponsive"
+    assert "stopped reading its agent port" in str(err.value)
+    assert client.conn.is_closed and client.conn.failed  # the sandbox sees its agent fail
+    assert taken > 1 << 20
+    assert (await bystander.health())["ok"] is True
+    task.cancel()
+
+
 async def test_guest_error_answer_becomes_guest_error() -> None:
     async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         f = await _read_frame(r)
