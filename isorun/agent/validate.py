@@ -87,6 +87,9 @@ class FileEntry:
 
 
 _TYPES = frozenset({"file", "dir", "symlink", "other"})
+NAME_MAX = 255  # Linux's, in bytes: never more characters
+# a listed path: the path asked for (PATH_MAX) and up to 64 levels of names under it
+LISTED_PATH_MAX = 4096 + 64 * (NAME_MAX + 1)
 
 
 def parse_entry(raw: object) -> FileEntry:
@@ -96,9 +99,15 @@ def parse_entry(raw: object) -> FileEntry:
     if kind not in _TYPES:
         raise ProtocolError(f"file entry type '{kind[:40]}' is not one of {sorted(_TYPES)}")
     link = raw.get("link")
+    name, path = as_str(raw, "name"), as_str(raw, "path")
+    if len(name) > NAME_MAX or len(path) > LISTED_PATH_MAX:
+        raise ProtocolError(
+            f"file entry name or path from guest is longer than a name ({NAME_MAX}) or a "
+            f"listed path ({LISTED_PATH_MAX}) can be"
+        )
     return FileEntry(
-        name=as_str(raw, "name"),
-        path=as_str(raw, "path"),
+        name=name,
+        path=path,
         type=kind,
         size=as_count(raw, "size"),
         mode=as_int(raw, "mode"),
@@ -124,16 +133,39 @@ class ProcInfo:
     argv_truncated: bool = False
 
 
+# What a listing shows of a process's argv, each argument counted with 3 bytes of JSON
+# quotes and comma: the agent cuts there (listedArgvBytes), and so does the host, whatever
+# the guest sends: 1,024 two-byte arguments for each of 8,192 processes made 40 MiB on
+# the wire into ~600 MiB of Python strings.
+LISTED_ARGV_BYTES = 2048
+
+
+def _listed_argv(argv: list[object]) -> tuple[list[str], bool]:
+    out: list[str] = []
+    left = LISTED_ARGV_BYTES
+    for a in argv:
+        text = _text(a, "process argv entry")
+        if left <= 3:
+            return out, True
+        left -= 3
+        if len(text) > left:
+            return [*out, text[:left]], True
+        left -= len(text)
+        out.append(text)
+    return out, False
+
+
 def parse_proc(raw: object) -> ProcInfo:
     if not isinstance(raw, dict):
         raise ProtocolError("process entry from guest is not an object")
     argv = raw.get("argv") or []
     if not isinstance(argv, list):
         raise ProtocolError("process argv from guest is not a list of strings")
+    shown, cut = _listed_argv(argv)
     return ProcInfo(
         proc_id=as_str(raw, "proc_id"),
         pid=as_count(raw, "pid"),
-        argv=[_text(a, "process argv entry") for a in argv[:1024]],
+        argv=shown,
         tag=as_str(raw, "tag", default=""),
         pty=as_bool(raw, "pty", default=False),
         running=as_bool(raw, "running"),
@@ -141,5 +173,5 @@ def parse_proc(raw: object) -> ProcInfo:
         signal=as_opt_int(raw, "signal"),
         started_unix_ms=as_int(raw, "started_unix_ms", default=0),
         output_bytes=as_count(raw, "output_bytes", default=0),
-        argv_truncated=as_bool(raw, "argv_truncated", default=False),
+        argv_truncated=cut or as_bool(raw, "argv_truncated", default=False),
     )

@@ -472,18 +472,18 @@ async def test_a_request_given_up_is_forgotten_even_if_the_guest_never_answers()
 async def test_a_listing_is_bounded_by_the_bytes_the_guest_sent(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Entries of 64 KiB names: a count limit alone let a guest hold ~60 GB of host memory.
+    # Entries of 20 KiB paths: a count limit alone let a guest hold ~2 GB of host memory.
     monkeypatch.setattr(client_mod, "MAX_LISTING_BYTES", 1 << 20)
-    entry = {"name": "n" * 60000, "path": "/p", "type": "file", "size": 0, "mode": 420}
+    entry = {"name": "n", "path": "/" + "p" * 20000, "type": "file", "size": 0, "mode": 420}
 
     async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         f = await _read_frame(r)
-        for _ in range(40):
+        for _ in range(60):
             w.write(
                 frames.encode_json(f.chan, Kind.EVENT, {"event": "entries", "entries": [entry]})
             )
             await w.drain()
-        w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "count": 40}))
+        w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True, "count": 60}))
         await w.drain()
         await _health_guest(r, w)
 
@@ -491,6 +491,68 @@ async def test_a_listing_is_bounded_by_the_bytes_the_guest_sent(
     with pytest.raises(GuestError, match="1 MiB"):
         await asyncio.wait_for(client.list("/", depth=1), 5)
     assert (await asyncio.wait_for(client.health(), 5))["version"] == "fake"
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_a_process_listing_shows_what_the_agent_promises_whatever_it_is_sent() -> None:
+    # 1,024 two-byte arguments per process in 8,192 processes: 40 MiB on the wire became
+    # ~600 MiB of Python strings (and each stream/kill/stdin call lists the processes).
+    proc = {"proc_id": "p1", "pid": 7, "running": True, "argv": ["ab"] * 1024}
+    answer = frames.encode_json(1, Kind.RESP, {"ok": True, "procs": [proc]})
+    client, task = await _connect(_after_request(answer))
+    (listed,) = await asyncio.wait_for(client.list_procs(), 5)
+    assert listed.argv_truncated and listed.argv == ["ab"] * 409  # 409 x (2 + 3) <= 2048
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_a_listing_costs_its_entries_not_only_their_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 5,000 small entries weigh ~0.4 MiB on the wire and ~5x that as Python objects.
+    monkeypatch.setattr(client_mod, "MAX_LISTING_BYTES", 1 << 20)
+    batch = [
+        {"name": f"{i}", "path": f"/d/{i}", "type": "file", "size": 0, "mode": 420}
+        for i in range(5000)
+    ]
+    answer = b"".join(
+        frames.encode_json(1, Kind.EVENT, {"event": "entries", "entries": batch[i : i + 500]})
+        for i in range(0, len(batch), 500)
+    )
+    client, task = await _connect(_after_request(answer))
+    with pytest.raises(GuestError, match="1 MiB"):
+        await asyncio.wait_for(client.list("/d"), 5)
+    task.cancel()
+    await client.conn.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "path"), [("n" * 256, "/n"), ("n", "/" + "a/" * 11_000 + "n")], ids=["name", "path"]
+)
+async def test_file_entries_longer_than_linux_allows_are_violations(name: str, path: str) -> None:
+    entry = {"name": name, "path": path, "type": "file", "size": 0, "mode": 420}
+    answer = frames.encode_json(1, Kind.EVENT, {"event": "entries", "entries": [entry]})
+    client, task = await _connect(_after_request(answer))
+    with pytest.raises(ProtocolError, match="longer than"):
+        await asyncio.wait_for(client.list("/"), 5)
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_a_listing_is_sorted_by_path_components() -> None:
+    # "a b" sorts after everything under "a" (components compared), as before the sort key
+    # stopped splitting every path into a list.
+    paths = ["/a b", "/a/z", "/a", "/a/y/x", "/a-b/c", "/a/y"]
+    batch = [
+        {"name": p.rsplit("/", 1)[1], "path": p, "type": "file", "size": 0, "mode": 420}
+        for p in paths
+    ]
+    answer = frames.encode_json(1, Kind.EVENT, {"event": "entries", "entries": batch})
+    answer += frames.encode_json(1, Kind.RESP, {"ok": True})
+    client, task = await _connect(_after_request(answer))
+    listed = await asyncio.wait_for(client.list("/"), 5)
+    assert [e.path for e in listed] == ["/a", "/a/y", "/a/y/x", "/a/z", "/a b", "/a-b/c"]
     task.cancel()
     await client.conn.close()
 
