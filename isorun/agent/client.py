@@ -44,6 +44,24 @@ MAX_LISTING_ENTRIES = 100_000
 ENTRY_OVERHEAD = 256
 ARGV_ENTRY_OVERHEAD = 56
 MAX_COUNT = (1 << 63) - 1
+# The error codes of the protocol (docs/protocol.md); any other a guest sends is "internal"
+GUEST_CODES = frozenset(
+    {
+        "invalid",
+        "not_found",
+        "exists",
+        "permission",
+        "not_dir",
+        "is_dir",
+        "not_empty",
+        "no_space",
+        "cross_device",
+        "io",
+        "unsupported",
+        "busy",
+        "internal",
+    }
+)
 # How long past an exec's own timeout the host waits for the guest's answer: the guest's
 # TERM-then-KILL grace and the drain of the output, slow under emulation.
 EXEC_DEADLINE_GRACE_S = 30.0
@@ -127,6 +145,9 @@ def _raise_for(resp: dict[str, Any]) -> dict[str, Any]:
     if ok is not False:
         raise ProtocolError(f"guest answer has no boolean 'ok': {str(resp)[:200]}")
     code = as_str(resp, "code", default="internal")
+    if code not in GUEST_CODES:
+        # the guest's code picks the API's status: "unresponsive" (504) is the host's to say
+        code = "internal"
     message = as_str(resp, "error", default="guest agent error")[:4096]
     if code == "not_found":
         raise FileNotFoundInGuest(message, code)

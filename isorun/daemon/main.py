@@ -130,6 +130,24 @@ async def serve(cfg: DaemonConfig) -> None:
         os.close(lock_fd)  # last: the state is free once the store is closed
 
 
+# C0 and C1 controls but tab, and the Unicode line separators: printed as escapes
+_CONTROLS = {
+    c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+    for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
+    if c != 0x09
+}
+
+
+class OneLineFormatter(logging.Formatter):
+    """Each record's message on one line, with no terminal escapes: messages carry guest
+    text (an agent's error), and a guest wrote a forged second log line and terminal
+    escapes into the daemon's log that way. A traceback, the daemon's own, is kept as is."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_CONTROLS)
+        return super().formatMessage(record)
+
+
 def _unlink_socket(path: Path) -> None:
     with contextlib.suppress(OSError):
         if path.is_socket():
@@ -169,9 +187,10 @@ def main(argv: list[str] | None = None) -> None:
         if v is not None:
             setattr(cfg, "socket_path" if name == "socket" else name, v)
     cfg.kill_on_exit = a.kill_on_exit
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.basicConfig(
-        level=os.environ.get("ISORUN_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        level=os.environ.get("ISORUN_LOG_LEVEL", "INFO").upper(), handlers=[handler]
     )
     asyncio.run(serve(cfg))
 

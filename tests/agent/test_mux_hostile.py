@@ -887,3 +887,16 @@ async def test_a_capture_limit_that_keeps_nothing_is_refused_before_anything_run
     assert not asked.is_set()
     task.cancel()
     await client.conn.close()
+
+
+@pytest.mark.parametrize("code", ["unresponsive", "x" * 60_000, "no_such_code"])
+async def test_a_guest_cannot_choose_an_error_code_outside_the_protocol(code: str) -> None:
+    # The code picks the API's status: a guest's "unresponsive" was a 504 the host's own
+    # silence detection seems to give, and a 60,000-character code went out as the API's.
+    answer = frames.encode_json(1, Kind.RESP, {"ok": False, "code": code, "error": "said"})
+    client, task = await _connect(_after_request(answer))
+    with pytest.raises(GuestError) as err:
+        await asyncio.wait_for(client.stat("/x"), 5)
+    assert (err.value.code, str(err.value)) == ("internal", "said")
+    task.cancel()
+    await client.conn.close()
