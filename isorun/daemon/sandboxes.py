@@ -83,6 +83,10 @@ class SandboxManager:
         # Being created: the row (its vcpus and memory count against capacity) and an event
         # set once create() is over, either way (a DELETE meanwhile waits on it).
         self.creating: dict[str, tuple[SandboxRow, asyncio.Event]] = {}
+        # Creates still getting their image (a pull or template build may take minutes):
+        # a kill cancels them there rather than waiting, and is answered their usage.
+        self._getting_image: dict[str, asyncio.Task[Any]] = {}
+        self._killed_getting_image: dict[str, dict[str, Any]] = {}
         self._reaper: asyncio.Task[None] | None = None
         # Warm-start templates being made or queued, by (vcpus, memory_mib).
         self._templating: dict[tuple[int, int], asyncio.Task[None]] = {}
@@ -467,9 +471,15 @@ class SandboxManager:
         vm: MicroVM | None = None
         try:
             self.store.insert_sandbox(row)
-            rootfs, digest, icfg = await self._resolve_image(
-                row.tenant_id, req.image, row.id, on_progress
-            )
+            task = asyncio.current_task()
+            if task is not None:
+                self._getting_image[row.id] = task
+            try:
+                rootfs, digest, icfg = await self._resolve_image(
+                    row.tenant_id, req.image, row.id, on_progress
+                )
+            finally:
+                self._getting_image.pop(row.id, None)
             # Stored now, not once booted: a daemon that dies during the boot leaves the
             # image held by this sandbox, and only a stored digest lets the next release it.
             row.image_digest = digest
@@ -519,14 +529,28 @@ class SandboxManager:
             # A create refused (no such image, not the tenant's) made no sandbox: no row or
             # usage record stays for it. One that failed on its way keeps both, as an error.
             refused = vm is None and isinstance(exc, ApiError) and exc.status < 500
+            killed = self._killed_getting_image.get(row.id)
+            if not isinstance(exc, asyncio.CancelledError):
+                killed = None
             with contextlib.suppress(Exception):
                 if refused:
                     self.store.forget_sandbox(row.id)
+                elif killed is not None:
+                    price = self.cfg.price_per_vcpu_hour
+                    killed.update(self.store.end_sandbox(row, "killed", usage, price))
                 elif self.store.get_sandbox(row.id) is not None:
                     self.store.end_sandbox(
                         row, "error", usage, self.cfg.price_per_vcpu_hour, error=msg[:4000]
                     )
             await self._release_image(row)
+            if killed is not None:
+                # the cancel was kill()'s, answered here: this task goes on as uncancelled
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                raise Gone(
+                    f"sandbox {row.id} was killed while its image {req.image!r} was being fetched"
+                ) from None
             full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
             if full or (isinstance(exc, VMError) and exc.reason == "host_disk_full"):
                 raise ApiError(
@@ -558,6 +582,17 @@ class SandboxManager:
         live = self.live.get(sandbox_id)
         starting = self.creating.get(sandbox_id)
         if live is None and starting is not None:
+            getting_image = self._getting_image.get(sandbox_id)
+            if getting_image is not None:
+                # Still fetching its image (minutes, for a big pull or a template build):
+                # stopped there. What it cost is nothing, but the answer has the same shape.
+                usage = {"cpu_ms": 0, "mem_peak_bytes": 0, "uptime_ms": 0}
+                killed = self._killed_getting_image.setdefault(sandbox_id, usage)
+                getting_image.cancel()
+                await starting[1].wait()
+                self._killed_getting_image.pop(sandbox_id, None)
+                if "billed_seconds" in killed:
+                    return killed
             # Starting: end it as soon as its boot is over (as E2B and Modal let you).
             await starting[1].wait()
             live = self.live.get(sandbox_id)

@@ -6,11 +6,15 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from daemonhelpers import Daemon, ndjson, running_daemon
 from pullhelpers import Registry, fold_phases, push_busybox, registry
@@ -194,3 +198,47 @@ def test_api_keys_cannot_import_host_paths(pull_daemon: Daemon, tmp_path: Path) 
         missing = tmp_path / "no-layout"
         recs = ndjson(c.post("/v1/images/pull", json={"image": f"oci-layout:{missing}"}))
         assert recs[-1]["type"] == "error" and recs[-1]["status"] != 403, recs[-1]
+
+
+def test_a_kill_while_the_image_is_fetched_stops_the_create_at_once(pull_daemon: Daemon) -> None:
+    """A DELETE of a sandbox still fetching its image waited for the whole pull or template
+    build (minutes; the SDK's destroy gave up after 60 s). Now the create stops there: the
+    DELETE answers with nothing billed and the create says it was killed."""
+    silent = socket.socket()  # a registry that never answers: the pull would hang for good
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    ref = f"127.0.0.1:{silent.getsockname()[1]}/never/answers:1"
+    created: list[httpx.Response] = []
+
+    def create() -> None:
+        with pull_daemon.client() as c:
+            created.append(c.post("/v1/sandboxes", json={"image": ref}, timeout=120))
+
+    creator = threading.Thread(target=create)
+    creator.start()
+    try:
+        with pull_daemon.client() as c:
+            deadline = time.monotonic() + 30
+            while not (rows := [s for s in c.get("/v1/sandboxes").json()["sandboxes"]]):
+                assert time.monotonic() < deadline, "the create never showed"
+                time.sleep(0.05)
+            (row,) = rows
+            assert row["state"] == "creating"
+            r = c.delete(f"/v1/sandboxes/{row['id']}", timeout=30)
+            assert r.status_code == 200, r.text
+            assert {k: r.json()[k] for k in ("uptime_ms", "billed_seconds", "cost_usd")} == {
+                "uptime_ms": 0,
+                "billed_seconds": 0,
+                "cost_usd": 0,
+            }
+            creator.join(30)
+            assert created and created[0].status_code == 410, created
+            assert "was killed while its image" in created[0].text
+            ended = c.get(f"/v1/sandboxes/{row['id']}").json()
+            assert (ended["state"], ended["end_reason"]) == ("ended", "killed")
+            assert c.get("/v1/sandboxes").json()["sandboxes"] == []
+            records = c.get("/v1/usage").json()["records"]
+            assert [x["sandbox_id"] for x in records].count(row["id"]) == 1
+    finally:
+        silent.close()
+        creator.join(5)
