@@ -27,7 +27,7 @@ from isorun.agent import Attachment, ExecResult, FileEntry, ProcInfo
 from isorun.daemon import auth
 from isorun.daemon.config import DaemonConfig
 from isorun.daemon.errors import ApiError, Conflict, Forbidden, NotFound, Unauthorized
-from isorun.daemon.imageerrors import image_api_error, refuse_host_path_image
+from isorun.daemon.imageerrors import image_api_error, names_for, refuse_host_path_image
 from isorun.daemon.keepalive import with_keepalives
 from isorun.daemon.models import (
     CreateKey,
@@ -887,8 +887,17 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
             **store.usage(tenant, f("since"), f("until")),
         }
 
+    def tenant_image_json(tenant: str, img: Image) -> dict[str, Any] | None:
+        """What a tenant is shown of a stored image: None for one known only by the host
+        paths it was imported from."""
+        names = names_for(tenant, img.names)
+        if img.names and not names:
+            return None
+        return {**image_json(img), "names": names}
+
     async def images(request: Request, tenant: str) -> Any:
-        return {"images": [image_json(i) for i in manager.images.list()]}
+        shown = (tenant_image_json(tenant, i) for i in manager.images.list())
+        return {"images": [i for i in shown if i is not None]}
 
     def _image_ref(request: Request) -> str:
         ref = request.query_params.get("ref", "")
@@ -901,13 +910,17 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
     async def inspect_image(request: Request, tenant: str) -> Any:
         ref = _image_ref(request)
         try:
+            refuse_host_path_image(tenant, ref, manager.images.parse(ref))
             img = manager.images.inspect(ref)
         except ImageError as exc:
             raise image_api_error(ref, exc) from exc
+        shown = tenant_image_json(tenant, img)
+        if shown is None:
+            raise NotFound(f"image {ref!r} not found")
         c = img.config
         # Holders are other tenants' sandboxes: say only whether the image is in use.
         return {
-            **image_json(img),
+            **shown,
             "in_use": bool(manager.images.holders(img.digest)),
             "config": {
                 "env": c.env,

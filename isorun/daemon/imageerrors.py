@@ -28,6 +28,14 @@ def refuse_host_path_image(tenant: str, ref: str, parsed: ImageRef) -> None:
         )
 
 
+def names_for(tenant: str, names: tuple[str, ...] | list[str]) -> list[str]:
+    """The names of a stored image a tenant may see: not the host paths the local
+    administrator imported it from (they name files on the daemon's host)."""
+    if tenant == LOCAL_TENANT:
+        return list(names)
+    return [n for n in names if n.partition(":")[0] not in HOST_PATH_TRANSPORTS | {"oci"}]
+
+
 def image_api_error(ref: str, exc: ImageError) -> ApiError:
     if isinstance(exc, ImageNotFoundError):
         return NotFound(f"image {ref!r} not found: {exc}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from daemonhelpers import Daemon, ndjson, running_daemon
-from pullhelpers import Registry, fold_phases, push_busybox, registry
+from pullhelpers import Registry, fold_phases, ob, push_busybox, registry
 
 pytestmark = pytest.mark.vm
 __all__ = ["registry"]
@@ -193,11 +193,24 @@ def test_api_keys_cannot_import_host_paths(pull_daemon: Daemon, tmp_path: Path) 
                 transport = "docker-archive" if "archive" in ref else "oci-layout"
                 assert repr(transport) in msg, msg
             assert t.get("/v1/sandboxes").json()["sandboxes"] == []
-    # The local administrator may still import one (here: a missing path is a clear 404).
+    # The local administrator may still import one (a missing path is a clear 404)...
+    lay = ob.Layout(tmp_path / "admin-layout")
+    lay.tag(lay.manifest([ob.busybox_tree([ob.file("etc/marker", "admin's")])]), "v1")
     with pull_daemon.client() as c:
         missing = tmp_path / "no-layout"
         recs = ndjson(c.post("/v1/images/pull", json={"image": f"oci-layout:{missing}"}))
         assert recs[-1]["type"] == "error" and recs[-1]["status"] != 403, recs[-1]
+        recs = ndjson(c.post("/v1/images/pull", json={"image": f"oci-layout:{lay.path}:v1"}))
+        digest = recs[-1]["image"]["digest"]
+        names = [n for i in c.get("/v1/images").json()["images"] for n in i["names"]]
+        assert any(str(lay.path) in n for n in names), names
+    # ...which tenants do not see: its name is a path on the daemon's host
+    with pull_daemon.tcp(key) as t:
+        listed = t.get("/v1/images").json()["images"]
+        assert digest not in [i["digest"] for i in listed]
+        assert not [n for i in listed for n in i["names"] if str(tmp_path) in n], listed
+        r = t.get("/v1/images/inspect", params={"ref": f"oci-layout:{lay.path}:v1"})
+        assert r.status_code == 403, r.text
 
 
 def test_a_kill_while_the_image_is_fetched_stops_the_create_at_once(pull_daemon: Daemon) -> None:
