@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ocibuild as ob
@@ -335,6 +336,40 @@ def _sparse_tar(tmp: Path, files: dict[str, int]) -> bytes:
     return out.stdout
 
 
+def _used_bytes(st: os.statvfs_result) -> int:
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def _used_inodes(st: os.statvfs_result) -> int:
+    return st.f_files - st.f_ffree
+
+
+@contextlib.contextmanager
+def _sampled_tmpfs(
+    mnt: Path, options: str, used: Callable[[os.statvfs_result], int]
+) -> Iterator[tuple[Path, list[int]]]:
+    """A tmpfs at `mnt` whose peak `used` (sampled every ms) is in the list once the block
+    ends; unmounted then."""
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], check=True)
+    peaks = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peaks[0] = max(peaks[0], used(os.statvfs(mnt)))
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield mnt, peaks
+    finally:
+        stop.set()
+        sampler.join()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 @pytest.mark.parametrize("bomb", ["one-sparse-file", "many-sparse-files", "zstd-zeros"])
 async def test_decompression_bombs_do_not_fill_the_disk(
     registry: Registry, tmp_path: Path, bomb: str
@@ -351,32 +386,14 @@ async def test_decompression_bombs_do_not_fill_the_disk(
     lay = _layout(tmp_path, "bomb", [ob.make_tar(ob.busybox_tree()), *layers], compression=comp)
     assert sum(p.stat().st_size for p in (lay / "blobs/sha256").iterdir()) < 2 * MiB
     good = _layout(tmp_path, "good", [ob.busybox_tree()])
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(mnt)], check=True)
-    peak = 0
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            st = os.statvfs(mnt)
-            peak = max(peak, (st.f_blocks - st.f_bfree) * st.f_frsize)
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    with _sampled_tmpfs(tmp_path / "fs", "size=512m", _used_bytes) as (mnt, peaks):
         store = ImageStore(mnt / "store", StoreConfig(auth_file=None, max_image_bytes=limit))
         kept = await store.ensure(f"oci-layout:{good}:t")
         with pytest.raises(ImageTooLargeError, match="store limit"):
             await store.ensure(f"oci-layout:{lay}:t")
         assert [i.digest for i in store.list()] == [kept.digest]
         assert_store_intact(store)
-    finally:
-        stop.set()
-        sampler.join()
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    peak = peaks[0]
     assert peak < 256 * MiB, f"the unpack used {peak >> 20} MiB of a 512 MiB disk"
 
 
@@ -391,34 +408,14 @@ async def test_an_image_of_many_empty_files_is_refused(
     empties = ob.make_tar([ob.dir_("many"), *(ob.file(f"many/{i}") for i in range(files))])
     lay = _layout(tmp_path, "many", [ob.make_tar(ob.busybox_tree()), empties])
     good = _layout(tmp_path, "good", [ob.busybox_tree()])
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256m,nr_inodes=400k", "tmpfs", str(mnt)], check=True
-    )
-    peak = 0
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            st = os.statvfs(mnt)
-            peak = max(peak, st.f_files - st.f_ffree)
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    with _sampled_tmpfs(tmp_path / "fs", "size=256m,nr_inodes=400k", _used_inodes) as (mnt, peaks):
         store = ImageStore(mnt / "store", StoreConfig(auth_file=None, max_image_files=limit))
         kept = await store.ensure(f"oci-layout:{good}:t")
         with pytest.raises(ImageTooLargeError, match="files and directories, over the store"):
             await store.ensure(f"oci-layout:{lay}:t")
         assert [i.digest for i in store.list()] == [kept.digest]
         assert_store_intact(store)
-    finally:
-        stop.set()
-        sampler.join()
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    peak = peaks[0]
     assert peak < 30_000, f"the unpack made {peak} inodes of the {files} in the layer"
 
 
