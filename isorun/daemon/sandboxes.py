@@ -586,9 +586,11 @@ class SandboxManager:
             if getting_image is not None:
                 # Still fetching its image (minutes, for a big pull or a template build):
                 # stopped there. What it cost is nothing, but the answer has the same shape.
-                usage = {"cpu_ms": 0, "mem_peak_bytes": 0, "uptime_ms": 0}
-                killed = self._killed_getting_image.setdefault(sandbox_id, usage)
-                getting_image.cancel()
+                killed = self._killed_getting_image.get(sandbox_id)
+                if killed is None:  # once: a second cancel would break the create's cleanup
+                    killed = {"cpu_ms": 0, "mem_peak_bytes": 0, "uptime_ms": 0}
+                    self._killed_getting_image[sandbox_id] = killed
+                    getting_image.cancel()
                 await starting[1].wait()
                 self._killed_getting_image.pop(sandbox_id, None)
                 if "billed_seconds" in killed:
