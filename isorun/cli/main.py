@@ -173,8 +173,18 @@ def cmd_logs(args: argparse.Namespace) -> int:
         r = c.get(path)
         if r.status_code >= 400:
             _core.check(r)
-    _out(args, {"console": r.text}, r.text)
+    text = r.text
+    if sys.stdout.isatty():  # the guest wrote it: no escape sequences for this terminal
+        text = text.replace("\r\n", "\n").translate(_TERMINAL_CONTROLS)
+    _out(args, {"console": text}, text)
     return 0
+
+
+# What a guest's console may not send to the viewer's terminal: C0 and C1 controls but
+# newline and tab (ESC would move the cursor, set the title, or worse), shown as escapes.
+_TERMINAL_CONTROLS = {
+    c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (0x09, 0x0A)
+}
 
 
 def cmd_images(args: argparse.Namespace) -> int:

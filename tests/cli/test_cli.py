@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -148,4 +150,37 @@ def test_cli_interrupt_and_closed_pipe_stop_the_command(daemon: Daemon, image: s
         assert _running(daemon, sid) == []
     finally:
         with daemon.client() as c:
+            c.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_cli_logs_to_a_terminal_carry_no_escape_sequences(daemon: Daemon, image: str) -> None:
+    """The console is the guest's to write: `isorun logs` passed its escape sequences (set
+    the title, move the cursor, clear lines) to the viewer's terminal. On a terminal they
+    are shown as escapes now; piped, the bytes are left as they were."""
+    cli = [sys.executable, "-m", "isorun.cli"]
+    with daemon.client() as c:
+        sid = c.post("/v1/sandboxes", json={"image": image}).json()["id"]
+        c.post(
+            f"/v1/sandboxes/{sid}/exec",
+            json={"cmd": r"printf 'MARK\033]0;pwned\007\033[2Kend\n' > /dev/console"},
+        )
+        try:
+            main, sub = os.openpty()
+            r = subprocess.run(
+                [*cli, "logs", sid], env=daemon.env, stdout=sub, stderr=subprocess.PIPE, timeout=60
+            )
+            os.close(sub)
+            seen = b""
+            with contextlib.suppress(OSError):  # EIO once the writer is gone
+                while chunk := os.read(main, 65536):
+                    seen += chunk
+            os.close(main)
+            assert r.returncode == 0, r.stderr
+            assert b"MARK\\x1b]0;pwned\\x07\\x1b[2Kend" in seen, seen[-500:]
+            assert b"\x1b" not in seen and b"\x07" not in seen
+            piped = subprocess.run(
+                [*cli, "logs", sid], env=daemon.env, capture_output=True, timeout=60
+            ).stdout
+            assert b"MARK\x1b]0;pwned\x07\x1b[2Kend" in piped
+        finally:
             c.delete(f"/v1/sandboxes/{sid}")
