@@ -174,9 +174,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
         if r.status_code >= 400:
             _core.check(r)
     text = r.text
-    if sys.stdout.isatty():  # the guest wrote it: no escape sequences for this terminal
-        text = text.replace("\r\n", "\n").translate(_TERMINAL_CONTROLS)
-    _out(args, {"console": text}, text)
+    # the guest wrote it: no escape sequences for this terminal (JSON escapes them itself)
+    shown = text.replace("\r\n", "\n").translate(_TERMINAL_CONTROLS)
+    _out(args, {"console": text}, shown if sys.stdout.isatty() else text)
     return 0
 
 
