@@ -13,6 +13,7 @@ import httpx
 
 from isorun.cli.progress import ProgressView
 from isorun.errors import IsorunError
+from isorun.escapes import ON_A_TERMINAL
 from isorun.sdk import Images, _core
 from isorun.sdk._core import ExecResult
 from isorun.sdk.sandbox_sync import Sandbox, _client
@@ -175,16 +176,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
             _core.check(r)
     text = r.text
     # the guest wrote it: no escape sequences for this terminal (JSON escapes them itself)
-    shown = text.replace("\r\n", "\n").translate(_TERMINAL_CONTROLS)
-    _out(args, {"console": text}, shown if sys.stdout.isatty() else text)
+    shown = text.replace("\r\n", "\n").translate(ON_A_TERMINAL) if sys.stdout.isatty() else text
+    _out(args, {"console": text}, shown)
     return 0
-
-
-# What a guest's console may not send to the viewer's terminal: C0 and C1 controls but
-# newline and tab (ESC would move the cursor, set the title, or worse), shown as escapes.
-_TERMINAL_CONTROLS = {
-    c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (0x09, 0x0A)
-}
 
 
 def cmd_images(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from isorun.daemon.app import create_app
 from isorun.daemon.config import DaemonConfig
 from isorun.daemon.sandboxes import SandboxManager
 from isorun.daemon.store import Store
+from isorun.escapes import IN_A_LOG_LINE
 
 
 def _unix_listener(path: Path) -> socket.socket:
@@ -130,21 +131,13 @@ async def serve(cfg: DaemonConfig) -> None:
         os.close(lock_fd)  # last: the state is free once the store is closed
 
 
-# C0 and C1 controls but tab, and the Unicode line separators: printed as escapes
-_CONTROLS = {
-    c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
-    for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
-    if c != 0x09
-}
-
-
 class OneLineFormatter(logging.Formatter):
     """Each record's message on one line, with no terminal escapes: messages carry guest
     text (an agent's error), and a guest wrote a forged second log line and terminal
     escapes into the daemon's log that way. A traceback, the daemon's own, is kept as is."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = record.message.translate(_CONTROLS)
+        record.message = record.message.translate(IN_A_LOG_LINE)
         return super().formatMessage(record)
 
 
