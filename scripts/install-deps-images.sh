@@ -9,9 +9,10 @@
 #   zstd          tests craft zstd-compressed layers with it
 #   busybox-static  the musl/alpine-like test image is built from /bin/busybox
 #   qemu-utils    qemu-img, used by bench/bench_images.py for per-sandbox overlays
+#   iproute2      `ip netns`: the tests' registries on a public address live in a netns
 set -euo pipefail
 PKGS=(skopeo umoci e2fsprogs mmdebstrap docker-registry apache2-utils zstd busybox-static
-      qemu-utils ca-certificates)
+      qemu-utils ca-certificates iproute2)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -27,7 +27,12 @@ from isorun.agent import Attachment, ExecResult, FileEntry, ProcInfo
 from isorun.daemon import auth
 from isorun.daemon.config import DaemonConfig
 from isorun.daemon.errors import ApiError, Conflict, Forbidden, NotFound, Unauthorized
-from isorun.daemon.imageerrors import image_api_error, names_for, refuse_host_path_image
+from isorun.daemon.imageerrors import (
+    image_api_error,
+    names_for,
+    pull_policy_for,
+    refuse_host_path_image,
+)
 from isorun.daemon.keepalive import with_keepalives
 from isorun.daemon.models import (
     CreateKey,
@@ -966,7 +971,12 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                 feed.push(progress_record(ev))
 
             try:
-                img = await manager.images.ensure(req.image, pull=req.pull, progress=progress)
+                img = await manager.images.ensure(
+                    req.image,
+                    pull=req.pull,
+                    progress=progress,
+                    policy=pull_policy_for(tenant, cfg.tenant_registries),
+                )
             except ImageError as exc:
                 raise image_api_error(req.image, exc) from exc
             return {"type": "image", "image": image_json(img)}

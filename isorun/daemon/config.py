@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from isorun.errors import ConfigError
+from isorun.images import RegistryPolicy
 from isorun.vmm import artifacts
 
 DEFAULT_SOCKET = Path("/run/isorun/isorund.sock")
@@ -24,6 +25,16 @@ def _env_int(name: str, default: int) -> int:
 
 def default_socket() -> Path:
     return Path(os.environ.get("ISORUN_SOCKET", str(DEFAULT_SOCKET)))
+
+
+def tenant_registries(
+    text: str | None = None, setting: str = "ISORUN_TENANT_REGISTRIES"
+) -> RegistryPolicy:
+    """The registries an API-key tenant may have the daemon pull from (images/registry_policy.py):
+    by default any on a public address, anonymously; the local administrator is not limited."""
+    if text is None:
+        text = os.environ.get("ISORUN_TENANT_REGISTRIES", "public")
+    return RegistryPolicy.parse(text, setting)
 
 
 def default_state_dir() -> Path:
@@ -68,6 +79,7 @@ class DaemonConfig:
     allow_raw_rootfs: bool = field(
         default_factory=lambda: os.environ.get("ISORUN_ALLOW_RAW_ROOTFS") == "1"
     )
+    tenant_registries: RegistryPolicy = field(default_factory=tenant_registries)
     # What a graceful stop does with running sandboxes: keep them (re-adopted on restart).
     kill_on_exit: bool = False
     host_cpus: int = field(default_factory=lambda: os.cpu_count() or 1)

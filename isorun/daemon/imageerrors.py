@@ -8,6 +8,8 @@ from isorun.images import (
     ImageError,
     ImageNotFoundError,
     InvalidReferenceError,
+    RegistryPolicy,
+    RegistryRefusedError,
     RegistryUnreachableError,
     TemplateError,
 )
@@ -28,6 +30,13 @@ def refuse_host_path_image(tenant: str, ref: str, parsed: ImageRef) -> None:
         )
 
 
+def pull_policy_for(tenant: str, tenant_registries: RegistryPolicy) -> RegistryPolicy | None:
+    """Which registries a pull for `tenant` may reach: any for the local administrator (their
+    own host), the operator's list for an API key (its pull must not reach the host's private
+    network, nor spend the daemon's credentials on a registry the tenant chose)."""
+    return None if tenant == LOCAL_TENANT else tenant_registries
+
+
 def names_for(tenant: str, names: tuple[str, ...] | list[str]) -> list[str]:
     """The names of a stored image a tenant may see: not the host paths the local
     administrator imported it from (they name files on the daemon's host)."""
@@ -41,6 +50,12 @@ def image_api_error(ref: str, exc: ImageError) -> ApiError:
         return NotFound(f"image {ref!r} not found: {exc}")
     if isinstance(exc, InvalidReferenceError | TemplateError):
         return ApiError(f"invalid image {ref!r}: {exc}", code="invalid_image")
+    if isinstance(exc, RegistryRefusedError):
+        return Forbidden(
+            f"image {ref!r}: {exc}; the daemon's operator sets which registries API keys may "
+            "pull from (isorund --tenant-registries / ISORUN_TENANT_REGISTRIES)",
+            code="registry_refused",
+        )
     if isinstance(exc, RegistryUnreachableError):
         return ApiError(str(exc), status=502, code="registry_unreachable")
     return ApiError(f"image {ref!r}: {exc}", status=422, code="image_error")

@@ -14,9 +14,10 @@ from pathlib import Path
 import uvicorn
 
 from isorun.daemon.app import create_app
-from isorun.daemon.config import DaemonConfig
+from isorun.daemon.config import DaemonConfig, tenant_registries
 from isorun.daemon.sandboxes import SandboxManager
 from isorun.daemon.store import Store
+from isorun.errors import ConfigError
 from isorun.escapes import IN_A_LOG_LINE
 
 
@@ -161,12 +162,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mem-overcommit", type=float)
     p.add_argument("--price-per-vcpu-hour", type=float)
     p.add_argument(
+        "--tenant-registries",
+        help="registries API-key tenants may pull from: `public` (any on a public address, "
+        "pulled anonymously) and/or host[:port] names (pulled with the daemon's credentials), "
+        "comma-separated; '' for none (default $ISORUN_TENANT_REGISTRIES or public)",
+    )
+    p.add_argument(
         "--kill-on-exit",
         action="store_true",
         help="kill sandboxes on a clean stop (default: keep them for re-adoption)",
     )
     a = p.parse_args(argv)
-    cfg = DaemonConfig()
+    try:
+        cfg = DaemonConfig()
+        if a.tenant_registries is not None:
+            cfg.tenant_registries = tenant_registries(a.tenant_registries, "--tenant-registries")
+    except ConfigError as exc:
+        raise SystemExit(f"isorund: {exc}") from None
     for name in (
         "socket",
         "tcp",

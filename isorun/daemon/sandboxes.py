@@ -18,7 +18,11 @@ from typing import Any
 
 from isorun.daemon.config import DaemonConfig
 from isorun.daemon.errors import ApiError, CapacityError, Conflict, Forbidden, Gone, NotFound
-from isorun.daemon.imageerrors import image_api_error, refuse_host_path_image
+from isorun.daemon.imageerrors import (
+    image_api_error,
+    pull_policy_for,
+    refuse_host_path_image,
+)
 from isorun.daemon.models import CreateSandbox
 from isorun.daemon.progress import progress_record
 from isorun.daemon.store import LOCAL_TENANT, SandboxRow, StateFullError, Store
@@ -417,7 +421,12 @@ class SandboxManager:
                 cb(progress_record(ev))
 
         try:
-            img = await self.images.ensure(ref, progress=progress, holder=holder)
+            img = await self.images.ensure(
+                ref,
+                progress=progress,
+                holder=holder,
+                policy=pull_policy_for(tenant, self.cfg.tenant_registries),
+            )
         except ImageError as exc:
             raise image_api_error(ref, exc) from exc
         return img.rootfs, img.digest, img.config

@@ -15,6 +15,7 @@ from isorun.images.errors import (
     ImageToolError,
     InvalidReferenceError,
     RegistryAuthError,
+    RegistryRefusedError,
     RegistryUnreachableError,
     StoreFullError,
     TemplateError,
@@ -24,6 +25,7 @@ from isorun.images.errors import (
 )
 from isorun.images.progress import Progress, ProgressEvent
 from isorun.images.reference import ImageRef, parse_reference
+from isorun.images.registry_policy import RegistryPolicy
 from isorun.images.store import DiskUsage, GcReport, Image, ImageStore
 
 __all__ = [
@@ -44,6 +46,8 @@ __all__ = [
     "Progress",
     "ProgressEvent",
     "RegistryAuthError",
+    "RegistryPolicy",
+    "RegistryRefusedError",
     "RegistryUnreachableError",
     "StoreConfig",
     "StoreFullError",

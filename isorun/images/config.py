@@ -136,6 +136,16 @@ class Credentials:
         return f"Credentials(username={self.username!r}, password='***')"
 
 
+@dataclass(frozen=True)
+class Anonymous:
+    """Pull offering no credentials at all: neither per-call ones nor the auth file's."""
+
+
+ANONYMOUS = Anonymous()
+# Who a pull authenticates as: given credentials, nobody, or (None) the auth file's.
+PullCredentials = Credentials | Anonymous | None
+
+
 def _default_auth_file() -> Path | None:
     env = os.environ.get("REGISTRY_AUTH_FILE")
     if env:

@@ -21,6 +21,10 @@ class RegistryUnreachableError(ImageError):
     """The registry could not be contacted (DNS, connection refused, TLS, timeout)."""
 
 
+class RegistryRefusedError(ImageError):
+    """The registry is not one this pull's policy lets it reach (registry_policy.py)."""
+
+
 class RegistryAuthError(ImageError):
     """The registry refused our credentials, or needs some and we had none."""
 

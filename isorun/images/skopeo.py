@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from isorun.images import proc
-from isorun.images.config import Credentials, StoreConfig
+from isorun.images.config import Anonymous, Credentials, PullCredentials, StoreConfig
 from isorun.images.errors import (
     ImageCorruptError,
     ImageError,
@@ -136,15 +136,18 @@ class Skopeo:
         self.workdir = workdir
         self.policy = workdir / "policy.json"
 
-    def _common(self, ref: ImageRef, creds_file: Path | None) -> list[str]:
-        args: list[str] = []
-        authfile = creds_file or self.cfg.auth_file
-        if ref.transport == "registry" and authfile is not None:
-            args.append(f"--authfile={authfile}")
-        return args
+    def _auth(self, ref: ImageRef, creds: PullCredentials, tmp: Path, flag: str) -> list[str]:
+        """skopeo's auth flags (`flag` prefix: "" for inspect, "src-" for copy)."""
+        if ref.transport != "registry":
+            return []
+        if isinstance(creds, Anonymous):
+            # without this skopeo still reads its default auth files
+            return [f"--{flag}no-creds"]
+        authfile = self._write_creds(ref, creds, tmp) or self.cfg.auth_file
+        return [f"--{flag}authfile={authfile}"] if authfile is not None else []
 
     def _write_creds(self, ref: ImageRef, creds: Credentials | None, tmp: Path) -> Path | None:
-        if creds is None or ref.transport != "registry":
+        if creds is None:
             return None
         token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
         path = tmp / "auth.json"
@@ -161,14 +164,14 @@ class Skopeo:
     def _env(self, tmp: Path) -> dict[str, str]:
         return {"TMPDIR": str(tmp)}
 
-    async def _raw(self, ref: ImageRef, creds_file: Path | None, tmp: Path) -> bytes:
+    async def _raw(self, ref: ImageRef, auth: list[str], tmp: Path) -> bytes:
         self._ensure_policy()
         argv = [
             "skopeo",
             "inspect",
             "--raw",
             f"--policy={self.policy}",
-            *self._common(ref, creds_file),
+            *auth,
             *self._tls(ref, "--tls-verify"),
             ref.skopeo(),
         ]
@@ -189,10 +192,10 @@ class Skopeo:
             tmp.write_text(json.dumps(POLICY))
             tmp.replace(self.policy)
 
-    async def resolve(self, ref: ImageRef, creds: Credentials | None, tmp: Path) -> Resolved:
+    async def resolve(self, ref: ImageRef, creds: PullCredentials, tmp: Path) -> Resolved:
         """Fetch the manifest (resolving a list to our platform) without pulling layers."""
-        creds_file = self._write_creds(ref, creds, tmp)
-        raw = await self._raw(ref, creds_file, tmp)
+        auth = self._auth(ref, creds, tmp, "")
+        raw = await self._raw(ref, auth, tmp)
         doc = _parse_manifest(raw, ref.name())
         index_digest: str | None = None
         digest = "sha256:" + hashlib.sha256(raw).hexdigest()
@@ -200,7 +203,7 @@ class Skopeo:
             index_digest = digest
             digest = self._pick_platform(doc, ref.name())
             if ref.transport == "registry":
-                raw = await self._raw(ref.with_digest(digest), creds_file, tmp)
+                raw = await self._raw(ref.with_digest(digest), auth, tmp)
             else:
                 raw = await self._raw_platform(ref, digest)
             if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
@@ -306,11 +309,10 @@ class Skopeo:
         )
 
     async def copy(
-        self, ref: ImageRef, digest: str, creds: Credentials | None, tmp: Path, layout: Path
+        self, ref: ImageRef, digest: str, creds: PullCredentials, tmp: Path, layout: Path
     ) -> None:
         """Copy the pinned image into an OCI layout at `layout` (tag `img`), verifying blobs."""
         self._ensure_policy()
-        creds_file = self._write_creds(ref, creds, tmp)
         src = ref.with_digest(digest) if ref.transport == "registry" else ref
         argv = [
             "skopeo",
@@ -320,7 +322,7 @@ class Skopeo:
             "--quiet",
             f"--policy={self.policy}",
             "--retry-times=2",
-            *[a.replace("--authfile", "--src-authfile") for a in self._common(ref, creds_file)],
+            *self._auth(ref, creds, tmp, "src-"),
             *self._tls(ref, "--src-tls-verify"),
             src.skopeo(),
             f"oci:{layout}:img",

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from isorun.images import ext4, unpack
-from isorun.images.config import Credentials, ImageConfig, StoreConfig
+from isorun.images.config import ANONYMOUS, Credentials, ImageConfig, PullCredentials, StoreConfig
 from isorun.images.errors import (
     ImageError,
     ImageInUseError,
@@ -42,6 +42,7 @@ from isorun.images.locks import file_lock, try_lock, try_lock_dir, unlock
 from isorun.images.progress import Progress, ProgressEvent, emitter, watch_bytes
 from isorun.images.reference import ImageRef, parse_reference
 from isorun.images.refs import Refs
+from isorun.images.registry_policy import RegistryPolicy
 from isorun.images.skopeo import Resolved, Skopeo
 from isorun.images.templates import Template, TemplateSet, build_rootfs
 
@@ -164,6 +165,7 @@ class ImageStore:
         pull: PullPolicy = "missing",
         progress: Progress | None = None,
         holder: str | None = None,
+        policy: RegistryPolicy | None = None,
     ) -> Image:
         """Return the converted image for `ref`, pulling/building it if needed.
 
@@ -172,17 +174,19 @@ class ImageStore:
         when the digest changed). `progress` receives phase events (see
         `isorun.images.progress`); the last one is `done`. With `holder`, the image is
         also acquired for it: a gc or remove (in any process) between finding the image and
-        holding it makes ensure fetch it again rather than hand back a deleted image.
+        holding it makes ensure fetch it again rather than hand back a deleted image. With
+        `policy` (a pull on someone else's behalf), a registry is asked only if the policy
+        allows it, and anonymously where the policy says so; a stored image needs no asking.
         """
         raw = emitter(progress)
 
         def emit(ev: ProgressEvent) -> None:  # every event names the ref the caller gave
             raw(dataclasses.replace(ev, ref=ref))
 
-        img = await self._ensure(ref, credentials, pull, emit)
+        img = await self._ensure(ref, credentials, pull, emit, policy)
         if holder is not None:
             img = await self._hold(
-                ref, img, holder, lambda: self._ensure(ref, credentials, pull, emit)
+                ref, img, holder, lambda: self._ensure(ref, credentials, pull, emit, policy)
             )
         emit(
             ProgressEvent(
@@ -206,7 +210,12 @@ class ImageStore:
         )
 
     async def _ensure(
-        self, ref: str, credentials: Credentials | None, pull: PullPolicy, emit: Progress
+        self,
+        ref: str,
+        credentials: PullCredentials,
+        pull: PullPolicy,
+        emit: Progress,
+        policy: RegistryPolicy | None,
     ) -> Image:
         r = self.parse(ref)
         if r.transport == "template":
@@ -222,6 +231,8 @@ class ImageStore:
                 await self._refs.set(r.name(), known)
                 emit(ProgressEvent("cached", ref, "already in the store", digest=known))
                 return img
+        if policy is not None and await policy.check(r) == "anonymous" and credentials is None:
+            credentials = ANONYMOUS
         emit(ProgressEvent("resolving", ref, f"resolving {r.name()}"))
         with self._workdir("resolve") as tmp:
             resolved = await self._skopeo.resolve(r, credentials, tmp)
@@ -343,7 +354,7 @@ class ImageStore:
         self,
         r: ImageRef,
         resolved: Resolved,
-        creds: Credentials | None,
+        creds: PullCredentials,
         tmp: Path,
         emit: Progress,
     ) -> dict[str, Any]:

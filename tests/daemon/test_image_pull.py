@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -26,8 +27,13 @@ IMAGE_PHASES = ["resolving", "pulling", "unpacking", "converting", "done"]
 
 
 @pytest.fixture(scope="module")
-def pull_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    with running_daemon(tmp_path_factory.mktemp("isorund-pull"), own_images=True) as d:
+def pull_daemon(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Iterator[Daemon]:
+    # API keys may pull from the loopback registry by this one name (the operator's choice)
+    with running_daemon(
+        tmp_path_factory.mktemp("isorund-pull"),
+        own_images=True,
+        ISORUN_TENANT_REGISTRIES=f"public,{registry.host}",
+    ) as d:
         yield d
 
 
@@ -211,6 +217,52 @@ def test_api_keys_cannot_import_host_paths(pull_daemon: Daemon, tmp_path: Path) 
         assert not [n for i in listed for n in i["names"] if str(tmp_path) in n], listed
         r = t.get("/v1/images/inspect", params={"ref": f"oci-layout:{lay.path}:v1"})
         assert r.status_code == 403, r.text
+
+
+def test_api_keys_pull_only_from_registries_the_operator_allows(
+    pull_daemon: Daemon, registry: Registry, tmp_path: Path
+) -> None:
+    digest = push_busybox(registry, tmp_path, "dpull/tenant:v1")
+    port = registry.host.rsplit(":", 1)[1]
+    refused = [
+        f"localhost:{port}/dpull/tenant:v1",  # the same registry by a name not listed
+        "169.254.169.254/latest/meta-data:x",  # cloud metadata
+        "10.0.0.1:2375/v1/containers:json",  # a private network's docker API
+    ]
+    with pull_daemon.client() as c:
+        key = c.post("/v1/keys", json={"name": "registries"}).json()["key"]
+    with pull_daemon.tcp(key) as t:
+        for ref in refused:
+            host = ref.split("/", 1)[0]
+            recs = ndjson(t.post("/v1/images/pull", json={"image": ref}))
+            assert [x["type"] for x in recs] == ["error"], recs
+            err = recs[0]
+            assert (err["status"], err["code"]) == (403, "registry_refused"), err
+            assert f"registry {host} is at" in err["message"], err
+            assert "ISORUN_TENANT_REGISTRIES" in err["message"], err
+            r = t.post("/v1/sandboxes", json={"image": ref})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "registry_refused"
+        assert t.get("/v1/sandboxes").json()["sandboxes"] == []
+        # the registry by the name the operator listed
+        recs = ndjson(t.post("/v1/images/pull", json={"image": f"{registry.host}/dpull/tenant:v1"}))
+        assert recs[-1]["type"] == "image" and recs[-1]["image"]["digest"] == digest, recs[-1]
+    # The local administrator is not limited: the unlisted name pulls.
+    with pull_daemon.client() as c:
+        recs = ndjson(c.post("/v1/images/pull", json={"image": refused[0]}))
+        assert recs[-1]["type"] == "image" and recs[-1]["image"]["digest"] == digest, recs[-1]
+
+
+def test_a_bad_registry_policy_stops_the_daemon_naming_it(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "isorun.daemon", "--tenant-registries", "public,http://x.io"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "ISORUN_STATE_DIR": str(tmp_path), "ISORUN_SOCKET": str(tmp_path / "s")},
+    )
+    assert res.returncode != 0
+    assert "--tenant-registries: 'http://x.io' is not a registry host" in res.stderr, res.stderr
+    assert not (tmp_path / "s").exists()
 
 
 def test_a_kill_while_the_image_is_fetched_stops_the_create_at_once(pull_daemon: Daemon) -> None:

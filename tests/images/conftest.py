@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from imghelpers import (
     auth_registry,
     base_image,
+    public_registries,
     pytest_configure,
     pytest_runtest_setup,
     registry,
@@ -19,6 +20,7 @@ from imghelpers import (
 __all__ = [
     "auth_registry",
     "base_image",
+    "public_registries",
     "pytest_configure",
     "pytest_runtest_setup",
     "registry",

@@ -22,7 +22,7 @@ import pytest
 
 from isorun.images import Image, ImageStore, StoreConfig
 
-REQUIRED = ["skopeo", "umoci", "mkfs.ext4", "debugfs", "docker-registry", "zstd"]
+REQUIRED = ["skopeo", "umoci", "mkfs.ext4", "debugfs", "docker-registry", "zstd", "ip"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -107,8 +107,11 @@ class Registry:
         return self.storage / "docker/registry/v2/blobs/sha256" / h[:2] / h / "data"
 
 
-def _start_registry(tmp: Path, htpasswd: Path | None) -> Registry:
-    port = free_port()
+def _start_registry(
+    tmp: Path, htpasswd: Path | None, addr: str = "", netns: str | None = None
+) -> Registry:
+    """docker-registry on `addr` (default a free loopback port), inside `netns` if given."""
+    addr = addr or f"127.0.0.1:{free_port()}"
     storage = tmp / "storage"
     storage.mkdir(parents=True)
     cfg = {
@@ -119,19 +122,22 @@ def _start_registry(tmp: Path, htpasswd: Path | None) -> Registry:
             "delete": {"enabled": True},
             "cache": {"blobdescriptor": ""},
         },
-        "http": {"addr": f"127.0.0.1:{port}"},
+        "http": {"addr": addr},
     }
     if htpasswd:
         cfg["auth"] = {"htpasswd": {"realm": "isorun-test", "path": str(htpasswd)}}
     (tmp / "config.yml").write_text(json.dumps(cfg))  # JSON is valid YAML
     log = (tmp / "registry.log").open("wb")
+    in_netns = ["ip", "netns", "exec", netns] if netns else []
     proc = subprocess.Popen(
-        ["docker-registry", "serve", str(tmp / "config.yml")], stdout=log, stderr=subprocess.STDOUT
+        [*in_netns, "docker-registry", "serve", str(tmp / "config.yml")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
+            urllib.request.urlopen(f"http://{addr}/v2/", timeout=1)
             break
         except urllib.error.HTTPError:
             break  # 401: up, wants auth
@@ -142,29 +148,79 @@ def _start_registry(tmp: Path, htpasswd: Path | None) -> Registry:
     else:
         proc.kill()
         raise RuntimeError("docker-registry did not start within 15 s")
-    return Registry(f"127.0.0.1:{port}", storage, proc)
+    return Registry(addr, storage, proc)
+
+
+def _htpasswd(tmp: Path) -> Path:
+    ht = tmp / "htpasswd"
+    subprocess.run(
+        ["htpasswd", "-Bbc", str(ht), "agent", "s3cret-pw"], check=True, capture_output=True
+    )
+    return ht
+
+
+def _stop(reg: Registry) -> None:
+    reg.proc.terminate()
+    reg.proc.wait(10)
 
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     reg = _start_registry(tmp_path_factory.mktemp("registry"), None)
     yield reg
-    reg.proc.terminate()
-    reg.proc.wait(10)
+    _stop(reg)
 
 
 @pytest.fixture(scope="session")
 def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     tmp = tmp_path_factory.mktemp("auth-registry")
-    ht = tmp / "htpasswd"
-    subprocess.run(
-        ["htpasswd", "-Bbc", str(ht), "agent", "s3cret-pw"], check=True, capture_output=True
-    )
-    reg = _start_registry(tmp, ht)
+    reg = _start_registry(tmp, _htpasswd(tmp))
     reg.user, reg.password = "agent", "s3cret-pw"
     yield reg
-    reg.proc.terminate()
-    reg.proc.wait(10)
+    _stop(reg)
+
+
+@dataclass
+class PublicRegistries:
+    """Two registries on a public (globally routable) address, as a tenant's pull from the
+    internet meets them: `open` serves anyone, `auth` wants the agent/s3cret-pw login."""
+
+    open: Registry
+    auth: Registry
+
+
+@pytest.fixture(scope="session")
+def public_registries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PublicRegistries]:
+    """A host of our own in a network namespace, reached over a veth pair at a public
+    address (no route leaves this machine: the /30 is on the veth alone)."""
+    tag = os.getpid() % 100_000
+    ns, here, there = f"isr-pub-{tag}", f"isrp{tag}a", f"isrp{tag}b"
+    net = f"45.67.{tag % 250}"
+    ip = ["ip"]
+    subprocess.run([*ip, "netns", "add", ns], check=True)
+    try:
+        for argv in (
+            ["link", "add", here, "type", "veth", "peer", "name", there, "netns", ns],
+            ["addr", "add", f"{net}.1/30", "dev", here],
+            ["link", "set", here, "up"],
+            ["-n", ns, "addr", "add", f"{net}.2/30", "dev", there],
+            ["-n", ns, "link", "set", there, "up"],
+            ["-n", ns, "link", "set", "lo", "up"],
+        ):
+            subprocess.run([*ip, *argv], check=True, capture_output=True)
+        tmp = tmp_path_factory.mktemp("public-registries")
+        (tmp / "open").mkdir()
+        (tmp / "auth").mkdir()
+        opened = _start_registry(tmp / "open", None, f"{net}.2:5000", ns)
+        try:
+            auth = _start_registry(tmp / "auth", _htpasswd(tmp), f"{net}.2:5001", ns)
+            auth.user, auth.password = "agent", "s3cret-pw"
+            yield PublicRegistries(opened, auth)
+            _stop(auth)
+        finally:
+            _stop(opened)
+    finally:
+        subprocess.run([*ip, "netns", "del", ns], check=False)  # takes the veth pair with it
 
 
 TEMPLATE_CACHE = Path(os.environ.get("ISORUN_TEST_TEMPLATE_CACHE", "/var/cache/isorun/test-images"))

@@ -1,0 +1,128 @@
+"""Which registries a pull made on someone else's behalf may reach, and as whom.
+
+The daemon pulls as root from the host's network. Left open, an API-key tenant naming
+`169.254.169.254/x` or `10.0.0.5:2375/x` makes it reach addresses only the host can (request
+forgery), and the operator's registry credentials would be spent on any registry a tenant
+names. A policy lists what a tenant may name:
+
+- `public`: any registry all of whose addresses are public unicast, pulled anonymously (the
+  operator's auth file is not offered to a registry the tenant chose);
+- registries by name as references write them (`registry.internal:5000`, `10.0.0.5:5000`):
+  reached whatever their address, with the operator's credentials for them.
+
+The check resolves the registry's name once, before the pull; skopeo resolves it again and
+follows the registry's redirects and token realm itself, so a registry that answers with
+another address later is not stopped here (docs/images.md says so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import Literal
+
+from isorun.errors import ConfigError
+from isorun.images.errors import (
+    InvalidReferenceError,
+    RegistryRefusedError,
+    RegistryUnreachableError,
+)
+from isorun.images.reference import DEFAULT_REGISTRY, ImageRef, parse_reference
+
+PUBLIC = "public"
+RESOLVE_TIMEOUT_S = 10.0
+# Docker Hub's references say docker.io; its API is served from this name.
+_API_HOST = {DEFAULT_REGISTRY: "registry-1.docker.io"}
+
+PullAs = Literal["anonymous", "operator"]
+
+
+@dataclass(frozen=True)
+class RegistryPolicy:
+    public: bool
+    named: frozenset[str]
+
+    @classmethod
+    def parse(cls, text: str, setting: str = "registry policy") -> RegistryPolicy:
+        """From `public,registry.internal:5000,...`; an empty text allows no registry."""
+        named: set[str] = set()
+        public = False
+        for item in (s.strip() for s in text.split(",")):
+            if item == PUBLIC:
+                public = True
+            elif item:
+                named.add(_registry_of(item, setting))
+        return cls(public, frozenset(named))
+
+    def describe(self) -> str:
+        parts = ([PUBLIC] if self.public else []) + sorted(self.named)
+        return ",".join(parts) or "(none)"
+
+    async def check(self, ref: ImageRef) -> PullAs:
+        """Raise RegistryRefusedError unless ref's registry may be reached; say whether the
+        operator's credentials may be offered to it."""
+        if ref.transport != "registry":
+            return "operator"  # no network: the caller decides who may name a host path
+        if ref.registry.lower() in self.named:
+            return "operator"
+        if not self.public:
+            raise RegistryRefusedError(
+                f"registry {ref.registry} is not one this pull may reach (allowed: "
+                f"{self.describe()})"
+            )
+        for address in await _addresses(ref.registry):
+            if not _is_public(address):
+                raise RegistryRefusedError(
+                    f"registry {ref.registry} is at {address}, which is not a public address; "
+                    f"pulls here may reach only public registries and these by name: "
+                    f"{', '.join(sorted(self.named)) or '(none)'}"
+                )
+        return "anonymous"
+
+
+def _registry_of(item: str, setting: str) -> str:
+    try:
+        ref = parse_reference(f"{item}/policy-entry")
+    except InvalidReferenceError as exc:
+        raise ConfigError(f"{setting}: {item!r} is not a registry host[:port] ({exc})") from None
+    if ref.transport != "registry" or ref.repository.removeprefix("library/") != "policy-entry":
+        raise ConfigError(
+            f"{setting}: {item!r} is not a registry host[:port] (write `{PUBLIC}` or names "
+            "like registry.example.com:5000)"
+        )
+    return ref.registry.lower()
+
+
+def _split_host(registry: str) -> tuple[str, int]:
+    if registry.startswith("["):
+        host, _, rest = registry[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else 443
+    host, _, port = registry.partition(":")
+    return host, int(port) if port else 443
+
+
+async def _addresses(registry: str) -> list[str]:
+    host, port = _split_host(registry)
+    host = _API_HOST.get(registry, host)
+    try:
+        return [ipaddress.ip_address(host).compressed]
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, TimeoutError) as exc:
+        raise RegistryUnreachableError(
+            f"cannot resolve registry host {host}: {str(exc) or 'timed out'}"
+        ) from None
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast

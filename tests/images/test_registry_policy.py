@@ -1,0 +1,131 @@
+"""A pull made on someone else's behalf reaches only the registries its policy allows, and
+offers the store's credentials only to registries the policy names: against real registries
+on loopback and on a public address in a network namespace of our own."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import ocibuild as ob
+import pytest
+from imghelpers import PublicRegistries, Registry, assert_store_intact
+
+from isorun.errors import ConfigError
+from isorun.images import (
+    ImageStore,
+    RegistryAuthError,
+    RegistryPolicy,
+    RegistryRefusedError,
+    StoreConfig,
+    parse_reference,
+)
+
+
+def _push(reg: Registry, tmp: Path, repo_tag: str) -> str:
+    lay = ob.Layout(tmp / repo_tag.replace("/", "_").replace(":", "_"))
+    lay.tag(lay.manifest([ob.busybox_tree()]), "t")
+    return reg.push(f"oci:{lay.path}:t", repo_tag)
+
+
+def _store_with_login(tmp: Path, mp: pytest.MonkeyPatch, *registries: Registry) -> ImageStore:
+    """A store whose operator keeps the agent login for `registries` where skopeo also looks
+    by itself ($REGISTRY_AUTH_FILE): an anonymous pull must keep skopeo from using it too."""
+    token = base64.b64encode(b"agent:s3cret-pw").decode()
+    tmp.mkdir(exist_ok=True)
+    auth = tmp / "config.json"
+    auth.write_text(json.dumps({"auths": {r.host: {"auth": token} for r in registries}}))
+    mp.setenv("REGISTRY_AUTH_FILE", str(auth))
+    cfg = StoreConfig(insecure_registries=frozenset(r.host for r in registries))
+    assert cfg.auth_file == auth
+    return ImageStore(tmp / "store", cfg)
+
+
+@pytest.mark.no_tools
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "127.0.0.1:5000/x",
+        "localhost:5000/x",  # a name: refused for the address it resolves to
+        "10.1.2.3:2375/x",
+        "192.168.1.1/x",
+        "169.254.169.254/latest",  # cloud metadata
+        "100.64.0.1/x",  # carrier-grade NAT
+        "0.0.0.0:5000/x",
+        "[::1]:5000/x",
+        "[fd00::1]/x",
+        "[fe80::1]/x",
+    ],
+)
+async def test_public_only_refuses_registries_on_private_addresses(ref: str) -> None:
+    policy = RegistryPolicy.parse("public")
+    with pytest.raises(RegistryRefusedError, match="not a public address"):
+        await policy.check(parse_reference(ref))
+
+
+@pytest.mark.no_tools
+async def test_named_registries_are_allowed_whatever_their_address_and_case() -> None:
+    policy = RegistryPolicy.parse(" Registry.Internal:5000 , 127.0.0.1:5000")
+    assert policy == RegistryPolicy(False, frozenset({"registry.internal:5000", "127.0.0.1:5000"}))
+    assert await policy.check(parse_reference("127.0.0.1:5000/x")) == "operator"
+    assert await policy.check(parse_reference("registry.internal:5000/a/b:1")) == "operator"
+    # not public: anything not named is refused without being looked up
+    with pytest.raises(RegistryRefusedError, match=r"allowed: 127\.0\.0\.1:5000,registry"):
+        await policy.check(parse_reference("127.0.0.1:5001/x"))
+    with pytest.raises(RegistryRefusedError, match=r"allowed: \(none\)"):
+        await RegistryPolicy.parse("").check(parse_reference("45.67.89.2/x"))
+    # a public address literal under `public`: allowed, anonymously
+    assert await RegistryPolicy.parse("public").check(parse_reference("45.67.89.2/x")) == (
+        "anonymous"
+    )
+
+
+@pytest.mark.no_tools
+@pytest.mark.parametrize("entry", ["http://x.io", "a b", "registry", "x.io/repo", "docker.io:x"])
+def test_a_bad_policy_entry_is_a_config_error_naming_it(entry: str) -> None:
+    with pytest.raises(ConfigError, match=f"ISORUN_X: {entry!r} is not a registry host"):
+        RegistryPolicy.parse(f"public,{entry}", "ISORUN_X")
+
+
+async def test_a_refused_registry_is_not_asked_and_nothing_is_stored(
+    registry: Registry, store: ImageStore, tmp_path: Path
+) -> None:
+    _push(registry, tmp_path, "policy/refused:1")
+    ref = f"{registry.host}/policy/refused:1"
+    events: list[str] = []
+    with pytest.raises(RegistryRefusedError, match=f"registry {registry.host} is at 127.0.0.1"):
+        await store.ensure(
+            ref, policy=RegistryPolicy.parse("public"), progress=lambda e: events.append(e.phase)
+        )
+    assert events == [] and store.list() == []
+    assert_store_intact(store)
+    # the same registry named by the policy: pulled
+    named = RegistryPolicy.parse(f"public,{registry.host}")
+    assert (await store.ensure(ref, policy=named)).digest == registry.digest("policy/refused:1")
+    # once stored, a policy that refuses the registry still hands the image out: no pull
+    assert (await store.ensure(ref, policy=RegistryPolicy.parse(""))).rootfs.is_file()
+
+
+async def test_public_registries_are_pulled_anonymously_and_named_ones_with_the_login(
+    public_registries: PublicRegistries, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pub = public_registries
+    open_digest = _push(pub.open, tmp_path, "tenant/open:1")
+    private_digest = _push(pub.auth, tmp_path, "operator/private:1")
+    store = _store_with_login(tmp_path, monkeypatch, pub.open, pub.auth)
+    public = RegistryPolicy.parse("public")
+    # A public registry that serves anyone: a tenant's pull works.
+    img = await store.ensure(f"{pub.open.host}/tenant/open:1", policy=public)
+    assert img.digest == open_digest
+    # One that wants a login the operator has: the tenant's pull does not get to spend it.
+    private = f"{pub.auth.host}/operator/private:1"
+    with pytest.raises(RegistryAuthError):
+        await store.ensure(private, policy=public)
+    assert [i.digest for i in store.list()] == [open_digest]
+    # The operator names that registry: now its pulls use the login.
+    named = RegistryPolicy.parse(f"public,{pub.auth.host}")
+    assert (await store.ensure(private, policy=named)).digest == private_digest
+    # The operator themself (no policy) always pulls with their login.
+    other = _store_with_login(tmp_path / "admin", monkeypatch, pub.auth)
+    assert (await other.ensure(private)).digest == private_digest
