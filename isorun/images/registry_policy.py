@@ -72,13 +72,13 @@ class RegistryPolicy:
                 f"registry {ref.registry} is not one this pull may reach (allowed: "
                 f"{self.describe()})"
             )
-        for address in await _addresses(ref.registry):
-            if not _is_public(address):
-                raise RegistryRefusedError(
-                    f"registry {ref.registry} is at {address}, which is not a public address; "
-                    f"pulls here may reach only public registries and these by name: "
-                    f"{', '.join(sorted(self.named)) or '(none)'}"
-                )
+        host, port = _split_host(ref.registry)
+        why = out_of_reach(await resolve(_API_HOST.get(ref.registry, host), port))
+        if why is not None:
+            raise RegistryRefusedError(
+                f"registry {ref.registry} is at {why}; pulls here may reach only public "
+                f"registries and these by name: {', '.join(sorted(self.named)) or '(none)'}"
+            )
         return "anonymous"
 
 
@@ -103,9 +103,8 @@ def _split_host(registry: str) -> tuple[str, int]:
     return host, int(port) if port else 443
 
 
-async def _addresses(registry: str) -> list[str]:
-    host, port = _split_host(registry)
-    host = _API_HOST.get(registry, host)
+async def resolve(host: str, port: int) -> list[str]:
+    """The addresses `host` names (itself when it is an address literal)."""
     try:
         return [ipaddress.ip_address(host).compressed]
     except ValueError:
@@ -116,9 +115,33 @@ async def _addresses(registry: str) -> list[str]:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, TimeoutError) as exc:
         raise RegistryUnreachableError(
-            f"cannot resolve registry host {host}: {str(exc) or 'timed out'}"
+            f"cannot resolve host {host}: {str(exc) or 'timed out'}"
         ) from None
     return sorted({str(info[4][0]) for info in infos})
+
+
+def out_of_reach(addresses: list[str]) -> str | None:
+    """Why a tenant's pull may not connect to one of `addresses` ("10.0.0.1, which is not a
+    public address"), or None. This host's own addresses are out of reach too: a connection
+    from here to its public address reaches services bound to every interface, past any
+    firewall rule for traffic from outside."""
+    for a in addresses:
+        if not _is_public(a):
+            return f"{a}, which is not a public address"
+        if _is_this_host(a):
+            return f"{a}, which is this host's own address"
+    return None
+
+
+def _is_this_host(address: str) -> bool:
+    # only an address of this host can be bound to (no IP_FREEBIND)
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((address, 0))
+        except OSError:
+            return False
+    return True
 
 
 def _is_public(address: str) -> bool:

@@ -27,10 +27,12 @@ from isorun.images.errors import (
     ImageNotFoundError,
     ImageToolError,
     RegistryAuthError,
+    RegistryRefusedError,
     RegistryUnreachableError,
     StoreFullError,
     UnsupportedImageError,
 )
+from isorun.images.pull_egress import pull_egress
 from isorun.images.reference import ImageRef
 
 INDEX_TYPES = (
@@ -164,7 +166,40 @@ class Skopeo:
     def _env(self, tmp: Path) -> dict[str, str]:
         return {"TMPDIR": str(tmp)}
 
-    async def _raw(self, ref: ImageRef, auth: list[str], tmp: Path) -> bytes:
+    async def _run(
+        self,
+        ref: ImageRef,
+        argv: list[str],
+        tmp: Path,
+        *,
+        timeout: float,
+        confined: bool,
+        stdout_limit: int = proc.MAX_CAPTURE,
+    ) -> bytes:
+        """Run skopeo; `confined`, in a network namespace of its own that reaches only
+        public addresses (pull_egress.py). Its stdout, or the error its failure means."""
+        if not confined:
+            res = await proc.run(
+                argv, timeout=timeout, env=self._env(tmp), stdout_limit=stdout_limit
+            )
+        else:
+            async with pull_egress() as egress:
+                res = await proc.run(
+                    [*egress.prefix, *argv],
+                    timeout=timeout,
+                    env=self._env(tmp) | egress.env,
+                    stdout_limit=stdout_limit,
+                )
+                if res.returncode != 0 and egress.refused:
+                    raise RegistryRefusedError(
+                        f"{ref.name()}: the registry sent the pull on to {egress.refused[0]}; "
+                        "it was stopped there"
+                    )
+        if res.returncode != 0:
+            raise classify(res.stderr, ref.name())
+        return res.stdout
+
+    async def _raw(self, ref: ImageRef, auth: list[str], tmp: Path, confined: bool) -> bytes:
         self._ensure_policy()
         argv = [
             "skopeo",
@@ -175,15 +210,14 @@ class Skopeo:
             *self._tls(ref, "--tls-verify"),
             ref.skopeo(),
         ]
-        res = await proc.run(
+        return await self._run(
+            ref,
             argv,
+            tmp,
             timeout=min(self.cfg.pull_timeout_s, 120),
-            env=self._env(tmp),
+            confined=confined,
             stdout_limit=MAX_MANIFEST,
         )
-        if res.returncode != 0:
-            raise classify(res.stderr, ref.name())
-        return res.stdout
 
     def _ensure_policy(self) -> None:
         if not self.policy.exists():
@@ -192,10 +226,12 @@ class Skopeo:
             tmp.write_text(json.dumps(POLICY))
             tmp.replace(self.policy)
 
-    async def resolve(self, ref: ImageRef, creds: PullCredentials, tmp: Path) -> Resolved:
+    async def resolve(
+        self, ref: ImageRef, creds: PullCredentials, tmp: Path, *, confined: bool = False
+    ) -> Resolved:
         """Fetch the manifest (resolving a list to our platform) without pulling layers."""
         auth = self._auth(ref, creds, tmp, "")
-        raw = await self._raw(ref, auth, tmp)
+        raw = await self._raw(ref, auth, tmp, confined)
         doc = _parse_manifest(raw, ref.name())
         index_digest: str | None = None
         digest = "sha256:" + hashlib.sha256(raw).hexdigest()
@@ -203,7 +239,7 @@ class Skopeo:
             index_digest = digest
             digest = self._pick_platform(doc, ref.name())
             if ref.transport == "registry":
-                raw = await self._raw(ref.with_digest(digest), auth, tmp)
+                raw = await self._raw(ref.with_digest(digest), auth, tmp, confined)
             else:
                 raw = await self._raw_platform(ref, digest)
             if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
@@ -309,7 +345,14 @@ class Skopeo:
         )
 
     async def copy(
-        self, ref: ImageRef, digest: str, creds: PullCredentials, tmp: Path, layout: Path
+        self,
+        ref: ImageRef,
+        digest: str,
+        creds: PullCredentials,
+        tmp: Path,
+        layout: Path,
+        *,
+        confined: bool = False,
     ) -> None:
         """Copy the pinned image into an OCI layout at `layout` (tag `img`), verifying blobs."""
         self._ensure_policy()
@@ -327,9 +370,7 @@ class Skopeo:
             src.skopeo(),
             f"oci:{layout}:img",
         ]
-        res = await proc.run(argv, timeout=self.cfg.pull_timeout_s, env=self._env(tmp))
-        if res.returncode != 0:
-            raise classify(res.stderr, ref.name())
+        await self._run(ref, argv, tmp, timeout=self.cfg.pull_timeout_s, confined=confined)
 
 
 def _read_small_file(path: Path, limit: int) -> bytes | None:

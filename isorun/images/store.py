@@ -231,11 +231,14 @@ class ImageStore:
                 await self._refs.set(r.name(), known)
                 emit(ProgressEvent("cached", ref, "already in the store", digest=known))
                 return img
-        if policy is not None and await policy.check(r) == "anonymous" and credentials is None:
+        # A registry the policy admits as public is one the caller chose: pulled without the
+        # store's credentials, and confined to public addresses all the way (pull_egress.py).
+        confined = policy is not None and await policy.check(r) == "anonymous"
+        if confined and credentials is None:
             credentials = ANONYMOUS
         emit(ProgressEvent("resolving", ref, f"resolving {r.name()}"))
         with self._workdir("resolve") as tmp:
-            resolved = await self._skopeo.resolve(r, credentials, tmp)
+            resolved = await self._skopeo.resolve(r, credentials, tmp, confined=confined)
         if r.digest and r.digest not in (resolved.digest, resolved.index_digest):
             raise ImageError(f"{r.name()}: registry returned manifest {resolved.digest}")
         if resolved.layers_bytes > self.cfg.max_image_bytes:
@@ -254,7 +257,7 @@ class ImageStore:
         img = await self._ensure_digest(
             resolved.digest,
             r.name(),
-            lambda tmp: self._build_pulled(r, resolved, credentials, tmp, emit),
+            lambda tmp: self._build_pulled(r, resolved, credentials, tmp, emit, confined),
             emit,
         )
         if resolved.index_digest and r.transport == "registry":
@@ -357,6 +360,7 @@ class ImageStore:
         creds: PullCredentials,
         tmp: Path,
         emit: Progress,
+        confined: bool,
     ) -> dict[str, Any]:
         layout_dir = tmp / "layout"
         digest, total = resolved.digest, resolved.layers_bytes
@@ -375,7 +379,7 @@ class ImageStore:
 
         pulled(0)
         async with watch_bytes(layout_dir, total, pulled):
-            await self._skopeo.copy(r, digest, creds, tmp, layout_dir)
+            await self._skopeo.copy(r, digest, creds, tmp, layout_dir, confined=confined)
         pulled(total)
         emit(ProgressEvent("unpacking", r.name(), "applying layers", digest=digest))
         layout = Layout(layout_dir)

@@ -11,6 +11,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -134,21 +135,24 @@ def _start_registry(
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    _wait_serving(addr, proc, tmp / "registry.log")
+    return Registry(addr, storage, proc)
+
+
+def _wait_serving(addr: str, proc: subprocess.Popen[bytes], log: Path | None) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         try:
             urllib.request.urlopen(f"http://{addr}/v2/", timeout=1)
-            break
+            return
         except urllib.error.HTTPError:
-            break  # 401: up, wants auth
+            return  # 401: up, wants auth
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError((tmp / "registry.log").read_text()) from None
+                raise RuntimeError(log.read_text() if log else f"{proc.args} exited") from None
             time.sleep(0.05)
-    else:
-        proc.kill()
-        raise RuntimeError("docker-registry did not start within 15 s")
-    return Registry(addr, storage, proc)
+    proc.kill()
+    raise RuntimeError(f"{proc.args} did not serve {addr} within 15 s")
 
 
 def _htpasswd(tmp: Path) -> Path:
@@ -182,11 +186,19 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry
 
 @dataclass
 class PublicRegistries:
-    """Two registries on a public (globally routable) address, as a tenant's pull from the
-    internet meets them: `open` serves anyone, `auth` wants the agent/s3cret-pw login."""
+    """Registries on a public (globally routable) address, as a tenant's pull from the
+    internet meets them: `open` serves anyone, `auth` wants the agent/s3cret-pw login,
+    `hostile` (host:port) answers everything with 401 and a token realm the test sets.
+    `host_side` is this host's own address on the link to them."""
 
     open: Registry
     auth: Registry
+    hostile: str
+    host_side: str
+    realm_file: Path
+
+    def send_elsewhere(self, realm: str) -> None:
+        self.realm_file.write_text(realm)
 
 
 @pytest.fixture(scope="session")
@@ -196,8 +208,8 @@ def public_registries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Publ
     tag = os.getpid() % 100_000
     ns, here, there = f"isr-pub-{tag}", f"isrp{tag}a", f"isrp{tag}b"
     net = f"45.67.{tag % 250}"
-    ip = ["ip"]
-    subprocess.run([*ip, "netns", "add", ns], check=True)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    started: list[subprocess.Popen[bytes]] = []
     try:
         for argv in (
             ["link", "add", here, "type", "veth", "peer", "name", there, "netns", ns],
@@ -207,20 +219,29 @@ def public_registries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Publ
             ["-n", ns, "link", "set", there, "up"],
             ["-n", ns, "link", "set", "lo", "up"],
         ):
-            subprocess.run([*ip, *argv], check=True, capture_output=True)
+            subprocess.run(["ip", *argv], check=True, capture_output=True)
         tmp = tmp_path_factory.mktemp("public-registries")
-        (tmp / "open").mkdir()
-        (tmp / "auth").mkdir()
+        realm = tmp / "realm"
+        realm.write_text("http://127.0.0.1:1/token")
+        script = Path(__file__).with_name("hostile_registry.py")
+        hostile = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, str(script), f"{net}.2", "5002", str(realm)]
+        )
+        started.append(hostile)
+        _wait_serving(f"{net}.2:5002", hostile, None)
+        for name in ("open", "auth"):
+            (tmp / name).mkdir()
         opened = _start_registry(tmp / "open", None, f"{net}.2:5000", ns)
-        try:
-            auth = _start_registry(tmp / "auth", _htpasswd(tmp), f"{net}.2:5001", ns)
-            auth.user, auth.password = "agent", "s3cret-pw"
-            yield PublicRegistries(opened, auth)
-            _stop(auth)
-        finally:
-            _stop(opened)
+        started.append(opened.proc)
+        auth = _start_registry(tmp / "auth", _htpasswd(tmp), f"{net}.2:5001", ns)
+        started.append(auth.proc)
+        auth.user, auth.password = "agent", "s3cret-pw"
+        yield PublicRegistries(opened, auth, f"{net}.2:5002", f"{net}.1", realm)
     finally:
-        subprocess.run([*ip, "netns", "del", ns], check=False)  # takes the veth pair with it
+        for proc in started:
+            proc.terminate()
+            proc.wait(10)
+        subprocess.run(["ip", "netns", "del", ns], check=False)  # takes the veth pair with it
 
 
 TEMPLATE_CACHE = Path(os.environ.get("ISORUN_TEST_TEMPLATE_CACHE", "/var/cache/isorun/test-images"))

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import ocibuild as ob
@@ -14,6 +17,7 @@ from imghelpers import PublicRegistries, Registry, assert_store_intact
 
 from isorun.errors import ConfigError
 from isorun.images import (
+    ImageError,
     ImageStore,
     RegistryAuthError,
     RegistryPolicy,
@@ -129,3 +133,60 @@ async def test_public_registries_are_pulled_anonymously_and_named_ones_with_the_
     # The operator themself (no policy) always pulls with their login.
     other = _store_with_login(tmp_path / "admin", monkeypatch, pub.auth)
     assert (await other.ensure(private)).digest == private_digest
+
+
+@pytest.fixture
+def host_service() -> Iterator[tuple[int, list[str]]]:
+    """An HTTP service of this host's, on every interface: its port, and the paths it was
+    asked for (what a pull sent there would have reached)."""
+    asked: list[str] = []
+
+    class Record(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("0.0.0.0", 0), Record)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], asked
+    server.shutdown()
+    server.server_close()
+
+
+async def test_a_public_registry_cannot_send_a_tenants_pull_elsewhere(
+    public_registries: PublicRegistries, host_service: tuple[int, list[str]], tmp_path: Path
+) -> None:
+    # skopeo follows a registry's token realm (and redirects) by itself: the registry, not
+    # the tenant's reference, picks where those requests go.
+    pub, (port, asked) = public_registries, host_service
+    store = ImageStore(
+        tmp_path / "store",
+        StoreConfig(auth_file=None, insecure_registries=frozenset({pub.hostile})),
+    )
+    ref, public = f"{pub.hostile}/x/y:1", RegistryPolicy.parse("public")
+    for realm, refused in [
+        (f"http://127.0.0.1:{port}/token", None),  # the pull's own loopback: nothing there
+        (f"http://localhost:{port}/token", None),
+        (f"http://{pub.host_side}:{port}/token", "this host's own address"),
+        (f"http://10.0.0.1:{port}/token", "10.0.0.1, which is not a public address"),
+    ]:
+        pub.send_elsewhere(realm)
+        with pytest.raises(ImageError) as err:
+            await store.ensure(ref, policy=public)
+        if refused:
+            assert isinstance(err.value, RegistryRefusedError), err.value
+            assert "the registry sent the pull on to" in str(err.value)
+            assert refused in str(err.value)
+    assert asked == [] and store.list() == []
+    # Without a policy (the operator's own pull) the same registry gets the host to ask its
+    # service: what the confinement above stopped.
+    pub.send_elsewhere(f"http://{pub.host_side}:{port}/token")
+    with pytest.raises(ImageError):
+        await store.ensure(ref)
+    assert asked and asked[0].startswith("/token?")
