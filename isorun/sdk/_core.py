@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import contextlib
 import functools
 import io
 import itertools
@@ -317,6 +318,15 @@ def stream_cut(exc: DaemonUnavailable, proc_id: str) -> DaemonUnavailable:
         f"{exc}. Process {proc_id} runs on in the sandbox: follow it again with "
         f"sandbox.processes.connect({proc_id!r}).wait()"
     )
+
+
+@contextlib.contextmanager
+def following(dec: StreamDecoder) -> Iterator[None]:
+    """Around a process output stream: a lost daemon says how to follow the process again."""
+    try:
+        yield
+    except DaemonUnavailable as exc:
+        raise stream_cut(exc, dec.proc_id) from exc
 
 
 def read_cut(

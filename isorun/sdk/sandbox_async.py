@@ -320,7 +320,7 @@ class AsyncSandbox:
         return AsyncPty(self, r["proc_id"], r["pid"], on_data)
 
     async def _stream(self, method: str, path: str, dec: _core.StreamDecoder, **kw: Any) -> None:
-        try:
+        with _core.following(dec):
             async with self._http.stream(
                 method, path, timeout=await self._http.ndjson_timeout(), **kw
             ) as resp:
@@ -330,8 +330,6 @@ class AsyncSandbox:
                 async for line in resp.aiter_lines():
                     dec.feed(line)
                     await run_pending(dec.pending)
-        except DaemonUnavailable as exc:
-            raise _core.stream_cut(exc, dec.proc_id) from exc
 
 
 class AsyncProcess:
@@ -368,20 +366,25 @@ class AsyncProcess:
         return dec.result()
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, str]]:
-        dec = _core.StreamDecoder(capture=False)
+        dec = _core.StreamDecoder(capture=False, proc_id=self.id)
         http = self.sandbox._http
-        async with http.stream(
-            "GET", self._path("stream"), params={"offset": 0}, timeout=await http.ndjson_timeout()
-        ) as resp:
-            if resp.status_code >= 300:
-                await resp.aread()
-                _core.check(resp)
-            async for line in resp.aiter_lines():
-                got = dec.feed(line)
-                if got is not None and (text := dec.text(*got)):
-                    yield got[0], text
-            for stream, text in dec.rest():
-                yield stream, text
+        with _core.following(dec):
+            async with http.stream(
+                "GET",
+                self._path("stream"),
+                params={"offset": 0},
+                timeout=await http.ndjson_timeout(),
+            ) as resp:
+                if resp.status_code >= 300:
+                    await resp.aread()
+                    _core.check(resp)
+                async for line in resp.aiter_lines():
+                    got = dec.feed(line)
+                    if got is not None and (text := dec.text(*got)):
+                        yield got[0], text
+        for stream, text in dec.rest():
+            yield stream, text
+        dec.result()  # a stream that ended before the process did says so
 
     async def kill(self, grace: float = 2.0) -> dict[str, Any]:
         return dict(
@@ -418,22 +421,23 @@ class AsyncPty:
         return await self.process.kill(grace)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        dec = _core.StreamDecoder(capture=False)
+        dec = _core.StreamDecoder(capture=False, proc_id=self.id)
         http = self.process.sandbox._http
-        async with http.stream(
-            "GET",
-            self.process._path("stream"),
-            params={"offset": self.offset},
-            timeout=await http.ndjson_timeout(),
-        ) as resp:
-            if resp.status_code >= 300:
-                await resp.aread()
-                _core.check(resp)
-            async for line in resp.aiter_lines():
-                got = dec.feed(line)
-                if got is not None:
-                    self.offset = dec.offset
-                    yield got[1]
+        with _core.following(dec):
+            async with http.stream(
+                "GET",
+                self.process._path("stream"),
+                params={"offset": self.offset},
+                timeout=await http.ndjson_timeout(),
+            ) as resp:
+                if resp.status_code >= 300:
+                    await resp.aread()
+                    _core.check(resp)
+                async for line in resp.aiter_lines():
+                    got = dec.feed(line)
+                    if got is not None:
+                        self.offset = dec.offset
+                        yield got[1]
         self.result = dec.result()
 
     async def wait(self) -> ExecResult:

@@ -302,15 +302,15 @@ class Sandbox:
         return Pty(self, r["proc_id"], r["pid"], on_data)
 
     def _stream(self, method: str, path: str, dec: _core.StreamDecoder, **kw: Any) -> None:
-        try:
-            with self._http.stream(method, path, timeout=self._http.ndjson_timeout(), **kw) as resp:
-                if resp.status_code >= 300:
-                    resp.read()
-                    _core.check(resp)
-                for line in resp.iter_lines():
-                    dec.feed(line)
-        except DaemonUnavailable as exc:
-            raise _core.stream_cut(exc, dec.proc_id) from exc
+        with (
+            _core.following(dec),
+            self._http.stream(method, path, timeout=self._http.ndjson_timeout(), **kw) as resp,
+        ):
+            if resp.status_code >= 300:
+                resp.read()
+                _core.check(resp)
+            for line in resp.iter_lines():
+                dec.feed(line)
 
 
 class Process:
@@ -353,11 +353,14 @@ class Process:
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         """Yield ("stdout"|"stderr", text) chunks from the start until the process exits."""
-        dec = _core.StreamDecoder(capture=False)
+        dec = _core.StreamDecoder(capture=False, proc_id=self.id)
         http = self.sandbox._http
-        with http.stream(
-            "GET", self._path("stream"), params={"offset": 0}, timeout=http.ndjson_timeout()
-        ) as resp:
+        with (
+            _core.following(dec),
+            http.stream(
+                "GET", self._path("stream"), params={"offset": 0}, timeout=http.ndjson_timeout()
+            ) as resp,
+        ):
             if resp.status_code >= 300:
                 resp.read()
                 _core.check(resp)
@@ -365,8 +368,9 @@ class Process:
                 got = dec.feed(line)
                 if got is not None and (text := dec.text(*got)):
                     yield got[0], text
-            for stream, text in dec.rest():
-                yield stream, text
+        for stream, text in dec.rest():
+            yield stream, text
+        dec.result()  # a stream that ended before the process did says so
 
     def kill(self, grace: float = 2.0) -> dict[str, Any]:
         return dict(_core.check(self.sandbox._http.post(self._path("kill"), json={"grace": grace})))
@@ -398,14 +402,17 @@ class Pty:
     def __iter__(self) -> Iterator[bytes]:
         """Output bytes as the terminal writes them, from where the last read stopped, until
         the process exits (then `result` is set)."""
-        dec = _core.StreamDecoder(capture=False)
+        dec = _core.StreamDecoder(capture=False, proc_id=self.id)
         http = self.process.sandbox._http
-        with http.stream(
-            "GET",
-            self.process._path("stream"),
-            params={"offset": self.offset},
-            timeout=http.ndjson_timeout(),
-        ) as resp:
+        with (
+            _core.following(dec),
+            http.stream(
+                "GET",
+                self.process._path("stream"),
+                params={"offset": self.offset},
+                timeout=http.ndjson_timeout(),
+            ) as resp,
+        ):
             if resp.status_code >= 300:
                 resp.read()
                 _core.check(resp)

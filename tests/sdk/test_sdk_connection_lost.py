@@ -45,6 +45,29 @@ def test_daemon_gone_mid_stream_and_between_calls(tmp_path: Path, busybox_rootfs
                 d.start()  # so that the fixture can clean up
 
 
+def test_daemon_gone_while_iterating_a_process_says_how_to_follow_it_again(
+    tmp_path: Path, busybox_rootfs: Path
+) -> None:
+    with running_daemon(tmp_path / "d") as d:
+        sb = Sandbox(f"rootfs:{busybox_rootfs}", api_url=f"unix:{d.sock}", autostart=False)
+        try:
+            proc = sb.exec("echo started; sleep 2; echo finished", background=True)
+            seen: list[str] = []
+            with pytest.raises(DaemonUnavailable, match="lost") as cut:
+                for _, text in proc:
+                    seen.append(text)
+                    d.stop(signal.SIGKILL)
+            assert seen == ["started\n"]
+            assert f"sandbox.processes.connect({proc.id!r})" in str(cut.value)
+            d.start()
+            again = [text for _, text in sb.processes.connect(proc.id)]
+            assert "".join(again) == "started\nfinished\n"
+        finally:
+            sb.close()
+            if d.proc is None:
+                d.start()
+
+
 async def test_async_daemon_gone(tmp_path: Path, busybox_rootfs: Path) -> None:
     with running_daemon(tmp_path / "d") as d:
         sb = await AsyncSandbox.create(
