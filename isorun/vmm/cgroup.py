@@ -22,7 +22,7 @@ V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
 @dataclass(frozen=True, slots=True)
 class Usage:
     cpu_ns: int
-    mem_peak_bytes: int
+    resident_bytes: int  # memory in use now, without the page cache
 
 
 def _is_v2(root: Path) -> bool:
@@ -82,28 +82,29 @@ class VMCgroup:
         return [d / "cgroup.procs" for d in self._dirs().values()]
 
     def usage(self) -> Usage:
+        """CPU time so far, and the memory in use now without the page cache (see
+        mempeak.py for why that, and not the group's own peak)."""
         dirs = self._dirs()
         cpu_ns = 0
-        peak = 0
-        try:
+        with contextlib.suppress(OSError, ValueError):
             if self.v2:
-                d = dirs["unified"]
-                for line in (d / "cpu.stat").read_text().splitlines():
+                for line in (dirs["unified"] / "cpu.stat").read_text().splitlines():
                     if line.startswith("usage_usec"):
                         cpu_ns = int(line.split()[1]) * 1000
-                peak_file = d / "memory.peak"
-                if peak_file.exists():
-                    peak = int(peak_file.read_text())
-                else:
-                    peak = int((d / "memory.current").read_text())
-            else:
-                if "cpuacct" in dirs:
-                    cpu_ns = int((dirs["cpuacct"] / "cpuacct.usage").read_text())
-                if "memory" in dirs:
-                    peak = int((dirs["memory"] / "memory.max_usage_in_bytes").read_text())
-        except (OSError, ValueError):
-            pass
-        return Usage(cpu_ns=cpu_ns, mem_peak_bytes=peak)
+            elif "cpuacct" in dirs:
+                cpu_ns = int((dirs["cpuacct"] / "cpuacct.usage").read_text())
+        return Usage(cpu_ns=cpu_ns, resident_bytes=self._resident_bytes())
+
+    def _resident_bytes(self) -> int:
+        """The group's memory in use without the page cache it is charged for (shmem is
+        kept: it is memory, not a copy of a file); 0 when unreadable."""
+        d = self._memory_dir()
+        if d is None:
+            return 0
+        stat = _counters(d / "memory.stat")
+        used = _read_int(d / ("memory.current" if self.v2 else "memory.usage_in_bytes")) or 0
+        cache = stat.get("file" if self.v2 else "cache", 0) - stat.get("shmem", 0)
+        return max(0, used - max(0, cache))
 
     def _memory_dir(self) -> Path | None:
         dirs = self._dirs()

@@ -38,6 +38,7 @@ from isorun.vmm import accel as accel_mod
 from isorun.vmm import artifacts, jail, qemu_cmd, scratch, vsock, warm
 from isorun.vmm.cgroup import VMCgroup
 from isorun.vmm.console import ConsoleLog
+from isorun.vmm.mempeak import MemoryPeak
 from isorun.vmm.process import VMProcess, alive, cmdline
 from isorun.vmm.qmp import QMPMonitor
 from isorun.vmm.spec import VMSpec
@@ -102,6 +103,7 @@ class MicroVM:
         self.agent: AgentClient
         self.console = ConsoleLog(self.run_dir / "console.log", on_halt=self._on_guest_halt)
         self.cgroup = VMCgroup(f"vm-{vm_id}")
+        self._memory = MemoryPeak(self.cgroup, self.run_dir)
         self._proc: VMProcess | None = None
         self.started_unix = time.time()
         self._qmp = QMPMonitor()
@@ -509,6 +511,8 @@ class MicroVM:
                 f"(accel {self.accel.name}); console tail:\n{self.console.tail(2000)}",
                 "boot-timeout",
             ) from exc
+        # what the boot used, kept now: a host process gone in the next second loses none
+        self._memory.sample()
 
     async def _connect(self, t0: float, restoring: bool = False) -> None:
         deadline = t0 + self.spec.boot_timeout
@@ -593,7 +597,11 @@ class MicroVM:
 
     async def _supervise(self) -> None:
         assert self._proc is not None
-        code = await self._proc.wait()
+        sampler = asyncio.create_task(self._memory.follow(), name=f"vm-memory:{self.id}")
+        try:
+            code = await self._proc.wait()
+        finally:
+            await _end_tasks(sampler)
         await self.console.drain()  # the last lines (a panic message) may still be in flight
         reason = self._qmp.shutdown_reason
         if self._shutdown_requested:
@@ -709,7 +717,7 @@ class MicroVM:
         u = self.cgroup.usage()
         return VMUsage(
             cpu_ms=u.cpu_ns // 1_000_000,
-            mem_peak_bytes=u.mem_peak_bytes,
+            mem_peak_bytes=self._memory.sample(),
             uptime_ms=int((time.monotonic() - self.started_at) * 1000),
         )
 
@@ -842,8 +850,8 @@ def death_reason_of(run_dir: Path, memory_mib: int | None = None) -> str | None:
 def usage_of(run_dir: Path) -> tuple[int, int]:
     """The CPU ms and peak memory bytes its cgroup counted for the VM of a run dir that is
     not running any more, read before remove_run_dir (which removes the cgroup)."""
-    u = _cgroup_of(run_dir).usage()
-    return u.cpu_ns // 1_000_000, u.mem_peak_bytes
+    cgroup = _cgroup_of(run_dir)
+    return cgroup.usage().cpu_ns // 1_000_000, MemoryPeak(cgroup, run_dir).sample()
 
 
 def remove_run_dir(run_dir: Path) -> None:
