@@ -223,7 +223,9 @@ class SandboxManager:
         try:
             vm = await MicroVM.adopt(run_dir, timeout=READOPT_FIRST_S)
         except Exception as exc:
-            if running_pid(run_dir) is None:
+            if _powered_off(exc):
+                await self._lose(row, None, "poweroff")
+            elif running_pid(run_dir) is None:
                 await self._lose(row, exc)
             else:  # it runs: a passing trouble (or a guest that never answers), retried
                 log.warning("sandbox %s not re-adopted yet: %s; retrying", row.id, exc)
@@ -252,6 +254,9 @@ class SandboxManager:
                 try:
                     vm = await MicroVM.adopt(Path(row.run_dir or ""))
                 except Exception as exc:
+                    if _powered_off(exc):
+                        await self._lose(row, None, "poweroff")
+                        return
                     if running_pid(Path(row.run_dir or "")) is None or (
                         time.monotonic() >= deadline
                     ):
@@ -719,6 +724,12 @@ class SandboxManager:
 
 def _ended(sandbox_id: str, why: str) -> Gone:
     return Gone(f"sandbox {sandbox_id} has ended ({why}); create a new sandbox")
+
+
+def _powered_off(exc: BaseException) -> bool:
+    """An adoption that found the guest powered off while no daemon watched: it ended then
+    (as it would have with a daemon attached), not lost."""
+    return isinstance(exc, VMError) and exc.reason == "halted"
 
 
 def _billable_ms(row: SandboxRow, uptime_ms: int, now: float) -> int:

@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -203,7 +204,16 @@ class MicroVM:
                     "(is another process connected to it?)",
                     "qmp",
                 ) from exc
-            conn = await _reconnect_agent(vm._open_agent, timeout)
+            try:
+                conn = await _reconnect_agent(vm._open_agent, timeout)
+            except VMError:
+                if await vm._halted_for_good():
+                    raise VMError(
+                        f"VM {vm_id}: its guest powered off (halted) while no host process "
+                        "was attached",
+                        "halted",
+                    ) from None
+                raise
         except BaseException:
             vm._supervisor.cancel()
             await vm._qmp.close()
@@ -595,6 +605,20 @@ class MicroVM:
 
     # --- supervision ---------------------------------------------------------------
 
+    async def _halted_for_good(self) -> bool:
+        """Whether every vCPU is halted with interrupts off: how a guest ends that powered
+        off (no ACPI on microvm: the kernel halts, and the host, watching the console, ends
+        the VM; a host not attached then saw nothing). Nothing but a reset wakes such a CPU,
+        and QEMU's register dump is QEMU's, not the guest's, to write."""
+        try:
+            dump = await asyncio.wait_for(
+                self._qmp.execute("human-monitor-command", {"command-line": "info registers -a"}),
+                5,
+            )
+        except Exception:
+            return False
+        return isinstance(dump, str) and _all_halted(dump)
+
     async def _supervise(self) -> None:
         assert self._proc is not None
         sampler = asyncio.create_task(self._memory.follow(), name=f"vm-memory:{self.id}")
@@ -782,6 +806,16 @@ async def _reconnect_agent(
             if time.monotonic() + 0.05 >= deadline:
                 raise VMError(f"the guest agent did not answer hello: {exc!r}", "agent") from exc
             await asyncio.sleep(0.05)
+
+
+_CPU_STATE = re.compile(r"\b[RE]FL=([0-9a-f]+)\b.*?\bHLT=([01])\b")
+_IF_FLAG = 0x200
+
+
+def _all_halted(registers: str) -> bool:
+    """From `info registers -a`: every CPU's line of flags says HLT=1 with IF clear."""
+    cpus = _CPU_STATE.findall(registers)
+    return bool(cpus) and all(hlt == "1" and not int(fl, 16) & _IF_FLAG for fl, hlt in cpus)
 
 
 def running_pid(run_dir: Path) -> int | None:

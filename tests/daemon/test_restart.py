@@ -85,6 +85,36 @@ def test_sigkill_mid_stream_then_restart_readopts(tmp_path: Path, busybox_rootfs
     assert_no_leaks(d)
 
 
+def test_a_guest_that_powered_off_while_the_daemon_was_down_ends_as_poweroff(
+    tmp_path: Path, busybox_rootfs: Path
+) -> None:
+    # Without ACPI the guest's kernel halts and the daemon, watching its console, ends the
+    # VM; with no daemon attached it only halts. The next daemon must see that at once,
+    # not retry an agent that can never answer and then call the sandbox lost.
+    d = Daemon(tmp_path / "d", ISORUN_DEFAULT_MEMORY_MIB="256").start()
+    try:
+        with d.client() as c:
+            sid = c.post("/v1/sandboxes", json={"image": f"rootfs:{busybox_rootfs}"}).json()["id"]
+            r = c.post(
+                f"/v1/sandboxes/{sid}/exec",
+                json={"cmd": "sleep 1; poweroff -f", "background": True},
+            )
+            assert r.status_code == 200, r.text
+        d.stop()  # a clean stop keeps the sandbox's VM for the next daemon
+        assert qemu_pids_for(d.state), "the VM must outlive the daemon"
+        time.sleep(4)  # meanwhile it powers off
+        started = time.monotonic()
+        d.start()
+        with d.client() as c:
+            info = c.get(f"/v1/sandboxes/{sid}").json()
+            assert info["state"] == "ended" and info["end_reason"] == "poweroff", info
+        assert time.monotonic() - started < 15  # not after the minute of retries
+        assert not qemu_pids_for(d.state)
+    finally:
+        d.stop()
+    assert_no_leaks(d)
+
+
 def test_vm_killed_while_daemon_down_is_marked_lost(tmp_path: Path, busybox_rootfs: Path) -> None:
     d = Daemon(tmp_path / "d", ISORUN_DEFAULT_MEMORY_MIB="256").start()
     try:
