@@ -71,6 +71,8 @@ class PullEgress:
             await self._serve(reader, writer)
         except (OSError, asyncio.IncompleteReadError):
             pass  # either side went away: skopeo reports what it lost
+        except asyncio.CancelledError:
+            pass  # the pull is over (close()): ending here keeps asyncio from logging it
         finally:
             self._tasks.discard(task)
             writer.close()
@@ -89,8 +91,11 @@ class PullEgress:
             host, _, port_text = target.rpartition(":")
             host, path = host.strip("[]"), b""
         elif method in (b"GET", b"HEAD") and target.startswith("http://"):
-            url = urlsplit(target)
-            host, port_text = url.hostname or "", str(url.port or 80)
+            try:
+                url = urlsplit(target)
+                host, port_text = url.hostname or "", str(url.port or 80)
+            except ValueError:  # a port that is not a number, an unclosed [
+                return await _reply(writer, 400, f"bad target {target!r}")
             path = (url.path or "/").encode() + (b"?" + url.query.encode() if url.query else b"")
         else:
             return await _reply(writer, 405, "a pull only reads: CONNECT, GET or HEAD")
@@ -112,9 +117,14 @@ class PullEgress:
         try:
             if method == b"CONNECT":
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            else:  # one request per connection: its origin closes when it has answered
+                await _splice(reader, writer, up_reader, up_writer)
+            else:
+                # One request per connection, and nothing more of the client's goes on: Go
+                # keeps one proxy connection for every plain-HTTP host, so its next request,
+                # for another host, would reach this origin. The answer is relayed until the
+                # origin closes (asked to), then the client's connection is closed.
                 up_writer.write(_origin_head(request, path))
-            await _splice(reader, writer, up_reader, up_writer)
+                await _pipe(up_reader, writer)
         finally:
             up_writer.close()
 
@@ -138,10 +148,10 @@ async def pull_egress() -> AsyncIterator[PullEgress]:
     try:
         yield egress
     finally:
+        os.close(netns_fd)  # first: a second cancellation below must not leak the namespace
         server.close()
         await egress.close()
         await server.wait_closed()
-        os.close(netns_fd)
 
 
 def _netns_with_listener() -> tuple[socket.socket, int]:
@@ -222,28 +232,29 @@ async def _reply(writer: asyncio.StreamWriter, status: int, why: str) -> None:
         await writer.drain()
 
 
+async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    """Copy src to dst until src ends, then end dst's side."""
+    try:
+        while data := await src.read(CHUNK):
+            dst.write(data)
+            await dst.drain()
+    finally:
+        with contextlib.suppress(OSError):
+            if dst.can_write_eof():
+                dst.write_eof()
+
+
 async def _splice(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     up_reader: asyncio.StreamReader,
     up_writer: asyncio.StreamWriter,
 ) -> None:
-    """Copy both ways until one side has finished: the origin answered (a GET is one request
-    per connection) or either end of a tunnel closed."""
-
-    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(CHUNK):
-                dst.write(data)
-                await dst.drain()
-        finally:
-            with contextlib.suppress(OSError):
-                if dst.can_write_eof():
-                    dst.write_eof()
+    """Copy both ways until either end of the tunnel has closed."""
 
     pipes = {
-        asyncio.ensure_future(pipe(reader, up_writer)),
-        asyncio.ensure_future(pipe(up_reader, writer)),
+        asyncio.ensure_future(_pipe(reader, up_writer)),
+        asyncio.ensure_future(_pipe(up_reader, writer)),
     }
     try:
         await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)

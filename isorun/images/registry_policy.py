@@ -10,14 +10,16 @@ names. A policy lists what a tenant may name:
 - registries by name as references write them (`registry.internal:5000`, `10.0.0.5:5000`):
   reached whatever their address, with the operator's credentials for them.
 
-The check resolves the registry's name once, before the pull; skopeo resolves it again and
-follows the registry's redirects and token realm itself, so a registry that answers with
-another address later is not stopped here (docs/images.md says so).
+This check, on the reference, refuses before any request is made. skopeo then follows the
+registry's redirects and token realm by itself: a `public` pull therefore also runs confined,
+every connection checked the same way (pull_egress.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -103,6 +105,12 @@ def _split_host(registry: str) -> tuple[str, int]:
     return host, int(port) if port else 443
 
 
+# getaddrinfo blocks a thread until the resolver gives up, whatever the asyncio timeout:
+# threads of their own, so a tenant naming a host whose DNS never answers cannot take the
+# loop's default pool (layer unpacking, process kills) from everything else.
+_RESOLVERS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="resolve")
+
+
 async def resolve(host: str, port: int) -> list[str]:
     """The addresses `host` names (itself when it is an address literal)."""
     try:
@@ -112,8 +120,10 @@ async def resolve(host: str, port: int) -> list[str]:
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(RESOLVE_TIMEOUT_S):
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, TimeoutError) as exc:
+            infos = await loop.run_in_executor(
+                _RESOLVERS, functools.partial(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+            )
+    except (OSError, TimeoutError, ValueError) as exc:  # ValueError: a label IDNA refuses
         raise RegistryUnreachableError(
             f"cannot resolve host {host}: {str(exc) or 'timed out'}"
         ) from None
@@ -134,18 +144,39 @@ def out_of_reach(addresses: list[str]) -> str | None:
 
 
 def _is_this_host(address: str) -> bool:
-    # only an address of this host can be bound to (no IP_FREEBIND)
+    # The route to one of this host's addresses is a local one, whose source is the address
+    # itself (a bind test is fooled by ip_nonlocal_bind; no packet is sent for a UDP connect).
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((address, 0))
-        except OSError:
-            return False
-    return True
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((address, 9))
+            return bool(s.getsockname()[0] == address)
+    except OSError:
+        return False  # no route (or no IPv6 here): not one of ours
+
+
+# IPv6 prefixes that carry an IPv4 address in their low 32 bits (NAT64 well-known and local
+# use, IPv4-compatible, IPv4-translated): a gateway on the path may take them to it.
+_IPV4_IN_LOW_BITS = [
+    ipaddress.IPv6Network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96")
+]
+_6TO4 = ipaddress.IPv6Network("2002::/16")
 
 
 def _is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = _embedded_ipv4(ip)
+        if inner is not None and not _is_public(str(inner)):
+            return False
     return ip.is_global and not ip.is_multicast
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _6TO4:
+        return ipaddress.IPv4Address((int(ip) >> 80) & 0xFFFFFFFF)
+    if any(ip in net for net in _IPV4_IN_LOW_BITS):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None

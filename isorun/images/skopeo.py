@@ -143,8 +143,11 @@ class Skopeo:
         if ref.transport != "registry":
             return []
         if isinstance(creds, Anonymous):
-            # without this skopeo still reads its default auth files
-            return [f"--{flag}no-creds"]
+            # --no-creds: else skopeo still reads its default auth files. An empty cert dir:
+            # else it presents the client certificate certs.d holds for that registry.
+            empty = tmp / "no-certs"
+            empty.mkdir(exist_ok=True)
+            return [f"--{flag}no-creds", f"--{flag}cert-dir={empty}"]
         authfile = self._write_creds(ref, creds, tmp) or self.cfg.auth_file
         return [f"--{flag}authfile={authfile}"] if authfile is not None else []
 

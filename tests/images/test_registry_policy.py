@@ -60,6 +60,10 @@ def _store_with_login(tmp: Path, mp: pytest.MonkeyPatch, *registries: Registry) 
         "[::1]:5000/x",
         "[fd00::1]/x",
         "[fe80::1]/x",
+        # IPv6 carrying a private IPv4 address, which a NAT64 or 6to4 gateway takes it to
+        "[64:ff9b::a00:5]/x",
+        "[2002:a00:5::1]/x",
+        "[::ffff:0:a00:5]/x",
     ],
 )
 async def test_public_only_refuses_registries_on_private_addresses(ref: str) -> None:
