@@ -365,23 +365,30 @@ class AsyncProcess:
         await self.sandbox._stream("GET", self._path("stream"), dec, params={"offset": offset})
         return dec.result()
 
-    async def __aiter__(self) -> AsyncIterator[tuple[str, str]]:
-        dec = _core.StreamDecoder(capture=False, proc_id=self.id)
+    async def _follow(
+        self, dec: _core.StreamDecoder, offset: int
+    ) -> AsyncIterator[tuple[str, bytes]]:
+        """The (stream, bytes) chunks of the output from `offset` as `dec` decodes them."""
         http = self.sandbox._http
         with _core.following(dec):
             async with http.stream(
                 "GET",
                 self._path("stream"),
-                params={"offset": 0},
+                params={"offset": offset},
                 timeout=await http.ndjson_timeout(),
             ) as resp:
                 if resp.status_code >= 300:
                     await resp.aread()
                     _core.check(resp)
                 async for line in resp.aiter_lines():
-                    got = dec.feed(line)
-                    if got is not None and (text := dec.text(*got)):
-                        yield got[0], text
+                    if (got := dec.feed(line)) is not None:
+                        yield got
+
+    async def __aiter__(self) -> AsyncIterator[tuple[str, str]]:
+        dec = _core.StreamDecoder(capture=False, proc_id=self.id)
+        async for stream, data in self._follow(dec, 0):
+            if text := dec.text(stream, data):
+                yield stream, text
         for stream, text in dec.rest():
             yield stream, text
         dec.result()  # a stream that ended before the process did says so
@@ -422,22 +429,9 @@ class AsyncPty:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         dec = _core.StreamDecoder(capture=False, proc_id=self.id)
-        http = self.process.sandbox._http
-        with _core.following(dec):
-            async with http.stream(
-                "GET",
-                self.process._path("stream"),
-                params={"offset": self.offset},
-                timeout=await http.ndjson_timeout(),
-            ) as resp:
-                if resp.status_code >= 300:
-                    await resp.aread()
-                    _core.check(resp)
-                async for line in resp.aiter_lines():
-                    got = dec.feed(line)
-                    if got is not None:
-                        self.offset = dec.offset
-                        yield got[1]
+        async for _, data in self.process._follow(dec, self.offset):
+            self.offset = dec.offset
+            yield data
         self.result = dec.result()
 
     async def wait(self) -> ExecResult:

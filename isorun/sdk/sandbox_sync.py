@@ -351,23 +351,31 @@ class Process:
         self.sandbox._stream("GET", self._path("stream"), dec, params={"offset": offset})
         return dec.result()
 
-    def __iter__(self) -> Iterator[tuple[str, str]]:
-        """Yield ("stdout"|"stderr", text) chunks from the start until the process exits."""
-        dec = _core.StreamDecoder(capture=False, proc_id=self.id)
+    def _follow(self, dec: _core.StreamDecoder, offset: int) -> Iterator[tuple[str, bytes]]:
+        """The (stream, bytes) chunks of the output from `offset` as `dec` decodes them."""
         http = self.sandbox._http
         with (
             _core.following(dec),
             http.stream(
-                "GET", self._path("stream"), params={"offset": 0}, timeout=http.ndjson_timeout()
+                "GET",
+                self._path("stream"),
+                params={"offset": offset},
+                timeout=http.ndjson_timeout(),
             ) as resp,
         ):
             if resp.status_code >= 300:
                 resp.read()
                 _core.check(resp)
             for line in resp.iter_lines():
-                got = dec.feed(line)
-                if got is not None and (text := dec.text(*got)):
-                    yield got[0], text
+                if (got := dec.feed(line)) is not None:
+                    yield got
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        """Yield ("stdout"|"stderr", text) chunks from the start until the process exits."""
+        dec = _core.StreamDecoder(capture=False, proc_id=self.id)
+        for stream, data in self._follow(dec, 0):
+            if text := dec.text(stream, data):
+                yield stream, text
         for stream, text in dec.rest():
             yield stream, text
         dec.result()  # a stream that ended before the process did says so
@@ -403,24 +411,9 @@ class Pty:
         """Output bytes as the terminal writes them, from where the last read stopped, until
         the process exits (then `result` is set)."""
         dec = _core.StreamDecoder(capture=False, proc_id=self.id)
-        http = self.process.sandbox._http
-        with (
-            _core.following(dec),
-            http.stream(
-                "GET",
-                self.process._path("stream"),
-                params={"offset": self.offset},
-                timeout=http.ndjson_timeout(),
-            ) as resp,
-        ):
-            if resp.status_code >= 300:
-                resp.read()
-                _core.check(resp)
-            for line in resp.iter_lines():
-                got = dec.feed(line)
-                if got is not None:
-                    self.offset = dec.offset
-                    yield got[1]
+        for _, data in self.process._follow(dec, self.offset):
+            self.offset = dec.offset
+            yield data
         self.result = dec.result()
 
     def wait(self) -> ExecResult:
