@@ -61,7 +61,7 @@ from isorun.errors import (
     GuestError,
     IsorunError,
 )
-from isorun.images import Image, ImageError, ImageInUseError, ProgressEvent
+from isorun.images import Image, ImageError, ImageInUseError, ProgressEvent, admits
 
 log = logging.getLogger("isorund.api")
 M = TypeVar("M", bound=BaseModel)
@@ -894,9 +894,12 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
 
     def tenant_image_json(tenant: str, img: Image) -> dict[str, Any] | None:
         """What a tenant is shown of a stored image: None for one known only by the host
-        paths it was imported from."""
+        paths it was imported from, or one it could not be handed (the daemon's credentials
+        may have fetched it from a registry the tenant may not name)."""
         names = names_for(tenant, img.names)
-        if img.names and not names:
+        if (img.names and not names) or not admits(
+            pull_policy_for(tenant, cfg.tenant_registries), img
+        ):
             return None
         return {**image_json(img), "names": names}
 

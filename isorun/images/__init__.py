@@ -26,7 +26,7 @@ from isorun.images.errors import (
 from isorun.images.progress import Progress, ProgressEvent
 from isorun.images.reference import ImageRef, parse_reference
 from isorun.images.registry_policy import RegistryPolicy
-from isorun.images.store import DiskUsage, GcReport, Image, ImageStore
+from isorun.images.store import DiskUsage, GcReport, Image, ImageStore, admits
 
 __all__ = [
     "Credentials",
@@ -55,5 +55,6 @@ __all__ = [
     "ToolMissingError",
     "UnsafeLayerError",
     "UnsupportedImageError",
+    "admits",
     "parse_reference",
 ]

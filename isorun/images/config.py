@@ -154,6 +154,14 @@ def _default_auth_file() -> Path | None:
     return docker if docker.exists() else None
 
 
+_DOCKER_HUB_KEYS = ("index.docker.io", "registry-1.docker.io")
+
+
+def _auth_key_host(key: str) -> str:
+    """The registry an auth file key names ("https://index.docker.io/v1/" → index.docker.io)."""
+    return key.lower().split("://", 1)[-1].split("/", 1)[0]
+
+
 def _loopback(host: str) -> bool:
     h = host.rsplit(":", 1)[0] if not host.endswith("]") else host
     return h in ("localhost", "[::1]", "::1") or h.startswith("127.")
@@ -191,6 +199,24 @@ class StoreConfig:
             "ISORUN_DEBIAN_SECURITY_MIRROR", "http://deb.debian.org/debian-security"
         )
     )
+
+    def may_hold_credentials_for(self, registry: str) -> bool:
+        """Whether the auth file may give skopeo credentials for `registry` (unreadable, or
+        a credential store or helper that may answer for any: yes)."""
+        if self.auth_file is None:
+            return False
+        try:
+            doc = json.loads(self.auth_file.read_text())
+        except (OSError, ValueError):
+            return self.auth_file.exists()
+        if not isinstance(doc, dict):
+            return True
+        if doc.get("credsStore") or doc.get("credHelpers"):
+            return True
+        auths = doc.get("auths") or {}
+        want = registry.lower()
+        aliases = {want, *(_DOCKER_HUB_KEYS if want == "docker.io" else ())}
+        return any(_auth_key_host(k) in aliases for k in auths)
 
     def is_insecure(self, registry: str) -> bool:
         return registry in self.insecure_registries or _loopback(registry)

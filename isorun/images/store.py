@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from isorun.images import ext4, unpack
-from isorun.images.config import ANONYMOUS, Credentials, ImageConfig, PullCredentials, StoreConfig
+from isorun.images.config import (
+    ANONYMOUS,
+    Anonymous,
+    Credentials,
+    ImageConfig,
+    PullCredentials,
+    StoreConfig,
+)
 from isorun.images.errors import (
     ImageError,
     ImageInUseError,
@@ -68,6 +75,13 @@ class Image:
     created: float
     names: tuple[str, ...] = ()
     layers: tuple[str, ...] = ()
+    # Who may be handed it without fetching it again: "" anyone; else it may have been
+    # fetched with the store's credentials for this registry (or from a host path, HOST_PATH),
+    # and only a pull policy naming that registry hands it out (ImageStore.ensure).
+    private: str = ""
+
+
+HOST_PATH = "host path"
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,13 @@ class GcReport:
 class StoreStats:
     conversions: int = 0
     cache_hits: int = 0
+
+
+def admits(policy: RegistryPolicy | None, img: Image) -> bool:
+    """Whether a caller pulling under `policy` may be handed the stored `img` as it is: an
+    image the store's credentials may have fetched goes only to those whose policy names its
+    registry (the operator's private images are not every tenant's)."""
+    return policy is None or not img.private or img.private in policy.named
 
 
 def _hex(digest: str) -> str:
@@ -150,6 +171,7 @@ class ImageStore:
             created=float(meta.get("created", 0)),
             names=tuple(self._refs.names_of(digest)),
             layers=tuple(meta.get("layers", [])),
+            private=str(meta.get("private", "")),
         )
 
     # ---- ensure ------------------------------------------------------------------------
@@ -226,10 +248,11 @@ class ImageStore:
         if r.transport == "registry" and pull == "missing":
             # By name first: a manifest-list digest names the platform image it resolved to.
             known = self._refs.read().get(r.name()) or r.digest
-            if known and (img := self._load(known)) is not None:
+            img = self._load(known) if known else None
+            if img is not None and admits(policy, img):
                 self.stats.cache_hits += 1
-                await self._refs.set(r.name(), known)
-                emit(ProgressEvent("cached", ref, "already in the store", digest=known))
+                await self._refs.set(r.name(), img.digest)
+                emit(ProgressEvent("cached", ref, "already in the store", digest=img.digest))
                 return img
         # A registry the policy admits as public is one the caller chose: pulled without the
         # store's credentials, and confined to public addresses all the way (pull_egress.py).
@@ -399,9 +422,20 @@ class ImageStore:
         )
         remove_tree(layout_dir)
         meta = await self._finish_tree(r.name(), tree, tmp, emit, digest)
+        meta["private"] = self._private(r, creds)
         meta["config"] = li.config.to_json()
         meta["layers"] = [str(x.get("digest")) for x in li.manifest.get("layers", [])]
         return meta
+
+    def _private(self, r: ImageRef, creds: PullCredentials) -> str:
+        """Image.private of an image fetched from r with creds."""
+        if r.transport != "registry":
+            return HOST_PATH
+        if isinstance(creds, Anonymous):
+            return ""
+        if creds is not None or self.cfg.may_hold_credentials_for(r.registry):
+            return r.registry.lower()
+        return ""
 
     async def _build_template(self, t: Template, tmp: Path, emit: Progress) -> dict[str, Any]:
         tree = tmp / "rootfs"

@@ -11,9 +11,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parents[1] / "images"))
 
 import ocibuild as ob
-from imghelpers import Registry, registry
+from imghelpers import Registry, auth_registry, registry
 
-__all__ = ["Registry", "fold_phases", "ob", "push_busybox", "registry"]
+__all__ = ["Registry", "auth_registry", "fold_phases", "ob", "push_busybox", "registry"]
 
 
 def push_busybox(reg: Registry, tmp: Path, repo_tag: str, marker: str = "") -> str:

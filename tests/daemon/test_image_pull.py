@@ -18,10 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 from daemonhelpers import Daemon, ndjson, running_daemon
-from pullhelpers import Registry, fold_phases, ob, push_busybox, registry
+from pullhelpers import Registry, auth_registry, fold_phases, ob, push_busybox, registry
 
 pytestmark = pytest.mark.vm
-__all__ = ["registry"]
+__all__ = ["auth_registry", "registry"]
 
 IMAGE_PHASES = ["resolving", "pulling", "unpacking", "converting", "done"]
 
@@ -250,6 +250,28 @@ def test_api_keys_pull_only_from_registries_the_operator_allows(
     with pull_daemon.client() as c:
         recs = ndjson(c.post("/v1/images/pull", json={"image": refused[0]}))
         assert recs[-1]["type"] == "image" and recs[-1]["image"]["digest"] == digest, recs[-1]
+
+
+def test_api_keys_do_not_get_images_the_daemons_login_fetched(
+    auth_registry: Registry, tmp_path: Path
+) -> None:
+    digest = push_busybox(auth_registry, tmp_path, "operator/secret:v1", marker="op's")
+    ref = f"{auth_registry.host}/operator/secret:v1"
+    token = base64.b64encode(b"agent:s3cret-pw").decode()
+    login = tmp_path / "auth.json"
+    login.write_text(json.dumps({"auths": {auth_registry.host: {"auth": token}}}))
+    with running_daemon(tmp_path / "d", own_images=True, REGISTRY_AUTH_FILE=str(login)) as d:
+        with d.client() as c:  # the operator pulls it with their login
+            recs = ndjson(c.post("/v1/images/pull", json={"image": ref}))
+            assert recs[-1]["type"] == "image" and recs[-1]["image"]["digest"] == digest
+            key = c.post("/v1/keys", json={"name": "tenant"}).json()["key"]
+        with d.tcp(key) as t:
+            assert digest not in [i["digest"] for i in t.get("/v1/images").json()["images"]]
+            assert t.get("/v1/images/inspect", params={"ref": ref}).status_code == 404
+            for image in (ref, f"127.0.0.1:1/other/name@{digest}"):
+                r = t.post("/v1/sandboxes", json={"image": image})
+                assert r.status_code == 403 and r.json()["error"]["code"] == "registry_refused"
+            assert t.get("/v1/sandboxes").json()["sandboxes"] == []
 
 
 def test_a_bad_registry_policy_stops_the_daemon_naming_it(tmp_path: Path) -> None:

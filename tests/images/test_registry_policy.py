@@ -28,8 +28,9 @@ from isorun.images import (
 
 
 def _push(reg: Registry, tmp: Path, repo_tag: str) -> str:
+    """An image of its own (a marker file names it: the same content is one digest)."""
     lay = ob.Layout(tmp / repo_tag.replace("/", "_").replace(":", "_"))
-    lay.tag(lay.manifest([ob.busybox_tree()]), "t")
+    lay.tag(lay.manifest([ob.busybox_tree([ob.file("etc/marker", repo_tag)])]), "t")
     return reg.push(f"oci:{lay.path}:t", repo_tag)
 
 
@@ -137,6 +138,34 @@ async def test_public_registries_are_pulled_anonymously_and_named_ones_with_the_
     # The operator themself (no policy) always pulls with their login.
     other = _store_with_login(tmp_path / "admin", monkeypatch, pub.auth)
     assert (await other.ensure(private)).digest == private_digest
+
+
+async def test_an_image_the_operators_login_fetched_goes_only_to_policies_naming_its_registry(
+    registry: Registry, auth_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    private_digest = _push(auth_registry, tmp_path, "operator/secret:1")
+    open_digest = _push(registry, tmp_path, "team/open:1")
+    store = _store_with_login(tmp_path / "op", monkeypatch, auth_registry)
+    # the operator's own pulls: one with their login, one from a registry it has none for
+    secret = await store.ensure(f"{auth_registry.host}/operator/secret:1")
+    assert secret.private == auth_registry.host
+    assert (await store.ensure(f"{registry.host}/team/open:1")).private == ""
+    public = RegistryPolicy.parse("public")
+    # Stored, but not handed to a policy that may not name its registry: by its name, nor by
+    # its digest under another registry's name (both loopback here, so refused outright).
+    for ref in [
+        f"{auth_registry.host}/operator/secret:1",
+        f"127.0.0.1:1/any/name@{private_digest}",
+    ]:
+        with pytest.raises(RegistryRefusedError):
+            await store.ensure(ref, policy=public)
+    named = RegistryPolicy.parse(f"public,{auth_registry.host}")
+    assert (
+        await store.ensure(f"{auth_registry.host}/operator/secret:1", policy=named)
+    ).digest == private_digest
+    # what no login fetched is anyone's, from the store, without asking its registry
+    opened = await store.ensure(f"{registry.host}/team/open:1", policy=public)
+    assert opened.digest == open_digest
 
 
 @pytest.fixture
