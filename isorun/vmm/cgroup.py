@@ -11,18 +11,11 @@ import contextlib
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
 GROUP = "isorun"
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    cpu_ns: int
-    resident_bytes: int  # memory in use now, without the page cache
 
 
 def _is_v2(root: Path) -> bool:
@@ -81,23 +74,22 @@ class VMCgroup:
     def procs_files(self) -> list[Path]:
         return [d / "cgroup.procs" for d in self._dirs().values()]
 
-    def usage(self) -> Usage:
-        """CPU time so far, and the memory in use now without the page cache (see
-        mempeak.py for why that, and not the group's own peak)."""
+    def cpu_ns(self) -> int:
+        """CPU time the group used so far (0 when unreadable)."""
         dirs = self._dirs()
-        cpu_ns = 0
         with contextlib.suppress(OSError, ValueError):
             if self.v2:
                 for line in (dirs["unified"] / "cpu.stat").read_text().splitlines():
                     if line.startswith("usage_usec"):
-                        cpu_ns = int(line.split()[1]) * 1000
+                        return int(line.split()[1]) * 1000
             elif "cpuacct" in dirs:
-                cpu_ns = int((dirs["cpuacct"] / "cpuacct.usage").read_text())
-        return Usage(cpu_ns=cpu_ns, resident_bytes=self._resident_bytes())
+                return int((dirs["cpuacct"] / "cpuacct.usage").read_text())
+        return 0
 
-    def _resident_bytes(self) -> int:
-        """The group's memory in use without the page cache it is charged for (shmem is
-        kept: it is memory, not a copy of a file); 0 when unreadable."""
+    def resident_bytes(self) -> int:
+        """The group's memory in use now without the page cache it is charged for (shmem
+        is kept: it is memory, not a copy of a file); 0 when unreadable. mempeak.py says why
+        this, and not the group's own peak."""
         d = self._memory_dir()
         if d is None:
             return 0

@@ -738,9 +738,8 @@ class MicroVM:
         return usage
 
     def _usage_now(self) -> VMUsage:
-        u = self.cgroup.usage()
         return VMUsage(
-            cpu_ms=u.cpu_ns // 1_000_000,
+            cpu_ms=self.cgroup.cpu_ns() // 1_000_000,
             mem_peak_bytes=self._memory.sample(),
             uptime_ms=int((time.monotonic() - self.started_at) * 1000),
         )
@@ -885,7 +884,7 @@ def usage_of(run_dir: Path) -> tuple[int, int]:
     """The CPU ms and peak memory bytes its cgroup counted for the VM of a run dir that is
     not running any more, read before remove_run_dir (which removes the cgroup)."""
     cgroup = _cgroup_of(run_dir)
-    return cgroup.usage().cpu_ns // 1_000_000, MemoryPeak(cgroup, run_dir).sample()
+    return cgroup.cpu_ns() // 1_000_000, MemoryPeak(cgroup, run_dir).sample()
 
 
 def remove_run_dir(run_dir: Path) -> None:

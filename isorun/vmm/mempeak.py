@@ -31,7 +31,7 @@ class MemoryPeak:
 
     def sample(self) -> int:
         """Take a sample now; the peak so far."""
-        self.peak = max(self.peak, self._cgroup.usage().resident_bytes)
+        self.peak = max(self.peak, self._cgroup.resident_bytes())
         if self.peak >= self._persisted + _PERSIST_STEP:
             with contextlib.suppress(OSError):  # the run dir being removed: nothing to keep
                 tmp = self._file.with_suffix(".tmp")
