@@ -106,8 +106,8 @@ class PullEgress:
             addresses = await resolve(host, port)
         except RegistryUnreachableError as exc:
             return await _reply(writer, 502, str(exc))
-        if (reason := out_of_reach(addresses)) is not None:
-            why = f"{host}:{port} at {reason}"
+        if (reason := out_of_reach(host, addresses)) is not None:
+            why = f"{host}:{port} {reason}"
             self.refused.append(why)
             return await _reply(writer, 403, why)
         upstream = await _connect(addresses, port)

@@ -21,6 +21,7 @@ import asyncio
 import concurrent.futures
 import functools
 import ipaddress
+import logging
 import socket
 from dataclasses import dataclass
 from typing import Literal
@@ -37,6 +38,7 @@ PUBLIC = "public"
 RESOLVE_TIMEOUT_S = 10.0
 # Docker Hub's references say docker.io; its API is served from this name.
 _API_HOST = {DEFAULT_REGISTRY: "registry-1.docker.io"}
+_log = logging.getLogger("isorun.images")
 
 PullAs = Literal["anonymous", "operator"]
 
@@ -75,10 +77,11 @@ class RegistryPolicy:
                 f"{self.describe()})"
             )
         host, port = _split_host(ref.registry)
-        why = out_of_reach(await resolve(_API_HOST.get(ref.registry, host), port))
+        api_host = _API_HOST.get(ref.registry, host)
+        why = out_of_reach(api_host, await resolve(api_host, port))
         if why is not None:
             raise RegistryRefusedError(
-                f"registry {ref.registry} is at {why}; pulls here may reach only public "
+                f"registry {ref.registry} is {why}; pulls here may reach only public "
                 f"registries and these by name: {', '.join(sorted(self.named)) or '(none)'}"
             )
         return "anonymous"
@@ -130,17 +133,35 @@ async def resolve(host: str, port: int) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
-def out_of_reach(addresses: list[str]) -> str | None:
-    """Why a tenant's pull may not connect to one of `addresses` ("10.0.0.1, which is not a
-    public address"), or None. This host's own addresses are out of reach too: a connection
-    from here to its public address reaches services bound to every interface, past any
-    firewall rule for traffic from outside."""
+def out_of_reach(host: str, addresses: list[str]) -> str | None:
+    """Why a tenant's pull may not connect to `host` at one of `addresses` ("at 10.0.0.1,
+    which is not a public address"), or None. This host's own addresses are out of reach
+    too: a connection from here to its public address reaches services bound to every
+    interface, past any firewall rule for traffic from outside.
+
+    The address is named only when the tenant wrote it: what a name resolves to on this
+    host's network (an internal DNS name's private address) is the operator's to know, and
+    is logged for them, not told to whoever asked."""
     for a in addresses:
         if not _is_public(a):
-            return f"{a}, which is not a public address"
-        if _is_this_host(a):
-            return f"{a}, which is this host's own address"
+            why, where = "not a public address", "an address that is not public"
+        elif _is_this_host(a):
+            why, where = "this host's own address", "this host's own address"
+        else:
+            continue
+        if _is_literal(host):
+            return f"at {a}, which is {why}"
+        _log.warning("refused a tenant's pull from %s: it resolves to %s, %s", host, a, why)
+        return f"at {where} (where its name resolves on this host)"
     return None
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
 
 
 def _is_this_host(address: str) -> bool:

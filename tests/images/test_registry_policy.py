@@ -69,8 +69,28 @@ def _store_with_login(tmp: Path, mp: pytest.MonkeyPatch, *registries: Registry) 
 )
 async def test_public_only_refuses_registries_on_private_addresses(ref: str) -> None:
     policy = RegistryPolicy.parse("public")
-    with pytest.raises(RegistryRefusedError, match="not a public address"):
+    with pytest.raises(RegistryRefusedError, match=r"not (a )?public"):
         await policy.check(parse_reference(ref))
+
+
+@pytest.mark.no_tools
+async def test_a_refusal_does_not_tell_the_tenant_where_a_name_resolves(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An internal DNS name's private address is the operator's to know: the refusal says
+    # what kind of address it is, the daemon's log says which.
+    policy = RegistryPolicy.parse("public")
+    with pytest.raises(RegistryRefusedError) as err:
+        await policy.check(parse_reference("localhost:5000/x"))
+    assert "is at an address that is not public" in str(err.value)
+    assert "127.0.0.1" not in str(err.value) and "::1" not in str(err.value)
+    assert any(
+        "localhost" in r.getMessage() and ("127.0.0.1" in r.getMessage() or "::1" in r.getMessage())
+        for r in caplog.records
+    )
+    # an address the tenant wrote is named back
+    with pytest.raises(RegistryRefusedError, match=r"is at 10\.1\.2\.3, which is not a public"):
+        await policy.check(parse_reference("10.1.2.3:2375/x"))
 
 
 @pytest.mark.no_tools
