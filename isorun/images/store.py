@@ -171,8 +171,20 @@ class ImageStore:
             created=float(meta.get("created", 0)),
             names=tuple(self._refs.names_of(digest)),
             layers=tuple(meta.get("layers", [])),
-            private=str(meta.get("private", "")),
+            private=str(meta["private"]) if "private" in meta else self._private_unmarked(meta),
         )
+
+    def _private_unmarked(self, meta: dict[str, Any]) -> str:
+        """Image.private of an image stored before images were marked: judged from where it
+        came from as a pull from there would be now (an operator who pulled with a login
+        this store still holds keeps that image from the tenants the login is not theirs)."""
+        if "template" in meta:
+            return ""  # built here from packages
+        try:
+            source = parse_reference(str(meta.get("source", "")))
+        except InvalidReferenceError:
+            return HOST_PATH  # not knowing where it came from: the operator's alone
+        return self._private(source, None)
 
     # ---- ensure ------------------------------------------------------------------------
 

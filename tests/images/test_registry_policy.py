@@ -186,6 +186,19 @@ async def test_an_image_the_operators_login_fetched_goes_only_to_policies_naming
     # what no login fetched is anyone's, from the store, without asking its registry
     opened = await store.ensure(f"{registry.host}/team/open:1", policy=public)
     assert opened.digest == open_digest
+    # Images stored before images were marked: judged by where they came from, as a pull
+    # from there would be now (the login for auth_registry is still the store's).
+    for img in store.list():
+        meta_file = img.rootfs.parent / "image.json"
+        meta = json.loads(meta_file.read_text())
+        del meta["private"]
+        meta_file.write_text(json.dumps(meta))
+    assert {i.digest: i.private for i in store.list()} == {
+        private_digest: auth_registry.host,
+        open_digest: "",
+    }
+    with pytest.raises(RegistryRefusedError):
+        await store.ensure(f"{auth_registry.host}/operator/secret:1", policy=public)
 
 
 @pytest.fixture
