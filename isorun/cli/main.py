@@ -163,7 +163,8 @@ def cmd_kill(args: argparse.Namespace) -> int:
         args,
         usage,
         f"killed {args.id}: cpu {usage['cpu_ms']} ms, peak memory "
-        f"{usage['mem_peak_bytes']} B, uptime {usage['uptime_ms']} ms",
+        f"{usage['mem_peak_bytes']} B, uptime {usage['uptime_ms']} ms, "
+        f"billed {usage['billed_seconds']} s, cost ${usage['cost_usd']:.6f}",
     )
     return 0
 
@@ -186,8 +187,6 @@ def cmd_images(args: argparse.Namespace) -> int:
         return cmd_images_pull(args)
     if args.action in ("inspect", "rm", "gc", "du"):
         return cmd_images_manage(args)
-    if args.ref:
-        raise SystemExit("isorun images ls: takes no image reference (did you mean `pull`?)")
     with _http(args) as c:
         imgs = _core.check(c.get("/v1/images"))["images"]
     _out(
@@ -348,23 +347,34 @@ def parser(split: bool = False) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=hlp, parents=[as_json])
         s.add_argument("id")
         s.set_defaults(fn=fn)
-    im = sub.add_parser(
-        "images",
-        parents=[as_json],
-        help="images in the daemon's store: ls (default), pull REF (with progress), inspect REF,"
-        " rm REF, gc [--all], du",
-    )
-    im.add_argument(
-        "action", nargs="?", choices=["ls", "pull", "inspect", "rm", "gc", "du"], default="ls"
-    )
-    im.add_argument("ref", nargs="?", help="pull/inspect/rm: template name or image reference")
-    im.add_argument("--always", action="store_true", help="pull: re-resolve a cached tag")
-    im.add_argument("--all", action="store_true", help="gc: every unused image, named or not")
-    im.set_defaults(fn=cmd_images)
+    # Actions are subcommands of their own, so options may follow REF (`images pull --json
+    # python`); two optional positionals side by side would leave REF unparsed after one.
+    im = sub.add_parser("images", parents=[as_json], help="images in the daemon's store")
+    im_actions = im.add_subparsers(dest="action", metavar="ACTION", help="default: ls")
+    im.set_defaults(fn=cmd_images, action="ls", ref=None, always=False, all=False)
+    im_actions.add_parser("ls", parents=[as_json], help="list stored images")
+    for name, hlp in (
+        ("pull", "fetch an image, with progress"),
+        ("inspect", "an image's config, layers and names"),
+        ("rm", "remove an image no sandbox uses"),
+    ):
+        a = im_actions.add_parser(name, parents=[as_json], help=hlp)
+        a.add_argument("ref", nargs="?", help="template name or image reference")
+        if name == "pull":
+            a.add_argument("--always", action="store_true", help="re-resolve a cached tag")
+    gc = im_actions.add_parser("gc", parents=[as_json], help="remove unused unnamed images")
+    gc.add_argument("--all", action="store_true", help="every unused image, named or not")
+    im_actions.add_parser("du", parents=[as_json], help="disk used by the store")
     k = sub.add_parser("keys", parents=[as_json], help="API keys (local admin)")
-    k.add_argument("action", choices=["create", "ls", "revoke"])
-    k.add_argument("name", nargs="?", help="key name (create) or key id (revoke)")
-    k.set_defaults(fn=cmd_keys)
+    k_actions = k.add_subparsers(dest="action", metavar="ACTION", required=True)
+    k.set_defaults(fn=cmd_keys, name=None)
+    k_actions.add_parser("create", parents=[as_json], help="a new key").add_argument(
+        "name", nargs="?", help="key name"
+    )
+    k_actions.add_parser("ls", parents=[as_json], help="list keys")
+    k_actions.add_parser("revoke", parents=[as_json], help="revoke a key").add_argument(
+        "name", nargs="?", metavar="id", help="key id (see `isorun keys ls`)"
+    )
     sub.add_parser("usage", parents=[as_json], help="usage and cost of your API key").set_defaults(
         fn=cmd_usage
     )

@@ -48,6 +48,11 @@ def _cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
         # --json after the subcommand is taken (it then fails only for want of a daemon).
         (["ls", "--json"], "no isorun daemon answers"),
         (["usage", "--json"], "no isorun daemon answers"),
+        # ... and between an action and its argument
+        (["images", "inspect", "--json", "base"], "no isorun daemon answers"),
+        (["keys", "create", "--json", "bob"], "no isorun daemon answers"),
+        (["keys", "revoke", "--json", "k1"], "no isorun daemon answers"),
+        (["images", "base"], "invalid choice: 'base'"),
     ],
 )
 def test_bad_arguments_are_usage_errors(tmp_path: Path, argv: list[str], message: str) -> None:

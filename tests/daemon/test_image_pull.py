@@ -142,7 +142,8 @@ def test_inspect_remove_gc_and_usage(
         assert c.get("/v1/images/inspect", params={"ref": ref}).status_code == 200
         assert c.delete(f"/v1/sandboxes/{sb['id']}").status_code == 200
         # Unused now: the CLI removes it and says how much it freed.
-        r = _cli(pull_daemon, "--json", "images", "rm", ref)
+        # --json after the action and before REF, as well as before the subcommand
+        r = _cli(pull_daemon, "images", "rm", "--json", ref)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["removed"] == digest
         assert c.get("/v1/images/inspect", params={"ref": ref}).status_code == 404
