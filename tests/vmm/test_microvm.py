@@ -57,6 +57,10 @@ async def test_command_not_found_is_a_127_result_not_an_exception(vm: MicroVM) -
     r = await vm.agent.exec(argv=["/no/such/binary"])
     assert r.exit_code == 127
     assert b"/no/such/binary" in r.stderr
+    # a command line that looks like a shell option is still the command, not sh's option
+    r = await vm.agent.exec("-x")
+    assert r.exit_code == 127
+    assert b"-x" in r.stderr and b"not found" in r.stderr
 
 
 async def test_env_cwd_user_and_argv(vm: MicroVM) -> None:

@@ -117,6 +117,10 @@ func (s *Server) buildSpec(r *execReq) (*spawnSpec, error) {
 	}
 	if r.Cmd != nil {
 		sp.argv = []string{"/bin/sh", "-c", *r.Cmd}
+		if strings.HasPrefix(*r.Cmd, "-") || strings.HasPrefix(*r.Cmd, "+") {
+			// else sh takes "-x" for its own option and runs nothing
+			sp.argv = []string{"/bin/sh", "-c", "--", *r.Cmd}
+		}
 	} else {
 		sp.argv = append([]string(nil), r.Argv...)
 	}

@@ -61,6 +61,18 @@ func TestExecMissingProgram(t *testing.T) {
 	}
 }
 
+func TestExecCommandLineStartingLikeAnOption(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "-x"})
+	if num(r.resp["exit_code"]) != 127 || !strings.Contains(string(r.err), "-x") {
+		t.Fatalf("resp=%v err=%q", r.resp, r.err)
+	}
+	r = c.call(2, map[string]any{"op": "exec", "cmd": "+e; echo ran"})
+	if string(r.out) != "ran\n" {
+		t.Fatalf("out=%q err=%q", r.out, r.err)
+	}
+}
+
 func TestExecStdin(t *testing.T) {
 	c := newClient(t, nil)
 	c.req(1, map[string]any{"op": "exec", "argv": []string{"cat"}, "stdin": true})
