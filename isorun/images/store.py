@@ -514,7 +514,9 @@ class ImageStore:
             return self.templates.get(r.repository).digest
         digest = self._refs.read().get(r.name()) or r.digest
         if digest is None:
-            raise ImageNotFoundError(f"no local image named {r.name()}; see store.list()")
+            raise ImageNotFoundError(
+                f"no local image named {r.name()} (`isorun images` lists them)"
+            )
         return digest
 
     def inspect(self, ref: str) -> Image:

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any, NotRequired, Self, TypedDict, cast
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -107,6 +107,13 @@ def resolve(api_url: str | None, api_key: str | None, autostart: bool | None) ->
             sock = sock[2:]
         # Only the embedded default is started automatically, never a remote daemon.
         return Settings("http://isorund", sock, key, autostart)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        # else httpx's "unsupported protocol" came back as a lost connection to the daemon
+        raise ConfigError(
+            f"API URL {url!r} (api_url, --api-url or ISORUN_API_URL) is not an isorun API "
+            "address: give http://HOST:PORT, https://HOST, or unix:/path/to/isorund.sock"
+        )
     return Settings(url.rstrip("/"), None, key, False)
 
 
@@ -433,7 +440,7 @@ def url_id(kind: str, value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(
             f"{kind} {value!r} is empty: pass the id a sandbox or process was given "
-            "(Sandbox.list() and sandbox.processes.list() list them)"
+            "(`isorun ls`, Sandbox.list() and sandbox.processes.list() list them)"
         )
     if "/" in value or value in (".", ".."):
         raise ValueError(f"{kind} {value!r} is not an id: ids look like 'sb-0123456789abcdef'")

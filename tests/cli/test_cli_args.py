@@ -42,6 +42,8 @@ def _cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
         (["exec", "a/b", "--", "true"], "is not an id"),
         (["keys", "revoke", "x/y"], "is not an id"),
         (["ls"], "no isorun daemon answers"),
+        (["--api-url", "ftp://x", "ls"], "API URL 'ftp://x' (api_url, --api-url"),
+        (["exec", "", "--", "true"], "(`isorun ls`,"),
         # bytes that are not UTF-8 (a shell's $'\x80') cannot go into the API's JSON
         (["run", "-e", "A=\udc80", "base", "--", "true"], "b'A=\\x80' is not UTF-8 text"),
         (["exec", "sb-1", "--", "echo", "\udcff"], "b'\\xff' is not UTF-8 text"),

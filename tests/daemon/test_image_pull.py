@@ -134,6 +134,9 @@ def test_inspect_remove_gc_and_usage(
         assert c.get("/v1/images/inspect").status_code == 422  # no ?ref
         missing = c.get("/v1/images/inspect", params={"ref": "localhost:1/none:v1"})
         assert missing.status_code == 404
+        r = _cli(pull_daemon, "images", "rm", "localhost:1/none:v1")
+        assert r.returncode == 1
+        assert "no local image named localhost:1/none:v1 (`isorun images` lists" in r.stderr
         # In use by a sandbox: removal is refused and nothing is lost.
         sb = c.post("/v1/sandboxes", json={"image": ref}).json()
         assert c.get("/v1/images/inspect", params={"ref": ref}).json()["in_use"] is True

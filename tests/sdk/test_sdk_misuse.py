@@ -15,6 +15,7 @@ import pytest
 from daemonhelpers import REPO, Daemon
 
 from isorun import ApiError, AsyncSandbox, DaemonUnavailable, Images, Sandbox
+from isorun.errors import ConfigError
 from isorun.sdk import SandboxNotStartedError
 
 
@@ -77,6 +78,12 @@ async def test_ids_that_are_not_ids_are_refused_before_they_reach_a_url(api: str
             Sandbox.connect(bad, api_url=api)
         with pytest.raises(ValueError, match=expected):
             await AsyncSandbox.connect(bad, api_url=api)
+
+
+def test_an_api_url_that_is_not_http_says_what_to_give() -> None:
+    for bad in ("ftp://x", "localhost:8080", "http://"):
+        with pytest.raises(ConfigError, match=re.escape(f"API URL {bad!r}") + ".*http://HOST"):
+            Sandbox("base", api_url=bad)
 
 
 async def test_an_async_sandbox_never_started_says_how_to_start_it(api: str) -> None:
