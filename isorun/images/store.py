@@ -18,6 +18,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,9 @@ from isorun.images.errors import (
     ImageNotFoundError,
     ImageTooLargeError,
     InvalidReferenceError,
+    RegistryAuthError,
+    RegistryRefusedError,
+    RegistryUnreachableError,
     StoreFullError,
 )
 from isorun.images.fstree import remove_tree
@@ -59,6 +63,17 @@ _ROOTFS = "rootfs.ext4"
 _HOLD_ATTEMPTS = 3  # ensure+acquire rounds lost to a concurrent gc before giving up
 _STAGING = "new-"  # a work dir's name until it is locked
 STAGING_GRACE_S = 60.0  # an unlocked staging dir younger than this may be about to be locked
+
+
+# What a registry lookup can fail with when the name was simply wrong or unreachable.
+_NOT_FETCHED = (
+    ImageNotFoundError,
+    RegistryAuthError,
+    RegistryRefusedError,
+    RegistryUnreachableError,
+)
+# A reference with no registry, repository path, tag or digest: what a template name is.
+_BARE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -272,8 +287,11 @@ class ImageStore:
         if confined and credentials is None:
             credentials = ANONYMOUS
         emit(ProgressEvent("resolving", ref, f"resolving {r.name()}"))
-        with self._workdir("resolve") as tmp:
-            resolved = await self._skopeo.resolve(r, credentials, tmp, confined=confined)
+        try:
+            with self._workdir("resolve") as tmp:
+                resolved = await self._skopeo.resolve(r, credentials, tmp, confined=confined)
+        except _NOT_FETCHED as exc:
+            raise self._maybe_misspelt_template(ref, exc) from exc
         if r.digest and r.digest not in (resolved.digest, resolved.index_digest):
             raise ImageError(f"{r.name()}: registry returned manifest {resolved.digest}")
         if resolved.layers_bytes > self.cfg.max_image_bytes:
@@ -438,6 +456,17 @@ class ImageStore:
         meta["config"] = li.config.to_json()
         meta["layers"] = [str(x.get("digest")) for x in li.manifest.get("layers", [])]
         return meta
+
+    def _maybe_misspelt_template(self, ref: str, exc: ImageError) -> ImageError:
+        """A bare name that is no template (`pyhton`) went to Docker Hub: say so, and name
+        the templates, rather than leave only Docker Hub's refusal."""
+        if not _BARE_NAME.fullmatch(ref):
+            return exc
+        names = ", ".join(sorted(self.templates.names())) or "none"
+        return type(exc)(
+            f"{exc} ({ref!r} is not a template, so it was looked up as "
+            f"docker.io/library/{ref}; the templates are: {names})"
+        )
 
     def _private(self, r: ImageRef, creds: PullCredentials) -> str:
         """Image.private of an image fetched from r with creds."""

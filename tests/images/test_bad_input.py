@@ -19,6 +19,7 @@ from imghelpers import Registry, assert_store_intact, ext4_cat, ext4_ls, free_po
 from isorun.images import (
     Credentials,
     ImageCorruptError,
+    ImageError,
     ImageNotFoundError,
     ImageStore,
     ImageTooLargeError,
@@ -75,6 +76,20 @@ async def test_registry_unreachable(seeded: ImageStore, registry: Registry) -> N
     with pytest.raises(RegistryUnreachableError, match="cannot reach the registry"):
         await seeded.ensure(f"127.0.0.1:{free_port()}/x:1")
     _intact(seeded, registry)
+
+
+async def test_a_misspelt_template_says_it_went_to_docker_hub(seeded: ImageStore) -> None:
+    # No internet here: Docker Hub is unreachable, and the error still says why it was asked.
+    with pytest.raises(ImageError) as caught:
+        await seeded.ensure("pyhton")
+    assert "'pyhton' is not a template, so it was looked up as docker.io/library/pyhton" in str(
+        caught.value
+    )
+    assert "base, node, python" in str(caught.value)
+    # a name with a tag or a registry is meant for a registry: no template hint
+    with pytest.raises(ImageError) as caught:
+        await seeded.ensure(f"127.0.0.1:{free_port()}/x:1")
+    assert "template" not in str(caught.value)
 
 
 async def test_auth_registry(
