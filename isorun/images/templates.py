@@ -20,7 +20,11 @@ from isorun.images import proc
 from isorun.images.config import DEFAULT_PATH, ImageConfig, StoreConfig
 from isorun.images.errors import StoreFullError, TemplateError
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # bump when build_rootfs changes what it makes from the same definition
+# mmdebstrap copies the building host's /etc/hostname and /etc/resolv.conf into the tree: a
+# template would carry that host's name and DNS server, and differ between hosts. The guest's
+# hostname is the agent's (pid1.go); a sandbox has no network to resolve names on.
+_HOST_NEUTRAL = 'echo isorun > "$1/etc/hostname" && : > "$1/etc/resolv.conf"'
 _PKG = r"^[a-z0-9][a-z0-9+.-]+$"
 
 
@@ -186,6 +190,7 @@ async def build_rootfs(t: Template, target: Path, cfg: StoreConfig, tmp: Path) -
         "--mode=root",
         '--aptopt=Acquire::Retries "3"',
         f"--include={','.join(t.packages)}",
+        f"--customize-hook={_HOST_NEUTRAL}",
     ]
     argv += [f"--dpkgopt=path-exclude={p}" for p in t.path_exclude]
     argv += [f"--dpkgopt=path-include={p}" for p in t.path_include]

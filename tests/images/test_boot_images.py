@@ -51,14 +51,17 @@ async def test_templates_boot(template_store: ImageStore, name: str) -> None:
     _guest_ready()
     img = await template_store.ensure(name)
     check = {
-        "base": "cat /etc/os-release && git --version && curl --version | head -1",
-        "python": "python3 -c 'import numpy, pandas, scipy, matplotlib; "
+        "base": "cat /etc/os-release && git --version && curl --version | head -1 && "
+        "echo host=$(cat /etc/hostname)/$(hostname) dns=$(wc -c < /etc/resolv.conf)",
+        "python": "python -c 'import numpy, pandas, scipy, matplotlib; "
         "print(numpy.arange(4).sum())'",
         "node": "node -e 'console.log(6*7)' && npm --version",
     }[name]
     code, out, err = await _run(img, check)
     assert code == 0, err
     assert {"base": "bookworm", "python": "6", "node": "42"}[name] in out
+    if name == "base":  # nothing of the host that built it: its name, its DNS server
+        assert "host=isorun/isorun dns=0\n" in out
 
 
 async def test_busybox_image_by_tag_and_digest_with_config(
