@@ -222,7 +222,9 @@ def _query_path(request: Request, *others: str) -> str:
     p = request.query_params.get("path")
     if not p or "\x00" in p or len(p) > 4096:
         raise ApiError(
-            "query parameter 'path' is required: an absolute path in the sandbox", code="invalid"
+            "query parameter 'path' is required: a path in the sandbox (absolute, or relative"
+            " to its working directory), at most 4096 bytes, without NUL",
+            code="invalid",
         )
     return p
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import posixpath
+import re
 import signal
 import subprocess
 import sys
@@ -267,6 +269,23 @@ async def test_an_async_watch_reports_what_changes_after_it_is_awaited(
             await sb.files.watch("/tmp/missing")
 
 
+def test_relative_paths_are_from_the_working_directory(api: str, image: str) -> None:
+    """As a shell's: a file written as "notes.txt" is the one `cat notes.txt` reads, and an
+    exec's relative cwd is a directory below the working directory (E2B resolves relative
+    paths against the user's home; here it is the image's WORKDIR, where commands run)."""
+    with Sandbox(image, api_url=api) as sb:
+        wd = sb.exec("pwd").stdout.strip()
+        sb.files.write("notes.txt", "hi")
+        assert sb.exec("cat notes.txt").stdout == "hi"
+        assert sb.files.read(posixpath.join(wd, "notes.txt")) == "hi"
+        sb.files.mkdir("sub/deeper")
+        sb.files.rename("notes.txt", "sub/n.txt")
+        r = sb.exec("pwd; cat n.txt", cwd="sub")
+        assert r.stdout == posixpath.join(wd, "sub") + "\nhi", r.stderr
+        with pytest.raises(NotFoundError, match=re.escape(posixpath.join(wd, "no/such"))):
+            sb.files.watch("no/such")
+
+
 def test_stream_errors_raise_the_matching_exception(api: str, image: str) -> None:
     """Errors raise the matching exception: a watch of a missing path is NotFoundError (it
     used to end silently with no events); an exec the guest could not run (a NUL in its
@@ -276,8 +295,8 @@ def test_stream_errors_raise_the_matching_exception(api: str, image: str) -> Non
     with Sandbox(image, api_url=api) as sb:
         with pytest.raises(NotFoundError, match="/no/such/dir"):
             sb.files.watch("/no/such/dir")
-        with pytest.raises(ApiError, match="absolute") as bad:
-            sb.files.watch("relative/dir")
+        with pytest.raises(ApiError, match="without NUL") as bad:
+            sb.files.watch("dir\x00")
         assert bad.value.status == 400
         for line in (["echo", "a\x00b"], "echo a\x00b"):  # refused before the guest sees it
             with pytest.raises(ApiError, match=r"argv|cmd") as nul:

@@ -133,7 +133,14 @@ func (s *Server) buildSpec(r *execReq) (*spawnSpec, error) {
 		userSpec = defUser
 	}
 	if r.Cwd != "" {
+		base := cwd // the default, read above
+		if base == "" {
+			base = "/"
+		}
 		cwd = r.Cwd
+		if !filepath.IsAbs(cwd) { // from the working directory, as `cd dir` would
+			cwd = filepath.Join(base, cwd)
+		}
 	}
 	if cwd == "" {
 		cwd = "/"

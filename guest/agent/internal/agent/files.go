@@ -52,7 +52,7 @@ func fileMode(m *int64, def os.FileMode) (os.FileMode, error) {
 }
 
 func opReadFile(s *Server, ch *Channel, raw []byte) (any, error) {
-	r, path, err := decodePathReq(raw)
+	r, path, err := s.decodePathReq(raw)
 	if err != nil {
 		return nil, err
 	}
@@ -138,16 +138,17 @@ func opWriteFile(s *Server, ch *Channel, raw []byte) (any, error) {
 		ch.closeIn()
 		return nil, err
 	}
-	resp, err := writeFile(ch, &r, owner)
+	path, err := s.reqPath("path", r.Path)
+	if err != nil {
+		ch.closeIn()
+		return nil, err
+	}
+	resp, err := writeFile(ch, &r, path, owner)
 	ch.closeIn()
 	return resp, err
 }
 
-func writeFile(ch *Channel, r *fileReq, owner *account) (any, error) {
-	path, err := absPath("path", r.Path)
-	if err != nil {
-		return nil, err
-	}
+func writeFile(ch *Channel, r *fileReq, path string, owner *account) (any, error) {
 	if strings.HasSuffix(path, "/") {
 		return nil, errf("is_dir", "%s ends with /: it names a directory, not a file to write", path)
 	}
@@ -531,7 +532,7 @@ func entry(path string, fi os.FileInfo) map[string]any {
 }
 
 func opStat(s *Server, ch *Channel, raw []byte) (any, error) {
-	_, path, err := decodePathReq(raw)
+	_, path, err := s.decodePathReq(raw)
 	if err != nil {
 		return nil, err
 	}
@@ -547,7 +548,7 @@ func opStat(s *Server, ch *Channel, raw []byte) (any, error) {
 }
 
 func opList(s *Server, ch *Channel, raw []byte) (any, error) {
-	r, path, err := decodePathReq(raw)
+	r, path, err := s.decodePathReq(raw)
 	if err != nil {
 		return nil, err
 	}
@@ -667,7 +668,7 @@ func (l *lister) walkEntries(dir string, ents []os.DirEntry, depth int) error {
 }
 
 func opMkdir(s *Server, ch *Channel, raw []byte) (any, error) {
-	r, path, err := decodePathReq(raw)
+	r, path, err := s.decodePathReq(raw)
 	if err != nil {
 		return nil, err
 	}
@@ -699,7 +700,7 @@ func opMkdir(s *Server, ch *Channel, raw []byte) (any, error) {
 }
 
 func opRemove(s *Server, ch *Channel, raw []byte) (any, error) {
-	r, path, err := decodePathReq(raw)
+	r, path, err := s.decodePathReq(raw)
 	if err != nil {
 		return nil, err
 	}
@@ -729,11 +730,11 @@ func opRename(s *Server, ch *Channel, raw []byte) (any, error) {
 	if err := decode(raw, &r); err != nil {
 		return nil, err
 	}
-	src, err := absPath("src", r.Src)
+	src, err := s.reqPath("src", r.Src)
 	if err != nil {
 		return nil, err
 	}
-	dst, err := absPath("dst", r.Dst)
+	dst, err := s.reqPath("dst", r.Dst)
 	if err != nil {
 		return nil, err
 	}
@@ -748,12 +749,12 @@ func opRename(s *Server, ch *Channel, raw []byte) (any, error) {
 }
 
 // decodePathReq decodes a file request and checks its "path" field.
-func decodePathReq(raw []byte) (fileReq, string, error) {
+func (s *Server) decodePathReq(raw []byte) (fileReq, string, error) {
 	var r fileReq
 	if err := decode(raw, &r); err != nil {
 		return r, "", err
 	}
-	path, err := absPath("path", r.Path)
+	path, err := s.reqPath("path", r.Path)
 	return r, path, err
 }
 

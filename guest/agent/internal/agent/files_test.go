@@ -98,8 +98,47 @@ func TestFiles(t *testing.T) {
 	if r = c.call(30, map[string]any{"op": "read_file", "path": dir}); r.resp["code"] != "is_dir" {
 		t.Fatalf("%v", r.resp)
 	}
-	if r = c.call(31, map[string]any{"op": "stat", "path": "relative"}); r.resp["code"] != "invalid" {
-		t.Fatalf("%v", r.resp)
+	for i, bad := range []string{"", "a\x00b"} {
+		if r = c.call(uint32(31+i), map[string]any{"op": "stat", "path": bad}); r.resp["code"] != "invalid" {
+			t.Fatalf("%q: %v", bad, r.resp)
+		}
+	}
+}
+
+// A relative path is taken from the working directory a command runs in, for
+// files and for an exec's own cwd alike (a file written as "notes.txt" is the
+// one `cat notes.txt` reads).
+func TestRelativePathsAreFromTheWorkingDirectory(t *testing.T) {
+	c := newClient(t, nil)
+	dir := t.TempDir()
+	if r := c.call(1, map[string]any{"op": "stat", "path": "."}); r.resp["entry"].(map[string]any)["path"] != "/" {
+		t.Fatalf("no working directory set: %v", r.resp)
+	}
+	c.call(2, map[string]any{"op": "set_defaults", "cwd": dir})
+	c.req(3, map[string]any{"op": "write_file", "path": "notes.txt"})
+	c.send(3, KindIn, []byte("hi"))
+	c.send(3, KindEOF, nil)
+	if r := c.wait(3, 5*time.Second); r.resp["ok"] != true {
+		t.Fatalf("write: %v", r.resp)
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "notes.txt")); string(b) != "hi" {
+		t.Fatalf("%q %v", b, err)
+	}
+	if r := c.call(4, map[string]any{"op": "exec", "cmd": "cat notes.txt"}); string(r.out) != "hi" {
+		t.Fatalf("exec read %q %q", r.out, r.err)
+	}
+	if r := c.call(5, map[string]any{"op": "mkdir", "path": "sub/deeper"}); r.resp["ok"] != true {
+		t.Fatalf("mkdir: %v", r.resp)
+	}
+	if r := c.call(6, map[string]any{"op": "rename", "src": "notes.txt", "dst": "sub/n.txt"}); r.resp["ok"] != true {
+		t.Fatalf("rename: %v", r.resp)
+	}
+	if r := c.call(7, map[string]any{"op": "exec", "cmd": "pwd; cat n.txt", "cwd": "sub"}); string(r.out) != filepath.Join(dir, "sub")+"\nhi" {
+		t.Fatalf("exec in a relative cwd: %q %q", r.out, r.err)
+	}
+	r := c.call(8, map[string]any{"op": "stat", "path": "sub/../sub/n.txt"})
+	if e := r.resp["entry"].(map[string]any); e["path"] != filepath.Join(dir, "sub", "n.txt") {
+		t.Fatalf("stat: %v", r.resp)
 	}
 }
 

@@ -38,16 +38,32 @@ func fsCode(err error) string {
 	return "io"
 }
 
-// absPath validates a request path: absolute, no NUL, cleaned. A trailing
-// slash is kept: as for the kernel, "f/" names a directory, so a stat, read
-// or remove of a file through it fails not_dir instead of reaching the file.
-func absPath(field, p string) (string, error) {
-	if p == "" || !filepath.IsAbs(p) || strings.IndexByte(p, 0) >= 0 {
-		return "", errf("invalid", "%s must be an absolute path", field)
+// reqPath validates a request path: no NUL, cleaned, and a relative one
+// taken from the sandbox's working directory, where exec runs a command (so
+// files.write("notes.txt") is what `cat notes.txt` reads). A trailing slash is
+// kept: as for the kernel, "f/" names a directory, so a stat, read or remove
+// of a file through it fails not_dir instead of reaching the file.
+func (s *Server) reqPath(field, p string) (string, error) {
+	if p == "" || strings.IndexByte(p, 0) >= 0 {
+		return "", errf("invalid", "%s must be a path (absolute, or relative to the working directory) without NUL bytes", field)
+	}
+	dir := strings.HasSuffix(p, "/")
+	if !filepath.IsAbs(p) {
+		p = filepath.Join(s.workDir(), p)
 	}
 	clean := filepath.Clean(p)
-	if strings.HasSuffix(p, "/") && clean != "/" {
+	if dir && clean != "/" {
 		clean += "/"
 	}
 	return clean, nil
+}
+
+// workDir is the working directory of a command run without a cwd of its own.
+func (s *Server) workDir() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.defCwd == "" {
+		return "/"
+	}
+	return s.defCwd
 }

@@ -10,7 +10,7 @@ import (
 var maxWatchDirs = 8192
 
 func opWatch(s *Server, ch *Channel, raw []byte) (any, error) {
-	r, path, err := decodePathReq(raw)
+	r, path, err := s.decodePathReq(raw)
 	if err != nil {
 		return nil, err
 	}
