@@ -180,19 +180,24 @@ def _query_int(request: Request, name: str, default: int, lo: int, hi: int) -> i
 
 
 def _query_mode(request: Request) -> int:
-    """?mode=: octal as 0o644 or 0644 (as chmod reads it), else decimal (420, what the SDK
-    sends): read as decimal, a curl user's 0755 was 0o1363."""
+    """?mode=: octal, written as octal: 0o644 or 0644 (as chmod reads it). A bare number is
+    refused, not guessed: read as decimal, a curl user's 644 was 0o1204, and read as octal,
+    a client's decimal 420 would be 0o420; both are valid modes, so either guess is silent."""
     raw = request.query_params.get("mode", "")
-    digits = raw[2:] if raw[:2].lower() == "0o" else raw[1:] if raw[:1] == "0" else None
-    try:
-        v = int(raw) if digits is None else int(digits or "0", 8)
-    except ValueError:
+    if raw and set(raw) <= set("01234567") and not raw.startswith("0"):
         raise ApiError(
-            f"query parameter mode={raw!r} is not a mode: give octal as 0o644 or 0644, or a "
-            "decimal number",
+            f"query parameter mode={raw!r} is ambiguous: write it in octal with a leading 0 or"
+            f" 0o (mode=0{raw} or mode=0o{raw} if you meant chmod's {raw})",
             code="invalid",
-        ) from None
-    if not 0 <= v <= 0o7777:
+        )
+    digits = raw[2:] if raw[:2].lower() == "0o" else raw
+    if not digits or not digits.isascii() or not set(digits) <= set("01234567"):
+        raise ApiError(
+            f"query parameter mode={raw!r} is not a mode: give it in octal as 0o644 or 0644",
+            code="invalid",
+        )
+    v = int(digits, 8)
+    if v > 0o7777:
         raise ApiError(f"query parameter mode={raw!r} must be within 0..0o7777", code="invalid")
     return v
 

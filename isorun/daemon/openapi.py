@@ -70,8 +70,8 @@ def _q(name: str, typ: str = "integer", description: str = "") -> dict[str, Any]
 MODE_Q = _q(
     "mode",
     "string",
-    "permission bits: octal as 0o644 or 0644, or a decimal number (420); absent: an existing "
-    "file keeps its mode, a new one gets 0644",
+    "permission bits in octal, as 0o644 or 0644 (a bare 644 is refused as ambiguous); absent: "
+    "an existing file keeps its mode, a new one gets 0644",
 )
 
 

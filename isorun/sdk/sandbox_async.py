@@ -539,7 +539,7 @@ class AsyncFiles:
             content = await _core.awrite_chunks(data, _in_thread)
         params = {"path": path}
         if mode is not None:  # else an existing file keeps its mode, a new one gets 0644
-            params["mode"] = str(mode)
+            params["mode"] = oct(mode)  # octal, as the API reads it
         if append:
             params["append"] = "1"
         r = _core.check(

@@ -516,7 +516,7 @@ class Files:
             content = _core.write_chunks(data)
         params = {"path": path}
         if mode is not None:  # else an existing file keeps its mode, a new one gets 0644
-            params["mode"] = str(mode)
+            params["mode"] = oct(mode)  # octal, as the API reads it
         if append:
             params["append"] = "1"
         r = _core.check(

@@ -250,15 +250,20 @@ def test_files_roundtrip_and_errors(daemon: Daemon, sandbox: str) -> None:
         assert c.get(f).status_code == 400  # no path
         assert c.get(f + "/list", params={"path": "/", "depth": 1000}).status_code == 400
         assert c.post(f + "/mkdir", json={"path": "/x", "extra": 1}).status_code == 422
-        # ?mode= is octal the way chmod reads it (0o755, 0755), or decimal (what the SDK sends)
-        for given, want in (("0755", 0o755), ("0o600", 0o600), ("420", 0o644), ("0", 0)):
+        # ?mode= is octal written as octal, as chmod reads it (0o755, 0755); a bare number
+        # is refused rather than guessed (644 read as decimal was 0o1204)
+        for given, want in (("0755", 0o755), ("0o600", 0o600), ("0O4755", 0o4755), ("0", 0)):
             r = c.put(f, params={"path": "/tmp/m", "mode": given}, content=b"m")
             assert r.status_code == 200, (given, r.text)
             mode = c.get(f + "/stat", params={"path": "/tmp/m"}).json()["mode"]
             assert mode & 0o7777 == want, (given, oct(mode))
-        for bad in ("0o8", "0x1ed", "rwx", "0o17777", "-1"):
+        for bad in ("0o8", "0x1ed", "rwx", "0o17777", "-1", "0o", "0o-1", "0 7", "0o+7", "٣"):
             r = c.put(f, params={"path": "/tmp/m", "mode": bad}, content=b"m")
             assert r.status_code == 400 and "mode" in r.json()["error"]["message"], (bad, r.text)
+        for bare in ("644", "420"):
+            r = c.put(f, params={"path": "/tmp/m", "mode": bare}, content=b"m")
+            message = r.json()["error"]["message"]
+            assert r.status_code == 400 and f"mode=0{bare} or mode=0o{bare}" in message, r.text
         # A trailing slash names a directory: no file made for it, none reached through it.
         r = c.put(f, params={"path": "/tmp/newdir/"}, content=b"x")
         assert r.status_code == 400 and r.json()["error"]["code"] == "guest_is_dir", r.text

@@ -284,6 +284,9 @@ def test_relative_paths_are_from_the_working_directory(api: str, image: str) -> 
         assert r.stdout == posixpath.join(wd, "sub") + "\nhi", r.stderr
         with pytest.raises(NotFoundError, match=re.escape(posixpath.join(wd, "no/such"))):
             sb.files.watch("no/such")
+        # a mode reaches the guest as the bits asked for (the API reads it as octal)
+        sb.files.write("run.sh", "#!/bin/sh\necho ran\n", mode=0o4751)
+        assert sb.exec("./run.sh; stat -c %a run.sh").stdout == "ran\n4751\n"
 
 
 def test_stream_errors_raise_the_matching_exception(api: str, image: str) -> None:
@@ -317,7 +320,10 @@ async def test_async_files_stream_both_ways_like_the_sync_face(api: str, image: 
     async with AsyncSandbox(image, api_url=api) as sb:
         # A binary file object and a sync iterable, as the sync face takes them.
         assert await sb.files.write("/tmp/a.bin", io.BytesIO(blob)) == len(blob)
-        assert await sb.files.write("/tmp/b.bin", iter([blob[:5], blob[5:]])) == len(blob)
+        assert await sb.files.write("/tmp/b.bin", iter([blob[:5], blob[5:]]), mode=0o640) == len(
+            blob
+        )
+        assert (await sb.exec("stat -c %a /tmp/b.bin")).stdout == "640\n"
         stream = await sb.files.read("/tmp/a.bin", format="stream")
         chunks = [c async for c in stream]
         assert b"".join(chunks) == blob and len(chunks) > 1
