@@ -50,7 +50,7 @@ from isorun.daemon.models import (
 )
 from isorun.daemon.progress import ProgressFeed, progress_record
 from isorun.daemon.rawstream import BrokenOff, RawStream
-from isorun.daemon.sandboxes import Live, SandboxManager
+from isorun.daemon.sandboxes import CONSOLE_KEPT, Live, SandboxManager
 from isorun.daemon.stdin import MAX_CHUNK, StdinPipes
 from isorun.daemon.store import LOCAL_TENANT, StateError, StateFullError, Store
 from isorun.errors import (
@@ -459,7 +459,10 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
         sid = request.path_params["sid"]
         manager.row(tenant, sid)
         live = manager.live.get(sid)
-        text = live.vm.console.tail(65536) if live is not None else ""
+        # an ended sandbox's is what was kept when it ended: why it died is often there
+        text = (
+            live.vm.console.tail(CONSOLE_KEPT) if live is not None else manager.store.console(sid)
+        )
         return Response(text, media_type="text/plain; charset=utf-8")
 
     async def metrics(request: Request, tenant: str) -> Any:

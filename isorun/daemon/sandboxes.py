@@ -32,6 +32,7 @@ from isorun.vmm import (
     MicroVM,
     VMSpec,
     cgroup,
+    console_of,
     death_reason_of,
     kill_orphan,
     remove_run_dir,
@@ -41,6 +42,8 @@ from isorun.vmm import (
 )
 
 log = logging.getLogger("isorund.sandboxes")
+# What GET /logs shows of a running sandbox's console, and what is kept of it when it ends.
+CONSOLE_KEPT = 64 * 1024
 # A running sandbox's VM that a restarted daemon cannot adopt while it runs is retried
 # every READOPT_PAUSE_S for READOPT_RETRY_S before it is given up.
 READOPT_PAUSE_S = 2.0
@@ -281,6 +284,7 @@ class SandboxManager:
         died = death_reason_of(run_dir, row.memory_mib)
         why = "; ".join(str(x) for x in (exc, died) if x)
         cpu_ms, mem_peak = usage_of(run_dir)
+        console = console_of(run_dir)
         remove_run_dir(run_dir)
         # When it died while no daemon watched is not known: counted up to now, less what
         # lies past its own timeout (which would have ended it anyway).
@@ -292,6 +296,7 @@ class SandboxManager:
             (cpu_ms, mem_peak, _billable_ms(row, uptime_ms, now)),
             self.cfg.price_per_vcpu_hour,
             error=f"VM could not be re-adopted after a daemon restart: {why}" if exc else None,
+            console=console,
         )
         await self._release_image(row)
 
@@ -660,6 +665,7 @@ class SandboxManager:
                     reason,
                     (u.cpu_ms, u.mem_peak_bytes, uptime_ms),
                     self.cfg.price_per_vcpu_hour,
+                    console=live.vm.console.tail(CONSOLE_KEPT),
                 )
             except StateFullError:
                 # The VM is gone: shown ended from now on, stored when the disk has room.

@@ -60,6 +60,16 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        2,
+        # The tail of an ended sandbox's console (why did it die?): the VM and its run dir
+        # are gone by then. One row per sandbox that ended with a console to keep.
+        """
+        CREATE TABLE IF NOT EXISTS consoles (
+          sandbox_id TEXT PRIMARY KEY, text TEXT NOT NULL
+        );
+        """,
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Per sandbox; the guest itself keeps only its 256 latest processes.
@@ -311,10 +321,11 @@ class Store:
         price_per_vcpu_hour: float,
         error: str | None = None,
         ended: float | None = None,
+        console: str = "",
     ) -> dict[str, Any]:
-        """Mark ended (at `ended`, or now) and write the usage record, in one transaction.
-        A sandbox ends once: if its row says ended already, that end and its record stand
-        (and `row` is given them)."""
+        """Mark ended (at `ended`, or now) and write the usage record and the tail of its
+        `console`, in one transaction. A sandbox ends once: if its row says ended already,
+        that end and its record stand (and `row` is given them)."""
         cpu_ms, mem_peak, uptime_ms = usage
         now = time.time() if ended is None else ended
         billed = -(-uptime_ms // 1000)  # per second, rounded up
@@ -329,6 +340,11 @@ class Store:
             if not changed:
                 return self._ended_already(db, row)
             db.execute("DELETE FROM proc_stdin WHERE sandbox_id = ?", (row.id,))
+            if console:
+                db.execute(
+                    "INSERT OR REPLACE INTO consoles(sandbox_id, text) VALUES (?, ?)",
+                    (row.id, console),
+                )
             db.execute(
                 "INSERT INTO usage(tenant_id, sandbox_id, vcpus, memory_mib, started, ended,"
                 " cpu_ms, mem_peak_bytes, uptime_ms, billed_seconds, cost_usd)"
@@ -350,6 +366,13 @@ class Store:
         row.state, row.ended, row.end_reason = "ended", now, reason
         row.cpu_ms, row.mem_peak_bytes, row.uptime_ms = cpu_ms, mem_peak, uptime_ms
         return {"billed_seconds": billed, "cost_usd": cost}
+
+    def console(self, sandbox_id: str) -> str:
+        """The console tail kept when the sandbox ended ("" if none was)."""
+        r = self.db.execute(
+            "SELECT text FROM consoles WHERE sandbox_id = ?", (sandbox_id,)
+        ).fetchone()
+        return str(r[0]) if r is not None else ""
 
     @staticmethod
     def _ended_already(db: sqlite3.Connection, row: SandboxRow) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from isorun.vmm.accel import AccelChoice, detect
 from isorun.vmm.machine import (
     MicroVM,
     VMUsage,
+    console_of,
     death_reason_of,
     kill_orphan,
     remove_run_dir,
@@ -18,6 +19,7 @@ __all__ = [
     "MicroVM",
     "VMSpec",
     "VMUsage",
+    "console_of",
     "death_reason_of",
     "detect",
     "kill_orphan",

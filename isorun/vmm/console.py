@@ -28,6 +28,17 @@ HALT_MARKERS = (b"reboot: System halted", b"reboot: Power down")
 PANIC_MARKER = b"Kernel panic"
 
 
+def read_tail(path: Path, max_bytes: int = TAIL_BYTES) -> str:
+    """The last max_bytes of a console log file ("" if there is none): what a VM that ended
+    while no ConsoleLog of this process read it printed."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - max_bytes))
+            return f.read(max_bytes).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 class ConsoleLog:
     def __init__(self, path: Path, on_halt: Callable[[], object] | None = None) -> None:
         self.path = path

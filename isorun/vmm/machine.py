@@ -38,7 +38,7 @@ from isorun.errors import (
 from isorun.vmm import accel as accel_mod
 from isorun.vmm import artifacts, jail, qemu_cmd, scratch, vsock, warm
 from isorun.vmm.cgroup import VMCgroup
-from isorun.vmm.console import ConsoleLog
+from isorun.vmm.console import ConsoleLog, read_tail
 from isorun.vmm.mempeak import MemoryPeak
 from isorun.vmm.process import VMProcess, alive, cmdline
 from isorun.vmm.qmp import QMPMonitor
@@ -50,6 +50,7 @@ QEMU_OVERHEAD_MIB = qemu_cmd.TCG_TB_MIB + 192
 # With a quota of exactly `vcpus` CPUs a TCG boot was throttled in 6-11 of its 8-14 CFS
 # periods (cpu.stat), 20-40 ms in all; the bare QEMU we compare against has no quota.
 QEMU_CPU_HEADROOM = 0.25
+CONSOLE_LOG = "console.log"  # in the run dir; a re-adopting daemon appends to it
 
 log = logging.getLogger("isorun.vmm")
 
@@ -102,7 +103,7 @@ class MicroVM:
         self.boot_ms: float = 0.0
         self.started_at = time.monotonic()
         self.agent: AgentClient
-        self.console = ConsoleLog(self.run_dir / "console.log", on_halt=self._on_guest_halt)
+        self.console = ConsoleLog(self.run_dir / CONSOLE_LOG, on_halt=self._on_guest_halt)
         self.cgroup = VMCgroup(f"vm-{vm_id}")
         self._memory = MemoryPeak(self.cgroup, self.run_dir)
         self._proc: VMProcess | None = None
@@ -885,6 +886,11 @@ def usage_of(run_dir: Path) -> tuple[int, int]:
     not running any more, read before remove_run_dir (which removes the cgroup)."""
     cgroup = _cgroup_of(run_dir)
     return cgroup.cpu_ns() // 1_000_000, MemoryPeak(cgroup, run_dir).sample()
+
+
+def console_of(run_dir: Path) -> str:
+    """The tail of the console of the VM of a run dir, read before remove_run_dir."""
+    return read_tail(run_dir / CONSOLE_LOG)
 
 
 def remove_run_dir(run_dir: Path) -> None:

@@ -69,6 +69,11 @@ def test_cli_run_ls_kill(daemon: Daemon, image: str) -> None:
     assert int(m[1]) > 0 and int(m[2]) >= 1 and float(m[3]) > 0
     r = subprocess.run([*cli, "kill", sid], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "ended" in r.stderr
+    # an ended sandbox's console is what it was as it ended, not nothing
+    ended_logs = subprocess.run(
+        [*cli, "--json", "logs", sid], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert "isorun-agent: ready" in json.loads(ended_logs.stdout)["console"], ended_logs
     u = json.loads(
         subprocess.run(
             [*cli, "--json", "usage"],

@@ -108,6 +108,8 @@ def test_a_guest_that_powered_off_while_the_daemon_was_down_ends_as_poweroff(
         with d.client() as c:
             info = c.get(f"/v1/sandboxes/{sid}").json()
             assert info["state"] == "ended" and info["end_reason"] == "poweroff", info
+            # its console was kept as it ended (what a daemon read of it: none read the halt)
+            assert "isorun-agent: ready" in c.get(f"/v1/sandboxes/{sid}/logs").text
         assert time.monotonic() - started < 15  # not after the minute of retries
         assert not qemu_pids_for(d.state)
     finally:

@@ -3,6 +3,7 @@ table once (idempotently), and keeps every row it had (no VM, no daemon)."""
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from pathlib import Path
@@ -31,6 +32,9 @@ def test_old_database_is_migrated_idempotently(tmp_path: Path) -> None:
     row = st.get_sandbox("sb-old")
     assert row is not None and row.state == "running"
     st.add_stdin_proc("sb-old", "p1")
+    # an old database keeps what an ending sandbox printed, like a new one
+    st.insert_sandbox(dataclasses.replace(row, id="sb-new"))
+    st.end_sandbox(dataclasses.replace(row, id="sb-new"), "killed", (1, 2, 3), 0.0, console="bye\n")
     st.close()
     # Opening again (and again) changes nothing and keeps the new rows.
     for _ in range(2):
@@ -45,6 +49,7 @@ def test_old_database_is_migrated_idempotently(tmp_path: Path) -> None:
     db.close()
     st = Store(path)
     assert st.schema_version == SCHEMA_VERSION and st.has_stdin_proc("sb-old", "p1")
+    assert st.console("sb-new") == "bye\n" and st.console("sb-old") == ""
 
 
 def test_stdin_rows_closed_and_dropped_with_their_sandbox(tmp_path: Path) -> None:
