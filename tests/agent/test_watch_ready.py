@@ -124,15 +124,17 @@ async def test_a_burst_a_busy_consumer_misses_is_an_overflow_not_the_watchs_end(
     it: over the 1 MiB a request may hold, the watch said ConsumerTooSlowError and was
     cancelled. Now what it cannot hold is dropped for one overflow, and the watch goes on."""
     burst = 20_000
-    sent_second = asyncio.Event()
+    caught_up, sent_second = asyncio.Event(), asyncio.Event()
 
     async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         req = await read_frame(r)
         w.write(_event(req.chan, {"event": "watching"}))
         w.write(_burst(req.chan, burst, "a"))
         await w.drain()
-        await asyncio.sleep(0.5)
-        w.write(_burst(req.chan, 3, "b"))  # after the consumer caught up
+        # Sent once the consumer took the overflow: until then the watch sheds what comes
+        # (on a loaded machine the consumer is slow to get there).
+        await caught_up.wait()
+        w.write(_burst(req.chan, 3, "b"))
         await w.drain()
         sent_second.set()
         await read_frame(r)  # the CANCEL
@@ -146,6 +148,7 @@ async def test_a_burst_a_busy_consumer_misses_is_an_overflow_not_the_watchs_end(
     kept = got[:-1]
     assert 0 < len(kept) < burst and kept == [("create", f"/d/a{i:06}") for i in range(len(kept))]
     assert agent.conn._event_bytes < 1000  # what it held is let go
+    caught_up.set()
     await sent_second.wait()
     assert [await asyncio.wait_for(anext(w), 5) for _ in range(3)] == [
         ("create", f"/d/b{i:06}") for i in range(3)
