@@ -40,7 +40,7 @@ test-go:
 		go vet ./... && go test -count=1 ./...
 
 test-py: venv
-	$(VENV)/bin/pytest -ra
+	$(VENV)/bin/pytest -ra --durations=15
 
 bench: venv guest
 	$(PY) bench/bench_boot.py
