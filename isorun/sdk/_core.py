@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import IO, Any, NotRequired, Self, TypedDict, cast
+from typing import IO, Any, NotRequired, Protocol, Self, TypedDict, cast
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -445,6 +445,30 @@ def url_id(kind: str, value: object) -> str:
     if "/" in value or value in (".", ".."):
         raise ValueError(f"{kind} {value!r} is not an id: ids look like 'sb-0123456789abcdef'")
     return quote(value, safe="")
+
+
+def handle_repr(kind: str, ident: str, **about: object) -> str:
+    """`<Process p3 pid=41 sandbox=sb-...>`: which handle it is, in logs and at the REPL
+    (not an object address)."""
+    extra = "".join(
+        f" {k}" if v is True else f" {k}={v}"
+        for k, v in about.items()
+        if v not in (None, "", False)
+    )
+    return f"<{kind} {ident or '(not started)'}{extra}>"
+
+
+class _SandboxHandle(Protocol):
+    id: str
+    _info: dict[str, Any]
+    _usage: Usage | None
+
+
+def sandbox_repr(sb: _SandboxHandle) -> str:
+    """`<Sandbox sb-... image=python>`, and `destroyed` once it is."""
+    return handle_repr(
+        type(sb).__name__, sb.id, image=sb._info.get("image"), destroyed=sb._usage is not None
+    )
 
 
 def sandbox_path(sandbox_id: str, tail: str = "") -> str:

@@ -68,6 +68,9 @@ class AsyncSandbox:
         self.files = AsyncFiles(self)
         self.processes = AsyncProcesses(self)
 
+    def __repr__(self) -> str:
+        return _core.sandbox_repr(self)
+
     def _path(self, tail: str = "") -> str:
         if not self.id:
             raise SandboxNotStartedError(
@@ -336,6 +339,11 @@ class AsyncProcess:
     def __init__(self, sb: AsyncSandbox, proc_id: str, pid: int) -> None:
         self.sandbox, self.id, self.pid = sb, proc_id, pid
 
+    def __repr__(self) -> str:
+        return _core.handle_repr(
+            type(self).__name__, self.id, pid=self.pid, sandbox=self.sandbox.id
+        )
+
     def _path(self, tail: str) -> str:
         return self.sandbox._path(_core.proc_tail(self.id, tail))
 
@@ -417,6 +425,11 @@ class AsyncPty:
         self.id, self.pid, self.on_data = proc_id, pid, on_data
         self.offset = 0
         self.result: ExecResult | None = None
+
+    def __repr__(self) -> str:
+        return _core.handle_repr(
+            type(self).__name__, self.id, pid=self.pid, sandbox=self.process.sandbox.id
+        )
 
     async def send(self, data: str | bytes) -> None:
         await self.process.send_stdin(data)

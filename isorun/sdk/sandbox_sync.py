@@ -75,6 +75,9 @@ class Sandbox:
         self.files = Files(self)
         self.processes = Processes(self)
 
+    def __repr__(self) -> str:
+        return _core.sandbox_repr(self)
+
     def _path(self, tail: str = "") -> str:
         return _core.sandbox_path(self.id, tail)
 
@@ -321,6 +324,11 @@ class Process:
         self.id = proc_id
         self.pid = pid
 
+    def __repr__(self) -> str:
+        return _core.handle_repr(
+            type(self).__name__, self.id, pid=self.pid, sandbox=self.sandbox.id
+        )
+
     def _path(self, tail: str) -> str:
         return self.sandbox._path(_core.proc_tail(self.id, tail))
 
@@ -397,6 +405,11 @@ class Pty:
         self.id, self.pid, self.on_data = proc_id, pid, on_data
         self.offset = 0  # output bytes already delivered
         self.result: ExecResult | None = None
+
+    def __repr__(self) -> str:
+        return _core.handle_repr(
+            type(self).__name__, self.id, pid=self.pid, sandbox=self.process.sandbox.id
+        )
 
     def send(self, data: str | bytes) -> None:
         self.process.send_stdin(data)

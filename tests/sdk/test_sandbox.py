@@ -95,6 +95,9 @@ def test_sync_surface(api: str, image: str) -> None:
             sb.exec("exit 1", background=True, check=True)
         assert not [q for q in sb.processes.list() if q.running]  # none of them started
         p = sb.exec("for i in 1 2 3; do echo $i; sleep 0.2; done", background=True)
+        # in logs and at the REPL a handle says which one it is, not an object address
+        assert repr(p) == f"<Process {p.id} pid={p.pid} sandbox={sb.id}>"
+        assert repr(sb) == f"<Sandbox {sb.id} image={image}>"
         assert [t for _, t in p] == ["1\n", "2\n", "3\n"]
         assert p.wait(offset=2).stdout == "2\n3\n"
         assert p.id in {q.proc_id for q in sb.processes.list()}
@@ -114,6 +117,7 @@ def test_sync_surface(api: str, image: str) -> None:
         assert sb.info()["sandbox_timeout"] == 3600
         sid = sb.id
     usage = sb.destroy()  # second call: same figures, no error
+    assert repr(sb) == f"<Sandbox {sid} image={image} destroyed>"
     # what it measured, and what the daemon billed for it (it used to be dropped)
     assert set(usage) == {"cpu_ms", "mem_peak_bytes", "uptime_ms", "billed_seconds", "cost_usd"}
     assert usage["cpu_ms"] > 0 and usage["mem_peak_bytes"] > 0 and usage["uptime_ms"] > 0
@@ -129,6 +133,9 @@ def test_sync_surface(api: str, image: str) -> None:
 
 async def test_async_surface(api: str, image: str) -> None:
     seen: list[str] = []
+    unstarted = AsyncSandbox(image, api_url=api)
+    assert repr(unstarted) == "<AsyncSandbox (not started)>"
+    await unstarted.close()
     async with AsyncSandbox(image, api_url=api) as sb:
         r = await sb.exec("echo x; exit 5", on_stdout=seen.append)
         assert (r.stdout, r.exit_code, seen) == ("x\n", 5, ["x\n"])
@@ -144,6 +151,7 @@ async def test_async_surface(api: str, image: str) -> None:
         with pytest.raises(ValueError, match="check=True with background=True"):
             await sb.exec("true", background=True, check=True)
         p = await sb.exec("echo bg", background=True)
+        assert repr(p) == f"<AsyncProcess {p.id} pid={p.pid} sandbox={sb.id}>"
         assert (await p.wait()).stdout == "bg\n"
         other = await AsyncSandbox.connect(sb.id, api_url=api)
         assert (await other.exec("echo o")).stdout == "o\n"

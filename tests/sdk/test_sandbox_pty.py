@@ -40,6 +40,7 @@ def test_process_send_and_close_stdin(sb: Sandbox) -> None:
 def test_sync_pty(sb: Sandbox) -> None:
     seen: list[bytes] = []
     t = sb.pty(rows=30, cols=100, on_data=seen.append)
+    assert repr(t) == f"<Pty {t.id} pid={t.pid} sandbox={sb.id}>"
     t.send("stty size\n")
     out = b""
     for chunk in t:
@@ -69,6 +70,7 @@ async def test_async_pty_and_stdin(sb: Sandbox, api: str) -> None:
             got.append(b)
 
         t = await asb.pty(cmd=["sh"], on_data=on_data)
+        assert repr(t) == f"<AsyncPty {t.id} pid={t.pid} sandbox={asb.id}>"
         await t.resize(12, 34)
         await t.send("stty size; exit 0\n")
         assert (await t.wait()).exit_code == 0
