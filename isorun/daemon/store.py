@@ -74,6 +74,10 @@ MIGRATIONS: list[tuple[int, str]] = [
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Per sandbox; the guest itself keeps only its 256 latest processes.
 MAX_STDIN_PROCS = 1024
+# Ended sandboxes whose console tail is kept (the newest; each at most CONSOLE_KEPT, 64 KiB):
+# a daemon ending thousands of sandboxes a day would otherwise grow its database by
+# gigabytes. ~64 MiB at most; their usage records are kept regardless.
+KEPT_CONSOLES = 1000
 
 LIVE_STATES = ("creating", "running")
 LOCAL_TENANT = "local"
@@ -176,8 +180,9 @@ _COLUMNS = [
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, kept_consoles: int = KEPT_CONSOLES) -> None:
         self.path = path
+        self.kept_consoles = kept_consoles
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
@@ -345,6 +350,12 @@ class Store:
                     "INSERT OR REPLACE INTO consoles(sandbox_id, text) VALUES (?, ?)",
                     (row.id, console),
                 )
+                # the newest have the highest rowids (a replaced row gets a new one)
+                db.execute(
+                    "DELETE FROM consoles WHERE rowid <= (SELECT rowid FROM consoles"
+                    " ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
+                    (self.kept_consoles,),
+                )
             db.execute(
                 "INSERT INTO usage(tenant_id, sandbox_id, vcpus, memory_mib, started, ended,"
                 " cpu_ms, mem_peak_bytes, uptime_ms, billed_seconds, cost_usd)"
@@ -368,7 +379,8 @@ class Store:
         return {"billed_seconds": billed, "cost_usd": cost}
 
     def console(self, sandbox_id: str) -> str:
-        """The console tail kept when the sandbox ended ("" if none was)."""
+        """The console tail kept when the sandbox ended ("" if none was, or it was among
+        the oldest past the newest `kept_consoles`)."""
         r = self.db.execute(
             "SELECT text FROM consoles WHERE sandbox_id = ?", (sandbox_id,)
         ).fetchone()

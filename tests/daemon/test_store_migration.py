@@ -1,5 +1,6 @@
-"""State database schema migration: a database from before `proc_stdin` opens, gains the
-table once (idempotently), and keeps every row it had (no VM, no daemon)."""
+"""State database: a database from before `proc_stdin` opens, gains the table once
+(idempotently), and keeps every row it had; what it keeps per ended sandbox is bounded (no
+VM, no daemon)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,24 @@ def _old_database(path: Path) -> None:
     )
     db.commit()
     db.close()
+
+
+def _running(sandbox_id: str) -> SandboxRow:
+    now = time.time()
+    return SandboxRow(
+        id=sandbox_id,
+        tenant_id="local",
+        image="base",
+        vcpus=1,
+        memory_mib=256,
+        disk_mib=64,
+        env={},
+        metadata={},
+        state="running",
+        created=now,
+        timeout_s=60,
+        expires=now + 60,
+    )
 
 
 def test_old_database_is_migrated_idempotently(tmp_path: Path) -> None:
@@ -54,21 +73,7 @@ def test_old_database_is_migrated_idempotently(tmp_path: Path) -> None:
 
 def test_stdin_rows_closed_and_dropped_with_their_sandbox(tmp_path: Path) -> None:
     st = Store(tmp_path / "isorund.db")
-    now = time.time()
-    row = SandboxRow(
-        id="sb-1",
-        tenant_id="local",
-        image="base",
-        vcpus=1,
-        memory_mib=256,
-        disk_mib=64,
-        env={},
-        metadata={},
-        state="running",
-        created=now,
-        timeout_s=60,
-        expires=now + 60,
-    )
+    row = _running("sb-1")
     st.insert_sandbox(row)
     st.add_stdin_proc("sb-1", "p1")
     st.add_stdin_proc("sb-1", "p2")
@@ -76,3 +81,15 @@ def test_stdin_rows_closed_and_dropped_with_their_sandbox(tmp_path: Path) -> Non
     assert not st.has_stdin_proc("sb-1", "p1") and st.has_stdin_proc("sb-1", "p2")
     st.end_sandbox(row, "killed", (0, 0, 1000), 0.041)
     assert not st.has_stdin_proc("sb-1", "p2")
+
+
+def test_only_the_newest_consoles_are_kept(tmp_path: Path) -> None:
+    """Each ended sandbox keeps up to 64 KiB of console: only the newest `kept_consoles`
+    are kept, so a busy daemon's database stops growing; every usage record stays."""
+    st = Store(tmp_path / "isorund.db", kept_consoles=2)
+    for i in range(4):
+        row = _running(f"sb-{i}")
+        st.insert_sandbox(row)
+        st.end_sandbox(row, "killed", (1, 2, 3), 0.0, console=f"console {i}\n")
+    assert [st.console(f"sb-{i}") for i in range(4)] == ["", "", "console 2\n", "console 3\n"]
+    assert st.usage("local", None, None)["total"]["sandboxes"] == 4
