@@ -471,6 +471,16 @@ def sandbox_repr(sb: _SandboxHandle) -> str:
     )
 
 
+class _ProcessHandle(Protocol):
+    id: str
+    pid: int
+
+
+def process_repr(p: _ProcessHandle, sandbox_id: str) -> str:
+    """`<Process p3 pid=41 sandbox=sb-...>` (or Pty, AsyncProcess, AsyncPty)."""
+    return handle_repr(type(p).__name__, p.id, pid=p.pid, sandbox=sandbox_id)
+
+
 def sandbox_path(sandbox_id: str, tail: str = "") -> str:
     return f"/v1/sandboxes/{url_id('sandbox id', sandbox_id)}" + (f"/{tail}" if tail else "")
 

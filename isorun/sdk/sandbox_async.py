@@ -340,9 +340,7 @@ class AsyncProcess:
         self.sandbox, self.id, self.pid = sb, proc_id, pid
 
     def __repr__(self) -> str:
-        return _core.handle_repr(
-            type(self).__name__, self.id, pid=self.pid, sandbox=self.sandbox.id
-        )
+        return _core.process_repr(self, self.sandbox.id)
 
     def _path(self, tail: str) -> str:
         return self.sandbox._path(_core.proc_tail(self.id, tail))
@@ -427,9 +425,7 @@ class AsyncPty:
         self.result: ExecResult | None = None
 
     def __repr__(self) -> str:
-        return _core.handle_repr(
-            type(self).__name__, self.id, pid=self.pid, sandbox=self.process.sandbox.id
-        )
+        return _core.process_repr(self, self.process.sandbox.id)
 
     async def send(self, data: str | bytes) -> None:
         await self.process.send_stdin(data)

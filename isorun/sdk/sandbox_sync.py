@@ -325,9 +325,7 @@ class Process:
         self.pid = pid
 
     def __repr__(self) -> str:
-        return _core.handle_repr(
-            type(self).__name__, self.id, pid=self.pid, sandbox=self.sandbox.id
-        )
+        return _core.process_repr(self, self.sandbox.id)
 
     def _path(self, tail: str) -> str:
         return self.sandbox._path(_core.proc_tail(self.id, tail))
@@ -407,9 +405,7 @@ class Pty:
         self.result: ExecResult | None = None
 
     def __repr__(self) -> str:
-        return _core.handle_repr(
-            type(self).__name__, self.id, pid=self.pid, sandbox=self.process.sandbox.id
-        )
+        return _core.process_repr(self, self.process.sandbox.id)
 
     def send(self, data: str | bytes) -> None:
         self.process.send_stdin(data)
