@@ -24,6 +24,11 @@ class ConsumerTooSlowError(IsorunError):
     cancelled (agent/mux.py); the sandbox and its other requests go on."""
 
 
+class RequestTooLargeError(IsorunError):
+    """A request does not fit in the one frame the guest agent reads it from; nothing
+    was sent. Big inputs go as stdin or a file, not in the command, argv or env."""
+
+
 class GuestError(IsorunError):
     """The guest agent refused or failed a request; `code` is the agent's error code."""
 

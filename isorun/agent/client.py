@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Se
 from dataclasses import dataclass
 from typing import Any
 
-from isorun.agent.frames import Frame, Kind
+from isorun.agent.frames import Frame, Kind, request_payload
 from isorun.agent.mux import IO_CHUNK, AgentConnection, Channel
 from isorun.agent.validate import (
     FileEntry,
@@ -234,10 +234,11 @@ class AgentClient:
     # --- plumbing -------------------------------------------------------------------
 
     async def _open(self, req: dict[str, Any], sheds_events: bool = False) -> Channel:
+        payload = request_payload(req)  # too big: refused before a channel exists
         ch = self.conn.open_channel()
         ch.sheds_events = sheds_events
         try:
-            await self.conn.request(ch, req)
+            await self.conn.request(ch, payload)
         except BaseException:
             # Timed out or cancelled while the REQ waited for the stream: it may be whole in
             # the buffer and reach the guest later, so cancel it there too (a CANCEL for a

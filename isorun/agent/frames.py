@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from isorun.errors import ProtocolError
+from isorun.errors import ProtocolError, RequestTooLargeError
 
 HEADER = struct.Struct(">IIB")
 HEADER_SIZE = HEADER.size
@@ -63,6 +63,24 @@ def encode(chan: int, kind: Kind, payload: bytes = b"") -> bytes:
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     return HEADER.pack(len(payload), chan, kind) + payload
+
+
+def request_payload(req: dict[str, Any]) -> bytes:
+    """A REQ's JSON, refused before anything is sent when it is bigger than one frame."""
+    payload = json.dumps(req, separators=(",", ":")).encode()
+    if len(payload) > MAX_PAYLOAD:
+        op = req.get("op", "?")
+        where = (
+            " Pass big input as stdin, or write it to a file first, not in the command,"
+            " argv or env (a heredoc in the command counts)."
+            if op in ("exec", "spawn")
+            else ""
+        )
+        raise RequestTooLargeError(
+            f"the '{op}' request is {len(payload)} bytes as JSON, over the {MAX_PAYLOAD}"
+            f" one request to the guest agent may be.{where}"
+        )
+    return payload
 
 
 def encode_json(chan: int, kind: Kind, obj: dict[str, Any]) -> bytes:

@@ -524,8 +524,11 @@ class AgentConnection:
         self._channels[chan] = ch
         return ch
 
-    async def request(self, ch: Channel, req: dict[str, Any]) -> None:
-        await self._send(frames.encode_json(ch.id, Kind.REQ, req))
+    async def request(self, ch: Channel, req: dict[str, Any] | bytes) -> None:
+        """Send a REQ: a dict, or the JSON `frames.request_payload` made of one (and so
+        checked for size) before the channel was opened."""
+        payload = req if isinstance(req, bytes) else frames.request_payload(req)
+        await self._send(frames.encode(ch.id, Kind.REQ, payload))
         ch._heard = asyncio.get_running_loop().time()  # time queued to send is not the guest's
 
     def _forget(self, chan: int) -> None:

@@ -60,6 +60,7 @@ from isorun.errors import (
     FileNotFoundInGuest,
     GuestError,
     IsorunError,
+    RequestTooLargeError,
 )
 from isorun.images import Image, ImageError, ImageInUseError, ProgressEvent, admits
 
@@ -111,6 +112,8 @@ def map_error(exc: BaseException) -> JSONResponse:
         return error_response(410, "sandbox_ended", f"the sandbox VM went away: {exc}")
     if isinstance(exc, ConfigError):
         return error_response(400, "invalid", str(exc))
+    if isinstance(exc, RequestTooLargeError):
+        return error_response(413, "too_large", str(exc))
     if isinstance(exc, IsorunError):
         return error_response(500, "internal", str(exc))
     if isinstance(exc, ClientDisconnect):

@@ -182,6 +182,28 @@ def test_exec_stdin_argv_env_cwd_user_timeout(daemon: Daemon, sandbox: str) -> N
             assert r.status_code == 422, (bad, r.text)
 
 
+def test_a_command_too_big_for_the_agent_is_a_413_that_says_what_to_do(
+    daemon: Daemon, sandbox: str
+) -> None:
+    """The API takes a 1 MiB command; the guest reads a request from one 64 KiB frame. A
+    script written with a heredoc was a 500 "internal error: ValueError" before."""
+    heredoc = "cat > /tmp/data.csv <<'EOF'\n" + "1,2,3,4,5,6,7,8\n" * 5000 + "EOF\n"
+    with daemon.client() as c:
+        p = f"/v1/sandboxes/{sandbox}/exec"
+        # a foreground exec streams, so its error is the stream's record
+        (err,) = ndjson(c.post(p, json={"cmd": heredoc}))
+        assert err["type"] == "error" and err["status"] == 413, err
+        r = c.post(p, json={"cmd": heredoc, "background": True})
+        assert r.status_code == 413, r.text
+        for e in (err, r.json()["error"]):
+            assert e["code"] == "too_large"
+            assert "65536" in e["message"] and "stdin" in e["message"], e
+        # the same bytes as stdin arrive whole, and the sandbox is unharmed
+        stdin = base64.b64encode(heredoc.encode()).decode()
+        ev = ndjson(c.post(p, json={"argv": ["wc", "-c"], "stdin": stdin}))
+        assert base64.b64decode(ev[1]["data"]).strip() == str(len(heredoc)).encode()
+
+
 def test_client_drop_mid_exec_loses_nothing(daemon: Daemon, sandbox: str) -> None:
     with daemon.client() as c:
         with c.stream(
