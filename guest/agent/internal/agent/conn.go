@@ -165,19 +165,16 @@ func (c *Conn) channel(id uint32) *Channel {
 }
 
 // refuseBusy answers a REQ past MaxOpenChannels (each open request holds a
-// goroutine and its buffers) at once, from the reader: nothing is started or
-// kept for it. A host that goes on sending them without reading the answers
-// (the queue to the writer full) has broken the protocol.
+// goroutine and its buffers) from the reader: nothing is started or kept for
+// it. The writer's queue is full whenever a few requests stream faster than
+// the link carries, so the answer waits for a slot. Blocking the reader so
+// cannot deadlock: the writer needs only the host to read, and the host's
+// reader never waits for its writes or consumers (it sheds instead); a host
+// that is gone ends the wait through c.done.
 func (c *Conn) refuseBusy(chanID uint32) error {
 	b, _ := json.Marshal(errResp("busy", fmt.Sprintf(
 		"%d requests are open on this connection: end some first", MaxOpenChannels)))
-	select {
-	case c.out <- outFrame{buf: EncodeFrame(chanID, KindResp, b)}:
-		return nil
-	default:
-		return fmt.Errorf("%w: requests past the bound of %d while their answers are not read",
-			ErrViolation, MaxOpenChannels)
-	}
+	return c.enqueue(outFrame{buf: EncodeFrame(chanID, KindResp, b)})
 }
 
 func (c *Conn) dispatch(f Frame) error {

@@ -2,8 +2,10 @@ package agent
 
 import (
 	"bufio"
+	"encoding/json"
 	"io"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -32,6 +34,67 @@ func TestOpenRequestsAreBounded(t *testing.T) {
 	c.wait(1, 10*time.Second)
 	if r := c.call(5, map[string]any{"op": "exec", "cmd": "echo now"}); string(r.out) != "now\n" {
 		t.Fatalf("after a slot freed: out %q resp %v", r.out, r.resp)
+	}
+}
+
+// A REQ past the bound is answered busy even while the writer's queue is
+// full, as it is whenever several requests stream output faster than the
+// link carries it: the connection is not dropped as a protocol violation.
+func TestBusyIsAnsweredWhileTheWriterIsBacklogged(t *testing.T) {
+	saved := MaxOpenChannels
+	MaxOpenChannels = 8
+	t.Cleanup(func() { MaxOpenChannels = saved })
+	a, b := socketpair(t)
+	t.Cleanup(func() { a.Close() })
+	done := make(chan error, 1)
+	go func() { done <- NewServer(time.Now()).ServeConn(b); b.Close() }()
+	var wmu sync.Mutex
+	send := func(ch uint32, kind uint8, p []byte) {
+		wmu.Lock()
+		defer wmu.Unlock()
+		a.Write(EncodeFrame(ch, kind, p))
+	}
+	exec, _ := json.Marshal(map[string]any{"op": "exec", "cmd": "head -c 50000000 /dev/zero"})
+	health, _ := json.Marshal(map[string]any{"op": "health"})
+	for id := uint32(1); id <= 8; id++ {
+		send(id, KindReq, exec)
+	}
+	time.Sleep(time.Second) // the host reads nothing yet: the writer's queue fills
+	send(9, KindReq, health)
+	time.Sleep(200 * time.Millisecond)
+	fr := NewFrameReader(a)
+	resps := map[uint32]string{}
+	for resps[10] == "" {
+		a.SetReadDeadline(time.Now().Add(20 * time.Second))
+		f, err := fr.Read()
+		if err != nil {
+			select {
+			case e := <-done:
+				t.Fatalf("read: %v; ServeConn returned: %v", err, e)
+			default:
+				t.Fatalf("read: %v; answers so far %v", err, resps)
+			}
+		}
+		if f.Kind == KindOut {
+			send(f.Chan, KindCredit, be32(uint32(len(f.Payload))))
+		}
+		if f.Kind != KindResp {
+			continue
+		}
+		resps[f.Chan] = string(f.Payload)
+		switch {
+		case f.Chan == 9 && !strings.Contains(resps[9], `"busy"`):
+			t.Fatalf("request past the bound answered %s", resps[9])
+		case f.Chan == 9:
+			for id := uint32(1); id <= 8; id++ {
+				send(id, KindCancel, nil)
+			}
+		case len(resps) == 9: // the streams ended: slots are free again
+			send(10, KindReq, health)
+		}
+	}
+	if !strings.Contains(resps[10], `"ok":true`) {
+		t.Fatalf("health after the busy answer: %s", resps[10])
 	}
 }
 
