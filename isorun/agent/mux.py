@@ -48,6 +48,11 @@ IO_CHUNK = 32768
 # and FRAME_COST, so the loop runs every 256 frames, or every MiB of payload.
 DISPATCH_BUDGET = 1 << 20
 FRAME_COST = DISPATCH_BUDGET // 256
+# ... or once it ran this long: bytes do not measure JSON's cost (32 KiB of `[{},{},...]`
+# takes ~6 ms to decode strictly, 50 times a string's), and one guest held every other
+# sandbox of the daemon ~200 ms at a time. A consumer emptying a long backlog (each event
+# decoded again) takes turns by the same measure.
+DISPATCH_SLICE_S = 0.005
 MAX_JOINED = frames.MAX_PAYLOAD  # bytes one queued data item grows to
 # Once connected the host asks the agent (op "keepalive") to send each open request this
 # EVENT every KEEPALIVE_S (guest/agent/internal/agent/keepalive.go): a long command, a
@@ -108,6 +113,7 @@ class Channel:
         self._all_acked = asyncio.Event()  # every byte we sent was consumed by the guest
         self._all_acked.set()
         self.closed = False
+        self._ran_since = 0.0  # when next() last let the event loop run (DISPATCH_SLICE_S)
         # the last frame from the guest on this channel (or when its REQ was written)
         self._heard = asyncio.get_running_loop().time()
         self.timed = True  # its waits end at the connection's idle_timeout
@@ -224,9 +230,14 @@ class Channel:
             self._all_acked.set()
 
     async def next(self) -> Frame:
+        loop = asyncio.get_running_loop()
+        if self._inbox and loop.time() - self._ran_since >= DISPATCH_SLICE_S:
+            await asyncio.sleep(0)  # a backlog is taken in turns with other sandboxes
+            self._ran_since = loop.time()
         while not self._inbox:
             self._arrived.clear()
             await self._wait_arrival()
+            self._ran_since = loop.time()
         item = self._inbox.popleft()
         if isinstance(item, BaseException):
             # A dead connection ends the channel; a local failure (see `fail`) leaves it for
@@ -589,7 +600,7 @@ class AgentConnection:
         try:
             data, cost = leftover, 0
             while True:
-                now = loop.time()
+                now = slice_start = loop.time()
                 for frame in self._decoder.feed(data):
                     self._dispatch(frame, now)
                     # read() does not suspend while the stream has bytes buffered: without a
@@ -599,10 +610,10 @@ class AgentConnection:
                     # payload: 32 KiB events take ~1 ms each to check), not per read: that
                     # slowed a stdout stream by 20%.
                     cost += len(frame.payload) + FRAME_COST
-                    if cost >= DISPATCH_BUDGET:
+                    if cost >= DISPATCH_BUDGET or loop.time() - slice_start >= DISPATCH_SLICE_S:
                         cost = 0
                         await asyncio.sleep(0)
-                        now = loop.time()
+                        now = slice_start = loop.time()
                 data = await self._reader.read(65536)
                 if not data:
                     raise ChannelClosedError("agent stream closed by the guest side")

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import statistics
 import struct
+import time
+import timeit
 import tracemalloc
 from collections.abc import AsyncIterator
 
@@ -832,6 +835,47 @@ async def test_a_flood_of_empty_frames_lets_the_event_loop_run_between_slices() 
     other.cancel()
     assert result.exit_code == 0
     assert ticks >= count // (mux.DISPATCH_BUDGET // mux.FRAME_COST) // 2, ticks
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_events_slow_to_decode_let_the_event_loop_run_between_them() -> None:
+    # Bytes do not measure JSON's cost: 32 KiB of `[{},{},...]` takes ~6 ms to decode
+    # strictly (a string's 32 KiB, ~0.1). Counted in bytes, the reader took every such
+    # event it had buffered per turn and the exec consumer its whole backlog: one guest held
+    # every other sandbox of the daemon ~200 ms at a time. Both now take turns by the time
+    # they ran.
+    events = 120
+    payload = b'{"event":"x","e":[' + b",".join([b"{}"] * 10_900) + b"]}"
+    decode_s = min(timeit.repeat(lambda: frames.decode_json(payload), number=1, repeat=5))
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        req = await _read_frame(r)
+        w.write(frames.encode(req.chan, Kind.EVENT, payload) * events)
+        w.write(frames.encode_json(req.chan, Kind.RESP, {"ok": True, "exit_code": 0}))
+        await w.drain()
+        await asyncio.sleep(3600)
+
+    client, task = await _connect(guest)
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    other = asyncio.create_task(ticker())
+    result = await asyncio.wait_for(client.exec("flood"), 60)
+    other.cancel()
+    assert result.exit_code == 0
+    # the median turn, not the longest: a loaded machine may stop this process any time
+    turn = statistics.median(gaps)
+    # (a turn of the reader's and one of the consumer's, each a slice and one event, and
+    # slack; before, 8 events each)
+    assert turn < 3 * (mux.DISPATCH_SLICE_S + decode_s), (turn, decode_s, len(gaps))
     task.cancel()
     await client.conn.close()
 
