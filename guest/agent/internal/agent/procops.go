@@ -113,12 +113,17 @@ func opAttach(s *Server, ch *Channel, raw []byte) (any, error) {
 	return p.result(), nil
 }
 
-// detached answers an attach the host cancelled; the process goes on.
+// detached answers an attach the host cancelled; the process goes on. One
+// that has already ended has nothing to detach from: the host gets its
+// result (a cancel racing the end, or a spent window, must not lose it).
 func detached(ch *Channel, p *Proc) (any, error) {
 	select {
 	case <-ch.Done():
 		return nil, nil
 	default:
+	}
+	if p.ended() {
+		return p.result(), nil
 	}
 	return ok("proc_id", p.ID, "detached", true), nil
 }

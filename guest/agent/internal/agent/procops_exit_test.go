@@ -62,3 +62,21 @@ func TestResizeAroundExit(t *testing.T) {
 		}
 	}
 }
+
+// CANCEL on an attach to a process that has already ended answers its
+// result (exit code and all), not detached: there is nothing to detach from.
+func TestCancelledAttachToAnEndedProcessAnswersTheResult(t *testing.T) {
+	c := newClient(t, nil)
+	id := c.call(1, map[string]any{"op": "exec", "cmd": "echo out; exit 7", "background": true}).resp["proc_id"].(string)
+	for !c.srv.Procs.Get(id).ended() {
+		time.Sleep(10 * time.Millisecond)
+	}
+	for i := 0; i < 40; i++ {
+		ch := uint32(10 + i)
+		c.req(ch, map[string]any{"op": "attach", "proc_id": id, "output": i%2 == 0})
+		c.send(ch, KindCancel, nil)
+		if r := c.wait(ch, 5*time.Second); r.resp["detached"] != nil || num(r.resp["exit_code"]) != 7 {
+			t.Fatalf("attach %d (output %v) cancelled after the end: resp %v", i, i%2 == 0, r.resp)
+		}
+	}
+}
