@@ -142,6 +142,40 @@ func TestRelativePathsAreFromTheWorkingDirectory(t *testing.T) {
 	}
 }
 
+// ".." after a symlink is the parent of the link's target, as for the
+// kernel: read_file, write_file and stat name the file `cat` reads, for an
+// absolute path and for one relative to a working directory through a link.
+func TestDotDotAfterASymlinkIsTheKernels(t *testing.T) {
+	c := newClient(t, nil)
+	d := t.TempDir()
+	os.MkdirAll(d+"/real/sub", 0o755)
+	os.Symlink("real/sub", d+"/link")
+	os.WriteFile(d+"/real/f", []byte("kernel's f\n"), 0o644)
+	os.WriteFile(d+"/f", []byte("lexical f\n"), 0o644)
+	p := d + "/link/../f"
+	if r := c.call(1, map[string]any{"op": "exec", "argv": []string{"cat", p}}); string(r.out) != "kernel's f\n" {
+		t.Fatalf("cat %s: %q %q", p, r.out, r.err)
+	}
+	if r := c.call(2, map[string]any{"op": "read_file", "path": p}); string(r.out) != "kernel's f\n" {
+		t.Fatalf("read_file %s: %q %v", p, r.out, r.resp)
+	}
+	r := c.call(3, map[string]any{"op": "stat", "path": p})
+	if e, _ := r.resp["entry"].(map[string]any); e == nil || e["path"] != d+"/real/f" {
+		t.Fatalf("stat %s: %v", p, r.resp)
+	}
+	c.call(4, map[string]any{"op": "set_defaults", "cwd": d + "/link"})
+	if r := c.writeVia(5, map[string]any{"path": "../f"}, "new\n"); r["ok"] != true {
+		t.Fatalf("write_file ../f from %s/link: %v", d, r)
+	}
+	if a, b := mustRead(t, d+"/real/f"), mustRead(t, d+"/f"); string(a) != "new\n" || string(b) != "lexical f\n" {
+		t.Fatalf("after write_file ../f: real/f %q, f %q", a, b)
+	}
+	// and as for the kernel, ".." after a file is no directory's parent
+	if r := c.call(6, map[string]any{"op": "read_file", "path": d + "/f/../f"}); r.resp["code"] != "not_dir" {
+		t.Fatalf("read_file f/../f: %v", r.resp)
+	}
+}
+
 // A cancelled write leaves the old file intact and no temporary behind.
 func TestWriteFileCancel(t *testing.T) {
 	c := newClient(t, nil)
