@@ -710,6 +710,9 @@ func opRemove(s *Server, ch *Channel, raw []byte) (any, error) {
 	if _, err := os.Lstat(path); err != nil {
 		return nil, err
 	}
+	if err := refuseLinkAsDir(path); err != nil {
+		return nil, err
+	}
 	if r.Recursive {
 		err = os.RemoveAll(path)
 	} else {
@@ -719,6 +722,22 @@ func opRemove(s *Server, ch *Channel, raw []byte) (any, error) {
 		return nil, err
 	}
 	return ok(), nil
+}
+
+// refuseLinkAsDir refuses to remove "link/" where link leads to a directory:
+// that names the directory, but os.RemoveAll would unlink the link and keep
+// the entries (and rm -rf empties the directory, then fails on the link).
+// Refused before anything is touched, saying which of the two to remove.
+func refuseLinkAsDir(path string) error {
+	link, ok := strings.CutSuffix(path, "/")
+	if !ok {
+		return nil
+	}
+	if fi, err := os.Lstat(link); err != nil || fi.Mode()&os.ModeSymlink == 0 {
+		return nil
+	}
+	return errf("invalid", "%s is a symlink to a directory: remove %q to remove the link, "+
+		"or the entries under it to empty the directory", path, link)
 }
 
 func opRename(s *Server, ch *Channel, raw []byte) (any, error) {

@@ -352,6 +352,36 @@ func TestTrailingSlashNamesADirectory(t *testing.T) {
 	}
 }
 
+// remove of "link/" where link leads to a directory is refused, saying what
+// to remove instead: it named the directory, yet os.RemoveAll would unlink the
+// link and keep the entries (rm -rf empties the directory, then fails).
+func TestRemoveOfALinkToADirectoryWithASlashIsRefused(t *testing.T) {
+	d := t.TempDir()
+	os.MkdirAll(d+"/real/sub", 0o755)
+	os.WriteFile(d+"/real/sub/f", []byte("x"), 0o644)
+	os.Symlink("real", d+"/ldir")
+	c := newClient(t, nil)
+	for i, recursive := range []bool{true, false} {
+		r := c.call(uint32(i+1), map[string]any{"op": "remove", "path": d + "/ldir/", "recursive": recursive})
+		msg, _ := r.resp["error"].(string)
+		if r.resp["code"] != "invalid" || !strings.Contains(msg, d+"/ldir/") || !strings.Contains(msg, `"`+d+`/ldir"`) {
+			t.Fatalf("remove ldir/ (recursive %v): %v", recursive, r.resp)
+		}
+		if _, err := os.Lstat(d + "/ldir"); err != nil {
+			t.Fatalf("the link is gone: %v", err)
+		}
+		if _, err := os.Stat(d + "/real/sub/f"); err != nil {
+			t.Fatalf("the directory's entries are gone: %v", err)
+		}
+	}
+	if r := c.call(3, map[string]any{"op": "remove", "path": d + "/ldir", "recursive": true}); r.resp["ok"] != true {
+		t.Fatalf("remove ldir: %v", r.resp)
+	}
+	if _, err := os.Stat(d + "/real/sub/f"); err != nil {
+		t.Fatalf("removing the link removed what it leads to: %v", err)
+	}
+}
+
 // An append that creates its file and is cut short leaves a file with the
 // mode asked for (default 0644), not the 0600 it was created with.
 func TestAnAppendCutShortLeavesItsFileWithItsMode(t *testing.T) {
