@@ -137,6 +137,19 @@ func (ch *Channel) acquire(max int, abort <-chan struct{}) (int, error) {
 	}
 }
 
+// acquireAll is acquire that waits until it has all n bytes of window.
+func (ch *Channel) acquireAll(n int, abort <-chan struct{}) (int, error) {
+	got := 0
+	for got < n {
+		k, err := ch.acquire(n-got, abort)
+		if err != nil {
+			return 0, err
+		}
+		got += k
+	}
+	return got, nil
+}
+
 func (ch *Channel) addCredit(n int64) {
 	ch.mu.Lock()
 	if ch.window += n; ch.window > 1<<40 {

@@ -91,7 +91,12 @@ func opReadFile(s *Server, ch *Channel, raw []byte) (any, error) {
 		if length >= 0 {
 			want = int(min(int64(want), length-sent))
 		}
-		k, err := ch.acquire(want, ch.cancel)
+		var k int
+		if device {
+			k, err = ch.acquireAll(want, ch.cancel) // a record cut by the window would lose its rest
+		} else {
+			k, err = ch.acquire(want, ch.cancel)
+		}
 		if err == errAborted {
 			return nil, errf("io", "cancelled")
 		} else if err != nil {
@@ -101,7 +106,7 @@ func opReadFile(s *Server, ch *Channel, raw []byte) (any, error) {
 		var n int
 		var rerr error
 		if device {
-			n, rerr = readRecord(f, buf[headerSize:headerSize+k])
+			n, rerr = readDevice(f, pb, k)
 		} else {
 			n, rerr = f.ReadAt(buf[headerSize:headerSize+k], off)
 		}
@@ -121,7 +126,7 @@ func opReadFile(s *Server, ch *Channel, raw []byte) (any, error) {
 		if rerr == io.EOF {
 			break
 		} else if rerr != nil {
-			return nil, rerr
+			return nil, pathErr("read", path, rerr)
 		}
 	}
 	return ok("bytes", sent), nil
@@ -796,6 +801,19 @@ func tempName(base string, rnd []byte) string {
 		base = base[:keep]
 	}
 	return "." + base + ".isorun-" + hex.EncodeToString(rnd)
+}
+
+// readDevice reads at most k bytes of a device into the frame pb, in one
+// read(2). A device of records refuses a buffer shorter than its next record
+// (EINVAL, the record kept): it is read again into a whole frame, of which k
+// bytes are kept. A stream device is never read past k.
+func readDevice(f *os.File, pb *[]byte, k int) (int, error) {
+	n, err := readRecord(f, (*pb)[headerSize:headerSize+k])
+	if errors.Is(err, syscall.EINVAL) && k < MaxOutPayload {
+		n, err = readRecord(f, (*pb)[headerSize:headerSize+MaxOutPayload])
+		n = min(n, k)
+	}
+	return n, err
 }
 
 // readRecord is one read(2), its EAGAIN returned: os.File.Read of a pollable

@@ -415,6 +415,62 @@ func TestReadOfARecordDeviceEndsCleanly(t *testing.T) {
 	}
 }
 
+// A device of records (/dev/kmsg refuses a buffer shorter than its next
+// record, EINVAL) is read a whole record at a time: `length` sends the first
+// bytes of the log, and a credit window shorter than a record is waited out.
+func TestReadOfARecordDeviceSendsWhatFits(t *testing.T) {
+	if f, err := os.Open("/dev/kmsg"); err != nil {
+		t.Skipf("no readable /dev/kmsg: %v", err)
+	} else {
+		f.Close()
+	}
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "read_file", "path": "/dev/kmsg", "length": 40})
+	if r.resp["ok"] != true || len(r.out) != 40 || num(r.resp["bytes"]) != 40 {
+		t.Fatalf("length 40: %d bytes, resp %v", len(r.out), r.resp)
+	}
+	// a channel with 10 bytes of window, on a connection whose frames are dropped
+	conn := &Conn{out: make(chan outFrame, 64), done: make(chan struct{}), chans: map[uint32]*Channel{}}
+	defer conn.close()
+	go func() {
+		for {
+			select {
+			case f := <-conn.out:
+				if f.pooled != nil {
+					framePool.Put(f.pooled)
+				}
+			case <-conn.done:
+				return
+			}
+		}
+	}()
+	ch := newChannel(conn, 1)
+	ch.window = 10
+	type answer struct {
+		resp any
+		err  error
+	}
+	done := make(chan answer, 1)
+	go func() {
+		resp, err := opReadFile(c.srv, ch, []byte(`{"op":"read_file","path":"/dev/kmsg"}`))
+		done <- answer{resp, err}
+	}()
+	select {
+	case a := <-done:
+		t.Fatalf("with a 10-byte window: %v %v", a.resp, a.err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	ch.addCredit(1 << 30)
+	select {
+	case a := <-done:
+		if a.err != nil {
+			t.Fatalf("after the credit: %v", a.err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no answer after the credit")
+	}
+}
+
 // A date past 2262 is held at int64's end, not wrapped to 1915.
 func TestStatOfAFarFutureMtime(t *testing.T) {
 	p := t.TempDir() + "/f"
