@@ -12,6 +12,7 @@ import httpx
 
 from isorun.errors import IsorunError
 from isorun.sdk import _core
+from isorun.sdk._callbacks import call_back
 from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings, Usage
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
 from isorun.sdk.errors import (
@@ -429,8 +430,8 @@ class Pty:
         """Follow the output (to `on_data`) until the process exits; its result (no output
         captured: terminals can run for days)."""
         for chunk in self:
-            if self.on_data is not None:
-                self.on_data(chunk)
+            if self.on_data is not None:  # an async one raises TypeError, not a lost call
+                call_back("on_data", self.on_data, chunk, None)
         assert self.result is not None
         return self.result
 

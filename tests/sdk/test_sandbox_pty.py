@@ -81,3 +81,17 @@ async def test_async_pty_and_stdin(sb: Sandbox, api: str) -> None:
         assert (await p.wait()).stdout == "async\n"
     finally:
         await asb.close()
+
+
+def test_sync_pty_refuses_an_async_on_data(sb: Sandbox) -> None:
+    """An `async def` on_data used to be called and its coroutine dropped: no output, no
+    error, only a RuntimeWarning. It raises as every other sync callback does."""
+    got: list[bytes] = []
+
+    async def on_data(b: bytes) -> None:
+        got.append(b)
+
+    t = sb.pty(cmd=["sh", "-c", "echo hello"], on_data=on_data)
+    with pytest.raises(TypeError, match=r"on_data returned an awaitable.*AsyncSandbox"):
+        t.wait()
+    assert got == []
