@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -117,31 +118,51 @@ def resolve(api_url: str | None, api_key: str | None, autostart: bool | None) ->
     return Settings(url.rstrip("/"), None, key, False)
 
 
+# What a user who may not use the local socket can do instead.
+_NOT_ROOT_WAYS = (
+    "run this as root, or use a daemon that also serves TCP (root starts it with "
+    "`isorund --tcp 127.0.0.1:8181` or ISORUN_TCP, and makes you a key with `isorun keys "
+    "create`): set ISORUN_API_URL=http://127.0.0.1:8181 and ISORUN_API_KEY=isr_... (or pass "
+    "api_url= and api_key=)"
+)
+
+
 def ensure_daemon(s: Settings, timeout: float = 30.0) -> None:
     """Start `isorund` on the unix socket when nothing answers there (set
     ISORUN_AUTOSTART=0 or pass autostart=False to switch this off)."""
     if s.uds is None or _answers(s.uds):
         return
+    if (denied := _denied(s.uds)) is not None:
+        # A daemon serves there, but its socket (0600) is root's: starting another would
+        # only fail, and on a file this user may not write.
+        raise DaemonUnavailable(
+            f"you may not connect to the isorun daemon's socket {s.uds} ({denied.strerror}; "
+            f"uid {os.geteuid()}): the local daemon runs as root and its socket is root's "
+            f"alone. To use it, {_NOT_ROOT_WAYS}"
+        )
     if not s.autostart:
         raise DaemonUnavailable(
             f"no isorun daemon answers on {s.uds}: start one with `isorund` (or `isorun "
             "daemon`), or enable auto-start (ISORUN_AUTOSTART=1)"
         )
     state = Path(os.environ.get("ISORUN_STATE_DIR", "/var/lib/isorun"))
-    state.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, ISORUN_SOCKET=s.uds)
     log_path = state / "isorund.log"
-    with open(log_path, "ab") as log:
-        log_start = log.tell()  # what this daemon writes comes after
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "isorun.daemon"],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            env=env,
-            start_new_session=True,
-            close_fds=True,
-        )
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            log_start = log.tell()  # what this daemon writes comes after
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "isorun.daemon"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+            )
+    except OSError as exc:
+        raise _cannot_start(s.uds, exc) from exc
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _answers(s.uds):
@@ -156,6 +177,34 @@ def ensure_daemon(s: Settings, timeout: float = 30.0) -> None:
         time.sleep(0.05)
     raise DaemonUnavailable(
         f"started isorund but it did not answer on {s.uds} within {timeout:.0f}s; see {log_path}"
+    )
+
+
+def _denied(uds: str) -> PermissionError | None:
+    """The PermissionError connecting to `uds` raises: a socket (or a directory on its
+    path) that belongs to another user, root's daemon's for a non-root caller."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(uds)
+        except PermissionError as exc:
+            return exc
+        except OSError:
+            return None
+    return None
+
+
+def _cannot_start(uds: str, exc: OSError) -> DaemonUnavailable:
+    """Auto-start could not make the state dir, open the log or run the daemon."""
+    head = f"no isorun daemon answers on {uds}, and auto-start could not start one: {exc}"
+    if os.geteuid() != 0:
+        # the usual case: a user who is not root, with root's default paths
+        return DaemonUnavailable(
+            f"{head} (uid {os.geteuid()}). The isorun daemon runs as root, with a socket "
+            f"and state that are root's: {_NOT_ROOT_WAYS}"
+        )
+    return DaemonUnavailable(
+        f"{head}: set ISORUN_STATE_DIR to a directory it can write, or start `isorund` "
+        "yourself (ISORUN_AUTOSTART=0 switches auto-start off)"
     )
 
 

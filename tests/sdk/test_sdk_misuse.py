@@ -4,10 +4,12 @@ httpx RuntimeError. No VM boots here (the daemon's fixture serves without one)."
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 from daemonhelpers import REPO, Daemon
 
 from isorun import ApiError, AsyncSandbox, DaemonUnavailable, Images, Sandbox
-from isorun.errors import ConfigError
+from isorun.errors import ConfigError, IsorunError
 from isorun.sdk import SandboxNotStartedError
 
 
@@ -120,6 +122,65 @@ def test_autostart_reports_a_daemon_that_exited_at_once(
     assert time.monotonic() - t0 < 20
     # the end of its log says why
     assert "File exists" in str(err.value) and "isorund.log" in str(err.value)
+
+
+NOBODY = 65534
+
+
+def _as_nobody(call: Callable[[], object]) -> str:
+    """What `call()` raises in a forked child running as uid/gid 65534 (a non-root user):
+    "<IsorunError or not> <type>: <message>". (A fresh interpreter cannot start as that user:
+    this Python lives under /root.)"""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            try:
+                call()
+                said = "returned"
+            except BaseException as exc:
+                kind = "IsorunError" if isinstance(exc, IsorunError) else "not-IsorunError"
+                said = f"{kind} {type(exc).__name__}: {exc}"
+            os.write(w, said.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        said = f.read().decode()
+    os.waitpid(pid, 0)
+    return said
+
+
+def test_a_non_root_user_is_told_the_daemon_is_roots(daemon: Daemon) -> None:
+    """For a non-root user the root daemon's 0600 socket did not answer, so auto-start ran
+    and raised a bare PermissionError about /var/lib/isorun/isorund.log, past `except
+    IsorunError` and naming a log file rather than the cause."""
+    shared = Path(tempfile.mkdtemp(prefix="isorun-nonroot-"))
+    try:
+        shared.chmod(0o755)  # a user may reach it, as /run/isorun
+        os.link(daemon.sock, shared / "isorund.sock")  # the running daemon's socket: root's
+        running = _as_nobody(lambda: Sandbox.list(api_url=f"unix:{shared}/isorund.sock"))
+        assert running.startswith("IsorunError DaemonUnavailable:"), running
+        for names in ("root", "ISORUN_API_URL", "ISORUN_API_KEY", "isorun keys create"):
+            assert names in running, running
+        absent = f"unix:{shared}/absent.sock"  # no daemon: auto-start cannot write its log
+
+        def start() -> object:
+            os.environ.pop("ISORUN_STATE_DIR", None)  # the default, /var/lib/isorun
+            return Sandbox.list(api_url=absent, autostart=True)
+
+        started = _as_nobody(start)
+        assert started.startswith("IsorunError DaemonUnavailable:"), started
+        for names in ("auto-start", "root", "ISORUN_API_URL", "ISORUN_API_KEY"):
+            assert names in started, started
+    finally:
+        for f in shared.iterdir():
+            f.unlink()
+        shared.rmdir()
 
 
 def test_an_api_key_is_told_which_admin_action_it_may_not_do(daemon: Daemon) -> None:
