@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import collections
 import contextlib
 import functools
 import io
@@ -47,6 +48,10 @@ STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
 # them, and at least this long, has lost its daemon or network: DaemonUnavailable. At
 # least 90 s: past the daemon's own 60 s limit on a silent guest, which it reports as such.
 STREAM_IDLE_FLOOR_S = 90.0
+# What exec and Process.wait keep of each stream by default, the newest bytes (as the agent
+# client's CAPTURE_LIMIT): a flood, even one streamed to callbacks, must not fill the
+# caller's memory, and the end of an output (the error, the summary) is what is read first.
+CAPTURE_LIMIT = 64 << 20
 _UNKNOWN = object()
 
 
@@ -539,10 +544,18 @@ def proc_tail(proc_id: str, tail: str) -> str:
 
 
 def check_background(
-    on_stdout: OutputCallback | None, on_stderr: OutputCallback | None, check: bool
+    on_stdout: OutputCallback | None,
+    on_stderr: OutputCallback | None,
+    check: bool,
+    capture_limit: int | None = CAPTURE_LIMIT,
 ) -> None:
     """exec(background=True) returns before any output: refuse what it would ignore."""
     given = [n for n, v in (("on_stdout", on_stdout), ("on_stderr", on_stderr)) if v is not None]
+    if capture_limit != CAPTURE_LIMIT:
+        raise ValueError(
+            "capture_limit with background=True: nothing is captured until the process's "
+            "wait(), so pass it there"
+        )
     if given:
         raise ValueError(
             f"{' and '.join(given)} with background=True would never be called: pass "
@@ -680,6 +693,10 @@ class ExecResult:
     # is kept in a ring (1 MiB by default), so a replay after more than that was written
     # starts where the ring does, and a reader that falls behind skips ahead. 0 for exec.
     output_lost: int = 0
+    # Bytes of each stream left out of stdout/stderr, the oldest first, to keep them within
+    # `capture_limit` (the callbacks saw them all).
+    stdout_dropped: int = 0
+    stderr_dropped: int = 0
 
     @property
     def ok(self) -> bool:
@@ -730,10 +747,64 @@ class ProcessInfo(_Record):
     argv_truncated: bool = False  # argv is cut to its start (a long script) in a listing
 
 
+def capture_limit_of(limit: int | None) -> int | None:
+    """A `capture_limit` argument checked: bytes kept per stream, 0 none, None all."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(
+            f"capture_limit={limit!r}: give the bytes of each stream to keep (0: none, "
+            f"None: all; default {CAPTURE_LIMIT})"
+        )
+    return limit
+
+
+class Capture:
+    """A stream's newest `limit` bytes (None: all of them), and how many it left out."""
+
+    __slots__ = ("dropped", "limit", "parts", "size")
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.parts: collections.deque[bytes] = collections.deque()
+        self.size = 0
+        self.dropped = 0
+
+    def add(self, data: bytes) -> None:
+        if self.limit == 0:
+            self.dropped += len(data)
+            return
+        self.parts.append(data)
+        self.size += len(data)
+        while self.limit is not None and self.size > self.limit:
+            first = self.parts[0]
+            cut = min(len(first), self.size - self.limit)
+            if cut == len(first):
+                self.parts.popleft()
+            else:
+                self.parts[0] = first[cut:]
+            self.size -= cut
+            self.dropped += cut
+
+    def kept(self) -> bytes:
+        return b"".join(self.parts)
+
+    def text(self, data: bytes) -> str:
+        """`data` (what `kept()` gave) as text: a character the cut split starts it as
+        U+FFFD no more, its bytes left out."""
+        start = 0
+        if self.dropped:
+            while start < min(3, len(data)) and data[start] & 0xC0 == 0x80:
+                start += 1
+        return data[start:].decode("utf-8", "replace")
+
+
 @dataclass
 class StreamDecoder:
     """Feeds NDJSON exec/attach lines to callbacks (as text, decoded incrementally so a
-    multibyte character split across chunks is not mangled) and builds the result."""
+    multibyte character split across chunks is not mangled) and builds the result, which
+    keeps each stream's newest `capture_limit` bytes (without `capture`: nothing, uncounted,
+    for the iterators, which hand every chunk on)."""
 
     on_stdout: OutputCallback | None = None
     on_stderr: OutputCallback | None = None
@@ -741,13 +812,18 @@ class StreamDecoder:
     proc_id: str = ""
     pid: int = 0
     offset: int = 0
-    out: list[bytes] = field(default_factory=list)
-    err: list[bytes] = field(default_factory=list)
+    capture_limit: int | None = CAPTURE_LIMIT
     exit: dict[str, Any] | None = None
+    out: Capture = field(init=False)
+    err: Capture = field(init=False)
     # the async face's list of what async callbacks returned, awaited after each feed
     pending: list[Awaitable[object]] | None = None
     _dec_out: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     _dec_err: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+
+    def __post_init__(self) -> None:
+        keep = capture_limit_of(self.capture_limit)
+        self.out, self.err = Capture(keep), Capture(keep)
 
     def feed(self, line: str | bytes) -> tuple[str, bytes] | None:
         if not line.strip():
@@ -759,12 +835,12 @@ class StreamDecoder:
             self.offset += len(data)
             if t == "stdout":
                 if self.capture:
-                    self.out.append(data)
+                    self.out.add(data)
                 if self.on_stdout is not None:
                     call_back("on_stdout", self.on_stdout, self.text(t, data), self.pending)
             else:
                 if self.capture:
-                    self.err.append(data)
+                    self.err.add(data)
                 if self.on_stderr is not None:
                     call_back("on_stderr", self.on_stderr, self.text(t, data), self.pending)
             return t, data
@@ -800,10 +876,10 @@ class StreamDecoder:
                     }
                 },
             )
-        out, err = b"".join(self.out), b"".join(self.err)
+        out, err = self.out.kept(), self.err.kept()
         return ExecResult(
-            stdout=out.decode("utf-8", "replace"),
-            stderr=err.decode("utf-8", "replace"),
+            stdout=self.out.text(out),
+            stderr=self.err.text(err),
             exit_code=self.exit.get("exit_code"),
             duration_ms=int(self.exit.get("duration_ms", 0)),
             signal=self.exit.get("signal"),
@@ -816,6 +892,8 @@ class StreamDecoder:
                 for n in (self.exit.get("lost"), self.exit.get("gap_bytes"))
                 if isinstance(n, int) and not isinstance(n, bool) and n > 0
             ),
+            stdout_dropped=self.out.dropped,
+            stderr_dropped=self.err.dropped,
         )
 
 

@@ -238,6 +238,7 @@ class AsyncSandbox:
         on_stderr: OutputCallback | None = ...,
         background: Literal[False] = ...,
         check: bool = ...,
+        capture_limit: int | None = ...,
     ) -> ExecResult: ...
 
     @overload
@@ -270,6 +271,7 @@ class AsyncSandbox:
         on_stderr: OutputCallback | None = ...,
         background: bool,
         check: bool = ...,
+        capture_limit: int | None = ...,
     ) -> ExecResult | AsyncProcess: ...
 
     async def exec(
@@ -285,12 +287,14 @@ class AsyncSandbox:
         on_stderr: OutputCallback | None = None,
         background: bool = False,
         check: bool = False,
+        capture_limit: int | None = _core.CAPTURE_LIMIT,
     ) -> ExecResult | AsyncProcess:
         """As `Sandbox.exec`: a shell string or argv; `timeout` in seconds, None or 0 for
         no limit; `background=True` returns an `AsyncProcess` at once (callbacks and `check`
-        go to its `wait()`, not here)."""
+        go to its `wait()`, not here); the result keeps each stream's newest `capture_limit`
+        bytes (64 MiB; 0 none, None all), counting the rest in `stdout_dropped`."""
         if background:
-            _core.check_background(on_stdout, on_stderr, check)
+            _core.check_background(on_stdout, on_stderr, check, capture_limit)
         body = _core.exec_body(cmd, env, cwd, user, timeout, stdin, background)
         path = self._path("exec")
         if background:
@@ -299,7 +303,7 @@ class AsyncSandbox:
             if isinstance(stdin, str | bytes) and stdin:
                 await proc.send_stdin(stdin)
             return proc
-        dec = _core.StreamDecoder(on_stdout, on_stderr, pending=[])
+        dec = _core.StreamDecoder(on_stdout, on_stderr, capture_limit=capture_limit, pending=[])
         await self._stream("POST", path, dec, json=body)
         result = dec.result()
         if check and result.exit_code != 0:
@@ -366,8 +370,11 @@ class AsyncProcess:
         offset: int = 0,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        capture_limit: int | None = _core.CAPTURE_LIMIT,
     ) -> ExecResult:
-        dec = _core.StreamDecoder(on_stdout, on_stderr, proc_id=self.id, pending=[])
+        dec = _core.StreamDecoder(
+            on_stdout, on_stderr, proc_id=self.id, capture_limit=capture_limit, pending=[]
+        )
         await self.sandbox._stream("GET", self._path("stream"), dec, params={"offset": offset})
         return dec.result()
 

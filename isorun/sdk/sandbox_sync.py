@@ -218,6 +218,7 @@ class Sandbox:
         on_stderr: OutputCallback | None = ...,
         background: Literal[False] = ...,
         check: bool = ...,
+        capture_limit: int | None = ...,
     ) -> ExecResult: ...
 
     @overload
@@ -250,6 +251,7 @@ class Sandbox:
         on_stderr: OutputCallback | None = ...,
         background: bool,
         check: bool = ...,
+        capture_limit: int | None = ...,
     ) -> ExecResult | Process: ...
 
     def exec(
@@ -265,14 +267,17 @@ class Sandbox:
         on_stderr: OutputCallback | None = None,
         background: bool = False,
         check: bool = False,
+        capture_limit: int | None = _core.CAPTURE_LIMIT,
     ) -> ExecResult | Process:
         """Run `cmd` (a shell string, or an argv list). Callbacks get output as it is written.
         `background=True` returns a `Process` at once instead of an `ExecResult` (callbacks
         and `check` go to its `wait()`, not here); with `stdin=True` (or initial bytes) its
         stdin stays open for `send_stdin`/`close_stdin`. `timeout` is in seconds; None or 0
-        means no limit (as in E2B)."""
+        means no limit (as in E2B). The result keeps each stream's newest `capture_limit`
+        bytes (64 MiB; 0 none, None all) and counts the rest in `stdout_dropped` and
+        `stderr_dropped`: callbacks see every byte either way."""
         if background:
-            _core.check_background(on_stdout, on_stderr, check)
+            _core.check_background(on_stdout, on_stderr, check, capture_limit)
         body = _core.exec_body(cmd, env, cwd, user, timeout, stdin, background)
         path = self._path("exec")
         if background:
@@ -281,7 +286,7 @@ class Sandbox:
             if isinstance(stdin, str | bytes) and stdin:
                 proc.send_stdin(stdin)
             return proc
-        dec = _core.StreamDecoder(on_stdout, on_stderr)
+        dec = _core.StreamDecoder(on_stdout, on_stderr, capture_limit=capture_limit)
         self._stream("POST", path, dec, json=body)
         result = dec.result()
         if check and result.exit_code != 0:
@@ -352,9 +357,13 @@ class Process:
         offset: int = 0,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        capture_limit: int | None = _core.CAPTURE_LIMIT,
     ) -> ExecResult:
-        """Replay output from `offset` (bytes of stdout+stderr), follow it, return at exit."""
-        dec = _core.StreamDecoder(on_stdout, on_stderr, proc_id=self.id)
+        """Replay output from `offset` (bytes of stdout+stderr), follow it, return at exit
+        (the result keeps each stream's newest `capture_limit` bytes, as `exec`'s)."""
+        dec = _core.StreamDecoder(
+            on_stdout, on_stderr, proc_id=self.id, capture_limit=capture_limit
+        )
         self.sandbox._stream("GET", self._path("stream"), dec, params={"offset": offset})
         return dec.result()
 

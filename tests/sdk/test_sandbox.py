@@ -205,6 +205,48 @@ def test_a_replay_past_the_ring_says_how_much_output_is_missing(api: str, image:
         assert r.output_lost > 0 and sb.exec("echo whole").output_lost == 0
 
 
+FLOOD = "head -c 3000000 /dev/zero | tr '\\0' x; echo; echo end; echo oops >&2"
+FLOOD_OUT = 3_000_000 + 5  # "x"*3000000 + "\n" + "end\n"
+
+
+async def test_a_capture_keeps_each_streams_newest_bytes_up_to_its_limit(
+    api: str, image: str
+) -> None:
+    """exec and Process.wait kept every byte of output even while callbacks streamed it
+    (512 MiB of output: 1.5 GiB in the caller). A result keeps each stream's newest
+    `capture_limit` bytes (64 MiB by default) and counts the rest in `*_dropped`."""
+    seen = 0
+
+    def count(text: str) -> None:
+        nonlocal seen
+        seen += len(text)
+
+    async with AsyncSandbox(image, api_url=api) as asb:
+        sb = Sandbox.connect(asb.id, api_url=api)
+        try:
+            r = sb.exec(FLOOD, on_stdout=count, capture_limit=1 << 20)
+            assert seen == FLOOD_OUT  # the callback saw it all
+            assert (len(r.stdout_bytes), r.stdout_dropped) == (1 << 20, FLOOD_OUT - (1 << 20))
+            assert r.stdout.endswith("xx\nend\n") and (r.stderr, r.stderr_dropped) == ("oops\n", 0)
+            whole = sb.exec(FLOOD)  # the default keeps a normal output whole
+            assert (len(whole.stdout_bytes), whole.stdout_dropped) == (FLOOD_OUT, 0)
+            p = sb.exec(FLOOD, background=True)
+            seen = 0
+            w = p.wait(on_stdout=count, capture_limit=0)  # streamed only, nothing kept
+            assert (w.stdout_bytes, w.stderr_bytes, w.exit_code) == (b"", b"", 0)
+            assert w.stdout_dropped == seen and w.stderr_dropped == 5
+            assert w.stdout_dropped + w.stderr_dropped + w.output_lost == FLOOD_OUT + 5
+            with pytest.raises(ValueError, match="capture_limit"):
+                sb.exec("true", capture_limit=-1)
+        finally:
+            sb.close()  # the async face destroys it
+        a = await asb.exec(FLOOD, capture_limit=1000)
+        assert (a.stdout_bytes, a.stdout_dropped) == (b"x" * 995 + b"\nend\n", FLOOD_OUT - 1000)
+        q = await asb.exec(FLOOD, background=True)
+        b = await q.wait(capture_limit=10)
+        assert (b.stdout, b.stderr, b.stderr_dropped) == ("xxxxx\nend\n", "oops\n", 0)
+
+
 def test_sync_refuses_async_callbacks_and_iterates_split_characters_whole(
     api: str, image: str
 ) -> None:
