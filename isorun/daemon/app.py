@@ -610,13 +610,28 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
 
         async def run(emit: Emit, push: Push) -> dict[str, Any]:
             first = True
+            at = offset  # where the next byte sent starts in the process's output
+            told_gap = 0  # of att.gap_bytes, what gap records have said
+
+            def gap() -> None:
+                # The guest skipped the slow reader ahead (att.gap_bytes grew before the
+                # output after it): say so where it happened, so a client's offset (which
+                # counts what it got) stays the true position and a resume replays nothing.
+                nonlocal at, told_gap
+                if att.gap_bytes > told_gap:
+                    lost, told_gap = att.gap_bytes - told_gap, att.gap_bytes
+                    at += lost
+                    push({"type": "gap", "lost": lost, "offset": at})
 
             def out(kind: str) -> Callable[[bytes], Awaitable[None]]:
                 async def cb(b: bytes) -> None:
-                    nonlocal first
+                    nonlocal first, at
                     if first:
                         first = False
+                        at = att.offset
                         push({"type": "attached", "offset": att.offset, "lost": att.lost})
+                    gap()
+                    at += len(b)
                     await emit(kind, b)
 
                 return cb
@@ -629,6 +644,8 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
                 capture=False,
                 attachment=att,
             )
+            if not first:
+                gap()  # one after the last output
             return {
                 **_exit_record(r),
                 "attached_offset": att.offset,

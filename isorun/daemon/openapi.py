@@ -22,7 +22,8 @@ _KEEPALIVE = " | {type:keepalive} (through silences; skip it)"
 _NDJSON = {
     "description": "NDJSON stream, one event per line: "
     "{type:start,proc_id,pid} | {type:attached,offset,lost} | "
-    "{type:stdout|stderr,data:<base64>} | "
+    "{type:stdout|stderr,data:<base64>} | {type:gap,lost,offset} (a process stream's slow "
+    "reader skipped `lost` bytes; output goes on at `offset`) | "
     "{type:exit,proc_id,exit_code,signal,timed_out,duration_ms} | {type:error,code,message}"
     + _KEEPALIVE,
     "content": {"application/x-ndjson": {"schema": {"type": "string"}}},

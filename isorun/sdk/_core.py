@@ -848,6 +848,15 @@ class StreamDecoder:
             self.proc_id, self.pid = ev["proc_id"], ev["pid"]
         elif t == "attached":
             self.offset = int(ev.get("offset", 0))
+        elif t == "gap":
+            # a slow reader was skipped ahead: what it missed still moves the position, or a
+            # resume from `offset` would replay output already delivered
+            at = ev.get("offset")
+            lost = ev.get("lost")
+            if isinstance(at, int) and not isinstance(at, bool):
+                self.offset = at
+            elif isinstance(lost, int) and not isinstance(lost, bool) and lost > 0:
+                self.offset += lost
         elif t == "exit":
             self.exit = ev
         elif t == "error":

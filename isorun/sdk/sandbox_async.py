@@ -444,10 +444,11 @@ class AsyncPty:
         return await self.process.kill(grace)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        dec = _core.StreamDecoder(capture=False, proc_id=self.id)
+        dec = _core.StreamDecoder(capture=False, proc_id=self.id, offset=self.offset)
         async for _, data in self.process._follow(dec, self.offset):
             self.offset = dec.offset
             yield data
+        self.offset = dec.offset  # a gap after the last output moves it too
         self.result = dec.result()
 
     async def wait(self) -> ExecResult:

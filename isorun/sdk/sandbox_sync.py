@@ -429,10 +429,11 @@ class Pty:
     def __iter__(self) -> Iterator[bytes]:
         """Output bytes as the terminal writes them, from where the last read stopped, until
         the process exits (then `result` is set)."""
-        dec = _core.StreamDecoder(capture=False, proc_id=self.id)
+        dec = _core.StreamDecoder(capture=False, proc_id=self.id, offset=self.offset)
         for _, data in self.process._follow(dec, self.offset):
             self.offset = dec.offset
             yield data
+        self.offset = dec.offset  # a gap after the last output moves it too
         self.result = dec.result()
 
     def wait(self) -> ExecResult:

@@ -464,6 +464,51 @@ def test_slow_reader_holds_back_the_guest_instead_of_filling_daemon_memory(
     assert grown < 24 * 2**20, f"daemon grew {grown} bytes while the reader stalled"
 
 
+def _numbered(start: int, n: int) -> bytes:
+    """Bytes start..start+n of "000000000:000000010:...", records that say where they start."""
+    first = start // 10
+    whole = b"".join(b"%09d:" % (i * 10) for i in range(first, (start + n) // 10 + 1))
+    return whole[start - first * 10 :][:n]
+
+
+def test_a_reader_skipped_ahead_is_told_where_the_output_goes_on(
+    daemon: Daemon, sandbox: str
+) -> None:
+    """A background process's stream never waits for a slow reader: the guest skips it ahead
+    (a gap). That was said only in the exit record (`gap_bytes`), so a client counting the
+    bytes it got could not know where it was. A `gap` record comes where it happens."""
+    total = 2_500_000
+    awk = f"awk 'BEGIN {{ for (i = 0; i < {total // 10}; i++) printf \"%09d:\", i * 10 }}'"
+    base = f"/v1/sandboxes/{sandbox}"
+    with daemon.client() as c:
+        proc = c.post(f"{base}/exec", json={"cmd": awk, "background": True}).json()["proc_id"]
+        with c.stream(
+            "GET", f"{base}/processes/{proc}/stream", params={"offset": 0}, timeout=300
+        ) as r:
+            lines = r.iter_lines()
+            recs = [json.loads(next(lines)) for _ in range(2)]
+            assert [e["type"] for e in recs] == ["attached", "stdout"]
+            while any(
+                p["running"]
+                for p in c.get(f"{base}/processes").json()["processes"]
+                if p["proc_id"] == proc
+            ):
+                time.sleep(0.2)  # fall behind: the process writes all of it first
+            recs += [json.loads(line) for line in lines]
+    pos, gaps = recs[0]["offset"], 0
+    for e in recs[1:]:
+        if e["type"] == "stdout":
+            data = base64.b64decode(str(e["data"]))
+            assert data == _numbered(pos, len(data)), pos  # every byte where it says it is
+            pos += len(data)
+        elif e["type"] == "gap":
+            assert e["lost"] > 0 and e["offset"] == pos + e["lost"], (e, pos)
+            pos, gaps = e["offset"], gaps + e["lost"]
+    exit_ = recs[-1]
+    assert exit_["type"] == "exit" and exit_["exit_code"] == 0
+    assert gaps > 0 and exit_["gap_bytes"] == gaps and pos == total
+
+
 def test_create_whose_client_went_away_leaves_no_running_vm(daemon: Daemon, image: str) -> None:
     """A client that gives up on POST /v1/sandboxes (timeout, ^C) never learns the id; the
     sandbox must not run on unowned until its timeout."""
