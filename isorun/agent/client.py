@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import contextlib
 import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Sequence
@@ -29,6 +28,7 @@ from isorun.agent.validate import (
     parse_proc,
 )
 from isorun.errors import ChannelClosedError, FileNotFoundInGuest, GuestError, ProtocolError
+from isorun.tail import TailBuffer
 
 # A callback may return an awaitable: it is awaited before more output is read, so a slow
 # consumer holds back the guest through the channel's credits instead of buffering.
@@ -88,35 +88,6 @@ class ExecResult:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
-
-
-class _Capture:
-    """A stream's last `limit` bytes: a guest's flood must not fill the host's memory, and
-    the end of an output (the error, the summary) is what a caller reads first."""
-
-    __slots__ = ("dropped", "limit", "parts", "size")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.parts: collections.deque[bytes] = collections.deque()
-        self.size = 0
-        self.dropped = 0
-
-    def add(self, data: bytes) -> None:
-        self.parts.append(data)
-        self.size += len(data)
-        while self.size > self.limit:
-            first = self.parts[0]
-            cut = min(len(first), self.size - self.limit)
-            if cut == len(first):
-                self.parts.popleft()
-            else:
-                self.parts[0] = first[cut:]
-            self.size -= cut
-            self.dropped += cut
-
-    def bytes(self) -> bytes:
-        return b"".join(self.parts)
 
 
 @dataclass(slots=True)
@@ -722,7 +693,7 @@ async def _collect_process(
     deadline: float | None = None,
 ) -> ExecResult:
     """A process's frames to its end; each stream's last `capture_limit` bytes kept."""
-    out, err = _Capture(capture_limit), _Capture(capture_limit)
+    out, err = TailBuffer(capture_limit), TailBuffer(capture_limit)
     started = False
     loop = asyncio.get_running_loop()
 
@@ -766,8 +737,8 @@ async def _collect_process(
                 timed_out=as_bool(resp, "timed_out", default=False),
                 duration_ms=as_int(resp, "duration_ms", default=0),
                 run_us=as_int(resp, "run_us", default=0),
-                stdout=out.bytes(),
-                stderr=err.bytes(),
+                stdout=out.kept(),
+                stderr=err.kept(),
                 stdout_dropped=out.dropped,
                 stderr_dropped=err.dropped,
             )

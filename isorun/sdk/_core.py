@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import codecs
-import collections
 import contextlib
 import functools
 import io
@@ -35,6 +34,7 @@ from isorun.sdk.errors import (
     error_for,
     stream_error,
 )
+from isorun.tail import TailBuffer
 
 __all__ = ["error_for"]
 
@@ -759,35 +759,10 @@ def capture_limit_of(limit: int | None) -> int | None:
     return limit
 
 
-class Capture:
-    """A stream's newest `limit` bytes (None: all of them), and how many it left out."""
+class Capture(TailBuffer):
+    """What exec and Process.wait keep of one stream, given back as text."""
 
-    __slots__ = ("dropped", "limit", "parts", "size")
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit = limit
-        self.parts: collections.deque[bytes] = collections.deque()
-        self.size = 0
-        self.dropped = 0
-
-    def add(self, data: bytes) -> None:
-        if self.limit == 0:
-            self.dropped += len(data)
-            return
-        self.parts.append(data)
-        self.size += len(data)
-        while self.limit is not None and self.size > self.limit:
-            first = self.parts[0]
-            cut = min(len(first), self.size - self.limit)
-            if cut == len(first):
-                self.parts.popleft()
-            else:
-                self.parts[0] = first[cut:]
-            self.size -= cut
-            self.dropped += cut
-
-    def kept(self) -> bytes:
-        return b"".join(self.parts)
+    __slots__ = ()
 
     def text(self, data: bytes) -> str:
         """`data` (what `kept()` gave) as text: a character the cut split starts it as
