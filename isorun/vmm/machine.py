@@ -422,8 +422,12 @@ class MicroVM:
         placeholder."""
         t0 = time.monotonic()
         self.started_at = t0
-        self.run_dir.mkdir(parents=True, exist_ok=False)
+        self.run_dir.mkdir(parents=True, exist_ok=False, mode=0o700)
         self._owns_run_dir = True
+        # Its scratch disk holds what the sandbox wrote, its console what it printed: no
+        # other local user may read them (mode set outright: mkdir's is cut by the umask).
+        # QEMU opens what it needs here as root, before it drops to its own user.
+        os.chmod(self.run_dir, 0o700)
         if self.spec.labels:
             # Before anything else: a host process that dies from here on leaves a run dir
             # its owner (a daemon restarting) can tell is its own, QEMU started or not.

@@ -222,6 +222,14 @@ async def test_qemu_killed_at_its_memory_limit_is_reported_as_out_of_memory(
     assert_vm_gone(vm)
 
 
+async def test_a_vms_run_dir_is_readable_by_root_only(vm: MicroVM) -> None:
+    # Its scratch disk holds what the sandbox wrote (secrets a user put there), its console
+    # log what it printed: another local user of the host must not read them.
+    await vm.agent.exec("echo secret > /root/s && sync")
+    assert vm.run_dir.stat().st_mode & 0o777 == 0o700
+    assert (vm.run_dir / "scratch.ext4").exists()
+
+
 async def test_qemu_runs_jailed(vm: MicroVM) -> None:
     assert vm.pid is not None
     children = Path(f"/proc/{vm.pid}/task/{vm.pid}/children").read_text().split()
