@@ -724,6 +724,10 @@ class MicroVM:
         if self._supervisor is not None:
             with contextlib.suppress(asyncio.CancelledError):  # adopt() may have cancelled it
                 await self._supervisor
+        elif self._proc is not None:
+            # A boot that failed between QEMU's start and its supervision (vm.json not
+            # written: the state disk full): reap it here, or it stays a zombie.
+            await self._proc.wait()
         return await self._cleanup()
 
     async def _cleanup(self) -> VMUsage:

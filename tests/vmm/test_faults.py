@@ -222,6 +222,26 @@ async def test_qemu_killed_at_its_memory_limit_is_reported_as_out_of_memory(
     assert_vm_gone(vm)
 
 
+async def test_a_boot_failing_right_after_qemu_started_leaves_no_zombie(
+    busybox_rootfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # vm.json cannot be written (a full state disk) after QEMU was spawned, before its
+    # supervision started: the boot's cleanup must reap QEMU, not leave it a zombie.
+    spawned: list[MicroVM] = []
+
+    def disk_full(self: MicroVM) -> None:
+        spawned.append(self)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(MicroVM, "_write_state", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        await MicroVM.boot(vm_spec(busybox_rootfs))
+    (vm,) = spawned
+    assert vm.pid is not None
+    assert not Path(f"/proc/{vm.pid}").exists(), "QEMU left unreaped (a zombie)"
+    assert_vm_gone(vm)
+
+
 async def test_a_vms_run_dir_is_readable_by_root_only(vm: MicroVM) -> None:
     # Its scratch disk holds what the sandbox wrote (secrets a user put there), its console
     # log what it printed: another local user of the host must not read them.
