@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from daemonhelpers import Daemon, ndjson
+from numbered import numbered, numbered_cmd
 
 from isorun.daemon.openapi import render
 
@@ -464,13 +465,6 @@ def test_slow_reader_holds_back_the_guest_instead_of_filling_daemon_memory(
     assert grown < 24 * 2**20, f"daemon grew {grown} bytes while the reader stalled"
 
 
-def _numbered(start: int, n: int) -> bytes:
-    """Bytes start..start+n of "000000000:000000010:...", records that say where they start."""
-    first = start // 10
-    whole = b"".join(b"%09d:" % (i * 10) for i in range(first, (start + n) // 10 + 1))
-    return whole[start - first * 10 :][:n]
-
-
 def test_a_reader_skipped_ahead_is_told_where_the_output_goes_on(
     daemon: Daemon, sandbox: str
 ) -> None:
@@ -478,10 +472,11 @@ def test_a_reader_skipped_ahead_is_told_where_the_output_goes_on(
     (a gap). That was said only in the exit record (`gap_bytes`), so a client counting the
     bytes it got could not know where it was. A `gap` record comes where it happens."""
     total = 2_500_000
-    awk = f"awk 'BEGIN {{ for (i = 0; i < {total // 10}; i++) printf \"%09d:\", i * 10 }}'"
     base = f"/v1/sandboxes/{sandbox}"
     with daemon.client() as c:
-        proc = c.post(f"{base}/exec", json={"cmd": awk, "background": True}).json()["proc_id"]
+        proc = c.post(f"{base}/exec", json={"cmd": numbered_cmd(total), "background": True}).json()[
+            "proc_id"
+        ]
         with c.stream(
             "GET", f"{base}/processes/{proc}/stream", params={"offset": 0}, timeout=300
         ) as r:
@@ -499,7 +494,7 @@ def test_a_reader_skipped_ahead_is_told_where_the_output_goes_on(
     for e in recs[1:]:
         if e["type"] == "stdout":
             data = base64.b64decode(str(e["data"]))
-            assert data == _numbered(pos, len(data)), pos  # every byte where it says it is
+            assert data == numbered(pos, len(data)), pos  # every byte where it says it is
             pos += len(data)
         elif e["type"] == "gap":
             assert e["lost"] > 0 and e["offset"] == pos + e["lost"], (e, pos)
