@@ -75,6 +75,21 @@ def _exec(sb: Sandbox, cmd: list[str], *, stream: bool) -> ExecResult:
     return dec.result()
 
 
+def _result_json(r: ExecResult) -> dict[str, object]:
+    """A command's result for --json: stdout and stderr keep each stream's newest 64 MiB
+    (the SDK's capture limit), and *_dropped says how many older bytes were left out."""
+    return {
+        "exit_code": r.exit_code,
+        "signal": r.signal,
+        "timed_out": r.timed_out,
+        "stdout": r.stdout,
+        "stderr": r.stderr,
+        "stdout_dropped": r.stdout_dropped,
+        "stderr_dropped": r.stderr_dropped,
+        "duration_ms": r.duration_ms,
+    }
+
+
 def _exit_code(r: ExecResult) -> int:
     return r.exit_code if r.exit_code is not None else 128 + (r.signal or 0)
 
@@ -107,18 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         usage = sb.destroy() if not args.keep else None
         sb.close()
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "sandbox": sb.id,
-                    "exit_code": r.exit_code,
-                    "stdout": r.stdout,
-                    "stderr": r.stderr,
-                    "duration_ms": r.duration_ms,
-                    "usage": usage,
-                }
-            )
-        )
+        print(json.dumps({"sandbox": sb.id, **_result_json(r), "usage": usage}))
     elif args.keep:
         print(f"sandbox {sb.id} kept running", file=sys.stderr)
     return _exit_code(r)
@@ -132,7 +136,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     finally:
         sb.close()
     if args.json:
-        print(json.dumps({"exit_code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr}))
+        print(json.dumps(_result_json(r)))
     return _exit_code(r)
 
 

@@ -112,6 +112,31 @@ def test_cli_options_after_the_image_are_options(daemon: Daemon, image: str) -> 
     assert (r.returncode, r.stdout, r.stderr) == (0, "hi there\n", "")
 
 
+def test_cli_json_result_says_what_was_left_out_and_the_signal(daemon: Daemon, image: str) -> None:
+    """--json keeps each stream's newest 64 MiB (the SDK's capture limit): a script must be
+    told that older output was left out, and a command ended by a signal must say which
+    (its exit_code is null)."""
+    over = 1000
+    cmd = f"tr '\\0' a </dev/zero | head -c {(64 << 20) + over}; echo oops >&2; kill -9 $$"
+    r = subprocess.run(
+        [sys.executable, "-m", "isorun.cli", "--json", "run", image, "--", "sh", "-c", cmd],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 128 + 9, r.stderr
+    res = json.loads(r.stdout)
+    assert (res["exit_code"], res["signal"], res["timed_out"]) == (None, 9, False)
+    assert (res["stdout_dropped"], len(res["stdout"]), set(res["stdout"])) == (
+        over,
+        64 << 20,
+        {"a"},
+    )
+    assert (res["stderr"], res["stderr_dropped"]) == ("oops\n", 0)
+    assert res["usage"]["uptime_ms"] > 0
+
+
 def _running(daemon: Daemon, sid: str) -> list[list[str]]:
     with daemon.client() as c:
         procs = c.get(f"/v1/sandboxes/{sid}/processes").json()["processes"]
