@@ -334,7 +334,8 @@ const maxSymlinks = 40
 // resolveTarget follows symlinks in the last component of path as open(2)
 // does (the kernel follows those in its directories), so that write_file
 // writes the file a link points to instead of replacing the link; a
-// dangling link leads to the file it would create. It returns the path
+// dangling link leads to the file it would create, unless its text ends in
+// "/" (the kernel's EISDIR: a name with a slash is a directory's). It returns the path
 // without symlinks and that file's stat, nil if nothing is there yet; magic
 // says it is a procfs link, which must be opened where it is.
 func resolveTarget(path string) (_ string, _ *syscall.Stat_t, magic bool, _ error) {
@@ -352,6 +353,7 @@ func resolveTarget(path string) (_ string, _ *syscall.Stat_t, magic bool, _ erro
 		return path, &st, true, nil
 	}
 	target := path
+	dirOnly := false // a link's text ended in "/": what it leads to must be a directory
 	for hops := 0; ; hops++ {
 		if hops > maxSymlinks {
 			return "", nil, false, syscall.ELOOP
@@ -363,11 +365,17 @@ func resolveTarget(path string) (_ string, _ *syscall.Stat_t, magic bool, _ erro
 		target = filepath.Join(dir, filepath.Base(target))
 		var st syscall.Stat_t
 		if err := syscall.Lstat(target, &st); err == syscall.ENOENT {
+			if dirOnly {
+				return "", nil, false, syscall.EISDIR
+			}
 			return target, nil, false, nil
 		} else if err != nil {
 			return "", nil, false, err
 		}
 		if st.Mode&syscall.S_IFMT != syscall.S_IFLNK {
+			if dirOnly && st.Mode&syscall.S_IFMT != syscall.S_IFDIR {
+				return "", nil, false, syscall.ENOTDIR
+			}
 			return target, &st, false, nil
 		}
 		if onProcfs(dir) {
@@ -382,6 +390,7 @@ func resolveTarget(path string) (_ string, _ *syscall.Stat_t, magic bool, _ erro
 		if err != nil {
 			return "", nil, false, err
 		}
+		dirOnly = dirOnly || strings.HasSuffix(link, "/")
 		if !filepath.IsAbs(link) {
 			link = filepath.Join(dir, link) // dir has no symlinks: ".." is lexical
 		}

@@ -352,6 +352,30 @@ func TestTrailingSlashNamesADirectory(t *testing.T) {
 	}
 }
 
+// A link whose text ends in "/" names a directory, as open(2) takes it:
+// write_file through a dangling "l -> missing/" is refused (EISDIR) rather
+// than creating a file "missing", and through "l -> f/" to a file, ENOTDIR.
+func TestWriteThroughALinkWithASlashNamesADirectory(t *testing.T) {
+	d := t.TempDir()
+	os.WriteFile(d+"/f", []byte("old"), 0o644)
+	os.Symlink("missing/", d+"/l")
+	os.Symlink("f/", d+"/lf")
+	os.Symlink("l", d+"/ll") // the slash holds through another link
+	c := newClient(t, nil)
+	for i, tc := range []struct{ link, code string }{{"l", "is_dir"}, {"ll", "is_dir"}, {"lf", "not_dir"}} {
+		r := c.writeVia(uint32(i+1), map[string]any{"path": d + "/" + tc.link}, "x")
+		if msg, _ := r["error"].(string); r["code"] != tc.code || !strings.Contains(msg, d+"/"+tc.link) {
+			t.Fatalf("write_file %s: %v", tc.link, r)
+		}
+	}
+	if _, err := os.Lstat(d + "/missing"); !os.IsNotExist(err) {
+		t.Fatalf("write_file through l -> missing/ made %s/missing: %v", d, err)
+	}
+	if b, _ := os.ReadFile(d + "/f"); string(b) != "old" {
+		t.Fatalf("f holds %q", b)
+	}
+}
+
 // remove of "link/" where link leads to a directory is refused, saying what
 // to remove instead: it named the directory, yet os.RemoveAll would unlink the
 // link and keep the entries (rm -rf empties the directory, then fails).
