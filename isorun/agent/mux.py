@@ -283,6 +283,13 @@ class Channel:
         if frame is self._dropped_marker:
             self._dropped_marker = None
 
+    def widen(self, n: int) -> None:
+        """Let the guest send `n` bytes more than WINDOW ahead of our credit (after the
+        REQ: the guest ignores credit for a channel it does not know). What it sends is
+        held here until taken, so only for a consumer that takes it at once."""
+        self._recv_window += n
+        self._conn._send_nowait(frames.encode_credit(self.id, n))
+
     def _consumed(self, n: int) -> None:
         self._unacked += n
         if self._unacked >= CREDIT_BATCH:

@@ -120,6 +120,43 @@ async def test_guest_overrunning_its_credit_window_is_cut_off() -> None:
     task.cancel()
 
 
+@pytest.mark.parametrize("over", [0, 1])
+async def test_a_file_read_lets_the_guest_send_its_wider_window_ahead(over: int) -> None:
+    """A download's window is READ_WINDOW, not WINDOW (a credit's round trip under TCG
+    bounded downloads): the guest may send that much before the reader takes any, and
+    not a byte more."""
+    size = client_mod.READ_WINDOW + over
+    sent = asyncio.Event()
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        f = await _read_frame(r)
+        assert f.json()["op"] == "read_file"
+        w.write(frames.encode(f.chan, Kind.OUT, b"x"))  # what the reader takes first
+        await w.drain()
+        await asyncio.sleep(0.2)
+        for at in range(1, size, 32768):
+            w.write(frames.encode(f.chan, Kind.OUT, b"x" * min(32768, size - at)))
+        w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True}))
+        await w.drain()
+        sent.set()
+        await asyncio.sleep(30)
+
+    client, task = await _connect(guest)
+    reader = client.read_file("/big")
+    got = len(await reader.__anext__())  # 1 byte taken: no credit returned
+    await asyncio.wait_for(sent.wait(), 5)
+    await asyncio.sleep(0.2)  # the host has read it all
+    if over:
+        with pytest.raises(ProtocolError, match="window"):
+            async for chunk in reader:
+                got += len(chunk)
+    else:
+        async for chunk in reader:
+            got += len(chunk)
+        assert got == size
+    task.cancel()
+
+
 async def test_guest_that_stops_reading_but_keeps_streaming_is_cut_off(
     bystander: AgentClient,
 ) -> None:
