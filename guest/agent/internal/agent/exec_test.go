@@ -2,11 +2,15 @@ package agent
 
 import (
 	"bytes"
+	"fmt"
+	"os"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestExecBasic(t *testing.T) {
@@ -291,4 +295,33 @@ func TestExecTimeoutAndCancelReachAGroupThatOutlivesTheLeader(t *testing.T) {
 	if r := c.wait(2, 5*time.Second); r.resp["ok"] != true {
 		t.Fatalf("cancel: %v", r.resp)
 	}
+}
+
+// A command's stdout and stderr pipes hold outPipeSize: under TCG each switch
+// between a flooding writer and the agent is dear (the setting is best effort,
+// so a mistake in it would fail silently but for this).
+func TestOutputPipesAreWidened(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec",
+		"argv": []string{os.Args[0], "-test.run=^TestHelperPrintsItsPipeSizes$"},
+		"env":  map[string]string{"ISORUN_PIPE_SIZE_HELPER": "1"}})
+	want := fmt.Sprintf("%d\n", outPipeSize)
+	if string(r.out) != want || string(r.err) != want {
+		t.Fatalf("out=%q err=%q resp=%v", r.out, r.err, r.resp)
+	}
+}
+
+// TestHelperPrintsItsPipeSizes is the child of TestOutputPipesAreWidened.
+func TestHelperPrintsItsPipeSizes(t *testing.T) {
+	if os.Getenv("ISORUN_PIPE_SIZE_HELPER") != "1" {
+		t.Skip("run by TestOutputPipesAreWidened")
+	}
+	for _, fd := range []int{1, 2} {
+		n, err := unix.FcntlInt(uintptr(fd), unix.F_GETPIPE_SZ, 0)
+		if err != nil {
+			n = -1
+		}
+		fmt.Fprintf(os.NewFile(uintptr(fd), ""), "%d\n", n)
+	}
+	os.Exit(0)
 }

@@ -21,8 +21,14 @@ const (
 	// (a timeout of "centuries" fired at once); ~292 years.
 	maxTimeoutMs = int64(math.MaxInt64 / int64(time.Millisecond))
 	readChunk    = 32 << 10
-	drainIdle    = 100 * time.Millisecond // post-exit output idle that ends the output
-	drainCap     = time.Second            // post-exit drain a writer that never pauses gets
+	// A stream that fills a read is read this much at a time from then on, out
+	// of a pipe this big: under TCG every switch between the writer and the
+	// agent is dear, and 32 KiB reads of a 64 KiB pipe held a flood to ~15-30
+	// MiB/s through the channel (40-45 with these; bench/bench_agent.py).
+	floodChunk  = 128 << 10
+	outPipeSize = 256 << 10
+	drainIdle   = 100 * time.Millisecond // post-exit output idle that ends the output
+	drainCap    = time.Second            // post-exit drain a writer that never pauses gets
 	// A PTY may hold this much more than TIOCINQ shows (the tty buffers'
 	// limit); a PTY's output ends by ptyHardCap after the exit regardless.
 	ptyBufferSlack = 64 << 10
@@ -314,7 +320,7 @@ type outFd struct {
 // pump copies one output fd into the ring until the output ends, then
 // reads and discards until EOF: a writer left behind (a background job, a
 // daemon) never gets SIGPIPE or EPIPE, nor blocks on a full pipe.
-// 32 KiB reads, one copy into the ring.
+// 32 KiB reads (128 KiB once a read fills one), one copy into the ring.
 func (p *Proc) pump(o *outFd) {
 	defer func() {
 		p.parkMu.Lock()
@@ -327,16 +333,23 @@ func (p *Proc) pump(o *outFd) {
 		}
 	}()
 	buf := make([]byte, readChunk)
+	// At most half the ring: a lossless reader (a foreground exec) makes a
+	// write wait for room for all of it, so one past the ring waits for ever.
+	big := int(min(floodChunk, p.ring.cap/2))
 	for {
 		n, err := o.f.Read(buf)
 		if n > 0 {
 			o.read.Add(int64(n))
-			if !p.output(o.stream, buf[:n]) && n == len(buf) {
-				// Discarding for a writer left behind: a log line now and
-				// then costs nothing, but a writer that never stops (`yes &`)
-				// would keep the agent reading flat out. Past ~1 MiB/s it
-				// blocks on its full pipe instead (it is not killed).
-				time.Sleep(discardPause)
+			if !p.output(o.stream, buf[:n]) {
+				if n == len(buf) {
+					// Discarding for a writer left behind: a log line now and
+					// then costs nothing, but a writer that never stops (`yes &`)
+					// would keep the agent reading flat out. Past ~1 MiB/s it
+					// blocks on its full pipe instead (it is not killed).
+					time.Sleep(discardPause)
+				}
+			} else if n == len(buf) && n < big { // the ring has its copy
+				buf = make([]byte, big)
 			}
 		}
 		switch {

@@ -280,6 +280,7 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 			if err != nil {
 				return fail(err)
 			}
+			setPipeSize(r, outPipeSize)
 			parentFiles = append(parentFiles, r)
 			childFiles = append(childFiles, w)
 			files = append(files, w.Fd())
@@ -341,4 +342,13 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 		p.stdinMu.Unlock()
 	}()
 	return nil
+}
+
+// setPipeSize asks for a pipe of size bytes, best effort (a smaller pipe only
+// costs throughput). Through SyscallConn: File.Fd would make f blocking, and
+// its reads could then no longer be interrupted by a deadline.
+func setPipeSize(f *os.File, size int) {
+	if rc, err := f.SyscallConn(); err == nil {
+		_ = rc.Control(func(fd uintptr) { _, _ = unix.FcntlInt(fd, unix.F_SETPIPE_SZ, size) })
+	}
 }
