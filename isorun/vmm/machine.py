@@ -324,7 +324,8 @@ class MicroVM:
                 await vm.kill()
                 if isinstance(exc, VMError) and exc.reason == "root":
                     raise  # the user's image, not the template: a cold boot would not help
-                if vm._restored:
+                refused = isinstance(exc, VMError) and exc.reason == "restore"
+                if vm._restored and not refused:
                     # The template did its part (its agent answered): what failed came after,
                     # the user's image or a slow host; not the template's fault.
                     log.warning("warm start failed after the restore (%s); booting cold", exc)
@@ -333,8 +334,9 @@ class MicroVM:
                     log.warning("warm start: %s did not restore: %s", template, why.strip())
                     warm.discard(template, os.fstat(state_fd))
                 else:
-                    # A template just made that does not load, or a restore that fails before
-                    # its agent answers, would fail the same way on the next boot.
+                    # A template just made that does not load, a restore that fails before
+                    # its agent answers, or one whose agent refuses the reseed or the clock,
+                    # would fail the same way on the next boot.
                     if load_failed:
                         warm.discard(template, os.fstat(state_fd))
                     warm.note_failure(template, "restore")
@@ -590,8 +592,13 @@ class MicroVM:
         """Make a restored template this VM's own: fresh randomness first (every copy of
         the template starts from the same CRNG state), the host's clock, then its disks."""
         self._restored = True
-        await self.agent.reseed(os.urandom(64))
-        await self.agent.set_clock(time.time_ns())
+        try:
+            await self.agent.reseed(os.urandom(64))
+            await self.agent.set_clock(time.time_ns())
+        except GuestError as exc:
+            # The template's agent, not the user's image: boot cold, and do not restore
+            # this template again for a while (it would refuse the same way).
+            raise VMError(f"the restored guest refused {exc}", "restore") from exc
         try:  # warm starts always carry a rootfs (_warm_applies)
             await self.agent.setup_root("/dev/vda", "/dev/vdb")
         except GuestError as exc:

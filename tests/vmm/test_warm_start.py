@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 from vmhelpers import assert_vm_gone, qemu_pids_for, vm_spec
 
+from isorun.agent import AgentClient
 from isorun.errors import VMError
 from isorun.vmm import MicroVM, accel, artifacts, warm
 
@@ -104,6 +105,33 @@ async def test_a_template_that_will_not_restore_is_replaced(
     assert not template.exists(), "the broken template was kept"
     vm2 = await _warm(busybox_rootfs, warm_vms)  # makes a new one, which restores
     assert await _restored(vm2) and template.stat().st_size > 4096
+
+
+async def test_a_restored_guest_that_refuses_its_reseed_boots_cold_and_is_not_retried(
+    busybox_rootfs: Path,
+    warm_vms: list[MicroVM],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The reseed (every copy of a template starts from one CRNG state) is what makes a
+    restored guest safe to use: a guest that refuses it is not handed out, and neither
+    the GuestError nor the template reaches the caller: it boots cold, and that template
+    is not restored again for a while."""
+    await (await _warm(busybox_rootfs, warm_vms)).kill()  # the template exists
+    real_reseed = AgentClient.reseed
+
+    async def too_short(self: AgentClient, entropy: bytes) -> None:
+        await real_reseed(self, entropy[:8])  # the guest's agent refuses under 16 bytes
+
+    monkeypatch.setattr(AgentClient, "reseed", too_short)
+    caplog.set_level(logging.INFO, logger="isorun")
+    for _ in range(2):
+        vm = await _warm(busybox_rootfs, warm_vms)
+        assert await _out(vm, "echo up") == "up"
+        assert not vm.restored and not await _restored(vm)
+    # the second boot went cold at once, without restoring the template again
+    assert caplog.text.count("refused") == 1, caplog.text
+    assert "not restoring it again" in caplog.text and _template().exists()
 
 
 async def test_a_template_that_cannot_be_made_is_not_tried_on_every_boot(
