@@ -40,7 +40,7 @@ from isorun.vmm import artifacts, jail, qemu_cmd, scratch, vsock, warm
 from isorun.vmm.cgroup import VMCgroup
 from isorun.vmm.console import ConsoleLog, read_tail
 from isorun.vmm.mempeak import MemoryPeak
-from isorun.vmm.process import VMProcess, alive, cmdline
+from isorun.vmm.process import VMProcess, alive, argv_of
 from isorun.vmm.qmp import QMPMonitor
 from isorun.vmm.spec import VMSpec
 
@@ -839,9 +839,16 @@ def running_pid(run_dir: Path) -> int | None:
         pid = int(json.loads((run_dir / "vm.json").read_text())["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if pid <= 1 or not alive(pid) or str(run_dir) not in cmdline(pid):
+    if pid <= 1 or not alive(pid) or not _names(argv_of(pid), run_dir):
         return None  # gone, or the pid was reused by another process
     return pid
+
+
+def _names(argv: list[str], run_dir: Path) -> bool:
+    """Whether a command line names `run_dir` or a file in it (QEMU's name its pidfile,
+    disks and jail), not merely a path that starts the same (vms/ab in vms/abc/...)."""
+    d = str(run_dir)
+    return any(arg == d or d + "/" in arg for arg in argv)
 
 
 # Template guests' run dirs: no sandbox owns them, so no daemon re-adopts or removes them.

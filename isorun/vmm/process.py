@@ -98,9 +98,10 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def cmdline(pid: int) -> str:
+def argv_of(pid: int) -> list[str]:
+    """The command line of `pid` ([] when it is gone or unreadable)."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return ""
-    return raw.replace(b"\0", b" ").decode("utf-8", "replace")
+        return []
+    return raw.decode("utf-8", "replace").split("\0")

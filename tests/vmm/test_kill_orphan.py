@@ -3,14 +3,16 @@ died before it recorded QEMU's pid (vm.json): that QEMU must not outlive the cle
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from isorun.vmm import cgroup, kill_orphan
+from isorun.vmm import cgroup, kill_orphan, running_pid
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="VM cgroups are made as root")
 
@@ -30,3 +32,27 @@ def test_a_vm_with_no_pid_on_record_is_killed_through_its_cgroup(tmp_path: Path)
         stand_in.kill()
         stand_in.wait()
         group.remove()
+
+
+def test_a_pid_reused_by_the_vm_of_a_longer_named_run_dir_is_not_killed(tmp_path: Path) -> None:
+    """A dead VM's vm.json names a pid now used by another VM, whose run dir's name merely
+    starts with the dead one's (vms/ab, vms/abc): its QEMU's command line names files in
+    vms/abc/, which do not make it the VM of vms/ab."""
+    dead, other = tmp_path / "ab", tmp_path / "abc"
+    dead.mkdir()
+    other.mkdir()
+    # The other VM's QEMU, naming its pidfile as QEMU's command line does.
+    stand_in = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)", "-pidfile", f"{other}/qemu.pid"],
+        start_new_session=True,  # its own group: kill_orphan kills the group
+    )
+    try:
+        for d in (dead, other):
+            (d / "vm.json").write_text(json.dumps({"pid": stand_in.pid}))
+        assert running_pid(dead) is None
+        kill_orphan(dead)
+        assert stand_in.poll() is None, "the other VM's QEMU was killed"
+        assert running_pid(other) == stand_in.pid
+    finally:
+        stand_in.kill()
+        stand_in.wait()
