@@ -16,7 +16,7 @@ from typing import Any
 
 from isorun.images import ProgressEvent
 
-# Same bound as exec output streams (isorun.daemon.app.STREAM_BACKLOG).
+# Same bound as exec output streams (isorun.daemon.http.STREAM_BACKLOG).
 FEED_BACKLOG = 64
 
 

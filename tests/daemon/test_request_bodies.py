@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from daemonhelpers import Daemon, running_daemon
 
-from isorun.daemon.app import EXEC_BODY_LIMIT, JSON_BODY_LIMIT
+from isorun.daemon.http import EXEC_BODY_LIMIT, JSON_BODY_LIMIT
 
 
 @pytest.fixture

@@ -1,0 +1,369 @@
+"""Routes of a sandbox's processes: exec (streamed, or in the background), attach to a
+process's output, its stdin, terminal size and signals, and PTY sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
+
+from isorun.agent import Attachment, ExecResult, ProcInfo
+from isorun.daemon.api import SANDBOX, Api
+from isorun.daemon.errors import ApiError, Conflict, NotFound
+from isorun.daemon.http import (
+    DEFAULT_SHELL,
+    STREAM_BACKLOG,
+    Emit,
+    Push,
+    entry_record,
+    error_record,
+    parse,
+    query_int,
+    raw_body,
+    stream_error_record,
+)
+from isorun.daemon.models import (
+    ExecRequest,
+    KillProcess,
+    PtyRequest,
+    Resize,
+    SignalProcess,
+)
+from isorun.daemon.sandboxes import Live
+from isorun.daemon.stdin import MAX_CHUNK
+
+P = SANDBOX + "/processes/{pid}"
+
+
+def process_routes(api: Api) -> list[Route]:
+    manager, pipes = api.manager, api.pipes
+
+    def _stream(
+        live: Live,
+        run: Callable[[Emit, Push], Awaitable[dict[str, Any]]],
+        cancel_on_disconnect: bool,
+    ) -> StreamingResponse:
+        q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        detached = False
+
+        def push(rec: dict[str, Any]) -> None:
+            if not detached:
+                q.put_nowait(rec)
+
+        room = asyncio.Event()
+
+        async def emit(kind: str, data: bytes) -> None:
+            while not detached and q.qsize() >= STREAM_BACKLOG:
+                room.clear()
+                await room.wait()
+            if not detached:
+                q.put_nowait({"type": kind, "data": base64.b64encode(data).decode()})
+
+        async def runner() -> None:
+            try:
+                final = await run(emit, push)
+                if not detached:
+                    q.put_nowait(final)
+            except asyncio.CancelledError:
+                if not detached:
+                    why = f" ({live.end_reason})" if live.end_reason else ""
+                    q.put_nowait(
+                        stream_error_record(410, "sandbox_ended", f"the sandbox ended{why}")
+                    )
+                raise
+            except Exception as exc:
+                q.put_nowait(error_record(await manager.explain(live.row.id, exc)))
+            finally:
+                q.put_nowait(None)
+
+        task = live.spawn(runner())
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal detached
+            try:
+                while True:
+                    item = await q.get()
+                    room.set()
+                    if item is None:
+                        return
+                    yield (json.dumps(item, separators=(",", ":")) + "\n").encode()
+            finally:
+                detached = True
+                room.set()
+                if cancel_on_disconnect and not task.done():
+                    task.cancel()
+
+        return api.ndjson(body())
+
+    def _exit_record(r: ExecResult) -> dict[str, Any]:
+        return {
+            "type": "exit",
+            "proc_id": r.proc_id,
+            "exit_code": r.exit_code,
+            "signal": r.signal,
+            "timed_out": r.timed_out,
+            "duration_ms": r.duration_ms,
+        }
+
+    async def exec_(request: Request, tenant: str) -> Any:
+        req = await parse(request, ExecRequest)
+        live = manager.get_live(tenant, request.path_params["sid"])
+        pty = (req.pty.rows, req.pty.cols) if req.pty else None
+        if req.background:
+            proc_id, pid = await _spawn(
+                live,
+                {"cmd": req.cmd} if req.cmd is not None else {"argv": req.argv},
+                env=req.env,
+                cwd=req.cwd,
+                user=req.user,
+                timeout=req.timeout,
+                pty=pty,
+                tag=req.tag,
+                stdin=req.open_stdin,
+            )
+            return {"proc_id": proc_id, "pid": pid}
+        stdin: bytes | None = None
+        if req.stdin is not None:
+            try:
+                stdin = base64.b64decode(req.stdin, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ApiError(f"stdin must be base64: {exc}", status=422, code="invalid") from exc
+
+        async def run(emit: Emit, push: Push) -> dict[str, Any]:
+            def started(proc_id: str, pid: int) -> None:
+                push({"type": "start", "proc_id": proc_id, "pid": pid})
+
+            r = await live.vm.agent.exec(
+                req.cmd,
+                argv=req.argv,
+                env=req.env or None,
+                cwd=req.cwd,
+                user=req.user,
+                timeout=req.timeout,
+                stdin=stdin,
+                pty=pty,
+                on_stdout=lambda b: emit("stdout", b),
+                on_stderr=lambda b: emit("stderr", b),
+                on_start=started,
+                capture=False,
+                tag=req.tag,
+            )
+            return _exit_record(r)
+
+        # A client that goes away does not stop the command: it runs on, its output stays
+        # in the guest's ring, and GET .../processes/{proc_id}/stream replays it.
+        return _stream(live, run, cancel_on_disconnect=False)
+
+    async def list_procs(request: Request, tenant: str) -> Any:
+        live = manager.get_live(tenant, request.path_params["sid"])
+        return {"processes": [entry_record(p) for p in await live.vm.agent.list_procs()]}
+
+    async def connect_proc(request: Request, tenant: str) -> Any:
+        live = manager.get_live(tenant, request.path_params["sid"])
+        proc_id = request.path_params["pid"]
+        offset = query_int(request, "offset", 0, 0, 1 << 62)
+        att = Attachment(offset=offset)
+        await _known_proc(live, proc_id)
+
+        async def run(emit: Emit, push: Push) -> dict[str, Any]:
+            first = True
+            at = offset  # where the next byte sent starts in the process's output
+            told_gap = 0  # of att.gap_bytes, what gap records have said
+
+            def gap() -> None:
+                # The guest skipped the slow reader ahead (att.gap_bytes grew before the
+                # output after it): say so where it happened, so a client's offset (which
+                # counts what it got) stays the true position and a resume replays nothing.
+                nonlocal at, told_gap
+                if att.gap_bytes > told_gap:
+                    lost, told_gap = att.gap_bytes - told_gap, att.gap_bytes
+                    at += lost
+                    push({"type": "gap", "lost": lost, "offset": at})
+
+            def out(kind: str) -> Callable[[bytes], Awaitable[None]]:
+                async def cb(b: bytes) -> None:
+                    nonlocal first, at
+                    if first:
+                        first = False
+                        at = att.offset
+                        push({"type": "attached", "offset": att.offset, "lost": att.lost})
+                    gap()
+                    at += len(b)
+                    await emit(kind, b)
+
+                return cb
+
+            r = await live.vm.agent.attach(
+                proc_id,
+                offset=offset,
+                on_stdout=out("stdout"),
+                on_stderr=out("stderr"),
+                capture=False,
+                attachment=att,
+            )
+            if not first:
+                gap()  # one after the last output
+            return {
+                **_exit_record(r),
+                "attached_offset": att.offset,
+                "lost": att.lost,
+                "gap_bytes": att.gap_bytes,
+            }
+
+        return _stream(live, run, cancel_on_disconnect=True)
+
+    async def _known_proc(live: Live, proc_id: str) -> ProcInfo:
+        if len(proc_id) <= 64:
+            for p in await live.vm.agent.list_procs():
+                if p.proc_id == proc_id:
+                    return p
+        raise NotFound(f"process {proc_id!r} not found in sandbox {live.row.id}")
+
+    async def _spawn(
+        live: Live,
+        what: dict[str, Any],
+        *,
+        env: dict[str, str],
+        cwd: str | None,
+        user: str | None,
+        timeout: float | None,
+        pty: tuple[int, int] | None,
+        tag: str | None,
+        stdin: bool,
+    ) -> tuple[str, int]:
+        """Start a background process (with a stdin pipe when asked: docs/protocol.md exec)."""
+        proc_id, pid = await live.vm.agent.spawn(
+            what.get("cmd"),
+            argv=what.get("argv"),
+            env=env or None,
+            cwd=cwd,
+            user=user,
+            timeout=timeout,
+            pty=pty,
+            tag=tag,
+            open_stdin=stdin,
+        )
+        if stdin:
+            pipes.prune(manager.live.keys())
+            pipes.started_with_stdin(live.row.id, proc_id)
+        return proc_id, pid
+
+    async def _running_proc(live: Live, proc_id: str) -> ProcInfo:
+        p = await _known_proc(live, proc_id)
+        if not p.running:
+            raise Conflict(f"process {proc_id} has exited (exit code {p.exit_code})")
+        return p
+
+    async def send_stdin(request: Request, tenant: str) -> Any:
+        live = manager.get_live(tenant, request.path_params["sid"])
+        proc_id = request.path_params["pid"]
+        data = await raw_body(request, MAX_CHUNK, "stdin (send it in pieces of at most that size)")
+        p = await _running_proc(live, proc_id)
+        if not p.pty and not pipes.has_stdin(live.row.id, proc_id):
+            raise Conflict(
+                f"process {proc_id} has no open stdin: start it with 'open_stdin': true"
+                " (background exec) or on a PTY; a closed stdin cannot be reopened"
+            )
+        pipe = pipes.get(live.row.id, proc_id) or pipes.open(
+            live.row.id, proc_id, live.vm.agent, live.spawn
+        )
+        if not await pipe.write(data):
+            raise await _stdin_ended(live, proc_id)
+        return {"bytes": len(data)}
+
+    async def _stdin_ended(live: Live, proc_id: str) -> ApiError:
+        """Why a stdin pipe took no more: its sandbox ended (410 naming why), else its
+        process exited."""
+        return await manager.end_error(live.row.id) or Conflict(f"process {proc_id} has exited")
+
+    async def close_stdin(request: Request, tenant: str) -> Any:
+        live = manager.get_live(tenant, request.path_params["sid"])
+        proc_id = request.path_params["pid"]
+        p = await _running_proc(live, proc_id)
+        pipe = pipes.get(live.row.id, proc_id)
+        if p.pty:
+            # On a terminal an end of input is a ^D in it, after what was sent before; the
+            # terminal stays open for more (a shell reads on after its `cat` got the ^D).
+            if pipe is None:
+                await live.vm.agent.close_stdin(proc_id)
+            elif not await pipe.write(pipe.terminal_eof()):
+                raise await _stdin_ended(live, proc_id)
+            return {"ok": True}
+        if not pipes.has_stdin(live.row.id, proc_id):
+            raise Conflict(
+                f"process {proc_id} has no open stdin to close: it was started without "
+                "'open_stdin': true, or its stdin is closed already"
+            )
+        if pipe is not None:
+            if not await pipe.close():  # EOF after the bytes already queued
+                raise await _stdin_ended(live, proc_id)
+        else:
+            await live.vm.agent.close_stdin(proc_id)
+        pipes.stdin_closed(live.row.id, proc_id)
+        return {"ok": True}
+
+    async def resize(request: Request, tenant: str) -> Any:
+        req = await parse(request, Resize)
+        live = manager.get_live(tenant, request.path_params["sid"])
+        proc_id = request.path_params["pid"]
+        p = await _running_proc(live, proc_id)
+        if not p.pty:
+            raise Conflict(
+                f"process {proc_id} has no terminal to resize: start it with a 'pty'"
+                " (POST .../pty or exec with 'pty')"
+            )
+        await live.vm.agent.resize(proc_id, req.rows, req.cols)
+        return {"ok": True}
+
+    async def open_pty(request: Request, tenant: str) -> Any:
+        req = await parse(request, PtyRequest)
+        live = manager.get_live(tenant, request.path_params["sid"])
+        if req.argv is not None:
+            what: dict[str, Any] = {"argv": req.argv}
+        else:
+            what = {"cmd": req.cmd or DEFAULT_SHELL}
+        proc_id, pid = await _spawn(
+            live,
+            what,
+            env={"TERM": "xterm-256color", **req.env},
+            cwd=req.cwd,
+            user=req.user,
+            timeout=req.timeout,
+            pty=(req.rows, req.cols),
+            tag="pty",
+            stdin=False,
+        )
+        return {"proc_id": proc_id, "pid": pid}
+
+    async def kill_proc(request: Request, tenant: str) -> Any:
+        req = await parse(request, KillProcess)
+        live = manager.get_live(tenant, request.path_params["sid"])
+        await _known_proc(live, request.path_params["pid"])
+        code, sig = await live.vm.agent.kill(request.path_params["pid"], req.grace)
+        return {"exit_code": code, "signal": sig}
+
+    async def signal_proc(request: Request, tenant: str) -> Any:
+        req = await parse(request, SignalProcess)
+        live = manager.get_live(tenant, request.path_params["sid"])
+        await _known_proc(live, request.path_params["pid"])
+        await live.vm.agent.signal(request.path_params["pid"], req.signal)
+        return {"ok": True}
+
+    return [
+        Route(SANDBOX + "/exec", api.endpoint(exec_), methods=["POST"]),
+        Route(SANDBOX + "/processes", api.endpoint(list_procs), methods=["GET"]),
+        Route(P + "/stream", api.endpoint(connect_proc, streams=True), methods=["GET"]),
+        Route(P + "/kill", api.endpoint(kill_proc), methods=["POST"]),
+        Route(P + "/signal", api.endpoint(signal_proc), methods=["POST"]),
+        Route(P + "/stdin", api.endpoint(send_stdin), methods=["POST"]),
+        Route(P + "/stdin/close", api.endpoint(close_stdin), methods=["POST"]),
+        Route(P + "/resize", api.endpoint(resize), methods=["POST"]),
+        Route(SANDBOX + "/pty", api.endpoint(open_pty, status=201), methods=["POST"]),
+    ]
