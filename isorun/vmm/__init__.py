@@ -1,9 +1,8 @@
 """The VMM driver: QEMU microVMs with a guest agent, jailed, limited and supervised."""
 
 from isorun.vmm.accel import AccelChoice, detect
-from isorun.vmm.machine import (
-    MicroVM,
-    VMUsage,
+from isorun.vmm.machine import MicroVM, VMUsage
+from isorun.vmm.rundir import (
     console_of,
     death_reason_of,
     kill_orphan,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from isorun.vmm import cgroup
-from isorun.vmm.machine import oom_death_reason
+from isorun.vmm.rundir import oom_death_reason
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="VM cgroups are made as root")
 
