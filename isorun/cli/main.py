@@ -14,8 +14,8 @@ import httpx
 from isorun.cli.progress import ProgressView
 from isorun.errors import IsorunError
 from isorun.escapes import ON_A_TERMINAL
-from isorun.sdk import Images, _core
-from isorun.sdk._core import ExecResult
+from isorun.sdk import Images, _core, _daemon, _records
+from isorun.sdk._records import ExecResult
 from isorun.sdk.sandbox_sync import Sandbox, _client
 
 # Subcommands that take a command to run after `--`.
@@ -30,8 +30,8 @@ def _out(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def _http(args: argparse.Namespace) -> httpx.Client:
-    s = _core.resolve(args.api_url, args.api_key, None)
-    _core.ensure_daemon(s)
+    s = _daemon.resolve(args.api_url, args.api_key, None)
+    _daemon.ensure_daemon(s)
     return _client(s)
 
 
@@ -43,7 +43,7 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
-class _RawOutput(_core.StreamDecoder):
+class _RawOutput(_records.StreamDecoder):
     """Copies the command's stdout/stderr bytes to ours as they arrive, unchanged: binary
     output must not pass through a text decoder (the SDK's callbacks get decoded text)."""
 
@@ -62,7 +62,7 @@ def _exec(sb: Sandbox, cmd: list[str], *, stream: bool) -> ExecResult:
     in `| head`), the command is stopped in the sandbox too, as it would be locally, instead of
     running on there unseen."""
     body = _core.exec_body(cmd if len(cmd) > 1 else cmd[0], None, None, None, None, None, False)
-    dec = _RawOutput(capture=False) if stream else _core.StreamDecoder()
+    dec = _RawOutput(capture=False) if stream else _records.StreamDecoder()
     try:
         sb._stream("POST", f"/v1/sandboxes/{sb.id}/exec", dec, json=body)
     except (KeyboardInterrupt, BrokenPipeError):

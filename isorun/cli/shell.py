@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from types import FrameType
 
 from isorun.sdk import _core
-from isorun.sdk._core import ExecResult
+from isorun.sdk._records import ExecResult
 from isorun.sdk.sandbox_sync import Pty, Sandbox
 
 READ_CHUNK = 4096

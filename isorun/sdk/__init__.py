@@ -1,7 +1,7 @@
 """The Python SDK: `Sandbox` (sync) and `AsyncSandbox` over one shared core (`_core`)."""
 
-from isorun.sdk._core import ExecResult, FileInfo, ProcessInfo, Usage
 from isorun.sdk._progress import PullProgress
+from isorun.sdk._records import ExecResult, FileInfo, ProcessInfo, Usage
 from isorun.sdk.errors import (
     ApiError,
     AuthError,

@@ -1,31 +1,25 @@
-"""What the sync and async faces share: configuration, the daemon auto-start, request
-building, response and NDJSON stream decoding. No I/O style is assumed here."""
+"""What the sync and async faces share: HTTP clients, request building, response checks,
+streams cut short, uploads in chunks. No I/O style is assumed here (the daemon's
+whereabouts: _daemon.py; results and the stream decoder: _records.py)."""
 
 from __future__ import annotations
 
 import base64
-import codecs
 import contextlib
-import functools
 import io
 import itertools
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import IO, Any, NotRequired, Protocol, Self, TypedDict, cast
-from urllib.parse import quote, urlsplit
+from typing import IO, Any, Protocol
+from urllib.parse import quote
 
 import httpx
 
 from isorun.errors import ConfigError, IsorunError
-from isorun.sdk._callbacks import call_back
+from isorun.sdk._daemon import Settings
+from isorun.sdk._records import CAPTURE_LIMIT, OutputCallback, StreamDecoder, Usage
 from isorun.sdk.errors import (
     ApiError,
     DaemonUnavailable,
@@ -34,11 +28,9 @@ from isorun.sdk.errors import (
     error_for,
     stream_error,
 )
-from isorun.tail import TailBuffer
 
 __all__ = ["error_for"]
 
-DEFAULT_SOCKET = "/run/isorun/isorund.sock"
 CREATE_TIMEOUT = 1800.0  # a first `Sandbox("python")` may build the image (~100 s)
 # Raw file transfers: the body may pause as long as the guest takes to write or read.
 STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
@@ -48,10 +40,6 @@ STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
 # them, and at least this long, has lost its daemon or network: DaemonUnavailable. At
 # least 90 s: past the daemon's own 60 s limit on a silent guest, which it reports as such.
 STREAM_IDLE_FLOOR_S = 90.0
-# What exec and Process.wait keep of each stream by default, the newest bytes (as the agent
-# client's CAPTURE_LIMIT): a flood, even one streamed to callbacks, must not fill the
-# caller's memory, and the end of an output (the error, the summary) is what is read first.
-CAPTURE_LIMIT = 64 << 20
 _UNKNOWN = object()
 
 
@@ -80,157 +68,6 @@ def _health_body(resp: httpx.Response) -> Any:
         return resp.json() if resp.status_code == 200 else None
     except ValueError:
         return None
-
-
-OutputCallback = Callable[[str], object]
-
-
-@dataclass
-class Settings:
-    base_url: str
-    uds: str | None
-    api_key: str | None
-    autostart: bool
-
-    def headers(self) -> dict[str, str]:
-        h = {"user-agent": "isorun-python/0.1"}
-        if self.api_key:
-            h["authorization"] = f"Bearer {self.api_key}"
-        return h
-
-
-def resolve(api_url: str | None, api_key: str | None, autostart: bool | None) -> Settings:
-    """Arguments, then ISORUN_API_URL / ISORUN_API_KEY, then the local unix-socket daemon."""
-    url = api_url or os.environ.get("ISORUN_API_URL")
-    key = api_key or os.environ.get("ISORUN_API_KEY") or None
-    if autostart is None:
-        autostart = os.environ.get("ISORUN_AUTOSTART", "1") not in ("0", "false", "no")
-    if url is None or url.startswith("unix:"):
-        sock = (
-            url[len("unix:") :].lstrip() if url else os.environ.get("ISORUN_SOCKET", DEFAULT_SOCKET)
-        )
-        if sock.startswith("//"):
-            sock = sock[2:]
-        # Only the embedded default is started automatically, never a remote daemon.
-        return Settings("http://isorund", sock, key, autostart)
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        # else httpx's "unsupported protocol" came back as a lost connection to the daemon
-        raise ConfigError(
-            f"API URL {url!r} (api_url, --api-url or ISORUN_API_URL) is not an isorun API "
-            "address: give http://HOST:PORT, https://HOST, or unix:/path/to/isorund.sock"
-        )
-    return Settings(url.rstrip("/"), None, key, False)
-
-
-# What a user who may not use the local socket can do instead.
-_NOT_ROOT_WAYS = (
-    "run this as root, or use a daemon that also serves TCP (root starts it with "
-    "`isorund --tcp 127.0.0.1:8181` or ISORUN_TCP, and makes you a key with `isorun keys "
-    "create`): set ISORUN_API_URL=http://127.0.0.1:8181 and ISORUN_API_KEY=isr_... (or pass "
-    "api_url= and api_key=)"
-)
-
-
-def ensure_daemon(s: Settings, timeout: float = 30.0) -> None:
-    """Start `isorund` on the unix socket when nothing answers there (set
-    ISORUN_AUTOSTART=0 or pass autostart=False to switch this off)."""
-    if s.uds is None or _answers(s.uds):
-        return
-    if (denied := _denied(s.uds)) is not None:
-        # A daemon serves there, but its socket (0600) is root's: starting another would
-        # only fail, and on a file this user may not write.
-        raise DaemonUnavailable(
-            f"you may not connect to the isorun daemon's socket {s.uds} ({denied.strerror}; "
-            f"uid {os.geteuid()}): the local daemon runs as root and its socket is root's "
-            f"alone. To use it, {_NOT_ROOT_WAYS}"
-        )
-    if not s.autostart:
-        raise DaemonUnavailable(
-            f"no isorun daemon answers on {s.uds}: start one with `isorund` (or `isorun "
-            "daemon`), or enable auto-start (ISORUN_AUTOSTART=1)"
-        )
-    state = Path(os.environ.get("ISORUN_STATE_DIR", "/var/lib/isorun"))
-    env = dict(os.environ, ISORUN_SOCKET=s.uds)
-    log_path = state / "isorund.log"
-    try:
-        state.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
-            log_start = log.tell()  # what this daemon writes comes after
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "isorun.daemon"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-            )
-    except OSError as exc:
-        raise _cannot_start(s.uds, exc) from exc
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _answers(s.uds):
-            return
-        if proc.poll() is not None:
-            if _answers(s.uds):  # it lost a start-up race to another daemon, which serves
-                return
-            raise DaemonUnavailable(
-                f"started isorund but it exited (status {proc.returncode}) before it answered "
-                f"on {s.uds}; the end of {log_path}:\n{_log_tail(log_path, log_start)}"
-            )
-        time.sleep(0.05)
-    raise DaemonUnavailable(
-        f"started isorund but it did not answer on {s.uds} within {timeout:.0f}s; see {log_path}"
-    )
-
-
-def _denied(uds: str) -> PermissionError | None:
-    """The PermissionError connecting to `uds` raises: a socket (or a directory on its
-    path) that belongs to another user, root's daemon's for a non-root caller."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(uds)
-        except PermissionError as exc:
-            return exc
-        except OSError:
-            return None
-    return None
-
-
-def _cannot_start(uds: str, exc: OSError) -> DaemonUnavailable:
-    """Auto-start could not make the state dir, open the log or run the daemon."""
-    head = f"no isorun daemon answers on {uds}, and auto-start could not start one: {exc}"
-    if os.geteuid() != 0:
-        # the usual case: a user who is not root, with root's default paths
-        return DaemonUnavailable(
-            f"{head} (uid {os.geteuid()}). The isorun daemon runs as root, with a socket "
-            f"and state that are root's: {_NOT_ROOT_WAYS}"
-        )
-    return DaemonUnavailable(
-        f"{head}: set ISORUN_STATE_DIR to a directory it can write, or start `isorund` "
-        "yourself (ISORUN_AUTOSTART=0 switches auto-start off)"
-    )
-
-
-def _log_tail(path: Path, start: int, lines: int = 10) -> str:
-    """The last `lines` lines `path` got from offset `start` on."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            text = f.read().decode("utf-8", "replace")
-    except OSError as exc:
-        return f"  (cannot read it: {exc})"
-    got = text.strip().splitlines()[-lines:]
-    return "\n".join("  " + line for line in got) if got else "  (it wrote nothing)"
-
-
-def _answers(uds: str) -> bool:
-    try:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=uds), timeout=2.0) as c:
-            return c.get("http://isorund/v1/health").status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def transport_error(exc: httpx.TransportError, where: str) -> DaemonUnavailable:
@@ -656,232 +493,6 @@ def proc_path(sandbox_id: str, proc_id: str, tail: str) -> str:
     return sandbox_path(sandbox_id, proc_tail(proc_id, tail))
 
 
-class Usage(TypedDict):
-    """What `destroy()` returns: measured on the host, and, from the call that ended the
-    sandbox, what the daemon billed for it."""
-
-    cpu_ms: int
-    mem_peak_bytes: int
-    uptime_ms: int
-    billed_seconds: NotRequired[int]
-    cost_usd: NotRequired[float]
-
-
-USAGE_KEYS = ("cpu_ms", "mem_peak_bytes", "uptime_ms")
-
-
-def usage_of(r: Any) -> Usage:
-    """The three measured figures always (0 if missing), and every other the daemon gave."""
-    r = r if isinstance(r, dict) else {}
-    u = {k: v for k, v in r.items() if k not in USAGE_KEYS}
-    u.update({k: int(r.get(k) or 0) for k in USAGE_KEYS})
-    return cast(Usage, u)
-
-
-@dataclass
-class ExecResult:
-    stdout: str
-    stderr: str
-    exit_code: int | None
-    duration_ms: int
-    signal: int | None = None
-    timed_out: bool = False
-    proc_id: str = ""
-    stdout_bytes: bytes = b""
-    stderr_bytes: bytes = b""
-    # Output bytes the sandbox no longer held when they were asked for: a process's output
-    # is kept in a ring (1 MiB by default), so a replay after more than that was written
-    # starts where the ring does, and a reader that falls behind skips ahead. 0 for exec.
-    output_lost: int = 0
-    # Bytes of each stream left out of stdout/stderr, the oldest first, to keep them within
-    # `capture_limit` (the callbacks saw them all).
-    stdout_dropped: int = 0
-    stderr_dropped: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
-
-
-class _Record:
-    """A record the daemon sends: built from the fields this SDK knows, so a newer daemon
-    that adds one does not break an older SDK."""
-
-    @classmethod
-    def of(cls, record: dict[str, Any]) -> Self:
-        known = _field_names(cast(type, cls))
-        return cls(**{k: v for k, v in record.items() if k in known})
-
-
-@functools.cache
-def _field_names(cls: type) -> frozenset[str]:
-    """A record class's fields, looked up once (a listing builds up to 100,000 records)."""
-    return frozenset(f.name for f in fields(cls))
-
-
-@dataclass
-class FileInfo(_Record):
-    name: str
-    path: str
-    type: str
-    size: int
-    mode: int
-    mtime_ns: int
-    uid: int
-    gid: int
-    link: str | None = None
-
-
-@dataclass
-class ProcessInfo(_Record):
-    proc_id: str
-    pid: int
-    argv: list[str]
-    tag: str
-    pty: bool
-    running: bool
-    exit_code: int | None
-    signal: int | None
-    started_unix_ms: int
-    output_bytes: int
-    argv_truncated: bool = False  # argv is cut to its start (a long script) in a listing
-
-
-def capture_limit_of(limit: int | None) -> int | None:
-    """A `capture_limit` argument checked: bytes kept per stream, 0 none, None all."""
-    if limit is None:
-        return None
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise ValueError(
-            f"capture_limit={limit!r}: give the bytes of each stream to keep (0: none, "
-            f"None: all; default {CAPTURE_LIMIT})"
-        )
-    return limit
-
-
-class Capture(TailBuffer):
-    """What exec and Process.wait keep of one stream, given back as text."""
-
-    __slots__ = ()
-
-    def text(self, data: bytes) -> str:
-        """`data` (what `kept()` gave) as text: a character the cut split starts it as
-        U+FFFD no more, its bytes left out."""
-        start = 0
-        if self.dropped:
-            while start < min(3, len(data)) and data[start] & 0xC0 == 0x80:
-                start += 1
-        return data[start:].decode("utf-8", "replace")
-
-
-@dataclass
-class StreamDecoder:
-    """Feeds NDJSON exec/attach lines to callbacks (as text, decoded incrementally so a
-    multibyte character split across chunks is not mangled) and builds the result, which
-    keeps each stream's newest `capture_limit` bytes (without `capture`: nothing, uncounted,
-    for the iterators, which hand every chunk on)."""
-
-    on_stdout: OutputCallback | None = None
-    on_stderr: OutputCallback | None = None
-    capture: bool = True
-    proc_id: str = ""
-    pid: int = 0
-    offset: int = 0
-    capture_limit: int | None = CAPTURE_LIMIT
-    exit: dict[str, Any] | None = None
-    out: Capture = field(init=False)
-    err: Capture = field(init=False)
-    # the async face's list of what async callbacks returned, awaited after each feed
-    pending: list[Awaitable[object]] | None = None
-    _dec_out: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
-    _dec_err: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
-
-    def __post_init__(self) -> None:
-        keep = capture_limit_of(self.capture_limit)
-        self.out, self.err = Capture(keep), Capture(keep)
-
-    def feed(self, line: str | bytes) -> tuple[str, bytes] | None:
-        if not line.strip():
-            return None
-        ev = json.loads(line)
-        t = ev.get("type")
-        if t in ("stdout", "stderr"):
-            data = base64.b64decode(ev["data"])
-            self.offset += len(data)
-            if t == "stdout":
-                if self.capture:
-                    self.out.add(data)
-                if self.on_stdout is not None:
-                    call_back("on_stdout", self.on_stdout, self.text(t, data), self.pending)
-            else:
-                if self.capture:
-                    self.err.add(data)
-                if self.on_stderr is not None:
-                    call_back("on_stderr", self.on_stderr, self.text(t, data), self.pending)
-            return t, data
-        if t == "start":
-            self.proc_id, self.pid = ev["proc_id"], ev["pid"]
-        elif t == "attached":
-            self.offset = int(ev.get("offset", 0))
-        elif t == "gap":
-            # a slow reader was skipped ahead: what it missed still moves the position, or a
-            # resume from `offset` would replay output already delivered
-            at = ev.get("offset")
-            lost = ev.get("lost")
-            if isinstance(at, int) and not isinstance(at, bool):
-                self.offset = at
-            elif isinstance(lost, int) and not isinstance(lost, bool) and lost > 0:
-                self.offset += lost
-        elif t == "exit":
-            self.exit = ev
-        elif t == "error":
-            raise stream_error(ev)
-        return None
-
-    def text(self, stream: str, data: bytes) -> str:
-        """A stream's bytes as text, decoded incrementally: a character split across two
-        chunks comes whole with the second."""
-        return str((self._dec_out if stream == "stdout" else self._dec_err).decode(data))
-
-    def rest(self) -> list[tuple[str, str]]:
-        """What the streams' decoders still hold at the end (an incomplete character)."""
-        tails = {"stdout": self._dec_out, "stderr": self._dec_err}
-        return [(s, t) for s, d in tails.items() if (t := d.decode(b"", True))]
-
-    def result(self) -> ExecResult:
-        if self.exit is None:
-            raise error_for(
-                502,
-                {
-                    "error": {
-                        "code": "stream_cut",
-                        "message": "the output stream ended before the process did; reconnect with "
-                        f"sandbox.processes.connect({self.proc_id!r})",
-                    }
-                },
-            )
-        out, err = self.out.kept(), self.err.kept()
-        return ExecResult(
-            stdout=self.out.text(out),
-            stderr=self.err.text(err),
-            exit_code=self.exit.get("exit_code"),
-            duration_ms=int(self.exit.get("duration_ms", 0)),
-            signal=self.exit.get("signal"),
-            timed_out=bool(self.exit.get("timed_out")),
-            proc_id=str(self.exit.get("proc_id") or self.proc_id),
-            stdout_bytes=out,
-            stderr_bytes=err,
-            output_lost=sum(
-                n
-                for n in (self.exit.get("lost"), self.exit.get("gap_bytes"))
-                if isinstance(n, int) and not isinstance(n, bool) and n > 0
-            ),
-            stdout_dropped=self.out.dropped,
-            stderr_dropped=self.err.dropped,
-        )
-
-
-# What a file write or stdin takes whole (text as UTF-8).
 Whole = str | bytes | bytearray | memoryview
 
 

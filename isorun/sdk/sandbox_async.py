@@ -18,10 +18,11 @@ import anyio
 import httpx
 
 from isorun.errors import IsorunError
-from isorun.sdk import _core
+from isorun.sdk import _core, _daemon, _records
 from isorun.sdk._callbacks import call_back, run_pending
-from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings, Usage
+from isorun.sdk._daemon import Settings
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
+from isorun.sdk._records import ExecResult, FileInfo, OutputCallback, ProcessInfo, Usage
 from isorun.sdk.errors import (
     ApiError,
     CommandFailed,
@@ -55,7 +56,7 @@ class AsyncSandbox:
         autostart: bool | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> None:
-        self._settings = _core.resolve(api_url, api_key, autostart)
+        self._settings = _daemon.resolve(api_url, api_key, autostart)
         self._on_progress = on_progress
         self._body = _core.create_body(
             image, vcpus, memory_mib, disk_mib, env, metadata, sandbox_timeout
@@ -100,7 +101,7 @@ class AsyncSandbox:
 
     async def _start(self, info: dict[str, Any] | None = None) -> AsyncSandbox:
         if info is None:
-            await anyio.to_thread.run_sync(_core.ensure_daemon, self._settings)
+            await anyio.to_thread.run_sync(_daemon.ensure_daemon, self._settings)
             try:
                 if self._on_progress is None:
                     info = _core.check(
@@ -150,7 +151,7 @@ class AsyncSandbox:
         path = _core.sandbox_path(sandbox_id)
         sb = cls(api_url=api_url, api_key=api_key, autostart=autostart)
         try:
-            await anyio.to_thread.run_sync(_core.ensure_daemon, sb._settings)
+            await anyio.to_thread.run_sync(_daemon.ensure_daemon, sb._settings)
             info = _core.check(await sb._http.get(path))
         except BaseException:
             await sb._http.aclose()  # its client: nothing else will close it
@@ -172,8 +173,8 @@ class AsyncSandbox:
         api_key: str | None = None,
         autostart: bool | None = None,
     ) -> builtins.list[dict[str, Any]]:
-        s = _core.resolve(api_url, api_key, autostart)
-        await anyio.to_thread.run_sync(_core.ensure_daemon, s)
+        s = _daemon.resolve(api_url, api_key, autostart)
+        await anyio.to_thread.run_sync(_daemon.ensure_daemon, s)
         params = {f"metadata.{k}": v for k, v in (metadata or {}).items()}
         if include_ended:
             params["all"] = "1"
@@ -198,7 +199,7 @@ class AsyncSandbox:
                 r = _core.check(await self._http.delete(self._path()))
             except SandboxEndedError:
                 r = (await self.info()).get("usage")
-            self._usage = _core.usage_of(r)
+            self._usage = _records.usage_of(r)
         return self._usage.copy()
 
     kill = destroy
@@ -287,7 +288,7 @@ class AsyncSandbox:
         on_stderr: OutputCallback | None = None,
         background: bool = False,
         check: bool = False,
-        capture_limit: int | None = _core.CAPTURE_LIMIT,
+        capture_limit: int | None = _records.CAPTURE_LIMIT,
     ) -> ExecResult | AsyncProcess:
         """As `Sandbox.exec`: a shell string or argv; `timeout` in seconds, None or 0 for
         no limit; `background=True` returns an `AsyncProcess` at once (callbacks and `check`
@@ -303,7 +304,7 @@ class AsyncSandbox:
             if isinstance(stdin, str | bytes) and stdin:
                 await proc.send_stdin(stdin)
             return proc
-        dec = _core.StreamDecoder(on_stdout, on_stderr, capture_limit=capture_limit, pending=[])
+        dec = _records.StreamDecoder(on_stdout, on_stderr, capture_limit=capture_limit, pending=[])
         await self._stream("POST", path, dec, json=body)
         result = dec.result()
         if check and result.exit_code != 0:
@@ -326,7 +327,7 @@ class AsyncSandbox:
         r = _core.check(await self._http.post(self._path("pty"), json=body))
         return AsyncPty(self, r["proc_id"], r["pid"], on_data)
 
-    async def _stream(self, method: str, path: str, dec: _core.StreamDecoder, **kw: Any) -> None:
+    async def _stream(self, method: str, path: str, dec: _records.StreamDecoder, **kw: Any) -> None:
         with _core.following(dec):
             async with self._http.stream(
                 method, path, timeout=await self._http.ndjson_timeout(), **kw
@@ -370,16 +371,16 @@ class AsyncProcess:
         offset: int = 0,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
-        capture_limit: int | None = _core.CAPTURE_LIMIT,
+        capture_limit: int | None = _records.CAPTURE_LIMIT,
     ) -> ExecResult:
-        dec = _core.StreamDecoder(
+        dec = _records.StreamDecoder(
             on_stdout, on_stderr, proc_id=self.id, capture_limit=capture_limit, pending=[]
         )
         await self.sandbox._stream("GET", self._path("stream"), dec, params={"offset": offset})
         return dec.result()
 
     async def _follow(
-        self, dec: _core.StreamDecoder, offset: int
+        self, dec: _records.StreamDecoder, offset: int
     ) -> AsyncIterator[tuple[str, bytes]]:
         """The (stream, bytes) chunks of the output from `offset` as `dec` decodes them."""
         http = self.sandbox._http
@@ -398,7 +399,7 @@ class AsyncProcess:
                         yield got
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, str]]:
-        dec = _core.StreamDecoder(capture=False, proc_id=self.id)
+        dec = _records.StreamDecoder(capture=False, proc_id=self.id)
         async for stream, data in self._follow(dec, 0):
             if text := dec.text(stream, data):
                 yield stream, text
@@ -444,7 +445,7 @@ class AsyncPty:
         return await self.process.kill(grace)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        dec = _core.StreamDecoder(capture=False, proc_id=self.id, offset=self.offset)
+        dec = _records.StreamDecoder(capture=False, proc_id=self.id, offset=self.offset)
         async for _, data in self.process._follow(dec, self.offset):
             self.offset = dec.offset
             yield data

@@ -11,10 +11,11 @@ from typing import Any, Literal, overload
 import httpx
 
 from isorun.errors import IsorunError
-from isorun.sdk import _core
+from isorun.sdk import _core, _daemon, _records
 from isorun.sdk._callbacks import call_back
-from isorun.sdk._core import ExecResult, FileInfo, OutputCallback, ProcessInfo, Settings, Usage
+from isorun.sdk._daemon import Settings
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
+from isorun.sdk._records import ExecResult, FileInfo, OutputCallback, ProcessInfo, Usage
 from isorun.sdk.errors import (
     ApiError,
     CommandFailed,
@@ -50,9 +51,9 @@ class Sandbox:
     ) -> None:
         """`on_progress` receives `PullProgress` steps while the daemon pulls or builds the
         image and boots the VM (a first `Sandbox("python")` builds for ~100 s)."""
-        self._settings = _core.resolve(api_url, api_key, autostart)
+        self._settings = _daemon.resolve(api_url, api_key, autostart)
         if _info is None:
-            _core.ensure_daemon(self._settings)
+            _daemon.ensure_daemon(self._settings)
         self._http = _client(self._settings)
         try:
             if _info is None:
@@ -127,8 +128,8 @@ class Sandbox:
     ) -> Sandbox:
         """Reattach to a running sandbox by id (it outlives any client)."""
         path = _core.sandbox_path(sandbox_id)
-        s = _core.resolve(api_url, api_key, autostart)
-        _core.ensure_daemon(s)
+        s = _daemon.resolve(api_url, api_key, autostart)
+        _daemon.ensure_daemon(s)
         with _client(s) as c:
             info = _core.check(c.get(path))
         if info["state"] == "ended":
@@ -147,8 +148,8 @@ class Sandbox:
         api_key: str | None = None,
         autostart: bool | None = None,
     ) -> builtins.list[dict[str, Any]]:
-        s = _core.resolve(api_url, api_key, autostart)
-        _core.ensure_daemon(s)
+        s = _daemon.resolve(api_url, api_key, autostart)
+        _daemon.ensure_daemon(s)
         params = {f"metadata.{k}": v for k, v in (metadata or {}).items()}
         if include_ended:
             params["all"] = "1"
@@ -175,7 +176,7 @@ class Sandbox:
                 r = _core.check(self._http.delete(self._path()))
             except SandboxEndedError:
                 r = self.info().get("usage")
-            self._usage = _core.usage_of(r)
+            self._usage = _records.usage_of(r)
         return self._usage.copy()
 
     kill = destroy
@@ -267,7 +268,7 @@ class Sandbox:
         on_stderr: OutputCallback | None = None,
         background: bool = False,
         check: bool = False,
-        capture_limit: int | None = _core.CAPTURE_LIMIT,
+        capture_limit: int | None = _records.CAPTURE_LIMIT,
     ) -> ExecResult | Process:
         """Run `cmd` (a shell string, or an argv list). Callbacks get output as it is written.
         `background=True` returns a `Process` at once instead of an `ExecResult` (callbacks
@@ -286,7 +287,7 @@ class Sandbox:
             if isinstance(stdin, str | bytes) and stdin:
                 proc.send_stdin(stdin)
             return proc
-        dec = _core.StreamDecoder(on_stdout, on_stderr, capture_limit=capture_limit)
+        dec = _records.StreamDecoder(on_stdout, on_stderr, capture_limit=capture_limit)
         self._stream("POST", path, dec, json=body)
         result = dec.result()
         if check and result.exit_code != 0:
@@ -310,7 +311,7 @@ class Sandbox:
         r = _core.check(self._http.post(self._path("pty"), json=body))
         return Pty(self, r["proc_id"], r["pid"], on_data)
 
-    def _stream(self, method: str, path: str, dec: _core.StreamDecoder, **kw: Any) -> None:
+    def _stream(self, method: str, path: str, dec: _records.StreamDecoder, **kw: Any) -> None:
         with (
             _core.following(dec),
             self._http.stream(method, path, timeout=self._http.ndjson_timeout(), **kw) as resp,
@@ -357,17 +358,17 @@ class Process:
         offset: int = 0,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
-        capture_limit: int | None = _core.CAPTURE_LIMIT,
+        capture_limit: int | None = _records.CAPTURE_LIMIT,
     ) -> ExecResult:
         """Replay output from `offset` (bytes of stdout+stderr), follow it, return at exit
         (the result keeps each stream's newest `capture_limit` bytes, as `exec`'s)."""
-        dec = _core.StreamDecoder(
+        dec = _records.StreamDecoder(
             on_stdout, on_stderr, proc_id=self.id, capture_limit=capture_limit
         )
         self.sandbox._stream("GET", self._path("stream"), dec, params={"offset": offset})
         return dec.result()
 
-    def _follow(self, dec: _core.StreamDecoder, offset: int) -> Iterator[tuple[str, bytes]]:
+    def _follow(self, dec: _records.StreamDecoder, offset: int) -> Iterator[tuple[str, bytes]]:
         """The (stream, bytes) chunks of the output from `offset` as `dec` decodes them."""
         http = self.sandbox._http
         with (
@@ -388,7 +389,7 @@ class Process:
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         """Yield ("stdout"|"stderr", text) chunks from the start until the process exits."""
-        dec = _core.StreamDecoder(capture=False, proc_id=self.id)
+        dec = _records.StreamDecoder(capture=False, proc_id=self.id)
         for stream, data in self._follow(dec, 0):
             if text := dec.text(stream, data):
                 yield stream, text
@@ -429,7 +430,7 @@ class Pty:
     def __iter__(self) -> Iterator[bytes]:
         """Output bytes as the terminal writes them, from where the last read stopped, until
         the process exits (then `result` is set)."""
-        dec = _core.StreamDecoder(capture=False, proc_id=self.id, offset=self.offset)
+        dec = _records.StreamDecoder(capture=False, proc_id=self.id, offset=self.offset)
         for _, data in self.process._follow(dec, self.offset):
             self.offset = dec.offset
             yield data

@@ -8,8 +8,8 @@ import json
 from collections.abc import AsyncIterator
 
 from isorun.daemon.keepalive import KEEPALIVE_LINE, with_keepalives
-from isorun.sdk._core import StreamDecoder
 from isorun.sdk._progress import ProgressDecoder
+from isorun.sdk._records import StreamDecoder
 
 
 async def test_silences_carry_keepalives_and_lines_keep_their_order() -> None:

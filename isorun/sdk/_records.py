@@ -1,0 +1,254 @@
+"""What the daemon answers, as the SDK hands it on: results, records of files and
+processes, usage, and the decoder of exec/attach NDJSON streams into them."""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import functools
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, NotRequired, Self, TypedDict, cast
+
+from isorun.sdk._callbacks import call_back
+from isorun.sdk.errors import (
+    error_for,
+    stream_error,
+)
+from isorun.tail import TailBuffer
+
+OutputCallback = Callable[[str], object]
+
+# What exec and Process.wait keep of each stream by default, the newest bytes (as the agent
+# client's CAPTURE_LIMIT): a flood, even one streamed to callbacks, must not fill the
+# caller's memory, and the end of an output (the error, the summary) is what is read first.
+CAPTURE_LIMIT = 64 << 20
+
+
+class Usage(TypedDict):
+    """What `destroy()` returns: measured on the host, and, from the call that ended the
+    sandbox, what the daemon billed for it."""
+
+    cpu_ms: int
+    mem_peak_bytes: int
+    uptime_ms: int
+    billed_seconds: NotRequired[int]
+    cost_usd: NotRequired[float]
+
+
+USAGE_KEYS = ("cpu_ms", "mem_peak_bytes", "uptime_ms")
+
+
+def usage_of(r: Any) -> Usage:
+    """The three measured figures always (0 if missing), and every other the daemon gave."""
+    r = r if isinstance(r, dict) else {}
+    u = {k: v for k, v in r.items() if k not in USAGE_KEYS}
+    u.update({k: int(r.get(k) or 0) for k in USAGE_KEYS})
+    return cast(Usage, u)
+
+
+@dataclass
+class ExecResult:
+    stdout: str
+    stderr: str
+    exit_code: int | None
+    duration_ms: int
+    signal: int | None = None
+    timed_out: bool = False
+    proc_id: str = ""
+    stdout_bytes: bytes = b""
+    stderr_bytes: bytes = b""
+    # Output bytes the sandbox no longer held when they were asked for: a process's output
+    # is kept in a ring (1 MiB by default), so a replay after more than that was written
+    # starts where the ring does, and a reader that falls behind skips ahead. 0 for exec.
+    output_lost: int = 0
+    # Bytes of each stream left out of stdout/stderr, the oldest first, to keep them within
+    # `capture_limit` (the callbacks saw them all).
+    stdout_dropped: int = 0
+    stderr_dropped: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class _Record:
+    """A record the daemon sends: built from the fields this SDK knows, so a newer daemon
+    that adds one does not break an older SDK."""
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> Self:
+        known = _field_names(cast(type, cls))
+        return cls(**{k: v for k, v in record.items() if k in known})
+
+
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    """A record class's fields, looked up once (a listing builds up to 100,000 records)."""
+    return frozenset(f.name for f in fields(cls))
+
+
+@dataclass
+class FileInfo(_Record):
+    name: str
+    path: str
+    type: str
+    size: int
+    mode: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    link: str | None = None
+
+
+@dataclass
+class ProcessInfo(_Record):
+    proc_id: str
+    pid: int
+    argv: list[str]
+    tag: str
+    pty: bool
+    running: bool
+    exit_code: int | None
+    signal: int | None
+    started_unix_ms: int
+    output_bytes: int
+    argv_truncated: bool = False  # argv is cut to its start (a long script) in a listing
+
+
+def capture_limit_of(limit: int | None) -> int | None:
+    """A `capture_limit` argument checked: bytes kept per stream, 0 none, None all."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(
+            f"capture_limit={limit!r}: give the bytes of each stream to keep (0: none, "
+            f"None: all; default {CAPTURE_LIMIT})"
+        )
+    return limit
+
+
+class Capture(TailBuffer):
+    """What exec and Process.wait keep of one stream, given back as text."""
+
+    __slots__ = ()
+
+    def text(self, data: bytes) -> str:
+        """`data` (what `kept()` gave) as text: a character the cut split starts it as
+        U+FFFD no more, its bytes left out."""
+        start = 0
+        if self.dropped:
+            while start < min(3, len(data)) and data[start] & 0xC0 == 0x80:
+                start += 1
+        return data[start:].decode("utf-8", "replace")
+
+
+@dataclass
+class StreamDecoder:
+    """Feeds NDJSON exec/attach lines to callbacks (as text, decoded incrementally so a
+    multibyte character split across chunks is not mangled) and builds the result, which
+    keeps each stream's newest `capture_limit` bytes (without `capture`: nothing, uncounted,
+    for the iterators, which hand every chunk on)."""
+
+    on_stdout: OutputCallback | None = None
+    on_stderr: OutputCallback | None = None
+    capture: bool = True
+    proc_id: str = ""
+    pid: int = 0
+    offset: int = 0
+    capture_limit: int | None = CAPTURE_LIMIT
+    exit: dict[str, Any] | None = None
+    out: Capture = field(init=False)
+    err: Capture = field(init=False)
+    # the async face's list of what async callbacks returned, awaited after each feed
+    pending: list[Awaitable[object]] | None = None
+    _dec_out: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    _dec_err: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+
+    def __post_init__(self) -> None:
+        keep = capture_limit_of(self.capture_limit)
+        self.out, self.err = Capture(keep), Capture(keep)
+
+    def feed(self, line: str | bytes) -> tuple[str, bytes] | None:
+        if not line.strip():
+            return None
+        ev = json.loads(line)
+        t = ev.get("type")
+        if t in ("stdout", "stderr"):
+            data = base64.b64decode(ev["data"])
+            self.offset += len(data)
+            if t == "stdout":
+                if self.capture:
+                    self.out.add(data)
+                if self.on_stdout is not None:
+                    call_back("on_stdout", self.on_stdout, self.text(t, data), self.pending)
+            else:
+                if self.capture:
+                    self.err.add(data)
+                if self.on_stderr is not None:
+                    call_back("on_stderr", self.on_stderr, self.text(t, data), self.pending)
+            return t, data
+        if t == "start":
+            self.proc_id, self.pid = ev["proc_id"], ev["pid"]
+        elif t == "attached":
+            self.offset = int(ev.get("offset", 0))
+        elif t == "gap":
+            # a slow reader was skipped ahead: what it missed still moves the position, or a
+            # resume from `offset` would replay output already delivered
+            at = ev.get("offset")
+            lost = ev.get("lost")
+            if isinstance(at, int) and not isinstance(at, bool):
+                self.offset = at
+            elif isinstance(lost, int) and not isinstance(lost, bool) and lost > 0:
+                self.offset += lost
+        elif t == "exit":
+            self.exit = ev
+        elif t == "error":
+            raise stream_error(ev)
+        return None
+
+    def text(self, stream: str, data: bytes) -> str:
+        """A stream's bytes as text, decoded incrementally: a character split across two
+        chunks comes whole with the second."""
+        return str((self._dec_out if stream == "stdout" else self._dec_err).decode(data))
+
+    def rest(self) -> list[tuple[str, str]]:
+        """What the streams' decoders still hold at the end (an incomplete character)."""
+        tails = {"stdout": self._dec_out, "stderr": self._dec_err}
+        return [(s, t) for s, d in tails.items() if (t := d.decode(b"", True))]
+
+    def result(self) -> ExecResult:
+        if self.exit is None:
+            raise error_for(
+                502,
+                {
+                    "error": {
+                        "code": "stream_cut",
+                        "message": "the output stream ended before the process did; reconnect with "
+                        f"sandbox.processes.connect({self.proc_id!r})",
+                    }
+                },
+            )
+        out, err = self.out.kept(), self.err.kept()
+        return ExecResult(
+            stdout=self.out.text(out),
+            stderr=self.err.text(err),
+            exit_code=self.exit.get("exit_code"),
+            duration_ms=int(self.exit.get("duration_ms", 0)),
+            signal=self.exit.get("signal"),
+            timed_out=bool(self.exit.get("timed_out")),
+            proc_id=str(self.exit.get("proc_id") or self.proc_id),
+            stdout_bytes=out,
+            stderr_bytes=err,
+            output_lost=sum(
+                n
+                for n in (self.exit.get("lost"), self.exit.get("gap_bytes"))
+                if isinstance(n, int) and not isinstance(n, bool) and n > 0
+            ),
+            stdout_dropped=self.out.dropped,
+            stderr_dropped=self.err.dropped,
+        )
+
+
+# What a file write or stdin takes whole (text as UTF-8).
