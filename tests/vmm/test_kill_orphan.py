@@ -7,12 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from isorun.vmm import cgroup, kill_orphan, running_pid
+from isorun.vmm.process import argv_of
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="VM cgroups are made as root")
 
@@ -49,10 +51,15 @@ def test_a_pid_reused_by_the_vm_of_a_longer_named_run_dir_is_not_killed(tmp_path
     try:
         for d in (dead, other):
             (d / "vm.json").write_text(json.dumps({"pid": stand_in.pid}))
+        deadline = time.monotonic() + 10
+        while running_pid(other) != stand_in.pid and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the stand-in runs, its command line in place
+        assert running_pid(other) == stand_in.pid, argv_of(stand_in.pid)
         assert running_pid(dead) is None
         kill_orphan(dead)
+        time.sleep(0.2)  # a SIGKILL is not seen at once
         assert stand_in.poll() is None, "the other VM's QEMU was killed"
-        assert running_pid(other) == stand_in.pid
+        assert running_pid(other) == stand_in.pid, argv_of(stand_in.pid)
     finally:
         stand_in.kill()
         stand_in.wait()
