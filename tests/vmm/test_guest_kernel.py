@@ -35,6 +35,14 @@ async def test_filesystems_and_virtio_drivers_are_built_in(vm: MicroVM) -> None:
     assert "virtio-pci" in (await _sh(vm, "ls /sys/bus/pci/drivers")).split()
 
 
+async def test_the_crng_is_ready_when_the_agent_answers(vm: MicroVM) -> None:
+    """With no virtio-rng device, the CPU's RDRAND seeds the CRNG at boot: /dev/random
+    (which waits for it) answers at once, and the kernel said so."""
+    assert "crng init done" in await _sh(vm, "dmesg")
+    r = await vm.agent.exec("head -c 16 /dev/random | wc -c", timeout=5)
+    assert (r.exit_code, r.stdout) == (0, b"16\n"), r
+
+
 async def test_a_container_in_the_guest_gets_its_own_namespaces_and_cgroup(vm: MicroVM) -> None:
     out = await _sh(
         vm,
