@@ -11,6 +11,7 @@ import enum
 import json
 import math
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,14 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _int_in_double_range(text: str) -> int:
+    value = int(text)
+    # the largest double has 309 digits: only a longer literal can be out of its range
+    if len(text) > 308 and abs(value) > sys.float_info.max:
+        raise ValueError(f"number {text[:40]}... is out of range")
+    return value
+
+
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
@@ -109,11 +118,13 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-# Python's json accepts more than JSON: NaN and Infinity, numbers that overflow to inf,
-# a repeated key (the last one silently wins). From the guest each is a violation.
+# Python's json accepts more than JSON: NaN and Infinity, numbers that overflow to inf
+# (and integers of any size), a repeated key (the last one silently wins). From the guest
+# each is a violation.
 _STRICT_JSON = json.JSONDecoder(
     parse_constant=_reject_constant,
     parse_float=_finite_float,
+    parse_int=_int_in_double_range,
     object_pairs_hook=_object_without_duplicates,
 )
 

@@ -61,6 +61,7 @@ def _after_request(payload: bytes) -> Guest:
         (frames.encode(1, Kind.CREDIT, b"\x01"), "CREDIT frame"),
         (frames.encode(1, Kind.RESP, b"[" * 60000), "nests too deeply"),
         (frames.encode(1, Kind.EVENT, b'{"event":NaN}'), "invalid JSON"),
+        (frames.encode(1, Kind.RESP, b'{"n":-1' + b"0" * 400 + b"}"), "out of range"),
     ],
     ids=[
         "garbage",
@@ -72,6 +73,7 @@ def _after_request(payload: bytes) -> Guest:
         "bad-credit",
         "deep-json",
         "nan",
+        "huge-int",
     ],
 )
 async def test_violation_kills_only_that_connection(
