@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from isorun.agent.frames import Frame, Kind, request_payload
-from isorun.agent.mux import IO_CHUNK, WINDOW, AgentConnection, Channel
+from isorun.agent.mux import IO_CHUNK, WINDOW, AgentConnection, Channel, EventSink
 from isorun.agent.validate import (
     FileEntry,
     ProcInfo,
@@ -208,10 +208,17 @@ class AgentClient:
 
     # --- plumbing -------------------------------------------------------------------
 
-    async def _open(self, req: dict[str, Any], sheds_events: bool = False) -> Channel:
+    async def _open(
+        self,
+        req: dict[str, Any],
+        sheds_events: bool = False,
+        event_sink: EventSink | None = None,
+    ) -> Channel:
         payload = request_payload(req)  # too big: refused before a channel exists
         ch = self.conn.open_channel()
         ch.sheds_events = sheds_events
+        if event_sink is not None:  # before the REQ: its first event may follow at once
+            ch.sink_events(event_sink)
         try:
             await self.conn.request(ch, payload)
         except BaseException:
@@ -351,31 +358,34 @@ class AgentClient:
                     feeder.cancel()
 
     async def list_procs(self) -> list[ProcInfo]:
-        # Long lists come as EVENT {"procs": [...]} batches before the RESP's own batch.
-        ch = await self._open({"op": "list_procs"})
+        # Long lists come as EVENT {"procs": [...]} batches before the RESP's own batch,
+        # gathered as they arrive (Channel.sink_events).
         found: list[ProcInfo] = []
         received = 0
+
+        def take(body: dict[str, Any], size: int) -> None:
+            nonlocal received
+            procs = body.get("procs", [])
+            received += size
+            if not isinstance(procs, list) or len(found) + len(procs) > 8192:
+                raise ProtocolError("list_procs answer is not a list of at most 8192 processes")
+            if received > MAX_LISTING_BYTES:
+                raise ProtocolError(f"list_procs answer exceeds {MAX_LISTING_BYTES >> 20} MiB")
+            parsed = [parse_proc(p) for p in procs]
+            received += sum(ENTRY_OVERHEAD + ARGV_ENTRY_OVERHEAD * len(p.argv) for p in parsed)
+            if received > MAX_LISTING_BYTES:
+                raise ProtocolError(f"list_procs answer exceeds {MAX_LISTING_BYTES >> 20} MiB")
+            found.extend(parsed)
+
+        ch = await self._open({"op": "list_procs"}, event_sink=take)
         with ch:
-            while True:
-                frame = await ch.next()
-                if frame.kind not in (Kind.EVENT, Kind.RESP):
-                    raise ProtocolError(f"guest sent {frame.kind.name} to list_procs")
-                body = frame.json()
-                if frame.kind is Kind.RESP:
-                    _raise_for(body)
-                procs = body.get("procs", [])
-                received += len(frame.payload)
-                if not isinstance(procs, list) or len(found) + len(procs) > 8192:
-                    raise ProtocolError("list_procs answer is not a list of at most 8192 processes")
-                if received > MAX_LISTING_BYTES:
-                    raise ProtocolError(f"list_procs answer exceeds {MAX_LISTING_BYTES >> 20} MiB")
-                parsed = [parse_proc(p) for p in procs]
-                received += sum(ENTRY_OVERHEAD + ARGV_ENTRY_OVERHEAD * len(p.argv) for p in parsed)
-                if received > MAX_LISTING_BYTES:
-                    raise ProtocolError(f"list_procs answer exceeds {MAX_LISTING_BYTES >> 20} MiB")
-                found.extend(parsed)
-                if frame.kind is Kind.RESP:
-                    return found
+            frame = await ch.next()
+            if frame.kind is not Kind.RESP:
+                raise ProtocolError(f"guest sent {frame.kind.name} to list_procs")
+            body = frame.json()
+            _raise_for(body)
+            take(body, len(frame.payload))
+            return found
 
     async def signal(self, proc_id: str, signal: int) -> None:
         await self.call("signal", proc_id=proc_id, signal=signal)
@@ -488,36 +498,40 @@ class AgentClient:
                 feeder.cancel()
 
     async def list(self, path: str, depth: int = 1) -> list[FileEntry]:
-        ch = await self._open({"op": "list", "path": path, "depth": depth})
         entries: list[FileEntry] = []
         received = 0
+
+        def take(body: dict[str, Any], size: int) -> None:
+            # gathered as the guest sends them (Channel.sink_events): a listing's own bounds
+            # hold, not the backlog a slower consumer would let build
+            nonlocal received
+            batch = body.get("entries")
+            if not isinstance(batch, list):
+                raise ProtocolError("list event without an 'entries' list")
+            entries.extend(parse_entry(e) for e in batch)
+            # bounded by what the guest sent and the entries made of it, not by entries
+            # alone: one may be 20 KiB of path
+            received += size + ENTRY_OVERHEAD * len(batch)
+            if len(entries) > MAX_LISTING_ENTRIES or received > MAX_LISTING_BYTES:
+                raise GuestError(
+                    f"{path} lists more than {MAX_LISTING_ENTRIES:,} entries or "
+                    f"{MAX_LISTING_BYTES >> 20} MiB of them: list a narrower path or depth",
+                    "invalid",
+                )
+
+        ch = await self._open({"op": "list", "path": path, "depth": depth}, event_sink=take)
         with ch:
-            while True:
-                frame = await ch.next()
-                if frame.kind is Kind.RESP:
-                    _raise_for(frame.json())
-                    # The guest sends a directory's entries in its order, not reading it
-                    # whole: sorted here, each directory's name then what is under it.
-                    # ("/" as NUL, which no name holds, sorts as comparing the components
-                    # would, without a list of them per entry: 600 slashes each in 98,000
-                    # entries took 3.8 s of the event loop to sort, this 0.3)
-                    entries.sort(key=lambda e: e.path.replace("/", "\x00"))
-                    return entries
-                if frame.kind is not Kind.EVENT:
-                    raise ProtocolError(f"guest sent {frame.kind.name} to a list request")
-                batch = frame.json().get("entries")
-                if not isinstance(batch, list):
-                    raise ProtocolError("list event without an 'entries' list")
-                entries.extend(parse_entry(e) for e in batch)
-                # bounded by what the guest sent and the entries made of it, not by entries
-                # alone: one may be 20 KiB of path
-                received += len(frame.payload) + ENTRY_OVERHEAD * len(batch)
-                if len(entries) > MAX_LISTING_ENTRIES or received > MAX_LISTING_BYTES:
-                    raise GuestError(
-                        f"{path} lists more than {MAX_LISTING_ENTRIES:,} entries or "
-                        f"{MAX_LISTING_BYTES >> 20} MiB of them: list a narrower path or depth",
-                        "invalid",
-                    )
+            frame = await ch.next()
+            if frame.kind is not Kind.RESP:
+                raise ProtocolError(f"guest sent {frame.kind.name} to a list request")
+            _raise_for(frame.json())
+            # The guest sends a directory's entries in its order, not reading it whole:
+            # sorted here, each directory's name then what is under it. ("/" as NUL, which
+            # no name holds, sorts as comparing the components would, without a list of
+            # them per entry: 600 slashes each in 98,000 entries took 3.8 s of the event
+            # loop to sort, this 0.3)
+            entries.sort(key=lambda e: e.path.replace("/", "\x00"))
+            return entries
 
     async def stat(self, path: str) -> FileEntry:
         resp = await self.call("stat", path=path)

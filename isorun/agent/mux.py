@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from isorun.agent import frames
@@ -93,6 +93,8 @@ class _Data:
 
 
 _Item = Frame | _Data | BaseException
+# Takes an EVENT's decoded body and its payload's size (Channel.sink_events).
+EventSink = Callable[[dict[str, Any], int], None]
 
 
 class Channel:
@@ -121,6 +123,7 @@ class Channel:
         # DROPPED_EVENT in their place (a watch reports "overflow") instead of cancelled.
         self.sheds_events = False
         self._dropped_marker: Frame | None = None  # queued, not yet taken
+        self._event_sink: EventSink | None = None
 
     def _deliver(self, frame: Frame) -> None:
         """Queue a frame from the guest; never waits."""
@@ -134,6 +137,10 @@ class Channel:
                 raise ProtocolError(f"guest overran the flow-control window on channel {self.id}")
             if frame.payload:  # an empty one says nothing
                 self._queue_data(frame)
+            return
+        if frame.kind is Kind.EVENT and self._event_sink is not None:
+            # a bad payload is the guest's fault: the connection's end, as below
+            self._sink(frame.json(), len(frame.payload))
             return
         if frame.kind is Kind.EVENT:
             cost = len(frame.payload) + EVENT_OVERHEAD
@@ -174,6 +181,22 @@ class Channel:
                     self._release_event(frame)
                 raise
         self._put(frame)
+
+    def sink_events(self, sink: EventSink) -> None:
+        """Hand each EVENT's body (and its size on the wire) to `sink` in the reader as it
+        arrives, instead of queuing it for `next()`: for a consumer that only gathers them
+        (a listing), so no backlog builds behind a consumer slower than the guest, each
+        event is decoded once, and the consumer's own bounds hold instead of
+        EVENT_BACKLOG. Set before the REQ is sent. An IsorunError `sink` raises cancels
+        the request; the consumer's next `next()` raises it."""
+        self._event_sink = sink
+
+    def _sink(self, body: dict[str, Any], size: int) -> None:
+        assert self._event_sink is not None
+        try:
+            self._event_sink(body, size)
+        except IsorunError as exc:
+            self._give_up(exc)
 
     def _too_slow(self) -> None:
         if self.sheds_events:  # past the connection's bound: let go of what it holds too
@@ -393,6 +416,8 @@ class AgentConnection:
         # how long a request may hear nothing (Channel.next) or a send wait for the guest
         # to read (_send); None until the agent granted keepalives: silence says nothing
         self.idle_timeout: float | None = None
+        # each send under way: its timeout and when it began (re-timed by _time_requests)
+        self._senders: dict[asyncio.Timeout, float] = {}
         self._keepalive_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
 
@@ -528,6 +553,11 @@ class AgentConnection:
         self.idle_timeout = idle
         for waiting in self._channels.values():
             waiting._arrived.set()  # a wait begun before re-arms with the new timing
+        for limit, began in self._senders.items():  # and so does a send (or its queue)
+            limit.reschedule(self._send_deadline(began))
+
+    def _send_deadline(self, began: float) -> float | None:
+        return None if self.idle_timeout is None else began + self.idle_timeout
 
     # --- channel management -------------------------------------------------------
 
@@ -580,22 +610,28 @@ class AgentConnection:
 
     async def _send(self, data: bytes) -> None:
         self._raise_if_closed()
-        idle = self.idle_timeout
+        began = asyncio.get_running_loop().time()
         try:
             # Bounded once the agent keeps alive: a hung guest stops reading, and a sender
-            # (or one queued behind it) would wait for the stream to drain for ever. The
+            # (or one queued behind it) would wait for the stream to drain for ever. A send
+            # begun before (right after hello) is bounded from then on, from its start. The
             # frame is whole in the buffer or not there: framing survives the timeout.
-            async with asyncio.timeout(idle), self._write_lock:
+            async with asyncio.timeout_at(self._send_deadline(began)) as limit:
+                self._senders[limit] = began
                 try:
-                    self._write(data)
-                    self._raise_if_closed()
-                    await self._writer.drain()
+                    async with self._write_lock:
+                        self._write(data)
+                        self._raise_if_closed()
+                        await self._writer.drain()
                 except (ConnectionError, OSError) as exc:
                     self._fail(ChannelClosedError(f"agent stream write failed: {exc}"))
                     raise self.closed_error() from exc
+                finally:
+                    del self._senders[limit]
         except TimeoutError:
             if self._closed.is_set():
                 raise self.closed_error() from None
+            idle = self.idle_timeout or 0.0
             raise GuestError(
                 f"the host could not hand this request's data to the guest within {idle:g} s: "
                 "the guest stopped reading (its agent or kernel is hung, or starved of CPU)",

@@ -302,6 +302,39 @@ async def test_a_guest_hung_since_its_hello_is_timed_without_a_keepalive_answer(
     await conn.close()
 
 
+async def test_sends_begun_before_a_guest_hung_since_its_hello_was_timed_are_timed_too() -> None:
+    # Right after hello nothing is timed yet (the keepalive's answer sets the limit). A send
+    # begun then, and one queued behind it, used to keep waiting for the stream for ever once
+    # the limit was set: the first failed with its upload, the second then held the lock.
+    async def hung_after_hello(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(3600)  # reads nothing, answers nothing
+
+    host_sock, guest_sock = socket.socketpair()
+    host_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    gr, gw = await asyncio.open_connection(sock=guest_sock)
+
+    async def run() -> None:
+        await answer_hello(gr, gw)
+        await hung_after_hello(gr, gw)
+
+    guest = asyncio.create_task(run())
+    hr, hw = await asyncio.open_connection(sock=host_sock)
+    conn = AgentConnection(hr, hw)
+    conn.idle_after_s = IDLE
+    await conn.handshake(5)
+    assert conn.idle_timeout is None  # not timed yet
+    client = AgentClient(conn)
+    uploads = _start_uploads(client)
+    await asyncio.sleep(0.05)  # an upload holds the stream, waiting for the guest to read
+    stat = asyncio.create_task(client.stat("/etc"))  # its REQ queues behind
+    await _all_unresponsive(uploads)
+    with pytest.raises(GuestError) as err:
+        await asyncio.wait_for(stat, 3 * IDLE + 5)
+    assert err.value.code == "unresponsive"
+    guest.cancel()
+    await conn.close()
+
+
 @pytest.mark.parametrize(
     ("answer", "idle"),
     [
