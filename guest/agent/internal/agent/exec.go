@@ -138,9 +138,17 @@ func (s *Server) buildSpec(r *execReq) (*spawnSpec, error) {
 			base = "/"
 		}
 		cwd = r.Cwd
-		if !filepath.IsAbs(cwd) { // from the working directory, as `cd dir` would
-			cwd = filepath.Join(base, cwd)
+		if !filepath.IsAbs(cwd) { // from the working directory
+			cwd = base + "/" + cwd // not Join: it would take "link/.." as text
 		}
+		// "link/.." where the kernel's chdir goes (as the files API takes paths), so
+		// what is joined to it later (a relative program) is found there too
+		clean, err := cleanPath(cwd)
+		if err != nil {
+			sp.failCode, sp.failMsg = 127, "cwd "+r.Cwd+": "+errnoText(err)
+			return sp, nil
+		}
+		cwd = clean
 	}
 	if cwd == "" {
 		cwd = "/"

@@ -325,3 +325,35 @@ func TestHelperPrintsItsPipeSizes(t *testing.T) {
 	}
 	os.Exit(0)
 }
+
+// An exec's cwd with ".." after a link is where the kernel's chdir goes, for a
+// relative cwd as for an absolute one and a files path (a relative one was
+// joined as text), and a relative program is found there.
+func TestACwdWithDotDotAfterALinkIsTheKernels(t *testing.T) {
+	c := newClient(t, nil)
+	dir := t.TempDir()
+	if err := os.MkdirAll(dir+"/o/deep", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("o/deep", dir+"/ldeep"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dir+"/o/run.sh", []byte("#!/bin/sh\necho ran\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c.call(1, map[string]any{"op": "set_defaults", "cwd": dir})
+	for i, cwd := range []string{"ldeep/..", dir + "/ldeep/.."} {
+		r := c.call(uint32(i+2), map[string]any{"op": "exec", "argv": []string{"./run.sh"}, "cwd": cwd})
+		if string(r.out) != "ran\n" {
+			t.Errorf("cwd %s: %q %q %v", cwd, r.out, r.err, r.resp)
+		}
+		r = c.call(uint32(i+4), map[string]any{"op": "exec", "cmd": "pwd -P", "cwd": cwd})
+		if string(r.out) != dir+"/o\n" {
+			t.Errorf("cwd %s: pwd -P %q %q", cwd, r.out, r.err)
+		}
+	}
+	r := c.call(6, map[string]any{"op": "exec", "cmd": "true", "cwd": "ldeep/../run.sh/.."})
+	if num(r.resp["exit_code"]) != 127 || !strings.Contains(string(r.err), "not a directory") {
+		t.Errorf("cwd through a file: %q %v", r.err, r.resp)
+	}
+}

@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+
+	"golang.org/x/sys/unix"
 )
 
 // fileOwner is who the files API's new files and directories belong to: the
@@ -45,7 +47,19 @@ func give(path string, owner *account) error {
 	if owner == nil {
 		return nil
 	}
-	return os.Lchown(path, int(owner.uid), int(owner.gid))
+	return os.Lchown(path, int(owner.uid), newFileGid(path, owner))
+}
+
+// newFileGid is the group for owner's new file at path: its own, except in a
+// setgid directory (a tree shared by a group), where the file keeps the
+// directory's group the kernel gave it (-1: unchanged), as it would have had
+// owner made it.
+func newFileGid(path string, owner *account) int {
+	var st unix.Stat_t
+	if unix.Stat(filepath.Dir(path), &st) == nil && st.Mode&unix.S_ISGID != 0 {
+		return -1
+	}
+	return int(owner.gid)
 }
 
 // mkdirs creates dir and the directories missing above it, each 0755 but

@@ -90,3 +90,49 @@ func TestMkdirInASetgidTreeKeepsSetgid(t *testing.T) {
 		}
 	}
 }
+
+// In a setgid directory (a tree a group shares), what the files API makes for
+// a user keeps the directory's group, as the user's own mkdir or write would:
+// it took the user's own group, which then spread to all made under it.
+func TestFilesMadeForAUserInASetgidDirectoryKeepItsGroup(t *testing.T) {
+	c := newClient(t, nil)
+	dir := t.TempDir()
+	for _, d := range []string{filepath.Dir(dir), dir} { // t.TempDir's are root's alone
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const group = 50 // not nobody's
+	shared := dir + "/shared"
+	if err := os.Mkdir(shared, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(shared, 0, group); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(shared, 0o777|os.ModeSetgid); err != nil {
+		t.Fatal(err)
+	}
+	a, err := lookupAccount("nobody")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.call(1, map[string]any{"op": "set_defaults", "user": "nobody"})
+	c.call(2, map[string]any{"op": "mkdir", "path": shared + "/made/sub"})
+	c.writeVia(3, map[string]any{"path": shared + "/notes.txt"}, "x")
+	c.writeVia(4, map[string]any{"path": shared + "/made/sub/more.txt", "append": true}, "y")
+	r := c.call(5, map[string]any{"op": "exec", "cmd": "mkdir " + shared + "/own && echo x > " + shared + "/own.txt"})
+	if num(r.resp["exit_code"]) != 0 {
+		t.Fatalf("the user's own mkdir: %q %v", r.err, r.resp)
+	}
+	for _, name := range []string{"own", "own.txt", "made", "made/sub", "notes.txt", "made/sub/more.txt"} {
+		if st := statT(t, shared+"/"+name); st.Uid != a.uid || st.Gid != group {
+			t.Errorf("%s is %d:%d, want %d:%d", name, st.Uid, st.Gid, a.uid, group)
+		}
+	}
+	// outside such a directory the user's own group, as before
+	c.writeVia(6, map[string]any{"path": dir + "/plain.txt"}, "z")
+	if st := statT(t, dir+"/plain.txt"); st.Gid != a.gid {
+		t.Errorf("plain.txt has group %d, want nobody's %d", st.Gid, a.gid)
+	}
+}

@@ -147,9 +147,12 @@ func pathErr(op, path string, err error) error {
 // blocks until its other end opens, which a guest process can withhold
 // forever (and CANCEL cannot interrupt open(2)); so it opens without blocking
 // and refuses FIFOs and sockets, which read_file cannot serve (pread on a
-// pipe fails). (write_file's in-place writes open with openInPlace.)
+// pipe fails). Never as a controlling terminal: the agent (PID 1) is a
+// session leader without one, and reading a free terminal would make it every
+// later command's /dev/tty. (write_file's in-place writes open with
+// openInPlace.)
 func openFile(path string) (*os.File, *syscall.Stat_t, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK|syscall.O_NOCTTY, 0)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -578,4 +579,97 @@ func TestListOfAHugeDirectoryHoldsABatchAtATime(t *testing.T) {
 	if grew := (peak - base) >> 20; grew > 6 {
 		t.Fatalf("the heap grew %d MiB before the first entries went out", grew)
 	}
+}
+
+// mkdir -p of "file/" where file is a file (or a link to one) fails as
+// `mkdir -p` does: it answered ok, making nothing.
+func TestMkdirOfAFileWithASlashIsRefused(t *testing.T) {
+	c := newClient(t, nil)
+	dir := t.TempDir()
+	if err := os.WriteFile(dir+"/file", []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("file", dir+"/link"); err != nil {
+		t.Fatal(err)
+	}
+	for i, p := range []string{dir + "/file/", dir + "/link/"} {
+		r := c.call(uint32(i+1), map[string]any{"op": "mkdir", "path": p})
+		if r.resp["ok"] == true || r.resp["code"] != "not_dir" {
+			t.Errorf("mkdir %s: %v, want not_dir", p, r.resp)
+		}
+	}
+	if b, err := os.ReadFile(dir + "/file"); err != nil || string(b) != "x" {
+		t.Fatalf("file changed: %q %v", b, err)
+	}
+}
+
+// "x/." names x as a directory, as "x/" does: a read of a file through it
+// fails not_dir, a stat through a link to a directory is the directory's, and
+// a remove of it is refused as for "x/" (it removed the link).
+func TestATrailingDotNamesADirectory(t *testing.T) {
+	c := newClient(t, nil)
+	dir := t.TempDir()
+	if err := os.WriteFile(dir+"/file", []byte("secret"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(dir+"/d", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("d", dir+"/ld"); err != nil {
+		t.Fatal(err)
+	}
+	r := c.call(1, map[string]any{"op": "read_file", "path": dir + "/file/."})
+	if r.resp["code"] != "not_dir" || len(r.out) != 0 {
+		t.Errorf("read_file file/.: %v %q, want not_dir", r.resp, r.out)
+	}
+	r = c.call(2, map[string]any{"op": "stat", "path": dir + "/ld/."})
+	if e, _ := r.resp["entry"].(map[string]any); e == nil || e["type"] != "dir" {
+		t.Errorf("stat ld/.: %v, want the directory's", r.resp)
+	}
+	slash := c.call(3, map[string]any{"op": "remove", "path": dir + "/ld/", "recursive": true})
+	dot := c.call(4, map[string]any{"op": "remove", "path": dir + "/ld/.", "recursive": true})
+	if dot.resp["ok"] == true || dot.resp["code"] != slash.resp["code"] {
+		t.Errorf("remove ld/.: %v; remove ld/: %v", dot.resp, slash.resp)
+	}
+	if _, err := os.Lstat(dir + "/ld"); err != nil {
+		t.Fatalf("the link is gone: %v", err)
+	}
+}
+
+// TestReadOfAFreeTerminalLeavesTheAgentWithoutOne runs its helper as a
+// session leader without a controlling terminal, as the agent (PID 1) is.
+func TestReadOfAFreeTerminalLeavesTheAgentWithoutOne(t *testing.T) {
+	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperReadsAFreeTerminal$")
+	cmd.Env = append(os.Environ(), "ISORUN_CTTY_HELPER=1")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "tty_nr 0\n") {
+		t.Fatalf("%v: %s", err, out)
+	}
+}
+
+// TestHelperReadsAFreeTerminal is the child of
+// TestReadOfAFreeTerminalLeavesTheAgentWithoutOne: a read_file of a terminal
+// no session holds made it the agent's controlling terminal, so every later
+// command outside a PTY had it as /dev/tty (a password prompt waited on it).
+func TestHelperReadsAFreeTerminal(t *testing.T) {
+	if os.Getenv("ISORUN_CTTY_HELPER") != "1" {
+		t.Skip("run by TestReadOfAFreeTerminalLeavesTheAgentWithoutOne")
+	}
+	c := newClient(t, nil)
+	master, slave, err := openPTY()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer master.Close()
+	name := slave.Name()
+	slave.Close()
+	c.call(1, map[string]any{"op": "read_file", "path": name})
+	stat, err := os.ReadFile("/proc/self/stat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(stat)
+	fields := strings.Fields(s[strings.LastIndexByte(s, ')')+1:]) // state ppid pgrp session tty_nr
+	fmt.Printf("tty_nr %s\n", fields[4])
 }

@@ -190,11 +190,15 @@ func opMkdir(s *Server, ch *Channel, raw []byte) (any, error) {
 		return nil, err
 	}
 	if r.Parents == nil || *r.Parents {
-		if fi, err := os.Stat(path); err == nil {
-			if !fi.IsDir() {
-				return nil, errf("exists", "%s exists and is not a directory", path)
-			}
+		fi, serr := os.Stat(path)
+		switch {
+		case serr == nil && !fi.IsDir():
+			return nil, errf("exists", "%s exists and is not a directory", path)
+		case serr == nil:
 			return ok(), nil // mkdir -p: an existing directory is left as it is
+		case !os.IsNotExist(serr):
+			// "file/" (ENOTDIR): mkdirs, cleaning the slash off, would find file there
+			return nil, serr
 		}
 		err = mkdirs(path, mode, owner)
 	} else if err = os.Mkdir(path, mode); err == nil {

@@ -190,7 +190,7 @@ func ptr[T any](v T) *T { return &v }
 // the umask must not change the requested mode.
 func finishNew(f *os.File, mode *os.FileMode, owner *account) error {
 	if owner != nil {
-		if err := f.Chown(int(owner.uid), int(owner.gid)); err != nil {
+		if err := f.Chown(int(owner.uid), newFileGid(f.Name(), owner)); err != nil {
 			return err
 		}
 	}
@@ -277,9 +277,11 @@ func resolveTarget(path string) (_ string, _ *syscall.Stat_t, magic bool, _ erro
 		}
 		dirOnly = dirOnly || strings.HasSuffix(link, "/")
 		if !filepath.IsAbs(link) {
-			link = filepath.Join(dir, link) // dir has no symlinks: ".." is lexical
+			link = dir + "/" + link // not Join: "sub/.." is the parent of sub's target
 		}
-		target = filepath.Clean(link)
+		if target, err = cleanPath(link); err != nil {
+			return "", nil, false, err
+		}
 	}
 }
 

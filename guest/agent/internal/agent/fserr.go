@@ -45,13 +45,13 @@ func fsCode(err error) string {
 // reqPath validates a request path: no NUL, cleaned, and a relative one
 // taken from the sandbox's working directory, where exec runs a command (so
 // files.write("notes.txt") is what `cat notes.txt` reads). A trailing slash is
-// kept: as for the kernel, "f/" names a directory, so a stat, read or remove
-// of a file through it fails not_dir instead of reaching the file.
+// kept: as for the kernel, "f/" (and "f/.") names a directory, so a stat, read
+// or remove of a file through it fails not_dir instead of reaching the file.
 func (s *Server) reqPath(field, p string) (string, error) {
 	if p == "" || strings.IndexByte(p, 0) >= 0 {
 		return "", errf("invalid", "%s must be a path (absolute, or relative to the working directory) without NUL bytes", field)
 	}
-	dir := strings.HasSuffix(p, "/")
+	dir := strings.HasSuffix(p, "/") || strings.HasSuffix(p, "/.")
 	if !filepath.IsAbs(p) {
 		p = s.workDir() + "/" + p // not Join: it would clean ".." as text
 	}

@@ -349,3 +349,30 @@ func TestWriteThroughAProcessCwdAndARelativeLink(t *testing.T) {
 		t.Fatalf("the link's target holds %q", b)
 	}
 }
+
+// A link whose text has ".." after another link: the kernel takes ".." from
+// the inner link's target; write_file took it as text and wrote a file other
+// than the one a read of the same path reads.
+func TestWriteThroughALinkWithDotDotAfterALinkIsTheKernels(t *testing.T) {
+	c := newClient(t, nil)
+	dir := t.TempDir()
+	if err := os.MkdirAll(dir+"/other/deep", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("other/deep", dir+"/sub"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("sub/../f", dir+"/l"); err != nil { // the kernel: other/f
+		t.Fatal(err)
+	}
+	c.writeVia(1, map[string]any{"path": dir + "/l"}, "new")
+	if b, err := os.ReadFile(dir + "/other/f"); err != nil || string(b) != "new" {
+		t.Fatalf("other/f: %q %v", b, err)
+	}
+	if _, err := os.Lstat(dir + "/f"); !os.IsNotExist(err) {
+		t.Fatalf("wrote %s/f instead: %v", dir, err)
+	}
+	if r := c.call(2, map[string]any{"op": "read_file", "path": dir + "/l"}); string(r.out) != "new" {
+		t.Fatalf("read back %q %v", r.out, r.resp)
+	}
+}
