@@ -56,12 +56,17 @@ def image_routes(api: Api) -> list[Route]:
         """What a tenant is shown of a stored image: None for one known only by the host
         paths it was imported from, or one it could not be handed (the daemon's credentials
         may have fetched it from a registry the tenant may not name)."""
-        names = names_for(tenant, img.names)
-        if (img.names and not names) or not admits(
+        if (img.names and not names_for(tenant, img.names)) or not admits(
             pull_policy_for(tenant, cfg.tenant_registries), img
         ):
             return None
-        return {**image_json(img), "names": names}
+        return without_host_paths(tenant, img)
+
+    def without_host_paths(tenant: str, img: Image) -> dict[str, Any]:
+        """An image's JSON without the host paths it was imported from, for a tenant: its
+        names, and its `source` (null when that was one)."""
+        source = img.source if names_for(tenant, [img.source]) else None
+        return {**image_json(img), "names": names_for(tenant, img.names), "source": source}
 
     async def images(request: Request, tenant: str) -> Any:
         shown = (tenant_image_json(tenant, i) for i in manager.images.list())
@@ -142,7 +147,8 @@ def image_routes(api: Api) -> list[Route]:
                 )
             except ImageError as exc:
                 raise image_api_error(req.image, exc) from exc
-            return {"type": "image", "image": image_json(img)}
+            # the same image the administrator imported from a host path: not its path
+            return {"type": "image", "image": without_host_paths(tenant, img)}
 
         return api.progress_stream(work)
 

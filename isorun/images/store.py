@@ -306,7 +306,7 @@ class ImageStore:
             emit(ProgressEvent("cached", ref, "already in the store", digest=img.digest))
             if resolved.index_digest and r.transport == "registry":
                 await self._refs.set(r.with_digest(resolved.index_digest).name(), img.digest)
-            return img
+            return self._load(img.digest) or img  # with the names just given it
         img = await self._ensure_digest(
             resolved.digest,
             r.name(),

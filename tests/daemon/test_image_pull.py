@@ -223,6 +223,33 @@ def test_api_keys_cannot_import_host_paths(pull_daemon: Daemon, tmp_path: Path) 
         assert r.status_code == 403, r.text
 
 
+def test_a_tenant_pulling_an_image_the_admin_imported_from_a_path_is_not_shown_the_path(
+    pull_daemon: Daemon, registry: Registry, tmp_path: Path
+) -> None:
+    # One store: the tenant's pull finds the image the administrator imported from a path on
+    # the host. Its final record named that path (names and source; and not the name just
+    # pulled) while list and inspect left it out.
+    lay = ob.Layout(tmp_path / "admin-private-project")
+    lay.tag(lay.manifest([ob.busybox_tree([ob.file("etc/marker", "shared")])]), "v1")
+    ref = f"{registry.host}/dpull/shared:v1"
+    registry.push(f"oci:{lay.path}:v1", "dpull/shared:v1")
+    with pull_daemon.client() as c:
+        recs = ndjson(c.post("/v1/images/pull", json={"image": f"oci-layout:{lay.path}:v1"}))
+        assert str(lay.path) in recs[-1]["image"]["source"], recs[-1]
+        key = c.post("/v1/keys", json={"name": "same-image"}).json()["key"]
+    with pull_daemon.tcp(key) as t:
+        pulled = ndjson(t.post("/v1/images/pull", json={"image": ref}))[-1]
+        listed = t.get("/v1/images").json()["images"]
+        inspected = t.get("/v1/images/inspect", params={"ref": ref}).json()
+    assert pulled["type"] == "image" and pulled["image"]["names"] == [ref], pulled
+    assert pulled["image"]["source"] is None, pulled
+    for shown in (pulled["image"], *listed, inspected):
+        assert str(tmp_path) not in json.dumps(shown), shown
+    with pull_daemon.client() as c:  # the administrator still sees where it came from
+        admin = c.get("/v1/images/inspect", params={"ref": ref}).json()
+        assert str(lay.path) in admin["source"], admin
+
+
 def test_api_keys_pull_only_from_registries_the_operator_allows(
     pull_daemon: Daemon, registry: Registry, tmp_path: Path
 ) -> None:
