@@ -77,6 +77,9 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
 
         # ?progress=1: NDJSON progress of the image pull/build and the boot, then the sandbox.
         # The pull/build runs on when the client goes away (it fills the cache); the VM not.
+        # What is refused before any work is a plain error, not a 200 stream of one.
+        manager.check_create(tenant, req)
+
         async def work(feed: ProgressFeed) -> dict[str, Any]:
             row = await manager.create(tenant, req, on_progress=feed.push)
             if feed.detached:

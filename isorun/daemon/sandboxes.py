@@ -405,9 +405,25 @@ class SandboxManager:
                 f"asked for {memory_mib} MiB. Destroy sandboxes or ask for less memory_mib"
             )
 
-    async def _resolve_image(
-        self, tenant: str, ref: str, holder: str, on_progress: OnProgress | None = None
-    ) -> tuple[Path, str | None, ImageConfig]:
+    def check_create(self, tenant: str, req: CreateSandbox) -> None:
+        """What a create refuses before any work: a timeout over the maximum, a full host,
+        an image reference that is malformed or not this caller's to name. Checked before
+        a progress stream starts, these are plain HTTP errors, as without one."""
+        timeout = req.sandbox_timeout or self.cfg.default_timeout_s
+        if timeout > self.cfg.max_timeout_s:
+            raise ApiError(
+                f"sandbox_timeout={timeout} is over this daemon's maximum of "
+                f"{self.cfg.max_timeout_s} seconds",
+                code="invalid",
+            )
+        self._check_capacity(
+            req.vcpus or self.cfg.default_vcpus, req.memory_mib or self.cfg.default_memory_mib
+        )
+        self._raw_rootfs(tenant, req.image)
+
+    def _raw_rootfs(self, tenant: str, ref: str) -> Path | None:
+        """The host file of a `rootfs:` image (None for any other reference), once the
+        reference is known to be well formed and this caller's to name."""
         if ref.startswith("rootfs:"):
             if not (self.cfg.allow_raw_rootfs and tenant == LOCAL_TENANT):
                 raise Forbidden(
@@ -417,12 +433,19 @@ class SandboxManager:
             p = Path(ref[len("rootfs:") :])
             if not p.is_absolute() or not p.is_file():
                 raise NotFound(f"image {ref!r} not found: no such ext4 file on the host")
-            return p, None, ImageConfig()
+            return p
         try:
             parsed = self.images.parse(ref)
         except ImageError as exc:
             raise image_api_error(ref, exc) from exc
         refuse_host_path_image(tenant, ref, parsed)
+        return None
+
+    async def _resolve_image(
+        self, tenant: str, ref: str, holder: str, on_progress: OnProgress | None = None
+    ) -> tuple[Path, str | None, ImageConfig]:
+        if (raw := self._raw_rootfs(tenant, ref)) is not None:
+            return raw, None, ImageConfig()
         progress = None
         if on_progress is not None:
             cb = on_progress
@@ -450,17 +473,11 @@ class SandboxManager:
         self, tenant: str, req: CreateSandbox, on_progress: OnProgress | None = None
     ) -> SandboxRow:
         cfg = self.cfg
+        self.check_create(tenant, req)
         vcpus = req.vcpus or cfg.default_vcpus
         memory = req.memory_mib or cfg.default_memory_mib
         disk = req.disk_mib or cfg.default_disk_mib
         timeout = req.sandbox_timeout or cfg.default_timeout_s
-        if timeout > cfg.max_timeout_s:
-            raise ApiError(
-                f"sandbox_timeout={timeout} is over this daemon's maximum of "
-                f"{cfg.max_timeout_s} seconds",
-                code="invalid",
-            )
-        self._check_capacity(vcpus, memory)
         now = time.time()
         row = SandboxRow(
             id=f"sb-{uuid.uuid4().hex[:16]}",
