@@ -301,6 +301,8 @@ class ImageStore:
                 "smaller image"
             )
         if (img := self._load(resolved.digest)) is not None:
+            if not admits(policy, img):
+                await self._prove_fetchable(r, resolved, credentials, emit, confined)
             self.stats.cache_hits += 1
             await self._refs.set(r.name(), resolved.digest)
             emit(ProgressEvent("cached", ref, "already in the store", digest=img.digest))
@@ -313,6 +315,8 @@ class ImageStore:
             lambda tmp: self._build_pulled(r, resolved, credentials, tmp, emit, confined),
             emit,
         )
+        if not admits(policy, img):  # stored meanwhile by another's pull, not built by ours
+            await self._prove_fetchable(r, resolved, credentials, emit, confined)
         if resolved.index_digest and r.transport == "registry":
             await self._refs.set(r.with_digest(resolved.index_digest).name(), img.digest)
         return img
@@ -456,6 +460,35 @@ class ImageStore:
         meta["config"] = li.config.to_json()
         meta["layers"] = [str(x.get("digest")) for x in li.manifest.get("layers", [])]
         return meta
+
+    async def _prove_fetchable(
+        self,
+        r: ImageRef,
+        resolved: Resolved,
+        creds: PullCredentials,
+        emit: Progress,
+        confined: bool,
+    ) -> None:
+        """The stored image of this digest is one the caller's policy does not admit (the
+        operator's, fetched with the store's login or imported from a host path): it is
+        handed over only once the caller's own pull has copied every layer of it (skopeo
+        checks each blob against its digest). A registry the caller may use serving just
+        the manifest bytes of a private image's digest gets nothing."""
+        with self._workdir("prove") as tmp:
+            layout_dir = tmp / "layout"
+            emit(
+                ProgressEvent(
+                    "pulling",
+                    r.name(),
+                    f"copying layers of {resolved.digest} (stored, but not from a source "
+                    "this pull may use)",
+                    digest=resolved.digest,
+                    bytes_done=0,
+                    bytes_total=resolved.layers_bytes,
+                )
+            )
+            await self._skopeo.copy(r, resolved.digest, creds, tmp, layout_dir, confined=confined)
+            Layout(layout_dir).check_copied(resolved.digest, resolved.manifest, r.name())
 
     def _maybe_misspelt_template(self, ref: str, exc: ImageError) -> ImageError:
         """A bare name that is no template (`pyhton`) went to Docker Hub: say so, and name

@@ -250,6 +250,48 @@ def test_a_tenant_pulling_an_image_the_admin_imported_from_a_path_is_not_shown_t
         assert str(lay.path) in admin["source"], admin
 
 
+def test_a_tenant_gets_a_private_image_by_its_digest_only_by_fetching_its_layers(
+    pull_daemon: Daemon, registry: Registry, tmp_path: Path
+) -> None:
+    # A registry the tenant may use has to serve only the manifest bytes of a private
+    # image's digest: the store found that digest converted already and handed the tenant
+    # the operator's rootfs without its layers ever being fetched.
+    lay = ob.Layout(tmp_path / "operator-only")
+    marker = f"the operator's own {tmp_path.name}"  # a layer no other image has
+    lay.tag(lay.manifest([ob.busybox_tree([ob.file("etc/marker", marker)])]), "v1")
+    with pull_daemon.client() as c:
+        recs = ndjson(c.post("/v1/images/pull", json={"image": f"oci-layout:{lay.path}:v1"}))
+        digest = recs[-1]["image"]["digest"]
+        key = c.post("/v1/keys", json={"name": "manifest-only"}).json()["key"]
+    assert registry.push(f"oci:{lay.path}:v1", "dpull/manifest-only:v1") == digest
+    raw = subprocess.run(
+        [
+            "skopeo",
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            f"docker://{registry.host}/dpull/manifest-only:v1",
+        ],
+        check=True,
+        capture_output=True,
+    ).stdout
+    for layer in json.loads(raw)["layers"]:
+        registry.blob_path(layer["digest"]).unlink()  # the manifest and config stay
+    ref = f"{registry.host}/dpull/manifest-only@{digest}"
+    with pull_daemon.tcp(key) as t:
+        last = ndjson(t.post("/v1/images/pull", json={"image": ref}))[-1]
+        assert last["type"] == "error", last
+        r = t.post("/v1/sandboxes", json={"image": ref})
+        assert r.status_code >= 400, r.text
+        rows = t.get("/v1/sandboxes", params={"all": "1"}).json()["sandboxes"]
+        assert [row["state"] for row in rows] in ([], ["ended"]), rows
+    # with its layers there, the tenant's own pull fetches them and may use the image
+    registry.push(f"oci:{lay.path}:v1", "dpull/manifest-only:v1")
+    with pull_daemon.tcp(key) as t:
+        last = ndjson(t.post("/v1/images/pull", json={"image": ref}))[-1]
+        assert last["type"] == "image" and last["image"]["digest"] == digest, last
+
+
 def test_api_keys_pull_only_from_registries_the_operator_allows(
     pull_daemon: Daemon, registry: Registry, tmp_path: Path
 ) -> None:
