@@ -406,8 +406,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if "--" in argv:
         cut = argv.index("--")
         args = _parse(parser(split=True), argv[:cut])
-        if args.command in _WITH_CMD:
-            args.cmd = [*args.cmd, *argv[cut + 1 :]]
+        # A command begun before the `--` owns it (`grep -- -v f`): parsed whole below.
+        if args.command in _WITH_CMD and not args.cmd:
+            args.cmd = argv[cut + 1 :]
             return args
     args = _parse(parser(), argv)
     if args.command in _WITH_CMD and args.cmd[:1] and args.cmd[0].startswith("-"):

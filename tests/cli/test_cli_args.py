@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from isorun.cli.main import parse_args
+
 pytestmark = pytest.mark.no_tools
 CLI = [sys.executable, "-m", "isorun.cli"]
 
@@ -69,3 +71,21 @@ def test_daemon_help_is_isorunds(tmp_path: Path) -> None:
     r = _cli(tmp_path, "daemon", "--help")
     assert r.returncode == 0, r.stderr
     assert "--kill-on-exit" in r.stdout and "--tcp" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "cmd"),
+    [
+        (["exec", "sb-1", "grep", "--", "-v", "f"], ["grep", "--", "-v", "f"]),
+        (["run", "base", "echo", "--", "x"], ["echo", "--", "x"]),
+        (["exec", "sb-1", "--", "grep", "--", "-v"], ["grep", "--", "-v"]),
+        (["run", "--keep", "base", "--", "true"], ["true"]),
+        (["exec", "sb-1", "ls", "-l"], ["ls", "-l"]),
+    ],
+)
+def test_a_dash_dash_after_the_command_began_is_the_commands(
+    argv: list[str], cmd: list[str]
+) -> None:
+    # docs/api.md: without a `--` after IMAGE/ID everything after it is the command; a later
+    # `--` was cut out of it (`grep -- -v f` ran `grep -v f`, inverting the match).
+    assert parse_args(argv).cmd == cmd
