@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
@@ -193,6 +194,14 @@ def query_path(request: Request, *others: str) -> str:
                 f"unknown query parameter {k!r}; this route takes {takes}", code="invalid"
             )
     p = request.query_params.get("path")
+    if p and "\ufffd" in p and not _is_utf8_query(request):
+        # Starlette put U+FFFD for what was no UTF-8 (a Latin-1 name, %E9): that would
+        # name another file, silently
+        raise ApiError(
+            "query parameter 'path' is not UTF-8 once percent-decoded; paths are UTF-8 text "
+            "(a name in another encoding cannot be named through the API)",
+            code="invalid",
+        )
     if not p or "\x00" in p or len(p) > 4096:
         raise ApiError(
             "query parameter 'path' is required: a path in the sandbox (absolute, or relative"
@@ -200,6 +209,14 @@ def query_path(request: Request, *others: str) -> str:
             code="invalid",
         )
     return p
+
+
+def _is_utf8_query(request: Request) -> bool:
+    try:
+        parse_qsl(request.scope["query_string"].decode("latin-1"), errors="strict")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 Handler = Callable[[Request], Awaitable[Response]]

@@ -332,6 +332,25 @@ def test_query_flags_are_strict_and_unknown_ones_refused(daemon: Daemon, sandbox
             assert r.status_code == 400 and "must be a unix timestamp" in r.text
 
 
+def test_a_path_that_is_not_utf8_is_refused_not_renamed(daemon: Daemon, sandbox: str) -> None:
+    """`?path=/tmp/caf%E9` (a Latin-1 name) reached the guest as `/tmp/caf\ufffd`: a write
+    made a file of another name and a read said 404 for the wrong one."""
+    f = f"/v1/sandboxes/{sandbox}/files"
+    with daemon.client() as c:
+        for method in ("PUT", "GET"):
+            r = c.request(
+                method, f + "?path=/tmp/caf%E9", content=b"x" if method == "PUT" else None
+            )
+            assert r.status_code == 400 and "not UTF-8" in r.json()["error"]["message"], r.text
+        listed = c.get(f + "/list", params={"path": "/tmp"}).json()["entries"]
+        assert not [e for e in listed if e["name"].startswith("caf")], listed
+        # a real U+FFFD, and UTF-8 names, are names like any
+        for name in ("caf\ufffd", "caf\u00e9"):
+            r = c.put(f, params={"path": f"/tmp/{name}"}, content=b"y")
+            assert r.status_code == 200, r.text
+            assert c.get(f, params={"path": f"/tmp/{name}"}).content == b"y"
+
+
 def test_head_of_a_file_sends_its_size_and_of_a_stream_is_refused(
     daemon: Daemon, sandbox: str
 ) -> None:
