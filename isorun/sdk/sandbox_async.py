@@ -471,6 +471,7 @@ class AsyncProcesses:
         return [ProcessInfo.of(p) for p in r["processes"]]
 
     async def connect(self, proc_id: str) -> AsyncProcess:
+        _core.url_id("process id", proc_id)  # an impossible id: ValueError, no request
         for p in await self.list():
             if p.proc_id == proc_id:
                 return AsyncProcess(self._sb, proc_id, p.pid)

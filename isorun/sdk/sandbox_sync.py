@@ -456,6 +456,7 @@ class Processes:
         return [ProcessInfo.of(p) for p in r["processes"]]
 
     def connect(self, proc_id: str) -> Process:
+        _core.url_id("process id", proc_id)  # an impossible id: ValueError, no request
         for p in self.list():
             if p.proc_id == proc_id:
                 return Process(self._sb, proc_id, p.pid)

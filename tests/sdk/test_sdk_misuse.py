@@ -82,6 +82,23 @@ async def test_ids_that_are_not_ids_are_refused_before_they_reach_a_url(api: str
             await AsyncSandbox.connect(bad, api_url=api)
 
 
+async def test_process_ids_that_are_not_ids_are_refused_before_any_request(proxy: str) -> None:
+    # docs/api.md: an empty id, or one with a '/', raises ValueError before any request;
+    # processes.connect sent one (here: the proxy's redirect) and then said 404.
+    sb = Sandbox(api_url=proxy, _info={"id": "sb-0123456789abcdef"})
+    asb = AsyncSandbox(api_url=proxy)  # never started: any request would say so
+    try:
+        for bad, says in (("", "is empty"), ("a/b", "is not an id")):
+            expected = re.escape(f"process id {bad!r} {says}")
+            with pytest.raises(ValueError, match=expected):
+                sb.processes.connect(bad)
+            with pytest.raises(ValueError, match=expected):
+                await asb.processes.connect(bad)
+    finally:
+        sb.close()
+        await asb.close()
+
+
 def test_an_api_url_that_is_not_http_says_what_to_give() -> None:
     for bad in ("ftp://x", "localhost:8080", "http://"):
         with pytest.raises(ConfigError, match=re.escape(f"API URL {bad!r}") + ".*http://HOST"):
