@@ -52,12 +52,12 @@ async def template(size_mib: int) -> Path:
     path = cache_root() / "scratch" / f"empty-{size_mib}M-v{VERSION}.ext4"
     if path.parent.is_dir():
         _remove_older_versions(path.parent)
-    if path.exists():
+    if _whole(path, size_mib):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     # One maker per size across tasks and processes; the loser of the race finds it made.
     async with file_lock(path.with_suffix(".lock")):
-        if path.exists():
+        if _whole(path, size_mib):
             return path
         mkfs = tool("mkfs.ext4", "e2fsprogs")
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".make-") as work:
@@ -65,8 +65,33 @@ async def template(size_mib: int) -> Path:
             await _format(mkfs, formatted, size_mib)
             # mkfs zeroes the inode tables as allocated extents; a sparse copy makes them holes
             await _run("cp", "--sparse=always", str(formatted), str(tmp))
-            os.replace(tmp, path)
+            # on disk before it takes the name every later boot trusts (a crash right after
+            # could otherwise leave the name on an empty file)
+            await asyncio.to_thread(_sync_then_replace, tmp, path)
     return path
+
+
+def _whole(path: Path, size_mib: int) -> bool:
+    """Whether the template is there at its full size: anything else (a file an older
+    isorun renamed into place unsynced before a crash: empty) is made anew."""
+    try:
+        return path.stat().st_size == size_mib << 20
+    except FileNotFoundError:
+        return False
+
+
+def _sync_then_replace(tmp: Path, path: Path) -> None:
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 @functools.cache  # once per process: a sweep of a small directory

@@ -68,3 +68,19 @@ async def test_templates_of_older_layouts_and_crashed_makes_leave_the_cache(
 
     left = sorted(p.name for p in cache.iterdir())
     assert left == [".make-live", "empty-256M-v4.ext4", "empty-256M-v4.lock", "notes.txt"]
+
+
+async def test_a_template_a_crash_left_empty_is_made_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a crash right after an unsynced rename can leave: the name on an empty file. It
+    # was trusted because it existed, and every VM of that size got a 0-byte scratch disk.
+    monkeypatch.setenv("ISORUN_CACHE", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "scratch"
+    cache.mkdir(parents=True)
+    (cache / f"empty-256M-v{scratch.VERSION}.ext4").write_bytes(b"")
+    disk = tmp_path / "d.ext4"
+    await scratch.make_scratch(disk, 256)
+    assert disk.stat().st_size == 256 << 20
+    fsck = subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
