@@ -64,7 +64,36 @@ def measure(root: Path) -> TreeSize:
                     data += _blocks(st.st_size) + (BLOCK if st.st_size > 48 * BLOCK else 0)
                 elif stat.S_ISLNK(st.st_mode) and st.st_size >= 60:
                     data += BLOCK
+                if _xattr_bytes(e.path) > IN_INODE_XATTR_BYTES:
+                    data += BLOCK
     return TreeSize(data, inodes)
+
+
+# What a 256-byte inode holds of extended attributes itself (256 - 128 - 32 bytes of extra
+# fields - its 4-byte header); more takes the inode a block of its own.
+IN_INODE_XATTR_BYTES = 92
+XATTR_ENTRY_BYTES = 16  # an entry's header; its name (without prefix) and value follow
+
+
+def _xattr_bytes(path: str) -> int:
+    """Roughly what `path`'s extended attributes take in ext4 (an image's files may carry
+    large ones, e.g. signatures: each then needs a block the size estimate must count)."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return 0
+    total = 0
+    for name in names:
+        try:
+            value = os.getxattr(path, name, follow_symlinks=False)
+        except OSError:
+            continue
+        total += XATTR_ENTRY_BYTES + _round4(len(name.partition(".")[2])) + _round4(len(value))
+    return total
+
+
+def _round4(n: int) -> int:
+    return -(-n // 4) * 4
 
 
 async def make_ext4(tree: Path, out: Path, size: TreeSize, *, timeout: float) -> int:

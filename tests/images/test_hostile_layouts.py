@@ -166,3 +166,24 @@ def test_malformed_pulled_index_is_a_clear_error(
     (tmp_path / "index.json").write_text(json.dumps({"manifests": manifests}))
     with pytest.raises(ImageCorruptError, match=needle):
         Layout(tmp_path).read()
+
+
+async def test_files_with_large_extended_attributes_convert(
+    store: ImageStore, tmp_path: Path
+) -> None:
+    # Each file's 300-byte attribute (a signature, say) does not fit in its inode and takes a
+    # block: the size estimate ignored them, and mkfs ran out of blocks for this valid image.
+    files = 12_000
+    lay = ob.Layout(tmp_path / "signed")
+    sig = "S" * 300
+    entries = [ob.dir_("d")] + [
+        ob.file(f"d/f{i:05d}", xattrs={"user.sig": f"{i:05d}{sig}"}) for i in range(files)
+    ]
+    lay.tag(lay.manifest([entries]), "v1")
+    img = await store.ensure(f"oci-layout:{lay.path}:v1")
+    got = subprocess.run(
+        ["debugfs", "-R", "ea_get /d/f11999 user.sig", str(img.rootfs)],
+        capture_output=True,
+        text=True,
+    )
+    assert f"11999{sig}" in got.stdout, got.stdout + got.stderr
