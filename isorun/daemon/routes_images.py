@@ -76,7 +76,7 @@ def image_routes(api: Api) -> list[Route]:
         ref = request.query_params.get("ref", "")
         if not ref or len(ref) > 1024:
             raise ApiError(
-                "give the image as ?ref=NAME (at most 1024 characters)", status=422, code="invalid"
+                "give the image as ?ref=NAME (at most 1024 characters)", status=400, code="invalid"
             )
         return ref
 
