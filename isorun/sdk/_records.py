@@ -178,16 +178,11 @@ class StreamDecoder:
         if t in ("stdout", "stderr"):
             data = base64.b64decode(ev["data"])
             self.offset += len(data)
-            if t == "stdout":
-                if self.capture:
-                    self.out.add(data)
-                if self.on_stdout is not None:
-                    call_back("on_stdout", self.on_stdout, self.text(t, data), self.pending)
-            else:
-                if self.capture:
-                    self.err.add(data)
-                if self.on_stderr is not None:
-                    call_back("on_stderr", self.on_stderr, self.text(t, data), self.pending)
+            if self.capture:
+                (self.out if t == "stdout" else self.err).add(data)
+            if (self.on_stdout if t == "stdout" else self.on_stderr) is not None:
+                # decoded here only for a callback: an iterator decodes what feed returns
+                self._call_back(t, self.text(t, data))
             return t, data
         if t == "start":
             self.proc_id, self.pid = ev["proc_id"], ev["pid"]
@@ -212,6 +207,21 @@ class StreamDecoder:
         """A stream's bytes as text, decoded incrementally: a character split across two
         chunks comes whole with the second."""
         return str((self._dec_out if stream == "stdout" else self._dec_err).decode(data))
+
+    def _call_back(self, stream: str, text: str) -> None:
+        """Hand `text` to the stream's callback, if any; nothing for a chunk that held only
+        part of a character (it comes whole with the next)."""
+        cb = self.on_stdout if stream == "stdout" else self.on_stderr
+        if cb is not None and text:
+            call_back(f"on_{stream}", cb, text, self.pending)
+
+    def end(self) -> None:
+        """The stream ended: an incomplete character the decoders still hold goes to the
+        callbacks too (as U+FFFD, as into the result's text)."""
+        if self.on_stdout is None and self.on_stderr is None:
+            return
+        for stream, tail in self.rest():
+            self._call_back(stream, tail)
 
     def rest(self) -> list[tuple[str, str]]:
         """What the streams' decoders still hold at the end (an incomplete character)."""

@@ -338,6 +338,8 @@ class AsyncSandbox:
                 async for line in resp.aiter_lines():
                     dec.feed(line)
                     await run_pending(dec.pending)
+                dec.end()
+                await run_pending(dec.pending)
 
 
 class AsyncProcess:

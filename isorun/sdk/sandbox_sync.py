@@ -321,6 +321,7 @@ class Sandbox:
                 _core.check(resp)
             for line in resp.iter_lines():
                 dec.feed(line)
+            dec.end()
 
 
 class Process:

@@ -172,6 +172,8 @@ async def test_async_surface(api: str, image: str) -> None:
 
 
 SPLIT_UTF8 = "printf 'caf\\303'; sleep 0.5; printf '\\251!\\n'"  # é split across two writes
+# é split across two writes, then output ending inside a character (its first two bytes)
+CUT_UTF8 = "printf '\\303'; sleep 0.5; printf '\\251abc\\342\\202'"
 
 
 async def test_async_callbacks_are_awaited_and_split_characters_come_whole(
@@ -192,6 +194,11 @@ async def test_async_callbacks_are_awaited_and_split_characters_come_whole(
         seen.clear()
         assert (await p.wait(on_stdout=slow_append)).stdout == "café!\n"
         assert "".join(seen) == "café!\n"
+        # callbacks get no empty text for a chunk holding part of a character, and the end's
+        # incomplete one as the result has it: they used to see "" then "éabc" only
+        seen.clear()
+        r = await sb.exec(CUT_UTF8, on_stdout=slow_append)
+        assert "".join(seen) == r.stdout == "éabc\ufffd" and "" not in seen, seen
 
 
 def test_a_replay_past_the_ring_says_how_much_output_is_missing(api: str, image: str) -> None:
@@ -258,6 +265,9 @@ def test_sync_refuses_async_callbacks_and_iterates_split_characters_whole(
             sb.exec("echo x", on_stdout=cb)
         chunks = [text for _, text in sb.exec(SPLIT_UTF8, background=True)]
         assert "".join(chunks) == "café!\n" and "\ufffd" not in "".join(chunks), chunks
+        got: list[str] = []
+        r = sb.exec(CUT_UTF8, on_stdout=got.append)
+        assert "".join(got) == r.stdout == "éabc\ufffd" and "" not in got, got
 
 
 def test_errors_name_what_to_change(api: str) -> None:
