@@ -99,7 +99,11 @@ class StdinPipe:
         """Queue `item` and wait until it was handed to the agent channel."""
         if self.task.done():
             return False
-        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        # one bound for the whole request (room in the queue, then the bytes taken): clients
+        # wait for the 409 as long as that, not twice as long
+        deadline = loop.time() + STDIN_WAIT_S
+        sent: asyncio.Future[None] = loop.create_future()
         put = asyncio.ensure_future(self._q.put((item, sent)))
         done, _ = await asyncio.wait(
             {put, self.task}, timeout=STDIN_WAIT_S, return_when=asyncio.FIRST_COMPLETED
@@ -119,7 +123,7 @@ class StdinPipe:
         # (typeshed's asyncio.wait wants one future type; a Future and a Task mix fine)
         waits = cast("set[asyncio.Task[Any]]", {sent, self.task})
         done, _ = await asyncio.wait(
-            waits, timeout=STDIN_WAIT_S, return_when=asyncio.FIRST_COMPLETED
+            waits, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED
         )
         taken = sent in self._taken
         self._taken.discard(sent)

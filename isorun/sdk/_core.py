@@ -31,7 +31,20 @@ from isorun.sdk.errors import (
 
 __all__ = ["error_for"]
 
+DEFAULT_TIMEOUT = 60.0  # a request's, unless it says otherwise
 CREATE_TIMEOUT = 1800.0  # a first `Sandbox("python")` may build the image (~100 s)
+# The daemon holds a stdin write (or close) at most 60 s for a process that does not read,
+# then answers 409 stdin_full/stdin_queued: the SDK waits longer, or it would say the daemon
+# is gone (and a caller would resend bytes the 409 says are still to come).
+STDIN_TIMEOUT = 90.0
+# A kill answers once the process is gone: after `grace` for one that ignores SIGTERM.
+KILL_MARGIN_S = 30.0
+
+
+def kill_timeout(grace: float) -> float:
+    return grace + KILL_MARGIN_S
+
+
 # Raw file transfers: the body may pause as long as the guest takes to write or read.
 STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
 # NDJSON streams (exec output, process streams, watches, pull and create progress) carry a
@@ -193,7 +206,7 @@ def sync_client(s: Settings) -> Client:
         base_url=s.base_url,
         transport=transport,
         headers=s.headers(),
-        timeout=httpx.Timeout(60.0),
+        timeout=httpx.Timeout(DEFAULT_TIMEOUT),
     )
 
 
@@ -204,7 +217,7 @@ def async_client(s: Settings) -> AsyncClient:
         base_url=s.base_url,
         transport=transport,
         headers=s.headers(),
-        timeout=httpx.Timeout(60.0),
+        timeout=httpx.Timeout(DEFAULT_TIMEOUT),
     )
 
 

@@ -355,11 +355,17 @@ class AsyncProcess:
     async def send_stdin(self, data: str | bytes) -> None:
         """Write to the process's stdin (started with `stdin=True`, or a PTY)."""
         for chunk in _core.stdin_chunks(data):
-            _core.check(await self.sandbox._http.post(self._path("stdin"), content=chunk))
+            _core.check(
+                await self.sandbox._http.post(
+                    self._path("stdin"), content=chunk, timeout=_core.STDIN_TIMEOUT
+                )
+            )
 
     async def close_stdin(self) -> None:
         """EOF after what was sent (^D on a PTY)."""
-        _core.check(await self.sandbox._http.post(self._path("stdin/close")))
+        _core.check(
+            await self.sandbox._http.post(self._path("stdin/close"), timeout=_core.STDIN_TIMEOUT)
+        )
 
     async def resize(self, rows: int, cols: int) -> None:
         """Set the terminal size (PTY processes only)."""
@@ -411,7 +417,11 @@ class AsyncProcess:
 
     async def kill(self, grace: float = 2.0) -> dict[str, Any]:
         return dict(
-            _core.check(await self.sandbox._http.post(self._path("kill"), json={"grace": grace}))
+            _core.check(
+                await self.sandbox._http.post(
+                    self._path("kill"), json={"grace": grace}, timeout=_core.kill_timeout(grace)
+                )
+            )
         )
 
     async def signal(self, signum: int) -> None:

@@ -341,11 +341,15 @@ class Process:
     def send_stdin(self, data: str | bytes) -> None:
         """Write to the process's stdin (started with `stdin=True`, or a PTY)."""
         for chunk in _core.stdin_chunks(data):
-            _core.check(self.sandbox._http.post(self._path("stdin"), content=chunk))
+            _core.check(
+                self.sandbox._http.post(
+                    self._path("stdin"), content=chunk, timeout=_core.STDIN_TIMEOUT
+                )
+            )
 
     def close_stdin(self) -> None:
         """EOF after what was sent (^D on a PTY)."""
-        _core.check(self.sandbox._http.post(self._path("stdin/close")))
+        _core.check(self.sandbox._http.post(self._path("stdin/close"), timeout=_core.STDIN_TIMEOUT))
 
     def resize(self, rows: int, cols: int) -> None:
         """Set the terminal size (PTY processes only)."""
@@ -399,7 +403,13 @@ class Process:
         dec.result()  # a stream that ended before the process did says so
 
     def kill(self, grace: float = 2.0) -> dict[str, Any]:
-        return dict(_core.check(self.sandbox._http.post(self._path("kill"), json={"grace": grace})))
+        return dict(
+            _core.check(
+                self.sandbox._http.post(
+                    self._path("kill"), json={"grace": grace}, timeout=_core.kill_timeout(grace)
+                )
+            )
+        )
 
     def signal(self, signum: int) -> None:
         _core.check(self.sandbox._http.post(self._path("signal"), json={"signal": signum}))
