@@ -102,6 +102,8 @@ class Attachment:
     offset: int
     lost: int = 0
     gap_bytes: int = 0
+    # called once the guest said where the replay starts (before any output it has)
+    on_attached: Callable[[], object] | None = None
 
 
 def _capture_limit(capture: bool, limit: int) -> int:
@@ -744,6 +746,8 @@ async def _collect_process(
             elif kind == "attached" and attachment is not None:
                 attachment.offset = as_count(ev, "offset")
                 attachment.lost = as_count(ev, "lost", default=0)
+                if attachment.on_attached is not None:
+                    attachment.on_attached()
             elif kind == "gap" and attachment is not None:
                 gap = as_count(ev, "lost")
                 attachment.gap_bytes = min(attachment.gap_bytes + gap, MAX_COUNT)

@@ -173,9 +173,20 @@ def process_routes(api: Api) -> list[Route]:
         await _known_proc(live, proc_id)
 
         async def run(emit: Emit, push: Push) -> dict[str, Any]:
-            first = True
+            announced = False
             at = offset  # where the next byte sent starts in the process's output
             told_gap = 0  # of att.gap_bytes, what gap records have said
+
+            def announce() -> None:
+                # `attached` first, as soon as the guest says where the replay starts (a
+                # silent process, or a resume from the end, has no output to wait for)
+                nonlocal announced, at
+                if not announced:
+                    announced = True
+                    at = att.offset
+                    push({"type": "attached", "offset": att.offset, "lost": att.lost})
+
+            att.on_attached = announce
 
             def gap() -> None:
                 # The guest skipped the slow reader ahead (att.gap_bytes grew before the
@@ -189,11 +200,8 @@ def process_routes(api: Api) -> list[Route]:
 
             def out(kind: str) -> Callable[[bytes], Awaitable[None]]:
                 async def cb(b: bytes) -> None:
-                    nonlocal first, at
-                    if first:
-                        first = False
-                        at = att.offset
-                        push({"type": "attached", "offset": att.offset, "lost": att.lost})
+                    nonlocal at
+                    announce()  # an agent that sent no `attached` event
                     gap()
                     at += len(b)
                     await emit(kind, b)
@@ -208,7 +216,7 @@ def process_routes(api: Api) -> list[Route]:
                 capture=False,
                 attachment=att,
             )
-            if not first:
+            if announced:
                 gap()  # one after the last output
             return {
                 **_exit_record(r),

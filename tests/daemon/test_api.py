@@ -231,6 +231,26 @@ def test_client_drop_mid_exec_loses_nothing(daemon: Daemon, sandbox: str) -> Non
         )
 
 
+def test_a_process_stream_says_attached_first_though_nothing_is_written(
+    daemon: Daemon, sandbox: str
+) -> None:
+    """docs/api.md: a process stream has `attached` first. It came only with the first
+    output: a silent process's stream (or a resume from the end) had none, only `exit`."""
+    base = f"/v1/sandboxes/{sandbox}"
+    with daemon.client() as c:
+        quiet = c.post(base + "/exec", json={"cmd": "sleep 1", "background": True}).json()
+        loud = c.post(base + "/exec", json={"cmd": "echo hi", "background": True}).json()
+        for proc, offset, want in ((quiet, 0, 0), (loud, 3, 3)):
+            with c.stream(
+                "GET", f"{base}/processes/{proc['proc_id']}/stream", params={"offset": offset}
+            ) as r:
+                lines = r.iter_lines()  # the first record as soon as it comes
+                first = json.loads(next(lines))
+                assert first == {"type": "attached", "offset": want, "lost": 0}, first
+                rest = [json.loads(line) for line in lines if line.strip()]
+            assert [e["type"] for e in rest if e["type"] != "keepalive"] == ["exit"], rest
+
+
 def test_background_process_list_signal_kill(daemon: Daemon, sandbox: str) -> None:
     with daemon.client() as c:
         base = f"/v1/sandboxes/{sandbox}"
