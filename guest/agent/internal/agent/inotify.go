@@ -31,9 +31,14 @@ type treeWatch struct {
 	paths     map[int32]string  // watch descriptor -> directory
 	wds       map[string]int32  // directory -> watch descriptor
 	movedFrom map[uint32]string // rename cookie -> where a directory renamed away waits (movedPrefix)
-	limit     int               // directories at most
-	limitSaid bool
-	stop      func() bool // a CANCEL or a lost connection: stop walking
+	// path -> where the watches of the directory a rename onto path displaced wait
+	// (movedPrefix) until the read ends: in an exchange (mv --exchange a b) it comes
+	// right back out as the next rename's source
+	displaced    map[string]string
+	displacedSeq uint64
+	limit        int // directories at most
+	limitSaid    bool
+	stop         func() bool // a CANCEL or a lost connection: stop walking
 }
 
 // fsChange is one change reported to the host: op is create, write, remove,
@@ -89,7 +94,7 @@ func newTreeWatch(root string, recursive bool, stop func() bool) (*treeWatch, er
 	}
 	t := &treeWatch{fd: fd, f: os.NewFile(uintptr(fd), "inotify"), root: root, recursive: recursive,
 		paths: map[int32]string{}, wds: map[string]int32{}, movedFrom: map[uint32]string{},
-		limit: maxWatchDirs, stop: stop}
+		displaced: map[string]string{}, limit: maxWatchDirs, stop: stop}
 	// the root is followed if it is a symlink, as it was resolved once, at the start
 	wd, err := t.add(root, true)
 	if err != nil {
@@ -178,12 +183,22 @@ func (t *treeWatch) rootPath() string { return filepath.Clean(t.root) }
 
 // repath gives the watches of a directory renamed (and of everything under
 // it) its new path; watches still held at that path (a directory the rename
-// replaced) go first.
+// replaced, or in an exchange moved away) wait in displaced.
 func (t *treeWatch) repath(from, to string) {
 	if from == to {
 		return
 	}
-	t.forget(to)
+	if _, held := t.wds[to]; held && !strings.HasPrefix(to, movedPrefix) {
+		t.displacedSeq++
+		parked := movedPrefix + "displaced/" + strconv.FormatUint(t.displacedSeq, 10)
+		t.move(to, parked)
+		t.displaced[to] = parked
+	}
+	t.move(from, to)
+}
+
+// move gives the watches at and under from the paths at and under to.
+func (t *treeWatch) move(from, to string) {
 	for _, p := range t.under(from) {
 		wd := t.wds[p]
 		np := to + strings.TrimPrefix(p, from)
@@ -234,13 +249,22 @@ func (t *treeWatch) handle(buf []byte, emit func(fsChange) bool) bool {
 		t.forget(dir)
 		delete(t.movedFrom, cookie)
 	}
+	for to, dir := range t.displaced { // replaced for good: not renamed on
+		t.forget(dir)
+		delete(t.displaced, to)
+	}
 	return true
 }
 
 func (t *treeWatch) one(ev *unix.InotifyEvent, name string, emit func(fsChange) bool) bool {
 	mask := ev.Mask
 	if mask&unix.IN_Q_OVERFLOW != 0 {
-		return emit(fsChange{op: "overflow", path: t.rootPath()})
+		if !emit(fsChange{op: "overflow", path: t.rootPath()}) {
+			return false
+		}
+		// directories made (or renamed) while the kernel dropped events are watched
+		// from here on too: the walk adds what it finds, keeping the watches it has
+		return !t.recursive || t.addTree(t.root, false, emit)
 	}
 	dir, ok := t.paths[ev.Wd]
 	if !ok {
@@ -255,8 +279,13 @@ func (t *treeWatch) one(ev *unix.InotifyEvent, name string, emit func(fsChange) 
 		return true
 	}
 	p := dir
-	if name != "" {
+	switch {
+	case name != "":
 		p = filepath.Join(dir, name)
+	case ev.Wd == t.rootWd:
+		p = t.rootPath() // as every other report names it: without a request's slash
+	case mask&(unix.IN_IGNORED|unix.IN_DELETE_SELF|unix.IN_MOVE_SELF) == 0:
+		return true // a subdirectory's own chmod: its parent reports it, by name
 	}
 	switch {
 	case mask&unix.IN_IGNORED != 0: // removed, unmounted, or rm_watch'ed
@@ -278,8 +307,14 @@ func (t *treeWatch) one(ev *unix.InotifyEvent, name string, emit func(fsChange) 
 		if !emit(fsChange{op: "rename", path: p}) {
 			return false
 		}
-		if _, watched := t.wds[p]; isDir && t.recursive && watched {
-			parked := movedPrefix + strconv.FormatUint(uint64(ev.Cookie), 10)
+		parked := movedPrefix + strconv.FormatUint(uint64(ev.Cookie), 10)
+		if d, ok := t.displaced[p]; isDir && t.recursive && ok {
+			// the directory an earlier rename in this read displaced moves on (an
+			// exchange): its watches, not those that just took its name
+			delete(t.displaced, p)
+			t.move(d, parked)
+			t.movedFrom[ev.Cookie] = parked
+		} else if _, watched := t.wds[p]; isDir && t.recursive && watched {
 			t.repath(p, parked)
 			t.movedFrom[ev.Cookie] = parked
 		}

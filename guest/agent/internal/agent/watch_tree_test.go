@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"testing"
@@ -278,5 +279,97 @@ func TestRecursiveWatchOfALinkAndOfAPathWithASlash(t *testing.T) {
 	r := c.wait(2, 5*time.Second)
 	if !hasChange(r.events, "remove", base+"/real/sub") {
 		t.Fatalf("end of a watch given with a slash: %v", r.events)
+	}
+}
+
+// An exchange of two watched directories (renameat2 RENAME_EXCHANGE, `mv
+// --exchange`) is two renames in one read: a to b, b to a. The first took the
+// watches at b for a replaced directory's and dropped them, so afterwards what
+// changed in the one now at b was reported under a, and in the other not at all.
+func TestAnExchangeOfTwoWatchedDirectoriesKeepsBothWatched(t *testing.T) {
+	w := t.TempDir()
+	for _, d := range []string{"/a/deep", "/b"} {
+		if err := os.MkdirAll(w+d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c := startWatch(t, w)
+	if err := unix.Renameat2(unix.AT_FDCWD, w+"/a", unix.AT_FDCWD, w+"/b", unix.RENAME_EXCHANGE); err != nil {
+		t.Skipf("renameat2 RENAME_EXCHANGE: %v", err)
+	}
+	c.fsEvents(1, 300*time.Millisecond)
+	for _, f := range []string{"/a/in_old_b", "/b/in_old_a", "/b/deep/deeper"} {
+		if err := os.WriteFile(w+f, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	evs := c.fsEvents(1, 300*time.Millisecond)
+	for _, f := range []string{"/a/in_old_b", "/b/in_old_a", "/b/deep/deeper"} {
+		if !hasChange(evs, "create", w+f) {
+			t.Errorf("create of %s not reported: %v", f, evs)
+		}
+	}
+	if len(evs) != 3 { // a create of each (empty: no write)
+		t.Errorf("%d changes for 3 files: %v", len(evs), evs)
+	}
+}
+
+// A directory made while the kernel's queue overflowed (the host stopped
+// reading) is watched once the overflow is reported: changes in it were missed
+// for good, with no further overflow to say so.
+func TestADirectoryMadeDuringAnOverflowIsWatched(t *testing.T) {
+	w := t.TempDir()
+	srv := NewServer(time.Now())
+	a, b := socketpair(t)
+	go func() { _ = srv.ServeConn(b); b.Close() }()
+	req, _ := json.Marshal(map[string]any{"op": "watch", "path": w, "recursive": true})
+	if _, err := a.Write(EncodeFrame(1, KindReq, req)); err != nil {
+		t.Fatal(err)
+	}
+	if f, err := NewFrameReader(a).Read(); err != nil || string(f.Payload) != `{"event":"watching"}` {
+		t.Fatalf("first frame %v %s", err, f.Payload)
+	}
+	// the host reads nothing: the agent's writes back up, then its inotify queue (16384)
+	for i := 0; i < 20000; i++ {
+		if err := os.WriteFile(fmt.Sprintf("%s/f%05d", w, i), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Mkdir(w+"/newdir", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c := &client{t: t, conn: a, chans: map[uint32]chan Frame{}, credit: true, done: make(chan error, 1), srv: srv}
+	go c.readLoop()
+	t.Cleanup(func() { c.mu.Lock(); c.finished = true; c.mu.Unlock(); a.Close() })
+	if evs := c.fsEvents(1, 1500*time.Millisecond); !hasChange(evs, "overflow", w) {
+		t.Fatalf("no overflow in %d changes", len(evs))
+	}
+	if err := os.WriteFile(w+"/newdir/inside", nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if evs := c.fsEvents(1, 500*time.Millisecond); !hasChange(evs, "create", w+"/newdir/inside") {
+		t.Fatalf("a file made in a directory created during the overflow: %v", evs)
+	}
+}
+
+// A chmod of a watched subdirectory is one change (inotify says it twice: on
+// the parent's watch by name and on the subdirectory's own), and one of the
+// watched directory itself is named without the slash the request gave.
+func TestAChmodIsReportedOnceAndTheRootWithoutItsSlash(t *testing.T) {
+	w := t.TempDir()
+	if err := os.Mkdir(w+"/sub", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c := newClient(t, nil)
+	c.watch(1, map[string]any{"path": w + "/", "recursive": true})
+	if err := os.Chmod(w+"/sub", 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(w, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	evs := c.fsEvents(1, 300*time.Millisecond)
+	if len(evs) != 2 || !hasChange(evs, "chmod", w+"/sub") || !hasChange(evs, "chmod", w) {
+		t.Fatalf("want one chmod of %s/sub and one of %s: %v", w, w, evs)
 	}
 }
