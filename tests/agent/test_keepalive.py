@@ -19,10 +19,15 @@ from isorun.errors import GuestError
 IDLE = 0.5
 
 
-async def _answering_all(guest: Guest) -> tuple[AgentConnection, asyncio.Task[None]]:
+async def _answering_all(
+    guest: Guest, host_sndbuf: int | None = None
+) -> tuple[AgentConnection, asyncio.Task[None]]:
     """A connection (idle limit IDLE) to `guest`, which after its hello handles all that
-    comes, the host's keepalive request too (fakeguest.connect answers that for a guest)."""
+    comes, the host's keepalive request too (fakeguest.connect answers that for a guest).
+    `host_sndbuf` shrinks the host socket's send buffer (fakeguest.connect's)."""
     host_sock, guest_sock = socket.socketpair()
+    if host_sndbuf is not None:
+        host_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, host_sndbuf)
     gr, gw = await asyncio.open_connection(sock=guest_sock)
 
     async def run() -> None:
@@ -309,19 +314,7 @@ async def test_sends_begun_before_a_guest_hung_since_its_hello_was_timed_are_tim
     async def hung_after_hello(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await asyncio.sleep(3600)  # reads nothing, answers nothing
 
-    host_sock, guest_sock = socket.socketpair()
-    host_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    gr, gw = await asyncio.open_connection(sock=guest_sock)
-
-    async def run() -> None:
-        await answer_hello(gr, gw)
-        await hung_after_hello(gr, gw)
-
-    guest = asyncio.create_task(run())
-    hr, hw = await asyncio.open_connection(sock=host_sock)
-    conn = AgentConnection(hr, hw)
-    conn.idle_after_s = IDLE
-    await conn.handshake(5)
+    conn, guest = await _answering_all(hung_after_hello, host_sndbuf=4096)
     assert conn.idle_timeout is None  # not timed yet
     client = AgentClient(conn)
     uploads = _start_uploads(client)
