@@ -4,7 +4,9 @@ The local terminal goes into raw mode (so ^C, ^Z and arrow keys reach the sandbo
 forwarded as it is typed, SIGWINCH resizes the remote terminal, and the command's exit code
 becomes ours. Without a terminal on stdin it still works, as a pipe (no raw mode, 24x80).
 The terminal's mode is restored on every way out: the end of the command, an error, ^C from
-outside raw mode, and SIGTERM/SIGHUP (whose default action would exit with it still raw).
+outside raw mode, and SIGTERM/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2/SIGALRM (whose default action
+would exit with it still raw). Ending before the remote command (a signal, the terminal
+closed, stdout closed, an error) hangs the remote terminal up.
 """
 
 from __future__ import annotations
@@ -26,11 +28,23 @@ from isorun.sdk.sandbox_sync import Pty, Sandbox
 READ_CHUNK = 4096
 # Signals whose default action ends the process without unwinding: turned into SystemExit
 # (128 + signal, the shell convention) so that the `finally` restoring the terminal runs.
-_ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_ENDING_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGALRM,
+)
 
 
 def _exit_on(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
+
+
+def _term_size(in_fd: int, out_fd: int) -> tuple[int, int]:
+    """The local terminal's size: stdin's, or stdout's when stdin is a pipe."""
+    return _size(in_fd if os.isatty(in_fd) else out_fd)
 
 
 def _size(fd: int) -> tuple[int, int]:
@@ -53,7 +67,10 @@ def _raw(fd: int) -> Iterator[None]:
     try:
         yield
     finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        # a terminal closed under us (EIO) has no mode left to restore: its error must
+        # not replace the way out (the exit code, and hanging the remote terminal up)
+        with contextlib.suppress(termios.error, OSError):
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def _pump_output(term: Pty, out_fd: int, done: threading.Event, box: list[BaseException]) -> None:
@@ -79,11 +96,11 @@ def run_shell(
 ) -> int:
     sb = Sandbox.connect(sandbox_id, api_url=api_url, api_key=api_key)
     try:
-        rows, cols = _size(in_fd if os.isatty(in_fd) else out_fd)
+        rows, cols = _term_size(in_fd, out_fd)
         term = sb.pty(rows, cols, cmd=(cmd if len(cmd) > 1 else cmd[0]) if cmd else None)
         try:
             result = _interact(term, in_fd, out_fd)
-        except (SystemExit, KeyboardInterrupt):
+        except BaseException:  # a signal, ^C, stdout closed, the terminal gone, an error
             _hang_up(term)
             raise
     finally:
@@ -124,7 +141,7 @@ def _interact(term: Pty, in_fd: int, out_fd: int) -> ExecResult:
                 if resized.is_set():
                     resized.clear()
                     with contextlib.suppress(Exception):  # the process may just have exited
-                        term.resize(*_size(in_fd))
+                        term.resize(*_term_size(in_fd, out_fd))
                 if not stdin_open:
                     done.wait(0.1)
                     continue

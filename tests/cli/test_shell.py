@@ -23,8 +23,15 @@ def _set_size(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def _spawn_shell(sid: str, tty: int, daemon: Daemon) -> subprocess.Popen[bytes]:
-    """`isorun shell sid` on the terminal whose slave end is tty, in its own session."""
+def _spawn_shell(
+    sid: str, tty: int, daemon: Daemon, controlling: bool = False
+) -> subprocess.Popen[bytes]:
+    """`isorun shell sid` on the terminal whose slave end is tty, in its own session (of
+    which, with `controlling`, tty is the controlling terminal, as a terminal window's)."""
+
+    def take_tty() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
     return subprocess.Popen(
         [sys.executable, "-m", "isorun.cli", "shell", sid],
         stdin=tty,
@@ -32,6 +39,7 @@ def _spawn_shell(sid: str, tty: int, daemon: Daemon) -> subprocess.Popen[bytes]:
         stderr=tty,
         env=daemon.env,
         start_new_session=True,
+        preexec_fn=take_tty if controlling else None,
     )
 
 
@@ -108,12 +116,14 @@ def test_shell_raw_mode_resize_and_exit_code(daemon: Daemon, image: str) -> None
 
 
 def test_shell_restores_the_terminal_when_signalled(daemon: Daemon, image: str) -> None:
-    """SIGTERM / SIGHUP (default action: die on the spot) end `isorun shell` with 128 + the
-    signal, its terminal back in the mode it had, and the remote shell hung up."""
+    """SIGTERM / SIGHUP / SIGQUIT (default action: die on the spot) end `isorun shell` with
+    128 + the signal, its terminal back in the mode it had, and the remote shell hung up;
+    so does its terminal window closing (it left the remote shell running: restoring the
+    mode of a closed terminal failed, and that error replaced the hang-up)."""
     with daemon.client() as c:
         sid = c.post("/v1/sandboxes", json={"image": image}).json()["id"]
     try:
-        for sig in (signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             master, slave = os.openpty()
             before = termios.tcgetattr(slave)  # we keep the slave open to look at its mode
             child = _spawn_shell(sid, slave, daemon)
@@ -130,6 +140,17 @@ def test_shell_restores_the_terminal_when_signalled(daemon: Daemon, image: str) 
                     child.wait()
                 os.close(master)
                 os.close(slave)
+        master, slave = os.openpty()
+        child = _spawn_shell(sid, slave, daemon, controlling=True)
+        os.close(slave)
+        try:
+            _read_until(master, b"\x1b[6n", bytearray())
+            os.close(master)  # the window closes: the kernel hangs its session up
+            assert child.wait(60) == 128 + signal.SIGHUP
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
         deadline = time.monotonic() + 30
         with daemon.client() as c:
             while True:
@@ -140,5 +161,43 @@ def test_shell_restores_the_terminal_when_signalled(daemon: Daemon, image: str) 
                 time.sleep(0.2)
         assert running == []
     finally:
+        with daemon.client() as c:
+            c.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_shell_with_piped_stdin_resizes_to_stdout_s_terminal(daemon: Daemon, image: str) -> None:
+    """Stdin a pipe, stdout a terminal: the remote terminal starts at stdout's size, and a
+    SIGWINCH resized it to 24x80 (it asked stdin, which has no size)."""
+    with daemon.client() as c:
+        sid = c.post("/v1/sandboxes", json={"image": image}).json()["id"]
+    master, slave = os.openpty()
+    _set_size(slave, 40, 120)
+    cmd = (
+        "stty size; while sleep 0.2; do s=$(stty size); [ \"$s\" = '40 120' ] || break; done;"
+        " echo now $s"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-m", "isorun.cli", "shell", sid, "--", "sh", "-c", cmd],
+        stdin=subprocess.PIPE,
+        stdout=slave,
+        stderr=slave,
+        env=daemon.env,
+        start_new_session=True,
+    )
+    os.close(slave)
+    buf = bytearray()
+    try:
+        _read_until(master, b"40 120", buf)
+        _set_size(master, 50, 150)
+        os.kill(child.pid, signal.SIGWINCH)
+        _read_until(master, b"now ", buf)
+        _read_until(master, b"\n", buf)
+        assert b"now 50 150" in buf, bytes(buf)[-200:]
+        assert child.wait(60) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        os.close(master)
         with daemon.client() as c:
             c.delete(f"/v1/sandboxes/{sid}")
