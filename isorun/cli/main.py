@@ -116,15 +116,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if view is not None:
             view.finish()
+    ran = False
     try:
         r = _exec(sb, args.cmd, stream=not args.json)
+        ran = True
     finally:
         usage = sb.destroy() if not args.keep else None
         sb.close()
+        # kept, also when interrupted (^C, a closed stdout): its id is the way back to it
+        if args.keep and not (ran and args.json):
+            print(f"sandbox {sb.id} kept running", file=sys.stderr)
     if args.json:
         print(json.dumps({"sandbox": sb.id, **_result_json(r), "usage": usage}))
-    elif args.keep:
-        print(f"sandbox {sb.id} kept running", file=sys.stderr)
     return _exit_code(r)
 
 
@@ -432,7 +435,7 @@ def _refuse_non_text(argv: list[str]) -> None:
                 "sandbox API carries",
                 file=sys.stderr,
             )
-            sys.exit(2)
+            sys.exit(1)  # an argument error (docs/api.md); 2 is argparse's, with the usage
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -448,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
         code = 1
     except ValueError as exc:  # what the SDK refuses before asking (a malformed id)
         print(f"isorun: {exc}", file=sys.stderr)
-        code = 2
+        code = 1
     except KeyboardInterrupt:
         print("isorun: interrupted", file=sys.stderr)
         code = 130

@@ -179,6 +179,35 @@ def test_cli_interrupt_and_closed_pipe_stop_the_command(daemon: Daemon, image: s
         while _running(daemon, sid) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _running(daemon, sid) == []
+
+        # `run --keep` interrupted keeps its sandbox and says which (it named none)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "isorun.cli",
+                "run",
+                "--keep",
+                image,
+                "--",
+                "sh",
+                "-c",
+                "echo started; sleep 300",
+            ],
+            env=daemon.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        assert p.stdout is not None and p.stdout.readline() == b"started\n"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        kept = re.fullmatch(rb"sandbox (sb-[0-9a-f]+) kept running\nisorun: interrupted\n", err)
+        assert p.returncode == 130 and kept, err
+        with daemon.client() as c:
+            row = c.get(f"/v1/sandboxes/{kept.group(1).decode()}").json()
+            assert row["state"] == "running", row
+            c.delete(f"/v1/sandboxes/{row['id']}")
     finally:
         with daemon.client() as c:
             c.delete(f"/v1/sandboxes/{sid}")

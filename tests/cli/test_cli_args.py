@@ -89,3 +89,15 @@ def test_a_dash_dash_after_the_command_began_is_the_commands(
     # docs/api.md: without a `--` after IMAGE/ID everything after it is the command; a later
     # `--` was cut out of it (`grep -- -v f` ran `grep -v f`, inverting the match).
     assert parse_args(argv).cmd == cmd
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["kill", "a/b"], ["exec", "", "--", "true"], ["exec", "sb-1", "--", "caf\udce9"]],
+    ids=["id-with-slash", "empty-id", "not-utf8"],
+)
+def test_argument_errors_without_a_usage_exit_1(tmp_path: Path, argv: list[str]) -> None:
+    # docs/api.md: an argument error exits 1; 2 is argparse's own, which prints the usage
+    r = _cli(tmp_path, *argv)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert r.stderr.startswith("isorun: ") and "usage:" not in r.stderr, r.stderr

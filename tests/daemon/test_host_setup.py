@@ -4,6 +4,7 @@ failed sandbox on record as an error."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from isorun.daemon.errors import ApiError
 from isorun.daemon.models import CreateSandbox
 from isorun.daemon.sandboxes import SandboxManager
 from isorun.daemon.store import LOCAL_TENANT, Store
+from isorun.errors import ConfigError
 
 
 async def test_create_on_a_host_without_a_guest_kernel_is_a_server_error_naming_the_fix(
@@ -40,3 +42,20 @@ async def test_create_on_a_host_without_a_guest_kernel_is_a_server_error_naming_
         assert row.end_reason == "error" and "no-vmlinux" in (row.error or "")
     finally:
         await manager.stop()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("ISORUN_CPU_OVERCOMMIT", "abc", "ISORUN_CPU_OVERCOMMIT='abc' is not a number"),
+        ("ISORUN_DEFAULT_TIMEOUT", "5m", "ISORUN_DEFAULT_TIMEOUT='5m' is not a whole number"),
+    ],
+)
+def test_a_setting_that_is_no_number_is_named(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, says: str
+) -> None:
+    # isorund said only "could not convert string to float: 'abc'" (a traceback when run
+    # as python -m isorun.daemon), naming no setting
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        DaemonConfig()
