@@ -25,7 +25,7 @@ from isorun.daemon.imageerrors import (
 )
 from isorun.daemon.models import CreateSandbox
 from isorun.daemon.progress import progress_record
-from isorun.daemon.store import LOCAL_TENANT, SandboxRow, StateFullError, Store
+from isorun.daemon.store import LOCAL_TENANT, SandboxRow, StateError, Store
 from isorun.errors import ChannelClosedError, ConfigError, IsorunError, VMError
 from isorun.images import ImageConfig, ImageError, ImageStore, ProgressEvent
 from isorun.vmm import (
@@ -363,7 +363,8 @@ class SandboxManager:
         return [r for r in rows if all(r.metadata.get(k) == v for k, v in metadata.items())]
 
     async def _record_pending_ends(self) -> None:
-        """Store the ends that a full state disk refused, oldest first, while it has room."""
+        """Store the ends the state database refused (a full disk, a lock held too long, an
+        I/O error), oldest first, while it takes them."""
         for sandbox_id, row in list(self._unrecorded.items()):
             usage = (row.cpu_ms or 0, row.mem_peak_bytes or 0, row.uptime_ms or 0)
             try:
@@ -372,13 +373,24 @@ class SandboxManager:
                     row.end_reason or "ended",
                     usage,
                     self.cfg.price_per_vcpu_hour,
+                    error=row.error,
                     ended=row.ended,
                 )
-            except StateFullError:
+            except StateError:
                 return
             del self._unrecorded[sandbox_id]
             # stored: its image is let go of even if this caller is cancelled meanwhile
             await asyncio.shield(self._release_image(row))
+
+    def _hold_end(
+        self, row: SandboxRow, reason: str, usage: tuple[int, int, int], error: str | None = None
+    ) -> None:
+        """The state database refused to store this end: shown ended from now on, stored by
+        the reaper once the database takes it (_record_pending_ends)."""
+        row.state, row.end_reason, row.ended = "ended", reason, time.time()
+        row.cpu_ms, row.mem_peak_bytes, row.uptime_ms = usage
+        row.error = error or row.error
+        self._unrecorded[row.id] = row
 
     # --- create ----------------------------------------------------------------------
 
@@ -568,7 +580,7 @@ class SandboxManager:
             killed = self._killed_getting_image.get(row.id)
             if not isinstance(exc, asyncio.CancelledError):
                 killed = None
-            with contextlib.suppress(Exception):
+            try:
                 if refused:
                     self.store.forget_sandbox(row.id)
                 elif killed is not None:
@@ -578,6 +590,12 @@ class SandboxManager:
                     self.store.end_sandbox(
                         row, "error", usage, self.cfg.price_per_vcpu_hour, error=msg[:4000]
                     )
+            except StateError:
+                # left as 'creating' for good otherwise (the disk an image pull filled is the
+                # state's too, by default): ended, and stored once the database takes it
+                self._hold_end(row, "killed" if killed is not None else "error", usage, msg[:4000])
+            except Exception:  # the create's own error is the one to report
+                log.exception("recording the failed create of %s", row.id)
             await self._release_image(row)
             if killed is not None:
                 # the cancel was kill()'s, answered here: this task goes on as uncancelled
@@ -684,12 +702,10 @@ class SandboxManager:
                     self.cfg.price_per_vcpu_hour,
                     console=live.vm.console.tail(CONSOLE_KEPT),
                 )
-            except StateFullError:
-                # The VM is gone: shown ended from now on, stored when the disk has room.
-                live.row.state, live.row.end_reason, live.row.ended = "ended", reason, time.time()
-                live.row.cpu_ms, live.row.mem_peak_bytes = u.cpu_ms, u.mem_peak_bytes
-                live.row.uptime_ms = uptime_ms
-                self._unrecorded[live.row.id] = live.row
+            except StateError:
+                # The VM is gone: shown ended from now on, stored when the database takes it
+                # (a full disk, or one another process holds locked).
+                self._hold_end(live.row, reason, (u.cpu_ms, u.mem_peak_bytes, uptime_ms))
                 raise
             await self._release_image(live.row)
             result = {**usage, **bill}

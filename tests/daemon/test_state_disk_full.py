@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-from daemonhelpers import Daemon
+from daemonhelpers import Daemon, running_daemon
 
 
 @contextlib.contextmanager
@@ -121,3 +122,34 @@ def test_a_sandbox_ended_on_a_full_state_disk_is_recorded_once_there_is_room(
                 assert shown["ended_at"] == ended  # when it ended, not when that was stored
         finally:
             d.stop()
+
+
+def test_a_sandbox_ended_while_another_process_locks_the_state_is_recorded_after(
+    tmp_path: Path, busybox_rootfs: Path
+) -> None:
+    # Another process (an operator's sqlite3 shell, a backup) holds the database's write
+    # lock past its 5 s wait: the DELETE kills the VM but cannot store the end. Only a full
+    # disk's refusals were kept to store later: this one was dropped, and the sandbox
+    # showed running until the next daemon ended it 'lost', billing the time in between.
+    with running_daemon(tmp_path / "d", ISORUN_WARM_START="0") as d, d.client() as c:
+        sid = c.post("/v1/sandboxes", json={"image": f"rootfs:{busybox_rootfs}"}).json()["id"]
+        other = sqlite3.connect(str(d.state / "isorund.db"), isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            r = c.delete(f"/v1/sandboxes/{sid}")
+            assert r.status_code == 500 and "locked" in r.text, r.text
+            assert c.get(f"/v1/sandboxes/{sid}").json()["state"] == "ended"
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            rows = (
+                sqlite3.connect(str(d.state / "isorund.db"))
+                .execute("SELECT state, end_reason, uptime_ms FROM sandboxes WHERE id=?", (sid,))
+                .fetchall()
+            )
+            if rows and rows[0][0] == "ended":
+                break
+            time.sleep(0.5)
+        assert rows[0][:2] == ("ended", "killed") and rows[0][2] > 0, rows
