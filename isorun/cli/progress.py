@@ -4,6 +4,7 @@ phase elsewhere, JSON lines with --json. No dependency beyond the standard libra
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict
 from typing import TextIO
@@ -62,12 +63,21 @@ class ProgressView:
             rec = {"type": "progress", **{k: v for k, v in asdict(ev).items() if v is not None}}
             self.stream.write(json.dumps(rec) + "\n")
         elif self.tty:
-            self.stream.write("\r\x1b[K" + describe(ev, time.monotonic() - self.started))
+            # cut to the terminal's width: a line that wraps leaves a row behind at every
+            # redraw (\r and erase-line reach only the row the cursor is on)
+            line = describe(ev, time.monotonic() - self.started)
+            self.stream.write("\r\x1b[K" + line[: max(self._columns() - 1, 1)])
             self._open = True
         elif ev.phase != self._last_phase:
             self.stream.write(describe(ev, time.monotonic() - self.started) + "\n")
         self._last_phase = ev.phase
         self.stream.flush()
+
+    def _columns(self) -> int:
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns or 80
+        except (OSError, ValueError, AttributeError):  # not a real terminal's stream
+            return 80
 
     def finish(self) -> None:
         """End the in-place line (call before printing anything else)."""
