@@ -287,9 +287,15 @@ class SandboxManager:
         console = console_of(run_dir)
         remove_run_dir(run_dir)
         # When it died while no daemon watched is not known: counted up to now, less what
-        # lies past its own timeout (which would have ended it anyway).
+        # lies past its own timeout (which would have ended it anyway); one started before
+        # the host last booted died by then (no VM outlives a reboot).
         now = time.time()
-        uptime_ms = max(0, int((now - (row.started or row.created)) * 1000))
+        started = row.started or row.created
+        died_by = now
+        booted = _host_boot_time()
+        if booted is not None and started < booted:
+            died_by = min(now, booted)
+        uptime_ms = max(0, int((died_by - started) * 1000))
         self.store.end_sandbox(
             row,
             reason,
@@ -769,6 +775,18 @@ def _powered_off(exc: BaseException) -> bool:
     """An adoption that found the guest powered off while no daemon watched: it ended then
     (as it would have with a daemon attached), not lost."""
     return isinstance(exc, VMError) and exc.reason == "halted"
+
+
+def _host_boot_time() -> float | None:
+    """When the host last booted (unix time, /proc/stat's btime), or None if unknown."""
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _billable_ms(row: SandboxRow, uptime_ms: int, now: float) -> int:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -140,6 +141,41 @@ def test_vm_killed_while_daemon_down_is_marked_lost(tmp_path: Path, busybox_root
             # what its cgroup counted, and not billed past its own timeout for the downtime
             assert rec["cpu_ms"] > 0 and rec["mem_peak_bytes"] > 1 << 20, rec
             assert rec["uptime_ms"] <= 2000 + 500, rec
+    finally:
+        d.stop()
+    assert_no_leaks(d)
+
+
+def test_a_vm_lost_to_a_host_reboot_is_billed_up_to_the_boot_not_to_now(
+    tmp_path: Path, busybox_rootfs: Path
+) -> None:
+    # A sandbox started before the host last booted died by that boot (no VM outlives a
+    # reboot); the next daemon billed it up to its own start: the host's downtime, and
+    # here the whole time since this host booted. Its row is set to have started ten minutes
+    # before this host's real boot time (/proc/stat btime), as after a reboot.
+    btime = next(
+        float(line.split()[1])
+        for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("btime ")
+    )
+    d = Daemon(tmp_path / "d", ISORUN_DEFAULT_MEMORY_MIB="256").start()
+    try:
+        with d.client() as c:
+            sid = c.post("/v1/sandboxes", json={"image": f"rootfs:{busybox_rootfs}"}).json()["id"]
+        d.stop(signal.SIGKILL)
+        for pid in qemu_pids_for(d.state):
+            subprocess.run(["kill", "-9", str(pid)], check=False)
+        with contextlib.closing(sqlite3.connect(str(d.state / "isorund.db"))) as db, db:
+            db.execute(
+                "UPDATE sandboxes SET created=?, started=?, expires=? WHERE id=?",
+                (btime - 600, btime - 600, btime + 86400 * 30, sid),
+            )
+        d.start()
+        with d.client() as c:
+            info = c.get(f"/v1/sandboxes/{sid}").json()
+            assert info["state"] == "ended" and info["end_reason"] == "lost", info
+            rec = {r["sandbox_id"]: r for r in c.get("/v1/usage").json()["records"]}[sid]
+            assert 600_000 <= rec["uptime_ms"] <= 601_000, rec
     finally:
         d.stop()
     assert_no_leaks(d)
