@@ -14,6 +14,9 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GiB = 1 << 30
 # well under the agent's 64 KiB frame, which also carries the working dir and user
 MAX_ENV_BYTES = 32 * 1024
+# ... and those two: a path the kernel takes (PATH_MAX), a user name or uid:gid
+MAX_WORKING_DIR_BYTES = 4096
+MAX_USER_BYTES = 256
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,21 @@ class ImageConfig:
                 f"image config field WorkingDir must be an absolute path, not "
                 f"{_short(working_dir)}; the image is malformed"
             )
+        user = _string(cfg, "User") or "root"
+        # sent with Env in that one frame: one too long failed every boot of a stored image
+        for key, value, most in (
+            ("WorkingDir", working_dir, MAX_WORKING_DIR_BYTES),
+            ("User", user, MAX_USER_BYTES),
+        ):
+            if len(value.encode()) > most:
+                raise ImageCorruptError(
+                    f"image config field {key} is {len(value.encode())} bytes, over the limit "
+                    f"of {most}; the image is malformed"
+                )
         return cls(
             env=env,
             working_dir=working_dir,
-            user=_string(cfg, "User") or "root",
+            user=user,
             entrypoint=_strings(cfg, "Entrypoint"),
             cmd=_strings(cfg, "Cmd"),
         )

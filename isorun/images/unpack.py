@@ -33,6 +33,7 @@ from isorun.images.errors import (
     StoreFullError,
     ToolMissingError,
     UnsafeLayerError,
+    UnsupportedImageError,
 )
 from isorun.images.fstree import walk_lstat
 
@@ -42,6 +43,15 @@ POLL_S = 0.05
 def _classify(stderr: str) -> ImageError:
     low = stderr.lower()
     detail = proc.tail(stderr, 3)
+    if "xattr" in low and "no space left on device" in low:
+        # the host filesystem's answer to an extended attribute larger than it holds (ext4:
+        # one block), not a full disk: freeing space would not help
+        return UnsupportedImageError(
+            "a file in the image has extended attributes larger than the host's filesystem "
+            f"holds, so the image cannot be stored ({detail})"
+        )
+    if "entry: .wh..." in low or "/.wh...:" in low:
+        return _removed_its_root()
     if "no space left on device" in low or "disk quota exceeded" in low:
         return StoreFullError(
             f"disk full while unpacking layers: free space in the image store and retry ({detail})"
@@ -63,6 +73,13 @@ def _classify(stderr: str) -> ImageError:
     ):
         return ImageCorruptError(f"a layer is truncated or corrupt; re-push the image ({detail})")
     return ImageToolError(f"umoci could not unpack the image: {detail}")
+
+
+def _removed_its_root() -> UnsafeLayerError:
+    return UnsafeLayerError(
+        "a layer removed the directory the image was unpacked into (a whiteout of '..'); "
+        "the image is malformed or hostile and was rejected"
+    )
 
 
 def _too_large(what: str, setting: str = "max_image_bytes") -> ImageTooLargeError:
@@ -105,6 +122,12 @@ async def unpack(
             "converting images needs root (to keep ownership and device nodes); run isorund as root"
         )
     proc.which("umoci")
+    # umoci takes a whiteout named `.wh..` (of "..") at the top of a layer for the target's
+    # parent, and deletes that: the tree is unpacked inside a holder directory of its own,
+    # which is all such a layer can reach (umoci then fails), and moved to `target` after.
+    holder = target.parent / f".{target.name}.holder"
+    holder.mkdir()
+    tree = holder / target.name
     argv = [
         "prlimit",
         f"--fsize={max_bytes}",
@@ -112,11 +135,11 @@ async def unpack(
         "raw",
         "unpack",
         f"--image={layout}:{tag}",
-        str(target),
+        str(tree),
     ]
     run = asyncio.ensure_future(proc.run(argv, timeout=timeout))
     try:
-        await _watch(run, target, max_bytes, max_files)
+        await _watch(run, tree, max_bytes, max_files)
         res = await run
     finally:
         if not run.done():
@@ -128,6 +151,10 @@ async def unpack(
         if res.returncode in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or "file too large" in low:
             raise _too_large(f"a file larger than the store limit of {max_bytes} bytes")
         raise _classify(res.stderr)
+    if not tree.is_dir() or tree.is_symlink():
+        raise _removed_its_root()
+    os.rename(tree, target)
+    holder.rmdir()
 
 
 async def _watch(

@@ -324,6 +324,10 @@ async def test_config_fields_of_the_wrong_type(
         ({"WorkingDir": "/tmp\x00"}, "field WorkingDir holds a NUL"),
         ({"WorkingDir": "tmp/work"}, "field WorkingDir must be an absolute path"),
         ({"Cmd": ["sh", "-c\x00"]}, "field Cmd holds a NUL"),
+        # sent with Env in the agent's one 64 KiB frame at every boot: stored, then every
+        # sandbox of the image failed
+        ({"WorkingDir": "/" + "w" * 70000}, "field WorkingDir is 70001 bytes"),
+        ({"User": "u" * 1000}, "field User is 1000 bytes"),
     ],
 )
 async def test_config_values_a_sandbox_cannot_use(

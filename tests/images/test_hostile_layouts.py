@@ -11,7 +11,8 @@ import ocibuild as ob
 import pytest
 from imghelpers import assert_store_intact, ext4_cat
 
-from isorun.images import ImageCorruptError, ImageStore, UnsupportedImageError
+from isorun.images import ImageCorruptError, ImageStore, UnsupportedImageError, unpack
+from isorun.images.errors import UnsafeLayerError
 from isorun.images.layout import Layout
 from isorun.images.skopeo import Skopeo
 
@@ -187,3 +188,30 @@ async def test_files_with_large_extended_attributes_convert(
         text=True,
     )
     assert f"11999{sig}" in got.stdout, got.stdout + got.stderr
+
+
+async def test_a_whiteout_of_dot_dot_reaches_nothing_outside_the_tree(tmp_path: Path) -> None:
+    # umoci takes `.wh..` (a whiteout of "..") at a layer's top for the target's parent, and
+    # deleted it: the directory the tree was unpacked into, and all beside it.
+    lay = ob.Layout(tmp_path / "dotdot")
+    lay.tag(lay.manifest([[ob.file("top", "t")], [ob.whiteout("..")]]), "v1")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "beside").write_text("kept")
+    with pytest.raises(UnsafeLayerError, match="removed the directory"):
+        await unpack.unpack(
+            lay.path, "v1", work / "rootfs", timeout=60, max_bytes=1 << 30, max_files=1000
+        )
+    assert (work / "beside").read_text() == "kept"
+
+
+async def test_an_extended_attribute_the_host_cannot_hold_is_not_called_a_full_disk(
+    store: ImageStore, tmp_path: Path
+) -> None:
+    # ext4 holds an attribute in one block: an 8,000-byte one fails ENOSPC, which said
+    # "disk full: free space and retry", where no space freed would help.
+    lay = ob.Layout(tmp_path / "bigxattr")
+    lay.tag(lay.manifest([[ob.file("f", "x", xattrs={"user.big": "v" * 8000})]]), "v1")
+    with pytest.raises(UnsupportedImageError, match="extended attributes larger"):
+        await store.ensure(f"oci-layout:{lay.path}:v1")
+    assert_store_intact(store)
