@@ -66,7 +66,9 @@ class ProgressView:
             # cut to the terminal's width: a line that wraps leaves a row behind at every
             # redraw (\r and erase-line reach only the row the cursor is on)
             line = describe(ev, time.monotonic() - self.started)
-            self.stream.write("\r\x1b[K" + line[: max(self._columns() - 1, 1)])
+            if (columns := self._columns()) > 1:
+                line = line[: columns - 1]
+            self.stream.write("\r\x1b[K" + line)
             self._open = True
         elif ev.phase != self._last_phase:
             self.stream.write(describe(ev, time.monotonic() - self.started) + "\n")
@@ -74,10 +76,11 @@ class ProgressView:
         self.stream.flush()
 
     def _columns(self) -> int:
+        """The terminal's width; 0 when not known (a terminal nobody sized: not cut)."""
         try:
-            return os.get_terminal_size(self.stream.fileno()).columns or 80
+            return os.get_terminal_size(self.stream.fileno()).columns
         except (OSError, ValueError, AttributeError):  # not a real terminal's stream
-            return 80
+            return 0
 
     def finish(self) -> None:
         """End the in-place line (call before printing anything else)."""
