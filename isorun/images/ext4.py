@@ -17,6 +17,12 @@ HEADROOM_FRACTION = 0.10
 HEADROOM_FIXED = 16 * MiB
 # mkfs.ext4 -d recurses per directory level and crashes at about 1020 (e2fsprogs 1.47)
 MAX_DEPTH = 512
+# mkfs.ext4 -d links each entry into an unindexed directory, scanning it: its time grows as
+# the square of a directory's entries (20,000 in one: 35 s, 40,000: 127 s here), and of the
+# hard-linked inodes (a list it searches per link: 40,000: 3 s). A few hundred KB of layer
+# could hold the host's CPU until the pull's timeout: the sum of the squares is bounded.
+MAX_DIR_WORK = 40_000**2
+MAX_HARD_LINKED = 250_000
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ def measure(root: Path) -> TreeSize:
     seen: set[int] = set()
     data = BLOCK
     inodes = 1
+    dir_work = 0  # the sum over directories of their entries squared
+    largest = (0, "")
     stack = [(str(root), 0)]
     while stack:
         path, depth = stack.pop()
@@ -48,8 +56,10 @@ def measure(root: Path) -> TreeSize:
                 f"{os.path.relpath(path, root)[:200]}...); mkfs.ext4 cannot copy trees that "
                 "deep, so the image was refused"
             )
+        entries = 0
         with os.scandir(path) as it:
             for e in it:
+                entries += 1
                 st = e.stat(follow_symlinks=False)
                 if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                     if st.st_ino in seen:
@@ -66,6 +76,20 @@ def measure(root: Path) -> TreeSize:
                     data += BLOCK
                 if _xattr_bytes(e.path) > IN_INODE_XATTR_BYTES:
                     data += BLOCK
+        dir_work += entries * entries
+        largest = max(largest, (entries, path))
+        if dir_work > MAX_DIR_WORK:
+            raise UnsupportedImageError(
+                "the image's directories hold too many entries each for mkfs.ext4, whose time "
+                f"grows as their square (the largest: {os.path.relpath(largest[1], root)[:200]}"
+                f" with {largest[0]:,}; about {int(MAX_DIR_WORK**0.5):,} in one directory is "
+                "the most); spread the files over subdirectories"
+            )
+    if len(seen) > MAX_HARD_LINKED:
+        raise UnsupportedImageError(
+            f"the image has {len(seen):,} hard-linked files, over the {MAX_HARD_LINKED:,} "
+            "mkfs.ext4 copies in a bounded time"
+        )
     return TreeSize(data, inodes)
 
 

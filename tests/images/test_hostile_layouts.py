@@ -11,7 +11,7 @@ import ocibuild as ob
 import pytest
 from imghelpers import assert_store_intact, ext4_cat
 
-from isorun.images import ImageCorruptError, ImageStore, UnsupportedImageError, unpack
+from isorun.images import ImageCorruptError, ImageStore, UnsupportedImageError, ext4, unpack
 from isorun.images.errors import UnsafeLayerError
 from isorun.images.layout import Layout
 from isorun.images.skopeo import Skopeo
@@ -215,3 +215,25 @@ async def test_an_extended_attribute_the_host_cannot_hold_is_not_called_a_full_d
     with pytest.raises(UnsupportedImageError, match="extended attributes larger"):
         await store.ensure(f"oci-layout:{lay.path}:v1")
     assert_store_intact(store)
+
+
+def test_a_tree_mkfs_would_take_too_long_on_is_refused_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # mkfs.ext4 -d's time grows as the square of a directory's entries: a few hundred KB of
+    # layer holding one flat directory of empty files tied up a host core until the pull's
+    # timeout (40,000 entries: 127 s; 200,000: past 30 min). Spread over directories, the
+    # same number costs next to nothing and is taken. (The bound scaled down 400x here.)
+    monkeypatch.setattr(ext4, "MAX_DIR_WORK", 100**2)
+    flat = tmp_path / "flat" / "d"
+    flat.mkdir(parents=True)
+    for i in range(101):
+        (flat / f"f{i}").touch()
+    with pytest.raises(UnsupportedImageError, match="d with 101"):
+        ext4.measure(tmp_path / "flat")
+    spread = tmp_path / "spread"
+    for j in range(30):
+        (spread / f"d{j}").mkdir(parents=True)
+        for i in range(15):
+            (spread / f"d{j}" / f"f{i}").touch()
+    assert ext4.measure(spread).inodes == 481
