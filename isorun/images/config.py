@@ -193,6 +193,8 @@ class StoreConfig:
       with a full toolchain is ~100k, a big node_modules a few 100k.
     insecure_registries: hosts reached over plain HTTP / unverified TLS; loopback registries
       are always allowed, as Docker does.
+    max_conversions: images fetched and converted at once by this store object (each takes
+      a core and disk bandwidth for seconds to minutes; more wait, saying so).
     """
 
     auth_file: Path | None = field(default_factory=_default_auth_file)
@@ -202,6 +204,7 @@ class StoreConfig:
     platform_os: str = "linux"
     platform_arch: str = "amd64"
     pull_timeout_s: float = 1800.0
+    max_conversions: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
     template_dirs: tuple[Path, ...] = ()
     debian_mirror: str = field(
         default_factory=lambda: os.environ.get(

@@ -157,6 +157,9 @@ class ImageStore:
         self._refs = Refs(self.root / "refs.json")
         self._holders = Holders(self.root / "holders")
         self._skopeo = Skopeo(self.cfg, self.root)
+        # conversions at once: many tenants pulling different images each ran skopeo, umoci
+        # and mkfs.ext4 beside the others, with nothing bounding the host's cores and disk
+        self._conversions = asyncio.Semaphore(max(1, self.cfg.max_conversions))
 
     # ---- paths -------------------------------------------------------------------------
 
@@ -332,7 +335,8 @@ class ImageStore:
             async with self._digest_lock(digest, name, emit):
                 img = self._load(digest)
                 if img is None:
-                    await self._convert(digest, name, build)
+                    async with self._conversion_slot(name, digest, emit):
+                        await self._convert(digest, name, build)
                     img = self._load(digest)
                     if img is None:  # pragma: no cover - rename succeeded, so it exists
                         raise ImageError(f"image {digest} vanished right after conversion")
@@ -344,6 +348,21 @@ class ImageStore:
             emit(ProgressEvent("cached", name, "already in the store", digest=digest))
         await self._refs.set(name, digest)
         return self._load(digest) or img
+
+    @contextlib.asynccontextmanager
+    async def _conversion_slot(self, name: str, digest: str, emit: Progress) -> Any:
+        """One of the store's max_conversions slots; says `waiting` when all are taken."""
+        if self._conversions.locked():
+            emit(
+                ProgressEvent(
+                    "waiting",
+                    name,
+                    f"{self.cfg.max_conversions} other image conversions are running",
+                    digest=digest,
+                )
+            )
+        async with self._conversions:
+            yield
 
     @contextlib.asynccontextmanager
     async def _digest_lock(self, digest: str, name: str, emit: Progress) -> Any:

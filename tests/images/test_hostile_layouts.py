@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import pytest
 from imghelpers import assert_store_intact, ext4_cat
 
 from isorun.images import ImageCorruptError, ImageStore, UnsupportedImageError, ext4, unpack
+from isorun.images.config import StoreConfig
 from isorun.images.errors import UnsafeLayerError
 from isorun.images.layout import Layout
 from isorun.images.skopeo import Skopeo
@@ -237,3 +240,33 @@ def test_a_tree_mkfs_would_take_too_long_on_is_refused_before_it(
         for i in range(15):
             (spread / f"d{j}" / f"f{i}").touch()
     assert ext4.measure(spread).inodes == 481
+
+
+async def test_conversions_beyond_the_store_s_slots_wait_saying_so(tmp_path: Path) -> None:
+    # Every pull of a different image converted at once (skopeo, umoci, mkfs.ext4 each),
+    # however many: nothing bounded the host's cores and disk. Here one slot: the second
+    # image waits, says why, and converts once the first is done.
+    store = ImageStore(tmp_path / "store", StoreConfig(auth_file=None, max_conversions=1))
+    seen: dict[str, list[tuple[float, str, str]]] = {}
+    refs = []
+    for name in ("one", "two"):
+        lay = ob.Layout(tmp_path / name)
+        lay.tag(lay.manifest([ob.busybox_tree([ob.file("etc/marker", name)])]), "v1")
+        refs.append(f"oci-layout:{lay.path}:v1")
+
+    async def pull(ref: str) -> None:
+        log = seen.setdefault(ref, [])
+        await store.ensure(
+            ref, progress=lambda ev: log.append((time.monotonic(), ev.phase, ev.message))
+        )
+
+    await asyncio.gather(*(pull(r) for r in refs))
+    converting = {"pulling", "unpacking", "converting"}  # what a conversion says in its slot
+    spans = sorted(
+        (min(t for t, p, _ in log if p in converting), max(t for t, p, _ in log if p in converting))
+        for log in seen.values()
+    )
+    assert spans[0][1] <= spans[1][0], spans  # one after the other
+    waited = [m for log in seen.values() for _, phase, m in log if phase == "waiting"]
+    assert waited == ["1 other image conversions are running"], seen
+    assert {ext4_cat(store.inspect(r).rootfs, "/etc/marker") for r in refs} == {"one", "two"}
