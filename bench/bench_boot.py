@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from vmhelpers import build_busybox_rootfs
 
 from isorun.agent.mux import AgentConnection
-from isorun.vmm import MicroVM, VMSpec, accel, artifacts, qemu_cmd, scratch
+from isorun.vmm import MicroVM, VMSpec, accel, artifacts, qemu_cmd, scratch, tsc
 from isorun.vmm import warm as warm_mod
 from isorun.vmm.qmp import QMPMonitor
 
@@ -103,6 +103,8 @@ def trivial_initramfs(work: Path, lang: str) -> Path:
 
 
 def bare_boot(kernel: Path, initramfs: Path, accel_name: str, lang: str) -> float:
+    # the same command line as isorun's, TSC rate included (vmm/tsc.py)
+    tsc_khz = None if accel_name == "kvm" else tsc.host_tsc_khz()
     with tempfile.TemporaryDirectory() as tmp:
         lsock = socket.socket(socket.AF_UNIX)
         path = f"{tmp}/console.sock"
@@ -115,7 +117,7 @@ def bare_boot(kernel: Path, initramfs: Path, accel_name: str, lang: str) -> floa
                     artifacts.qemu_binary(), accel_name, 1, 256, kernel, initramfs
                 ),
                 "-append",
-                qemu_cmd.kernel_cmdline(False, "", accel_name),
+                qemu_cmd.kernel_cmdline(False, "", accel_name, tsc_khz=tsc_khz),
                 "-chardev",
                 f"socket,id=c,fd={lsock.fileno()},server=on,wait=off",
                 "-serial",

@@ -35,7 +35,7 @@ from isorun.errors import (
     VMError,
 )
 from isorun.vmm import accel as accel_mod
-from isorun.vmm import artifacts, jail, qemu_cmd, scratch, vsock, warm
+from isorun.vmm import artifacts, jail, qemu_cmd, scratch, tsc, vsock, warm
 from isorun.vmm.cgroup import VMCgroup
 from isorun.vmm.console import ConsoleLog
 from isorun.vmm.mempeak import MemoryPeak
@@ -416,6 +416,13 @@ class MicroVM:
         await self._qmp.close()
         await self.console.stop()
 
+    async def _tsc_khz(self) -> int | None:
+        """The host's TSC rate for a TCG guest's clock (vmm/tsc.py); KVM has kvm-clock. A
+        restored guest keeps its template's, measured on this same host."""
+        if self.accel.name == "kvm":
+            return None
+        return await asyncio.to_thread(tsc.host_tsc_khz)
+
     async def _launch(
         self,
         bins: _Binaries,
@@ -500,6 +507,7 @@ class MicroVM:
                 self.spec.extra_cmdline,
                 run_as=run_as,
                 chroot=chroot,
+                tsc_khz=await self._tsc_khz(),
             )
             if jailed:
                 argv = jail.namespaced(argv)

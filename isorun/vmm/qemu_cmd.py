@@ -59,7 +59,11 @@ TCG_ONLY_CMDLINE = ("noapictimer", "noreplace-smp")
 TCG_CPU = "max,-erms,-fsrm"
 
 
-def kernel_cmdline(has_root: bool, extra: str, accel: str, vsock_port: int = 0) -> str:
+def kernel_cmdline(
+    has_root: bool, extra: str, accel: str, vsock_port: int = 0, tsc_khz: int | None = None
+) -> str:
+    """tsc_khz: the host's TSC rate (vmm/tsc.py), which a TCG guest's TSC runs at; the
+    guest cannot measure it, and without it keeps time in 4 ms jiffies."""
     parts = [
         "console=ttyS0",
         "quiet",
@@ -73,6 +77,8 @@ def kernel_cmdline(has_root: bool, extra: str, accel: str, vsock_port: int = 0) 
     ]
     if accel != "kvm":
         parts += TCG_ONLY_CMDLINE
+        if tsc_khz:
+            parts.append(f"tsc_early_khz={tsc_khz}")
     if has_root:
         parts += ["isorun.root=/dev/vda", "isorun.scratch=/dev/vdb"]
     if vsock_port:
@@ -121,6 +127,7 @@ def build(
     run_as: str | None = None,
     chroot: Path | None = None,
     sandbox: bool = True,
+    tsc_khz: int | None = None,
 ) -> list[str]:
     argv = [
         *machine_args(qemu, accel, vcpus, memory_mib, files.kernel, files.initramfs),
@@ -130,6 +137,7 @@ def build(
             extra_cmdline,
             accel,
             files.vsock_port,
+            tsc_khz,
         ),
         "-chardev",
         f"socket,id=console,fd={files.console_fd},server=on,wait=off",

@@ -27,6 +27,13 @@ def test_tcg_skips_the_apic_timer_calibration_and_smp_unpatching() -> None:
     assert "isorun.root=/dev/vda" in tcg
 
 
+def test_a_tcg_guest_is_told_the_hosts_tsc_rate_and_a_kvm_guest_is_not() -> None:
+    # The TCG guest cannot calibrate its TSC (vmm/tsc.py); a KVM guest has kvm-clock.
+    assert "tsc_early_khz=2500000" in qemu_cmd.kernel_cmdline(False, "", "tcg", 0, 2500000)
+    assert "tsc_early_khz" not in qemu_cmd.kernel_cmdline(False, "", "tcg", 0, None)
+    assert "tsc_early_khz" not in qemu_cmd.kernel_cmdline(False, "", "kvm", 0, 2500000)
+
+
 def test_kvm_guests_keep_their_local_apic_timer() -> None:
     # KVM has the TSC-deadline timer, so the calibration costs nothing there; the PIT
     # broadcast tick that replaces it under TCG would only cost KVM guests exits.

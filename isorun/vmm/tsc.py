@@ -1,0 +1,99 @@
+"""The host's TSC rate, told to TCG guests so their clock runs on the TSC.
+
+Under TCG a guest's `rdtsc` reads the host's TSC (QEMU's cpu_get_host_ticks), but the
+guest kernel cannot measure its rate: its PIT calibration fails under emulation, so it marks
+the TSC unstable and keeps time with jiffies. Every clock in the guest then ticks in 4 ms
+steps (CONFIG_HZ=250), no timer can be finer, and the boot spends time in the delay-loop
+calibration. Given `tsc_early_khz=`, the kernel skips both calibrations, keeps time on the
+TSC and runs high-resolution timers. KVM guests need none of this: they get kvm-clock.
+
+The rate is measured against CLOCK_MONOTONIC_RAW, which on a TSC host is that same TSC
+scaled by the host kernel's own calibration, so the guest inherits the host's accuracy.
+Only a host with an invariant TSC (constant and nonstop) qualifies; elsewhere None, and the
+guest falls back to jiffies as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# rdtsc; shl rdx, 32; or rax, rdx; ret: the 64-bit counter in rax (System V ABI).
+_RDTSC_CODE = bytes((0x0F, 0x31, 0x48, 0xC1, 0xE2, 0x20, 0x48, 0x09, 0xD0, 0xC3))
+_WINDOW_S = 0.05  # long enough that a microsecond of bracketing error is 20 ppm
+_SAMPLES = 9  # per end of the window: the tightest rdtsc bracket around the clock read wins
+_SANE_KHZ = range(100_000, 10_000_001)  # 100 MHz .. 10 GHz
+
+
+def _invariant_tsc(cpuinfo: str) -> bool:
+    """Whether the TSC ticks at one rate whatever the core's frequency or sleep state."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return {"tsc", "constant_tsc", "nonstop_tsc"} <= flags
+    return False
+
+
+def _rdtsc_function() -> Callable[[], int]:
+    """A callable running `rdtsc` in an executable page of its own (never writable and
+    executable at once: written, then made read+execute)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    size = mmap.PAGESIZE
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap of a page for rdtsc failed")
+    ctypes.memmove(addr, _RDTSC_CODE, len(_RDTSC_CODE))
+    if libc.mprotect(addr, size, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
+        raise OSError(ctypes.get_errno(), "mprotect of the rdtsc page failed")
+    return ctypes.CFUNCTYPE(ctypes.c_uint64)(addr)  # the page lives as long as the process
+
+
+def _paired_reading(rdtsc: Callable[[], int]) -> tuple[int, int]:
+    """(TSC, ns) read together: of a few tries, the one whose rdtsc pair around the clock
+    read is tightest (least disturbed by an interrupt or a preemption)."""
+    best: tuple[int, int, int] | None = None
+    for _ in range(_SAMPLES):
+        before = rdtsc()
+        ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC_RAW)
+        after = rdtsc()
+        if best is None or after - before < best[0]:
+            best = (after - before, (before + after) // 2, ns)
+    assert best is not None
+    return best[1], best[2]
+
+
+@functools.cache
+def host_tsc_khz() -> int | None:
+    """The host's TSC rate in kHz, or None where it cannot be told to a guest (not x86-64,
+    no invariant TSC, no executable page allowed, or a reading out of reason)."""
+    if platform.machine() != "x86_64":
+        return None
+    try:
+        if not _invariant_tsc(Path("/proc/cpuinfo").read_text()):
+            return None
+        rdtsc = _rdtsc_function()
+    except OSError:
+        return None
+    tsc0, ns0 = _paired_reading(rdtsc)
+    time.sleep(_WINDOW_S)
+    tsc1, ns1 = _paired_reading(rdtsc)
+    if ns1 <= ns0 or tsc1 <= tsc0:
+        return None
+    khz = (tsc1 - tsc0) * 1_000_000 // (ns1 - ns0)
+    return khz if khz in _SANE_KHZ else None

@@ -1,0 +1,43 @@
+"""A TCG guest keeps time on the TSC at the host's rate (vmm/tsc.py): its clocks and timers
+are as fine as a real machine's, not 4 ms jiffies, and its clock keeps the host's pace."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import pytest
+
+from isorun.vmm import MicroVM, tsc
+
+pytestmark = pytest.mark.vm
+
+
+async def _guest_now_ns(vm: MicroVM) -> tuple[int, float, float]:
+    """The guest's CLOCK_MONOTONIC and the host's monotonic time just before and after."""
+    before = time.monotonic()
+    r = await vm.agent.exec("grep -m1 'now at' /proc/timer_list")
+    after = time.monotonic()
+    found = re.search(rb"now at (\d+) nsecs", r.stdout)
+    assert r.exit_code == 0 and found, r
+    return int(found.group(1)), before, after
+
+
+async def test_a_tcg_guest_keeps_time_on_the_tsc_at_the_hosts_pace(vm: MicroVM) -> None:
+    if vm.accel.name == "kvm":
+        pytest.skip("a KVM guest keeps time with kvm-clock")
+    if tsc.host_tsc_khz() is None:
+        pytest.skip("this host's TSC is not invariant: the guest keeps jiffies")
+    r = await vm.agent.exec("cat /sys/devices/system/clocksource/clocksource0/current_clocksource")
+    assert r.stdout.strip() == b"tsc", r
+    # high-resolution timers: a sleep or a timeout in the guest is not rounded to 4 ms
+    r = await vm.agent.exec("grep -m1 resolution /proc/timer_list")
+    assert r.stdout.split()[-2:] == [b"1", b"nsecs"], r
+    # the rate the guest was told is right: its clock and the host's advance together
+    ns0, before0, after0 = await _guest_now_ns(vm)
+    await asyncio.sleep(3)
+    ns1, before1, after1 = await _guest_now_ns(vm)
+    guest_s = (ns1 - ns0) / 1e9
+    shortest, longest = before1 - after0, after1 - before0
+    assert shortest * 0.99 <= guest_s <= longest * 1.01, (shortest, guest_s, longest)
