@@ -87,15 +87,18 @@ def ensure_daemon(s: Settings, timeout: float = 30.0) -> None:
             f"no isorun daemon answers on {s.uds}: start one with `isorund` (or `isorun "
             "daemon`), or enable auto-start (ISORUN_AUTOSTART=1)"
         )
-    state = Path(os.environ.get("ISORUN_STATE_DIR", "/var/lib/isorun"))
-    env = dict(os.environ, ISORUN_SOCKET=s.uds)
+    state = Path(os.environ.get("ISORUN_STATE_DIR", "/var/lib/isorun")).absolute()
+    env = _daemon_env(s.uds, state)
     log_path = state / "isorund.log"
     try:
         state.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             log_start = log.tell()  # what this daemon writes comes after
+            # The daemon runs as root: -P and cwd="/" keep the caller's directory (which
+            # another user may write to, and plant a uvicorn.py in) off its sys.path.
             proc = subprocess.Popen(
-                [sys.executable, "-m", "isorun.daemon"],
+                [sys.executable, "-P", "-m", "isorun.daemon"],
+                cwd="/",
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -120,6 +123,23 @@ def ensure_daemon(s: Settings, timeout: float = 30.0) -> None:
     raise DaemonUnavailable(
         f"started isorund but it did not answer on {s.uds} within {timeout:.0f}s; see {log_path}"
     )
+
+
+# Settings naming files that the daemon, started in "/", must be given as absolute paths
+# to mean what they mean in the caller's directory (ISORUN_QEMU may also be a bare name).
+_PATH_SETTINGS = ("ISORUN_CACHE", "ISORUN_IMAGE_DIR", "ISORUN_KERNEL", "ISORUN_INITRAMFS")
+
+
+def _daemon_env(uds: str, state: Path) -> dict[str, str]:
+    """The environment of an auto-started daemon: the caller's, with its paths absolute."""
+    env = dict(os.environ, ISORUN_SOCKET=os.path.abspath(uds), ISORUN_STATE_DIR=str(state))
+    for name in _PATH_SETTINGS:
+        if env.get(name):
+            env[name] = os.path.abspath(env[name])
+    qemu = env.get("ISORUN_QEMU")
+    if qemu and "/" in qemu:
+        env["ISORUN_QEMU"] = os.path.abspath(qemu)
+    return env
 
 
 def _denied(uds: str) -> PermissionError | None:
