@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import time
 import uuid
@@ -118,6 +119,9 @@ class MicroVM:
         self._final_usage: VMUsage | None = None
         self._killing: asyncio.Future[VMUsage] | None = None
         self._shutdown_requested = False
+        # The host killed a QEMU still running: its end is that kill, whatever the guest
+        # printed before (any guest process can print a panic's text to the console).
+        self._killed_by_host = False
         self._detached = False
         self._restored = False  # a warm start got as far as the agent answering
         # Cleanup removes the run dir (and cgroup) only when this VM made it or adopted it:
@@ -530,6 +534,8 @@ class MicroVM:
         self._supervisor = asyncio.create_task(self._supervise(), name=f"vm:{self.id}")
         try:
             await self._connect(t0, restoring=restore_from is not None)
+            if restore_from is None:
+                self._check_cold_root()
             if restore_from is not None:
                 left = t0 + self.spec.boot_timeout - time.monotonic()
                 await asyncio.wait_for(self._settle_restored(), max(0.1, left))
@@ -541,6 +547,17 @@ class MicroVM:
             ) from exc
         # what the boot used, kept now: a host process gone in the next second loses none
         self._memory.sample()
+
+    def _check_cold_root(self) -> None:
+        """A cold boot whose image did not mount fails naming it, as a warm start does: the
+        agent would otherwise serve its initramfs, where every command is "not found"."""
+        said = self.agent.conn.hello.get("root_error")
+        if said is not None and self.spec.rootfs is not None:
+            raise VMError(
+                f"root filesystem {self.spec.rootfs} did not mount in the guest: "
+                f"{str(said)[:1000]}",
+                "root",
+            )
 
     async def _connect(self, t0: float, restoring: bool = False) -> None:
         deadline = t0 + self.spec.boot_timeout
@@ -663,7 +680,7 @@ class MicroVM:
             self.death_reason = "stopped"
         elif oom := oom_death_reason(self.cgroup, self.spec.memory_mib):
             self.death_reason = oom
-        elif reason is None and self.console.panicked:
+        elif reason is None and self.console.panicked and not self._our_kill_ended_it(code):
             # QEMU's event came before QMP was connected (an early panic): the console tells
             self.death_reason = "panic"
         elif code is None:
@@ -679,6 +696,9 @@ class MicroVM:
             conn.conn.explain_close(
                 ChannelClosedError(f"sandbox VM {self.id} is dead: {self.death_reason}")
             )
+
+    def _our_kill_ended_it(self, code: int | None) -> bool:
+        return self._killed_by_host and code == -signal.SIGKILL
 
     @property
     def alive(self) -> bool:
@@ -736,6 +756,7 @@ class MicroVM:
 
     async def _kill(self) -> VMUsage:
         if self._proc is not None:
+            self._killed_by_host = not self._proc.gone()
             self._proc.kill()
         if self._owns_run_dir:
             self.cgroup.kill_all()  # whatever left QEMU's process group dies too

@@ -15,7 +15,7 @@ import pytest
 from vmhelpers import assert_vm_gone, vm_spec
 
 from isorun.agent import AgentConnection
-from isorun.errors import ChannelClosedError, ConfigError, GuestError
+from isorun.errors import ChannelClosedError, ConfigError, GuestError, VMError
 from isorun.vmm import MicroVM
 
 pytestmark = pytest.mark.vm
@@ -101,6 +101,23 @@ async def test_a_shutdown_after_the_guest_died_keeps_the_reason_it_died(vm: Micr
         await vm.agent.exec("echo c > /proc/sysrq-trigger")
     await vm.shutdown()
     assert await asyncio.wait_for(vm.wait(), 20) == "panic"
+
+
+async def test_a_host_kill_is_not_a_panic_whatever_the_guest_printed(vm: MicroVM) -> None:
+    # Any guest process may print a panic's text; the VM ended by the host's kill.
+    r = await vm.agent.exec("echo 'Kernel panic - not syncing: only text' > /dev/console")
+    assert r.exit_code == 0, r
+    await vm.kill()
+    assert vm.death_reason == "killed by signal 9"
+
+
+async def test_a_cold_boot_whose_image_does_not_mount_fails_naming_it(tmp_path: Path) -> None:
+    # Not a filesystem: the agent would serve its initramfs, where every command is missing.
+    junk = tmp_path / "junk.ext4"
+    junk.write_bytes(b"not a filesystem" * 65536)
+    with pytest.raises(VMError, match=r"root filesystem .*junk.ext4 did not mount") as err:
+        await MicroVM.boot(vm_spec(junk, warm_start=False))
+    assert err.value.reason == "root"
 
 
 async def test_one_vm_dying_leaves_another_working(busybox_rootfs: Path) -> None:

@@ -28,8 +28,16 @@ func opHello(s *Server, ch *Channel, raw []byte) (any, error) {
 		return nil, errf("invalid", "nonce longer than 256 bytes")
 	}
 	ch.closeIn()
-	return ok("nonce", r.Nonce, "version", Version, "protocol", 1, "features", Features,
-		"boot_ms", time.Since(s.Start).Milliseconds(), "boot_phases_ms", s.Boot.Snapshot()), nil
+	m := ok("nonce", r.Nonce, "version", Version, "protocol", 1, "features", Features,
+		"boot_ms", time.Since(s.Start).Milliseconds(), "boot_phases_ms", s.Boot.Snapshot())
+	// The image root failing to mount is the boot's failure, not a later request's: said
+	// with the answer that means "ready", the host need not ask health first.
+	s.mu.Lock()
+	if s.RootError != "" {
+		m["root_error"] = s.RootError
+	}
+	s.mu.Unlock()
+	return m, nil
 }
 
 // Features names what this agent does beyond protocol 1 as first written, so
