@@ -9,6 +9,7 @@ import fcntl
 import logging
 import os
 import socket
+import stat
 from pathlib import Path
 
 import uvicorn
@@ -51,6 +52,19 @@ def _unix_listener(path: Path) -> socket.socket:
     return s
 
 
+def _make_state_dir(path: Path) -> None:
+    """Make the state dir root's alone (0700), an existing one too (older daemons made it
+    0755): its database holds sandboxes' env (API keys) and their consoles. A shared,
+    sticky dir (the operator's /tmp) is left as it is; the database files are 0600 anyway."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid() and not st.st_mode & stat.S_ISVTX:
+            os.chmod(path, 0o700)
+    except OSError as exc:
+        raise SystemExit(f"isorund: cannot make the state dir {path}: {exc}") from exc
+
+
 def _lock_state_dir(state_dir: Path) -> int:
     """Hold the state dir for this process's life: a second daemon on it (another socket)
     would take the first's VMs for its own, fail to adopt them and end them, billing them
@@ -91,7 +105,7 @@ def _tcp_listener(spec: str) -> socket.socket:
 async def serve(cfg: DaemonConfig) -> None:
     # MicroVM puts run dirs under $ISORUN_STATE_DIR/vms; keep it in step with our state dir.
     os.environ["ISORUN_STATE_DIR"] = str(cfg.state_dir)
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    _make_state_dir(cfg.state_dir)
     # Lock, then listen: a daemon that finds another on its state dir or its socket exits
     # before it touches the state or the pid file, which are the serving daemon's.
     lock_fd = _lock_state_dir(cfg.state_dir)

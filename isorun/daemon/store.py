@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -179,12 +180,25 @@ _COLUMNS = [
 ]
 
 
+def _keep_private(path: Path) -> None:
+    """The database and its -wal and -shm (which SQLite makes with the database's mode)
+    readable by their owner alone: they hold sandboxes' env, where API keys are passed.
+    Older daemons left them 0644."""
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if p.stat().st_mode & 0o077:
+                os.chmod(p, 0o600)
+
+
 class Store:
     def __init__(self, path: Path, kept_consoles: int = KEPT_CONSOLES) -> None:
         self.path = path
         self.kept_consoles = kept_consoles
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            _keep_private(path)
             self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -196,7 +210,7 @@ class Store:
                 "INSERT OR IGNORE INTO tenants(id, name, created) VALUES (?, ?, ?)",
                 (LOCAL_TENANT, "local unix-socket user", time.time()),
             )
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StateError(f"cannot open the state database {path}: {exc}") from exc
 
     def close(self) -> None:

@@ -91,7 +91,8 @@ def ensure_daemon(s: Settings, timeout: float = 30.0) -> None:
     env = _daemon_env(s.uds, state)
     log_path = state / "isorund.log"
     try:
-        state.mkdir(parents=True, exist_ok=True)
+        # its database holds sandboxes' env (secrets) and consoles: root's alone
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             log_start = log.tell()  # what this daemon writes comes after
             # The daemon runs as root: -P and cwd="/" keep the caller's directory (which
