@@ -288,7 +288,8 @@ class SandboxManager:
         remove_run_dir(run_dir)
         # When it died while no daemon watched is not known: counted up to now, less what
         # lies past its own timeout (which would have ended it anyway); one started before
-        # the host last booted died by then (no VM outlives a reboot).
+        # the host last booted died by then (no VM outlives a reboot), and is billed and
+        # ended as of then: its timeout may have fallen between the reboot and now.
         now = time.time()
         started = row.started or row.created
         died_by = now
@@ -299,9 +300,10 @@ class SandboxManager:
         self.store.end_sandbox(
             row,
             reason,
-            (cpu_ms, mem_peak, _billable_ms(row, uptime_ms, now)),
+            (cpu_ms, mem_peak, _billable_ms(row, uptime_ms, died_by)),
             self.cfg.price_per_vcpu_hour,
             error=f"VM could not be re-adopted after a daemon restart: {why}" if exc else None,
+            ended=died_by,
             console=console,
         )
         await self._release_image(row)
