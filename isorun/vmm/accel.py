@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from isorun.errors import ConfigError
+from isorun.vmm.devnode import open_error
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +39,13 @@ def detect(
         raise ConfigError(f"accel '{want}' is not one of auto, kvm, tcg (ISORUN_ACCEL)")
     if want == "tcg":
         return AccelChoice("tcg", "requested")
-    usable = kvm_dev.exists() and os.access(kvm_dev, os.R_OK | os.W_OK)
+    unusable = open_error(kvm_dev)
     if want == "kvm":
-        if not usable:
-            raise ConfigError(f"accel kvm requested but {kvm_dev} is missing or not accessible")
+        if unusable:
+            raise ConfigError(f"accel kvm requested but {unusable}")
         return AccelChoice("kvm", "requested")
-    if not usable:
-        return AccelChoice("tcg", f"{kvm_dev} is missing or not accessible")
+    if unusable:
+        return AccelChoice("tcg", unusable)
     try:
         cpuinfo = cpuinfo_path.read_text()
     except OSError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,14 @@ class VMSpec:
     labels: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
+        for name in ("vcpus", "memory_mib", "scratch_mib", "boot_attempts"):
+            value = getattr(self, name)
+            # bool is an int to Python, and a float passes the range checks below only to
+            # fail later in a cgroup write or QEMU's argv, no longer naming the field
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{name}={value!r} must be a whole number")
+        if not isinstance(self.boot_timeout, int | float) or not math.isfinite(self.boot_timeout):
+            raise ConfigError(f"boot_timeout={self.boot_timeout!r} must be a finite number")
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise ConfigError(f"vcpus={self.vcpus} must be between 1 and {MAX_VCPUS}")
         if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:

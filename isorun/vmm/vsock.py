@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from isorun.errors import ConfigError
+from isorun.vmm.devnode import open_error
 
 VHOST_VSOCK = Path("/dev/vhost-vsock")
 AGENT_PORT = 1024
@@ -52,9 +53,9 @@ def choose(requested: str | None = None, device: Path = VHOST_VSOCK) -> ChannelC
         )
     if want == "serial":
         return ChannelChoice("serial", "requested")
-    usable = hasattr(socket, "AF_VSOCK") and os.access(device, os.R_OK | os.W_OK)
-    if not usable:
-        missing = f"{device} is missing or not accessible (modprobe vhost_vsock)"
+    unusable = open_error(device) if hasattr(socket, "AF_VSOCK") else "no AF_VSOCK in Python"
+    if unusable:
+        missing = f"{unusable} (modprobe vhost_vsock)"
         if want == "vsock":
             raise ConfigError(f"agent channel vsock requested but {missing}")
         return ChannelChoice("serial", missing)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 from pathlib import Path
 
 import pytest
 
 from isorun.errors import ConfigError
-from isorun.vmm import MicroVM, VMSpec, accel, artifacts, scratch
+from isorun.vmm import MicroVM, VMSpec, accel, artifacts, scratch, vsock
 
 
 async def test_missing_kernel_says_how_to_build_it(tmp_path: Path) -> None:
@@ -33,6 +34,38 @@ def test_bad_spec_names_the_field(field: str, value: int, message: str) -> None:
     setattr(spec, field, value)
     with pytest.raises(ConfigError, match=message):
         spec.validate()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("memory_mib", 300.5),
+        ("vcpus", True),
+        ("scratch_mib", "256"),
+        ("boot_attempts", 1.0),
+        ("boot_timeout", float("nan")),
+        ("boot_timeout", float("inf")),
+    ],
+)
+def test_a_spec_value_of_the_wrong_kind_names_the_field(field: str, value: object) -> None:
+    spec = VMSpec()
+    setattr(spec, field, value)
+    with pytest.raises(ConfigError, match=f"{field}="):
+        spec.validate()
+
+
+def test_a_device_node_that_cannot_be_opened_is_not_usable(tmp_path: Path) -> None:
+    # Root passes any access() check; a node with no driver behind it exists but does not
+    # open. KVM and vsock must then not be chosen, or every boot fails.
+    node = tmp_path / "kvm"
+    os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(250, 77))  # a major no driver has
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu vmx sse2\n")
+    choice = accel.detect("auto", kvm_dev=node, cpuinfo_path=cpuinfo)
+    assert choice.name == "tcg" and "cannot be opened" in choice.reason
+    with pytest.raises(ConfigError, match=r"kvm requested but .*cannot be opened"):
+        accel.detect("kvm", kvm_dev=node, cpuinfo_path=cpuinfo)
+    assert vsock.choose("auto", device=node).name == "serial"
 
 
 def test_missing_rootfs_is_named(tmp_path: Path) -> None:
