@@ -160,12 +160,39 @@ ANONYMOUS = Anonymous()
 PullCredentials = Credentials | Anonymous | None
 
 
+@dataclass(frozen=True)
+class AuthCandidate:
+    """A file skopeo may take registry credentials from. `legacy`: ~/.dockercfg's format
+    (registries at the top level, no "auths")."""
+
+    path: Path
+    legacy: bool = False
+
+
+def auth_candidates() -> list[AuthCandidate]:
+    """The auth files skopeo (containers/image) looks at, in containers-auth.json(5)'s order,
+    whether or not they exist."""
+    home = Path.home()
+    out: list[AuthCandidate] = []
+    if env := os.environ.get("REGISTRY_AUTH_FILE"):
+        out.append(AuthCandidate(Path(env)))
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    primary = Path(runtime) / "containers" if runtime else Path(f"/run/containers/{os.getuid()}")
+    out.append(AuthCandidate(primary / "auth.json"))
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
+    out.append(AuthCandidate(config_home / "containers" / "auth.json"))
+    docker = Path(os.environ.get("DOCKER_CONFIG") or home / ".docker")
+    out.append(AuthCandidate(docker / "config.json"))
+    out.append(AuthCandidate(home / ".dockercfg", legacy=True))
+    return out
+
+
 def _default_auth_file() -> Path | None:
-    env = os.environ.get("REGISTRY_AUTH_FILE")
-    if env:
+    """The file skopeo would take first: $REGISTRY_AUTH_FILE, else the first that exists
+    (~/.dockercfg's older format cannot be given as --authfile; skopeo reads it by itself)."""
+    if env := os.environ.get("REGISTRY_AUTH_FILE"):
         return Path(env)
-    docker = Path(os.environ.get("DOCKER_CONFIG", Path.home() / ".docker")) / "config.json"
-    return docker if docker.exists() else None
+    return next((c.path for c in auth_candidates() if not c.legacy and c.path.exists()), None)
 
 
 _DOCKER_HUB_KEYS = ("index.docker.io", "registry-1.docker.io")
@@ -174,6 +201,26 @@ _DOCKER_HUB_KEYS = ("index.docker.io", "registry-1.docker.io")
 def _auth_key_host(key: str) -> str:
     """The registry an auth file key names ("https://index.docker.io/v1/" → index.docker.io)."""
     return key.lower().split("://", 1)[-1].split("/", 1)[0]
+
+
+def _file_may_hold(auth: AuthCandidate, registry: str) -> bool:
+    """Whether one auth file may give credentials for `registry` (see may_hold_credentials_for)."""
+    try:
+        doc = json.loads(auth.path.read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True  # there, but unreadable to us: skopeo may read it
+    if not isinstance(doc, dict):
+        return True
+    if doc.get("credsStore") or doc.get("credHelpers"):
+        return True
+    auths = doc if auth.legacy else doc.get("auths") or {}
+    if not isinstance(auths, dict):
+        return True
+    want = registry.lower()
+    aliases = {want, *(_DOCKER_HUB_KEYS if want == "docker.io" else ())}
+    return any(_auth_key_host(k) in aliases for k in auths)
 
 
 def _loopback(host: str) -> bool:
@@ -185,8 +232,11 @@ def _loopback(host: str) -> bool:
 class StoreConfig:
     """Settings of an `ImageStore`.
 
-    auth_file: docker `config.json`-format credentials (default: $REGISTRY_AUTH_FILE, else
-      ~/.docker/config.json when present).
+    auth_file: docker `config.json`-format credentials, always given to skopeo as --authfile
+      (an empty one when None). Default: the first of containers-auth.json(5)'s files there
+      is ($REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json,
+      ~/.config/containers/auth.json, ~/.docker/config.json), so `skopeo login`, `podman
+      login` and `docker login` all count.
     max_image_bytes: refuse images whose layers or unpacked tree exceed this.
     max_image_files: refuse images whose unpacked tree has more inodes than this (files,
       directories, links; an image of empty files costs the host inodes, not bytes). Debian
@@ -218,22 +268,13 @@ class StoreConfig:
     )
 
     def may_hold_credentials_for(self, registry: str) -> bool:
-        """Whether the auth file may give skopeo credentials for `registry` (unreadable, or
-        a credential store or helper that may answer for any: yes)."""
-        if self.auth_file is None:
-            return False
-        try:
-            doc = json.loads(self.auth_file.read_text())
-        except (OSError, ValueError):
-            return self.auth_file.exists()
-        if not isinstance(doc, dict):
-            return True
-        if doc.get("credsStore") or doc.get("credHelpers"):
-            return True
-        auths = doc.get("auths") or {}
-        want = registry.lower()
-        aliases = {want, *(_DOCKER_HUB_KEYS if want == "docker.io" else ())}
-        return any(_auth_key_host(k) in aliases for k in auths)
+        """Whether skopeo may find credentials for `registry` in auth_file or in any other
+        auth file it reads by itself (skopeo 1.9 reads ~/.docker/config.json and
+        ~/.config/containers/auth.json even beside an explicit --authfile): an unreadable
+        file, a credential store or helper, which may answer for any registry, says yes."""
+        files = [AuthCandidate(self.auth_file)] if self.auth_file is not None else []
+        files += [c for c in auth_candidates() if c.path != self.auth_file]
+        return any(_file_may_hold(c, registry) for c in files)
 
     def is_insecure(self, registry: str) -> bool:
         return registry in self.insecure_registries or _loopback(registry)

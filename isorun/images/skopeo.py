@@ -148,18 +148,21 @@ class Skopeo:
             empty = tmp / "no-certs"
             empty.mkdir(exist_ok=True)
             return [f"--{flag}no-creds", f"--{flag}cert-dir={empty}"]
+        # Always a file of our choosing: without --authfile skopeo picks one by itself
+        # ($XDG_RUNTIME_DIR/containers/auth.json, where `skopeo login` writes), and the
+        # store would not know an image was fetched with that login (Image.private).
         authfile = self._write_creds(ref, creds, tmp) or self.cfg.auth_file
-        return [f"--{flag}authfile={authfile}"] if authfile is not None else []
+        return [f"--{flag}authfile={authfile or self._no_auth(tmp)}"]
 
     def _write_creds(self, ref: ImageRef, creds: Credentials | None, tmp: Path) -> Path | None:
         if creds is None:
             return None
         token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
-        path = tmp / "auth.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"auths": {ref.registry: {"auth": token}}}, f)
-        return path
+        return _write_private(tmp / "auth.json", {"auths": {ref.registry: {"auth": token}}})
+
+    def _no_auth(self, tmp: Path) -> Path:
+        """An auth file with no credentials in it."""
+        return _write_private(tmp / "no-auth.json", {})
 
     def _tls(self, ref: ImageRef, flag: str) -> list[str]:
         if ref.transport == "registry" and self.cfg.is_insecure(ref.registry):
@@ -374,6 +377,13 @@ class Skopeo:
             f"oci:{layout}:img",
         ]
         await self._run(ref, argv, tmp, timeout=self.cfg.pull_timeout_s, confined=confined)
+
+
+def _write_private(path: Path, doc: dict[str, Any]) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f)
+    return path
 
 
 def _read_small_file(path: Path, limit: int) -> bytes | None:
