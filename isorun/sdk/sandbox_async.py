@@ -33,6 +33,9 @@ from isorun.sdk.errors import (
     SandboxNotStartedError,
 )
 
+# How long leaving an `async with` may take to end the sandbox once the caller is cancelled.
+CLEANUP_GRACE_S = 30.0
+
 
 def _client(s: Settings) -> _core.AsyncClient:
     return _core.async_client(s)
@@ -220,10 +223,15 @@ class AsyncSandbox:
     async def __aexit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
-        try:
-            await self.destroy()
-        finally:
-            await self.close()
+        # Shielded: an anyio deadline or cancel scope that ended the block cancels every
+        # await in it (level-triggered), and the sandbox would run on, billed, until its
+        # timeout. Bounded, so a cancelled caller is not held for long.
+        with anyio.CancelScope(shield=True) as cleanup:
+            cleanup.deadline = anyio.current_time() + CLEANUP_GRACE_S
+            try:
+                await self.destroy()
+            finally:
+                await self.close()
 
     @overload
     async def exec(
@@ -680,4 +688,6 @@ class AsyncWatch:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+        with anyio.CancelScope(shield=True) as cleanup:  # as AsyncSandbox.__aexit__
+            cleanup.deadline = anyio.current_time() + CLEANUP_GRACE_S
+            await self.aclose()

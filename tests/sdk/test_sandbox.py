@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 from isorun import (
@@ -199,6 +200,22 @@ async def test_async_callbacks_are_awaited_and_split_characters_come_whole(
         seen.clear()
         r = await sb.exec(CUT_UTF8, on_stdout=slow_append)
         assert "".join(seen) == r.stdout == "éabc\ufffd" and "" not in seen, seen
+
+
+async def test_an_async_with_block_ended_by_an_anyio_cancel_scope_still_ends_its_sandbox(
+    api: str, image: str
+) -> None:
+    # An anyio scope's cancellation is level-triggered: every await in it is cancelled,
+    # the DELETE of __aexit__ included, and the sandbox ran on, billed, until its timeout.
+    made: list[str] = []
+    with anyio.CancelScope() as scope:
+        async with AsyncSandbox(image, api_url=api) as sb:
+            made.append(sb.id)
+            scope.cancel()
+            await sb.exec("sleep 60")
+    assert scope.cancelled_caught
+    ended = {s["id"]: s for s in Sandbox.list(include_ended=True, api_url=api)}
+    assert ended[made[0]]["state"] == "ended", ended[made[0]]
 
 
 def test_a_replay_past_the_ring_says_how_much_output_is_missing(api: str, image: str) -> None:
