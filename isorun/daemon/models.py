@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -14,6 +15,7 @@ from pydantic import (
 )
 
 from isorun.daemon.store import LOCAL_TENANT
+from isorun.images.config import MAX_ENV_BYTES
 
 MAX_TIMEOUT_S = 30 * 86400
 Key = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00=]+$")]
@@ -30,6 +32,11 @@ Argv = Annotated[
 User = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00]+$")]
 
 
+def env_bytes(env: dict[str, str]) -> int:
+    """An env's size as the guest agent is sent it (compact JSON)."""
+    return len(json.dumps(env, separators=(",", ":")))
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -41,11 +48,29 @@ class CreateSandbox(Strict):
     vcpus: int | None = Field(None, ge=1, le=64)
     memory_mib: int | None = Field(None, ge=128, le=256 * 1024)
     disk_mib: int | None = Field(None, ge=64, le=1024 * 1024, description="writable layer size")
-    env: dict[Key, Val] = Field(default_factory=dict, max_length=1024)
+    env: dict[Key, Val] = Field(
+        default_factory=dict,
+        max_length=1024,
+        description=f"at most {MAX_ENV_BYTES} bytes as JSON (with the image's own env, "
+        "at most what one request to the guest agent may carry)",
+    )
     metadata: dict[MetaKey, MetaVal] = Field(default_factory=dict, max_length=64)
     sandbox_timeout: int | None = Field(
         None, ge=1, le=MAX_TIMEOUT_S, description="seconds until the sandbox is killed"
     )
+
+    @field_validator("env")
+    @classmethod
+    def _env_fits(cls, v: dict[str, str]) -> dict[str, str]:
+        # It is sent to the guest agent in one frame (64 KiB) with the image's env, after
+        # the boot: refused here, not once a VM has booted and been billed.
+        size = env_bytes(v)
+        if size > MAX_ENV_BYTES:
+            raise ValueError(
+                f"env is {size} bytes as JSON, over the limit of {MAX_ENV_BYTES}; "
+                "write big values to files in the sandbox (PUT .../files) instead"
+            )
+        return v
 
 
 class PullImage(Strict):

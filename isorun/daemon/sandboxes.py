@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from isorun.agent.frames import MAX_PAYLOAD, request_payload
 from isorun.daemon.config import DaemonConfig
 from isorun.daemon.errors import ApiError, CapacityError, Conflict, Forbidden, Gone, NotFound
 from isorun.daemon.imageerrors import (
@@ -23,10 +24,16 @@ from isorun.daemon.imageerrors import (
     pull_policy_for,
     refuse_host_path_image,
 )
-from isorun.daemon.models import CreateSandbox
+from isorun.daemon.models import CreateSandbox, env_bytes
 from isorun.daemon.progress import progress_record
 from isorun.daemon.store import LOCAL_TENANT, SandboxRow, StateError, Store
-from isorun.errors import ChannelClosedError, ConfigError, IsorunError, VMError
+from isorun.errors import (
+    ChannelClosedError,
+    ConfigError,
+    IsorunError,
+    RequestTooLargeError,
+    VMError,
+)
 from isorun.images import ImageConfig, ImageError, ImageStore, ProgressEvent
 from isorun.vmm import (
     MicroVM,
@@ -540,6 +547,7 @@ class SandboxManager:
             # image held by this sandbox, and only a stored digest lets the next release it.
             row.image_digest = digest
             self.store.update_sandbox(row.id, image_digest=digest)
+            _check_defaults_fit(icfg, req.env)
             if on_progress is not None:
                 on_progress(
                     {"type": "progress", "phase": "booting", "ref": req.image, "sandbox": row.id}
@@ -560,9 +568,7 @@ class SandboxManager:
             vm = await MicroVM.boot(spec)
             if self.cfg.warm_start and not spec.warm_start:
                 self._make_warm_template_soon(spec)
-            await vm.agent.set_defaults(
-                env={**icfg.env, **req.env}, cwd=icfg.working_dir, user=icfg.user
-            )
+            await vm.agent.set_defaults(**_defaults(icfg, req.env))
             started = time.time()
             row.state, row.started, row.expires = "running", started, started + row.timeout_s
             row.vm_id, row.run_dir, row.pid = vm.id, str(vm.run_dir), vm.pid
@@ -767,6 +773,28 @@ class SandboxManager:
                         await self._end(live, "timeout")
                     except Exception:
                         log.exception("reaping %s failed", live.row.id)
+
+
+def _defaults(icfg: ImageConfig, env: dict[str, str]) -> dict[str, Any]:
+    """What a new sandbox's agent is told to run its commands with: the image's env, working
+    dir and user, with the create's env over the image's."""
+    return {"env": {**icfg.env, **env}, "cwd": icfg.working_dir, "user": icfg.user}
+
+
+def _check_defaults_fit(icfg: ImageConfig, env: dict[str, str]) -> None:
+    """Refuse, before any boot, a create whose env and the image's would not fit in the
+    one request the agent is sent them in (each alone is bounded, not both together)."""
+    try:
+        request_payload({"op": "set_defaults", **_defaults(icfg, env)})
+    except RequestTooLargeError:
+        size = env_bytes({**icfg.env, **env})
+        raise ApiError(
+            f"invalid request: env: with the image's own env ({env_bytes(icfg.env)} bytes) "
+            f"it comes to {size} bytes as JSON, over the {MAX_PAYLOAD} one request to the "
+            "guest agent may carry; write big values to files in the sandbox instead",
+            status=422,
+            code="invalid",
+        ) from None
 
 
 def _ended(sandbox_id: str, why: str) -> Gone:
