@@ -21,8 +21,8 @@ async def test_a_scratch_disk_is_a_clean_ext4_costing_only_its_metadata(
     disk = tmp_path / "scratch.ext4"
     await scratch.make_scratch(disk, 2048)
     assert disk.stat().st_size == 2048 << 20
-    # Its zeroed inode tables (34 MB at this size) are holes, in the cached template too:
-    # a boot's copy does not read them.
+    # Its inode tables (34 MB at this size) are holes, in the cached template too: a boot's
+    # copy does not read them.
     for f in (disk, await scratch.template(2048)):
         assert f.stat().st_blocks * 512 < 4 << 20, f"{f} allocates its zeros"
     fsck = subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True, text=True)
@@ -44,7 +44,8 @@ async def test_sandboxes_starting_together_share_one_good_template(
         fsck = subprocess.run(["e2fsck", "-fn", str(d)], capture_output=True, text=True)
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     made = sorted(p.name for p in (tmp_path / "cache" / "scratch").iterdir())
-    assert made == ["empty-256M-v4.ext4", "empty-256M-v4.lock"]
+    v = scratch.VERSION
+    assert made == [f"empty-256M-v{v}.ext4", f"empty-256M-v{v}.lock"]
 
 
 async def test_templates_of_older_layouts_and_crashed_makes_leave_the_cache(
@@ -67,7 +68,8 @@ async def test_templates_of_older_layouts_and_crashed_makes_leave_the_cache(
     await scratch.make_scratch(tmp_path / "d.ext4", 256)
 
     left = sorted(p.name for p in cache.iterdir())
-    assert left == [".make-live", "empty-256M-v4.ext4", "empty-256M-v4.lock", "notes.txt"]
+    v = scratch.VERSION
+    assert left == [".make-live", f"empty-256M-v{v}.ext4", f"empty-256M-v{v}.lock", "notes.txt"]
 
 
 async def test_a_template_a_crash_left_empty_is_made_anew(
@@ -84,3 +86,44 @@ async def test_a_template_a_crash_left_empty_is_made_anew(
     assert disk.stat().st_size == 256 << 20
     fsck = subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+async def test_a_huge_scratch_disk_is_made_without_writing_its_inode_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Zeroing a 1 TiB disk's inode tables in mkfs took 16 GiB of the host's ext4 (as
+    # unwritten extents) before they were punched out: a few such creates at once could
+    # fill its disk. Here the host's cache is an ext4 of 1 GiB.
+    small, backing = tmp_path / "small", tmp_path / "small.ext4"
+    small.mkdir()
+    subprocess.run(["mkfs.ext4", "-q", str(backing), "1G"], check=True)
+    subprocess.run(["mount", "-o", "loop", str(backing), str(small)], check=True)
+    try:
+        monkeypatch.setenv("ISORUN_CACHE", str(small / "cache"))
+        disk = small / "scratch.ext4"
+        await scratch.make_scratch(disk, 1 << 20)
+        assert disk.stat().st_size == 1 << 40
+        assert disk.stat().st_blocks * 512 < 64 << 20
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+async def test_a_template_left_idle_goes_when_another_size_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One template per size asked for: sizes a tenant cycles through stayed for good.
+    monkeypatch.setenv("ISORUN_CACHE", str(tmp_path / "cache"))
+    used, idle = await scratch.template(256), await scratch.template(512)
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(idle, (two_days_ago, two_days_ago))
+    os.utime(used, (two_days_ago, two_days_ago))
+    await scratch.make_scratch(tmp_path / "d.ext4", 256)  # a use: no longer idle
+    await scratch.make_scratch(tmp_path / "e.ext4", 300)
+    v = scratch.VERSION
+    left = sorted(p.name for p in (tmp_path / "cache" / "scratch").iterdir())
+    assert left == [
+        f"empty-256M-v{v}.ext4",
+        f"empty-256M-v{v}.lock",
+        f"empty-300M-v{v}.ext4",
+        f"empty-300M-v{v}.lock",
+    ]
