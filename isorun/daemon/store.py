@@ -71,6 +71,12 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        3,
+        # An ended sandbox's env (API keys, up to 32 KiB) is of no more use: older daemons
+        # kept it for good (end_sandbox clears it now).
+        "UPDATE sandboxes SET env = '{}' WHERE state = 'ended' AND env != '{}';",
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Per sandbox; the guest itself keeps only its 256 latest processes.
@@ -121,8 +127,10 @@ class SandboxRow:
 
     @classmethod
     def from_db(cls, r: sqlite3.Row) -> SandboxRow:
+        """A row read back, without its env (_READ): the guest was given it at create, and
+        nothing after reads it, so no lookup or listing parses it."""
         d = dict(r)
-        d["env"] = json.loads(d["env"])
+        d["env"] = {}
         d["metadata"] = json.loads(d["metadata"])
         return cls(**d)
 
@@ -178,6 +186,8 @@ _COLUMNS = [
     "mem_peak_bytes",
     "uptime_ms",
 ]
+# What lookups and listings read: every column but env.
+_READ = ", ".join(c for c in _COLUMNS if c != "env")
 
 
 def _keep_private(path: Path) -> None:
@@ -316,13 +326,13 @@ class Store:
             db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
 
     def get_sandbox(self, sandbox_id: str) -> SandboxRow | None:
-        r = self.db.execute("SELECT * FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
+        r = self.db.execute(f"SELECT {_READ} FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
         return SandboxRow.from_db(r) if r is not None else None
 
     def list_sandboxes(
         self, tenant_id: str | None = None, states: tuple[str, ...] | None = None
     ) -> list[SandboxRow]:
-        q = "SELECT * FROM sandboxes WHERE 1=1"
+        q = f"SELECT {_READ} FROM sandboxes WHERE 1=1"
         args: list[Any] = []
         if tenant_id is not None:
             q += " AND tenant_id = ?"
@@ -343,15 +353,16 @@ class Store:
         console: str = "",
     ) -> dict[str, Any]:
         """Mark ended (at `ended`, or now) and write the usage record and the tail of its
-        `console`, in one transaction. A sandbox ends once: if its row says ended already,
-        that end and its record stand (and `row` is given them)."""
+        `console`, in one transaction; its env (secrets, of no more use) is cleared. A
+        sandbox ends once: if its row says ended already, that end and its record stand
+        (and `row` is given them)."""
         cpu_ms, mem_peak, uptime_ms = usage
         now = time.time() if ended is None else ended
         billed = -(-uptime_ms // 1000)  # per second, rounded up
         cost = round(billed * row.vcpus * price_per_vcpu_hour / 3600.0, 9)
         with self.tx() as db:
             changed = db.execute(
-                "UPDATE sandboxes SET state='ended', ended=?, end_reason=?,"
+                "UPDATE sandboxes SET state='ended', ended=?, end_reason=?, env='{}',"
                 " error=COALESCE(?, error),"
                 " cpu_ms=?, mem_peak_bytes=?, uptime_ms=? WHERE id=? AND state != 'ended'",
                 (now, reason, error, cpu_ms, mem_peak, uptime_ms, row.id),
@@ -402,7 +413,7 @@ class Store:
 
     @staticmethod
     def _ended_already(db: sqlite3.Connection, row: SandboxRow) -> dict[str, Any]:
-        stored = db.execute("SELECT * FROM sandboxes WHERE id = ?", (row.id,)).fetchone()
+        stored = db.execute(f"SELECT {_READ} FROM sandboxes WHERE id = ?", (row.id,)).fetchone()
         if stored is not None:
             was = SandboxRow.from_db(stored)
             row.state, row.ended, row.end_reason = was.state, was.ended, was.end_reason
