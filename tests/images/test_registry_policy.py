@@ -132,8 +132,28 @@ async def test_a_refused_registry_is_not_asked_and_nothing_is_stored(
     # the same registry named by the policy: pulled
     named = RegistryPolicy.parse(f"public,{registry.host}")
     assert (await store.ensure(ref, policy=named)).digest == registry.digest("policy/refused:1")
-    # once stored, a policy that refuses the registry still hands the image out: no pull
-    assert (await store.ensure(ref, policy=RegistryPolicy.parse(""))).rootfs.is_file()
+    # once stored, a policy that refuses the registry is still refused: by tag or digest
+    digest = registry.digest("policy/refused:1")
+    for again in (ref, f"{registry.host}/policy/refused@{digest}"):
+        with pytest.raises(RegistryRefusedError, match=f"registry {registry.host}"):
+            await store.ensure(again, policy=RegistryPolicy.parse(""))
+
+
+async def test_a_stored_image_gets_no_name_under_a_registry_the_policy_refuses(
+    registry: Registry, store: ImageStore, tmp_path: Path
+) -> None:
+    _push(registry, tmp_path, "policy/stored:1")
+    img = await store.ensure(f"{registry.host}/policy/stored:1")  # the operator's pull
+    nobody = RegistryPolicy.parse("")
+    for i in range(3):
+        with pytest.raises(RegistryRefusedError, match=r"registry 10\.0\.0\.5:5000 is not one"):
+            await store.ensure(f"10.0.0.5:5000/made-up-{i}@{img.digest}", policy=nobody)
+    # a registry the policy names: handed out, but a digest no registry was asked about
+    # adds no name (refs.json is not the tenant's to grow)
+    named = RegistryPolicy.parse("registry.example.com")
+    got = await store.ensure(f"registry.example.com/made-up@{img.digest}", policy=named)
+    assert got.digest == img.digest
+    assert store.inspect(img.digest).names == (f"{registry.host}/policy/stored:1",)
 
 
 async def test_public_registries_are_pulled_anonymously_and_named_ones_with_the_login(
@@ -183,8 +203,9 @@ async def test_an_image_the_operators_login_fetched_goes_only_to_policies_naming
     assert (
         await store.ensure(f"{auth_registry.host}/operator/secret:1", policy=named)
     ).digest == private_digest
-    # what no login fetched is anyone's, from the store, without asking its registry
-    opened = await store.ensure(f"{registry.host}/team/open:1", policy=public)
+    # what no login fetched is anyone's whose policy admits the name, from the store,
+    # without asking the registry (this one does not even hold it)
+    opened = await store.ensure(f"{auth_registry.host}/any/name@{open_digest}", policy=named)
     assert opened.digest == open_digest
     # Images stored before images were marked: judged by where they came from, as a pull
     # from there would be now (the login for auth_registry is still the store's).
