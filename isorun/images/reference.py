@@ -129,6 +129,7 @@ def _parse_registry(ref: str) -> ImageRef:
         registry, repo_parts = first, parts[1:]
         if not _HOST.match(registry):
             raise InvalidReferenceError(f"invalid registry host {registry!r}")
+        _check_port(registry)
     else:
         registry, repo_parts = DEFAULT_REGISTRY, parts
     if registry in ("index.docker.io", "registry-1.docker.io"):
@@ -146,3 +147,12 @@ def _parse_registry(ref: str) -> ImageRef:
     return ImageRef(
         "registry", registry=registry, repository="/".join(repo_parts), tag=tag, digest=digest
     )
+
+
+def _check_port(registry: str) -> None:
+    """A port is 1-65535: a larger one reached getaddrinfo, which overflowed (a 500)."""
+    _, colon, port = registry.rpartition("]")[2].rpartition(":")
+    if colon and not 1 <= int(port) <= 65535:
+        raise InvalidReferenceError(
+            f"invalid registry host {registry!r}: port {port} is not in 1-65535"
+        )

@@ -51,3 +51,15 @@ def test_a_stored_image_is_refused_under_a_registry_the_key_may_not_name(
     with daemon_public.tcp(_key(daemon_public, "t-b")) as t:
         names = [i["names"] for i in t.get("/v1/images").json()["images"] if i["digest"] == digest]
         assert names == [[f"{registry.host}/dimages/app:1"]]
+
+
+def test_a_port_out_of_range_is_a_400_naming_it(daemon_public: Daemon) -> None:
+    ref = "registry.example.invalid:99999999999999999999/x:1"
+    with daemon_public.tcp(_key(daemon_public, "t-port")) as t:
+        for path in ("/v1/images/pull", "/v1/sandboxes"):
+            r = t.post(path, json={"image": ref})
+            assert r.status_code == 400, (path, r.text)
+            err = r.json()["error"]
+            assert err["code"] == "invalid_image" and "not in 1-65535" in err["message"], err
+        assert t.get("/v1/sandboxes", params={"all": "1"}).json()["sandboxes"] == []
+        assert t.get("/v1/usage").json()["records"] == []

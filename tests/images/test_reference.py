@@ -77,6 +77,17 @@ def test_invalid_refs(ref: str) -> None:
         parse_reference(ref)
 
 
+@pytest.mark.parametrize(
+    "registry", ["example.com:0", "example.com:65536", "[::1]:99999999999999999999"]
+)
+def test_a_port_out_of_range_is_an_invalid_reference_naming_it(registry: str) -> None:
+    # one reached getaddrinfo, which overflowed (a 500 from the daemon)
+    port = registry.rsplit(":", 1)[1]
+    with pytest.raises(InvalidReferenceError, match=f"port {port} is not in 1-65535"):
+        parse_reference(f"{registry}/x:1")
+    assert parse_reference("example.com:65535/x").registry == "example.com:65535"
+
+
 @given(st.text(max_size=80))
 def test_parser_never_crashes(ref: str) -> None:
     try:
