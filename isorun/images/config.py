@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from dataclasses import dataclass, field
@@ -223,9 +224,20 @@ def _file_may_hold(auth: AuthCandidate, registry: str) -> bool:
     return any(_auth_key_host(k) in aliases for k in auths)
 
 
-def _loopback(host: str) -> bool:
-    h = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    return h in ("localhost", "[::1]", "::1") or h.startswith("127.")
+def _loopback(registry: str) -> bool:
+    """Whether `registry` is this host's loopback by its very name: localhost, ::1 or an
+    address in 127.0.0.0/8 (127.example.com is anyone's name, and gets TLS checked)."""
+    host = registry.lower()
+    if host.startswith("["):  # [v6]:port
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:  # name:port or v4:port
+        host = host.partition(":")[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)

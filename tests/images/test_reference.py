@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from isorun.images import InvalidReferenceError, parse_reference
+from isorun.images import InvalidReferenceError, StoreConfig, parse_reference
 
 pytestmark = pytest.mark.no_tools
 D = "sha256:" + "ab" * 32
@@ -95,3 +95,24 @@ def test_parser_never_crashes(ref: str) -> None:
     except InvalidReferenceError:
         return
     assert r.name()
+
+
+@pytest.mark.parametrize(
+    ("registry", "loopback"),
+    [
+        ("127.0.0.1:5000", True),
+        ("127.3.2.1", True),
+        ("localhost:5000", True),
+        ("[::1]:5000", True),
+        ("127.example.com", False),  # a name anyone may register: TLS stays checked
+        ("127.0.0.1.nip.io.example.org:443", False),
+        ("10.0.0.1:5000", False),
+        ("[fe80::1]:5000", False),
+    ],
+)
+def test_only_loopback_addresses_and_localhost_skip_tls(registry: str, loopback: bool) -> None:
+    cfg = StoreConfig(auth_file=None)
+    assert cfg.is_insecure(parse_reference(f"{registry}/x:1").registry) is loopback
+    assert StoreConfig(auth_file=None, insecure_registries=frozenset({registry})).is_insecure(
+        registry
+    )
