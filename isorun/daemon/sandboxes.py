@@ -112,6 +112,8 @@ class SandboxManager:
         # Running sandboxes whose VM runs but could not be re-adopted at start (QMP busy, a
         # slow hello): retried in the background before they are given up as lost.
         self._readopting: dict[str, tuple[SandboxRow, asyncio.Task[None]]] = {}
+        # Ends under way (_end): a stop waits for them before the store is closed.
+        self._ends: set[asyncio.Future[dict[str, Any]]] = set()
 
     @property
     def images(self) -> ImageStore:
@@ -168,11 +170,16 @@ class SandboxManager:
                 # whatever it died of, the sandboxes below must still be seen to
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        # An end the reaper or a watcher had begun goes on in its own task: let it finish
+        # (its VM is being killed) rather than leave that VM detached or its end unstored.
+        await self._wait_for_ends()
         if self.cfg.kill_on_exit:
             for row, _ in retrying:
                 with contextlib.suppress(Exception):
                     await self._lose(row, None, "daemon-stopped")
         for live in list(self.live.values()):
+            if live.ending is not None:
+                continue  # begun meanwhile: waited for below
             if self.cfg.kill_on_exit:
                 await self._end(live, "daemon-stopped")
                 continue
@@ -187,8 +194,13 @@ class SandboxManager:
                 await live.vm.detach()
             for t in list(live.tasks):
                 t.cancel()
+        await self._wait_for_ends()
         self.live.clear()
         await self._record_pending_ends()  # a restart would otherwise call them lost
+
+    async def _wait_for_ends(self) -> None:
+        while self._ends:
+            await asyncio.wait(set(self._ends))
 
     async def _readopt(self) -> None:
         running: list[SandboxRow] = []
@@ -692,14 +704,26 @@ class SandboxManager:
         return live.row
 
     async def _end(self, live: Live, reason: str) -> dict[str, Any]:
-        if live.ending is not None:
-            return await asyncio.shield(live.ending)
-        live.ending = asyncio.get_running_loop().create_future()
-        live.end_reason = reason
+        if live.ending is None:
+            live.end_reason = reason
+            # Its own task: a caller cancelled meanwhile (the reaper or a VM-exit watcher at
+            # a daemon's stop, a client gone) must not cut it between the VM's kill and the
+            # record of its end, which the next daemon would then call lost.
+            ending = asyncio.ensure_future(self._finish_end(live, reason, asyncio.current_task()))
+            live.ending = ending
+            self._ends.add(ending)
+            ending.add_done_callback(_ended_task_done)
+            ending.add_done_callback(self._ends.discard)
+        return await asyncio.shield(live.ending)
+
+    async def _finish_end(
+        self, live: Live, reason: str, caller: asyncio.Task[Any] | None
+    ) -> dict[str, Any]:
         try:
             for t in list(live.tasks):
-                t.cancel()
-            if live.watcher is not None and live.watcher is not asyncio.current_task():
+                if t is not caller:
+                    t.cancel()
+            if live.watcher is not None and live.watcher is not caller:
                 live.watcher.cancel()
             u = await live.vm.kill()
             uptime_ms = _billable_ms(live.row, u.uptime_ms, time.time())
@@ -722,12 +746,7 @@ class SandboxManager:
                 self._hold_end(live.row, reason, (u.cpu_ms, u.mem_peak_bytes, uptime_ms))
                 raise
             await self._release_image(live.row)
-            result = {**usage, **bill}
-            live.ending.set_result(result)
-            return result
-        except BaseException as exc:
-            live.ending.set_exception(exc)
-            raise
+            return {**usage, **bill}
         finally:
             self.live.pop(live.row.id, None)
 
@@ -795,6 +814,13 @@ def _check_defaults_fit(icfg: ImageConfig, env: dict[str, str]) -> None:
             status=422,
             code="invalid",
         ) from None
+
+
+def _ended_task_done(task: asyncio.Future[Any]) -> None:
+    """Mark an end's failure seen: its callers may all have been cancelled, and it was
+    logged where it mattered (or is held for the database, _hold_end)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _ended(sandbox_id: str, why: str) -> Gone:
