@@ -74,6 +74,8 @@ _NOT_FETCHED = (
 )
 # A reference with no registry, repository path, tag or digest: what a template name is.
 _BARE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+# locks/<hex>.lock, as _lock_path names them
+_LOCK_NAME = re.compile(r"[0-9a-f]{64}\.lock")
 
 
 @dataclass(frozen=True)
@@ -695,7 +697,25 @@ class ImageStore:
                     remove_tree(d)
                 finally:
                     unlock(fd)
+        self._prune_locks()
         return GcReport(removed, freed)
+
+    def _prune_locks(self) -> None:
+        """Remove the lock files of digests with no image: every pull leaves one (a failed
+        or removed one too), and locks/ grew for good. Each goes under its own lock; whoever
+        waits on a removed file takes the one made anew at its path (locks.try_lock)."""
+        for path in (self.root / "locks").iterdir():
+            hexd = path.name.removesuffix(".lock")
+            if not _LOCK_NAME.fullmatch(path.name) or (self.root / "images" / hexd).exists():
+                continue
+            fd = try_lock(path)
+            if fd is None:
+                continue  # a pull, build, acquire or release of it is running
+            try:
+                if not (self.root / "images" / hexd).exists():
+                    path.unlink(missing_ok=True)
+            finally:
+                unlock(fd)
 
     def disk_usage(self) -> DiskUsage:
         per = {img.digest: img.disk_bytes for img in self.list()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import ocibuild as ob
 import pytest
 from imghelpers import Registry, assert_store_intact, ext4_cat
 
-from isorun.images import ImageInUseError, ImageNotFoundError, ImageStore
+from isorun.images import ImageError, ImageInUseError, ImageNotFoundError, ImageStore
 from isorun.images.locks import try_lock_dir
 from isorun.images.progress import ProgressEvent
 from isorun.images.store import STAGING_GRACE_S
@@ -107,6 +108,35 @@ async def test_list_inspect_remove_gc_usage(
         store.inspect(a.digest)
     with pytest.raises(ImageNotFoundError):
         await store.acquire(a.digest, "sandbox-2")
+    assert_store_intact(store)
+
+
+async def test_gc_leaves_no_lock_files_of_images_not_stored(
+    store: ImageStore, registry: Registry, tmp_path: Path
+) -> None:
+    # every pull left locks/<hex>.lock for good: failed ones and removed images too
+    broken = ob.Layout(tmp_path / "broken")
+    desc = broken.manifest([[ob.file("f", "broken")]])
+    broken.tag(desc, "t")
+    registry.push(f"oci:{broken.path}:t", "locks-broken:1")
+    manifest = json.loads((broken.path / "blobs/sha256" / desc["digest"][7:]).read_bytes())
+    for layer in manifest["layers"]:
+        registry.blob_path(layer["digest"]).unlink()  # its conversion fails
+    with pytest.raises(ImageError):
+        await store.ensure(f"{registry.host}/locks-broken:1")
+    registry.push(f"oci:{_layout(tmp_path, 'gone', 'gone')}:t", "locks-gone:1")
+    gone = await store.ensure(f"{registry.host}/locks-gone:1")
+    await store.acquire(gone.digest, "sb-1")
+    await store.release(gone.digest, "sb-1")
+    await store.remove(gone.digest)
+    kept = await store.ensure(f"oci-layout:{_layout(tmp_path, 'kept', 'kept')}:t")
+    await store.acquire(kept.digest, "sb-2")
+    assert len(list((store.root / "locks").iterdir())) == 3
+    await store.gc()
+    assert [p.name for p in (store.root / "locks").iterdir()] == [f"{kept.digest[7:]}.lock"]
+    # and a lock file pruned is made anew by whoever needs it
+    again = await store.ensure(f"{registry.host}/locks-gone:1")
+    assert again.digest == gone.digest and store.holders(kept.digest) == ["sb-2"]
     assert_store_intact(store)
 
 
