@@ -74,3 +74,11 @@ async def test_seccomp_netfilter_and_ipv6_are_there(vm: MicroVM) -> None:
     assert (await _sh(vm, "cat /proc/sys/net/netfilter/nf_conntrack_max")).strip().isdigit()
     ping = await _sh(vm, "ping6 -c 1 -W 2 ::1")
     assert "1 packets received" in ping
+
+
+async def test_the_agent_and_what_it_starts_may_open_a_million_files(vm: MicroVM) -> None:
+    """Each job a command leaves running holds two of the agent's fds until it ends: at the
+    kernel's 4096 for init, about 2,000 of them made every exec fail."""
+    agent = (await _sh(vm, "grep 'open files' /proc/1/limits")).split()
+    assert agent[3:5] == ["1048576", "1048576"], agent
+    assert (await _sh(vm, "ulimit -n")).strip() == "1048576"

@@ -69,6 +69,19 @@ func initSystem() *os.File {
 	return console
 }
 
+// openFilesLimit is RLIMIT_NOFILE for the agent and what it starts. The kernel gives
+// init 1024/4096, and each job a command leaves running holds two of the agent's fds (its
+// output pipes) until it ends: about 2,000 such jobs made every exec fail. 1<<20 is
+// Docker's classic default (and the kernel's nr_open), which images are used to.
+const openFilesLimit = 1 << 20
+
+// raiseOpenFilesLimit sets it through syscall.Setrlimit, which also tells the Go runtime
+// not to hand the processes it starts the kernel's original soft limit back.
+func raiseOpenFilesLimit() error {
+	return syscall.Setrlimit(syscall.RLIMIT_NOFILE,
+		&syscall.Rlimit{Cur: openFilesLimit, Max: openFilesLimit})
+}
+
 // loopbackUp sets IFF_UP on lo with ioctls (no external tools in images).
 func loopbackUp() error {
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
