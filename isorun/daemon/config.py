@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from isorun.images import RegistryPolicy
 from isorun.vmm import artifacts
 
 DEFAULT_SOCKET = Path("/run/isorun/isorund.sock")
+MIN_MEMORY_MIB = 128  # a create's memory_mib may be no less (models.CreateSandbox)
 
 
 def _env_float(name: str, default: float) -> float:
@@ -92,10 +94,23 @@ class DaemonConfig:
     host_mem_mib: int = field(default_factory=lambda: _mem_total_mib())
 
     def __post_init__(self) -> None:
-        if not 0.01 <= self.stream_keepalive_s <= 3600:
+        # Checked at start: a value out of range (nan, inf, 0, negative) was taken without
+        # a word, then failed every create or every end (a NaN cost is no SQL value).
+        _in_range("stream_keepalive_s", self.stream_keepalive_s, 0.01, 3600, "seconds")
+        _in_range("cpu_overcommit", self.cpu_overcommit, 0.01, 1000)
+        _in_range("mem_overcommit", self.mem_overcommit, 0.01, 1000)
+        _in_range("price_per_vcpu_hour", self.price_per_vcpu_hour, 0, 1e6, "per vCPU-hour")
+        _in_range("default_timeout_s", self.default_timeout_s, 1, self.max_timeout_s, "seconds")
+        _in_range("default_memory_mib", self.default_memory_mib, MIN_MEMORY_MIB, 256 * 1024, "MiB")
+        if int(self.host_cpus * self.cpu_overcommit) < 1:
             raise ConfigError(
-                f"stream_keepalive_s (ISORUN_STREAM_KEEPALIVE_S) = {self.stream_keepalive_s:g} "
-                "must be between 0.01 and 3600 seconds"
+                f"{_setting('cpu_overcommit')} = {_num(self.cpu_overcommit)} leaves no vCPU for "
+                f"sandboxes on this host's {self.host_cpus} CPUs"
+            )
+        if int(self.host_mem_mib * self.mem_overcommit) < MIN_MEMORY_MIB:
+            raise ConfigError(
+                f"{_setting('mem_overcommit')} = {_num(self.mem_overcommit)} leaves no room for a "
+                f"sandbox ({MIN_MEMORY_MIB} MiB at least) in this host's {self.host_mem_mib} MiB"
             )
 
     @property
@@ -105,6 +120,35 @@ class DaemonConfig:
     @property
     def vms_dir(self) -> Path:
         return self.state_dir / "vms"
+
+
+# Where each checked setting comes from, for the message that names it.
+_SOURCES = {
+    "stream_keepalive_s": "ISORUN_STREAM_KEEPALIVE_S",
+    "cpu_overcommit": "ISORUN_CPU_OVERCOMMIT or --cpu-overcommit",
+    "mem_overcommit": "ISORUN_MEM_OVERCOMMIT or --mem-overcommit",
+    "price_per_vcpu_hour": "ISORUN_PRICE_PER_VCPU_HOUR or --price-per-vcpu-hour",
+    "default_timeout_s": "ISORUN_DEFAULT_TIMEOUT",
+    "default_memory_mib": "ISORUN_DEFAULT_MEMORY_MIB",
+}
+
+
+def _setting(name: str) -> str:
+    return f"{name} ({_SOURCES[name]})"
+
+
+def _in_range(name: str, value: float, low: float, high: float, unit: str = "") -> None:
+    """Refuse a setting that is not a finite number from `low` to `high`."""
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ConfigError(
+            f"{_setting(name)} = {_num(value)} must be a number from {_num(low)} to "
+            f"{_num(high)}" + (f" {unit}" if unit else "")
+        )
+
+
+def _num(v: float) -> str:
+    """As the operator would write it: 3000000, not 3e+06; 4, not 4.0."""
+    return str(int(v)) if math.isfinite(v) and v == int(v) else str(v)
 
 
 def _mem_total_mib() -> int:

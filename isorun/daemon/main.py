@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -187,12 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         help="kill sandboxes on a clean stop (default: keep them for re-adoption)",
     )
     a = p.parse_args(argv)
-    try:
-        cfg = DaemonConfig()
-        if a.tenant_registries is not None:
-            cfg.tenant_registries = tenant_registries(a.tenant_registries, "--tenant-registries")
-    except ConfigError as exc:
-        raise SystemExit(f"isorund: {exc}") from None
+    # Flags over the environment, given to DaemonConfig (not set after it) so that its
+    # checks see them too.
+    flags: dict[str, Any] = {"kill_on_exit": a.kill_on_exit}
     for name in (
         "socket",
         "tcp",
@@ -204,8 +202,15 @@ def main(argv: list[str] | None = None) -> None:
     ):
         v = getattr(a, name)
         if v is not None:
-            setattr(cfg, "socket_path" if name == "socket" else name, v)
-    cfg.kill_on_exit = a.kill_on_exit
+            flags["socket_path" if name == "socket" else name] = v
+    try:
+        if a.tenant_registries is not None:
+            flags["tenant_registries"] = tenant_registries(
+                a.tenant_registries, "--tenant-registries"
+            )
+        cfg = DaemonConfig(**flags)
+    except ConfigError as exc:
+        raise SystemExit(f"isorund: {exc}") from None
     handler = logging.StreamHandler()
     handler.setFormatter(OneLineFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.basicConfig(
