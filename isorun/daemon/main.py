@@ -89,13 +89,25 @@ def _lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
-def _tcp_listener(spec: str) -> socket.socket:
+def _tcp_address(spec: str) -> tuple[str, int]:
+    """HOST:PORT (HOST may be empty, for 127.0.0.1, or an [IPv6] address), checked: a bad
+    port was a traceback (int() or bind's OverflowError)."""
     host, _, port = spec.rpartition(":")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise SystemExit(
+            f"isorund: --tcp (ISORUN_TCP) {spec!r} is not HOST:PORT with a port number from "
+            "1 to 65535, e.g. 127.0.0.1:8181"
+        )
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _tcp_listener(spec: str) -> socket.socket:
+    host, port = _tcp_address(spec)
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        s.bind((host.strip("[]") or "127.0.0.1", int(port)))
-    except OSError as exc:
+        s.bind((host, port))
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the host
         s.close()
         raise SystemExit(f"isorund: cannot listen on TCP {spec}: {exc}") from exc
     s.listen(256)
@@ -211,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = DaemonConfig(**flags)
     except ConfigError as exc:
         raise SystemExit(f"isorund: {exc}") from None
+    if cfg.tcp:
+        _tcp_address(cfg.tcp)  # a bad one refused before the state dir or socket is touched
     handler = logging.StreamHandler()
     handler.setFormatter(OneLineFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.basicConfig(

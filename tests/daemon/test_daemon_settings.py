@@ -21,7 +21,8 @@ def _start(tmp_path: Path, args: list[str], **env: str) -> subprocess.CompletedP
         ISORUN_WARM_START="0",
         **env,
     )
-    full.pop("ISORUN_TCP", None)
+    if "ISORUN_TCP" not in env:
+        full.pop("ISORUN_TCP", None)
     try:
         return subprocess.run(
             [sys.executable, "-m", "isorun.daemon", *args],
@@ -70,3 +71,21 @@ def test_a_setting_out_of_range_is_refused_at_start(tmp_path: Path, name: str, v
 def test_a_flag_out_of_range_is_refused_at_start(tmp_path: Path, flag: str, value: str) -> None:
     # flags were set on the settings after their checks had run
     _refused(_start(tmp_path, [flag, value]), flag, value)
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--tcp", "localhost:http"], {}),  # was int()'s ValueError, as a traceback
+        (["--tcp", "127.0.0.1:99999"], {}),  # was bind()'s OverflowError
+        (["--tcp", "127.0.0.1"], {}),
+        ([], {"ISORUN_TCP": "127.0.0.1:-1"}),
+    ],
+)
+def test_a_bad_tcp_address_is_refused_at_start(
+    tmp_path: Path, args: list[str], env: dict[str, str]
+) -> None:
+    spec = args[1] if args else env["ISORUN_TCP"]
+    r = _start(tmp_path, args, **env)
+    _refused(r, "--tcp", "ISORUN_TCP", repr(spec), "port")
+    assert not (tmp_path / "isorund.sock").exists()
