@@ -48,10 +48,14 @@ IO_CHUNK = 32768
 # and FRAME_COST, so the loop runs every 256 frames, or every MiB of payload.
 DISPATCH_BUDGET = 1 << 20
 FRAME_COST = DISPATCH_BUDGET // 256
-# ... or once it ran this long: bytes do not measure JSON's cost (32 KiB of `[{},{},...]`
-# takes ~6 ms to decode strictly, 50 times a string's), and one guest held every other
-# sandbox of the daemon ~200 ms at a time. A consumer emptying a long backlog (each event
-# decoded again) takes turns by the same measure.
+# JSON decoded costs this more per value it may hold (frames.json_cost): bytes do not
+# measure its cost (32 KiB of `[{},{},...]` takes ~5 ms to decode strictly, 50 times a
+# string's), and one guest held every other sandbox of the daemon ~200 ms at a time. A
+# budget is ~2,000 values, about what 256 frames take; one event over it is a turn alone.
+# An event is decoded once: by the reader for a channel that sinks them, else by its
+# consumer, which takes turns by the same measure as it empties a backlog.
+JSON_VALUE_COST = DISPATCH_BUDGET // 2048
+# ... or once it ran this long (a backstop: whatever the measure misses).
 DISPATCH_SLICE_S = 0.005
 MAX_JOINED = frames.MAX_PAYLOAD  # bytes one queued data item grows to
 # Once connected the host asks the agent (op "keepalive") to send each open request this
@@ -116,6 +120,7 @@ class Channel:
         self._all_acked.set()
         self.closed = False
         self._ran_since = 0.0  # when next() last let the event loop run (DISPATCH_SLICE_S)
+        self._spent = 0  # what next() handled since (DISPATCH_BUDGET)
         # the last frame from the guest on this channel (or when its REQ was written)
         self._heard = asyncio.get_running_loop().time()
         self.timed = True  # its waits end at the connection's idle_timeout
@@ -125,10 +130,11 @@ class Channel:
         self._dropped_marker: Frame | None = None  # queued, not yet taken
         self._event_sink: EventSink | None = None
 
-    def _deliver(self, frame: Frame) -> None:
-        """Queue a frame from the guest; never waits."""
+    def _deliver(self, frame: Frame) -> int:
+        """Queue a frame from the guest; never waits. Returns what decoding it cost (the
+        reader's DISPATCH_BUDGET): nothing unless the channel sinks its events."""
         if self._answered:
-            return  # nothing follows a RESP: what a guest sends after it is dropped
+            return 0  # nothing follows a RESP: what a guest sends after it is dropped
         if frame.kind is Kind.RESP:
             self._answered = True
         if frame.kind in frames.DATA_KINDS:
@@ -137,21 +143,21 @@ class Channel:
                 raise ProtocolError(f"guest overran the flow-control window on channel {self.id}")
             if frame.payload:  # an empty one says nothing
                 self._queue_data(frame)
-            return
+            return 0
         if frame.kind is Kind.EVENT and self._event_sink is not None:
-            # a bad payload is the guest's fault: the connection's end, as below
+            # a bad payload is the guest's fault: the connection's end
             self._sink(frame.json(), len(frame.payload))
-            return
+            return frames.json_cost(frame.payload) * JSON_VALUE_COST
         if frame.kind is Kind.EVENT:
             cost = len(frame.payload) + EVENT_OVERHEAD
             if self._dropped_marker is not None:
-                return  # shedding until the consumer has taken the marker
+                return 0  # shedding until the consumer has taken the marker
             if self._event_bytes + cost > EVENT_BACKLOG:
                 if self.sheds_events:  # keep what it holds, drop what follows
                     self._mark_dropped()
                 else:
                     self._too_slow()
-                return
+                return 0
             # Past the connection's bound the unanswered requests holding the most go
             # first, not whichever request's event happens to cross it (a new one holds
             # nothing). One the guest answered is not cancelled: its caller would be told
@@ -169,18 +175,12 @@ class Channel:
                     most = self  # the backlog is all answered requests': this one goes
                 most._too_slow()
                 if most is self:
-                    return
+                    return 0
             self._charge_event(frame)
-        if frame.kind in (Kind.RESP, Kind.EVENT):
-            # checked here, once its backlog took it: a bad payload is the guest's fault (the
-            # connection's end), not its consumer's
-            try:
-                frame.json()
-            except ProtocolError:
-                if frame.kind is Kind.EVENT:
-                    self._release_event(frame)
-                raise
+        # Its JSON is checked by the consumer that takes it (next), once: a bad payload ends
+        # the connection then (the guest's fault, not the consumer's).
         self._put(frame)
+        return 0
 
     def sink_events(self, sink: EventSink) -> None:
         """Hand each EVENT's body (and its size on the wire) to `sink` in the reader as it
@@ -253,14 +253,17 @@ class Channel:
             self._all_acked.set()
 
     async def next(self) -> Frame:
+        """The next frame from the guest; an EVENT's or RESP's JSON decoded (Frame.json)."""
         loop = asyncio.get_running_loop()
-        if self._inbox and loop.time() - self._ran_since >= DISPATCH_SLICE_S:
+        if self._inbox and (
+            self._spent >= DISPATCH_BUDGET or loop.time() - self._ran_since >= DISPATCH_SLICE_S
+        ):
             await asyncio.sleep(0)  # a backlog is taken in turns with other sandboxes
-            self._ran_since = loop.time()
+            self._ran_since, self._spent = loop.time(), 0
         while not self._inbox:
             self._arrived.clear()
             await self._wait_arrival()
-            self._ran_since = loop.time()
+            self._ran_since, self._spent = loop.time(), 0
         item = self._inbox.popleft()
         if isinstance(item, BaseException):
             # A dead connection ends the channel; a local failure (see `fail`) leaves it for
@@ -268,6 +271,7 @@ class Channel:
             self.closed = self.closed or self._conn.is_closed
             raise item
         if isinstance(item, _Data):
+            self._spent += len(item.data) + FRAME_COST
             self._consumed(len(item.data))
             return Frame(self.id, item.kind, bytes(item.data))
         if item.kind is Kind.EVENT:
@@ -275,7 +279,20 @@ class Channel:
         elif item.kind is Kind.RESP:
             self.closed = True
             self._conn._forget(self.id)
-        return item
+        return self._decoded(item)
+
+    def _decoded(self, frame: Frame) -> Frame:
+        """`frame` with its JSON decoded (charged to this turn: not FRAME_COST, which the
+        reader charged, or a consumer would fall behind a flood of tiny events); a bad payload
+        is the guest's fault: the connection's end."""
+        self._spent += len(frame.payload) + frames.json_cost(frame.payload) * JSON_VALUE_COST
+        try:
+            body = frames.decode_json(frame.payload)
+        except ProtocolError as exc:
+            self._conn._fail(exc)
+            self.closed = True
+            raise
+        return Frame(frame.chan, frame.kind, frame.payload, body)
 
     async def _wait_arrival(self) -> None:
         idle = self._conn.idle_timeout if self.timed else None
@@ -644,19 +661,21 @@ class AgentConnection:
             data, cost = leftover, 0
             while True:
                 now = slice_start = loop.time()
+                # at most FEED_FRAMES parsed at a time: the rest of a read waits its turn
                 for frame in self._decoder.feed(data):
-                    self._dispatch(frame, now)
                     # read() does not suspend while the stream has bytes buffered: without a
                     # pause a guest sending frames as fast as it can (64 KiB of empty ones is
                     # 7,000) would hold the event loop, and every other sandbox of the daemon
-                    # with it. Paused by what was handled (every 256 frames, or MiB of
-                    # payload: 32 KiB events take ~1 ms each to check), not per read: that
-                    # slowed a stdout stream by 20%.
-                    cost += len(frame.payload) + FRAME_COST
+                    # with it. Paused by what was handled (every 256 frames, MiB of payload,
+                    # or JSON decoded), not per read: that slowed a stdout stream by 20%.
+                    cost += self._dispatch(frame, now) + len(frame.payload) + FRAME_COST
                     if cost >= DISPATCH_BUDGET or loop.time() - slice_start >= DISPATCH_SLICE_S:
                         cost = 0
                         await asyncio.sleep(0)
                         now = slice_start = loop.time()
+                if self._decoder.more:
+                    data = b""
+                    continue
                 data = await self._reader.read(65536)
                 if not data:
                     raise ChannelClosedError("agent stream closed by the guest side")
@@ -670,11 +689,12 @@ class AgentConnection:
         except Exception as exc:  # a dead reader must not leave every request hanging
             self._fail(ProtocolError(f"agent stream handling failed: {exc!r}"[:500]))
 
-    def _dispatch(self, frame: Frame, now: float) -> None:
+    def _dispatch(self, frame: Frame, now: float) -> int:
+        """Route one frame; returns what decoding it cost (Channel._deliver)."""
         ch = self._channels.get(frame.chan)
         if ch is None:
             if self._was_opened(frame.chan):
-                return  # answered or abandoned: what the guest still sends is dropped
+                return 0  # answered or abandoned: what the guest still sends is dropped
             raise ProtocolError(
                 f"guest sent a {frame.kind.name} frame on channel {frame.chan}, "
                 "which the host never opened"
@@ -683,7 +703,8 @@ class AgentConnection:
         if frame.kind is Kind.CREDIT:
             ch._grant(frame.credit())
         elif frame.kind is not Kind.EVENT or frame.payload != KEEPALIVE_PAYLOAD:
-            ch._deliver(frame)
+            return ch._deliver(frame)
+        return 0
 
     # --- closing -----------------------------------------------------------------
 

@@ -59,7 +59,7 @@ def _after_request(payload: bytes) -> Guest:
         (frames.encode(1, Kind.RESP, b"not json"), "invalid JSON"),
         (frames.encode(1, Kind.RESP, b"[]"), "want an object"),
         (frames.encode(1, Kind.CREDIT, b"\x01"), "CREDIT frame"),
-        (frames.encode(1, Kind.RESP, b"[" * 60000), "nests too deeply"),
+        (frames.encode(1, Kind.RESP, b"[" * 30000), "nests too deeply"),
         (frames.encode(1, Kind.EVENT, b'{"event":NaN}'), "invalid JSON"),
         (frames.encode(1, Kind.RESP, b'{"n":-1' + b"0" * 400 + b"}"), "out of range"),
     ],
@@ -106,7 +106,7 @@ async def test_close_mid_frame_fails_pending_requests(bystander: AgentClient) ->
 async def test_guest_overrunning_its_credit_window_is_cut_off() -> None:
     async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         f = await _read_frame(r)
-        chunk = frames.encode(f.chan, Kind.OUT, b"x" * 32768)
+        chunk = frames.encode(f.chan, Kind.OUT, b"x" * frames.MAX_GUEST_PAYLOAD)
         for _ in range(9):  # 9 x 32 KiB > the 256 KiB window, with no credit returned
             w.write(chunk)
         await w.drain()
@@ -136,8 +136,9 @@ async def test_a_file_read_lets_the_guest_send_its_wider_window_ahead(over: int)
         w.write(frames.encode(f.chan, Kind.OUT, b"x"))  # what the reader takes first
         await w.drain()
         await asyncio.sleep(0.2)
-        for at in range(1, size, 32768):
-            w.write(frames.encode(f.chan, Kind.OUT, b"x" * min(32768, size - at)))
+        most = frames.MAX_GUEST_PAYLOAD
+        for at in range(1, size, most):
+            w.write(frames.encode(f.chan, Kind.OUT, b"x" * min(most, size - at)))
         w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True}))
         await w.drain()
         sent.set()
@@ -559,8 +560,8 @@ async def test_a_listing_costs_its_entries_not_only_their_bytes(
         for i in range(5000)
     ]
     answer = b"".join(
-        frames.encode_json(1, Kind.EVENT, {"event": "entries", "entries": batch[i : i + 500]})
-        for i in range(0, len(batch), 500)
+        frames.encode_json(1, Kind.EVENT, {"event": "entries", "entries": batch[i : i + 250]})
+        for i in range(0, len(batch), 250)
     )
     client, task = await _connect(_after_request(answer))
     with pytest.raises(GuestError, match="1 MiB"):
@@ -678,7 +679,7 @@ async def test_stdout_stays_in_order_for_a_slow_consumer() -> None:
 
 async def test_what_a_guest_sends_after_its_answer_is_not_held() -> None:
     async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        event = {"event": "x", "pad": "p" * 60000}
+        event = {"event": "x", "pad": "p" * 30000}
         while True:
             f = await _read_frame(r)
             if f.kind is not Kind.REQ:
@@ -883,8 +884,9 @@ async def test_events_slow_to_decode_let_the_event_loop_run_between_them() -> No
     # strictly (a string's 32 KiB, ~0.1). Counted in bytes, the reader took every such
     # event it had buffered per turn and the exec consumer its whole backlog: one guest held
     # every other sandbox of the daemon ~200 ms at a time. Both now take turns by the time
-    # they ran.
-    events = 120
+    # they ran. (As many as a channel holds: the reader no longer decodes them, the consumer
+    # does, one a turn.)
+    events = 25
     payload = b'{"event":"x","e":[' + b",".join([b"{}"] * 10_900) + b"]}"
     decode_s = min(timeit.repeat(lambda: frames.decode_json(payload), number=1, repeat=5))
 
@@ -972,7 +974,7 @@ async def test_a_capture_limit_that_keeps_nothing_is_refused_before_anything_run
     await client.conn.close()
 
 
-@pytest.mark.parametrize("code", ["unresponsive", "x" * 60_000, "no_such_code"])
+@pytest.mark.parametrize("code", ["unresponsive", "x" * 30_000, "no_such_code"])
 async def test_a_guest_cannot_choose_an_error_code_outside_the_protocol(code: str) -> None:
     # The code picks the API's status: a guest's "unresponsive" was a 504 the host's own
     # silence detection seems to give, and a 60,000-character code went out as the API's.
