@@ -282,6 +282,8 @@ def process_routes(api: Api) -> list[Route]:
         pipe = pipes.get(live.row.id, proc_id) or pipes.open(
             live.row.id, proc_id, live.vm.agent, live.spawn
         )
+        if pipe.closing:  # its EOF is queued: bytes now would follow it, or be lost
+            raise Conflict(f"process {proc_id}: its stdin is closed; it cannot be reopened")
         if not await pipe.write(data):
             raise await _stdin_ended(live, proc_id)
         return {"bytes": len(data)}
@@ -310,7 +312,18 @@ def process_routes(api: Api) -> list[Route]:
                 "'open_stdin': true, or its stdin is closed already"
             )
         if pipe is not None:
-            if not await pipe.close():  # EOF after the bytes already queued
+            if pipe.closing:  # a second close must not overtake the first one's EOF
+                raise Conflict(
+                    f"process {proc_id}: its stdin is being closed already (the EOF follows "
+                    "the bytes queued before it)"
+                )
+            try:
+                ended = not await pipe.close()  # EOF after the bytes already queued
+            except Conflict:
+                if pipe.closed:  # stdin_queued: the EOF is queued, the stdin closed
+                    pipes.stdin_closed(live.row.id, proc_id)
+                raise
+            if ended:
                 raise await _stdin_ended(live, proc_id)
         else:
             await live.vm.agent.close_stdin(proc_id)

@@ -50,7 +50,10 @@ class StdinPipe:
         # the pipe abandoned): the chunk may still have been on its way.
         self._taken: set[asyncio.Future[None]] = set()
         self._process_exited = False  # the channel ended with the process, not cut
-        self.closed = False  # EOF requested
+        # A close asked for, and (closed) its EOF queued after the bytes before it: from
+        # then on nothing more may be written, nor another close sent ahead of that EOF.
+        self.closing = False
+        self.closed = False
         self.last_byte = 0  # of what was written (a terminal's EOF depends on it)
         self.task = spawn(self._run(agent))
 
@@ -91,9 +94,13 @@ class StdinPipe:
         return b"\x04" if self.last_byte in (0, 0x0A, 0x0D, 0x04) else b"\x04\x04"
 
     async def close(self) -> bool:
-        """EOF: the guest closes the pipe (or sends ^D on a PTY); False as for write."""
-        self.closed = True
-        return await self._put(None)
+        """EOF after the bytes already queued: the guest closes the pipe; False as for write.
+        A close refused for want of room (stdin_full) leaves the stdin open."""
+        self.closing = True
+        try:
+            return await self._put(None)
+        finally:
+            self.closing = self.closed
 
     async def _put(self, item: bytes | None) -> bool:
         """Queue `item` and wait until it was handed to the agent channel."""
@@ -108,6 +115,8 @@ class StdinPipe:
         done, _ = await asyncio.wait(
             {put, self.task}, timeout=STDIN_WAIT_S, return_when=asyncio.FIRST_COMPLETED
         )
+        if put in done and item is None:
+            self.closed = True
         if put not in done:
             put.cancel()
             if not done:
@@ -165,10 +174,12 @@ class StdinPipes:
                 pipe.abandon()
 
     def get(self, sandbox_id: str, proc_id: str) -> StdinPipe | None:
+        """The live pipe of a process, closing or closed ones included: its caller must not
+        open a second channel beside one whose EOF is still on its way."""
         pipes = self._pipes.get(sandbox_id)
         pipe = pipes.get(proc_id) if pipes else None
-        if pipe is None or not pipe.alive or pipe.closed:
-            return None  # a closed pipe's feeder has ended: nothing it is given goes anywhere
+        if pipe is None or not pipe.alive:
+            return None
         assert pipes is not None
         pipes.move_to_end(proc_id)
         return pipe

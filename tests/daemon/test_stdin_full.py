@@ -37,6 +37,11 @@ async def test_a_write_to_a_stdin_nobody_reads_fails_after_its_wait(
     assert codes == ["stdin_queued"] * (1 + stdin_mod.QUEUE_CHUNKS) + ["stdin_full"] * 2
     assert "nothing of this request was sent" in str(results[-1])
     assert sum(received) <= 256 * 1024  # the guest got no more than its window
+    # A close that found no room queued no EOF: the stdin stays open, to write or close.
+    with pytest.raises(Conflict) as refused:
+        await asyncio.wait_for(pipe.close(), 5)
+    assert refused.value.code == "stdin_full"
+    assert not pipe.closing and not pipe.closed
     pipe.abandon()
     task.cancel()
     await client.conn.close()

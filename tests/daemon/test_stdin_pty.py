@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
+import time
 
 import httpx
 import pytest
@@ -53,6 +55,32 @@ def test_send_stdin_and_close_to_a_background_process(daemon: Daemon, sandbox: s
         # The process has exited: a clear 409, not a silent drop.
         r = c.post(base + "/stdin", content=b"late\n")
         assert r.status_code == 409 and "exited" in r.json()["error"]["message"]
+
+
+def test_a_write_or_close_after_a_pending_close_is_refused_and_nothing_is_reordered(
+    daemon: Daemon, sandbox: str
+) -> None:
+    # The process reads only after 6 s: the first write waits for it, the close's EOF is
+    # queued behind it. A write then went to a second channel beside the first (200, its
+    # bytes spliced into the first's or lost) and a second close overtook the queued bytes.
+    with daemon.client() as c:
+        proc = _spawn(c, sandbox, cmd="sleep 6; cat > /tmp/pending-close", open_stdin=True)
+        base = f"/v1/sandboxes/{sandbox}/processes/{proc}"
+        first = b"a" * (1 << 20)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            wrote = pool.submit(lambda: c.post(base + "/stdin", content=first, timeout=60))
+            time.sleep(1)
+            closed = pool.submit(lambda: c.post(base + "/stdin/close", timeout=60))
+            time.sleep(1)
+            late = c.post(base + "/stdin", content=b"Z" * 10)
+            again = c.post(base + "/stdin/close")
+            assert wrote.result().status_code == 200, wrote.result().text
+            assert closed.result().status_code == 200, closed.result().text
+        assert late.status_code == 409 and "closed" in late.json()["error"]["message"], late.text
+        assert again.status_code == 409, again.text
+        _output(c, sandbox, proc)  # until it exits
+        got = c.get(f"/v1/sandboxes/{sandbox}/files", params={"path": "/tmp/pending-close"})
+        assert got.content == first
 
 
 def test_stdin_bad_input(daemon: Daemon, sandbox: str) -> None:
