@@ -9,6 +9,7 @@ import asyncio
 import base64
 import contextlib
 import inspect
+import sys
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,10 +44,10 @@ OutputCallback = Callable[[bytes], object]
 MAX_LISTING_BYTES = 64 << 20
 # and at most this many entries: each costs the daemon's event loop to turn into JSON
 MAX_LISTING_ENTRIES = 100_000
-# What an entry costs in host memory beyond its bytes on the wire (the Python objects),
-# counted against MAX_LISTING_BYTES: a guest's many tiny strings cost ~10x what they weigh.
+# What an entry costs in host memory besides its strings (the Python objects), counted
+# against MAX_LISTING_BYTES with them (_entry_cost, _proc_cost): a guest's many tiny strings
+# cost ~10x what they weigh.
 ENTRY_OVERHEAD = 256
-ARGV_ENTRY_OVERHEAD = 56
 MAX_COUNT = (1 << 63) - 1
 # The error codes of the protocol (docs/protocol.md); any other a guest sends is "internal"
 GUEST_CODES = frozenset(
@@ -365,16 +366,13 @@ class AgentClient:
         found: list[ProcInfo] = []
         received = 0
 
-        def take(body: dict[str, Any], size: int) -> None:
+        def take(body: dict[str, Any], _size: int) -> None:
             nonlocal received
             procs = body.get("procs", [])
-            received += size
             if not isinstance(procs, list) or len(found) + len(procs) > 8192:
                 raise ProtocolError("list_procs answer is not a list of at most 8192 processes")
-            if received > MAX_LISTING_BYTES:
-                raise ProtocolError(f"list_procs answer exceeds {MAX_LISTING_BYTES >> 20} MiB")
             parsed = [parse_proc(p) for p in procs]
-            received += sum(ENTRY_OVERHEAD + ARGV_ENTRY_OVERHEAD * len(p.argv) for p in parsed)
+            received += sum(map(_proc_cost, parsed))
             if received > MAX_LISTING_BYTES:
                 raise ProtocolError(f"list_procs answer exceeds {MAX_LISTING_BYTES >> 20} MiB")
             found.extend(parsed)
@@ -503,17 +501,19 @@ class AgentClient:
         entries: list[FileEntry] = []
         received = 0
 
-        def take(body: dict[str, Any], size: int) -> None:
+        def take(body: dict[str, Any], _size: int) -> None:
             # gathered as the guest sends them (Channel.sink_events): a listing's own bounds
             # hold, not the backlog a slower consumer would let build
             nonlocal received
             batch = body.get("entries")
             if not isinstance(batch, list):
                 raise ProtocolError("list event without an 'entries' list")
-            entries.extend(parse_entry(e) for e in batch)
-            # bounded by what the guest sent and the entries made of it, not by entries
-            # alone: one may be 20 KiB of path
-            received += size + ENTRY_OVERHEAD * len(batch)
+            for raw in batch:
+                entry = parse_entry(raw)
+                entries.append(entry)
+                # bounded by what the entries hold, not by entries alone: one may be 20 KiB
+                # of path
+                received += _entry_cost(entry)
             if len(entries) > MAX_LISTING_ENTRIES or received > MAX_LISTING_BYTES:
                 raise GuestError(
                     f"{path} lists more than {MAX_LISTING_ENTRIES:,} entries or "
@@ -531,7 +531,7 @@ class AgentClient:
             # sorted here, each directory's name then what is under it. ("/" as NUL, which
             # no name holds, sorts as comparing the components would, without a list of
             # them per entry: 600 slashes each in 98,000 entries took 3.8 s of the event
-            # loop to sort, this 0.3)
+            # loop to sort, this 0.3; each key a copy of its path, counted in _entry_cost)
             entries.sort(key=lambda e: e.path.replace("/", "\x00"))
             return entries
 
@@ -620,6 +620,20 @@ class AgentClient:
 
     async def shutdown(self, mode: str = "poweroff") -> None:
         await self.call("shutdown", mode=mode)
+
+
+def _entry_cost(entry: FileEntry) -> int:
+    """What a listed entry holds of the host's memory, and the sort key made of its path
+    (as big). Counted by its strings' size, not their bytes on the wire: CPython keeps every
+    character of a string that holds one outside the BMP in 4 bytes."""
+    link = sys.getsizeof(entry.link) if entry.link is not None else 0
+    return ENTRY_OVERHEAD + sys.getsizeof(entry.name) + 2 * sys.getsizeof(entry.path) + link
+
+
+def _proc_cost(proc: ProcInfo) -> int:
+    """What a listed process holds of the host's memory (as _entry_cost)."""
+    strings = sys.getsizeof(proc.proc_id) + sys.getsizeof(proc.tag) + sys.getsizeof(proc.argv)
+    return ENTRY_OVERHEAD + strings + sum(map(sys.getsizeof, proc.argv))
 
 
 def _exec_request(

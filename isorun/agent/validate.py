@@ -155,6 +155,22 @@ def _listed_argv(argv: list[object]) -> tuple[list[str], bool]:
     return out, False
 
 
+# The agent refuses a longer tag (exec.go) and names processes "p1", "p2", ...: longer is
+# a guest making each listed process hold up to 256 KiB of strings (64 K characters at 4
+# bytes each, one outside the BMP).
+TAG_MAX = 1024
+PROC_ID_MAX = 64
+
+
+def _bounded(raw: dict[str, Any], key: str, most: int, default: Any = _MISSING) -> str:
+    text = as_str(raw, key, default)
+    if len(text) > most:
+        raise ProtocolError(
+            f"process {key} from guest is {len(text)} characters, over the {most} an agent keeps"
+        )
+    return text
+
+
 def parse_proc(raw: object) -> ProcInfo:
     if not isinstance(raw, dict):
         raise ProtocolError("process entry from guest is not an object")
@@ -163,10 +179,10 @@ def parse_proc(raw: object) -> ProcInfo:
         raise ProtocolError("process argv from guest is not a list of strings")
     shown, cut = _listed_argv(argv)
     return ProcInfo(
-        proc_id=as_str(raw, "proc_id"),
+        proc_id=_bounded(raw, "proc_id", PROC_ID_MAX),
         pid=as_count(raw, "pid"),
         argv=shown,
-        tag=as_str(raw, "tag", default=""),
+        tag=_bounded(raw, "tag", TAG_MAX, default=""),
         pty=as_bool(raw, "pty", default=False),
         running=as_bool(raw, "running"),
         exit_code=as_opt_int(raw, "exit_code"),

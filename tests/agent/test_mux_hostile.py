@@ -570,6 +570,57 @@ async def test_a_listing_costs_its_entries_not_only_their_bytes(
     await client.conn.close()
 
 
+async def test_a_listing_is_bounded_by_what_its_strings_hold_not_their_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # ASCII but for one emoji: CPython holds each character of such a path in 4 bytes (and
+    # the sort copies it). Counted by bytes on the wire, 64 MiB "within the bound" held 253
+    # MiB, 505 at its peak.
+    monkeypatch.setattr(client_mod, "MAX_LISTING_BYTES", 1 << 20)
+    path = "/" + "a" * 5000 + "\U0001f600"
+    batch = [{"name": "n", "path": path, "type": "file", "size": 0, "mode": 420}] * 5
+    event = frames.encode_json(1, Kind.EVENT, {"event": "entries", "entries": batch})
+    answer = event * 20 + frames.encode_json(1, Kind.RESP, {"ok": True})
+    assert len(answer) < 600_000  # on the wire, and 100 entries: far inside the old count
+    client, task = await _connect(_after_request(answer))
+    with pytest.raises(GuestError, match="1 MiB"):
+        await asyncio.wait_for(client.list("/"), 5)
+    task.cancel()
+    await client.conn.close()
+
+
+async def test_a_process_listing_is_bounded_by_what_its_strings_hold_not_their_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(client_mod, "MAX_LISTING_BYTES", 1 << 20)
+    proc = {"proc_id": "p1", "pid": 7, "running": True, "argv": ["a" * 2000 + "\U0001f600"]}
+    event = frames.encode_json(1, Kind.EVENT, {"event": "procs", "procs": [proc] * 10})
+    answer = event * 20 + frames.encode_json(1, Kind.RESP, {"ok": True, "procs": []})
+    assert len(answer) < 600_000
+    client, task = await _connect(_after_request(answer))
+    with pytest.raises(ProtocolError, match="exceeds 1 MiB"):
+        await asyncio.wait_for(client.list_procs(), 5)
+    task.cancel()
+    await client.conn.close()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("tag", "t" * 1025), ("proc_id", "p" * 65)], ids=["tag", "proc_id"]
+)
+async def test_a_listed_process_named_longer_than_an_agent_names_one_is_a_violation(
+    field: str, value: str
+) -> None:
+    # The agent refuses a tag over 1 KiB; unbounded, 64 K wide characters each made one
+    # process's entry hold 256 KiB.
+    proc = {"proc_id": "p1", "pid": 7, "running": True, field: value}
+    answer = frames.encode_json(1, Kind.RESP, {"ok": True, "procs": [proc]})
+    client, task = await _connect(_after_request(answer))
+    with pytest.raises(ProtocolError, match=f"process {field} from guest is {len(value)} char"):
+        await asyncio.wait_for(client.list_procs(), 5)
+    task.cancel()
+    await client.conn.close()
+
+
 @pytest.mark.parametrize(
     ("name", "path"), [("n" * 256, "/n"), ("n", "/" + "a/" * 11_000 + "n")], ids=["name", "path"]
 )
