@@ -255,8 +255,9 @@ class StoreConfig:
       with a full toolchain is ~100k, a big node_modules a few 100k.
     insecure_registries: hosts reached over plain HTTP / unverified TLS; loopback registries
       are always allowed, as Docker does.
-    max_conversions: images fetched and converted at once by this store object (each takes
-      a core and disk bandwidth for seconds to minutes; more wait, saying so).
+    max_conversions: images unpacked and converted (or templates built) at once by this store
+      object (each takes a core and disk bandwidth for seconds to minutes; more wait, saying
+      so). Downloads do not count: a slow registry would hold a slot doing nothing.
     """
 
     auth_file: Path | None = field(default_factory=_default_auth_file)

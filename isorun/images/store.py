@@ -342,8 +342,7 @@ class ImageStore:
             async with self._digest_lock(digest, name, emit):
                 img = self._load(digest)
                 if img is None:
-                    async with self._conversion_slot(name, digest, emit):
-                        await self._convert(digest, name, build)
+                    await self._convert(digest, name, build)
                     img = self._load(digest)
                     if img is None:  # pragma: no cover - rename succeeded, so it exists
                         raise ImageError(f"image {digest} vanished right after conversion")
@@ -358,7 +357,9 @@ class ImageStore:
 
     @contextlib.asynccontextmanager
     async def _conversion_slot(self, name: str, digest: str, emit: Progress) -> Any:
-        """One of the store's max_conversions slots; says `waiting` when all are taken."""
+        """One of the store's max_conversions slots, held by the work that takes a core and
+        the disk (unpack, mkfs, a template build), not by a download: a slow registry would
+        keep every other pull waiting. Says `waiting` when all are taken."""
         if self._conversions.locked():
             emit(
                 ProgressEvent(
@@ -464,24 +465,25 @@ class ImageStore:
         async with watch_bytes(layout_dir, total, pulled):
             await self._skopeo.copy(r, digest, creds, tmp, layout_dir, confined=confined)
         pulled(total)
-        emit(ProgressEvent("unpacking", r.name(), "applying layers", digest=digest))
         layout = Layout(layout_dir)
         # The image is stored under `digest`: it must be what skopeo copied (a local layout
         # is copied by tag, and skopeo may pick another platform entry than we resolved).
         layout.check_copied(digest, resolved.manifest, r.name())
-        await layout.decompress_zstd_layers(self.cfg.max_image_bytes)
-        li = layout.read()
-        tree = tmp / "rootfs"
-        await unpack.unpack(
-            layout_dir,
-            TAG,
-            tree,
-            timeout=self.cfg.pull_timeout_s,
-            max_bytes=self.cfg.max_image_bytes,
-            max_files=self.cfg.max_image_files,
-        )
-        remove_tree(layout_dir)
-        meta = await self._finish_tree(r.name(), tree, tmp, emit, digest)
+        async with self._conversion_slot(r.name(), digest, emit):
+            emit(ProgressEvent("unpacking", r.name(), "applying layers", digest=digest))
+            await layout.decompress_zstd_layers(self.cfg.max_image_bytes)
+            li = layout.read()
+            tree = tmp / "rootfs"
+            await unpack.unpack(
+                layout_dir,
+                TAG,
+                tree,
+                timeout=self.cfg.pull_timeout_s,
+                max_bytes=self.cfg.max_image_bytes,
+                max_files=self.cfg.max_image_files,
+            )
+            remove_tree(layout_dir)
+            meta = await self._finish_tree(r.name(), tree, tmp, emit, digest)
         meta["private"] = self._private(r, creds)
         meta["config"] = li.config.to_json()
         meta["layers"] = [str(x.get("digest")) for x in li.manifest.get("layers", [])]
@@ -539,16 +541,17 @@ class ImageStore:
 
     async def _build_template(self, t: Template, tmp: Path, emit: Progress) -> dict[str, Any]:
         tree = tmp / "rootfs"
-        emit(
-            ProgressEvent(
-                "building",
-                t.name,
-                f"mmdebstrap {t.suite} with {len(t.packages)} packages",
-                digest=t.digest,
+        async with self._conversion_slot(t.name, t.digest, emit):
+            emit(
+                ProgressEvent(
+                    "building",
+                    t.name,
+                    f"mmdebstrap {t.suite} with {len(t.packages)} packages",
+                    digest=t.digest,
+                )
             )
-        )
-        await build_rootfs(t, tree, self.cfg, tmp)
-        meta = await self._finish_tree(f"template:{t.name}", tree, tmp, emit, t.digest)
+            await build_rootfs(t, tree, self.cfg, tmp)
+            meta = await self._finish_tree(f"template:{t.name}", tree, tmp, emit, t.digest)
         meta["config"] = t.config.to_json()
         meta["template"] = t.model_dump(mode="json")
         return meta

@@ -261,7 +261,7 @@ async def test_conversions_beyond_the_store_s_slots_wait_saying_so(tmp_path: Pat
         )
 
     await asyncio.gather(*(pull(r) for r in refs))
-    converting = {"pulling", "unpacking", "converting"}  # what a conversion says in its slot
+    converting = {"unpacking", "converting"}  # what a conversion says in its slot
     spans = sorted(
         (min(t for t, p, _ in log if p in converting), max(t for t, p, _ in log if p in converting))
         for log in seen.values()
