@@ -4,7 +4,7 @@ wrapper that maps a handler's errors, and NDJSON streaming."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.requests import Request
@@ -75,7 +75,7 @@ class Api:
 
     def tenant_of(self, request: Request) -> str:
         header = request.headers.get("authorization", "")
-        local = request.scope.get("client") is None or request.scope["client"][0] in ("", None)
+        local = _on_the_unix_socket(request.scope)
         if header:
             scheme, _, key = header.partition(" ")
             if scheme.lower() != "bearer" or not key.strip():
@@ -141,3 +141,13 @@ class Api:
                 f"{what} is for the local administrator (on the daemon's unix socket), not "
                 "for an API key"
             )
+
+
+def _on_the_unix_socket(scope: Mapping[str, Any]) -> bool:
+    """Whether a request came through the daemon's unix socket (root's alone: its caller is
+    the local admin). Told by the listening side, which a TCP connection always has (its
+    local address), never by the peer's address: that is missing also for a TCP client
+    that reset its connection before the daemon took it up, whose request is still read,
+    and that client then ran as the admin without a key."""
+    server = scope.get("server")
+    return server is None or (isinstance(server, list | tuple) and server[1] is None)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import socket
 import sqlite3
+import struct
 import threading
 import time
 from pathlib import Path
@@ -126,6 +127,26 @@ def test_no_api_key_can_be_the_local_admin(daemon: Daemon, sandbox: str) -> None
     with daemon.tcp(f"isr_0123456789ab_{secret}") as t:
         assert t.get(f"/v1/sandboxes/{sandbox}").status_code == 401
         assert t.get("/v1/keys").status_code == 401
+
+
+def test_a_tcp_request_whose_connection_was_reset_is_not_the_local_admin(daemon: Daemon) -> None:
+    # A request sent, then the connection reset before the daemon took it up: the daemon
+    # still reads the request, but has no peer address for it. That used to mean the unix
+    # socket: the admin, without a key (here: an API key minted by anyone over TCP).
+    body = json.dumps({"name": "made-without-a-key"}).encode()
+    request = (
+        b"POST /v1/keys HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    for _ in range(30):
+        with socket.create_connection(("127.0.0.1", daemon.port)) as s:
+            s.sendall(request)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        time.sleep(0.02)
+    time.sleep(1)
+    with daemon.client() as c:
+        made = [k for k in c.get("/v1/keys").json()["keys"] if k["name"] == "made-without-a-key"]
+    assert made == []
 
 
 def test_exec_streams_ndjson_in_order_with_exit_record(daemon: Daemon, sandbox: str) -> None:
