@@ -41,6 +41,7 @@ class VMProcess:
                 stderr=out,
                 pass_fds=list(pass_fds),
                 start_new_session=True,  # its own process group: killpg reaches the whole jail
+                env=qemu_environment(),
             )
         return cls(child.pid, child)
 
@@ -82,6 +83,13 @@ _ENTER = (
     'for f in "$@"; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done; '
     'shift; exec "$@"'
 )
+
+
+def qemu_environment() -> dict[str, str]:
+    """What QEMU gets of the host process's environment: a PATH to find its binaries by
+    name, and nothing else. The daemon's environment holds the operator's secrets (a proxy's
+    password, cloud keys), and a guest that breaks into QEMU could read them there."""
+    return {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"}
 
 
 def _in_cgroups(argv: list[str], procs_files: Sequence[Path]) -> list[str]:

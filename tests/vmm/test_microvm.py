@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 import pytest
+from vmhelpers import vm_spec
 
 from isorun.agent import Attachment
 from isorun.errors import FileNotFoundInGuest, GuestError
@@ -249,3 +251,22 @@ async def test_a_tcg_guest_copies_memory_without_byte_wise_rep_movsb(vm: MicroVM
     flags = set(r.stdout.decode().split(":", 1)[1].split())
     assert {"sse2", "avx2"} <= flags  # still the full TCG CPU
     assert not flags & {"erms", "fsrm"}
+
+
+async def test_qemu_gets_none_of_the_hosts_environment_but_its_path(
+    busybox_rootfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The daemon's environment holds the operator's secrets (a proxy's password, cloud
+    # keys); a guest that broke into QEMU could read them in its /proc/self/environ.
+    monkeypatch.setenv("HTTPS_PROXY", "http://puller:S3cr3t@proxy.internal:3128")
+    vm = await MicroVM.boot(vm_spec(busybox_rootfs))
+    try:
+        pids = [int(p) for f in vm.cgroup.procs_files() for p in f.read_text().split()]
+        assert pids, "nothing in the VM's cgroup"
+        for pid in pids:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            names = {e.split(b"=", 1)[0] for e in env if e}
+            # (PWD: the shell that puts QEMU in its cgroups sets it)
+            assert names <= {b"PATH", b"LC_ALL", b"PWD"}, (pid, names)
+    finally:
+        await vm.kill()
