@@ -281,19 +281,28 @@ class ImageStore:
         # store's credentials, and confined to public addresses all the way (pull_egress.py).
         # Checked before the cache too: a stored image is not handed out, nor given a name,
         # under a registry the caller may not name (by digest, any name would do).
-        confined = policy is not None and await policy.check(r) == "anonymous"
+        unresolved: RegistryUnreachableError | None = None
+        try:
+            confined = policy is not None and await policy.check(r) == "anonymous"
+        except RegistryUnreachableError as exc:
+            # Its name does not resolve now (an offline host, DNS down): not refused, only
+            # not reachable. A stored image the policy admits is still served (no new
+            # name); anything else fails as unreachable below.
+            confined, unresolved = True, exc
         if r.transport == "registry" and pull == "missing":
             # By name first: a manifest-list digest names the platform image it resolved to.
             known = self._refs.read().get(r.name()) or r.digest
             img = self._load(known) if known else None
             if img is not None and admits(policy, img):
                 self.stats.cache_hits += 1
-                if policy is None or r.digest is None:
+                if unresolved is None and (policy is None or r.digest is None):
                     # a caller's digest ref no registry was asked about names nothing: by
                     # digest it is found anyway, and a tenant's would grow refs.json at will
                     await self._refs.set(r.name(), img.digest)
                 emit(ProgressEvent("cached", ref, "already in the store", digest=img.digest))
                 return img
+        if unresolved is not None:
+            raise unresolved
         if confined and credentials is None:
             credentials = ANONYMOUS
         emit(ProgressEvent("resolving", ref, f"resolving {r.name()}"))

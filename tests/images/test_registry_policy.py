@@ -22,6 +22,7 @@ from isorun.images import (
     RegistryAuthError,
     RegistryPolicy,
     RegistryRefusedError,
+    RegistryUnreachableError,
     StoreConfig,
     parse_reference,
 )
@@ -154,6 +155,21 @@ async def test_a_stored_image_gets_no_name_under_a_registry_the_policy_refuses(
     got = await store.ensure(f"registry.example.com/made-up@{img.digest}", policy=named)
     assert got.digest == img.digest
     assert store.inspect(img.digest).names == (f"{registry.host}/policy/stored:1",)
+
+
+async def test_a_stored_image_is_served_when_its_registry_does_not_resolve_now(
+    registry: Registry, store: ImageStore, tmp_path: Path
+) -> None:
+    # An offline host (or DNS down): the policy cannot tell whether the registry is public,
+    # but a stored image it admits is served as before, under no new name; a pull is not.
+    _push(registry, tmp_path, "policy/offline:1")
+    img = await store.ensure(f"{registry.host}/policy/offline:1")  # the operator's pull
+    public = RegistryPolicy.parse("public")
+    got = await store.ensure(f"registry.invalid/offline@{img.digest}", policy=public)
+    assert got.digest == img.digest
+    assert store.inspect(img.digest).names == (f"{registry.host}/policy/offline:1",)
+    with pytest.raises(RegistryUnreachableError, match=r"cannot resolve host registry\.invalid"):
+        await store.ensure("registry.invalid/offline:2", policy=public)
 
 
 async def test_public_registries_are_pulled_anonymously_and_named_ones_with_the_login(
