@@ -184,15 +184,20 @@ def query_flag(request: Request, name: str) -> bool:
     raise ApiError(f"query parameter {name}={raw!r} must be 1, true, 0 or false", code="invalid")
 
 
-def query_path(request: Request, *others: str) -> str:
-    """?path= of a files route, which takes no query parameter but `path` and `others`: a
-    misspelt one (`apend=1`) would otherwise be ignored."""
+def only_params(request: Request, *takes: str) -> None:
+    """Refuse a query parameter the route does not take: a misspelt one (`apend=1`,
+    `sinse=`) would otherwise be ignored, and the answer look right."""
     for k in request.query_params:
-        if k != "path" and k not in others:
-            takes = ", ".join(("path", *others))
+        if k not in takes:
             raise ApiError(
-                f"unknown query parameter {k!r}; this route takes {takes}", code="invalid"
+                f"unknown query parameter {k!r}; this route takes {', '.join(takes)}",
+                code="invalid",
             )
+
+
+def query_path(request: Request, *others: str) -> str:
+    """?path= of a files route, which takes no query parameter but `path` and `others`."""
+    only_params(request, "path", *others)
     p = request.query_params.get("path")
     if p and "\ufffd" in p and not _is_utf8_query(request):
         # Starlette put U+FFFD for what was no UTF-8 (a Latin-1 name, %E9): that would

@@ -14,6 +14,7 @@ from isorun.daemon.api import Api
 from isorun.daemon.errors import ApiError, Conflict, NotFound
 from isorun.daemon.http import (
     image_json,
+    only_params,
     parse,
     query_flag,
 )
@@ -35,6 +36,8 @@ def image_routes(api: Api) -> list[Route]:
     manager, store, cfg = api.manager, api.store, api.cfg
 
     async def usage(request: Request, tenant: str) -> Any:
+        only_params(request, "since", "until")
+
         def f(name: str) -> float | None:
             raw = request.query_params.get(name)
             if raw is None:

@@ -487,6 +487,9 @@ def test_timeout_reaps_and_kill_reports_usage(daemon: Daemon, image: str) -> Non
 def test_malformed_query_values(daemon: Daemon) -> None:
     with daemon.client() as c:
         assert c.get("/v1/usage", params={"since": "yesterday"}).status_code == 400
+        # a misspelt parameter is named, not ignored (which answered every record)
+        r = c.get("/v1/usage", params={"sinse": "1"})
+        assert r.status_code == 400 and "'sinse'" in r.json()["error"]["message"], r.text
 
 
 def _rss_bytes(pid: int) -> int:
