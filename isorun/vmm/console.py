@@ -31,12 +31,16 @@ PANIC_MARKER = b"Kernel panic"
 def read_tail(path: Path, max_bytes: int = TAIL_BYTES) -> str:
     """The last max_bytes of a console log file ("" if there is none): what a VM that ended
     while no ConsoleLog of this process read it printed."""
+    return _last_bytes(path, max_bytes).decode("utf-8", "replace")
+
+
+def _last_bytes(path: Path, max_bytes: int) -> bytes:
     try:
         with open(path, "rb") as f:
             f.seek(max(0, f.seek(0, 2) - max_bytes))
-            return f.read(max_bytes).decode("utf-8", "replace")
+            return f.read(max_bytes)
     except OSError:
-        return ""
+        return b""
 
 
 class ConsoleLog:
@@ -54,6 +58,10 @@ class ConsoleLog:
     ) -> None:
         # Keep the writer referenced: a collected StreamWriter closes the socket.
         self._writer = writer
+        if not self._tail:
+            # A VM adopted again (a daemon restart): its tail is what it printed before as
+            # well, for its logs and the console kept at its end, not only what comes next.
+            self._tail += _last_bytes(self.path, TAIL_BYTES)
         self._task = asyncio.create_task(self._pump(reader), name=f"console:{self.path}")
 
     async def _pump(self, reader: asyncio.StreamReader) -> None:

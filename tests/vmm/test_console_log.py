@@ -56,6 +56,15 @@ async def test_a_log_that_cannot_be_written_still_sees_the_halt(first: int) -> N
     assert log.halted and halts == [True]
 
 
+async def test_a_reader_of_an_adopted_vm_keeps_what_it_printed_before(tmp_path: Path) -> None:
+    # A daemon restart: the new reader's tail (the sandbox's logs, the console kept at its
+    # end) started empty, though the log file held everything printed before.
+    await _pump(tmp_path, b"printed before the restart\n")
+    after = await _pump(tmp_path, b"and after\n")
+    assert after.tail() == "printed before the restart\nand after\n"
+    assert (tmp_path / "console.log").read_bytes() == b"printed before the restart\nand after\n"
+
+
 async def test_the_file_cap_holds_across_readers_of_one_log(tmp_path: Path) -> None:
     # a VM adopted again (a daemon restart) appends to its log: the cap is the file's
     path = tmp_path / "console.log"
