@@ -19,14 +19,29 @@ _ERR = {
 _JSON = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
 # Every NDJSON stream: a silence of /v1/health's stream_keepalive_s carries one.
 _KEEPALIVE = " | {type:keepalive} (through silences; skip it)"
-_NDJSON = {
-    "description": "NDJSON stream, one event per line: "
+_STREAM_EVENTS = (
+    "NDJSON stream, one event per line: "
     "{type:start,proc_id,pid} | {type:attached,offset,lost} | "
     "{type:stdout|stderr,data:<base64>} | {type:gap,lost,offset} (a process stream's slow "
     "reader skipped `lost` bytes; output goes on at `offset`) | "
-    "{type:exit,proc_id,exit_code,signal,timed_out,duration_ms} | {type:error,code,message}"
-    + _KEEPALIVE,
-    "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+    "{type:exit,proc_id,exit_code,signal,timed_out,duration_ms} | "
+    "{type:error,status,code,message}" + _KEEPALIVE
+)
+_NDJSON_CONTENT = {"application/x-ndjson": {"schema": {"type": "string"}}}
+_NDJSON = {"description": _STREAM_EVENTS, "content": _NDJSON_CONTENT}
+# exec: a stream, but a background exec answers once, with the process it started.
+_EXEC = {
+    "description": _STREAM_EVENTS + "; with background=true a JSON object {proc_id, pid}",
+    "content": {
+        **_NDJSON_CONTENT,
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {"proc_id": {"type": "string"}, "pid": {"type": "integer"}},
+                "required": ["proc_id", "pid"],
+            }
+        },
+    },
 }
 _PROGRESS_EVENTS = (
     "{type:progress,phase,ref,message?,digest?,bytes_done?,bytes_total?} with phase in "
@@ -37,14 +52,14 @@ _PULL = {
     "description": "NDJSON stream, one event per line: "
     + _PROGRESS_EVENTS
     + " | {type:image,image:{digest,names,size_bytes,disk_bytes,source,created}} (last) | "
-    "{type:error,code,message} (last)" + _KEEPALIVE,
+    "{type:error,status,code,message} (last)" + _KEEPALIVE,
     "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
 }
 _CREATE = {
     "description": "the sandbox (JSON); with ?progress=1 an NDJSON stream: "
     + _PROGRESS_EVENTS
     + " | {type:progress,phase:booting,ref,sandbox} | {type:sandbox,sandbox:{...}} (last) | "
-    "{type:error,code,message} (last)" + _KEEPALIVE,
+    "{type:error,status,code,message} (last)" + _KEEPALIVE,
     "content": {
         "application/json": {"schema": {"type": "object"}},
         "application/x-ndjson": {"schema": {"type": "string"}},
@@ -144,7 +159,7 @@ OPS: list[
         "Run a command: NDJSON stream; with background=true, JSON {proc_id, pid}",
         models.ExecRequest,
         [SID],
-        _NDJSON,
+        _EXEC,
     ),
     (
         "get",

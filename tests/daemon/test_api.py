@@ -30,6 +30,19 @@ def test_committed_openapi_matches_the_app(daemon: Daemon) -> None:
         assert c.get("/openapi.json").json() == json.loads(committed)
 
 
+def test_exec_answers_as_its_openapi_says(daemon: Daemon, sandbox: str) -> None:
+    # A background exec answers JSON {proc_id, pid}, which the spec left out (it declared
+    # only the NDJSON stream).
+    spec = json.loads((REPO / "openapi.json").read_text())
+    declared = spec["paths"]["/v1/sandboxes/{sid}/exec"]["post"]["responses"]["200"]
+    with daemon.client() as c:
+        r = c.post(f"/v1/sandboxes/{sandbox}/exec", json={"cmd": "true", "background": True})
+        kind = r.headers["content-type"].split(";")[0]
+        assert kind in declared["content"], (kind, list(declared["content"]))
+        schema = declared["content"][kind]["schema"]
+        assert set(schema["required"]) <= set(r.json()), r.json()
+
+
 def test_socket_is_private(daemon: Daemon) -> None:
     assert daemon.sock.stat().st_mode & 0o777 == 0o600
 
