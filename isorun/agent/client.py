@@ -33,7 +33,8 @@ from isorun.tail import TailBuffer
 
 # A file read's credit window: under TCG a credit's round trip is long enough that 256 KiB
 # in flight bounded downloads (bench/bench_agent.py, same run: 83 MiB/s, 131 with 2 MiB).
-# What the daemon holds of a download whose HTTP client stalls is at most this.
+# What the daemon holds of a download whose HTTP client stalls is at most this; all of a
+# sandbox's together, at most mux.CONNECTION_WIDENED more than WINDOW each.
 READ_WINDOW = 2 << 20
 # A callback may return an awaitable: it is awaited before more output is read, so a slow
 # consumer holds back the guest through the channel's credits instead of buffering.

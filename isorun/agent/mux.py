@@ -81,6 +81,11 @@ PROBES_PER_IDLE = 3
 # at most a window per channel, so a few credits per open request wait, plus one frame of
 # a sender. Past this the connection fails as unresponsive.
 WRITE_BACKLOG = 1 << 20
+# What the windows widened past WINDOW (Channel.widen: a download's) may add up to on one
+# connection. Each lets the guest send that much ahead of its consumer, held here while the
+# consumer stalls (a download whose HTTP client stopped reading): 256 such downloads held
+# 514 MiB. Past it a channel keeps WINDOW, until widened ones end.
+CONNECTION_WIDENED = 64 << 20
 
 
 class _Data:
@@ -128,6 +133,7 @@ class Channel:
         # DROPPED_EVENT in their place (a watch reports "overflow") instead of cancelled.
         self.sheds_events = False
         self._dropped_marker: Frame | None = None  # queued, not yet taken
+        self._widened = 0  # its window past WINDOW (widen), counted on the connection
         self._event_sink: EventSink | None = None
 
     def _deliver(self, frame: Frame) -> int:
@@ -325,8 +331,14 @@ class Channel:
 
     def widen(self, n: int) -> None:
         """Let the guest send `n` bytes more than WINDOW ahead of our credit (after the
-        REQ: the guest ignores credit for a channel it does not know). What it sends is
-        held here until taken, so only for a consumer that takes it at once."""
+        REQ: the guest ignores credit for a channel it does not know), or what is left of
+        the connection's `widened_limit`. What it sends is held here until taken, so only
+        for a consumer that takes it at once."""
+        n = min(n, self._conn.widened_limit - self._conn._widened)
+        if n <= 0:
+            return
+        self._widened += n
+        self._conn._widened += n
         self._recv_window += n
         self._conn._send_nowait(frames.encode_credit(self.id, n))
 
@@ -424,6 +436,7 @@ class AgentConnection:
         self._next_chan = 1
         self._wrapped = False  # channel numbers went round: every one was opened once
         self._event_bytes = 0  # queued events of all channels (Channel._deliver)
+        self._widened = 0  # windows widened, of all open channels (Channel.widen)
         self._write_lock = asyncio.Lock()
         self._closed = asyncio.Event()
         self._close_error: BaseException | None = None
@@ -442,6 +455,7 @@ class AgentConnection:
     keepalive_s = KEEPALIVE_S
     idle_after_s = IDLE_AFTER_S
     write_backlog = WRITE_BACKLOG
+    widened_limit = CONNECTION_WIDENED
 
     @classmethod
     async def open_unix(cls, path: str, timeout: float = 10.0) -> AgentConnection:
@@ -597,7 +611,10 @@ class AgentConnection:
         ch._heard = asyncio.get_running_loop().time()  # time queued to send is not the guest's
 
     def _forget(self, chan: int) -> None:
-        self._channels.pop(chan, None)
+        ch = self._channels.pop(chan, None)
+        if ch is not None:  # the guest sends it nothing more: its wider window is free again
+            self._widened -= ch._widened
+            ch._widened = 0
 
     def _was_opened(self, chan: int) -> bool:
         return self._wrapped or 1 <= chan < self._next_chan

@@ -160,6 +160,52 @@ async def test_a_file_read_lets_the_guest_send_its_wider_window_ahead(over: int)
     task.cancel()
 
 
+async def test_stalled_downloads_hold_a_bounded_amount_of_one_connection() -> None:
+    # Each download may get READ_WINDOW ahead of its consumer, held while that consumer (an
+    # HTTP client that stopped reading) stalls: 256 of them held 514 MiB of the daemon. The
+    # guest sends whatever its credit allows; what it was allowed is what the host holds.
+    allowed: dict[int, int] = {}
+    chunk = b"x" * frames.MAX_GUEST_PAYLOAD
+
+    async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        sent: dict[int, int] = {}
+        while True:
+            f = await _read_frame(r)
+            if f.kind is Kind.REQ and f.json()["op"] == "read_file":
+                allowed[f.chan], sent[f.chan] = mux.WINDOW, 0
+            elif f.kind is Kind.REQ:  # anything else: answered, once what came before was
+                w.write(frames.encode_json(f.chan, Kind.RESP, {"ok": True}))
+            elif f.kind is Kind.CREDIT and f.chan in allowed:
+                allowed[f.chan] += f.credit()
+            elif f.kind is Kind.CANCEL:
+                allowed.pop(f.chan, None)
+                sent.pop(f.chan, None)
+            for chan, may in allowed.items():
+                while sent[chan] < may:
+                    part = chunk[: may - sent[chan]]
+                    w.write(frames.encode(chan, Kind.OUT, part))
+                    sent[chan] += len(part)
+            await w.drain()
+
+    client, task = await _connect(guest)
+    client.conn.widened_limit = 8 << 20
+    downloads = [client.read_file("/big") for _ in range(16)]
+    for download in downloads:
+        await download.__anext__()  # the response started, and its client stopped reading
+    await client.call("sync")  # the guest has seen every credit
+    assert sum(allowed.values()) <= client.conn.widened_limit + 16 * mux.WINDOW
+    assert max(allowed.values()) == client_mod.READ_WINDOW  # the first ones were widened
+    for download in downloads:
+        await download.aclose()
+    fresh = client.read_file("/big")
+    await fresh.__anext__()
+    await client.call("sync")
+    assert len(allowed) == 1 and max(allowed.values()) == client_mod.READ_WINDOW
+    await fresh.aclose()
+    task.cancel()
+    await client.conn.close()
+
+
 async def test_guest_that_stops_reading_but_keeps_streaming_is_cut_off(
     bystander: AgentClient,
 ) -> None:
