@@ -36,7 +36,8 @@ lint: venv
 	$(VENV)/bin/mypy isorun
 
 test-go:
-	cd guest/agent && test -z "$$(gofmt -l . | tee /dev/stderr)" && \
+	go="$$(scripts/find-go.sh)" && export PATH="$$(dirname "$$go"):$$PATH" && \
+		cd guest/agent && test -z "$$(gofmt -l . | tee /dev/stderr)" && \
 		go vet ./... && go test -count=1 ./...
 
 test-py: venv

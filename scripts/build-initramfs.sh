@@ -14,7 +14,10 @@ repo="$(dirname "$(dirname "$self")")"
 src="$repo/guest/agent"
 cache="${ISORUN_CACHE:-/var/cache/isorun}/initramfs"
 
-command -v go >/dev/null 2>&1 || die "'go' not found in PATH: install Go >= 1.26 (https://go.dev/dl/) to build the guest agent"
+# the first go >= 1.21 (it fetches the toolchain go.mod names), even behind an older one
+go_bin="$("$(dirname "$self")/find-go.sh")" ||
+	die "no Go >= 1.21 found: run scripts/install-deps.sh (bookworm-backports' golang-go) or install one from https://go.dev/dl/"
+export PATH="$(dirname "$go_bin"):$PATH"
 command -v cpio >/dev/null 2>&1 || die "'cpio' not found in PATH: install GNU cpio (apt-get install cpio)"
 [ -f "$src/go.mod" ] || die "agent sources not found at $src"
 
