@@ -2,7 +2,9 @@
 # Build kernel + initramfs (each cached by content hash) and point the guest cache at them.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-cache="${ISORUN_CACHE:-/var/cache/isorun}"
+# absolute, so the links below resolve from anywhere (the build scripts print absolute paths)
+cache="$(realpath -ms -- "${ISORUN_CACHE:-/var/cache/isorun}")"
+export ISORUN_CACHE="$cache"
 kernel="$("$here/build-kernel.sh")"
 initramfs="$("$here/build-initramfs.sh")"
 mkdir -p "$cache/guest"

@@ -12,7 +12,8 @@ die() { log "error: $*"; exit 1; }
 self="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
 repo="$(dirname "$(dirname "$self")")"
 src="$repo/guest/agent"
-cache="${ISORUN_CACHE:-/var/cache/isorun}/initramfs"
+# absolute: go build runs in $src, where a relative output path would land
+cache="$(realpath -ms -- "${ISORUN_CACHE:-/var/cache/isorun}")/initramfs"
 
 # the first go >= 1.21 (it fetches the toolchain go.mod names), even behind an older one
 go_bin="$("$(dirname "$self")/find-go.sh")" ||
@@ -56,6 +57,8 @@ log "building agent (go $(go env GOVERSION))"
 	CGO_ENABLED=0 GOOS=linux GOARCH="${GOARCH:-amd64}" \
 		go build -trimpath -ldflags='-s -w' -o "$stage/init" .
 ) >&2 || die "go build failed"
+# a cached initramfs is trusted for good: never pack one without its init
+[ -x "$stage/init" ] || die "go build wrote no $stage/init"
 
 (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) > "$work/initramfs.cpio" ||
 	die "cpio failed"

@@ -9,7 +9,8 @@ fragment="$here/guest/kernel/isorun.config"
 shopt -s nullglob
 patches=("$here"/guest/kernel/patches/*.patch)
 shopt -u nullglob
-cache="${ISORUN_CACHE:-/var/cache/isorun}/kernel"
+# absolute: the build below runs in its own work tree (a relative one would land there)
+cache="$(realpath -ms -- "${ISORUN_CACHE:-/var/cache/isorun}")/kernel"
 src_tar=/usr/src/linux-source-6.1.tar.xz
 [ -f "$src_tar" ] || { echo "build-kernel: $src_tar missing: apt-get install linux-source-6.1" >&2; exit 1; }
 src_version="$(dpkg-query -W -f='${Version}' linux-source-6.1)"
@@ -18,6 +19,8 @@ cc_version="$(gcc --version 2>/dev/null | head -1 || true)"
 key="$( (cat "$fragment" "${patches[@]}" "$self"; echo "$src_version"; echo "$cc_version") |
   sha256sum | cut -c1-16)"
 out="$cache/$key"
+# --key: the cache key alone (tests seed a cache with it instead of building for minutes)
+if [ "${1:-}" = --key ]; then echo "$key"; exit 0; fi
 if [ -f "$out/vmlinux" ]; then echo "$out/vmlinux"; exit 0; fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/isorun-kernel.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
@@ -40,7 +43,14 @@ done < "$fragment"
 # ... before the (long) build, and never into the cache: a cached kernel is reused for good.
 [ "$missing" = 0 ] || { echo "build-kernel: options above did not stick; fix $fragment" >&2; exit 1; }
 make -s -j"$(nproc)" vmlinux >&2
-rm -rf "$out.tmp"; mkdir -p "$out.tmp"
-cp vmlinux .config "$out.tmp/"
-rm -rf "$out"; mv "$out.tmp" "$out"
+# A temp dir of this build's own, renamed into place: another build of the same key may be
+# finishing now, and a VM may be booting from the $out it renamed.
+mkdir -p "$cache"
+staged="$(mktemp -d "$cache/.$key.XXXXXX")"
+cp vmlinux .config "$staged/"
+chmod 755 "$staged"
+if ! mv -T "$staged" "$out" 2>/dev/null; then
+  rm -rf "$staged"
+  [ -f "$out/vmlinux" ] || { echo "build-kernel: cannot move the build into $out" >&2; exit 1; }
+fi
 echo "$out/vmlinux"

@@ -1,5 +1,6 @@
-"""Old guest builds leave the cache: every agent or kernel change builds anew under a new
-hash, and without pruning the cache grew by a kernel or an initramfs per change."""
+"""The guest build scripts against a private cache: old builds leave it (every agent or
+kernel change builds anew under a new hash, and without pruning the cache grew by a kernel
+or an initramfs per change), and what they cache is what the key says."""
 
 from __future__ import annotations
 
@@ -8,7 +9,30 @@ import subprocess
 import time
 from pathlib import Path
 
-PRUNE = Path(__file__).resolve().parents[2] / "scripts" / "prune-guest-builds.sh"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+PRUNE = SCRIPTS / "prune-guest-builds.sh"
+
+
+def _env(cache: Path | str, **extra: str) -> dict[str, str]:
+    # /usr/local/go/bin: where `make` finds Go too (the Makefile puts it on PATH)
+    path = f"{os.environ.get('PATH', '/usr/bin:/bin')}:/usr/local/go/bin"
+    return {**os.environ, "PATH": path, "ISORUN_CACHE": str(cache), **extra}
+
+
+def _seed_kernel(cache: Path) -> None:
+    """A placeholder for the kernel this checkout builds: building one takes minutes."""
+    key = subprocess.run(
+        [SCRIPTS / "build-kernel.sh", "--key"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    (cache / "kernel" / key).mkdir(parents=True)
+    (cache / "kernel" / key / "vmlinux").write_bytes(b"placeholder")
+
+
+def _cpio_names(cpio: Path) -> list[str]:
+    listing = subprocess.run(
+        ["cpio", "-it", "--quiet"], stdin=cpio.open("rb"), capture_output=True, check=True
+    )
+    return listing.stdout.decode().split()
 
 
 def _builds(root: Path, count: int) -> list[Path]:
@@ -41,3 +65,23 @@ def test_nothing_to_prune_is_fine(tmp_path: Path) -> None:
     assert sorted((tmp_path / "kernel").iterdir()) == builds
     absent = subprocess.run([PRUNE, tmp_path / "none", tmp_path / "none" / "x"])
     assert absent.returncode == 0
+
+
+def test_a_relative_cache_gets_links_that_resolve_and_an_initramfs_with_init(
+    tmp_path: Path,
+) -> None:
+    _seed_kernel(tmp_path / "rel")
+    result = subprocess.run(
+        [SCRIPTS / "build-guest.sh"],
+        cwd=tmp_path,
+        env=_env("rel"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    guest = tmp_path / "rel" / "guest"
+    for name in ("vmlinux", "initramfs.cpio"):
+        target = Path(os.readlink(guest / name))
+        assert target.is_absolute() and target.is_file(), f"{name} -> {target}"
+    assert "init" in _cpio_names(guest / "initramfs.cpio")
