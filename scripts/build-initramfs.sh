@@ -22,14 +22,18 @@ export PATH="$(dirname "$go_bin"):$PATH"
 command -v cpio >/dev/null 2>&1 || die "'cpio' not found in PATH: install GNU cpio (apt-get install cpio)"
 [ -f "$src/go.mod" ] || die "agent sources not found at $src"
 
-# hash of every source file (name + content), go.mod, go.sum and this script
+# what the agent is built for: amd64 unless GOARCH says otherwise
+build_env=(CGO_ENABLED=0 GOOS=linux GOARCH="${GOARCH:-amd64}")
+
+# hash of every source file (name + content), go.mod, go.sum, this script and the go env
+# settings that change the binary (an arm64 or GOAMD64=v3 build is another initramfs)
 hash="$(
 	cd "$src"
 	{
 		find . -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) ! -name '*_test.go' -print0 |
 			LC_ALL=C sort -z | xargs -0 sha256sum
 		sha256sum < "$self"
-		go env GOVERSION
+		env "${build_env[@]}" go env GOVERSION GOOS GOARCH GOAMD64 GOARM64 GOFLAGS GOEXPERIMENT
 	} | sha256sum | cut -c1-16
 )"
 out="$cache/$hash/initramfs.cpio"
@@ -54,8 +58,7 @@ fi
 log "building agent (go $(go env GOVERSION))"
 (
 	cd "$src"
-	CGO_ENABLED=0 GOOS=linux GOARCH="${GOARCH:-amd64}" \
-		go build -trimpath -ldflags='-s -w' -o "$stage/init" .
+	env "${build_env[@]}" go build -trimpath -ldflags='-s -w' -o "$stage/init" .
 ) >&2 || die "go build failed"
 # a cached initramfs is trusted for good: never pack one without its init
 [ -x "$stage/init" ] || die "go build wrote no $stage/init"

@@ -85,3 +85,29 @@ def test_a_relative_cache_gets_links_that_resolve_and_an_initramfs_with_init(
         target = Path(os.readlink(guest / name))
         assert target.is_absolute() and target.is_file(), f"{name} -> {target}"
     assert "init" in _cpio_names(guest / "initramfs.cpio")
+
+
+def _init_machine(cpio: Path, tmp: Path) -> int:
+    """e_machine of the initramfs's /init: 0x3e x86-64, 0xb7 arm64."""
+    tmp.mkdir()
+    subprocess.run(["cpio", "-i", "--quiet", "init"], cwd=tmp, stdin=cpio.open("rb"), check=True)
+    return int.from_bytes((tmp / "init").read_bytes()[18:20], "little")
+
+
+def test_an_arm64_agent_is_cached_apart_from_the_amd64_one(tmp_path: Path) -> None:
+    def build(**extra: str) -> Path:
+        result = subprocess.run(
+            [SCRIPTS / "build-initramfs.sh"],
+            env=_env(tmp_path / "cache", **extra),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        return Path(result.stdout.strip())
+
+    arm64 = build(GOARCH="arm64")
+    amd64 = build(GOARCH="")
+    assert arm64 != amd64
+    assert _init_machine(arm64, tmp_path / "arm64") == 0xB7
+    assert _init_machine(amd64, tmp_path / "amd64") == 0x3E
