@@ -66,7 +66,8 @@ log "building agent (go $(go env GOVERSION))"
 (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) > "$work/initramfs.cpio" ||
 	die "cpio failed"
 mkdir -p "$cache/$hash"
-mv "$work/initramfs.cpio" "$out.tmp"
-mv "$out.tmp" "$out"
+# one rename from this build's own work dir (same file system): a concurrent build of the
+# same hash replaces it with an identical file, and a reader never sees a partial one
+mv -T "$work/initramfs.cpio" "$out"
 log "built: $out ($(stat -c %s "$out") bytes)"
 echo "$out"

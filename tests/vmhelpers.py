@@ -41,12 +41,20 @@ def build_busybox_rootfs() -> Path:
         (root / "etc/group").write_text(GROUP)
         os.chown(root / "home/user", 1000, 1000)
         (root / "tmp").chmod(0o1777)
-        tmp_img = out.with_suffix(".tmp")
-        subprocess.run(
-            ["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-d", str(root), str(tmp_img), "64M"],
-            check=True,
-        )
-        tmp_img.replace(out)
+        # a name of this build's own, renamed into place: two test sessions on one machine
+        # build at once, and a shared temp name made one fail or cache a mixed image
+        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp_img = Path(name)
+        try:
+            subprocess.run(
+                ["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-d", str(root), name, "64M"],
+                check=True,
+            )
+            tmp_img.chmod(0o644)
+            tmp_img.replace(out)
+        finally:
+            tmp_img.unlink(missing_ok=True)
     return out
 
 

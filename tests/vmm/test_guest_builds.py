@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -111,3 +112,51 @@ def test_an_arm64_agent_is_cached_apart_from_the_amd64_one(tmp_path: Path) -> No
     assert arm64 != amd64
     assert _init_machine(arm64, tmp_path / "arm64") == 0xB7
     assert _init_machine(amd64, tmp_path / "amd64") == 0x3E
+
+
+def test_builds_of_the_same_agent_at_once_all_succeed(tmp_path: Path) -> None:
+    """Two CI jobs (or `make guest` twice) on one machine: they shared one temp name."""
+    for round_ in range(6):
+        env = _env(tmp_path / f"cache{round_}")
+        builds = [
+            subprocess.Popen(
+                [SCRIPTS / "build-initramfs.sh"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(4)
+        ]
+        results = [(b.wait(timeout=300), *b.communicate()) for b in builds]
+        for code, out, err in results:
+            assert code == 0, err
+            assert "init" in _cpio_names(Path(out.strip()))
+
+
+def test_test_sessions_building_the_busybox_rootfs_at_once_all_get_a_clean_image(
+    tmp_path: Path,
+) -> None:
+    tests_dir = Path(__file__).resolve().parents[1]
+    code = f"import sys; sys.path.insert(0, {str(tests_dir)!r}); import vmhelpers; "
+    code += "print(vmhelpers.build_busybox_rootfs())"
+    for round_ in range(4):
+        env = _env(tmp_path / f"cache{round_}")
+        sessions = [
+            subprocess.Popen(
+                [sys.executable, "-c", code],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(3)
+        ]
+        for s in sessions:
+            out, err = s.communicate(timeout=120)
+            assert s.returncode == 0, err
+            image = out.strip().splitlines()[-1]  # mkfs may talk on stdout too
+            fsck = subprocess.run(["e2fsck", "-fn", image], capture_output=True, text=True)
+            assert fsck.returncode == 0, fsck.stdout
+        left = [p.name for p in (tmp_path / f"cache{round_}" / "test-rootfs").iterdir()]
+        assert left == [Path(image).name]
