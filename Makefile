@@ -11,6 +11,10 @@ export PATH := /usr/local/go/bin:$(PATH)
 export GOTOOLCHAIN ?= auto
 
 .PHONY: demo test deps venv guest lint test-go test-py bench clean
+# Their prerequisites run one after another, in the order listed, even under make -j
+# (MAKEFLAGS=-j in a CI env): the guest build, venv and tests need what deps installs.
+# (make 4.3, Debian 12's, runs the whole Makefile serially then; 4.4 just these lists.)
+.NOTPARALLEL: demo test
 
 demo: deps venv guest
 	$(PY) examples/demo.py
