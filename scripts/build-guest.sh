@@ -10,6 +10,15 @@ initramfs="$("$here/build-initramfs.sh")"
 mkdir -p "$cache/guest"
 ln -sfn "$kernel" "$cache/guest/vmlinux"
 ln -sfn "$initramfs" "$cache/guest/initramfs.cpio"
+# The links above are whatever any checkout on this machine built last. This checkout's
+# own, by a hash of its path: its tests (tests/conftest.py) boot the agent built from its
+# sources even while another checkout (another CI job) builds a different one.
+repo="$(cd "$here/.." && pwd -P)"
+own="$cache/guest/checkouts/$(printf '%s' "$repo" | sha256sum | cut -c1-16)"
+mkdir -p "$own"
+ln -sfn "$kernel" "$own/vmlinux"
+ln -sfn "$initramfs" "$own/initramfs.cpio"
+printf '%s\n' "$repo" > "$own/checkout"
 "$here/prune-guest-builds.sh" "$cache/kernel" "$kernel"
 "$here/prune-guest-builds.sh" "$cache/initramfs" "$initramfs"
 echo "guest: kernel $kernel" >&2

@@ -4,6 +4,7 @@ always get cleaned up."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import sys
@@ -18,6 +19,23 @@ sys.path.insert(0, str(Path(__file__).parent))
 from vmhelpers import assert_vm_gone, build_busybox_rootfs, qemu_pids_for, vm_spec
 
 from isorun.vmm import MicroVM, artifacts, warm
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def _boot_this_checkouts_guest() -> None:
+    """Boot the guest scripts/build-guest.sh built from this checkout, not the one any
+    checkout on this machine built last ($cache/guest): set in os.environ so daemons and
+    CLIs the tests start inherit it. An explicit ISORUN_KERNEL/ISORUN_INITRAMFS wins."""
+    key = hashlib.sha256(str(CHECKOUT).encode()).hexdigest()[:16]
+    own = artifacts.cache_root() / "guest" / "checkouts" / key
+    for env, name in (("ISORUN_KERNEL", "vmlinux"), ("ISORUN_INITRAMFS", "initramfs.cpio")):
+        if (own / name).is_symlink():
+            # resolved now: the whole session boots one build, whatever is built meanwhile
+            os.environ.setdefault(env, os.path.realpath(own / name))
+
+
+_boot_this_checkouts_guest()
 
 
 @pytest.fixture(autouse=True)

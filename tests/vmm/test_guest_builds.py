@@ -5,12 +5,15 @@ or an initramfs per change), and what they cache is what the key says."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = REPO / "scripts"
 PRUNE = SCRIPTS / "prune-guest-builds.sh"
 
 
@@ -160,3 +163,59 @@ def test_test_sessions_building_the_busybox_rootfs_at_once_all_get_a_clean_image
             assert fsck.returncode == 0, fsck.stdout
         left = [p.name for p in (tmp_path / f"cache{round_}" / "test-rootfs").iterdir()]
         assert left == [Path(image).name]
+
+
+def _checkout(tmp: Path, name: str) -> Path:
+    """A copy of what building the guest and a test session booting it need."""
+    tree = tmp / name
+    for part in ("scripts", "guest"):
+        shutil.copytree(REPO / part, tree / part)
+    (tree / "tests").mkdir()
+    for helper in ("conftest.py", "vmhelpers.py"):
+        shutil.copy(REPO / "tests" / helper, tree / "tests" / helper)
+    return tree
+
+
+WHICH = """import os
+from isorun.vmm import artifacts
+
+def test_which() -> None:
+    print("BOOTS", os.path.realpath(artifacts.initramfs_path()))
+"""
+
+
+def test_each_checkouts_tests_boot_the_agent_it_built(tmp_path: Path) -> None:
+    """Two checkouts (two CI jobs: main and a branch changing the agent) on one machine."""
+    a, b = _checkout(tmp_path, "a"), _checkout(tmp_path, "b")
+    with (b / "guest" / "agent" / "main.go").open("a") as f:
+        f.write("\n// the branch's change\n")
+    cache = tmp_path / "cache"
+    _seed_kernel(cache)
+    built = {}
+    for tree in (a, b):  # b builds after a, before a's tests run
+        result = subprocess.run(
+            [tree / "scripts" / "build-guest.sh"],
+            env=_env(cache),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        found = re.search(r"guest: initramfs (\S+)", result.stderr)
+        assert found, result.stderr
+        built[tree] = found.group(1)
+    assert built[a] != built[b]
+    (a / "tests" / "test_which.py").write_text(WHICH)
+    env = _env(cache, PYTHONPATH=str(REPO))
+    for setting in ("ISORUN_KERNEL", "ISORUN_INITRAMFS"):  # maybe set by our own conftest
+        env.pop(setting, None)
+    session = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests"],
+        cwd=a,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert session.returncode == 0, session.stdout + session.stderr
+    assert f"BOOTS {built[a]}" in session.stdout
