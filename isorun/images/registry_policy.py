@@ -67,6 +67,18 @@ class RegistryPolicy:
     async def check(self, ref: ImageRef) -> PullAs:
         """Raise RegistryRefusedError unless ref's registry may be reached; say whether the
         operator's credentials may be offered to it."""
+        known = self.check_without_dns(ref)
+        if known is not None:
+            return known
+        host, port = _split_host(ref.registry)
+        api_host = _API_HOST.get(ref.registry, host)
+        self._refuse_if_out_of_reach(ref, api_host, await resolve(api_host, port))
+        return "anonymous"
+
+    def check_without_dns(self, ref: ImageRef) -> PullAs | None:
+        """check() as far as it goes without resolving a name: raises when the registry is
+        refused by name or at a literal address; None when whether it is public depends on
+        where its name resolves (a stored image's cache hit must not wait on DNS)."""
         if ref.transport != "registry":
             return "operator"  # no network: the caller decides who may name a host path
         if ref.registry.lower() in self.named:
@@ -76,15 +88,20 @@ class RegistryPolicy:
                 f"registry {ref.registry} is not one this pull may reach (allowed: "
                 f"{self.describe()})"
             )
-        host, port = _split_host(ref.registry)
+        host, _ = _split_host(ref.registry)
         api_host = _API_HOST.get(ref.registry, host)
-        why = out_of_reach(api_host, await resolve(api_host, port))
+        if not _is_literal(api_host):
+            return None
+        self._refuse_if_out_of_reach(ref, api_host, [ipaddress.ip_address(api_host).compressed])
+        return "anonymous"
+
+    def _refuse_if_out_of_reach(self, ref: ImageRef, host: str, addresses: list[str]) -> None:
+        why = out_of_reach(host, addresses)
         if why is not None:
             raise RegistryRefusedError(
                 f"registry {ref.registry} is {why}; pulls here may reach only public "
                 f"registries and these by name: {', '.join(sorted(self.named)) or '(none)'}"
             )
-        return "anonymous"
 
 
 def _registry_of(item: str, setting: str) -> str:

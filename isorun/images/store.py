@@ -277,32 +277,27 @@ class ImageStore:
             return await self._ensure_digest(
                 t.digest, r.name(), lambda tmp: self._build_template(t, tmp, emit), emit
             )
-        # A registry the policy admits as public is one the caller chose: pulled without the
-        # store's credentials, and confined to public addresses all the way (pull_egress.py).
-        # Checked before the cache too: a stored image is not handed out, nor given a name,
-        # under a registry the caller may not name (by digest, any name would do).
-        unresolved: RegistryUnreachableError | None = None
-        try:
-            confined = policy is not None and await policy.check(r) == "anonymous"
-        except RegistryUnreachableError as exc:
-            # Its name does not resolve now (an offline host, DNS down): not refused, only
-            # not reachable. A stored image the policy admits is still served (no new
-            # name); anything else fails as unreachable below.
-            confined, unresolved = True, exc
         if r.transport == "registry" and pull == "missing":
+            # The policy before the cache: a stored image is not handed out, nor given a
+            # name, under a registry the caller may not name (by digest, any name would do).
+            # Only as far as it goes without DNS: a cache hit must not wait on a resolver
+            # (an offline host, DNS down: 10 s a create). A name whose registry was not
+            # judged (public, unless it resolves to a private address) is not recorded.
+            judged = policy is None or policy.check_without_dns(r) is not None
             # By name first: a manifest-list digest names the platform image it resolved to.
             known = self._refs.read().get(r.name()) or r.digest
             img = self._load(known) if known else None
             if img is not None and admits(policy, img):
                 self.stats.cache_hits += 1
-                if unresolved is None and (policy is None or r.digest is None):
+                if judged and (policy is None or r.digest is None):
                     # a caller's digest ref no registry was asked about names nothing: by
                     # digest it is found anyway, and a tenant's would grow refs.json at will
                     await self._refs.set(r.name(), img.digest)
                 emit(ProgressEvent("cached", ref, "already in the store", digest=img.digest))
                 return img
-        if unresolved is not None:
-            raise unresolved
+        # A registry the policy admits as public is one the caller chose: pulled without the
+        # store's credentials, and confined to public addresses all the way (pull_egress.py).
+        confined = policy is not None and await policy.check(r) == "anonymous"
         if confined and credentials is None:
             credentials = ANONYMOUS
         emit(ProgressEvent("resolving", ref, f"resolving {r.name()}"))
