@@ -76,9 +76,8 @@ async def test_seccomp_netfilter_and_ipv6_are_there(vm: MicroVM) -> None:
     assert "1 packets received" in ping
 
 
-async def test_the_agent_and_what_it_starts_may_open_a_million_files(vm: MicroVM) -> None:
-    """Each job a command leaves running holds two of the agent's fds until it ends: at the
-    kernel's 4096 for init, about 2,000 of them made every exec fail."""
-    agent = (await _sh(vm, "grep 'open files' /proc/1/limits")).split()
-    assert agent[3:5] == ["1048576", "1048576"], agent
-    assert (await _sh(vm, "ulimit -n")).strip() == "1048576"
+async def test_what_the_agent_starts_keeps_the_usual_open_files_limit(vm: MicroVM) -> None:
+    """Programs that close every fd up to their soft limit before an exec (close_fds loops)
+    took 6.7 s per spawn under TCG when the agent handed its children 1<<20: they get the
+    kernel's 1024 (the agent raises its own only once it runs out: openfiles_test.go)."""
+    assert (await _sh(vm, "ulimit -n")).strip() == "1024"

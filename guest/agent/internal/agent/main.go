@@ -46,9 +46,6 @@ func (s stdio) Write(p []byte) (int, error) { return s.w.Write(p) }
 func runPID1(start time.Time) {
 	boot := newBootClock(start)
 	console := initSystem()
-	if err := raiseOpenFilesLimit(); err != nil {
-		fmt.Fprintf(console, "isorun-agent: open files limit: %v\n", err)
-	}
 	cmdline, _ := os.ReadFile("/proc/cmdline")
 	if cmdlineParam(string(cmdline), "isorun.trace") != "" {
 		trace = func(f string, a ...any) {

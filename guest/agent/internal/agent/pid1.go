@@ -2,6 +2,7 @@ package agent
 
 import (
 	"os"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -69,17 +70,33 @@ func initSystem() *os.File {
 	return console
 }
 
-// openFilesLimit is RLIMIT_NOFILE for the agent and what it starts. The kernel gives
-// init 1024/4096, and each job a command leaves running holds two of the agent's fds (its
-// output pipes) until it ends: about 2,000 such jobs made every exec fail. 1<<20 is
-// Docker's classic default (and the kernel's nr_open), which images are used to.
+// openFilesLimit is RLIMIT_NOFILE once the agent runs out of files. The kernel gives
+// init 1024/4096 (Go raises its own soft limit to 4095), and each job a command leaves
+// running holds two of the agent's fds, its output pipes, until it ends: about 2,000 such
+// jobs made every exec fail with EMFILE.
 const openFilesLimit = 1 << 20
 
-// raiseOpenFilesLimit sets it through syscall.Setrlimit, which also tells the Go runtime
-// not to hand the processes it starts the kernel's original soft limit back.
-func raiseOpenFilesLimit() error {
-	return syscall.Setrlimit(syscall.RLIMIT_NOFILE,
-		&syscall.Rlimit{Cur: openFilesLimit, Max: openFilesLimit})
+var raisedOpenFiles atomic.Bool
+
+// raiseOpenFilesLimit raises it, once, when a start ran out of files: whether it did now.
+// Only then: what the agent starts inherits it from here on (Go hands children the
+// kernel's 1024 back only while the agent's own limit is the one Go set), and programs
+// that close every fd up to their soft limit before an exec take seconds per spawn at
+// 1<<20 under emulation.
+func raiseOpenFilesLimit() bool {
+	if raisedOpenFiles.Swap(true) {
+		return false
+	}
+	lim := syscall.Rlimit{Cur: openFilesLimit, Max: openFilesLimit}
+	if syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim) == nil {
+		return true
+	}
+	// not allowed to raise the hard limit (no CAP_SYS_RESOURCE): as far as it goes
+	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim) != nil || lim.Cur >= lim.Max {
+		return false
+	}
+	lim.Cur = lim.Max
+	return syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim) == nil
 }
 
 // loopbackUp sets IFF_UP on lo with ioctls (no external tools in images).

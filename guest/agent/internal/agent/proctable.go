@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -170,7 +171,11 @@ func (t *ProcTable) Start(s *spawnSpec, lossless bool) (*Proc, *Cursor, error) {
 	t.mu.Unlock()
 
 	if s.failCode == 0 {
-		if err := t.fork(p, s); err == errBusy {
+		err := t.fork(p, s)
+		if errors.Is(err, syscall.EMFILE) && raiseOpenFilesLimit() {
+			err = t.fork(p, s) // the files its pipes or terminal need, once more
+		}
+		if err == errBusy {
 			return nil, nil, err
 		} else if err == syscall.EACCES && !searchableBy(s.dir, s.cred) {
 			s.failCode, s.failMsg = 127, fmt.Sprintf("cwd %s: permission denied for uid %d",
