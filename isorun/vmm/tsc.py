@@ -11,17 +11,27 @@ The rate is measured against CLOCK_MONOTONIC_RAW, which on a TSC host is that sa
 scaled by the host kernel's own calibration, so the guest inherits the host's accuracy.
 Only a host with an invariant TSC (constant and nonstop) qualifies; elsewhere None, and the
 guest falls back to jiffies as before.
+
+The figure is measured once per host boot and kept in the cache (`tsc-khz.json`, with the
+kernel's boot_id): every process then tells guests the same rate, and a warm-start template,
+whose guest keeps the rate it booted with, is keyed by it (vmm/warm.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import json
 import mmap
+import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from isorun.vmm.artifacts import cache_root
 
 # rdtsc; shl rdx, 32; or rax, rdx; ret: the 64-bit counter in rax (System V ABI).
 _RDTSC_CODE = bytes((0x0F, 0x31, 0x48, 0xC1, 0xE2, 0x20, 0x48, 0x09, 0xD0, 0xC3))
@@ -81,7 +91,46 @@ def _paired_reading(rdtsc: Callable[[], int]) -> tuple[int, int]:
 @functools.cache
 def host_tsc_khz() -> int | None:
     """The host's TSC rate in kHz, or None where it cannot be told to a guest (not x86-64,
-    no invariant TSC, no executable page allowed, or a reading out of reason)."""
+    no invariant TSC, no executable page allowed, or a reading out of reason): this boot's
+    figure from the cache, else measured now and kept there."""
+    boot_id = _boot_id()
+    kept = cache_root() / "tsc-khz.json"
+    try:
+        doc = json.loads(kept.read_text())
+        if boot_id and doc.get("boot_id") == boot_id and doc.get("khz") in _SANE_KHZ:
+            return int(doc["khz"])
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass  # none kept for this boot (or not readable): measured now
+    khz = _measure()
+    if boot_id and khz is not None:
+        _keep(kept, {"boot_id": boot_id, "khz": khz})
+    return khz
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _keep(path: Path, doc: dict[str, object]) -> None:
+    """Written whole or not at all (a rename); a cache that cannot be written is no error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tsc-khz.")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _measure() -> int | None:
     if platform.machine() != "x86_64":
         return None
     try:

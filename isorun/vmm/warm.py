@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from isorun.images.locks import try_lock, unlock, wait_lock
+from isorun.vmm import tsc
 from isorun.vmm.artifacts import cache_root
 
 TEMPLATE_VERSION = 1
@@ -52,7 +53,11 @@ def template_key(
     """What the saved machine state depends on: the binaries by identity (path, size,
     mtime, inode: a rebuilt one gets a new template without hashing tens of MB per boot),
     and the code that lays out the machine and makes the template by content."""
-    ident: list[object] = [TEMPLATE_VERSION, accel, vcpus, memory_mib, _code_hash()]
+    # A TCG guest keeps the TSC rate its kernel booted with (tsc_early_khz): a template
+    # made at another (the cache outlived a move to other hardware) would run its clock
+    # at the wrong speed. Measured once per host boot (vmm/tsc.py), so the key is stable.
+    rate = None if accel == "kvm" else tsc.host_tsc_khz()
+    ident: list[object] = [TEMPLATE_VERSION, accel, vcpus, memory_mib, _code_hash(), rate]
     for p in (shutil.which(qemu) or qemu, kernel, initramfs):  # ISORUN_QEMU may be a name
         st = os.stat(p)
         ident.append([str(p), st.st_size, st.st_mtime_ns, st.st_ino])
