@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 from vmhelpers import qemu_pids_for
 
+from isorun.daemon.store import LOCAL_TENANT, SandboxRow
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -122,3 +124,24 @@ def ndjson(resp: httpx.Response) -> list[dict[str, Any]]:
 
     records = [json.loads(line) for line in resp.text.splitlines() if line.strip()]
     return [r for r in records if r.get("type") != "keepalive"]
+
+
+def sandbox_row(sandbox_id: str, **fields: Any) -> SandboxRow:
+    """A running sandbox's row as the store keeps it (the local tenant's, 1 vCPU, 256 MiB,
+    a 60 s timeout from now), with `fields` changed: for tests that write rows directly."""
+    now = time.time()
+    base: dict[str, Any] = {
+        "id": sandbox_id,
+        "tenant_id": LOCAL_TENANT,
+        "image": "base",
+        "vcpus": 1,
+        "memory_mib": 256,
+        "disk_mib": 64,
+        "env": {},
+        "metadata": {},
+        "state": "running",
+        "created": now,
+        "timeout_s": 60,
+        "expires": now + 60,
+    }
+    return SandboxRow(**{**base, **fields})

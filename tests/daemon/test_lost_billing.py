@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from daemonhelpers import sandbox_row
 
 from isorun.daemon.config import DaemonConfig
 from isorun.daemon.sandboxes import SandboxManager, _host_boot_time
-from isorun.daemon.store import LOCAL_TENANT, SandboxRow, Store
+from isorun.daemon.store import LOCAL_TENANT, Store
 
 
 @pytest.mark.parametrize(
@@ -27,16 +28,8 @@ async def test_a_sandbox_lost_to_a_reboot_is_billed_until_the_reboot(
     cfg = DaemonConfig(state_dir=tmp_path / "state", image_dir=tmp_path / "img", warm_start=False)
     store = Store(cfg.db_path)
     started = booted - ran_s
-    row = SandboxRow(
-        id="sb-reboot000000001",
-        tenant_id=LOCAL_TENANT,
-        image="base",
-        vcpus=1,
-        memory_mib=256,
-        disk_mib=64,
-        env={},
-        metadata={},
-        state="running",
+    row = sandbox_row(
+        "sb-reboot000000001",
         created=started,
         started=started,
         timeout_s=timeout_s,

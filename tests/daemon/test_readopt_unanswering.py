@@ -13,12 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from daemonhelpers import sandbox_row
 
 from isorun.daemon import sandboxes
 from isorun.daemon.config import DaemonConfig
 from isorun.daemon.errors import Conflict
 from isorun.daemon.sandboxes import SandboxManager
-from isorun.daemon.store import LOCAL_TENANT, SandboxRow, Store
+from isorun.daemon.store import LOCAL_TENANT, Store
 
 FAKE_QEMU = Path(__file__).with_name("fakeqemu.py")
 GUESTS = 3
@@ -51,16 +52,10 @@ def _running_sandbox(cfg: DaemonConfig, store: Store, procs: list[subprocess.Pop
     (run / "labels.json").write_text(json.dumps(labels))
     now = time.time()
     store.insert_sandbox(
-        SandboxRow(
-            id=sid,
-            tenant_id=LOCAL_TENANT,
+        sandbox_row(
+            sid,
             image="x",
-            vcpus=1,
-            memory_mib=256,
             disk_mib=512,
-            env={},
-            metadata={},
-            state="running",
             created=now,
             timeout_s=3600,
             expires=now + 3600,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemonhelpers import running_daemon
+from daemonhelpers import running_daemon, sandbox_row
 
 from isorun.daemon.store import SandboxRow, Store
 
@@ -28,15 +28,9 @@ def _read_as_nobody(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 def _secret_row(sandbox_id: str) -> SandboxRow:
-    return SandboxRow(
-        id=sandbox_id,
-        tenant_id="local",
-        image="base",
-        vcpus=1,
-        memory_mib=256,
-        disk_mib=64,
+    return sandbox_row(
+        sandbox_id,
         env={"OPENAI_API_KEY": "sk-secret"},
-        metadata={},
         state="creating",
         created=0.0,
         timeout_s=300,

@@ -6,25 +6,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from daemonhelpers import sandbox_row
+
 from isorun.daemon.store import SandboxRow, Store
 
 
 def _running(store: Store) -> SandboxRow:
     now = time.time()
-    row = SandboxRow(
-        id="sb-once",
-        tenant_id="t1",
-        image="base",
-        vcpus=2,
-        memory_mib=256,
-        disk_mib=64,
-        env={},
-        metadata={},
-        state="running",
-        created=now - 10,
-        timeout_s=60,
-        expires=now + 50,
-        started=now - 9,
+    row = sandbox_row(
+        "sb-once", tenant_id="t1", vcpus=2, created=now - 10, expires=now + 50, started=now - 9
     )
     store.insert_sandbox(row)
     return row

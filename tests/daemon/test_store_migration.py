@@ -9,6 +9,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from daemonhelpers import sandbox_row
+
 from isorun.daemon.store import SCHEMA, SCHEMA_VERSION, SandboxRow, Store
 
 
@@ -26,21 +28,7 @@ def _old_database(path: Path) -> None:
 
 
 def _running(sandbox_id: str) -> SandboxRow:
-    now = time.time()
-    return SandboxRow(
-        id=sandbox_id,
-        tenant_id="local",
-        image="base",
-        vcpus=1,
-        memory_mib=256,
-        disk_mib=64,
-        env={},
-        metadata={},
-        state="running",
-        created=now,
-        timeout_s=60,
-        expires=now + 60,
-    )
+    return sandbox_row(sandbox_id)
 
 
 def test_old_database_is_migrated_idempotently(tmp_path: Path) -> None:
