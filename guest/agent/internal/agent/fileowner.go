@@ -42,14 +42,6 @@ func (s *Server) fileOwner(raw json.RawMessage) (*account, error) {
 	return a, nil
 }
 
-// give makes what the files API just created owner's (nil: left as it is).
-func give(path string, owner *account) error {
-	if owner == nil {
-		return nil
-	}
-	return os.Lchown(path, int(owner.uid), newFileGid(path, owner))
-}
-
 // newFileGid is the group for owner's new file at path: its own, except in a
 // setgid directory (a tree shared by a group), where the file keeps the
 // directory's group the kernel gave it (-1: unchanged), as it would have had
@@ -90,22 +82,49 @@ func mkdirs(dir string, leafMode os.FileMode, owner *account) error {
 		} else if err != nil {
 			return err
 		}
-		if err := chmodNewDir(d, mode); err != nil {
-			return err
-		}
-		if err := give(d, owner); err != nil {
+		if err := settleNewDir(d, mode, owner); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// chmodNewDir gives a directory just made its mode: explicitly, as the umask
-// must not change it, and keeping a setgid bit it took from its parent (a
-// shared group's tree).
-func chmodNewDir(d string, mode os.FileMode) error {
-	if fi, err := os.Stat(d); err == nil {
-		mode |= fi.Mode() & os.ModeSetgid
+// settleNewDir gives a directory just made its mode (explicitly, as the umask
+// must not change it, keeping a setgid bit it took from its parent: a shared
+// group's tree) and its owner. Through an fd opened without following a link:
+// a guest process owning the parent could swap the new directory for a link
+// between mkdir(2) and a chmod by path, and root's chmod would then reach the
+// link's target (a reviewer made /etc/shadow's stand-in mode 777 that way).
+func settleNewDir(d string, mode os.FileMode, owner *account) error {
+	fd, err := unix.Open(d, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return &os.PathError{Op: "open", Path: d, Err: err} // swapped meanwhile: not ours
 	}
-	return os.Chmod(d, mode)
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return &os.PathError{Op: "stat", Path: d, Err: err}
+	}
+	perm := uint32(mode.Perm()) | st.Mode&unix.S_ISGID
+	for bit, sys := range map[os.FileMode]uint32{
+		os.ModeSetuid: unix.S_ISUID, os.ModeSetgid: unix.S_ISGID, os.ModeSticky: unix.S_ISVTX,
+	} {
+		if mode&bit != 0 {
+			perm |= sys
+		}
+	}
+	if err := unix.Fchmod(fd, perm); err != nil {
+		return &os.PathError{Op: "chmod", Path: d, Err: err}
+	}
+	if owner == nil {
+		return nil
+	}
+	gid := int(owner.gid)
+	if st.Mode&unix.S_ISGID != 0 {
+		gid = -1 // the directory's group, as the kernel gave it in a setgid parent
+	}
+	if err := unix.Fchown(fd, int(owner.uid), gid); err != nil {
+		return &os.PathError{Op: "chown", Path: d, Err: err}
+	}
+	return nil
 }

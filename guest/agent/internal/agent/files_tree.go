@@ -202,9 +202,7 @@ func opMkdir(s *Server, ch *Channel, raw []byte) (any, error) {
 		}
 		err = mkdirs(path, mode, owner)
 	} else if err = os.Mkdir(path, mode); err == nil {
-		if err = chmodNewDir(path, mode); err == nil {
-			err = give(path, owner)
-		}
+		err = settleNewDir(path, mode, owner)
 	}
 	if err != nil {
 		return nil, err

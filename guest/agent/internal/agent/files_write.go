@@ -155,9 +155,9 @@ func writeFile(ch *Channel, r *fileReq, path string, owner *account) (any, error
 		// the replacement keeps the owner of the file it replaces (best
 		// effort: only root may give a file away); before the chmod, which
 		// a chown would strip of setuid/setgid
-		if int(st.Uid) != os.Geteuid() || int(st.Gid) != os.Getegid() {
-			_ = f.Chown(int(st.Uid), int(st.Gid))
-		}
+		// always: the temporary file's group is not always the agent's (in a
+		// setgid directory it is the directory's)
+		_ = f.Chown(int(st.Uid), int(st.Gid))
 		if mode == nil {
 			m, _ := fileMode(ptr(int64(st.Mode&0o7777)), 0)
 			mode = &m
