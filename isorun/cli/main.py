@@ -166,13 +166,21 @@ def cmd_kill(args: argparse.Namespace) -> int:
     path = _core.sandbox_path(args.id)
     with _http(args) as c:
         usage = _core.check(c.delete(path))
-    _out(
-        args,
-        usage,
-        f"killed {args.id}: cpu {usage['cpu_ms']} ms, peak memory "
-        f"{usage['mem_peak_bytes']} B, uptime {usage['uptime_ms']} ms, "
-        f"billed {usage['billed_seconds']} s, cost ${usage['cost_usd']:.6f}",
-    )
+    # what the answer has of it (a sandbox that ended meanwhile may have no bill yet)
+    said = [
+        f"{label} {usage[key]}{unit}"
+        for key, label, unit in (
+            ("cpu_ms", "cpu", " ms"),
+            ("mem_peak_bytes", "peak memory", " B"),
+            ("uptime_ms", "uptime", " ms"),
+            ("billed_seconds", "billed", " s"),
+        )
+        if isinstance(usage, dict) and key in usage
+    ]
+    cost = usage.get("cost_usd") if isinstance(usage, dict) else None
+    if isinstance(cost, int | float):
+        said.append(f"cost ${cost:.6f}")
+    _out(args, usage, f"killed {args.id}: {', '.join(said)}")
     return 0
 
 
@@ -180,8 +188,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
     path = _core.sandbox_path(args.id, "logs")
     with _http(args) as c:
         r = c.get(path)
-        if r.status_code >= 400:
-            _core.check(r)
+        if r.status_code >= 300:  # a redirect's body is no console either
+            _core.check(r, want_json=False)
     text = r.text
     # the guest wrote it: no escape sequences for this terminal (JSON escapes them itself)
     shown = text.replace("\r\n", "\n").translate(ON_A_TERMINAL) if sys.stdout.isatty() else text
@@ -451,6 +459,11 @@ def main(argv: list[str] | None = None) -> None:
         code = 1
     except ValueError as exc:  # what the SDK refuses before asking (a malformed id)
         print(f"isorun: {exc}", file=sys.stderr)
+        code = 1
+    except (KeyError, TypeError, AttributeError) as exc:
+        # an answer of the wrong shape (a proxy's, an older daemon's): one line, as for any
+        # other error, not a traceback
+        print(f"isorun: unexpected answer from the daemon ({exc!r})", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         print("isorun: interrupted", file=sys.stderr)

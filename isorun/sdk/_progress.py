@@ -58,7 +58,18 @@ class ProgressDecoder:
     def feed(self, line: str | bytes) -> None:
         if not line.strip():
             return
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise error_for(
+                502,
+                {
+                    "error": {
+                        "code": "stream_malformed",
+                        "message": "the progress stream had a line cut short or not JSON; retry",
+                    }
+                },
+            ) from None
         if not isinstance(rec, dict):
             return
         kind = rec.get("type")

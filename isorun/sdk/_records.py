@@ -9,7 +9,7 @@ import functools
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, NotRequired, Self, TypedDict, cast
+from typing import Any, NotRequired, Self, TypedDict, TypeGuard, cast
 
 from isorun.sdk._callbacks import call_back
 from isorun.sdk.errors import (
@@ -173,10 +173,10 @@ class StreamDecoder:
     def feed(self, line: str | bytes) -> tuple[str, bytes] | None:
         if not line.strip():
             return None
-        ev = json.loads(line)
+        ev = self._record(line)
         t = ev.get("type")
         if t in ("stdout", "stderr"):
-            data = base64.b64decode(ev["data"])
+            data = self._data(ev)
             self.offset += len(data)
             if self.capture:
                 (self.out if t == "stdout" else self.err).add(data)
@@ -185,9 +185,15 @@ class StreamDecoder:
                 self._call_back(t, self.text(t, data))
             return t, data
         if t == "start":
-            self.proc_id, self.pid = ev["proc_id"], ev["pid"]
+            proc_id, pid = ev.get("proc_id"), ev.get("pid")
+            if not isinstance(proc_id, str) or not _is_int(pid):
+                raise self._malformed("a start record without its proc_id and pid")
+            self.proc_id, self.pid = proc_id, pid
         elif t == "attached":
-            self.offset = int(ev.get("offset", 0))
+            at = ev.get("offset", 0)
+            if not _is_int(at):
+                raise self._malformed("an attached record whose offset is no number")
+            self.offset = at
         elif t == "gap":
             # a slow reader was skipped ahead: what it missed still moves the position, or a
             # resume from `offset` would replay output already delivered
@@ -202,6 +208,33 @@ class StreamDecoder:
         elif t == "error":
             raise stream_error(ev)
         return None
+
+    def _record(self, line: str | bytes) -> dict[str, Any]:
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            raise self._malformed("a line cut short or not JSON") from None
+        if not isinstance(ev, dict):
+            raise self._malformed("a record that is not an object")
+        return ev
+
+    def _data(self, ev: dict[str, Any]) -> bytes:
+        raw = ev.get("data")
+        if not isinstance(raw, str):
+            raise self._malformed("an output record without its data")
+        try:
+            return base64.b64decode(raw, validate=True)
+        except ValueError:  # binascii.Error: bytes that are no base64 were dropped silently
+            raise self._malformed("output that is not base64") from None
+
+    def _malformed(self, what: str) -> Exception:
+        """A stream the daemon (or a proxy before it) broke: an API error the caller's
+        `except IsorunError` catches, saying how to pick the process up again."""
+        again = (
+            f"; reconnect with sandbox.processes.connect({self.proc_id!r})" if self.proc_id else ""
+        )
+        message = f"the output stream had {what}{again}"
+        return error_for(502, {"error": {"code": "stream_malformed", "message": message}})
 
     def text(self, stream: str, data: bytes) -> str:
         """A stream's bytes as text, decoded incrementally: a character split across two
@@ -240,13 +273,19 @@ class StreamDecoder:
                     }
                 },
             )
+        code, sig, took = (self.exit.get(k) for k in ("exit_code", "signal", "duration_ms"))
+        # what no process ends with (a `sys.exit(256)` in the CLI would report success)
+        if not (code is None or (_is_int(code) and 0 <= code <= 255)) or not (
+            sig is None or (_is_int(sig) and 1 <= sig <= 64)
+        ):
+            raise self._malformed(f"an exit record with exit code {code!r} and signal {sig!r}")
         out, err = self.out.kept(), self.err.kept()
         return ExecResult(
             stdout=self.out.text(out),
             stderr=self.err.text(err),
-            exit_code=self.exit.get("exit_code"),
-            duration_ms=int(self.exit.get("duration_ms", 0)),
-            signal=self.exit.get("signal"),
+            exit_code=code,
+            duration_ms=took if _is_int(took) else 0,
+            signal=sig,
             timed_out=bool(self.exit.get("timed_out")),
             proc_id=str(self.exit.get("proc_id") or self.proc_id),
             stdout_bytes=out,
@@ -262,3 +301,7 @@ class StreamDecoder:
 
 
 # What a file write or stdin takes whole (text as UTF-8).
+
+
+def _is_int(v: object) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool)
