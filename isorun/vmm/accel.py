@@ -21,12 +21,16 @@ class AccelChoice:
     reason: str
 
 
-def _cpu_has_virt(cpuinfo: str) -> bool:
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The CPU feature flags /proc/cpuinfo's text names (its first `flags` line)."""
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return bool(flags & {"vmx", "svm"})
-    return False
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def _cpu_has_virt(cpuinfo: str) -> bool:
+    return bool(cpu_flags(cpuinfo) & {"vmx", "svm"})
 
 
 def detect(

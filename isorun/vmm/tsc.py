@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from isorun.vmm.accel import cpu_flags
 from isorun.vmm.artifacts import cache_root
 
 # rdtsc; shl rdx, 32; or rax, rdx; ret: the 64-bit counter in rax (System V ABI).
@@ -42,11 +43,7 @@ _SANE_KHZ = range(100_000, 10_000_001)  # 100 MHz .. 10 GHz
 
 def _invariant_tsc(cpuinfo: str) -> bool:
     """Whether the TSC ticks at one rate whatever the core's frequency or sleep state."""
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.partition(":")[2].split())
-            return {"tsc", "constant_tsc", "nonstop_tsc"} <= flags
-    return False
+    return {"tsc", "constant_tsc", "nonstop_tsc"} <= cpu_flags(cpuinfo)
 
 
 def _rdtsc_function() -> Callable[[], int]:
