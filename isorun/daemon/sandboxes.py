@@ -133,6 +133,7 @@ class SandboxManager:
                     vcpus=self.cfg.default_vcpus,
                     memory_mib=self.cfg.default_memory_mib,
                     jail=self.cfg.jail,
+                    state_dir=self.cfg.state_dir,
                 )
             )
 
@@ -570,6 +571,7 @@ class SandboxManager:
                 memory_mib=row.memory_mib,
                 scratch_mib=row.disk_mib,
                 jail=self.cfg.jail,
+                state_dir=self.cfg.state_dir,
                 extra_cmdline=f"{TAG}{row.id}",
                 labels={SANDBOX_LABEL: row.id},
             )

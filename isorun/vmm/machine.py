@@ -49,7 +49,6 @@ from isorun.vmm.rundir import (
     oom_death_reason,
     remove_dead_template_vms,
     running_pid,
-    state_root,
 )
 from isorun.vmm.spec import VMSpec
 
@@ -100,7 +99,7 @@ class MicroVM:
     ):
         self.id = vm_id
         self.spec = spec
-        self.run_dir = run_dir or state_root() / "vms" / vm_id
+        self.run_dir = run_dir or spec.runs_dir() / vm_id
         self.accel = accel
         self.channel = channel or vsock.ChannelChoice("serial", "default")
         self.vsock_cid: int | None = None  # set once a vsock channel has its CID
@@ -371,7 +370,7 @@ class MicroVM:
     ) -> None:
         """Boot the template guest (our kernel and agent only, no user input: unjailed) with
         placeholder disks it does not mount, and save its state to dest once it answers."""
-        remove_dead_template_vms()
+        remove_dead_template_vms(spec.runs_dir())
         work = dest.with_suffix(".work")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)

@@ -47,11 +47,11 @@ TEMPLATE_VM_PREFIX = "tpl-"
 TEMPLATE_VM_STALE_S = 3600.0  # a template takes seconds to make
 
 
-def remove_dead_template_vms() -> None:
-    """Run dirs (and cgroups) of template guests whose host process was killed while making
-    them (the guest died with it: --pdeathsig), left long ago."""
+def remove_dead_template_vms(runs_dir: Path) -> None:
+    """Run dirs (and cgroups) in `runs_dir` of template guests whose host process was killed
+    while making them (the guest died with it: --pdeathsig), left long ago."""
     cutoff = time.time() - TEMPLATE_VM_STALE_S
-    for d in (state_root() / "vms").glob(f"{TEMPLATE_VM_PREFIX}*"):
+    for d in runs_dir.glob(f"{TEMPLATE_VM_PREFIX}*"):
         with contextlib.suppress(OSError):
             if d.stat().st_mtime < cutoff and running_pid(d) is None:
                 remove_run_dir(d)

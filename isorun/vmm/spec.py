@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from isorun.errors import ConfigError
+from isorun.vmm.rundir import state_root
 
 MAX_VCPUS = 64
 MIN_MEMORY_MIB = 64
@@ -31,6 +32,12 @@ class VMSpec:
     # (vmm/warm.py); falls back to a cold boot where it cannot apply.
     warm_start: bool = False
     labels: dict[str, str] = field(default_factory=dict)
+    # Run dirs go in <state_dir>/vms; None: $ISORUN_STATE_DIR, else /var/lib/isorun. A
+    # daemon passes its own, so the VMs it looks for after a crash are where it put them.
+    state_dir: Path | None = None
+
+    def runs_dir(self) -> Path:
+        return Path(self.state_dir or state_root()) / "vms"
 
     def validate(self) -> None:
         for name in ("vcpus", "memory_mib", "scratch_mib", "boot_attempts"):

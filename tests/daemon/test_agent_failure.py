@@ -35,6 +35,9 @@ async def test_a_sandbox_whose_agent_connection_fails_is_ended_and_billed(
     try:
         row = await manager.create(LOCAL_TENANT, CreateSandbox(image=f"rootfs:{busybox_rootfs}"))
         live = manager.live[row.id]
+        # in the daemon's own state dir, where its sweep after a crash looks for orphans,
+        # whatever $ISORUN_STATE_DIR says
+        assert live.vm.run_dir.parent == cfg.vms_dir
         assert (await live.vm.agent.exec("true")).exit_code == 0
         # What the channel client does when the guest sends what the protocol forbids.
         live.vm.agent.conn.explain_close(ProtocolError("guest sent invalid JSON: test"))
