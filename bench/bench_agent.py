@@ -2,6 +2,9 @@
 - exec round trip of `true` vs the agent's own fork/exec/wait time for it (run_us);
 - stdout throughput through the channel vs the same producer (dd, 64 KiB writes)
   writing to /dev/null in the guest;
+- a program writing short lines one write each (awk, fflush per line) through a PTY exec and
+  through a pipe exec vs the same program writing to /dev/null in the guest: a terminal
+  hands each write over on its own, so this is what a PTY's reader costs per write;
 - file upload and download MB/s (download also with the 256 KiB window other requests have).
 Prints JSON lines; ratios compare numbers taken in this same run.
 """
@@ -29,6 +32,7 @@ from isorun.vmm import MicroVM, VMSpec
 
 ROUND_TRIPS = int(os.environ.get("BENCH_RUNS", "50"))
 STREAM_MB = int(os.environ.get("BENCH_STREAM_MB", "64"))
+SMALL_WRITES = int(os.environ.get("BENCH_SMALL_WRITES", "20000"))
 FILE_MB = int(os.environ.get("BENCH_FILE_MB", "32"))
 
 
@@ -92,6 +96,8 @@ async def main() -> None:
             ratio_channel_vs_dev_null=round(stream_s / floor_s, 2),
         )
 
+        await small_writes(vm)
+
         blob = os.urandom(FILE_MB * 2**20)
         t0 = time.perf_counter()
         await vm.agent.write_file("/tmp/blob", blob)
@@ -123,6 +129,43 @@ async def main() -> None:
         )
     finally:
         await vm.kill()
+
+
+async def small_writes(vm: MicroVM) -> None:
+    """10-byte lines, each its own write(2), through a PTY and a pipe vs into /dev/null."""
+    awk = (
+        f"awk 'BEGIN {{ for (i = 0; i < {SMALL_WRITES}; i++) "
+        '{ printf "%09d\\n", i; fflush() } }\''
+    )
+    floors = [await vm.agent.exec(f"{awk} > /dev/null") for _ in range(3)]
+    floor_s = max(min(f.run_us for f in floors) / 1e6, 1e-6)
+    took: dict[str, float] = {}
+    chunks: dict[str, int] = {}
+    for name, pty in (("pty", (24, 80)), ("pipe", None)):
+        got, pieces = 0, 0
+
+        def count(b: bytes) -> None:
+            nonlocal got, pieces
+            got, pieces = got + len(b), pieces + 1
+
+        t0 = time.perf_counter()
+        r = await vm.agent.exec(awk, pty=pty, on_stdout=count, capture=False)
+        took[name] = time.perf_counter() - t0
+        chunks[name] = pieces
+        # a terminal turns each \n into \r\n
+        assert r.exit_code == 0 and got == SMALL_WRITES * (11 if pty else 10), (name, got)
+    emit(
+        name="small_writes",
+        accel=vm.accel.name,
+        writes=SMALL_WRITES,
+        pty_s=round(took["pty"], 3),
+        pty_chunks=chunks["pty"],
+        pipe_s=round(took["pipe"], 3),
+        pipe_chunks=chunks["pipe"],
+        in_guest_dev_null_s=round(floor_s, 3),
+        ratio_pty_vs_dev_null=round(took["pty"] / floor_s, 2),
+        ratio_pipe_vs_dev_null=round(took["pipe"] / floor_s, 2),
+    )
 
 
 if __name__ == "__main__":

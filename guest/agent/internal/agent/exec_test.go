@@ -233,7 +233,7 @@ func TestExecInvalid(t *testing.T) {
 
 // A PTY exec ends like a piped one when its process exits, even if a
 // grandchild (here one ignoring SIGHUP) keeps the terminal open: the
-// master must stay pollable so the post-exit drain deadline applies.
+// master's pump must stay interruptible so the post-exit drain applies.
 func TestExecPTYEndsWhileAGrandchildHoldsTheTerminal(t *testing.T) {
 	c := newClient(t, nil)
 	start := time.Now()

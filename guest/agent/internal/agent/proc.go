@@ -309,14 +309,6 @@ func (p *Proc) WriteStdin(b []byte) {
 	}
 }
 
-// outFd is one output fd of a process and what its pump has read.
-type outFd struct {
-	f      *os.File
-	stream uint8
-	read   atomic.Int64
-	target int64 // read count that covers all the output present at the exit
-}
-
 // pump copies one output fd into the ring until the output ends, then
 // reads and discards until EOF: a writer left behind (a background job, a
 // daemon) never gets SIGPIPE or EPIPE, nor blocks on a full pipe.
@@ -337,7 +329,7 @@ func (p *Proc) pump(o *outFd) {
 	// write wait for room for all of it, so one past the ring waits for ever.
 	big := int(min(floodChunk, p.ring.cap/2))
 	for {
-		n, err := o.f.Read(buf)
+		n, err := o.Read(buf)
 		if n > 0 {
 			o.read.Add(int64(n))
 			if !p.output(o.stream, buf[:n]) {
@@ -350,6 +342,8 @@ func (p *Proc) pump(o *outFd) {
 				}
 			} else if n == len(buf) && n < big { // the ring has its copy
 				buf = make([]byte, big)
+			} else if o.pauses(n) {
+				time.Sleep(coalescePause)
 			}
 		}
 		switch {
@@ -387,14 +381,13 @@ func (p *Proc) output(stream uint8, b []byte) bool {
 
 // park stops every pump outside Read with nothing in hand (waiting for
 // ring room first, if a pump is); false if all have reached EOF, or if a
-// pump cannot be stopped (an fd outside the poller: never for our pipes
-// and PTY masters).
+// pump cannot be stopped (never for our pipes and PTY masters).
 func (p *Proc) park() bool {
 	p.parkMu.Lock()
 	p.parking = true
 	p.parkMu.Unlock()
 	for _, o := range p.outs {
-		if err := o.f.SetReadDeadline(time.Unix(1, 0)); err != nil {
+		if err := o.interrupt(); err != nil {
 			return false
 		}
 	}
@@ -408,7 +401,7 @@ func (p *Proc) park() bool {
 
 func (p *Proc) unpark() {
 	for _, o := range p.outs {
-		_ = o.f.SetReadDeadline(time.Time{})
+		o.resume()
 	}
 	p.parkMu.Lock()
 	p.parking = false

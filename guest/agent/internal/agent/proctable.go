@@ -292,6 +292,14 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 			outs, streams = append(outs, r), append(streams, st)
 		}
 	}
+	var pumped []*outFd
+	for i, f := range outs {
+		o, err := newOutFd(f, streams[i], f != p.pty)
+		if err != nil {
+			return closeOuts(pumped, fail(err))
+		}
+		pumped = append(pumped, o)
+	}
 	attr := &syscall.ProcAttr{Dir: s.dir, Env: s.env, Files: files, Sys: sys}
 	forkMu.Lock()
 	t.mu.Lock()
@@ -299,13 +307,13 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 	t.mu.Unlock()
 	if busy {
 		forkMu.Unlock()
-		return fail(errBusy)
+		return closeOuts(pumped, fail(errBusy))
 	}
 	p.forkAt = time.Now()
 	pid, err := syscall.ForkExec(s.path, s.argv, attr)
 	if err != nil {
 		forkMu.Unlock()
-		return fail(err)
+		return closeOuts(pumped, fail(err))
 	}
 	p.Pid = pid
 	byPid[pid] = p
@@ -317,9 +325,7 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 
 	p.parkCond.L = &p.parkMu
 	p.live = len(outs)
-	for i, f := range outs {
-		p.outs = append(p.outs, &outFd{f: f, stream: streams[i]})
-	}
+	p.outs = pumped
 	for _, o := range p.outs {
 		go p.pump(o)
 	}
@@ -338,8 +344,8 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 		// none of them is killed by SIGPIPE for writing after the RESP.
 		<-p.drained
 		p.stdinMu.Lock()
-		for _, f := range outs {
-			f.Close()
+		for _, o := range p.outs {
+			o.Close()
 		}
 		if p.pty != nil {
 			p.pty, p.stdin = nil, nil
@@ -347,6 +353,16 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 		p.stdinMu.Unlock()
 	}()
 	return nil
+}
+
+// closeOuts closes the eventfds of outs whose files fail closed; err passes through.
+func closeOuts(outs []*outFd, err error) error {
+	for _, o := range outs {
+		if o.wake >= 0 {
+			unix.Close(o.wake)
+		}
+	}
+	return err
 }
 
 // setPipeSize asks for a pipe of size bytes, best effort (a smaller pipe only

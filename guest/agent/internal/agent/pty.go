@@ -8,13 +8,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// openPTY opens a PTY pair whose master stays in the runtime poller. A
-// library doing its ioctls through File.Fd() (creack/pty does) switches the
-// master to blocking mode for good: read deadlines stop working, so a
-// grandchild that keeps the slave open (a daemon ignoring SIGHUP) holds a
-// PTY exec's RESP until it exits, and Close no longer interrupts a Read.
+// openPTY opens a PTY pair. The master is blocking and outside the runtime
+// poller: its pump waits in poll(2) with an eventfd that stops it (outread.go),
+// because while the master is in the poller's epoll every write a program
+// makes to its terminal wakes the agent. Its ioctls go through SyscallConn.
 func openPTY() (master, slave *os.File, err error) {
-	fd, err := unix.Open("/dev/ptmx", unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+	fd, err := unix.Open("/dev/ptmx", unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, nil, fmt.Errorf("open /dev/ptmx: %w", err)
 	}
@@ -32,7 +31,7 @@ func openPTY() (master, slave *os.File, err error) {
 		unix.Close(fd)
 		return nil, nil, fmt.Errorf("open %s: %w", name, err)
 	}
-	// NewFile sees O_NONBLOCK and registers the master with the poller.
+	// NewFile keeps a blocking fd out of the poller.
 	return os.NewFile(uintptr(fd), "/dev/ptmx"), os.NewFile(uintptr(sfd), name), nil
 }
 

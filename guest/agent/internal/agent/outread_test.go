@@ -1,0 +1,58 @@
+package agent
+
+import (
+	"bytes"
+	"fmt"
+	"testing"
+	"time"
+)
+
+// A program writing short lines to its terminal, one write each, reaches the host in
+// pieces of many lines, not one frame per write (each frame, and each wakeup of the
+// agent, is dear under TCG). Its first line still arrives at once.
+func TestAPTYProgramsShortWritesArriveInFewFrames(t *testing.T) {
+	const lines = 3000
+	c := newClient(t, nil)
+	// the shell's echo is a builtin: one write(2) per line, as a line-buffered program does
+	r := c.call(1, map[string]any{"op": "exec", "pty": map[string]any{"rows": 24, "cols": 80},
+		"cmd": fmt.Sprintf("i=0; while [ $i -lt %d ]; do echo 123456789; i=$((i+1)); done", lines)})
+	frames := 0
+	for _, k := range r.order {
+		if k == KindOut {
+			frames++
+		}
+	}
+	if want := bytes.Repeat([]byte("123456789\r\n"), lines); !bytes.Equal(r.out, want) {
+		t.Fatalf("output differs: %d bytes, want %d", len(r.out), len(want))
+	}
+	if frames > lines/25 { // one per write before; a handful now
+		t.Fatalf("%d lines came in %d OUT frames", lines, frames)
+	}
+	t.Logf("%d lines in %d OUT frames", lines, frames)
+}
+
+// Output written after a quiet spell is sent at once: the pause that gathers a
+// terminal's small writes follows a read, it never precedes the first.
+func TestAPTYsFirstOutputIsNotHeldBack(t *testing.T) {
+	c := newClient(t, nil)
+	c.req(1, map[string]any{"op": "exec", "pty": map[string]any{}, "stdin": true,
+		"cmd": "while read -r line; do echo \"got $line\"; done"})
+	for i := 0; i < 5; i++ {
+		time.Sleep(50 * time.Millisecond) // quiet: the pump waits in poll, not in a pause
+		sent := time.Now()
+		c.send(1, KindIn, []byte(fmt.Sprintf("x%d\n", i)))
+		want := []byte(fmt.Sprintf("got x%d", i))
+		var seen []byte
+		for !bytes.Contains(seen, want) {
+			f := c.next(1, 5*time.Second)
+			if f.Kind != KindOut {
+				continue
+			}
+			seen = append(seen, f.Payload...)
+		}
+		if d := time.Since(sent); d > coalescePause+200*time.Millisecond {
+			t.Errorf("answer %d after %v", i, d)
+		}
+	}
+	c.send(1, KindEOF, nil)
+}
