@@ -219,3 +219,26 @@ def test_each_checkouts_tests_boot_the_agent_it_built(tmp_path: Path) -> None:
     )
     assert session.returncode == 0, session.stdout + session.stderr
     assert f"BOOTS {built[a]}" in session.stdout
+
+
+def test_a_build_another_checkout_boots_is_kept_until_that_checkout_is_gone(
+    tmp_path: Path,
+) -> None:
+    cache = tmp_path / "cache"
+    builds = _builds(cache / "initramfs", 7)
+    other_repo = tmp_path / "other-checkout"
+    other_repo.mkdir()
+    links = {"live": (other_repo, builds[1]), "gone": (tmp_path / "removed-checkout", builds[2])}
+    for name, (repo, build) in links.items():
+        own = cache / "guest" / "checkouts" / name
+        own.mkdir(parents=True)
+        (own / "initramfs.cpio").symlink_to(build / "initramfs.cpio")
+        (own / "checkout").write_text(f"{repo}\n")
+    in_use = builds[0] / "initramfs.cpio"
+    result = subprocess.run([PRUNE, cache / "initramfs", in_use], capture_output=True)
+    assert result.returncode == 0, result.stderr
+    left = sorted(p.name for p in (cache / "initramfs").iterdir())
+    # the one another checkout boots stays; the removed checkout's goes, with its links
+    assert left == sorted(b.name for b in [builds[0], builds[1], *builds[-3:]])
+    assert (cache / "guest" / "checkouts" / "live").is_dir()
+    assert not (cache / "guest" / "checkouts" / "gone").exists()
