@@ -45,6 +45,7 @@ from isorun.vmm import (
     remove_run_dir,
     run_dir_labels,
     running_pid,
+    started_unix_of,
     usage_of,
 )
 
@@ -205,14 +206,25 @@ class SandboxManager:
 
     async def _readopt(self) -> None:
         running: list[SandboxRow] = []
+        creating: list[SandboxRow] = []
         for row in self.store.list_sandboxes(states=("creating", "running")):
             if row.state == "running" and row.run_dir:
                 running.append(row)
-                continue
+            else:
+                creating.append(row)
+        if creating:
+            started_vms = self._run_dirs_by_sandbox()
+        for row in creating:
+            # Its VM may have booted before the daemon stopped: billed for what it used.
+            usage = (0, 0, 0)
+            for d in started_vms.get(row.id, []):
+                log.warning("removing VM %s of sandbox %s, cut short at its start", d.name, row.id)
+                used = await asyncio.to_thread(_end_orphan, d)
+                usage = (usage[0] + used[0], max(usage[1], used[1]), usage[2] + used[2])
             self.store.end_sandbox(
                 row,
                 "error",
-                (0, 0, 0),
+                usage,
                 self.cfg.price_per_vcpu_hour,
                 error="the daemon stopped while this sandbox was starting",
             )
@@ -238,6 +250,15 @@ class SandboxManager:
         swept = await asyncio.to_thread(cgroup.sweep_empty)
         if swept:
             log.info("removed %d empty VM cgroups left by killed host processes", swept)
+
+    def _run_dirs_by_sandbox(self) -> dict[str, list[Path]]:
+        """The run dirs in the state dir, by the sandbox each was made for."""
+        found: dict[str, list[Path]] = {}
+        with contextlib.suppress(OSError):
+            for d in self.cfg.vms_dir.iterdir():
+                if d.is_dir() and (sandbox_id := _sandbox_of(d)) is not None:
+                    found.setdefault(sandbox_id, []).append(d)
+        return found
 
     async def _adopt_at_start(self, row: SandboxRow) -> str | None:
         """Adopt a running sandbox's VM within READOPT_FIRST_S: its VM id, or None when it
@@ -853,6 +874,20 @@ def _billable_ms(row: SandboxRow, uptime_ms: int, now: float) -> int:
     past its own timeout, whatever ends it."""
     overrun_ms = int((now - row.expires) * 1000) if row.expires else 0
     return max(0, uptime_ms - max(0, overrun_ms))
+
+
+def _end_orphan(run_dir: Path) -> tuple[int, int, int]:
+    """Kill the VM of a run dir no sandbox row names, and remove the dir: what it used
+    (cpu ms and peak memory, read before its cgroup goes, and ms from its start to now)."""
+    kill_orphan(run_dir)
+    cpu_ms, mem_peak = usage_of(run_dir)
+    now = time.time()
+    started = started_unix_of(run_dir) or now
+    booted = _host_boot_time()
+    if booted is not None and started < booted:
+        now = booted  # no VM outlives a reboot
+    remove_run_dir(run_dir)
+    return cpu_ms, mem_peak, max(0, int((now - started) * 1000))
 
 
 def _sandbox_of(run_dir: Path) -> str | None:

@@ -9,6 +9,7 @@ from isorun.vmm.rundir import (
     remove_run_dir,
     run_dir_labels,
     running_pid,
+    started_unix_of,
     usage_of,
 )
 from isorun.vmm.spec import VMSpec
@@ -25,5 +26,6 @@ __all__ = [
     "remove_run_dir",
     "run_dir_labels",
     "running_pid",
+    "started_unix_of",
     "usage_of",
 ]

@@ -93,6 +93,18 @@ def usage_of(run_dir: Path) -> tuple[int, int]:
     return cgroup.cpu_ns() // 1_000_000, MemoryPeak(cgroup, run_dir).sample()
 
 
+def started_unix_of(run_dir: Path) -> float | None:
+    """When the VM of a run dir was started (unix time), or None if nothing says."""
+    try:
+        return float(json.loads((run_dir / "vm.json").read_text())["started_unix"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:  # killed before vm.json was written: its labels are written as the dir is made
+        return (run_dir / LABELS_FILE).stat().st_mtime
+    except OSError:
+        return None
+
+
 def console_of(run_dir: Path) -> str:
     """The tail of the console of the VM of a run dir, read before remove_run_dir."""
     return read_tail(run_dir / CONSOLE_LOG)
