@@ -1,10 +1,10 @@
 package agent
 
 import (
-	"encoding/binary"
 	"io"
 	"os"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -12,14 +12,16 @@ import (
 
 // How a pump reads one output fd, and how endOutput stops it mid-read.
 //
-// A pipe stays in the runtime poller: its pump waits there, and a read deadline in the
-// past stops it. A PTY master is kept out of it. While a fd is in the poller's epoll, each
-// write a program makes wakes the agent, whether or not the pump is reading then; a
-// terminal hands every write over on its own (the tty layer flushes each one), and under
-// TCG each such wakeup cost ~110 µs, so awk printing short lines to a terminal came
-// through at ~25 KiB/s. A PTY's pump waits in poll(2) on the master and on an eventfd
-// that stops it, and after a short read pauses before the next, so that what a program
-// writes after its first piece is read in a few KiB at a time without waking anyone.
+// A pipe is in the runtime poller: its pump waits there, and a read deadline in the past
+// stops it. A PTY master is not. While a fd is armed in an epoll, each write a program
+// makes wakes the agent, whether or not the pump is reading then; a terminal hands every
+// write over on its own (the tty layer flushes each one), and under TCG each such wakeup
+// cost ~110 µs, so awk printing short lines to a terminal came through at ~25 KiB/s.
+// So a PTY master sits one-shot in an epoll instance of its own, which is what the
+// runtime poller watches: armed only while the pump waits, disarmed by the wakeup that
+// ends the wait. No OS thread waits, and a deadline on the epoll fd stops the pump as it
+// does for a pipe. After a short read the pump pauses before the next, so what a program
+// writes after its first piece is read a few KiB at a time without waking anyone.
 const (
 	// A PTY master reads at most 4 KiB (the line discipline's buffer): less than half of
 	// that is a short read.
@@ -33,63 +35,78 @@ type outFd struct {
 	stream uint8
 	read   atomic.Int64
 	target int64 // read count that covers all the output present at the exit
-	wake   int   // eventfd whose count stops a read of a PTY master; -1 for a pipe
+	// For a PTY master (outside the runtime poller, see openPTY): the epoll instance that
+	// holds it one-shot, itself in the runtime poller. nil for a pipe.
+	ep *os.File
 }
 
 // newOutFd wraps an output fd for its pump; a file outside the runtime poller (a PTY
-// master, see openPTY) gets the eventfd that stops its reads.
+// master) gets the epoll instance its pump waits through.
 func newOutFd(f *os.File, stream uint8, inPoller bool) (*outFd, error) {
-	o := &outFd{f: f, stream: stream, wake: -1}
-	if !inPoller {
-		fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
-		if err != nil {
-			return nil, os.NewSyscallError("eventfd", err)
-		}
-		o.wake = fd
+	o := &outFd{f: f, stream: stream}
+	if inPoller {
+		return o, nil
 	}
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, os.NewSyscallError("epoll_create1", err)
+	}
+	rc, err := f.SyscallConn()
+	if err == nil {
+		// disarmed (one-shot with no events) until the pump first waits
+		cerr := rc.Control(func(fd uintptr) {
+			err = unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, int(fd),
+				&unix.EpollEvent{Events: unix.EPOLLONESHOT, Fd: int32(fd)})
+		})
+		if err == nil {
+			err = cerr
+		}
+	}
+	if err == nil {
+		err = unix.SetNonblock(epfd, true)
+	}
+	if err != nil {
+		unix.Close(epfd)
+		return nil, os.NewSyscallError("epoll_ctl", err)
+	}
+	o.ep = os.NewFile(uintptr(epfd), "epoll") // non-blocking: NewFile puts it in the poller
 	return o, nil
 }
 
 // Read reads what the fd holds (waiting for some); os.ErrDeadlineExceeded once
 // interrupt was called, until resume.
 func (o *outFd) Read(buf []byte) (int, error) {
-	if o.wake < 0 {
+	if o.ep == nil {
 		return o.f.Read(buf)
 	}
-	rc, err := o.f.SyscallConn()
+	mrc, err := o.f.SyscallConn()
 	if err != nil {
 		return 0, err
 	}
-	n, rerr := 0, error(nil)
-	if err := rc.Control(func(fd uintptr) { n, rerr = o.pollRead(int(fd), buf) }); err != nil {
+	erc, err := o.ep.SyscallConn()
+	if err != nil {
 		return 0, err
 	}
-	return n, rerr
-}
-
-func (o *outFd) pollRead(fd int, buf []byte) (int, error) {
-	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}, {Fd: int32(o.wake), Events: unix.POLLIN}}
 	for {
-		if _, err := unix.Poll(fds, -1); err == nil {
-			break
-		} else if err != unix.EINTR {
-			return 0, os.NewSyscallError("poll", err)
+		if err := o.waitReadable(mrc, erc); err != nil {
+			return 0, err
 		}
-	}
-	if fds[1].Revents != 0 {
-		var count [8]byte
-		_, _ = unix.Read(o.wake, count[:])
-		return 0, os.ErrDeadlineExceeded
-	}
-	for {
-		// POLLIN or POLLHUP: the read does not block (data, or EIO once the terminal
-		// is closed on the program's side, which ends the pump as EOF does)
-		n, err := unix.Read(fd, buf)
+		n, rerr := 0, error(nil)
+		if err := mrc.Control(func(fd uintptr) {
+			for {
+				if n, rerr = unix.Read(int(fd), buf); rerr != unix.EINTR {
+					return
+				}
+			}
+		}); err != nil {
+			return 0, err
+		}
 		switch {
-		case err == unix.EINTR:
+		case rerr == unix.EAGAIN: // taken meanwhile (an ldisc change, say): wait again
 			continue
-		case err != nil:
-			return 0, &os.PathError{Op: "read", Path: o.f.Name(), Err: err}
+		case rerr != nil:
+			// EIO once the terminal is closed on the program's side: the end, as EOF is
+			return 0, &os.PathError{Op: "read", Path: o.f.Name(), Err: rerr}
 		case n == 0:
 			return 0, io.EOF
 		}
@@ -97,33 +114,64 @@ func (o *outFd) pollRead(fd int, buf []byte) (int, error) {
 	}
 }
 
+// waitReadable arms the master in its epoll and waits in the runtime poller until the
+// epoll reports it (which disarms it again), or the deadline set by interrupt.
+func (o *outFd) waitReadable(mrc, erc syscall.RawConn) error {
+	var ctlErr error
+	err := erc.Read(func(epfd uintptr) bool {
+		// armed here, past the poller's deadline check: a parked pump leaves it disarmed
+		if err := mrc.Control(func(fd uintptr) {
+			ctlErr = unix.EpollCtl(int(epfd), unix.EPOLL_CTL_MOD, int(fd),
+				&unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLONESHOT, Fd: int32(fd)})
+		}); err != nil && ctlErr == nil {
+			ctlErr = err
+		}
+		if ctlErr != nil {
+			return true
+		}
+		var ev [1]unix.EpollEvent
+		k, err := unix.EpollWait(int(epfd), ev[:], 0)
+		return err == nil && k > 0 // else wait in the poller for the epoll fd
+	})
+	if err != nil {
+		return err // os.ErrDeadlineExceeded: endOutput is measuring
+	}
+	if ctlErr != nil {
+		return os.NewSyscallError("epoll_ctl", ctlErr)
+	}
+	return nil
+}
+
 // pauses says whether the pump waits a little after a read of n bytes (see above).
-func (o *outFd) pauses(n int) bool { return o.wake >= 0 && n < smallRead }
+func (o *outFd) pauses(n int) bool { return o.ep != nil && n < smallRead }
+
+// full says whether a read of n bytes into buf took all it could: a writer that keeps it
+// so is writing flat out.
+func (o *outFd) full(n int, buf []byte) bool {
+	return n == len(buf) || o.ep != nil && n >= smallRead
+}
 
 // interrupt makes a Read in progress, or the next one, return os.ErrDeadlineExceeded.
 func (o *outFd) interrupt() error {
-	if o.wake < 0 {
-		return o.f.SetReadDeadline(time.Unix(1, 0))
+	if o.ep != nil {
+		return o.ep.SetReadDeadline(time.Unix(1, 0))
 	}
-	var one [8]byte
-	binary.NativeEndian.PutUint64(one[:], 1)
-	_, err := unix.Write(o.wake, one[:])
-	return err
+	return o.f.SetReadDeadline(time.Unix(1, 0))
 }
 
-// resume undoes interrupt (a PTY's pump consumed its wakeup when it stopped).
+// resume undoes interrupt.
 func (o *outFd) resume() {
-	if o.wake < 0 {
-		_ = o.f.SetReadDeadline(time.Time{})
+	if o.ep != nil {
+		_ = o.ep.SetReadDeadline(time.Time{})
+		return
 	}
+	_ = o.f.SetReadDeadline(time.Time{})
 }
 
-// Close closes the fd and the eventfd; only once its pump ended and endOutput returned
-// (no interrupt can follow).
+// Close closes the fd (and its epoll); once its pump has ended.
 func (o *outFd) Close() {
-	o.f.Close()
-	if o.wake >= 0 {
-		unix.Close(o.wake)
-		o.wake = -1
+	if o.ep != nil {
+		o.ep.Close()
 	}
+	o.f.Close()
 }

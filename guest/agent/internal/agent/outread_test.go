@@ -3,6 +3,9 @@ package agent
 import (
 	"bytes"
 	"fmt"
+	"os"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -55,4 +58,41 @@ func TestAPTYsFirstOutputIsNotHeldBack(t *testing.T) {
 		}
 	}
 	c.send(1, KindEOF, nil)
+}
+
+func threadsOfThisProcess(t *testing.T) int {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "Threads:"); ok {
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+	}
+	t.Fatal("no Threads: in /proc/self/status")
+	return 0
+}
+
+// A PTY's pump waits in the runtime poller, not in an OS thread of its own: terminals
+// held open by jobs left behind (none of them a live process any more) would otherwise
+// add up to threads, and the Go runtime ends the agent (PID 1) when it cannot make one.
+func TestTerminalsWaitingForOutputHoldNoThreads(t *testing.T) {
+	const n = 40
+	c := newClient(t, nil)
+	before := threadsOfThisProcess(t)
+	for i := 0; i < n; i++ {
+		r := c.call(uint32(i+1), map[string]any{"op": "exec", "pty": map[string]any{},
+			"cmd": "trap '' HUP; sleep 3 & echo hi"})
+		if num(r.resp["exit_code"]) != 0 || !bytes.Contains(r.out, []byte("hi")) {
+			t.Fatalf("resp=%v out=%q", r.resp, r.out)
+		}
+	}
+	if grew := threadsOfThisProcess(t) - before; grew > n/4 {
+		t.Fatalf("%d terminals held open by jobs left behind added %d threads", n, grew)
+	}
 }

@@ -333,11 +333,12 @@ func (p *Proc) pump(o *outFd) {
 		if n > 0 {
 			o.read.Add(int64(n))
 			if !p.output(o.stream, buf[:n]) {
-				if n == len(buf) {
+				if o.full(n, buf) {
 					// Discarding for a writer left behind: a log line now and
 					// then costs nothing, but a writer that never stops (`yes &`)
-					// would keep the agent reading flat out. Past ~1 MiB/s it
-					// blocks on its full pipe instead (it is not killed).
+					// would keep the agent reading flat out. Past ~1 MiB/s (~130
+					// KiB/s to a terminal) it blocks on its full pipe or terminal
+					// instead (it is not killed).
 					time.Sleep(discardPause)
 				}
 			} else if n == len(buf) && n < big { // the ring has its copy

@@ -355,11 +355,11 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 	return nil
 }
 
-// closeOuts closes the eventfds of outs whose files fail closed; err passes through.
+// closeOuts closes the epolls of outs whose files fail closed; err passes through.
 func closeOuts(outs []*outFd, err error) error {
 	for _, o := range outs {
-		if o.wake >= 0 {
-			unix.Close(o.wake)
+		if o.ep != nil {
+			o.ep.Close()
 		}
 	}
 	return err

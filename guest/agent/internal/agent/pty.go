@@ -9,9 +9,10 @@ import (
 )
 
 // openPTY opens a PTY pair. The master is blocking and outside the runtime
-// poller: its pump waits in poll(2) with an eventfd that stops it (outread.go),
-// because while the master is in the poller's epoll every write a program
-// makes to its terminal wakes the agent. Its ioctls go through SyscallConn.
+// poller: its pump waits through an epoll instance that holds it one-shot
+// (outread.go), because while the master is armed in an epoll every write a
+// program makes to its terminal wakes the agent. Its ioctls go through
+// SyscallConn.
 func openPTY() (master, slave *os.File, err error) {
 	fd, err := unix.Open("/dev/ptmx", unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
 	if err != nil {
