@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from isorun.images.errors import ImageCorruptError
+from isorun.images.registries_conf import credential_helpers_set
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GiB = 1 << 30
@@ -284,10 +285,11 @@ class StoreConfig:
         """Whether skopeo may find credentials for `registry` in auth_file or in any other
         auth file it reads by itself (skopeo 1.9 reads ~/.docker/config.json and
         ~/.config/containers/auth.json even beside an explicit --authfile): an unreadable
-        file, a credential store or helper, which may answer for any registry, says yes."""
+        file, a credential store or helper (in an auth file or registries.conf), which may
+        answer for any registry, says yes."""
         files = [AuthCandidate(self.auth_file)] if self.auth_file is not None else []
         files += [c for c in auth_candidates() if c.path != self.auth_file]
-        return any(_file_may_hold(c, registry) for c in files)
+        return any(_file_may_hold(c, registry) for c in files) or credential_helpers_set()
 
     def is_insecure(self, registry: str) -> bool:
         return registry in self.insecure_registries or _loopback(registry)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-    for var in ("REGISTRY_AUTH_FILE", "XDG_CONFIG_HOME", "DOCKER_CONFIG"):
+    unset = ("REGISTRY_AUTH_FILE", "XDG_CONFIG_HOME", "DOCKER_CONFIG", "CONTAINERS_REGISTRIES_CONF")
+    for var in unset:
         monkeypatch.delenv(var, raising=False)
     return home
 
@@ -112,3 +114,36 @@ def test_the_default_auth_file_is_the_first_of_containers_auth_files(
     assert StoreConfig().auth_file == podman
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "named.json"))
     assert StoreConfig().auth_file == tmp_path / "named.json"
+
+
+async def test_an_image_a_registries_conf_credential_helper_fetched_is_not_handed_to_tenants(
+    auth_registry: Registry, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A credential helper set in registries.conf answers skopeo for any registry, whatever
+    auth file it is given: what it fetched is the operator's too."""
+    assert auth_registry.user and auth_registry.password
+    helpers = tmp_path / "bin"
+    helpers.mkdir()
+    helper = helpers / "docker-credential-isorun-test"
+    # the docker-credential-helpers protocol: `get`, the server URL on stdin, JSON out
+    helper.write_text(
+        "#!/bin/sh\n"
+        '[ "$1" = get ] || exit 1\n'
+        "cat > /dev/null\n"
+        f'echo \'{{"ServerURL": "{auth_registry.host}", "Username": "{auth_registry.user}", '
+        f'"Secret": "{auth_registry.password}"}}\'\n'
+    )
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{helpers}:{os.environ['PATH']}")
+    conf = home / ".config" / "containers" / "registries.conf"  # the user's: skopeo reads it
+    conf.parent.mkdir(parents=True)
+    conf.write_text('credential-helpers = ["isorun-test"]\n')
+    _push(auth_registry, tmp_path, "private/helped:1")
+    store = ImageStore(tmp_path / "store", StoreConfig())  # no auth file exists
+    img = await store.ensure(f"{auth_registry.host}/private/helped:1")  # the helper answered
+    assert img.private == auth_registry.host
+    # a registries.conf skopeo cannot be sure of counts too; the default helper does not
+    conf.write_text("credential-helpers = [")
+    assert StoreConfig().may_hold_credentials_for("registry.example")
+    conf.write_text('credential-helpers = ["containers-auth.json"]\n')
+    assert not StoreConfig().may_hold_credentials_for("registry.example")
