@@ -42,6 +42,7 @@ from isorun.vmm import (
     console_of,
     death_reason_of,
     kill_orphan,
+    last_written,
     remove_run_dir,
     run_dir_labels,
     running_pid,
@@ -216,17 +217,18 @@ class SandboxManager:
             started_vms = self._run_dirs_by_sandbox()
         for row in creating:
             # Its VM may have booted before the daemon stopped: billed for what it used.
-            usage = (0, 0, 0)
+            uses = []
             for d in started_vms.get(row.id, []):
                 log.warning("removing VM %s of sandbox %s, cut short at its start", d.name, row.id)
-                used = await asyncio.to_thread(_end_orphan, d)
-                usage = (usage[0] + used[0], max(usage[1], used[1]), usage[2] + used[2])
+                uses.append(await asyncio.to_thread(_end_orphan, d))
+            usage, ended = _creating_usage(row, uses)
             self.store.end_sandbox(
                 row,
                 "error",
                 usage,
                 self.cfg.price_per_vcpu_hour,
                 error="the daemon stopped while this sandbox was starting",
+                ended=ended,
             )
             await self._release_image(row)
         async with asyncio.TaskGroup() as tg:
@@ -876,18 +878,48 @@ def _billable_ms(row: SandboxRow, uptime_ms: int, now: float) -> int:
     return max(0, uptime_ms - max(0, overrun_ms))
 
 
-def _end_orphan(run_dir: Path) -> tuple[int, int, int]:
-    """Kill the VM of a run dir no sandbox row names, and remove the dir: what it used
-    (cpu ms and peak memory, read before its cgroup goes, and ms from its start to now)."""
+@dataclass(frozen=True, slots=True)
+class _OrphanUse:
+    """What the VM of a removed run dir used, and from when to when it ran (unix time)."""
+
+    cpu_ms: int
+    mem_peak: int
+    start: float
+    end: float
+
+
+def _end_orphan(run_dir: Path) -> _OrphanUse:
+    """Kill the VM of a run dir no sandbox row names, and remove the dir: what it used,
+    read before its cgroup goes. It ran until now if it still did, else until it last wrote
+    to its run dir (its console, its memory peak), and never past the host's boot."""
+    ran_until = time.time() if running_pid(run_dir) is not None else last_written(run_dir)
+    _, mem_peak = usage_of(run_dir)  # before the kill takes its memory
     kill_orphan(run_dir)
-    cpu_ms, mem_peak = usage_of(run_dir)
-    now = time.time()
-    started = started_unix_of(run_dir) or now
-    booted = _host_boot_time()
-    if booted is not None and started < booted:
-        now = booted  # no VM outlives a reboot
+    cpu_ms, mem_after = usage_of(run_dir)
+    start = started_unix_of(run_dir)
     remove_run_dir(run_dir)
-    return cpu_ms, mem_peak, max(0, int((now - started) * 1000))
+    ran_until = ran_until or time.time()
+    start = min(start or ran_until, ran_until)
+    booted = _host_boot_time()
+    if booted is not None and start < booted:
+        ran_until = min(ran_until, booted)  # no VM outlives a reboot
+    return _OrphanUse(cpu_ms, max(mem_peak, mem_after), start, max(start, ran_until))
+
+
+def _creating_usage(
+    row: SandboxRow, uses: list[_OrphanUse]
+) -> tuple[tuple[int, int, int], float | None]:
+    """The usage of a sandbox whose create was cut short, from its VMs' (a retried boot
+    leaves two): their CPU added up, the highest peak, the time any of them ran (overlaps
+    once), at most its timeout; and when the last one stopped (None: it had none)."""
+    ran_s, reach = 0.0, float("-inf")
+    for use in sorted(uses, key=lambda u: u.start):
+        ran_s += max(0.0, use.end - max(use.start, reach))
+        reach = max(reach, use.end)
+    uptime_ms = min(int(ran_s * 1000), row.timeout_s * 1000)
+    cpu_ms = sum(u.cpu_ms for u in uses)
+    mem_peak = max((u.mem_peak for u in uses), default=0)
+    return (cpu_ms, mem_peak, uptime_ms), (reach if uses else None)
 
 
 def _sandbox_of(run_dir: Path) -> str | None:

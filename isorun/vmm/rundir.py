@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -96,13 +97,26 @@ def usage_of(run_dir: Path) -> tuple[int, int]:
 def started_unix_of(run_dir: Path) -> float | None:
     """When the VM of a run dir was started (unix time), or None if nothing says."""
     try:
-        return float(json.loads((run_dir / "vm.json").read_text())["started_unix"])
+        started = float(json.loads((run_dir / "vm.json").read_text())["started_unix"])
+        if math.isfinite(started):
+            return started
     except (OSError, ValueError, KeyError, TypeError):
         pass
     try:  # killed before vm.json was written: its labels are written as the dir is made
         return (run_dir / LABELS_FILE).stat().st_mtime
     except OSError:
         return None
+
+
+def last_written(run_dir: Path) -> float | None:
+    """When anything in a run dir was last written (its console, memory peak, state): for
+    a VM that died while no host process watched, about when it died. None if empty."""
+    times = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(run_dir):
+            with contextlib.suppress(OSError):
+                times.append(entry.stat(follow_symlinks=False).st_mtime)
+    return max(times, default=None)
 
 
 def console_of(run_dir: Path) -> str:
