@@ -44,16 +44,25 @@ type outFd struct {
 // master) gets the epoll instance its pump waits through.
 func newOutFd(f *os.File, stream uint8, inPoller bool) (*outFd, error) {
 	o := &outFd{f: f, stream: stream}
-	if inPoller {
-		return o, nil
+	if !inPoller {
+		ep, err := oneShotEpoll(f)
+		if err != nil {
+			return nil, err
+		}
+		o.ep = ep
 	}
+	return o, nil
+}
+
+// oneShotEpoll makes an epoll instance holding f one-shot, disarmed until waitReady
+// arms it, and puts the instance in the runtime poller.
+func oneShotEpoll(f *os.File) (*os.File, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, os.NewSyscallError("epoll_create1", err)
 	}
 	rc, err := f.SyscallConn()
 	if err == nil {
-		// disarmed (one-shot with no events) until the pump first waits
 		cerr := rc.Control(func(fd uintptr) {
 			err = unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, int(fd),
 				&unix.EpollEvent{Events: unix.EPOLLONESHOT, Fd: int32(fd)})
@@ -69,8 +78,7 @@ func newOutFd(f *os.File, stream uint8, inPoller bool) (*outFd, error) {
 		unix.Close(epfd)
 		return nil, os.NewSyscallError("epoll_ctl", err)
 	}
-	o.ep = os.NewFile(uintptr(epfd), "epoll") // non-blocking: NewFile puts it in the poller
-	return o, nil
+	return os.NewFile(uintptr(epfd), "epoll"), nil // non-blocking: NewFile puts it in the poller
 }
 
 // Read reads what the fd holds (waiting for some); os.ErrDeadlineExceeded once
@@ -88,7 +96,7 @@ func (o *outFd) Read(buf []byte) (int, error) {
 		return 0, err
 	}
 	for {
-		if err := o.waitReadable(mrc, erc); err != nil {
+		if err := waitReady(mrc, erc, unix.EPOLLIN); err != nil {
 			return 0, err
 		}
 		n, rerr := 0, error(nil)
@@ -102,7 +110,7 @@ func (o *outFd) Read(buf []byte) (int, error) {
 			return 0, err
 		}
 		switch {
-		case rerr == unix.EAGAIN: // taken meanwhile (an ldisc change, say): wait again
+		case rerr == unix.EAGAIN: // the master is non-blocking (see openPTY): wait again
 			continue
 		case rerr != nil:
 			// EIO once the terminal is closed on the program's side: the end, as EOF is
@@ -114,15 +122,16 @@ func (o *outFd) Read(buf []byte) (int, error) {
 	}
 }
 
-// waitReadable arms the master in its epoll and waits in the runtime poller until the
-// epoll reports it (which disarms it again), or the deadline set by interrupt.
-func (o *outFd) waitReadable(mrc, erc syscall.RawConn) error {
+// waitReady arms the master (mrc) for events in its epoll (erc) and waits in the
+// runtime poller until the epoll reports it (which disarms it again), or the epoll's
+// deadline passes (os.ErrDeadlineExceeded) or it is closed.
+func waitReady(mrc, erc syscall.RawConn, events uint32) error {
 	var ctlErr error
 	err := erc.Read(func(epfd uintptr) bool {
 		// armed here, past the poller's deadline check: a parked pump leaves it disarmed
 		if err := mrc.Control(func(fd uintptr) {
 			ctlErr = unix.EpollCtl(int(epfd), unix.EPOLL_CTL_MOD, int(fd),
-				&unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLONESHOT, Fd: int32(fd)})
+				&unix.EpollEvent{Events: events | unix.EPOLLONESHOT, Fd: int32(fd)})
 		}); err != nil && ctlErr == nil {
 			ctlErr = err
 		}
@@ -134,7 +143,7 @@ func (o *outFd) waitReadable(mrc, erc syscall.RawConn) error {
 		return err == nil && k > 0 // else wait in the poller for the epoll fd
 	})
 	if err != nil {
-		return err // os.ErrDeadlineExceeded: endOutput is measuring
+		return err
 	}
 	if ctlErr != nil {
 		return os.NewSyscallError("epoll_ctl", ctlErr)

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"errors"
+	"io"
 	"math"
 	"os"
 	"sync"
@@ -53,6 +54,7 @@ type Proc struct {
 	stdinMu sync.Mutex
 	stdin   *os.File      // pipe write end, PTY master, or nil
 	pty     *os.File      // PTY master (also read for output); nil once closed
+	ptyIn   *ptyInput     // how a PTY's input is written (nil: not a PTY)
 	lastIn  atomic.Uint32 // the last byte of stdin written (0: none yet)
 
 	// Output: one pump per fd copies into the ring until the output ends
@@ -251,7 +253,7 @@ func (p *Proc) finish(ws syscall.WaitStatus, now time.Time) {
 func (p *Proc) CloseStdin() {
 	p.stdinMu.Lock()
 	if p.pty != nil {
-		term := p.stdin
+		term := p.ptyIn
 		p.stdinMu.Unlock()
 		// Written outside the lock, like any input: a terminal whose input is
 		// full blocks the write until the program reads, and resize (which
@@ -301,10 +303,16 @@ func (p *Proc) takesStdin() bool {
 // WriteStdin writes to the process's stdin; errors (exited, closed) drop data.
 func (p *Proc) WriteStdin(b []byte) {
 	p.stdinMu.Lock()
-	f := p.stdin
+	var w io.Writer
+	if p.stdin != nil {
+		w = p.stdin
+		if p.ptyIn != nil {
+			w = p.ptyIn // the master, without a thread waiting for room
+		}
+	}
 	p.stdinMu.Unlock()
-	if f != nil && len(b) > 0 {
-		_, _ = f.Write(b)
+	if w != nil && len(b) > 0 {
+		_, _ = w.Write(b)
 		p.lastIn.Store(uint32(b[len(b)-1]))
 	}
 }

@@ -296,9 +296,16 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 	for i, f := range outs {
 		o, err := newOutFd(f, streams[i], f != p.pty)
 		if err != nil {
-			return closeOuts(pumped, fail(err))
+			return closeOuts(pumped, nil, fail(err))
 		}
 		pumped = append(pumped, o)
+	}
+	if p.pty != nil {
+		in, err := newPTYInput(p.pty)
+		if err != nil {
+			return closeOuts(pumped, nil, fail(err))
+		}
+		p.ptyIn = in
 	}
 	attr := &syscall.ProcAttr{Dir: s.dir, Env: s.env, Files: files, Sys: sys}
 	forkMu.Lock()
@@ -307,13 +314,13 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 	t.mu.Unlock()
 	if busy {
 		forkMu.Unlock()
-		return closeOuts(pumped, fail(errBusy))
+		return closeOuts(pumped, p.ptyIn, fail(errBusy))
 	}
 	p.forkAt = time.Now()
 	pid, err := syscall.ForkExec(s.path, s.argv, attr)
 	if err != nil {
 		forkMu.Unlock()
-		return closeOuts(pumped, fail(err))
+		return closeOuts(pumped, p.ptyIn, fail(err))
 	}
 	p.Pid = pid
 	byPid[pid] = p
@@ -347,6 +354,9 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 		for _, o := range p.outs {
 			o.Close()
 		}
+		if p.ptyIn != nil {
+			p.ptyIn.Close() // a write waiting for room gives up
+		}
 		if p.pty != nil {
 			p.pty, p.stdin = nil, nil
 		}
@@ -355,12 +365,15 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 	return nil
 }
 
-// closeOuts closes the epolls of outs whose files fail closed; err passes through.
-func closeOuts(outs []*outFd, err error) error {
+// closeOuts closes the epolls of outs and in, whose files fail closed; err passes through.
+func closeOuts(outs []*outFd, in *ptyInput, err error) error {
 	for _, o := range outs {
 		if o.ep != nil {
 			o.ep.Close()
 		}
+	}
+	if in != nil {
+		in.Close()
 	}
 	return err
 }

@@ -8,11 +8,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// openPTY opens a PTY pair. The master is blocking and outside the runtime
-// poller: its pump waits through an epoll instance that holds it one-shot
-// (outread.go), because while the master is armed in an epoll every write a
-// program makes to its terminal wakes the agent. Its ioctls go through
-// SyscallConn.
+// openPTY opens a PTY pair. The master is outside the runtime poller: its pump
+// reads, and its input is written, through epoll instances that hold it
+// one-shot (outread.go, ptyin.go), because while the master is armed in an
+// epoll every write a program makes to its terminal wakes the agent. It is
+// non-blocking, so that no thread waits in a read or write of it. Its ioctls go
+// through SyscallConn.
 func openPTY() (master, slave *os.File, err error) {
 	fd, err := unix.Open("/dev/ptmx", unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -32,8 +33,15 @@ func openPTY() (master, slave *os.File, err error) {
 		unix.Close(fd)
 		return nil, nil, fmt.Errorf("open %s: %w", name, err)
 	}
-	// NewFile keeps a blocking fd out of the poller.
-	return os.NewFile(uintptr(fd), "/dev/ptmx"), os.NewFile(uintptr(sfd), name), nil
+	// NewFile keeps an fd that is blocking when it looks out of the poller; only then is
+	// the master made non-blocking.
+	mf := os.NewFile(uintptr(fd), "/dev/ptmx")
+	if err := unix.SetNonblock(fd, true); err != nil {
+		mf.Close()
+		unix.Close(sfd)
+		return nil, nil, fmt.Errorf("pty setup: %w", err)
+	}
+	return mf, os.NewFile(uintptr(sfd), name), nil
 }
 
 // setWinsize resizes the terminal of master without File.Fd() (see openPTY).
