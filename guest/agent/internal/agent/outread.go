@@ -96,7 +96,7 @@ func (o *outFd) Read(buf []byte) (int, error) {
 		return 0, err
 	}
 	for {
-		if err := waitReady(mrc, erc, unix.EPOLLIN); err != nil {
+		if _, err := waitReady(mrc, erc, unix.EPOLLIN); err != nil {
 			return 0, err
 		}
 		n, rerr := 0, error(nil)
@@ -125,8 +125,9 @@ func (o *outFd) Read(buf []byte) (int, error) {
 // waitReady arms the master (mrc) for events in its epoll (erc) and waits in the
 // runtime poller until the epoll reports it (which disarms it again), or the epoll's
 // deadline passes (os.ErrDeadlineExceeded) or it is closed.
-func waitReady(mrc, erc syscall.RawConn, events uint32) error {
+func waitReady(mrc, erc syscall.RawConn, events uint32) (uint32, error) {
 	var ctlErr error
+	var got uint32
 	err := erc.Read(func(epfd uintptr) bool {
 		// armed here, past the poller's deadline check: a parked pump leaves it disarmed
 		if err := mrc.Control(func(fd uintptr) {
@@ -140,15 +141,19 @@ func waitReady(mrc, erc syscall.RawConn, events uint32) error {
 		}
 		var ev [1]unix.EpollEvent
 		k, err := unix.EpollWait(int(epfd), ev[:], 0)
-		return err == nil && k > 0 // else wait in the poller for the epoll fd
+		if err == nil && k > 0 {
+			got = ev[0].Events
+			return true
+		}
+		return false // wait in the poller for the epoll fd
 	})
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if ctlErr != nil {
-		return os.NewSyscallError("epoll_ctl", ctlErr)
+		return 0, os.NewSyscallError("epoll_ctl", ctlErr)
 	}
-	return nil
+	return got, nil
 }
 
 // pauses says whether the pump waits a little after a read of n bytes (see above).

@@ -52,10 +52,9 @@ type Proc struct {
 	ring      *Ring
 
 	stdinMu sync.Mutex
-	stdin   *os.File      // pipe write end, PTY master, or nil
-	pty     *os.File      // PTY master (also read for output); nil once closed
-	ptyIn   *ptyInput     // how a PTY's input is written (nil: not a PTY)
-	lastIn  atomic.Uint32 // the last byte of stdin written (0: none yet)
+	stdin   *os.File  // pipe write end, PTY master, or nil
+	pty     *os.File  // PTY master (also read for output); nil once closed
+	ptyIn   *ptyInput // how a PTY's input is written (nil: not a PTY)
 
 	// Output: one pump per fd copies into the ring until the output ends
 	// (outEnded, ring closed), then reads and discards until EOF.
@@ -256,16 +255,10 @@ func (p *Proc) CloseStdin() {
 		term := p.ptyIn
 		p.stdinMu.Unlock()
 		// Written outside the lock, like any input: a terminal whose input is
-		// full blocks the write until the program reads, and resize (which
+		// full holds the write until the program reads, and resize (which
 		// takes the lock) must not wait for that.
-		// ^D ends input only at the start of a line; after a partial line it
-		// just hands that line over, so a second one is needed.
-		if eof := []byte{4, 4}; term != nil {
-			// (a terminal turns the Enter key's \r into \n)
-			if last := byte(p.lastIn.Load()); last == 0 || last == '\n' || last == '\r' || last == 4 {
-				eof = eof[:1]
-			}
-			_, _ = term.Write(eof)
+		if term != nil {
+			_ = term.End()
 		}
 		return
 	}
@@ -313,7 +306,6 @@ func (p *Proc) WriteStdin(b []byte) {
 	p.stdinMu.Unlock()
 	if w != nil && len(b) > 0 {
 		_, _ = w.Write(b)
-		p.lastIn.Store(uint32(b[len(b)-1]))
 	}
 }
 

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"os"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -11,6 +12,8 @@ import (
 // outside the runtime poller (see openPTY), so a write that would block waits for
 // EPOLLOUT through an epoll instance of its own, as the pump's reads wait for EPOLLIN.
 type ptyInput struct {
+	mu     sync.Mutex // held for a whole write (a waiting one parks): nothing lands inside it
+	last   byte       // the last byte written (0: none yet)
 	master *os.File
 	ep     *os.File
 }
@@ -26,6 +29,26 @@ func newPTYInput(master *os.File) (*ptyInput, error) {
 // Write writes all of b, waiting for room as the program reads; an error once the
 // terminal is closed on the program's side (EIO) or this input is closed.
 func (w *ptyInput) Write(b []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.write(b)
+}
+
+// End sends the terminal's end of input after what was written. ^D ends input only at
+// the start of a line; after a partial line it just hands that line over, so a second
+// one is needed (a terminal turns the Enter key's \r into \n).
+func (w *ptyInput) End() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	eof := []byte{4, 4}
+	if l := w.last; l == 0 || l == '\n' || l == '\r' || l == 4 {
+		eof = eof[:1]
+	}
+	_, err := w.write(eof)
+	return err
+}
+
+func (w *ptyInput) write(b []byte) (int, error) {
 	mrc, err := w.master.SyscallConn()
 	if err != nil {
 		return 0, err
@@ -34,7 +57,12 @@ func (w *ptyInput) Write(b []byte) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	done := 0
+	done, hungUp := 0, false
+	defer func() {
+		if done > 0 {
+			w.last = b[done-1]
+		}
+	}()
 	for done < len(b) {
 		n, werr := 0, error(nil)
 		if err := mrc.Control(func(fd uintptr) {
@@ -48,10 +76,16 @@ func (w *ptyInput) Write(b []byte) (int, error) {
 		}
 		done += max(n, 0)
 		switch {
+		case werr == unix.EAGAIN && hungUp:
+			// No one has the terminal open any more (the hang-up is reported for good): a
+			// write fills what the tty still holds, then nothing will ever make room.
+			return done, &os.PathError{Op: "write", Path: w.master.Name(), Err: unix.EIO}
 		case werr == unix.EAGAIN:
-			if err := waitReady(mrc, erc, unix.EPOLLOUT); err != nil {
+			events, err := waitReady(mrc, erc, unix.EPOLLOUT)
+			if err != nil {
 				return done, err
 			}
+			hungUp = events&(unix.EPOLLHUP|unix.EPOLLERR) != 0
 		case werr != nil:
 			return done, &os.PathError{Op: "write", Path: w.master.Name(), Err: werr}
 		}

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"crypto/md5"
 	"fmt"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 )
@@ -40,5 +42,59 @@ func TestInputWaitingForATerminalHoldsNoThread(t *testing.T) {
 		if !bytes.Contains(r.out, []byte(want)) || num(r.resp["exit_code"]) != 0 {
 			t.Fatalf("exec %d: out=%q resp=%v, want md5 %s", i, r.out, r.resp, want)
 		}
+	}
+}
+
+// A program that lets go of its terminal and runs on (a daemon, `exec >/dev/null`) with
+// input for it still waiting: the input is dropped, not retried flat out (the kernel
+// reports the hang-up for good, and a write still fills what the tty holds first).
+func TestInputToATerminalNoOneHasOpenIsDropped(t *testing.T) {
+	c := newClient(t, nil)
+	c.req(1, map[string]any{"op": "exec", "pty": map[string]any{}, "stdin": true,
+		"cmd": "stty raw -echo; echo ready; exec </dev/null >/dev/null 2>&1; sleep 3"})
+	for seen := []byte{}; !bytes.Contains(seen, []byte("ready")); {
+		if f := c.next(1, 10*time.Second); f.Kind == KindOut {
+			seen = append(seen, f.Payload...)
+		}
+	}
+	time.Sleep(300 * time.Millisecond) // the shell has closed the terminal
+	for i := 0; i < 4; i++ {
+		c.send(1, KindIn, bytes.Repeat([]byte("x"), 16<<10))
+	}
+	time.Sleep(300 * time.Millisecond)
+	cpu0 := cpuSelf()
+	time.Sleep(time.Second)
+	if used := cpuSelf() - cpu0; used > 300*time.Millisecond {
+		t.Errorf("the agent used %v of CPU in 1 s holding input no one can read", used)
+	}
+	if r := c.wait(1, 20*time.Second); num(r.resp["exit_code"]) != 0 {
+		t.Fatalf("resp=%v", r.resp)
+	}
+}
+
+// A close of stdin (from another request) while input is part-way into a terminal with
+// no room: its ^D goes after every byte sent before it, not inside them.
+func TestAnEndOfInputFollowsTheInputSentBeforeIt(t *testing.T) {
+	out := filepath.Join(t.TempDir(), "in.bin")
+	c := newClient(t, nil)
+	c.req(1, map[string]any{"op": "exec", "pty": map[string]any{}, "stdin": true,
+		"cmd": "stty raw -echo; echo ready; sleep 1; head -c 65537 > " + out})
+	for seen := []byte{}; !bytes.Contains(seen, []byte("ready")); {
+		if f := c.next(1, 10*time.Second); f.Kind == KindOut {
+			seen = append(seen, f.Payload...)
+		}
+	}
+	for i := 0; i < 4; i++ {
+		c.send(1, KindIn, bytes.Repeat([]byte("x"), 16<<10))
+	}
+	time.Sleep(200 * time.Millisecond) // the first piece is part-written, waiting for room
+	c.req(2, map[string]any{"op": "close_stdin", "proc_id": "p1"})
+	c.wait(1, 20*time.Second)
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if i := bytes.IndexByte(b, 4); i%(16<<10) != 0 {
+		t.Errorf("^D at byte %d of what the program read: inside a piece of input sent before it", i)
 	}
 }
