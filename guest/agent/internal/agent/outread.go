@@ -87,11 +87,7 @@ func (o *outFd) Read(buf []byte) (int, error) {
 	if o.ep == nil {
 		return o.f.Read(buf)
 	}
-	mrc, err := o.f.SyscallConn()
-	if err != nil {
-		return 0, err
-	}
-	erc, err := o.ep.SyscallConn()
+	mrc, erc, err := rawConns(o.f, o.ep)
 	if err != nil {
 		return 0, err
 	}
@@ -120,6 +116,14 @@ func (o *outFd) Read(buf []byte) (int, error) {
 		}
 		return n, nil
 	}
+}
+
+// rawConns are the raw fds of a PTY master and of an epoll instance holding it.
+func rawConns(master, ep *os.File) (mrc, erc syscall.RawConn, err error) {
+	if mrc, err = master.SyscallConn(); err == nil {
+		erc, err = ep.SyscallConn()
+	}
+	return mrc, erc, err
 }
 
 // waitReady arms the master (mrc) for events in its epoll (erc) and waits in the

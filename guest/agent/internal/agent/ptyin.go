@@ -49,11 +49,7 @@ func (w *ptyInput) End() error {
 }
 
 func (w *ptyInput) write(b []byte) (int, error) {
-	mrc, err := w.master.SyscallConn()
-	if err != nil {
-		return 0, err
-	}
-	erc, err := w.ep.SyscallConn()
+	mrc, erc, err := rawConns(w.master, w.ep)
 	if err != nil {
 		return 0, err
 	}

@@ -23,11 +23,7 @@ func TestInputWaitingForATerminalHoldsNoThread(t *testing.T) {
 		// cooked one drops what passes 4 KiB), so the input goes once raw is set
 		c.req(i, map[string]any{"op": "exec", "pty": map[string]any{}, "stdin": true,
 			"cmd": "stty raw -echo; echo ready; sleep 2; head -c 65536 | md5sum"})
-		for seen := []byte{}; !bytes.Contains(seen, []byte("ready")); {
-			if f := c.next(i, 10*time.Second); f.Kind == KindOut {
-				seen = append(seen, f.Payload...)
-			}
-		}
+		waitForOutput(c, i, "ready")
 		for off := 0; off < len(input); off += 16 << 10 {
 			c.send(i, KindIn, input[off:off+16<<10])
 		}
@@ -52,11 +48,7 @@ func TestInputToATerminalNoOneHasOpenIsDropped(t *testing.T) {
 	c := newClient(t, nil)
 	c.req(1, map[string]any{"op": "exec", "pty": map[string]any{}, "stdin": true,
 		"cmd": "stty raw -echo; echo ready; exec </dev/null >/dev/null 2>&1; sleep 3"})
-	for seen := []byte{}; !bytes.Contains(seen, []byte("ready")); {
-		if f := c.next(1, 10*time.Second); f.Kind == KindOut {
-			seen = append(seen, f.Payload...)
-		}
-	}
+	waitForOutput(c, 1, "ready")
 	time.Sleep(300 * time.Millisecond) // the shell has closed the terminal
 	for i := 0; i < 4; i++ {
 		c.send(1, KindIn, bytes.Repeat([]byte("x"), 16<<10))
@@ -79,11 +71,7 @@ func TestAnEndOfInputFollowsTheInputSentBeforeIt(t *testing.T) {
 	c := newClient(t, nil)
 	c.req(1, map[string]any{"op": "exec", "pty": map[string]any{}, "stdin": true,
 		"cmd": "stty raw -echo; echo ready; sleep 1; head -c 65537 > " + out})
-	for seen := []byte{}; !bytes.Contains(seen, []byte("ready")); {
-		if f := c.next(1, 10*time.Second); f.Kind == KindOut {
-			seen = append(seen, f.Payload...)
-		}
-	}
+	waitForOutput(c, 1, "ready")
 	for i := 0; i < 4; i++ {
 		c.send(1, KindIn, bytes.Repeat([]byte("x"), 16<<10))
 	}
@@ -96,5 +84,15 @@ func TestAnEndOfInputFollowsTheInputSentBeforeIt(t *testing.T) {
 	}
 	if i := bytes.IndexByte(b, 4); i%(16<<10) != 0 {
 		t.Errorf("^D at byte %d of what the program read: inside a piece of input sent before it", i)
+	}
+}
+
+// waitForOutput reads channel ch's frames until its output holds want.
+func waitForOutput(c *client, ch uint32, want string) {
+	c.t.Helper()
+	for seen := []byte{}; !bytes.Contains(seen, []byte(want)); {
+		if f := c.next(ch, 10*time.Second); f.Kind == KindOut {
+			seen = append(seen, f.Payload...)
+		}
 	}
 }
