@@ -5,7 +5,10 @@ Prints one JSON object. Each figure sits beside its floor:
 - create_first_exec_s: POST /v1/sandboxes -> first exec result, vs the VM alone booted and
   running its first exec through isorun.vmm in this same run (vm_boot_first_exec_s, ratio);
 - stream_10: 10 sandboxes each streaming 4 MiB concurrently: bytes lost and total MiB/s;
-- idle_sandbox_rss_mib: host memory (QEMU RSS) per idle sandbox.
+- idle_sandbox_rss_mib: host memory (QEMU RSS) per idle sandbox;
+- sdk_write_bytes_mib_s: the sync SDK's files.write of one big bytes object vs the same
+  bytes as a file object (streamed in pieces), same sandbox (ratio; one big body took
+  time quadratic in its size: 200 MiB in 50 s against 7).
 
 Run: python bench/bench_api.py [--n 300] [--streams 10]
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import statistics
 import sys
@@ -71,6 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--streams", type=int, default=10)
+    ap.add_argument("--write-mib", type=int, default=128)
     a = ap.parse_args()
     rootfs = build_busybox_rootfs()
     image = f"rootfs:{rootfs}"
@@ -102,6 +107,13 @@ def main() -> None:
             )
             ex = timed(lambda: sb.exec("true"), 30)
             res["exec_roundtrip_p50_ms"] = round(statistics.median(ex), 1)
+            blob = bytes(a.write_mib << 20)
+            as_bytes = timed(lambda: sb.files.write("/tmp/w", blob), 2)
+            as_file = timed(lambda: sb.files.write("/tmp/w", io.BytesIO(blob)), 2)
+            res["sdk_write_bytes_mib_s"] = round(a.write_mib / (min(as_bytes) / 1000), 1)
+            res["sdk_write_file_object_mib_s"] = round(a.write_mib / (min(as_file) / 1000), 1)
+            res["sdk_write_bytes_vs_file_object_ratio"] = round(min(as_bytes) / min(as_file), 2)
+            sb.exec("rm /tmp/w")
             sb.destroy()
             sb.close()
 

@@ -277,7 +277,8 @@ def process_routes(api: Api) -> list[Route]:
         if not p.pty and not pipes.has_stdin(live.row.id, proc_id):
             raise Conflict(
                 f"process {proc_id} has no open stdin: start it with 'open_stdin': true"
-                " (background exec) or on a PTY; a closed stdin cannot be reopened"
+                " (background exec; the SDK's exec(..., background=True, stdin=True)) or on a"
+                " PTY; a closed stdin cannot be reopened"
             )
         pipe = pipes.get(live.row.id, proc_id) or pipes.open(
             live.row.id, proc_id, live.vm.agent, live.spawn
@@ -309,7 +310,7 @@ def process_routes(api: Api) -> list[Route]:
         if not pipes.has_stdin(live.row.id, proc_id):
             raise Conflict(
                 f"process {proc_id} has no open stdin to close: it was started without "
-                "'open_stdin': true, or its stdin is closed already"
+                "'open_stdin': true (the SDK's stdin=True), or its stdin is closed already"
             )
         if pipe is not None:
             if pipe.closing:  # a second close must not overtake the first one's EOF
@@ -338,7 +339,7 @@ def process_routes(api: Api) -> list[Route]:
         if not p.pty:
             raise Conflict(
                 f"process {proc_id} has no terminal to resize: start it with a 'pty'"
-                " (POST .../pty or exec with 'pty')"
+                " (POST .../pty or exec with 'pty'; the SDK's sb.pty())"
             )
         await live.vm.agent.resize(proc_id, req.rows, req.cols)
         return {"ok": True}

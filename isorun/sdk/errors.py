@@ -50,8 +50,14 @@ class CommandFailed(IsorunError):
     """`exec(..., check=True)` and the command exited non-zero; `.result` holds its output."""
 
     def __init__(self, result: Any) -> None:
+        if getattr(result, "timed_out", False):
+            what = "command timed out and was killed"
+        elif result.exit_code is None:
+            what = "command was killed"
+        else:
+            what = f"command exited with {result.exit_code}"
         super().__init__(
-            f"command exited with {result.exit_code}"
+            what
             + (f" (signal {result.signal})" if result.signal else "")
             + (": " + result.stderr.strip()[-500:] if result.stderr else "")
         )

@@ -432,8 +432,10 @@ class AsyncProcess:
             )
         )
 
-    async def signal(self, signum: int) -> None:
-        _core.check(await self.sandbox._http.post(self._path("signal"), json={"signal": signum}))
+    async def signal(self, signum: int | str) -> None:
+        """Send a signal: a number, a `signal.Signals`, or a name ("TERM", "SIGUSR1")."""
+        body = {"signal": _core.signal_number(signum)}
+        _core.check(await self.sandbox._http.post(self._path("signal"), json=body))
 
 
 class AsyncPty:
@@ -531,7 +533,9 @@ class AsyncFiles:
 
     async def _open_stream(self, path: str, timeout: httpx.Timeout) -> AsyncIterator[bytes]:
         http = self._sb._http
-        req = http.build_request("GET", self._base, params={"path": path}, timeout=timeout)
+        req = http.build_request(
+            "GET", self._base, params={"path": _core.file_path(path)}, timeout=timeout
+        )
         resp = await http.send(req, stream=True)
         if resp.status_code >= 300:  # a missing file fails here, not at the first chunk
             try:
@@ -576,9 +580,9 @@ class AsyncFiles:
             content = _core.to_bytes(data)
         else:
             content = await _core.awrite_chunks(data, _in_thread)
-        params = {"path": path}
+        params = {"path": _core.file_path(path)}
         if mode is not None:  # else an existing file keeps its mode, a new one gets 0644
-            params["mode"] = oct(mode)  # octal, as the API reads it
+            params["mode"] = _core.mode_param(mode)
         if append:
             params["append"] = "1"
         r = _core.check(
@@ -590,13 +594,19 @@ class AsyncFiles:
 
     async def list(self, path: str, depth: int = 1) -> builtins.list[FileInfo]:
         r = _core.check(
-            await self._sb._http.get(self._base + "/list", params={"path": path, "depth": depth})
+            await self._sb._http.get(
+                self._base + "/list", params={"path": _core.file_path(path), "depth": depth}
+            )
         )
         return [FileInfo.of(e) for e in r["entries"]]
 
     async def stat(self, path: str) -> FileInfo:
         return FileInfo.of(
-            _core.check(await self._sb._http.get(self._base + "/stat", params={"path": path}))
+            _core.check(
+                await self._sb._http.get(
+                    self._base + "/stat", params={"path": _core.file_path(path)}
+                )
+            )
         )
 
     async def exists(self, path: str) -> bool:
@@ -614,20 +624,23 @@ class AsyncFiles:
     async def mkdir(self, path: str, parents: bool = True) -> None:
         _core.check(
             await self._sb._http.post(
-                self._base + "/mkdir", json={"path": path, "parents": parents}
+                self._base + "/mkdir", json={"path": _core.file_path(path), "parents": parents}
             )
         )
 
     async def remove(self, path: str, recursive: bool = False) -> None:
         _core.check(
             await self._sb._http.post(
-                self._base + "/remove", json={"path": path, "recursive": recursive}
+                self._base + "/remove", json={"path": _core.file_path(path), "recursive": recursive}
             )
         )
 
     async def rename(self, src: str, dst: str) -> None:
         _core.check(
-            await self._sb._http.post(self._base + "/rename", json={"src": src, "dst": dst})
+            await self._sb._http.post(
+                self._base + "/rename",
+                json={"src": _core.file_path(src), "dst": _core.file_path(dst)},
+            )
         )
 
     def watch(self, path: str, recursive: bool = False) -> AsyncWatch:
@@ -641,7 +654,10 @@ class AsyncWatch:
 
     def __init__(self, sb: AsyncSandbox, path: str, recursive: bool) -> None:
         self._sb = sb
-        self._params: dict[str, str | int] = {"path": path, "recursive": int(recursive)}
+        self._params: dict[str, str | int] = {
+            "path": _core.file_path(path),
+            "recursive": int(recursive),
+        }
         self._resp: httpx.Response | None = None
         self._lines: AsyncIterator[str] | None = None
 

@@ -411,8 +411,10 @@ class Process:
             )
         )
 
-    def signal(self, signum: int) -> None:
-        _core.check(self.sandbox._http.post(self._path("signal"), json={"signal": signum}))
+    def signal(self, signum: int | str) -> None:
+        """Send a signal: a number, a `signal.Signals`, or a name ("TERM", "SIGUSR1")."""
+        body = {"signal": _core.signal_number(signum)}
+        _core.check(self.sandbox._http.post(self._path("signal"), json=body))
 
 
 class Pty:
@@ -503,7 +505,9 @@ class Files:
 
     def _open_stream(self, path: str, timeout: httpx.Timeout) -> Iterator[bytes]:
         http = self._sb._http
-        req = http.build_request("GET", self._base, params={"path": path}, timeout=timeout)
+        req = http.build_request(
+            "GET", self._base, params={"path": _core.file_path(path)}, timeout=timeout
+        )
         resp = http.send(req, stream=True)
         if resp.status_code >= 300:  # a missing file fails here, not at the first chunk
             try:
@@ -544,12 +548,12 @@ class Files:
         a file opened in text mode, or str chunks, raise TypeError."""
         content: bytes | Iterable[bytes]
         if isinstance(data, str | bytes | bytearray | memoryview):
-            content = _core.to_bytes(data)
+            content = _core.whole_chunks(_core.to_bytes(data))
         else:
             content = _core.write_chunks(data)
-        params = {"path": path}
+        params = {"path": _core.file_path(path)}
         if mode is not None:  # else an existing file keeps its mode, a new one gets 0644
-            params["mode"] = oct(mode)  # octal, as the API reads it
+            params["mode"] = _core.mode_param(mode)
         if append:
             params["append"] = "1"
         r = _core.check(
@@ -561,13 +565,17 @@ class Files:
 
     def list(self, path: str, depth: int = 1) -> builtins.list[FileInfo]:
         r = _core.check(
-            self._sb._http.get(self._base + "/list", params={"path": path, "depth": depth})
+            self._sb._http.get(
+                self._base + "/list", params={"path": _core.file_path(path), "depth": depth}
+            )
         )
         return [FileInfo.of(e) for e in r["entries"]]
 
     def stat(self, path: str) -> FileInfo:
         return FileInfo.of(
-            _core.check(self._sb._http.get(self._base + "/stat", params={"path": path}))
+            _core.check(
+                self._sb._http.get(self._base + "/stat", params={"path": _core.file_path(path)})
+            )
         )
 
     def exists(self, path: str) -> bool:
@@ -584,16 +592,25 @@ class Files:
 
     def mkdir(self, path: str, parents: bool = True) -> None:
         _core.check(
-            self._sb._http.post(self._base + "/mkdir", json={"path": path, "parents": parents})
+            self._sb._http.post(
+                self._base + "/mkdir", json={"path": _core.file_path(path), "parents": parents}
+            )
         )
 
     def remove(self, path: str, recursive: bool = False) -> None:
         _core.check(
-            self._sb._http.post(self._base + "/remove", json={"path": path, "recursive": recursive})
+            self._sb._http.post(
+                self._base + "/remove", json={"path": _core.file_path(path), "recursive": recursive}
+            )
         )
 
     def rename(self, src: str, dst: str) -> None:
-        _core.check(self._sb._http.post(self._base + "/rename", json={"src": src, "dst": dst}))
+        _core.check(
+            self._sb._http.post(
+                self._base + "/rename",
+                json={"src": _core.file_path(src), "dst": _core.file_path(dst)},
+            )
+        )
 
     def watch(self, path: str, recursive: bool = False) -> Watch:
         """Watch `path` (and below it, with recursive): returns once the sandbox watches it,
@@ -604,7 +621,7 @@ class Files:
             "GET",
             self._base + "/watch",
             timeout=http.ndjson_timeout(),
-            params={"path": path, "recursive": int(recursive)},
+            params={"path": _core.file_path(path), "recursive": int(recursive)},
         )
         resp = http.send(req, stream=True)
         if resp.status_code >= 300:

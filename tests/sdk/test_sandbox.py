@@ -411,3 +411,16 @@ async def test_async_files_stream_both_ways_like_the_sync_face(api: str, image: 
             await sb.files.read("/tmp/a.bin", format="byte")
     with Sandbox(image, api_url=api) as s2, pytest.raises(NotFoundError):
         s2.files.read("/tmp/missing", format="stream")  # at once, not at first next()
+
+
+def test_big_writes_signal_names_and_a_timeout_said_as_such(api: str, image: str) -> None:
+    with Sandbox(image, api_url=api) as sb:
+        # past one piece: whole bytes go in 1 MiB pieces (one body took quadratic time)
+        data = os.urandom(3 << 20) + b"tail!"
+        assert sb.files.write("/tmp/big", data) == len(data)
+        assert sb.files.read("/tmp/big", format="bytes") == data
+        p = sb.exec("sleep 30", background=True)
+        p.signal("TERM")  # a name, as kill(1) takes it
+        assert p.wait().signal == signal.SIGTERM
+        with pytest.raises(CommandFailed, match="command timed out and was killed"):
+            sb.exec("sleep 5", timeout=1, check=True)

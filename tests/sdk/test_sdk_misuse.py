@@ -4,6 +4,7 @@ httpx RuntimeError. No VM boots here (the daemon's fixture serves without one)."
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import tempfile
@@ -19,6 +20,7 @@ from daemonhelpers import REPO, Daemon
 from isorun import ApiError, AsyncSandbox, DaemonUnavailable, Images, Sandbox
 from isorun.errors import ConfigError, IsorunError
 from isorun.sdk import SandboxNotStartedError
+from isorun.sdk.sandbox_sync import Process
 
 
 class _Proxy(BaseHTTPRequestHandler):
@@ -268,3 +270,42 @@ def test_exec_and_read_are_typed_by_their_arguments(
     )
     errors = [line for line in out.splitlines() if ": error:" in line]
     assert len(errors) == 1 and '"ExecResult" has no attribute "stdot"' in errors[0], out + err
+
+
+async def test_arguments_of_the_wrong_kind_are_refused_before_any_request(proxy: str) -> None:
+    """Each of these went through: stdin=123 fed 123 zero bytes (bytes(123)), a path 123
+    named a file in the home directory, mode=644 made a sticky --w----r-- file (the API
+    refuses a bare 644 for this), and 50 MiB of stdin failed as a count of base64 characters.
+    Here they fail before anything reaches the (wrong) API URL."""
+    sb = Sandbox(api_url=proxy, _info={"id": "sb-0123456789abcdef"})
+    asb = AsyncSandbox(api_url=proxy)
+    asb._info, asb.id = {"id": "sb-0123456789abcdef"}, "sb-0123456789abcdef"  # as if started
+    try:
+        with pytest.raises(TypeError, match="stdin must be str or bytes, not int"):
+            sb.exec("cat", stdin=123)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="stdin must be str or bytes, not int"):
+            await asb.exec("cat", stdin=123)  # type: ignore[arg-type]
+        with pytest.raises(
+            ValueError, match=r"stdin of 50331649 bytes is over the 48 MiB.*files\.write"
+        ):
+            sb.exec("wc -c", stdin=b"q" * ((48 << 20) + 1))
+        with pytest.raises(TypeError, match="a sandbox path must be str"):
+            sb.files.read(123)  # type: ignore[call-overload]
+        with pytest.raises(TypeError, match="a sandbox path must be str"):
+            await asb.files.stat(123)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"files\.write takes str, bytes, a binary file"):
+            sb.files.write("/tmp/f", 123)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"files\.write takes str, bytes, a binary file"):
+            await asb.files.write("/tmp/f", 123)  # type: ignore[arg-type]
+        for face in (sb.files.write, asb.files.write):
+            with pytest.raises(
+                ValueError, match=r"mode=644 is the decimal number 644 \(0o1204\); write mode=0o644"
+            ):
+                result = face("/tmp/f", "x", mode=644)
+                if asyncio.iscoroutine(result):
+                    await result
+        with pytest.raises(ValueError, match="no signal is named 'HUPP'"):
+            Process(sb, "p1", 1).signal("HUPP")
+    finally:
+        sb.close()
+        await asb.close()
