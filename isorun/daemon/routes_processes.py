@@ -40,6 +40,9 @@ from isorun.daemon.sandboxes import Live
 from isorun.daemon.stdin import MAX_CHUNK
 
 P = SANDBOX + "/processes/{pid}"
+# How long a stream cut by its sandbox's end waits for that end to be recorded (it kills
+# the VM and writes the store) before it says so.
+END_RECORD_WAIT_S = 10.0
 
 
 def process_routes(api: Api) -> list[Route]:
@@ -72,6 +75,10 @@ def process_routes(api: Api) -> list[Route]:
                 if not detached:
                     q.put_nowait(final)
             except asyncio.CancelledError:
+                if not detached and live.ending is not None:
+                    # Said once the end is recorded: a client that asks about the sandbox on
+                    # this record is told it ended, not that it still runs.
+                    await asyncio.wait({live.ending}, timeout=END_RECORD_WAIT_S)
                 if not detached:
                     why = f" ({live.end_reason})" if live.end_reason else ""
                     q.put_nowait(

@@ -424,3 +424,14 @@ def test_big_writes_signal_names_and_a_timeout_said_as_such(api: str, image: str
         assert p.wait().signal == signal.SIGTERM
         with pytest.raises(CommandFailed, match="command timed out and was killed"):
             sb.exec("sleep 5", timeout=1, check=True)
+
+
+def test_a_sandbox_whose_end_cut_an_exec_reads_as_ended_at_once(api: str, image: str) -> None:
+    """The exec's stream said the sandbox ended (its timeout), but info() said `running` for
+    ~200 ms more: the record went out before the end was stored."""
+    with Sandbox(image, api_url=api, sandbox_timeout=120) as sb:
+        sb.set_timeout(3)
+        with pytest.raises(SandboxEndedError, match="timeout"):
+            sb.exec("sleep 60")
+        info = sb.info()
+        assert (info["state"], info["end_reason"]) == ("ended", "timeout"), info
