@@ -213,12 +213,11 @@ class SandboxManager:
                 running.append(row)
             else:
                 creating.append(row)
-        if creating:
-            started_vms = self._run_dirs_by_sandbox()
+        run_dirs = self._run_dirs_by_sandbox()  # one look: the sweep below takes the rest
         for row in creating:
             # Its VM may have booted before the daemon stopped: billed for what it used.
             uses = []
-            for d in started_vms.get(row.id, []):
+            for d in run_dirs.pop(row.id, []):
                 log.warning("removing VM %s of sandbox %s, cut short at its start", d.name, row.id)
                 uses.append(await asyncio.to_thread(_end_orphan, d))
             usage, ended = _creating_usage(row, uses)
@@ -234,17 +233,13 @@ class SandboxManager:
         async with asyncio.TaskGroup() as tg:
             tries = [tg.create_task(self._adopt_at_start(row)) for row in running]
         adopted = {vm_id for t in tries if (vm_id := t.result()) is not None}
-        # VMs this daemon started but never recorded (crash during create): kill them.
-        vms = self.cfg.vms_dir
-        if vms.is_dir():
-            for d in vms.iterdir():
-                if d.name in adopted or not d.is_dir():
-                    continue
-                sandbox_id = _sandbox_of(d)
-                if sandbox_id is None:
-                    continue  # not ours (another VMM user sharing the state dir)
-                owner = self.store.get_sandbox(sandbox_id)
-                if owner is not None and (owner.id in self.live or owner.id in self._readopting):
+        # VMs this daemon started but never recorded (crash during create): kill them. A
+        # run dir no sandbox label names is not ours (another VMM user of the state dir).
+        for sandbox_id, dirs in run_dirs.items():
+            if sandbox_id in self.live or sandbox_id in self._readopting:
+                continue
+            for d in dirs:
+                if d.name in adopted:
                     continue
                 log.warning("removing orphan VM %s of sandbox %s", d.name, sandbox_id)
                 await asyncio.to_thread(kill_orphan, d)
@@ -333,12 +328,8 @@ class SandboxManager:
         # lies past its own timeout (which would have ended it anyway); one started before
         # the host last booted died by then (no VM outlives a reboot), and is billed and
         # ended as of then: its timeout may have fallen between the reboot and now.
-        now = time.time()
         started = row.started or row.created
-        died_by = now
-        booted = _host_boot_time()
-        if booted is not None and started < booted:
-            died_by = min(now, booted)
+        died_by = _not_past_a_reboot(started, time.time())
         uptime_ms = max(0, int((died_by - started) * 1000))
         self.store.end_sandbox(
             row,
@@ -870,6 +861,14 @@ def _host_boot_time() -> float | None:
     return None
 
 
+def _not_past_a_reboot(started: float, until: float) -> float:
+    """`until`, or the host's last boot if the VM started before it: no VM outlives one."""
+    booted = _host_boot_time()
+    if booted is not None and started < booted:
+        return min(until, booted)
+    return until
+
+
 def _billable_ms(row: SandboxRow, uptime_ms: int, now: float) -> int:
     """`uptime_ms` of a sandbox ending at `now`, less any time it ran on past its expiry
     (the daemon down or re-adopting it, the reaper's tick late): a sandbox is not billed
@@ -900,9 +899,7 @@ def _end_orphan(run_dir: Path) -> _OrphanUse:
     remove_run_dir(run_dir)
     ran_until = ran_until or time.time()
     start = min(start or ran_until, ran_until)
-    booted = _host_boot_time()
-    if booted is not None and start < booted:
-        ran_until = min(ran_until, booted)  # no VM outlives a reboot
+    ran_until = _not_past_a_reboot(start, ran_until)
     return _OrphanUse(cpu_ms, max(mem_peak, mem_after), start, max(start, ran_until))
 
 

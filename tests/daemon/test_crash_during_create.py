@@ -93,3 +93,25 @@ def test_vms_of_a_create_cut_short_that_died_meanwhile_bill_the_time_they_ran(
     assert record["billed_seconds"] == billed_s, record
     assert got.ended == pytest.approx(start + 50)  # when the last of them stopped
     assert not any(d.exists() for d in dirs)
+
+
+def test_run_dirs_no_sandbox_keeps_are_removed_and_others_left(tmp_path: Path) -> None:
+    """The sweep at start: a run dir labelled for a sandbox no row runs (ended, or never
+    recorded) goes; one with no sandbox label is another VMM user's and stays."""
+    cfg = DaemonConfig(state_dir=tmp_path / "state", image_dir=tmp_path / "img", warm_start=False)
+    store = Store(cfg.db_path)
+    ended = sandbox_row("sb-endedalready001", state="ended")
+    store.insert_sandbox(ended)
+    now = time.time()
+    gone = [
+        _dead_vm_dir(cfg.vms_dir, "vmofended001", ended.id, now - 60, now - 30),
+        _dead_vm_dir(cfg.vms_dir, "vmnorow00001", "sb-neverrecorded01", now - 60, now - 30),
+    ]
+    foreign = cfg.vms_dir / "someoneelses"
+    foreign.mkdir()
+    try:
+        asyncio.run(SandboxManager(cfg, store)._readopt())
+    finally:
+        store.close()
+    assert not any(d.exists() for d in gone)
+    assert foreign.is_dir()

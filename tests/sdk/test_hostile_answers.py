@@ -10,11 +10,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from fakeapi import serving
 
 from isorun import ApiError
 from isorun.sdk._progress import ProgressDecoder
@@ -94,11 +94,8 @@ class _Daemon(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_daemon() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Daemon)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serving(_Daemon) as url:
+        yield url
 
 
 def _cli(api: str, *args: str) -> subprocess.CompletedProcess[str]:

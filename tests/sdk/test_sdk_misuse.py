@@ -8,14 +8,14 @@ import asyncio
 import os
 import re
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 from daemonhelpers import REPO, Daemon
+from fakeapi import serving
 
 from isorun import ApiError, AsyncSandbox, DaemonUnavailable, Images, Sandbox
 from isorun.errors import ConfigError, IsorunError
@@ -48,14 +48,8 @@ class _Proxy(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def proxy() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(_Proxy) as url:
+        yield url
         _Proxy.mode = "redirect"
 
 

@@ -7,12 +7,12 @@ answers as slowly as the daemon would, with the SDK's timeouts scaled down (0.5 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from fakeapi import serving
 
 from isorun import AsyncSandbox, Sandbox
 from isorun.sdk import _core
@@ -68,11 +68,8 @@ def slow_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setattr(_core, "DEFAULT_TIMEOUT", USUAL)
     monkeypatch.setattr(_core, "KILL_MARGIN_S", USUAL)
     monkeypatch.setattr(_core, "STDIN_TIMEOUT", 4 * USUAL)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowDaemon)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(_SlowDaemon) as url:
+        yield url
 
 
 def test_a_kill_waits_out_its_grace_and_stdin_its_answer(slow_api: str) -> None:
