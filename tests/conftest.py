@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -36,6 +37,11 @@ def _boot_this_checkouts_guest() -> None:
 
 
 _boot_this_checkouts_guest()
+
+# Hypothesis' per-example deadline (200 ms) times the machine, not the code: an example
+# slowed by a busy host would fail as DeadlineExceeded, or as "unreliable" when replayed.
+settings.register_profile("isorun", deadline=None)
+settings.load_profile("isorun")
 
 
 @pytest.fixture(autouse=True)

@@ -42,15 +42,19 @@ async def test_a_watch_ready_agent_is_waited_for_and_early_changes_are_kept() ->
 
 
 async def test_an_older_agent_is_not_waited_for() -> None:
+    returned = asyncio.Event()
+
     async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         req = await read_frame(r)
-        await asyncio.sleep(0.2)
+        await returned.wait()  # nothing is sent until open_watch has returned
         w.write(_event(req.chan, {"event": "fs", "op": "write", "path": "/d/a"}))
         await w.drain()
         await read_frame(r)
 
     agent, task = await connect(guest)  # no features in its hello
-    w = await asyncio.wait_for(agent.open_watch("/d"), 0.15)
+    # one that waited for any word from the guest would time out here
+    w = await asyncio.wait_for(agent.open_watch("/d"), 5)
+    returned.set()
     assert await anext(w) == ("write", "/d/a")
     w.close()
     await asyncio.wait_for(task, 5)

@@ -36,17 +36,20 @@ def _on_pty(argv: list[str], env: dict[str, str], timeout: float = 120) -> tuple
     os.close(slave)
     buf = bytearray()
     deadline = time.monotonic() + timeout
+    # read until EIO: every writer closed the terminal (ours is closed above), so what the
+    # CLI wrote before it exited has all come through the tty layer, however late; a child
+    # it left holding the terminal is given 5 s
     while time.monotonic() < deadline:
         if select.select([master], [], [], 0.2)[0]:
             try:
                 chunk = os.read(master, 65536)
-            except OSError:  # EIO: every writer closed the terminal
+            except OSError:  # EIO
                 chunk = b""
             if not chunk:
                 break
             buf += chunk
         elif proc.poll() is not None:
-            break
+            deadline = min(deadline, time.monotonic() + 5)
     os.close(master)
     return proc.wait(30), buf.decode(errors="replace")
 

@@ -180,7 +180,7 @@ def test_exec_streams_ndjson_in_order_with_exit_record(daemon: Daemon, sandbox: 
     assert kinds == ["start", "stdout", "stderr", "stdout", "exit"]
     data = [base64.b64decode(str(e["data"])) for _, e in arrivals if "data" in e]
     assert data == [b"one\n", b"two\n", b"three\n"]
-    assert arrivals[2][0] - arrivals[1][0] > 0.6  # streamed, not buffered to the end
+    assert arrivals[2][0] - arrivals[1][0] > 0.3  # streamed, not buffered to the end
     assert arrivals[-1][1]["exit_code"] == 7
 
 
@@ -432,9 +432,12 @@ def test_an_upload_cut_off_keeps_the_old_file_and_logs_no_traceback(
     f = f"/v1/sandboxes/{sandbox}/files"
     with daemon.client() as c:
         assert c.put(f, params={"path": "/tmp/kept"}, content=b"ORIGINAL").status_code == 200
-        for framing, body in (
-            ("Content-Length: 1000000", b"z" * 500_000),
-            ("Transfer-Encoding: chunked", b"10\r\n" + b"q" * 16 + b"\r\n"),
+        for cut, (framing, body) in enumerate(
+            (
+                ("Content-Length: 1000000", b"z" * 500_000),
+                ("Transfer-Encoding: chunked", b"10\r\n" + b"q" * 16 + b"\r\n"),
+            ),
+            start=1,
         ):
             with socket.socket(socket.AF_UNIX) as s:
                 s.connect(str(daemon.sock))
@@ -442,11 +445,21 @@ def test_an_upload_cut_off_keeps_the_old_file_and_logs_no_traceback(
                 s.sendall(head.encode() + body)
                 time.sleep(0.3)
             deadline = time.monotonic() + 10
-            while "client disconnected" not in daemon.log() and time.monotonic() < deadline:
+            while (
+                daemon.log().count("client disconnected in the middle") < cut
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.1)
             assert c.get(f, params={"path": "/tmp/kept"}).content == b"ORIGINAL"
-        names = [e["name"] for e in c.get(f + "/list", params={"path": "/tmp"}).json()["entries"]]
-        assert not [n for n in names if ".isorun-" in n], names
+        # the cut uploads' temporary files are removed (the guest may be a moment behind)
+        deadline = time.monotonic() + 10
+        while True:
+            listing = c.get(f + "/list", params={"path": "/tmp"}).json()["entries"]
+            left = [e["name"] for e in listing if ".isorun-" in e["name"]]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert not left, left
     assert daemon.log().count("client disconnected in the middle") == 2
     assert "unhandled error" not in daemon.log() and "Traceback" not in daemon.log()
 

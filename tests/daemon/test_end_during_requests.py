@@ -42,12 +42,26 @@ def _hold_stdin(
 ) -> list[threading.Thread]:
     """`writers` 1 MiB writes and then a close of the stdin of a process that does not read
     it: the first is taken into the agent channel, the next fill the pipe's queue, the rest
-    wait for room."""
+    wait for room. The close is sent only once every write's body is out and the daemon
+    has answered a request that asks the guest after them: a close that overtook a write
+    would have that write refused (409, stdin closed) before the sandbox ends."""
     url = f"{path}/processes/{proc_id}/stdin"
+    sent = [threading.Event() for _ in range(writers)]
+
+    def body(done: threading.Event) -> Iterator[bytes]:
+        yield MIB
+        done.set()  # httpx asks for more only once the MiB is written out
+
+    # made up front: each takes tens of ms of CPU, which would stagger the writes
+    clients = [d.client() for _ in range(writers)]
     ts = [
-        _in_thread(results, f"stdin{i}", lambda: d.client().post(url, content=MIB))
-        for i in range(writers)
+        _in_thread(results, f"stdin{i}", lambda c=c, e=e: c.post(url, content=body(e)))
+        for i, (c, e) in enumerate(zip(clients, sent, strict=True))
     ]
+    for e in sent:
+        assert e.wait(60), "a stdin write's body was never sent"
+    with d.client() as c:  # the daemon asks the guest for its processes after the writes did
+        assert c.get(f"{path}/processes").status_code == 200
     time.sleep(0.5)  # after the writes: its EOF waits behind them
     ts.append(_in_thread(results, "close", lambda: d.client().post(f"{url}/close")))
     return ts

@@ -13,15 +13,22 @@ from isorun.sdk._records import StreamDecoder
 
 
 async def test_silences_carry_keepalives_and_lines_keep_their_order() -> None:
+    seen_two = asyncio.Event()
+
     async def source() -> AsyncIterator[bytes]:
         yield b"a\n"
-        await asyncio.sleep(0.35)
+        # silent until two keepalives went out: a stream without them would stall here
+        await asyncio.wait_for(seen_two.wait(), 10)
         yield b"b\n"
         yield b"c\n"
 
-    got = [line async for line in with_keepalives(source(), 0.1)]
+    got: list[bytes] = []
+    async for line in with_keepalives(source(), 0.1):
+        got.append(line)
+        if got.count(KEEPALIVE_LINE) == 2:
+            seen_two.set()
     assert [x for x in got if x != KEEPALIVE_LINE] == [b"a\n", b"b\n", b"c\n"]
-    assert 2 <= got.count(KEEPALIVE_LINE) <= 4
+    assert 2 <= got.count(KEEPALIVE_LINE) <= 4  # not a flood either
     assert got.index(b"a\n") < got.index(KEEPALIVE_LINE) < got.index(b"b\n")
     assert json.loads(KEEPALIVE_LINE) == {"type": "keepalive"}
 

@@ -66,8 +66,9 @@ class _SlowDaemon(BaseHTTPRequestHandler):
 @pytest.fixture
 def slow_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setattr(_core, "DEFAULT_TIMEOUT", USUAL)
-    monkeypatch.setattr(_core, "KILL_MARGIN_S", USUAL)
-    monkeypatch.setattr(_core, "STDIN_TIMEOUT", 4 * USUAL)
+    # room past the slow answers (a busy host's), yet the usual timeout is well below them
+    monkeypatch.setattr(_core, "KILL_MARGIN_S", 6 * USUAL)
+    monkeypatch.setattr(_core, "STDIN_TIMEOUT", 10 * USUAL)
     with serving(_SlowDaemon) as url:
         yield url
 

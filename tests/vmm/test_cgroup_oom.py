@@ -23,10 +23,17 @@ ALLOCATE = "b = b'x' * (192 << 20)"  # touched, so charged to the group
 
 def _allocate_in(group: cgroup.VMCgroup) -> int:
     """Run a process that allocates 192 MiB in `group`; its exit status."""
-    child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep(0.2); {ALLOCATE}"])
+    # it allocates only once told to, after its move into the group
+    wait_for_go = "import sys; sys.stdin.read(1)"
+    child = subprocess.Popen(
+        [sys.executable, "-c", f"{wait_for_go}; {ALLOCATE}"], stdin=subprocess.PIPE
+    )
+    assert child.stdin is not None
     try:
         for procs in group.procs_files():
             procs.write_text(str(child.pid))
+        child.stdin.write(b"go")
+        child.stdin.close()
         return child.wait(30)
     finally:
         child.kill()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -96,8 +95,7 @@ async def test_a_console_flood_of_tiny_writes_wakes_the_host_rarely(tmp_path: Pa
 
     def flood() -> None:
         nonlocal sent
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:
+        for _ in range(20_000):  # a count, not a time: a busy host writes fewer per second
             sent += guest.send(b"y\r\n")
         guest.sendall(b"END\n")
         guest.close()
@@ -107,5 +105,5 @@ async def test_a_console_flood_of_tiny_writes_wakes_the_host_rarely(tmp_path: Pa
     writer.close()
     assert log.tail(4).endswith("END\n")
     assert (tmp_path / "console.log").stat().st_size == min(sent + 4, console.FILE_CAP)
-    assert sent > 30_000, f"the flood wrote only {sent} bytes"
+    assert sent == 60_000, f"the flood wrote {sent} bytes"
     assert reads < sent / 3 / 100, f"{reads} socket reads for {sent // 3} writes"

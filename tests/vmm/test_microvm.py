@@ -41,9 +41,10 @@ async def test_output_streams_line_by_line_while_the_command_runs(vm: MicroVM) -
     assert r.exit_code == 0
     assert r.stdout == b"1\n2\n3\n"
     assert [b for _, b in arrivals] == [b"1\n", b"2\n", b"3\n"]
-    # Each line arrived about a second after the previous one, not all at the end.
-    assert arrivals[1][0] - arrivals[0][0] > 0.6
-    assert arrivals[2][0] - arrivals[1][0] > 0.6
+    # Each line arrived about a second after the previous one, not all at the end (a gap
+    # near 0); the margin is for a line held up on a busy host.
+    assert arrivals[1][0] - arrivals[0][0] > 0.3
+    assert arrivals[2][0] - arrivals[1][0] > 0.3
 
 
 async def test_stdout_and_stderr_stay_separate_with_exit_code(vm: MicroVM) -> None:

@@ -237,12 +237,12 @@ func TestExecInvalid(t *testing.T) {
 func TestExecPTYEndsWhileAGrandchildHoldsTheTerminal(t *testing.T) {
 	c := newClient(t, nil)
 	start := time.Now()
-	r := c.call(1, map[string]any{"op": "exec", "cmd": "trap '' HUP; sleep 5 & echo hi",
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "trap '' HUP; sleep 10 & echo hi",
 		"pty": map[string]any{"rows": 24, "cols": 80}})
 	if !strings.Contains(string(r.out), "hi") || num(r.resp["exit_code"]) != 0 {
 		t.Fatalf("out=%q resp=%v", r.out, r.resp)
 	}
-	if d := time.Since(start); d > 3*time.Second {
+	if d := time.Since(start); d > 6*time.Second {
 		t.Fatalf("RESP after %v: waited for the grandchild", d)
 	}
 }

@@ -174,3 +174,22 @@ func num(v any) int64 {
 	f, _ := v.(float64)
 	return int64(f)
 }
+
+// waitUntil polls cond until it holds, failing the test after d: for a state a
+// test sets up in another process (a trap set, a job in the foreground), which
+// a fixed sleep only guesses at on a busy machine.
+func waitUntil(t *testing.T, what string, d time.Duration, cond func() bool) {
+	t.Helper()
+	for end := time.Now().Add(d); !cond(); {
+		if time.Now().After(end) {
+			t.Fatalf("%s: not within %v", what, d)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// fileExists reports whether path exists (a marker a test's command touches).
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}

@@ -31,11 +31,13 @@ func TestKeepaliveReachesEveryRunningRequest(t *testing.T) {
 	if got := num(r.resp["interval_ms"]); got != 100 {
 		t.Fatalf("a second keepalive answered interval_ms %d, want the first's 100", got)
 	}
+	asked := time.Now()
 	c.req(1, map[string]any{"op": "exec", "cmd": "sleep 1"})
 	c.watch(2, map[string]any{"path": t.TempDir()})
 	n, resp := alives(t, c, 1)
-	if resp.Kind != KindResp || n < 5 || n > 15 {
-		t.Fatalf("a 1 s command got %d keepalives at 100 ms", n)
+	lasted := time.Since(asked) // a busy host makes `sleep 1` take longer
+	if resp.Kind != KindResp || n < 5 || n > int(lasted/(100*time.Millisecond))+3 {
+		t.Fatalf("a request open %v got %d keepalives at 100 ms", lasted, n)
 	}
 	// the watch, which reports nothing, goes on getting them
 	for i := 0; i < 3; i++ {

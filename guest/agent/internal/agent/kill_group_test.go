@@ -75,10 +75,11 @@ func TestKillOfATerminalShellEndsItsJobs(t *testing.T) {
 // SIGKILL after the whole grace: SIGTERM stayed pending while it was stopped.
 func TestKillOfAStoppedProcessLetsItHandleTerm(t *testing.T) {
 	c := newClient(t, nil)
-	r := c.call(1, map[string]any{"op": "exec", "cmd": "trap 'exit 3' TERM; while :; do sleep 0.1; done",
+	armed := t.TempDir() + "/armed"
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "trap 'exit 3' TERM; touch " + armed + "; while :; do sleep 0.1; done",
 		"background": true})
 	id := r.resp["proc_id"].(string)
-	time.Sleep(200 * time.Millisecond) // the trap is set
+	waitUntil(t, "the TERM trap is set", 10*time.Second, func() bool { return fileExists(armed) })
 	c.call(2, map[string]any{"op": "signal", "proc_id": id, "signal": int(syscall.SIGSTOP)})
 	start := time.Now()
 	r = c.call(3, map[string]any{"op": "kill", "proc_id": id, "grace_ms": 5000})
@@ -116,7 +117,12 @@ func TestASignalToATerminalReachesItsForegroundJob(t *testing.T) {
 		}
 		return false
 	}
-	time.Sleep(500 * time.Millisecond) // sleep is in the foreground
+	bashPid := int(num(r.resp["pid"]))
+	p := c.srv.Procs.Get(id)
+	waitUntil(t, "sleep is in the terminal's foreground", 10*time.Second, func() bool {
+		fg := p.foregroundGroup()
+		return fg != 0 && fg != bashPid
+	})
 	c.call(3, map[string]any{"op": "signal", "proc_id": id, "signal": int(syscall.SIGINT)})
 	c.send(2, KindIn, []byte("echo MA''RK\n"))
 	// AFTER only where the terminal echoes the line typed, never on a line of its own

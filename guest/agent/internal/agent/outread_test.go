@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -40,6 +41,7 @@ func TestAPTYsFirstOutputIsNotHeldBack(t *testing.T) {
 	c := newClient(t, nil)
 	c.req(1, map[string]any{"op": "exec", "pty": map[string]any{}, "stdin": true,
 		"cmd": "while read -r line; do echo \"got $line\"; done"})
+	var took []time.Duration
 	for i := 0; i < 5; i++ {
 		time.Sleep(50 * time.Millisecond) // quiet: the pump waits in poll, not in a pause
 		sent := time.Now()
@@ -53,11 +55,14 @@ func TestAPTYsFirstOutputIsNotHeldBack(t *testing.T) {
 			}
 			seen = append(seen, f.Payload...)
 		}
-		if d := time.Since(sent); d > coalescePause+200*time.Millisecond {
-			t.Errorf("answer %d after %v", i, d)
-		}
+		took = append(took, time.Since(sent))
 	}
 	c.send(1, KindEOF, nil)
+	// the median: one answer a busy host held up is no pause of the agent's
+	sort.Slice(took, func(i, j int) bool { return took[i] < took[j] })
+	if took[len(took)/2] > coalescePause+200*time.Millisecond {
+		t.Errorf("answers took %v", took)
+	}
 }
 
 func threadsOfThisProcess(t *testing.T) int {

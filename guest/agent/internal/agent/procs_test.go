@@ -114,9 +114,10 @@ func TestExecCreditBackpressure(t *testing.T) {
 
 func TestKillEscalation(t *testing.T) {
 	c := newClient(t, nil)
-	r := c.call(1, map[string]any{"op": "exec", "cmd": "trap '' TERM; echo ready; while :; do sleep 0.05; done", "background": true})
+	armed := t.TempDir() + "/armed"
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "trap '' TERM; touch " + armed + "; while :; do sleep 0.05; done", "background": true})
 	id := r.resp["proc_id"].(string)
-	time.Sleep(200 * time.Millisecond)
+	waitUntil(t, "the TERM trap is set", 10*time.Second, func() bool { return fileExists(armed) })
 	start := time.Now()
 	r = c.call(2, map[string]any{"op": "kill", "proc_id": id, "grace_ms": 300})
 	if num(r.resp["signal"]) != int64(syscall.SIGKILL) || time.Since(start) < 250*time.Millisecond {
@@ -135,9 +136,10 @@ func TestKillEscalation(t *testing.T) {
 // the SIGKILL forward instead of waiting out the first grace.
 func TestKillRetriedWithAShorterGrace(t *testing.T) {
 	c := newClient(t, nil)
-	r := c.call(1, map[string]any{"op": "exec", "cmd": "trap '' TERM; sleep 30", "background": true})
+	armed := t.TempDir() + "/armed"
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "trap '' TERM; touch " + armed + "; sleep 30", "background": true})
 	id := r.resp["proc_id"]
-	time.Sleep(200 * time.Millisecond)
+	waitUntil(t, "the TERM trap is set", 10*time.Second, func() bool { return fileExists(armed) })
 	c.req(2, map[string]any{"op": "kill", "proc_id": id, "grace_ms": 20000})
 	time.Sleep(300 * time.Millisecond)
 	c.send(2, KindCancel, nil)
@@ -176,11 +178,21 @@ func TestAttachStdinAndCloseStdin(t *testing.T) {
 	id := r.resp["proc_id"].(string)
 	c.req(2, map[string]any{"op": "attach", "proc_id": id, "stdin": true})
 	c.send(2, KindIn, []byte("via attach\n"))
-	time.Sleep(100 * time.Millisecond)
+	// close_stdin on another channel is not ordered after this one's input: it
+	// is sent once cat has echoed the input back
+	var out []byte
+	for !bytes.Contains(out, []byte("via attach\n")) {
+		switch f := c.next(2, 10*time.Second); f.Kind {
+		case KindOut:
+			out = append(out, f.Payload...)
+		case KindResp, KindErr:
+			t.Fatalf("frame %d %s before the echo (out %q)", f.Kind, f.Payload, out)
+		}
+	}
 	c.call(3, map[string]any{"op": "close_stdin", "proc_id": id})
 	r = c.wait(2, 10*time.Second)
-	if string(r.out) != "via attach\n" || num(r.resp["exit_code"]) != 0 {
-		t.Fatalf("out=%q resp=%v", r.out, r.resp)
+	if string(out)+string(r.out) != "via attach\n" || num(r.resp["exit_code"]) != 0 {
+		t.Fatalf("out=%q+%q resp=%v", out, r.out, r.resp)
 	}
 }
 
