@@ -23,6 +23,7 @@ from isorun.agent.validate import (
     as_count,
     as_float,
     as_int,
+    as_name,
     as_opt_int,
     as_str,
     parse_entry,
@@ -170,7 +171,7 @@ class Watch:
                 raise ProtocolError(f"guest sent {frame.kind.name} to a watch")
             ev = frame.json()
             if ev.get("event") == "fs":
-                return as_str(ev, "op"), as_str(ev, "path")
+                return as_str(ev, "op"), as_name(ev, "path")
             if ev.get("event") == "dropped":  # we fell behind: changes were left out
                 self._fell_behind = True
                 return "overflow", self._path

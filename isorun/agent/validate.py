@@ -35,6 +35,25 @@ def _text(v: object, what: str) -> str:
     return v
 
 
+def as_name(obj: dict[str, Any], key: str, default: Any = _MISSING) -> str:
+    """A file name or path: text, where a byte of it that is not UTF-8 is the lone surrogate
+    U+DC80..U+DCFF (the agent's "\\udcXX" escape; Python's surrogateescape, so
+    `os.fsencode` gives the bytes back). Any other lone surrogate stands for no byte."""
+    v = _get(obj, key, default)
+    if not isinstance(v, str) or len(v) > _MAX_STR:
+        raise ProtocolError(f"guest field '{key}' is not a string of at most {_MAX_STR} chars")
+    if not v.isascii():
+        try:
+            raw = v.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise ProtocolError(
+                f"guest field '{key}' holds a lone surrogate that stands for no byte"
+            ) from None
+        if raw.decode("utf-8", "surrogateescape") != v:  # "\udcc3\udca9" for "é"
+            raise ProtocolError(f"guest field '{key}' escapes bytes that are UTF-8")
+    return v
+
+
 def as_int(obj: dict[str, Any], key: str, default: Any = _MISSING) -> int:
     v = _get(obj, key, default)
     if isinstance(v, bool) or not isinstance(v, int) or not -_INT_LIMIT <= v < _INT_LIMIT:
@@ -99,7 +118,7 @@ def parse_entry(raw: object) -> FileEntry:
     if kind not in _TYPES:
         raise ProtocolError(f"file entry type '{kind[:40]}' is not one of {sorted(_TYPES)}")
     link = raw.get("link")
-    name, path = as_str(raw, "name"), as_str(raw, "path")
+    name, path = as_name(raw, "name"), as_name(raw, "path")
     if len(name) > NAME_MAX or len(path) > LISTED_PATH_MAX:
         raise ProtocolError(
             f"file entry name or path from guest is longer than a name ({NAME_MAX}) or a "
@@ -114,7 +133,7 @@ def parse_entry(raw: object) -> FileEntry:
         mtime_ns=as_int(raw, "mtime_ns", default=0),
         uid=as_count(raw, "uid", default=0),
         gid=as_count(raw, "gid", default=0),
-        link=as_str(raw, "link") if link is not None else None,
+        link=as_name(raw, "link") if link is not None else None,
     )
 
 

@@ -271,3 +271,31 @@ async def test_qemu_gets_none_of_the_hosts_environment_but_its_path(
             assert names <= {b"PATH", b"LC_ALL", b"PWD"}, (pid, names)
     finally:
         await vm.kill()
+
+
+async def test_a_name_that_is_not_utf8_is_listed_as_one_that_names_it(vm: MicroVM) -> None:
+    # A program's Latin-1 name: listed (and watched) as Python holds such a name, its bytes
+    # that are no UTF-8 as surrogates (os.fsdecode), which the files API takes back.
+    name = os.fsdecode(b"caf\xe9")
+    await vm.agent.mkdir("/latin")
+    w = await vm.agent.open_watch("/latin")
+    try:
+        assert (
+            await vm.agent.exec(argv=["sh", "-c", "printf x > /latin/caf$(printf '\\351')"])
+        ).exit_code == 0
+        async with asyncio.timeout(20):
+            change = await anext(w)
+    finally:
+        w.close()
+    assert change == ("create", f"/latin/{name}")
+    [entry] = await vm.agent.list("/latin")
+    assert (entry.name, entry.path) == (name, f"/latin/{name}")
+    assert os.fsencode(entry.name) == b"caf\xe9"
+    assert await vm.agent.read_bytes(entry.path) == b"x"
+    await vm.agent.write_file(entry.path, b"rewritten")
+    await vm.agent.rename(entry.path, "/latin/" + os.fsdecode(b"\xff\xfe"))
+    ls = await vm.agent.exec(argv=["sh", "-c", "printf %s /latin/*"])
+    assert ls.stdout == b"/latin/\xff\xfe", ls.stdout
+    assert (await vm.agent.stat("/latin/" + os.fsdecode(b"\xff\xfe"))).size == len(b"rewritten")
+    await vm.agent.remove("/latin/" + os.fsdecode(b"\xff\xfe"))
+    assert await vm.agent.list("/latin") == []

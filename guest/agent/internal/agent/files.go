@@ -13,7 +13,7 @@ import (
 
 type fileReq struct {
 	Op        string `json:"op"`
-	Path      string `json:"path"`
+	Path      fsName `json:"path"`
 	Offset    int64  `json:"offset"`
 	Length    *int64 `json:"length"`
 	Mode      *int64 `json:"mode"`
@@ -182,7 +182,7 @@ func (s *Server) decodePathReq(raw []byte) (fileReq, string, error) {
 	if err := decode(raw, &r); err != nil {
 		return r, "", err
 	}
-	path, err := s.reqPath("path", r.Path)
+	path, err := s.reqPath("path", string(r.Path))
 	return r, path, err
 }
 

@@ -27,14 +27,14 @@ func entry(path string, fi os.FileInfo) map[string]any {
 	case fi.Mode()&os.ModeSymlink != 0:
 		t = "symlink"
 	}
-	e := map[string]any{"name": fi.Name(), "path": path, "type": t, "size": fi.Size(),
+	e := map[string]any{"name": fsName(fi.Name()), "path": fsName(path), "type": t, "size": fi.Size(),
 		"mtime_ns": unixNanoSaturated(fi.ModTime())}
 	if st != nil {
 		e["mode"], e["uid"], e["gid"] = st.Mode&0o7777, st.Uid, st.Gid
 	}
 	if t == "symlink" {
 		if l, err := os.Readlink(path); err == nil {
-			e["link"] = l
+			e["link"] = fsName(l)
 		}
 	}
 	return e
@@ -254,17 +254,17 @@ func refuseLinkAsDir(path string) error {
 func opRename(s *Server, ch *Channel, raw []byte) (any, error) {
 	var r struct {
 		Op  string `json:"op"`
-		Src string `json:"src"`
-		Dst string `json:"dst"`
+		Src fsName `json:"src"`
+		Dst fsName `json:"dst"`
 	}
 	if err := decode(raw, &r); err != nil {
 		return nil, err
 	}
-	src, err := s.reqPath("src", r.Src)
+	src, err := s.reqPath("src", string(r.Src))
 	if err != nil {
 		return nil, err
 	}
-	dst, err := s.reqPath("dst", r.Dst)
+	dst, err := s.reqPath("dst", string(r.Dst))
 	if err != nil {
 		return nil, err
 	}

@@ -28,7 +28,7 @@ func opWriteFile(s *Server, ch *Channel, raw []byte) (any, error) {
 		ch.closeIn()
 		return nil, err
 	}
-	path, err := s.reqPath("path", r.Path)
+	path, err := s.reqPath("path", string(r.Path))
 	if err != nil {
 		ch.closeIn()
 		return nil, err

@@ -58,7 +58,7 @@ func opWatch(s *Server, ch *Channel, raw []byte) (any, error) {
 			}
 			p = path
 		}
-		return ch.Event(map[string]any{"event": "fs", "op": c.op, "path": p}) == nil
+		return ch.Event(map[string]any{"event": "fs", "op": c.op, "path": fsName(p)}) == nil
 	}
 	// The walk of a big tree (under emulation, "/" takes seconds) stops at the
 	// directory limit or a CANCEL.
