@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from isorun.daemon import auth
 from isorun.daemon.config import DaemonConfig
@@ -16,6 +16,7 @@ from isorun.daemon.errors import Forbidden, Unauthorized
 from isorun.daemon.http import (
     NDJSON,
     Handler,
+    JSONText,
     error_record,
     error_response,
     map_error,
@@ -123,7 +124,7 @@ class Api:
                 if isinstance(result, Response):
                     return result
                 # rendered here: a value it cannot encode is an error record, not a bare 500
-                return JSONResponse(result, status_code=status)
+                return JSONText(result, status_code=status)
             except Exception as exc:
                 sandbox_id = request.path_params.get("sid")
                 if sandbox_id is None:

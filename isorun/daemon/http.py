@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from isorun.agent import FileEntry, ProcInfo
 from isorun.daemon.errors import ApiError
 from isorun.daemon.models import (
+    PATH_MAX_CHARS,
     ExecRequest,
 )
 from isorun.daemon.store import StateError, StateFullError
@@ -57,8 +58,20 @@ _GUEST_STATUS = {
 }
 
 
+class JSONText(JSONResponse):
+    """JSON as Starlette writes it (UTF-8), but a lone surrogate (a byte of a file name that
+    is not UTF-8, as Python holds it) is written as its "\\udcXX" escape, which UTF-8
+    cannot encode: the client reads back the name it can send again."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
+
+
 def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+    return JSONText({"error": {"code": code, "message": message}}, status_code=status)
 
 
 def map_error(exc: BaseException) -> JSONResponse:
@@ -199,29 +212,30 @@ def query_path(request: Request, *others: str) -> str:
     """?path= of a files route, which takes no query parameter but `path` and `others`."""
     only_params(request, "path", *others)
     p = request.query_params.get("path")
-    if p and "\ufffd" in p and not _is_utf8_query(request):
-        # Starlette put U+FFFD for what was no UTF-8 (a Latin-1 name, %E9): that would
-        # name another file, silently
-        raise ApiError(
-            "query parameter 'path' is not UTF-8 once percent-decoded; paths are UTF-8 text "
-            "(a name in another encoding cannot be named through the API)",
-            code="invalid",
-        )
-    if not p or "\x00" in p or len(p) > 4096:
+    if p and "\ufffd" in p:
+        # Starlette put U+FFFD for what was no UTF-8 (a Latin-1 name, %E9), which would name
+        # another file: such a byte is taken as Python holds it, the lone surrogate
+        # U+DC80+byte (os.fsdecode), which the guest agent turns back into the byte
+        p = _raw_query_param(request, "path")
+    if not p or "\x00" in p or len(p) > PATH_MAX_CHARS:
         raise ApiError(
             "query parameter 'path' is required: a path in the sandbox (absolute, or relative"
-            " to its working directory), at most 4096 bytes, without NUL",
+            f" to its working directory), at most {PATH_MAX_CHARS} bytes, without NUL",
             code="invalid",
         )
     return p
 
 
-def _is_utf8_query(request: Request) -> bool:
-    try:
-        parse_qsl(request.scope["query_string"].decode("latin-1"), errors="strict")
-    except UnicodeDecodeError:
-        return False
-    return True
+def _raw_query_param(request: Request, name: str) -> str | None:
+    """The last `name` of the query string, with the bytes that are not UTF-8 once
+    percent-decoded kept as surrogates (as Starlette's query_params keeps the last)."""
+    pairs = parse_qsl(
+        request.scope["query_string"].decode("latin-1"),
+        keep_blank_values=True,
+        errors="surrogateescape",
+    )
+    values = [v for k, v in pairs if k == name]
+    return values[-1] if values else None
 
 
 Handler = Callable[[Request], Awaitable[Response]]

@@ -9,7 +9,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     StringConstraints,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -22,7 +24,35 @@ Key = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^
 Val = Annotated[str, StringConstraints(max_length=65536, pattern=r"^[^\x00]*$")]
 MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00]+$")]
 MetaVal = Annotated[str, StringConstraints(max_length=1024, pattern=r"^[^\x00]*$")]
-Path_ = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
+PATH_MAX_CHARS = 4096
+
+
+def _a_path(v: object) -> str:
+    """A path in the sandbox. A name that is not UTF-8 comes as Python holds it (each byte
+    that is not UTF-8 the lone surrogate U+DC80+byte, a "\\udcXX" escape in JSON), as
+    listings give it: checked here, as pydantic's own str checks refuse any surrogate."""
+    if not isinstance(v, str):
+        raise ValueError("a path must be a string")
+    if not 1 <= len(v) <= PATH_MAX_CHARS or "\x00" in v:
+        raise ValueError(f"a path must be 1 to {PATH_MAX_CHARS} characters, without NUL")
+    if not v.isascii():
+        try:
+            v.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise ValueError(
+                "a path holds a lone surrogate that stands for no byte (only \\udc80..\\udcff"
+                " do: the bytes of a name that is not UTF-8, as a listing gives them)"
+            ) from None
+    return v
+
+
+Path_ = Annotated[
+    str,
+    PlainValidator(_a_path),
+    WithJsonSchema(
+        {"type": "string", "minLength": 1, "maxLength": PATH_MAX_CHARS, "pattern": "^[^\\x00]+$"}
+    ),
+]
 # A program's command line, arguments and user are C strings: no NUL (as env and paths).
 Cmd = Annotated[str, StringConstraints(min_length=1, max_length=1 << 20, pattern=r"^[^\x00]+$")]
 Argv = Annotated[

@@ -12,9 +12,17 @@ import json
 import math
 import os
 import signal
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from typing import IO, Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 
@@ -538,16 +546,53 @@ def to_bytes(data: Whole, what: str = "data") -> bytes:
     raise TypeError(f"{what} must be str or bytes, not {type(data).__name__}")
 
 
+# A path in a sandbox as the SDK takes it: bytes for a name that is not UTF-8.
+SandboxPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+
+
 def file_path(path: object) -> str:
-    """A sandbox path as the API takes it; a path that is not text is a TypeError (an int
-    was read as a name relative to the home directory)."""
-    if isinstance(path, str | os.PathLike):
+    """A sandbox path as the API takes it: str, or bytes for a name that is not UTF-8
+    (each byte that is not UTF-8 then held as a lone surrogate, as os.fsdecode and the
+    API's listings hold it). A path that is not text is a TypeError (an int was read as a
+    name relative to the home directory)."""
+    if isinstance(path, str | bytes | os.PathLike):
         got = os.fspath(path)
+        if isinstance(got, bytes):
+            got = got.decode("utf-8", "surrogateescape")
         if isinstance(got, str):
+            if not got.isascii():
+                try:
+                    got.encode("utf-8", "surrogateescape")
+                except UnicodeEncodeError:
+                    raise ValueError(
+                        f"sandbox path {got!r} holds a lone surrogate that stands for no byte"
+                        " (only U+DC80..U+DCFF do, as os.fsdecode makes them)"
+                    ) from None
             return got
     raise TypeError(
-        f"a sandbox path must be str (or os.PathLike of str), not {type(path).__name__}"
+        f"a sandbox path must be str or bytes (or os.PathLike of either), not {type(path).__name__}"
     )
+
+
+def with_query(url: str, params: Mapping[str, str | int]) -> str:
+    """`url` with `params` as its query, a path's surrogates sent as the bytes they stand
+    for (%E9): httpx's own params refuse to encode a surrogate."""
+    return (
+        url
+        + "?"
+        + urlencode(
+            {
+                k: v.encode("utf-8", "surrogateescape") if isinstance(v, str) else str(v)
+                for k, v in params.items()
+            }
+        )
+    )
+
+
+def json_body(obj: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments that send `obj` as a JSON body, a surrogate of a path as its
+    "\\udcXX" escape: httpx's own json= writes UTF-8, which refuses a surrogate."""
+    return {"content": json.dumps(obj).encode(), "headers": {"content-type": "application/json"}}
 
 
 def whole_chunks(raw: bytes) -> bytes | Iterator[bytes]:

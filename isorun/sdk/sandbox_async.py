@@ -307,13 +307,13 @@ class AsyncSandbox:
         body = _core.exec_body(cmd, env, cwd, user, timeout, stdin, background)
         path = self._path("exec")
         if background:
-            r = _core.check(await self._http.post(path, json=body))
+            r = _core.check(await self._http.post(path, **_core.json_body(body)))
             proc = AsyncProcess(self, r["proc_id"], r["pid"])
             if isinstance(stdin, str | bytes) and stdin:
                 await proc.send_stdin(stdin)
             return proc
         dec = _records.StreamDecoder(on_stdout, on_stderr, capture_limit=capture_limit, pending=[])
-        await self._stream("POST", path, dec, json=body)
+        await self._stream("POST", path, dec, **_core.json_body(body))
         result = dec.result()
         if check and result.exit_code != 0:
             raise CommandFailed(result)
@@ -514,15 +514,21 @@ class AsyncFiles:
         return self._sb._path("files")
 
     @overload
-    async def read(self, path: str, *, format: Literal["text"] = ...) -> str: ...
+    async def read(self, path: _core.SandboxPath, *, format: Literal["text"] = ...) -> str: ...
     @overload
-    async def read(self, path: str, *, format: Literal["bytes"]) -> bytes: ...
+    async def read(self, path: _core.SandboxPath, *, format: Literal["bytes"]) -> bytes: ...
     @overload
-    async def read(self, path: str, *, format: Literal["stream"]) -> AsyncIterator[bytes]: ...
+    async def read(
+        self, path: _core.SandboxPath, *, format: Literal["stream"]
+    ) -> AsyncIterator[bytes]: ...
     @overload
-    async def read(self, path: str, *, format: str) -> str | bytes | AsyncIterator[bytes]: ...
+    async def read(
+        self, path: _core.SandboxPath, *, format: str
+    ) -> str | bytes | AsyncIterator[bytes]: ...
 
-    async def read(self, path: str, *, format: str = "text") -> str | bytes | AsyncIterator[bytes]:
+    async def read(
+        self, path: _core.SandboxPath, *, format: str = "text"
+    ) -> str | bytes | AsyncIterator[bytes]:
         """format: "text" (str), "bytes", or "stream" (an async iterator of byte chunks, so a
         large file is never held whole in memory)."""
         _core.check_read_format(format)
@@ -531,11 +537,13 @@ class AsyncFiles:
         data = b"".join([c async for c in await self._open_stream(path, self._sb._http.timeout)])
         return data if format == "bytes" else data.decode("utf-8", "replace")
 
-    async def _open_stream(self, path: str, timeout: httpx.Timeout) -> AsyncIterator[bytes]:
+    async def _open_stream(
+        self, path: _core.SandboxPath, timeout: httpx.Timeout
+    ) -> AsyncIterator[bytes]:
         http = self._sb._http
-        req = http.build_request(
-            "GET", self._base, params={"path": _core.file_path(path)}, timeout=timeout
-        )
+        name = _core.file_path(path)
+        url = _core.with_query(self._base, {"path": name})
+        req = http.build_request("GET", url, timeout=timeout)
         resp = await http.send(req, stream=True)
         if resp.status_code >= 300:  # a missing file fails here, not at the first chunk
             try:
@@ -551,7 +559,7 @@ class AsyncFiles:
                     got += len(chunk)
                     yield chunk
             except DaemonUnavailable as exc:
-                raise _core.read_cut(exc, path, got, await self._sandbox_now()) from exc
+                raise _core.read_cut(exc, name, got, await self._sandbox_now()) from exc
             finally:
                 await resp.aclose()
 
@@ -566,7 +574,7 @@ class AsyncFiles:
 
     async def write(
         self,
-        path: str,
+        path: _core.SandboxPath,
         data: _core.Whole | _core.BytesSource | AsyncIterable[bytes],
         *,
         mode: int | None = None,
@@ -587,29 +595,33 @@ class AsyncFiles:
             params["append"] = "1"
         r = _core.check(
             await self._sb._http.put(
-                self._base, params=params, content=content, timeout=_core.STREAM_TIMEOUT
+                _core.with_query(self._base, params),
+                content=content,
+                timeout=_core.STREAM_TIMEOUT,
             )
         )
         return int(r["bytes"])
 
-    async def list(self, path: str, depth: int = 1) -> builtins.list[FileInfo]:
+    async def list(self, path: _core.SandboxPath, depth: int = 1) -> builtins.list[FileInfo]:
         r = _core.check(
             await self._sb._http.get(
-                self._base + "/list", params={"path": _core.file_path(path), "depth": depth}
+                _core.with_query(
+                    self._base + "/list", {"path": _core.file_path(path), "depth": depth}
+                )
             )
         )
         return [FileInfo.of(e) for e in r["entries"]]
 
-    async def stat(self, path: str) -> FileInfo:
+    async def stat(self, path: _core.SandboxPath) -> FileInfo:
         return FileInfo.of(
             _core.check(
                 await self._sb._http.get(
-                    self._base + "/stat", params={"path": _core.file_path(path)}
+                    _core.with_query(self._base + "/stat", {"path": _core.file_path(path)})
                 )
             )
         )
 
-    async def exists(self, path: str) -> bool:
+    async def exists(self, path: _core.SandboxPath) -> bool:
         """As `Files.exists`."""
         try:
             await self.stat(path)
@@ -621,29 +633,31 @@ class AsyncFiles:
             raise
         return True
 
-    async def mkdir(self, path: str, parents: bool = True) -> None:
+    async def mkdir(self, path: _core.SandboxPath, parents: bool = True) -> None:
         _core.check(
             await self._sb._http.post(
-                self._base + "/mkdir", json={"path": _core.file_path(path), "parents": parents}
+                self._base + "/mkdir",
+                **_core.json_body({"path": _core.file_path(path), "parents": parents}),
             )
         )
 
-    async def remove(self, path: str, recursive: bool = False) -> None:
+    async def remove(self, path: _core.SandboxPath, recursive: bool = False) -> None:
         _core.check(
             await self._sb._http.post(
-                self._base + "/remove", json={"path": _core.file_path(path), "recursive": recursive}
+                self._base + "/remove",
+                **_core.json_body({"path": _core.file_path(path), "recursive": recursive}),
             )
         )
 
-    async def rename(self, src: str, dst: str) -> None:
+    async def rename(self, src: _core.SandboxPath, dst: _core.SandboxPath) -> None:
         _core.check(
             await self._sb._http.post(
                 self._base + "/rename",
-                json={"src": _core.file_path(src), "dst": _core.file_path(dst)},
+                **_core.json_body({"src": _core.file_path(src), "dst": _core.file_path(dst)}),
             )
         )
 
-    def watch(self, path: str, recursive: bool = False) -> AsyncWatch:
+    def watch(self, path: _core.SandboxPath, recursive: bool = False) -> AsyncWatch:
         """As `Files.watch`: `w = await sb.files.watch(path)` returns once the sandbox
         watches it; `async for op, p in sb.files.watch(path)` starts it at the first step."""
         return AsyncWatch(self._sb, path, recursive)
@@ -652,7 +666,7 @@ class AsyncFiles:
 class AsyncWatch:
     """The asyncio twin of `Watch`; awaiting it starts it (or the first `async for` step)."""
 
-    def __init__(self, sb: AsyncSandbox, path: str, recursive: bool) -> None:
+    def __init__(self, sb: AsyncSandbox, path: _core.SandboxPath, recursive: bool) -> None:
         self._sb = sb
         self._params: dict[str, str | int] = {
             "path": _core.file_path(path),
@@ -666,9 +680,8 @@ class AsyncWatch:
             http = self._sb._http
             req = http.build_request(
                 "GET",
-                self._sb._path("files/watch"),
+                _core.with_query(self._sb._path("files/watch"), self._params),
                 timeout=await http.ndjson_timeout(),
-                params=self._params,
             )
             resp = await http.send(req, stream=True)
             if resp.status_code >= 300:

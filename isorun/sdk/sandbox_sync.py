@@ -282,13 +282,13 @@ class Sandbox:
         body = _core.exec_body(cmd, env, cwd, user, timeout, stdin, background)
         path = self._path("exec")
         if background:
-            r = _core.check(self._http.post(path, json=body))
+            r = _core.check(self._http.post(path, **_core.json_body(body)))
             proc = Process(self, r["proc_id"], r["pid"])
             if isinstance(stdin, str | bytes) and stdin:
                 proc.send_stdin(stdin)
             return proc
         dec = _records.StreamDecoder(on_stdout, on_stderr, capture_limit=capture_limit)
-        self._stream("POST", path, dec, json=body)
+        self._stream("POST", path, dec, **_core.json_body(body))
         result = dec.result()
         if check and result.exit_code != 0:
             raise CommandFailed(result)
@@ -487,15 +487,17 @@ class Files:
         return self._sb._path("files")
 
     @overload
-    def read(self, path: str, *, format: Literal["text"] = ...) -> str: ...
+    def read(self, path: _core.SandboxPath, *, format: Literal["text"] = ...) -> str: ...
     @overload
-    def read(self, path: str, *, format: Literal["bytes"]) -> bytes: ...
+    def read(self, path: _core.SandboxPath, *, format: Literal["bytes"]) -> bytes: ...
     @overload
-    def read(self, path: str, *, format: Literal["stream"]) -> Iterator[bytes]: ...
+    def read(self, path: _core.SandboxPath, *, format: Literal["stream"]) -> Iterator[bytes]: ...
     @overload
-    def read(self, path: str, *, format: str) -> str | bytes | Iterator[bytes]: ...
+    def read(self, path: _core.SandboxPath, *, format: str) -> str | bytes | Iterator[bytes]: ...
 
-    def read(self, path: str, *, format: str = "text") -> str | bytes | Iterator[bytes]:
+    def read(
+        self, path: _core.SandboxPath, *, format: str = "text"
+    ) -> str | bytes | Iterator[bytes]:
         """format: "text" (str), "bytes", or "stream" (an iterator of byte chunks)."""
         _core.check_read_format(format)
         if format == "stream":
@@ -503,11 +505,11 @@ class Files:
         data = b"".join(self._open_stream(path, self._sb._http.timeout))
         return data if format == "bytes" else data.decode("utf-8", "replace")
 
-    def _open_stream(self, path: str, timeout: httpx.Timeout) -> Iterator[bytes]:
+    def _open_stream(self, path: _core.SandboxPath, timeout: httpx.Timeout) -> Iterator[bytes]:
         http = self._sb._http
-        req = http.build_request(
-            "GET", self._base, params={"path": _core.file_path(path)}, timeout=timeout
-        )
+        name = _core.file_path(path)
+        url = _core.with_query(self._base, {"path": name})
+        req = http.build_request("GET", url, timeout=timeout)
         resp = http.send(req, stream=True)
         if resp.status_code >= 300:  # a missing file fails here, not at the first chunk
             try:
@@ -523,7 +525,7 @@ class Files:
                     got += len(chunk)
                     yield chunk
             except DaemonUnavailable as exc:
-                raise _core.read_cut(exc, path, got, self._sandbox_now()) from exc
+                raise _core.read_cut(exc, name, got, self._sandbox_now()) from exc
             finally:
                 resp.close()
 
@@ -538,7 +540,7 @@ class Files:
 
     def write(
         self,
-        path: str,
+        path: _core.SandboxPath,
         data: _core.Whole | _core.BytesSource,
         *,
         mode: int | None = None,
@@ -558,27 +560,33 @@ class Files:
             params["append"] = "1"
         r = _core.check(
             self._sb._http.put(
-                self._base, params=params, content=content, timeout=_core.STREAM_TIMEOUT
+                _core.with_query(self._base, params),
+                content=content,
+                timeout=_core.STREAM_TIMEOUT,
             )
         )
         return int(r["bytes"])
 
-    def list(self, path: str, depth: int = 1) -> builtins.list[FileInfo]:
+    def list(self, path: _core.SandboxPath, depth: int = 1) -> builtins.list[FileInfo]:
         r = _core.check(
             self._sb._http.get(
-                self._base + "/list", params={"path": _core.file_path(path), "depth": depth}
+                _core.with_query(
+                    self._base + "/list", {"path": _core.file_path(path), "depth": depth}
+                )
             )
         )
         return [FileInfo.of(e) for e in r["entries"]]
 
-    def stat(self, path: str) -> FileInfo:
+    def stat(self, path: _core.SandboxPath) -> FileInfo:
         return FileInfo.of(
             _core.check(
-                self._sb._http.get(self._base + "/stat", params={"path": _core.file_path(path)})
+                self._sb._http.get(
+                    _core.with_query(self._base + "/stat", {"path": _core.file_path(path)})
+                )
             )
         )
 
-    def exists(self, path: str) -> bool:
+    def exists(self, path: _core.SandboxPath) -> bool:
         """False also where a parent of `path` is not a directory (as os.path.exists)."""
         try:
             self.stat(path)
@@ -590,38 +598,41 @@ class Files:
             raise
         return True
 
-    def mkdir(self, path: str, parents: bool = True) -> None:
+    def mkdir(self, path: _core.SandboxPath, parents: bool = True) -> None:
         _core.check(
             self._sb._http.post(
-                self._base + "/mkdir", json={"path": _core.file_path(path), "parents": parents}
+                self._base + "/mkdir",
+                **_core.json_body({"path": _core.file_path(path), "parents": parents}),
             )
         )
 
-    def remove(self, path: str, recursive: bool = False) -> None:
+    def remove(self, path: _core.SandboxPath, recursive: bool = False) -> None:
         _core.check(
             self._sb._http.post(
-                self._base + "/remove", json={"path": _core.file_path(path), "recursive": recursive}
+                self._base + "/remove",
+                **_core.json_body({"path": _core.file_path(path), "recursive": recursive}),
             )
         )
 
-    def rename(self, src: str, dst: str) -> None:
+    def rename(self, src: _core.SandboxPath, dst: _core.SandboxPath) -> None:
         _core.check(
             self._sb._http.post(
                 self._base + "/rename",
-                json={"src": _core.file_path(src), "dst": _core.file_path(dst)},
+                **_core.json_body({"src": _core.file_path(src), "dst": _core.file_path(dst)}),
             )
         )
 
-    def watch(self, path: str, recursive: bool = False) -> Watch:
+    def watch(self, path: _core.SandboxPath, recursive: bool = False) -> Watch:
         """Watch `path` (and below it, with recursive): returns once the sandbox watches it,
         so a change made after this returns is reported; iterate (op, path) pairs, and
         `close()` it (or use a with block) when done. A missing path raises here."""
         http = self._sb._http
         req = http.build_request(
             "GET",
-            self._base + "/watch",
+            _core.with_query(
+                self._base + "/watch", {"path": _core.file_path(path), "recursive": int(recursive)}
+            ),
             timeout=http.ndjson_timeout(),
-            params={"path": _core.file_path(path), "recursive": int(recursive)},
         )
         resp = http.send(req, stream=True)
         if resp.status_code >= 300:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import socket
 import sqlite3
 import struct
@@ -386,18 +387,30 @@ def test_query_flags_are_strict_and_unknown_ones_refused(daemon: Daemon, sandbox
             assert r.status_code == 400 and "must be a unix timestamp" in r.text
 
 
-def test_a_path_that_is_not_utf8_is_refused_not_renamed(daemon: Daemon, sandbox: str) -> None:
+def test_a_path_that_is_not_utf8_names_that_file(daemon: Daemon, sandbox: str) -> None:
     """`?path=/tmp/caf%E9` (a Latin-1 name) reached the guest as `/tmp/caf\ufffd`: a write
-    made a file of another name and a read said 404 for the wrong one."""
+    made a file of another name and a read said 404 for the wrong one. Such a byte now
+    travels as Python holds it (the lone surrogate U+DC80+byte, "\\udce9" in JSON), in
+    queries, bodies, listings and watches alike."""
     f = f"/v1/sandboxes/{sandbox}/files"
+    latin = "/tmp/" + os.fsdecode(b"caf\xe9")
     with daemon.client() as c:
-        for method in ("PUT", "GET"):
-            r = c.request(
-                method, f + "?path=/tmp/caf%E9", content=b"x" if method == "PUT" else None
-            )
-            assert r.status_code == 400 and "not UTF-8" in r.json()["error"]["message"], r.text
-        listed = c.get(f + "/list", params={"path": "/tmp"}).json()["entries"]
-        assert not [e for e in listed if e["name"].startswith("caf")], listed
+        assert c.put(f + "?path=/tmp/caf%E9", content=b"x").status_code == 200
+        assert c.get(f + "?path=/tmp/caf%E9").content == b"x"
+        seen = c.post(f"/v1/sandboxes/{sandbox}/exec", json={"cmd": "printf %s /tmp/caf*"})
+        assert base64.b64decode(ndjson(seen)[1]["data"]) == b"/tmp/caf\xe9", seen.text
+        listing = c.get(f + "/list", params={"path": "/tmp"})
+        assert b'"/tmp/caf\\udce9"' in listing.content  # ASCII JSON, not U+FFFD
+        assert latin in [e["path"] for e in listing.json()["entries"]]
+        # JSON bodies take the escape too (httpx would not encode a lone surrogate)
+        moved = "/tmp/" + os.fsdecode(b"\xff")
+        body = json.dumps({"src": latin, "dst": moved})
+        assert c.post(f + "/rename", content=body).status_code == 200
+        assert c.get(f + "?path=/tmp/%FF").content == b"x"
+        r = c.post(f + "/rename", content=json.dumps({"src": "/tmp/\ud800", "dst": moved}))
+        assert r.status_code == 422 and "stands for no byte" in r.text, r.text
+        assert c.post(f + "/remove", content=json.dumps({"path": moved})).status_code == 200
+        assert c.get(f + "?path=/tmp/%FF").status_code == 404
         # a real U+FFFD, and UTF-8 names, are names like any
         for name in ("caf\ufffd", "caf\u00e9"):
             r = c.put(f, params={"path": f"/tmp/{name}"}, content=b"y")

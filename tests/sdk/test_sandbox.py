@@ -346,6 +346,29 @@ async def test_an_async_watch_reports_what_changes_after_it_is_awaited(
             await sb.files.watch("/tmp/missing")
 
 
+def test_a_name_that_is_not_utf8_round_trips_as_str_or_bytes(api: str, image: str) -> None:
+    """A program's Latin-1 file name is listed and watched as os.fsdecode holds it, and
+    that str (or the raw bytes) names the file again for every files call."""
+    latin = os.fsdecode(b"/tmp/n/caf\xe9")
+    with Sandbox(image, api_url=api) as sb:
+        sb.files.mkdir("/tmp/n")
+        with sb.files.watch(b"/tmp/n") as w:
+            assert sb.exec("printf x > /tmp/n/caf$(printf '\\351')").exit_code == 0
+            assert next(w) == ("create", latin)
+        [entry] = sb.files.list("/tmp/n")
+        assert (entry.name, entry.path) == (os.fsdecode(b"caf\xe9"), latin)
+        assert sb.files.read(entry.path) == "x" and sb.files.stat(b"/tmp/n/caf\xe9").size == 1
+        sb.files.write(b"/tmp/n/caf\xe9", b"yz", append=True)
+        sb.files.rename(latin, b"/tmp/n/\xff")
+        assert sb.exec("cat /tmp/n/*; printf %s /tmp/n/*").stdout_bytes == b"xyz/tmp/n/\xff"
+        sb.files.remove(os.fsdecode(b"/tmp/n/\xff"))
+        assert sb.files.list("/tmp/n") == []
+        sb.files.mkdir(b"/tmp/n/d\xe9")  # a command runs there too
+        assert sb.exec("pwd", cwd=os.fsdecode(b"/tmp/n/d\xe9")).stdout_bytes == b"/tmp/n/d\xe9\n"
+        with pytest.raises(ValueError, match="stands for no byte"):
+            sb.files.stat("/tmp/\ud800")
+
+
 def test_relative_paths_are_from_the_working_directory(api: str, image: str) -> None:
     """As a shell's: a file written as "notes.txt" is the one `cat notes.txt` reads, and an
     exec's relative cwd is a directory below the working directory (E2B resolves relative

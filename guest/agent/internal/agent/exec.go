@@ -27,7 +27,7 @@ type execReq struct {
 	Cmd        *string           `json:"cmd"`
 	Argv       []string          `json:"argv"`
 	Env        map[string]string `json:"env"`
-	Cwd        string            `json:"cwd"`
+	Cwd        fsName            `json:"cwd"`
 	User       json.RawMessage   `json:"user"`
 	TimeoutMs  int64             `json:"timeout_ms"`
 	Stdin      bool              `json:"stdin"`
@@ -137,7 +137,7 @@ func (s *Server) buildSpec(r *execReq) (*spawnSpec, error) {
 		if base == "" {
 			base = "/"
 		}
-		cwd = r.Cwd
+		cwd = string(r.Cwd)
 		if !filepath.IsAbs(cwd) { // from the working directory
 			cwd = base + "/" + cwd // not Join: it would take "link/.." as text
 		}
@@ -145,7 +145,7 @@ func (s *Server) buildSpec(r *execReq) (*spawnSpec, error) {
 		// what is joined to it later (a relative program) is found there too
 		clean, err := cleanPath(cwd)
 		if err != nil {
-			sp.failCode, sp.failMsg = 127, "cwd "+r.Cwd+": "+errnoText(err)
+			sp.failCode, sp.failMsg = 127, "cwd "+string(r.Cwd)+": "+errnoText(err)
 			return sp, nil
 		}
 		cwd = clean

@@ -282,7 +282,7 @@ func opListProcs(s *Server, ch *Channel, raw []byte) (any, error) {
 type defaultsReq struct {
 	Op   string            `json:"op"`
 	Env  map[string]string `json:"env"`
-	Cwd  *string           `json:"cwd"`
+	Cwd  *fsName           `json:"cwd"`
 	User json.RawMessage   `json:"user"`
 }
 
@@ -304,7 +304,7 @@ func opSetDefaults(s *Server, ch *Channel, raw []byte) (any, error) {
 		s.defEnv = r.Env
 	}
 	if r.Cwd != nil {
-		s.defCwd = *r.Cwd
+		s.defCwd = string(*r.Cwd)
 	}
 	if r.User != nil {
 		s.defUser = user
