@@ -9,6 +9,7 @@ import asyncio
 import base64
 import contextlib
 import inspect
+import re
 import sys
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ from isorun.tail import TailBuffer
 # What the daemon holds of a download whose HTTP client stalls is at most this; all of a
 # sandbox's together, at most mux.CONNECTION_WIDENED more than WINDOW each.
 READ_WINDOW = 2 << 20
+# Request fields that are file names, and how a byte of one that is not UTF-8 is held.
+_NAME_FIELDS = ("path", "src", "dst", "cwd")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # A callback may return an awaitable: it is awaited before more output is read, so a slow
 # consumer holds back the guest through the channel's credits instead of buffering.
 OutputCallback = Callable[[bytes], object]
@@ -219,6 +223,7 @@ class AgentClient:
         sheds_events: bool = False,
         event_sink: EventSink | None = None,
     ) -> Channel:
+        self._check_names(req)
         payload = request_payload(req)  # too big: refused before a channel exists
         ch = self.conn.open_channel()
         ch.sheds_events = sheds_events
@@ -233,6 +238,22 @@ class AgentClient:
             ch.abandon()
             raise
         return ch
+
+    def _check_names(self, req: dict[str, Any]) -> None:
+        """A name that is not UTF-8 (held as surrogates) goes only to an agent that turns
+        its escapes back into the bytes (`fs_names`): an older one would make them U+FFFD,
+        and write, rename or run in a file of another name."""
+        if "fs_names" in self.conn.features:
+            return
+        for field in _NAME_FIELDS:
+            v = req.get(field)
+            if isinstance(v, str) and not v.isascii() and _SURROGATE.search(v):
+                raise GuestError(
+                    f"{field} {v!r} is not UTF-8, and this sandbox's guest agent predates "
+                    "such names (it would name another file): use a command in the sandbox, "
+                    "or a sandbox started since",
+                    "unsupported",
+                )
 
     async def call(self, op: str, **fields: Any) -> dict[str, Any]:
         """A request whose whole answer is one RESP."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from isorun.errors import ProtocolError
+from isorun.fsnames import surrogate_problem
 
 _MISSING: Any = object()
 _MAX_STR = 65536
@@ -42,15 +43,8 @@ def as_name(obj: dict[str, Any], key: str, default: Any = _MISSING) -> str:
     v = _get(obj, key, default)
     if not isinstance(v, str) or len(v) > _MAX_STR:
         raise ProtocolError(f"guest field '{key}' is not a string of at most {_MAX_STR} chars")
-    if not v.isascii():
-        try:
-            raw = v.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:
-            raise ProtocolError(
-                f"guest field '{key}' holds a lone surrogate that stands for no byte"
-            ) from None
-        if raw.decode("utf-8", "surrogateescape") != v:  # "\udcc3\udca9" for "é"
-            raise ProtocolError(f"guest field '{key}' escapes bytes that are UTF-8")
+    if problem := surrogate_problem(v):
+        raise ProtocolError(f"guest field '{key}' {problem}")
     return v
 
 

@@ -64,10 +64,9 @@ class JSONText(JSONResponse):
     cannot encode: the client reads back the name it can send again."""
 
     def render(self, content: Any) -> bytes:
-        try:
-            return super().render(content)
-        except UnicodeEncodeError:
-            return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
+        # one pass: only a surrogate fails UTF-8, and backslashreplace writes it as \udcXX
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return text.encode("utf-8", "backslashreplace")
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:

@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from isorun.daemon.store import LOCAL_TENANT
+from isorun.fsnames import surrogate_problem
 from isorun.images.config import MAX_ENV_BYTES
 
 MAX_TIMEOUT_S = 30 * 86400
@@ -35,14 +36,8 @@ def _a_path(v: object) -> str:
         raise ValueError("a path must be a string")
     if not 1 <= len(v) <= PATH_MAX_CHARS or "\x00" in v:
         raise ValueError(f"a path must be 1 to {PATH_MAX_CHARS} characters, without NUL")
-    if not v.isascii():
-        try:
-            v.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:
-            raise ValueError(
-                "a path holds a lone surrogate that stands for no byte (only \\udc80..\\udcff"
-                " do: the bytes of a name that is not UTF-8, as a listing gives them)"
-            ) from None
+    if problem := surrogate_problem(v):
+        raise ValueError(f"a path {problem}")
     return v
 
 

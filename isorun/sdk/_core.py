@@ -27,6 +27,7 @@ from urllib.parse import quote, urlencode
 import httpx
 
 from isorun.errors import ConfigError, IsorunError
+from isorun.fsnames import surrogate_problem
 from isorun.sdk._daemon import Settings
 from isorun.sdk._records import CAPTURE_LIMIT, OutputCallback, StreamDecoder, Usage
 from isorun.sdk.errors import (
@@ -454,7 +455,7 @@ def create_body(
 def exec_body(
     cmd: str | list[str],
     env: dict[str, str] | None,
-    cwd: str | os.PathLike[str] | None,
+    cwd: SandboxPath | None,
     user: str | None,
     timeout: float | None,
     stdin: str | bytes | bool | None,
@@ -466,7 +467,7 @@ def exec_body(
     if env:
         body["env"] = env
     if cwd:
-        body["cwd"] = os.fspath(cwd)
+        body["cwd"] = file_path(cwd)
     if user:
         body["user"] = user
     if timeout:
@@ -502,7 +503,7 @@ def pty_body(
     cols: int,
     cmd: str | list[str] | None,
     env: dict[str, str] | None,
-    cwd: str | os.PathLike[str] | None,
+    cwd: SandboxPath | None,
     user: str | None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"rows": rows, "cols": cols}
@@ -510,7 +511,7 @@ def pty_body(
         body["argv"] = list(cmd)
     elif cmd is not None:
         body["cmd"] = cmd
-    for k, v in (("env", env), ("cwd", os.fspath(cwd) if cwd else None), ("user", user)):
+    for k, v in (("env", env), ("cwd", file_path(cwd) if cwd else None), ("user", user)):
         if v:
             body[k] = v
     return body
@@ -560,14 +561,8 @@ def file_path(path: object) -> str:
         if isinstance(got, bytes):
             got = got.decode("utf-8", "surrogateescape")
         if isinstance(got, str):
-            if not got.isascii():
-                try:
-                    got.encode("utf-8", "surrogateescape")
-                except UnicodeEncodeError:
-                    raise ValueError(
-                        f"sandbox path {got!r} holds a lone surrogate that stands for no byte"
-                        " (only U+DC80..U+DCFF do, as os.fsdecode makes them)"
-                    ) from None
+            if problem := surrogate_problem(got):
+                raise ValueError(f"sandbox path {got!r} {problem}")
             return got
     raise TypeError(
         f"a sandbox path must be str or bytes (or os.PathLike of either), not {type(path).__name__}"
@@ -590,9 +585,11 @@ def with_query(url: str, params: Mapping[str, str | int]) -> str:
 
 
 def json_body(obj: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments that send `obj` as a JSON body, a surrogate of a path as its
-    "\\udcXX" escape: httpx's own json= writes UTF-8, which refuses a surrogate."""
-    return {"content": json.dumps(obj).encode(), "headers": {"content-type": "application/json"}}
+    """Keyword arguments that send `obj` as a JSON body (as httpx's json= does), a
+    surrogate of a path as its "\\udcXX" escape: httpx's own json= writes UTF-8, which
+    refuses a surrogate."""
+    text = json.dumps(obj, allow_nan=False, separators=(",", ":"))
+    return {"content": text.encode(), "headers": {"content-type": "application/json"}}
 
 
 def whole_chunks(raw: bytes) -> bytes | Iterator[bytes]:

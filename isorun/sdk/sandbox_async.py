@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import os
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -239,7 +238,7 @@ class AsyncSandbox:
         cmd: str | builtins.list[str],
         *,
         env: dict[str, str] | None = ...,
-        cwd: str | os.PathLike[str] | None = ...,
+        cwd: _core.SandboxPath | None = ...,
         user: str | None = ...,
         timeout: float | None = ...,
         stdin: str | bytes | None = ...,
@@ -256,7 +255,7 @@ class AsyncSandbox:
         cmd: str | builtins.list[str],
         *,
         env: dict[str, str] | None = ...,
-        cwd: str | os.PathLike[str] | None = ...,
+        cwd: _core.SandboxPath | None = ...,
         user: str | None = ...,
         timeout: float | None = ...,
         stdin: str | bytes | bool | None = ...,
@@ -272,7 +271,7 @@ class AsyncSandbox:
         cmd: str | builtins.list[str],
         *,
         env: dict[str, str] | None = ...,
-        cwd: str | os.PathLike[str] | None = ...,
+        cwd: _core.SandboxPath | None = ...,
         user: str | None = ...,
         timeout: float | None = ...,
         stdin: str | bytes | bool | None = ...,
@@ -288,7 +287,7 @@ class AsyncSandbox:
         cmd: str | builtins.list[str],
         *,
         env: dict[str, str] | None = None,
-        cwd: str | os.PathLike[str] | None = None,
+        cwd: _core.SandboxPath | None = None,
         user: str | None = None,
         timeout: float | None = None,
         stdin: str | bytes | bool | None = None,
@@ -326,13 +325,13 @@ class AsyncSandbox:
         cmd: str | builtins.list[str] | None = None,
         *,
         env: dict[str, str] | None = None,
-        cwd: str | os.PathLike[str] | None = None,
+        cwd: _core.SandboxPath | None = None,
         user: str | None = None,
         on_data: Callable[[bytes], object] | None = None,
     ) -> AsyncPty:
         """An interactive terminal (default: a login shell); see `Sandbox.pty`."""
         body = _core.pty_body(rows, cols, cmd, env, cwd, user)
-        r = _core.check(await self._http.post(self._path("pty"), json=body))
+        r = _core.check(await self._http.post(self._path("pty"), **_core.json_body(body)))
         return AsyncPty(self, r["proc_id"], r["pid"], on_data)
 
     async def _stream(self, method: str, path: str, dec: _records.StreamDecoder, **kw: Any) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import os
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Literal, overload
@@ -211,7 +210,7 @@ class Sandbox:
         cmd: str | builtins.list[str],
         *,
         env: dict[str, str] | None = ...,
-        cwd: str | os.PathLike[str] | None = ...,
+        cwd: _core.SandboxPath | None = ...,
         user: str | None = ...,
         timeout: float | None = ...,
         stdin: str | bytes | None = ...,
@@ -228,7 +227,7 @@ class Sandbox:
         cmd: str | builtins.list[str],
         *,
         env: dict[str, str] | None = ...,
-        cwd: str | os.PathLike[str] | None = ...,
+        cwd: _core.SandboxPath | None = ...,
         user: str | None = ...,
         timeout: float | None = ...,
         stdin: str | bytes | bool | None = ...,
@@ -244,7 +243,7 @@ class Sandbox:
         cmd: str | builtins.list[str],
         *,
         env: dict[str, str] | None = ...,
-        cwd: str | os.PathLike[str] | None = ...,
+        cwd: _core.SandboxPath | None = ...,
         user: str | None = ...,
         timeout: float | None = ...,
         stdin: str | bytes | bool | None = ...,
@@ -260,7 +259,7 @@ class Sandbox:
         cmd: str | builtins.list[str],
         *,
         env: dict[str, str] | None = None,
-        cwd: str | os.PathLike[str] | None = None,
+        cwd: _core.SandboxPath | None = None,
         user: str | None = None,
         timeout: float | None = None,
         stdin: str | bytes | bool | None = None,
@@ -301,14 +300,14 @@ class Sandbox:
         cmd: str | builtins.list[str] | None = None,
         *,
         env: dict[str, str] | None = None,
-        cwd: str | os.PathLike[str] | None = None,
+        cwd: _core.SandboxPath | None = None,
         user: str | None = None,
         on_data: Callable[[bytes], object] | None = None,
     ) -> Pty:
         """An interactive terminal (default: a login shell). `send()` keystrokes, `resize()`,
         iterate the output bytes or pass `on_data` and `wait()`; `kill()` ends it."""
         body = _core.pty_body(rows, cols, cmd, env, cwd, user)
-        r = _core.check(self._http.post(self._path("pty"), json=body))
+        r = _core.check(self._http.post(self._path("pty"), **_core.json_body(body)))
         return Pty(self, r["proc_id"], r["pid"], on_data)
 
     def _stream(self, method: str, path: str, dec: _records.StreamDecoder, **kw: Any) -> None:

@@ -409,6 +409,9 @@ def test_a_path_that_is_not_utf8_names_that_file(daemon: Daemon, sandbox: str) -
         assert c.get(f + "?path=/tmp/%FF").content == b"x"
         r = c.post(f + "/rename", content=json.dumps({"src": "/tmp/\ud800", "dst": moved}))
         assert r.status_code == 422 and "stands for no byte" in r.text, r.text
+        # "é" spelt as its two bytes' escapes: another spelling of a name, refused
+        r = c.post(f + "/mkdir", content=json.dumps({"path": "/tmp/\udcc3\udca9"}))
+        assert r.status_code == 422 and "escapes bytes that are UTF-8" in r.text, r.text
         assert c.post(f + "/remove", content=json.dumps({"path": moved})).status_code == 200
         assert c.get(f + "?path=/tmp/%FF").status_code == 404
         # a real U+FFFD, and UTF-8 names, are names like any

@@ -44,7 +44,9 @@ func opHello(s *Server, ch *Channel, raw []byte) (any, error) {
 // that a host can rely on it only with agents that have it (a VM re-adopted by
 // a newer daemon runs the agent it booted with).
 //   - watch_ready: a watch sends EVENT {"event":"watching"} once it is set up.
-var Features = []string{"watch_ready"}
+//   - fs_names: names and paths that are not UTF-8 travel as \udc80..\udcff
+//     escapes both ways (fsname.go); an agent without it makes them U+FFFD.
+var Features = []string{"watch_ready", "fs_names"}
 
 func opHealth(s *Server, ch *Channel, raw []byte) (any, error) {
 	if err := decode(raw, &emptyReq{}); err != nil {
