@@ -54,6 +54,17 @@ from isorun.vmm.spec import VMSpec
 
 # QEMU itself (device emulation, TCG translation cache) needs memory beyond guest RAM.
 QEMU_OVERHEAD_MIB = qemu_cmd.TCG_TB_MIB + 192
+
+
+def qemu_overhead_mib(accel: str, memory_mib: int) -> int:
+    """QEMU's memory beyond guest RAM. Under KVM no translation cache, but the kernel's
+    page tables and reverse maps of guest memory are charged to the VM's cgroup too: they
+    grow with guest RAM (up to a few tenths of a percent of it with 4 KiB mappings)."""
+    if accel == "kvm":
+        return 192 + memory_mib // 100
+    return QEMU_OVERHEAD_MIB
+
+
 # ... and CPU beyond its vCPU threads: the main loop and I/O threads emulate the devices.
 # With a quota of exactly `vcpus` CPUs a TCG boot was throttled in 6-11 of its 8-14 CFS
 # periods (cpu.stat), 20-40 ms in all; the bare QEMU we compare against has no quota.
@@ -517,7 +528,8 @@ class MicroVM:
             if template_scratch is not None:
                 # A template guest is this process's helper: it must not outlive it.
                 argv = [artifacts.tool("setpriv", "util-linux"), "--pdeathsig", "KILL", "--", *argv]
-            mem_limit = (self.spec.memory_mib + QEMU_OVERHEAD_MIB) * 1024 * 1024
+            overhead = qemu_overhead_mib(self.accel.name, self.spec.memory_mib)
+            mem_limit = (self.spec.memory_mib + overhead) * 1024 * 1024
             procs_files: list[Path] = []
             if os.geteuid() == 0:
                 try:
@@ -635,8 +647,12 @@ class MicroVM:
         self.boot_ms = (time.monotonic() - self.started_at) * 1000
 
     def _load_failed(self) -> bool:
-        """QEMU exited before the agent answered, saying it could not load the state."""
-        return not self._restored and self._exited.is_set() and "load" in self._stderr_tail()
+        """QEMU exited before the agent answered, saying it could not load the state (or,
+        under KVM, could not put the saved registers on this host's CPU)."""
+        if self._restored or not self._exited.is_set():
+            return False
+        said = self._stderr_tail()
+        return "load" in said or "put registers" in said
 
     def _on_guest_halt(self) -> None:
         if self._proc is not None:

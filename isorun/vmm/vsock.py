@@ -44,8 +44,20 @@ class ChannelChoice:
     reason: str
 
 
+# Why auto is serial: the host's side of vsock has no access control (any local user's
+# socket(AF_VSOCK) reaches CID 2's peers, and a VM's CID is in its world-readable argv), and
+# the agent does not authenticate a peer yet: over vsock any local user could drive a
+# sandbox's agent. virtio-serial's socket is in the VM's 0700 run dir.
+_AUTO_IS_SERIAL = (
+    "auto: vsock only when asked (ISORUN_CHANNEL=vsock, on a host whose local users are all "
+    "trusted): every local user can reach a guest's vsock and the agent does not "
+    "authenticate a peer"
+)
+
+
 def choose(requested: str | None = None, device: Path = VHOST_VSOCK) -> ChannelChoice:
-    """vsock when the host can give a guest one (auto), virtio-serial otherwise."""
+    """virtio-serial unless vsock is asked for (and then only if the host can give a guest
+    one): see _AUTO_IS_SERIAL."""
     want = (requested or os.environ.get("ISORUN_CHANNEL") or "auto").lower()
     if want not in CHANNELS:
         raise ConfigError(
@@ -53,13 +65,12 @@ def choose(requested: str | None = None, device: Path = VHOST_VSOCK) -> ChannelC
         )
     if want == "serial":
         return ChannelChoice("serial", "requested")
+    if want == "auto":
+        return ChannelChoice("serial", _AUTO_IS_SERIAL)
     unusable = open_error(device) if hasattr(socket, "AF_VSOCK") else "no AF_VSOCK in Python"
     if unusable:
-        missing = f"{unusable} (modprobe vhost_vsock)"
-        if want == "vsock":
-            raise ConfigError(f"agent channel vsock requested but {missing}")
-        return ChannelChoice("serial", missing)
-    return ChannelChoice("vsock", f"{device} usable")
+        raise ConfigError(f"agent channel vsock requested but {unusable} (modprobe vhost_vsock)")
+    return ChannelChoice("vsock", f"requested; {device} usable")
 
 
 class CidLease:

@@ -57,11 +57,40 @@ def template_key(
     # made at another (the cache outlived a move to other hardware) would run its clock
     # at the wrong speed. Measured once per host boot (vmm/tsc.py), so the key is stable.
     rate = None if accel == "kvm" else tsc.host_tsc_khz()
-    ident: list[object] = [TEMPLATE_VERSION, accel, vcpus, memory_mib, _code_hash(), rate]
+    # A KVM guest's saved registers use the host CPU's features (XSAVE state, MSRs): a
+    # template made on another CPU (a cache baked into a machine image), or before a
+    # microcode or kernel change, may not load. TCG emulates the same CPU on any host.
+    host = kvm_host_identity() if accel == "kvm" else None
+    ident: list[object] = [TEMPLATE_VERSION, accel, vcpus, memory_mib, _code_hash(), rate, host]
     for p in (shutil.which(qemu) or qemu, kernel, initramfs):  # ISORUN_QEMU may be a name
         st = os.stat(p)
         ident.append([str(p), st.st_size, st.st_mtime_ns, st.st_ino])
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
+
+
+_CPUINFO_FIELDS = ("vendor_id", "cpu family", "model", "stepping", "microcode", "flags")
+
+
+@functools.cache
+def kvm_host_identity() -> list[str]:
+    """The host CPU as a KVM guest's saved state depends on it: model, microcode and
+    flags of its first CPU, the kernel release, and whether nested virtualization is on."""
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+    except OSError:
+        first = ""
+    fields = {}
+    for line in first.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in _CPUINFO_FIELDS:
+            fields[key.strip()] = value.strip()
+    nested = []
+    for module in ("kvm_intel", "kvm_amd"):
+        try:
+            nested.append(Path(f"/sys/module/{module}/parameters/nested").read_text().strip())
+        except OSError:
+            nested.append("")
+    return [json.dumps(fields, sort_keys=True), os.uname().release, *nested]
 
 
 @functools.cache

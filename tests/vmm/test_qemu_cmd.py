@@ -79,3 +79,9 @@ def test_a_warm_start_template_has_its_disks_but_does_not_mount_them() -> None:
     argv = qemu_cmd.build("qemu", "tcg", 1, 256, files)
     assert argv.count("-drive") == 2 and "-incoming" not in argv
     assert "isorun.root" not in argv[argv.index("-append") + 1]
+
+
+def test_a_kvm_guest_gets_the_hosts_cpu_without_nested_virtualization() -> None:
+    argv = qemu_cmd.build("qemu", "kvm", 1, 256, _files())
+    cpu = argv[argv.index("-cpu") + 1].split(",")
+    assert cpu[0] == "host" and {"-vmx", "-svm"} <= set(cpu[1:]), cpu

@@ -118,3 +118,24 @@ async def test_a_template_that_fails_to_make_leaves_nothing(templates: Path) -> 
     with pytest.raises(OSError, match="disk full"):
         await warm.ensure_template("k", make)
     assert [p.name for p in templates.iterdir()] == ["k.lock"]
+
+
+def test_a_kvm_template_is_keyed_to_the_host_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A KVM guest's saved registers use the host CPU's features: a template made on another
+    # CPU (a cache copied with a machine image, a microcode update) gets another key. TCG
+    # emulates the same CPU anywhere: its key does not follow the host's CPU.
+    parts = [tmp_path / n for n in ("qemu", "vmlinux", "initramfs")]
+    for p in parts:
+        p.write_bytes(b"x")
+    qemu, kernel, initramfs = (str(parts[0]), parts[1], parts[2])
+    here = warm.kvm_host_identity()
+    assert '"flags"' in here[0]  # this host's CPU is read
+    keys: dict[tuple[str, str], str] = {}
+    for cpu in ("model 85 flags a b", "model 85 flags a b avx512f"):
+        monkeypatch.setattr(warm, "kvm_host_identity", lambda cpu=cpu: [cpu, "6.1", "Y", ""])
+        for accel in ("kvm", "tcg"):
+            keys[cpu, accel] = warm.template_key(qemu, kernel, initramfs, accel, 1, 256)
+    assert keys["model 85 flags a b", "kvm"] != keys["model 85 flags a b avx512f", "kvm"]
+    assert keys["model 85 flags a b", "tcg"] == keys["model 85 flags a b avx512f", "tcg"]
