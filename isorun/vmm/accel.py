@@ -21,6 +21,27 @@ class AccelChoice:
     reason: str
 
 
+# Set once QEMU could not use KVM that detect() chose by itself (another hypervisor holds
+# VT-x, a broken nested setup): the rest of this process boots under TCG.
+_kvm_refused: str | None = None
+
+
+def kvm_init_failure(qemu_said: str) -> str | None:
+    """QEMU's line saying it could not set up KVM, if `qemu_said` has one."""
+    for line in qemu_said.splitlines():
+        low = line.lower()
+        if "kvm" in low and ("failed to initialize" in low or "could not access" in low):
+            return line.strip()
+    return None
+
+
+def fall_back_to_tcg(why: str) -> AccelChoice:
+    """QEMU could not use the KVM detect() chose: TCG, for this boot and the ones after."""
+    global _kvm_refused
+    _kvm_refused = why
+    return AccelChoice("tcg", f"QEMU could not use KVM: {why}")
+
+
 def cpu_flags(cpuinfo: str) -> set[str]:
     """The CPU feature flags /proc/cpuinfo's text names (its first `flags` line)."""
     for line in cpuinfo.splitlines():
@@ -58,4 +79,6 @@ def detect(
         return AccelChoice(
             "tcg", f"{kvm_dev} exists but the CPU has no vmx/svm flag (PVM or nested-less host)"
         )
+    if _kvm_refused is not None:
+        return AccelChoice("tcg", f"QEMU could not use KVM earlier: {_kvm_refused}")
     return AccelChoice("kvm", "vmx/svm present and /dev/kvm usable")

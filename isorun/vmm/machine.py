@@ -150,7 +150,17 @@ class MicroVM:
             vm = await cls._warm_boot(spec, choice, bins)
             if vm is not None:
                 return vm
-        return await cls._boot_retrying(spec, choice, channel, bins)
+        try:
+            return await cls._boot_retrying(spec, choice, channel, bins)
+        except VMError as exc:
+            # KVM chosen by detection (not asked for) that QEMU cannot set up: TCG, as it
+            # would have been chosen had the device said so
+            why = accel_mod.kvm_init_failure(str(exc)) if choice.name == "kvm" else None
+            if why is None or choice.reason == "requested":
+                raise
+            log.warning("QEMU could not use KVM (%s): booting under TCG from now on", why)
+            tcg = accel_mod.fall_back_to_tcg(why)
+            return await cls._boot_retrying(spec, tcg, channel, bins)
 
     @classmethod
     async def _boot_retrying(

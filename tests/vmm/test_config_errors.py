@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from isorun.errors import ConfigError
+from isorun.errors import ConfigError, VMError
 from isorun.vmm import MicroVM, VMSpec, accel, artifacts, scratch, vsock
 
 
@@ -145,3 +145,46 @@ async def test_a_cancelled_scratch_tool_does_not_run_on(tmp_path: Path) -> None:
         await task
     await asyncio.sleep(1.5)
     assert not marker.exists(), "the tool ran on after its caller was cancelled"
+
+
+async def test_kvm_that_qemu_cannot_set_up_falls_back_to_tcg(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, busybox_rootfs: Path
+) -> None:
+    # A host whose CPU and /dev/kvm say KVM, but QEMU's KVM setup fails (another hypervisor
+    # holds VT-x: EBUSY). Detection chose KVM by itself: the boot goes on under TCG, and so
+    # do later ones. Here a QEMU wrapper fails that way for -accel kvm only.
+    real = artifacts.qemu_binary()
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do if [ "$a" = kvm ]; then\n'
+        '  echo "qemu-system-x86_64: -accel kvm: failed to initialize kvm: Device or resource'
+        ' busy" >&2; exit 1\n'
+        "fi; done\n"
+        f'exec {real} "$@"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("ISORUN_QEMU", str(fake))
+    dev, cpuinfo = tmp_path / "kvm", tmp_path / "cpuinfo"
+    dev.write_text("")
+    cpuinfo.write_text("flags\t\t: fpu vmx sse2\n")
+    detect = accel.detect
+    monkeypatch.setattr(
+        accel, "detect", lambda req=None: detect(req, kvm_dev=dev, cpuinfo_path=cpuinfo)
+    )
+    monkeypatch.setattr(accel, "_kvm_refused", None)
+    assert accel.detect().name == "kvm"
+    vm = await MicroVM.boot(VMSpec(rootfs=busybox_rootfs, memory_mib=256, scratch_mib=256))
+    try:
+        assert vm.accel.name == "tcg" and "failed to initialize kvm" in vm.accel.reason
+        assert (await vm.agent.exec("echo up")).stdout == b"up\n"
+    finally:
+        await vm.kill()
+    later = accel.detect()
+    assert later.name == "tcg" and "could not use KVM earlier" in later.reason
+    # asked for (ISORUN_ACCEL=kvm, e.g. a PVM guest kernel): no quiet fallback
+    monkeypatch.setattr(accel, "_kvm_refused", None)
+    with pytest.raises(VMError, match="failed to initialize kvm"):
+        await MicroVM.boot(
+            VMSpec(rootfs=busybox_rootfs, memory_mib=256, scratch_mib=256, accel="kvm")
+        )
