@@ -5,6 +5,11 @@ makes it; "\\udcXX" in JSON, where the guest agent turns it back into the byte).
 from __future__ import annotations
 
 
+def holds_surrogate(text: str) -> bool:
+    """Whether `text` holds a lone surrogate: a name with bytes that are not UTF-8."""
+    return not text.isascii() and any("\ud800" <= c <= "\udfff" for c in text)
+
+
 def surrogate_problem(text: str) -> str | None:
     """What is wrong with `text`'s lone surrogates as such a name, or None: one that
     stands for no byte, or bytes that are UTF-8 escaped one by one (another spelling of a

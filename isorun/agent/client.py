@@ -9,7 +9,6 @@ import asyncio
 import base64
 import contextlib
 import inspect
-import re
 import sys
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from isorun.agent.validate import (
     parse_proc,
 )
 from isorun.errors import ChannelClosedError, FileNotFoundInGuest, GuestError, ProtocolError
+from isorun.fsnames import holds_surrogate
 from isorun.tail import TailBuffer
 
 # A file read's credit window: under TCG a credit's round trip is long enough that 256 KiB
@@ -38,9 +38,8 @@ from isorun.tail import TailBuffer
 # What the daemon holds of a download whose HTTP client stalls is at most this; all of a
 # sandbox's together, at most mux.CONNECTION_WIDENED more than WINDOW each.
 READ_WINDOW = 2 << 20
-# Request fields that are file names, and how a byte of one that is not UTF-8 is held.
+# Request fields that are file names (isorun/fsnames.py: how one that is not UTF-8 is held).
 _NAME_FIELDS = ("path", "src", "dst", "cwd")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 # A callback may return an awaitable: it is awaited before more output is read, so a slow
 # consumer holds back the guest through the channel's credits instead of buffering.
 OutputCallback = Callable[[bytes], object]
@@ -247,7 +246,7 @@ class AgentClient:
             return
         for field in _NAME_FIELDS:
             v = req.get(field)
-            if isinstance(v, str) and not v.isascii() and _SURROGATE.search(v):
+            if isinstance(v, str) and holds_surrogate(v):
                 raise GuestError(
                     f"{field} {v!r} is not UTF-8, and this sandbox's guest agent predates "
                     "such names (it would name another file): use a command in the sandbox, "

@@ -42,12 +42,18 @@ def fall_back_to_tcg(why: str) -> AccelChoice:
     return AccelChoice("tcg", f"QEMU could not use KVM: {why}")
 
 
+def first_cpu_fields(cpuinfo: str) -> dict[str, str]:
+    """/proc/cpuinfo's text for its first CPU, field by field ("flags", "model", ...)."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def cpu_flags(cpuinfo: str) -> set[str]:
-    """The CPU feature flags /proc/cpuinfo's text names (its first `flags` line)."""
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
+    """The CPU feature flags /proc/cpuinfo's text names (its first CPU's)."""
+    return set(first_cpu_fields(cpuinfo).get("flags", "").split())
 
 
 def _cpu_has_virt(cpuinfo: str) -> bool:

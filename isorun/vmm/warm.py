@@ -31,6 +31,7 @@ from typing import Literal
 
 from isorun.images.locks import try_lock, unlock, wait_lock
 from isorun.vmm import tsc
+from isorun.vmm.accel import first_cpu_fields
 from isorun.vmm.artifacts import cache_root
 
 TEMPLATE_VERSION = 1
@@ -76,14 +77,10 @@ def kvm_host_identity() -> list[str]:
     """The host CPU as a KVM guest's saved state depends on it: model, microcode and
     flags of its first CPU, the kernel release, and whether nested virtualization is on."""
     try:
-        first = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+        cpu = first_cpu_fields(Path("/proc/cpuinfo").read_text())
     except OSError:
-        first = ""
-    fields = {}
-    for line in first.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in _CPUINFO_FIELDS:
-            fields[key.strip()] = value.strip()
+        cpu = {}
+    fields = {k: v for k, v in cpu.items() if k in _CPUINFO_FIELDS}
     nested = []
     for module in ("kvm_intel", "kvm_amd"):
         try:
