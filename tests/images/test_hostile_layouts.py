@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +262,22 @@ async def test_conversions_beyond_the_store_s_slots_wait_saying_so(tmp_path: Pat
             ref, progress=lambda ev: log.append((time.monotonic(), ev.phase, ev.message))
         )
 
+    # The first conversion keeps its slot until the second has asked for one: else, on a
+    # fast host, the first could be done before the second got there (nothing to wait for).
+    asked: list[str] = []
+    both_asked = asyncio.Event()
+    real_slot = store._conversion_slot
+
+    @contextlib.asynccontextmanager
+    async def slot(name: str, digest: str, emit: Any) -> AsyncIterator[None]:
+        asked.append(name)
+        if len(asked) == len(refs):
+            both_asked.set()
+        async with real_slot(name, digest, emit):
+            await asyncio.wait_for(both_asked.wait(), 60)
+            yield
+
+    store._conversion_slot = slot  # type: ignore[method-assign]
     await asyncio.gather(*(pull(r) for r in refs))
     converting = {"unpacking", "converting"}  # what a conversion says in its slot
     spans = sorted(
