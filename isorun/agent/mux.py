@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from isorun.agent import frames
@@ -458,23 +458,30 @@ class AgentConnection:
     widened_limit = CONNECTION_WIDENED
 
     @classmethod
-    async def open_unix(cls, path: str, timeout: float = 10.0) -> AgentConnection:
+    async def open_unix(
+        cls, path: str, timeout: float = 10.0, hello_extra: Mapping[str, str] | None = None
+    ) -> AgentConnection:
         connect = asyncio.open_unix_connection(path, limit=STREAM_LIMIT)
-        return await cls.open(connect, f"the agent socket {path}", timeout)
+        return await cls.open(connect, f"the agent socket {path}", timeout, hello_extra)
 
     @classmethod
     async def open(
-        cls, connect: Awaitable[StreamPair], what: str, timeout: float = 10.0
+        cls,
+        connect: Awaitable[StreamPair],
+        what: str,
+        timeout: float = 10.0,
+        hello_extra: Mapping[str, str] | None = None,
     ) -> AgentConnection:
-        """Connect through `connect` (an agent stream of any transport), then say hello;
-        each step within `timeout`. `what` names the endpoint in errors."""
+        """Connect through `connect` (an agent stream of any transport), then say hello
+        (with `hello_extra`'s fields: a vsock key); each step within `timeout`. `what`
+        names the endpoint in errors."""
         try:
             reader, writer = await asyncio.wait_for(connect, timeout)
         except OSError as exc:
             raise ChannelClosedError(f"cannot connect to {what}: {exc}") from exc
         conn = cls(reader, writer)
         try:
-            await conn.handshake(timeout)
+            await conn.handshake(timeout, hello_extra)
         except TimeoutError:
             writer.close()
             raise
@@ -486,12 +493,13 @@ class AgentConnection:
             raise
         return conn
 
-    async def handshake(self, timeout: float) -> dict[str, Any]:
+    async def handshake(
+        self, timeout: float, extra: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
         """Say hello and skip whatever an earlier connection left in the stream."""
         nonce = os.urandom(12).hex()
-        await self._send(
-            frames.encode_json(frames.HELLO_CHAN, Kind.REQ, {"op": "hello", "nonce": nonce})
-        )
+        hello = {**(extra or {}), "op": "hello", "nonce": nonce}
+        await self._send(frames.encode_json(frames.HELLO_CHAN, Kind.REQ, hello))
         # a bytearray trimmed in place: a guest trickling garbage costs each read its own
         # bytes, not a copy of the whole window
         buf, pos = bytearray(), 0

@@ -20,7 +20,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,7 @@ class MicroVM:
         self.accel = accel
         self.channel = channel or vsock.ChannelChoice("serial", "default")
         self.vsock_cid: int | None = None  # set once a vsock channel has its CID
+        self.vsock_key: str | None = None  # what its agent admits a vsock peer with
         self.boot_ms: float = 0.0
         self.started_at = time.monotonic()
         self.agent: AgentClient
@@ -145,7 +146,7 @@ class MicroVM:
         spec.validate()
         bins = _Binaries.of(spec)
         choice = accel_mod.detect(spec.accel)
-        channel = vsock.choose(spec.channel)
+        channel = vsock.choose(spec.channel, warm_start=spec.warm_start and _warm_fits(spec))
         if spec.warm_start and _warm_applies(spec, channel):
             vm = await cls._warm_boot(spec, choice, bins)
             if vm is not None:
@@ -208,6 +209,7 @@ class MicroVM:
             accel = accel_mod.AccelChoice(str(state["accel"]), "adopted")
             channel = vsock.ChannelChoice(str(state.get("channel", "serial")), "adopted")
             cid = state.get("vsock_cid")
+            key = state.get("vsock_key")
             started_unix = float(state.get("started_unix", time.time()))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise VMError(f"cannot adopt {run_dir}: unreadable vm.json ({exc})", "gone") from exc
@@ -216,6 +218,7 @@ class MicroVM:
             raise VMError(f"VM {vm_id} is no longer running", "gone")
         vm = cls(vm_id, spec, accel, run_dir, channel)
         vm.vsock_cid = int(cid) if channel.name == "vsock" and cid is not None else None
+        vm.vsock_key = str(key) if vm.vsock_cid is not None and key else None
         vm.started_unix = started_unix
         vm.started_at = time.monotonic() - max(0.0, time.time() - started_unix)
         vm._proc = VMProcess(pid)
@@ -258,7 +261,7 @@ class MicroVM:
         could be made (logged; warm starts of that shape then boot cold)."""
         spec.validate()
         bins = _Binaries.of(spec)
-        if vsock.choose(spec.channel).name != "serial":
+        if vsock.choose(spec.channel, warm_start=True).name != "serial":
             return None  # such VMs boot cold (_warm_applies)
         # no boot waits for it here: wait out another process making it
         return await cls._warm_template(spec, accel_mod.detect(spec.accel), bins, None)
@@ -270,7 +273,7 @@ class MicroVM:
         daemon's create) boots cold otherwise, and has it made meanwhile."""
         try:
             bins = _Binaries.of(spec)
-            if not _warm_applies(spec, vsock.choose(spec.channel)):
+            if not _warm_applies(spec, vsock.choose(spec.channel, warm_start=True)):
                 return False
             path = warm.template_path(_template_key(spec, accel_mod.detect(spec.accel), bins))
             return path.is_file() and not warm.failed_recently(path, "restore")
@@ -482,6 +485,7 @@ class MicroVM:
             if lease is not None:
                 fds.callback(lease.close)  # QEMU holds its own copy, and with it the CID
                 self.vsock_cid = lease.cid
+                self.vsock_key = vsock.new_key()
                 pass_fds.append(lease.fd)
             files = qemu_cmd.LaunchFiles(
                 kernel=bins.kernel,
@@ -623,11 +627,29 @@ class MicroVM:
 
     async def _open_agent(self, timeout: float) -> AgentConnection:
         """Connect to the agent over this VM's channel and say hello, within `timeout`."""
-        if self.channel.name == "vsock" and self.vsock_cid is not None:
-            stream = vsock.open_stream(self.vsock_cid, vsock.AGENT_PORT, STREAM_LIMIT, timeout)
-            what = f"the agent at vsock CID {self.vsock_cid} port {vsock.AGENT_PORT}"
-            return await AgentConnection.open(stream, what, timeout)
-        return await AgentConnection.open_unix(str(self.run_dir / "agent.sock"), timeout)
+        serial_path = str(self.run_dir / "agent.sock")
+        cid = self.vsock_cid
+        if self.channel.name != "vsock" or cid is None:
+            return await AgentConnection.open_unix(serial_path, timeout)
+
+        async def over_vsock(extra: Mapping[str, str], within: float) -> AgentConnection:
+            stream = vsock.open_stream(cid, vsock.AGENT_PORT, STREAM_LIMIT, within)
+            what = f"the agent at vsock CID {cid} port {vsock.AGENT_PORT}"
+            return await AgentConnection.open(stream, what, within, extra)
+
+        async def over_serial(extra: Mapping[str, str], within: float) -> AgentConnection:
+            return await AgentConnection.open_unix(serial_path, within, extra)
+
+        if self.vsock_key is None:  # booted by a host from before vsock keys: no key to give
+            return await over_vsock({}, timeout)
+        conn, fell_back = await vsock.open_keyed(
+            over_serial, over_vsock, self.vsock_key, timeout, not self.channel.required
+        )
+        if fell_back is not None:
+            log.warning("VM %s: %s; talking to it over virtio-serial", self.id, fell_back)
+            self.channel = vsock.ChannelChoice("serial", fell_back)
+            self._write_state()
+        return conn
 
     async def _resume_when_loaded(self, connected: Awaitable[None]) -> None:
         """Once QEMU has loaded the saved state (it exits if it cannot), run the guest: a
@@ -829,6 +851,7 @@ class MicroVM:
             "accel": self.accel.name,
             "channel": self.channel.name,
             "vsock_cid": self.vsock_cid,
+            "vsock_key": self.vsock_key,
             "vcpus": self.spec.vcpus,
             "memory_mib": self.spec.memory_mib,
             "rootfs": str(self.spec.rootfs) if self.spec.rootfs else None,
@@ -926,7 +949,10 @@ def _template_key(spec: VMSpec, choice: accel_mod.AccelChoice, bins: _Binaries) 
 
 def _warm_applies(spec: VMSpec, channel: vsock.ChannelChoice) -> bool:
     """A template restores over the serial channel only (a vsock device carries its CID in
-    the saved state), into a VM with a root filesystem whose disks fit its placeholders."""
-    if channel.name != "serial" or spec.rootfs is None:
-        return False
-    return warm.fits(spec.rootfs, spec.scratch_mib * 1024 * 1024)
+    the saved state), into a VM that _warm_fits."""
+    return channel.name == "serial" and _warm_fits(spec)
+
+
+def _warm_fits(spec: VMSpec) -> bool:
+    """A VM with a root filesystem whose disks fit a template's placeholders."""
+    return spec.rootfs is not None and warm.fits(spec.rootfs, spec.scratch_mib * 1024 * 1024)

@@ -7,6 +7,11 @@ that fd: two VMs can never race for one CID, and the CID is free again when QEMU
 The agent listens on AGENT_PORT and serves only CID 2 (the host), never a process inside
 the guest. Every VM keeps its virtio-serial port too, so `ISORUN_CHANNEL=serial` always
 works.
+
+The host's side of vsock has no access control: any local user's socket(AF_VSOCK) reaches
+a guest, and a VM's CID is in its world-readable argv. So the host first says hello on the
+serial port (a socket in the VM's 0700 run dir) with a fresh per-VM key, and the agent
+serves a vsock peer only once its first hello carries that key (open_keyed).
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import secrets
 import socket
 import struct
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from isorun.errors import ConfigError
+from isorun.agent.mux import AgentConnection
+from isorun.errors import ConfigError, IsorunError
 from isorun.vmm.devnode import open_error
 
 VHOST_VSOCK = Path("/dev/vhost-vsock")
@@ -42,35 +49,71 @@ _NOT_LISTENING = (errno.ECONNRESET, errno.ECONNREFUSED, errno.ENODEV, errno.ETIM
 class ChannelChoice:
     name: str  # "serial" or "vsock"
     reason: str
+    # asked for by name: a vsock that fails is an error, not a fall back to serial
+    required: bool = False
 
 
-# Why auto is serial: the host's side of vsock has no access control (any local user's
-# socket(AF_VSOCK) reaches CID 2's peers, and a VM's CID is in its world-readable argv), and
-# the agent does not authenticate a peer yet: over vsock any local user could drive a
-# sandbox's agent. virtio-serial's socket is in the VM's 0700 run dir.
-_AUTO_IS_SERIAL = (
-    "auto: vsock only when asked (ISORUN_CHANNEL=vsock, on a host whose local users are all "
-    "trusted): every local user can reach a guest's vsock and the agent does not "
-    "authenticate a peer"
-)
-
-
-def choose(requested: str | None = None, device: Path = VHOST_VSOCK) -> ChannelChoice:
-    """virtio-serial unless vsock is asked for (and then only if the host can give a guest
-    one): see _AUTO_IS_SERIAL."""
+def choose(
+    requested: str | None = None, device: Path = VHOST_VSOCK, warm_start: bool = False
+) -> ChannelChoice:
+    """vsock where the host can give a guest one, else virtio-serial. `auto` picks serial
+    for a boot that may restore a warm template: a template restores over serial only (a
+    vsock device carries its CID in the saved state)."""
     want = (requested or os.environ.get("ISORUN_CHANNEL") or "auto").lower()
     if want not in CHANNELS:
         raise ConfigError(
             f"agent channel '{want}' is not one of {', '.join(CHANNELS)} (ISORUN_CHANNEL)"
         )
     if want == "serial":
-        return ChannelChoice("serial", "requested")
-    if want == "auto":
-        return ChannelChoice("serial", _AUTO_IS_SERIAL)
+        return ChannelChoice("serial", "requested", required=True)
     unusable = open_error(device) if hasattr(socket, "AF_VSOCK") else "no AF_VSOCK in Python"
+    if want == "auto":
+        if warm_start:
+            return ChannelChoice("serial", "auto: a warm start restores over virtio-serial only")
+        if unusable:
+            return ChannelChoice("serial", f"auto: {unusable}")
+        return ChannelChoice("vsock", f"auto: {device} usable")
     if unusable:
         raise ConfigError(f"agent channel vsock requested but {unusable} (modprobe vhost_vsock)")
-    return ChannelChoice("vsock", f"requested; {device} usable")
+    return ChannelChoice("vsock", f"requested; {device} usable", required=True)
+
+
+def new_key() -> str:
+    """A VM's vsock key: what a vsock peer must show the agent (32 random bytes, hex)."""
+    return secrets.token_hex(32)
+
+
+# A vsock that does not connect once the serial hello was answered (the agent is up by
+# then) is given up on this soon when serial may serve instead.
+FALL_BACK_AFTER_S = 2.0
+
+OpenAgent = Callable[[Mapping[str, str], float], Awaitable[AgentConnection]]
+
+
+async def open_keyed(
+    open_serial: OpenAgent, open_vsock: OpenAgent, key: str, timeout: float, fall_back: bool
+) -> tuple[AgentConnection, str | None]:
+    """Give the agent `key` in a hello on the serial port, then connect over vsock showing
+    it: that connection, and None. Without vsock (refused, silent, reset) and with
+    `fall_back`: the serial connection and why. Each opener takes the hello's extra fields
+    and a timeout; everything within `timeout`."""
+    deadline = time.monotonic() + timeout
+    serial = await open_serial({"vsock_key": key}, timeout)
+    left = max(0.1, deadline - time.monotonic())
+    try:
+        within = min(left, FALL_BACK_AFTER_S) if fall_back else left
+        conn = await asyncio.wait_for(open_vsock({"key": key}, within), within)
+    except (OSError, TimeoutError, IsorunError) as exc:
+        if not fall_back:
+            await serial.close()
+            raise
+        why = str(exc) or type(exc).__name__
+        return serial, f"vsock did not answer after the serial port's hello ({why})"
+    except BaseException:
+        await serial.close()
+        raise
+    await serial.close()
+    return conn, None
 
 
 class CidLease:

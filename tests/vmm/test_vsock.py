@@ -5,15 +5,21 @@ lack; that test runs wherever the device is usable."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from fakeguest import read_frame
 from vmhelpers import assert_vm_gone, vm_spec
 
-from isorun.errors import ConfigError
+from isorun.agent import AgentConnection, frames
+from isorun.agent.frames import Kind
+from isorun.errors import ChannelClosedError, ConfigError
 from isorun.vmm import MicroVM, vsock
 
 GUEST_AGENT = Path(__file__).resolve().parents[2] / "guest" / "agent"
@@ -24,17 +30,111 @@ def test_channel_choice_names_what_is_wrong(
 ) -> None:
     monkeypatch.delenv("ISORUN_CHANNEL", raising=False)
     missing = tmp_path / "vhost-vsock"
-    assert vsock.choose("serial", missing).name == "serial"
-    # auto never picks vsock, usable or not: any local user could reach the agent there
-    for device in (missing, Path("/dev/null")):
-        auto = vsock.choose(None, device)
-        assert auto.name == "serial" and "ISORUN_CHANNEL=vsock" in auto.reason, auto
+    usable = Path("/dev/null")  # opens: what choose asks of the device
+    assert vsock.choose("serial", usable) == vsock.ChannelChoice("serial", "requested", True)
+    # auto: vsock wherever the host can give a guest one, and serial may serve instead
+    auto = vsock.choose(None, usable)
+    assert (auto.name, auto.required) == ("vsock", False), auto
+    auto = vsock.choose(None, missing)
+    assert auto.name == "serial" and str(missing) in auto.reason, auto
+    # a boot that may restore a template: serial, the only channel a template restores over
+    auto = vsock.choose(None, usable, warm_start=True)
+    assert auto.name == "serial" and "warm start" in auto.reason, auto
+    asked = vsock.choose("vsock", usable, warm_start=True)
+    assert (asked.name, asked.required) == ("vsock", True), asked
     with pytest.raises(ConfigError, match=r"vsock requested but .*vhost-vsock.*modprobe"):
         vsock.choose("vsock", missing)
     with pytest.raises(ConfigError, match=r"'pigeon' is not one of auto, serial, vsock"):
         vsock.choose("pigeon", missing)
     monkeypatch.setenv("ISORUN_CHANNEL", "serial")
-    assert vsock.choose(None, missing).reason == "requested"
+    assert vsock.choose(None, usable).reason == "requested"
+
+
+async def _fake_agent(
+    hellos: list[dict[str, object]], extra: Mapping[str, str], answer: bool = True
+) -> tuple[AgentConnection, asyncio.Task[None]]:
+    """A connection to a fake agent, hello said with `extra`; the fake records the hello it
+    gets (and answers it, or closes unanswered, as the agent does to a vsock peer without
+    the key)."""
+    host_sock, guest_sock = socket.socketpair()
+    gr, gw = await asyncio.open_connection(sock=guest_sock)
+
+    async def guest() -> None:
+        f = await read_frame(gr)
+        hellos.append(f.json())
+        if answer:
+            gw.write(frames.encode_json(0, Kind.RESP, {"ok": True, "nonce": f.json()["nonce"]}))
+            await gw.drain()
+            await gr.read()  # until the host closes
+        gw.close()
+
+    task = asyncio.create_task(guest())
+    return await AgentConnection.open(
+        asyncio.open_connection(sock=host_sock), "a fake agent", 5, extra
+    ), task
+
+
+async def test_the_vsock_key_goes_over_serial_and_comes_back_over_vsock() -> None:
+    key = vsock.new_key()
+    assert len(key) == 64 and key != vsock.new_key()
+    serial_hellos: list[dict[str, object]] = []
+    vsock_hellos: list[dict[str, object]] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def over_serial(extra: Mapping[str, str], within: float) -> AgentConnection:
+        conn, task = await _fake_agent(serial_hellos, extra)
+        tasks.append(task)
+        return conn
+
+    async def over_vsock(extra: Mapping[str, str], within: float) -> AgentConnection:
+        assert serial_hellos, "vsock before the serial port had the key"
+        conn, task = await _fake_agent(vsock_hellos, extra)
+        tasks.append(task)
+        return conn
+
+    conn, fell_back = await vsock.open_keyed(over_serial, over_vsock, key, 5, fall_back=True)
+    assert fell_back is None
+    assert [h.get("vsock_key") for h in serial_hellos] == [key]
+    assert [(h.get("key"), "vsock_key" in h) for h in vsock_hellos] == [(key, False)]
+    await asyncio.wait_for(tasks[0], 5)  # the serial connection was closed: the fake ended
+    await conn.close()
+    await asyncio.wait_for(tasks[1], 5)
+
+
+async def test_a_vsock_that_refuses_falls_back_to_serial_unless_vsock_was_asked_for() -> None:
+    key = vsock.new_key()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def over_serial(extra: Mapping[str, str], within: float) -> AgentConnection:
+        conn, task = await _fake_agent([], extra)
+        tasks.append(task)
+        return conn
+
+    async def refused(extra: Mapping[str, str], within: float) -> AgentConnection:
+        conn, _ = await _fake_agent([], extra, answer=False)
+        return conn  # never: the fake closes unanswered
+
+    async def silent(extra: Mapping[str, str], within: float) -> AgentConnection:
+        await asyncio.sleep(within + 10)
+        raise AssertionError("not timed out")
+
+    conn, fell_back = await vsock.open_keyed(over_serial, refused, key, 5, fall_back=True)
+    assert fell_back is not None and "closed during hello" in fell_back, fell_back
+    assert not tasks[0].done()  # the serial connection is the one in use
+    await conn.close()
+    # a vsock that never answers is given up on soon, not at the end of the boot timeout
+    t0 = asyncio.get_running_loop().time()
+    with contextlib.suppress(TimeoutError):
+        conn, fell_back = await asyncio.wait_for(
+            vsock.open_keyed(over_serial, silent, key, 30, fall_back=True),
+            vsock.FALL_BACK_AFTER_S + 5,
+        )
+    assert asyncio.get_running_loop().time() - t0 < vsock.FALL_BACK_AFTER_S + 5
+    assert fell_back is not None and "TimeoutError" in fell_back, fell_back
+    await conn.close()
+    with pytest.raises(ChannelClosedError, match="closed during hello"):
+        await vsock.open_keyed(over_serial, refused, key, 5, fall_back=False)
+    await asyncio.wait_for(tasks[-1], 5)  # its serial connection was closed too
 
 
 def test_reserving_a_cid_on_something_else_is_a_clear_error() -> None:

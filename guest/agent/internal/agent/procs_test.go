@@ -225,7 +225,7 @@ func TestHelloHealth(t *testing.T) {
 	if r.resp["nonce"] != "abc" || num(r.resp["protocol"]) != 1 || r.resp["version"] != Version {
 		t.Fatalf("%v", r.resp)
 	}
-	if fmt.Sprint(r.resp["features"]) != "[watch_ready fs_names]" {
+	if fmt.Sprint(r.resp["features"]) != "[watch_ready fs_names vsock_key]" {
 		t.Fatalf("features %v", r.resp["features"])
 	}
 	r = c.call(1, map[string]any{"op": "health"})

@@ -27,6 +27,8 @@ type Server struct {
 	Log io.Writer
 	// Shutdown powers off or reboots (PID 1 only; nil means unsupported).
 	Shutdown func(mode string)
+	// vsockKey: what a vsock host must present (vsockkey.go).
+	vsockKey vsockKey
 
 	mu sync.Mutex
 	// rootTaken: a root filesystem was set up (or tried) once; there is no second.

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -27,8 +28,10 @@ func parseVsockPort(cmdline string) (uint32, error) {
 }
 
 // ServeVsock accepts host connections on a vsock port until the listener
-// fails. The newest host connection wins: a restarted daemon's connection
-// replaces its predecessor's, as a new hello does on the serial port.
+// fails. A peer must be the host (CID 2) and say hello first with the key the
+// serial port's host set (vsockkey.go). The newest host connection wins: a
+// restarted daemon's connection replaces its predecessor's, as a new hello
+// does on the serial port.
 //
 // Plain syscalls from x/sys/unix rather than a vsock package built on `net`:
 // linking `net` costs every boot its package init and ~190 KB more
@@ -112,7 +115,7 @@ func (s *Server) serveHostConns(accept func() (acceptedConn, error)) error {
 		current = c
 		mu.Unlock()
 		go func() {
-			err := s.ServeConn(c)
+			err := s.serveConn(c, bufio.NewReaderSize(c, 2*MaxPayload), true)
 			if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, os.ErrClosed) &&
 				!errors.Is(err, io.ErrUnexpectedEOF) && err != errConnClosed {
 				s.logf("vsock: %v", err)

@@ -52,49 +52,62 @@ func TestOnlyTheHostCIDMayConnect(t *testing.T) {
 	}
 }
 
-// rawHello says hello on c and returns the answer's nonce, or the read error.
-func rawHello(t *testing.T, c net.Conn, nonce string) (string, error) {
+// testKey is a vsock key as the host sends it.
+var testKey = strings.Repeat("ab", vsockKeyBytes)
+
+// rawHello says hello on c with extra fields (key, vsock_key) and returns the
+// answer, or the read error.
+func rawHello(t *testing.T, c net.Conn, nonce string, extra ...string) (map[string]any, error) {
 	t.Helper()
-	req, _ := json.Marshal(map[string]any{"op": "hello", "nonce": nonce})
-	if _, err := c.Write(EncodeFrame(0, KindReq, req)); err != nil {
-		return "", err
+	req := map[string]any{"op": "hello", "nonce": nonce}
+	for i := 0; i+1 < len(extra); i += 2 {
+		req[extra[i]] = extra[i+1]
+	}
+	return rawRequest(t, c, 0, req)
+}
+
+// rawRequest sends one request on channel id and returns its answer.
+func rawRequest(t *testing.T, c net.Conn, id uint32, req map[string]any) (map[string]any, error) {
+	t.Helper()
+	b, _ := json.Marshal(req)
+	if _, err := c.Write(EncodeFrame(id, KindReq, b)); err != nil {
+		return nil, err
 	}
 	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	f, err := NewFrameReader(c).Read()
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	var resp map[string]any
 	if err := json.Unmarshal(f.Payload, &resp); err != nil {
-		t.Fatalf("hello answer %q: %v", f.Payload, err)
+		t.Fatalf("answer %q: %v", f.Payload, err)
 	}
-	nonce, _ = resp["nonce"].(string)
-	return nonce, nil
+	return resp, nil
 }
 
-// The accept loop behind ServeVsock, on a unix listener: a refused peer is
-// closed unanswered; of two accepted hosts the newer one wins.
-func TestHostConnectionsRefuseOthersAndNewestWins(t *testing.T) {
+// acceptingUnix serves srv's vsock accept loop on a unix listener whose every
+// peer passes the CID check (or takes its verdict from verdicts); dial connects.
+func acceptingUnix(t *testing.T, srv *Server, verdicts chan bool) (dial func() net.Conn, served chan error, l net.Listener) {
+	t.Helper()
 	l, err := net.Listen("unix", filepath.Join(t.TempDir(), "agent.sock"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	verdicts := make(chan bool, 3)
-	verdicts <- false
-	verdicts <- true
-	verdicts <- true
-	srv := NewServer(time.Now())
-	served := make(chan error, 1)
+	t.Cleanup(func() { l.Close() })
+	served = make(chan error, 1)
 	accept := func() (acceptedConn, error) {
 		c, err := l.Accept()
 		if err != nil {
 			return acceptedConn{}, err
 		}
-		return acceptedConn{c, c.RemoteAddr().String(), <-verdicts}, nil
+		fromHost := true
+		if verdicts != nil {
+			fromHost = <-verdicts
+		}
+		return acceptedConn{c, c.RemoteAddr().String(), fromHost}, nil
 	}
 	go func() { served <- srv.serveHostConns(accept) }()
-	dial := func() net.Conn {
+	dial = func() net.Conn {
 		c, err := net.Dial("unix", l.Addr().String())
 		if err != nil {
 			t.Fatal(err)
@@ -102,19 +115,33 @@ func TestHostConnectionsRefuseOthersAndNewestWins(t *testing.T) {
 		t.Cleanup(func() { c.Close() })
 		return c
 	}
+	return dial, served, l
+}
+
+// The accept loop behind ServeVsock, on a unix listener: a refused peer is
+// closed unanswered; of two accepted hosts the newer one wins.
+func TestHostConnectionsRefuseOthersAndNewestWins(t *testing.T) {
+	verdicts := make(chan bool, 3)
+	verdicts <- false
+	verdicts <- true
+	verdicts <- true
+	srv := NewServer(time.Now())
+	key, _ := parseVsockKey(testKey)
+	srv.vsockKey.set(key)
+	dial, served, l := acceptingUnix(t, srv, verdicts)
 
 	stranger := dial()
 	// Closed unanswered: the write or the read fails, depending on timing.
-	if n, err := rawHello(t, stranger, "stranger"); err == nil {
-		t.Fatalf("a refused peer was answered: %q", n)
+	if r, err := rawHello(t, stranger, "stranger", "key", testKey); err == nil {
+		t.Fatalf("a refused peer was answered: %v", r)
 	}
 	first := dial()
-	if n, err := rawHello(t, first, "first"); err != nil || n != "first" {
-		t.Fatalf("host: %q, %v", n, err)
+	if r, err := rawHello(t, first, "first", "key", testKey); err != nil || r["nonce"] != "first" {
+		t.Fatalf("host: %v, %v", r, err)
 	}
 	second := dial()
-	if n, err := rawHello(t, second, "second"); err != nil || n != "second" {
-		t.Fatalf("new host: %q, %v", n, err)
+	if r, err := rawHello(t, second, "second", "key", testKey); err != nil || r["nonce"] != "second" {
+		t.Fatalf("new host: %v, %v", r, err)
 	}
 	_ = first.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if _, err := NewFrameReader(first).Read(); !errors.Is(err, io.EOF) {
@@ -196,4 +223,58 @@ func TestAcceptWaitsOutAFullFdTable(t *testing.T) {
 	if len(logged) != 1 || !strings.Contains(logged[0], "too many open files") {
 		t.Fatalf("logged %q, want one line naming EMFILE", logged)
 	}
+}
+
+// A vsock peer is served only after a first hello with the key that a hello on
+// the serial port set: any local user of the host can reach the port.
+func TestAVsockHostMustPresentTheSerialPortsKey(t *testing.T) {
+	srv := NewServer(time.Now())
+	dial, _, _ := acceptingUnix(t, srv, nil)
+	refused := func(what string, c net.Conn, send func() (map[string]any, error)) {
+		t.Helper()
+		if r, err := send(); err == nil {
+			t.Fatalf("%s: answered %v", what, r)
+		}
+	}
+	early := dial()
+	refused("before any key", early, func() (map[string]any, error) {
+		return rawHello(t, early, "n", "key", testKey)
+	})
+
+	serialHost, serialAgent := net.Pipe()
+	t.Cleanup(func() { serialHost.Close(); serialAgent.Close() })
+	go func() { _ = srv.ServeConn(serialAgent) }()
+	r, err := rawHello(t, serialHost, "s", "vsock_key", "abc")
+	if err != nil || r["ok"] != false || !strings.Contains(fmt.Sprint(r["error"]), "64 hex digits") {
+		t.Fatalf("a malformed key: %v, %v", r, err)
+	}
+	r, err = rawHello(t, serialHost, "s", "vsock_key", testKey)
+	if err != nil || r["ok"] != true {
+		t.Fatalf("the serial port's key: %v, %v", r, err)
+	}
+
+	noKey, wrongKey, notHello := dial(), dial(), dial()
+	refused("no key", noKey, func() (map[string]any, error) { return rawHello(t, noKey, "n") })
+	refused("a wrong key", wrongKey, func() (map[string]any, error) {
+		return rawHello(t, wrongKey, "n", "key", strings.Repeat("cd", vsockKeyBytes))
+	})
+	refused("health first", notHello, func() (map[string]any, error) {
+		return rawRequest(t, notHello, 0, map[string]any{"op": "health", "key": testKey})
+	})
+
+	host := dial()
+	if r, err := rawHello(t, host, "v", "key", testKey); err != nil || r["nonce"] != "v" {
+		t.Fatalf("the keyed host: %v, %v", r, err)
+	}
+	if r, err := rawRequest(t, host, 1, map[string]any{"op": "health"}); err != nil || r["ok"] != true {
+		t.Fatalf("a request after the keyed hello: %v, %v", r, err)
+	}
+	r, err = rawRequest(t, host, 2, map[string]any{"op": "hello", "nonce": "x", "vsock_key": testKey})
+	if err == nil && r["ok"] != false {
+		t.Fatalf("a vsock host set the key: %v", r)
+	}
+	// a new hello on it starts a new host connection, which must prove itself again
+	refused("a second hello without the key", host, func() (map[string]any, error) {
+		return rawHello(t, host, "again")
+	})
 }
