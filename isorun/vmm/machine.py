@@ -207,7 +207,11 @@ class MicroVM:
                 labels=dict(state.get("labels") or {}),
             )
             accel = accel_mod.AccelChoice(str(state["accel"]), "adopted")
-            channel = vsock.ChannelChoice(str(state.get("channel", "serial")), "adopted")
+            channel = vsock.ChannelChoice(
+                str(state.get("channel", "serial")),
+                "adopted",
+                required=bool(state.get("channel_required", False)),
+            )
             cid = state.get("vsock_cid")
             key = state.get("vsock_key")
             started_unix = float(state.get("started_unix", time.time()))
@@ -637,8 +641,8 @@ class MicroVM:
             what = f"the agent at vsock CID {cid} port {vsock.AGENT_PORT}"
             return await AgentConnection.open(stream, what, within, extra)
 
-        async def over_serial(extra: Mapping[str, str], within: float) -> AgentConnection:
-            return await AgentConnection.open_unix(serial_path, within, extra)
+        async def over_serial(within: float) -> AgentConnection:
+            return await AgentConnection.open_unix(serial_path, within)
 
         if self.vsock_key is None:  # booted by a host from before vsock keys: no key to give
             return await over_vsock({}, timeout)
@@ -850,6 +854,7 @@ class MicroVM:
             "pid": self.pid,
             "accel": self.accel.name,
             "channel": self.channel.name,
+            "channel_required": self.channel.required,
             "vsock_cid": self.vsock_cid,
             "vsock_key": self.vsock_key,
             "vcpus": self.spec.vcpus,

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from isorun.agent.client import AgentClient
 from isorun.agent.mux import AgentConnection
 from isorun.errors import ConfigError, IsorunError
 from isorun.vmm.devnode import open_error
@@ -87,33 +88,47 @@ def new_key() -> str:
 # then) is given up on this soon when serial may serve instead.
 FALL_BACK_AFTER_S = 2.0
 
-OpenAgent = Callable[[Mapping[str, str], float], Awaitable[AgentConnection]]
+OpenSerial = Callable[[float], Awaitable[AgentConnection]]
+OpenVsock = Callable[[Mapping[str, str], float], Awaitable[AgentConnection]]
 
 
 async def open_keyed(
-    open_serial: OpenAgent, open_vsock: OpenAgent, key: str, timeout: float, fall_back: bool
+    open_serial: OpenSerial, open_vsock: OpenVsock, key: str, timeout: float, fall_back: bool
 ) -> tuple[AgentConnection, str | None]:
-    """Give the agent `key` in a hello on the serial port, then connect over vsock showing
-    it: that connection, and None. Without vsock (refused, silent, reset) and with
-    `fall_back`: the serial connection and why. Each opener takes the hello's extra fields
-    and a timeout; everything within `timeout`."""
+    """Say hello on the serial port and give the agent `key` there, then connect over vsock
+    showing it: that connection, and None. When that fails (an agent without vsock keys;
+    vsock refused, silent, reset) and with `fall_back`: the serial connection, and why.
+    `open_serial` takes a timeout, `open_vsock` the hello's extra fields and a timeout;
+    everything within `timeout`."""
     deadline = time.monotonic() + timeout
-    serial = await open_serial({"vsock_key": key}, timeout)
+    serial = await open_serial(timeout)
     left = max(0.1, deadline - time.monotonic())
+    within = min(left, FALL_BACK_AFTER_S) if fall_back else left
     try:
-        within = min(left, FALL_BACK_AFTER_S) if fall_back else left
-        conn = await asyncio.wait_for(open_vsock({"key": key}, within), within)
-    except (OSError, TimeoutError, IsorunError) as exc:
-        if not fall_back:
-            await serial.close()
-            raise
-        why = str(exc) or type(exc).__name__
-        return serial, f"vsock did not answer after the serial port's hello ({why})"
-    except BaseException:
+        conn = await asyncio.wait_for(_over_vsock(serial, open_vsock, key, within), within)
+    except BaseException as exc:
+        if fall_back and isinstance(exc, OSError | TimeoutError | IsorunError):
+            return serial, f"vsock did not serve: {str(exc) or type(exc).__name__}"
         await serial.close()
         raise
-    await serial.close()
+    try:
+        await serial.close()
+    except BaseException:
+        await conn.close()  # cancelled meanwhile: no caller would ever see it
+        raise
     return conn, None
+
+
+async def _over_vsock(
+    serial: AgentConnection, open_vsock: OpenVsock, key: str, within: float
+) -> AgentConnection:
+    if "vsock_key" not in serial.features:
+        raise ConfigError(
+            "the guest's agent takes no vsock key (it predates them: rebuild the guest "
+            "with `make guest`, or use ISORUN_CHANNEL=serial)"
+        )
+    await AgentClient(serial).call("set_vsock_key", key=key)
+    return await open_vsock({"key": key}, within)
 
 
 class CidLease:

@@ -39,10 +39,10 @@ type Conn struct {
 	mu    sync.Mutex
 	chans map[uint32]*Channel
 	used  bool // a frame was dispatched: a later hello means a new host
-	// overVsock: the peer is admitted only by a first hello carrying the key
-	// (vsockkey.go); admitted: it did
-	overVsock bool
-	admitted  bool
+	// onAdmit is non-nil on vsock, where a peer is served only after a first
+	// hello carrying the key (vsockkey.go); it runs when one did (admitted).
+	onAdmit  func()
+	admitted bool
 
 	keepMu    sync.Mutex
 	keepEvery time.Duration // keepalive interval in effect (keepalive.go); 0: none
@@ -57,21 +57,23 @@ var MaxOpenChannels = 4096
 // processes keep running. It is the whole agent minus PID 1 duties, so tests
 // drive it over a net.Pipe or socketpair.
 func (s *Server) ServeConn(rw io.ReadWriter) error {
-	return s.serveConn(rw, bufio.NewReaderSize(rw, 2*MaxPayload), false)
+	return s.serveConn(rw, bufio.NewReaderSize(rw, 2*MaxPayload), nil)
 }
 
 // serveConn is ServeConn reading through br, which a caller serving one port
 // over and over keeps (a 128 KiB buffer each time cost an idle guest 25 MB/s
 // of garbage). Nothing is set up before the host sends its first byte: with no
 // host on the serial port every read is an EOF, tried every few ms.
-func (s *Server) serveConn(rw io.ReadWriter, br *bufio.Reader, overVsock bool) error {
+//
+// onAdmit non-nil makes it a vsock connection (see Conn.onAdmit).
+func (s *Server) serveConn(rw io.ReadWriter, br *bufio.Reader, onAdmit func()) error {
 	if _, err := br.Peek(1); err != nil {
 		return err
 	}
 	var first *Frame
 	for {
 		c := &Conn{srv: s, w: rw, out: make(chan outFrame, 64), done: make(chan struct{}),
-			wdone: make(chan struct{}), chans: map[uint32]*Channel{}, overVsock: overVsock}
+			wdone: make(chan struct{}), chans: map[uint32]*Channel{}, onAdmit: onAdmit}
 		go c.writeLoop()
 		err := c.serve(br, first)
 		c.close()
@@ -106,18 +108,22 @@ func (c *Conn) serve(br *bufio.Reader, first *Frame) error {
 }
 
 // admit lets a frame through: any on the serial port or stdio; on vsock, the
-// first must be a hello with the key (checked once the guest is ready, as the
-// serial port's hello, which sets the key, is answered only then).
+// first must be a hello with the key. (No key exists before the guest is
+// ready: the serial port's host sets it with a request, served only then.)
 func (c *Conn) admit(f Frame) error {
-	if !c.overVsock || c.admitted {
+	if c.onAdmit == nil || c.admitted {
 		return nil
 	}
 	if err := c.srv.vsockKey.admit(f); err != nil {
 		return err
 	}
 	c.admitted = true
+	c.onAdmit()
 	return nil
 }
+
+// overVsock: the connection is a vsock one.
+func (c *Conn) overVsock() bool { return c.onAdmit != nil }
 
 func (c *Conn) close() { c.once.Do(func() { close(c.done) }) }
 
@@ -171,10 +177,11 @@ func (c *Conn) readLoop(br *bufio.Reader) error {
 		if f.Kind == KindReq && f.Chan == 0 && c.used {
 			return &errNewHost{hello: f}
 		}
-		<-c.srv.ready
+		// before the wait for ready: a peer without the key holds nothing until then
 		if err := c.admit(f); err != nil {
 			return err
 		}
+		<-c.srv.ready
 		c.used = true
 		if err := c.dispatch(f); err != nil {
 			return err

@@ -95,6 +95,7 @@ func init() {
 		"read_file": opReadFile, "write_file": opWriteFile, "list": opList,
 		"stat": opStat, "mkdir": opMkdir, "remove": opRemove, "rename": opRename,
 		"watch": opWatch, "setup_root": opSetupRoot, "keepalive": opKeepalive,
+		"set_vsock_key": opSetVsockKey,
 	}
 }
 

@@ -22,24 +22,12 @@ func opHello(s *Server, ch *Channel, raw []byte) (any, error) {
 		Nonce string `json:"nonce"`
 		// Key: a vsock host's proof (checked as the connection's first frame, conn.go).
 		Key string `json:"key"`
-		// VsockKey: the key vsock hosts must present from now on (serial port only).
-		VsockKey string `json:"vsock_key"`
 	}
 	if err := decode(raw, &r); err != nil {
 		return nil, err
 	}
 	if len(r.Nonce) > 256 {
 		return nil, errf("invalid", "nonce longer than 256 bytes")
-	}
-	if r.VsockKey != "" {
-		if ch.c.overVsock {
-			return nil, errf("invalid", "vsock_key is set over the serial port only")
-		}
-		key, err := parseVsockKey(r.VsockKey)
-		if err != nil {
-			return nil, errf("invalid", "%v", err)
-		}
-		s.vsockKey.set(key)
 	}
 	ch.closeIn()
 	m := ok("nonce", r.Nonce, "version", Version, "protocol", 1, "features", Features,
@@ -60,9 +48,9 @@ func opHello(s *Server, ch *Channel, raw []byte) (any, error) {
 //   - watch_ready: a watch sends EVENT {"event":"watching"} once it is set up.
 //   - fs_names: names and paths that are not UTF-8 travel as \udc80..\udcff
 //     escapes both ways (fsname.go); an agent without it makes them U+FFFD.
-//   - vsock_key: a serial hello's vsock_key sets the key that a vsock host
-//     must present in its first hello's key (vsockkey.go); an agent without it
-//     refuses both fields and admits any vsock peer on CID 2.
+//   - vsock_key: set_vsock_key on the serial port sets the key that a vsock
+//     host must show in its first hello's key (vsockkey.go); an agent without
+//     it admits any vsock peer on CID 2.
 var Features = []string{"watch_ready", "fs_names", "vsock_key"}
 
 func opHealth(s *Server, ch *Channel, raw []byte) (any, error) {

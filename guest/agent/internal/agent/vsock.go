@@ -92,11 +92,21 @@ type acceptedConn struct {
 	fromHost bool
 }
 
+// MaxUnadmitted bounds the vsock connections that have not shown the key yet
+// (any local user of the host can open them); more are closed at once. A var
+// so that a test can lower it.
+var MaxUnadmitted = 4
+
+// AdmitWithin is how long a vsock connection has to show the key.
+var AdmitWithin = 5 * time.Second
+
 // serveHostConns is the accept loop of ServeVsock, apart so that a test can
-// drive it with any listener.
+// drive it with any listener. A connection replaces the host's current one
+// only once it showed the key: a stranger's connect ends nothing.
 func (s *Server) serveHostConns(accept func() (acceptedConn, error)) error {
 	var mu sync.Mutex
 	var current io.ReadWriteCloser
+	unadmitted := 0
 	for {
 		a, err := accept()
 		if err != nil {
@@ -109,24 +119,59 @@ func (s *Server) serveHostConns(accept func() (acceptedConn, error)) error {
 			continue
 		}
 		mu.Lock()
-		if current != nil {
-			_ = current.Close()
+		full := unadmitted >= MaxUnadmitted
+		if !full {
+			unadmitted++
 		}
-		current = c
 		mu.Unlock()
+		if full {
+			s.logf("vsock: refused a connection from %s: %d others have not shown the key yet",
+				a.peer, MaxUnadmitted)
+			_ = c.Close()
+			continue
+		}
+		setReadDeadline(c, time.Now().Add(AdmitWithin))
 		go func() {
-			err := s.serveConn(c, bufio.NewReaderSize(c, 2*MaxPayload), true)
-			if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, os.ErrClosed) &&
-				!errors.Is(err, io.ErrUnexpectedEOF) && err != errConnClosed {
-				s.logf("vsock: %v", err)
+			waiting := true // counted in unadmitted (under mu)
+			admitted := func() {
+				setReadDeadline(c, time.Time{})
+				mu.Lock()
+				if waiting {
+					unadmitted--
+					waiting = false
+				}
+				if current != nil && current != c {
+					_ = current.Close()
+				}
+				current = c
+				mu.Unlock()
+			}
+			err := s.serveConn(c, bufio.NewReaderSize(c, 2*MaxPayload), admitted)
+			switch {
+			case errors.Is(err, os.ErrDeadlineExceeded):
+				s.logf("vsock: %s showed no key within %v", a.peer, AdmitWithin)
+			case err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, os.ErrClosed) &&
+				!errors.Is(err, io.ErrUnexpectedEOF) && err != errConnClosed:
+				s.logf("vsock: %s: %v", a.peer, err)
 			}
 			_ = c.Close()
 			mu.Lock()
+			if waiting {
+				unadmitted--
+			}
 			if current == c {
 				current = nil
 			}
 			mu.Unlock()
 		}()
+	}
+}
+
+// setReadDeadline sets c's read deadline where it has one (vsock fds and the
+// tests' unix sockets do); the zero time clears it.
+func setReadDeadline(c io.ReadWriteCloser, t time.Time) {
+	if d, ok := c.(interface{ SetReadDeadline(time.Time) error }); ok {
+		_ = d.SetReadDeadline(t)
 	}
 }
 

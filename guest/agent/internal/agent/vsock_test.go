@@ -244,11 +244,14 @@ func TestAVsockHostMustPresentTheSerialPortsKey(t *testing.T) {
 	serialHost, serialAgent := net.Pipe()
 	t.Cleanup(func() { serialHost.Close(); serialAgent.Close() })
 	go func() { _ = srv.ServeConn(serialAgent) }()
-	r, err := rawHello(t, serialHost, "s", "vsock_key", "abc")
+	if r, err := rawHello(t, serialHost, "s"); err != nil || r["nonce"] != "s" {
+		t.Fatalf("the serial hello: %v, %v", r, err)
+	}
+	r, err := rawRequest(t, serialHost, 1, map[string]any{"op": "set_vsock_key", "key": "abc"})
 	if err != nil || r["ok"] != false || !strings.Contains(fmt.Sprint(r["error"]), "64 hex digits") {
 		t.Fatalf("a malformed key: %v, %v", r, err)
 	}
-	r, err = rawHello(t, serialHost, "s", "vsock_key", testKey)
+	r, err = rawRequest(t, serialHost, 2, map[string]any{"op": "set_vsock_key", "key": testKey})
 	if err != nil || r["ok"] != true {
 		t.Fatalf("the serial port's key: %v, %v", r, err)
 	}
@@ -269,12 +272,56 @@ func TestAVsockHostMustPresentTheSerialPortsKey(t *testing.T) {
 	if r, err := rawRequest(t, host, 1, map[string]any{"op": "health"}); err != nil || r["ok"] != true {
 		t.Fatalf("a request after the keyed hello: %v, %v", r, err)
 	}
-	r, err = rawRequest(t, host, 2, map[string]any{"op": "hello", "nonce": "x", "vsock_key": testKey})
-	if err == nil && r["ok"] != false {
-		t.Fatalf("a vsock host set the key: %v", r)
+	r, err = rawRequest(t, host, 2, map[string]any{"op": "set_vsock_key", "key": testKey})
+	if err != nil || r["ok"] != false || !strings.Contains(fmt.Sprint(r["error"]), "serial port only") {
+		t.Fatalf("a vsock host set the key: %v, %v", r, err)
+	}
+	// a stranger's connection, silent or keyless, does not end the host's (the
+	// keyless one's refusal means the silent one was accepted: accepts are in order)
+	_, keyless := dial(), dial()
+	refused("no key, after the host", keyless, func() (map[string]any, error) {
+		return rawHello(t, keyless, "k")
+	})
+	if r, err := rawRequest(t, host, 3, map[string]any{"op": "health"}); err != nil || r["ok"] != true {
+		t.Fatalf("the host after strangers connected: %v, %v", r, err)
 	}
 	// a new hello on it starts a new host connection, which must prove itself again
 	refused("a second hello without the key", host, func() (map[string]any, error) {
 		return rawHello(t, host, "again")
 	})
+}
+
+// Connections that have not shown the key are few and short-lived: past
+// MaxUnadmitted they are closed at once, and each has AdmitWithin to show it.
+func TestVsockPeersWithoutTheKeyAreBoundedInNumberAndTime(t *testing.T) {
+	oldMax, oldWithin := MaxUnadmitted, AdmitWithin
+	MaxUnadmitted, AdmitWithin = 2, 300*time.Millisecond
+	t.Cleanup(func() { MaxUnadmitted, AdmitWithin = oldMax, oldWithin })
+	srv := NewServer(time.Now())
+	key, _ := parseVsockKey(testKey)
+	srv.vsockKey.set(key)
+	dial, _, _ := acceptingUnix(t, srv, nil)
+	silent := []net.Conn{dial(), dial()}
+	// the third, while two wait: closed before it said anything
+	third := dial()
+	_ = third.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := third.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
+		t.Fatalf("a third waiting connection: %v; want EOF", err)
+	}
+	// the silent ones are closed once their time is up, and the host gets in
+	for _, c := range silent {
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
+			t.Fatalf("a silent connection: %v; want EOF", err)
+		}
+	}
+	host := dial()
+	if r, err := rawHello(t, host, "h", "key", testKey); err != nil || r["nonce"] != "h" {
+		t.Fatalf("the host after the silent ones: %v, %v", r, err)
+	}
+	// admitted, it has no deadline any more
+	time.Sleep(2 * AdmitWithin)
+	if r, err := rawRequest(t, host, 1, map[string]any{"op": "health"}); err != nil || r["ok"] != true {
+		t.Fatalf("the host past the admission time: %v, %v", r, err)
+	}
 }

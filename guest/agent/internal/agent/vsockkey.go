@@ -25,7 +25,7 @@ type vsockKey struct {
 func parseVsockKey(s string) ([]byte, error) {
 	b, err := hex.DecodeString(s)
 	if err != nil || len(b) != vsockKeyBytes {
-		return nil, fmt.Errorf("vsock_key is not %d hex digits", 2*vsockKeyBytes)
+		return nil, fmt.Errorf("the vsock key is not %d hex digits", 2*vsockKeyBytes)
 	}
 	return b, nil
 }
@@ -57,4 +57,25 @@ func (k *vsockKey) admit(f Frame) error {
 		return fmt.Errorf("%w: a vsock hello without the host's key", ErrViolation)
 	}
 	return nil
+}
+
+// opSetVsockKey: {"op":"set_vsock_key","key":"<64 hex digits>"}, on the serial
+// port only. The newest key counts.
+func opSetVsockKey(s *Server, ch *Channel, raw []byte) (any, error) {
+	var r struct {
+		Op  string `json:"op"`
+		Key string `json:"key"`
+	}
+	if err := decode(raw, &r); err != nil {
+		return nil, err
+	}
+	if ch.c.overVsock() {
+		return nil, errf("invalid", "the vsock key is set over the serial port only")
+	}
+	key, err := parseVsockKey(r.Key)
+	if err != nil {
+		return nil, errf("invalid", "%v", err)
+	}
+	s.vsockKey.set(key)
+	return ok(), nil
 }
