@@ -93,8 +93,9 @@ type acceptedConn struct {
 }
 
 // MaxUnadmitted bounds the vsock connections that have not shown the key yet
-// (any local user of the host can open them); more are closed at once. A var
-// so that a test can lower it.
+// (any local user of the host can open them): a new one closes the oldest.
+// Closing the newest instead would let a few idle ones lock the host out. A
+// var so that a test can lower it.
 var MaxUnadmitted = 4
 
 // AdmitWithin is how long a vsock connection has to show the key.
@@ -106,7 +107,15 @@ var AdmitWithin = 5 * time.Second
 func (s *Server) serveHostConns(accept func() (acceptedConn, error)) error {
 	var mu sync.Mutex
 	var current io.ReadWriteCloser
-	unadmitted := 0
+	var waiting []io.ReadWriteCloser // not admitted yet, oldest first (under mu)
+	unwait := func(c io.ReadWriteCloser) {
+		for i, w := range waiting {
+			if w == c {
+				waiting = append(waiting[:i], waiting[i+1:]...)
+				return
+			}
+		}
+	}
 	for {
 		a, err := accept()
 		if err != nil {
@@ -119,27 +128,19 @@ func (s *Server) serveHostConns(accept func() (acceptedConn, error)) error {
 			continue
 		}
 		mu.Lock()
-		full := unadmitted >= MaxUnadmitted
-		if !full {
-			unadmitted++
+		if len(waiting) >= MaxUnadmitted {
+			s.logf("vsock: closing a connection that has not shown the key: %d wait", len(waiting))
+			_ = waiting[0].Close()
+			waiting = waiting[1:]
 		}
+		waiting = append(waiting, c)
 		mu.Unlock()
-		if full {
-			s.logf("vsock: refused a connection from %s: %d others have not shown the key yet",
-				a.peer, MaxUnadmitted)
-			_ = c.Close()
-			continue
-		}
 		setReadDeadline(c, time.Now().Add(AdmitWithin))
 		go func() {
-			waiting := true // counted in unadmitted (under mu)
 			admitted := func() {
 				setReadDeadline(c, time.Time{})
 				mu.Lock()
-				if waiting {
-					unadmitted--
-					waiting = false
-				}
+				unwait(c)
 				if current != nil && current != c {
 					_ = current.Close()
 				}
@@ -156,9 +157,7 @@ func (s *Server) serveHostConns(accept func() (acceptedConn, error)) error {
 			}
 			_ = c.Close()
 			mu.Lock()
-			if waiting {
-				unadmitted--
-			}
+			unwait(c)
 			if current == c {
 				current = nil
 			}

@@ -292,34 +292,32 @@ func TestAVsockHostMustPresentTheSerialPortsKey(t *testing.T) {
 }
 
 // Connections that have not shown the key are few and short-lived: past
-// MaxUnadmitted they are closed at once, and each has AdmitWithin to show it.
+// MaxUnadmitted a new one closes the oldest, and each has AdmitWithin.
 func TestVsockPeersWithoutTheKeyAreBoundedInNumberAndTime(t *testing.T) {
 	oldMax, oldWithin := MaxUnadmitted, AdmitWithin
-	MaxUnadmitted, AdmitWithin = 2, 300*time.Millisecond
+	MaxUnadmitted, AdmitWithin = 2, 1500*time.Millisecond
 	t.Cleanup(func() { MaxUnadmitted, AdmitWithin = oldMax, oldWithin })
 	srv := NewServer(time.Now())
 	key, _ := parseVsockKey(testKey)
 	srv.vsockKey.set(key)
 	dial, _, _ := acceptingUnix(t, srv, nil)
-	silent := []net.Conn{dial(), dial()}
-	// the third, while two wait: closed before it said anything
-	third := dial()
-	_ = third.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := third.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
-		t.Fatalf("a third waiting connection: %v; want EOF", err)
-	}
-	// the silent ones are closed once their time is up, and the host gets in
-	for _, c := range silent {
-		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	eof := func(what string, c net.Conn, within time.Duration) {
+		t.Helper()
+		_ = c.SetReadDeadline(time.Now().Add(within))
 		if _, err := c.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
-			t.Fatalf("a silent connection: %v; want EOF", err)
+			t.Fatalf("%s: %v; want EOF", what, err)
 		}
 	}
+	oldest, second := dial(), dial()
+	// the third, while two wait, closes the oldest at once (before its time is up)
 	host := dial()
+	eof("the oldest waiting connection", oldest, time.Second)
 	if r, err := rawHello(t, host, "h", "key", testKey); err != nil || r["nonce"] != "h" {
-		t.Fatalf("the host after the silent ones: %v, %v", r, err)
+		t.Fatalf("the host while others wait: %v, %v", r, err)
 	}
-	// admitted, it has no deadline any more
+	// a silent one is closed once its time is up
+	eof("a silent connection", second, 5*time.Second)
+	// admitted, the host has no deadline any more
 	time.Sleep(2 * AdmitWithin)
 	if r, err := rawRequest(t, host, 1, map[string]any{"op": "health"}); err != nil || r["ok"] != true {
 		t.Fatalf("the host past the admission time: %v, %v", r, err)
