@@ -30,7 +30,7 @@ from pathlib import Path
 
 from isorun.agent.client import AgentClient
 from isorun.agent.mux import AgentConnection
-from isorun.errors import ConfigError, IsorunError
+from isorun.errors import ChannelClosedError, ConfigError, IsorunError
 from isorun.vmm.devnode import open_error
 
 VHOST_VSOCK = Path("/dev/vhost-vsock")
@@ -84,9 +84,12 @@ def new_key() -> str:
     return secrets.token_hex(32)
 
 
-# A vsock that does not connect once the serial hello was answered (the agent is up by
-# then) is given up on this soon when serial may serve instead.
+# A vsock that does not serve once the serial hello was answered (the agent is up by then)
+# is given up on this soon when serial may serve instead; never sooner than the least.
 FALL_BACK_AFTER_S = 2.0
+LEAST_VSOCK_WINDOW_S = 0.5
+# Between tries of a vsock connection the agent closed unanswered (see _over_vsock).
+_RETRY_VSOCK_S = 0.01
 
 OpenSerial = Callable[[float], Awaitable[AgentConnection]]
 OpenVsock = Callable[[Mapping[str, str], float], Awaitable[AgentConnection]]
@@ -96,18 +99,20 @@ async def open_keyed(
     open_serial: OpenSerial, open_vsock: OpenVsock, key: str, timeout: float, fall_back: bool
 ) -> tuple[AgentConnection, str | None]:
     """Say hello on the serial port and give the agent `key` there, then connect over vsock
-    showing it: that connection, and None. When that fails (an agent without vsock keys;
-    vsock refused, silent, reset) and with `fall_back`: the serial connection, and why.
-    `open_serial` takes a timeout, `open_vsock` the hello's extra fields and a timeout;
-    everything within `timeout`."""
+    showing it: that connection, and None. When vsock does not serve (an agent without
+    vsock keys; vsock refused, silent, reset) and with `fall_back`: the serial connection,
+    and why. `open_serial` takes a timeout, `open_vsock` the hello's extra fields and a
+    timeout; everything within `timeout` (the vsock step at least LEAST_VSOCK_WINDOW_S)."""
     deadline = time.monotonic() + timeout
     serial = await open_serial(timeout)
-    left = max(0.1, deadline - time.monotonic())
+    left = max(LEAST_VSOCK_WINDOW_S, deadline - time.monotonic())
     within = min(left, FALL_BACK_AFTER_S) if fall_back else left
     try:
-        conn = await asyncio.wait_for(_over_vsock(serial, open_vsock, key, within), within)
+        async with asyncio.timeout(within):
+            conn = await _over_vsock(serial, open_vsock, key, time.monotonic() + within)
     except BaseException as exc:
-        if fall_back and isinstance(exc, OSError | TimeoutError | IsorunError):
+        usable = isinstance(exc, OSError | TimeoutError | IsorunError) and not serial.is_closed
+        if fall_back and usable:
             return serial, f"vsock did not serve: {str(exc) or type(exc).__name__}"
         await serial.close()
         raise
@@ -120,7 +125,7 @@ async def open_keyed(
 
 
 async def _over_vsock(
-    serial: AgentConnection, open_vsock: OpenVsock, key: str, within: float
+    serial: AgentConnection, open_vsock: OpenVsock, key: str, deadline: float
 ) -> AgentConnection:
     if "vsock_key" not in serial.features:
         raise ConfigError(
@@ -128,7 +133,15 @@ async def _over_vsock(
             "with `make guest`, or use ISORUN_CHANNEL=serial)"
         )
     await AgentClient(serial).call("set_vsock_key", key=key)
-    return await open_vsock({"key": key}, within)
+    while True:
+        try:
+            return await open_vsock({"key": key}, max(0.1, deadline - time.monotonic()))
+        except ChannelClosedError:
+            # Closed before our hello was read: other local users' connects can push ours
+            # out of the agent's few places for connections that have not shown the key.
+            if time.monotonic() + _RETRY_VSOCK_S >= deadline:
+                raise
+            await asyncio.sleep(_RETRY_VSOCK_S)
 
 
 class CidLease:

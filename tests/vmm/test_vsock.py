@@ -17,7 +17,7 @@ import pytest
 from fakeguest import read_frame
 from vmhelpers import assert_vm_gone, vm_spec
 
-from isorun.agent import AgentConnection, frames
+from isorun.agent import AgentClient, AgentConnection, frames
 from isorun.agent.frames import Kind
 from isorun.errors import ChannelClosedError, ConfigError
 from isorun.vmm import MicroVM, vsock
@@ -142,7 +142,9 @@ async def test_a_vsock_that_fails_falls_back_to_serial_unless_vsock_was_asked_fo
 
     conn, fell_back = await vsock.open_keyed(over_serial, refused, key, 5, fall_back=True)
     assert fell_back is not None and "closed during hello" in fell_back, fell_back
-    assert not tasks[-1].done()  # the serial connection is the one in use
+    # the serial connection is the one in use, and it serves
+    assert not conn.is_closed
+    assert (await AgentClient(conn).call("health"))["ok"] is True
     await conn.close()
     # a vsock that never answers is given up on soon, not at the end of the boot timeout
     t0 = asyncio.get_running_loop().time()
@@ -151,7 +153,7 @@ async def test_a_vsock_that_fails_falls_back_to_serial_unless_vsock_was_asked_fo
     assert fell_back is not None and "TimeoutError" in fell_back, fell_back
     await conn.close()
     with pytest.raises(ChannelClosedError, match="closed during hello"):
-        await vsock.open_keyed(over_serial, refused, key, 5, fall_back=False)
+        await vsock.open_keyed(over_serial, refused, key, 1, fall_back=False)
     await asyncio.wait_for(tasks[-1], 5)  # its serial connection was closed too
     # an agent from before vsock keys is not given one, nor reached over vsock
     features = ()
@@ -160,6 +162,27 @@ async def test_a_vsock_that_fails_falls_back_to_serial_unless_vsock_was_asked_fo
     await conn.close()
     with pytest.raises(ConfigError, match=r"takes no vsock key.*make guest"):
         await vsock.open_keyed(over_serial, refused, key, 5, fall_back=False)
+
+
+async def test_a_vsock_connection_closed_before_its_hello_is_tried_again() -> None:
+    # Other local users' connects can push the host's out of the agent's few places for
+    # connections that have not shown the key yet: the host connects again.
+    key = vsock.new_key()
+    tries: list[int] = []
+
+    async def over_serial(within: float) -> AgentConnection:
+        conn, _ = await _fake_agent([], {})
+        return conn
+
+    async def pushed_out_twice(extra: Mapping[str, str], within: float) -> AgentConnection:
+        tries.append(1)
+        conn, _ = await _fake_agent([], extra, answer=len(tries) > 2)
+        return conn
+
+    conn, fell_back = await vsock.open_keyed(over_serial, pushed_out_twice, key, 5, fall_back=False)
+    assert fell_back is None and len(tries) == 3
+    assert (await AgentClient(conn).call("health"))["ok"] is True
+    await conn.close()
 
 
 def test_reserving_a_cid_on_something_else_is_a_clear_error() -> None:

@@ -40,8 +40,9 @@ type Conn struct {
 	chans map[uint32]*Channel
 	used  bool // a frame was dispatched: a later hello means a new host
 	// onAdmit is non-nil on vsock, where a peer is served only after a first
-	// hello carrying the key (vsockkey.go); it runs when one did (admitted).
-	onAdmit  func()
+	// hello carrying the key (vsockkey.go); it runs when one did, and says
+	// whether the connection may go on (admitted).
+	onAdmit  func() bool
 	admitted bool
 
 	keepMu    sync.Mutex
@@ -57,7 +58,7 @@ var MaxOpenChannels = 4096
 // processes keep running. It is the whole agent minus PID 1 duties, so tests
 // drive it over a net.Pipe or socketpair.
 func (s *Server) ServeConn(rw io.ReadWriter) error {
-	return s.serveConn(rw, bufio.NewReaderSize(rw, 2*MaxPayload), nil)
+	return s.serveConn(rw, bufio.NewReaderSize(rw, 2*MaxPayload), nil, nil)
 }
 
 // serveConn is ServeConn reading through br, which a caller serving one port
@@ -65,12 +66,14 @@ func (s *Server) ServeConn(rw io.ReadWriter) error {
 // of garbage). Nothing is set up before the host sends its first byte: with no
 // host on the serial port every read is an EOF, tried every few ms.
 //
-// onAdmit non-nil makes it a vsock connection (see Conn.onAdmit).
-func (s *Server) serveConn(rw io.ReadWriter, br *bufio.Reader, onAdmit func()) error {
-	if _, err := br.Peek(1); err != nil {
-		return err
+// onAdmit non-nil makes it a vsock connection (see Conn.onAdmit); first is a
+// frame already read from rw, served before what br reads.
+func (s *Server) serveConn(rw io.ReadWriter, br *bufio.Reader, onAdmit func() bool, first *Frame) error {
+	if first == nil {
+		if _, err := br.Peek(1); err != nil {
+			return err
+		}
 	}
-	var first *Frame
 	for {
 		c := &Conn{srv: s, w: rw, out: make(chan outFrame, 64), done: make(chan struct{}),
 			wdone: make(chan struct{}), chans: map[uint32]*Channel{}, onAdmit: onAdmit}
@@ -99,6 +102,7 @@ func (c *Conn) serve(br *bufio.Reader, first *Frame) error {
 		if err := c.admit(*first); err != nil {
 			return err
 		}
+		<-c.srv.ready
 		if err := c.dispatch(*first); err != nil {
 			return err
 		}
@@ -117,10 +121,16 @@ func (c *Conn) admit(f Frame) error {
 	if err := c.srv.vsockKey.admit(f); err != nil {
 		return err
 	}
+	if !c.onAdmit() {
+		return errNotAdmitted
+	}
 	c.admitted = true
-	c.onAdmit()
 	return nil
 }
+
+// errNotAdmitted: a vsock connection that showed the key had been closed
+// meanwhile as the oldest of too many waiting (vsock.go).
+var errNotAdmitted = errors.New("closed while it waited to show the key")
 
 // overVsock: the connection is a vsock one.
 func (c *Conn) overVsock() bool { return c.onAdmit != nil }
@@ -177,7 +187,7 @@ func (c *Conn) readLoop(br *bufio.Reader) error {
 		if f.Kind == KindReq && f.Chan == 0 && c.used {
 			return &errNewHost{hello: f}
 		}
-		// before the wait for ready: a peer without the key holds nothing until then
+		// (a vsock connection is admitted on its first frame, in serve: a guard)
 		if err := c.admit(f); err != nil {
 			return err
 		}

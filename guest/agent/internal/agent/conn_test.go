@@ -122,7 +122,7 @@ func TestAnEmptyTryOfThePortAllocatesNothing(t *testing.T) {
 	noHost := eofReader{}
 	br := bufio.NewReaderSize(noHost, 2*MaxPayload)
 	allocs := testing.AllocsPerRun(200, func() {
-		if err := s.serveConn(noHost, br, nil); err != io.EOF {
+		if err := s.serveConn(noHost, br, nil, nil); err != io.EOF {
 			t.Fatalf("err %v", err)
 		}
 		br.Reset(noHost)

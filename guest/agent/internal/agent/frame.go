@@ -48,6 +48,7 @@ type Frame struct {
 type FrameReader struct {
 	r   io.Reader
 	hdr [headerSize]byte
+	max uint32 // the largest payload taken (0: MaxPayload)
 }
 
 // NewFrameReader wraps r (callers pass a buffered reader).
@@ -61,7 +62,7 @@ func (fr *FrameReader) Read() (Frame, error) {
 	}
 	n := binary.BigEndian.Uint32(fr.hdr[0:4])
 	f := Frame{Chan: binary.BigEndian.Uint32(fr.hdr[4:8]), Kind: fr.hdr[8]}
-	if n > MaxPayload {
+	if n > MaxPayload || (fr.max > 0 && n > fr.max) {
 		return f, fmt.Errorf("%w: payload length %d", ErrViolation, n)
 	}
 	if f.Kind < KindReq || f.Kind > KindCancel {

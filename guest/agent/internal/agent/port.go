@@ -40,7 +40,7 @@ func findPort(name string, d time.Duration) (string, error) {
 func (s *Server) ServePort(port *os.File) {
 	br := bufio.NewReaderSize(port, 2*MaxPayload)
 	for {
-		err := s.serveConn(port, br, nil)
+		err := s.serveConn(port, br, nil, nil)
 		br.Reset(port) // what a dropped connection left unread is not the next one's
 		switch {
 		case errors.Is(err, ErrViolation):

@@ -56,7 +56,7 @@ func (s *Server) ServeVsock(port uint32) error {
 			return acceptedConn{}, fmt.Errorf("vsock accept: %w", err)
 		}
 		return acceptedConn{os.NewFile(uintptr(nfd), "vsock"), describePeer(sa), fromHost(sa)}, nil
-	})
+	}, defaultVsockLimits)
 }
 
 // acceptRetrying accepts a connection on the listening fd, non-blocking so
@@ -92,29 +92,36 @@ type acceptedConn struct {
 	fromHost bool
 }
 
-// MaxUnadmitted bounds the vsock connections that have not shown the key yet
-// (any local user of the host can open them): a new one closes the oldest.
-// Closing the newest instead would let a few idle ones lock the host out. A
-// var so that a test can lower it.
-var MaxUnadmitted = 4
+// vsockLimits bounds the connections that have not shown the key yet (any
+// local user of the host can open them).
+type vsockLimits struct {
+	// waiting: at most this many at once; a new one closes the oldest (closing
+	// the newest instead would let a few idle ones lock the host out).
+	waiting int
+	within  time.Duration // each has this long to show the key
+}
 
-// AdmitWithin is how long a vsock connection has to show the key.
-var AdmitWithin = 5 * time.Second
+var defaultVsockLimits = vsockLimits{waiting: 32, within: 5 * time.Second}
+
+// maxAdmissionPayload bounds the first frame of a vsock connection (a hello
+// with the key is ~150 bytes): what one that has not shown the key may hold.
+const maxAdmissionPayload = 4096
 
 // serveHostConns is the accept loop of ServeVsock, apart so that a test can
-// drive it with any listener. A connection replaces the host's current one
-// only once it showed the key: a stranger's connect ends nothing.
-func (s *Server) serveHostConns(accept func() (acceptedConn, error)) error {
+// drive it with any listener and limits. A connection replaces the host's
+// current one only once it showed the key: a stranger's connect ends nothing.
+func (s *Server) serveHostConns(accept func() (acceptedConn, error), lim vsockLimits) error {
 	var mu sync.Mutex
 	var current io.ReadWriteCloser
 	var waiting []io.ReadWriteCloser // not admitted yet, oldest first (under mu)
-	unwait := func(c io.ReadWriteCloser) {
+	unwait := func(c io.ReadWriteCloser) bool {
 		for i, w := range waiting {
 			if w == c {
 				waiting = append(waiting[:i], waiting[i+1:]...)
-				return
+				return true
 			}
 		}
+		return false
 	}
 	for {
 		a, err := accept()
@@ -128,29 +135,33 @@ func (s *Server) serveHostConns(accept func() (acceptedConn, error)) error {
 			continue
 		}
 		mu.Lock()
-		if len(waiting) >= MaxUnadmitted {
-			s.logf("vsock: closing a connection that has not shown the key: %d wait", len(waiting))
+		if len(waiting) >= lim.waiting {
 			_ = waiting[0].Close()
 			waiting = waiting[1:]
 		}
 		waiting = append(waiting, c)
 		mu.Unlock()
-		setReadDeadline(c, time.Now().Add(AdmitWithin))
+		setReadDeadline(c, time.Now().Add(lim.within))
 		go func() {
-			admitted := func() {
-				setReadDeadline(c, time.Time{})
+			// c becomes the host's connection, unless it was closed meanwhile as the
+			// oldest waiting one (called again by a new hello on the same stream)
+			admitted := func() bool {
 				mu.Lock()
-				unwait(c)
+				defer mu.Unlock()
+				if !unwait(c) && current != c {
+					return false
+				}
+				setReadDeadline(c, time.Time{})
 				if current != nil && current != c {
 					_ = current.Close()
 				}
 				current = c
-				mu.Unlock()
+				return true
 			}
-			err := s.serveConn(c, bufio.NewReaderSize(c, 2*MaxPayload), admitted)
+			err := s.serveVsockConn(c, admitted)
 			switch {
 			case errors.Is(err, os.ErrDeadlineExceeded):
-				s.logf("vsock: %s showed no key within %v", a.peer, AdmitWithin)
+				s.logf("vsock: %s showed no key within %v", a.peer, lim.within)
 			case err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, os.ErrClosed) &&
 				!errors.Is(err, io.ErrUnexpectedEOF) && err != errConnClosed:
 				s.logf("vsock: %s: %v", a.peer, err)
@@ -164,6 +175,18 @@ func (s *Server) serveHostConns(accept func() (acceptedConn, error)) error {
 			mu.Unlock()
 		}()
 	}
+}
+
+// serveVsockConn reads the first frame with no buffer of its own (until it
+// has shown the key a connection holds that frame only), then serves it.
+func (s *Server) serveVsockConn(c io.ReadWriter, admitted func() bool) error {
+	fr := NewFrameReader(c)
+	fr.max = maxAdmissionPayload
+	first, err := fr.Read()
+	if err != nil {
+		return err
+	}
+	return s.serveConn(c, bufio.NewReaderSize(c, 2*MaxPayload), admitted, &first)
 }
 
 // setReadDeadline sets c's read deadline where it has one (vsock fds and the

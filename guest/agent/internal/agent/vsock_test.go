@@ -87,7 +87,7 @@ func rawRequest(t *testing.T, c net.Conn, id uint32, req map[string]any) (map[st
 
 // acceptingUnix serves srv's vsock accept loop on a unix listener whose every
 // peer passes the CID check (or takes its verdict from verdicts); dial connects.
-func acceptingUnix(t *testing.T, srv *Server, verdicts chan bool) (dial func() net.Conn, served chan error, l net.Listener) {
+func acceptingUnix(t *testing.T, srv *Server, verdicts chan bool, lim vsockLimits) (dial func() net.Conn, served chan error, l net.Listener) {
 	t.Helper()
 	l, err := net.Listen("unix", filepath.Join(t.TempDir(), "agent.sock"))
 	if err != nil {
@@ -106,7 +106,7 @@ func acceptingUnix(t *testing.T, srv *Server, verdicts chan bool) (dial func() n
 		}
 		return acceptedConn{c, c.RemoteAddr().String(), fromHost}, nil
 	}
-	go func() { served <- srv.serveHostConns(accept) }()
+	go func() { served <- srv.serveHostConns(accept, lim) }()
 	dial = func() net.Conn {
 		c, err := net.Dial("unix", l.Addr().String())
 		if err != nil {
@@ -128,7 +128,7 @@ func TestHostConnectionsRefuseOthersAndNewestWins(t *testing.T) {
 	srv := NewServer(time.Now())
 	key, _ := parseVsockKey(testKey)
 	srv.vsockKey.set(key)
-	dial, served, l := acceptingUnix(t, srv, verdicts)
+	dial, served, l := acceptingUnix(t, srv, verdicts, defaultVsockLimits)
 
 	stranger := dial()
 	// Closed unanswered: the write or the read fails, depending on timing.
@@ -225,15 +225,21 @@ func TestAcceptWaitsOutAFullFdTable(t *testing.T) {
 	}
 }
 
-// A vsock peer is served only after a first hello with the key that a hello on
-// the serial port set: any local user of the host can reach the port.
+// A vsock peer is served only after a first hello with the key that
+// set_vsock_key on the serial port set: any local user of the host can reach
+// the port.
 func TestAVsockHostMustPresentTheSerialPortsKey(t *testing.T) {
 	srv := NewServer(time.Now())
-	dial, _, _ := acceptingUnix(t, srv, nil)
+	dial, _, _ := acceptingUnix(t, srv, nil, defaultVsockLimits)
 	refused := func(what string, c net.Conn, send func() (map[string]any, error)) {
 		t.Helper()
-		if r, err := send(); err == nil {
+		r, err := send()
+		if err == nil {
 			t.Fatalf("%s: answered %v", what, r)
+		}
+		// closed by the agent at once, not a read of ours timing out
+		if !errors.Is(err, io.EOF) && !errors.Is(err, unix.ECONNRESET) && !errors.Is(err, unix.EPIPE) {
+			t.Fatalf("%s: %v; want the connection closed", what, err)
 		}
 	}
 	early := dial()
@@ -291,34 +297,43 @@ func TestAVsockHostMustPresentTheSerialPortsKey(t *testing.T) {
 	})
 }
 
-// Connections that have not shown the key are few and short-lived: past
-// MaxUnadmitted a new one closes the oldest, and each has AdmitWithin.
+// Connections that have not shown the key are few and short-lived: past the
+// limit a new one closes the oldest, each has a time limit, and a first frame
+// larger than a hello is refused before it is read.
 func TestVsockPeersWithoutTheKeyAreBoundedInNumberAndTime(t *testing.T) {
-	oldMax, oldWithin := MaxUnadmitted, AdmitWithin
-	MaxUnadmitted, AdmitWithin = 2, 1500*time.Millisecond
-	t.Cleanup(func() { MaxUnadmitted, AdmitWithin = oldMax, oldWithin })
+	lim := vsockLimits{waiting: 2, within: 3 * time.Second}
 	srv := NewServer(time.Now())
 	key, _ := parseVsockKey(testKey)
 	srv.vsockKey.set(key)
-	dial, _, _ := acceptingUnix(t, srv, nil)
-	eof := func(what string, c net.Conn, within time.Duration) {
+	dial, _, _ := acceptingUnix(t, srv, nil, lim)
+	closedWithin := func(what string, c net.Conn, within time.Duration) {
 		t.Helper()
 		_ = c.SetReadDeadline(time.Now().Add(within))
 		if _, err := c.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
 			t.Fatalf("%s: %v; want EOF", what, err)
 		}
 	}
+	start := time.Now()
 	oldest, second := dial(), dial()
-	// the third, while two wait, closes the oldest at once (before its time is up)
+	// the third, while two wait, closes the oldest at once (long before its time)
 	host := dial()
-	eof("the oldest waiting connection", oldest, time.Second)
+	closedWithin("the oldest waiting connection", oldest, time.Second)
 	if r, err := rawHello(t, host, "h", "key", testKey); err != nil || r["nonce"] != "h" {
 		t.Fatalf("the host while others wait: %v, %v", r, err)
 	}
+	big := dial()
+	hdr := make([]byte, headerSize)
+	putHeader(hdr, 0, KindReq, maxAdmissionPayload+1)
+	if _, err := big.Write(hdr); err != nil {
+		t.Fatal(err)
+	}
+	closedWithin("a first frame larger than a hello", big, time.Second)
 	// a silent one is closed once its time is up
-	eof("a silent connection", second, 5*time.Second)
+	closedWithin("a silent connection", second, 2*lim.within)
+	if waited := time.Since(start); waited < lim.within-100*time.Millisecond {
+		t.Fatalf("a silent connection was closed after %v, before its %v", waited, lim.within)
+	}
 	// admitted, the host has no deadline any more
-	time.Sleep(2 * AdmitWithin)
 	if r, err := rawRequest(t, host, 1, map[string]any{"op": "health"}); err != nil || r["ok"] != true {
 		t.Fatalf("the host past the admission time: %v, %v", r, err)
 	}
