@@ -1,13 +1,15 @@
 """Choose KVM only when it can really run a standard guest; TCG otherwise.
 
 `/dev/kvm` alone lies: PVM hosts expose it without VT-x/AMD-V, and a stock guest kernel
-hangs there. So KVM needs the device usable *and* the vmx/svm CPU flag, unless the user
+hangs there. So KVM needs the device usable, the vmx/svm CPU flag *and*, where the caller
+gives one, a probe that boots the guest kernel under KVM (vmm/kvmprobe.py), unless the user
 forces it (ISORUN_ACCEL=kvm, e.g. with their own PVM guest kernel).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +66,10 @@ def detect(
     requested: str | None = None,
     kvm_dev: Path = Path("/dev/kvm"),
     cpuinfo_path: Path = Path("/proc/cpuinfo"),
+    probe: Callable[[], str | None] | None = None,
 ) -> AccelChoice:
+    """`probe`: None when KVM boots a test guest, else why not (kvmprobe); run only when
+    everything else says KVM. A failed probe makes the rest of the process use TCG."""
     want = (requested or os.environ.get("ISORUN_ACCEL") or "auto").lower()
     if want not in ("auto", "kvm", "tcg"):
         raise ConfigError(f"accel '{want}' is not one of auto, kvm, tcg (ISORUN_ACCEL)")
@@ -87,4 +92,7 @@ def detect(
         )
     if _kvm_refused is not None:
         return AccelChoice("tcg", f"QEMU could not use KVM earlier: {_kvm_refused}")
-    return AccelChoice("kvm", "vmx/svm present and /dev/kvm usable")
+    if probe is not None and (why := probe()) is not None:
+        return fall_back_to_tcg(why)
+    booted = ", a test guest booted" if probe is not None else ""
+    return AccelChoice("kvm", f"vmx/svm present, /dev/kvm usable{booted}")

@@ -36,7 +36,7 @@ from isorun.errors import (
     VMError,
 )
 from isorun.vmm import accel as accel_mod
-from isorun.vmm import artifacts, jail, qemu_cmd, scratch, tsc, vsock, warm
+from isorun.vmm import artifacts, jail, kvmprobe, qemu_cmd, scratch, tsc, vsock, warm
 from isorun.vmm.cgroup import VMCgroup
 from isorun.vmm.console import ConsoleLog
 from isorun.vmm.mempeak import MemoryPeak
@@ -87,6 +87,12 @@ class _Binaries:
             artifacts.qemu_binary(),
             artifacts.kernel_path(spec.kernel),
             artifacts.initramfs_path(spec.initramfs),
+        )
+
+    def accel(self, spec: VMSpec) -> accel_mod.AccelChoice:
+        """The accelerator these run under: KVM only if it boots this kernel (kvmprobe)."""
+        return accel_mod.detect(
+            spec.accel, probe=functools.partial(kvmprobe.kvm_boots_a_guest, self.qemu, self.kernel)
         )
 
 
@@ -145,7 +151,7 @@ class MicroVM:
     async def boot(cls, spec: VMSpec) -> MicroVM:
         spec.validate()
         bins = _Binaries.of(spec)
-        choice = accel_mod.detect(spec.accel)
+        choice = bins.accel(spec)
         channel = vsock.choose(spec.channel, warm_start=spec.warm_start and _warm_fits(spec))
         if spec.warm_start and _warm_applies(spec, channel):
             vm = await cls._warm_boot(spec, choice, bins)
@@ -268,7 +274,7 @@ class MicroVM:
         if vsock.choose(spec.channel, warm_start=True).name != "serial":
             return None  # such VMs boot cold (_warm_applies)
         # no boot waits for it here: wait out another process making it
-        return await cls._warm_template(spec, accel_mod.detect(spec.accel), bins, None)
+        return await cls._warm_template(spec, bins.accel(spec), bins, None)
 
     @classmethod
     def warm_template_ready(cls, spec: VMSpec) -> bool:
@@ -279,7 +285,7 @@ class MicroVM:
             bins = _Binaries.of(spec)
             if not _warm_applies(spec, vsock.choose(spec.channel, warm_start=True)):
                 return False
-            path = warm.template_path(_template_key(spec, accel_mod.detect(spec.accel), bins))
+            path = warm.template_path(_template_key(spec, bins.accel(spec), bins))
             return path.is_file() and not warm.failed_recently(path, "restore")
         except (IsorunError, OSError):
             return False

@@ -93,11 +93,13 @@ def kernel_cmdline(
 
 
 def machine_args(
-    qemu: str, accel: str, vcpus: int, memory_mib: int, kernel: Path, initramfs: Path
+    qemu: str, accel: str, vcpus: int, memory_mib: int, kernel: Path, initramfs: Path | None
 ) -> list[str]:
     """The machine itself: accelerator, CPU, memory, kernel and initramfs (no devices, no
-    command line). The boot benchmark's bare baseline starts from exactly these."""
+    command line). The boot benchmark's bare baseline and the KVM probe (without an
+    initramfs) start from exactly these."""
     accel_arg = "kvm" if accel == "kvm" else f"tcg,tb-size={TCG_TB_MIB}"
+    initrd = ["-initrd", str(initramfs)] if initramfs is not None else []
     return [
         qemu,
         "-M",
@@ -116,8 +118,7 @@ def machine_args(
         "-no-reboot",
         "-kernel",
         str(kernel),
-        "-initrd",
-        str(initramfs),
+        *initrd,
     ]
 
 

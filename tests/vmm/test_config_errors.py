@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from isorun.errors import ConfigError, VMError
-from isorun.vmm import MicroVM, VMSpec, accel, artifacts, scratch, vsock
+from isorun.vmm import MicroVM, VMSpec, accel, artifacts, kvmprobe, scratch, vsock
 
 
 async def test_missing_kernel_says_how_to_build_it(tmp_path: Path) -> None:
@@ -150,9 +150,10 @@ async def test_a_cancelled_scratch_tool_does_not_run_on(tmp_path: Path) -> None:
 async def test_kvm_that_qemu_cannot_set_up_falls_back_to_tcg(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, busybox_rootfs: Path
 ) -> None:
-    # A host whose CPU and /dev/kvm say KVM, but QEMU's KVM setup fails (another hypervisor
-    # holds VT-x: EBUSY). Detection chose KVM by itself: the boot goes on under TCG, and so
-    # do later ones. Here a QEMU wrapper fails that way for -accel kvm only.
+    # A host whose CPU and /dev/kvm say KVM, and whose KVM booted the probe's test guest,
+    # but QEMU's KVM setup fails later (another hypervisor took VT-x meanwhile: EBUSY).
+    # Detection chose KVM by itself: the boot goes on under TCG, and so do later ones. Here
+    # a QEMU wrapper fails that way for -accel kvm only.
     real = artifacts.qemu_binary()
     fake = tmp_path / "qemu-system-x86_64"
     fake.write_text(
@@ -170,8 +171,11 @@ async def test_kvm_that_qemu_cannot_set_up_falls_back_to_tcg(
     cpuinfo.write_text("flags\t\t: fpu vmx sse2\n")
     detect = accel.detect
     monkeypatch.setattr(
-        accel, "detect", lambda req=None: detect(req, kvm_dev=dev, cpuinfo_path=cpuinfo)
+        accel,
+        "detect",
+        lambda req=None, probe=None: detect(req, kvm_dev=dev, cpuinfo_path=cpuinfo, probe=probe),
     )
+    monkeypatch.setattr(kvmprobe, "kvm_boots_a_guest", lambda qemu, kernel: None)
     monkeypatch.setattr(accel, "_kvm_refused", None)
     assert accel.detect().name == "kvm"
     vm = await MicroVM.boot(VMSpec(rootfs=busybox_rootfs, memory_mib=256, scratch_mib=256))

@@ -1,0 +1,91 @@
+"""Detection boots the guest kernel under KVM once before settling on KVM (vmm/kvmprobe.py):
+a KVM that passes the flag and device checks but cannot run the guest gets TCG."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from isorun.vmm import accel, artifacts, kvmprobe
+
+
+@pytest.fixture(autouse=True)
+def _fresh_verdicts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kvmprobe, "_verdicts", {})
+    monkeypatch.setattr(accel, "_kvm_refused", None)
+
+
+def _qemu_wrapper(tmp_path: Path, body: str) -> str:
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.write_text(f"#!/bin/sh\n{body}\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def _vt_host(tmp_path: Path) -> tuple[Path, Path]:
+    dev, cpuinfo = tmp_path / "kvm", tmp_path / "cpuinfo"
+    dev.write_text("")
+    cpuinfo.write_text("flags\t\t: fpu vmx sse2\n")
+    return dev, cpuinfo
+
+
+def test_a_kvm_that_runs_the_kernel_is_chosen(tmp_path: Path) -> None:
+    # A KVM stand-in that works: the probe's own command line under TCG, so the real guest
+    # kernel runs to its panic (no initramfs, no root) and QEMU exits.
+    real = artifacts.qemu_binary()
+    qemu = _qemu_wrapper(
+        tmp_path,
+        'for a in "$@"; do shift; case "$a" in kvm) a=tcg;; host,-vmx,-svm) a=max;; esac\n'
+        '  set -- "$@" "$a"; done\n'
+        f'exec {real} "$@"',
+    )
+    kernel = artifacts.kernel_path(None)
+    assert kvmprobe.kvm_boots_a_guest(qemu, kernel) is None
+    dev, cpuinfo = _vt_host(tmp_path)
+    choice = accel.detect(
+        "auto", dev, cpuinfo, probe=lambda: kvmprobe.kvm_boots_a_guest(qemu, kernel)
+    )
+    assert choice.name == "kvm" and "a test guest booted" in choice.reason, choice
+
+
+def test_a_kvm_on_which_the_guest_hangs_gets_tcg(tmp_path: Path) -> None:
+    qemu = _qemu_wrapper(tmp_path, "exec sleep 60")
+    kernel = artifacts.kernel_path(None)
+    why = kvmprobe.kvm_boots_a_guest(qemu, kernel, timeout=1.0)
+    assert why is not None and "within 1 s" in why and "hung" in why, why
+    dev, cpuinfo = _vt_host(tmp_path)
+    choice = accel.detect("auto", dev, cpuinfo, probe=lambda: why)
+    assert choice.name == "tcg" and "within 1 s" in choice.reason, choice
+    # the verdict holds for the rest of the process, probe or not
+    later = accel.detect("auto", dev, cpuinfo)
+    assert later.name == "tcg" and "earlier" in later.reason, later
+    # asked for by name: no probe, no fallback
+    assert accel.detect("kvm", dev, cpuinfo, probe=lambda: why).name == "kvm"
+
+
+def test_a_kvm_whose_qemu_fails_gets_tcg_in_qemus_words(tmp_path: Path) -> None:
+    qemu = _qemu_wrapper(
+        tmp_path,
+        'echo "qemu-system-x86_64: warning: ignored" >&2\n'
+        'echo "qemu-system-x86_64: error: failed to set MSR 0x10a to 0xc000069" >&2\n'
+        'echo "qemu: kvm.c:3849: kvm_buf_set_msrs: Assertion failed." >&2\n'
+        "kill -ABRT $$",
+    )
+    why = kvmprobe.kvm_boots_a_guest(qemu, artifacts.kernel_path(None))
+    assert why is not None and "failed to set MSR 0x10a" in why, why
+
+
+def _has_virt_flags() -> bool:
+    return bool(accel.cpu_flags(Path("/proc/cpuinfo").read_text()) & {"vmx", "svm"})
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/dev/kvm") or _has_virt_flags(),
+    reason="needs a /dev/kvm without VT-x/AMD-V (a PVM host, as these are)",
+)
+def test_this_pvm_hosts_kvm_does_not_run_the_guest() -> None:
+    # The real device: what detection would learn here if the CPU flags did not stop it.
+    why = kvmprobe.kvm_boots_a_guest(artifacts.qemu_binary(), artifacts.kernel_path(None))
+    assert why is not None and "did not boot under KVM" in why, why
