@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from vmhelpers import build_busybox_rootfs
 
 from isorun.agent.mux import AgentConnection
-from isorun.vmm import MicroVM, VMSpec, accel, artifacts, qemu_cmd, scratch, tsc
+from isorun.vmm import MicroVM, VMSpec, artifacts, qemu_cmd, scratch, tsc
 from isorun.vmm import warm as warm_mod
 from isorun.vmm.qmp import QMPMonitor
 
@@ -322,7 +322,7 @@ def summary(name: str, xs: list[float]) -> dict[str, object]:
 
 async def main() -> None:
     kernel = artifacts.kernel_path()
-    choice = accel.detect()
+    choice = MicroVM.accel_for(VMSpec())  # what MicroVM.boot chooses (KVM probe included)
     rootfs = build_busybox_rootfs()
     with tempfile.TemporaryDirectory() as tmp:
         trivial_go = trivial_initramfs(Path(tmp), "go")

@@ -68,8 +68,8 @@ def detect(
     cpuinfo_path: Path = Path("/proc/cpuinfo"),
     probe: Callable[[], str | None] | None = None,
 ) -> AccelChoice:
-    """`probe`: None when KVM boots a test guest, else why not (kvmprobe); run only when
-    everything else says KVM. A failed probe makes the rest of the process use TCG."""
+    """`probe`: None when KVM boots a test guest, else why not (kvmprobe, which keeps its
+    verdict); run only when everything else says KVM."""
     want = (requested or os.environ.get("ISORUN_ACCEL") or "auto").lower()
     if want not in ("auto", "kvm", "tcg"):
         raise ConfigError(f"accel '{want}' is not one of auto, kvm, tcg (ISORUN_ACCEL)")
@@ -93,6 +93,6 @@ def detect(
     if _kvm_refused is not None:
         return AccelChoice("tcg", f"QEMU could not use KVM earlier: {_kvm_refused}")
     if probe is not None and (why := probe()) is not None:
-        return fall_back_to_tcg(why)
+        return AccelChoice("tcg", why)
     booted = ", a test guest booted" if probe is not None else ""
     return AccelChoice("kvm", f"vmx/svm present, /dev/kvm usable{booted}")

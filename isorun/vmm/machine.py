@@ -151,7 +151,7 @@ class MicroVM:
     async def boot(cls, spec: VMSpec) -> MicroVM:
         spec.validate()
         bins = _Binaries.of(spec)
-        choice = bins.accel(spec)
+        choice = await asyncio.to_thread(bins.accel, spec)
         channel = vsock.choose(spec.channel, warm_start=spec.warm_start and _warm_fits(spec))
         if spec.warm_start and _warm_applies(spec, channel):
             vm = await cls._warm_boot(spec, choice, bins)
@@ -274,7 +274,20 @@ class MicroVM:
         if vsock.choose(spec.channel, warm_start=True).name != "serial":
             return None  # such VMs boot cold (_warm_applies)
         # no boot waits for it here: wait out another process making it
-        return await cls._warm_template(spec, bins.accel(spec), bins, None)
+        choice = await asyncio.to_thread(bins.accel, spec)
+        return await cls._warm_template(spec, choice, bins, None)
+
+    @classmethod
+    def accel_for(cls, spec: VMSpec) -> accel_mod.AccelChoice:
+        """The accelerator spec's VMs boot under. On a host where KVM looks usable the first
+        call per process boots a test guest under it (kvmprobe) and blocks meanwhile."""
+        return _Binaries.of(spec).accel(spec)
+
+    @classmethod
+    async def choose_accel(cls, spec: VMSpec) -> accel_mod.AccelChoice:
+        """accel_for in a thread: a daemon calls this as it starts, so that no create waits
+        for the KVM probe."""
+        return await asyncio.to_thread(cls.accel_for, spec)
 
     @classmethod
     def warm_template_ready(cls, spec: VMSpec) -> bool:

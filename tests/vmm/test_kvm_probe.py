@@ -4,11 +4,13 @@ a KVM that passes the flag and device checks but cannot run the guest gets TCG."
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from isorun.vmm import accel, artifacts, kvmprobe
+from isorun.vmm import MicroVM, VMSpec, accel, artifacts, kvmprobe
 
 
 @pytest.fixture(autouse=True)
@@ -50,19 +52,39 @@ def test_a_kvm_that_runs_the_kernel_is_chosen(tmp_path: Path) -> None:
     assert choice.name == "kvm" and "a test guest booted" in choice.reason, choice
 
 
-def test_a_kvm_on_which_the_guest_hangs_gets_tcg(tmp_path: Path) -> None:
-    qemu = _qemu_wrapper(tmp_path, "exec sleep 60")
+def test_a_kvm_on_which_the_guest_hangs_gets_tcg_once_per_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a wrapper that does not exec: its child must go with it on the timeout
+    sleeper = f"sleep 61.{os.getpid()}"
+    qemu = _qemu_wrapper(tmp_path, sleeper)
     kernel = artifacts.kernel_path(None)
-    why = kvmprobe.kvm_boots_a_guest(qemu, kernel, timeout=1.0)
-    assert why is not None and "within 1 s" in why and "hung" in why, why
+    probes = 0
+    probe = kvmprobe._probe
+
+    def counted(*args: object) -> str | None:
+        nonlocal probes
+        probes += 1
+        return probe(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kvmprobe, "_probe", counted)
     dev, cpuinfo = _vt_host(tmp_path)
-    choice = accel.detect("auto", dev, cpuinfo, probe=lambda: why)
+
+    def choose() -> accel.AccelChoice:
+        return accel.detect(
+            "auto", dev, cpuinfo, probe=lambda: kvmprobe.kvm_boots_a_guest(qemu, kernel, 1.0)
+        )
+
+    t0 = time.monotonic()
+    choice = choose()
+    assert time.monotonic() - t0 < 10  # not held up by the wrapper's child
     assert choice.name == "tcg" and "within 1 s" in choice.reason, choice
-    # the verdict holds for the rest of the process, probe or not
-    later = accel.detect("auto", dev, cpuinfo)
-    assert later.name == "tcg" and "earlier" in later.reason, later
+    assert "hung" in choice.reason
+    assert choose() == choice and probes == 1  # the verdict is kept
     # asked for by name: no probe, no fallback
-    assert accel.detect("kvm", dev, cpuinfo, probe=lambda: why).name == "kvm"
+    assert accel.detect("kvm", dev, cpuinfo, probe=lambda: "broken").name == "kvm"
+    for left in (sleeper, qemu):
+        assert subprocess.run(["pgrep", "-f", left], check=False).returncode == 1, left
 
 
 def test_a_kvm_whose_qemu_fails_gets_tcg_in_qemus_words(tmp_path: Path) -> None:
@@ -89,3 +111,49 @@ def test_this_pvm_hosts_kvm_does_not_run_the_guest() -> None:
     # The real device: what detection would learn here if the CPU flags did not stop it.
     why = kvmprobe.kvm_boots_a_guest(artifacts.qemu_binary(), artifacts.kernel_path(None))
     assert why is not None and "did not boot under KVM" in why, why
+
+
+@pytest.mark.parametrize(
+    ("console", "named"),
+    [
+        # a kernel that panicked before it looked for a root disk did not boot
+        ("Kernel panic - not syncing: IO-APIC + timer doesn't work!", "IO-APIC"),
+        ("", "printed nothing"),
+    ],
+)
+def test_a_guest_that_stops_short_of_the_root_disk_did_not_boot(
+    tmp_path: Path, console: str, named: str
+) -> None:
+    qemu = _qemu_wrapper(tmp_path, f'echo "{console}"; exit 0')
+    why = kvmprobe.kvm_boots_a_guest(qemu, artifacts.kernel_path(None))
+    assert why is not None and named in why, why
+
+
+async def test_machines_boot_under_what_the_probe_decided(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, busybox_rootfs: Path
+) -> None:
+    # A host that looks like a VT-x one, whose KVM fails the probe: boots, templates and the
+    # daemon's start all choose TCG, naming why.
+    dev, cpuinfo = _vt_host(tmp_path)
+    detect = accel.detect
+    monkeypatch.setattr(
+        accel,
+        "detect",
+        lambda req=None, probe=None: detect(req, kvm_dev=dev, cpuinfo_path=cpuinfo, probe=probe),
+    )
+    asked: list[object] = []
+
+    def broken(qemu: str, kernel: Path) -> str:
+        asked.append(kernel)
+        return "a test guest did not boot under KVM: broken"
+
+    monkeypatch.setattr(kvmprobe, "kvm_boots_a_guest", broken)
+    spec = VMSpec(rootfs=busybox_rootfs, memory_mib=256, scratch_mib=256)
+    assert (await MicroVM.choose_accel(spec)).reason.endswith("broken")
+    vm = await MicroVM.boot(spec)
+    try:
+        assert vm.accel.name == "tcg" and vm.accel.reason.endswith("broken"), vm.accel
+        assert (await vm.agent.exec("echo up")).stdout == b"up\n"
+    finally:
+        await vm.kill()
+    assert asked and set(asked) == {artifacts.kernel_path(None)}

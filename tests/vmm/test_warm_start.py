@@ -21,7 +21,7 @@ from vmhelpers import assert_vm_gone, qemu_pids_for, vm_spec
 
 from isorun.agent import AgentClient
 from isorun.errors import VMError
-from isorun.vmm import MicroVM, accel, artifacts, warm
+from isorun.vmm import MicroVM, VMSpec, artifacts, warm
 
 pytestmark = pytest.mark.vm
 
@@ -31,7 +31,7 @@ def _template(memory_mib: int = 256) -> Path:
         artifacts.qemu_binary(),
         artifacts.kernel_path(),
         artifacts.initramfs_path(),
-        accel.detect(None).name,
+        MicroVM.accel_for(VMSpec()).name,
         1,
         memory_mib,
     )
