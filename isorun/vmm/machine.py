@@ -158,6 +158,26 @@ class MicroVM:
             if vm is not None:
                 return vm
         try:
+            return await cls._boot_on(spec, choice, channel, bins)
+        except (VMError, ConfigError) as exc:
+            # vsock that auto chose but the host or QEMU cannot set up: virtio-serial, which
+            # every VM has
+            why = _vsock_failure(str(exc)) if not channel.required else None
+            if channel.name != "vsock" or why is None:
+                raise
+            log.warning("vsock did not start (%s): booting over virtio-serial", why)
+            serial = vsock.ChannelChoice("serial", f"auto: vsock did not start: {why}")
+            return await cls._boot_on(spec, choice, serial, bins)
+
+    @classmethod
+    async def _boot_on(
+        cls,
+        spec: VMSpec,
+        choice: accel_mod.AccelChoice,
+        channel: vsock.ChannelChoice,
+        bins: _Binaries,
+    ) -> MicroVM:
+        try:
             return await cls._boot_retrying(spec, choice, channel, bins)
         except VMError as exc:
             # KVM chosen by detection (not asked for) that QEMU cannot set up: TCG, as it
@@ -969,6 +989,16 @@ def _template_key(spec: VMSpec, choice: accel_mod.AccelChoice, bins: _Binaries) 
     return warm.template_key(
         bins.qemu, bins.kernel, bins.initramfs, choice.name, spec.vcpus, spec.memory_mib
     )
+
+
+def _vsock_failure(error: str) -> str | None:
+    """The line of a boot's error saying the host (vsock.CidLease) or QEMU (its
+    vhost-vsock device) could not set up the guest's vsock, if it has one."""
+    for line in error.splitlines():
+        low = line.lower()
+        if "vhost-vsock" in low or "guest vsock" in low or "guest cid" in low:
+            return line.strip()[:300]
+    return None
 
 
 def _warm_applies(spec: VMSpec, channel: vsock.ChannelChoice) -> bool:

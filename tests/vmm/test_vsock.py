@@ -19,7 +19,7 @@ from vmhelpers import assert_vm_gone, vm_spec
 
 from isorun.agent import AgentClient, AgentConnection, frames
 from isorun.agent.frames import Kind
-from isorun.errors import ChannelClosedError, ConfigError
+from isorun.errors import ChannelClosedError, ConfigError, VMError
 from isorun.vmm import MicroVM, vsock
 
 GUEST_AGENT = Path(__file__).resolve().parents[2] / "guest" / "agent"
@@ -250,3 +250,37 @@ async def test_the_agent_channel_over_vhost_vsock(busybox_rootfs: Path) -> None:
     finally:
         await vm.kill()
         assert_vm_gone(vm)
+
+
+@pytest.mark.vm
+async def test_a_vsock_the_guest_cannot_get_boots_over_serial_when_auto_chose_it(
+    busybox_rootfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # auto chose vsock (a host whose /dev/vhost-vsock opens), but the guest's vsock does not
+    # start. Here QEMU is handed an fd that is no vhost-vsock device and fails on it as it
+    # would on a broken one; then the host cannot reserve a CID at all.
+    def chosen(required: bool) -> None:
+        choice = vsock.ChannelChoice("vsock", "test", required)
+        monkeypatch.setattr(vsock, "choose", lambda *a, **k: choice)
+
+    def not_vhost(device: Path = vsock.VHOST_VSOCK) -> vsock.CidLease:
+        return vsock.CidLease(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC), 77)
+
+    def no_cid(device: Path = vsock.VHOST_VSOCK) -> vsock.CidLease:
+        raise ConfigError(f"{device} refused guest CID 77: Device or resource busy")
+
+    chosen(required=False)
+    for reserve, said in ((not_vhost, "vhost-vsock-device"), (no_cid, "refused guest CID 77")):
+        monkeypatch.setattr(vsock.CidLease, "reserve", staticmethod(reserve))
+        vm = await MicroVM.boot(vm_spec(busybox_rootfs))
+        try:
+            assert vm.channel.name == "serial" and said in vm.channel.reason, vm.channel
+            assert (await vm.agent.exec("echo up")).stdout == b"up\n"
+        finally:
+            await vm.kill()
+            assert_vm_gone(vm)
+    # asked for by name: the failure is the boot's
+    chosen(required=True)
+    monkeypatch.setattr(vsock.CidLease, "reserve", staticmethod(not_vhost))
+    with pytest.raises(VMError, match="vhost-vsock-device"):
+        await MicroVM.boot(vm_spec(busybox_rootfs))
