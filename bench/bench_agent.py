@@ -61,6 +61,7 @@ async def main() -> None:
         emit(
             name="exec_true_round_trip",
             accel=vm.accel.name,
+            channel=vm.channel.name,
             runs=ROUND_TRIPS,
             p50_us=round(statistics.median(rtt)),
             guest_run_p50_us=round(statistics.median(run)),
@@ -90,6 +91,7 @@ async def main() -> None:
         emit(
             name="stdout_throughput",
             accel=vm.accel.name,
+            channel=vm.channel.name,
             mb=STREAM_MB,
             channel_mib_s=round(STREAM_MB / stream_s, 1),
             in_guest_dev_null_mib_s=round(STREAM_MB / floor_s, 1),
@@ -119,6 +121,7 @@ async def main() -> None:
         emit(
             name="file_transfer",
             accel=vm.accel.name,
+            channel=vm.channel.name,
             mb=FILE_MB,
             upload_mib_s=round(FILE_MB / up, 1),
             download_mib_s=round(FILE_MB / down, 1),
@@ -157,6 +160,7 @@ async def small_writes(vm: MicroVM) -> None:
     emit(
         name="small_writes",
         accel=vm.accel.name,
+        channel=vm.channel.name,
         writes=SMALL_WRITES,
         pty_s=round(took["pty"], 3),
         pty_chunks=chunks["pty"],
