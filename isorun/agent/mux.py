@@ -458,11 +458,9 @@ class AgentConnection:
     widened_limit = CONNECTION_WIDENED
 
     @classmethod
-    async def open_unix(
-        cls, path: str, timeout: float = 10.0, hello_extra: Mapping[str, str] | None = None
-    ) -> AgentConnection:
+    async def open_unix(cls, path: str, timeout: float = 10.0) -> AgentConnection:
         connect = asyncio.open_unix_connection(path, limit=STREAM_LIMIT)
-        return await cls.open(connect, f"the agent socket {path}", timeout, hello_extra)
+        return await cls.open(connect, f"the agent socket {path}", timeout)
 
     @classmethod
     async def open(

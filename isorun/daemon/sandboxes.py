@@ -129,7 +129,7 @@ class SandboxManager:
         # before any create: on a KVM host the first choice boots a test guest (kvmprobe)
         spec = VMSpec(vcpus=self.cfg.default_vcpus, memory_mib=self.cfg.default_memory_mib)
         with contextlib.suppress(IsorunError, OSError):  # a boot names what is missing
-            choice = await MicroVM.choose_accel(spec)
+            choice = await asyncio.to_thread(MicroVM.accel_for, spec)
             log.info("VMs boot under %s (%s)", choice.name, choice.reason)
         await self._readopt()
         self._reaper = asyncio.create_task(self._reap_forever(), name="reaper")

@@ -61,16 +61,17 @@ def _probe(qemu: str, kernel: Path, timeout: float) -> str | None:
         )
     except OSError as exc:
         return f"cannot run {qemu}: {exc}"
+    hung = False
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        if _RAN in out:  # it got there; QEMU did not exit after
-            return None
-        return f"a test guest did not boot under KVM within {timeout:g} s (it hung)"
-    if _RAN in out:
+        hung = True
+    if _RAN in out:  # it got there (whether or not QEMU exited after)
         return None
+    if hung:
+        return f"a test guest did not boot under KVM within {timeout:g} s (it hung)"
     said = err.decode("utf-8", "replace").strip().splitlines()
     errors = [line for line in said if "error" in line.lower()] or said[-1:]
     if errors:

@@ -304,12 +304,6 @@ class MicroVM:
         return _Binaries.of(spec).accel(spec)
 
     @classmethod
-    async def choose_accel(cls, spec: VMSpec) -> accel_mod.AccelChoice:
-        """accel_for in a thread: a daemon calls this as it starts, so that no create waits
-        for the KVM probe."""
-        return await asyncio.to_thread(cls.accel_for, spec)
-
-    @classmethod
     def warm_template_ready(cls, spec: VMSpec) -> bool:
         """Whether a warm start of spec would restore a template already made, rather than
         make one first or boot cold: a caller that cannot wait for a template boot (a
@@ -680,11 +674,9 @@ class MicroVM:
             what = f"the agent at vsock CID {cid} port {vsock.AGENT_PORT}"
             return await AgentConnection.open(stream, what, within, extra)
 
-        async def over_serial(within: float) -> AgentConnection:
-            return await AgentConnection.open_unix(serial_path, within)
-
         if self.vsock_key is None:  # booted by a host from before vsock keys: no key to give
             return await over_vsock({}, timeout)
+        over_serial = functools.partial(AgentConnection.open_unix, serial_path)
         conn, fell_back = await vsock.open_keyed(
             over_serial, over_vsock, self.vsock_key, timeout, not self.channel.required
         )

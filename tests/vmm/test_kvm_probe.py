@@ -149,7 +149,7 @@ async def test_machines_boot_under_what_the_probe_decided(
 
     monkeypatch.setattr(kvmprobe, "kvm_boots_a_guest", broken)
     spec = VMSpec(rootfs=busybox_rootfs, memory_mib=256, scratch_mib=256)
-    assert (await MicroVM.choose_accel(spec)).reason.endswith("broken")
+    assert MicroVM.accel_for(spec).reason.endswith("broken")
     vm = await MicroVM.boot(spec)
     try:
         assert vm.accel.name == "tcg" and vm.accel.reason.endswith("broken"), vm.accel
