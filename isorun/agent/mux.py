@@ -535,7 +535,25 @@ class AgentConnection:
         return frozenset(f for f in named[:64] if isinstance(f, str) and len(f) <= 64)
 
     async def _ask_keepalive(self) -> None:
-        with contextlib.suppress(IsorunError), self.open_channel() as ch:
+        try:
+            every = await self._keepalive_granted()
+        except IsorunError:
+            # The request failed (the guest flooded its channel, say): a guest must not
+            # switch the hang detection off that way, so it is timed as one that sends none.
+            every = None
+        if self.is_closed:
+            return
+        if every is not None:
+            self._time_requests(max(self.idle_after_s, 3 * every))
+            return
+        # An agent from before keepalives answers {"ok": false}: it sends none. Its requests
+        # are not left untimed (a guest could say so to wait for ever): the host asks instead.
+        self._time_requests(self.idle_after_s)
+        self._probe_task = asyncio.create_task(self._probe(), name="agent-probe")
+
+    async def _keepalive_granted(self) -> float | None:
+        """Ask for keepalives: the interval the agent granted, in seconds (None: none)."""
+        with self.open_channel() as ch:
             ch.timed = False  # its own deadline is below; a late answer is still taken
             await self.request(ch, {"op": "keepalive", "interval_ms": int(self.keepalive_s * 1000)})
             try:
@@ -548,16 +566,10 @@ class AgentConnection:
                 self._time_requests(self.idle_after_s)
                 frame = await self._answer(ch)
             answer = frame.json()
-            granted = answer.get("interval_ms")
-            if answer.get("ok") is True and type(granted) is int and granted > 0:
-                every = min(granted, 60_000) / 1000  # the agent may round what we asked
-                self._time_requests(max(self.idle_after_s, 3 * every))
-                return
-            # An agent from before keepalives answers {"ok": false}: it sends none. Its
-            # requests are not left untimed (a guest could say so to wait for ever): the
-            # host asks instead.
-            self._time_requests(self.idle_after_s)
-            self._probe_task = asyncio.create_task(self._probe(), name="agent-probe")
+        granted = answer.get("interval_ms")
+        if answer.get("ok") is True and type(granted) is int and granted > 0:
+            return min(granted, 60_000) / 1000  # the agent may round what we asked
+        return None
 
     async def _probe(self) -> None:
         """For an agent that sends no keepalives: while requests wait, ask `health` every

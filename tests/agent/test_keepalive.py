@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Callable
 
 import pytest
 from fakeguest import Guest, answer_hello, connect, read_frame
@@ -125,22 +126,30 @@ async def test_an_agent_that_grants_no_keepalive_is_probed_not_timed_out() -> No
     await client.conn.close()
 
 
-@pytest.mark.parametrize(
-    "refusal",
-    [
-        {"ok": False, "code": "invalid", "error": 'unknown op "keepalive"'},
-        {"ok": True, "interval_ms": 0},
-    ],
-    ids=["refused", "granted-none"],
-)
+def _refused(chan: int) -> list[bytes]:  # as an old agent would
+    answer = {"ok": False, "code": "invalid", "error": 'unknown op "keepalive"'}
+    return [frames.encode_json(chan, Kind.RESP, answer)]
+
+
+def _granted_none(chan: int) -> list[bytes]:
+    return [frames.encode_json(chan, Kind.RESP, {"ok": True, "interval_ms": 0})]
+
+
+def _flooded(chan: int) -> list[bytes]:
+    # events dear to decode (each "," counts) and no answer: the request's channel fails as
+    # too slow a consumer, which once left every request untimed
+    return [frames.encode_json(chan, Kind.EVENT, {"event": "x", "a": [0] * 16000})] * 60
+
+
+@pytest.mark.parametrize("misanswer", [_refused, _granted_none, _flooded])
 async def test_a_guest_that_grants_no_keepalive_cannot_make_requests_wait_for_ever(
-    refusal: dict[str, object],
+    misanswer: Callable[[int], list[bytes]],
 ) -> None:
-    # Root in the guest answers the keepalive request as an old agent would, then answers
-    # nothing: its requests still fail as unresponsive (they used to wait for ever).
+    # Root in the guest misanswers the keepalive request, then answers nothing: its
+    # requests still fail as unresponsive.
     async def hostile(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         ask = await read_frame(r)
-        w.write(frames.encode_json(ask.chan, Kind.RESP, refusal))
+        w.writelines(misanswer(ask.chan))
         await w.drain()
         while True:
             await read_frame(r)  # reads everything, answers nothing
