@@ -748,6 +748,21 @@ class MicroVM:
             code = await self._proc.wait()
         finally:
             await _end_tasks(sampler)
+        try:
+            await self._explain_exit(code)
+        finally:
+            # QEMU is gone, whatever explaining it failed on: waiters must hear so
+            if self.death_reason is None:
+                self.death_reason = "unknown"
+            self._exited.set()
+            conn = getattr(self, "agent", None)
+            if conn is not None:
+                conn.conn.explain_close(
+                    ChannelClosedError(f"sandbox VM {self.id} is dead: {self.death_reason}")
+                )
+
+    async def _explain_exit(self, code: int | None) -> None:
+        """Set death_reason (and the final usage) for a QEMU that exited with `code`."""
         await self.console.drain()  # the last lines (a panic message) may still be in flight
         reason = self._qmp.shutdown_reason
         if self._shutdown_requested:
@@ -772,12 +787,6 @@ class MicroVM:
         else:
             self.death_reason = f"qemu exited with status {code}"
         self._final_usage = self._usage_now()
-        self._exited.set()
-        conn = getattr(self, "agent", None)
-        if conn is not None:
-            conn.conn.explain_close(
-                ChannelClosedError(f"sandbox VM {self.id} is dead: {self.death_reason}")
-            )
 
     def _our_kill_ended_it(self, code: int | None) -> bool:
         return self._killed_by_host and code == -signal.SIGKILL
@@ -843,8 +852,14 @@ class MicroVM:
         if self._owns_run_dir:
             self.cgroup.kill_all()  # whatever left QEMU's process group dies too
         if self._supervisor is not None:
-            with contextlib.suppress(asyncio.CancelledError):  # adopt() may have cancelled it
+            try:
                 await self._supervisor
+            except asyncio.CancelledError:
+                pass  # adopt() may have cancelled it
+            except Exception:
+                # still clean up: else every later kill() raises this again, and the run
+                # dir, cgroup and connections stay
+                log.exception("supervising VM %s failed", self.id)
         elif self._proc is not None:
             # A boot that failed between QEMU's start and its supervision (vm.json not
             # written: the state disk full): reap it here, or it stays a zombie.

@@ -15,6 +15,9 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+# How often a VM process is looked at when no pidfd can be opened for it.
+POLL_S = 0.1
+
 
 class VMProcess:
     def __init__(self, pid: int, child: subprocess.Popen[bytes] | None = None) -> None:
@@ -55,6 +58,12 @@ class VMProcess:
             fd = os.pidfd_open(self.pid)
         except ProcessLookupError:
             fd = -1
+        except OSError:
+            # No fd to spare (the host process at its limit): look instead, opening nothing.
+            # The VM must not count as gone while it runs, nor stay "alive" once it is not.
+            fd = -1
+            while not self._exited_now():
+                await asyncio.sleep(POLL_S)
         if fd >= 0:
             loop.add_reader(fd, gone.set)
             try:
@@ -66,6 +75,19 @@ class VMProcess:
             self.returncode = self._child.wait()
         self.exited = True
         return self.returncode
+
+    def _exited_now(self) -> bool:
+        """Whether it has exited, asked without an fd: our child is reaped on the spot (a
+        zombie counts), another process's is reaped by its own parent."""
+        if self._child is not None:
+            return self._child.poll() is not None
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
 
     def gone(self) -> bool:
         """Whether it has exited, without waiting (a zombie child counts: it has)."""
@@ -101,8 +123,17 @@ def _in_cgroups(argv: list[str], procs_files: Sequence[Path]) -> list[str]:
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError):
         return False
+    except OSError:
+        # not gone, merely unreadable now (no fd to spare): ask without one, zombies alive
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
