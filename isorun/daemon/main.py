@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import resource
 import socket
 import stat
 from pathlib import Path
@@ -169,6 +170,20 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+# Open files the daemon allows itself (soft RLIMIT_NOFILE, up to the hard limit): each
+# sandbox holds several sockets and a pidfd, each stream a connection, and the common
+# default of 1024 runs out with a few hundred. Capped: its children (QEMU, skopeo, mkfs)
+# inherit it, and a program that closes every fd up to its limit pays per fd.
+OPEN_FILES = 1 << 16
+
+
+def _raise_open_files_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def _unlink_socket(path: Path) -> None:
     with contextlib.suppress(OSError):
         if path.is_socket():
@@ -230,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=os.environ.get("ISORUN_LOG_LEVEL", "INFO").upper(), handlers=[handler]
     )
+    _raise_open_files_limit()
     asyncio.run(serve(cfg))
 
 
