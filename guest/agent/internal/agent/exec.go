@@ -308,13 +308,13 @@ func opExec(s *Server, ch *Channel, raw []byte) (any, error) {
 				// The host forgot the channel at its CANCEL and credits nothing
 				// more: its output is not held back for it (the process's pump
 				// would wait on this cursor for good, and the ring never free).
-				p.ring.Detach(cur)
+				p.detachCursor(cur)
 				cancel = nil
 			case <-ch.Done():
-				p.ring.Detach(cur)
+				p.detachCursor(cur)
 				return
 			case <-stop:
-				p.ring.Detach(cur)
+				p.detachCursor(cur)
 				return
 			}
 		}

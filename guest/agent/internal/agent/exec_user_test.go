@@ -4,6 +4,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 )
 
 // A cwd the exec's user cannot enter is named as the cause, not the program
@@ -96,6 +97,37 @@ func TestTheSandboxsOwnUserNamedAnotherWayKeepsTheDefaultsHome(t *testing.T) {
 		}
 		if r := c.call(uint32(2+i), req); string(r.out) != "/custom\n" {
 			t.Fatalf("user %v: %q", user, r.out)
+		}
+	}
+}
+
+// What could not start is said in one line of stderr, cut to maxFailMsg: it
+// quotes what the request gave. One longer than the ring hung a foreground
+// exec (its reader starts after the line is written) and left a background
+// process's ring holding the wrong bytes.
+func TestAStartFailureQuotingALongRequestIsCut(t *testing.T) {
+	user := strings.Repeat("\x7f", 40000) // quoted, each byte takes four
+	for i, background := range []bool{false, true} {
+		c := newClient(t, nil)
+		req := map[string]any{"op": "exec", "argv": []string{"true"}, "user": user,
+			"ring_bytes": 65536, "background": background}
+		c.req(1, req)
+		done := make(chan *result, 1)
+		go func() { done <- c.wait(1, 30*time.Second) }()
+		var r *result
+		select {
+		case r = <-done:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("background=%v: no answer within 5 s", background)
+		}
+		if background {
+			r = c.call(2, map[string]any{"op": "attach", "proc_id": r.resp["proc_id"]})
+		}
+		line := string(r.err)
+		if num(r.resp["exit_code"]) != 127 || !strings.HasPrefix(line, "isorun-agent: user ") ||
+			!strings.HasSuffix(line, "...\n") || strings.Count(line, "\n") != 1 ||
+			len(line) > maxFailMsg+len("isorun-agent: ...\n") {
+			t.Fatalf("case %d: resp %v, stderr of %d bytes: %.80q", i, r.resp, len(line), line)
 		}
 	}
 }

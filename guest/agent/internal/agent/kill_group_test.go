@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bytes"
+	"fmt"
 	"os/exec"
 	"syscall"
 	"testing"
@@ -129,5 +130,55 @@ func TestASignalToATerminalReachesItsForegroundJob(t *testing.T) {
 	if !readUntil("MARK\r\n", 5*time.Second) || bytes.Contains(out, []byte("\nAFTER")) ||
 		bytes.Contains(out, []byte("\rAFTER")) {
 		t.Fatalf("output %q", out)
+	}
+}
+
+// leaverScript ignores SIGTERM, leaves a child in its own process group and
+// moves itself into the group of pid other (any group of its session): a
+// signal to its group reached the child only, and it ran on.
+func leaverScript(other any) []string {
+	return []string{"perl", "-e", fmt.Sprintf(`$SIG{TERM}="IGNORE"; `+
+		`if (fork()==0) { sleep 60; exit } setpgrp(0, %v) or die "setpgrp: $!"; sleep 60`, other)}
+}
+
+func TestATimeoutReachesAProcessThatLeftItsGroup(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "sleep 60", "background": true})
+	defer c.call(50, map[string]any{"op": "kill", "proc_id": r.resp["proc_id"], "grace_ms": 0})
+	c.req(2, map[string]any{"op": "exec", "argv": leaverScript(r.resp["pid"]), "timeout_ms": 300})
+	done := make(chan *result, 1)
+	go func() { done <- c.wait(2, 30*time.Second) }()
+	select {
+	case r := <-done:
+		if r.resp["timed_out"] != true || num(r.resp["signal"]) != 9 {
+			t.Fatalf("resp %v stderr %q", r.resp, r.err)
+		}
+	case <-time.After(8 * time.Second):
+		t.Fatalf("timeout_ms 300, grace 2 s: no answer within 8 s")
+	}
+}
+
+func TestKillReachesAProcessThatLeftItsGroup(t *testing.T) {
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "exec", "cmd": "sleep 60", "background": true})
+	defer c.call(50, map[string]any{"op": "kill", "proc_id": r.resp["proc_id"], "grace_ms": 0})
+	r = c.call(2, map[string]any{"op": "exec", "argv": leaverScript(r.resp["pid"]), "background": true})
+	pid := int(num(r.resp["pid"]))
+	defer syscall.Kill(pid, syscall.SIGKILL) //nolint:errcheck // a failed test's leftover
+	// once it has left its group
+	waitUntil(t, "the process in another group", 5*time.Second, func() bool {
+		g, err := syscall.Getpgid(pid)
+		return err == nil && g != pid
+	})
+	c.req(3, map[string]any{"op": "kill", "proc_id": r.resp["proc_id"], "grace_ms": 0})
+	done := make(chan *result, 1)
+	go func() { done <- c.wait(3, 30*time.Second) }()
+	select {
+	case r := <-done:
+		if num(r.resp["signal"]) != 9 {
+			t.Fatalf("kill: %v", r.resp)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("kill grace_ms 0: no answer within 5 s, pid %d alive: %v", pid, alive(pid))
 	}
 }

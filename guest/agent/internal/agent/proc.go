@@ -146,11 +146,21 @@ func (p *Proc) kill(sig syscall.Signal) error {
 		return nil
 	}
 	err := syscall.Kill(-p.Pid, sig)
-	if err == syscall.ESRCH && !p.Exited() {
-		err = syscall.Kill(p.Pid, sig)
-	}
 	if err == syscall.ESRCH {
-		return nil
+		err = nil
+	}
+	// The process itself, if it left its group (setpgid into another group of
+	// its session): the group's signal misses it, and it is what a timeout, a
+	// kill or a CANCEL waits for. Under forkMu: the reaper cannot free its
+	// pid for reuse in between.
+	forkMu.Lock()
+	defer forkMu.Unlock()
+	if !p.Exited() {
+		if pgrp, e := syscall.Getpgid(p.Pid); e == nil && pgrp != p.Pid {
+			if e := syscall.Kill(p.Pid, sig); e != nil && e != syscall.ESRCH && err == nil {
+				err = e
+			}
+		}
 	}
 	return err
 }
@@ -246,6 +256,13 @@ func (p *Proc) finish(ws syscall.WaitStatus, now time.Time) {
 	p.endAt = now
 	p.runUs = now.Sub(p.forkAt).Microseconds()
 	close(p.exited)
+}
+
+// detachCursor releases a reader of the process's output: a ring that
+// reader held may now go, if the exited processes' output is over budget.
+func (p *Proc) detachCursor(c *Cursor) {
+	p.ring.Detach(c)
+	p.table.trimExited()
 }
 
 // CloseStdin closes the process's stdin (sends ^D on a PTY).
@@ -441,6 +458,8 @@ func (p *Proc) endOutput() {
 		p.outEnded = true
 		p.ring.Close()
 		p.outMu.Unlock()
+		// Mostly after the exit that retired it: only now can its ring go.
+		p.table.trimExited()
 	}()
 	select {
 	case <-p.drained:

@@ -94,7 +94,7 @@ func opAttach(s *Server, ch *Channel, raw []byte) (any, error) {
 	}
 	if r.Output == nil || *r.Output {
 		cur := p.ring.Cursor(max(r.Offset, start), false)
-		defer ch.onAbort(func(bool) { p.ring.Detach(cur) })()
+		defer ch.onAbort(func(bool) { p.detachCursor(cur) })()
 		if err := streamOutput(ch, p, cur, ch.cancel); err != nil {
 			return detached(ch, p)
 		}
@@ -217,6 +217,17 @@ func opCloseStdin(s *Server, ch *Channel, raw []byte) (any, error) {
 // with a tag of 1 KiB escaped, an entry stays well under MaxOutPayload).
 const listedArgvBytes = 2048
 
+// cutText is s cut to at most n bytes, on a character boundary.
+func cutText(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
+}
+
 // listedArgv is argv cut to listedArgvBytes, on a character boundary, and
 // whether anything was cut.
 func listedArgv(argv []string) ([]string, bool) {
@@ -228,11 +239,7 @@ func listedArgv(argv []string) ([]string, bool) {
 		}
 		left -= 3
 		if len(a) > left {
-			cut := left
-			for cut > 0 && !utf8.RuneStart(a[cut]) {
-				cut--
-			}
-			return append(out, a[:cut]), true
+			return append(out, cutText(a, left)), true
 		}
 		left -= len(a)
 		out = append(out, a)

@@ -356,6 +356,38 @@ func TestExitedOutputIsBounded(t *testing.T) {
 	}
 }
 
+// Processes that end together: their rings close after their exits (here a
+// job left behind holds each one's output for a while), when the budget was
+// last applied. It is applied again as a ring closes.
+func TestExitedOutputIsBoundedWhenProcessesEndTogether(t *testing.T) {
+	defer func(b int64) { exitedRingBudget = b }(exitedRingBudget)
+	exitedRingBudget = 512 << 10
+	c := newClient(t, nil)
+	var ids []string
+	for i := 0; i < 8; i++ {
+		r := c.call(uint32(1+i), map[string]any{"op": "exec", "background": true,
+			"cmd": "head -c 262144 /dev/zero; sleep 1 & sleep 0.5", "ring_bytes": 262144})
+		ids = append(ids, r.resp["proc_id"].(string))
+	}
+	for i, id := range ids {
+		c.call(uint32(20+i), map[string]any{"op": "attach", "proc_id": id, "output": false})
+	}
+	held := func() int64 {
+		n := int64(0)
+		for _, p := range c.srv.Procs.All() {
+			n += p.ring.Held()
+		}
+		return n
+	}
+	waitUntil(t, "the exited processes' output within its budget", 5*time.Second, func() bool {
+		return held() <= exitedRingBudget+262144
+	})
+	r := c.call(40, map[string]any{"op": "attach", "proc_id": ids[7]})
+	if len(r.out) != 262144 {
+		t.Fatalf("newest: %d bytes", len(r.out))
+	}
+}
+
 // A process started with a long script is listed (its argv cut, and said to
 // be), so the host can still find, attach to and kill it. Such an entry was
 // left out of the listing when its JSON did not fit one frame; `<>&` are

@@ -52,6 +52,10 @@ type spawnSpec struct {
 	failMsg  string
 }
 
+// maxFailMsg bounds the message of a process that could not start: well
+// below the smallest ring (minRing), which must hold it whole.
+const maxFailMsg = 4 << 10
+
 var errBusy = fmt.Errorf("too many live processes (max %d)", maxLive)
 
 // StartReaper reaps children on SIGCHLD (and on a slow tick, in case a
@@ -117,6 +121,22 @@ func (t *ProcTable) retire(p *Proc) {
 		t.order[0] = nil
 		t.order = t.order[1:]
 	}
+	t.trim()
+}
+
+// trimExited applies exitedRingBudget again: a ring is freed only once its
+// output is complete and no lossless reader needs it, which is often after
+// the exit that retired its process (a job holding the pipe, a foreground
+// exec still streaming).
+func (t *ProcTable) trimExited() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.trim()
+}
+
+// trim frees the output of exited processes past exitedRingBudget; called
+// with t.mu held.
+func (t *ProcTable) trim() {
 	held := int64(0)
 	for i := len(t.order) - 1; i >= 0; i-- {
 		r := t.order[i].ring
@@ -186,7 +206,13 @@ func (t *ProcTable) Start(s *spawnSpec, lossless bool) (*Proc, *Cursor, error) {
 	}
 	if s.failCode != 0 {
 		p.failCode = s.failCode
-		p.ring.Write(streamErr, []byte("isorun-agent: "+s.failMsg+"\n"))
+		// Cut: it quotes what the request gave (a user name, a cwd), and a
+		// foreground exec's lossless reader starts only after this write.
+		msg := s.failMsg
+		if len(msg) > maxFailMsg {
+			msg = cutText(msg, maxFailMsg) + "..."
+		}
+		p.ring.Write(streamErr, []byte("isorun-agent: "+msg+"\n"))
 		p.ring.Close()
 		close(p.drained)
 		t.mu.Lock()

@@ -57,11 +57,18 @@ func NewRing(size int64) *Ring {
 	return r
 }
 
-// Write appends p (len(p) <= cap), waiting for lossless cursors to make room.
+// Write appends p, waiting for lossless cursors to make room; more than the
+// ring holds goes a ring's worth at a time.
 func (r *Ring) Write(stream uint8, p []byte) {
-	if len(p) == 0 {
-		return
+	for len(p) > 0 {
+		n := min(int64(len(p)), r.cap)
+		r.write(stream, p[:n])
+		p = p[n:]
 	}
+}
+
+// write appends p (0 < len(p) <= cap).
+func (r *Ring) write(stream uint8, p []byte) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for r.mustWait(stream, int64(len(p))) {

@@ -90,3 +90,48 @@ func TestRingDropsRunsWithoutCopyingThem(t *testing.T) {
 		t.Fatalf("%.3f allocations per write with %d runs held", allocs, len(r.segs))
 	}
 }
+
+// One write of more than the ring holds keeps its last cap bytes (it once
+// kept others), and a lossless reader gets all of it, a ring's worth at a time.
+func TestRingWriteLargerThanTheRing(t *testing.T) {
+	data := make([]byte, 2*minRing+minRing/3)
+	for i := range data {
+		data[i] = byte(i % 251)
+	}
+	r := NewRing(minRing)
+	r.Write(streamOut, data)
+	r.Close()
+	start, end := r.Bounds()
+	cur := r.Cursor(start, false)
+	got := make([]byte, 0, minRing)
+	buf := make([]byte, 4096)
+	for {
+		n, _, _, err := r.Next(cur, buf)
+		if err == io.EOF {
+			break
+		}
+		got = append(got, buf[:n]...)
+	}
+	if end != int64(len(data)) || string(got) != string(data[len(data)-minRing:]) {
+		t.Fatalf("held [%d, %d): %d bytes, the tail of what was written: %v",
+			start, end, len(got), string(got) == string(data[len(data)-minRing:]))
+	}
+
+	r = NewRing(minRing)
+	lossless := r.Cursor(0, true)
+	go func() { r.Write(streamOut, data); r.Close() }()
+	got = got[:0]
+	for {
+		n, _, lost, err := r.Next(lossless, buf)
+		if err == io.EOF {
+			break
+		}
+		if err != nil || lost != 0 {
+			t.Fatalf("after %d bytes: lost=%d err=%v", len(got), lost, err)
+		}
+		got = append(got, buf[:n]...)
+	}
+	if string(got) != string(data) {
+		t.Fatalf("a lossless reader got %d bytes of %d, or others", len(got), len(data))
+	}
+}

@@ -11,11 +11,13 @@ import (
 // (`telinit q`, `kill -HUP 1`), SIGTERM, SIGINT, SIGPWR, SIGQUIT, ... The
 // kernel delivers them to init because the runtime has handlers installed,
 // and PID 1 exiting panics the guest kernel. SIGCHLD (the reaper), SIGURG and
-// SIGPROF (the runtime's own) are not in the list.
+// SIGPROF (the runtime's own) are not in the list, nor is SIGPIPE: the runtime
+// ignores one it is not asked to deliver, and delivering it made each of the
+// agent's own EPIPEs (stdin for a program that stopped reading) a console line.
 var straySignals = []os.Signal{
 	syscall.SIGHUP, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGILL, syscall.SIGTRAP,
 	syscall.SIGABRT, syscall.SIGBUS, syscall.SIGFPE, syscall.SIGUSR1, syscall.SIGSEGV,
-	syscall.SIGUSR2, syscall.SIGPIPE, syscall.SIGALRM, syscall.SIGTERM, syscall.SIGSTKFLT,
+	syscall.SIGUSR2, syscall.SIGALRM, syscall.SIGTERM, syscall.SIGSTKFLT,
 	syscall.SIGVTALRM, syscall.SIGXCPU, syscall.SIGXFSZ, syscall.SIGIO, syscall.SIGPWR,
 	syscall.SIGSYS,
 }

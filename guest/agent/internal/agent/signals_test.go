@@ -23,7 +23,7 @@ func TestStraySignalsAreLoggedNotFatal(t *testing.T) {
 	defer stop()
 	sigs := []syscall.Signal{syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT, syscall.SIGUSR1,
 		syscall.SIGPWR, syscall.SIGQUIT, syscall.SIGSEGV}
-	for _, sig := range sigs {
+	for _, sig := range append(sigs, syscall.SIGPIPE) { // SIGPIPE: survived, not logged
 		if err := syscall.Kill(syscall.Getpid(), sig); err != nil {
 			t.Fatal(err)
 		}
@@ -40,5 +40,11 @@ func TestStraySignalsAreLoggedNotFatal(t *testing.T) {
 			t.Fatalf("%d of %d signals logged:\n%s", n, len(sigs), log.String())
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond) // a SIGPIPE line would be in by now
+	mu.Lock()
+	defer mu.Unlock()
+	if n := strings.Count(log.String(), "ignored signal"); n != len(sigs) {
+		t.Fatalf("%d signals logged, want %d:\n%s", n, len(sigs), log.String())
 	}
 }
