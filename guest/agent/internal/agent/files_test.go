@@ -242,7 +242,7 @@ func TestListCancelInsideTheTree(t *testing.T) {
 			}
 		}
 	}()
-	err := (&lister{ch: ch}).walk(dir, 2)
+	err := (&lister{ch: ch}).walk(dir, 2, true)
 	if ae, ok := err.(*apiError); !ok || ae.Code != "io" || ae.Msg != "cancelled" {
 		t.Fatalf("walk after CANCEL returned %v", err)
 	}
@@ -676,4 +676,69 @@ func TestHelperReadsAFreeTerminal(t *testing.T) {
 	s := string(stat)
 	fields := strings.Fields(s[strings.LastIndexByte(s, ')')+1:]) // state ppid pgrp session tty_nr
 	fmt.Printf("tty_nr %s\n", fields[4])
+}
+
+// A guest process swapping a listed subdirectory with a FIFO (or a symlink)
+// between the listing's stat and its open: the open waited for a writer for
+// good, past any CANCEL. Now each listing answers.
+func TestAListingAnswersWhileADirectoryIsSwappedWithAFIFO(t *testing.T) {
+	d := t.TempDir()
+	sub, fifo := filepath.Join(d, "sub"), filepath.Join(d, "fifo")
+	if err := os.Mkdir(sub, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	swapped := make(chan struct{})
+	go func() { // the hostile guest process
+		defer close(swapped)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				_ = unix.Renameat2(unix.AT_FDCWD, sub, unix.AT_FDCWD, fifo, unix.RENAME_EXCHANGE)
+			}
+		}
+	}()
+	defer func() {
+		close(stop)
+		<-swapped
+		for _, p := range []string{sub, fifo} { // frees an open(2) that waits, if any
+			if f, err := os.OpenFile(p, os.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
+				f.Close()
+			}
+		}
+	}()
+	c := newClient(t, nil)
+	for i := uint32(1); i <= 300; i++ {
+		c.req(i, map[string]any{"op": "list", "path": d, "depth": 2})
+		if r := c.wait(i, 5*time.Second); r.resp["ok"] != true {
+			t.Fatalf("list %d: %v", i, r.resp)
+		}
+	}
+}
+
+// An account file that is no regular file (guest root made /etc/passwd a
+// FIFO) is an error at once: its open waited for a writer, and with it every
+// exec, write_file and mkdir for a user.
+func TestAnAccountFileThatIsAFIFOIsAnError(t *testing.T) {
+	fifo := filepath.Join(t.TempDir(), "passwd")
+	if err := syscall.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- scanColon(fifo, func([]string) bool { return true }) }()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), fifo+" is not a regular file") {
+			t.Fatalf("scanColon of a FIFO: %v", err)
+		}
+	case <-time.After(3 * time.Second):
+		w, _ := os.OpenFile(fifo, os.O_WRONLY|syscall.O_NONBLOCK, 0)
+		w.Close()
+		t.Fatal("scanColon of a FIFO waited for a writer")
+	}
 }

@@ -76,7 +76,7 @@ func opList(s *Server, ch *Channel, raw []byte) (any, error) {
 		return nil, errf("not_dir", "%s is not a directory", path)
 	}
 	l := &lister{ch: ch}
-	if err := l.walk(path, depth); err != nil {
+	if err := l.walk(path, depth, true); err != nil {
 		if err == errConnClosed {
 			return nil, nil
 		}
@@ -131,8 +131,24 @@ var errListCancelled = errf("io", "cancelled")
 // guest's memory), so entries come in the directory's order; the host sorts.
 const listBatch = 1024
 
-func (l *lister) walk(dir string, depth int) error {
-	f, err := os.Open(dir)
+// openListed opens a directory to list. Only a directory, never waiting and,
+// below the listed path, never through a symlink: a guest process may swap
+// what a stat found for a FIFO (whose open would wait for a writer for good,
+// past any CANCEL) or a symlink between that stat and this open.
+func openListed(dir string, top bool) (*os.File, error) {
+	flags := unix.O_RDONLY | unix.O_DIRECTORY | unix.O_NONBLOCK | unix.O_CLOEXEC
+	if !top {
+		flags |= unix.O_NOFOLLOW
+	}
+	fd, err := unix.Open(dir, flags, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: dir, Err: err}
+	}
+	return os.NewFile(uintptr(fd), dir), nil
+}
+
+func (l *lister) walk(dir string, depth int, top bool) error {
+	f, err := openListed(dir, top)
 	if err != nil {
 		return err
 	}
@@ -168,7 +184,7 @@ func (l *lister) walkEntries(dir string, ents []os.DirEntry, depth int) error {
 		if depth > 1 && fi.IsDir() {
 			// an unreadable subdirectory is skipped; a cancel or a lost
 			// connection ends the whole listing
-			if err := l.walk(p, depth-1); err == errConnClosed || err == errListCancelled {
+			if err := l.walk(p, depth-1, false); err == errConnClosed || err == errListCancelled {
 				return err
 			}
 		}

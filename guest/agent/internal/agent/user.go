@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // account is a resolved exec user (from the image's /etc/passwd, /etc/group).
@@ -25,14 +27,22 @@ const maxAccountFile = 4 << 20
 // scanColon calls fn with the colon-separated fields of each line of path.
 // A missing file is not an error (distroless images).
 func scanColon(path string, fn func(f []string) bool) error {
-	f, err := os.Open(path)
+	// Without waiting, and only a regular file: guest root may make the
+	// image's /etc/passwd a FIFO, whose open would wait for a writer for good.
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
 	if err != nil {
-		if os.IsNotExist(err) {
+		if err == unix.ENOENT {
 			return nil
 		}
-		return err
+		return &os.PathError{Op: "open", Path: path, Err: err}
 	}
+	f := os.NewFile(uintptr(fd), path)
 	defer f.Close()
+	if fi, err := f.Stat(); err != nil {
+		return err
+	} else if !fi.Mode().IsRegular() {
+		return fmt.Errorf("%s is not a regular file", path)
+	}
 	sc := bufio.NewScanner(io.LimitReader(f, maxAccountFile))
 	sc.Buffer(make([]byte, 4096), 64<<10)
 	for sc.Scan() {
