@@ -227,15 +227,18 @@ func resolveTarget(path string) (_ string, _ *syscall.Stat_t, magic bool, _ erro
 	if underProc(path) {
 		// /proc/<pid>/root and /proc/<pid>/cwd are links whose text is not where
 		// they lead (a container's root reads as "/"): only the kernel, opening
-		// the path itself, follows them right, so an existing file there is
-		// written in place and a new one made in the directory as named
+		// the path itself, follows them right, so the file is named as given.
+		// What procfs itself holds (a knob, /proc/<pid>/fd/N) is written in
+		// place; a stored file reached through such a link is replaced like any
+		// other (a temporary file made, and renamed, through the same link).
 		var st syscall.Stat_t
 		if err := syscall.Stat(path, &st); err == syscall.ENOENT {
 			return path, nil, false, nil
 		} else if err != nil {
 			return "", nil, false, err
 		}
-		return path, &st, true, nil
+		inProcfs := st.Mode&syscall.S_IFMT != syscall.S_IFREG || onProcfs(filepath.Dir(path))
+		return path, &st, inProcfs, nil
 	}
 	target := path
 	dirOnly := false // a link's text ended in "/": what it leads to must be a directory

@@ -168,6 +168,50 @@ func TestWriteFileProcKnob(t *testing.T) {
 	}
 }
 
+// A stored file reached through /proc/<pid>/root (a container's file) is
+// replaced as any regular file is: a cancelled write leaves it whole, and a
+// mode asked for is given. It was written in place, truncated first.
+func TestWriteFileThroughProcRootIsReplacedNotTruncated(t *testing.T) {
+	p := t.TempDir() + "/config.json"
+	old := strings.Repeat("old-content\n", 1000)
+	if err := os.WriteFile(p, []byte(old), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	via := "/proc/self/root" + p
+	c := newClient(t, nil)
+	c.req(1, map[string]any{"op": "write_file", "path": via})
+	c.send(1, KindIn, []byte("partial"))
+	time.Sleep(100 * time.Millisecond)
+	c.send(1, KindCancel, nil)
+	if r := c.wait(1, 5*time.Second); r.resp["ok"] != false {
+		t.Fatalf("cancelled: %v", r.resp)
+	}
+	if b := mustRead(t, p); string(b) != old {
+		t.Fatalf("a cancelled write left %d bytes: %.20q", len(b), b)
+	}
+	if r := c.writeVia(2, map[string]any{"path": via, "mode": 0o600}, "new"); r["ok"] != true {
+		t.Fatalf("%v", r)
+	}
+	if st := statT(t, p); string(mustRead(t, p)) != "new" || st.Mode&0o777 != 0o600 {
+		t.Fatalf("after a write with mode 0600: %q, mode %o", mustRead(t, p), st.Mode&0o777)
+	}
+	if ents, _ := os.ReadDir(filepath.Dir(p)); len(ents) != 1 {
+		t.Fatalf("left beside it: %v", ents)
+	}
+	// and what procfs holds is still written where it is: a file through /proc/self/fd
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if r := c.writeVia(3, map[string]any{"path": fmt.Sprintf("/proc/self/fd/%d", f.Fd())}, "fd"); r["ok"] != true {
+		t.Fatalf("through /proc/self/fd: %v", r)
+	}
+	if b := mustRead(t, p); string(b) != "fd" {
+		t.Fatalf("through /proc/self/fd: %q", b)
+	}
+}
+
 func mustRead(t *testing.T, p string) []byte {
 	t.Helper()
 	b, err := os.ReadFile(p)
