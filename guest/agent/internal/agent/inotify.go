@@ -23,10 +23,15 @@ import (
 // out is no longer watched, and the count of watched directories is of those
 // watched now, not of all ever added.
 type treeWatch struct {
-	fd        int // owned by f; used only while f is open
-	f         *os.File
-	root      string
-	rootWd    int32
+	fd     int // owned by f; used only while f is open
+	f      *os.File
+	root   string
+	rootWd int32
+	// the root's parent, watched for the root's own name: a directory removed
+	// while some process still uses it (its cwd) sends IN_DELETE_SELF only when
+	// the last of them lets go. 0: none (the root is /).
+	parentWd  int32
+	rootName  string
 	recursive bool
 	paths     map[int32]string  // watch descriptor -> directory
 	wds       map[string]int32  // directory -> watch descriptor
@@ -102,7 +107,23 @@ func newTreeWatch(root string, recursive bool, stop func() bool) (*treeWatch, er
 		return nil, &os.PathError{Op: "watch", Path: root, Err: err}
 	}
 	t.rootWd = wd
+	t.watchRootsName()
 	return t, nil
+}
+
+// watchRootsName watches the root's parent for the root's removal or rename
+// (best effort: without it the root's own events still end the watch).
+func (t *treeWatch) watchRootsName() {
+	root := filepath.Clean(t.root)
+	parent := filepath.Dir(root)
+	if parent == root {
+		return
+	}
+	w, err := unix.InotifyAddWatch(t.fd, parent, unix.IN_DELETE|unix.IN_MOVED_FROM|unix.IN_ONLYDIR)
+	if _, inTree := t.paths[int32(w)]; err != nil || inTree {
+		return // a parent that is also in the tree (bind mounts) keeps the tree's mask
+	}
+	t.parentWd, t.rootName = int32(w), filepath.Base(root)
 }
 
 func (t *treeWatch) Close() error { return t.f.Close() }
@@ -265,6 +286,17 @@ func (t *treeWatch) one(ev *unix.InotifyEvent, name string, emit func(fsChange) 
 		// directories made (or renamed) while the kernel dropped events are watched
 		// from here on too: the walk adds what it finds, keeping the watches it has
 		return !t.recursive || t.addTree(t.root, false, emit)
+	}
+	if t.parentWd != 0 && ev.Wd == t.parentWd {
+		if name != t.rootName || mask&(unix.IN_DELETE|unix.IN_MOVED_FROM) == 0 {
+			return true // a neighbour of the root, or the parent's own end
+		}
+		op := "remove"
+		if mask&unix.IN_MOVED_FROM != 0 {
+			op = "rename"
+		}
+		emit(fsChange{op: op, path: t.rootPath(), end: true})
+		return false // nothing more can come under the watched path
 	}
 	dir, ok := t.paths[ev.Wd]
 	if !ok {

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"testing"
 	"time"
 
@@ -371,5 +372,37 @@ func TestAChmodIsReportedOnceAndTheRootWithoutItsSlash(t *testing.T) {
 	evs := c.fsEvents(1, 300*time.Millisecond)
 	if len(evs) != 2 || !hasChange(evs, "chmod", w+"/sub") || !hasChange(evs, "chmod", w) {
 		t.Fatalf("want one chmod of %s/sub and one of %s: %v", w, w, evs)
+	}
+}
+
+// The watched directory removed while a process still has it as its cwd (a
+// shell or dev server in the project): the kernel says IN_DELETE_SELF only
+// when that process lets go, and the watch neither told of the remove nor
+// ended until then. A file's watch (on its directory) ends with it too.
+func TestAWatchEndsWhenItsDirectoryIsRemovedWhileInUse(t *testing.T) {
+	for _, file := range []bool{false, true} {
+		d := t.TempDir() + "/proj"
+		os.Mkdir(d, 0o755)
+		path := d
+		if file {
+			path = d + "/f"
+			os.WriteFile(path, nil, 0o644)
+		}
+		user := exec.Command("sleep", "30")
+		user.Dir = d
+		if err := user.Start(); err != nil {
+			t.Fatal(err)
+		}
+		c := newClient(t, nil)
+		c.watch(1, map[string]any{"path": path, "recursive": !file})
+		if err := os.RemoveAll(d); err != nil {
+			t.Fatal(err)
+		}
+		r := c.wait(1, 5*time.Second)
+		user.Process.Kill()
+		user.Wait()
+		if r.resp["ok"] != true || r.resp["ended"] == nil || !hasChange(r.events, "remove", path) {
+			t.Fatalf("file=%v: %v, events %v", file, r.resp, r.events)
+		}
 	}
 }
