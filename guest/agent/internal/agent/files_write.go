@@ -228,17 +228,20 @@ func resolveTarget(path string) (_ string, _ *syscall.Stat_t, magic bool, _ erro
 		// /proc/<pid>/root and /proc/<pid>/cwd are links whose text is not where
 		// they lead (a container's root reads as "/"): only the kernel, opening
 		// the path itself, follows them right, so the file is named as given.
-		// What procfs itself holds (a knob, /proc/<pid>/fd/N) is written in
-		// place; a stored file reached through such a link is replaced like any
-		// other (a temporary file made, and renamed, through the same link).
+		// A stored regular file reached through such a link is replaced like any
+		// other (a temporary file made, and renamed, through the same link);
+		// what procfs itself holds (a knob, /proc/<pid>/fd/N) and what a link
+		// at the end leads to are written in place.
 		var st syscall.Stat_t
 		if err := syscall.Stat(path, &st); err == syscall.ENOENT {
 			return path, nil, false, nil
 		} else if err != nil {
 			return "", nil, false, err
 		}
-		inProcfs := st.Mode&syscall.S_IFMT != syscall.S_IFREG || onProcfs(filepath.Dir(path))
-		return path, &st, inProcfs, nil
+		var own syscall.Stat_t
+		replaced := syscall.Lstat(path, &own) == nil && own.Mode&syscall.S_IFMT == syscall.S_IFREG &&
+			!onProcfs(filepath.Dir(path))
+		return path, &st, !replaced, nil
 	}
 	target := path
 	dirOnly := false // a link's text ended in "/": what it leads to must be a directory
