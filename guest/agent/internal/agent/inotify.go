@@ -2,7 +2,6 @@ package agent
 
 import (
 	"errors"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -154,37 +153,80 @@ func (t *treeWatch) add(dir string, follow bool) (int32, error) {
 // root, watched already) and, with report, tells of each entry under it as
 // created. It skips the kernel's pseudo-filesystems (inotify reports nothing
 // there, and /proc alone holds thousands of directories) and stops at the
-// directory limit (said once, as an overflow) or when stop says so.
+// directory limit (said once, as an overflow) or when stop says so. It reads
+// listBatch names at a time and keeps no directory open while it goes down
+// (a directory of 300,000 names read whole took ~65 MiB of the guest's
+// memory; an fd per level ran a deep tree out of them): what is still to walk
+// is a list of paths, no longer than the directory limit leaves room for.
 func (t *treeWatch) addTree(dir string, report bool, emit func(fsChange) bool) bool {
-	alive := true
-	_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if t.stop() || !alive {
-			return filepath.SkipAll
+	pending := []string{dir}
+	for len(pending) > 0 && !t.stop() {
+		p := pending[len(pending)-1]
+		pending = pending[:len(pending)-1]
+		if p != t.root {
+			if onKernelFS(p) {
+				continue
+			}
+			if _, err := t.add(p, false); errors.Is(err, errWatchLimit) || errors.Is(err, unix.ENOSPC) {
+				return t.sayLimit(emit)
+			} else if errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ENOENT) {
+				continue // not a directory (any more)
+			}
+		}
+		// only the root is followed if it is a link (as it was at the start)
+		room := t.limit - len(t.paths) - len(pending)
+		found, alive := t.walkDir(p, p == t.root, report, room, emit)
+		if !alive {
+			return false
+		}
+		if len(found) > room {
+			return t.sayLimit(emit)
+		}
+		pending = append(pending, found...)
+	}
+	return true
+}
+
+// sayLimit tells of the directory limit, once until watches free up, as an
+// overflow: whether emit took it.
+func (t *treeWatch) sayLimit(emit func(fsChange) bool) bool {
+	if t.limitSaid {
+		return true
+	}
+	t.limitSaid = true
+	return emit(fsChange{op: "overflow", path: t.rootPath()})
+}
+
+// walkDir reads dir a batch at a time, reporting each entry as created when
+// report says so: the subdirectories found (it stops past room of them), and
+// false once emit refused. A
+// directory not readable (gone meanwhile, or swapped for a FIFO or a link by
+// a guest process) has nothing to walk.
+func (t *treeWatch) walkDir(dir string, top, report bool, room int, emit func(fsChange) bool) ([]string, bool) {
+	f, err := openListed(dir, top)
+	if err != nil {
+		return nil, true
+	}
+	defer f.Close()
+	var subdirs []string
+	for !t.stop() {
+		ents, err := f.ReadDir(listBatch)
+		for _, e := range ents {
+			p := filepath.Join(dir, e.Name())
+			if report && !emit(fsChange{op: "create", path: p}) {
+				return nil, false
+			}
+			if e.IsDir() {
+				if subdirs = append(subdirs, p); len(subdirs) > room {
+					return subdirs, true
+				}
+			}
 		}
 		if err != nil {
-			return nil // gone meanwhile, or unreadable: nothing to watch there
+			break // io.EOF, or unreadable from here on
 		}
-		if p != dir && report && !emit(fsChange{op: "create", path: p}) {
-			alive = false
-			return filepath.SkipAll
-		}
-		if !d.IsDir() || p == t.root {
-			return nil
-		}
-		if onKernelFS(p) {
-			return filepath.SkipDir
-		}
-		if _, err := t.add(p, false); errors.Is(err, errWatchLimit) || errors.Is(err, unix.ENOSPC) {
-			// ours, or the kernel's (max_user_watches): said once until watches free up
-			if !t.limitSaid {
-				t.limitSaid = true
-				alive = emit(fsChange{op: "overflow", path: t.rootPath()})
-			}
-			return filepath.SkipAll
-		}
-		return nil
-	})
-	return alive
+	}
+	return subdirs, true
 }
 
 // under lists the watched directories at or below dir.
