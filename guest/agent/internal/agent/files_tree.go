@@ -2,6 +2,7 @@ package agent
 
 import (
 	"encoding/json"
+	"errors"
 	"io"
 	"math"
 	"os"
@@ -241,7 +242,11 @@ func opRemove(s *Server, ch *Channel, raw []byte) (any, error) {
 		return nil, err
 	}
 	if r.Recursive {
-		err = os.RemoveAll(path)
+		// RemoveAll holds an fd per level: a tree deeper than the open files
+		// limit left for init needs it raised (a chain of mkdirs is easy to make)
+		if err = os.RemoveAll(path); errors.Is(err, syscall.EMFILE) && raiseOpenFilesLimit() {
+			err = os.RemoveAll(path)
+		}
 	} else {
 		err = os.Remove(path)
 	}

@@ -9,6 +9,7 @@ import (
 	"runtime/debug"
 	"sync"
 	"time"
+	"unicode/utf8"
 )
 
 // Version is the agent version reported by hello and health.
@@ -72,9 +73,19 @@ func errf(code, format string, a ...any) *apiError {
 	return &apiError{Code: code, Msg: fmt.Sprintf(format, a...)}
 }
 
+// maxErrorText bounds an error RESP's text. A longer one loses its middle: it
+// starts with what failed and on which path, and ends with why.
+const maxErrorText = 2048
+
 func errResp(code, msg string) map[string]any {
-	if len(msg) > 2048 {
-		msg = msg[:2048]
+	if len(msg) > maxErrorText {
+		const gap = " ... "
+		head := cutText(msg, maxErrorText/2)
+		tail := msg[len(msg)-(maxErrorText-len(head)-len(gap)):]
+		for len(tail) > 0 && !utf8.RuneStart(tail[0]) {
+			tail = tail[1:]
+		}
+		msg = head + gap + tail
 	}
 	return map[string]any{"ok": false, "code": code, "error": msg}
 }
