@@ -242,7 +242,11 @@ func TestListCancelInsideTheTree(t *testing.T) {
 			}
 		}
 	}()
-	err := (&lister{ch: ch}).walk(dir, 2, true)
+	f, err := openListed(dir, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = (&lister{ch: ch}).walk(f, dir, 2)
 	if ae, ok := err.(*apiError); !ok || ae.Code != "io" || ae.Msg != "cancelled" {
 		t.Fatalf("walk after CANCEL returned %v", err)
 	}
@@ -740,5 +744,50 @@ func TestAnAccountFileThatIsAFIFOIsAnError(t *testing.T) {
 		w, _ := os.OpenFile(fifo, os.O_WRONLY|syscall.O_NONBLOCK, 0)
 		w.Close()
 		t.Fatal("scanColon of a FIFO waited for a writer")
+	}
+}
+
+// A tree whose paths pass PATH_MAX (4096 bytes) is listed whole: an entry's
+// lstat by path failed ENAMETOOLONG and was taken for one gone meanwhile, so
+// the listing answered ok without the deepest entries, and a link's text.
+func TestAListingGoesPastPathMax(t *testing.T) {
+	d := t.TempDir()
+	name := strings.Repeat("n", 250)
+	fd, err := unix.Open(d, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const levels = 20 // 20 * 251 bytes > 4096
+	for i := 0; i < levels; i++ {
+		if err := unix.Mkdirat(fd, name, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		next, err := unix.Openat(fd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		unix.Close(fd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fd = next
+	}
+	err = unix.Symlinkat("../target", fd, "l")
+	unix.Close(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newClient(t, nil)
+	r := c.call(1, map[string]any{"op": "list", "path": d, "depth": levels + 1})
+	var paths []string
+	link := ""
+	for _, ev := range r.events {
+		for _, e := range ev["entries"].([]any) {
+			m := e.(map[string]any)
+			paths = append(paths, m["path"].(string))
+			if m["type"] == "symlink" {
+				link, _ = m["link"].(string)
+			}
+		}
+	}
+	if r.resp["ok"] != true || len(paths) != levels+1 || num(r.resp["count"]) != levels+1 || link != "../target" {
+		t.Fatalf("resp %v: %d entries of %d, link %q", r.resp, len(paths), levels+1, link)
 	}
 }

@@ -77,7 +77,11 @@ func opList(s *Server, ch *Channel, raw []byte) (any, error) {
 		return nil, errf("not_dir", "%s is not a directory", path)
 	}
 	l := &lister{ch: ch}
-	if err := l.walk(path, depth, true); err != nil {
+	f, err := openListed(path, true)
+	if err != nil {
+		return nil, err
+	}
+	if err := l.walk(f, path, depth); err != nil {
 		if err == errConnClosed {
 			return nil, nil
 		}
@@ -132,12 +136,15 @@ var errListCancelled = errf("io", "cancelled")
 // guest's memory), so entries come in the directory's order; the host sorts.
 const listBatch = 1024
 
-// openListed opens a directory to list. Only a directory, never waiting and,
-// below the listed path, never through a symlink: a guest process may swap
-// what a stat found for a FIFO (whose open would wait for a writer for good,
-// past any CANCEL) or a symlink between that stat and this open.
+// listedFlags open a directory to list: only a directory, never waiting
+// (a guest process may swap what a stat found for a FIFO, whose open would
+// wait for a writer for good, past any CANCEL).
+const listedFlags = unix.O_RDONLY | unix.O_DIRECTORY | unix.O_NONBLOCK | unix.O_CLOEXEC
+
+// openListed opens a directory to list by its path: below the listed path
+// (top false) never through a symlink swapped in since a stat.
 func openListed(dir string, top bool) (*os.File, error) {
-	flags := unix.O_RDONLY | unix.O_DIRECTORY | unix.O_NONBLOCK | unix.O_CLOEXEC
+	flags := listedFlags
 	if !top {
 		flags |= unix.O_NOFOLLOW
 	}
@@ -148,15 +155,53 @@ func openListed(dir string, top bool) (*os.File, error) {
 	return os.NewFile(uintptr(fd), dir), nil
 }
 
-func (l *lister) walk(dir string, depth int, top bool) error {
-	f, err := openListed(dir, top)
+// openListedIn opens the subdirectory name of the open directory parent, as
+// openListed does below the top: by the parent's fd, so at any depth (a
+// path past PATH_MAX cannot be opened by its path).
+func openListedIn(parent *os.File, name, path string) (*os.File, error) {
+	fd, err := unix.Openat(int(parent.Fd()), name, listedFlags|unix.O_NOFOLLOW, 0)
 	if err != nil {
-		return err
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
 	}
+	return os.NewFile(uintptr(fd), path), nil
+}
+
+// listedEntry is the entry of name in the open directory dir, at path. By
+// path as a rule (one lstat); by the directory's fd for a path past
+// PATH_MAX, which lstat refuses (ENAMETOOLONG): such entries went missing
+// from listings without a word. ok is false for one gone meanwhile.
+func listedEntry(dir *os.File, de os.DirEntry, path string) (map[string]any, bool) {
+	fi, err := de.Info()
+	if err == nil {
+		return entry(path, fi), true
+	}
+	if !errors.Is(err, syscall.ENAMETOOLONG) {
+		return nil, false
+	}
+	fd, err := unix.Openat(int(dir.Fd()), de.Name(), unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, false
+	}
+	f := os.NewFile(uintptr(fd), de.Name())
+	defer f.Close()
+	if fi, err = f.Stat(); err != nil {
+		return nil, false
+	}
+	e := entry(path, fi) // its link by path fails: read through the fd instead
+	if fi.Mode()&os.ModeSymlink != 0 {
+		buf := make([]byte, unix.PathMax)
+		if n, err := unix.Readlinkat(fd, "", buf); err == nil {
+			e["link"] = fsName(string(buf[:n]))
+		}
+	}
+	return e, true
+}
+
+func (l *lister) walk(f *os.File, dir string, depth int) error {
 	defer f.Close()
 	for {
 		ents, err := f.ReadDir(listBatch)
-		if err := l.walkEntries(dir, ents, depth); err != nil {
+		if err := l.walkEntries(f, dir, ents, depth); err != nil {
 			return err
 		}
 		if err == io.EOF {
@@ -167,7 +212,7 @@ func (l *lister) walk(dir string, depth int, top bool) error {
 	}
 }
 
-func (l *lister) walkEntries(dir string, ents []os.DirEntry, depth int) error {
+func (l *lister) walkEntries(f *os.File, dir string, ents []os.DirEntry, depth int) error {
 	for _, de := range ents {
 		select {
 		case <-l.ch.cancel:
@@ -175,17 +220,21 @@ func (l *lister) walkEntries(dir string, ents []os.DirEntry, depth int) error {
 		default:
 		}
 		p := filepath.Join(dir, de.Name())
-		fi, err := de.Info()
-		if err != nil {
+		e, ok := listedEntry(f, de, p)
+		if !ok {
 			continue // vanished meanwhile
 		}
-		if err := l.add(entry(p, fi)); err != nil {
+		if err := l.add(e); err != nil {
 			return err
 		}
-		if depth > 1 && fi.IsDir() {
+		if depth > 1 && e["type"] == "dir" {
 			// an unreadable subdirectory is skipped; a cancel or a lost
 			// connection ends the whole listing
-			if err := l.walk(p, depth-1, false); err == errConnClosed || err == errListCancelled {
+			sub, err := openListedIn(f, de.Name(), p)
+			if err != nil {
+				continue
+			}
+			if err := l.walk(sub, p, depth-1); err == errConnClosed || err == errListCancelled {
 				return err
 			}
 		}
