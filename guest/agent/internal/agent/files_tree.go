@@ -54,7 +54,18 @@ func opStat(s *Server, ch *Channel, raw []byte) (any, error) {
 	if path == "/" {
 		e["name"] = "/"
 	}
+	if b, err := json.Marshal(e); err != nil || len(b) > batchLimit {
+		return nil, errTooBigAnEntry(path)
+	}
 	return ok("entry", e), nil
+}
+
+// errTooBigAnEntry names an entry whose JSON does not fit one frame: a path
+// and link text of thousands of bytes that are not UTF-8 (escaped, each takes
+// six). It was left out of a listing without a word.
+func errTooBigAnEntry(path string) error {
+	return errf("invalid", "%s: its entry does not fit one message (its path and link "+
+		"text, escaped, pass %d bytes)", path, batchLimit)
 }
 
 func opList(s *Server, ch *Channel, raw []byte) (any, error) {
@@ -106,7 +117,7 @@ const batchLimit = MaxOutPayload - 256
 func (l *lister) add(e map[string]any) error {
 	b, err := json.Marshal(e)
 	if err != nil || len(b) > batchLimit {
-		return nil // unrepresentable in one frame: skipped
+		return errTooBigAnEntry(string(e["path"].(fsName)))
 	}
 	if l.size+len(b)+1 > batchLimit {
 		if err := l.flush(); err != nil {
@@ -228,13 +239,14 @@ func (l *lister) walkEntries(f *os.File, dir string, ents []os.DirEntry, depth i
 			return err
 		}
 		if depth > 1 && e["type"] == "dir" {
-			// an unreadable subdirectory is skipped; a cancel or a lost
-			// connection ends the whole listing
+			// an unreadable subdirectory is skipped; a cancel, a lost
+			// connection or an entry that cannot be sent ends the whole listing
 			sub, err := openListedIn(f, de.Name(), p)
 			if err != nil {
 				continue
 			}
-			if err := l.walk(sub, p, depth-1); err == errConnClosed || err == errListCancelled {
+			var ends *apiError
+			if err := l.walk(sub, p, depth-1); err == errConnClosed || errors.As(err, &ends) {
 				return err
 			}
 		}
