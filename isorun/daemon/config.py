@@ -77,6 +77,9 @@ class DaemonConfig:
     stream_keepalive_s: float = field(
         default_factory=lambda: _env_float("ISORUN_STREAM_KEEPALIVE_S", 15.0)
     )
+    # The stdin of foreground execs the daemon holds at most, all sandboxes together, until
+    # their commands read it (a command is fed only as fast as it reads): past it, 503.
+    held_stdin_mib: int = field(default_factory=lambda: _env_int("ISORUN_HELD_STDIN_MIB", 256))
     jail: bool = field(default_factory=lambda: os.environ.get("ISORUN_JAIL", "1") != "0")
     # Start sandboxes from a booted template of their machine shape (isorun/vmm/warm.py).
     warm_start: bool = field(
@@ -102,6 +105,7 @@ class DaemonConfig:
         _in_range("price_per_vcpu_hour", self.price_per_vcpu_hour, 0, 1e6, "per vCPU-hour")
         _in_range("default_timeout_s", self.default_timeout_s, 1, self.max_timeout_s, "seconds")
         _in_range("default_memory_mib", self.default_memory_mib, MIN_MEMORY_MIB, 256 * 1024, "MiB")
+        _in_range("held_stdin_mib", self.held_stdin_mib, 1, 1 << 20, "MiB")
         if int(self.host_cpus * self.cpu_overcommit) < 1:
             raise ConfigError(
                 f"{_setting('cpu_overcommit')} = {_num(self.cpu_overcommit)} leaves no vCPU for "
@@ -130,6 +134,7 @@ _SOURCES = {
     "price_per_vcpu_hour": "ISORUN_PRICE_PER_VCPU_HOUR or --price-per-vcpu-hour",
     "default_timeout_s": "ISORUN_DEFAULT_TIMEOUT",
     "default_memory_mib": "ISORUN_DEFAULT_MEMORY_MIB",
+    "held_stdin_mib": "ISORUN_HELD_STDIN_MIB",
 }
 
 

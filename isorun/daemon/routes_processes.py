@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from starlette.requests import Request
@@ -16,7 +17,7 @@ from starlette.routing import Route
 
 from isorun.agent import Attachment, ExecResult, ProcInfo
 from isorun.daemon.api import SANDBOX, Api
-from isorun.daemon.errors import ApiError, Conflict, NotFound
+from isorun.daemon.errors import ApiError, CapacityError, Conflict, NotFound
 from isorun.daemon.http import (
     DEFAULT_SHELL,
     STREAM_BACKLOG,
@@ -45,8 +46,25 @@ P = SANDBOX + "/processes/{pid}"
 END_RECORD_WAIT_S = 10.0
 
 
+class _HeldBytes:
+    """Bytes held for requests in flight, counted while each is held."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    @contextlib.contextmanager
+    def holding(self, n: int) -> Iterator[None]:
+        self.bytes += n
+        try:
+            yield
+        finally:
+            self.bytes -= n
+
+
 def process_routes(api: Api) -> list[Route]:
     manager, pipes = api.manager, api.pipes
+    held_stdin = _HeldBytes()
+    held_stdin_limit = api.cfg.held_stdin_mib << 20
 
     def _stream(
         live: Live,
@@ -142,26 +160,39 @@ def process_routes(api: Api) -> list[Route]:
                 stdin = base64.b64decode(req.stdin, validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise ApiError(f"stdin must be base64: {exc}", status=422, code="invalid") from exc
+            # The command is fed only as fast as it reads: its stdin stays in the daemon
+            # until it ends (or its last byte is taken), so the daemon bounds it all.
+            if held_stdin.bytes + len(stdin) > held_stdin_limit:
+                raise CapacityError(
+                    f"the daemon holds {held_stdin.bytes >> 20} MiB of stdin for commands "
+                    f"that have not read it yet (at most {held_stdin_limit >> 20} MiB, "
+                    "ISORUN_HELD_STDIN_MIB): retry once they have, or upload the input as a file"
+                )
+        # What the command needs, not the request: its base64 stdin would stay with it.
+        command, argv, env, cwd, user = req.cmd, req.argv, req.env or None, req.cwd, req.user
+        timeout, tag = req.timeout, req.tag
+        del req
 
         async def run(emit: Emit, push: Push) -> dict[str, Any]:
             def started(proc_id: str, pid: int) -> None:
                 push({"type": "start", "proc_id": proc_id, "pid": pid})
 
-            r = await live.vm.agent.exec(
-                req.cmd,
-                argv=req.argv,
-                env=req.env or None,
-                cwd=req.cwd,
-                user=req.user,
-                timeout=req.timeout,
-                stdin=stdin,
-                pty=pty,
-                on_stdout=lambda b: emit("stdout", b),
-                on_stderr=lambda b: emit("stderr", b),
-                on_start=started,
-                capture=False,
-                tag=req.tag,
-            )
+            with held_stdin.holding(len(stdin or b"")):
+                r = await live.vm.agent.exec(
+                    command,
+                    argv=argv,
+                    env=env,
+                    cwd=cwd,
+                    user=user,
+                    timeout=timeout,
+                    stdin=stdin,
+                    pty=pty,
+                    on_stdout=lambda b: emit("stdout", b),
+                    on_stderr=lambda b: emit("stderr", b),
+                    on_start=started,
+                    capture=False,
+                    tag=tag,
+                )
             return _exit_record(r)
 
         # A client that goes away does not stop the command: it runs on, its output stays
