@@ -22,7 +22,7 @@ from isorun import __version__
 from isorun.daemon.api import SANDBOX, Api
 from isorun.daemon.config import DaemonConfig
 from isorun.daemon.errors import ApiError
-from isorun.daemon.http import error_response, parse, query_flag
+from isorun.daemon.http import error_response, only_params, parse, query_flag
 from isorun.daemon.models import CreateSandbox, SetTimeout
 from isorun.daemon.progress import ProgressFeed
 from isorun.daemon.routes_files import file_routes
@@ -65,6 +65,7 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
     # --- sandboxes ---------------------------------------------------------------------
 
     async def create_sandbox(request: Request, tenant: str) -> Any:
+        only_params(request, "progress")
         req = await parse(request, CreateSandbox)
         # A sandbox whose id never reached its client (it gave up, timed out or was
         # interrupted while the image was built or the VM booted) is not left running, unowned,

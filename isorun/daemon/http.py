@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
@@ -145,16 +146,17 @@ def _json_items(raw: bytes) -> int:
     return sum(raw.count(c) for c in (b",", b":", b"[", b"{"))
 
 
+_INTEGER = re.compile(r"-?[0-9]{1,20}")
+
+
 def query_int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    try:
-        v = int(raw)
-    except ValueError:
-        raise ApiError(
-            f"query parameter {name}={raw!r} is not an integer", code="invalid"
-        ) from None
+    # digits only: int() also takes "1_0", " 5", "+2" and other scripts' digits
+    if not _INTEGER.fullmatch(raw):
+        raise ApiError(f"query parameter {name}={raw!r} is not an integer", code="invalid")
+    v = int(raw)
     if not lo <= v <= hi:
         raise ApiError(f"query parameter {name}={v} must be between {lo} and {hi}", code="invalid")
     return v
@@ -199,12 +201,14 @@ def query_flag(request: Request, name: str) -> bool:
 def only_params(request: Request, *takes: str) -> None:
     """Refuse a query parameter the route does not take: a misspelt one (`apend=1`,
     `sinse=`) would otherwise be ignored, and the answer look right."""
-    for k in request.query_params:
+    seen: set[str] = set()
+    for k, _ in request.query_params.multi_items():
         if k not in takes:
-            raise ApiError(
-                f"unknown query parameter {k!r}; this route takes {', '.join(takes)}",
-                code="invalid",
-            )
+            took = f"this route takes {', '.join(takes)}" if takes else "this route takes none"
+            raise ApiError(f"unknown query parameter {k!r}; {took}", code="invalid")
+        if k in seen:  # which one counts would be a guess (Starlette keeps the last)
+            raise ApiError(f"query parameter {k!r} is given more than once", code="invalid")
+        seen.add(k)
 
 
 def query_path(request: Request, *others: str) -> str:

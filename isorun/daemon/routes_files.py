@@ -95,9 +95,9 @@ def file_routes(api: Api) -> list[Route]:
         return {"path": path, "bytes": n}
 
     async def list_files(request: Request, tenant: str) -> Any:
+        path, depth = query_path(request, "depth"), query_int(request, "depth", 1, 1, 64)
         live = manager.get_live(tenant, request.path_params["sid"])
-        depth = query_int(request, "depth", 1, 1, 64)
-        entries = await live.vm.agent.list(query_path(request, "depth"), depth)
+        entries = await live.vm.agent.list(path, depth)
         return {"entries": [entry_record(e) for e in entries]}
 
     async def stat_file(request: Request, tenant: str) -> Any:

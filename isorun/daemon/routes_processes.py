@@ -25,6 +25,7 @@ from isorun.daemon.http import (
     Push,
     entry_record,
     error_record,
+    only_params,
     parse,
     query_int,
     raw_body,
@@ -138,6 +139,7 @@ def process_routes(api: Api) -> list[Route]:
         }
 
     async def exec_(request: Request, tenant: str) -> Any:
+        only_params(request)  # a `background=1` there ran in the foreground
         req = await parse(request, ExecRequest)
         live = manager.get_live(tenant, request.path_params["sid"])
         pty = (req.pty.rows, req.pty.cols) if req.pty else None
@@ -204,9 +206,10 @@ def process_routes(api: Api) -> list[Route]:
         return {"processes": [entry_record(p) for p in await live.vm.agent.list_procs()]}
 
     async def connect_proc(request: Request, tenant: str) -> Any:
+        only_params(request, "offset")  # a misspelt `ofset=` replayed from 0
+        offset = query_int(request, "offset", 0, 0, 1 << 62)
         live = manager.get_live(tenant, request.path_params["sid"])
         proc_id = request.path_params["pid"]
-        offset = query_int(request, "offset", 0, 0, 1 << 62)
         att = Attachment(offset=offset)
         await _known_proc(live, proc_id)
 

@@ -82,3 +82,25 @@ def test_only_exec_stdin_may_make_a_body_large(fresh: Daemon) -> None:
         r = c.post("/v1/sandboxes/sb-x/exec", json={"cmd": "cat", "stdin": stdin})
         assert r.status_code == 404, r.text
         assert c.get("/v1/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "says"),
+    [
+        # each was taken, its answer looking right: a plain create, a foreground exec, a
+        # replay from offset 0, a listing of depth 10, the last of two paths
+        ("POST", "/v1/sandboxes?progres=1", "unknown query parameter 'progres'"),
+        ("POST", "/v1/sandboxes/sb/exec?background=1", "unknown query parameter 'background'"),
+        ("GET", "/v1/sandboxes/sb/processes/p1/stream?ofset=4", "unknown query parameter 'ofset'"),
+        ("GET", "/v1/sandboxes/sb/files/list?path=/&depth=1_0", "depth='1_0' is not an integer"),
+        ("GET", "/v1/sandboxes/sb/files/list?path=/&depth=%2B2", "depth='+2' is not an integer"),
+        ("GET", "/v1/sandboxes/sb/files/list?path=/a&path=/b", "'path' is given more than once"),
+    ],
+)
+def test_a_query_parameter_misspelt_loose_or_repeated_is_refused(
+    fresh: Daemon, method: str, url: str, says: str
+) -> None:
+    with fresh.client() as c:
+        r = c.request(method, url, json={"image": "none"} if method == "POST" else None)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid" and says in r.json()["error"]["message"]
