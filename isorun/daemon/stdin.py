@@ -9,7 +9,8 @@ Memory is bounded: a pipe queues at most QUEUE_CHUNKS chunks of at most MAX_CHUN
 writer past that waits, which holds back its HTTP request, for at most STDIN_WAIT_S: then it
 gets 409 `stdin_full`, nothing of it sent; one whose bytes were queued but not yet taken by
 then gets 409 `stdin_queued`, its bytes still to come), and a sandbox has at most
-MAX_PIPES open pipes (the least recently used one is closed, without EOF, to make room).
+MAX_PIPES open pipes (the least recently used idle one is closed, without EOF, to make
+room; with none idle, a write to another process is 409 `stdin_busy`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator
 from typing import Any, cast
 
 from isorun.agent import AgentClient
@@ -55,6 +56,7 @@ class StdinPipe:
         self.closing = False
         self.closed = False
         self.last_byte = 0  # of what was written (a terminal's EOF depends on it)
+        self.writers = 0  # requests writing (or closing) now
         self.task = spawn(self._run(agent))
 
     async def _source(self) -> AsyncIterator[bytes]:
@@ -81,12 +83,26 @@ class StdinPipe:
     async def write(self, data: bytes) -> bool:
         """Queue bytes for the process; False if the pipe ended (the process exited, or the
         sandbox ended) before they were sent."""
-        for i in range(0, len(data), MAX_CHUNK):
-            if not await self._put(data[i : i + MAX_CHUNK]):
-                return False
+        with self._writing():
+            for i in range(0, len(data), MAX_CHUNK):
+                if not await self._put(data[i : i + MAX_CHUNK]):
+                    return False
         if data:
             self.last_byte = data[-1]
         return True
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        self.writers += 1
+        try:
+            yield
+        finally:
+            self.writers -= 1
+
+    @property
+    def idle(self) -> bool:
+        """No request writes to it and nothing waits in it: closing it loses nothing."""
+        return self.writers == 0 and self._q.empty()
 
     def terminal_eof(self) -> bytes:
         """What ends a terminal's input after what was written: ^D, which ends it only at
@@ -98,7 +114,8 @@ class StdinPipe:
         A close refused for want of room (stdin_full) leaves the stdin open."""
         self.closing = True
         try:
-            return await self._put(None)
+            with self._writing():
+                return await self._put(None)
         finally:
             self.closing = self.closed
 
@@ -189,8 +206,17 @@ class StdinPipes:
         for pid in [p for p, pipe in pipes.items() if not pipe.alive]:
             del pipes[pid]
         while len(pipes) >= MAX_PIPES:
-            _, oldest = pipes.popitem(last=False)
-            oldest.abandon()
+            # the least recently used that is idle: one a request is writing to, or whose
+            # queued bytes were promised to the process, is not cut (its writer would be told
+            # the process exited, part of its bytes delivered)
+            idle = next((pid for pid, p in pipes.items() if p.idle), None)
+            if idle is None:
+                raise Conflict(
+                    f"{MAX_PIPES} processes of this sandbox have stdin writes in progress or "
+                    "queued: retry once one of them has been read",
+                    code="stdin_busy",
+                )
+            pipes.pop(idle).abandon()
         pipe = StdinPipe(agent, proc_id, spawn)
         pipes[proc_id] = pipe
 
