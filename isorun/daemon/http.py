@@ -246,6 +246,9 @@ Emit = Callable[[str, bytes], Awaitable[None]]
 # Output records a stream may hold for a slow HTTP reader; past that the exec waits, which
 # stops returning credit to the guest, which blocks the guest process: memory stays bounded.
 STREAM_BACKLOG = 64
+# ... and their bytes (base64): a record may join 64 KiB of output, so 64 of them held ~6 MiB
+# for each stalled reader.
+STREAM_BACKLOG_BYTES = 1 << 20
 Push = Callable[[dict[str, Any]], None]
 
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -21,6 +20,7 @@ from isorun.daemon.errors import ApiError, CapacityError, Conflict, NotFound
 from isorun.daemon.http import (
     DEFAULT_SHELL,
     STREAM_BACKLOG,
+    STREAM_BACKLOG_BYTES,
     Emit,
     Push,
     entry_record,
@@ -47,25 +47,37 @@ P = SANDBOX + "/processes/{pid}"
 END_RECORD_WAIT_S = 10.0
 
 
-class _HeldBytes:
-    """Bytes held for requests in flight, counted while each is held."""
+class _HeldStdin:
+    """The stdin bytes the daemon holds for commands that have not read them yet (a foreground
+    exec's, a write waiting for its pipe), bounded all sandboxes together."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
         self.bytes = 0
 
-    @contextlib.contextmanager
-    def holding(self, n: int) -> Iterator[None]:
+    def take(self, n: int) -> Callable[[], None]:
+        """Count n bytes more, or refuse them (503); the release to call once they are gone."""
+        if self.bytes + n > self.limit:
+            raise CapacityError(
+                f"the daemon holds {self.bytes >> 20} MiB of stdin for commands that have not "
+                f"read it yet (at most {self.limit >> 20} MiB, ISORUN_HELD_STDIN_MIB): retry "
+                "once they have, or upload the input as a file"
+            )
         self.bytes += n
-        try:
-            yield
-        finally:
-            self.bytes -= n
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.bytes -= n
+
+        return release
 
 
 def process_routes(api: Api) -> list[Route]:
     manager, pipes = api.manager, api.pipes
-    held_stdin = _HeldBytes()
-    held_stdin_limit = api.cfg.held_stdin_mib << 20
+    held_stdin = _HeldStdin(api.cfg.held_stdin_mib << 20)
 
     def _stream(
         live: Live,
@@ -74,6 +86,7 @@ def process_routes(api: Api) -> list[Route]:
     ) -> StreamingResponse:
         q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         detached = False
+        queued = 0  # base64 bytes of the output records in q
 
         def push(rec: dict[str, Any]) -> None:
             if not detached:
@@ -82,11 +95,14 @@ def process_routes(api: Api) -> list[Route]:
         room = asyncio.Event()
 
         async def emit(kind: str, data: bytes) -> None:
-            while not detached and q.qsize() >= STREAM_BACKLOG:
+            nonlocal queued
+            while not detached and (q.qsize() >= STREAM_BACKLOG or queued >= STREAM_BACKLOG_BYTES):
                 room.clear()
                 await room.wait()
             if not detached:
-                q.put_nowait({"type": kind, "data": base64.b64encode(data).decode()})
+                text = base64.b64encode(data).decode()
+                queued += len(text)
+                q.put_nowait({"type": kind, "data": text})
 
         async def runner() -> None:
             try:
@@ -112,13 +128,14 @@ def process_routes(api: Api) -> list[Route]:
         task = live.spawn(runner())
 
         async def body() -> AsyncIterator[bytes]:
-            nonlocal detached
+            nonlocal detached, queued
             try:
                 while True:
                     item = await q.get()
                     room.set()
                     if item is None:
                         return
+                    queued -= len(item.get("data", ""))
                     yield (json.dumps(item, separators=(",", ":")) + "\n").encode()
             finally:
                 detached = True
@@ -162,14 +179,9 @@ def process_routes(api: Api) -> list[Route]:
                 stdin = base64.b64decode(req.stdin, validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise ApiError(f"stdin must be base64: {exc}", status=422, code="invalid") from exc
-            # The command is fed only as fast as it reads: its stdin stays in the daemon
-            # until it ends (or its last byte is taken), so the daemon bounds it all.
-            if held_stdin.bytes + len(stdin) > held_stdin_limit:
-                raise CapacityError(
-                    f"the daemon holds {held_stdin.bytes >> 20} MiB of stdin for commands "
-                    f"that have not read it yet (at most {held_stdin_limit >> 20} MiB, "
-                    "ISORUN_HELD_STDIN_MIB): retry once they have, or upload the input as a file"
-                )
+        # The command is fed only as fast as it reads: its stdin stays in the daemon until
+        # it ends, so the daemon bounds it all.
+        release = held_stdin.take(len(stdin or b""))
         # What the command needs, not the request: its base64 stdin would stay with it.
         command, argv, env, cwd, user = req.cmd, req.argv, req.env or None, req.cwd, req.user
         timeout, tag = req.timeout, req.tag
@@ -179,7 +191,7 @@ def process_routes(api: Api) -> list[Route]:
             def started(proc_id: str, pid: int) -> None:
                 push({"type": "start", "proc_id": proc_id, "pid": pid})
 
-            with held_stdin.holding(len(stdin or b"")):
+            try:
                 r = await live.vm.agent.exec(
                     command,
                     argv=argv,
@@ -195,11 +207,17 @@ def process_routes(api: Api) -> list[Route]:
                     capture=False,
                     tag=tag,
                 )
+            finally:
+                release()
             return _exit_record(r)
 
         # A client that goes away does not stop the command: it runs on, its output stays
         # in the guest's ring, and GET .../processes/{proc_id}/stream replays it.
-        return _stream(live, run, cancel_on_disconnect=False)
+        try:
+            return _stream(live, run, cancel_on_disconnect=False)
+        except BaseException:
+            release()
+            raise
 
     async def list_procs(request: Request, tenant: str) -> Any:
         live = manager.get_live(tenant, request.path_params["sid"])
@@ -326,8 +344,12 @@ def process_routes(api: Api) -> list[Route]:
         )
         if pipe.closing:  # its EOF is queued: bytes now would follow it, or be lost
             raise Conflict(f"process {proc_id}: its stdin is closed; it cannot be reopened")
-        if not await pipe.write(data):
-            raise await _stdin_ended(live, proc_id)
+        release = held_stdin.take(len(data))  # a process not reading keeps it here
+        try:
+            if not await pipe.write(data):
+                raise await _stdin_ended(live, proc_id)
+        finally:
+            release()
         return {"bytes": len(data)}
 
     async def _stdin_ended(live: Live, proc_id: str) -> ApiError:

@@ -40,16 +40,28 @@ def test_stdin_no_command_has_read_is_bounded_and_freed_when_it_ends(
             started.set()
             assert any('"exit"' in line for line in lines)
 
+    with daemon.client() as c:
+        r = c.post(
+            exec_url, json={"cmd": "cat > /dev/null", "background": True, "open_stdin": True}
+        )
+        background = r.json()["proc_id"]
     waiting = threading.Thread(target=slow_reader)
     waiting.start()
     try:
         assert started.wait(30)
         with daemon.client() as c:
-            r = c.post(exec_url, json={"cmd": "wc -c", "stdin": _stdin(1)})
-            assert r.status_code == 503, r.text
-            err = r.json()["error"]
-            assert err["code"] == "capacity" and "ISORUN_HELD_STDIN_MIB" in err["message"]
-            assert "at most 2 MiB" in err["message"]
+            # another exec's stdin, and a write to another process's, would pass the bound
+            for r in (
+                c.post(exec_url, json={"cmd": "wc -c", "stdin": _stdin(1)}),
+                c.post(
+                    f"/v1/sandboxes/{sandbox}/processes/{background}/stdin",
+                    content=b"x" * (1 << 20),
+                ),
+            ):
+                assert r.status_code == 503, r.text
+                err = r.json()["error"]
+                assert err["code"] == "capacity" and "ISORUN_HELD_STDIN_MIB" in err["message"]
+                assert "at most 2 MiB" in err["message"]
     finally:
         waiting.join(60)
     with daemon.client() as c:  # the first command ended: its stdin no longer counts
