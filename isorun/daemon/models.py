@@ -84,6 +84,13 @@ class CreateSandbox(Strict):
         None, ge=1, le=MAX_TIMEOUT_S, description="seconds until the sandbox is killed"
     )
 
+    @field_validator("image")
+    @classmethod
+    def _image_as_resolved(cls, v: str) -> str:
+        # The reference is resolved stripped ("base\n" is base): the sandbox's record must
+        # show that, not what was sent. What is left is checked where it is resolved.
+        return v.strip()
+
     @field_validator("env")
     @classmethod
     def _env_fits(cls, v: dict[str, str]) -> dict[str, str]:

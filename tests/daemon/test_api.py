@@ -693,3 +693,13 @@ def test_info_counts_a_sandbox_being_created_as_the_capacity_check_does(
         maker.join()
         assert seen_creating, "the create was over before it could be seen"
         c.delete(f"/v1/sandboxes/{created[0].json()['id']}")
+
+
+def test_a_create_records_the_image_as_it_resolved_it(daemon: Daemon, image: str) -> None:
+    # "base\n" started base (references are resolved stripped) but was recorded as sent
+    with daemon.client() as c:
+        r = c.post("/v1/sandboxes", json={"image": f" {image}\n"})
+        assert r.status_code == 201, r.text
+        assert r.json()["image"] == image
+        assert c.get(f"/v1/sandboxes/{r.json()['id']}").json()["image"] == image
+        c.delete(f"/v1/sandboxes/{r.json()['id']}")
