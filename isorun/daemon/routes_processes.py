@@ -182,10 +182,7 @@ def process_routes(api: Api) -> list[Route]:
         # The command is fed only as fast as it reads: its stdin stays in the daemon until
         # it ends, so the daemon bounds it all.
         release = held_stdin.take(len(stdin or b""))
-        # What the command needs, not the request: its base64 stdin would stay with it.
-        command, argv, env, cwd, user = req.cmd, req.argv, req.env or None, req.cwd, req.user
-        timeout, tag = req.timeout, req.tag
-        del req
+        req.stdin = None  # decoded above: the base64 would stay with the command as well
 
         async def run(emit: Emit, push: Push) -> dict[str, Any]:
             def started(proc_id: str, pid: int) -> None:
@@ -193,19 +190,19 @@ def process_routes(api: Api) -> list[Route]:
 
             try:
                 r = await live.vm.agent.exec(
-                    command,
-                    argv=argv,
-                    env=env,
-                    cwd=cwd,
-                    user=user,
-                    timeout=timeout,
+                    req.cmd,
+                    argv=req.argv,
+                    env=req.env or None,
+                    cwd=req.cwd,
+                    user=req.user,
+                    timeout=req.timeout,
                     stdin=stdin,
                     pty=pty,
                     on_stdout=lambda b: emit("stdout", b),
                     on_stderr=lambda b: emit("stderr", b),
                     on_start=started,
                     capture=False,
-                    tag=tag,
+                    tag=req.tag,
                 )
             finally:
                 release()
