@@ -3,6 +3,7 @@ checked, errors mapped to status codes and records."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
+import pydantic_core
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -41,6 +43,7 @@ JSON_BODY_LIMIT = 1 << 20
 EXEC_BODY_LIMIT = 96 << 20
 LARGE_BODY_MAX_ITEMS = 1 << 16
 _BODY_LIMITS: dict[type[BaseModel], int] = {ExecRequest: EXEC_BODY_LIMIT}
+_COUNT_SLICE = 4 << 20  # ~5 ms of counting
 NDJSON = "application/x-ndjson"
 
 _GUEST_STATUS = {
@@ -110,7 +113,12 @@ async def parse(request: Request, model: type[M]) -> M:
     raw = await raw_body(
         request, _BODY_LIMITS.get(model, JSON_BODY_LIMIT), f"a {model.__name__} JSON body"
     )
-    if len(raw) > JSON_BODY_LIMIT and (items := _json_items(raw)) > LARGE_BODY_MAX_ITEMS:
+    if len(raw) <= JSON_BODY_LIMIT:
+        return _validated(_loads(raw), model)
+    # A large body (exec's long `stdin`): counted in slices between which other requests
+    # run, and parsed by pydantic's parser, ~3x faster than json's (64 MiB: 40 ms, not
+    # 115). Each is one C call that holds the GIL, so a worker thread would not help.
+    if (items := await _json_items(raw)) > LARGE_BODY_MAX_ITEMS:
         raise ApiError(
             f"request body is {len(raw)} bytes with about {items} JSON items; past "
             f"{JSON_BODY_LIMIT} bytes only a long `stdin` may make a body large (at most "
@@ -118,16 +126,29 @@ async def parse(request: Request, model: type[M]) -> M:
             status=413,
             code="too_large",
         )
-    if not raw.strip():
-        raw = b"{}"
     try:
-        data = json.loads(raw)
+        data = pydantic_core.from_json(raw)
+    except ValueError:
+        # what it refuses (a lone surrogate's escape, a BOM) json may take, and json's
+        # error says what is wrong the way small bodies' do
+        data = _loads(raw)
+    return _validated(data, model)
+
+
+def _loads(raw: bytes) -> Any:
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
     except RecursionError:
         raise ApiError(
             "request body is not valid JSON: it nests too deeply", code="malformed_json"
         ) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(f"request body is not valid JSON: {exc}", code="malformed_json") from exc
+
+
+def _validated(data: Any, model: type[M]) -> M:
     if not isinstance(data, dict):
         raise ApiError("request body must be a JSON object", code="invalid")
     try:
@@ -140,10 +161,15 @@ async def parse(request: Request, model: type[M]) -> M:
         raise ApiError("invalid request: " + "; ".join(parts), status=422, code="invalid") from exc
 
 
-def _json_items(raw: bytes) -> int:
+async def _json_items(raw: bytes) -> int:
     """An upper bound of the items of a JSON text, counted in C at memory speed: every
     value but the first follows a `,` or `:` or opens with `[`/`{` (base64 has none)."""
-    return sum(raw.count(c) for c in (b",", b":", b"[", b"{"))
+    total = 0
+    for start in range(0, len(raw), _COUNT_SLICE):
+        end = start + _COUNT_SLICE
+        total += sum(raw.count(c, start, end) for c in (b",", b":", b"[", b"{"))
+        await asyncio.sleep(0)  # let other requests run between slices
+    return total
 
 
 _INTEGER = re.compile(r"-?[0-9]{1,20}")
