@@ -90,7 +90,9 @@ func runPID1(start time.Time) {
 		}
 	}
 	boot.Mark("root")
+	procGroup.enable("/sys/fs/cgroup", s.logf)
 	go func() {
+		procGroup.get() // made before the first exec needs it, most often
 		if err := loopbackUp(); err != nil {
 			s.logf("lo: %v", err)
 		}

@@ -247,6 +247,10 @@ func startFailure(prog string, err error) (int, string) {
 	if err == syscall.EACCES || err == syscall.ENOEXEC || err == syscall.EPERM || err == syscall.EISDIR {
 		code = 126
 	}
+	if err == syscall.EAGAIN {
+		return 126, prog + ": cannot fork: the sandbox's processes are at their limit " +
+			"(pids.max of /sys/fs/cgroup/" + procGroupName + ") or memory is short: " + err.Error()
+	}
 	return code, prog + ": " + err.Error()
 }
 
@@ -342,8 +346,29 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 		forkMu.Unlock()
 		return closeOuts(pumped, p.ptyIn, fail(errBusy))
 	}
+	// under forkMu: the fd the group's directory has stays that until the fork
+	group := procGroup.get()
+	if group >= 0 {
+		sys.UseCgroupFD, sys.CgroupFD = true, group
+	}
 	p.forkAt = time.Now()
 	pid, err := syscall.ForkExec(s.path, s.argv, attr)
+	if err != nil && sys.UseCgroupFD && groupRefused(err, group) {
+		// made again once; failing that, the process starts where the agent is
+		procGroup.lost(group)
+		sys.UseCgroupFD, sys.CgroupFD = false, 0
+		without := true
+		if group = procGroup.get(); group >= 0 {
+			sys.UseCgroupFD, sys.CgroupFD = true, group
+			pid, err = syscall.ForkExec(s.path, s.argv, attr)
+			if without = err != nil && groupRefused(err, group); without {
+				sys.UseCgroupFD, sys.CgroupFD = false, 0
+			}
+		}
+		if without {
+			pid, err = syscall.ForkExec(s.path, s.argv, attr)
+		}
+	}
 	if err != nil {
 		forkMu.Unlock()
 		return closeOuts(pumped, p.ptyIn, fail(err))

@@ -1,0 +1,148 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// procGroup is the cgroup every process the agent starts is born into
+// (clone3's CLONE_INTO_CGROUP), its pids.max below the kernel's threads-max.
+// Without it a fork bomb (as root, whom RLIMIT_NPROC does not hold) took every
+// task the kernel allows; the Go runtime then could not start an OS thread for
+// the agent's next blocking call, and its fatal error, PID 1 exiting, panicked
+// the kernel. Now the bomb's forks fail with EAGAIN at the group's limit, the
+// agent keeps room for its own threads and keeps answering, and ending the
+// command (its process group) ends the bomb.
+var procGroup = &userCgroup{fd: -1}
+
+const (
+	procGroupName = "isorun.procs"
+	// tasks left outside the group: the agent's threads, the kernel's (kworkers
+	// come and go) and what a process of the group forks while it is counted
+	procGroupReserve = 256
+	procGroupMinimum = 32
+)
+
+type userCgroup struct {
+	mu    sync.Mutex
+	root  string // cgroup2 mount; "" (not PID 1): processes stay in the agent's group
+	logf  func(string, ...any)
+	fd    int
+	tried bool
+}
+
+// enable is PID 1's, once cgroup2 is mounted at root; the group itself is made
+// at first use, off the boot's path.
+func (u *userCgroup) enable(root string, logf func(string, ...any)) {
+	u.mu.Lock()
+	u.root, u.logf = root, logf
+	u.mu.Unlock()
+}
+
+// get returns the group's directory fd, -1 when processes start in the agent's
+// own group (not PID 1, or the group could not be made: logged once per try).
+func (u *userCgroup) get() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.root == "" || u.tried {
+		return u.fd
+	}
+	u.tried = true
+	fd, err := makeProcGroup(u.root, u.logf)
+	if err != nil {
+		u.logf("process cgroup: %v (processes start in the agent's own cgroup)", err)
+		return -1
+	}
+	u.fd = fd
+	return fd
+}
+
+// lost forgets fd, which clone3 refused (guest root removed the group, or
+// turned on a controller in it): the next get makes it again.
+func (u *userCgroup) lost(fd int) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.fd == fd && fd >= 0 {
+		unix.Close(fd)
+		u.fd, u.tried = -1, false
+	}
+}
+
+// groupRefused tells clone3's refusals of the group fd from an exec's own
+// errors: a removed group (ENOENT, which an exec gives too: then the group is
+// gone as well), one with controllers turned on for children (EBUSY), a
+// threaded one (EOPNOTSUPP). No exec gives EBUSY or EOPNOTSUPP.
+func groupRefused(err error, fd int) bool {
+	if errors.Is(err, syscall.ENOENT) {
+		var st unix.Stat_t
+		return unix.Fstatat(fd, "cgroup.procs", &st, 0) != nil
+	}
+	return errors.Is(err, syscall.ENODEV) || errors.Is(err, syscall.EBUSY) ||
+		errors.Is(err, syscall.EOPNOTSUPP)
+}
+
+func makeProcGroup(root string, logf func(string, ...any)) (int, error) {
+	if err := writeKnob(root+"/cgroup.subtree_control", "+pids"); err != nil {
+		return -1, fmt.Errorf("turn on the pids controller: %w", err)
+	}
+	// cpu too: the group's processes together then weigh as much as one of the
+	// agent's threads, so however many there are, the agent gets its turns
+	if err := writeKnob(root+"/cgroup.subtree_control", "+cpu"); err != nil {
+		logf("process cgroup: turn on the cpu controller: %v", err)
+	}
+	dir := root + "/" + procGroupName
+	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+		return -1, err
+	}
+	limit, err := procGroupLimit()
+	if err != nil {
+		return -1, err
+	}
+	if err := writeKnob(dir+"/pids.max", strconv.Itoa(limit)); err != nil {
+		return -1, fmt.Errorf("set %s/pids.max: %w", dir, err)
+	}
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("open %s: %w", dir, err)
+	}
+	return fd, nil
+}
+
+// procGroupLimit is threads-max less the tasks there are now and a reserve.
+func procGroupLimit() (int, error) {
+	b, err := os.ReadFile("/proc/sys/kernel/threads-max")
+	if err != nil {
+		return 0, err
+	}
+	threadsMax, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return 0, fmt.Errorf("threads-max %q: %w", b, err)
+	}
+	tasks := 0
+	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
+		if fs := strings.Fields(string(b)); len(fs) >= 4 {
+			_, total, _ := strings.Cut(fs[3], "/")
+			tasks, _ = strconv.Atoi(total)
+		}
+	}
+	return max(procGroupMinimum, threadsMax-tasks-procGroupReserve), nil
+}
+
+func writeKnob(path, value string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteString(value)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
