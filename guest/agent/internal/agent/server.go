@@ -30,13 +30,17 @@ type Server struct {
 	Shutdown func(mode string)
 	// vsockKey: what a vsock host must present (vsockkey.go).
 	vsockKey vsockKey
+	logOnce  sync.Once
+	logq     *logQueue
 
 	mu sync.Mutex
 	// rootTaken: a root filesystem was set up (or tried) once; there is no second.
 	rootTaken bool
-	defEnv    map[string]string
-	defCwd    string
-	defUser   string
+	// shuttingDown: the mode of the shutdown under way ("": none)
+	shuttingDown string
+	defEnv       map[string]string
+	defCwd       string
+	defUser      string
 }
 
 // NewServer returns a server whose uptime counts from start.
@@ -55,10 +59,13 @@ func (s *Server) HoldRequests() (release func()) {
 	return func() { close(ch) }
 }
 
+// logf writes a console line without waiting for the console (logqueue.go).
 func (s *Server) logf(format string, a ...any) {
-	if s.Log != nil {
-		fmt.Fprintf(s.Log, "isorun-agent: "+format+"\n", a...)
+	if s.Log == nil {
+		return
 	}
+	s.logOnce.Do(func() { s.logq = newLogQueue(s.Log) })
+	s.logq.push(fmt.Sprintf("isorun-agent: "+format+"\n", a...))
 }
 
 // apiError is an error RESP: {"ok":false,"code","error"}.

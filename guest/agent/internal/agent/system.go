@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"bufio"
 	"encoding/base64"
 	"os"
 	"strconv"
@@ -38,6 +37,9 @@ func opHello(s *Server, ch *Channel, raw []byte) (any, error) {
 	if s.RootError != "" {
 		m["root_error"] = s.RootError
 	}
+	if s.shuttingDown != "" {
+		m["shutting_down"] = s.shuttingDown
+	}
 	s.mu.Unlock()
 	return m, nil
 }
@@ -63,6 +65,9 @@ func opHealth(s *Server, ch *Channel, raw []byte) (any, error) {
 	if s.RootError != "" {
 		m["root_error"] = s.RootError
 	}
+	if s.shuttingDown != "" {
+		m["shutting_down"] = s.shuttingDown
+	}
 	s.mu.Unlock()
 	return m, nil
 }
@@ -71,41 +76,67 @@ func opMetrics(s *Server, ch *Channel, raw []byte) (any, error) {
 	if err := decode(raw, &emptyReq{}); err != nil {
 		return nil, err
 	}
+	// Each figure or an error naming what could not be read (guest root may have
+	// unmounted /proc, or mounted over it): never ok without them.
 	m := ok()
-	if f, err := os.Open("/proc/meminfo"); err == nil {
-		sc := bufio.NewScanner(f)
-		for sc.Scan() {
-			k, v, _ := strings.Cut(sc.Text(), ":")
-			fs := strings.Fields(v)
-			if len(fs) == 0 {
-				continue
-			}
-			n, _ := strconv.ParseInt(fs[0], 10, 64)
-			switch k {
-			case "MemTotal":
-				m["mem_total_bytes"] = n * 1024
-			case "MemAvailable":
-				m["mem_available_bytes"] = n * 1024
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return nil, errf("io", "metrics: %v", err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, _ := strings.Cut(line, ":")
+		key := map[string]string{"MemTotal": "mem_total_bytes", "MemAvailable": "mem_available_bytes"}[k]
+		if fs := strings.Fields(v); key != "" && len(fs) > 0 {
+			if n, err := strconv.ParseInt(fs[0], 10, 64); err == nil {
+				m[key] = n * 1024
 			}
 		}
-		f.Close()
 	}
-	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
-		fs := strings.Fields(string(b))
-		if len(fs) >= 4 {
-			for i, k := range []string{"load1", "load5", "load15"} {
-				m[k], _ = strconv.ParseFloat(fs[i], 64)
+	if b, err = os.ReadFile("/proc/loadavg"); err != nil {
+		return nil, errf("io", "metrics: %v", err)
+	}
+	if fs := strings.Fields(string(b)); len(fs) >= 4 {
+		for i, k := range []string{"load1", "load5", "load15"} {
+			if f, err := strconv.ParseFloat(fs[i], 64); err == nil {
+				m[k] = f
 			}
-			run, _, _ := strings.Cut(fs[3], "/")
-			m["procs_running"], _ = strconv.Atoi(run)
+		}
+		run, _, _ := strings.Cut(fs[3], "/")
+		if n, err := strconv.Atoi(run); err == nil {
+			m["procs_running"] = n
 		}
 	}
-	if b, err := os.ReadFile("/proc/uptime"); err == nil {
-		if fs := strings.Fields(string(b)); len(fs) > 0 {
-			m["uptime_s"], _ = strconv.ParseFloat(fs[0], 64)
+	if b, err = os.ReadFile("/proc/uptime"); err != nil {
+		return nil, errf("io", "metrics: %v", err)
+	}
+	if fs := strings.Fields(string(b)); len(fs) > 0 {
+		if f, err := strconv.ParseFloat(fs[0], 64); err == nil {
+			m["uptime_s"] = f
+		}
+	}
+	for _, k := range []string{"mem_total_bytes", "mem_available_bytes", "load1", "load5",
+		"load15", "procs_running", "uptime_s"} {
+		if _, found := m[k]; !found {
+			return nil, errf("io", "metrics: /proc does not show %s (is it the kernel's procfs?)", k)
 		}
 	}
 	return m, nil
+}
+
+const (
+	clockFloorNs   = 946684800 * 1e9  // 2000-01-01T00:00:00Z
+	clockCeilingNs = 7258118400 * 1e9 // 2200-01-01T00:00:00Z
+)
+
+// checkClock refuses a time outside 2000-2200: the host's clock outside these
+// years is a bug or a hostile host, not a time to run programs at (and the
+// kernel refuses some such values with a bare EINVAL).
+func checkClock(unixNs *int64) *apiError {
+	if unixNs == nil || *unixNs < clockFloorNs || *unixNs > clockCeilingNs {
+		return errf("invalid", "unix_ns must be nanoseconds since 1970 between "+
+			"2000-01-01 and 2200-01-01 (%d and %d)", int64(clockFloorNs), int64(clockCeilingNs))
+	}
+	return nil
 }
 
 func opSetClock(s *Server, ch *Channel, raw []byte) (any, error) {
@@ -116,12 +147,16 @@ func opSetClock(s *Server, ch *Channel, raw []byte) (any, error) {
 	if err := decode(raw, &r); err != nil {
 		return nil, err
 	}
-	if r.UnixNs == nil || *r.UnixNs <= 0 {
-		return nil, errf("invalid", "unix_ns must be a positive integer")
+	if err := checkClock(r.UnixNs); err != nil {
+		return nil, err
+	}
+	if !isPID1 {
+		// the guest's clock only: an agent run as a program (its tests) is on the host
+		return nil, errf("unsupported", "set_clock only works when the agent is PID 1")
 	}
 	ts := unix.NsecToTimespec(*r.UnixNs)
 	if err := unix.ClockSettime(unix.CLOCK_REALTIME, &ts); err != nil {
-		return nil, err
+		return nil, errf("invalid", "unix_ns %d: the kernel refused it: %v", *r.UnixNs, err)
 	}
 	return ok(), nil
 }
@@ -174,6 +209,16 @@ func opShutdown(s *Server, ch *Channel, raw []byte) (any, error) {
 	}
 	if s.Shutdown == nil {
 		return nil, errf("unsupported", "shutdown only works when the agent is PID 1")
+	}
+	// Once: a second power-off alongside the first would race it to reboot(2).
+	s.mu.Lock()
+	running := s.shuttingDown
+	if running == "" {
+		s.shuttingDown = r.Mode
+	}
+	s.mu.Unlock()
+	if running != "" {
+		return nil, errf("busy", "a shutdown (%s) is already under way", running)
 	}
 	// RESP first and wait until it is written: the host must see it before
 	// the VM goes away.
