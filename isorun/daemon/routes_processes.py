@@ -45,6 +45,8 @@ P = SANDBOX + "/processes/{pid}"
 # How long a stream cut by its sandbox's end waits for that end to be recorded (it kills
 # the VM and writes the store) before it says so.
 END_RECORD_WAIT_S = 10.0
+# Output streams (foreground execs' and GET .../stream) one sandbox may have open at once.
+MAX_STREAMS_PER_SANDBOX = 64
 # Long base64 is decoded this many characters at a time (a multiple of 4; ~2 ms each), other
 # requests running in between: 64 MiB in one call held the event loop, every tenant's, for
 # ~0.15 s, and a worker thread would hold the GIL as long.
@@ -97,12 +99,35 @@ class _HeldStdin:
 def process_routes(api: Api) -> list[Route]:
     manager, pipes = api.manager, api.pipes
     held_stdin = _HeldStdin(api.cfg.held_stdin_mib << 20)
+    streams_open: dict[str, int] = {}  # sandbox id -> its output streams now
 
     def _stream(
         live: Live,
         run: Callable[[Emit, Push], Awaitable[dict[str, Any]]],
         cancel_on_disconnect: bool,
     ) -> StreamingResponse:
+        # Each stream holds up to STREAM_BACKLOG_BYTES for a client slower than its process,
+        # and the agent allows 4096 requests per sandbox: bounded per sandbox here.
+        sid = live.row.id
+        if streams_open.get(sid, 0) >= MAX_STREAMS_PER_SANDBOX:
+            raise ApiError(
+                f"sandbox {sid} has {MAX_STREAMS_PER_SANDBOX} output streams open (foreground "
+                "execs and process streams together); end or close some first",
+                status=429,
+                code="too_many_streams",
+            )
+        streams_open[sid] = streams_open.get(sid, 0) + 1
+        counted = True
+
+        def uncount() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                if (n := streams_open[sid] - 1) > 0:
+                    streams_open[sid] = n
+                else:
+                    del streams_open[sid]
+
         q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         detached = False
         queued = 0  # base64 bytes of the output records in q
@@ -145,9 +170,13 @@ def process_routes(api: Api) -> list[Route]:
                 q.put_nowait(None)
 
         task = live.spawn(runner())
+        # a response never started (its client gone before the headers) runs no finally
+        started = False
+        task.add_done_callback(lambda _: None if started else uncount())
 
         async def body() -> AsyncIterator[bytes]:
-            nonlocal detached, queued
+            nonlocal detached, queued, started
+            started = True
             try:
                 while True:
                     item = await q.get()
@@ -158,6 +187,7 @@ def process_routes(api: Api) -> list[Route]:
                     yield (json.dumps(item, separators=(",", ":")) + "\n").encode()
             finally:
                 detached = True
+                uncount()
                 room.set()
                 if cancel_on_disconnect and not task.done():
                     task.cancel()
