@@ -11,12 +11,13 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from isorun.agent.frames import MAX_PAYLOAD, request_payload
+from isorun.daemon import heldends
 from isorun.daemon.config import DaemonConfig
 from isorun.daemon.errors import ApiError, CapacityError, Conflict, Forbidden, Gone, NotFound
 from isorun.daemon.imageerrors import (
@@ -73,6 +74,17 @@ OnProgress = Callable[[dict[str, Any]], None]
 
 
 @dataclass
+class _HeldEnd:
+    """An end the state database refused: `row` shows it (ended, why, usage)."""
+
+    row: SandboxRow
+    console: str = ""
+    # The killed VM's run dirs, kept until the end is stored: their cgroups are the only
+    # other record of what it used.
+    run_dirs: list[Path] = field(default_factory=list)
+
+
+@dataclass
 class Live:
     row: SandboxRow
     vm: MicroVM
@@ -110,7 +122,7 @@ class SandboxManager:
         self._stopping = False
         # Sandboxes ended while the state disk was full: their VM is gone, their end (and
         # usage record) is written once the disk has room (_record_pending_ends).
-        self._unrecorded: dict[str, SandboxRow] = {}
+        self._unrecorded: dict[str, _HeldEnd] = {}
         # Running sandboxes whose VM runs but could not be re-adopted at start (QMP busy, a
         # slow hello): retried in the background before they are given up as lost.
         self._readopting: dict[str, tuple[SandboxRow, asyncio.Task[None]]] = {}
@@ -189,7 +201,10 @@ class SandboxManager:
             if live.ending is not None:
                 continue  # begun meanwhile: waited for below
             if self.cfg.kill_on_exit:
-                await self._end(live, "daemon-stopped")
+                try:
+                    await self._end(live, "daemon-stopped")
+                except Exception as exc:  # held if the state refused it: kill the rest too
+                    log.warning("ending sandbox %s at stop: %s", live.row.id, exc)
                 continue
             # Leave the VM running; the next daemon re-adopts it. Let go of it first: the
             # sandbox's requests then end with its connection, and none tells the guest to
@@ -211,30 +226,55 @@ class SandboxManager:
             await asyncio.wait(set(self._ends))
 
     async def _readopt(self) -> None:
+        """Take over what the last daemon left: the ends it could not store, its running
+        VMs, and the VMs of creates it did not finish. No sandbox's state error stops the
+        start: an end the database refuses is held (_hold_end), as at any other time."""
         running: list[SandboxRow] = []
         creating: list[SandboxRow] = []
+        run_dirs = self._run_dirs_by_sandbox()  # one look: the sweep below takes the rest
+        held = heldends.read_all(self.cfg.state_dir)
         for row in self.store.list_sandboxes(states=("creating", "running")):
-            if row.state == "running" and row.run_dir:
+            if (end := held.pop(row.id, None)) is not None:
+                # ended by the last daemon, its end never stored: stored now as it was
+                self._hold_end(
+                    row,
+                    end.reason,
+                    end.usage,
+                    end.error,
+                    ended=end.ended,
+                    console=end.console,
+                    run_dirs=run_dirs.pop(row.id, []),
+                    persist=False,
+                )
+            elif row.state == "running" and row.run_dir:
                 running.append(row)
             else:
                 creating.append(row)
-        run_dirs = self._run_dirs_by_sandbox()  # one look: the sweep below takes the rest
+        for sandbox_id in held:  # stored after all (or the row is gone): nothing to do
+            heldends.forget(self.cfg.state_dir, sandbox_id)
+        try:
+            await self._record_pending_ends()
+        except Exception:  # the reaper tries again
+            log.exception("storing the ends held by the last daemon failed")
         for row in creating:
             # Its VM may have booted before the daemon stopped: billed for what it used.
             uses = []
-            for d in run_dirs.pop(row.id, []):
-                log.warning("removing VM %s of sandbox %s, cut short at its start", d.name, row.id)
+            dirs = run_dirs.pop(row.id, [])
+            for d in dirs:
+                log.warning("killing VM %s of sandbox %s, cut short at its start", d.name, row.id)
                 uses.append(await asyncio.to_thread(_end_orphan, d))
             usage, ended = _creating_usage(row, uses)
-            self.store.end_sandbox(
-                row,
-                "error",
-                usage,
-                self.cfg.price_per_vcpu_hour,
-                error="the daemon stopped while this sandbox was starting",
-                ended=ended,
-            )
-            await self._release_image(row)
+            try:
+                await self._store_end(
+                    row,
+                    "error",
+                    usage,
+                    error="the daemon stopped while this sandbox was starting",
+                    ended=ended,
+                    run_dirs=dirs,
+                )
+            except Exception:  # its row stays 'creating' and its dirs stay: the next start
+                log.exception("ending sandbox %s, cut short at its start, failed", row.id)
         async with asyncio.TaskGroup() as tg:
             tries = [tg.create_task(self._adopt_at_start(row)) for row in running]
         adopted = {vm_id for t in tries if (vm_id := t.result()) is not None}
@@ -243,12 +283,17 @@ class SandboxManager:
         for sandbox_id, dirs in run_dirs.items():
             if sandbox_id in self.live or sandbox_id in self._readopting:
                 continue
+            if sandbox_id in self._unrecorded:  # kept until its end is stored
+                continue
             for d in dirs:
                 if d.name in adopted:
                     continue
                 log.warning("removing orphan VM %s of sandbox %s", d.name, sandbox_id)
                 await asyncio.to_thread(kill_orphan, d)
                 remove_run_dir(d)
+        if any(h.run_dirs for h in self._unrecorded.values()):
+            # their (empty) cgroups say what they used, should the next start need it
+            return
         swept = await asyncio.to_thread(cgroup.sweep_empty)
         if swept:
             log.info("removed %d empty VM cgroups left by killed host processes", swept)
@@ -269,10 +314,14 @@ class SandboxManager:
         try:
             vm = await MicroVM.adopt(run_dir, timeout=READOPT_FIRST_S)
         except Exception as exc:
-            if _powered_off(exc):
-                await self._lose(row, None, "poweroff")
-            elif running_pid(run_dir) is None:
-                await self._lose(row, exc)
+            if _powered_off(exc) or running_pid(run_dir) is None:
+                try:
+                    if _powered_off(exc):
+                        await self._lose(row, None, "poweroff")
+                    else:
+                        await self._lose(row, exc)
+                except Exception:  # not to cancel the other VMs' adoption (TaskGroup)
+                    log.exception("ending sandbox %s, whose VM is gone, failed", row.id)
             else:  # it runs: a passing trouble (or a guest that never answers), retried
                 log.warning("sandbox %s not re-adopted yet: %s; retrying", row.id, exc)
                 task = asyncio.create_task(self._readopt_later(row))
@@ -322,35 +371,72 @@ class SandboxManager:
         kill what is left of it."""
         run_dir = Path(row.run_dir or "")
         log.warning("sandbox %s ends unadopted (%s): %s", row.id, reason, exc)
+        # One that died while no daemon watched stopped about when its run dir was last
+        # written (its console, its memory peak): not billed for the downtime after that.
+        stopped = None if running_pid(run_dir) is not None else last_written(run_dir)
         await asyncio.to_thread(kill_orphan, run_dir)
         # read before its cgroup goes: an OOM kill while no daemon watched, what it used
         died = death_reason_of(run_dir, row.memory_mib)
         why = "; ".join(str(x) for x in (exc, died) if x)
         cpu_ms, mem_peak = usage_of(run_dir)
         console = console_of(run_dir)
-        remove_run_dir(run_dir)
-        # When it died while no daemon watched is not known: counted up to now, less what
-        # lies past its own timeout (which would have ended it anyway); one started before
-        # the host last booted died by then (no VM outlives a reboot), and is billed and
-        # ended as of then: its timeout may have fallen between the reboot and now.
+        # Billed up to then (up to now if it ran until now, or nothing says), less what lies
+        # past its own timeout (which would have ended it anyway); one started before the
+        # host last booted died by then (no VM outlives a reboot), and is billed and ended
+        # as of then: its timeout may have fallen between the reboot and now.
         started = row.started or row.created
-        died_by = _not_past_a_reboot(started, time.time())
+        ran_until = max(started, stopped) if stopped is not None else time.time()
+        died_by = _not_past_a_reboot(started, ran_until)
         uptime_ms = max(0, int((died_by - started) * 1000))
-        self.store.end_sandbox(
+        await self._store_end(
             row,
             reason,
             (cpu_ms, mem_peak, _billable_ms(row, uptime_ms, died_by)),
-            self.cfg.price_per_vcpu_hour,
             error=f"VM could not be re-adopted after a daemon restart: {why}" if exc else None,
             ended=died_by,
             console=console,
+            run_dirs=[run_dir],
         )
+
+    async def _store_end(
+        self,
+        row: SandboxRow,
+        reason: str,
+        usage: tuple[int, int, int],
+        *,
+        error: str | None = None,
+        ended: float | None = None,
+        console: str = "",
+        run_dirs: list[Path],
+    ) -> None:
+        """Store the end of a sandbox whose VMs are killed, then remove their run dirs and
+        cgroups: not before, they are the only other record of what it used. An end the
+        state database refuses is held (_hold_end), the run dirs kept until it is stored."""
+        try:
+            self.store.end_sandbox(
+                row,
+                reason,
+                usage,
+                self.cfg.price_per_vcpu_hour,
+                error=error,
+                ended=ended,
+                console=console,
+            )
+        except StateError as exc:
+            log.warning("sandbox %s ended (%s); its end is held: %s", row.id, reason, exc)
+            self._hold_end(
+                row, reason, usage, error, ended=ended, console=console, run_dirs=run_dirs
+            )
+            return
+        for d in run_dirs:
+            await asyncio.to_thread(remove_run_dir, d)
         await self._release_image(row)
 
     # --- lookups ---------------------------------------------------------------------
 
     def row(self, tenant: str, sandbox_id: str) -> SandboxRow:
-        row = self._unrecorded.get(sandbox_id)
+        held = self._unrecorded.get(sandbox_id)
+        row = held.row if held is not None else None
         if row is None and len(sandbox_id) <= 64:
             row = self.store.get_sandbox(sandbox_id)
         if row is None or row.tenant_id != tenant:
@@ -386,7 +472,8 @@ class SandboxManager:
             await self.settle(live)
         why = live.end_reason if live is not None else None
         if why is None:
-            row = self._unrecorded.get(sandbox_id) or self.store.get_sandbox(sandbox_id)
+            held = self._unrecorded.get(sandbox_id)
+            row = held.row if held is not None else self.store.get_sandbox(sandbox_id)
             why = row.end_reason if row is not None else None
         return _ended(sandbox_id, why) if why else None
 
@@ -404,7 +491,9 @@ class SandboxManager:
 
     def list(self, tenant: str, metadata: dict[str, str], include_ended: bool) -> list[SandboxRow]:
         states = None if include_ended else ("creating", "running")
-        rows = [self._unrecorded.get(r.id, r) for r in self.store.list_sandboxes(tenant, states)]
+        held = self._unrecorded
+        stored = self.store.list_sandboxes(tenant, states)
+        rows = [held[r.id].row if r.id in held else r for r in stored]
         if not include_ended:
             rows = [r for r in rows if r.state != "ended"]
         return [r for r in rows if all(r.metadata.get(k) == v for k, v in metadata.items())]
@@ -412,7 +501,8 @@ class SandboxManager:
     async def _record_pending_ends(self) -> None:
         """Store the ends the state database refused (a full disk, a lock held too long, an
         I/O error), oldest first, while it takes them."""
-        for sandbox_id, row in list(self._unrecorded.items()):
+        for sandbox_id, held in list(self._unrecorded.items()):
+            row = held.row
             usage = (row.cpu_ms or 0, row.mem_peak_bytes or 0, row.uptime_ms or 0)
             try:
                 self.store.end_sandbox(
@@ -422,22 +512,44 @@ class SandboxManager:
                     self.cfg.price_per_vcpu_hour,
                     error=row.error,
                     ended=row.ended,
+                    console=held.console,
                 )
             except StateError:
                 return
             del self._unrecorded[sandbox_id]
-            # stored: its image is let go of even if this caller is cancelled meanwhile
-            await asyncio.shield(self._release_image(row))
+            # stored: what is left of it goes even if this caller is cancelled meanwhile
+            await asyncio.shield(self._forget_held(held))
+
+    async def _forget_held(self, held: _HeldEnd) -> None:
+        """Once a held end is stored: its file, its VMs' run dirs and its image go."""
+        heldends.forget(self.cfg.state_dir, held.row.id)
+        for d in held.run_dirs:
+            await asyncio.to_thread(_remove_vm, d)
+        await self._release_image(held.row)
 
     def _hold_end(
-        self, row: SandboxRow, reason: str, usage: tuple[int, int, int], error: str | None = None
+        self,
+        row: SandboxRow,
+        reason: str,
+        usage: tuple[int, int, int],
+        error: str | None = None,
+        *,
+        ended: float | None = None,
+        console: str = "",
+        run_dirs: Sequence[Path] = (),
+        persist: bool = True,
     ) -> None:
         """The state database refused to store this end: shown ended from now on, stored by
-        the reaper once the database takes it (_record_pending_ends)."""
-        row.state, row.end_reason, row.ended = "ended", reason, time.time()
+        the reaper once the database takes it (_record_pending_ends), or by the next daemon
+        from its file in the state dir if this one stops first."""
+        ended_at = time.time() if ended is None else ended
+        row.state, row.end_reason, row.ended = "ended", reason, ended_at
         row.cpu_ms, row.mem_peak_bytes, row.uptime_ms = usage
         row.error = error or row.error
-        self._unrecorded[row.id] = row
+        self._unrecorded[row.id] = _HeldEnd(row, console, [*run_dirs])
+        if persist:
+            record = heldends.HeldRecord(reason, usage, row.error, ended_at, console)
+            heldends.write(self.cfg.state_dir, row.id, record)
 
     # --- create ----------------------------------------------------------------------
 
@@ -753,18 +865,20 @@ class SandboxManager:
                 "mem_peak_bytes": u.mem_peak_bytes,
                 "uptime_ms": uptime_ms,
             }
+            console = live.vm.console.tail(CONSOLE_KEPT)
             try:
                 bill = self.store.end_sandbox(
                     live.row,
                     reason,
                     (u.cpu_ms, u.mem_peak_bytes, uptime_ms),
                     self.cfg.price_per_vcpu_hour,
-                    console=live.vm.console.tail(CONSOLE_KEPT),
+                    console=console,
                 )
             except StateError:
                 # The VM is gone: shown ended from now on, stored when the database takes it
                 # (a full disk, or one another process holds locked).
-                self._hold_end(live.row, reason, (u.cpu_ms, u.mem_peak_bytes, uptime_ms))
+                usage_t = (u.cpu_ms, u.mem_peak_bytes, uptime_ms)
+                self._hold_end(live.row, reason, usage_t, console=console)
                 raise
             await self._release_image(live.row)
             return {**usage, **bill}
@@ -893,19 +1007,25 @@ class _OrphanUse:
 
 
 def _end_orphan(run_dir: Path) -> _OrphanUse:
-    """Kill the VM of a run dir no sandbox row names, and remove the dir: what it used,
-    read before its cgroup goes. It ran until now if it still did, else until it last wrote
-    to its run dir (its console, its memory peak), and never past the host's boot."""
+    """Kill the VM of a run dir no sandbox row names: what it used, read from its cgroup,
+    which is kept (with the dir) until its end is stored. It ran until now if it still did,
+    else until it last wrote to its run dir (its console, its memory peak), and never past
+    the host's boot."""
     ran_until = time.time() if running_pid(run_dir) is not None else last_written(run_dir)
     _, mem_peak = usage_of(run_dir)  # before the kill takes its memory
     kill_orphan(run_dir)
     cpu_ms, mem_after = usage_of(run_dir)
     start = started_unix_of(run_dir)
-    remove_run_dir(run_dir)
     ran_until = ran_until or time.time()
     start = min(start or ran_until, ran_until)
     ran_until = _not_past_a_reboot(start, ran_until)
     return _OrphanUse(cpu_ms, max(mem_peak, mem_after), start, max(start, ran_until))
+
+
+def _remove_vm(run_dir: Path) -> None:
+    """Kill whatever still runs of a kept VM's run dir (nothing should), and remove it."""
+    kill_orphan(run_dir)
+    remove_run_dir(run_dir)
 
 
 def _creating_usage(

@@ -4,7 +4,9 @@ are retried in the background meanwhile, their routes answering 409."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ from daemonhelpers import sandbox_row
 
 from isorun.daemon import sandboxes
 from isorun.daemon.config import DaemonConfig
-from isorun.daemon.errors import Conflict
+from isorun.daemon.errors import Conflict, Gone
 from isorun.daemon.sandboxes import SandboxManager
 from isorun.daemon.store import LOCAL_TENANT, Store
 
@@ -92,3 +94,52 @@ async def test_guests_that_never_answer_do_not_hold_up_the_daemons_start(
             assert store.get_sandbox(sid).state == "running"  # type: ignore[union-attr]
     finally:
         await manager.stop()
+
+
+async def test_a_sandbox_given_up_while_the_state_is_locked_shows_ended(
+    tmp_path: Path, fake_vms: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its VM died while it was retried, and the state refused the end: it was only logged,
+    # the VM's run dir gone, and for the rest of the daemon's life the sandbox showed
+    # running while every request on it was 410 and a DELETE said "already ended (None)".
+    monkeypatch.setattr(sandboxes.cgroup, "sweep_empty", lambda: 0)
+    monkeypatch.setattr(sandboxes, "READOPT_FIRST_S", 0.5)
+    monkeypatch.setattr(sandboxes, "READOPT_PAUSE_S", 0.1)
+    cfg = DaemonConfig(
+        state_dir=tmp_path / "state",
+        image_dir=tmp_path / "images",
+        warm_start=False,
+        kill_on_exit=False,
+    )
+    store = Store(cfg.db_path)
+    sid = _running_sandbox(cfg, store, fake_vms)
+    manager = SandboxManager(cfg, store)
+    await manager._readopt()
+    assert sid in manager._readopting
+    store.db.execute("PRAGMA busy_timeout=50")
+    other = sqlite3.connect(str(cfg.db_path), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the state's write lock
+    try:
+        fake_vms[0].kill()  # its VM dies while it is retried
+        fake_vms[0].wait()
+        deadline = time.monotonic() + 10
+        while sid in manager._readopting:
+            assert time.monotonic() < deadline, "never given up"
+            await asyncio.sleep(0.05)
+        shown = manager.row(LOCAL_TENANT, sid)
+        assert (shown.state, shown.end_reason) == ("ended", "lost")
+        assert manager.list(LOCAL_TENANT, {}, include_ended=False) == []
+        with pytest.raises(Gone, match=r"ended \(lost\)"):
+            manager.get_live(LOCAL_TENANT, sid)
+        with pytest.raises(Gone, match=r"already ended \(lost\)"):
+            await manager.kill(LOCAL_TENANT, sid)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    try:
+        await manager._record_pending_ends()  # as the reaper does, once the lock is let go
+        got = store.get_sandbox(sid)
+        assert got is not None and (got.state, got.end_reason) == ("ended", "lost")
+    finally:
+        await manager.stop()
+        store.close()
