@@ -91,8 +91,10 @@ func runPID1(start time.Time) {
 	}
 	boot.Mark("root")
 	procGroup.enable("/sys/fs/cgroup", s.logf)
+	// Made before the first command needs it, most often, but after the hello's
+	// answer has gone out (under TCG making it is first-run code: ~10 ms).
+	time.AfterFunc(100*time.Millisecond, func() { procGroup.get() })
 	go func() {
-		procGroup.get() // made before the first exec needs it, most often
 		if err := loopbackUp(); err != nil {
 			s.logf("lo: %v", err)
 		}
