@@ -3,6 +3,7 @@ plus the leak check (no VM process or run dir left)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -17,7 +18,9 @@ from typing import Any
 import httpx
 from vmhelpers import qemu_pids_for
 
+from isorun.daemon.sandboxes import SANDBOX_LABEL
 from isorun.daemon.store import LOCAL_TENANT, SandboxRow
+from isorun.vmm.rundir import LABELS_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -145,3 +148,26 @@ def sandbox_row(sandbox_id: str, **fields: Any) -> SandboxRow:
         "expires": now + 60,
     }
     return SandboxRow(**{**base, **fields})
+
+
+def dead_vm_row(
+    vms_dir: Path, sandbox_id: str, vm_id: str, start: float, died: float
+) -> SandboxRow:
+    """A running sandbox (started at `start`, 1 h timeout) whose VM died at `died` while no
+    daemon ran: its run dir is there, last written then (vm.json's pid is long gone)."""
+    run_dir = vms_dir / vm_id
+    run_dir.mkdir(parents=True)
+    (run_dir / LABELS_FILE).write_text(json.dumps({SANDBOX_LABEL: sandbox_id}))
+    (run_dir / "vm.json").write_text(json.dumps({"id": vm_id, "pid": 999999}))
+    (run_dir / "console.log").write_text("booted\nKernel panic\n")
+    for f in run_dir.iterdir():
+        os.utime(f, (died, died))
+    return sandbox_row(
+        sandbox_id,
+        created=start,
+        started=start,
+        timeout_s=3600,
+        expires=start + 3600,
+        run_dir=str(run_dir),
+        vm_id=vm_id,
+    )

@@ -3,18 +3,15 @@ billed for the time it ran before the reboot, up to its own timeout, and ended t
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
 import pytest
-from daemonhelpers import sandbox_row
+from daemonhelpers import dead_vm_row, sandbox_row
 
 from isorun.daemon.config import DaemonConfig
-from isorun.daemon.sandboxes import SANDBOX_LABEL, SandboxManager, _host_boot_time
+from isorun.daemon.sandboxes import SandboxManager, _host_boot_time
 from isorun.daemon.store import LOCAL_TENANT, Store
-from isorun.vmm.rundir import LABELS_FILE
 
 
 @pytest.mark.parametrize(
@@ -64,22 +61,7 @@ async def test_a_vm_that_died_while_the_daemon_was_down_is_billed_until_it_died(
     cfg = DaemonConfig(state_dir=tmp_path / "state", image_dir=tmp_path / "img", warm_start=False)
     store = Store(cfg.db_path)
     start = time.time() - 1200
-    run_dir = cfg.vms_dir / "vmdieddown01"
-    run_dir.mkdir(parents=True)
-    (run_dir / LABELS_FILE).write_text(json.dumps({SANDBOX_LABEL: "sb-dieddown0000001"}))
-    (run_dir / "vm.json").write_text(json.dumps({"id": run_dir.name, "pid": 999999}))
-    (run_dir / "console.log").write_text("booted\nKernel panic\n")
-    for f in run_dir.iterdir():
-        os.utime(f, (start + 60, start + 60))
-    row = sandbox_row(
-        "sb-dieddown0000001",
-        created=start,
-        started=start,
-        timeout_s=3600,
-        expires=start + 3600,
-        run_dir=str(run_dir),
-        vm_id=run_dir.name,
-    )
+    row = dead_vm_row(cfg.vms_dir, "sb-dieddown0000001", "vmdieddown01", start, start + 60)
     store.insert_sandbox(row)
     try:
         await SandboxManager(cfg, store)._readopt()

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -16,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from daemonhelpers import sandbox_row
+from daemonhelpers import dead_vm_row, sandbox_row
 
 from isorun.daemon import sandboxes
 from isorun.daemon.config import DaemonConfig
@@ -27,7 +25,6 @@ from isorun.daemon.store import LOCAL_TENANT, StateError, Store
 from isorun.vmm import MicroVM, VMSpec, kill_orphan, remove_run_dir
 from isorun.vmm.machine import VMUsage
 from isorun.vmm.process import alive
-from isorun.vmm.rundir import LABELS_FILE
 
 
 @contextlib.contextmanager
@@ -112,21 +109,8 @@ def test_a_start_on_a_locked_state_holds_a_lost_sandboxs_end(tmp_path: Path) -> 
     cfg = _config(tmp_path)
     store = Store(cfg.db_path)
     start = time.time() - 100
-    run_dir = cfg.vms_dir / "vmdeadlocked1"
-    run_dir.mkdir(parents=True)
-    (run_dir / LABELS_FILE).write_text(json.dumps({SANDBOX_LABEL: "sb-deadlocked00001"}))
-    (run_dir / "vm.json").write_text(json.dumps({"id": run_dir.name, "pid": 999999}))
-    for f in run_dir.iterdir():
-        os.utime(f, (start + 30, start + 30))  # it died 30 s after its start
-    row = sandbox_row(
-        "sb-deadlocked00001",
-        created=start,
-        started=start,
-        timeout_s=3600,
-        expires=start + 3600,
-        run_dir=str(run_dir),
-        vm_id=run_dir.name,
-    )
+    row = dead_vm_row(cfg.vms_dir, "sb-deadlocked00001", "vmdeadlocked1", start, start + 30)
+    run_dir = Path(row.run_dir or "")
     store.insert_sandbox(row)
     try:
         first = SandboxManager(cfg, store)
