@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 
 from isorun.vmm.cgroup import VMCgroup
@@ -21,6 +22,10 @@ from isorun.vmm.cgroup import VMCgroup
 SAMPLE_S = 1.0
 FILE = "mem_peak"
 _PERSIST_STEP = 1 << 20
+# Written at least this often too, unchanged: a VM that dies while no daemon watches it is
+# billed up to its run dir's last write, and a quiet one's peak stops growing early (40 s
+# of a watched idle sandbox were billed 5.6 s).
+HEARTBEAT_S = 30.0
 
 
 class MemoryPeak:
@@ -28,16 +33,18 @@ class MemoryPeak:
         self._cgroup = cgroup
         self._file = run_dir / FILE
         self.peak = self._persisted = _read(self._file)
+        self._written = time.monotonic()
 
     def sample(self) -> int:
         """Take a sample now; the peak so far."""
         self.peak = max(self.peak, self._cgroup.resident_bytes())
-        if self.peak >= self._persisted + _PERSIST_STEP:
+        now = time.monotonic()
+        if self.peak >= self._persisted + _PERSIST_STEP or now - self._written >= HEARTBEAT_S:
             with contextlib.suppress(OSError):  # the run dir being removed: nothing to keep
                 tmp = self._file.with_suffix(".tmp")
                 tmp.write_text(str(self.peak))
                 tmp.replace(self._file)
-                self._persisted = self.peak
+                self._persisted, self._written = self.peak, now
         return self.peak
 
     async def follow(self) -> None:

@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 from vmhelpers import vm_spec
 
-from isorun.vmm import MicroVM, kill_orphan, qemu_cmd, remove_run_dir, running_pid, usage_of
+from isorun.vmm import (
+    MicroVM,
+    kill_orphan,
+    mempeak,
+    qemu_cmd,
+    remove_run_dir,
+    running_pid,
+    usage_of,
+)
+from isorun.vmm.rundir import last_written
 
 pytestmark = pytest.mark.vm
 MiB = 1 << 20
@@ -55,3 +64,23 @@ async def test_the_peak_of_a_vm_that_ended_while_nobody_watched_is_kept(
     finally:
         kill_orphan(vm.run_dir)
         remove_run_dir(vm.run_dir)
+
+
+async def test_a_watched_vm_writes_its_run_dir_while_its_memory_holds_still(
+    busybox_rootfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A VM that dies while no daemon watches it is billed up to its run dir's last write;
+    the peak of an idle one stopped growing seconds after its boot, and 40 s of it watched
+    were billed 5.6 s. Now the peak is written again each HEARTBEAT_S however it goes."""
+    monkeypatch.setattr(mempeak, "HEARTBEAT_S", 1.0)
+    vm = await MicroVM.boot(vm_spec(busybox_rootfs, memory_mib=GUEST_MIB))
+    try:
+        await asyncio.sleep(7)  # its peak settles (it grew last ~5 s after the boot)
+        writes = set()
+        for _ in range(6):
+            writes.add((vm.run_dir / mempeak.FILE).stat().st_mtime)
+            assert last_written(vm.run_dir) >= time.time() - 2.5
+            await asyncio.sleep(1)
+        assert len(writes) >= 4, writes
+    finally:
+        await vm.kill()

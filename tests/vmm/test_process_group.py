@@ -48,6 +48,34 @@ async def test_commands_are_born_into_a_group_that_leaves_the_agent_room(
 
 
 @pytest.mark.asyncio
+async def test_a_big_guest_gets_the_group_and_the_pids_for_it(busybox_rootfs: Path) -> None:
+    """The guest kernel starts pid_max at 4096, which capped every sandbox at that many
+    tasks; in a 6 GiB guest the limit from threads-max (~47,000) was more than pids.max
+    takes, and the group was not made at all."""
+    vm = await MicroVM.boot(vm_spec(busybox_rootfs, memory_mib=6144))
+    try:
+        r = await vm.agent.exec("cat /proc/self/cgroup")
+        assert r.stdout == b"0::/isorun.procs\n", r
+        pid_max = await _int_file(vm, "/proc/sys/kernel/pid_max")
+        assert pid_max >= 32768
+        limit = await _int_file(vm, f"{GROUP}/pids.max")
+        assert 16384 < limit <= pid_max - 256
+    finally:
+        await vm.kill()
+
+
+@pytest.mark.asyncio
+async def test_a_frozen_group_does_not_wedge_the_agent(vm: MicroVM) -> None:
+    """A process born into a frozen group is frozen before its exec, and the agent's fork
+    waits for that exec holding the lock every start, kill and the reaper need."""
+    out_of_it = "echo $$ > /sys/fs/cgroup/cgroup.procs && "
+    r = await vm.agent.exec(out_of_it + f"echo 1 > {GROUP}/cgroup.freeze")
+    assert r.exit_code == 0, r
+    r = await asyncio.wait_for(vm.agent.exec("echo started"), 30)
+    assert r.stdout == b"started\n", r
+
+
+@pytest.mark.asyncio
 async def test_a_group_guest_root_removed_or_spoilt_is_made_again_or_done_without(
     vm: MicroVM,
 ) -> None:
@@ -112,20 +140,23 @@ async def _busy_agent(vm: MicroVM) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("memory_mib", [128, 1024])
 async def test_a_thread_bomb_as_root_stops_at_the_group_limit_and_the_agent_answers(
-    busybox_rootfs: Path, thread_bomb: bytes
+    busybox_rootfs: Path, thread_bomb: bytes, memory_mib: int
 ) -> None:
     """Before the group, the agent's next requests after such a bomb ended the sandbox: the
-    Go runtime could not make a thread ("failed to create new OS thread"), PID 1 died."""
-    vm = await MicroVM.boot(vm_spec(busybox_rootfs, memory_mib=128))  # a lower limit
+    Go runtime could not make a thread ("failed to create new OS thread"), PID 1 died. In
+    1 GiB the kernel's threads-max (~7900) passes the guest kernel's first pid_max (4096):
+    a limit from threads-max alone let the bomb take every pid, with the same end."""
+    vm = await MicroVM.boot(vm_spec(busybox_rootfs, memory_mib=memory_mib))
     try:
         threads_max = await _int_file(vm, "/proc/sys/kernel/threads-max")
         await vm.agent.write_file("/tmp/bomb", thread_bomb, mode=0o755)
         bomb, _ = await vm.agent.spawn(argv=["/tmp/bomb"])
         # until it grows no more (its threads wait a millisecond after each refusal)
         seen: list[int] = []
-        deadline = time.monotonic() + 120
-        while len(seen) < 4 or seen[-1] > seen[-4] or seen[-1] < threads_max // 2:
+        deadline = time.monotonic() + 240
+        while len(seen) < 4 or seen[-1] > seen[-4] or seen[-1] < 400:
             assert time.monotonic() < deadline, f"the bomb's tasks: {seen[-8:]}"
             seen.append(await _tasks(vm))
             await asyncio.sleep(0.5)
@@ -133,7 +164,8 @@ async def test_a_thread_bomb_as_root_stops_at_the_group_limit_and_the_agent_answ
         for _ in range(3):
             await _busy_agent(vm)
         assert (await vm.agent.health())["ok"] is True
-        assert threads_max - await _tasks(vm) >= 128
+        pid_max = await _int_file(vm, "/proc/sys/kernel/pid_max")
+        assert min(threads_max, pid_max) - await _tasks(vm) >= 128
         # A command that cannot start says why.
         r = await vm.agent.exec("true")
         assert r.exit_code == 126 and b"processes are at their limit" in r.stderr, r

@@ -350,6 +350,7 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 	group := procGroup.get()
 	if group >= 0 {
 		sys.UseCgroupFD, sys.CgroupFD = true, group
+		procGroup.thaw()
 	}
 	p.forkAt = time.Now()
 	pid, err := syscall.ForkExec(s.path, s.argv, attr)
@@ -360,6 +361,7 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 		without := true
 		if group = procGroup.get(); group >= 0 {
 			sys.UseCgroupFD, sys.CgroupFD = true, group
+			procGroup.thaw()
 			pid, err = syscall.ForkExec(s.path, s.argv, attr)
 			if without = err != nil && groupRefused(err, group); without {
 				sys.UseCgroupFD, sys.CgroupFD = false, 0

@@ -20,7 +20,7 @@ import (
 // the kernel. Now the bomb's forks fail with EAGAIN at the group's limit, the
 // agent keeps room for its own threads and keeps answering, and ending the
 // command (its process group) ends the bomb.
-var procGroup = &userCgroup{fd: -1}
+var procGroup = &userCgroup{fd: -1, freeze: -1}
 
 const (
 	procGroupName = "isorun.procs"
@@ -31,11 +31,16 @@ const (
 )
 
 type userCgroup struct {
-	mu    sync.Mutex
-	root  string // cgroup2 mount; "" (not PID 1): processes stay in the agent's group
-	logf  func(string, ...any)
-	fd    int
-	tried bool
+	mu   sync.Mutex
+	root string // cgroup2 mount; "" (not PID 1): processes stay in the agent's group
+	logf func(string, ...any)
+	fd   int // the group's directory
+	// its cgroup.freeze, written 0 before each start: a process born into a
+	// frozen group is frozen before its exec, and the agent's vfork-style
+	// fork waits for that exec holding forkMu (every start, kill and the
+	// reaper then wait too); guest root freezing the group must not do that
+	freeze int
+	tried  bool
 }
 
 // enable is PID 1's, once cgroup2 is mounted at root; the group itself is made
@@ -55,13 +60,23 @@ func (u *userCgroup) get() int {
 		return u.fd
 	}
 	u.tried = true
-	fd, err := makeProcGroup(u.root, u.logf)
+	fd, freeze, err := makeProcGroup(u.root, u.logf)
 	if err != nil {
 		u.logf("process cgroup: %v (processes start in the agent's own cgroup)", err)
 		return -1
 	}
-	u.fd = fd
+	u.fd, u.freeze = fd, freeze
 	return fd
+}
+
+// thaw unfreezes the group, under forkMu before a start into it (a freeze
+// between the two is guest root's deliberate act against its own sandbox).
+func (u *userCgroup) thaw() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.freeze >= 0 {
+		_, _ = unix.Pwrite(u.freeze, []byte("0"), 0)
+	}
 }
 
 // lost forgets fd, which clone3 refused (guest root removed the group, or
@@ -71,7 +86,8 @@ func (u *userCgroup) lost(fd int) {
 	defer u.mu.Unlock()
 	if u.fd == fd && fd >= 0 {
 		unix.Close(fd)
-		u.fd, u.tried = -1, false
+		unix.Close(u.freeze)
+		u.fd, u.freeze, u.tried = -1, -1, false
 	}
 }
 
@@ -88,9 +104,9 @@ func groupRefused(err error, fd int) bool {
 		errors.Is(err, syscall.EOPNOTSUPP)
 }
 
-func makeProcGroup(root string, logf func(string, ...any)) (int, error) {
+func makeProcGroup(root string, logf func(string, ...any)) (dirFd, freezeFd int, err error) {
 	if err := writeKnob(root+"/cgroup.subtree_control", "+pids"); err != nil {
-		return -1, fmt.Errorf("turn on the pids controller: %w", err)
+		return -1, -1, fmt.Errorf("turn on the pids controller: %w", err)
 	}
 	// cpu too: the group's processes together then weigh as much as one of the
 	// agent's threads, so however many there are, the agent gets its turns
@@ -99,31 +115,53 @@ func makeProcGroup(root string, logf func(string, ...any)) (int, error) {
 	}
 	dir := root + "/" + procGroupName
 	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
-		return -1, err
+		return -1, -1, err
 	}
+	raisePidMax()
 	limit, err := procGroupLimit()
 	if err != nil {
-		return -1, err
+		return -1, -1, err
 	}
 	if err := writeKnob(dir+"/pids.max", strconv.Itoa(limit)); err != nil {
-		return -1, fmt.Errorf("set %s/pids.max: %w", dir, err)
+		return -1, -1, fmt.Errorf("set %s/pids.max to %d: %w", dir, limit, err)
 	}
-	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	freezeFd, err = unix.Open(dir+"/cgroup.freeze", unix.O_WRONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return -1, fmt.Errorf("open %s: %w", dir, err)
+		return -1, -1, fmt.Errorf("open %s/cgroup.freeze: %w", dir, err)
 	}
-	return fd, nil
+	dirFd, err = unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		unix.Close(freezeFd)
+		return -1, -1, fmt.Errorf("open %s: %w", dir, err)
+	}
+	return dirFd, freezeFd, nil
 }
 
-// procGroupLimit is threads-max less the tasks there are now and a reserve.
+// raisePidMax lifts pid_max to what the kernel allows: the guest kernel's
+// small-footprint build starts it at 4096, which capped every sandbox, big
+// or small, at that many tasks (and a bomb ran out of pids, not of the
+// group's limit: the agent then could not make a thread). 32768 is the most
+// that build takes; a fuller kernel (a user's own) takes more.
+func raisePidMax() {
+	const path = "/proc/sys/kernel/pid_max"
+	now, _ := readInt(path)
+	for _, v := range []int{1 << 22, 1 << 15} {
+		if v <= now || writeKnob(path, strconv.Itoa(v)) == nil {
+			return
+		}
+	}
+}
+
+// procGroupLimit is what the kernel can give tasks (threads-max, and pid_max:
+// each task holds a pid) less the tasks there are now and a reserve.
 func procGroupLimit() (int, error) {
-	b, err := os.ReadFile("/proc/sys/kernel/threads-max")
+	threadsMax, err := readInt("/proc/sys/kernel/threads-max")
 	if err != nil {
 		return 0, err
 	}
-	threadsMax, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil {
-		return 0, fmt.Errorf("threads-max %q: %w", b, err)
+	ceiling := threadsMax
+	if pidMax, err := readInt("/proc/sys/kernel/pid_max"); err == nil {
+		ceiling = min(ceiling, pidMax)
 	}
 	tasks := 0
 	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
@@ -132,7 +170,19 @@ func procGroupLimit() (int, error) {
 			tasks, _ = strconv.Atoi(total)
 		}
 	}
-	return max(procGroupMinimum, threadsMax-tasks-procGroupReserve), nil
+	return max(procGroupMinimum, ceiling-tasks-procGroupReserve), nil
+}
+
+func readInt(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return 0, fmt.Errorf("%s: %q: %w", path, b, err)
+	}
+	return n, nil
 }
 
 func writeKnob(path, value string) error {
