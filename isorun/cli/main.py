@@ -59,19 +59,11 @@ class _RawOutput(_records.StreamDecoder):
 def _exec(sb: Sandbox, cmd: list[str], *, stream: bool) -> ExecResult:
     """Run cmd in sb (one argument: a shell command line; more: an argv). `stream`: copy the
     output to ours as it comes; else only capture it. Interrupted (^C, or our stdout closed as
-    in `| head`), the command is stopped in the sandbox too, as it would be locally, instead of
-    running on there unseen."""
+    in `| head`), the command is stopped in the sandbox too (as the SDK's exec does), as it
+    would be locally, instead of running on there unseen."""
     body = _core.exec_body(cmd if len(cmd) > 1 else cmd[0], None, None, None, None, None, False)
     dec = _RawOutput(capture=False) if stream else _records.StreamDecoder()
-    try:
-        sb._stream("POST", f"/v1/sandboxes/{sb.id}/exec", dec, json=body)
-    except (KeyboardInterrupt, BrokenPipeError):
-        if dec.proc_id:
-            with contextlib.suppress(Exception):
-                sb._http.post(
-                    _core.proc_path(sb.id, dec.proc_id, "kill"), json={"grace": 1.0}, timeout=10
-                )
-        raise
+    sb._run(dec, body)
     return dec.result()
 
 
@@ -121,8 +113,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         r = _exec(sb, args.cmd, stream=not args.json)
         ran = True
     finally:
-        usage = sb.destroy() if not args.keep else None
-        sb.close()
+        try:
+            usage = sb.destroy() if not args.keep else None
+        finally:
+            sb.close()
         # kept, also when interrupted (^C, a closed stdout): its id is the way back to it
         if args.keep and not (ran and args.json):
             print(f"sandbox {sb.id} kept running", file=sys.stderr)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import signal
+import socket
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -28,6 +29,7 @@ import httpx
 
 from isorun.errors import ConfigError, IsorunError
 from isorun.fsnames import surrogate_problem
+from isorun.sdk._answers import ID, Kind, loads, shaped
 from isorun.sdk._daemon import Settings
 from isorun.sdk._records import CAPTURE_LIMIT, OutputCallback, StreamDecoder, Usage
 from isorun.sdk.errors import (
@@ -63,6 +65,9 @@ STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
 # them, and at least this long, has lost its daemon or network: DaemonUnavailable. At
 # least 90 s: past the daemon's own 60 s limit on a silent guest, which it reports as such.
 STREAM_IDLE_FLOOR_S = 90.0
+# A longer limit is none: a socket takes at most ~1e9 s, and an interval past this from a
+# daemon's health (its own longest is 3600 s) is no daemon's.
+STREAM_IDLE_MAX_S = 7 * 86400.0
 _UNKNOWN = object()
 
 
@@ -79,16 +84,17 @@ def stream_idle_limit(health: Any) -> float | None:
                 f"ISORUN_STREAM_IDLE_TIMEOUT_S={override!r} is not a number of seconds "
                 "(0 turns the limit off)"
             ) from None
-        return limit if 0 < limit < math.inf else None
+        return limit if 0 < limit <= STREAM_IDLE_MAX_S else None
     every = health.get("stream_keepalive_s") if isinstance(health, dict) else None
-    if isinstance(every, int | float) and not isinstance(every, bool) and 0 < every < math.inf:
-        return max(STREAM_IDLE_FLOOR_S, 4 * every)
+    if isinstance(every, int | float) and not isinstance(every, bool) and every > 0:
+        limit = max(STREAM_IDLE_FLOOR_S, 4 * every)
+        return limit if limit <= STREAM_IDLE_MAX_S else None
     return None
 
 
 def _health_body(resp: httpx.Response) -> Any:
     try:
-        return resp.json() if resp.status_code == 200 else None
+        return loads(resp.content) if resp.status_code == 200 else None
     except ValueError:
         return None
 
@@ -111,30 +117,48 @@ def transport_error(exc: httpx.TransportError, where: str) -> DaemonUnavailable:
     return DaemonUnavailable(msg)
 
 
+def undecodable(exc: httpx.HTTPError, asked: str) -> ApiError:
+    """An answer httpx could not read, the connection fine (a body its Content-Encoding
+    does not decode: a proxy's, a broken daemon's)."""
+    return ApiError(
+        f"the answer to {asked} could not be read ({type(exc).__name__}: {exc}): is api_url "
+        "(or ISORUN_API_URL) an isorun daemon, with no proxy before it that changes answers?",
+        502,
+        "undecodable",
+    )
+
+
+def http_error(exc: httpx.HTTPError, where: str, asked: str) -> IsorunError:
+    """Any httpx failure as our own error (the SDK raises only IsorunErrors)."""
+    if isinstance(exc, httpx.TransportError):
+        return transport_error(exc, where)
+    return undecodable(exc, asked)
+
+
 class _SyncStream(httpx.SyncByteStream):
-    def __init__(self, inner: httpx.SyncByteStream, where: str) -> None:
-        self._inner, self._where = inner, where
+    def __init__(self, inner: httpx.SyncByteStream, where: str, asked: str) -> None:
+        self._inner, self._where, self._asked = inner, where, asked
 
     def __iter__(self) -> Iterator[bytes]:
         try:
             yield from self._inner
-        except httpx.TransportError as exc:
-            raise transport_error(exc, self._where) from exc
+        except httpx.HTTPError as exc:
+            raise http_error(exc, self._where, self._asked) from exc
 
     def close(self) -> None:
         self._inner.close()
 
 
 class _AsyncStream(httpx.AsyncByteStream):
-    def __init__(self, inner: httpx.AsyncByteStream, where: str) -> None:
-        self._inner, self._where = inner, where
+    def __init__(self, inner: httpx.AsyncByteStream, where: str, asked: str) -> None:
+        self._inner, self._where, self._asked = inner, where, asked
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._inner:
                 yield chunk
-        except httpx.TransportError as exc:
-            raise transport_error(exc, self._where) from exc
+        except httpx.HTTPError as exc:
+            raise http_error(exc, self._where, self._asked) from exc
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -169,12 +193,13 @@ class Client(httpx.Client):
     def send(self, request: httpx.Request, **kw: Any) -> httpx.Response:
         if self.is_closed:  # httpx would raise a bare RuntimeError
             raise self.closed_error()
+        asked = f"{request.method} {request.url}"
         try:
             resp = super().send(request, **kw)
-        except httpx.TransportError as exc:
-            raise transport_error(exc, self._where) from exc
+        except httpx.HTTPError as exc:  # also reading the body: a bad gzip one
+            raise http_error(exc, self._where, asked) from exc
         assert isinstance(resp.stream, httpx.SyncByteStream)
-        resp.stream = _SyncStream(resp.stream, self._where)
+        resp.stream = _SyncStream(resp.stream, self._where, asked)
         return resp
 
 
@@ -200,12 +225,13 @@ class AsyncClient(httpx.AsyncClient):
     async def send(self, request: httpx.Request, **kw: Any) -> httpx.Response:
         if self.is_closed:
             raise self.closed_error()
+        asked = f"{request.method} {request.url}"
         try:
             resp = await super().send(request, **kw)
-        except httpx.TransportError as exc:
-            raise transport_error(exc, self._where) from exc
+        except httpx.HTTPError as exc:
+            raise http_error(exc, self._where, asked) from exc
         assert isinstance(resp.stream, httpx.AsyncByteStream)
-        resp.stream = _AsyncStream(resp.stream, self._where)
+        resp.stream = _AsyncStream(resp.stream, self._where, asked)
         return resp
 
 
@@ -231,23 +257,181 @@ def async_client(s: Settings) -> AsyncClient:
     )
 
 
-def stream_cut(exc: DaemonUnavailable, proc_id: str) -> DaemonUnavailable:
-    """`exc` for a process output stream: the process runs on; say how to pick it up."""
-    if not proc_id:
+def stream_cut(exc: DaemonUnavailable, dec: StreamDecoder) -> DaemonUnavailable:
+    """`exc` for a process output stream: the process runs on; say how to pick it up from
+    the output `dec` delivered (also as the error's `proc_id` and `offset`)."""
+    if not dec.proc_id:
         return exc
     return DaemonUnavailable(
-        f"{exc}. Process {proc_id} runs on in the sandbox: follow it again with "
-        f"sandbox.processes.connect({proc_id!r}).wait()"
+        f"{exc}. Process {dec.proc_id} runs on in the sandbox: {dec.follow_again()}",
+        proc_id=dec.proc_id,
+        offset=dec.offset,
     )
 
 
 @contextlib.contextmanager
 def following(dec: StreamDecoder) -> Iterator[None]:
-    """Around a process output stream: a lost daemon says how to follow the process again."""
+    """Around a process output stream: a lost daemon says how to follow the process again;
+    lost after the exit record, it is no loss (the result is whole), and the block ends."""
     try:
         yield
     except DaemonUnavailable as exc:
-        raise stream_cut(exc, dec.proc_id) from exc
+        if dec.exit is not None:
+            return
+        raise stream_cut(exc, dec) from exc
+
+
+def abandoned(exc: BaseException, dec: StreamDecoder) -> bool:
+    """Whether a foreground exec that raised `exc` left its command running with no one to
+    reach it: it started, did not exit, and `exc` is no error of the SDK's (those say how to
+    follow the process again) but the caller's: ^C, a cancel, a callback that raised."""
+    return bool(dec.proc_id) and dec.exit is None and not isinstance(exc, IsorunError)
+
+
+# An abandoned foreground command is killed with this grace; the kill may take so long.
+ABANDON_GRACE_S = 1.0
+ABANDON_KILL_TIMEOUT_S = 10.0
+
+
+def kill_request(sandbox_id: str, proc_id: str) -> tuple[str, dict[str, Any]]:
+    """The path and keyword arguments of the kill of an abandoned foreground command."""
+    return proc_path(sandbox_id, proc_id, "kill"), {
+        "json": {"grace": ABANDON_GRACE_S},
+        "timeout": ABANDON_KILL_TIMEOUT_S,
+    }
+
+
+def note_kill(exc: BaseException, sandbox_id: str, proc_id: str, err: Exception | None) -> None:
+    """Say on `exc` what became of the command it abandoned."""
+    if err is None:
+        exc.add_note(f"isorun: process {proc_id} was killed in sandbox {sandbox_id}")
+    else:
+        exc.add_note(
+            f"isorun: process {proc_id} could not be killed ({err}); it may run on in sandbox "
+            f"{sandbox_id}"
+        )
+
+
+# The longest NDJSON line the SDK reads. The daemon's longest records are output records of
+# 64 KiB of bytes (~88 KiB as base64); a line with no end in sight is no record of its.
+NDJSON_LINE_MAX = 8 << 20
+
+
+class NdjsonLines:
+    """Splits a stream's bytes into NDJSON lines: at newline bytes only (httpx's iter_lines
+    also splits at CR, VT, FS, U+0085, U+2028..., which a JSON string may hold raw or a
+    broken line may), and at most NDJSON_LINE_MAX bytes held for one line."""
+
+    def __init__(self, asked: str) -> None:
+        self._asked = asked
+        self._buf = bytearray()
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self._buf += chunk
+        if b"\n" not in chunk:
+            self._bound(self._buf)
+            return []
+        *lines, rest = self._buf.split(b"\n")
+        for line in lines:
+            self._bound(line)
+        self._bound(rest)
+        self._buf = rest
+        return [bytes(line) for line in lines]
+
+    def end(self) -> list[bytes]:
+        """The last line, one that had no newline (the decoders say it was cut short)."""
+        rest, self._buf = bytes(self._buf), bytearray()
+        return [rest] if rest else []
+
+    def _bound(self, line: bytes | bytearray) -> None:
+        if len(line) > NDJSON_LINE_MAX:
+            raise error_for(
+                502,
+                {
+                    "error": {
+                        "code": "stream_malformed",
+                        "message": f"the NDJSON answer to {self._asked} had a line of over "
+                        f"{NDJSON_LINE_MAX >> 20} MiB, longer than any record the daemon sends",
+                    }
+                },
+            )
+
+
+def body_chunks(resp: httpx.Response) -> Iterator[bytes]:
+    """resp.iter_bytes(), a body httpx cannot decode (a bad gzip one) an ApiError too (a
+    lost connection is DaemonUnavailable already)."""
+    try:
+        yield from resp.iter_bytes()
+    except httpx.HTTPError as exc:
+        raise undecodable(exc, asked(resp)) from exc
+
+
+async def abody_chunks(resp: httpx.Response) -> AsyncIterator[bytes]:
+    """The async twin of body_chunks."""
+    try:
+        async for chunk in resp.aiter_bytes():
+            yield chunk
+    except httpx.HTTPError as exc:
+        raise undecodable(exc, asked(resp)) from exc
+
+
+def ndjson_lines(resp: httpx.Response) -> Iterator[bytes]:
+    """An NDJSON answer's lines (see NdjsonLines)."""
+    lines = NdjsonLines(asked(resp))
+    for chunk in body_chunks(resp):
+        yield from lines.feed(chunk)
+    yield from lines.end()
+
+
+async def andjson_lines(resp: httpx.Response) -> AsyncIterator[bytes]:
+    """The async twin of ndjson_lines."""
+    lines = NdjsonLines(asked(resp))
+    async for chunk in abody_chunks(resp):
+        for line in lines.feed(chunk):
+            yield line
+    for line in lines.end():
+        yield line
+
+
+def refused(resp: httpx.Response) -> None:
+    """For an answer opened as a stream: one that refused (an error, a redirect) raises
+    what `check` says of it, its body read first."""
+    if resp.status_code >= 300:
+        try:
+            resp.read()
+        except httpx.HTTPError as exc:
+            raise undecodable(exc, asked(resp)) from exc
+        check(resp)
+
+
+async def arefused(resp: httpx.Response) -> None:
+    """The async twin of refused."""
+    if resp.status_code >= 300:
+        try:
+            await resp.aread()
+        except httpx.HTTPError as exc:
+            raise undecodable(exc, asked(resp)) from exc
+        check(resp)
+
+
+def untime_body(resp: httpx.Response) -> None:
+    """Read the rest of `resp`'s body with no read timeout: a file's bytes may pause as long
+    as the guest or the file takes (a FIFO, a slow device), while the answer had the
+    client's timeout to start (a daemon that never answers is still noticed). httpcore takes
+    a body's read timeout from the request's timeout dict when the body is first read."""
+    timeout = resp.request.extensions.get("timeout")
+    if isinstance(timeout, dict):
+        timeout["read"] = None
+
+
+def wake_reader(resp: httpx.Response) -> None:
+    """Shut down the connection under a streamed answer, so a read blocked on it in another
+    thread returns now (closing the socket alone leaves it blocked until the next bytes)."""
+    stream = resp.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def read_cut(
@@ -266,7 +450,7 @@ def read_cut(
         except ApiError as err:
             return type(err)(f"reading {path} broke off{so_far}: {err}", err.status, err.code)
     try:
-        info = sandbox.json()
+        info = loads(sandbox.content)
     except ValueError:
         info = {}
     if not isinstance(info, dict):
@@ -286,17 +470,30 @@ def read_cut(
     )
 
 
-def watch_change(line: str) -> tuple[str, str] | None:
+def watch_change(line: str | bytes) -> tuple[str, str] | None:
     """The (op, path) of a watch stream's line; None for other records (keepalives); an
-    error record raises."""
+    error record, or a line that is no record, raises ApiError."""
     if not line.strip():
         return None
-    ev = json.loads(line)
+    try:
+        ev = loads(line)
+    except ValueError:
+        raise _watch_malformed("a line cut short or not JSON") from None
+    if not isinstance(ev, dict):
+        raise _watch_malformed("a record that is not an object")
     if ev.get("type") == "fs":
-        return str(ev["op"]), str(ev["path"])
+        op, path = ev.get("op"), ev.get("path")
+        if not isinstance(op, str) or not isinstance(path, str):
+            raise _watch_malformed("a change record without its op and path")
+        return op, path
     if ev.get("type") == "error":
         raise stream_error(ev)
     return None
+
+
+def _watch_malformed(what: str) -> ApiError:
+    message = f"the watch stream had {what}; watch again"
+    return error_for(502, {"error": {"code": "stream_malformed", "message": message}})
 
 
 READ_FORMATS = ("text", "bytes", "stream")
@@ -313,13 +510,13 @@ def check(resp: httpx.Response, *, want_json: bool = True) -> Any:
     status = resp.status_code
     if status >= 400:
         try:
-            body = resp.json()
+            body = loads(resp.content)
         except ValueError:
             body = None
         raise error_for(status, body)
     if status >= 300:
         raise ApiError(
-            f"{_asked(resp)} was answered {status} {resp.reason_phrase}, a redirect to "
+            f"{asked(resp)} was answered {status} {resp.reason_phrase}, a redirect to "
             f"{resp.headers.get('location', '(no location)')!r}: the SDK does not follow "
             "redirects; set api_url (or ISORUN_API_URL) to the daemon's own address",
             status,
@@ -327,13 +524,14 @@ def check(resp: httpx.Response, *, want_json: bool = True) -> Any:
         )
     if not want_json:
         return resp.content
+    why = ""
     if resp.headers.get("content-type", "").startswith("application/json"):
         try:
-            return resp.json()
-        except ValueError:
-            pass
+            return loads(resp.content)
+        except ValueError as exc:
+            why = f" ({exc})"
     raise ApiError(
-        f"{_asked(resp)} was answered {status} with a body that is not JSON "
+        f"{asked(resp)} was answered {status} with a body that is not JSON{why} "
         f"({resp.headers.get('content-type') or 'no content-type'}, starting "
         f"{resp.content[:80]!r}): is api_url (or ISORUN_API_URL) an isorun daemon?",
         status,
@@ -341,7 +539,18 @@ def check(resp: httpx.Response, *, want_json: bool = True) -> Any:
     )
 
 
-def _asked(resp: httpx.Response) -> str:
+def answer(resp: httpx.Response, what: str = "an answer", **shape: Kind) -> dict[str, Any]:
+    """`check(resp)` of a route that answers an object: one that is not, or lacks a field of
+    `shape` or has it of another kind, raises ApiError `unexpected_answer` naming it."""
+    return shaped(check(resp), asked(resp), what, **shape)
+
+
+def created(info: Any, where: str) -> dict[str, Any]:
+    """The sandbox a create answered, with the id every later request needs."""
+    return shaped(info, where, "a sandbox", id=ID)
+
+
+def asked(resp: httpx.Response) -> str:
     try:
         return f"{resp.request.method} {resp.request.url}"
     except RuntimeError:  # a response built without its request
@@ -470,6 +679,15 @@ def exec_body(
         body["cwd"] = file_path(cwd)
     if user:
         body["user"] = user
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+    ):
+        # json.dumps would say "Out of range float values are not JSON compliant"
+        raise ValueError(
+            f"timeout={timeout!r}: give the seconds as a finite number (None or 0: no limit)"
+        )
     if timeout:
         body["timeout"] = timeout
     if background:

@@ -3,11 +3,11 @@ NDJSON `{type: progress, ...}` records, then one final record or an error."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from isorun.sdk._answers import is_id, is_int, loads
 from isorun.sdk._callbacks import call_back
 from isorun.sdk.errors import error_for, stream_error
 
@@ -31,7 +31,7 @@ class PullProgress:
     def from_record(cls, rec: dict[str, Any]) -> PullProgress:
         def opt_int(k: str) -> int | None:
             v = rec.get(k)
-            return int(v) if isinstance(v, int) else None
+            return v if is_int(v) else None
 
         digest = rec.get("digest")
         return cls(
@@ -54,12 +54,15 @@ class ProgressDecoder:
     on_progress: ProgressCallback | None = None
     final: dict[str, Any] | None = None
     pending: list[Awaitable[object]] | None = None  # as StreamDecoder's
+    # the sandbox a create stream said it boots, once it has: the one to destroy if the
+    # create fails after that (a callback raised, ^C, the stream broke off)
+    sandbox_id: str = ""
 
     def feed(self, line: str | bytes) -> None:
         if not line.strip():
             return
         try:
-            rec = json.loads(line)
+            rec = loads(line)
         except ValueError:
             raise error_for(
                 502,
@@ -76,6 +79,8 @@ class ProgressDecoder:
         if kind == "keepalive":
             return
         if kind == "progress":
+            if is_id(rec.get("sandbox")):
+                self.sandbox_id = rec["sandbox"]
             if self.on_progress is not None:
                 event = PullProgress.from_record(rec)
                 call_back("on_progress", self.on_progress, event, self.pending)
@@ -83,6 +88,8 @@ class ProgressDecoder:
             raise stream_error(rec)
         else:
             self.final = rec
+            if isinstance(rec.get("sandbox"), dict) and is_id(rec["sandbox"].get("id")):
+                self.sandbox_id = rec["sandbox"]["id"]
 
     def result(self, key: str) -> dict[str, Any]:
         if self.final is None or not isinstance(self.final.get(key), dict):

@@ -6,11 +6,13 @@ from __future__ import annotations
 import base64
 import codecs
 import functools
-import json
+import types
+import typing
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, fields
-from typing import Any, NotRequired, Self, TypedDict, TypeGuard, cast
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, NotRequired, Self, TypedDict, cast
 
+from isorun.sdk._answers import is_int, loads, shaped, unexpected
 from isorun.sdk._callbacks import call_back
 from isorun.sdk.errors import (
     error_for,
@@ -40,11 +42,18 @@ class Usage(TypedDict):
 USAGE_KEYS = ("cpu_ms", "mem_peak_bytes", "uptime_ms")
 
 
-def usage_of(r: Any) -> Usage:
-    """The three measured figures always (0 if missing), and every other the daemon gave."""
-    r = r if isinstance(r, dict) else {}
+def usage_of(r: Any, where: str) -> Usage:
+    """The three measured figures always (0 if missing or null: a sandbox that ended
+    meanwhile may have no bill yet), and every other the daemon gave. `r` None is no usage
+    at all; one that is not an object, or a figure that is no count, raises ApiError
+    `unexpected_answer` (`where` asked for it)."""
+    r = shaped({} if r is None else r, where, "a usage")
+    for k in (*USAGE_KEYS, "billed_seconds", "cost_usd"):
+        v = r.get(k)
+        if v is not None and not (is_int(v) or (k == "cost_usd" and isinstance(v, float))):
+            raise unexpected(where, f"a usage whose {k!r} is {v!r:.80}, not a number")
     u = {k: v for k, v in r.items() if k not in USAGE_KEYS}
-    u.update({k: int(r.get(k) or 0) for k in USAGE_KEYS})
+    u.update({k: r.get(k) or 0 for k in USAGE_KEYS})
     return cast(Usage, u)
 
 
@@ -78,15 +87,57 @@ class _Record:
     that adds one does not break an older SDK."""
 
     @classmethod
-    def of(cls, record: dict[str, Any]) -> Self:
-        known = _field_names(cast(type, cls))
+    def of(cls, record: object, where: str) -> Self:
+        """The record from the daemon's `record` (answered to `where`); one that is not an
+        object, lacks a field without a default or has one of another type raises ApiError
+        `unexpected_answer` naming it."""
+        what = f"a {cls.__name__} record"
+        if not isinstance(record, dict):
+            raise unexpected(where, f"{what} that is {type(record).__name__}, not an object")
+        known = _fields_of(cast(type, cls))
+        for name, (fits, required) in known.items():
+            if name not in record:
+                if required:
+                    raise unexpected(where, f"{what} without its {name!r}")
+            elif not fits(record[name]):
+                raise unexpected(where, f"{what} whose {name!r} is {record[name]!r:.80}")
         return cls(**{k: v for k, v in record.items() if k in known})
 
 
+Check = Callable[[object], bool]
+
+
 @functools.cache
-def _field_names(cls: type) -> frozenset[str]:
-    """A record class's fields, looked up once (a listing builds up to 100,000 records)."""
-    return frozenset(f.name for f in fields(cls))
+def _fields_of(cls: type) -> dict[str, tuple[Check, bool]]:
+    """A record class's fields: a check of a value's type and whether it must be given,
+    built once (a listing builds up to 100,000 records)."""
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: (_check_of(hints[f.name]), f.default is MISSING and f.default_factory is MISSING)
+        for f in fields(cls)
+    }
+
+
+def _check_of(hint: Any) -> Check:
+    """Whether a JSON value fits `hint` (the few types records have: str, int, bool, None,
+    list[X] and unions of them)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if len(args) == 2 and type(None) in args:  # the usual `X | None`, kept quick
+            inner = _check_of(next(a for a in args if a is not type(None)))
+            return lambda v: v is None or inner(v)
+        checks = [_check_of(a) for a in args]
+        return lambda v: any(c(v) for c in checks)
+    if origin is list:
+        item = _check_of(args[0]) if args else (lambda v: True)
+        return lambda v: isinstance(v, list) and all(item(x) for x in v)
+    if hint is type(None):
+        return lambda v: v is None
+    if hint in (int, str, bool):
+        return lambda v: type(v) is hint  # json gives these exactly; True is no int here
+    if isinstance(hint, type):
+        return lambda v: isinstance(v, hint)
+    return lambda v: True
 
 
 @dataclass
@@ -186,12 +237,12 @@ class StreamDecoder:
             return t, data
         if t == "start":
             proc_id, pid = ev.get("proc_id"), ev.get("pid")
-            if not isinstance(proc_id, str) or not _is_int(pid):
+            if not isinstance(proc_id, str) or not is_int(pid):
                 raise self._malformed("a start record without its proc_id and pid")
             self.proc_id, self.pid = proc_id, pid
         elif t == "attached":
             at = ev.get("offset", 0)
-            if not _is_int(at):
+            if not is_int(at):
                 raise self._malformed("an attached record whose offset is no number")
             self.offset = at
         elif t == "gap":
@@ -211,7 +262,7 @@ class StreamDecoder:
 
     def _record(self, line: str | bytes) -> dict[str, Any]:
         try:
-            ev = json.loads(line)
+            ev = loads(line)
         except ValueError:
             raise self._malformed("a line cut short or not JSON") from None
         if not isinstance(ev, dict):
@@ -230,11 +281,17 @@ class StreamDecoder:
     def _malformed(self, what: str) -> Exception:
         """A stream the daemon (or a proxy before it) broke: an API error the caller's
         `except IsorunError` catches, saying how to pick the process up again."""
-        again = (
-            f"; reconnect with sandbox.processes.connect({self.proc_id!r})" if self.proc_id else ""
-        )
+        again = f"; {self.follow_again()}" if self.proc_id else ""
         message = f"the output stream had {what}{again}"
         return error_for(502, {"error": {"code": "stream_malformed", "message": message}})
+
+    def follow_again(self) -> str:
+        """How to follow the process on from the output delivered so far: from offset 0,
+        callbacks would get that output twice."""
+        return (
+            f"follow it again with sandbox.processes.connect({self.proc_id!r})"
+            f".wait(offset={self.offset})"
+        )
 
     def text(self, stream: str, data: bytes) -> str:
         """A stream's bytes as text, decoded incrementally: a character split across two
@@ -268,40 +325,36 @@ class StreamDecoder:
                 {
                     "error": {
                         "code": "stream_cut",
-                        "message": "the output stream ended before the process did; reconnect with "
-                        f"sandbox.processes.connect({self.proc_id!r})",
+                        "message": "the output stream ended before the process did; "
+                        + self.follow_again(),
                     }
                 },
             )
         code, sig, took = (self.exit.get(k) for k in ("exit_code", "signal", "duration_ms"))
         # what no process ends with (a `sys.exit(256)` in the CLI would report success)
-        if not (code is None or (_is_int(code) and 0 <= code <= 255)) or not (
-            sig is None or (_is_int(sig) and 1 <= sig <= 64)
+        if not (code is None or (is_int(code) and 0 <= code <= 255)) or not (
+            sig is None or (is_int(sig) and 1 <= sig <= 64)
         ):
             raise self._malformed(f"an exit record with exit code {code!r} and signal {sig!r}")
+        timed_out = self.exit.get("timed_out") or False
+        if not isinstance(timed_out, bool):  # "false" is truthy: not read as True
+            raise self._malformed(f"an exit record whose timed_out is {timed_out!r}")
         out, err = self.out.kept(), self.err.kept()
         return ExecResult(
             stdout=self.out.text(out),
             stderr=self.err.text(err),
             exit_code=code,
-            duration_ms=took if _is_int(took) else 0,
+            duration_ms=took if is_int(took) else 0,
             signal=sig,
-            timed_out=bool(self.exit.get("timed_out")),
+            timed_out=timed_out,
             proc_id=str(self.exit.get("proc_id") or self.proc_id),
             stdout_bytes=out,
             stderr_bytes=err,
             output_lost=sum(
                 n
                 for n in (self.exit.get("lost"), self.exit.get("gap_bytes"))
-                if isinstance(n, int) and not isinstance(n, bool) and n > 0
+                if is_int(n) and n > 0
             ),
             stdout_dropped=self.out.dropped,
             stderr_dropped=self.err.dropped,
         )
-
-
-# What a file write or stdin takes whole (text as UTF-8).
-
-
-def _is_int(v: object) -> TypeGuard[int]:
-    return isinstance(v, int) and not isinstance(v, bool)

@@ -43,7 +43,14 @@ class SandboxNotStartedError(IsorunError, RuntimeError):
 
 
 class DaemonUnavailable(IsorunError):
-    """No daemon answers at the API URL (and none could be started)."""
+    """No daemon answers at the API URL (and none could be started), or the connection to it
+    was lost. Lost under a process's output stream, `proc_id` names the process, which runs
+    on, and `offset` the output delivered so far: `wait(offset=...)` follows it from there."""
+
+    def __init__(self, message: str, *, proc_id: str = "", offset: int | None = None) -> None:
+        super().__init__(message)
+        self.proc_id = proc_id
+        self.offset = offset
 
 
 class CommandFailed(IsorunError):

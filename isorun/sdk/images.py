@@ -6,14 +6,23 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import anyio
+import httpx
 
 from isorun.sdk import _core, _daemon
+from isorun.sdk._answers import shaped
 from isorun.sdk._callbacks import run_pending
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
 from isorun.sdk.sandbox_async import _client as _async_client
 from isorun.sdk.sandbox_sync import _client as _sync_client
 
 PullPolicy = Literal["missing", "always"]
+
+
+def _images(resp: httpx.Response) -> list[dict[str, Any]]:
+    """The images of a GET /v1/images answer."""
+    return [
+        shaped(i, _core.asked(resp), "an image") for i in _core.answer(resp, images=list)["images"]
+    ]
 
 
 class Images:
@@ -31,7 +40,7 @@ class Images:
     def list(self) -> list[dict[str, Any]]:
         _daemon.ensure_daemon(self._settings)
         with _sync_client(self._settings) as c:
-            return list(_core.check(c.get("/v1/images"))["images"])
+            return _images(c.get("/v1/images"))
 
     def pull(
         self,
@@ -53,10 +62,8 @@ class Images:
                 timeout=c.ndjson_timeout(),
             ) as r,
         ):
-            if r.status_code >= 300:
-                r.read()
-                _core.check(r)
-            for line in r.iter_lines():
+            _core.refused(r)
+            for line in _core.ndjson_lines(r):
                 dec.feed(line)
         return dec.result("image")
 
@@ -64,25 +71,25 @@ class Images:
         """Digest, names, size, `in_use` and the image config of a stored image."""
         _daemon.ensure_daemon(self._settings)
         with _sync_client(self._settings) as c:
-            return dict(_core.check(c.get("/v1/images/inspect", params={"ref": image})))
+            return _core.answer(c.get("/v1/images/inspect", params={"ref": image}))
 
     def remove(self, image: str) -> dict[str, Any]:
         """Remove a stored image; refused (409) while a sandbox uses it. Local admin only."""
         _daemon.ensure_daemon(self._settings)
         with _sync_client(self._settings) as c:
-            return dict(_core.check(c.delete("/v1/images", params={"ref": image})))
+            return _core.answer(c.delete("/v1/images", params={"ref": image}))
 
     def gc(self, *, all_unused: bool = False) -> dict[str, Any]:
         """Delete unused unnamed images (every unused one with all_unused). Local admin only."""
         _daemon.ensure_daemon(self._settings)
         with _sync_client(self._settings) as c:
             params = {"all": "1"} if all_unused else {}
-            return dict(_core.check(c.post("/v1/images/gc", params=params)))
+            return _core.answer(c.post("/v1/images/gc", params=params))
 
     def disk_usage(self) -> dict[str, Any]:
         _daemon.ensure_daemon(self._settings)
         with _sync_client(self._settings) as c:
-            return dict(_core.check(c.get("/v1/images/usage")))
+            return _core.answer(c.get("/v1/images/usage"))
 
 
 class AsyncImages:
@@ -100,7 +107,7 @@ class AsyncImages:
     async def list(self) -> list[dict[str, Any]]:
         await anyio.to_thread.run_sync(_daemon.ensure_daemon, self._settings)
         async with _async_client(self._settings) as c:
-            return list(_core.check(await c.get("/v1/images"))["images"])
+            return _images(await c.get("/v1/images"))
 
     async def pull(
         self,
@@ -120,10 +127,8 @@ class AsyncImages:
                 timeout=await c.ndjson_timeout(),
             ) as r,
         ):
-            if r.status_code >= 300:
-                await r.aread()
-                _core.check(r)
-            async for line in r.aiter_lines():
+            await _core.arefused(r)
+            async for line in _core.andjson_lines(r):
                 dec.feed(line)
                 await run_pending(dec.pending)
         return dec.result("image")
@@ -131,21 +136,20 @@ class AsyncImages:
     async def inspect(self, image: str) -> dict[str, Any]:
         await anyio.to_thread.run_sync(_daemon.ensure_daemon, self._settings)
         async with _async_client(self._settings) as c:
-            r = await c.get("/v1/images/inspect", params={"ref": image})
-            return dict(_core.check(r))
+            return _core.answer(await c.get("/v1/images/inspect", params={"ref": image}))
 
     async def remove(self, image: str) -> dict[str, Any]:
         await anyio.to_thread.run_sync(_daemon.ensure_daemon, self._settings)
         async with _async_client(self._settings) as c:
-            return dict(_core.check(await c.delete("/v1/images", params={"ref": image})))
+            return _core.answer(await c.delete("/v1/images", params={"ref": image}))
 
     async def gc(self, *, all_unused: bool = False) -> dict[str, Any]:
         await anyio.to_thread.run_sync(_daemon.ensure_daemon, self._settings)
         async with _async_client(self._settings) as c:
             params = {"all": "1"} if all_unused else {}
-            return dict(_core.check(await c.post("/v1/images/gc", params=params)))
+            return _core.answer(await c.post("/v1/images/gc", params=params))
 
     async def disk_usage(self) -> dict[str, Any]:
         await anyio.to_thread.run_sync(_daemon.ensure_daemon, self._settings)
         async with _async_client(self._settings) as c:
-            return dict(_core.check(await c.get("/v1/images/usage")))
+            return _core.answer(await c.get("/v1/images/usage"))

@@ -18,6 +18,7 @@ import httpx
 
 from isorun.errors import IsorunError
 from isorun.sdk import _core, _daemon, _records
+from isorun.sdk._answers import ID, shaped
 from isorun.sdk._callbacks import call_back, run_pending
 from isorun.sdk._daemon import Settings
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
@@ -103,39 +104,51 @@ class AsyncSandbox:
 
     async def _start(self, info: dict[str, Any] | None = None) -> AsyncSandbox:
         if info is None:
-            await anyio.to_thread.run_sync(_daemon.ensure_daemon, self._settings)
-            try:
-                if self._on_progress is None:
-                    info = _core.check(
-                        await self._http.post(
-                            "/v1/sandboxes", json=self._body, timeout=_core.CREATE_TIMEOUT
-                        )
-                    )
-                else:
-                    info = await self._create_with_progress(self._on_progress)
+            try:  # the client is this object's: closed on every way out of a failed start
+                await anyio.to_thread.run_sync(_daemon.ensure_daemon, self._settings)
+                info = await self._create(self._on_progress)
             except BaseException:
                 await self._http.aclose()
                 raise
-        assert info is not None
         self._info, self.id = info, info["id"]
         return self
 
-    async def _create_with_progress(self, on_progress: ProgressCallback) -> dict[str, Any]:
+    async def _create(self, on_progress: ProgressCallback | None) -> dict[str, Any]:
+        """As Sandbox._create: a sandbox created but not handed back is destroyed."""
+        if on_progress is None:
+            resp = await self._http.post(
+                "/v1/sandboxes", json=self._body, timeout=_core.CREATE_TIMEOUT
+            )
+            return _core.created(_core.check(resp), _core.asked(resp))
         dec = ProgressDecoder(on_progress, pending=[])
-        async with self._http.stream(
-            "POST",
-            "/v1/sandboxes",
-            params={"progress": "1"},
-            json=self._body,
-            timeout=await self._http.ndjson_timeout(_core.CREATE_TIMEOUT),
-        ) as r:
-            if r.status_code >= 300:
-                await r.aread()
-                _core.check(r)
-            async for line in r.aiter_lines():
-                dec.feed(line)
-                await run_pending(dec.pending)
-        return dec.result("sandbox")
+        try:
+            async with self._http.stream(
+                "POST",
+                "/v1/sandboxes",
+                params={"progress": "1"},
+                json=self._body,
+                timeout=await self._http.ndjson_timeout(_core.CREATE_TIMEOUT),
+            ) as r:
+                await _core.arefused(r)
+                async for line in _core.andjson_lines(r):
+                    dec.feed(line)
+                    await run_pending(dec.pending)
+                return _core.created(dec.result("sandbox"), _core.asked(r))
+        except BaseException as exc:
+            if dec.sandbox_id:
+                with anyio.CancelScope(shield=True) as cleanup:  # as __aexit__
+                    cleanup.deadline = anyio.current_time() + CLEANUP_GRACE_S
+                    await self._destroy_unreturned(dec.sandbox_id, exc)
+            raise
+
+    async def _destroy_unreturned(self, sandbox_id: str, exc: BaseException) -> None:
+        try:
+            path = _core.sandbox_path(sandbox_id)
+            _core.check(await self._http.delete(path, timeout=CLEANUP_GRACE_S))
+        except Exception as err:
+            exc.add_note(f"isorun: sandbox {sandbox_id} was created, but not destroyed: {err}")
+        else:
+            exc.add_note(f"isorun: sandbox {sandbox_id} was created, and destroyed")
 
     @classmethod
     async def create(cls, image: str = "base", **kw: Any) -> AsyncSandbox:
@@ -154,14 +167,14 @@ class AsyncSandbox:
         sb = cls(api_url=api_url, api_key=api_key, autostart=autostart)
         try:
             await anyio.to_thread.run_sync(_daemon.ensure_daemon, sb._settings)
-            info = _core.check(await sb._http.get(path))
+            info = _core.answer(await sb._http.get(path), "a sandbox", id=ID, state=str)
         except BaseException:
             await sb._http.aclose()  # its client: nothing else will close it
             raise
         if info["state"] == "ended":
             await sb._http.aclose()
             raise SandboxEndedError(
-                f"sandbox {sandbox_id} has ended ({info['end_reason']})", 410, "sandbox_ended"
+                f"sandbox {sandbox_id} has ended ({info.get('end_reason')})", 410, "sandbox_ended"
             )
         return await sb._start(info)
 
@@ -181,27 +194,32 @@ class AsyncSandbox:
         if include_ended:
             params["all"] = "1"
         async with _client(s) as c:
-            return builtins.list(
-                _core.check(await c.get("/v1/sandboxes", params=params))["sandboxes"]
-            )
+            resp = await c.get("/v1/sandboxes", params=params)
+            return [
+                shaped(sb, _core.asked(resp), "a sandbox", id=str)
+                for sb in _core.answer(resp, sandboxes=builtins.list)["sandboxes"]
+            ]
 
     async def info(self) -> dict[str, Any]:
-        self._info = _core.check(await self._http.get(self._path()))
+        self._info = _core.answer(await self._http.get(self._path()), "a sandbox")
         return self._info
 
     async def set_timeout(self, seconds: int) -> None:
-        self._info = _core.check(
-            await self._http.post(self._path("timeout"), json={"sandbox_timeout": seconds})
+        self._info = _core.answer(
+            await self._http.post(self._path("timeout"), json={"sandbox_timeout": seconds}),
+            "a sandbox",
         )
 
     async def destroy(self) -> Usage:
         """As `Sandbox.destroy`."""
         if self._usage is None:
+            asked = f"DELETE {self._path()}"
             try:
                 r = _core.check(await self._http.delete(self._path()))
             except SandboxEndedError:
+                asked = f"GET {self._path()}"
                 r = (await self.info()).get("usage")
-            self._usage = _records.usage_of(r)
+            self._usage = _records.usage_of(r, asked)
         return self._usage.copy()
 
     kill = destroy
@@ -227,6 +245,10 @@ class AsyncSandbox:
         # timeout. Bounded, so a cancelled caller is not held for long.
         with anyio.CancelScope(shield=True) as cleanup:
             cleanup.deadline = anyio.current_time() + CLEANUP_GRACE_S
+            if self._http.is_closed and self._usage is None and self.id:
+                # close()d in the block: its end still destroys the sandbox, as it promised
+                self._http = _client(self._settings)
+                self._http.closed_error = self._closed_error
             try:
                 await self.destroy()
             finally:
@@ -306,13 +328,15 @@ class AsyncSandbox:
         body = _core.exec_body(cmd, env, cwd, user, timeout, stdin, background)
         path = self._path("exec")
         if background:
-            r = _core.check(await self._http.post(path, **_core.json_body(body)))
+            r = _core.answer(
+                await self._http.post(path, **_core.json_body(body)), proc_id=ID, pid=int
+            )
             proc = AsyncProcess(self, r["proc_id"], r["pid"])
             if isinstance(stdin, str | bytes) and stdin:
                 await proc.send_stdin(stdin)
             return proc
         dec = _records.StreamDecoder(on_stdout, on_stderr, capture_limit=capture_limit, pending=[])
-        await self._stream("POST", path, dec, **_core.json_body(body))
+        await self._run(dec, body)
         result = dec.result()
         if check and result.exit_code != 0:
             raise CommandFailed(result)
@@ -331,22 +355,39 @@ class AsyncSandbox:
     ) -> AsyncPty:
         """An interactive terminal (default: a login shell); see `Sandbox.pty`."""
         body = _core.pty_body(rows, cols, cmd, env, cwd, user)
-        r = _core.check(await self._http.post(self._path("pty"), **_core.json_body(body)))
+        r = _core.answer(
+            await self._http.post(self._path("pty"), **_core.json_body(body)), proc_id=ID, pid=int
+        )
         return AsyncPty(self, r["proc_id"], r["pid"], on_data)
+
+    async def _run(self, dec: _records.StreamDecoder, body: dict[str, Any]) -> None:
+        """As Sandbox._run: a foreground command abandoned (a cancel, a callback that
+        raised) is killed."""
+        try:
+            await self._stream("POST", self._path("exec"), dec, **_core.json_body(body))
+        except BaseException as exc:
+            if _core.abandoned(exc, dec):
+                path, kw = _core.kill_request(self.id, dec.proc_id)
+                with anyio.CancelScope(shield=True):  # a cancelled caller too; kw bounds it
+                    try:
+                        _core.check(await self._http.post(path, **kw))
+                    except Exception as err:
+                        _core.note_kill(exc, self.id, dec.proc_id, err)
+                    else:
+                        _core.note_kill(exc, self.id, dec.proc_id, None)
+            raise
 
     async def _stream(self, method: str, path: str, dec: _records.StreamDecoder, **kw: Any) -> None:
         with _core.following(dec):
             async with self._http.stream(
                 method, path, timeout=await self._http.ndjson_timeout(), **kw
             ) as resp:
-                if resp.status_code >= 300:
-                    await resp.aread()
-                    _core.check(resp)
-                async for line in resp.aiter_lines():
+                await _core.arefused(resp)
+                async for line in _core.andjson_lines(resp):
                     dec.feed(line)
                     await run_pending(dec.pending)
-                dec.end()
-                await run_pending(dec.pending)
+        dec.end()
+        await run_pending(dec.pending)
 
 
 class AsyncProcess:
@@ -406,10 +447,8 @@ class AsyncProcess:
                 params={"offset": offset},
                 timeout=await http.ndjson_timeout(),
             ) as resp:
-                if resp.status_code >= 300:
-                    await resp.aread()
-                    _core.check(resp)
-                async for line in resp.aiter_lines():
+                await _core.arefused(resp)
+                async for line in _core.andjson_lines(resp):
                     if (got := dec.feed(line)) is not None:
                         yield got
 
@@ -424,7 +463,7 @@ class AsyncProcess:
 
     async def kill(self, grace: float = 2.0) -> dict[str, Any]:
         return dict(
-            _core.check(
+            _core.answer(
                 await self.sandbox._http.post(
                     self._path("kill"), json={"grace": grace}, timeout=_core.kill_timeout(grace)
                 )
@@ -488,8 +527,9 @@ class AsyncProcesses:
         self._sb = sb
 
     async def list(self) -> list[ProcessInfo]:
-        r = _core.check(await self._sb._http.get(self._sb._path("processes")))
-        return [ProcessInfo.of(p) for p in r["processes"]]
+        resp = await self._sb._http.get(self._sb._path("processes"))
+        r = _core.answer(resp, processes=list)
+        return [ProcessInfo.of(p, _core.asked(resp)) for p in r["processes"]]
 
     async def connect(self, proc_id: str) -> AsyncProcess:
         _core.url_id("process id", proc_id)  # an impossible id: ValueError, no request
@@ -531,14 +571,17 @@ class AsyncFiles:
         """format: "text" (str), "bytes", or "stream" (an async iterator of byte chunks, so a
         large file is never held whole in memory)."""
         _core.check_read_format(format)
-        if format == "stream":
+        if format == "stream":  # untimed, from the start of the answer on
             return await self._open_stream(path, _core.STREAM_TIMEOUT)
+        # the client's timeout for the answer to start, the file's bytes untimed (as a
+        # stream's: a pause is the guest's or the file's)
         data = b"".join([c async for c in await self._open_stream(path, self._sb._http.timeout)])
         return data if format == "bytes" else data.decode("utf-8", "replace")
 
     async def _open_stream(
         self, path: _core.SandboxPath, timeout: httpx.Timeout
     ) -> AsyncIterator[bytes]:
+        """The file's chunks: `timeout` is the answer's, its body untimed."""
         http = self._sb._http
         name = _core.file_path(path)
         url = _core.with_query(self._base, {"path": name})
@@ -546,15 +589,15 @@ class AsyncFiles:
         resp = await http.send(req, stream=True)
         if resp.status_code >= 300:  # a missing file fails here, not at the first chunk
             try:
-                await resp.aread()
+                await _core.arefused(resp)
             finally:
                 await resp.aclose()
-            _core.check(resp)
+        _core.untime_body(resp)
 
         async def chunks() -> AsyncIterator[bytes]:
             got = 0
             try:
-                async for chunk in resp.aiter_bytes():
+                async for chunk in _core.abody_chunks(resp):
                     got += len(chunk)
                     yield chunk
             except DaemonUnavailable as exc:
@@ -592,33 +635,28 @@ class AsyncFiles:
             params["mode"] = _core.mode_param(mode)
         if append:
             params["append"] = "1"
-        r = _core.check(
+        r = _core.answer(
             await self._sb._http.put(
                 _core.with_query(self._base, params),
                 content=content,
                 timeout=_core.STREAM_TIMEOUT,
-            )
+            ),
+            bytes=int,
         )
         return int(r["bytes"])
 
     async def list(self, path: _core.SandboxPath, depth: int = 1) -> builtins.list[FileInfo]:
-        r = _core.check(
-            await self._sb._http.get(
-                _core.with_query(
-                    self._base + "/list", {"path": _core.file_path(path), "depth": depth}
-                )
-            )
+        resp = await self._sb._http.get(
+            _core.with_query(self._base + "/list", {"path": _core.file_path(path), "depth": depth})
         )
-        return [FileInfo.of(e) for e in r["entries"]]
+        r = _core.answer(resp, entries=builtins.list)
+        return [FileInfo.of(e, _core.asked(resp)) for e in r["entries"]]
 
     async def stat(self, path: _core.SandboxPath) -> FileInfo:
-        return FileInfo.of(
-            _core.check(
-                await self._sb._http.get(
-                    _core.with_query(self._base + "/stat", {"path": _core.file_path(path)})
-                )
-            )
+        resp = await self._sb._http.get(
+            _core.with_query(self._base + "/stat", {"path": _core.file_path(path)})
         )
+        return FileInfo.of(_core.check(resp), _core.asked(resp))
 
     async def exists(self, path: _core.SandboxPath) -> bool:
         """As `Files.exists`."""
@@ -672,7 +710,8 @@ class AsyncWatch:
             "recursive": int(recursive),
         }
         self._resp: httpx.Response | None = None
-        self._lines: AsyncIterator[str] | None = None
+        self._lines: AsyncIterator[bytes] | None = None
+        self._closed = False
 
     async def start(self) -> AsyncWatch:
         if self._resp is None:
@@ -685,11 +724,10 @@ class AsyncWatch:
             resp = await http.send(req, stream=True)
             if resp.status_code >= 300:
                 try:
-                    await resp.aread()
+                    await _core.arefused(resp)
                 finally:
                     await resp.aclose()
-                _core.check(resp)
-            self._resp, self._lines = resp, resp.aiter_lines()
+            self._resp, self._lines = resp, _core.andjson_lines(resp)
         return self
 
     def __await__(self) -> Generator[Any, None, AsyncWatch]:
@@ -699,16 +737,24 @@ class AsyncWatch:
         return self
 
     async def __anext__(self) -> tuple[str, str]:
+        if self._closed:
+            raise StopAsyncIteration
         await self.start()
         assert self._lines is not None
-        async for line in self._lines:
-            change = _core.watch_change(line)
-            if change is not None:
-                return change
+        try:
+            async for line in self._lines:
+                change = _core.watch_change(line)
+                if change is not None:
+                    return change
+        except Exception:
+            if self._closed:  # what closing it under the read broke: the end asked for
+                raise StopAsyncIteration from None
+            raise
         await self.aclose()
         raise StopAsyncIteration
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._resp is not None:
             await self._resp.aclose()
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Iterable, Iterator
+import contextlib
+from collections.abc import Callable, Generator, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Literal, overload
 
@@ -11,6 +12,7 @@ import httpx
 
 from isorun.errors import IsorunError
 from isorun.sdk import _core, _daemon, _records
+from isorun.sdk._answers import ID, shaped
 from isorun.sdk._callbacks import call_back
 from isorun.sdk._daemon import Settings
 from isorun.sdk._progress import ProgressCallback, ProgressDecoder
@@ -59,16 +61,10 @@ class Sandbox:
                 body = _core.create_body(
                     image, vcpus, memory_mib, disk_mib, env, metadata, sandbox_timeout
                 )
-                if on_progress is None:
-                    _info = _core.check(
-                        self._http.post("/v1/sandboxes", json=body, timeout=_core.CREATE_TIMEOUT)
-                    )
-                else:
-                    _info = self._create_with_progress(body, on_progress)
+                _info = self._create(body, on_progress)
         except BaseException:
             self._http.close()
             raise
-        assert _info is not None
         self._info: dict[str, Any] = _info
         self.id: str = _info["id"]
         self._usage: Usage | None = None
@@ -96,23 +92,37 @@ class Sandbox:
             f"with Sandbox.connect({self.id!r})"
         )
 
-    def _create_with_progress(
-        self, body: dict[str, Any], on_progress: ProgressCallback
-    ) -> dict[str, Any]:
+    def _create(self, body: dict[str, Any], on_progress: ProgressCallback | None) -> dict[str, Any]:
+        """Create the sandbox; one the daemon created (and bills) that this cannot hand back
+        (a callback raised, ^C, the stream broke off) is destroyed, if its id is known."""
+        if on_progress is None:
+            resp = self._http.post("/v1/sandboxes", json=body, timeout=_core.CREATE_TIMEOUT)
+            return _core.created(_core.check(resp), _core.asked(resp))
         dec = ProgressDecoder(on_progress)
-        with self._http.stream(
-            "POST",
-            "/v1/sandboxes",
-            params={"progress": "1"},
-            json=body,
-            timeout=self._http.ndjson_timeout(_core.CREATE_TIMEOUT),
-        ) as r:
-            if r.status_code >= 300:
-                r.read()
-                _core.check(r)
-            for line in r.iter_lines():
-                dec.feed(line)
-        return dec.result("sandbox")
+        try:
+            with self._http.stream(
+                "POST",
+                "/v1/sandboxes",
+                params={"progress": "1"},
+                json=body,
+                timeout=self._http.ndjson_timeout(_core.CREATE_TIMEOUT),
+            ) as r:
+                _core.refused(r)
+                for line in _core.ndjson_lines(r):
+                    dec.feed(line)
+                return _core.created(dec.result("sandbox"), _core.asked(r))
+        except BaseException as exc:
+            if dec.sandbox_id:
+                self._destroy_unreturned(dec.sandbox_id, exc)
+            raise
+
+    def _destroy_unreturned(self, sandbox_id: str, exc: BaseException) -> None:
+        try:
+            _core.check(self._http.delete(_core.sandbox_path(sandbox_id), timeout=30.0))
+        except Exception as err:
+            exc.add_note(f"isorun: sandbox {sandbox_id} was created, but not destroyed: {err}")
+        else:
+            exc.add_note(f"isorun: sandbox {sandbox_id} was created, and destroyed")
 
     # --- class-level ---------------------------------------------------------------
 
@@ -130,10 +140,10 @@ class Sandbox:
         s = _daemon.resolve(api_url, api_key, autostart)
         _daemon.ensure_daemon(s)
         with _client(s) as c:
-            info = _core.check(c.get(path))
+            info = _core.answer(c.get(path), "a sandbox", id=ID, state=str)
         if info["state"] == "ended":
             raise SandboxEndedError(
-                f"sandbox {sandbox_id} has ended ({info['end_reason']})", 410, "sandbox_ended"
+                f"sandbox {sandbox_id} has ended ({info.get('end_reason')})", 410, "sandbox_ended"
             )
         return cls(api_url=api_url, api_key=api_key, autostart=autostart, _info=info)
 
@@ -153,17 +163,22 @@ class Sandbox:
         if include_ended:
             params["all"] = "1"
         with _client(s) as c:
-            return list(_core.check(c.get("/v1/sandboxes", params=params))["sandboxes"])
+            resp = c.get("/v1/sandboxes", params=params)
+            return [
+                shaped(sb, _core.asked(resp), "a sandbox", id=str)
+                for sb in _core.answer(resp, sandboxes=list)["sandboxes"]
+            ]
 
     # --- lifecycle -------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        self._info = _core.check(self._http.get(self._path()))
+        self._info = _core.answer(self._http.get(self._path()), "a sandbox")
         return self._info
 
     def set_timeout(self, seconds: int) -> None:
-        self._info = _core.check(
-            self._http.post(self._path("timeout"), json={"sandbox_timeout": seconds})
+        self._info = _core.answer(
+            self._http.post(self._path("timeout"), json={"sandbox_timeout": seconds}),
+            "a sandbox",
         )
 
     def destroy(self) -> Usage:
@@ -171,11 +186,13 @@ class Sandbox:
         {"cpu_ms", "mem_peak_bytes", "uptime_ms"}, with "billed_seconds" and "cost_usd" when
         this call ended it (not for a sandbox that had ended already). Safe to call twice."""
         if self._usage is None:
+            asked = f"DELETE {self._path()}"
             try:
                 r = _core.check(self._http.delete(self._path()))
             except SandboxEndedError:
+                asked = f"GET {self._path()}"
                 r = self.info().get("usage")
-            self._usage = _records.usage_of(r)
+            self._usage = _records.usage_of(r, asked)
         return self._usage.copy()
 
     kill = destroy
@@ -197,6 +214,10 @@ class Sandbox:
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._http.is_closed and self._usage is None:
+            # close()d in the block: its end still destroys the sandbox, as it promised
+            self._http = _client(self._settings)
+            self._http.closed_error = self._closed_error
         try:
             self.destroy()
         finally:
@@ -281,13 +302,13 @@ class Sandbox:
         body = _core.exec_body(cmd, env, cwd, user, timeout, stdin, background)
         path = self._path("exec")
         if background:
-            r = _core.check(self._http.post(path, **_core.json_body(body)))
+            r = _core.answer(self._http.post(path, **_core.json_body(body)), proc_id=ID, pid=int)
             proc = Process(self, r["proc_id"], r["pid"])
             if isinstance(stdin, str | bytes) and stdin:
                 proc.send_stdin(stdin)
             return proc
         dec = _records.StreamDecoder(on_stdout, on_stderr, capture_limit=capture_limit)
-        self._stream("POST", path, dec, **_core.json_body(body))
+        self._run(dec, body)
         result = dec.result()
         if check and result.exit_code != 0:
             raise CommandFailed(result)
@@ -307,20 +328,37 @@ class Sandbox:
         """An interactive terminal (default: a login shell). `send()` keystrokes, `resize()`,
         iterate the output bytes or pass `on_data` and `wait()`; `kill()` ends it."""
         body = _core.pty_body(rows, cols, cmd, env, cwd, user)
-        r = _core.check(self._http.post(self._path("pty"), **_core.json_body(body)))
+        r = _core.answer(
+            self._http.post(self._path("pty"), **_core.json_body(body)), proc_id=ID, pid=int
+        )
         return Pty(self, r["proc_id"], r["pid"], on_data)
+
+    def _run(self, dec: _records.StreamDecoder, body: dict[str, Any]) -> None:
+        """A foreground exec of `body`, its output into `dec`. Abandoned by the caller once
+        it started (^C, a callback that raised), the command is killed: nothing else knows
+        its process id to stop it (an error of the SDK's says how to follow it instead)."""
+        try:
+            self._stream("POST", self._path("exec"), dec, **_core.json_body(body))
+        except BaseException as exc:
+            if _core.abandoned(exc, dec):
+                path, kw = _core.kill_request(self.id, dec.proc_id)
+                try:
+                    _core.check(self._http.post(path, **kw))
+                except Exception as err:
+                    _core.note_kill(exc, self.id, dec.proc_id, err)
+                else:
+                    _core.note_kill(exc, self.id, dec.proc_id, None)
+            raise
 
     def _stream(self, method: str, path: str, dec: _records.StreamDecoder, **kw: Any) -> None:
         with (
             _core.following(dec),
             self._http.stream(method, path, timeout=self._http.ndjson_timeout(), **kw) as resp,
         ):
-            if resp.status_code >= 300:
-                resp.read()
-                _core.check(resp)
-            for line in resp.iter_lines():
+            _core.refused(resp)
+            for line in _core.ndjson_lines(resp):
                 dec.feed(line)
-            dec.end()
+        dec.end()
 
 
 class Process:
@@ -384,10 +422,8 @@ class Process:
                 timeout=http.ndjson_timeout(),
             ) as resp,
         ):
-            if resp.status_code >= 300:
-                resp.read()
-                _core.check(resp)
-            for line in resp.iter_lines():
+            _core.refused(resp)
+            for line in _core.ndjson_lines(resp):
                 if (got := dec.feed(line)) is not None:
                     yield got
 
@@ -403,7 +439,7 @@ class Process:
 
     def kill(self, grace: float = 2.0) -> dict[str, Any]:
         return dict(
-            _core.check(
+            _core.answer(
                 self.sandbox._http.post(
                     self._path("kill"), json={"grace": grace}, timeout=_core.kill_timeout(grace)
                 )
@@ -464,8 +500,9 @@ class Processes:
         self._sb = sb
 
     def list(self) -> list[ProcessInfo]:
-        r = _core.check(self._sb._http.get(self._sb._path("processes")))
-        return [ProcessInfo.of(p) for p in r["processes"]]
+        resp = self._sb._http.get(self._sb._path("processes"))
+        r = _core.answer(resp, processes=list)
+        return [ProcessInfo.of(p, _core.asked(resp)) for p in r["processes"]]
 
     def connect(self, proc_id: str) -> Process:
         _core.url_id("process id", proc_id)  # an impossible id: ValueError, no request
@@ -499,12 +536,15 @@ class Files:
     ) -> str | bytes | Iterator[bytes]:
         """format: "text" (str), "bytes", or "stream" (an iterator of byte chunks)."""
         _core.check_read_format(format)
-        if format == "stream":
+        if format == "stream":  # untimed, from the start of the answer on
             return self._open_stream(path, _core.STREAM_TIMEOUT)
+        # the client's timeout for the answer to start, the file's bytes untimed (as a
+        # stream's: a pause is the guest's or the file's)
         data = b"".join(self._open_stream(path, self._sb._http.timeout))
         return data if format == "bytes" else data.decode("utf-8", "replace")
 
     def _open_stream(self, path: _core.SandboxPath, timeout: httpx.Timeout) -> Iterator[bytes]:
+        """The file's chunks: `timeout` is the answer's, its body untimed."""
         http = self._sb._http
         name = _core.file_path(path)
         url = _core.with_query(self._base, {"path": name})
@@ -512,15 +552,15 @@ class Files:
         resp = http.send(req, stream=True)
         if resp.status_code >= 300:  # a missing file fails here, not at the first chunk
             try:
-                resp.read()
+                _core.refused(resp)
             finally:
                 resp.close()
-            _core.check(resp)
+        _core.untime_body(resp)
 
-        def chunks() -> Iterator[bytes]:
+        def chunks() -> Generator[bytes, None, None]:
             got = 0
             try:
-                for chunk in resp.iter_bytes():
+                for chunk in _core.body_chunks(resp):
                     got += len(chunk)
                     yield chunk
             except DaemonUnavailable as exc:
@@ -528,7 +568,7 @@ class Files:
             finally:
                 resp.close()
 
-        return chunks()
+        return _ReadStream(chunks(), resp)
 
     def _sandbox_now(self) -> httpx.Response | None:
         """The daemon's answer about this sandbox, if it answers at once."""
@@ -557,33 +597,28 @@ class Files:
             params["mode"] = _core.mode_param(mode)
         if append:
             params["append"] = "1"
-        r = _core.check(
+        r = _core.answer(
             self._sb._http.put(
                 _core.with_query(self._base, params),
                 content=content,
                 timeout=_core.STREAM_TIMEOUT,
-            )
+            ),
+            bytes=int,
         )
         return int(r["bytes"])
 
     def list(self, path: _core.SandboxPath, depth: int = 1) -> builtins.list[FileInfo]:
-        r = _core.check(
-            self._sb._http.get(
-                _core.with_query(
-                    self._base + "/list", {"path": _core.file_path(path), "depth": depth}
-                )
-            )
+        resp = self._sb._http.get(
+            _core.with_query(self._base + "/list", {"path": _core.file_path(path), "depth": depth})
         )
-        return [FileInfo.of(e) for e in r["entries"]]
+        r = _core.answer(resp, entries=list)
+        return [FileInfo.of(e, _core.asked(resp)) for e in r["entries"]]
 
     def stat(self, path: _core.SandboxPath) -> FileInfo:
-        return FileInfo.of(
-            _core.check(
-                self._sb._http.get(
-                    _core.with_query(self._base + "/stat", {"path": _core.file_path(path)})
-                )
-            )
+        resp = self._sb._http.get(
+            _core.with_query(self._base + "/stat", {"path": _core.file_path(path)})
         )
+        return FileInfo.of(_core.check(resp), _core.asked(resp))
 
     def exists(self, path: _core.SandboxPath) -> bool:
         """False also where a parent of `path` is not a directory (as os.path.exists)."""
@@ -636,34 +671,72 @@ class Files:
         resp = http.send(req, stream=True)
         if resp.status_code >= 300:
             try:
-                resp.read()
+                _core.refused(resp)
             finally:
                 resp.close()
-            _core.check(resp)
         return Watch(resp)
+
+
+class _ReadStream(Iterator[bytes]):
+    """The chunks of `files.read(format="stream")`. Its answer is open from the start (a
+    missing file raises at once) and closed at the end, by close(), or when the object is
+    dropped unread: a generator never started would hold its pooled connection for good."""
+
+    def __init__(self, chunks: Generator[bytes, None, None], resp: httpx.Response) -> None:
+        self._chunks, self._resp = chunks, resp
+
+    def __next__(self) -> bytes:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        try:
+            self._chunks.close()
+        finally:
+            self._resp.close()
+
+    def __enter__(self) -> _ReadStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 class Watch:
     """Changes in a sandbox's files (see `Files.watch`): iterate (op, path) pairs; ops are
     create, write, remove, rename, chmod and overflow (changes were missed). Iteration ends
-    when the watched path itself goes away."""
+    when the watched path itself goes away, or once the watch is closed (also from another
+    thread, which ends a loop blocked on it at once)."""
 
     def __init__(self, resp: httpx.Response) -> None:
         self._resp = resp
-        self._lines = resp.iter_lines()
+        self._lines = _core.ndjson_lines(resp)
+        self._closed = False
 
     def __iter__(self) -> Watch:
         return self
 
     def __next__(self) -> tuple[str, str]:
-        for line in self._lines:
-            change = _core.watch_change(line)
-            if change is not None:
-                return change
+        if self._closed:
+            raise StopIteration
+        try:
+            for line in self._lines:
+                change = _core.watch_change(line)
+                if change is not None:
+                    return change
+        except Exception:
+            if self._closed:  # what closing it under the read broke: the end asked for
+                raise StopIteration from None
+            raise
         self.close()
         raise StopIteration
 
     def close(self) -> None:
+        self._closed = True
+        _core.wake_reader(self._resp)
         self._resp.close()
 
     def __enter__(self) -> Watch:

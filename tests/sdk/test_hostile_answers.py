@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 
 import pytest
-from fakeapi import serving
+from fakeapi import run_cli, serving
 
 from isorun import ApiError
 from isorun.sdk._progress import ProgressDecoder
@@ -98,26 +95,15 @@ def fake_daemon() -> Iterator[str]:
         yield url
 
 
-def _cli(api: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "ISORUN_API_URL": api, "ISORUN_AUTOSTART": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "isorun.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_the_cli_says_what_is_wrong_with_an_answer_in_one_line(fake_daemon: str) -> None:
     # exit status 256 was exit 0 for the shell (sys.exit(256)): a failure read as success
-    r = _cli(fake_daemon, "exec", SID, "--", "true")
+    r = run_cli(fake_daemon, "exec", SID, "--", "true")
     assert r.returncode == 1 and "exit record" in r.stderr, r
     # a redirect's body was printed as the console, exit 0
-    r = _cli(fake_daemon, "logs", SID)
+    r = run_cli(fake_daemon, "logs", SID)
     assert r.returncode == 1 and "redirect" in r.stderr and "moved" not in r.stdout, r
     # a kill answered without its bill: killed all the same, said so, no KeyError traceback
-    r = _cli(fake_daemon, "kill", SID)
+    r = run_cli(fake_daemon, "kill", SID)
     assert r.returncode == 0 and f"killed {SID}" in r.stdout, r
-    for r in (_cli(fake_daemon, "kill", SID), _cli(fake_daemon, "logs", SID)):
+    for r in (run_cli(fake_daemon, "kill", SID), run_cli(fake_daemon, "logs", SID)):
         assert "Traceback" not in r.stderr, r.stderr

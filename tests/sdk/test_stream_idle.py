@@ -17,7 +17,8 @@ def test_the_limit_follows_the_daemons_keepalive(monkeypatch: pytest.MonkeyPatch
     # a daemon from before keepalives, or a body that is not what we expect: no limit
     for health in ({"ok": True, "version": "0.1.0"}, None, [], {"stream_keepalive_s": True}):
         assert stream_idle_limit(health) is None
-    for bad in (0, -1, float("inf"), float("nan"), "15"):
+    # 1e308: four of it overflow to inf, which no socket takes (OverflowError at each exec)
+    for bad in (0, -1, float("inf"), float("nan"), "15", 1e308, 7 * 86400):
         assert stream_idle_limit({"stream_keepalive_s": bad}) is None
 
 
@@ -25,7 +26,7 @@ def test_the_environment_overrides_it(monkeypatch: pytest.MonkeyPatch) -> None:
     health = {"stream_keepalive_s": 15.0}
     monkeypatch.setenv("ISORUN_STREAM_IDLE_TIMEOUT_S", "2.5")
     assert stream_idle_limit(health) == 2.5
-    for off in ("0", "inf", "-3"):
+    for off in ("0", "inf", "-3", "1e308"):
         monkeypatch.setenv("ISORUN_STREAM_IDLE_TIMEOUT_S", off)
         assert stream_idle_limit(health) is None
     monkeypatch.setenv("ISORUN_STREAM_IDLE_TIMEOUT_S", "soon")
