@@ -92,6 +92,13 @@ async def test_a_group_guest_root_removed_or_spoilt_is_made_again_or_done_withou
     assert r.exit_code == 0, r
     r = await vm.agent.exec("cat /proc/self/cgroup")
     assert r.exit_code == 0 and r.stdout == b"0::/\n", r
+    # and the console says so, once
+    await vm.agent.exec("true")
+    deadline = time.monotonic() + 10
+    while "isorun.procs refuses new processes" not in vm.console.tail(8192):
+        assert time.monotonic() < deadline, vm.console.tail(2048)
+        await asyncio.sleep(0.2)
+    assert vm.console.tail(8192).count("isorun.procs refuses new processes") == 1
 
 
 # Threads until the kernel refuses, then more every millisecond: each costs a task and

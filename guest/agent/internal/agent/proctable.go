@@ -365,6 +365,7 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 			pid, err = syscall.ForkExec(s.path, s.argv, attr)
 			if without = err != nil && groupRefused(err, group); without {
 				sys.UseCgroupFD, sys.CgroupFD = false, 0
+				procGroup.without(err)
 			}
 		}
 		if without {

@@ -41,6 +41,8 @@ type userCgroup struct {
 	// reaper then wait too); guest root freezing the group must not do that
 	freeze int
 	tried  bool
+	// told: the console has heard that processes start without the group
+	told bool
 }
 
 // enable is PID 1's, once cgroup2 is mounted at root; the group itself is made
@@ -76,6 +78,19 @@ func (u *userCgroup) thaw() {
 	defer u.mu.Unlock()
 	if u.freeze >= 0 {
 		_, _ = unix.Pwrite(u.freeze, []byte("0"), 0)
+	}
+}
+
+// without says once on the console that a process starts in the agent's own
+// group, without the limit: guest root made isorun.procs refuse it (a
+// container runtime turning a controller on in the group it runs in does).
+func (u *userCgroup) without(err error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if !u.told && u.logf != nil {
+		u.told = true
+		u.logf("process cgroup %s refuses new processes (%v): they start in the agent's "+
+			"own group, without its pids limit", procGroupName, err)
 	}
 }
 
