@@ -626,7 +626,15 @@ class AgentClient:
 
     async def metrics(self) -> dict[str, float]:
         resp = await self.call("metrics")
-        keys = ("mem_total_bytes", "mem_available_bytes", "load1", "load5", "load15")
+        keys = (
+            "mem_total_bytes",
+            "mem_available_bytes",
+            "load1",
+            "load5",
+            "load15",
+            "procs_running",
+            "uptime_s",
+        )
         return {k: as_float(resp, k) for k in keys}
 
     async def set_clock(self, unix_ns: int) -> None:

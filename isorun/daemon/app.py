@@ -30,6 +30,7 @@ from isorun.daemon.routes_images import image_routes
 from isorun.daemon.routes_processes import process_routes
 from isorun.daemon.sandboxes import CONSOLE_KEPT, SandboxManager
 from isorun.daemon.store import Store
+from isorun.errors import GuestError
 
 
 def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Starlette:
@@ -131,13 +132,15 @@ def create_app(cfg: DaemonConfig, store: Store, manager: SandboxManager) -> Star
     async def metrics(request: Request, tenant: str) -> Any:
         live = manager.get_live(tenant, request.path_params["sid"])
         u = live.vm.usage()
-        guest = await live.vm.agent.metrics()
-        return {
-            "cpu_ms": u.cpu_ms,
-            "mem_peak_bytes": u.mem_peak_bytes,
-            "uptime_ms": u.uptime_ms,
-            "guest": guest,
-        }
+        host = {"cpu_ms": u.cpu_ms, "mem_peak_bytes": u.mem_peak_bytes, "uptime_ms": u.uptime_ms}
+        try:
+            guest = await live.vm.agent.metrics()
+        except GuestError as exc:
+            # The host's figures never depend on the guest, which may have broken its /proc
+            if exc.code == "unresponsive":
+                raise
+            return {**host, "guest": None, "guest_error": str(exc)}
+        return {**host, "guest": guest}
 
     routes = [
         Route("/v1/health", api.endpoint(health, public=True)),
