@@ -4,6 +4,8 @@ import (
 	"io"
 	"strconv"
 	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // logQueueLines is how many console lines may wait to be written; past it
@@ -15,9 +17,10 @@ const logQueueLines = 256
 
 // logQueue writes lines to w in order, from one goroutine of its own.
 type logQueue struct {
-	lines   chan string
-	mu      sync.Mutex
-	dropped int
+	lines     chan string
+	mu        sync.Mutex
+	dropped   int
+	unwritten atomic.Int64 // pushed, not yet written
 }
 
 func newLogQueue(w io.Writer) *logQueue {
@@ -28,12 +31,21 @@ func newLogQueue(w io.Writer) *logQueue {
 
 // push never waits.
 func (q *logQueue) push(line string) {
+	q.unwritten.Add(1)
 	select {
 	case q.lines <- line:
 	default:
+		q.unwritten.Add(-1)
 		q.mu.Lock()
 		q.dropped++
 		q.mu.Unlock()
+	}
+}
+
+// flush waits, at most d, until the lines pushed so far have been written.
+func (q *logQueue) flush(d time.Duration) {
+	for deadline := time.Now().Add(d); q.unwritten.Load() > 0 && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 
@@ -48,5 +60,6 @@ func (q *logQueue) write(w io.Writer) {
 				" lines dropped: the console did not take them)\n")
 		}
 		_, _ = io.WriteString(w, line)
+		q.unwritten.Add(-1)
 	}
 }

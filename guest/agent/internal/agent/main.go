@@ -55,7 +55,7 @@ func runPID1(start time.Time) {
 	boot.Mark("init")
 	s := NewServer(start)
 	s.Log = console
-	s.Shutdown = powerOff
+	s.Shutdown = func(mode string) { powerOff(s, mode) }
 	s.Boot = boot
 	s.Procs.StartReaper()
 	ignoreStraySignals(s.logf)

@@ -118,8 +118,9 @@ func loopbackUp() error {
 }
 
 // powerOff ends the VM: TERM everyone, short grace, KILL, sync, unmount,
-// reboot(2). PID 1 must never exit, so this never returns.
-func powerOff(mode string) {
+// reboot(2). PID 1 must never exit, so this never returns. Its lines go
+// through s's console queue: a console guest root stopped must not hold it.
+func powerOff(s *Server, mode string) {
 	_ = syscall.Kill(-1, syscall.SIGTERM)
 	grace := 500 * time.Millisecond
 	deadline := time.Now().Add(grace)
@@ -128,13 +129,13 @@ func powerOff(mode string) {
 		time.Sleep(10 * time.Millisecond)
 		left = userProcessesLeft("/proc")
 	}
-	if left {
-		os.Stderr.WriteString("isorun-agent: power-off: processes outlived SIGTERM by " +
-			grace.String() + ": SIGKILL\n")
-	} else {
-		os.Stderr.WriteString("isorun-agent: power-off: every process ended on SIGTERM\n")
-	}
 	_ = syscall.Kill(-1, syscall.SIGKILL) // and any forked since the last look
+	if left {
+		s.logf("power-off: processes outlived SIGTERM by %v: SIGKILL", grace)
+	} else {
+		s.logf("power-off: every process ended on SIGTERM")
+	}
+	s.flushLog(200 * time.Millisecond)
 	// Chosen before unmounting, which takes /sys away: without ACPI
 	// (microvm, acpi=off) power-off only halts the CPU and QEMU keeps
 	// running; a restart under QEMU's -no-reboot ends it instead.
@@ -144,7 +145,7 @@ func powerOff(mode string) {
 	syscall.Sync()
 	for {
 		err := unix.Reboot(cmd)
-		os.Stderr.WriteString("isorun-agent: reboot: " + err.Error() + "\n")
+		s.logf("reboot: %v", err)
 		time.Sleep(time.Second)
 	}
 }

@@ -59,6 +59,16 @@ func (s *Server) HoldRequests() (release func()) {
 	return func() { close(ch) }
 }
 
+// flushLog waits, at most d, for the console lines logged so far to be taken
+// (power-off: the VM is about to go).
+func (s *Server) flushLog(d time.Duration) {
+	if s.Log == nil {
+		return
+	}
+	s.logOnce.Do(func() { s.logq = newLogQueue(s.Log) })
+	s.logq.flush(d)
+}
+
 // logf writes a console line without waiting for the console (logqueue.go).
 func (s *Server) logf(format string, a ...any) {
 	if s.Log == nil {
