@@ -7,11 +7,24 @@ nothing but warn).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+# Set on what a user callback raised: even an SDK error (the callback's own request failed)
+# is then the caller's, not the stream's (see _core.abandoned).
+_RAISED_BY_A_CALLBACK = "_isorun_raised_by_a_callback"
+
+
+def _mark(exc: BaseException) -> None:
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(exc, _RAISED_BY_A_CALLBACK, True)
+
+
+def raised_by_a_callback(exc: BaseException) -> bool:
+    return getattr(exc, _RAISED_BY_A_CALLBACK, False) is True
 
 
 def call_back(
@@ -19,7 +32,11 @@ def call_back(
 ) -> None:
     """Call `cb(arg)`. `pending` (the async face's) collects an awaitable it returns, for
     `run_pending`; without it (the sync face) one is closed and refused."""
-    r = cb(arg)
+    try:
+        r = cb(arg)
+    except BaseException as exc:
+        _mark(exc)
+        raise
     if not inspect.isawaitable(r):
         return
     if pending is not None:
@@ -36,4 +53,8 @@ def call_back(
 async def run_pending(pending: list[Awaitable[object]] | None) -> None:
     """Await what callbacks returned so far, in order."""
     while pending:
-        await pending.pop(0)
+        try:
+            await pending.pop(0)
+        except BaseException as exc:
+            _mark(exc)
+            raise

@@ -30,6 +30,7 @@ import httpx
 from isorun.errors import ConfigError, IsorunError
 from isorun.fsnames import surrogate_problem
 from isorun.sdk._answers import ID, Kind, loads, shaped
+from isorun.sdk._callbacks import raised_by_a_callback
 from isorun.sdk._daemon import Settings
 from isorun.sdk._records import CAPTURE_LIMIT, OutputCallback, StreamDecoder, Usage
 from isorun.sdk.errors import (
@@ -284,8 +285,10 @@ def following(dec: StreamDecoder) -> Iterator[None]:
 def abandoned(exc: BaseException, dec: StreamDecoder) -> bool:
     """Whether a foreground exec that raised `exc` left its command running with no one to
     reach it: it started, did not exit, and `exc` is no error of the SDK's (those say how to
-    follow the process again) but the caller's: ^C, a cancel, a callback that raised."""
-    return bool(dec.proc_id) and dec.exit is None and not isinstance(exc, IsorunError)
+    follow the process again) but the caller's: ^C, a cancel, a callback that raised (even
+    an SDK error: its own request failed)."""
+    callers = raised_by_a_callback(exc) or not isinstance(exc, IsorunError)
+    return bool(dec.proc_id) and dec.exit is None and callers
 
 
 # An abandoned foreground command is killed with this grace; the kill may take so long.

@@ -145,6 +145,8 @@ class AsyncSandbox:
         try:
             path = _core.sandbox_path(sandbox_id)
             _core.check(await self._http.delete(path, timeout=CLEANUP_GRACE_S))
+        except SandboxEndedError:
+            pass  # ended already (the daemon ends a sandbox whose boot failed): nothing left
         except Exception as err:
             exc.add_note(f"isorun: sandbox {sandbox_id} was created, but not destroyed: {err}")
         else:

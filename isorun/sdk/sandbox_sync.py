@@ -119,6 +119,8 @@ class Sandbox:
     def _destroy_unreturned(self, sandbox_id: str, exc: BaseException) -> None:
         try:
             _core.check(self._http.delete(_core.sandbox_path(sandbox_id), timeout=30.0))
+        except SandboxEndedError:
+            pass  # ended already (the daemon ends a sandbox whose boot failed): nothing left
         except Exception as err:
             exc.add_note(f"isorun: sandbox {sandbox_id} was created, but not destroyed: {err}")
         else:

@@ -256,6 +256,32 @@ async def test_async_a_sandbox_created_but_not_handed_back_is_destroyed() -> Non
         assert fake.asked("DELETE", SID) and sb._http.is_closed
 
 
+BOOT_FAILED = ndjson({"type": "error", "status": 500, "code": "boot_failed", "message": "no boot"})
+
+
+def _ended_already(h: FakeDaemon) -> None:
+    msg = f"sandbox {SID} has already ended (error)"
+    h.json(410, {"error": {"code": "sandbox_ended", "message": msg}})
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+async def test_a_boot_the_daemon_failed_is_not_said_to_be_left_running(face: str) -> None:
+    """The daemon ends a sandbox whose boot failed itself: the DELETE after is 410, and the
+    note said 'was created, but not destroyed', a billed sandbox maybe left running."""
+    routes = [
+        ("POST", r"/v1/sandboxes\?progress=1", _create_then(BOOT_FAILED)),
+        ("DELETE", r"/v1/sandboxes/sb-", _ended_already),
+    ]
+    with fake_daemon(routes) as fake, pytest.raises(ApiError, match="no boot") as err:
+        if face == "sync":
+            Sandbox(api_url=fake.url, on_progress=lambda p: None)
+        else:
+            async with AsyncSandbox(api_url=fake.url, on_progress=lambda p: None):
+                pass
+    notes = getattr(err.value, "__notes__", [])
+    assert not any("not destroyed" in n for n in notes), notes
+
+
 def test_an_exit_record_whose_timed_out_is_not_a_bool_is_refused() -> None:
     """The string "false" is truthy: it was read as a timeout."""
     dec = StreamDecoder()

@@ -166,10 +166,13 @@ def _forever(killed: threading.Event) -> list[tuple[str, str, Callable[[FakeDaem
 
 
 def test_an_abandoned_exec_is_killed() -> None:
-    """^C (or a callback that raises) left the command running in the sandbox, unseen."""
-    for raised in (KeyboardInterrupt, RuntimeError):
+    """^C (or a callback that raises) left the command running in the sandbox, unseen. A
+    callback's own failed SDK request (an ApiError) is the caller's too."""
+    for raised in (KeyboardInterrupt, RuntimeError, ApiError):
 
         def on_stdout(text: str, raised: type[BaseException] = raised) -> None:
+            if raised is ApiError:
+                raise ApiError("the callback's own request failed", 404, "not_found")
             raise raised
 
         killed = threading.Event()
@@ -180,15 +183,16 @@ def test_an_abandoned_exec_is_killed() -> None:
         assert f"isorun: process p1 was killed in sandbox {SID}" in err.value.__notes__
 
 
-async def test_async_an_abandoned_exec_is_killed() -> None:
+@pytest.mark.parametrize("raised", [RuntimeError("the caller's bug"), ApiError("own", 404, "x")])
+async def test_async_an_abandoned_exec_is_killed(raised: Exception) -> None:
     killed = threading.Event()
 
     async def on_stdout(text: str) -> None:
-        raise RuntimeError("the caller's bug")
+        raise raised
 
     with fake_daemon(_forever(killed)) as fake:
         sb = await _asb(fake.url)
-        with pytest.raises(RuntimeError):
+        with pytest.raises(type(raised)):
             await sb.exec("yes", on_stdout=on_stdout)
         await sb.close()
     assert killed.is_set()
