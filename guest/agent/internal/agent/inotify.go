@@ -74,14 +74,7 @@ const (
 
 // raiseInotifyInstances lifts the limit to inotifyInstancesBoot, never lowers it.
 func raiseInotifyInstances() error {
-	b, err := os.ReadFile(inotifyInstances)
-	if err != nil {
-		return err
-	}
-	if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && n >= inotifyInstancesBoot {
-		return nil
-	}
-	return os.WriteFile(inotifyInstances, []byte(strconv.Itoa(inotifyInstancesBoot)), 0)
+	return raiseKnob(inotifyInstances, inotifyInstancesBoot)
 }
 
 func newTreeWatch(root string, recursive bool, stop func() bool) (*treeWatch, error) {

@@ -3,7 +3,6 @@ package agent
 import (
 	"io"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -18,8 +17,7 @@ const logQueueLines = 256
 // logQueue writes lines to w in order, from one goroutine of its own.
 type logQueue struct {
 	lines     chan string
-	mu        sync.Mutex
-	dropped   int
+	dropped   atomic.Int64 // since the last line written
 	unwritten atomic.Int64 // pushed, not yet written
 }
 
@@ -36,9 +34,7 @@ func (q *logQueue) push(line string) {
 	case q.lines <- line:
 	default:
 		q.unwritten.Add(-1)
-		q.mu.Lock()
-		q.dropped++
-		q.mu.Unlock()
+		q.dropped.Add(1)
 	}
 }
 
@@ -51,12 +47,8 @@ func (q *logQueue) flush(d time.Duration) {
 
 func (q *logQueue) write(w io.Writer) {
 	for line := range q.lines {
-		q.mu.Lock()
-		dropped := q.dropped
-		q.dropped = 0
-		q.mu.Unlock()
-		if dropped > 0 {
-			_, _ = io.WriteString(w, "isorun-agent: ("+strconv.Itoa(dropped)+
+		if dropped := q.dropped.Swap(0); dropped > 0 {
+			_, _ = io.WriteString(w, "isorun-agent: ("+strconv.FormatInt(dropped, 10)+
 				" lines dropped: the console did not take them)\n")
 		}
 		_, _ = io.WriteString(w, line)

@@ -346,32 +346,9 @@ func (t *ProcTable) fork(p *Proc, s *spawnSpec) error {
 		forkMu.Unlock()
 		return closeOuts(pumped, p.ptyIn, fail(errBusy))
 	}
-	// under forkMu: the fd the group's directory has stays that until the fork
-	group := procGroup.get()
-	if group >= 0 {
-		sys.UseCgroupFD, sys.CgroupFD = true, group
-		procGroup.thaw()
-	}
+	procGroup.get() // made now if not yet: not timed as the process's start
 	p.forkAt = time.Now()
-	pid, err := syscall.ForkExec(s.path, s.argv, attr)
-	if err != nil && sys.UseCgroupFD && groupRefused(err, group) {
-		// made again once; failing that, the process starts where the agent is
-		procGroup.lost(group)
-		sys.UseCgroupFD, sys.CgroupFD = false, 0
-		without := true
-		if group = procGroup.get(); group >= 0 {
-			sys.UseCgroupFD, sys.CgroupFD = true, group
-			procGroup.thaw()
-			pid, err = syscall.ForkExec(s.path, s.argv, attr)
-			if without = err != nil && groupRefused(err, group); without {
-				sys.UseCgroupFD, sys.CgroupFD = false, 0
-				procGroup.without(err)
-			}
-		}
-		if without {
-			pid, err = syscall.ForkExec(s.path, s.argv, attr)
-		}
-	}
+	pid, err := procGroup.forkExec(s.path, s.argv, attr)
 	if err != nil {
 		forkMu.Unlock()
 		return closeOuts(pumped, p.ptyIn, fail(err))

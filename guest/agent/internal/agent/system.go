@@ -95,16 +95,14 @@ func opMetrics(s *Server, ch *Channel, raw []byte) (any, error) {
 	if b, err = os.ReadFile("/proc/loadavg"); err != nil {
 		return nil, errf("io", "metrics: %v", err)
 	}
-	if fs := strings.Fields(string(b)); len(fs) >= 4 {
+	fs := strings.Fields(string(b))
+	if running, _, ok := loadavgTasks(fs); ok {
 		for i, k := range []string{"load1", "load5", "load15"} {
 			if f, err := strconv.ParseFloat(fs[i], 64); err == nil {
 				m[k] = f
 			}
 		}
-		run, _, _ := strings.Cut(fs[3], "/")
-		if n, err := strconv.Atoi(run); err == nil {
-			m["procs_running"] = n
-		}
+		m["procs_running"] = running
 	}
 	if b, err = os.ReadFile("/proc/uptime"); err != nil {
 		return nil, errf("io", "metrics: %v", err)

@@ -158,13 +158,7 @@ func makeProcGroup(root string, logf func(string, ...any)) (dirFd, freezeFd int,
 // group's limit: the agent then could not make a thread). 32768 is the most
 // that build takes; a fuller kernel (a user's own) takes more.
 func raisePidMax() {
-	const path = "/proc/sys/kernel/pid_max"
-	now, _ := readInt(path)
-	for _, v := range []int{1 << 22, 1 << 15} {
-		if v <= now || writeKnob(path, strconv.Itoa(v)) == nil {
-			return
-		}
-	}
+	_ = raiseKnob("/proc/sys/kernel/pid_max", 1<<22, 1<<15)
 }
 
 // procGroupLimit is what the kernel can give tasks (threads-max, and pid_max:
@@ -180,34 +174,33 @@ func procGroupLimit() (int, error) {
 	}
 	tasks := 0
 	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
-		if fs := strings.Fields(string(b)); len(fs) >= 4 {
-			_, total, _ := strings.Cut(fs[3], "/")
-			tasks, _ = strconv.Atoi(total)
-		}
+		_, tasks, _ = loadavgTasks(strings.Fields(string(b)))
 	}
 	return max(procGroupMinimum, ceiling-tasks-procGroupReserve), nil
 }
 
-func readInt(path string) (int, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return 0, err
+// forkExec starts a process in the group: made again once if clone3 refuses
+// it, and failing that in the agent's own group. Under forkMu (the group's fds
+// stay what they are until the fork).
+func (u *userCgroup) forkExec(path string, argv []string, attr *syscall.ProcAttr) (int, error) {
+	sys := attr.Sys
+	for again := true; ; again = false {
+		group := u.get()
+		if group < 0 {
+			break
+		}
+		sys.UseCgroupFD, sys.CgroupFD = true, group
+		u.thaw()
+		pid, err := syscall.ForkExec(path, argv, attr)
+		if err == nil || !groupRefused(err, group) {
+			return pid, err
+		}
+		sys.UseCgroupFD, sys.CgroupFD = false, 0
+		if !again {
+			u.without(err)
+			break
+		}
+		u.lost(group)
 	}
-	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil {
-		return 0, fmt.Errorf("%s: %q: %w", path, b, err)
-	}
-	return n, nil
-}
-
-func writeKnob(path, value string) error {
-	f, err := os.OpenFile(path, os.O_WRONLY, 0)
-	if err != nil {
-		return err
-	}
-	_, err = f.WriteString(value)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
+	return syscall.ForkExec(path, argv, attr)
 }
